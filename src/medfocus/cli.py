@@ -1,0 +1,77 @@
+"""The ``medfocus`` command.
+
+Sub-commands live in :mod:`medfocus.commands` (one module per area) and are imported lazily, so
+``medfocus --help`` stays fast and a missing optional dependency only affects its own command.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+#: command name -> "module:attribute" of a click command.
+COMMANDS: dict[str, str] = {
+    "evaluate": "medfocus.commands.evaluate:evaluate",
+    "synth": "medfocus.commands.synth:synth",
+    "synth-reference": "medfocus.commands.synth:synth_reference",
+    "models": "medfocus.commands.models:models",
+    "train-demo": "medfocus.commands.models:train_demo",
+    "bench": "medfocus.commands.bench:bench",
+    "attribute": "medfocus.commands.attribute:attribute",
+    "report": "medfocus.commands.report:report",
+    "demo": "medfocus.commands.demo:demo",
+}
+
+_HELP = {
+    "evaluate": "Score predicted boxes/heatmaps against expert boxes; write CSV/Markdown tables.",
+    "synth": "Write a synthetic chest X-ray dataset (VinDr-CXR layout) with exact ground truth.",
+    "synth-reference": "Write a reference pool of normal synthetic X-rays with 11 concept masks.",
+    "models": "List the registered LVLMs and their families.",
+    "train-demo": "Train the demo CXR-VQA LVLM on the synthetic world.",
+    "bench": "Build causally filtered benchmarks (counterfactual editing + 3-step filter).",
+    "attribute": "Run attribution methods (10 baselines + MedFocus) on a benchmark split.",
+    "report": "Write the self-contained HTML report of a run.",
+    "demo": "Run the whole pipeline on the embedded synthetic world with the shipped demo model.",
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose commands are imported only when invoked (or asked for help)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as exc:  # pragma: no cover - shown to the user
+            @click.command(name=name, help=_HELP.get(name, ""))
+            def _unavailable() -> None:
+                raise click.ClickException(f"command {name!r} is unavailable: {exc}")
+
+            return _unavailable
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Short help without importing every command module.
+        with formatter.section("Commands"):
+            formatter.write_dl([(n, _HELP.get(n, "")) for n in sorted(COMMANDS)])
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="medfocus")
+def main() -> None:
+    """medfocus: which part of a chest X-ray did the LVLM use, and do attribution methods find it?
+
+    \b
+    Quick start (synthetic world, shipped demo model, CPU):
+        medfocus demo
+    """
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,129 @@
+"""Letterbox geometry: resize the longer side to fit, pad (centred) to a fixed canvas.
+
+The mapping is exact on pixel *edges*: the original image's edge ``x = 0`` maps to ``pad_x`` and its
+edge ``x = W`` maps to ``pad_x + new_w``. Points and boxes map forward and back without loss
+(up to floating-point rounding), which is what lets every heatmap return to original pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from medfocus.types import Box
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """Geometry of letterboxing an ``orig_w x orig_h`` image onto an ``out_w x out_h`` canvas.
+
+    Build it with :meth:`fit`. ``scale_x``/``scale_y`` differ from each other only by the rounding of
+    the resized size to whole pixels.
+    """
+
+    orig_w: int
+    orig_h: int
+    out_w: int
+    out_h: int
+    new_w: int
+    new_h: int
+    pad_x: int
+    pad_y: int
+
+    @classmethod
+    def fit(cls, orig_size: tuple[int, int], out_size: int | tuple[int, int]) -> "Letterbox":
+        """Geometry for ``orig_size = (W, H)`` onto a canvas of ``S x S`` (int) or ``(out_w, out_h)``."""
+        W, H = int(orig_size[0]), int(orig_size[1])
+        if W <= 0 or H <= 0:
+            raise ValueError(f"image size must be positive, got {orig_size}")
+        ow, oh = (out_size, out_size) if isinstance(out_size, int) else (int(out_size[0]), int(out_size[1]))
+        scale = min(ow / W, oh / H)
+        new_w = max(1, min(ow, int(round(W * scale))))
+        new_h = max(1, min(oh, int(round(H * scale))))
+        return cls(W, H, ow, oh, new_w, new_h, (ow - new_w) // 2, (oh - new_h) // 2)
+
+    @property
+    def scale_x(self) -> float:
+        return self.new_w / self.orig_w
+
+    @property
+    def scale_y(self) -> float:
+        return self.new_h / self.orig_h
+
+    # ---- points and boxes -------------------------------------------------------------------
+    def forward_points(self, xy: np.ndarray) -> np.ndarray:
+        """Map ``(N, 2)`` points (x, y) from original to letterboxed pixels."""
+        xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+        return np.stack([xy[:, 0] * self.scale_x + self.pad_x, xy[:, 1] * self.scale_y + self.pad_y], axis=1)
+
+    def inverse_points(self, xy: np.ndarray) -> np.ndarray:
+        """Map ``(N, 2)`` points (x, y) from letterboxed back to original pixels."""
+        xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+        return np.stack([(xy[:, 0] - self.pad_x) / self.scale_x, (xy[:, 1] - self.pad_y) / self.scale_y], axis=1)
+
+    def forward_box(self, box: Box) -> Box:
+        """Original-pixel box -> letterboxed-pixel box (half-open edges)."""
+        p = self.forward_points(np.array([[box[0], box[1]], [box[2], box[3]]]))
+        return (float(p[0, 0]), float(p[0, 1]), float(p[1, 0]), float(p[1, 1]))
+
+    def inverse_box(self, box: Box, clip: bool = True) -> Box:
+        """Letterboxed-pixel box -> original-pixel box; ``clip`` keeps it inside the image."""
+        p = self.inverse_points(np.array([[box[0], box[1]], [box[2], box[3]]]))
+        x1, y1, x2, y2 = float(p[0, 0]), float(p[0, 1]), float(p[1, 0]), float(p[1, 1])
+        if clip:
+            x1, x2 = (min(max(v, 0.0), float(self.orig_w)) for v in (x1, x2))
+            y1, y2 = (min(max(v, 0.0), float(self.orig_h)) for v in (y1, y2))
+        return (x1, y1, x2, y2)
+
+    # ---- images and maps ----------------------------------------------------------------------
+    def apply(self, image: np.ndarray, fill: float = 0) -> np.ndarray:
+        """Letterbox an ``(H, W)`` or ``(H, W, C)`` uint8/float image; padding is ``fill``."""
+        img = np.asarray(image)
+        if img.shape[0] != self.orig_h or img.shape[1] != self.orig_w:
+            raise ValueError(f"image shape {img.shape[:2]} does not match letterbox source {(self.orig_h, self.orig_w)}")
+        resized = _resize(img, self.new_w, self.new_h)
+        out = np.full((self.out_h, self.out_w) + img.shape[2:], fill, dtype=resized.dtype)
+        out[self.pad_y : self.pad_y + self.new_h, self.pad_x : self.pad_x + self.new_w] = resized
+        return out
+
+    def content_slice(self) -> tuple[slice, slice]:
+        """``(rows, cols)`` slices of the canvas occupied by the image (not padding)."""
+        return slice(self.pad_y, self.pad_y + self.new_h), slice(self.pad_x, self.pad_x + self.new_w)
+
+    def map_to_original(self, heatmap: np.ndarray) -> np.ndarray:
+        """Bring a heatmap defined on the canvas (any resolution with the canvas' aspect ratio,
+        e.g. a token grid) back to an ``(orig_h, orig_w)`` float32 map: upsample to canvas pixels
+        (nearest for coarse grids keeps cell edges exact), crop the padding, resize to the original."""
+        hm = np.asarray(heatmap, dtype=np.float32)
+        if hm.shape != (self.out_h, self.out_w):
+            hm = _resize_nearest_canvas(hm, self.out_w, self.out_h)
+        rs, cs = self.content_slice()
+        crop = hm[rs, cs]
+        return _resize(crop, self.orig_w, self.orig_h).astype(np.float32)
+
+    def map_to_canvas(self, heatmap: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`map_to_original` for ``(orig_h, orig_w)`` maps (padding = 0)."""
+        return self.apply(np.asarray(heatmap, dtype=np.float32), fill=0.0)
+
+
+def _resize(img: np.ndarray, w: int, h: int) -> np.ndarray:
+    """Bilinear (area-aware for downsampling) resize keeping dtype; works for 2-D and 3-D arrays."""
+    if img.shape[1] == w and img.shape[0] == h:
+        return img.copy()
+    if img.dtype == np.uint8:
+        pil = Image.fromarray(img)
+        return np.asarray(pil.resize((w, h), Image.BILINEAR, reducing_gap=None))
+    arr = img.astype(np.float32)
+    if arr.ndim == 2:
+        return np.asarray(Image.fromarray(arr, mode="F").resize((w, h), Image.BILINEAR))
+    return np.stack([np.asarray(Image.fromarray(arr[..., c], mode="F").resize((w, h), Image.BILINEAR)) for c in range(arr.shape[2])], axis=-1)
+
+
+def _resize_nearest_canvas(hm: np.ndarray, w: int, h: int) -> np.ndarray:
+    """Nearest-neighbour upsampling of a coarse grid to ``(h, w)`` with exact cell edges."""
+    gh, gw = hm.shape
+    rows = np.minimum((np.arange(h) + 0.5) * gh / h, gh - 1e-9).astype(np.int64)
+    cols = np.minimum((np.arange(w) + 0.5) * gw / w, gw - 1e-9).astype(np.int64)
+    return hm[rows][:, cols]

@@ -1,0 +1,105 @@
+"""Core data model shared by every module.
+
+Boxes are ``(x1, y1, x2, y2)`` pixel *edges*, half-open: a component covering columns 3..5 has
+``x1 = 3, x2 = 6``. Unless a name says otherwise, coordinates are in the original image's pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, asdict
+from typing import Any, Literal
+
+Box = tuple[float, float, float, float]
+"""``(x1, y1, x2, y2)`` half-open pixel edges."""
+
+Mode = Literal["direct", "cot", "open"]
+
+QUESTION_STEM = "Is there evidence of {attribute} in the image?"
+
+#: Suffixes appended to the question stem, exactly as in the paper.
+SUFFIXES: dict[str, str] = {
+    "direct": " Answer directly with yes or no without any explanation.",
+    "cot": " Think step by step and answer with yes or no.",
+    "open": " Answer with a letter, word, phrase, or sentence.",
+}
+
+DATASETS = ("imagenome", "vindr_cxr", "padchest_gr", "synthetic")
+
+
+def question_stem(attribute: str) -> str:
+    """The paper's binary question for a finding name, without a mode suffix."""
+    return QUESTION_STEM.format(attribute=attribute)
+
+
+def build_question(stem: str, mode: str) -> str:
+    """Append the output-mode suffix (``direct`` / ``cot`` / ``open``) to a question stem."""
+    if mode not in SUFFIXES:
+        from medfocus.errors import ConfigError
+
+        raise ConfigError(f"unknown output mode {mode!r}; expected one of {sorted(SUFFIXES)}")
+    return stem + SUFFIXES[mode]
+
+
+@dataclass
+class Sample:
+    """One binary CXR-VQA sample: an image, a finding, the answer, and the expert boxes.
+
+    Attributes:
+        dataset: dataset key (``imagenome``, ``vindr_cxr``, ``padchest_gr``, ``synthetic``).
+        index: stable position of this sample in that dataset loader's output (the key used by
+            the MedGround-Bench records).
+        image_path: path of the image file (DICOM / PNG / JPEG).
+        attribute: finding name used in the question, e.g. ``"pleural effusion"``.
+        question: question stem, ``"Is there evidence of {attribute} in the image?"`` (no suffix).
+        answer: ``"Yes"`` or ``"No"``.
+        boxes: expert boxes in original-image pixels, half-open ``(x1, y1, x2, y2)``.
+        image_size: original image size as ``(width, height)`` in pixels.
+        concept: optional anatomical concept / region name associated with the finding.
+        meta: free-form extra information (ids, radiologist, cues...), JSON-serialisable.
+    """
+
+    dataset: str
+    index: int
+    image_path: str
+    attribute: str
+    question: str
+    answer: str
+    boxes: list[Box]
+    image_size: tuple[int, int]
+    concept: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.answer not in ("Yes", "No"):
+            from medfocus.errors import DataError
+
+            raise DataError(f"Sample {self.dataset}#{self.index}: answer must be 'Yes' or 'No', got {self.answer!r}")
+        self.boxes = [tuple(float(v) for v in b) for b in self.boxes]  # type: ignore[misc]
+        self.image_size = (int(self.image_size[0]), int(self.image_size[1]))
+
+    def question_for(self, mode: str) -> str:
+        """The full prompt text for an output mode (stem + the paper's suffix)."""
+        return build_question(self.question, mode)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict (boxes as lists)."""
+        d = asdict(self)
+        d["boxes"] = [list(b) for b in self.boxes]
+        d["image_size"] = list(self.image_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Sample":
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            dataset=d["dataset"],
+            index=int(d["index"]),
+            image_path=d["image_path"],
+            attribute=d["attribute"],
+            question=d["question"],
+            answer=d["answer"],
+            boxes=[tuple(b) for b in d["boxes"]],
+            image_size=tuple(d["image_size"]),
+            concept=d.get("concept"),
+            meta=dict(d.get("meta") or {}),
+        )
