@@ -103,3 +103,32 @@ class Sample:
             concept=d.get("concept"),
             meta=dict(d.get("meta") or {}),
         )
+
+
+#: The 11 ImaGenome anatomical concepts MedFocus transfers (radiological left = image right).
+CONCEPTS: tuple[str, ...] = (
+    "cardiac silhouette",
+    "left lung",
+    "right lung",
+    "mediastinum",
+    "upper mediastinum",
+    "left clavicle",
+    "right clavicle",
+    "left hilar structures",
+    "right hilar structures",
+    "left costophrenic angle",
+    "right costophrenic angle",
+)
+
+#: The 4 bilateral unions MedFocus also intervenes on.
+BILATERAL: dict[str, tuple[str, str]] = {
+    "lungs": ("left lung", "right lung"),
+    "clavicles": ("left clavicle", "right clavicle"),
+    "hilar structures": ("left hilar structures", "right hilar structures"),
+    "costophrenic angles": ("left costophrenic angle", "right costophrenic angle"),
+}
+
+
+def concept_slug(concept: str) -> str:
+    """File-name form of a concept: ``"left hilar structures" -> "left_hilar_structures"``."""
+    return concept.strip().lower().replace(" ", "_")
