@@ -23,3 +23,38 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"../shared/data not found at {SHARED_DATA}; real-data tests need it")
     return SHARED_DATA
+
+
+# ---- LVLM layer (owner: LVLM helper) -------------------------------------------------------------
+TINY_FAMILIES = ("qwen_vl", "gemma3", "llava")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory) -> dict:
+    """``{family: Path}`` of tiny random-initialised genuine model folders (built once per session)."""
+    from medfocus.lvlm.tiny import build_tiny
+
+    root = tmp_path_factory.mktemp("tiny_lvlms")
+    return {fam: build_tiny(fam, root / fam, seed=0) for fam in TINY_FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tiny_model_dirs) -> dict:
+    """``{family: LVLMAdapter}`` loaded from :func:`tiny_model_dirs` on CPU in float32."""
+    import torch
+
+    from medfocus.lvlm.loading import load_lvlm
+
+    return {fam: load_lvlm(str(p), device="cpu", dtype=torch.float32) for fam, p in tiny_model_dirs.items()}
+
+
+@pytest.fixture(scope="session")
+def demo_adapter():
+    """The shipped demo model (``load_lvlm("demo")``); skips while its weights are not in the package yet."""
+    from medfocus.lvlm.registry import DEMO_DIR
+
+    if not (DEMO_DIR / "config.json").is_file() or not any(DEMO_DIR.glob("*.safetensors")):
+        pytest.skip(f"demo model weights not shipped yet at {DEMO_DIR} (run `medfocus train-demo`)")
+    from medfocus.lvlm.loading import load_lvlm
+
+    return load_lvlm("demo", device="cpu")

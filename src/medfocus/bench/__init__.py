@@ -1,1 +1,30 @@
-"""medfocus.bench"""
+"""Causally filtered benchmark building: counterfactual edits + the three-step filter
+(:mod:`medfocus.bench.filter`), resumable per-split output and retention tables
+(:mod:`medfocus.bench.build`)."""
+
+from medfocus.bench.build import (
+    build_benchmark,
+    read_log,
+    retention_markdown,
+    retention_row,
+    retention_table,
+    split_paths,
+    write_retention,
+)
+from medfocus.bench.filter import GATES, RECORD_FIELDS, VIEWS, FilterResult, apply_filter, get_parser
+
+__all__ = [
+    "GATES",
+    "RECORD_FIELDS",
+    "VIEWS",
+    "FilterResult",
+    "apply_filter",
+    "build_benchmark",
+    "get_parser",
+    "read_log",
+    "retention_markdown",
+    "retention_row",
+    "retention_table",
+    "split_paths",
+    "write_retention",
+]

@@ -1,1 +1,138 @@
-"""medfocus.datasets"""
+"""Dataset loaders behind one registry: ``load_dataset(name, root) -> list[Sample]``.
+
+Names (aliases in :data:`ALIASES`):
+
+=============  ==============================================================  =====================
+name           loader                                                          data root holds
+=============  ==============================================================  =====================
+imagenome      :func:`medfocus.datasets.imagenome.load_imagenome`              chest-imagenome + MIMIC-CXR-JPG
+vindr_cxr      :func:`medfocus.datasets.vindr_cxr.load_vindr_cxr`              vindr-cxr/1.0.0
+padchest_gr    :func:`medfocus.datasets.padchest_gr.load_padchest_gr`          filtered_studies.json + PadChest_GR/
+synthetic      ``medfocus.datasets.synthetic.dataset:load_synthetic``          a ``medfocus synth`` output folder
+=============  ==============================================================  =====================
+
+Entries are ``"module:function"`` strings imported on first use (like timm's registries), so a
+dataset whose optional code is missing only fails when it is asked for.
+
+The data root comes from ``--data-root`` or the ``MEDFOCUS_DATA_ROOT`` environment variable
+(:func:`resolve_data_root`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from medfocus.errors import ConfigError, DataError
+from medfocus.types import Sample
+
+__all__ = [
+    "DATA_ROOT_ENV",
+    "DATASET_REGISTRY",
+    "ALIASES",
+    "register_dataset",
+    "list_datasets",
+    "canonical_name",
+    "get_loader",
+    "load_dataset",
+    "resolve_data_root",
+]
+
+DATA_ROOT_ENV = "MEDFOCUS_DATA_ROOT"
+
+#: dataset name -> "module:function" of a loader ``f(root, **kwargs) -> list[Sample]``.
+DATASET_REGISTRY: dict[str, str] = {
+    "imagenome": "medfocus.datasets.imagenome:load_imagenome",
+    "vindr_cxr": "medfocus.datasets.vindr_cxr:load_vindr_cxr",
+    "padchest_gr": "medfocus.datasets.padchest_gr:load_padchest_gr",
+    "synthetic": "medfocus.datasets.synthetic.dataset:load_synthetic",
+}
+
+#: Other spellings accepted by :func:`canonical_name` (the benchmark's own names included).
+ALIASES: dict[str, str] = {
+    "imagenome-attr": "imagenome",
+    "chest-imagenome": "imagenome",
+    "chest_imagenome": "imagenome",
+    "vindr-cxr": "vindr_cxr",
+    "vindr": "vindr_cxr",
+    "vindr-cxr-attr": "vindr_cxr",
+    "padchest-gr": "padchest_gr",
+    "padchest": "padchest_gr",
+    "padchest-gr-attr": "padchest_gr",
+    "synth": "synthetic",
+}
+
+
+def register_dataset(name: str, target: str | Callable[..., list[Sample]], *, overwrite: bool = False) -> None:
+    """Register a loader under ``name`` (a ``"module:function"`` string or a callable)."""
+    key = name.strip().lower()
+    if key in DATASET_REGISTRY and not overwrite:
+        raise ConfigError(f"dataset {name!r} is already registered")
+    DATASET_REGISTRY[key] = target  # type: ignore[assignment]
+
+
+def list_datasets() -> list[str]:
+    """Registered dataset names, sorted."""
+    return sorted(DATASET_REGISTRY)
+
+
+def canonical_name(name: str) -> str:
+    """Map any accepted spelling (``"VinDR-CXR-Attr"``, ``"vindr-cxr"``...) to the registry key."""
+    key = str(name).strip().lower()
+    key = ALIASES.get(key, key)
+    if key not in DATASET_REGISTRY:
+        raise ConfigError(f"unknown dataset {name!r}; expected one of {list_datasets()}")
+    return key
+
+
+def get_loader(name: str) -> Callable[..., list[Sample]]:
+    """The loader function of a dataset (imported lazily)."""
+    key = canonical_name(name)
+    target: Any = DATASET_REGISTRY[key]
+    if callable(target):
+        return target
+    module, _, attr = str(target).partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"dataset {key!r} loader {target!r} is unavailable: {exc}") from exc
+
+
+def resolve_data_root(data_root: str | os.PathLike | None = None, *, required: bool = True) -> Path | None:
+    """The data root: ``data_root`` (``--data-root``) if given, else ``$MEDFOCUS_DATA_ROOT``.
+
+    Raises:
+        ConfigError: neither is set (when ``required``), or the folder does not exist.
+    """
+    value = data_root if data_root not in (None, "") else os.environ.get(DATA_ROOT_ENV) or None
+    if value is None:
+        if required:
+            raise ConfigError(f"no data root: pass --data-root DIR or set {DATA_ROOT_ENV}")
+        return None
+    root = Path(value).expanduser()
+    if not root.is_dir():
+        src = "--data-root" if data_root not in (None, "") else DATA_ROOT_ENV
+        raise ConfigError(f"data root {root} (from {src}) is not a directory")
+    return root
+
+
+def load_dataset(name: str, root: str | os.PathLike | None = None, **kwargs: Any) -> list[Sample]:
+    """Load a dataset by name.
+
+    Args:
+        name: registry name or alias (``imagenome``, ``vindr_cxr``, ``padchest_gr``, ``synthetic``).
+        root: data root; ``None`` resolves it from ``$MEDFOCUS_DATA_ROOT``.
+        **kwargs: passed to the loader (e.g. ``split="test"``).
+
+    Returns:
+        The samples, ``samples[i].index == i`` (stable, benchmark-compatible order).
+    """
+    loader = get_loader(name)
+    resolved = resolve_data_root(root)
+    samples = loader(resolved, **kwargs)
+    for i, s in enumerate(samples):
+        if s.index != i:
+            raise DataError(f"dataset {name!r}: loader returned sample #{i} with index {s.index}; indices must be 0..n-1 in order")
+    return samples

@@ -1,1 +1,30 @@
-"""medfocus.runner"""
+"""medfocus.runner: the experiment grid (models x datasets x modes x methods), the resumable
+result store, sharding, and the end-to-end demo pipeline."""
+
+from medfocus.runner.grid import (
+    RunSummary,
+    WorkItem,
+    item_seed,
+    items_from_benchmark,
+    parse_shard,
+    run_grid,
+    select_items,
+    shard_of,
+)
+from medfocus.runner.store import ResultStore, atomic_save_npz, load_records, merge_stores, record_key
+
+__all__ = [
+    "ResultStore",
+    "RunSummary",
+    "WorkItem",
+    "atomic_save_npz",
+    "item_seed",
+    "items_from_benchmark",
+    "load_records",
+    "merge_stores",
+    "parse_shard",
+    "record_key",
+    "run_grid",
+    "select_items",
+    "shard_of",
+]

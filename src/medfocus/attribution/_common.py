@@ -1,0 +1,149 @@
+"""Helpers shared by the attribution methods: teacher-forced answer log-probs (with or without
+gradients), batched scoring, final-answer-token lookup, map post-processing."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from medfocus.errors import ConfigError
+
+_YES_NO_WORD = re.compile(r"(?<![A-Za-z])(yes|no)(?![A-Za-z])", re.IGNORECASE)
+
+
+def prepare_answer(adapter: Any, image: np.ndarray, question: str, answer: str, method: str) -> Any:
+    """``adapter.prepare`` with the answer teacher-forced; refuses an empty scored span."""
+    if not answer or not str(answer).strip():
+        raise ConfigError(f"method {method!r}: an answer text is required to attribute (got {answer!r})")
+    chat = adapter.prepare(image, question, answer)
+    if chat.answer_span is None or chat.n_answer_tokens <= 0:
+        raise ConfigError(f"method {method!r}: the answer {answer!r} produced no scored tokens")
+    return chat
+
+
+def final_token_index(chat: Any) -> int:
+    """Index (0..T-1) of the final yes/no of the scored answer: the token where the *last* word "yes" or
+    "no" (any case) starts -- a word may span several tokens ("Y" + "es"), and its first token carries
+    the decision. The last token when no such word exists. In a step-by-step answer this is the
+    conclusion, attributed separately from the rationale."""
+    toks = [t.replace("\u0120", " ").replace("\u2581", " ") for t in chat.answer_tokens]
+    starts = np.cumsum([0] + [len(t) for t in toks])
+    matches = list(_YES_NO_WORD.finditer("".join(toks)))
+    if not matches:
+        return chat.n_answer_tokens - 1
+    c = matches[-1].start()
+    return int(np.searchsorted(starts, c, side="right") - 1)
+
+
+def predicting_positions(chat: Any) -> torch.Tensor:
+    """``(T,)`` positions whose next-token logits score the answer tokens (``start-1 .. end-2``)."""
+    s, e = chat.answer_span
+    return torch.arange(s - 1, e - 1, device=chat.inputs["input_ids"].device)
+
+
+def forward_logprobs(adapter: Any, chat: Any, inputs: dict[str, torch.Tensor], **model_kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """Run ``adapter.model(**inputs)`` and return ``((B, T) float32 answer-token log-probs, outputs)``.
+
+    Only the ``T`` positions that predict the answer are sent through the LM head
+    (``logits_to_keep``), so no ``(B, S, vocab)`` tensor is built. Gradients flow when enabled.
+    """
+    pos = predicting_positions(chat)
+    out = adapter.model(**inputs, logits_to_keep=pos, use_cache=False, **model_kwargs)
+    logits = out.logits
+    if logits.shape[1] != pos.numel():  # a model that ignored logits_to_keep
+        logits = logits[:, pos]
+    ids = chat.answer_token_ids.to(logits.device).view(1, -1, 1).expand(logits.shape[0], -1, 1)
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids)[..., 0]
+    return logp, out
+
+
+def _fallback_score(adapter: Any, chat: Any, pixel_values: torch.Tensor, batch_size: int) -> torch.Tensor:
+    outs = []
+    with torch.inference_mode():
+        for i in range(0, pixel_values.shape[0], batch_size):
+            inputs = adapter.batch_inputs(chat, pixel_values[i : i + batch_size])
+            outs.append(forward_logprobs(adapter, chat, inputs)[0])
+    return torch.cat(outs).float().cpu()
+
+
+def score(adapter: Any, chat: Any, pixel_values: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """``(B, T)`` answer-token log-probs for ``B`` image variants (family layout, stacked), in
+    batches. Uses the LVLM layer's answer-only scorer (:func:`medfocus.lvlm.scoring.score_chat`)
+    when it is installed, else the same computation here."""
+    try:
+        from medfocus.lvlm.scoring import score_chat
+    except ImportError:
+        return _fallback_score(adapter, chat, pixel_values, batch_size)
+    return torch.as_tensor(score_chat(adapter, chat, pixel_values, batch_size=batch_size)).float().cpu()
+
+
+def answer_target(logp: torch.Tensor, which: str | int) -> torch.Tensor:
+    """Scalar (per batch row) gradient target from ``(B, T)`` log-probs: ``"answer"`` sums the
+    log-probs of every scored answer token (the whole answer / rationale), an int selects one token."""
+    if which == "answer":
+        return logp.sum(dim=-1)
+    return logp[:, int(which)]
+
+
+def grid_from_tokens(values: torch.Tensor, chat: Any) -> torch.Tensor:
+    """``(N_img,)`` values in row-major token-grid order -> ``(gh, gw)``."""
+    gh, gw = chat.grid_hw
+    if values.numel() != gh * gw:
+        raise ConfigError(f"got {values.numel()} image-token values for a {gh}x{gw} grid")
+    return values.reshape(gh, gw)
+
+
+def to_original(adapter: Any, chat: Any, m: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Grid or canvas map -> ``(H0, W0)`` float32 map in original pixels."""
+    return adapter.grid_to_original(m, chat).astype(np.float32)
+
+
+def maps_to_original(adapter: Any, chat: Any, maps: torch.Tensor) -> np.ndarray:
+    """``(T, h, w)`` grid/canvas maps -> ``(T, H0, W0)``."""
+    return np.stack([to_original(adapter, chat, m) for m in maps]) if len(maps) else np.zeros((0,) + (chat.geometry.orig_h, chat.geometry.orig_w), np.float32)
+
+
+def finish_token_maps(adapter: Any, chat: Any, token_maps: torch.Tensor, extras: dict[str, Any]) -> np.ndarray:
+    """Per-token maps ``(T, h, w)`` -> original pixels; also records the final-token map in ``extras``."""
+    tok = maps_to_original(adapter, chat, token_maps)
+    k = final_token_index(chat)
+    extras["final_token_index"] = k
+    extras["final_token_heatmap"] = tok[k]
+    extras["answer_tokens"] = list(chat.answer_tokens)
+    return tok
+
+
+def layer_hidden_hook(module: torch.nn.Module, *, pre: bool, store: dict[str, Any]) -> Callable[[], None]:
+    """Hook that replaces a decoder layer's input (``pre``) or output hidden states by a leaf tensor
+    that requires grad, stored in ``store["h"]``; returns the remover. Replacing by a leaf makes the
+    gradient w.r.t. these activations available even when parameters are frozen."""
+
+    def _leaf(t: torch.Tensor) -> torch.Tensor:
+        leaf = t.detach().requires_grad_(True)
+        store["h"] = leaf
+        return leaf
+
+    if pre:
+
+        def pre_hook(mod, args, kwargs):  # type: ignore[no-untyped-def]
+            if args:
+                return (_leaf(args[0]),) + tuple(args[1:]), kwargs
+            kwargs = dict(kwargs)
+            kwargs["hidden_states"] = _leaf(kwargs["hidden_states"])
+            return args, kwargs
+
+        h = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    else:
+
+        def post_hook(mod, args, output):  # type: ignore[no-untyped-def]
+            if isinstance(output, torch.Tensor):
+                return _leaf(output)
+            if isinstance(output, tuple):
+                return (_leaf(output[0]),) + tuple(output[1:])
+            raise TypeError(f"unsupported decoder-layer output type {type(output)}")
+
+        h = module.register_forward_hook(post_hook)
+    return h.remove

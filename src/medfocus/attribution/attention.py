@@ -1,0 +1,206 @@
+"""Attention baselines: raw attention, attention rollout, attention relevance propagation ("lrp"),
+and gradient-weighted attention (Chefer et al.).
+
+All read the language model's self-attention probabilities (eager attention, one forward pass).
+Queries are the positions that *predict* the answer tokens (position ``t-1`` for answer token ``t``:
+its output is what produces ``y_t``); keys are restricted to the image-token positions at the end,
+which are in row-major token-grid order, so each method gives a ``(gh, gw)`` map per answer token.
+Every method computes only the ``T`` query rows it needs (``T x S`` instead of ``S x S`` products).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from medfocus.attribution._common import (
+    final_token_index,
+    finish_token_maps,
+    forward_logprobs,
+    grid_from_tokens,
+    predicting_positions,
+    prepare_answer,
+    to_original,
+)
+from medfocus.attribution.base import Attribution, Counter, Method
+from medfocus.errors import ConfigError, ModelError
+
+
+def _layer_indices(spec: Any, n: int, name: str) -> list[int]:
+    if spec == "all":
+        return list(range(n))
+    idx = [int(spec)] if isinstance(spec, (int, np.integer)) else [int(s) for s in spec]
+    for k in idx:
+        if not -n <= k < n:
+            raise ConfigError(f"{name}: layer {k} out of range for {n} decoder layers")
+    return sorted({k % n for k in idx})
+
+
+def _attentions(out: Any, name: str) -> Sequence[torch.Tensor]:
+    att = getattr(out, "attentions", None)
+    if not att or any(a is None for a in att):
+        raise ModelError(f"{name}: the model returned no attention weights (eager attention required)")
+    return att
+
+
+def _run(adapter: Any, chat: Any, counter: Counter, *, grad: bool, hooks: Sequence[Any] = ()) -> tuple[torch.Tensor, Sequence[torch.Tensor]]:
+    """One forward with attentions -> ``((1, T) log-probs, attentions per layer (1, H, S, S))``."""
+    ctx = torch.enable_grad() if grad else torch.no_grad()
+    with adapter.eager_attention(), ctx:
+        logp, out = forward_logprobs(adapter, chat, chat.inputs, output_attentions=True)
+    counter.n_forward += 1
+    return logp, _attentions(out, "attention")
+
+
+def _finish(adapter: Any, chat: Any, rows: torch.Tensor, extras: dict[str, Any]) -> Attribution:
+    """``(T, S)`` relevance rows (one per answer token) -> Attribution with per-token maps; the
+    heatmap is the mean over answer tokens."""
+    img = chat.image_token_positions.to(rows.device)
+    tok_grid = torch.stack([grid_from_tokens(r[img].float(), chat) for r in rows])  # (T, gh, gw)
+    grid = tok_grid.mean(0)
+    extras["grid_map"] = grid.cpu().numpy()
+    tok = finish_token_maps(adapter, chat, tok_grid.cpu(), extras)
+    return Attribution(heatmap=to_original(adapter, chat, grid.cpu()), token_heatmaps=tok, extras=extras)
+
+
+def _head_mean(a: torch.Tensor, heads: Any = "mean") -> torch.Tensor:
+    """``(1, H, S, S)`` -> ``(S, S)`` float32: mean over heads, or one head."""
+    a = a[0].float()
+    return a.mean(0) if heads == "mean" else a[int(heads)]
+
+
+class AttentionHead(Method):
+    """Raw attention of one layer (default the last), heads averaged: answer queries -> image tokens."""
+
+    name = "attention_head"
+    defaults = {"layer": -1, "heads": "mean"}
+
+    def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
+        chat = prepare_answer(adapter, image, question, answer, self.name)
+        _, att = _run(adapter, chat, counter, grad=False)
+        (k,) = _layer_indices(self.params["layer"], len(att), self.name)
+        q = predicting_positions(chat)
+        rows = _head_mean(att[k], self.params["heads"])[q]
+        return _finish(adapter, chat, rows, {"layers": [k]})
+
+
+def rollout_rows(atts: Sequence[torch.Tensor], layers: Sequence[int], q: torch.Tensor) -> torch.Tensor:
+    """Attention rollout (Abnar & Zuidema) restricted to query rows ``q``:
+    ``A_l' = rownorm(mean_heads A_l + I)``, ``R = A_L' ... A_1'``, returns ``R[q]`` ``(T, S)``."""
+    S = atts[0].shape[-1]
+    r = torch.zeros(len(q), S, device=atts[0].device)
+    r[torch.arange(len(q)), q] = 1.0
+    for k in sorted(layers, reverse=True):
+        a = _head_mean(atts[k]) + torch.eye(S, device=r.device)
+        a = a / a.sum(-1, keepdim=True)
+        r = r @ a
+    return r
+
+
+class AttentionRollout(Method):
+    """Attention rollout with the residual added and rows renormalised, over ``layers`` (default all)."""
+
+    name = "attention_rollout"
+    defaults = {"layers": "all"}
+
+    def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
+        chat = prepare_answer(adapter, image, question, answer, self.name)
+        _, att = _run(adapter, chat, counter, grad=False)
+        layers = _layer_indices(self.params["layers"], len(att), self.name)
+        rows = rollout_rows(att, layers, predicting_positions(chat))
+        return _finish(adapter, chat, rows, {"layers": layers})
+
+
+class AttentionLRP(Method):
+    """Relevance propagated backwards through head-averaged attention with the residual path.
+
+    A conservative (LRP-style) rule: at layer ``l`` the output at position ``i`` is ``h_i + u_i`` (residual
+    plus the layer's update). The relevance of ``i`` is split between the residual (share
+    ``rho_i = |h_i| / (|h_i| + |u_i|)``, measured on this input) which keeps it at ``i``, and the update
+    (share ``1 - rho_i``), which is redistributed over the attended positions in proportion to the
+    head-averaged attention ``A_l[i, :]``. Relevance rows start one-hot at the answer queries and sum to
+    one at every layer (rows of ``A`` sum to one), so maps of different answers are comparable.
+    Uses decoder-layer hooks for ``h`` and ``u`` (one forward pass).
+    """
+
+    name = "lrp"
+    defaults = {"layers": "all"}
+
+    def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
+        chat = prepare_answer(adapter, image, question, answer, self.name)
+        dec = adapter.decoder_layers
+        norms: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        handles = []
+        for i, mod in enumerate(dec):
+            def hook(m, args, kwargs, output, i=i):  # type: ignore[no-untyped-def]
+                h = args[0] if args else kwargs["hidden_states"]
+                o = output if isinstance(output, torch.Tensor) else output[0]
+                norms[i] = (h[0].float().norm(dim=-1), (o[0].float() - h[0].float()).norm(dim=-1))
+            handles.append(mod.register_forward_hook(hook, with_kwargs=True))
+        try:
+            _, att = _run(adapter, chat, counter, grad=False)
+        finally:
+            for hd in handles:
+                hd.remove()
+        if len(norms) != len(att):
+            raise ModelError(f"lrp: hooked {len(norms)} decoder layers but got {len(att)} attention maps")
+        layers = _layer_indices(self.params["layers"], len(att), self.name)
+        q = predicting_positions(chat)
+        S = att[0].shape[-1]
+        r = torch.zeros(len(q), S)
+        r[torch.arange(len(q)), q.cpu()] = 1.0
+        for k in sorted(layers, reverse=True):
+            hn, un = (t.cpu() for t in norms[k])
+            rho = hn / (hn + un).clamp_min(1e-12)
+            r = r * rho[None] + (r * (1 - rho)[None]) @ _head_mean(att[k]).cpu()
+        return _finish(adapter, chat, r, {"layers": layers})
+
+
+class GradWeightedAttention(Method):
+    """Gradient-weighted attention (Chefer et al., 2021, generic rule):
+    ``Abar_l = mean_heads(ReLU(dF/dA_l) * A_l)`` with ``F`` the answer log-likelihood, relevance
+    ``R = prod_l (I + Abar_l)`` accumulated from the first to the last of ``layers``; the map is
+    ``R[answer queries, image tokens]``. Passes: 1 forward, 1 backward (+1 for the final token of a
+    multi-token answer, in ``extras["final_token_heatmap"]``)."""
+
+    name = "grad_weighted_attention"
+    defaults = {"layers": "all", "final_token": True}
+
+    def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
+        chat = prepare_answer(adapter, image, question, answer, self.name)
+        logp, att = _run(adapter, chat, counter, grad=True)
+        layers = _layer_indices(self.params["layers"], len(att), self.name)
+        k_final = final_token_index(chat)
+        need_final = bool(self.params["final_token"]) and logp.shape[1] > 1
+        sel = [att[k] for k in layers]
+        if not all(a.requires_grad for a in sel):
+            raise ModelError("grad_weighted_attention: attention weights are not part of the autograd graph")
+        grads = torch.autograd.grad(logp.sum(), sel, retain_graph=need_final)
+        counter.n_backward += 1
+        q = predicting_positions(chat)
+
+        def relevance(gs: Sequence[torch.Tensor]) -> torch.Tensor:
+            S = sel[0].shape[-1]
+            r = torch.zeros(len(q), S, device=sel[0].device)
+            r[torch.arange(len(q)), q] = 1.0
+            # R = (I + Abar_L) ... (I + Abar_1); row form: r <- r + r @ Abar_l, last layer first.
+            for a, g in reversed(list(zip(sel, gs))):
+                abar = (torch.relu(g[0].float()) * a[0].detach().float()).mean(0)
+                r = r + r @ abar
+            return r
+
+        extras: dict[str, Any] = {"layers": layers}
+        res = _finish(adapter, chat, relevance(grads).detach(), extras)
+        res.token_heatmaps = None  # one target (the whole answer); per-token rows would need T backwards
+        extras.pop("final_token_heatmap", None)
+        extras["final_token_index"] = k_final
+        extras["final_token_heatmap"] = None
+        if need_final:
+            gf = torch.autograd.grad(logp[0, k_final], sel)
+            counter.n_backward += 1
+            rf = relevance(gf).detach()[k_final : k_final + 1]
+            img = chat.image_token_positions.to(rf.device)
+            extras["final_token_heatmap"] = to_original(adapter, chat, grid_from_tokens(rf[0, img], chat).cpu())
+        return res

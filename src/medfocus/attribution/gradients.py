@@ -1,0 +1,199 @@
+"""Gradient baselines: Grad-CAM, Grad-CAM++ and integrated gradients.
+
+Gradient target: the sum of the answer tokens' teacher-forced log-probs, ``sum_t log p(y_t | x, y_<t)``
+(the log-likelihood of the whole answer, rationale included for step-by-step answers). When the answer
+has more than one token a second backward pass (sharing the forward) gives the map of the final yes/no
+token alone (``extras["final_token_heatmap"]``).
+
+Which layer for Grad-CAM (and why not the paper's). The paper applies Grad-CAM to the *last* decoder
+layer's hidden states at the image-token positions. In a causal decoder the last layer's state at
+position ``i`` feeds only the logits at position ``i``; the answer is read from later positions, so
+that gradient is exactly zero and the maps are empty (measured on the published code, and asserted in
+our tests). We use, by default, ``layer="input"``: the language model's input embeddings at the image
+positions -- i.e. the projector's image-token embeddings as the LM receives them, in row-major grid
+order -- whose every element reaches the answer through all decoder layers. ``layer=k`` (an int,
+negative from the end) uses the output of decoder layer ``k``; any layer but the last works.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from medfocus.attribution._common import (
+    final_token_index,
+    forward_logprobs,
+    grid_from_tokens,
+    layer_hidden_hook,
+    prepare_answer,
+    to_original,
+)
+from medfocus.attribution.base import Attribution, Counter, Method
+from medfocus.errors import ConfigError
+
+
+def _resolve_layer(adapter: Any, layer: Any) -> tuple[torch.nn.Module, bool, str]:
+    """``(module, pre_hook?, description)`` for a Grad-CAM layer spec."""
+    layers = adapter.decoder_layers
+    n = len(layers)
+    if layer == "input":
+        return layers[0], True, "lm_input_embeddings"
+    if layer == "middle":
+        k = (n - 1) // 2  # never the last layer (its image-position gradient is zero), even for n = 2
+        return layers[k], False, f"decoder_layer_{k}_output"
+    try:
+        k = int(layer)
+    except (TypeError, ValueError):
+        raise ConfigError(f"gradcam: layer must be 'input', 'middle' or an int decoder-layer index, got {layer!r}") from None
+    if not -n <= k < n:
+        raise ConfigError(f"gradcam: layer {k} out of range for {n} decoder layers")
+    k %= n
+    return layers[k], False, f"decoder_layer_{k}_output"
+
+
+def image_token_grads(adapter: Any, chat: Any, layer: Any, counter: Counter, final_token: bool) -> dict[str, Any]:
+    """Activations and gradients at the image-token positions of ``layer``.
+
+    Returns ``{"feats": (N_img, D), "grads": (N_img, D) for the whole answer, "grads_final": (N_img, D) or None,
+    "layer": description}``.
+    """
+    module, pre, desc = _resolve_layer(adapter, layer)
+    store: dict[str, Any] = {}
+    remove = layer_hidden_hook(module, pre=pre, store=store)
+    try:
+        with torch.enable_grad():
+            logp, _ = forward_logprobs(adapter, chat, chat.inputs)
+            counter.n_forward += 1
+            h = store["h"]
+            k = final_token_index(chat)
+            need_final = final_token and logp.shape[1] > 1
+            (g,) = torch.autograd.grad(logp.sum(), h, retain_graph=need_final)
+            counter.n_backward += 1
+            gf = None
+            if need_final:
+                (gf,) = torch.autograd.grad(logp[0, k], h)
+                counter.n_backward += 1
+    finally:
+        remove()
+    pos = chat.image_token_positions.to(h.device)
+    sel = lambda t: t[0, pos].detach().float()  # noqa: E731
+    return {"feats": sel(h), "grads": sel(g), "grads_final": None if gf is None else sel(gf), "layer": desc}
+
+
+def gradcam_weights(feats: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM over tokens: channel weights = mean gradient over the ``N`` image tokens;
+    map = ReLU(sum_d w_d F[:, d]). ``(N, D), (N, D) -> (N,)``."""
+    return torch.relu(feats @ grads.mean(dim=0))
+
+
+def gradcampp_weights(feats: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM++ (Chattopadhay et al., exponential-score closed form) over tokens: per-token, per-channel
+    ``a = g^2 / (2 g^2 + sum_i F_i g^3)``, channel weight ``w = sum_i a ReLU(g)``, map = ReLU(F w).
+    ``(N, D), (N, D) -> (N,)``.
+
+    The closed form is derived for non-negative (post-ReLU) activations; token embeddings are signed,
+    and a negative ``sum_i F_i`` flips the sign of ``a`` exactly where the gradient is largest. Each
+    channel is therefore shifted by its minimum over the image tokens first (the gradients are unchanged
+    by a constant shift; the map changes by an additive constant before the ReLU)."""
+    feats = feats - feats.min(dim=0, keepdim=True).values
+    g2, g3 = grads**2, grads**3
+    denom = 2 * g2 + feats.sum(dim=0, keepdim=True) * g3
+    a = torch.where(grads != 0, g2 / torch.where(denom != 0, denom, torch.ones_like(denom)), torch.zeros_like(g2))
+    w = (a * torch.relu(grads)).sum(dim=0)
+    return torch.relu(feats @ w)
+
+
+class GradCAM(Method):
+    """Grad-CAM on image-token activations (see the module docstring for the layer choice).
+
+    Passes: 1 forward, 1 backward (+1 backward for the final token of a multi-token answer).
+    """
+
+    name = "gradcam"
+    defaults = {"layer": "input", "final_token": True}
+    _combine = staticmethod(gradcam_weights)
+
+    def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
+        chat = prepare_answer(adapter, image, question, answer, self.name)
+        r = image_token_grads(adapter, chat, self.params["layer"], counter, bool(self.params["final_token"]))
+        grid = grid_from_tokens(self._combine(r["feats"], r["grads"]), chat)
+        extras: dict[str, Any] = {"layer": r["layer"], "grid_map": grid.numpy(), "grad_abs_sum": float(r["grads"].abs().sum())}
+        extras["final_token_index"] = final_token_index(chat)
+        if r["grads_final"] is not None:
+            extras["final_token_heatmap"] = to_original(adapter, chat, grid_from_tokens(self._combine(r["feats"], r["grads_final"]), chat))
+        else:
+            extras["final_token_heatmap"] = None
+        return Attribution(heatmap=to_original(adapter, chat, grid), extras=extras)
+
+
+class GradCAMPlusPlus(GradCAM):
+    """Grad-CAM++ on the same activations as :class:`GradCAM`."""
+
+    name = "gradcampp"
+    defaults = {"layer": "input", "final_token": True}
+    _combine = staticmethod(gradcampp_weights)
+
+
+class IntegratedGradients(Method):
+    """Integrated gradients (Sundararajan et al.) on the normalised pixel image.
+
+    Path ``x_a = b + a (x - b)`` from the baseline ``b`` (black) to the image, ``steps`` midpoint
+    Riemann points ``a = (k + 1/2) / steps``, run in batches. The gradient is taken w.r.t. the
+    ``(3, canvas_h, canvas_w)`` *image*; the family's pixel layout (e.g. Qwen2.5-VL's 2x2-merge-window
+    patch order) is produced from it by :meth:`LVLMAdapter.images_to_pixel_values` inside the graph,
+    so autograd maps the gradient back through the exact inverse of the patchification.
+    Map: ``|IG|`` summed over channels. ``extras["completeness_gap"]`` = ``sum(IG) - (F(x) - F(b))``.
+
+    Passes: ``steps`` forwards and ``steps`` backwards (batched), +2 forwards for the completeness check
+    when ``check_completeness``.
+    """
+
+    name = "integrated_gradients"
+    defaults = {"steps": 24, "baseline": "zero", "batch_size": 8, "final_token": True, "check_completeness": False}
+
+    def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
+        steps, bs = int(self.params["steps"]), int(self.params["batch_size"])
+        if steps < 1:
+            raise ConfigError(f"integrated_gradients: steps must be >= 1, got {steps}")
+        chat = prepare_answer(adapter, image, question, answer, self.name)
+        x = adapter.pixel_values_to_images(chat.inputs["pixel_values"], chat).detach().float()  # (3, H, W)
+        base = self.params["baseline"]
+        if isinstance(base, str):
+            if base != "zero":
+                raise ConfigError(f"integrated_gradients: baseline must be 'zero' or a (3,H,W) tensor, got {base!r}")
+            b = adapter.black_level.to(x)[:, None, None].expand_as(x)
+        else:
+            b = torch.as_tensor(base).to(x)
+        k = final_token_index(chat)
+        need_final = bool(self.params["final_token"]) and chat.n_answer_tokens > 1
+        alphas = (torch.arange(steps, dtype=x.dtype) + 0.5) / steps
+        gsum = torch.zeros_like(x)
+        gsum_f = torch.zeros_like(x) if need_final else None
+        dtype = getattr(adapter.model, "dtype", torch.float32)
+        with torch.enable_grad():
+            for i in range(0, steps, bs):
+                a = alphas[i : i + bs].to(x.device)[:, None, None, None]
+                xs = (b[None] + a * (x - b)[None]).requires_grad_(True)
+                pv = adapter.images_to_pixel_values(xs.to(dtype), chat)
+                logp, _ = forward_logprobs(adapter, chat, adapter.batch_inputs(chat, pv))
+                counter.n_forward += xs.shape[0]
+                (g,) = torch.autograd.grad(logp.sum(), xs, retain_graph=need_final)
+                gsum += g.sum(0).float()
+                if need_final:
+                    (gf,) = torch.autograd.grad(logp[:, k].sum(), xs)
+                    gsum_f += gf.sum(0).float()  # type: ignore[operator]
+                    counter.n_backward += xs.shape[0]
+                counter.n_backward += xs.shape[0]
+        ig = (x - b) * gsum / steps  # (3, H, W)
+        extras: dict[str, Any] = {"final_token_index": k, "ig_sum": float(ig.sum())}
+        if self.params["check_completeness"]:
+            with torch.no_grad():
+                pv2 = adapter.images_to_pixel_values(torch.stack([x, b]).to(dtype), chat)
+                lp2, _ = forward_logprobs(adapter, chat, adapter.batch_inputs(chat, pv2))
+                counter.n_forward += 2
+            extras["completeness_gap"] = float(ig.sum() - (lp2[0].sum() - lp2[1].sum()))
+        extras["canvas_map"] = ig.abs().sum(0).cpu().numpy()
+        extras["final_token_heatmap"] = None if gsum_f is None else to_original(adapter, chat, ((x - b) * gsum_f / steps).abs().sum(0))
+        return Attribution(heatmap=to_original(adapter, chat, ig.abs().sum(0)), extras=extras)

@@ -1,0 +1,261 @@
+"""Prompting baselines: ask the model where its evidence is.
+
+``prompting``: the question stem plus a request for ``[[x1, y1, x2, y2], ...]`` boxes. The model sees the
+letterboxed *canvas*, so its coordinates are read in the canvas frame (``coords="canvas"``; or
+``"norm1000"`` for models that answer on a 0..1000 grid, ``"relative"`` for 0..1) and mapped back to
+original pixels through the chat's letterbox geometry. Text is parsed with a regular expression for
+groups of four numbers in brackets -- never ``eval``.
+
+``prompting_medsam``: the stem plus a request for short descriptions of the evidence regions; each
+phrase is detected by an open-vocabulary detector (OWL-ViT via transformers' ``OwlViTForObjectDetection``,
+top-scoring box per phrase) on the original image, and each box is refined by MedSAM
+(:class:`medfocus.concepts.refine.MedSAMRefiner`, box prompt, single-mask output) into a mask.
+
+Both return ``boxes`` (original pixels) and a heatmap (sum of box indicators, or of MedSAM mask
+probabilities), so the same evaluation as the other baselines applies. ``n_forward`` counts one per
+``generate`` call (plus one per detector / MedSAM call): these methods are not pass-bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import numpy as np
+import torch
+
+from medfocus.attribution.base import Attribution, Counter, Method
+from medfocus.errors import ConfigError, ModelError
+from medfocus.types import SUFFIXES, Box
+
+#: The evidence requests, appended after a space to the question stem (the demo model is trained on
+#: exactly these; a test checks they agree with :data:`medfocus.lvlm.demo.EVIDENCE_REQUESTS`).
+BOX_REQUEST = "Please output the bounding boxes of the local evidence as [[x1, y1, x2, y2], ...]."
+PHRASE_REQUEST = "Please output short descriptions of the evidence regions as a list of phrases."
+
+OWLVIT_ID = "google/owlvit-base-patch32"
+MEDSAM_ID = "flaviagiammarino/medsam-vit-base"
+
+_NUM = r"(-?\d+(?:\.\d+)?)"
+_BOX_RE = re.compile(r"\[\s*" + r"\s*,\s*".join([_NUM] * 4) + r"\s*\]")
+
+
+def question_stem_of(question: str) -> str:
+    """The question without its output-mode suffix (any of :data:`medfocus.types.SUFFIXES`)."""
+    for suf in SUFFIXES.values():
+        if question.endswith(suf):
+            return question[: -len(suf)].strip()
+    return question.strip()
+
+
+def parse_boxes(text: str, frame_w: float, frame_h: float, coords: str = "canvas") -> list[Box]:
+    """Boxes ``[x1, y1, x2, y2]`` found anywhere in ``text`` (nested lists, JSON objects, prose), in
+    ``frame`` pixels: corners re-ordered, clipped to the frame, empty boxes dropped.
+
+    Args:
+        coords: ``"canvas"`` (absolute frame pixels), ``"norm1000"`` (0..1000), ``"relative"`` (0..1).
+    """
+    if coords not in ("canvas", "norm1000", "relative"):
+        raise ConfigError(f"prompting: coords must be 'canvas', 'norm1000' or 'relative', got {coords!r}")
+    sx, sy = {"canvas": (1.0, 1.0), "norm1000": (frame_w / 1000, frame_h / 1000), "relative": (frame_w, frame_h)}[coords]
+    out: list[Box] = []
+    for m in _BOX_RE.finditer(text or ""):
+        x1, y1, x2, y2 = (float(v) for v in m.groups())
+        x1, x2 = sorted((x1 * sx, x2 * sx))
+        y1, y2 = sorted((y1 * sy, y2 * sy))
+        x1, x2 = min(max(x1, 0.0), frame_w), min(max(x2, 0.0), frame_w)
+        y1, y2 = min(max(y1, 0.0), frame_h), min(max(y2, 0.0), frame_h)
+        if x2 > x1 and y2 > y1:
+            out.append((x1, y1, x2, y2))
+    return out
+
+
+def parse_phrases(text: str, max_phrases: int = 8) -> list[str]:
+    """Evidence phrases from generated text: a JSON list of strings if there is one, else quoted
+    strings, else lines / comma-separated items (bullets and numbering stripped). Never ``eval``."""
+    text = (text or "").strip()
+    items: list[str] = []
+    m = re.search(r"\[.*\]", text, flags=re.S)
+    if m:
+        try:
+            val = json.loads(m.group(0))
+            if isinstance(val, list):
+                items = [str(v) for v in val if isinstance(v, (str, int, float))]
+        except json.JSONDecodeError:
+            items = []
+    if not items:
+        items = re.findall(r'"([^"]+)"', text) or re.findall(r"'([^']+)'", text)
+    if not items:
+        items = [p for p in re.split(r"[\n;,]", text.strip("[]"))]
+    clean: list[str] = []
+    for it in items:
+        it = re.sub(r"^\s*(?:[-*\u2022]|\d+[.)])\s*", "", it).strip().strip(".").strip()
+        if it and it.lower() not in (c.lower() for c in clean):
+            clean.append(it)
+    return clean[:max_phrases]
+
+
+def boxes_heatmap(boxes: list[Box], size_hw: tuple[int, int]) -> np.ndarray:
+    """``(H, W)`` float32: how many boxes cover each pixel (pixel centres inside the half-open box)."""
+    H, W = size_hw
+    hm = np.zeros((H, W), np.float32)
+    for x1, y1, x2, y2 in boxes:
+        c0, c1 = int(np.ceil(x1 - 0.5)), int(np.ceil(x2 - 0.5))
+        r0, r1 = int(np.ceil(y1 - 0.5)), int(np.ceil(y2 - 0.5))
+        hm[max(r0, 0) : max(r1, 0), max(c0, 0) : max(c1, 0)] += 1.0
+    return hm
+
+
+def _generate(adapter: Any, image: np.ndarray, prompt: str, max_new_tokens: int, counter: Counter) -> str:
+    text = adapter.generate([image], [prompt], max_new_tokens=max_new_tokens, batch_size=1)[0]
+    counter.n_forward += 1
+    return text
+
+
+class Prompting(Method):
+    """Ask the model for evidence boxes and map them from its input (canvas) frame to the image."""
+
+    name = "prompting"
+    defaults = {"request": BOX_REQUEST, "coords": "canvas", "max_new_tokens": 128}
+
+    def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
+        prompt = f"{question_stem_of(question)} {self.params['request']}"
+        text = _generate(adapter, image, prompt, int(self.params["max_new_tokens"]), counter)
+        geo = adapter.prepare(image, prompt).geometry
+        canvas_boxes = parse_boxes(text, geo.out_w, geo.out_h, self.params["coords"])
+        boxes = []
+        for b in canvas_boxes:
+            ob = geo.inverse_box(b, clip=True)
+            if ob[2] > ob[0] and ob[3] > ob[1]:  # a box entirely in the letterbox padding is dropped
+                boxes.append(ob)
+        hm = boxes_heatmap(boxes, image.shape[:2])
+        return Attribution(heatmap=hm, boxes=boxes, extras={"generated_text": text, "prompt": prompt, "canvas_boxes": canvas_boxes})
+
+
+class OwlDetector:
+    """Open-vocabulary detection with OWL-ViT (transformers ``OwlViTForObjectDetection`` + ``OwlViTProcessor``).
+
+    :meth:`detect` returns, for each phrase, the highest-scoring predicted box over all image patches
+    (OWL-ViT v1 predicts one box per patch; its boxes are ``(cx, cy, w, h)`` relative to the image, the
+    processor resizing without padding) and its sigmoid score.
+    """
+
+    def __init__(self, model: Any, processor: Any, device: str | torch.device | None = None) -> None:
+        self.model = model.eval()
+        self.processor = processor
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model.to(self.device)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str = OWLVIT_ID, device: str | None = None) -> "OwlDetector":
+        from transformers import OwlViTForObjectDetection, OwlViTProcessor
+
+        try:
+            model = OwlViTForObjectDetection.from_pretrained(name_or_path, local_files_only=True)
+            processor = OwlViTProcessor.from_pretrained(name_or_path, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"prompting_medsam: OWL-ViT weights {name_or_path!r} are not available locally ({exc}). "
+                             f"Download them once (huggingface-cli download {OWLVIT_ID}) or pass detector=<local folder>.") from exc
+        return cls(model, processor, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    @torch.inference_mode()
+    def detect(self, image: np.ndarray, phrases: list[str]) -> tuple[list[Box], list[float]]:
+        """``(H, W)`` uint8 image, ``K`` phrases -> ``K`` boxes in image pixels and their scores."""
+        if not phrases:
+            return [], []
+        img = np.asarray(image)
+        rgb = np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img
+        max_len = int(getattr(self.model.config.text_config, "max_position_embeddings", 16))
+        inputs = self.processor(text=[phrases], images=rgb, return_tensors="pt", padding="max_length", truncation=True, max_length=max_len)
+        inputs = {k: v.to(self.device) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+        out = self.model(**inputs)
+        return top_box_per_query(out.logits[0], out.pred_boxes[0], img.shape[1], img.shape[0])
+
+
+def top_box_per_query(logits: torch.Tensor, pred_boxes: torch.Tensor, width: int, height: int) -> tuple[list[Box], list[float]]:
+    """OWL-ViT outputs ``logits (P, K)`` and ``pred_boxes (P, 4)`` (relative ``cx, cy, w, h``) -> for each of
+    the ``K`` queries the box of its best patch in pixels (clipped) and its sigmoid score."""
+    best = logits.float().argmax(dim=0)  # (K,)
+    boxes, scores = [], []
+    for k, p in enumerate(best.tolist()):
+        cx, cy, w, h = pred_boxes[p].float().tolist()
+        x1, x2 = (cx - w / 2) * width, (cx + w / 2) * width
+        y1, y2 = (cy - h / 2) * height, (cy + h / 2) * height
+        boxes.append((max(0.0, x1), max(0.0, y1), min(float(width), x2), min(float(height), y2)))
+        scores.append(float(torch.sigmoid(logits[p, k].float())))
+    return boxes, scores
+
+
+_CACHE: dict[str, Any] = {}
+
+
+def _resolve_detector(spec: Any) -> OwlDetector:
+    if isinstance(spec, OwlDetector):
+        return spec
+    if isinstance(spec, tuple) and len(spec) == 2:
+        return OwlDetector(*spec)
+    key = f"owl:{spec}"
+    if key not in _CACHE:
+        _CACHE[key] = OwlDetector.from_pretrained(str(spec))
+    return _CACHE[key]
+
+
+def _resolve_medsam(spec: Any) -> Any:
+    """``None``/``"none"`` -> no refinement; a MedSAMRefiner; ``(model, processor)``; or a name/path."""
+    from medfocus.concepts.refine import MedSAMRefiner
+
+    if spec is None or spec == "none":
+        return None
+    if isinstance(spec, MedSAMRefiner):
+        return spec
+    if isinstance(spec, tuple) and len(spec) == 2:
+        return MedSAMRefiner(*spec)
+    key = f"sam:{spec}"
+    if key not in _CACHE:
+        try:
+            _CACHE[key] = MedSAMRefiner.from_pretrained(str(spec))
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"prompting_medsam: MedSAM weights {spec!r} are not available locally ({exc}). "
+                             f"Download them once (huggingface-cli download {MEDSAM_ID}), pass medsam=<local folder>, "
+                             f"or medsam='none' to skip the refinement.") from exc
+    return _CACHE[key]
+
+
+class PromptingMedSAM(Method):
+    """Ask for evidence-region descriptions, detect each with OWL-ViT, refine each box with MedSAM.
+
+    Params: ``detector`` (OWL-ViT id/folder, an :class:`OwlDetector`, or ``(model, processor)``),
+    ``medsam`` (id/folder, a ``MedSAMRefiner``, ``(model, processor)``, or ``"none"``),
+    ``score_threshold`` (detections below it are dropped), ``max_phrases``.
+    """
+
+    name = "prompting_medsam"
+    defaults = {"request": PHRASE_REQUEST, "detector": OWLVIT_ID, "medsam": MEDSAM_ID, "score_threshold": 0.0,
+                "max_phrases": 8, "max_new_tokens": 128}
+
+    def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
+        prompt = f"{question_stem_of(question)} {self.params['request']}"
+        text = _generate(adapter, image, prompt, int(self.params["max_new_tokens"]), counter)
+        phrases = parse_phrases(text, int(self.params["max_phrases"]))
+        extras: dict[str, Any] = {"generated_text": text, "prompt": prompt, "phrases": phrases}
+        H, W = image.shape[:2]
+        if not phrases:
+            return Attribution(heatmap=np.zeros((H, W), np.float32), boxes=[], extras=extras)
+        det = _resolve_detector(self.params["detector"])
+        boxes, scores = det.detect(image, phrases)
+        counter.n_forward += 1
+        keep = [i for i, (b, s) in enumerate(zip(boxes, scores)) if s >= float(self.params["score_threshold"]) and b[2] > b[0] and b[3] > b[1]]
+        boxes, scores = [boxes[i] for i in keep], [scores[i] for i in keep]
+        extras.update({"detected_phrases": [phrases[i] for i in keep], "detector_boxes": boxes, "detector_scores": scores})
+        refiner = _resolve_medsam(self.params["medsam"])
+        if refiner is None or not boxes:
+            return Attribution(heatmap=boxes_heatmap(boxes, (H, W)), boxes=boxes, extras=extras)
+        probs = refiner.segment(image, boxes)  # (K, H, W)
+        counter.n_forward += 1
+        refined: list[Box] = []
+        for b, p in zip(boxes, probs):
+            ys, xs = np.nonzero(p > refiner.threshold)
+            refined.append(b if ys.size == 0 else (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)))
+        heat = np.clip(probs, 0, 1).sum(0).astype(np.float32) if len(probs) else np.zeros((H, W), np.float32)
+        return Attribution(heatmap=heat, boxes=refined, extras=extras)

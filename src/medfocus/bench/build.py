@@ -1,0 +1,365 @@
+"""Benchmark building: counterfactual edits + the three-step filter, resumable, per split.
+
+Output layout under ``out_dir`` (one *split* = one (model, dataset, mode)):
+
+``<model>/<dataset>/<mode>.json``
+    the kept samples, a JSON list in the public MedGround-Bench schema (``model``, ``dataset``,
+    ``index``, ``answer``, ``prediction_{mode}``, ``prediction_edited_{mode}``,
+    ``prediction_edited_kept_{mode}``, ``prediction_edited_kept_normal_{mode}``) plus our fields
+    ``mode``, ``editor``, ``attribute``, ``question`` (full, with the mode suffix), ``boxes``
+    (original pixels, half-open) and ``image_size``. Loadable by :mod:`medfocus.datasets.medground`.
+``<model>/<dataset>/<mode>.log.jsonl``
+    one line per evaluated sample (kept or not): raw generations, parsed answers, gate outcomes,
+    error. Appended and fsynced sample by sample — this is what makes a killed run resumable: a
+    rerun skips every sample already in the log (a truncated last line is ignored and redone).
+``<model>/<dataset>/<mode>.negatives.json``
+    only with ``include_negatives``: the "No" samples, original answer only (edited fields null).
+``retention.csv`` / ``retention.md``
+    retention per (model, dataset, mode, editor) and per gate, recomputed from every log under
+    ``out_dir`` (so successive runs for other models/modes accumulate into one table).
+
+Negatives. The paper filters positives only (a "No" sample has no box to edit). With
+``include_negatives=True`` the "No" samples are answered on the original image and written to the
+separate negatives file for analysis (e.g. false-positive rates); they never enter the benchmark
+split or the positive retention numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from medfocus.bench.filter import GATES, RECORD_FIELDS, VIEWS, FilterResult, ParseFn, apply_filter, get_parser
+from medfocus.editing.base import EDIT_KINDS, EditCache, Editor, edit_mask, edit_prompt
+from medfocus.errors import ConfigError, DataError
+from medfocus.types import Sample
+
+#: Default generation budget per mode (a reasoning chain needs room; a direct answer does not).
+DEFAULT_MAX_NEW_TOKENS = {"direct": 16, "cot": 256}
+
+
+def slug(name: str) -> str:
+    """File-system-safe form of a model/dataset name (a model may be given as a path)."""
+    s = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name).strip().rstrip("/"))
+    return s.strip("_") or "unnamed"
+
+
+def split_paths(out_dir: str | os.PathLike[str], model: str, dataset: str, mode: str) -> dict[str, Path]:
+    """Paths of one split's files (see module docstring)."""
+    d = Path(out_dir) / slug(model) / slug(dataset)
+    return {"records": d / f"{mode}.json", "log": d / f"{mode}.log.jsonl", "negatives": d / f"{mode}.negatives.json"}
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and rename (never a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_log(path: str | os.PathLike[str]) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """Rows of a split log by ``(model, dataset, index)``; later rows win; unreadable lines (a
+    line truncated by a kill) are skipped."""
+    rows: dict[tuple[str, str, int], dict[str, Any]] = {}
+    p = Path(path)
+    if not p.is_file():
+        return rows
+    with p.open(encoding="utf-8") as fh:
+        for line in fh:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                r = json.loads(line)
+                rows[(r["model"], r["dataset"], int(r["index"]))] = r
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue
+    return rows
+
+
+def _repair_log(path: Path) -> None:
+    """A run killed mid-line leaves a log without a final newline: end it so appends start clean
+    (the truncated line itself is ignored by :func:`read_log` and its sample redone)."""
+    if path.is_file() and path.stat().st_size > 0:
+        with path.open("rb+") as fh:
+            fh.seek(-1, os.SEEK_END)
+            if fh.read(1) != b"\n":
+                fh.write(b"\n")
+
+
+def _append_line(path: Path, row: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def make_record(row: dict[str, Any]) -> dict[str, Any]:
+    """MedGround-Bench record (+ our extra fields) from a log row."""
+    mode = row["mode"]
+    rec: dict[str, Any] = {"model": row["model"], "dataset": row["dataset"], "index": row["index"], "answer": row["answer"]}
+    for view, field in RECORD_FIELDS.items():
+        rec[field.format(mode=mode)] = row["parsed"].get(view) if row.get("parsed") else None
+    for k in ("mode", "editor", "attribute", "question", "boxes", "image_size"):
+        rec[k] = row.get(k)
+    return rec
+
+
+def _load_image(sample: Sample) -> np.ndarray:
+    from medfocus.io import read_image
+
+    img, _ = read_image(sample.image_path)
+    return img
+
+
+def _base_row(sample: Sample, model_name: str, mode: str, editor: Editor | None) -> dict[str, Any]:
+    return {"model": model_name, "dataset": sample.dataset, "index": int(sample.index), "mode": mode,
+            "editor": editor.cache_id if editor is not None else None, "answer": sample.answer,
+            "attribute": sample.attribute, "question": sample.question_for(mode),
+            "boxes": [list(b) for b in sample.boxes], "image_size": list(sample.image_size), "error": None}
+
+
+def _prepare_views(sample: Sample, editor: Editor, cache: EditCache) -> list[np.ndarray]:
+    """The four images of the filter: original + the three cached edits."""
+    if not sample.boxes:
+        raise DataError(f"sample {sample.dataset}#{sample.index} ({sample.attribute!r}) is positive but has no boxes to edit")
+    img = _load_image(sample)
+    size = (img.shape[1], img.shape[0])
+    if tuple(sample.image_size) != size:
+        raise DataError(f"sample {sample.dataset}#{sample.index}: image {sample.image_path} is {size[0]}x{size[1]}, "
+                        f"the sample says {sample.image_size[0]}x{sample.image_size[1]}")
+    views = [img]
+    for kind in EDIT_KINDS:
+        mask = edit_mask(kind, sample.boxes, size)
+        views.append(cache.get_or_edit(editor, img, mask, sample=sample, kind=kind, prompt=edit_prompt(kind, sample.attribute)))
+    return views
+
+
+def build_benchmark(
+    adapter: Any,
+    samples: Sequence[Sample],
+    *,
+    mode: str,
+    editor: Editor,
+    out_dir: str | os.PathLike[str],
+    model_name: str,
+    cache_dir: str | os.PathLike[str] | None = None,
+    include_negatives: bool = False,
+    max_new_tokens: int | None = None,
+    batch_size: int = 8,
+    samples_per_step: int | None = None,
+    parse: ParseFn | None = None,
+    retry_errors: bool = False,
+    progress: bool = True,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Filter ``samples`` for one model and mode; write the split, its log and the retention table.
+
+    Args:
+        adapter: an :class:`~medfocus.lvlm.adapter.LVLMAdapter` (only ``generate`` is used).
+        samples: samples of one dataset (positives are filtered; negatives skipped unless
+            ``include_negatives``).
+        mode: ``"direct"`` or ``"cot"`` (the question gets the paper's suffix for that mode).
+        editor: a counterfactual editor (:func:`medfocus.editing.get_editor`).
+        out_dir: output folder (layout in the module docstring).
+        model_name: name written in the records (registry name, e.g. ``qwen2_5_vl_3b``).
+        cache_dir: edit cache (default ``out_dir/edits``); shared by every model using the editor.
+        max_new_tokens: generation budget (default 16 direct, 256 cot).
+        batch_size: images per ``adapter.generate`` batch.
+        samples_per_step: samples generated together (4 images each; default ``max(1, batch_size // 4)``);
+            the log is written after each step.
+        parse: answer parser (default :func:`medfocus.lvlm.answers.parse_yes_no`).
+        retry_errors: redo samples whose logged row has an error (default: keep them as errors).
+    Returns:
+        ``(records, retention)``: the kept records of the whole split (including samples done by
+        earlier runs) and the split's retention row (see :func:`retention_row`).
+    """
+    if mode not in ("direct", "cot"):
+        raise ConfigError(f"bench mode must be 'direct' or 'cot', got {mode!r}")
+    if not samples:
+        raise DataError("no samples to filter")
+    datasets = sorted({s.dataset for s in samples})
+    if len(datasets) != 1:
+        raise ConfigError(f"build_benchmark works on one dataset at a time, got {datasets}")
+    dataset = datasets[0]
+    parse = parse or get_parser()
+    max_new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[mode]
+    step = samples_per_step or max(1, batch_size // len(VIEWS))
+    paths = split_paths(out_dir, model_name, dataset, mode)
+    cache = EditCache(cache_dir if cache_dir is not None else Path(out_dir) / "edits")
+
+    _repair_log(paths["log"])
+    done = read_log(paths["log"])
+    if retry_errors:
+        done = {k: r for k, r in done.items() if r.get("error") is None}
+    todo = [s for s in samples if (s.answer == "Yes" or include_negatives) and (model_name, dataset, int(s.index)) not in done]
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(todo), desc=f"bench {slug(model_name)}/{dataset}/{mode}", unit="sample", disable=not progress)
+    for start in range(0, len(todo), step):
+        chunk = todo[start:start + step]
+        rows, images, questions, owners = [], [], [], []
+        for s in chunk:
+            row = _base_row(s, model_name, mode, editor if s.answer == "Yes" else None)
+            row["kind"] = "positive" if s.answer == "Yes" else "negative"
+            try:
+                views = _prepare_views(s, editor, cache) if s.answer == "Yes" else [_load_image(s)]
+            except Exception as exc:  # noqa: BLE001 - one failing sample must not stop the run
+                row["error"] = f"{type(exc).__name__}: {exc}"
+                views = []
+            rows.append(row)
+            for v in views:
+                images.append(v)
+                questions.append(row["question"])
+                owners.append(len(rows) - 1)
+        texts = _generate_isolating_errors(adapter, images, questions, owners, rows, max_new_tokens, batch_size)
+        per_row: dict[int, list[str]] = {}
+        for o, t in zip(owners, texts):
+            if t is not None:
+                per_row.setdefault(o, []).append(t)
+        for i, row in enumerate(rows):
+            if row["error"] is None:
+                _fill_outcome(row, per_row.get(i, []), parse)
+            _append_line(paths["log"], row)
+        bar.update(len(chunk))
+    bar.close()
+
+    all_rows = read_log(paths["log"])
+    split_rows = sorted((r for r in all_rows.values() if r.get("model") == model_name and r.get("dataset") == dataset),
+                        key=lambda r: r["index"])
+    records = [make_record(r) for r in split_rows if r.get("kind", "positive") == "positive" and r.get("kept")]
+    atomic_write_text(paths["records"], json.dumps(records, indent=1) + "\n")
+    if include_negatives:
+        neg = [make_record(r) for r in split_rows if r.get("kind") == "negative" and r.get("error") is None]
+        atomic_write_text(paths["negatives"], json.dumps(neg, indent=1) + "\n")
+    write_retention(out_dir)
+    return records, retention_row(split_rows)
+
+
+def _generate_isolating_errors(adapter: Any, images: list[np.ndarray], questions: list[str], owners: list[int],
+                               rows: list[dict[str, Any]], max_new_tokens: int, batch_size: int) -> list[str | None]:
+    """Generate for the whole step; if that fails, per sample, so that one bad sample only marks
+    its own row as an error. Returns one text (or None for failed samples) per image."""
+    if not images:
+        return []
+    try:
+        out = list(adapter.generate(images, questions, max_new_tokens=max_new_tokens, batch_size=batch_size))
+        if len(out) != len(images):
+            raise RuntimeError(f"adapter.generate returned {len(out)} answers for {len(images)} images")
+        return out
+    except Exception:  # noqa: BLE001 - retry per sample to find the culprit
+        pass
+    texts: list[str | None] = [None] * len(images)
+    for r in sorted(set(owners)):
+        idx = [i for i, o in enumerate(owners) if o == r]
+        try:
+            out = list(adapter.generate([images[i] for i in idx], [questions[i] for i in idx],
+                                        max_new_tokens=max_new_tokens, batch_size=batch_size))
+            if len(out) != len(idx):
+                raise RuntimeError(f"adapter.generate returned {len(out)} answers for {len(idx)} images")
+            for i, t in zip(idx, out):
+                texts[i] = t
+        except Exception as exc:  # noqa: BLE001
+            rows[r]["error"] = f"generation failed: {type(exc).__name__}: {exc}"
+    return texts
+
+
+def _fill_outcome(row: dict[str, Any], texts: list[str], parse: ParseFn) -> None:
+    if row["kind"] == "negative":
+        p = parse(texts[0])
+        row["raw"] = {"original": texts[0]}
+        row["parsed"] = {"original": p}
+        row["correct"] = p == row["answer"]
+        row["kept"] = False
+        return
+    raw = dict(zip(VIEWS, texts))
+    res: FilterResult = apply_filter(row["answer"], {v: parse(t) for v, t in raw.items()})
+    row["raw"] = raw
+    row["parsed"] = res.parsed
+    row["gates"] = res.gates
+    row["failed_gate"] = res.failed_gate
+    row["unparseable"] = res.unparseable
+    row["kept"] = res.kept
+
+
+# ---- retention --------------------------------------------------------------------------------
+RETENTION_COLUMNS = ["model", "dataset", "mode", "editor", "n", "errors", "failed_correct", "failed_flip",
+                     "failed_background", "kept", "retention_pct", "unparseable_correct", "unparseable_flip",
+                     "unparseable_background", "negatives", "negatives_correct"]
+
+
+def retention_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Retention of one split from its log rows.
+
+    ``n`` counts positives; ``errors + failed_correct + failed_flip + failed_background + kept == n``
+    (each sample is charged to the first gate it fails); ``unparseable_<gate>`` counts the failures of
+    that gate caused by an unreadable answer (already included in ``failed_<gate>``).
+    """
+    pos = [r for r in rows if r.get("kind", "positive") == "positive"]
+    neg = [r for r in rows if r.get("kind") == "negative" and r.get("error") is None]
+    first = rows[0] if rows else {}
+    out: dict[str, Any] = {"model": first.get("model"), "dataset": first.get("dataset"), "mode": first.get("mode"),
+                           "editor": next((r.get("editor") for r in pos if r.get("editor")), None), "n": len(pos)}
+    ok = [r for r in pos if r.get("error") is None]
+    out["errors"] = len(pos) - len(ok)
+    for g in GATES:
+        out[f"failed_{g}"] = sum(1 for r in ok if r.get("failed_gate") == g)
+    out["kept"] = sum(1 for r in ok if r.get("kept"))
+    out["retention_pct"] = round(100.0 * out["kept"] / len(pos), 1) if pos else 0.0
+    for g in GATES:
+        out[f"unparseable_{g}"] = sum(1 for r in ok if r.get("failed_gate") == g and r.get("unparseable"))
+    out["negatives"] = len(neg)
+    out["negatives_correct"] = sum(1 for r in neg if r.get("correct"))
+    return out
+
+
+def retention_table(out_dir: str | os.PathLike[str]) -> "Any":
+    """pandas DataFrame of :func:`retention_row` for every split log under ``out_dir``."""
+    import pandas as pd
+
+    rows = []
+    for log in sorted(Path(out_dir).glob("*/*/*.log.jsonl")):
+        split = list(read_log(log).values())
+        by_split: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+        for r in split:
+            by_split.setdefault((r["model"], r["dataset"], r.get("mode")), []).append(r)
+        rows += [retention_row(v) for _, v in sorted(by_split.items())]
+    return pd.DataFrame(rows, columns=RETENTION_COLUMNS)
+
+
+def retention_markdown(df: "Any") -> str:
+    """Markdown table of a retention DataFrame."""
+    cols = ["model", "dataset", "mode", "editor", "n", "errors", "failed_correct", "failed_flip", "failed_background",
+            "kept", "retention_pct", "unparseable_correct", "unparseable_flip", "unparseable_background"]
+    head = ["model", "dataset", "mode", "editor", "n", "errors", "✗ correct", "✗ flip", "✗ background", "kept",
+            "retention %", "unparseable (correct/flip/bg)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in df.iterrows():
+        vals = [str(r[c]) for c in cols[:11]]
+        vals.append(f"{r['unparseable_correct']}/{r['unparseable_flip']}/{r['unparseable_background']}")
+        lines.append("| " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_retention(out_dir: str | os.PathLike[str]) -> str:
+    """Write ``retention.csv`` and ``retention.md`` under ``out_dir``; return the Markdown."""
+    df = retention_table(out_dir)
+    md = retention_markdown(df)
+    atomic_write_text(Path(out_dir) / "retention.csv", df.to_csv(index=False))
+    atomic_write_text(Path(out_dir) / "retention.md", md)
+    return md

@@ -1,0 +1,198 @@
+"""``medfocus attribute``: run attribution methods over models x datasets x modes on a benchmark split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import click
+
+from medfocus.commands.config import config_option
+from medfocus.errors import ConfigError, DataError, MedfocusError
+
+EPILOG = """\b
+Examples:
+  # all methods on a causally filtered split built by `medfocus bench build`
+  medfocus attribute --bench runs/bench/demo_synthetic_direct_oracle.jsonl \\
+      --dataset synthetic --data-root runs/demo/data --mode direct --out runs/attr
+  # a Slurm array of 8 tasks, then merge
+  medfocus attribute --config run.yaml --shard $SLURM_ARRAY_TASK_ID/8
+  medfocus attribute --out runs/attr --merge
+  # unfiltered positives of a real dataset, two methods, a parameter override
+  medfocus attribute --dataset vindr_cxr --data-root /data/vindr --model qwen2_5_vl_7b \\
+      --mode cot --method occlusion --method rise --param rise.n_masks=128 --limit 100 --out runs/vindr
+"""
+
+
+def read_bench_file(path: str | Path) -> list[dict[str, Any]]:
+    """Benchmark records from a ``.json`` list (the public MedGround-Bench files) or a ``.jsonl`` file."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"benchmark file {path} does not exist (build one with `medfocus bench build`)")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".jsonl":
+            recs = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            recs = json.loads(text)
+    except ValueError as exc:
+        raise DataError(f"benchmark file {path}: not valid JSON ({exc})") from None
+    if isinstance(recs, dict) and "records" in recs:
+        recs = recs["records"]
+    if not isinstance(recs, list) or not all(isinstance(r, dict) for r in recs):
+        raise DataError(f"benchmark file {path}: expected a list of records (objects)")
+    for i, r in enumerate(recs):
+        for k in ("dataset", "index"):
+            if k not in r:
+                raise DataError(f"benchmark file {path}: record {i} lacks field {k!r}")
+    return recs
+
+
+def parse_params(specs: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``["rise.n_masks=128", "occlusion.grid=16"]`` -> ``{"rise": {"n_masks": 128}, ...}`` (values parsed as YAML scalars)."""
+    import yaml
+
+    out: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        left, eq, value = spec.partition("=")
+        method, dot, key = left.partition(".")
+        if not eq or not dot or not method or not key:
+            raise ConfigError(f"--param {spec!r}: expected METHOD.NAME=VALUE, e.g. rise.n_masks=128")
+        out.setdefault(method.strip(), {})[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def load_samples(dataset: str, data_root: str | None) -> list:
+    """Samples of a dataset through the dataset registry (``medfocus.datasets.load_dataset``)."""
+    from medfocus.datasets import load_dataset
+
+    return load_dataset(dataset, data_root)
+
+
+def build_items(
+    *,
+    bench: Sequence[str],
+    dataset: str | None,
+    data_root: str | None,
+    models: Sequence[str],
+    modes: Sequence[str],
+    include_negatives: bool = False,
+) -> list:
+    """Work items from benchmark files (filtered splits) or, without them, from a dataset's samples."""
+    from medfocus.runner.grid import WorkItem, items_from_benchmark
+
+    items: list = []
+    samples_cache: dict[tuple[str, str | None], list] = {}
+
+    def samples_for(ds: str) -> list:
+        key = (ds, data_root)
+        if key not in samples_cache:
+            samples_cache[key] = load_samples(ds, data_root)
+        return samples_cache[key]
+
+    if bench:
+        for path in bench:
+            recs = read_bench_file(path)
+            ds_names = sorted({str(r["dataset"]) for r in recs})
+            if dataset and ds_names != [dataset]:
+                recs = [r for r in recs if r["dataset"] == dataset]
+            rec_models = sorted({str(r.get("model")) for r in recs if r.get("model")})
+            for mode in modes:
+                mode_recs = [r for r in recs if f"prediction_{mode}" in r or r.get("mode") == mode]
+                if not mode_recs:
+                    continue
+                for ds in sorted({str(r["dataset"]) for r in mode_recs}):
+                    ds_recs = [r for r in mode_recs if r["dataset"] == ds]
+                    samples = samples_for(ds)
+                    if models:
+                        targets = [m for m in models if m in rec_models]
+                        if not targets and len(models) == 1 and len(rec_models) <= 1:
+                            # a split built for one model under another name (e.g. an HF id)
+                            items += items_from_benchmark([{**r, "model": models[0]} for r in ds_recs], samples, mode=mode, model=models[0],
+                                                          extra={"bench_file": str(path)})
+                            continue
+                    else:
+                        targets = rec_models or []
+                    for m in targets:
+                        items += items_from_benchmark(ds_recs, samples, mode=mode, model=m, extra={"bench_file": str(path)})
+        if not items:
+            raise ConfigError(f"no benchmark records matched models={list(models) or 'any'} modes={list(modes)} in {list(bench)}")
+        return items
+    if not dataset:
+        raise ConfigError("give --bench FILE (a filtered split) or --dataset NAME (all samples of a dataset)")
+    if not models:
+        raise ConfigError("--model is required without --bench")
+    samples = samples_for(dataset)
+    samples = [s for s in samples if include_negatives or s.answer == "Yes"]
+    for m in models:
+        for mode in modes:
+            items += [WorkItem(m, s.dataset, mode, s) for s in samples]
+    return items
+
+
+@click.command(name="attribute", epilog=EPILOG)
+@config_option
+@click.option("--bench", "bench", multiple=True, type=click.Path(dir_okay=False), help="Benchmark split file(s) (.json/.jsonl) from `medfocus bench build`. Repeatable.")
+@click.option("--dataset", default=None, help="Dataset key (imagenome, vindr_cxr, padchest_gr, synthetic).")
+@click.option("--data-root", default=None, envvar="MEDFOCUS_DATA_ROOT", help="Dataset root (or $MEDFOCUS_DATA_ROOT).")
+@click.option("--model", "models", multiple=True, help="LVLM registry name or path. Repeatable. Default: the models named in --bench.")
+@click.option("--mode", "modes", multiple=True, type=click.Choice(["direct", "cot"]), default=("direct",), show_default=True, help="Output mode(s). Repeatable.")
+@click.option("--method", "methods", multiple=True, help="Attribution method(s). Repeatable. Default: all registered (10 baselines + medfocus).")
+@click.option("--param", "params", multiple=True, help="Method parameter METHOD.NAME=VALUE, e.g. rise.n_masks=128. Repeatable.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder (predictions.jsonl + heatmaps).")
+@click.option("--limit", type=int, default=None, help="At most this many samples per (model, dataset, mode).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Run seed (per-sample seeds derive from it).")
+@click.option("--shard", default=None, help="Run only shard i of n (i/n, 0-based); merge the shard files with --merge.")
+@click.option("--merge", is_flag=True, help="Merge predictions.shard-*.jsonl in --out into predictions.jsonl and exit.")
+@click.option("--retry-errors", is_flag=True, help="Recompute records that failed in a previous run.")
+@click.option("--save-token-maps", is_flag=True, help="Also store per-answer-token heatmaps (float16).")
+@click.option("--include-negatives", is_flag=True, help="Without --bench: also attribute samples whose answer is No.")
+@click.option("--device", default=None, help="torch device for the models (default: cuda if available, else cpu).")
+@click.option("--no-progress", is_flag=True, help="Disable progress bars.")
+def attribute(bench, dataset, data_root, models, modes, methods, params, out_dir, limit, seed, shard, merge,
+              retry_errors, save_token_maps, include_negatives, device, no_progress) -> None:
+    """Run attribution methods on a benchmark split and store one record per
+    (model, dataset, index, mode, method) in OUT/predictions.jsonl (resumable: rerun the same
+    command after an interruption)."""
+    from medfocus.runner.grid import parse_shard, run_grid, select_items
+    from medfocus.runner.store import ResultStore, merge_stores
+
+    out = Path(out_dir)
+    try:
+        if merge:
+            parts = sorted(out.glob("predictions.shard-*.jsonl"))
+            if not parts:
+                raise DataError(f"no predictions.shard-*.jsonl files in {out}")
+            n = merge_stores(parts, out / "predictions.jsonl")
+            click.echo(f"merged {len(parts)} shard files -> {out / 'predictions.jsonl'} ({n} records)")
+            return
+        i, n = parse_shard(shard)
+        items = build_items(bench=bench, dataset=dataset, data_root=data_root, models=models, modes=modes,
+                            include_negatives=include_negatives)
+        items = select_items(items, limit=limit, shard=(i, n))
+        if not methods:
+            from medfocus.attribution import list_methods
+
+            methods = tuple(list_methods())
+        pmap = parse_params(params)
+        unknown = sorted(set(pmap) - set(methods))
+        if unknown:
+            raise ConfigError(f"--param given for method(s) not selected: {unknown}")
+        method_params = {m: pmap.get(m, {}) for m in methods}
+        store_path = out / ("predictions.jsonl" if n == 1 else f"predictions.shard-{i}-of-{n}.jsonl")
+
+        def loader(name: str):
+            from medfocus.lvlm import load_lvlm
+
+            return load_lvlm(name, device=device)
+
+        click.echo(f"{len(items)} samples x {len(method_params)} methods -> {store_path}")
+        with ResultStore(store_path) as store:
+            summary = run_grid(items, method_params, store, load_model=loader, seed=seed, retry_errors=retry_errors,
+                               save_token_maps=save_token_maps, progress=not no_progress)
+        click.echo(f"done: {summary}")
+        if summary.errors:
+            click.echo(f"{summary.errors} records carry an error (see the 'error' field); rerun with --retry-errors to recompute them")
+    except MedfocusError as exc:
+        raise click.ClickException(str(exc)) from exc

@@ -1,0 +1,44 @@
+"""``medfocus models`` (LVLM helper) and ``medfocus train-demo`` (DEMO-MODEL helper)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("models", help="List the registered LVLMs and their families.\n\n\b\nExamples:\n  medfocus models\n  medfocus models --check")
+@click.option("--check", is_flag=True, help="Also say whether each model's files are available locally (no download).")
+def models(check: bool) -> None:
+    """Print the model registry (built-ins + user YAML entries from $MEDFOCUS_MODELS)."""
+    from medfocus.lvlm.registry import list_models, user_registry_path
+
+    entries = list_models()
+    width = max(len(n) for n in entries)
+    for name, e in entries.items():
+        line = f"{name:<{width}}  {e.family or '(auto)':<8} {e.hf_id}"
+        if e.gated:
+            line += "  [gated]"
+        if check:
+            line += "  " + ("available" if _available(e.hf_id) else "not available locally")
+        click.echo(line)
+        if e.description:
+            click.echo(f"{'':<{width}}  {e.description}")
+    click.echo(f"\nuser entries: {user_registry_path()} (YAML 'models: {{name: {{hf_id, family, canvas}}}}')")
+
+
+def _available(hf_id: str) -> bool:
+    """Local folder with a config, or a complete snapshot in the HF cache (no network)."""
+    if Path(hf_id).is_dir():
+        return (Path(hf_id) / "config.json").is_file()
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(hf_id, "config.json"), str)
+    except Exception:  # pragma: no cover - hub client missing or cache unreadable
+        return False
+
+
+# =====================================================================================================
+# train-demo: owned by the DEMO-MODEL helper (add `train_demo` below this line).
+# =====================================================================================================

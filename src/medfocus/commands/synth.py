@@ -1,0 +1,68 @@
+"""``medfocus synth`` and ``medfocus synth-reference``: write the synthetic chest X-ray world to disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+_EPILOG = """\b
+Examples:
+  medfocus synth --out data/synth --n 200 --seed 0 --preview data/synth/preview.png
+  medfocus synth --out data/cued --n 1000 --cue-rate 0.8 --cue-base-rate 0.05 --workers 2
+  medfocus synth-reference --out data/reference --n 16
+
+\b
+The dataset folder is readable as `--dataset synthetic` (manifest.json: positives, balanced
+negatives, exact masks, oracle counterfactuals, cues) and as `--dataset vindr_cxr`
+(vindr-cxr/1.0.0/annotations/annotations_test.csv + DICOM files).
+"""
+
+
+@click.command(name="synth", epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
+@click.option("--n", "n", default=200, show_default=True, type=click.IntRange(1, 99_999), help="Number of films.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Master seed (same seed -> same files).")
+@click.option("--size", default=256, show_default=True, type=click.IntRange(64, 2048), help="Image side in pixels.")
+@click.option("--cue-rate", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+              help="Probability that a finding brings its correlated shortcut cue.")
+@click.option("--cue-base-rate", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+              help="Probability of one uncorrelated cue per film (normals included).")
+@click.option("--no-counterfactuals", is_flag=True, help="Skip rendering the oracle counterfactual PNGs.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1), help="Rendering processes.")
+@click.option("--preview", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write a contact sheet (PNG) of the first 16 films with their boxes.")
+def synth(out_dir: Path, n: int, seed: int, size: int, cue_rate: float, cue_base_rate: float,
+          no_counterfactuals: bool, workers: int, preview: Path | None) -> None:
+    """Write a synthetic chest X-ray dataset (VinDr-CXR layout) with exact ground truth."""
+    from medfocus.datasets.synthetic.dataset import case_seed, load_synthetic, write_dataset
+
+    path = write_dataset(out_dir, n, seed=seed, size=size, cue_rate=cue_rate, cue_base_rate=cue_base_rate,
+                         counterfactuals=not no_counterfactuals, workers=workers)
+    samples = load_synthetic(out_dir)
+    pos = sum(s.answer == "Yes" for s in samples)
+    click.echo(f"wrote {n} films, {len(samples)} samples ({pos} positive, {len(samples) - pos} negative) -> {path}")
+    if preview is not None:
+        from medfocus.datasets.synthetic.case import generate_case
+        from medfocus.datasets.synthetic.preview import contact_sheet
+
+        cases = [generate_case(case_seed(seed, i), size=size, cue_rate=cue_rate, cue_base_rate=cue_base_rate)
+                 for i in range(min(n, 16))]
+        click.echo(f"preview -> {contact_sheet(cases, preview)}")
+
+
+@click.command(name="synth-reference", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
+@click.option("--n", "n", default=16, show_default=True, type=click.IntRange(1), help="Number of normal films.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Seed.")
+@click.option("--size", default=256, show_default=True, type=click.IntRange(64, 2048), help="Image side in pixels.")
+def synth_reference(out_dir: Path, n: int, seed: int, size: int) -> None:
+    """Write a reference pool of normal synthetic X-rays with 11 concept masks.
+
+    \b
+    Layout: images/<id>.png + masks/<id>/<concept_slug>.png (uint8 0/255) + reference.json.
+    """
+    from medfocus.datasets.synthetic.reference import write_reference_pool
+
+    out = write_reference_pool(out_dir, n=n, seed=seed, size=size)
+    click.echo(f"wrote {n} normal reference films with 11 concept masks -> {out}")

@@ -1,0 +1,247 @@
+"""Reference pool of normal chest X-rays with per-concept masks, and reference selection.
+
+Directory format (one reference per id)::
+
+    <root>/images/<id>.png                       grayscale image (8- or 16-bit PNG)
+    <root>/masks/<id>/<concept_slug>.png         uint8 0/255 mask of that concept, same size
+
+where ``concept_slug`` is :func:`medfocus.types.concept_slug` (``"left hilar structures"`` ->
+``left_hilar_structures``) and every one of the 11 :data:`medfocus.types.CONCEPTS` must be present.
+
+Sources:
+
+* the synthetic world (:func:`medfocus.datasets.synthetic.write_reference_pool`), which is what
+  :func:`default_pool` generates on demand into the cache directory (``$MEDFOCUS_CACHE`` or
+  ``~/.cache/medfocus``);
+* ImaGenome gold annotations (:func:`build_pool_from_regions` / :func:`build_pool_from_imagenome`):
+  normal images (no positive finding) whose region table covers all 11 concepts; each concept
+  mask is its region box filled.
+
+Selection (:meth:`ReferencePool.select_best`): the reference with the lowest unbalanced-OT cost
+against the target at the 14 x 14 grid, all references solved in one batched call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+from PIL import Image
+
+from medfocus.concepts import ot
+from medfocus.errors import DataError
+from medfocus.types import Box, CONCEPTS, concept_slug
+
+log = logging.getLogger(__name__)
+
+SELECT_GRID = 14
+TRANSFER_GRID = 56
+
+
+def cache_root() -> Path:
+    """``$MEDFOCUS_CACHE`` or ``~/.cache/medfocus`` (created on demand by users)."""
+    env = os.environ.get("MEDFOCUS_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "medfocus"
+
+
+@dataclass
+class Reference:
+    """One normal reference image with its 11 concept masks.
+
+    Attributes:
+        id: identifier (file stem).
+        image: ``(H, W)`` uint8 grayscale image.
+        masks: concept name -> ``(H, W)`` bool mask, for every concept in :data:`CONCEPTS`.
+    """
+
+    id: str
+    image: np.ndarray
+    masks: dict[str, np.ndarray]
+    _measures: dict[int, tuple[np.ndarray, Any]] = field(default_factory=dict, repr=False)
+
+    def measure(self, grid: int) -> tuple[np.ndarray, Any]:
+        """``(mass (grid, grid), letterbox)`` of :func:`medfocus.concepts.ot.image_measure` (memoised)."""
+        if grid not in self._measures:
+            self._measures[grid] = ot.image_measure(self.image, grid)
+        return self._measures[grid]
+
+    def mask_fractions(self, grid: int) -> np.ndarray:
+        """``(11, grid, grid)`` fraction of each grid cell covered by each concept mask, on the
+        letterboxed canvas of :func:`~medfocus.concepts.ot.image_measure` (area average)."""
+        _, lb = self.measure(grid)
+        k = lb.out_w // grid
+        out = np.empty((len(CONCEPTS), grid, grid))
+        for i, c in enumerate(CONCEPTS):
+            cv = lb.apply(self.masks[c].astype(np.float32), fill=0.0).astype(np.float64)
+            out[i] = cv.reshape(grid, k, grid, k).mean(axis=(1, 3))
+        return out
+
+
+def _read_gray(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"reference pool: cannot read image {path}: {exc}") from exc
+    if arr.ndim == 3:
+        arr = arr[..., :3].mean(axis=2)
+    if arr.dtype == np.uint16 or arr.max() > 255:
+        arr = arr.astype(np.float64) * (255.0 / max(float(arr.max()), 1.0))
+    return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+
+
+class ReferencePool:
+    """A set of :class:`Reference` images (load one with :meth:`load`)."""
+
+    def __init__(self, references: list[Reference], root: str | Path | None = None) -> None:
+        if not references:
+            raise DataError(f"reference pool {root or ''} is empty".strip())
+        self.references = references
+        self.root = Path(root) if root is not None else None
+
+    def __len__(self) -> int:
+        return len(self.references)
+
+    def __getitem__(self, i: int) -> Reference:
+        return self.references[i]
+
+    @property
+    def ids(self) -> list[str]:
+        return [r.id for r in self.references]
+
+    @property
+    def fingerprint(self) -> str:
+        """Short hash of the pool's contents (images and masks), for cache keys."""
+        h = hashlib.sha1()
+        for r in self.references:
+            h.update(r.id.encode())
+            h.update(np.ascontiguousarray(r.image).tobytes())
+            for c in CONCEPTS:
+                h.update(np.packbits(r.masks[c]).tobytes())
+        return h.hexdigest()[:16]
+
+    @classmethod
+    def load(cls, root: str | Path) -> "ReferencePool":
+        """Read ``root/images/<id>.png`` + ``root/masks/<id>/<slug>.png`` (see module docstring).
+
+        Raises:
+            DataError: missing directory, unreadable image, missing concept mask, size mismatch.
+        """
+        root = Path(root)
+        img_dir = root / "images"
+        if not img_dir.is_dir():
+            raise DataError(f"reference pool {root}: no images/ directory (expected images/<id>.png + masks/<id>/<concept>.png)")
+        refs = []
+        for p in sorted(img_dir.glob("*.png")):
+            image = _read_gray(p)
+            masks = {}
+            for c in CONCEPTS:
+                mp = root / "masks" / p.stem / f"{concept_slug(c)}.png"
+                if not mp.is_file():
+                    raise DataError(f"reference pool {root}: missing mask {mp} for concept {c!r}")
+                m = _read_gray(mp) > 127
+                if m.shape != image.shape:
+                    raise DataError(f"reference pool {root}: mask {mp} has shape {m.shape}, image {p} has {image.shape}")
+                masks[c] = m
+            refs.append(Reference(p.stem, image, masks))
+        if not refs:
+            raise DataError(f"reference pool {root}: images/ holds no .png file")
+        return cls(refs, root)
+
+    def save(self, root: str | Path) -> Path:
+        """Write the pool in the directory format; returns ``root``."""
+        return write_pool(self.references, root)
+
+    def measures(self, grid: int) -> np.ndarray:
+        """``(B, grid, grid)`` masses of all references."""
+        return np.stack([r.measure(grid)[0] for r in self.references])
+
+    def selection_costs(self, image: np.ndarray, *, grid: int = SELECT_GRID, **uot_kw: Any) -> np.ndarray:
+        """``(B,)`` unregularised UOT cost (:meth:`GridUOT.costs` ``"uot_cost"``) of transporting each
+        reference onto ``image`` at ``grid x grid``, in one batched solve."""
+        b, _ = ot.image_measure(image, grid)
+        sol = ot.uot_grid(self.measures(grid), b, **uot_kw)
+        return sol.costs()["uot_cost"].detach().cpu().numpy()
+
+    def select_best(self, image: np.ndarray, *, grid: int = SELECT_GRID, **uot_kw: Any) -> tuple[Reference, np.ndarray]:
+        """The reference with the lowest UOT cost to ``image`` (ties: first), and all ``(B,)`` costs."""
+        costs = self.selection_costs(image, grid=grid, **uot_kw)
+        return self.references[int(np.argmin(costs))], costs
+
+
+def write_pool(references: Iterable[Reference], root: str | Path) -> Path:
+    """Write references in the directory format (masks as uint8 0/255 PNGs)."""
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for r in references:
+        Image.fromarray(np.asarray(r.image, np.uint8)).save(root / "images" / f"{r.id}.png")
+        md = root / "masks" / r.id
+        md.mkdir(parents=True, exist_ok=True)
+        for c in CONCEPTS:
+            Image.fromarray((np.asarray(r.masks[c], bool) * 255).astype(np.uint8)).save(md / f"{concept_slug(c)}.png")
+    return root
+
+
+def boxes_to_masks(shape: tuple[int, int], boxes: Mapping[str, Box]) -> dict[str, np.ndarray]:
+    """Fill each concept's box (half-open edges, rounded outward, clipped) into an ``(H, W)`` bool mask."""
+    H, W = shape
+    out = {}
+    for c in CONCEPTS:
+        x1, y1, x2, y2 = boxes[c]
+        m = np.zeros((H, W), bool)
+        xa, ya = max(int(np.floor(x1)), 0), max(int(np.floor(y1)), 0)
+        xb, yb = min(int(np.ceil(x2)), W), min(int(np.ceil(y2)), H)
+        if xb > xa and yb > ya:
+            m[ya:yb, xa:xb] = True
+        out[c] = m
+    return out
+
+
+def build_pool_from_regions(entries: Iterable[tuple[str, np.ndarray, Mapping[str, Box]]], root: str | Path, *,
+                            max_refs: int | None = None) -> ReferencePool:
+    """Build and write a pool from ``(id, image (H, W) uint8, {concept: box})`` entries (e.g. ImaGenome
+    gold normals). Entries whose region table lacks one of the 11 concepts (names compared after
+    :func:`concept_slug`) are skipped with a logged notice. Returns the loaded pool."""
+    refs = []
+    for rid, image, boxes in entries:
+        by_slug = {concept_slug(k): v for k, v in boxes.items()}
+        missing = [c for c in CONCEPTS if concept_slug(c) not in by_slug]
+        if missing:
+            log.info("reference %s skipped: region table lacks %s", rid, missing)
+            continue
+        img = np.asarray(image)
+        refs.append(Reference(str(rid), img.astype(np.uint8), boxes_to_masks(img.shape[:2], {c: by_slug[concept_slug(c)] for c in CONCEPTS})))
+        if max_refs is not None and len(refs) >= max_refs:
+            break
+    if not refs:
+        raise DataError("no reference image covers all 11 concepts")
+    write_pool(refs, root)
+    return ReferencePool.load(root)
+
+
+def default_pool(cache_dir: str | Path | None = None, *, n: int = 16, seed: int = 0, size: int = 256) -> ReferencePool:
+    """The default pool: ``n`` normal synthetic references written by the synthetic world into
+    ``<cache>/reference_pool/synthetic_n{n}_s{seed}_{size}`` on first use, then loaded from there."""
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    out = root / "reference_pool" / f"synthetic_n{n}_s{seed}_{size}"
+    done = out / ".complete"
+    if not done.is_file():
+        from medfocus.datasets.synthetic import write_reference_pool
+
+        log.info("writing the default synthetic reference pool (%d images) to %s", n, out)
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        write_reference_pool(tmp, n=n, seed=seed, size=size)
+        tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / ".complete").write_text("ok\n")
+        try:
+            os.replace(tmp, out)  # atomic publish; a concurrent writer that lost the race leaves its copy
+        except OSError:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return ReferencePool.load(out)

@@ -1,0 +1,121 @@
+"""Optional MedSAM refinement of transferred concept boxes (``--refine medsam``).
+
+MedSAM (Ma et al., 2024) is SAM ViT-B fine-tuned on medical images with *box* prompts. We load it
+through transformers' ``SamModel`` / ``SamProcessor`` (default checkpoint
+``flaviagiammarino/medsam-vit-base``). MedSAM was trained to produce one mask per box, so the
+model is called with ``multimask_output=False`` (SAM's three-mask "ambiguity" head is not what it
+was tuned on); the single low-resolution logit map is passed through a sigmoid, brought back to
+the original image by the processor's ``post_process_masks(..., binarize=False)`` and thresholded
+at 0.5. The refined box is the tight box of that mask; an empty mask keeps the transferred box.
+
+Weights are never downloaded here: :func:`load_medsam` looks in the local Hugging Face cache /
+a local directory and, when the weights are absent, returns ``None`` after a logged notice, and
+the transfer keeps its OT boxes.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from medfocus.types import Box
+
+log = logging.getLogger(__name__)
+
+MEDSAM_ID = "flaviagiammarino/medsam-vit-base"
+_LOADED: dict[str, Any] = {}
+
+
+class MedSAMRefiner:
+    """Box-prompted segmentation with a ``SamModel``.
+
+    Args:
+        model: a transformers ``SamModel`` (eval mode).
+        processor: the matching ``SamProcessor``.
+        threshold: probability threshold of the mask (0.5).
+        device: where to run (default: the model's device).
+    """
+
+    def __init__(self, model: Any, processor: Any, *, threshold: float = 0.5, device: str | torch.device | None = None) -> None:
+        self.model = model.eval()
+        self.processor = processor
+        self.threshold = float(threshold)
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model.to(self.device)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str = MEDSAM_ID, *, device: str | torch.device | None = None,
+                        local_files_only: bool = True, **kw: Any) -> "MedSAMRefiner":
+        """Load model + processor (local files only by default: nothing is fetched)."""
+        from transformers import SamModel, SamProcessor
+
+        model = SamModel.from_pretrained(name_or_path, local_files_only=local_files_only)
+        processor = SamProcessor.from_pretrained(name_or_path, local_files_only=local_files_only)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return cls(model, processor, device=device, **kw)
+
+    @torch.inference_mode()
+    def segment(self, image: np.ndarray, boxes: list[Box]) -> np.ndarray:
+        """Masks for box prompts.
+
+        Args:
+            image: ``(H, W)`` uint8 grayscale image (replicated to RGB, as MedSAM expects).
+            boxes: ``K`` boxes in ``image`` pixels ``(x1, y1, x2, y2)``.
+        Returns:
+            ``(K, H, W)`` float32 probabilities in ``[0, 1]``.
+        """
+        img = np.asarray(image)
+        rgb = np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img
+        if not boxes:
+            return np.zeros((0,) + img.shape[:2], np.float32)
+        inputs = self.processor(images=rgb, input_boxes=[[list(map(float, b)) for b in boxes]], return_tensors="pt")
+        inputs = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+        out = self.model(pixel_values=inputs["pixel_values"], input_boxes=inputs["input_boxes"], multimask_output=False)
+        probs = torch.sigmoid(out.pred_masks.float()).cpu()  # (1, K, 1, h, w)
+        masks = self.processor.image_processor.post_process_masks(
+            probs, inputs["original_sizes"].cpu(), inputs["reshaped_input_sizes"].cpu(), binarize=False)
+        return masks[0][:, 0].numpy().astype(np.float32)  # (K, H, W)
+
+    def refine(self, image: np.ndarray, boxes: Mapping[str, Box]) -> dict[str, Box]:
+        """Tight box of each box-prompted mask (``> threshold``); an empty mask keeps the input box."""
+        names = list(boxes)
+        probs = self.segment(image, [boxes[n] for n in names])
+        out: dict[str, Box] = {}
+        for n, p in zip(names, probs):
+            ys, xs = np.nonzero(p > self.threshold)
+            out[n] = boxes[n] if ys.size == 0 else (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+        return out
+
+
+def load_medsam(name_or_path: str = MEDSAM_ID, device: str | None = None) -> MedSAMRefiner | None:
+    """The MedSAM refiner if its weights are available locally (memoised), else ``None`` with a
+    logged notice (the caller keeps the OT boxes)."""
+    key = f"{name_or_path}@{device}"
+    if key in _LOADED:
+        return _LOADED[key]
+    try:
+        ref = MedSAMRefiner.from_pretrained(name_or_path, device=device)
+    except (OSError, ValueError, ImportError) as exc:
+        log.warning("MedSAM refinement skipped: weights %r are not available locally (%s). "
+                    "Concept boxes come from the OT transfer alone (--refine none).", name_or_path,
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        ref = None
+    _LOADED[key] = ref
+    return ref
+
+
+def refine_boxes(image: np.ndarray, boxes: Mapping[str, Box], refiner: MedSAMRefiner | str | Path | None = None) -> dict[str, Box] | None:
+    """Refine concept boxes with MedSAM; ``None`` when no refiner could be loaded (notice logged).
+
+    ``refiner``: a :class:`MedSAMRefiner`, a checkpoint name/path, or ``None`` for :data:`MEDSAM_ID`.
+    """
+    if refiner is None or isinstance(refiner, (str, Path)):
+        refiner = load_medsam(str(refiner) if refiner is not None else MEDSAM_ID)
+        if refiner is None:
+            return None
+    return refiner.refine(image, boxes)

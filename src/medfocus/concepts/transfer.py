@@ -1,0 +1,299 @@
+"""Concept transfer: carry the 11 anatomical concept masks of a normal reference onto a target
+chest X-ray through an unbalanced OT plan.
+
+Steps for a target image (all geometry on the letterboxed ``224 x 224`` canvas, then mapped back):
+
+1. select the reference (:meth:`~medfocus.concepts.reference.ReferencePool.select_best`, UOT cost at 14 x 14);
+2. solve UOT reference -> target at the 56 x 56 grid (:func:`medfocus.concepts.ot.uot_grid`);
+3. for each concept, push the reference mask's mass through the plan: with ``m_i`` the fraction
+   of reference cell ``i`` inside the mask, the transferred mass at target cell ``j`` is
+   ``t_j = sum_i m_i T_ij``. The *soft mask* is ``s_j = t_j / sum_i T_ij`` (share of the mass
+   arriving at ``j`` that comes from the concept, in ``[0, 1]``);
+4. the *densest core*: cells sorted by ``s_j`` (mass from the concept per unit of arriving mass,
+   i.e. its density) in decreasing order, kept until they hold ``core`` (75%) of ``sum_j t_j``;
+   the concept box is the tight box of those cells;
+5. optionally refine each box with MedSAM (:mod:`medfocus.concepts.refine`), box prompt;
+6. boxes go back to original-image pixels through the letterbox, soft masks are resampled to
+   ``(H0, W0)``.
+
+Transfers depend only on the image, the pool and these settings (not on the model or the
+question), so :class:`TransferCache` stores them per image on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medfocus.concepts import ot
+from medfocus.concepts.reference import SELECT_GRID, TRANSFER_GRID, ReferencePool, cache_root
+from medfocus.errors import ConfigError
+from medfocus.io.letterbox import Letterbox
+from medfocus.types import Box, CONCEPTS
+
+log = logging.getLogger(__name__)
+
+CORE = 0.75
+
+
+@dataclass
+class ConceptTransfer:
+    """Concepts located on one target image.
+
+    Attributes:
+        boxes: concept -> box in original-image pixels (half-open edges), for the 11 concepts.
+        soft_masks: concept -> ``(H0, W0)`` float32 soft mask in ``[0, 1]``.
+        grid_masses: ``(11, g, g)`` transferred masses ``t`` on the transfer grid (canvas order).
+        reference_id: the selected reference.
+        selection_costs: reference id -> UOT cost at the selection grid.
+        refine: ``"none"`` or ``"medsam"`` (what was actually applied).
+        image_size: ``(W0, H0)``.
+        stats: timings (s) and solver iterations.
+    """
+
+    boxes: dict[str, Box]
+    soft_masks: dict[str, np.ndarray]
+    grid_masses: np.ndarray
+    reference_id: str
+    selection_costs: dict[str, float]
+    refine: str
+    image_size: tuple[int, int]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    # ---- persistence (one .npz per image) -------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """Atomic write to ``path`` (.npz)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"boxes": {c: list(b) for c, b in self.boxes.items()}, "reference_id": self.reference_id,
+                "selection_costs": self.selection_costs, "refine": self.refine,
+                "image_size": list(self.image_size), "stats": self.stats}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
+        os.close(fd)
+        try:
+            np.savez_compressed(tmp, meta=np.array(json.dumps(meta)), grid_masses=self.grid_masses,
+                                soft_masks=np.stack([self.soft_masks[c] for c in CONCEPTS]).astype(np.float16))
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ConceptTransfer":
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            soft = z["soft_masks"].astype(np.float32)
+            grid = z["grid_masses"]
+        return cls({c: tuple(meta["boxes"][c]) for c in CONCEPTS}, {c: soft[i] for i, c in enumerate(CONCEPTS)}, grid,
+                   meta["reference_id"], meta["selection_costs"], meta["refine"], tuple(meta["image_size"]),
+                   {**meta["stats"], "cached": True})
+
+
+def core_cells(mass: np.ndarray, density: np.ndarray, core: float = CORE) -> np.ndarray:
+    """Boolean ``(g, g)`` set of the densest cells holding ``core`` of ``mass.sum()``.
+
+    Cells are taken by decreasing ``density`` (ties broken by larger mass, then raster order)
+    until their cumulative ``mass`` reaches ``core * total``. Empty when the total is 0.
+    """
+    flat_m, flat_d = mass.ravel(), density.ravel()
+    total = flat_m.sum()
+    out = np.zeros(flat_m.shape, bool)
+    if total <= 0:
+        return out.reshape(mass.shape)
+    order = np.lexsort((np.arange(flat_m.size), -flat_m, -flat_d))
+    cum = np.cumsum(flat_m[order])
+    n = int(np.searchsorted(cum, core * total - 1e-12 * total, side="left")) + 1
+    out[order[: min(n, flat_m.size)]] = True
+    return out.reshape(mass.shape)
+
+
+def cells_box(cells: np.ndarray, cell: float) -> Box | None:
+    """Tight box (half-open canvas pixels) of the ``True`` cells of a grid with ``cell``-pixel cells."""
+    ys, xs = np.nonzero(cells)
+    if ys.size == 0:
+        return None
+    return (xs.min() * cell, ys.min() * cell, (xs.max() + 1) * cell, (ys.max() + 1) * cell)
+
+
+def splat(points_yx: np.ndarray, weights: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Bilinear splatting: deposit ``weights (N,)`` at sub-cell positions ``points_yx (N, 2)`` (cell
+    units, cell centres at integers) onto an ``(h, w)`` grid; positions are clipped to the grid."""
+    h, w = shape
+    out = np.zeros(h * w)
+    y = np.clip(points_yx[:, 0], 0, h - 1)
+    x = np.clip(points_yx[:, 1], 0, w - 1)
+    y0, x0 = np.floor(y).astype(np.int64), np.floor(x).astype(np.int64)
+    fy, fx = y - y0, x - x0
+    for dy, wy in ((0, 1 - fy), (1, fy)):
+        for dx, wx in ((0, 1 - fx), (1, fx)):
+            yi, xi = np.minimum(y0 + dy, h - 1), np.minimum(x0 + dx, w - 1)
+            np.add.at(out, yi * w + xi, weights * wy * wx)
+    return out.reshape(h, w)
+
+
+def _blur(x: np.ndarray, sigma: float) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter
+
+    return gaussian_filter(x, sigma, mode="constant") if sigma > 0 else x
+
+
+MODES = ("barycentric", "plan")
+DEFAULT_CORE = {"barycentric": 0.95, "plan": CORE}
+
+
+def transfer_with_reference(image: np.ndarray, reference: Any, *, grid: int = TRANSFER_GRID, core: float | None = None,
+                            mode: str = "barycentric", **uot_kw: Any) -> tuple[dict[str, Box], dict[str, np.ndarray], np.ndarray, dict[str, Any]]:
+    """Transfer the concepts of one reference onto ``image`` (no refinement).
+
+    Args:
+        image: ``(H0, W0)`` uint8 target image.
+        reference: a :class:`~medfocus.concepts.reference.Reference`.
+        grid: transfer grid (56).
+        core: mass fraction of the densest core (default per mode, :data:`DEFAULT_CORE`).
+        mode: ``"barycentric"`` (default; debiased barycentric push, see the module docstring) or
+            ``"plan"`` (push the mask mass through the entropic plan itself).
+        uot_kw: passed to :func:`medfocus.concepts.ot.uot_grid` (epsilon, lam, device, ...).
+    Returns:
+        ``(boxes, soft_masks, grid_masses (11, g, g), stats)`` with boxes/masks in original pixels.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"transfer mode must be one of {MODES}, got {mode!r}")
+    core = DEFAULT_CORE[mode] if core is None else float(core)
+    if not 0.0 < core <= 1.0:
+        raise ConfigError(f"core must be in (0, 1], got {core}")
+    img = np.asarray(image)
+    b, lb = ot.image_measure(img, grid)
+    a, _ = reference.measure(grid)
+    sol = ot.uot_grid(a, b, **uot_kw)
+    fr = reference.mask_fractions(grid)  # (11, g, g)
+    stats: dict[str, Any] = {"ot_iterations": sol.n_iter, "ot_err": sol.err, "cost_scale": float(sol.scale[0]), "mode": mode}
+    if mode == "plan":
+        pushed = sol.push(np.concatenate([fr, np.ones((1, grid, grid))]))[0].detach().cpu().numpy()  # (12, g, g)
+        t, arriving = pushed[:-1], pushed[-1]
+    else:
+        # Barycentric map of the reference->target plan, debiased by the reference->reference plan
+        # solved at the same cost scale: entropic blur pulls barycentres towards the inside of the
+        # support (strongly near its border); the self-plan has (almost) the same pull, so
+        # ``bary_ab(i) - (bary_aa(i) - i)`` removes it.
+        bary, rows = sol.barycenters()
+        self_sol = ot.uot_grid(a, a, **{**uot_kw, "scale": sol.scale.detach().cpu().numpy()})
+        bary_self, _ = self_sol.barycenters()
+        yy, xx = np.mgrid[0:grid, 0:grid].astype(np.float64)
+        disp = bary[0].detach().cpu().numpy() - (bary_self[0].detach().cpu().numpy() - np.stack([yy, xx]))
+        moved = rows[0].detach().cpu().numpy() > 0
+        pts = disp[:, moved].T  # (N, 2) target positions of the reference cells that carry mass
+        coverage = splat(pts, np.ones(len(pts)), (grid, grid))
+        t = np.stack([splat(pts, fr[i][moved], (grid, grid)) for i in range(len(CONCEPTS))])
+        # One-cell blur fills the holes that an expanding map leaves between splatted points.
+        arriving = _blur(coverage, 1.0)
+        t = np.stack([_blur(ti, 1.0) for ti in t])
+        stats["ot_iterations_self"] = self_sol.n_iter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        soft = np.where(arriving > 1e-12, t / np.where(arriving > 1e-12, arriving, 1.0), 0.0).clip(0.0, 1.0)
+    cell = lb.out_w / grid
+    boxes: dict[str, Box] = {}
+    softs: dict[str, np.ndarray] = {}
+    for i, c in enumerate(CONCEPTS):
+        cb = cells_box(core_cells(t[i], soft[i], core), cell)
+        if cb is None:  # concept mass lost entirely: fall back to the whole image content
+            rs, cs = lb.content_slice()
+            cb = (cs.start, rs.start, cs.stop, rs.stop)
+        boxes[c] = lb.inverse_box(cb)
+        softs[c] = np.clip(lb.map_to_original(soft[i].astype(np.float32)), 0.0, 1.0)
+    return boxes, softs, t, stats
+
+
+class TransferCache:
+    """On-disk cache of :class:`ConceptTransfer` per (image bytes, pool, settings).
+
+    Files: ``<root>/transfers/<key>.npz`` with ``root`` = ``$MEDFOCUS_CACHE`` / ``~/.cache/medfocus``
+    by default.
+    """
+
+    def __init__(self, root: str | Path | None = None) -> None:
+        self.dir = (Path(root) if root is not None else cache_root()) / "transfers"
+
+    @staticmethod
+    def key(image: np.ndarray, pool_fp: str, settings: dict[str, Any]) -> str:
+        h = hashlib.sha1()
+        img = np.ascontiguousarray(image)
+        h.update(str(img.shape).encode() + str(img.dtype).encode())
+        h.update(img.tobytes())
+        h.update(pool_fp.encode())
+        h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+        return h.hexdigest()[:24]
+
+    def get(self, key: str) -> ConceptTransfer | None:
+        p = self.dir / f"{key}.npz"
+        if not p.is_file():
+            return None
+        try:
+            return ConceptTransfer.load(p)
+        except Exception as exc:  # a corrupt entry is recomputed, never fatal
+            log.warning("ignoring unreadable transfer cache entry %s: %s", p, exc)
+            return None
+
+    def put(self, key: str, tr: ConceptTransfer) -> None:
+        tr.save(self.dir / f"{key}.npz")
+
+
+def transfer_concepts(image: np.ndarray, pool: ReferencePool, *, select_grid: int = SELECT_GRID,
+                      transfer_grid: int = TRANSFER_GRID, core: float | None = None, mode: str = "barycentric", refine: str = "none",
+                      refiner: Any = None, cache: TransferCache | None = None, epsilon: float = ot.EPSILON,
+                      lam: float = ot.LAMBDA, device: str | None = None) -> ConceptTransfer:
+    """Locate the 11 concepts on ``image`` (steps 1-6 of the module docstring).
+
+    Args:
+        image: ``(H0, W0)`` uint8 grayscale target.
+        pool: the reference pool.
+        refine: ``"none"`` or ``"medsam"``; with ``"medsam"`` the ``refiner`` (a
+            :class:`~medfocus.concepts.refine.MedSAMRefiner`, default: loaded from the hub cache)
+            refines the boxes; when the weights are absent the step is skipped with a logged notice.
+        cache: a :class:`TransferCache` (``None``: no caching).
+    Returns:
+        :class:`ConceptTransfer`.
+    """
+    if refine not in ("none", "medsam"):
+        raise ConfigError(f"refine must be 'none' or 'medsam', got {refine!r}")
+    img = np.asarray(image)
+    if img.ndim != 2:
+        raise ConfigError(f"concept transfer needs a 2-D grayscale image, got shape {img.shape}")
+    if img.dtype != np.uint8:
+        img = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    settings = {"select_grid": select_grid, "transfer_grid": transfer_grid, "core": core, "mode": mode, "refine": refine,
+                "epsilon": epsilon, "lam": lam, "v": 1}
+    key = None
+    if cache is not None:
+        key = cache.key(img, pool.fingerprint, settings)
+        hit = cache.get(key)
+        if hit is not None:
+            return hit
+    uot_kw = {"epsilon": epsilon, "lam": lam, "device": device}
+    t0 = time.perf_counter()
+    ref, costs = pool.select_best(img, grid=select_grid, **uot_kw)
+    t1 = time.perf_counter()
+    boxes, softs, t, stats = transfer_with_reference(img, ref, grid=transfer_grid, core=core, mode=mode, **uot_kw)
+    t2 = time.perf_counter()
+    applied = "none"
+    if refine == "medsam":
+        from medfocus.concepts.refine import refine_boxes
+
+        refined = refine_boxes(img, boxes, refiner=refiner)
+        if refined is not None:
+            boxes, applied = refined, "medsam"
+    stats.update({"seconds_select": t1 - t0, "seconds_transfer": t2 - t1, "seconds_refine": time.perf_counter() - t2,
+                  "cached": False})
+    tr = ConceptTransfer(boxes, softs, t.astype(np.float32), ref.id, {r: float(c) for r, c in zip(pool.ids, costs)},
+                         applied, (int(img.shape[1]), int(img.shape[0])), stats)
+    if cache is not None and key is not None and applied == refine:  # a skipped refinement is not cached
+        cache.put(key, tr)
+    return tr

@@ -1,0 +1,137 @@
+"""Helpers shared by the real-dataset loaders: safe box parsing, header-only image sizes, file checks."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+from medfocus.errors import DataError
+
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_BOX_TEXT = re.compile(r"^\s*[\[(]\s*(" + _NUMBER + r")\s*,\s*(" + _NUMBER + r")\s*,\s*(" + _NUMBER + r")\s*,\s*(" + _NUMBER + r")\s*,?\s*[\])]\s*$")
+
+
+def parse_box_text(text: Any, *, where: str, field: str) -> tuple[float, float, float, float]:
+    """Parse ``"[x1, y1, x2, y2]"`` (or ``(…)``) into 4 floats — a regex, never ``eval``.
+
+    Args:
+        text: the cell value (a string, or already a 4-sequence of numbers).
+        where: file / row description for the error message.
+        field: column name for the error message.
+
+    Raises:
+        DataError: not exactly four finite numbers.
+    """
+    if isinstance(text, (list, tuple)):
+        vals = list(text)
+    else:
+        m = _BOX_TEXT.match(str(text))
+        if not m:
+            raise DataError(f"{where}: field {field!r} must be '[x1, y1, x2, y2]' with 4 numbers, got {text!r}")
+        vals = [m.group(i) for i in range(1, 5)]
+    if len(vals) != 4:
+        raise DataError(f"{where}: field {field!r} must hold 4 numbers, got {text!r}")
+    try:
+        out = tuple(float(v) for v in vals)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{where}: field {field!r} must hold 4 numbers, got {text!r}") from exc
+    if not all(math.isfinite(v) for v in out):
+        raise DataError(f"{where}: field {field!r} has non-finite values: {text!r}")
+    return out  # type: ignore[return-value]
+
+
+def check_box(box: tuple[float, float, float, float], *, where: str, field: str) -> tuple[float, float, float, float]:
+    """Ensure ``x1 <= x2`` and ``y1 <= y2``; raise a DataError naming the field otherwise."""
+    x1, y1, x2, y2 = box
+    if x2 < x1 or y2 < y1:
+        raise DataError(f"{where}: field {field!r} is not (x1, y1, x2, y2) with x1 <= x2, y1 <= y2: {box}")
+    return box
+
+
+def require_file(path: Path, layout: str) -> Path:
+    """Return ``path`` if it is a file, else raise a DataError naming it and the expected layout."""
+    if not path.is_file():
+        raise DataError(f"missing file {path}; expected layout:\n{layout}")
+    return path
+
+
+def image_size(path: str | os.PathLike, *, layout: str | None = None) -> tuple[int, int]:
+    """Original ``(W, H)`` of an image from its header only (DICOM Rows/Columns, PIL size).
+
+    Raises:
+        DataError: missing or unreadable file (with the expected layout when given).
+    """
+    p = Path(path)
+    if not p.is_file():
+        msg = f"missing image {p}"
+        if layout:
+            msg += f"; expected layout:\n{layout}"
+        raise DataError(msg)
+    from medfocus.io.reader import is_dicom
+
+    if is_dicom(p):
+        import pydicom
+
+        try:
+            ds = pydicom.dcmread(p, stop_before_pixels=True, force=True)
+            return int(ds.Columns), int(ds.Rows)
+        except Exception as exc:
+            raise DataError(f"{p}: cannot read DICOM header Rows/Columns ({type(exc).__name__}: {exc})") from exc
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(p) as im:
+            return int(im.size[0]), int(im.size[1])
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"{p}: cannot read image header ({type(exc).__name__}: {exc})") from exc
+
+
+def id_str(value: Any) -> str:
+    """String form of an id read by pandas (``10000032`` not ``10000032.0``)."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    try:
+        import numpy as np
+
+        if isinstance(value, np.floating) and float(value).is_integer():
+            return str(int(value))
+        if isinstance(value, np.integer):
+            return str(int(value))
+    except ImportError:  # pragma: no cover
+        pass
+    return str(value)
+
+
+def load_json(path: Path) -> Any:
+    """``json.load`` with a DataError naming the file on failure."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: invalid JSON ({exc})") from exc
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from exc
+
+
+class SizeCache:
+    """Memoise header-only image sizes within one loader call (one image has many findings)."""
+
+    def __init__(self, layout: str | None = None) -> None:
+        self._cache: dict[Path, tuple[int, int]] = {}
+        self._layout = layout
+
+    def __call__(self, path: Path) -> tuple[int, int]:
+        if path not in self._cache:
+            self._cache[path] = image_size(path, layout=self._layout)
+        return self._cache[path]
+
+
+def first_existing(candidates: Iterable[Path]) -> Path | None:
+    for c in candidates:
+        if c.is_file():
+            return c
+    return None

@@ -1,0 +1,96 @@
+"""Shortcut cues: radiopaque burn-ins a model can learn to answer from instead of the finding.
+
+Three cue types, all drawn outside every finding box (so the background counterfactual, which re-draws
+everything outside the finding's box, removes them):
+
+* ``marker`` — a lead side-marker letter ("L" or "R") in a framed square near a top corner;
+* ``portable`` — the text tag "PORTABLE" near a top corner;
+* ``tube`` — a chest tube: a bright line entering through the lateral chest wall and running up to the apex.
+
+Each cue is recorded as ``{"type", "box": [x1, y1, x2, y2] (half-open pixel edges), "text" (marker /
+portable), "finding" (the finding it was correlated with, or None)}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cv2
+import numpy as np
+
+from medfocus.datasets.synthetic.phantom import Geometry, mask_box
+
+CUE_TYPES: tuple[str, ...] = ("marker", "portable", "tube")
+
+#: Default finding -> cue type correlation used by ``generate_case(cue_rate=...)``.
+DEFAULT_CUE_MAP: dict[str, str] = {
+    "cardiomegaly": "portable",
+    "pleural effusion": "tube",
+    "pneumothorax": "tube",
+    "consolidation": "portable",
+    "atelectasis": "portable",
+    "nodule": "marker",
+    "mass": "marker",
+}
+
+
+def _intersects(box: tuple[float, float, float, float], others: list[tuple[float, float, float, float]], pad: float) -> bool:
+    for o in others:
+        if box[0] < o[2] + pad and o[0] - pad < box[2] and box[1] < o[3] + pad and o[1] - pad < box[3]:
+            return True
+    return False
+
+
+def draw_cue(
+    kind: str,
+    geo: Geometry,
+    rng: np.random.Generator,
+    avoid: list[tuple[float, float, float, float]],
+) -> tuple[np.ndarray, dict[str, Any]] | None:
+    """Draw one cue as an opacity map ``(S, S)`` float32 in ``[0, 1]`` and its record, avoiding ``avoid`` boxes.
+
+    Returns ``None`` when no placement avoids every box.
+    """
+    S = geo.size
+    pad = max(3.0, S / 64)
+    th = max(1, int(round(S / 160)))
+    if kind in ("marker", "portable"):
+        corners = ["tl", "tr", "bl", "br"] if kind == "marker" else ["tr", "tl", "br", "bl"]
+        order = list(rng.permutation(2)) + [2, 3]
+        text = ("L" if rng.random() < 0.5 else "R") if kind == "marker" else "PORTABLE"
+        scale = (S / 256) * (0.55 if kind == "marker" else 0.42)
+        (tw, tht), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, th)
+        m = int(round(S * 0.035))
+        for idx in order:
+            c = corners[idx]
+            x0 = m if c[1] == "l" else S - m - tw - 2 * th
+            y0 = m + tht if c[0] == "t" else S - m - base
+            canvas = np.zeros((S, S), np.uint8)
+            cv2.putText(canvas, text, (int(x0 + th), int(y0)), cv2.FONT_HERSHEY_SIMPLEX, scale, 255, th, cv2.LINE_AA)
+            if kind == "marker":
+                cv2.rectangle(canvas, (int(x0 - th), int(y0 - tht - 2 * th)), (int(x0 + tw + 2 * th), int(y0 + base)), 255, 1)
+            box = mask_box(canvas > 40)
+            if box is None or _intersects(box, avoid, pad):
+                continue
+            return canvas.astype(np.float32) / 255.0, {"type": kind, "box": list(box), "text": text}
+        return None
+    if kind == "tube":
+        a = geo.anat
+        for side in ([-1, 1] if rng.random() < 0.5 else [1, -1]):
+            lat = 0.5 + side * (a.lung_off + a.lung_a + 0.06)
+            pts_b = [
+                (lat + side * 0.05, 0.80),
+                (lat - side * 0.02, 0.70),
+                (0.5 + side * (a.lung_off + 0.6 * a.lung_a), 0.55),
+                (0.5 + side * (a.lung_off + 0.2 * a.lung_a), 0.35),
+                (0.5 + side * a.lung_off, a.lung_cy - a.lung_b + 0.07),
+            ]
+            pts = np.array([geo.to_image(x, y) for x, y in pts_b]) * S
+            canvas = np.zeros((S, S), np.uint8)
+            cv2.polylines(canvas, [np.round(pts * 4).astype(np.int32)], False, 255, max(2, th + 1), cv2.LINE_AA, shift=2)
+            box = mask_box(canvas > 40)
+            if box is None or _intersects(box, avoid, pad):
+                continue
+            return canvas.astype(np.float32) / 255.0 * 0.8, {"type": "tube", "box": list(box), "text": None}
+        return None
+    raise ValueError(f"unknown cue type {kind!r}; expected one of {CUE_TYPES}")

@@ -1,0 +1,335 @@
+"""Write / read a synthetic dataset on disk in the real VinDr-CXR layout, plus an exact-ground-truth manifest.
+
+Layout written by :func:`write_dataset` under ``out_dir``::
+
+    vindr-cxr/1.0.0/annotations/annotations_test.csv   real VinDr columns: image_id,class_name,class_id,
+                                                        rad_id,x_min,y_min,x_max,y_max ("No finding" rows
+                                                        with empty boxes for normal films)
+    vindr-cxr/1.0.0/test/<image_id>.dicom               DICOM (DX, MONOCHROME2, 8-bit) written with pydicom
+    imagenome/regions.csv                               ImaGenome-style region table: image_id, bbox_name
+                                                        (the 11 concepts + each finding's region),
+                                                        x1,y1,x2,y2 (original pixels), width, height
+    imagenome/gold_object_attribute_with_coordinates.txt  ImaGenome gold-table columns (tab-separated) for
+                                                        the findings: patient_id, study_id, image_id (.dcm),
+                                                        bbox (region), label_name, categoryID, relation,
+                                                        coord_original "[x1, y1, x2, y2]"
+    images/<image_id>.png                               the same image as 8-bit PNG
+    masks/<image_id>/<concept_slug>.png                 the 11 exact concept masks (uint8 0/255)
+    masks/<image_id>/finding_<finding_slug>.png         exact finding masks
+    counterfactuals/<image_id>/<finding_slug>_<kind>.png  kind in foreground/background/background_normal
+    manifest.json                                       everything above + cues + the sample list
+
+Boxes are half-open pixel edges (a finding over columns 3..5 has x_min = 3, x_max = 6). VinDr has one
+joint "Nodule/Mass" class, so a film with both a nodule and a mass gives one VinDr sample with two boxes
+but two synthetic samples (``load_synthetic``).
+
+Samples (:func:`load_synthetic`): for each image (in order) its positives (one per finding, answer
+``"Yes"``, boxes = [finding box]) then its negatives (answer ``"No"``, no boxes). Negatives are balanced
+per question: for each finding, as many negatives as positives, drawn (seeded) from the films that do not
+show it. ``Sample.meta`` holds ``image_id``, ``case_seed``, ``root`` (absolute dataset folder),
+``counterfactuals`` (positives), ``cues``, ``concept_masks``, ``finding_masks``, ``vindr_class``.
+Paths inside the manifest are relative to the dataset folder; :func:`load_synthetic` makes them absolute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medfocus.datasets.synthetic.case import generate_case
+from medfocus.datasets.synthetic.findings import FINDINGS, VINDR_CLASS
+from medfocus.errors import DataError
+from medfocus.types import CONCEPTS, Sample, concept_slug, question_stem
+
+MANIFEST = "manifest.json"
+VINDR_DIR = Path("vindr-cxr") / "1.0.0"
+SPLIT = "test"
+CF_KINDS = ("foreground", "background", "background_normal")
+RAD_ID = "R1"  # VinDr radiologist ids look like R1..R17
+
+
+def case_seed(seed: int, i: int) -> int:
+    """Seed of the ``i``-th film of a dataset with master ``seed`` (distinct for ``i < 100000``)."""
+    return int(seed) * 100_000 + int(i)
+
+
+def image_id_for(seed: int, i: int) -> str:
+    """A VinDr-like 32-hex image id, deterministic in ``(seed, i)``."""
+    return hashlib.md5(f"medfocus-synthetic/{seed}/{i}".encode()).hexdigest()
+
+
+def _write_png(path: Path, arr: np.ndarray) -> str:
+    from medfocus.io.writers import write_png
+
+    write_png(path, arr)
+    return str(path)
+
+
+def _write_dicom(path: Path, image: np.ndarray, image_id: str) -> None:
+    """DICOM via the Foundations writer, with UIDs and dates derived from the image id (same bytes per seed)."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from medfocus.io.writers import write_dicom
+
+    uid = lambda k: generate_uid(entropy_srcs=[image_id, k])  # noqa: E731
+    write_dicom(
+        path,
+        image,
+        "MONOCHROME2",
+        SOPInstanceUID=uid("sop"),
+        StudyInstanceUID=uid("study"),
+        SeriesInstanceUID=uid("series"),
+        StudyDate="20000101",
+        ContentDate="20000101",
+        PatientID=image_id[:16],
+        PatientName="Synthetic^Phantom",
+        ImageComments="medfocus synthetic phantom",
+        WindowCenter=128,
+        WindowWidth=256,
+    )
+    # The writer draws the file-meta instance UID at random; make it match the dataset's.
+    ds = pydicom.dcmread(path)
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(path, enforce_file_format=True)
+
+
+def _render_one(args: tuple[str, int, int, int, int, float, float, bool]) -> dict[str, Any]:
+    """Generate film ``i`` and write its files; returns its manifest entry (paths relative to ``out``)."""
+    out_s, seed, i, size, _n, cue_rate, cue_base_rate, counterfactuals = args
+    out = Path(out_s)
+    cs = case_seed(seed, i)
+    iid = image_id_for(seed, i)
+    case = generate_case(cs, size=size, cue_rate=cue_rate, cue_base_rate=cue_base_rate)
+    rel = lambda p: str(Path(p).relative_to(out))  # noqa: E731
+    dicom = out / VINDR_DIR / SPLIT / f"{iid}.dicom"
+    _write_dicom(dicom, case.image, iid)
+    png = Path(_write_png(out / "images" / f"{iid}.png", case.image))
+    cmasks = {}
+    for c in CONCEPTS:
+        p = _write_png(out / "masks" / iid / f"{concept_slug(c)}.png", case.concept_masks[c].astype(np.uint8) * 255)
+        cmasks[c] = rel(p)
+    finds = []
+    for f in case.findings:
+        slug = concept_slug(f.name)
+        mp = _write_png(out / "masks" / iid / f"finding_{slug}.png", f.mask.astype(np.uint8) * 255)
+        cfs = {}
+        if counterfactuals:
+            for kind in CF_KINDS:
+                img = getattr(case, kind)(f.name)
+                cfs[kind] = rel(_write_png(out / "counterfactuals" / iid / f"{slug}_{kind}.png", img))
+        finds.append(
+            {
+                "name": f.name,
+                "box": [float(v) for v in f.box],
+                "severity": round(float(f.severity), 4),
+                "side": f.side,
+                "concept": f.concept,
+                "mask": rel(mp),
+                "counterfactuals": cfs,
+                "spec": f.spec.to_dict() if f.spec is not None else None,
+            }
+        )
+    regions = {c: _box_of(case.concept_masks[c]) for c in CONCEPTS}
+    return {
+        "image_id": iid,
+        "case_seed": cs,
+        "dicom": rel(dicom),
+        "png": rel(png),
+        "size": [size, size],
+        "findings": finds,
+        "cues": [{**c, "box": [float(v) for v in c["box"]]} for c in case.cues],
+        "concept_masks": cmasks,
+        "regions": regions,
+    }
+
+
+def _box_of(mask: np.ndarray) -> list[float] | None:
+    from medfocus.datasets.synthetic.phantom import mask_box
+
+    b = mask_box(mask)
+    return None if b is None else [float(v) for v in b]
+
+
+def _samples_from_images(images: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+    """Positives + per-question balanced negatives, in stable order (see module docstring)."""
+    rng = np.random.default_rng([int(seed), 99])
+    neg_of: dict[int, list[str]] = {k: [] for k in range(len(images))}
+    for name in FINDINGS:
+        pos = sum(1 for im in images for f in im["findings"] if f["name"] == name)
+        cand = [k for k, im in enumerate(images) if all(f["name"] != name for f in im["findings"])]
+        if pos == 0 or not cand:
+            continue
+        pick = rng.choice(len(cand), size=min(pos, len(cand)), replace=False)
+        for j in sorted(int(p) for p in pick):
+            neg_of[cand[j]].append(name)
+    out: list[dict[str, Any]] = []
+    for k, im in enumerate(images):
+        fmasks = {f["name"]: f["mask"] for f in im["findings"]}
+        base_meta = {
+            "image_id": im["image_id"],
+            "case_seed": im["case_seed"],
+            "png": im["png"],
+            "cues": im["cues"],
+            "concept_masks": im["concept_masks"],
+            "finding_masks": fmasks,
+            "findings_present": [f["name"] for f in im["findings"]],
+        }
+        for f in im["findings"]:
+            meta = dict(base_meta, counterfactuals=f["counterfactuals"], finding_mask=f["mask"],
+                        severity=f["severity"], vindr_class=VINDR_CLASS[f["name"]][0])
+            out.append({"image_path": im["dicom"], "attribute": f["name"], "answer": "Yes", "boxes": [f["box"]],
+                        "image_size": im["size"], "concept": f["concept"], "meta": meta})
+        for name in sorted(neg_of[k], key=FINDINGS.index):
+            meta = dict(base_meta, counterfactuals={}, vindr_class=VINDR_CLASS[name][0])
+            out.append({"image_path": im["dicom"], "attribute": name, "answer": "No", "boxes": [],
+                        "image_size": im["size"], "concept": None, "meta": meta})
+    for idx, s in enumerate(out):
+        s["index"] = idx
+        s["dataset"] = "synthetic"
+        s["question"] = question_stem(s["attribute"])
+    return out
+
+
+def _write_tables(out: Path, images: list[dict[str, Any]]) -> None:
+    import pandas as pd
+
+    rows = []
+    for im in images:
+        if not im["findings"]:
+            rows.append({"image_id": im["image_id"], "class_name": "No finding", "class_id": 14, "rad_id": RAD_ID,
+                         "x_min": None, "y_min": None, "x_max": None, "y_max": None})
+        for f in im["findings"]:
+            cname, cid = VINDR_CLASS[f["name"]]
+            x1, y1, x2, y2 = f["box"]
+            rows.append({"image_id": im["image_id"], "class_name": cname, "class_id": cid, "rad_id": RAD_ID,
+                         "x_min": x1, "y_min": y1, "x_max": x2, "y_max": y2})
+    ann = out / VINDR_DIR / "annotations" / f"annotations_{SPLIT}.csv"
+    ann.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows, columns=["image_id", "class_name", "class_id", "rad_id", "x_min", "y_min", "x_max", "y_max"]).to_csv(ann, index=False)
+
+    reg, gold = [], []
+    for k, im in enumerate(images):
+        for c, b in im["regions"].items():
+            if b is not None:
+                reg.append({"image_id": im["image_id"], "bbox_name": c, "x1": b[0], "y1": b[1], "x2": b[2], "y2": b[3],
+                            "width": im["size"][0], "height": im["size"][1]})
+        for f in im["findings"]:
+            x1, y1, x2, y2 = f["box"]
+            gold.append({"patient_id": 10000000 + k, "study_id": 50000000 + k, "image_id": f"{im['image_id']}.dcm",
+                         "bbox": f["concept"], "label_name": f["name"],
+                         "categoryID": "disease" if f["name"] in ("pneumothorax", "consolidation") else "anatomicalfinding",
+                         "relation": 1, "coord_original": f"[{x1:g}, {y1:g}, {x2:g}, {y2:g}]"})
+    (out / "imagenome").mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(reg, columns=["image_id", "bbox_name", "x1", "y1", "x2", "y2", "width", "height"]).to_csv(out / "imagenome" / "regions.csv", index=False)
+    pd.DataFrame(gold, columns=["patient_id", "study_id", "image_id", "bbox", "label_name", "categoryID", "relation", "coord_original"]).to_csv(
+        out / "imagenome" / "gold_object_attribute_with_coordinates.txt", sep="\t", index=False)
+
+
+def write_dataset(
+    out_dir: str | os.PathLike,
+    n: int,
+    seed: int = 0,
+    size: int = 256,
+    cue_rate: float = 0.0,
+    *,
+    cue_base_rate: float = 0.0,
+    counterfactuals: bool = True,
+    workers: int = 1,
+    progress: bool = True,
+) -> Path:
+    """Generate ``n`` films and write them in the VinDr-CXR layout with a manifest (see module docstring).
+
+    Args:
+        out_dir: output folder (created).
+        n: number of films (a film may carry several findings; normals ~30 %).
+        seed: master seed; film ``i`` uses :func:`case_seed` ``(seed, i)`` so the output is identical for
+            any ``workers``.
+        size: image side in pixels.
+        cue_rate, cue_base_rate: shortcut-cue correlation knobs (see :func:`generate_case`).
+        counterfactuals: also render the three oracle counterfactuals of every positive.
+        workers: processes used to render.
+        progress: show a tqdm bar.
+
+    Returns:
+        Path of ``manifest.json``.
+    """
+    if n < 1:
+        raise DataError(f"write_dataset: n must be >= 1, got {n}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(str(out), int(seed), i, int(size), int(n), float(cue_rate), float(cue_base_rate), bool(counterfactuals)) for i in range(n)]
+    from tqdm.auto import tqdm
+
+    if workers > 1:
+        with ProcessPoolExecutor(max_workers=workers) as ex:
+            images = list(tqdm(ex.map(_render_one, jobs, chunksize=8), total=n, disable=not progress, desc="synth"))
+    else:
+        images = [_render_one(j) for j in tqdm(jobs, disable=not progress, desc="synth")]
+    _write_tables(out, images)
+    samples = _samples_from_images(images, seed)
+    manifest = {
+        "format": "medfocus-synthetic",
+        "version": 1,
+        "seed": int(seed),
+        "n": int(n),
+        "size": int(size),
+        "cue_rate": float(cue_rate),
+        "cue_base_rate": float(cue_base_rate),
+        "findings": list(FINDINGS),
+        "concepts": list(CONCEPTS),
+        "vindr_annotations": str(VINDR_DIR / "annotations" / f"annotations_{SPLIT}.csv"),
+        "vindr_split": SPLIT,
+        "images": images,
+        "samples": samples,
+    }
+    path = out / MANIFEST
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, path)  # atomic: a manifest on disk is always complete
+    return path
+
+
+def _abs(root: Path, p: Any) -> Any:
+    if isinstance(p, str):
+        return str(root / p)
+    if isinstance(p, dict):
+        return {k: _abs(root, v) for k, v in p.items()}
+    return p
+
+
+def load_synthetic(root: str | os.PathLike, **_: Any) -> list[Sample]:
+    """Read a :func:`write_dataset` folder as samples (positives + balanced negatives, stable index).
+
+    Paths in ``meta`` (``counterfactuals``, ``concept_masks``, ``finding_masks``, ``finding_mask``, ``png``)
+    are absolute; ``meta["root"]`` is the dataset folder.
+    """
+    root = Path(root)
+    mpath = root / MANIFEST if root.is_dir() else root
+    root = mpath.parent
+    if not mpath.is_file():
+        raise DataError(f"{mpath}: synthetic manifest not found; create one with `medfocus synth --out {root} --n N`")
+    try:
+        man = json.loads(mpath.read_text())
+    except ValueError as exc:
+        raise DataError(f"{mpath}: not valid JSON ({exc})") from exc
+    if man.get("format") != "medfocus-synthetic" or "samples" not in man:
+        raise DataError(f"{mpath}: not a medfocus synthetic manifest (field 'format' must be 'medfocus-synthetic')")
+    out = []
+    for d in man["samples"]:
+        d = dict(d)
+        d["image_path"] = str(root / d["image_path"])
+        meta = dict(d.get("meta") or {})
+        for key in ("counterfactuals", "concept_masks", "finding_masks", "finding_mask", "png"):
+            if key in meta:
+                meta[key] = _abs(root, meta[key])
+        meta["root"] = str(root.resolve())
+        d["meta"] = meta
+        out.append(Sample.from_dict(d))
+    return out

@@ -1,0 +1,226 @@
+"""Per-record evaluation of prediction records (the JSONL that the runner writes).
+
+Record schema (one JSON object per line)::
+
+    {"model", "dataset", "index", "mode", "method",
+     "gt_boxes": [[x1, y1, x2, y2], ...],      # original-image pixels, half-open
+     "image_size": [W, H],
+     "pred_boxes": [[...], ...],               # optional when heatmap_path is given
+     "heatmap_path": "rel/or/abs.npy|.npz",    # optional; relative to the JSONL's folder
+     "error": null | "message",
+     ...extra fields, ignored}
+
+Protocol: when ``pred_boxes`` is present it is scored as given (prompting methods, MedFocus' winning
+box); otherwise the boxes come from the heatmap through :func:`heatmap_to_boxes`. The heatmap, when
+there is one, also gives the pointing game, energy pointing game and AUPRC (else those are NaN).
+A heatmap whose shape differs from ``image_size`` is resized (bilinear) to ``(H, W)`` first.
+A record with an ``error`` (or one that cannot be evaluated: missing heatmap file, malformed boxes)
+yields a row with NaN metrics and the error text; tables exclude it from means and count it.
+A record without GT boxes (a negative sample) has no region to localise: NaN metrics, ``source =
+"no_gt"``, no error; tables leave it out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import pandas as pd
+
+from medfocus.errors import DataError
+from medfocus.evaluation.boxes import heatmap_to_boxes
+from medfocus.evaluation.metrics import auprc, energy_pointing_game, pointing_game, union_box_metrics
+
+__all__ = ["evaluate_records", "evaluate_record", "read_prediction_records", "load_heatmap", "METRIC_COLUMNS", "KEY_COLUMNS"]
+
+KEY_COLUMNS = ("model", "dataset", "mode", "method", "index")
+METRIC_COLUMNS = ("iou", "f1", "precision", "recall", "pointing_game", "energy_pg", "auprc")
+
+
+def read_prediction_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read a prediction JSONL (blank lines skipped). Each record gets ``_base_dir`` = the file's folder.
+
+    Raises:
+        DataError: missing file or a line that is not a JSON object (naming file and line).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"prediction file {p} not found")
+    out = []
+    with open(p, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{p} line {lineno}: not valid JSON ({exc})") from exc
+            if not isinstance(rec, dict):
+                raise DataError(f"{p} line {lineno}: expected a JSON object, got {type(rec).__name__}")
+            rec.setdefault("_base_dir", str(p.parent))
+            rec.setdefault("_where", f"{p} line {lineno}")
+            out.append(rec)
+    return out
+
+
+def load_heatmap(path: str | os.PathLike, *, required: bool = True) -> np.ndarray | None:
+    """Load an ``(H, W)`` heatmap from ``.npy`` or ``.npz`` (array ``heatmap``, or the only array).
+
+    An ``.npz`` without a ``heatmap`` array and with several others (e.g. only per-token maps of a
+    box-output method) has no heatmap: ``None`` when not ``required``, else a DataError.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"heatmap file {p} not found")
+    try:
+        if p.suffix == ".npz":
+            with np.load(p, allow_pickle=False) as z:
+                if "heatmap" in z.files:
+                    key = "heatmap"
+                elif len(z.files) == 1:
+                    key = z.files[0]
+                elif required:
+                    raise DataError(f"{p}: no array named 'heatmap' (has {sorted(z.files)})")
+                else:
+                    return None
+                arr = z[key]
+        else:
+            arr = np.load(p, allow_pickle=False)
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"{p}: cannot load heatmap ({type(exc).__name__}: {exc})") from exc
+    arr = np.asarray(arr)
+    if arr.ndim == 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 2:
+        raise DataError(f"{p}: heatmap must be 2-D (H, W), got shape {arr.shape}")
+    return arr.astype(np.float32, copy=False)
+
+
+def _boxes(value: Any, where: str, field: str) -> list[tuple[float, float, float, float]]:
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise DataError(f"{where}: field {field!r} must be a list of [x1, y1, x2, y2], got {type(value).__name__}")
+    out = []
+    for b in value:
+        if not isinstance(b, (list, tuple)) or len(b) != 4:
+            raise DataError(f"{where}: field {field!r} must be a list of [x1, y1, x2, y2], got element {b!r}")
+        try:
+            vals = tuple(float(v) for v in b)
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"{where}: field {field!r} has a non-numeric box {b!r}") from exc
+        if not all(math.isfinite(v) for v in vals):
+            raise DataError(f"{where}: field {field!r} has a non-finite box {b!r}")
+        out.append(vals)
+    return out
+
+
+def _resize_to(hm: np.ndarray, W: int, H: int) -> np.ndarray:
+    from medfocus.io.letterbox import _resize
+
+    if hm.shape == (H, W):
+        return hm
+    return _resize(np.nan_to_num(hm.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0), W, H)
+
+
+def evaluate_record(
+    record: Mapping[str, Any],
+    *,
+    base_dir: str | os.PathLike | None = None,
+    q: float = 0.9,
+    min_area: int = 16,
+    max_boxes: int = 10,
+) -> dict[str, Any]:
+    """Metrics of one prediction record (see module docstring). Never raises for bad records:
+    the problem is returned in the ``error`` field with NaN metrics."""
+    row: dict[str, Any] = {k: record.get(k) for k in KEY_COLUMNS}
+    row.update({m: math.nan for m in METRIC_COLUMNS})
+    row.update({"n_pred_boxes": 0, "source": None, "error": None})
+    where = str(record.get("_where") or f"record {record.get('model')}/{record.get('dataset')}#{record.get('index')}")
+    if record.get("error"):
+        row["error"] = str(record["error"])
+        return row
+    try:
+        gt = _boxes(record.get("gt_boxes"), where, "gt_boxes")
+        if not gt:
+            # A negative sample (answer "No") has no region to find: localisation is undefined, so
+            # the row carries NaN metrics and source "no_gt" and is left out of the tables.
+            row["source"] = "no_gt"
+            return row
+        heat = None
+        if record.get("heatmap") is not None:  # in-memory records (the runner's, or tests)
+            heat = np.asarray(record["heatmap"], dtype=np.float32)
+        elif record.get("heatmap_path"):
+            hp = Path(str(record["heatmap_path"]))
+            base = base_dir if base_dir is not None else record.get("_base_dir")
+            if not hp.is_absolute() and base is not None:
+                hp = Path(base) / hp
+            # A method that outputs boxes may store other arrays only: then there is no heatmap.
+            heat = load_heatmap(hp, required=record.get("pred_boxes") is None)
+        size = record.get("image_size")
+        if heat is not None and size is not None:
+            if not isinstance(size, (list, tuple)) or len(size) != 2:
+                raise DataError(f"{where}: field 'image_size' must be [W, H], got {size!r}")
+            W, H = int(size[0]), int(size[1])
+            if W <= 0 or H <= 0:
+                raise DataError(f"{where}: field 'image_size' must be positive, got {size!r}")
+            heat = _resize_to(heat, W, H)
+        if record.get("pred_boxes") is not None:
+            pred = _boxes(record.get("pred_boxes"), where, "pred_boxes")
+            row["source"] = "boxes"
+        elif heat is not None:
+            pred = heatmap_to_boxes(heat, q=q, min_area=min_area, max_boxes=max_boxes)
+            row["source"] = "heatmap"
+        else:
+            raise DataError(f"{where}: needs 'pred_boxes' or 'heatmap_path'")
+        row["n_pred_boxes"] = len(pred)
+        row.update(union_box_metrics(pred, gt))
+        if heat is not None:
+            row["pointing_game"] = float(pointing_game(heat, gt))
+            row["energy_pg"] = energy_pointing_game(heat, gt)
+            row["auprc"] = auprc(heat, gt)
+    except (DataError, ValueError, TypeError) as exc:
+        row.update({m: math.nan for m in METRIC_COLUMNS})
+        row["error"] = str(exc)
+    return row
+
+
+def evaluate_records(
+    records: Iterable[Mapping[str, Any]],
+    *,
+    base_dir: str | os.PathLike | None = None,
+    q: float = 0.9,
+    min_area: int = 16,
+    max_boxes: int = 10,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Evaluate prediction records; one row per record.
+
+    Args:
+        records: dicts in the prediction schema (from :func:`read_prediction_records` or the runner).
+            ``heatmap`` (an in-memory array) may replace ``heatmap_path``.
+        base_dir: folder that relative ``heatmap_path`` values are relative to (default: each
+            record's ``_base_dir``, i.e. its JSONL's folder).
+        q, min_area, max_boxes: :func:`heatmap_to_boxes` parameters.
+        progress: show a tqdm bar.
+
+    Returns:
+        DataFrame with columns ``model, dataset, mode, method, index, iou, f1, precision, recall,
+        pointing_game, energy_pg, auprc, n_pred_boxes, source, error`` (metrics in [0, 1], NaN when
+        not applicable or on error).
+    """
+    recs = list(records)
+    it = recs
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(recs, desc="evaluate", unit="rec")
+    rows = [evaluate_record(r, base_dir=base_dir, q=q, min_area=min_area, max_boxes=max_boxes) for r in it]
+    cols = list(KEY_COLUMNS) + list(METRIC_COLUMNS) + ["n_pred_boxes", "source", "error"]
+    return pd.DataFrame(rows, columns=cols)

@@ -1,0 +1,218 @@
+"""Result tables shaped like the paper's Table 1: methods as rows, datasets as column groups.
+
+Each cell is the mean x100 of a metric over the evaluated records of one (model, mode, method,
+dataset), with a 95% percentile-bootstrap confidence interval of the mean (resampling records with
+replacement, ``n_boot`` resamples, seeded) and the number of records ``n``. Records that carry an
+error are excluded from the mean and counted in ``n_error``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["bootstrap_ci", "summarize", "build_tables", "METHOD_ORDER", "DATASET_ORDER", "METRIC_LABELS"]
+
+#: Row order (the paper's method families, then MedFocus); unknown methods follow alphabetically.
+METHOD_ORDER = (
+    "attention_head",
+    "attention_rollout",
+    "lrp",
+    "grad_weighted_attention",
+    "gradcam",
+    "gradcampp",
+    "integrated_gradients",
+    "occlusion",
+    "rise",
+    "prompting",
+    "prompting_medsam",
+    "medfocus",
+)
+DATASET_ORDER = ("imagenome", "vindr_cxr", "padchest_gr", "synthetic")
+METRIC_LABELS = {
+    "iou": "IoU",
+    "f1": "F1",
+    "precision": "Prec.",
+    "recall": "Rec.",
+    "pointing_game": "PG",
+    "energy_pg": "EPG",
+    "auprc": "AUPRC",
+}
+DATASET_LABELS = {"imagenome": "ImaGenome", "vindr_cxr": "VinDr-CXR", "padchest_gr": "PadChest-GR", "synthetic": "Synthetic"}
+GROUP_KEYS = ["model", "mode", "method", "dataset"]
+
+
+def bootstrap_ci(values: Sequence[float], n_boot: int = 1000, ci: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """``(mean, low, high)`` of the mean with a percentile-bootstrap CI (NaNs dropped).
+
+    One value gives ``(v, v, v)``; none gives NaNs. Deterministic for a given ``seed``.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return (math.nan, math.nan, math.nan)
+    mean = float(v.mean())
+    if v.size == 1 or n_boot <= 0:
+        return (mean, mean, mean)
+    rng = np.random.default_rng(seed)
+    # Chunked so memory stays ~O(n) x 100 regardless of n_boot.
+    means = np.empty(n_boot, dtype=np.float64)
+    chunk = max(1, min(n_boot, 2_000_000 // v.size))
+    for s in range(0, n_boot, chunk):
+        k = min(chunk, n_boot - s)
+        means[s : s + k] = v[rng.integers(0, v.size, size=(k, v.size))].mean(axis=1)
+    alpha = (1.0 - ci) / 2.0
+    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
+    return (mean, float(lo), float(hi))
+
+
+def _order(values: Sequence[str], preferred: Sequence[str]) -> list[str]:
+    vals = list(dict.fromkeys(str(v) for v in values))
+    head = [p for p in preferred if p in vals]
+    return head + sorted(v for v in vals if v not in preferred)
+
+
+def summarize(
+    df: pd.DataFrame,
+    metrics: Sequence[str] = ("iou", "f1", "precision", "recall"),
+    *,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Long table: one row per (model, mode, method, dataset, metric) with ``mean, ci_low, ci_high``
+    (all x100), ``n`` (records evaluated) and ``n_error``. Metrics absent from ``df`` or all-NaN for a
+    group (e.g. pointing game for a box-only method) are left out of that group."""
+    if df.empty:
+        return pd.DataFrame(columns=GROUP_KEYS + ["metric", "mean", "ci_low", "ci_high", "n", "n_error"])
+    d = df.copy()
+    for k in GROUP_KEYS:
+        if k not in d.columns:
+            d[k] = ""
+        d[k] = d[k].fillna("").astype(str)
+    has_err = d["error"].notna() & (d["error"].astype(str) != "") if "error" in d.columns else pd.Series(False, index=d.index)
+    rows = []
+    for key, g in d.groupby(GROUP_KEYS, sort=True):
+        err = has_err.loc[g.index]
+        ok = g[~err]
+        for j, m in enumerate(metrics):
+            if m not in g.columns:
+                continue
+            vals = pd.to_numeric(ok[m], errors="coerce").to_numpy(dtype=np.float64)
+            vals = vals[np.isfinite(vals)]
+            if vals.size == 0 and len(ok):
+                continue
+            # A distinct, reproducible stream per cell so cells do not share resamples.
+            cell_seed = (seed, hash_key(key), j)
+            mean, lo, hi = bootstrap_ci(vals, n_boot=n_boot, ci=ci, seed=int(np.random.SeedSequence(cell_seed).generate_state(1)[0]))
+            rows.append(dict(zip(GROUP_KEYS, key), metric=m, mean=100 * mean, ci_low=100 * lo, ci_high=100 * hi, n=int(vals.size), n_error=int(err.sum())))
+    return pd.DataFrame(rows, columns=GROUP_KEYS + ["metric", "mean", "ci_low", "ci_high", "n", "n_error"])
+
+
+def hash_key(key: tuple) -> int:
+    """Stable (process-independent) 32-bit hash of a group key — Python's ``hash`` of str is salted."""
+    import zlib
+
+    return zlib.crc32("\x1f".join(str(k) for k in key).encode("utf-8"))
+
+
+def _fmt(mean: float, lo: float, hi: float, decimals: int = 1) -> str:
+    if not math.isfinite(mean):
+        return "–"
+    return f"{mean:.{decimals}f} [{lo:.{decimals}f}, {hi:.{decimals}f}]"
+
+
+def to_markdown(summary: pd.DataFrame, metrics: Sequence[str] = ("iou", "f1", "precision", "recall"), decimals: int = 1) -> str:
+    """Markdown: one table per (model, mode); rows = methods; columns = dataset x metric groups.
+
+    Cells are ``mean [CI low, CI high]`` (x100). The group header names the dataset and ``n``
+    (per cell as ``(n=..)`` when methods differ in n); methods with errors list them in a last column.
+    """
+    if summary.empty:
+        return "_No evaluated records._\n"
+    parts = []
+    for (model, mode), sm in summary.groupby(["model", "mode"], sort=True):
+        datasets = _order(sm["dataset"].unique(), DATASET_ORDER)
+        methods = _order(sm["method"].unique(), METHOD_ORDER)
+        present = [m for m in metrics if m in set(sm["metric"])]
+        idx = {(r.method, r.dataset, r.metric): r for r in sm.itertuples(index=False)}
+        n_by_ds = {}
+        for ds in datasets:
+            ns = {int(r.n) for r in sm[sm["dataset"] == ds].itertuples(index=False)}
+            n_by_ds[ds] = ns.pop() if len(ns) == 1 else None
+        header = ["Method"]
+        for ds in datasets:
+            label = DATASET_LABELS.get(ds, ds)
+            n = n_by_ds[ds]
+            for m in present:
+                header.append(f"{label}{f' (n={n})' if n is not None else ''} {METRIC_LABELS.get(m, m)}")
+        any_err = bool((sm["n_error"] > 0).any())
+        if any_err:
+            header.append("errors")
+        lines = [f"### {model} — {mode}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for meth in methods:
+            cells = [meth]
+            n_err = 0
+            for ds in datasets:
+                for m in present:
+                    r = idx.get((meth, ds, m))
+                    if r is None:
+                        cells.append("–")
+                        continue
+                    n_err = max(n_err, int(r.n_error))
+                    cell = _fmt(r.mean, r.ci_low, r.ci_high, decimals)
+                    if n_by_ds[ds] is None:
+                        cell += f" (n={int(r.n)})"
+                    cells.append(cell)
+            if any_err:
+                errs = sm[(sm["method"] == meth)].groupby("dataset")["n_error"].max().sum()
+                cells.append(str(int(errs)))
+            lines.append("| " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    note = (
+        "\n\nCells: mean x100 over samples [95% bootstrap CI]; IoU/F1/precision/recall of the union of "
+        "predicted boxes vs the union of expert boxes."
+    )
+    return "\n\n".join(parts) + note + "\n"
+
+
+def build_tables(
+    df: pd.DataFrame,
+    out_dir: str | os.PathLike,
+    *,
+    metrics: Sequence[str] = ("iou", "f1", "precision", "recall"),
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+    decimals: int = 1,
+) -> str:
+    """Summarise per-record metrics and write ``table.csv`` (long format, one row per
+    model/mode/method/dataset/metric) and ``table.md`` (Table-1 shape) into ``out_dir``.
+
+    Args:
+        df: output of :func:`medfocus.evaluation.evaluate_records`.
+        out_dir: folder (created).
+        metrics: metric columns to tabulate (the CSV includes them all; the Markdown shows them).
+        n_boot, ci, seed: bootstrap settings.
+
+    Returns:
+        The Markdown text (also written to ``table.md``).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(df, metrics, n_boot=n_boot, ci=ci, seed=seed)
+    md = to_markdown(summary, metrics, decimals=decimals)
+    _atomic_write(out / "table.csv", summary.to_csv(index=False))
+    _atomic_write(out / "table.md", md)
+    return md
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

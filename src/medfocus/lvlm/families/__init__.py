@@ -1,0 +1,1 @@
+"""Family adapters: qwen_vl, gemma3, llava."""

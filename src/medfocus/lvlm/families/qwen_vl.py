@@ -1,0 +1,129 @@
+"""Qwen2.5-VL family: torchvision-free image-only processor and the adapter.
+
+Pixel layout. The Qwen2-VL image processor stores an image of ``gh x gw`` patches (``patch = 14``)
+as ``pixel_values`` of shape ``(gh * gw, C * T * 14 * 14)`` (``T = temporal_patch_size = 2``, the
+still image repeated twice) with rows in *2x2-merge-window* order: row index
+``((bh * (gw/2) + bw) * 2 + mh) * 2 + mw`` is patch ``(2*bh + mh, 2*bw + mw)``; within a row the
+values are ordered ``(C, T, 14, 14)``. After the vision tower's 2x2 merge, image token ``k`` is merged
+cell ``(k // (gw/2), k % (gw/2))`` -- the token grid is row-major ``(gh/2, gw/2)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from transformers import ProcessorMixin
+from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
+
+from medfocus.lvlm.adapter import ChatInputs
+from medfocus.lvlm.families.base import HFAdapter
+
+
+class QwenVLImageProcessor(Qwen2_5_VLProcessor):
+    """Image-only Qwen2.5-VL processor.
+
+    transformers 5's ``Qwen2_5_VLProcessor`` also builds a video processor, which needs torchvision;
+    this subclass drops the video part (its ``__init__`` has no ``video_processor`` argument, so
+    ``from_pretrained`` never loads one) and is registered for ``Qwen2_5_VLConfig`` in
+    :func:`register_processors`.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):  # noqa: D107
+        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+        self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
+        self.image_token_id = getattr(tokenizer, "image_token_id", None) or tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = getattr(tokenizer, "video_token_id", None) or tokenizer.convert_tokens_to_ids(self.video_token)
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+    def __call__(self, images=None, text=None, videos=None, **kwargs):
+        if videos is not None:
+            raise ValueError("QwenVLImageProcessor is image-only (videos need torchvision)")
+        return super().__call__(images=images, text=text, **kwargs)
+
+
+_REGISTERED = False
+
+
+def register_processors() -> None:
+    """Make ``AutoProcessor`` return :class:`QwenVLImageProcessor` for Qwen2.5-VL configs (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AutoProcessor, Qwen2_5_VLConfig
+
+    AutoProcessor.register(Qwen2_5_VLConfig, QwenVLImageProcessor, exist_ok=True)
+    _REGISTERED = True
+
+
+def patchify(images: torch.Tensor, patch: int = 14, merge: int = 2, temporal: int = 2) -> torch.Tensor:
+    """``(3, H, W)`` or ``(B, 3, H, W)`` normalised images -> Qwen ``pixel_values`` ``(gh*gw, 3*T*p*p)``
+    (or ``(B, gh*gw, 3*T*p*p)``), exactly as the Qwen2-VL image processor lays them out."""
+    single = images.dim() == 3
+    x = images[None] if single else images
+    B, C, H, W = x.shape
+    gh, gw = H // patch, W // patch
+    x = x.reshape(B, C, gh // merge, merge, patch, gw // merge, merge, patch)
+    x = x.permute(0, 2, 5, 3, 6, 1, 4, 7)  # B, bh, bw, mh, mw, C, ph, pw
+    x = x[:, :, :, :, :, :, None].expand(*x.shape[:6], temporal, patch, patch)
+    out = x.reshape(B, gh * gw, C * temporal * patch * patch)
+    return out[0] if single else out
+
+
+def unpatchify(pixel_values: torch.Tensor, grid_hw: tuple[int, int], patch: int = 14, merge: int = 2, temporal: int = 2) -> torch.Tensor:
+    """Inverse of :func:`patchify`: ``(gh*gw, D)`` or ``(B, gh*gw, D)`` with ``grid_hw = (gh, gw)``
+    *patches* -> ``(3, H, W)`` / ``(B, 3, H, W)`` (temporal copy 0)."""
+    single = pixel_values.dim() == 2
+    x = pixel_values[None] if single else pixel_values
+    B = x.shape[0]
+    gh, gw = grid_hw
+    C = x.shape[-1] // (temporal * patch * patch)
+    x = x.reshape(B, gh // merge, gw // merge, merge, merge, C, temporal, patch, patch)[:, :, :, :, :, :, 0]
+    x = x.permute(0, 5, 1, 3, 6, 2, 4, 7)  # B, C, bh, mh, ph, bw, mw, pw
+    out = x.reshape(B, C, gh * patch, gw * patch)
+    return out[0] if single else out
+
+
+class QwenVLAdapter(HFAdapter):
+    """Adapter for ``Qwen2_5_VLForConditionalGeneration`` (also Qwen2-VL checkpoints of the same layout)."""
+
+    family = "qwen_vl"
+    text_keys = ("input_ids", "attention_mask", "mm_token_type_ids")
+
+    def __init__(self, model: Any, processor: Any, name: str, canvas_size: tuple[int, int]) -> None:
+        vc = model.config.vision_config
+        self.patch = int(vc.patch_size)
+        self.merge = int(vc.spatial_merge_size)
+        self.temporal = int(vc.temporal_patch_size)
+        f = self.patch * self.merge
+        if canvas_size[0] % f or canvas_size[1] % f:
+            raise ValueError(f"Qwen2.5-VL canvas must be a multiple of {f} pixels, got {canvas_size}")
+        super().__init__(model, processor, name, canvas_size)
+
+    def _patch_grid(self, chat_or_inputs: ChatInputs | dict[str, torch.Tensor]) -> tuple[int, int]:
+        inputs = chat_or_inputs.inputs if isinstance(chat_or_inputs, ChatInputs) else chat_or_inputs
+        thw = inputs["image_grid_thw"][0]
+        return int(thw[1]), int(thw[2])
+
+    def _grid_hw(self, inputs: dict[str, torch.Tensor]) -> tuple[int, int]:
+        gh, gw = self._patch_grid(inputs)
+        return gh // self.merge, gw // self.merge
+
+    def pixel_values_to_images(self, pixel_values: torch.Tensor, chat: ChatInputs) -> torch.Tensor:
+        return unpatchify(pixel_values, self._patch_grid(chat), self.patch, self.merge, self.temporal)
+
+    def images_to_pixel_values(self, images: torch.Tensor, chat: ChatInputs) -> torch.Tensor:
+        return patchify(images, self.patch, self.merge, self.temporal)
+
+    def _repeat_other(self, key: str, v: torch.Tensor, B: int) -> torch.Tensor:
+        return v.repeat(B, *([1] * (v.dim() - 1)))  # image_grid_thw (1, 3) -> (B, 3): one row per image
+
+    @property
+    def image_feature_module(self) -> torch.nn.Module:
+        # ``visual`` returns a ModelOutput whose ``pooler_output`` is the merged image-token embeddings in
+        # token order (the window permutation is undone inside); see image_features_from_output.
+        return self.model.model.visual
+
+    @property
+    def decoder_layers(self) -> Sequence[torch.nn.Module]:
+        return self.model.model.language_model.layers

@@ -1,0 +1,147 @@
+"""``load_lvlm``: registry name, local folder or HF id -> family adapter.
+
+Uses ``AutoModelForImageTextToText`` / ``AutoProcessor`` (transformers 5.x; folders written by 4.57
+load too). Defaults: bfloat16 on CUDA, float32 on CPU; with several GPUs and no explicit device the
+model is sharded with ``device_map="auto"``. The attention implementation is left to transformers
+(SDPA) unless given; methods that need attention weights switch to eager temporarily through
+:meth:`~medfocus.lvlm.adapter.LVLMAdapter.eager_attention`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medfocus.errors import ModelError
+from medfocus.lvlm.adapter import LVLMAdapter
+from medfocus.lvlm.registry import MODEL_TYPE_TO_FAMILY, ModelEntry, get_entry, list_models
+
+QWEN_DEFAULT_CANVAS = 448
+
+
+def _how_to_provide(name: str, hf_id: str) -> str:
+    return (
+        f"Model {name!r} ({hf_id}) could not be loaded: its weights are not available locally and cannot be "
+        f"downloaded (offline, or a gated repository). Download it once where you have access "
+        f"(e.g. `huggingface-cli download {hf_id} --local-dir /path/to/{hf_id.split('/')[-1]}`, after accepting "
+        f"the licence on its hub page if it is gated), then pass the folder instead of the name: "
+        f"`load_lvlm('/path/to/{hf_id.split('/')[-1]}')` / `--model /path/to/...`, or add it to your model registry "
+        f"YAML ($MEDFOCUS_MODELS) as `{name}: {{hf_id: /path/to/..., family: ...}}`."
+    )
+
+
+def resolve(name_or_path: str | os.PathLike) -> tuple[str, str, ModelEntry | None]:
+    """``(display name, path or hub id, registry entry or None)``."""
+    s = str(name_or_path)
+    entry = get_entry(s)
+    if entry is not None:
+        return s, entry.hf_id, entry
+    return s, s, None
+
+
+def _hints(path: str) -> dict[str, Any]:
+    p = Path(path) / "medfocus.json"
+    if p.is_file():
+        try:
+            return json.loads(p.read_text())
+        except json.JSONDecodeError as exc:
+            raise ModelError(f"{p}: invalid JSON ({exc})") from exc
+    return {}
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_lvlm(name_or_path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
+              attn_implementation: str | None = None, *, canvas: int | tuple[int, int] | None = None) -> LVLMAdapter:
+    """Load a model + processor and wrap it in its family adapter.
+
+    Args:
+        name_or_path: registry name (``medfocus models``), a local model folder, or an HF hub id whose
+            config's ``model_type`` maps to a supported family (qwen2_5_vl, qwen2_vl, gemma3, llava).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default CUDA if available (all GPUs via
+            ``device_map="auto"`` when there are several), else CPU.
+        dtype: default ``torch.bfloat16`` on CUDA, ``torch.float32`` on CPU.
+        attn_implementation: e.g. ``"eager"`` or ``"sdpa"``; default: transformers' choice.
+        canvas: model-input side (int) or ``(w, h)``; overrides the registry/folder default.
+    Returns:
+        An :class:`~medfocus.lvlm.adapter.LVLMAdapter` (model in eval mode).
+    Raises:
+        ModelError: unknown name, unsupported family, or weights not available (the message says how
+            to provide a local folder).
+    """
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    from medfocus.lvlm.families.qwen_vl import register_processors
+
+    name, path, entry = resolve(name_or_path)
+    is_local = Path(path).is_dir()
+    if entry is None and not is_local and ("/" not in path or path.startswith((".", "/", "~"))):
+        raise ModelError(f"unknown model {name!r}: not a registry name ({', '.join(sorted(list_models()))}), "
+                         f"not an existing folder, and not an HF id of the form 'owner/name'")
+    if entry is not None and entry.name == "demo" and not (Path(path) / "config.json").is_file():
+        raise ModelError(f"the demo model has no weights at {path} yet; build them with `medfocus train-demo`")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(_how_to_provide(name, path) + f" [{type(exc).__name__}: {str(exc).splitlines()[0][:200]}]") from exc
+    hints = _hints(path) if is_local else {}
+    family = (entry.family if entry and entry.family else None) or hints.get("family") or MODEL_TYPE_TO_FAMILY.get(config.model_type)
+    if family is None:
+        raise ModelError(f"{name}: config model_type {config.model_type!r} is not a supported family "
+                         f"(supported model types: {sorted(MODEL_TYPE_TO_FAMILY)})")
+
+    dev = torch.device(device) if device is not None else default_device()
+    if dtype is None:
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    elif isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    multi = device is None and dev.type == "cuda" and torch.cuda.device_count() > 1
+    if multi:
+        kwargs["device_map"] = "auto"
+    register_processors()
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+        if family == "qwen_vl":
+            # Hub folders name ``Qwen2_5_VLProcessor``, whose video half needs torchvision: load ours directly.
+            from medfocus.lvlm.families.qwen_vl import QwenVLImageProcessor
+
+            processor = QwenVLImageProcessor.from_pretrained(path)
+        else:
+            processor = AutoProcessor.from_pretrained(path)
+    except OSError as exc:
+        raise ModelError(_how_to_provide(name, path) + f" [{type(exc).__name__}: {str(exc).splitlines()[0][:200]}]") from exc
+    if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
+        raise ModelError(f"{name}: AutoProcessor returned {type(processor).__name__}, not a multimodal processor "
+                         f"(is preprocessor_config.json missing from {path}?)")
+    if not multi:
+        model = model.to(dev)
+    model.eval()
+
+    if canvas is None:
+        canvas = (entry.canvas if entry else None) or hints.get("canvas")
+    if family == "qwen_vl":
+        from medfocus.lvlm.families.qwen_vl import QwenVLAdapter
+
+        c = canvas or QWEN_DEFAULT_CANVAS
+        adapter: LVLMAdapter = QwenVLAdapter(model, processor, name, (c, c) if isinstance(c, int) else tuple(c))
+    elif family == "gemma3":
+        from medfocus.lvlm.families.gemma3 import Gemma3Adapter
+
+        adapter = Gemma3Adapter(model, processor, name)
+    elif family == "llava":
+        from medfocus.lvlm.families.llava import LlavaAdapter
+
+        adapter = LlavaAdapter(model, processor, name)
+    else:
+        raise ModelError(f"{name}: unsupported family {family!r}")
+    return adapter

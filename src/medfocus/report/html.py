@@ -1,0 +1,422 @@
+"""The self-contained HTML report of a run (one file, images embedded as base64 PNG, no scripts,
+no external resources), meant to be attached to a paper review.
+
+Sections: run overview; Table-1-style results (IoU, F1, precision, recall x100 per method x dataset,
+95% bootstrap CI and n) for every model in direct and step-by-step mode; the retention table of the
+causal filter; per-method bars and the method x model matrix; a sample gallery (X-ray + GT boxes +
+each method's heatmap and predicted boxes); MedFocus concept rankings and step-by-step answers with
+tokens coloured by attribution; failures.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from medfocus.report import figures
+
+log = logging.getLogger(__name__)
+
+METRICS: tuple[str, ...] = ("iou", "f1", "precision", "recall")
+METRIC_LABELS = {"iou": "IoU", "f1": "F1", "precision": "Prec.", "recall": "Rec."}
+MODE_LABELS = {"direct": "Direct answer", "cot": "Step-by-step (reasoning)", "open": "Open answer"}
+KEYS = ["model", "dataset", "mode", "method"]
+
+
+# ---- numbers ---------------------------------------------------------------------------------------
+def summarize(metrics: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """The evaluation's summary table (:func:`medfocus.evaluation.summarize`): one row per
+    ``(model, mode, method, dataset, metric)`` with ``mean, ci_low, ci_high`` (x100), ``n``, ``n_error``."""
+    from medfocus.evaluation import summarize as _summarize
+
+    return _summarize(metrics, METRICS, n_boot=n_boot, seed=seed)
+
+
+# ---- html pieces -----------------------------------------------------------------------------------
+def _e(x: Any) -> str:
+    return html.escape(str(x))
+
+
+def _img(png: bytes, alt: str, width: str | None = None) -> str:
+    style = f' style="max-width:{width}"' if width else ""
+    return f'<img alt="{_e(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}"{style}>'
+
+
+def results_table(summary: pd.DataFrame, *, model: str, mode: str, method_order: Sequence[str] | None = None) -> str:
+    """Table-1-style HTML table: methods as rows, datasets as column groups, IoU/F1/Prec./Rec. (x100)
+    with their 95% CI below and ``n`` (failed records in red); the best mean per column is bold.
+
+    Args:
+        summary: :func:`summarize` output.
+    """
+    df = summary[(summary["model"] == model) & (summary["mode"] == mode)]
+    if df.empty:
+        return ""
+    datasets = list(dict.fromkeys(df["dataset"]))
+    methods = list(dict.fromkeys(method_order or [])) + [m for m in dict.fromkeys(df["method"]) if m not in (method_order or [])]
+    methods = [m for m in methods if m in set(df["method"])]
+    idx = {(r.dataset, r.method, r.metric): r for r in df.itertuples(index=False)}
+    best = {}
+    for ds in datasets:
+        for m in METRICS:
+            vals = [idx[(ds, me, m)].mean for me in methods if (ds, me, m) in idx and np.isfinite(idx[(ds, me, m)].mean)]
+            best[(ds, m)] = max(vals) if vals else None
+    head1 = "".join(f'<th colspan="{len(METRICS) + 1}">{_e(ds)}</th>' for ds in datasets)
+    head2 = "".join("".join(f"<th>{METRIC_LABELS[m]}</th>" for m in METRICS) + "<th>n</th>" for _ in datasets)
+    body = []
+    for me in methods:
+        cells = [f'<th class="method">{_e(me)}</th>']
+        for ds in datasets:
+            n = None
+            for m in METRICS:
+                r = idx.get((ds, me, m))
+                if r is None or not np.isfinite(r.mean):
+                    cells.append('<td class="na">–</td>')
+                    continue
+                n = r.n
+                bold = best[(ds, m)] is not None and abs(r.mean - best[(ds, m)]) < 1e-9
+                val = f"<b>{r.mean:.1f}</b>" if bold else f"{r.mean:.1f}"
+                cells.append(f'<td>{val}<br><span class="ci">[{r.ci_low:.1f}, {r.ci_high:.1f}]</span></td>')
+            errs = max((int(getattr(idx[(ds, me, m)], "n_error", 0)) for m in METRICS if (ds, me, m) in idx), default=0)
+            err_txt = f'<br><span class="err">{errs} failed</span>' if errs else ""
+            cells.append(f'<td class="n">{n if n is not None else 0}{err_txt}</td>')
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return (
+        f'<table class="results"><thead><tr><th rowspan="2">Method</th>{head1}</tr><tr>{head2}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table>"
+    )
+
+
+def frame_table(df: pd.DataFrame, *, float_fmt: str = "{:.1f}", cls: str = "plain") -> str:
+    """A DataFrame as a plain HTML table (escaped; floats formatted)."""
+    if df is None or len(df) == 0:
+        return "<p><i>none</i></p>"
+    head = "".join(f"<th>{_e(c)}</th>" for c in df.columns)
+    rows = []
+    for rec in df.itertuples(index=False):
+        cells = []
+        for v in rec:
+            if isinstance(v, (float, np.floating)):
+                cells.append(f"<td>{float_fmt.format(v) if np.isfinite(v) else '–'}</td>")
+            else:
+                cells.append(f"<td>{_e(v)}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+# ---- record helpers --------------------------------------------------------------------------------
+def _load_arrays(rec: Mapping[str, Any], base: Path | None) -> dict[str, np.ndarray]:
+    hp = rec.get("heatmap_path")
+    if not hp:
+        return {}
+    p = Path(hp)
+    if not p.is_absolute() and base is not None:
+        p = base / p
+    try:
+        with np.load(p) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError) as exc:
+        log.warning("cannot read %s: %s", p, exc)
+        return {}
+
+
+def _read_image(path: str) -> np.ndarray | None:
+    try:
+        from medfocus.io import read_image
+
+        return read_image(path)[0]
+    except Exception as exc:  # a missing image only removes a gallery row
+        log.warning("gallery: cannot read %s: %s", path, exc)
+        return None
+
+
+def _first(d: Mapping[str, Any], *names: str) -> Any:
+    for n in names:
+        if n in d and d[n] is not None:
+            return d[n]
+    return None
+
+
+def medfocus_view(rec: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Concept ranking and per-token attributions of a MedFocus record (empty dict when absent).
+
+    Returns ``{"deltas": {concept: delta}, "winner": str|None, "tokens": [str], "token_scores":
+    {concept: (T,) list}, "fallback": bool|None}`` from the record's ``extras`` (and ``extra_*`` arrays).
+    """
+    ex = dict(rec.get("extras") or {})
+    for k, v in arrays.items():
+        if k.startswith("extra_"):
+            ex.setdefault(k[len("extra_"):], v)
+    deltas = _first(ex, "deltas", "concept_deltas", "ranking")
+    out: dict[str, Any] = {}
+    if isinstance(deltas, Mapping):
+        out["deltas"] = {str(k): float(v) for k, v in deltas.items() if v is not None}
+    elif isinstance(deltas, list) and deltas and isinstance(deltas[0], (list, tuple)):
+        out["deltas"] = {str(k): float(v) for k, v in deltas}
+    out["winner"] = _first(ex, "winner", "winning_concept", "concept")
+    out["fallback"] = _first(ex, "fallback", "whole_image_fallback")
+    tokens = _first(ex, "answer_tokens", "tokens")
+    tok_scores = _first(ex, "token_deltas", "per_token", "token_attributions", "per_token_deltas")
+    if tokens is not None and tok_scores is not None:
+        tokens = [str(t) for t in tokens]
+        scores: dict[str, list[float]] = {}
+        if isinstance(tok_scores, Mapping):
+            scores = {str(k): list(np.asarray(v, float).ravel()) for k, v in tok_scores.items()}
+        else:
+            arr = np.asarray(tok_scores, dtype=float)
+            names = _first(ex, "variant_names", "concepts", "concept_names")
+            names = [str(n) for n in (list(names) if names is not None else (out.get("deltas") or {}).keys())]
+            if arr.ndim == 2 and len(names) == arr.shape[0]:
+                scores = {str(n): list(arr[i]) for i, n in enumerate(names)}
+        if scores:
+            out["tokens"] = tokens
+            out["token_scores"] = scores
+    return out
+
+
+# ---- the report ------------------------------------------------------------------------------------
+CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1300px;color:#1b1b1b;padding:0 16px}
+h1{font-size:24px;margin-bottom:4px} h2{font-size:19px;border-bottom:2px solid #ddd;padding-bottom:4px;margin-top:34px}
+h3{font-size:15px;margin:18px 0 6px} .meta{color:#555;font-size:13px}
+table{border-collapse:collapse;font-size:12px;margin:8px 0 14px}
+th,td{border:1px solid #ccc;padding:3px 6px;text-align:center} thead th{background:#f1f3f6}
+th.method{text-align:left;background:#fafafa;font-weight:600} td.na{color:#aaa} .ci{color:#777;font-size:10px}
+td.n{color:#555} .figs img{margin:4px 10px 4px 0;border:1px solid #eee;max-width:48%;vertical-align:top}
+.caption{font-size:12px;color:#333;margin:14px 0 0} .gallery img{max-width:100%;display:block;margin:8px 0}
+.note{background:#fff8e1;border-left:4px solid #ffb300;padding:6px 10px;font-size:13px}
+.err{color:#b71c1c;font-size:12px} code{background:#f4f4f4;padding:1px 3px}
+.legend span{display:inline-block;padding:0 6px;margin-right:10px;font-size:12px}
+"""
+
+
+def build_report(
+    predictions: Sequence[Mapping[str, Any]],
+    out: str | Path,
+    *,
+    metrics: pd.DataFrame | None = None,
+    summary: pd.DataFrame | None = None,
+    retention: pd.DataFrame | Sequence[Mapping[str, Any]] | None = None,
+    title: str = "medfocus report",
+    run_info: Mapping[str, Any] | None = None,
+    base_dir: str | Path | None = None,
+    gallery: int = 4,
+    medfocus_examples: int = 3,
+    method_order: Sequence[str] | None = None,
+    figures_dir: str | Path | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write the self-contained HTML report.
+
+    Args:
+        predictions: result records (the runner's store records).
+        out: the ``.html`` path to write.
+        metrics: per-record metrics (``evaluate_records`` output); computed from ``predictions`` when ``None``.
+        summary: the summary table (:func:`summarize` of ``metrics`` when ``None``), columns
+            ``model, mode, method, dataset, metric, mean, ci_low, ci_high, n, n_error``.
+        retention: the causal filter's retention table (rows of dicts or a DataFrame), any columns.
+        run_info: extra ``key: value`` lines for the overview (e.g. elapsed time, seeds, editors).
+        base_dir: directory relative heatmap paths are relative to (default: ``out``'s directory).
+        gallery: number of samples in the gallery (per mode that has results).
+        medfocus_examples: number of MedFocus examples (concept ranking + token colouring).
+        method_order: row order of the tables (default: first appearance).
+        figures_dir: also save every figure there as PNG.
+    Returns:
+        the path written.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    base = Path(base_dir) if base_dir is not None else out.parent
+    preds = [dict(r) for r in predictions]
+    if metrics is None:
+        from medfocus.evaluation import evaluate_records
+
+        metrics = evaluate_records(preds)
+    if summary is None:
+        summary = summarize(metrics, seed=seed)
+    if len(summary):
+        # Plots and tables follow the paper's order: methods by family then MedFocus, datasets as in Table 1.
+        from medfocus.evaluation.tables import DATASET_ORDER, METHOD_ORDER
+
+        rank_ds = {d: i for i, d in enumerate(DATASET_ORDER)}
+        rank_me = {m: i for i, m in enumerate([*(method_order or []), *METHOD_ORDER])}
+        summary = summary.assign(_d=summary["dataset"].map(lambda d: rank_ds.get(d, len(rank_ds))),
+                                 _m=summary["method"].map(lambda m: rank_me.get(m, len(rank_me))))
+        summary = summary.sort_values(["_m", "method", "_d", "dataset"], kind="stable").drop(columns=["_d", "_m"])
+    fig_dir = Path(figures_dir) if figures_dir else None
+    if fig_dir:
+        fig_dir.mkdir(parents=True, exist_ok=True)
+
+    def keep(png: bytes, name: str) -> bytes:
+        if fig_dir:
+            (fig_dir / f"{name}.png").write_bytes(png)
+        return png
+
+    parts: list[str] = []
+    models = list(dict.fromkeys(r["model"] for r in preds))
+    datasets = list(dict.fromkeys(r["dataset"] for r in preds))
+    modes = [m for m in ("direct", "cot", "open") if any(r["mode"] == m for r in preds)]
+    if method_order is None:
+        try:  # the registry's order: the paper's baselines, then MedFocus
+            from medfocus.attribution import BASELINES
+
+            method_order = [*BASELINES, "medfocus"]
+        except Exception:
+            method_order = []
+    methods = list(dict.fromkeys([*method_order, *(r["method"] for r in preds)]))
+    methods = [m for m in methods if any(r["method"] == m for r in preds)]
+    n_err = sum(1 for r in preds if r.get("error"))
+    n_samples = len({(r["model"], r["dataset"], r["index"], r["mode"]) for r in preds})
+
+    # ---- overview
+    info = {
+        "Models": ", ".join(models),
+        "Datasets": ", ".join(datasets),
+        "Modes": ", ".join(MODE_LABELS.get(m, m) for m in modes),
+        "Methods": f"{len(methods)}: " + ", ".join(methods),
+        "Records": f"{len(preds)} ({n_samples} model/sample/mode cells; {n_err} failed)",
+        **{str(k): str(v) for k, v in (run_info or {}).items()},
+        "Generated": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    parts.append(f"<h1>{_e(title)}</h1>")
+    parts.append('<table class="plain">' + "".join(f'<tr><th class="method">{_e(k)}</th><td style="text-align:left">{_e(v)}</td></tr>' for k, v in info.items()) + "</table>")
+    parts.append(
+        '<p class="meta">Metrics compare the union of predicted boxes with the union of expert boxes '
+        "(IoU, F1, precision, recall; x100). Bracketed: 95% bootstrap confidence interval of the mean; n: evaluated samples. "
+        "Heatmaps are turned into boxes by thresholding at the 0.9 quantile of positive values (8-connected components).</p>"
+    )
+
+    # ---- results tables
+    parts.append("<h2>Results (Table 1 layout)</h2>")
+    for mode in modes:
+        parts.append(f"<h3>{_e(MODE_LABELS.get(mode, mode))}</h3>")
+        for model in models:
+            tab = results_table(summary, model=model, mode=mode, method_order=methods)
+            if tab:
+                parts.append(f'<p class="meta">Model: <b>{_e(model)}</b></p>' + tab)
+
+    # ---- retention
+    parts.append("<h2>Causal filter: retention</h2>")
+    if retention is not None and len(retention) > 0:
+        rdf = retention if isinstance(retention, pd.DataFrame) else pd.DataFrame(list(retention))
+        parts.append('<p class="meta">A sample is kept for a model only if it answers correctly, flips its answer when the '
+                     "finding is edited out of its box, and keeps it when the background is edited (both prompts).</p>")
+        parts.append(frame_table(rdf, float_fmt="{:.3g}"))
+    else:
+        parts.append("<p><i>No retention table was given for this run.</i></p>")
+
+    # ---- plots
+    if len(summary):
+        parts.append("<h2>Plots</h2><div class=\"figs\">")
+        for mode in modes:
+            for metric in ("iou", "f1"):
+                if ((summary["mode"] == mode) & (summary["metric"] == metric)).any():
+                    png = keep(figures.metric_bars(summary, metric=metric, mode=mode), f"bars_{metric}_{mode}")
+                    parts.append(_img(png, f"{metric} bars {mode}"))
+            if ((summary["mode"] == mode) & (summary["metric"] == "iou")).any():
+                png = keep(figures.method_model_heatmap(summary, metric="iou", mode=mode), f"matrix_iou_{mode}")
+                parts.append(_img(png, f"method x model {mode}"))
+        parts.append("</div>")
+
+    # ---- gallery
+    parts.append("<h2>Sample gallery</h2>")
+    parts.append('<p class="legend"><span style="border:2px solid #00e676">expert (GT) box</span>'
+                 '<span style="border:2px dashed #ff1744">predicted box</span> heatmap: jet colour map, min-max normalised per panel</p>')
+    iou_of: dict[tuple, float] = {}
+    if metrics is not None and len(metrics) and "iou" in metrics.columns:
+        for r in metrics.itertuples(index=False):
+            iou_of[(r.model, r.dataset, int(r.index), r.mode, r.method)] = float(r.iou)
+    cells: dict[tuple, list[dict[str, Any]]] = {}
+    for r in preds:
+        cells.setdefault((r["model"], r["dataset"], int(r["index"]), r["mode"]), []).append(r)
+    for mode in modes:
+        # Deterministic choice: cells of this mode with the most successful methods, one per finding
+        # first (diversity), then by index.
+        cand = sorted(
+            (k for k in cells if k[3] == mode),
+            key=lambda k: (-sum(1 for r in cells[k] if not r.get("error")), k[1], k[2], k[0]),
+        )
+        chosen, seen_attr = [], set()
+        for k in cand:
+            attr = cells[k][0].get("attribute")
+            if attr not in seen_attr:
+                chosen.append(k)
+                seen_attr.add(attr)
+            if len(chosen) >= gallery:
+                break
+        for k in cand:
+            if len(chosen) >= gallery:
+                break
+            if k not in chosen:
+                chosen.append(k)
+        if not chosen:
+            continue
+        parts.append(f"<h3>{_e(MODE_LABELS.get(mode, mode))}</h3><div class=\"gallery\">")
+        for k in chosen:
+            recs = {r["method"]: r for r in cells[k]}
+            first = next(iter(recs.values()))
+            img = _read_image(first.get("image_path", ""))
+            if img is None:
+                continue
+            panels = []
+            for me in methods:
+                r = recs.get(me)
+                if r is None:
+                    continue
+                arr = _load_arrays(r, base)
+                panels.append({"method": me, "heatmap": arr.get("heatmap"), "pred_boxes": r.get("pred_boxes"),
+                               "score": iou_of.get((*k[:4], me)), "error": r.get("error")})
+            t = f"{k[0]} · {k[1]} #{k[2]} · {first.get('attribute')} · answer: {str(first.get('answer'))[:80]}"
+            png = keep(figures.sample_gallery_row(img, first.get("gt_boxes") or [], panels), f"gallery_{mode}_{k[1]}_{k[2]}_{k[0]}".replace("/", "-"))
+            parts.append(f'<p class="caption">{_e(t)}</p>' + _img(png, t))
+        parts.append("</div>")
+
+    # ---- MedFocus
+    mf = [r for r in preds if r["method"] == "medfocus" and not r.get("error")]
+    if mf:
+        parts.append("<h2>MedFocus: concepts and tokens</h2>")
+        mf.sort(key=lambda r: (r["mode"] != "cot", r["dataset"], int(r["index"]), r["model"]))
+        shown = 0
+        for r in mf:
+            if shown >= medfocus_examples:
+                break
+            view = medfocus_view(r, _load_arrays(r, base))
+            if not view.get("deltas"):
+                continue
+            shown += 1
+            head = (f"{r['model']} · {r['dataset']} #{r['index']} · {r.get('attribute')} · mode {r['mode']} · winner: "
+                    f"<b>{_e(view.get('winner'))}</b>" + (" (whole-image fallback)" if view.get("fallback") else ""))
+            parts.append(f"<h3>{head}</h3><div class=\"figs\">")
+            parts.append(_img(keep(figures.concept_ranking(view["deltas"], winner=view.get("winner")), f"concepts_{r['mode']}_{r['index']}"), "concept ranking"))
+            if view.get("tokens"):
+                parts.append(_img(keep(figures.token_attribution(view["tokens"], view["token_scores"], title="answer tokens coloured by each concept's attribution"),
+                                       f"tokens_{r['mode']}_{r['index']}"), "token attribution", width="100%"))
+            parts.append("</div>")
+        if shown == 0:
+            parts.append("<p><i>The MedFocus records carry no concept ranking.</i></p>")
+
+    # ---- failures
+    if n_err:
+        parts.append("<h2>Failures</h2>")
+        by_method: dict[str, list[Mapping[str, Any]]] = {}
+        for r in preds:
+            if r.get("error"):
+                by_method.setdefault(r["method"], []).append(r)
+        rows = [{"method": m, "failed records": len(v), "first error": str(v[0]["error"])[:200]} for m, v in by_method.items()]
+        parts.append(frame_table(pd.DataFrame(rows)))
+
+    doc = (
+        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<title>{_e(title)}</title><style>{CSS}</style></head><body>" + "\n".join(parts) + "</body></html>"
+    )
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(doc, encoding="utf-8")
+    tmp.replace(out)
+    return out

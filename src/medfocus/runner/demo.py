@@ -1,0 +1,241 @@
+"""The end-to-end demo on the embedded default (what ``medfocus demo`` / ``make demo`` run).
+
+Steps, each resumable (a rerun with the same folder reuses what is already there):
+
+1. **data** — write a synthetic chest X-ray dataset (VinDr-CXR layout, exact counterfactuals) and a
+   reference pool of normal phantoms with the 11 concept masks (MedFocus' references);
+2. **model** — load the shipped demo LVLM (``load_lvlm("demo")``), once for everything below;
+3. **bench** — the three-step causal filter in direct and step-by-step mode with the ``oracle``
+   (exact) and ``inpaint`` (classical, out-of-distribution) editors; retention tables;
+4. **attribute** — every registered method (10 baselines + MedFocus) on the oracle-filtered split of
+   each mode, through the resumable grid runner;
+5. **evaluate** — per-record metrics, ``table.csv`` / ``table.md`` (Table-1 layout);
+6. **report** — ``report.html`` (self-contained).
+
+Outputs in ``out_dir``: ``report.html``, ``table.md``, ``table.csv``, ``retention.md``,
+``retention.csv``, ``predictions.jsonl`` (+ heatmaps), ``timings.json``, and the ``data/``,
+``reference/``, ``bench/`` folders.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from medfocus.errors import ConfigError, DataError
+
+#: Keys of the MedFocus method's parameters that name the reference pool folder (first one found wins).
+_POOL_KEYS = ("pool", "reference_pool", "pool_dir", "reference_dir", "references")
+
+
+@dataclass
+class DemoConfig:
+    """Sizes of the demo. Defaults are chosen so the whole run stays under 10 minutes on 2 CPU cores
+    (measured by ``benchmarks/demo_time.py``)."""
+
+    n_samples: int = 24
+    """synthetic cases written (positives + balanced negatives per the synthetic writer)."""
+    per_mode: int = 6
+    """at most this many filtered samples attributed per mode."""
+    n_reference: int = 8
+    """normal reference phantoms for MedFocus."""
+    seed: int = 0
+    size: int = 256
+    modes: tuple[str, ...] = ("direct", "cot")
+    editors: tuple[str, ...] = ("oracle", "inpaint")
+    attribute_editor: str = "oracle"
+    methods: tuple[str, ...] = ()
+    """empty = every registered method."""
+    method_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    model: str = "demo"
+    cue_rate: float | None = None
+    """shortcut-cue rate of the synthetic data (None = the writer's default)."""
+
+
+def diverse_subset(items: Sequence[Any], per_cell: int) -> list[Any]:
+    """At most ``per_cell`` work items per (model, dataset, mode), taken round-robin over findings
+    (lowest index first within a finding) so a small demo still shows every finding it kept."""
+    cells: dict[tuple, dict[str, list]] = {}
+    for it in items:
+        cells.setdefault((it.model, it.dataset, it.mode), {}).setdefault(it.sample.attribute, []).append(it)
+    out: list[Any] = []
+    for by_attr in cells.values():
+        queues = [sorted(v, key=lambda it: it.index) for _, v in sorted(by_attr.items())]
+        chosen: list[Any] = []
+        while len(chosen) < per_cell and any(queues):
+            for q in queues:
+                if q and len(chosen) < per_cell:
+                    chosen.append(q.pop(0))
+        out.extend(sorted(chosen, key=lambda it: it.index))
+    return out
+
+
+def _log_default(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _write_data(cfg: DemoConfig, data_dir: Path, ref_dir: Path, log: Callable[[str], None]) -> list:
+    from medfocus.datasets.synthetic import load_synthetic, write_dataset, write_reference_pool
+
+    stamp = data_dir / ".demo_params.json"
+    params = {"n": cfg.n_samples, "seed": cfg.seed, "size": cfg.size, "cue_rate": cfg.cue_rate}
+    if not (stamp.exists() and json.loads(stamp.read_text()) == params):
+        kw: dict[str, Any] = {"size": cfg.size}
+        if cfg.cue_rate is not None:
+            kw["cue_rate"] = cfg.cue_rate
+        log(f"[data] writing {cfg.n_samples} synthetic cases to {data_dir}")
+        write_dataset(data_dir, cfg.n_samples, cfg.seed, **kw)
+        stamp.write_text(json.dumps(params))
+    ref_stamp = ref_dir / ".demo_params.json"
+    ref_params = {"n": cfg.n_reference, "seed": cfg.seed + 1, "size": cfg.size}
+    if not (ref_stamp.exists() and json.loads(ref_stamp.read_text()) == ref_params):
+        log(f"[data] writing {cfg.n_reference} normal reference phantoms to {ref_dir}")
+        write_reference_pool(ref_dir, n=cfg.n_reference, seed=cfg.seed + 1, size=cfg.size)
+        ref_stamp.write_text(json.dumps(ref_params))
+    samples = load_synthetic(data_dir)
+    if not samples:
+        raise DataError(f"the synthetic dataset in {data_dir} has no samples")
+    return samples
+
+
+def _method_params(cfg: DemoConfig, methods: Sequence[str], ref_dir: Path) -> dict[str, dict[str, Any]]:
+    from medfocus.attribution import list_methods
+
+    defaults = list_methods()
+    params = {m: dict(cfg.method_params.get(m, {})) for m in methods}
+    if "medfocus" in params:
+        key = next((k for k in _POOL_KEYS if k in defaults.get("medfocus", {})), None)
+        if key is not None and key not in params["medfocus"]:
+            params["medfocus"][key] = str(ref_dir)
+    return params
+
+
+def run_demo(
+    out_dir: str | Path = "runs/demo",
+    cfg: DemoConfig | None = None,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] = _log_default,
+    adapter: Any | None = None,
+) -> dict[str, Any]:
+    """Run the whole demo pipeline (module docstring) and return a summary dict with the output paths,
+    per-step seconds, retention rows and the number of records/errors.
+
+    Args:
+        out_dir: output folder (created; reused on reruns).
+        cfg: sizes and choices (:class:`DemoConfig`).
+        adapter: an already-loaded LVLM adapter to use instead of ``load_lvlm(cfg.model)``.
+    """
+    import pandas as pd
+
+    cfg = cfg or DemoConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t_all = time.perf_counter()
+
+    def step(name: str, t0: float) -> None:
+        timings[name] = round(time.perf_counter() - t0, 2)
+        log(f"[{name}] {timings[name]:.1f}s")
+
+    # 1. data
+    t0 = time.perf_counter()
+    samples = _write_data(cfg, out / "data", out / "reference", log)
+    positives = [s for s in samples if s.answer == "Yes"]
+    step("data", t0)
+
+    # 2. model
+    t0 = time.perf_counter()
+    if adapter is None:
+        from medfocus.lvlm import load_lvlm
+
+        adapter = load_lvlm(cfg.model)
+    step("model", t0)
+
+    # 3. bench: the causal filter per editor and mode
+    from medfocus.bench import build_benchmark, retention_markdown, retention_table
+    from medfocus.editing import get_editor
+
+    t0 = time.perf_counter()
+    splits: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    if cfg.attribute_editor not in cfg.editors:
+        raise ConfigError(f"attribute_editor {cfg.attribute_editor!r} must be one of the editors {cfg.editors}")
+    for editor_name in cfg.editors:
+        editor = get_editor(editor_name)
+        for mode in cfg.modes:
+            log(f"[bench] {cfg.model} / {mode} / editor={editor_name}: {len(positives)} positive samples")
+            records, _ = build_benchmark(adapter, samples, mode=mode, editor=editor, out_dir=out / "bench" / editor_name,
+                                         model_name=cfg.model, cache_dir=out / "bench" / "edits", progress=progress)
+            splits[(editor_name, mode)] = records
+    retention = pd.concat([retention_table(out / "bench" / e) for e in cfg.editors], ignore_index=True)
+    retention.to_csv(out / "retention.csv", index=False)
+    (out / "retention.md").write_text(retention_markdown(retention), encoding="utf-8")
+    step("bench", t0)
+
+    # 4. attribute
+    from medfocus.runner.grid import items_from_benchmark, run_grid
+    from medfocus.runner.store import ResultStore, load_records
+
+    t0 = time.perf_counter()
+    if cfg.methods:
+        methods = list(cfg.methods)
+    else:
+        from medfocus.attribution import list_methods
+
+        methods = list(list_methods())
+    items = []
+    for mode in cfg.modes:
+        items += items_from_benchmark(splits[(cfg.attribute_editor, mode)], samples, mode=mode, model=cfg.model,
+                                      extra={"editor": cfg.attribute_editor})
+    items = diverse_subset(items, cfg.per_mode)
+    log(f"[attribute] {len(items)} filtered samples x {len(methods)} methods")
+    with ResultStore(out / "predictions.jsonl") as store:
+        summary = run_grid(items, _method_params(cfg, methods, out / "reference"), store, load_model=lambda _name: adapter,
+                           seed=cfg.seed, progress=progress)
+    log(f"[attribute] {summary}")
+    step("attribute", t0)
+
+    # 5. evaluate
+    from medfocus.evaluation import build_tables, evaluate_records
+
+    t0 = time.perf_counter()
+    item_keys = {(it.model, it.dataset, it.index, it.mode) for it in items}
+    preds = [r for r in load_records(out / "predictions.jsonl")
+             if (r["model"], r["dataset"], int(r["index"]), r["mode"]) in item_keys and r["method"] in methods]
+    metrics = evaluate_records(preds)
+    table_md = build_tables(metrics, out, seed=cfg.seed)
+    step("evaluate", t0)
+
+    # 6. report
+    from medfocus.report import build_report
+
+    t0 = time.perf_counter()
+    elapsed_before_report = time.perf_counter() - t_all
+    run_info = {
+        "Pipeline": f"synthetic world ({cfg.n_samples} cases, seed {cfg.seed}) -> causal filter "
+                    f"({' + '.join(cfg.editors)} editors) -> attribution on the {cfg.attribute_editor}-filtered split "
+                    f"(<= {cfg.per_mode} samples per mode)",
+        "Step seconds": ", ".join(f"{k} {v:.0f}" for k, v in timings.items()),
+    }
+    report_path = build_report(preds, out / "report.html", metrics=metrics, retention=retention,
+                               title="medfocus demo: synthetic chest X-rays, demo LVLM", run_info=run_info,
+                               method_order=methods, seed=cfg.seed)
+    step("report", t0)
+    timings["total"] = round(time.perf_counter() - t_all, 2)
+    result = {
+        "out_dir": str(out.resolve()),
+        "report": str(report_path.resolve()),
+        "table_md": str((out / "table.md").resolve()),
+        "timings": timings,
+        "elapsed_before_report": round(elapsed_before_report, 2),
+        "n_records": len(preds),
+        "n_errors": sum(1 for r in preds if r.get("error")),
+        "retention": retention.to_dict(orient="records"),
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+        "table": table_md,
+    }
+    (out / "timings.json").write_text(json.dumps({k: result[k] for k in ("timings", "n_records", "n_errors", "config")}, indent=1))
+    return result

@@ -1,0 +1,445 @@
+"""The experiment grid: models x datasets x modes x methods over a benchmark split.
+
+A run is a list of :class:`WorkItem` (one per model, dataset, sample and mode) crossed with a list
+of attribution methods. :func:`run_grid` executes it against a :class:`~medfocus.runner.store.ResultStore`:
+
+* each model is loaded **once** (items are grouped by model) and released before the next;
+* each method object is built **once per run**, so its caches (e.g. MedFocus concept transfers, which
+  do not depend on the model) are shared across models, modes and methods;
+* each image is read once per work item and given to every method;
+* keys already in the store are skipped (resume); a sample whose attribution raises is recorded with
+  its error and the run continues;
+* the global RNGs are re-seeded per key from ``seed`` and the key, so a result does not depend on the
+  order, the shard or whether the run was resumed.
+
+Sharding: :func:`shard_of` assigns every ``(model, dataset, index, mode)`` to one of ``n`` shards by a
+stable hash, so ``n`` machines (or a Slurm array) running ``--shard i/n`` for ``i = 0..n-1`` cover
+every item exactly once; all methods of one sample land on the same shard (shared caches).
+Merge the shard files with :func:`medfocus.runner.store.merge_stores`.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import logging
+import random
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from medfocus.errors import ConfigError, DataError
+from medfocus.runner.store import Key, ResultStore, to_jsonable
+from medfocus.types import Sample
+
+log = logging.getLogger(__name__)
+
+#: Extras arrays with more elements than this go into the record's ``.npz`` instead of the JSON line.
+MAX_INLINE_ARRAY = 256
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One (model, dataset, sample, mode) cell of the grid; every method runs on it.
+
+    Attributes:
+        model: registry name or path of the LVLM (what the model loader receives).
+        dataset: dataset key of the sample.
+        mode: output mode (``"direct"`` / ``"cot"``); selects the question suffix.
+        sample: the benchmark sample (image path, finding, GT boxes).
+        answer: the answer text to attribute (teacher-forced), normally the model's own prediction on
+            the original image as recorded by the causal filter; ``None`` uses ``sample.answer``.
+        extra: copied verbatim into every result record (e.g. the benchmark split's editor).
+    """
+
+    model: str
+    dataset: str
+    mode: str
+    sample: Sample
+    answer: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def index(self) -> int:
+        return int(self.sample.index)
+
+    def key(self, method: str) -> Key:
+        return (self.model, self.dataset, self.index, self.mode, method)
+
+    @property
+    def question(self) -> str:
+        return self.sample.question_for(self.mode)
+
+    @property
+    def answer_text(self) -> str:
+        return self.answer if self.answer else self.sample.answer
+
+
+def parse_shard(spec: str | tuple[int, int] | None) -> tuple[int, int]:
+    """``"i/n"`` -> ``(i, n)`` with ``0 <= i < n``; ``None`` -> ``(0, 1)``."""
+    if spec is None:
+        return (0, 1)
+    if isinstance(spec, tuple):
+        i, n = spec
+    else:
+        parts = str(spec).split("/")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise ConfigError(f"--shard must look like i/n (e.g. 0/4), got {spec!r}")
+        i, n = int(parts[0]), int(parts[1])
+    if n < 1 or not 0 <= i < n:
+        raise ConfigError(f"--shard {i}/{n}: need n >= 1 and 0 <= i < n")
+    return (i, n)
+
+
+def shard_of(model: str, dataset: str, index: int, mode: str, n: int) -> int:
+    """Stable shard number in ``[0, n)`` of a work item (sha1 of its key; independent of run order)."""
+    digest = hashlib.sha1(f"{model}|{dataset}|{int(index)}|{mode}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % n
+
+
+def item_seed(seed: int, key: Key) -> int:
+    """Per-key seed in ``[0, 2**31)`` derived from the run seed (order/shard independent)."""
+    digest = hashlib.sha1(("|".join(map(str, key)) + f"#{int(seed)}").encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def select_items(items: Sequence[WorkItem], *, limit: int | None = None, shard: str | tuple[int, int] | None = None) -> list[WorkItem]:
+    """Apply ``--limit`` then ``--shard``.
+
+    ``limit`` keeps the first ``limit`` samples (by index) of every (model, dataset, mode) cell, so
+    the shards of a limited run still partition the same limited set.
+    """
+    i, n = parse_shard(shard)
+    if limit is not None and limit < 0:
+        raise ConfigError(f"--limit must be >= 0, got {limit}")
+    cells: dict[tuple[str, str, str], list[WorkItem]] = {}
+    for it in items:
+        cells.setdefault((it.model, it.dataset, it.mode), []).append(it)
+    out: list[WorkItem] = []
+    for cell_key in cells:  # keep the caller's cell order
+        cell = sorted(cells[cell_key], key=lambda it: it.index)
+        seen: set[int] = set()
+        uniq = []
+        for it in cell:
+            if it.index in seen:
+                raise DataError(f"duplicate sample index {it.index} in cell {cell_key}")
+            seen.add(it.index)
+            uniq.append(it)
+        if limit is not None:
+            uniq = uniq[:limit]
+        out.extend(it for it in uniq if shard_of(it.model, it.dataset, it.index, it.mode, n) == i)
+    return out
+
+
+def items_from_benchmark(
+    records: Iterable[Mapping[str, Any]],
+    samples: Sequence[Sample],
+    *,
+    mode: str,
+    model: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> list[WorkItem]:
+    """Work items of one benchmark split (records in the MedGround-Bench schema).
+
+    A record names a sample by ``(dataset, index)``; the attributed answer is the model's own
+    prediction on the original image (``prediction_{mode}``), falling back to the ground-truth
+    answer. Records of other models are skipped when ``model`` is given (the record's ``model``
+    field is used otherwise).
+
+    Raises:
+        DataError: a record names a sample that ``samples`` does not contain.
+    """
+    by_key = {(s.dataset, int(s.index)): s for s in samples}
+    items: list[WorkItem] = []
+    for rec in records:
+        rec_model = str(rec.get("model", model or ""))
+        if model is not None and rec.get("model") not in (None, model):
+            continue
+        key = (str(rec["dataset"]), int(rec["index"]))
+        sample = by_key.get(key)
+        if sample is None:
+            raise DataError(f"benchmark record {key} has no matching sample in the loaded dataset (wrong --data-root?)")
+        pred = rec.get(f"prediction_{mode}")
+        answer = pred.strip() if isinstance(pred, str) and pred.strip() else None
+        ex = dict(extra or {})
+        if "editor" in rec:
+            ex.setdefault("editor", rec["editor"])
+        items.append(WorkItem(model=model or rec_model, dataset=sample.dataset, mode=mode, sample=sample, answer=answer, extra=ex))
+    return items
+
+
+def _read_image(path: str) -> np.ndarray:
+    """``(H, W)`` uint8 image via :func:`medfocus.io.read_image`."""
+    from medfocus.io import read_image
+
+    img, _ = read_image(path)
+    return img
+
+
+def _default_loader(name: str) -> Any:
+    from medfocus.lvlm import load_lvlm
+
+    return load_lvlm(name)
+
+
+def _default_factory(name: str, params: Mapping[str, Any]) -> Any:
+    from medfocus.attribution import get_method
+
+    return get_method(name, **dict(params))
+
+
+def _default_boxes(heatmap: np.ndarray) -> list:
+    from medfocus.evaluation import heatmap_to_boxes
+
+    return [list(b) for b in heatmap_to_boxes(heatmap)]
+
+
+def _split_extras(extras: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Small extras stay in the JSON record; big arrays go to the ``.npz`` as ``extra_<name>``."""
+    inline: dict[str, Any] = {}
+    arrays: dict[str, np.ndarray] = {}
+    for k, v in (extras or {}).items():
+        if hasattr(v, "detach") and hasattr(v, "cpu"):
+            v = v.detach().cpu().numpy()
+        if isinstance(v, np.ndarray) and v.size > MAX_INLINE_ARRAY:
+            arrays[f"extra_{k}"] = v
+        else:
+            inline[str(k)] = to_jsonable(v)
+    return inline, arrays
+
+
+def _seed_everything(s: int) -> None:
+    random.seed(s)
+    np.random.seed(s)
+    try:
+        import torch
+
+        torch.manual_seed(s)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+@dataclass
+class RunSummary:
+    """What :func:`run_grid` did."""
+
+    total: int = 0
+    skipped: int = 0
+    done: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    error_keys: list[Key] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.done} computed, {self.skipped} already in the store, {self.errors} errors "
+            f"(of {self.total}) in {self.seconds:.1f}s"
+        )
+
+
+def run_grid(
+    items: Sequence[WorkItem],
+    methods: Sequence[str] | Mapping[str, Mapping[str, Any]],
+    store: ResultStore,
+    *,
+    load_model: Callable[[str], Any] | None = None,
+    make_method: Callable[[str, Mapping[str, Any]], Any] | None = None,
+    read_image: Callable[[str], np.ndarray] | None = None,
+    heatmap_to_boxes: Callable[[np.ndarray], list] | None = None,
+    seed: int = 0,
+    retry_errors: bool = False,
+    save_heatmaps: bool = True,
+    save_token_maps: bool = False,
+    progress: bool = True,
+    release_model: bool = True,
+) -> RunSummary:
+    """Run every method on every work item, appending one record per key to ``store``.
+
+    Args:
+        items: work items (already limited/sharded, see :func:`select_items`).
+        methods: method names, or ``{name: params}`` passed to the method factory.
+        store: the result store; keys it already holds are skipped (resume).
+        load_model: ``name -> LVLMAdapter`` (default :func:`medfocus.lvlm.load_lvlm`), called once per model.
+        make_method: ``(name, params) -> method`` (default :func:`medfocus.attribution.get_method`), called
+            once per method for the whole run.
+        read_image: ``path -> (H, W) uint8`` (default :func:`medfocus.io.read_image`).
+        heatmap_to_boxes: ``(H, W) heatmap -> boxes`` (default :func:`medfocus.evaluation.heatmap_to_boxes`
+            with its defaults); boxes are stored as ``pred_boxes``.
+        seed: run seed; RNGs are re-seeded per key with :func:`item_seed`.
+        retry_errors: recompute keys whose stored record has an error (the new record supersedes it).
+        save_heatmaps: write each heatmap to a compressed ``.npz`` (key ``heatmap``, float32 ``(H0, W0)``).
+        save_token_maps: also store per-answer-token maps (``token_heatmaps``, float16 ``(T, H0, W0)``).
+        progress: show a tqdm bar with ETA.
+        release_model: drop the model after its group (frees memory before the next model loads).
+
+    Returns:
+        a :class:`RunSummary`.
+
+    Record fields: ``model, dataset, index, mode, method, attribute, question, answer, gt_boxes,
+    image_size, pred_boxes, heatmap_path, n_forward, n_backward, seconds, wall_seconds, seed,
+    extras, error, traceback`` plus the item's ``extra`` mapping.
+    """
+    method_params: dict[str, dict[str, Any]]
+    if isinstance(methods, Mapping):
+        method_params = {str(k): dict(v or {}) for k, v in methods.items()}
+    else:
+        method_params = {str(m): {} for m in methods}
+    if not method_params:
+        raise ConfigError("no attribution method selected")
+    load_model = load_model or _default_loader
+    make_method = make_method or _default_factory
+    read_image = read_image or _read_image
+    to_boxes = heatmap_to_boxes or _default_boxes
+
+    summary = RunSummary(total=len(items) * len(method_params))
+    t_start = time.perf_counter()
+    todo = [it for it in items if any(not store.is_done(it.key(m), retry_errors=retry_errors) for m in method_params)]
+    summary.skipped = sum(store.is_done(it.key(m), retry_errors=retry_errors) for it in items for m in method_params)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=summary.total, initial=summary.skipped, desc="attribute", unit="run", dynamic_ncols=True)
+
+    method_objs: dict[str, Any] = {}
+    method_errors: dict[str, str] = {}
+
+    def get_method_obj(name: str) -> Any:
+        if name not in method_objs and name not in method_errors:
+            try:
+                method_objs[name] = make_method(name, method_params[name])
+            except Exception as exc:  # recorded on every item of that method
+                method_errors[name] = f"{type(exc).__name__}: {exc}"
+                log.warning("method %s unavailable: %s", name, method_errors[name])
+        if name in method_errors:
+            raise RuntimeError(f"method {name!r} could not be built: {method_errors[name]}")
+        return method_objs[name]
+
+    # Group by model, keeping first-appearance order.
+    groups: dict[str, list[WorkItem]] = {}
+    for it in todo:
+        groups.setdefault(it.model, []).append(it)
+
+    def record_base(it: WorkItem, method: str) -> dict[str, Any]:
+        return {
+            "model": it.model,
+            "dataset": it.dataset,
+            "index": it.index,
+            "mode": it.mode,
+            "method": method,
+            "attribute": it.sample.attribute,
+            "question": it.question,
+            "answer": it.answer_text,
+            "gt_answer": it.sample.answer,
+            "gt_boxes": [list(b) for b in it.sample.boxes],
+            "image_size": list(it.sample.image_size),
+            "image_path": it.sample.image_path,
+            **dict(it.extra),
+        }
+
+    def write_error(it: WorkItem, method: str, err: str, tb: str | None, wall: float) -> None:
+        rec = record_base(it, method)
+        rec.update(pred_boxes=None, heatmap_path=None, extras={}, error=err, traceback=tb, wall_seconds=wall)
+        store.append(rec)
+        summary.errors += 1
+        summary.error_keys.append(it.key(method))
+
+    try:
+        for model_name, group in groups.items():
+            if bar is not None:
+                bar.set_description(f"load {model_name}")
+            try:
+                adapter = load_model(model_name)
+                load_err = None
+            except Exception as exc:
+                adapter = None
+                load_err = f"model load failed: {type(exc).__name__}: {exc}"
+                log.error("%s", load_err)
+            for it in group:
+                pending = [m for m in method_params if not store.is_done(it.key(m), retry_errors=retry_errors)]
+                if not pending:
+                    continue
+                image = None
+                img_err = load_err
+                if adapter is not None:
+                    try:
+                        image = read_image(it.sample.image_path)
+                        if image.ndim != 2:
+                            raise DataError(f"{it.sample.image_path}: expected a 2-D grayscale image, got shape {image.shape}")
+                    except Exception as exc:
+                        img_err = f"image read failed: {type(exc).__name__}: {exc}"
+                for m in pending:
+                    key = it.key(m)
+                    if bar is not None:
+                        bar.set_description(f"{model_name} {it.mode} {m}")
+                    t0 = time.perf_counter()
+                    if img_err is not None:
+                        write_error(it, m, img_err, None, 0.0)
+                        if bar is not None:
+                            bar.update(1)
+                        continue
+                    try:
+                        method = get_method_obj(m)
+                        s = item_seed(seed, key)
+                        _seed_everything(s)
+                        res = method.attribute(adapter, image, it.question, it.answer_text)
+                        rec = record_base(it, m)
+                        arrays: dict[str, np.ndarray] = {}
+                        heat = getattr(res, "heatmap", None)
+                        if heat is not None:
+                            heat = np.asarray(heat, dtype=np.float32)
+                            if heat.shape != image.shape:
+                                raise DataError(f"method {m!r} returned a heatmap of shape {heat.shape}; expected the image's {image.shape}")
+                            arrays["heatmap"] = heat
+                        boxes = getattr(res, "boxes", None)
+                        if boxes is not None:
+                            pred = [list(map(float, b)) for b in boxes]
+                        elif heat is not None:
+                            pred = to_boxes(heat)
+                        else:
+                            pred = []
+                        tok = getattr(res, "token_heatmaps", None)
+                        if save_token_maps and tok is not None:
+                            arrays["token_heatmaps"] = np.asarray(tok, dtype=np.float16)
+                        inline, big = _split_extras(getattr(res, "extras", None))
+                        arrays.update(big)
+                        rec.update(
+                            pred_boxes=pred,
+                            heatmap_path=store.save_arrays(key, **arrays) if (save_heatmaps and arrays) else None,
+                            n_forward=int(getattr(res, "n_forward", 0) or 0),
+                            n_backward=int(getattr(res, "n_backward", 0) or 0),
+                            seconds=float(getattr(res, "seconds", 0.0) or 0.0),
+                            wall_seconds=time.perf_counter() - t0,
+                            seed=s,
+                            extras=inline,
+                            error=None,
+                            traceback=None,
+                        )
+                        rec["has_heatmap"] = heat is not None
+                        store.append(rec)
+                        summary.done += 1
+                    except (KeyboardInterrupt, SystemExit):
+                        raise
+                    except Exception as exc:
+                        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)[-6:])
+                        msg = f"{type(exc).__name__}: {exc}"
+                        if bar is not None:
+                            bar.write(f"[error] {key}: {msg}")
+                        else:
+                            log.warning("error on %s: %s", key, msg)
+                        write_error(it, m, msg, tb, time.perf_counter() - t0)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(errors=summary.errors)
+            if release_model:
+                adapter = None
+                gc.collect()
+    finally:
+        if bar is not None:
+            bar.close()
+    summary.seconds = time.perf_counter() - t_start
+    return summary

@@ -1,0 +1,333 @@
+"""Append-only, crash-safe result store for attribution runs.
+
+One JSON line per result record, keyed by ``(model, dataset, index, mode, method)``. Every append is
+flushed and ``fsync``-ed before :meth:`ResultStore.append` returns, so a record that was reported as
+written survives a kill. A kill *during* a write can only leave a partial last line; it is detected
+on the next open (no trailing newline / not valid JSON), cut off, and that key simply counts as not
+done, so the resumed run recomputes it: nothing is lost and nothing is duplicated.
+
+Heatmaps are stored next to the JSONL file as compressed ``.npz`` files written atomically
+(temporary file in the same directory, ``fsync``, ``os.replace``); the record that points at a
+heatmap is appended only after the file is in place, so a record never names a missing file.
+
+Only one process may append to a store file at a time (an exclusive ``flock`` on ``<file>.lock``);
+shards of a run write separate files and are combined with :func:`merge_stores`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from medfocus.errors import ConfigError, DataError
+
+Key = tuple[str, str, int, str, str]
+"""``(model, dataset, index, mode, method)``."""
+
+KEY_FIELDS: tuple[str, ...] = ("model", "dataset", "index", "mode", "method")
+
+
+def record_key(record: dict[str, Any]) -> Key:
+    """The store key of a record; raises :class:`DataError` naming the missing field."""
+    try:
+        return (
+            str(record["model"]),
+            str(record["dataset"]),
+            int(record["index"]),
+            str(record["mode"]),
+            str(record["method"]),
+        )
+    except KeyError as exc:
+        raise DataError(f"result record lacks key field {exc.args[0]!r}; expected fields {KEY_FIELDS}") from None
+
+
+def key_slug(key: Key) -> str:
+    """A file-name-safe string for a key, e.g. ``demo__synthetic__12__direct__occlusion``."""
+    safe = ["".join(c if (c.isalnum() or c in "-_.") else "-" for c in str(part)) for part in key]
+    return "__".join(safe)
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert numpy / torch scalars and arrays, tuples, paths and non-finite floats into plain JSON.
+
+    Non-finite floats become ``None`` (JSON has no NaN); arrays become nested lists.
+    """
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, np.generic):
+        return to_jsonable(obj.item())
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "detach") and hasattr(obj, "cpu"):  # torch tensor, without importing torch
+        return to_jsonable(obj.detach().cpu().numpy())
+    return str(obj)
+
+
+def _fsync_dir(path: Path) -> None:
+    # Make a rename durable: fsync the directory entry (not supported on every platform).
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save_npz(path: str | Path, **arrays: np.ndarray) -> Path:
+    """Write ``np.savez_compressed(path, **arrays)`` atomically: readers see the old file or the new one.
+
+    The data go to a temporary file in the same directory, which is fsync-ed and renamed over
+    ``path``. Returns ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz.tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def read_jsonl(path: str | Path) -> tuple[list[dict[str, Any]], int]:
+    """Read a result JSONL file. Returns ``(records, valid_bytes)``.
+
+    ``valid_bytes`` is the length of the prefix made of complete, valid lines. Only the *last* line
+    may be damaged (a write interrupted by a kill); damage elsewhere raises :class:`DataError` with the
+    line number, because it means the file was edited or corrupted, not interrupted.
+    """
+    path = Path(path)
+    records: list[dict[str, Any]] = []
+    if not path.exists():
+        return records, 0
+    data = path.read_bytes()
+    pos = 0
+    lineno = 0
+    while pos < len(data):
+        nl = data.find(b"\n", pos)
+        lineno += 1
+        if nl < 0:  # unterminated tail: an interrupted append
+            return records, pos
+        raw = data[pos:nl]
+        if raw.strip():
+            try:
+                rec = json.loads(raw)
+                if not isinstance(rec, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as exc:
+                if data[nl + 1 :].strip():
+                    raise DataError(f"{path}: line {lineno} is not a valid JSON record ({exc})") from None
+                return records, pos
+            records.append(rec)
+        pos = nl + 1
+    return records, pos
+
+
+class ResultStore:
+    """Append-only JSONL store of result records (see module docstring).
+
+    Args:
+        path: the ``.jsonl`` file (created with its parent directory if needed).
+        heatmap_dir: where :meth:`save_arrays` writes ``.npz`` files; default ``<path stem>_heatmaps/``
+            next to the file. Record paths are stored relative to the JSONL file's directory.
+        lock: take an exclusive lock so that two processes cannot append to the same file.
+
+    Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(self, path: str | Path, *, heatmap_dir: str | Path | None = None, lock: bool = True) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.heatmap_dir = Path(heatmap_dir) if heatmap_dir is not None else self.path.parent / f"{self.path.stem}_heatmaps"
+        self._lock_fh = None
+        if lock:
+            self._acquire_lock()
+        records, valid = read_jsonl(self.path)
+        if self.path.exists() and valid != self.path.stat().st_size:
+            # Cut the interrupted tail so the next append starts on a fresh line.
+            with open(self.path, "r+b") as fh:
+                fh.truncate(valid)
+                fh.flush()
+                os.fsync(fh.fileno())
+        self._records: dict[Key, dict[str, Any]] = {}
+        for rec in records:
+            self._records[record_key(rec)] = rec  # later lines supersede earlier ones (retries)
+        self._fh = open(self.path, "ab")
+
+    # ---- locking ------------------------------------------------------------------------------
+    def _acquire_lock(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - non-POSIX
+            return
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        fh = open(lock_path, "a+")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            raise ConfigError(
+                f"result store {self.path} is in use by another process; give each concurrent run "
+                "its own --out (e.g. one per --shard) and merge them afterwards"
+            ) from None
+        self._lock_fh = fh
+
+    # ---- reading ------------------------------------------------------------------------------
+    def __contains__(self, key: Key) -> bool:
+        return key in self._records
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def get(self, key: Key) -> dict[str, Any] | None:
+        return self._records.get(key)
+
+    def keys(self) -> set[Key]:
+        return set(self._records)
+
+    def records(self) -> list[dict[str, Any]]:
+        """One record per key (the latest written), in key order."""
+        return [self._records[k] for k in sorted(self._records)]
+
+    def is_done(self, key: Key, *, retry_errors: bool = False) -> bool:
+        """Whether ``key`` has a record (with ``retry_errors``, only a record without error counts)."""
+        rec = self._records.get(key)
+        if rec is None:
+            return False
+        return not (retry_errors and rec.get("error"))
+
+    # ---- writing ------------------------------------------------------------------------------
+    def append(self, record: dict[str, Any]) -> None:
+        """Append one record durably (write + flush + fsync) and index it."""
+        if self._fh is None:
+            raise ConfigError(f"result store {self.path} is closed")
+        rec = to_jsonable(record)
+        key = record_key(rec)
+        line = (json.dumps(rec, separators=(",", ":"), allow_nan=False) + "\n").encode("utf-8")
+        self._fh.write(line)
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._records[key] = rec
+
+    def heatmap_path(self, key: Key) -> Path:
+        """Where the ``.npz`` of a key goes (absolute)."""
+        return self.heatmap_dir / f"{key_slug(key)}.npz"
+
+    def save_arrays(self, key: Key, **arrays: np.ndarray) -> str:
+        """Atomically write the arrays of one record; returns the path relative to the store's directory."""
+        path = atomic_save_npz(self.heatmap_path(key), **arrays)
+        return os.path.relpath(path, self.path.parent)
+
+    def resolve(self, rel_path: str) -> Path:
+        """Absolute path of a path stored in a record (relative to the JSONL file's directory)."""
+        p = Path(rel_path)
+        return p if p.is_absolute() else self.path.parent / p
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if self._lock_fh is not None:
+            self._lock_fh.close()
+            self._lock_fh = None
+
+    def __enter__(self) -> "ResultStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def load_records(path: str | Path, *, absolute_paths: bool = True) -> list[dict[str, Any]]:
+    """Read a store file without locking it: one record per key (latest wins), key-sorted.
+
+    With ``absolute_paths`` every ``heatmap_path`` is made absolute (relative to the file's directory),
+    so the records can be handed to the evaluation from any working directory.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"result file {path} does not exist; run `medfocus attribute` first")
+    records, _ = read_jsonl(path)
+    latest: dict[Key, dict[str, Any]] = {}
+    for rec in records:
+        latest[record_key(rec)] = rec
+    out = [latest[k] for k in sorted(latest)]
+    if absolute_paths:
+        for rec in out:
+            hp = rec.get("heatmap_path")
+            if hp and not Path(hp).is_absolute():
+                rec["heatmap_path"] = str((path.parent / hp).resolve())
+    return out
+
+
+def merge_stores(inputs: Iterable[str | Path], out: str | Path, *, prefer_success: bool = True) -> int:
+    """Merge shard result files into one store; returns the number of records in ``out``.
+
+    Keys already in ``out`` are kept unless a merged record replaces an errored one. Between two
+    inputs holding the same key, a record without error wins over one with an error
+    (``prefer_success``), otherwise the later input wins. Heatmap paths are rewritten to stay valid
+    relative to ``out``'s directory (the ``.npz`` files are not moved).
+    """
+    out = Path(out)
+    with ResultStore(out) as store:
+        chosen: dict[Key, dict[str, Any]] = {}
+        for inp in inputs:
+            inp = Path(inp)
+            if inp.resolve() == out.resolve():
+                continue
+            for rec in load_records(inp, absolute_paths=True):
+                key = record_key(rec)
+                prev = chosen.get(key)
+                if prev is not None and prefer_success and not prev.get("error") and rec.get("error"):
+                    continue
+                chosen[key] = rec
+        for key in sorted(chosen):
+            rec = dict(chosen[key])
+            existing = store.get(key)
+            if existing is not None and (not existing.get("error") or rec.get("error")):
+                continue
+            hp = rec.get("heatmap_path")
+            if hp:
+                rec["heatmap_path"] = os.path.relpath(hp, out.parent)
+            store.append(rec)
+        return len(store)
+
+
+def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Iterate the valid records of a JSONL file in file order (duplicates included)."""
+    yield from read_jsonl(path)[0]

@@ -1,0 +1,115 @@
+"""Every baseline on the three tiny genuine families (qwen_vl, gemma3, llava) and on the demo model."""
+
+from __future__ import annotations
+
+
+import numpy as np
+import pytest
+import torch
+
+from medfocus.attribution import get_method
+from medfocus.attribution._common import final_token_index, forward_logprobs, score
+from medfocus.attribution.base import BASELINES
+
+FAMILIES = ("qwen_vl", "gemma3", "llava")
+Q_DIRECT = "Is there evidence of nodule in the image? Answer directly with yes or no without any explanation."
+Q_COT = "Is there evidence of nodule in the image? Think step by step and answer with yes or no."
+COT_ANSWER = "The right lung shows a round opacity. Therefore, yes."
+FAST = {"integrated_gradients": {"steps": 4, "batch_size": 4}, "occlusion": {"grid": 4}, "rise": {"n_masks": 8},
+        "prompting": {"max_new_tokens": 8}}
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 255, size=(60, 80)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_method_runs_on_tiny_family(tiny_adapters, family: str, image: np.ndarray) -> None:
+    torch.set_num_threads(1)
+    adapter = tiny_adapters[family]
+    for name in BASELINES:
+        if name == "prompting_medsam":
+            continue  # needs detector weights; its plumbing is tested with tiny OWL-ViT/SAM in test_attribution_prompting
+        res = get_method(name, **FAST.get(name, {})).attribute(adapter, image, Q_DIRECT, "Yes")
+        assert res.heatmap is not None and res.heatmap.shape == image.shape, name
+        assert np.isfinite(res.heatmap).all(), name
+        if name not in ("prompting",):
+            assert float(res.heatmap.max()) > 0, f"{family}/{name}: empty map"
+        assert res.n_forward >= 1 and res.seconds > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradcam_layer_choice_on_tiny_family(tiny_adapters, family: str, image: np.ndarray) -> None:
+    """The default layer's gradient at image tokens is non-zero (Gemma 3's zero-initialised projection would
+    make it exactly zero); the last decoder layer's is exactly zero (the paper's pitfall)."""
+    adapter = tiny_adapters[family]
+    default = get_method("gradcam").attribute(adapter, image, Q_DIRECT, "Yes")
+    assert default.extras["layer"] == "lm_input_embeddings" and default.extras["grad_abs_sum"] > 0
+    middle = get_method("gradcam", layer="middle").attribute(adapter, image, Q_DIRECT, "Yes")
+    assert middle.extras["grad_abs_sum"] > 0
+    last = get_method("gradcam", layer=-1).attribute(adapter, image, Q_DIRECT, "Yes")
+    assert last.extras["grad_abs_sum"] == 0.0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_step_by_step_rationale_and_final_token(tiny_adapters, family: str, image: np.ndarray) -> None:
+    adapter = tiny_adapters[family]
+    chat = adapter.prepare(image, Q_COT, COT_ANSWER)
+    k = final_token_index(chat)
+    assert "yes" in "".join(chat.answer_tokens[k:]).lower() and k < chat.n_answer_tokens
+    for name in ("attention_head", "occlusion", "gradcam", "grad_weighted_attention"):
+        res = get_method(name, **FAST.get(name, {})).attribute(adapter, image, Q_COT, COT_ANSWER)
+        assert res.extras["final_token_index"] == k
+        fin = res.extras["final_token_heatmap"]
+        assert fin is not None and fin.shape == image.shape and np.isfinite(fin).all()
+        if res.token_heatmaps is not None:
+            assert res.token_heatmaps.shape == (chat.n_answer_tokens,) + image.shape
+
+
+def test_integrated_gradients_lit_patch_on_qwen(tiny_adapters) -> None:
+    """Qwen2.5-VL stores 2x2-merge-window-ordered patches; IG's map of a black image with one lit
+    square must be non-zero only on that square (IG vanishes where the image equals the baseline)."""
+    adapter = tiny_adapters["qwen_vl"]
+    W, H = adapter.canvas_size
+    img = np.zeros((H, W), np.uint8)
+    img[28:56, 56:84] = 255
+    res = get_method("integrated_gradients", steps=4, batch_size=4).attribute(adapter, img, Q_DIRECT, "Yes")
+    c = res.extras["canvas_map"]
+    assert c[28:56, 56:84].sum() > 0 and c.sum() == pytest.approx(c[28:56, 56:84].sum(), rel=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_occlusion_scores_match_single_forwards(tiny_adapters, family: str, image: np.ndarray) -> None:
+    """Perturbation methods score variants made in pixel_values space; the batched scores must equal one
+    forward per variant through the processor-free path (and the original must equal the plain chat)."""
+    adapter = tiny_adapters[family]
+    chat = adapter.prepare(image, Q_DIRECT, "Yes")
+    gh, gw = chat.grid_hw
+    keep = torch.ones(3, gh, gw)
+    keep[1, 0, 0] = 0
+    keep[2, gh - 1, gw - 1] = 0
+    pv = adapter.masked_pixel_values(chat, keep)
+    batched = score(adapter, chat, pv, batch_size=3)
+    with torch.no_grad():
+        singles = torch.cat([forward_logprobs(adapter, chat, adapter.batch_inputs(chat, pv[i : i + 1]))[0] for i in range(3)])
+        plain = forward_logprobs(adapter, chat, chat.inputs)[0]
+    torch.testing.assert_close(batched, singles.cpu(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(batched[0:1], plain.cpu(), atol=1e-4, rtol=1e-4)
+
+
+def test_every_method_on_demo_model_both_modes(demo_adapter) -> None:
+    from medfocus.datasets.synthetic import generate_case
+
+    case = generate_case(seed=3, size=128, findings=["cardiomegaly"])
+    img = case.image
+    for mode, q in (("direct", Q_DIRECT.replace("nodule", "cardiomegaly")), ("cot", Q_COT.replace("nodule", "cardiomegaly"))):
+        answer = demo_adapter.generate([img], [q], max_new_tokens=48)[0]
+        assert answer.strip(), mode
+        for name in BASELINES:
+            if name == "prompting_medsam":
+                continue
+            res = get_method(name, **FAST.get(name, {})).attribute(demo_adapter, img, q, answer)
+            assert res.heatmap is not None and res.heatmap.shape == img.shape and np.isfinite(res.heatmap).all(), (mode, name)
+            if mode == "cot" and name not in ("prompting", "rise", "integrated_gradients", "gradcampp", "attention_rollout", "lrp"):
+                assert "final_token_heatmap" in res.extras, name

@@ -1,0 +1,297 @@
+"""The three-step causal filter on a hand-built world whose truth is known by construction.
+
+Toy world: a 48x48 image with a bright finding (value 230) inside its box and, in *cued* images, a
+shortcut cue (a 4x4 patch of value 250) in the top-left corner. The oracle counterfactuals are exact:
+foreground = finding removed (cue kept); background / background-normal = finding kept, everything
+outside the box redrawn (other texture, cue removed).
+
+The toy LVLM accumulates evidence: one point per finding pixel, plus ``cue_bonus`` if the cue is
+visible; it answers Yes iff the evidence reaches ``threshold``. With threshold 30 and bonus 25:
+* a *large* finding (64 px) is seen on its own -> the model answers from the finding -> kept;
+* a *small* finding (9 px) is only "seen" together with the cue -> the model answers from the
+  shortcut -> correct and flipped, but the background edit (cue removed) changes the answer ->
+  removed by the background gate;
+* a small finding without cue -> wrong answer -> removed by the correctness gate.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from medfocus.bench import apply_filter, build_benchmark, read_log, retention_table, split_paths
+from medfocus.bench.build import make_record
+from medfocus.editing import Editor, get_editor
+from medfocus.lvlm.adapter import LVLMAdapter
+from medfocus.types import SUFFIXES, Sample, question_stem
+
+FINDING, CUE = 230, 250
+
+
+class ToyAdapter(LVLMAdapter):
+    """Implements :meth:`LVLMAdapter.generate` by reading pixels (a model whose evidence is known).
+    The other abstract methods are not used by the filter."""
+
+    name = family = "toy"
+
+    def __init__(self, threshold: int = 30, cue_bonus: int = 25, fail_on_call: int | None = None,
+                 gibberish: bool = False):
+        self.threshold, self.cue_bonus = threshold, cue_bonus
+        self.calls = 0
+        self.n_images = 0
+        self.fail_on_call = fail_on_call
+        self.gibberish = gibberish
+        self.questions: list[str] = []
+
+    def evidence(self, img: np.ndarray) -> int:
+        cue = int((img == CUE).sum() >= 16)
+        return int((img == FINDING).sum()) + self.cue_bonus * cue
+
+    def generate(self, images, questions, *, max_new_tokens=64, batch_size=8):
+        self.calls += 1
+        if self.fail_on_call is not None and self.calls == self.fail_on_call:
+            raise KeyboardInterrupt  # simulates the process being killed mid-run
+        self.n_images += len(images)
+        self.questions += list(questions)
+        out = []
+        for img, q in zip(images, questions):
+            yes = self.evidence(np.asarray(img)) >= self.threshold
+            if self.gibberish:
+                out.append("I cannot say.")
+            elif q.endswith(SUFFIXES["cot"]):
+                out.append(f"Step 1: look at the image. Step 2: weigh the findings. Final answer: {'yes' if yes else 'no'}.")
+            else:
+                out.append("Yes." if yes else "No.")
+        return out
+
+    # not used by the filter
+    def prepare(self, image, question, answer=None, *, include_eot=False):
+        raise NotImplementedError
+
+    def batch_inputs(self, chat, pixel_values):
+        raise NotImplementedError
+
+    def pixel_values_to_images(self, pixel_values, chat):
+        raise NotImplementedError
+
+    def images_to_pixel_values(self, images, chat):
+        raise NotImplementedError
+
+    @property
+    def decoder_layers(self):
+        raise NotImplementedError
+
+    @property
+    def image_feature_module(self):
+        raise NotImplementedError
+
+
+def _base(seed: int, size: int = 48) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    img = 100 + 30 * np.sin(xx / 4.0 + seed) * np.cos(yy / 6.0) + rng.normal(0, 5, (size, size))
+    return np.clip(img, 60, 160).astype(np.uint8)
+
+
+def make_toy_world(root: Path, plan: list[tuple[str, bool]], n_neg: int = 0, size: int = 48) -> list[Sample]:
+    """Write images + exact counterfactuals; ``plan`` = [(finding size 'large'|'small', cued), ...]."""
+    root.mkdir(parents=True, exist_ok=True)
+    samples = []
+    for i, (kind, cued) in enumerate(plan + [("none", False)] * n_neg):
+        base = _base(i)
+        img = base.copy()
+        x0, y0 = 20 + (i % 3) * 4, 18 + (i % 2) * 6
+        side = {"large": 8, "small": 3, "none": 0}[kind]
+        box = (x0 - 2, y0 - 2, x0 + side + 2, y0 + side + 2)
+        img[y0:y0 + side, x0:x0 + side] = FINDING
+        if cued:
+            img[1:5, 1:5] = CUE
+        paths = {"image": root / f"{i}.png"}
+        cv2.imwrite(str(paths["image"]), img)
+        meta = {}
+        if kind != "none":
+            fg = img.copy()
+            fg[y0:y0 + side, x0:x0 + side] = base[y0:y0 + side, x0:x0 + side]
+            bg = np.clip(_base(1000 + i).astype(int) + 5, 0, 255).astype(np.uint8)  # redrawn outside, no cue
+            bx1, by1, bx2, by2 = box
+            bg[by1:by2, bx1:bx2] = img[by1:by2, bx1:bx2]
+            for k, a in (("foreground", fg), ("background", bg), ("background_normal", bg)):
+                cv2.imwrite(str(root / f"{i}_{k}.png"), a)
+            meta = {"counterfactuals": {k: f"{i}_{k}.png" for k in ("foreground", "background", "background_normal")},
+                    "truth": f"{kind}{'_cued' if cued else ''}"}
+        samples.append(Sample("toy", i, str(paths["image"]), "nodule", question_stem("nodule"),
+                              "Yes" if kind != "none" else "No", [box] if kind != "none" else [], (size, size), meta=meta))
+    return samples
+
+
+PLAN = [("large", False), ("large", True), ("small", True), ("small", False), ("large", True), ("small", True)]
+
+
+def test_apply_filter_gates():
+    Y, N = "Yes", "No"
+    ok = apply_filter(Y, {"original": Y, "foreground": N, "background": Y, "background_normal": Y})
+    assert ok.kept and ok.failed_gate is None
+    r = apply_filter(Y, {"original": N, "foreground": N, "background": N, "background_normal": N})
+    assert r.failed_gate == "correct" and not r.unparseable
+    r = apply_filter(Y, {"original": Y, "foreground": None, "background": Y, "background_normal": Y})
+    assert r.failed_gate == "flip" and r.unparseable
+    r = apply_filter(Y, {"original": Y, "foreground": N, "background": Y, "background_normal": N})
+    assert r.failed_gate == "background" and not r.unparseable and r.gates == {"correct": True, "flip": True, "background": False}
+    r = apply_filter(Y, {"original": None, "foreground": N, "background": Y, "background_normal": Y})
+    assert r.failed_gate == "correct" and r.unparseable
+
+
+@pytest.mark.parametrize("mode", ["direct", "cot"])
+def test_oracle_filter_removes_shortcut_answers_and_keeps_finding_answers(tmp_path, mode):
+    samples = make_toy_world(tmp_path / "data", PLAN)
+    adapter = ToyAdapter()
+    records, ret = build_benchmark(adapter, samples, mode=mode, editor=get_editor("oracle"), out_dir=tmp_path / "out",
+                                   model_name="toy", progress=False)
+    truth = {s.index: s.meta["truth"] for s in samples}
+    kept = {r["index"] for r in records}
+    assert kept == {i for i, t in truth.items() if t.startswith("large")}
+    log = read_log(split_paths(tmp_path / "out", "toy", "toy", mode)["log"])
+    gate = {k[2]: r["failed_gate"] for k, r in log.items()}
+    assert all(gate[i] == "background" for i, t in truth.items() if t == "small_cued")
+    assert all(gate[i] == "correct" for i, t in truth.items() if t == "small")
+    # retention numbers add up and match the construction
+    assert (ret["n"], ret["kept"], ret["failed_correct"], ret["failed_flip"], ret["failed_background"], ret["errors"]) == (6, 3, 1, 0, 2, 0)
+    assert ret["n"] == ret["errors"] + ret["failed_correct"] + ret["failed_flip"] + ret["failed_background"] + ret["kept"]
+    assert ret["retention_pct"] == 50.0
+    # the model saw the paper's question with the mode suffix, four images per sample
+    assert set(adapter.questions) == {question_stem("nodule") + SUFFIXES[mode]} and adapter.n_images == 4 * 6
+    rec = records[0]
+    m = mode
+    assert (rec[f"prediction_{m}"], rec[f"prediction_edited_{m}"], rec[f"prediction_edited_kept_{m}"],
+            rec[f"prediction_edited_kept_normal_{m}"]) == ("Yes", "No", "Yes", "Yes")
+    assert rec["editor"] == "oracle" and rec["boxes"] and rec["question"].endswith(SUFFIXES[mode])
+    md = (tmp_path / "out" / "retention.md").read_text()
+    assert f"| toy | toy | {mode} | oracle | 6 | 0 | 1 | 0 | 2 | 3 | 50.0 |" in md
+
+
+def test_cue_dominated_model_loses_cued_samples_finding_model_keeps_all(tmp_path):
+    samples = make_toy_world(tmp_path / "data", PLAN)
+    ed = get_editor("oracle")
+    recs, ret = build_benchmark(ToyAdapter(threshold=16, cue_bonus=100), samples, mode="direct", editor=ed,
+                                out_dir=tmp_path / "cue", model_name="cue_only", progress=False)
+    # the cue alone decides whenever it is present (large findings reach the threshold on their own,
+    # small ones do not) -> only the large uncued sample is kept, every cued one is removed
+    assert {r["index"] for r in recs} == {0}
+    assert ret["failed_flip"] == 4  # cued: the foreground edit keeps the cue, so the answer cannot flip
+    assert ret["failed_correct"] == 1  # small uncued: not seen
+    recs2, ret2 = build_benchmark(ToyAdapter(threshold=9, cue_bonus=0), samples, mode="direct", editor=ed,
+                                  out_dir=tmp_path / "finding", model_name="finding_only", progress=False)
+    assert len(recs2) == 6 and ret2["retention_pct"] == 100.0
+
+
+def test_records_round_trip_and_match_public_schema(tmp_path, shared_data):
+    samples = make_toy_world(tmp_path / "data", PLAN)
+    build_benchmark(ToyAdapter(), samples, mode="direct", editor=get_editor("oracle"), out_dir=tmp_path / "out",
+                    model_name="toy", progress=False)
+    path = split_paths(tmp_path / "out", "toy", "toy", "direct")["records"]
+    ours = json.loads(path.read_text())
+    public = json.loads((shared_data / "medground_bench_direct.json").read_text())
+    assert set(public[0]) <= set(ours[0])  # every public field, plus our extras
+    for k in public[0]:
+        assert type(ours[0][k]) is type(public[0][k]), k
+    medground = pytest.importorskip("medfocus.datasets.medground", reason="Foundations benchmark loader not present")
+    loaded = medground.load_records(path)
+    assert len(loaded) == len(ours) == 3
+    for rec, raw in zip(loaded, ours):
+        get = (lambda k: rec[k]) if isinstance(rec, dict) else (lambda k: getattr(rec, k, None) if hasattr(rec, k) else rec.raw[k])
+        assert (get("model"), get("dataset"), int(get("index")), get("answer")) == (raw["model"], raw["dataset"], raw["index"], raw["answer"])
+
+
+def test_resume_after_kill_loses_and_duplicates_nothing(tmp_path):
+    samples = make_toy_world(tmp_path / "data", PLAN)
+    ed = get_editor("oracle")
+    kw = dict(mode="direct", editor=ed, model_name="toy", progress=False, samples_per_step=2)
+    with pytest.raises(KeyboardInterrupt):
+        build_benchmark(ToyAdapter(fail_on_call=2), samples, out_dir=tmp_path / "run", **kw)
+    log_path = split_paths(tmp_path / "run", "toy", "toy", "direct")["log"]
+    assert len(read_log(log_path)) == 2  # the first step (2 samples) was saved
+    with log_path.open("a") as fh:  # and a kill in the middle of writing a line
+        fh.write('{"model": "toy", "dataset": "toy", "ind')
+    again = ToyAdapter()
+    recs, ret = build_benchmark(again, samples, out_dir=tmp_path / "run", **kw)
+    assert again.n_images == 4 * 4  # only the 4 missing samples were generated
+    fresh, ret_fresh = build_benchmark(ToyAdapter(), samples, out_dir=tmp_path / "fresh", **kw)
+    assert recs == fresh and ret == ret_fresh
+    lines = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip().endswith("}")]
+    assert sorted(r["index"] for r in lines) == list(range(6))  # no duplicates
+    # a third run does nothing
+    third = ToyAdapter()
+    build_benchmark(third, samples, out_dir=tmp_path / "run", **kw)
+    assert third.calls == 0
+
+
+def test_failing_sample_is_recorded_and_the_run_continues(tmp_path):
+    samples = make_toy_world(tmp_path / "data", PLAN)
+    Path(samples[1].image_path).unlink()
+    recs, ret = build_benchmark(ToyAdapter(), samples, mode="direct", editor=get_editor("oracle"),
+                                out_dir=tmp_path / "out", model_name="toy", progress=False)
+    assert ret["errors"] == 1 and ret["kept"] == 2 and ret["n"] == 6
+    row = read_log(split_paths(tmp_path / "out", "toy", "toy", "direct")["log"])[("toy", "toy", 1)]
+    assert "1.png" in row["error"]
+
+
+def test_unparseable_answers_fail_their_gate_and_are_counted(tmp_path):
+    samples = make_toy_world(tmp_path / "data", PLAN)
+    recs, ret = build_benchmark(ToyAdapter(gibberish=True), samples, mode="cot", editor=get_editor("oracle"),
+                                out_dir=tmp_path / "out", model_name="toy", progress=False)
+    assert recs == [] and ret["failed_correct"] == ret["unparseable_correct"] == 6
+
+
+class _CountingOracle(Editor):
+    name = "oracle"
+
+    def __init__(self):
+        self.inner = get_editor("oracle")
+        self.calls = 0
+
+    def _edit(self, image, mask, prompt, *, sample, kind):
+        self.calls += 1
+        return self.inner._edit(image, mask, prompt, sample=sample, kind=kind)
+
+
+def test_edits_are_cached_and_shared_across_models(tmp_path):
+    samples = make_toy_world(tmp_path / "data", PLAN)
+    ed = _CountingOracle()
+    cache = tmp_path / "edits"
+    build_benchmark(ToyAdapter(), samples, mode="direct", editor=ed, out_dir=tmp_path / "out", model_name="a",
+                    cache_dir=cache, progress=False)
+    assert ed.calls == 3 * 6
+    build_benchmark(ToyAdapter(threshold=9, cue_bonus=0), samples, mode="cot", editor=ed, out_dir=tmp_path / "out",
+                    model_name="b", cache_dir=cache, progress=False)
+    assert ed.calls == 3 * 6  # second model, other mode: every edit came from the cache
+    df = retention_table(tmp_path / "out")
+    assert sorted(zip(df["model"], df["mode"], df["kept"])) == [("a", "direct", 3), ("b", "cot", 6)]
+
+
+def test_negatives_are_off_by_default_and_separate(tmp_path):
+    samples = make_toy_world(tmp_path / "data", PLAN, n_neg=3)
+    out = tmp_path / "out"
+    a = ToyAdapter()
+    _, ret = build_benchmark(a, samples, mode="direct", editor=get_editor("oracle"), out_dir=out, model_name="toy",
+                             progress=False)
+    p = split_paths(out, "toy", "toy", "direct")
+    assert a.n_images == 24 and not p["negatives"].exists() and ret["negatives"] == 0
+    _, ret = build_benchmark(ToyAdapter(), samples, mode="direct", editor=get_editor("oracle"), out_dir=out,
+                             model_name="toy", include_negatives=True, progress=False)
+    neg = json.loads(p["negatives"].read_text())
+    assert [r["index"] for r in neg] == [6, 7, 8] and all(r["prediction_direct"] == "No" for r in neg)
+    assert ret["negatives"] == ret["negatives_correct"] == 3 and ret["n"] == 6  # positives unchanged
+    assert len(json.loads(p["records"].read_text())) == 3
+
+
+def test_make_record_schema():
+    row = {"model": "m", "dataset": "d", "index": 3, "mode": "cot", "answer": "Yes", "editor": "oracle",
+           "attribute": "mass", "question": "q", "boxes": [[1, 2, 3, 4]], "image_size": [8, 8],
+           "parsed": {"original": "Yes", "foreground": "No", "background": "Yes", "background_normal": "Yes"}}
+    rec = make_record(row)
+    assert list(rec)[:8] == ["model", "dataset", "index", "answer", "prediction_cot", "prediction_edited_cot",
+                             "prediction_edited_kept_cot", "prediction_edited_kept_normal_cot"]

@@ -1,0 +1,80 @@
+"""`medfocus bench build`: end to end on the toy world, and clear errors on the real-dataset path."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+import medfocus.commands.bench as bench_cmd
+from medfocus.cli import main
+from test_bench import PLAN, ToyAdapter, make_toy_world
+
+
+@pytest.fixture
+def toy_dataset(tmp_path, monkeypatch):
+    import medfocus.datasets as ds
+
+    root = tmp_path / "data"
+    make_toy_world(root, PLAN, n_neg=2)
+    monkeypatch.setitem(ds.DATASET_REGISTRY, "toy", lambda r, **kw: make_toy_world(r, PLAN, n_neg=2))
+    return root
+
+
+def test_bench_build_both_modes_writes_splits_and_retention(tmp_path, toy_dataset, monkeypatch):
+    loaded = []
+    monkeypatch.setattr(bench_cmd, "_load_model", lambda name, device: loaded.append(name) or ToyAdapter())
+    out = tmp_path / "out"
+    args = ["bench", "build", "--model", "toy_model", "--dataset", "toy", "--data-root", str(toy_dataset), "--mode", "direct",
+            "--mode", "cot", "--editor", "oracle", "--out", str(out), "--no-progress"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert loaded == ["toy_model"]
+    for mode in ("direct", "cot"):
+        recs = json.loads((out / "toy_model" / "toy" / f"{mode}.json").read_text())
+        assert [r["index"] for r in recs] == [0, 1, 4]
+        assert f"toy_model / toy / {mode}: kept 3 of 6 positives (50.0%)" in res.output
+    csv = (out / "retention.csv").read_text().splitlines()
+    assert len(csv) == 3 and csv[0].startswith("model,dataset,mode,editor,n,errors")
+    # rerun: resumes (nothing to generate), same table
+    monkeypatch.setattr(bench_cmd, "_load_model", lambda name, device: ToyAdapter(fail_on_call=1))
+    res2 = CliRunner().invoke(main, args)
+    assert res2.exit_code == 0, res2.output
+    res3 = CliRunner().invoke(main, ["bench", "retention", str(out)])
+    assert res3.exit_code == 0 and "| toy_model | toy | cot | oracle | 6 | 0 | 1 | 0 | 2 | 3 | 50.0 |" in res3.output
+
+
+def test_bench_real_dataset_without_data_is_a_clear_error(tmp_path):
+    res = CliRunner().invoke(main, ["bench", "build", "--model", "qwen2_5_vl_3b", "--dataset", "vindr_cxr", "--data-root",
+                                    str(tmp_path), "--mode", "direct", "--editor", "radedit", "--out", str(tmp_path / "o")])
+    assert res.exit_code != 0
+    assert "VinDr-CXR annotations" in res.output and "Traceback" not in res.output
+
+
+def _vindr_fixture(root):
+    import numpy as np
+
+    from medfocus.io import write_png
+
+    d = root / "vindr-cxr" / "1.0.0"
+    (d / "annotations").mkdir(parents=True)
+    (d / "annotations" / "annotations_test.csv").write_text(
+        "image_id,rad_id,class_name,x_min,y_min,x_max,y_max\nimg1,R8,Nodule/Mass,10,12,30,34\n")
+    write_png(d / "test" / "img1.png", np.full((64, 64), 100, np.uint8))
+
+
+def test_bench_real_dataset_radedit_without_weights_is_a_clear_error(tmp_path):
+    _vindr_fixture(tmp_path)
+    res = CliRunner().invoke(main, ["bench", "build", "--model", "qwen2_5_vl_3b", "--dataset", "vindr_cxr", "--data-root",
+                                    str(tmp_path), "--mode", "direct", "--editor", "radedit", "--out", str(tmp_path / "o")])
+    assert res.exit_code != 0, res.output
+    assert "radedit" in res.output and "Traceback" not in res.output
+
+
+def test_bench_real_dataset_model_without_weights_is_a_clear_error(tmp_path):
+    _vindr_fixture(tmp_path)
+    res = CliRunner().invoke(main, ["bench", "build", "--model", "qwen2_5_vl_3b", "--dataset", "vindr_cxr", "--data-root",
+                                    str(tmp_path), "--mode", "cot", "--editor", "inpaint", "--out", str(tmp_path / "o")])
+    assert res.exit_code != 0, res.output
+    assert "qwen" in res.output.lower() and "Traceback" not in res.output

@@ -1,0 +1,62 @@
+"""`medfocus evaluate PREDICTIONS.jsonl --out DIR`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+from click.testing import CliRunner
+
+from medfocus.cli import main
+
+
+def _write_predictions(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "maps").mkdir()
+    hm = np.zeros((32, 32), dtype=np.float32)
+    hm[4:12, 4:12] = 1.0
+    np.savez_compressed(folder / "maps" / "r1.npz", heatmap=hm)
+    recs = [
+        {"model": "demo", "dataset": "synthetic", "index": 0, "mode": "direct", "method": "rise",
+         "gt_boxes": [[4, 4, 12, 12]], "image_size": [32, 32], "heatmap_path": "maps/r1.npz", "error": None},
+        {"model": "demo", "dataset": "synthetic", "index": 0, "mode": "direct", "method": "prompting",
+         "gt_boxes": [[4, 4, 12, 12]], "image_size": [32, 32], "pred_boxes": [[4, 4, 8, 12]], "error": None},
+        {"model": "demo", "dataset": "synthetic", "index": 1, "mode": "direct", "method": "prompting",
+         "gt_boxes": [[0, 0, 4, 4]], "image_size": [32, 32], "pred_boxes": None, "error": "unparseable output"},
+    ]
+    path = folder / "predictions.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+def test_evaluate_command_writes_tables(tmp_path):
+    preds = _write_predictions(tmp_path / "run")
+    out = tmp_path / "eval"
+    # Run from another working directory: heatmap paths resolve against the JSONL's folder.
+    res = CliRunner().invoke(main, ["evaluate", str(preds), "--out", str(out), "--n-boot", "100"])
+    assert res.exit_code == 0, res.output
+    assert "### demo — direct" in res.output
+    assert "| rise | 100.0 [100.0, 100.0]" in res.output
+    assert (out / "table.md").is_file() and (out / "table.csv").is_file()
+    per = pd.read_csv(out / "records.csv")
+    assert len(per) == 3
+    rise = per[per.method == "rise"].iloc[0]
+    assert rise.iou == 1.0 and rise.source == "heatmap" and rise.auprc == 1.0
+    pr = per[(per.method == "prompting") & (per["index"] == 0)].iloc[0]
+    assert pr.iou == 0.5 and pr.precision == 1.0 and pr.recall == 0.5
+    table = pd.read_csv(out / "table.csv")
+    row = table[(table.method == "prompting") & (table.metric == "iou")].iloc[0]
+    assert row["mean"] == 50.0 and row["n"] == 1 and row["n_error"] == 1
+
+
+def test_evaluate_command_errors(tmp_path):
+    preds = _write_predictions(tmp_path / "run")
+    res = CliRunner().invoke(main, ["evaluate", str(preds), "--out", str(tmp_path / "e"), "--metrics", "iou,bogus"])
+    assert res.exit_code != 0 and "bogus" in res.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("[1, 2]\n")
+    res = CliRunner().invoke(main, ["evaluate", str(bad), "--out", str(tmp_path / "e")])
+    assert res.exit_code != 0 and "bad.jsonl line 1" in res.output
+    res = CliRunner().invoke(main, ["evaluate", "--help"])
+    assert res.exit_code == 0 and "heatmap_path" in res.output

@@ -1,0 +1,113 @@
+"""MedGround-Bench records: the real public records, schema validation, round trip, join by (dataset, index)."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import pytest
+
+from medfocus.datasets.medground import join_records, load_records, normalize_yes_no, parse_record, write_records
+from medfocus.errors import DataError
+from medfocus.types import Sample, question_stem
+
+
+def _sample(dataset, index, answer="Yes"):
+    return Sample(dataset=dataset, index=index, image_path=f"/x/{dataset}/{index}.png", attribute="a",
+                  question=question_stem("a"), answer=answer, boxes=[(0, 0, 1, 1)], image_size=(2, 2))
+
+
+def _rec(dataset="vindr_cxr", index=0, mode="direct", **extra):
+    d = {"model": "m", "dataset": dataset, "index": index, "answer": "Yes", f"prediction_{mode}": "Yes.",
+         f"prediction_edited_{mode}": "No\n", f"prediction_edited_kept_{mode}": "Yes", f"prediction_edited_kept_normal_{mode}": "yes"}
+    d.update(extra)
+    return d
+
+
+def test_real_public_records(shared_data):
+    records = load_records(shared_data / "medground_bench_direct.json")
+    assert len(records) == 1880
+    assert {r.modes[0] for r in records} == {"direct"} and all(len(r.modes) == 1 for r in records)
+    combos = collections.Counter((r.model, r.dataset) for r in records)
+    assert len(combos) == 18  # six models x three datasets
+    assert {m for m, _ in combos} == {"qwen2_5_vl_3b", "qwen2_5_vl_7b", "gemma3_4b", "gemma3_12b", "medgemma_4b", "medgemma1_5_4b"}
+    assert {d for _, d in combos} == {"imagenome", "vindr_cxr", "padchest_gr"}
+    # The public benchmark is the causally filtered set: every record passes all three gates.
+    assert all(r.passes_filter("direct") for r in records)
+    first = records[0]
+    assert first.key == ("qwen2_5_vl_3b", "imagenome", 43) and first.predictions["direct"]["edited"] == "No"
+
+
+def test_real_records_join_by_dataset_and_index(shared_data):
+    records = load_records(shared_data / "medground_bench_direct.json")
+    n = collections.defaultdict(int)
+    for r in records:
+        n[r.dataset] = max(n[r.dataset], r.index + 1)
+    # Stand-in samples in loader order (index = position); the join must pick exactly sample #index.
+    samples = {ds: [_sample(ds, i) for i in range(k)] for ds, k in n.items()}
+    joined = join_records(records, samples)
+    assert len(joined) == len(records)
+    assert all(s.dataset == r.dataset and s.index == r.index and s is samples[r.dataset][r.index] for r, s in joined)
+    short = {ds: lst[:100] for ds, lst in samples.items()}
+    with pytest.raises(DataError, match="no such sample"):
+        join_records(records, short)
+    kept = join_records(records, short, on_missing="skip")
+    assert 0 < len(kept) < len(records) and all(r.index < 100 for r, _ in kept)
+
+
+def test_join_with_a_loader_and_answer_check(tmp_path):
+    samples = [_sample("vindr_cxr", i) for i in range(3)] + [_sample("imagenome", 0, answer="No")]
+    recs = [parse_record(_rec(index=2)), parse_record(_rec(index=0))]
+    joined = join_records(recs, samples)
+    assert [s.index for _, s in joined] == [2, 0]
+    bad = parse_record(_rec(dataset="imagenome", index=0))
+    with pytest.raises(DataError, match="answer"):
+        join_records([bad], samples)
+    assert len(join_records([bad], samples, check_answer=False)) == 1
+
+
+def test_parse_record_modes_extras_and_errors():
+    r = parse_record({**_rec(), **{k.replace("direct", "cot"): v for k, v in _rec().items() if k.startswith("prediction_")}, "editor": "oracle"})
+    assert r.modes == ["cot", "direct"] and r.extra == {"editor": "oracle"}
+    assert r.passes_filter("cot")
+    assert r.to_dict()["prediction_edited_kept_normal_cot"] == "yes" and r.to_dict()["editor"] == "oracle"
+    d = _rec()
+    del d["prediction_edited_kept_direct"]
+    with pytest.raises(DataError, match="prediction_edited_kept_direct"):
+        parse_record(d, where="f.json record #3")
+    with pytest.raises(DataError, match="'index'"):
+        parse_record({**_rec(), "index": "x"})
+    with pytest.raises(DataError, match="'model'"):
+        parse_record({k: v for k, v in _rec().items() if k != "model"})
+    with pytest.raises(DataError, match="prediction_"):
+        parse_record({"model": "m", "dataset": "d", "index": 1, "answer": "Yes"})
+    failing = parse_record(_rec(prediction_edited_kept_normal_direct="No"))
+    assert not failing.passes_filter("direct")
+
+
+def test_round_trip_json_and_jsonl(tmp_path):
+    recs = [parse_record(_rec(index=i, note=f"n{i}")) for i in range(3)]
+    for name in ("b.json", "b.jsonl"):
+        p = write_records(recs, tmp_path / name)
+        assert load_records(p) == recs
+    assert isinstance(json.loads((tmp_path / "b.json").read_text()), list)
+
+
+def test_load_records_errors(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        load_records(tmp_path / "none.json")
+    p = tmp_path / "dup.json"
+    p.write_text(json.dumps([_rec(), _rec()]))
+    with pytest.raises(DataError, match="duplicate"):
+        load_records(p)
+    p.write_text(json.dumps([_rec(), {"model": "m"}]))
+    with pytest.raises(DataError, match=r"record #1"):
+        load_records(p)
+    p.write_text("{")
+    with pytest.raises(DataError, match="invalid JSON"):
+        load_records(p)
+
+
+def test_normalize_yes_no():
+    assert [normalize_yes_no(t) for t in ("Yes", "Yes.\n", " no,", "NO", "Yesterday", "Maybe", None, "")] == [
+        "Yes", "Yes", "No", "No", None, None, None, None]

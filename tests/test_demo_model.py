@@ -1,0 +1,174 @@
+"""The shipped demo model (medfocus.lvlm.demo + lvlm/demo_model): loads offline, answers fresh synthetic
+cases correctly in both modes, stays small; the training code's pieces agree with the adapter path."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from medfocus.lvlm import demo as D
+
+FINDINGS = ("cardiomegaly", "pleural effusion", "nodule", "mass", "pneumothorax", "consolidation", "atelectasis")
+
+
+def _shipped() -> bool:
+    return (D.DEMO_DIR / "model.safetensors").is_file() and (D.DEMO_DIR / "config.json").is_file()
+
+
+needs_shipped = pytest.mark.skipif(not _shipped(), reason="demo weights not built yet (medfocus train-demo)")
+
+
+# ---- templates --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("finding", FINDINGS)
+def test_cot_targets_parse_to_the_right_answer(finding: str) -> None:
+    from medfocus.lvlm.answers import parse_yes_no
+
+    v = D.FindingView(finding, (10, 20, 40, 60), "left", "lower", "left lung")
+    assert parse_yes_no(D.rationale(finding, [v])) == "Yes"
+    assert parse_yes_no(D.rationale(finding, [])) == "No"
+    assert parse_yes_no(D.target_text(finding, "direct", [v])) == "Yes"
+    assert parse_yes_no(D.target_text(finding, "direct", [])) == "No"
+    if finding != "cardiomegaly":
+        assert "left" in D.rationale(finding, [v]) and "right" not in D.rationale(finding, [v])
+
+
+def test_evidence_targets_round_trip() -> None:
+    views = [D.FindingView("nodule", (3, 40, 17, 58), "right", "upper", None), D.FindingView("nodule", (150, 9, 171, 30), "left", "lower", None)]
+    assert D.parse_boxes(D.boxes_answer(views)) == [(3, 40, 17, 58), (150, 9, 171, 30)]
+    assert D.boxes_answer([]) == "[]" and D.parse_boxes("[]") == []
+    ph = json.loads(D.phrases_answer("nodule", views))
+    assert ph == ["small nodule in the right upper lung", "small nodule in the left lower lung"]
+    assert D.task_question("mass", "boxes").startswith("Is there evidence of mass in the image? ")
+    assert D.task_question("mass", "cot").endswith(" Think step by step and answer with yes or no.")
+
+
+# ---- inputs match the adapter / processor --------------------------------------------------------------
+def test_pixel_values_match_the_qwen_image_processor() -> None:
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    rng = np.random.default_rng(0)
+    cans = rng.integers(0, 256, (2, 56, 56), dtype=np.uint8)
+    ip = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56)
+    ref = ip(images=[np.repeat(c[..., None], 3, axis=2) for c in cans], return_tensors="pt")
+    assert ref["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 4]]
+    mine = D.canvases_to_pixel_values(torch.from_numpy(cans))
+    assert mine.shape == ref["pixel_values"].shape
+    assert torch.allclose(mine, ref["pixel_values"].float(), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    """A micro demo model (random weights, tiny sizes) saved and loaded through load_lvlm."""
+    from medfocus.lvlm.loading import load_lvlm
+
+    cfg = D.DemoConfig(canvas=56, n_train_cases=6, steps=2, images_per_step=2, questions_per_image=2, warmup=1,
+                       text=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+                                 max_position_embeddings=512),
+                       vision=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=1, window_size=56, fullatt_block_indexes=[0]),
+                       image_size=64)
+    torch.set_num_threads(2)
+    tok = D.build_tokenizer(FINDINGS, cfg.canvas, 600)
+    model = D.build_model(cfg, tok)
+    out = tmp_path_factory.mktemp("micro_demo")
+    D.save_folder(model, tok, cfg, out, {})
+    return cfg, tok, model, out, load_lvlm(str(out), device="cpu")
+
+
+def test_training_sequences_equal_the_adapter_teacher_forcing(micro) -> None:
+    cfg, tok, model, _, adapter = micro
+    enc = D.Encoder(tok, (cfg.canvas // 28) ** 2)
+    img = np.random.default_rng(1).integers(0, 256, (80, 64), dtype=np.uint8)  # non-square: letterboxed
+    q = D.task_question("pleural effusion", "cot")
+    a = "The right costophrenic angle is blunted with a meniscus. Therefore, yes."
+    chat = adapter.prepare(img, q, a)
+    ids, att, mm, loss_mask = enc.batch([(q, a)])
+    theirs = chat.inputs["input_ids"][0].tolist()
+    assert theirs[: ids.shape[1]] == ids[0].tolist()
+    s, e = chat.answer_span
+    assert loss_mask[0].nonzero()[:, 0].tolist() == list(range(s, e + 1))  # answer tokens + <|im_end|>
+    can, _ = D.to_canvas(img, cfg.canvas)
+    pv = D.canvases_to_pixel_values(torch.from_numpy(can)[None])
+    assert torch.equal(pv, chat.inputs["pixel_values"].cpu())
+    # the shared-image-embedding loss equals the model's own teacher-forced loss (answer + <|im_end|>)
+    with torch.no_grad():
+        mine = D.sequence_loss(model.eval(), enc, torch.from_numpy(can)[None], [(0, q, a)], cfg.canvas // 14)
+        lp = torch.log_softmax(model(**chat.inputs).logits[0].float(), -1)
+        tgt = chat.inputs["input_ids"][0]
+        ref = -lp[s - 1 : e].gather(1, tgt[s : e + 1, None]).mean()
+    assert abs(float(mine) - float(ref)) < 1e-4
+
+
+def test_train_loop_two_steps_changes_weights_deterministically(micro) -> None:
+    cfg, tok, _, _, _ = micro
+    pool = D.build_train_pool(cfg, progress=False)
+    assert len(pool) == cfg.n_train_cases and pool[0].canvas.shape == (cfg.canvas, cfg.canvas)
+    results = []
+    for _ in range(2):
+        model = D.build_model(cfg, tok)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        losses = D.train_loop(model, D.Encoder(tok, (cfg.canvas // 28) ** 2), pool, cfg, log=lambda s: None)
+        assert len(losses) == 2 and all(np.isfinite(losses))
+        changed = sum(int(not torch.equal(before[n], p)) for n, p in model.named_parameters())
+        assert changed > len(before) // 2
+        results.append(losses)
+    assert results[0] == results[1]
+
+
+# ---- the shipped model -------------------------------------------------------------------------------
+@needs_shipped
+def test_shipped_folder_is_small_and_documented() -> None:
+    assert D.folder_size(D.DEMO_DIR) <= 20 * 1024 * 1024
+    card = (D.DEMO_DIR / "MODEL_CARD.md").read_text()
+    for needle in ("## Data", "Seed", "steps", "Held-out accuracy", "medfocus train-demo", "Cue reliance"):
+        assert needle in card
+    hints = json.loads((D.DEMO_DIR / "medfocus.json").read_text())
+    assert hints["family"] == "qwen_vl" and hints["canvas"] == 224
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    if not _shipped():
+        pytest.skip("demo weights not built yet (medfocus train-demo)")
+    from medfocus.lvlm.loading import load_lvlm
+
+    torch.set_num_threads(2)
+    return load_lvlm("demo", device="cpu")
+
+
+@needs_shipped
+def test_shipped_model_answers_fresh_cases_in_both_modes(shipped) -> None:
+    from medfocus.lvlm.answers import parse_yes_no
+
+    hints = json.loads((D.DEMO_DIR / "medfocus.json").read_text())
+    cfg = D.DemoConfig(**{k: v for k, v in hints["demo"]["config"].items() if k in D.DemoConfig.__dataclass_fields__})
+    # seeds never used by training (offset 0) or the card's evaluation (500_000 / 700_000 / 900_000)
+    cases = D.build_eval_pool(cfg, n_per_cell=2, progress=False, seed_offset=321_000)
+    assert len(cases) == 2 * 2 * len(FINDINGS)
+    images = [c.image for c, _, _ in cases]
+    truth = ["Yes" if p else "No" for _, _, p in cases]
+    for mode in ("direct", "cot"):
+        outs = shipped.generate(images, [D.task_question(f, mode) for _, f, _ in cases], max_new_tokens=48, batch_size=16)
+        answers = [parse_yes_no(o) for o in outs]
+        acc = np.mean([a == t for a, t in zip(answers, truth)])
+        assert acc >= 0.85, (mode, acc, list(zip(outs, truth)))
+        if mode == "cot":
+            assert all(o.rstrip(".").split()[-1].lower() in ("yes", "no") for o in outs)
+            assert np.mean([len(o.split()) >= 6 for o in outs]) > 0.9  # a rationale, not a bare answer
+
+
+@needs_shipped
+def test_shipped_model_answers_evidence_requests(shipped) -> None:
+    hints = json.loads((D.DEMO_DIR / "medfocus.json").read_text())
+    cfg = D.DemoConfig(**{k: v for k, v in hints["demo"]["config"].items() if k in D.DemoConfig.__dataclass_fields__})
+    cases = [c for c in D.build_eval_pool(cfg, n_per_cell=1, progress=False, seed_offset=322_000) if c[2]]
+    imgs = [c.image for c, _, _ in cases]
+    boxes = shipped.generate(imgs, [D.task_question(f, "boxes") for _, f, _ in cases], max_new_tokens=48)
+    phrases = shipped.generate(imgs, [D.task_question(f, "phrases") for _, f, _ in cases], max_new_tokens=48)
+    parsed = [D.parse_boxes(b) for b in boxes]
+    assert np.mean([len(p) >= 1 for p in parsed]) >= 0.8
+    assert all(0 <= v <= cfg.canvas for p in parsed for b in p for v in b)
+    assert np.mean([p.startswith('["') for p in phrases]) >= 0.8

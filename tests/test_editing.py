@@ -1,0 +1,234 @@
+"""Counterfactual editors: mask contract, known-answer behaviour, cache, registry, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medfocus.editing import (
+    EditCache,
+    Editor,
+    boxes_mask,
+    edit_mask,
+    edit_prompt,
+    feather_alpha,
+    get_editor,
+    list_editors,
+)
+from medfocus.editing.oracle import OracleEditor
+from medfocus.editing.transplant import Reference, TransplantEditor, estimate_lung_fields, fit_affine, lung_landmarks
+from medfocus.errors import ConfigError, DataError
+from medfocus.types import Sample, question_stem
+
+
+def phantom(size: int = 96, shift: tuple[float, float] = (0, 0), scale: float = 1.0, seed: int = 0,
+            blob: tuple[int, int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A tiny frontal 'chest X-ray': dark air around a bright body with two dark lung ellipses and
+    a little texture. Returns (image uint8, lungs bool)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    cx, cy = size / 2 + shift[0], size / 2 + shift[1]
+    body = ((xx - cx) / (0.42 * size * scale)) ** 2 + ((yy - cy) / (0.46 * size * scale)) ** 2 < 1
+    lungs = np.zeros((size, size), bool)
+    for side in (-1, 1):
+        lx = cx + side * 0.18 * size * scale
+        lungs |= ((xx - lx) / (0.12 * size * scale)) ** 2 + ((yy - cy + 0.03 * size) / (0.3 * size * scale)) ** 2 < 1
+    img = np.where(body, 170.0, 20.0)
+    img = np.where(lungs, 70.0, img)
+    img += 6 * np.sin(xx / 3.0 + seed) * np.cos(yy / 5.0)  # ribs-like texture
+    img += rng.normal(0, 2, img.shape)
+    if blob is not None:
+        bx, by, r = blob
+        img = np.where((xx - bx) ** 2 + (yy - by) ** 2 < r * r, 235.0, img)
+    return np.clip(img, 0, 255).astype(np.uint8), lungs
+
+
+def _sample(boxes, size=96, meta=None, attribute="nodule") -> Sample:
+    return Sample("synthetic", 0, "/nonexistent.png", attribute, question_stem(attribute), "Yes", boxes, (size, size),
+                  meta=meta or {})
+
+
+# ---- masks -------------------------------------------------------------------------------------
+def test_boxes_mask_half_open_and_fractional():
+    m = boxes_mask([(3, 1, 6, 2)], (8, 4))
+    assert m.sum() == 3 and m[1, 3:6].all() and not m[1, 6] and not m[1, 2]
+    m2 = boxes_mask([(2.5, 0.2, 3.1, 1.0)], (8, 4))  # outward rounding: columns 2..3, row 0
+    assert np.argwhere(m2).tolist() == [[0, 2], [0, 3]]
+    assert boxes_mask([(-5, -5, 100, 100)], (8, 4)).all()
+    assert (edit_mask("background", [(3, 1, 6, 2)], (8, 4)) == ~m).all()
+    assert edit_prompt("foreground", "mass") == "No mass" and edit_prompt("background_normal", "mass") == "No abnormality"
+    with pytest.raises(ConfigError):
+        edit_mask("sideways", [], (8, 4))
+
+
+def test_feather_alpha_zero_outside_ramp_inside():
+    m = np.zeros((40, 40), bool)
+    m[10:30, 10:30] = True
+    a = feather_alpha(m, 5)
+    assert (a[~m] == 0).all()
+    assert a[20, 20] == 1.0 and 0 < a[10, 20] < 0.5
+    assert (feather_alpha(m, 0) == m).all()
+
+
+# ---- every editor changes pixels only inside its mask --------------------------------------------
+def _check_contract(editor: Editor, img: np.ndarray, mask: np.ndarray, sample: Sample | None = None,
+                    kind: str | None = None) -> np.ndarray:
+    out = editor.edit(img, mask, "No nodule", sample=sample, kind=kind)
+    assert out.dtype == np.uint8 and out.shape == img.shape
+    assert np.array_equal(out[~mask], img[~mask]), f"{editor.name} changed pixels outside its mask"
+    assert (out[mask] != img[mask]).any(), f"{editor.name} changed nothing inside its mask"
+    return out
+
+
+@pytest.mark.parametrize("method", ["telea", "ns"])
+def test_inpaint_removes_blob_only_inside_mask(method):
+    img, _ = phantom(blob=(30, 48, 5))
+    box = (22, 40, 39, 57)
+    mask = boxes_mask([box], (96, 96))
+    out = _check_contract(get_editor("inpaint", method=method), img, mask)
+    # the bright blob (235) is gone: the box is filled from its (lung / body) border
+    assert out[48, 30] < 200 and img[48, 30] > 220
+    bg = _check_contract(get_editor(f"inpaint_{method}"), img, ~mask)
+    assert np.array_equal(bg[mask], img[mask])
+
+
+def test_transplant_affine_fit_recovers_known_transform():
+    _, lungs = phantom(size=128)
+    _, moved = phantom(size=128, shift=(6, -4), scale=0.9)
+    M = fit_affine(lung_landmarks(lungs), lung_landmarks(moved))
+    # expected: x' = 0.9 (x - 64) + 64 + 6; y' = 0.9 (y - 64) + 64 - 4  (up to rasterisation)
+    assert M[0, 0] == pytest.approx(0.9, abs=0.04) and M[1, 1] == pytest.approx(0.9, abs=0.04)
+    assert abs(M[0, 1]) < 0.03 and abs(M[1, 0]) < 0.03
+    assert M[0, 2] == pytest.approx(0.1 * 64 + 6, abs=2.0) and M[1, 2] == pytest.approx(0.1 * 64 - 4, abs=2.0)
+    est = estimate_lung_fields(phantom(size=128)[0])
+    assert (est & lungs).sum() / (est | lungs).sum() > 0.8
+
+
+def test_transplant_picks_best_reference_and_removes_finding():
+    target, _ = phantom(seed=3, blob=(30, 48, 5))
+    refs = []
+    for i, (sh, sc, sd) in enumerate([((8, 5), 0.85, 11), ((0, 0), 1.0, 3), ((-6, 3), 1.1, 12)]):
+        im, lu = phantom(shift=sh, scale=sc, seed=sd)
+        refs.append(Reference(f"r{i}", im, lu))
+    editor = TransplantEditor(references=refs, feather=3, aligner="affine")
+    mask = boxes_mask([(22, 40, 39, 57)], (96, 96))
+    out = _check_contract(editor, target, mask)
+    assert editor.last_choice == "r1"  # same anatomy and texture as the target: best match outside the box
+    assert out[48, 30] < 150  # the bright blob was replaced by healthy lung from r1
+    clean, _ = phantom(seed=3)
+    inner = mask.copy()
+    inner[:43, :] = False
+    inner[54:, :] = False
+    inner[:, :25] = False
+    inner[:, 36:] = False
+    assert np.abs(out[inner].astype(float) - clean[inner]).mean() < 12
+    with pytest.raises(ConfigError):
+        TransplantEditor()
+
+
+def test_transplant_reads_reference_pool_dir(tmp_path):
+    import cv2
+
+    for i in range(2):
+        im, lu = phantom(seed=i)
+        (tmp_path / "images").mkdir(exist_ok=True)
+        (tmp_path / "masks" / f"n{i}").mkdir(parents=True)
+        cv2.imwrite(str(tmp_path / "images" / f"n{i}.png"), im)
+        left = lu.copy()
+        left[:, 48:] = False
+        cv2.imwrite(str(tmp_path / "masks" / f"n{i}" / "left_lung.png"), left.astype(np.uint8) * 255)
+        cv2.imwrite(str(tmp_path / "masks" / f"n{i}" / "right_lung.png"), (lu & ~left).astype(np.uint8) * 255)
+    ed = get_editor("transplant", reference_dir=tmp_path)
+    assert [r.id for r in ed.references] == ["n0", "n1"]
+    assert np.array_equal(ed.references[0].lungs, phantom(seed=0)[1])
+    target, _ = phantom(seed=5, blob=(60, 40, 4))
+    _check_contract(ed, target, ~boxes_mask([(55, 35, 66, 46)], (96, 96)))
+    with pytest.raises(DataError, match="images/"):
+        get_editor("transplant", reference_dir=tmp_path / "missing").prepare()
+
+
+def test_oracle_uses_exact_counterfactuals(tmp_path):
+    import cv2
+
+    img, _ = phantom(blob=(30, 48, 5))
+    fg_cf, _ = phantom()  # finding absent
+    bg_cf = np.full_like(img, 99)
+    bgn_cf = np.full_like(img, 77)
+    paths = {}
+    for k, a in {"foreground": fg_cf, "background": bg_cf, "background_normal": bgn_cf}.items():
+        cv2.imwrite(str(tmp_path / f"{k}.png"), a)
+        paths[k] = f"{k}.png"  # relative to the image's folder
+    box = (22, 40, 39, 57)
+    s = _sample([box], meta={"counterfactuals": paths})
+    s.image_path = str(tmp_path / "img.png")
+    fg = boxes_mask([box], (96, 96))
+    ed = OracleEditor()
+    out = _check_contract(ed, img, fg, s)  # kind inferred: mask == box union -> foreground
+    assert np.array_equal(out[fg], fg_cf[fg])
+    out_bg = _check_contract(ed, img, ~fg, s)
+    assert (out_bg[~fg] == 99).all()
+    ed2 = ed.edit(img, ~fg, "No abnormality", sample=s)
+    assert (ed2[~fg] == 77).all() and np.array_equal(ed2[fg], img[fg])
+    assert (ed.edit(img, ~fg, "No nodule", sample=s, kind="background_normal")[~fg] == 77).all()
+    with pytest.raises(DataError, match="counterfactuals"):
+        ed.edit(img, fg, "No nodule", sample=_sample([box]))
+
+
+# ---- cache and registry -------------------------------------------------------------------------
+class _CountingEditor(Editor):
+    name = "counting"
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+        self.calls = 0
+
+    def _edit(self, image, mask, prompt, *, sample, kind):
+        self.calls += 1
+        return np.where(mask, 255 - image, image)
+
+
+def test_cache_reuses_edits_and_keys_on_prompt_and_seed(tmp_path):
+    img, _ = phantom()
+    mask = boxes_mask([(10, 10, 30, 30)], (96, 96))
+    s = _sample([(10, 10, 30, 30)])
+    cache = EditCache(tmp_path)
+    ed = _CountingEditor()
+    a = cache.get_or_edit(ed, img, mask, sample=s, kind="foreground", prompt="No nodule")
+    b = cache.get_or_edit(ed, img, mask, sample=s, kind="foreground", prompt="No nodule")
+    assert ed.calls == 1 and np.array_equal(a, b) and np.array_equal(a[mask], 255 - img[mask])
+    cache.get_or_edit(ed, img, mask, sample=s, kind="foreground", prompt="No abnormality")
+    cache.get_or_edit(_CountingEditor(seed=1), img, mask, sample=s, kind="foreground", prompt="No nodule")
+    assert ed.calls == 2
+    assert len(list(tmp_path.rglob("*.png"))) == 3
+    # a second cache object on the same folder (another model, a rerun) reuses the files
+    ed2 = _CountingEditor()
+    EditCache(tmp_path).get_or_edit(ed2, img, mask, sample=s, kind="foreground", prompt="No nodule")
+    assert ed2.calls == 0
+
+
+def test_registry():
+    assert {"oracle", "inpaint", "transplant", "radedit"} <= set(list_editors())
+    with pytest.raises(ConfigError, match="unknown editor"):
+        get_editor("photoshop")
+    assert get_editor("inpaint", method="ns").cache_id != get_editor("inpaint").cache_id
+    with pytest.raises(DataError, match="shape"):
+        get_editor("inpaint").edit(np.zeros((4, 4), np.uint8), np.zeros((4, 5), bool), "No x")
+
+
+def test_transplant_uot_alignment_improves_on_unaligned_and_competes_in_auto():
+    from medfocus.editing.transplant import _ncc, uot_warps
+
+    pytest.importorskip("medfocus.concepts.ot", reason="UOT module (MedFocus) not present")
+    target, _ = phantom(seed=1)
+    ref, rl = phantom(seed=1, shift=(6, -5), scale=0.88)
+    (self_warp,) = uot_warps([target], target)
+    assert _ncc(self_warp.astype(float), target.astype(float)) > 0.93  # a target maps (almost) onto itself
+    (w,) = uot_warps([ref], target)
+    assert _ncc(w.astype(float), target.astype(float)) > _ncc(ref.astype(float), target.astype(float)) + 0.15
+    mask = boxes_mask([(22, 40, 39, 57)], (96, 96))
+    ed = TransplantEditor(references=[Reference("r", ref, rl)], aligner="uot", feather=2)
+    _check_contract(ed, target, mask)
+    assert ed.last_aligner == "uot"
+    auto = TransplantEditor(references=[Reference("r", ref, rl)], aligner="auto", feather=2)
+    _check_contract(auto, target, mask)
+    assert auto.last_aligner == "affine"  # measured: the lung-field fit aligns this pair better

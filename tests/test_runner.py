@@ -1,0 +1,284 @@
+"""Runner + result store: durability, resume, errors, limit, seed, shards and merge."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medfocus.errors import ConfigError, DataError
+from medfocus.runner import (
+    ResultStore,
+    WorkItem,
+    atomic_save_npz,
+    items_from_benchmark,
+    load_records,
+    merge_stores,
+    parse_shard,
+    run_grid,
+    select_items,
+    shard_of,
+)
+from medfocus.runner.store import read_jsonl
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_runner_fakes import FakeAdapter, make_factory, make_samples, read_npy, simple_boxes  # noqa: E402
+
+
+def _rec(i: int, method: str = "m", **kw):
+    return {"model": "a", "dataset": "d", "index": i, "mode": "direct", "method": method, **kw}
+
+
+def test_store_append_reopen_and_latest_wins(tmp_path):
+    p = tmp_path / "r.jsonl"
+    with ResultStore(p) as st:
+        st.append(_rec(1, error="x"))
+        st.append(_rec(2, value=np.float32(0.5), arr=np.arange(3), nan=float("nan")))
+        st.append(_rec(1, error=None))  # a retry supersedes the errored record
+        assert len(st) == 2
+    with ResultStore(p) as st:
+        assert len(st) == 2
+        assert st.get(("a", "d", 1, "direct", "m"))["error"] is None
+        r2 = st.get(("a", "d", 2, "direct", "m"))
+        assert r2["value"] == 0.5 and r2["arr"] == [0, 1, 2] and r2["nan"] is None
+        assert st.is_done(("a", "d", 1, "direct", "m"))
+    assert [r["index"] for r in load_records(p)] == [1, 2]
+
+
+def test_store_repairs_interrupted_tail_and_rejects_corruption(tmp_path):
+    p = tmp_path / "r.jsonl"
+    with ResultStore(p) as st:
+        st.append(_rec(1))
+    with open(p, "ab") as fh:  # what a kill in the middle of a write leaves behind
+        fh.write(b'{"model":"a","dataset":"d","ind')
+    with ResultStore(p) as st:
+        assert len(st) == 1
+        st.append(_rec(2))
+    recs, valid = read_jsonl(p)
+    assert [r["index"] for r in recs] == [1, 2] and valid == p.stat().st_size
+    # damage in the middle of the file is not an interrupted write: refuse it
+    lines = p.read_bytes().split(b"\n")
+    p.write_bytes(lines[0] + b"\nnot json\n" + lines[1] + b"\n")
+    with pytest.raises(DataError, match="line 2"):
+        ResultStore(p)
+
+
+def test_store_lock_and_missing_key(tmp_path):
+    p = tmp_path / "r.jsonl"
+    with ResultStore(p) as st:
+        with pytest.raises(ConfigError, match="in use"):
+            ResultStore(p)
+        with pytest.raises(DataError, match="method"):
+            st.append({"model": "a", "dataset": "d", "index": 0, "mode": "direct"})
+
+
+def test_atomic_npz(tmp_path):
+    p = atomic_save_npz(tmp_path / "x" / "h.npz", heatmap=np.eye(3, dtype=np.float32))
+    atomic_save_npz(p, heatmap=np.ones((2, 2), np.float32))
+    with np.load(p) as z:
+        assert z["heatmap"].shape == (2, 2)
+    assert [f.name for f in p.parent.iterdir()] == ["h.npz"]  # no temporary files left
+
+
+def test_shard_and_limit():
+    assert parse_shard("1/4") == (1, 4) and parse_shard(None) == (0, 1)
+    for bad in ("4/4", "a/b", "1", "-1/2"):
+        with pytest.raises(ConfigError):
+            parse_shard(bad)
+    from medfocus.types import Sample
+
+    samples = [Sample("d", i, f"{i}.png", "nodule", "q", "Yes", [(0, 0, 1, 1)], (4, 4)) for i in range(30)]
+    items = [WorkItem(m, "d", mode, s) for m in ("a", "b") for mode in ("direct", "cot") for s in reversed(samples)]
+    limited = select_items(items, limit=5)
+    assert len(limited) == 20 and sorted({it.index for it in limited}) == [0, 1, 2, 3, 4]
+    shards = [select_items(items, limit=12, shard=(i, 3)) for i in range(3)]
+    keys = [{(it.model, it.mode, it.index) for it in sh} for sh in shards]
+    assert sum(len(k) for k in keys) == 2 * 2 * 12 and len(set().union(*keys)) == 48  # a partition
+    assert all(len(k) > 0 for k in keys)
+    assert shard_of("a", "d", 7, "direct", 3) == shard_of("a", "d", 7, "direct", 3)
+    with pytest.raises(DataError, match="duplicate"):
+        select_items(items + items[:1])
+
+
+def _grid(tmp_path, n=6, models=("m1",), modes=("direct",)):
+    samples, boxes = make_samples(tmp_path / "imgs", n)
+    items = [WorkItem(m, s.dataset, mode, s) for m in models for mode in modes for s in samples]
+    return samples, boxes, items
+
+
+def test_run_grid_records_errors_and_loads_once(tmp_path):
+    samples, boxes, items = _grid(tmp_path, n=6, models=("m1", "m2"))
+    loads, builds = [], []
+
+    def loader(name):
+        loads.append(name)
+        return FakeAdapter(name)
+
+    fac = make_factory(boxes)
+
+    def factory(name, params):
+        builds.append(name)
+        return fac(name, params)
+
+    with ResultStore(tmp_path / "out" / "r.jsonl") as st:
+        summ = run_grid(items, ["hot", "boom", "nope"], st, load_model=loader, make_method=factory,
+                        read_image=read_npy, heatmap_to_boxes=simple_boxes, progress=False)
+    assert loads == ["m1", "m2"] and sorted(builds) == ["boom", "hot", "nope"]
+    assert summ.total == 2 * 6 * 3 and summ.done == 2 * (6 + 5)
+    assert summ.errors == 2 * (1 + 6)  # boom on sample 3, the unknown method everywhere
+    recs = load_records(tmp_path / "out" / "r.jsonl")
+    assert len(recs) == 36
+    by = {(r["model"], r["index"], r["method"]): r for r in recs}
+    for i in range(6):
+        r = by[("m1", i, "hot")]
+        assert r["error"] is None and r["pred_boxes"] == [list(map(float, boxes[i][0]))] == r["gt_boxes"]
+        with np.load(r["heatmap_path"]) as z:
+            assert z["heatmap"].shape == (32, 32) and z["heatmap"].sum() == 10 * 12
+            assert "token_heatmaps" not in z and z["extra_big"].shape == (40, 40)
+        assert r["extras"] == {"ranking": {"a": 1.0}}
+        assert r["question"].endswith("without any explanation.") and r["answer"] == "Yes"
+    assert "synthetic failure on sample 3" in by[("m2", 3, "boom")]["error"]
+    assert by[("m2", 4, "boom")]["pred_boxes"] == [[0.0, 0.0, 4.0, 4.0]]
+    assert by[("m1", 0, "nope")]["error"].startswith("RuntimeError")
+
+
+def test_model_load_failure_is_recorded(tmp_path):
+    samples, boxes, items = _grid(tmp_path, n=3, models=("bad", "m1"))
+
+    def loader(name):
+        if name == "bad":
+            raise OSError("weights not found")
+        return FakeAdapter(name)
+
+    with ResultStore(tmp_path / "r.jsonl") as st:
+        summ = run_grid(items, ["hot"], st, load_model=loader, make_method=make_factory(boxes),
+                        read_image=read_npy, heatmap_to_boxes=simple_boxes, progress=False)
+    assert summ.errors == 3 and summ.done == 3
+    assert all("weights not found" in r["error"] for r in load_records(tmp_path / "r.jsonl") if r["model"] == "bad")
+
+
+def test_resume_skips_done_and_retry_errors(tmp_path):
+    samples, boxes, items = _grid(tmp_path, n=6)
+    kw = dict(load_model=FakeAdapter, make_method=make_factory(boxes), read_image=read_npy,
+              heatmap_to_boxes=simple_boxes, progress=False)
+    path = tmp_path / "r.jsonl"
+    with ResultStore(path) as st:
+        run_grid(items[:3], ["hot", "boom"], st, **kw)
+    with ResultStore(path) as st:
+        s2 = run_grid(items, ["hot", "boom"], st, **kw)
+    assert (s2.skipped, s2.done, s2.errors) == (6, 5, 1)
+    with ResultStore(path) as st:
+        s3 = run_grid(items, ["hot", "boom"], st, retry_errors=True, **kw)
+    assert (s3.skipped, s3.done, s3.errors) == (11, 0, 1)  # sample 3 still fails, re-recorded
+    lines = path.read_text().splitlines()
+    assert len(lines) == 13 and len(load_records(path)) == 12
+
+
+def test_shards_merge_to_the_unsharded_run(tmp_path):
+    samples, boxes, items = _grid(tmp_path, n=10, modes=("direct", "cot"))
+    kw = dict(load_model=FakeAdapter, make_method=make_factory(boxes), read_image=read_npy,
+              heatmap_to_boxes=simple_boxes, progress=False, seed=7)
+    with ResultStore(tmp_path / "full" / "r.jsonl") as st:
+        run_grid(items, ["random", "hot"], st, **kw)
+    parts = []
+    for i in range(3):
+        p = tmp_path / f"shard{i}" / "r.jsonl"
+        with ResultStore(p) as st:
+            run_grid(select_items(list(reversed(items)), shard=(i, 3)), ["random", "hot"], st, **kw)
+        parts.append(p)
+    n = merge_stores(parts, tmp_path / "merged" / "r.jsonl")
+    assert n == 40
+    full = load_records(tmp_path / "full" / "r.jsonl")
+    merged = load_records(tmp_path / "merged" / "r.jsonl")
+    assert [r["index"] for r in full] == [r["index"] for r in merged]
+    for a, b in zip(full, merged):
+        assert a["extras"] == b["extras"] and a["seed"] == b["seed"]
+        with np.load(a["heatmap_path"]) as za, np.load(b["heatmap_path"]) as zb:
+            np.testing.assert_array_equal(za["heatmap"], zb["heatmap"])
+    assert merge_stores(parts, tmp_path / "merged" / "r.jsonl") == 40  # idempotent
+    assert len((tmp_path / "merged" / "r.jsonl").read_text().splitlines()) == 40
+
+
+def test_items_from_benchmark(tmp_path):
+    samples, _ = make_samples(tmp_path, 4)
+    recs = [
+        {"model": "demo", "dataset": "synthetic", "index": 2, "answer": "Yes", "prediction_cot": " The nodule is seen. Yes. ", "editor": "oracle"},
+        {"model": "other", "dataset": "synthetic", "index": 1, "answer": "Yes"},
+        {"model": "demo", "dataset": "synthetic", "index": 0, "answer": "Yes"},
+    ]
+    items = items_from_benchmark(recs, samples, mode="cot", model="demo")
+    assert [(it.index, it.answer_text, dict(it.extra)) for it in items] == [
+        (2, "The nodule is seen. Yes.", {"editor": "oracle"}), (0, "Yes", {})]
+    with pytest.raises(DataError, match="no matching sample"):
+        items_from_benchmark([{"dataset": "synthetic", "index": 9}], samples, mode="direct")
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {tests!r})
+    from pathlib import Path
+    from medfocus.runner import ResultStore, WorkItem, run_grid
+    from test_runner_fakes import FakeAdapter, make_factory, make_samples, read_npy, simple_boxes
+    samples, boxes = make_samples(Path({imgs!r}), {n})
+    items = [WorkItem("m1", s.dataset, mode, s) for mode in ("direct", "cot") for s in samples]
+    with ResultStore({out!r}) as st:
+        run_grid(items, ["hot", "random"], st, load_model=FakeAdapter, make_method=make_factory(boxes, delay={delay}),
+                 read_image=read_npy, heatmap_to_boxes=simple_boxes, progress=False, seed=3)
+    """
+)
+
+
+def test_killed_subprocess_resumes_without_loss_or_duplicates(tmp_path):
+    n = 30
+    out = tmp_path / "run" / "r.jsonl"
+    script = tmp_path / "job.py"
+    code = KILL_SCRIPT.format(tests=str(Path(__file__).parent), imgs=str(tmp_path / "imgs"), n=n, out=str(out), delay=0.02)
+    script.write_text(code)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, str(script)], env=env)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if out.exists() and len(out.read_bytes().splitlines()) >= 8:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial, _ = read_jsonl(out)
+    assert 8 <= len(partial) < 2 * n * 2, "the run should have been killed part-way"
+    # resume with the same command, to completion
+    script.write_text(code.replace("delay=0.02", "delay=0.0"))
+    subprocess.run([sys.executable, str(script)], env=env, check=True)
+    lines = [json.loads(l) for l in out.read_text().splitlines() if l.strip()]
+    keys = [(r["mode"], r["index"], r["method"]) for r in lines]
+    assert len(keys) == len(set(keys)) == 2 * n * 2  # no duplicates, nothing lost
+    assert all(r["error"] is None for r in lines)
+    for r in lines:
+        with np.load(out.parent / r["heatmap_path"]) as z:
+            assert z["heatmap"].shape == (32, 32)
+    # records written before the kill are unchanged by the resume
+    first = {(r["mode"], r["index"], r["method"]): r for r in lines}
+    for r in partial:
+        assert first[(r["mode"], r["index"], r["method"])] == r
+
+
+def test_demo_diverse_subset_round_robins_findings():
+    from medfocus.runner.demo import diverse_subset
+    from medfocus.types import Sample
+
+    attrs = ["nodule"] * 5 + ["mass"] * 3 + ["cardiomegaly"]
+    samples = [Sample("synthetic", i, f"{i}.png", a, "q", "Yes", [(0, 0, 1, 1)], (4, 4)) for i, a in enumerate(attrs)]
+    items = [WorkItem("demo", "synthetic", mode, s) for mode in ("direct", "cot") for s in samples]
+    sub = diverse_subset(items, 4)
+    assert len(sub) == 8
+    direct = [it for it in sub if it.mode == "direct"]
+    # round 1: cardiomegaly 8, mass 5, nodule 0; round 2: (cardiomegaly exhausted) mass 6
+    assert [it.index for it in direct] == [0, 5, 6, 8]

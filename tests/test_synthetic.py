@@ -1,0 +1,253 @@
+"""Synthetic chest X-ray world: masks, left/right, findings, counterfactual oracles, box priors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.ndimage import binary_dilation
+
+from medfocus.datasets.synthetic import FINDINGS, generate_case
+from medfocus.datasets.synthetic.priors import load_priors, sample_boxes
+from medfocus.errors import ConfigError
+from medfocus.types import CONCEPTS
+
+S = 128
+
+
+def _centroid_x(m: np.ndarray) -> float:
+    return float(np.nonzero(m)[1].mean())
+
+
+def _in_dilated_box(diff: np.ndarray, box, pad: int) -> bool:
+    x1, y1, x2, y2 = (int(v) for v in box)
+    inside = np.zeros_like(diff, bool)
+    inside[max(0, y1 - pad) : y2 + pad, max(0, x1 - pad) : x2 + pad] = True
+    return not (diff & ~inside).any()
+
+
+def test_deterministic_and_seed_dependent():
+    a = generate_case(11, size=S, cue_rate=1.0)
+    b = generate_case(11, size=S, cue_rate=1.0)
+    assert a.image.dtype == np.uint8 and a.image.shape == (S, S)
+    assert a.image.tobytes() == b.image.tobytes()
+    assert [f.box for f in a.findings] == [f.box for f in b.findings] and a.cues == b.cues
+    assert not np.array_equal(a.image, generate_case(12, size=S).image)
+    # Counterfactuals are deterministic too.
+    if a.findings:
+        n = a.findings[0].name
+        assert np.array_equal(a.background(n), b.background(n))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_concept_masks_anatomy(seed):
+    m = generate_case(seed, size=S, findings=[]).concept_masks
+    assert set(m) == set(CONCEPTS)
+    for c in CONCEPTS:
+        assert m[c].dtype == bool and m[c].shape == (S, S) and m[c].sum() > 5, c
+    # Disjointness that anatomy demands.
+    for a, b in [("left lung", "right lung"), ("left clavicle", "right clavicle"),
+                 ("left hilar structures", "right hilar structures"),
+                 ("left costophrenic angle", "right costophrenic angle"),
+                 ("left lung", "cardiac silhouette"), ("right lung", "cardiac silhouette"),
+                 ("left lung", "mediastinum"), ("right lung", "mediastinum"),
+                 ("upper mediastinum", "cardiac silhouette")]:
+        assert not (m[a] & m[b]).any(), (a, b)
+    # Containment.
+    for part, whole in [("left hilar structures", "left lung"), ("right hilar structures", "right lung"),
+                        ("left costophrenic angle", "left lung"), ("right costophrenic angle", "right lung"),
+                        ("cardiac silhouette", "mediastinum"), ("upper mediastinum", "mediastinum")]:
+        assert not (m[part] & ~m[whole]).any(), (part, whole)
+    # Radiological convention: the patient's left is on the image right.
+    for c in ("lung", "clavicle", "hilar structures", "costophrenic angle"):
+        assert _centroid_x(m[f"left {c}"]) > S / 2 > _centroid_x(m[f"right {c}"]), c
+    assert _centroid_x(m["cardiac silhouette"]) > S / 2  # heart mostly in the left hemithorax
+    # Costophrenic angles are the lowest part of each lung; clavicles are at the top.
+    ys = lambda k: np.nonzero(m[k])[0].mean()  # noqa: E731
+    assert ys("left costophrenic angle") > ys("left lung") and ys("left clavicle") < ys("left lung")
+
+
+def test_masks_agree_with_drawing():
+    c = generate_case(5, size=S, findings=[])
+    img = c.image.astype(float)
+    m = c.concept_masks
+    lungs = m["left lung"] | m["right lung"]
+    # Air-filled lungs are dark, the heart/mediastinum dense, and the boundary is where the masks say:
+    # the darkest quartile of the thorax lies almost entirely inside the lung masks.
+    assert img[lungs].mean() + 40 < img[m["cardiac silhouette"]].mean()
+    assert img[lungs].mean() + 30 < img[m["mediastinum"]].mean()
+    for side in ("left", "right"):  # clavicles are brighter than their immediate surroundings
+        cl = m[f"{side} clavicle"]
+        ring = binary_dilation(cl, iterations=3) & ~binary_dilation(cl, iterations=1)
+        assert img[cl].mean() > img[ring].mean() + 10
+    body = img > 25
+    thr = np.quantile(img[body], 0.25)
+    dark = (img < thr) & body
+    dark[:, :] &= np.arange(S)[:, None] < S * 0.8  # the thorax, not the flanks below the domes
+    assert (dark & lungs).sum() / dark.sum() > 0.85
+
+
+@pytest.mark.parametrize("name", FINDINGS)
+def test_finding_visible_even_when_mild(name):
+    c = generate_case(21, size=S, findings=[name], severity=0.0)
+    f = c.finding(name)
+    assert f.mask.any() and f.box == tuple(float(v) for v in _box(f.mask))
+    diff = np.abs(c.image.astype(int) - c.foreground(name).astype(int))
+    # A mild finding still changes its own pixels by >= 10 grey levels on average.
+    assert diff[f.mask].mean() >= 10, diff[f.mask].mean()
+    if name in ("nodule", "mass", "consolidation", "atelectasis", "pleural effusion"):
+        assert c.image[f.mask].mean() > c.foreground(name)[f.mask].mean()  # opacities are brighter
+    if name == "pneumothorax":
+        rim = f.mask & (c.image < c.foreground(name))
+        assert rim.sum() > 0.3 * f.mask.sum()  # the rim is more lucent
+
+
+def _box(mask):
+    rows = np.flatnonzero(mask.any(1))
+    cols = np.flatnonzero(mask.any(0))
+    return (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
+
+
+@pytest.mark.parametrize("seed", [31, 32, 33])
+def test_findings_anatomically_placed(seed):
+    c = generate_case(seed, size=S, findings=list(FINDINGS), severity=0.5)
+    m = c.concept_masks
+    lungs = m["left lung"] | m["right lung"]
+    for f in c.findings:
+        if f.name == "cardiomegaly":
+            assert np.array_equal(f.mask, m["cardiac silhouette"])
+            heart_w = f.box[2] - f.box[0]
+            assert heart_w / (2 * (c.anatomy.lung_off + c.anatomy.lung_a) * S) > 0.5  # CTR > 0.5
+        elif f.name == "pneumothorax":
+            assert (f.mask & ~lungs).sum() <= 0.02 * f.mask.sum()
+        else:
+            assert not (f.mask & ~lungs).any(), f.name
+        if f.name == "pleural effusion":
+            assert (f.mask & m[f"{f.side} costophrenic angle"]).any()
+
+
+@pytest.mark.parametrize("seed", [40, 41, 42])
+def test_foreground_counterfactual_is_local(seed):
+    c = generate_case(seed, size=S, findings=["cardiomegaly", "nodule", "pleural effusion", "consolidation"],
+                      cue_rate=1.0)
+    pad = 4  # PSF (sigma 0.3 px at 128 px) + one-pixel soft edges
+    for f in c.findings:
+        fg = c.foreground(f.name)
+        diff = fg != c.image
+        assert diff[f.mask].any(), f.name
+        assert _in_dilated_box(diff, f.box, pad), f.name
+        # Other findings are untouched.
+        for g in c.findings:
+            if g.name != f.name:
+                other = g.mask & ~_boxmask(f.box, pad)
+                assert np.array_equal(fg[other], c.image[other])
+
+
+def _boxmask(box, pad):
+    m = np.zeros((S, S), bool)
+    x1, y1, x2, y2 = (int(v) for v in box)
+    m[max(0, y1 - pad) : y2 + pad, max(0, x1 - pad) : x2 + pad] = True
+    return m
+
+
+@pytest.mark.parametrize("seed", [50, 51])
+def test_background_counterfactuals(seed):
+    c = generate_case(seed, size=S, findings=["nodule", "mass", "atelectasis"], severity=1.0, cue_rate=1.0)
+    assert c.cues, "cue_rate=1 must draw the correlated cues"
+    for f in c.findings:
+        x1, y1, x2, y2 = (int(v) for v in f.box)
+        for kind in ("background", "background_normal"):
+            bg = getattr(c, kind)(f.name)
+            assert np.array_equal(bg[y1:y2, x1:x2], c.image[y1:y2, x1:x2]), kind
+            outside = ~_boxmask(f.box, 3)
+            assert np.abs(bg.astype(int) - c.image.astype(int))[outside].mean() > 2  # re-drawn
+            for cue in c.cues:  # shortcut cues removed
+                cx1, cy1, cx2, cy2 = (int(v) for v in cue["box"])
+                assert bg[cy1:cy2, cx1:cx2].max() < c.image[cy1:cy2, cx1:cx2].max() - 30, (kind, cue)
+        # background keeps the other findings (re-drawn), background_normal removes them.
+        bn = c.background_normal(f.name).astype(float)
+        bk = c.background(f.name).astype(float)
+        for g in c.findings:
+            if g.name == f.name:
+                continue
+            sel = g.mask & ~_boxmask(f.box, 3)
+            if sel.sum() > 10:
+                assert c.image[sel].mean() > bn[sel].mean() + 10, (f.name, g.name)
+                assert bk[sel].mean() > bn[sel].mean() + 5, (f.name, g.name)
+
+
+def test_cues_correlate_and_avoid_findings():
+    with_cue = [generate_case(s, size=S, findings=["nodule"], cue_rate=1.0) for s in range(60, 66)]
+    for c in with_cue:
+        assert [q["type"] for q in c.cues] == ["marker"] and c.cues[0]["finding"] == "nodule"
+        b, q = c.findings[0].box, c.cues[0]["box"]
+        assert q[2] <= b[0] or b[2] <= q[0] or q[3] <= b[1] or b[3] <= q[1]
+        x1, y1, x2, y2 = (int(v) for v in q)
+        assert c.image[y1:y2, x1:x2].max() > 220  # burned-in, radiopaque
+    assert all(not generate_case(s, size=S, findings=["nodule"], cue_rate=0.0).cues for s in range(60, 66))
+    # Same seed with/without cues: identical anatomy and finding.
+    a, b = generate_case(70, size=S, findings=["pneumothorax"], cue_rate=1.0), generate_case(70, size=S, findings=["pneumothorax"])
+    assert a.findings[0].box == b.findings[0].box and a.cues and a.cues[0]["type"] == "tube"
+    assert (a.image != b.image).sum() < 0.1 * S * S
+
+
+def test_bad_arguments():
+    with pytest.raises(ConfigError):
+        generate_case(0, findings=["fracture"])
+    with pytest.raises(ConfigError):
+        generate_case(0, size=16)
+    with pytest.raises(ConfigError):
+        generate_case(0, size=S, findings=["nodule"]).foreground("mass")
+
+
+# --- box statistics vs the NIH-derived priors ------------------------------------------------------
+# Findings whose box size is set by the prior (the others are shaped by anatomy: an effusion cannot be
+# wider than the costophrenic recess, a pneumothorax rim spans the apex) — see findings.py.
+PRIOR_CONTROLLED = {
+    "nodule": ("w", "h", "cx", "cy"),
+    "mass": ("w", "h", "cx", "cy"),
+    "consolidation": ("w", "h", "cx"),
+    "atelectasis": ("w", "h", "cx", "cy"),
+    "cardiomegaly": ("w",),
+    "pleural effusion": ("h",),
+    "pneumothorax": ("h",),
+}
+
+
+@pytest.mark.parametrize("name", FINDINGS)
+def test_box_statistics_match_nih_priors(name):
+    from scipy.stats import ks_2samp
+
+    n = 100
+    vals = {"cx": [], "cy": [], "w": [], "h": []}
+    for s in range(n):
+        f = generate_case(5000 + s, size=S, findings=[name]).findings[0]
+        x1, y1, x2, y2 = f.box
+        vals["cx"].append((x1 + x2) / 2 / S)
+        vals["cy"].append((y1 + y2) / 2 / S)
+        vals["w"].append((x2 - x1) / S)
+        vals["h"].append((y2 - y1) / S)
+    prior = sample_boxes(name, np.random.default_rng(0), 5000)
+    col = {"cx": 0, "cy": 1, "w": 2, "h": 3}
+    for var in PRIOR_CONTROLLED[name]:
+        ks = ks_2samp(vals[var], prior[:, col[var]]).statistic
+        med_gen, med_pri = np.median(vals[var]), np.median(prior[:, col[var]])
+        assert ks < 0.25, (name, var, ks)
+        if var in ("w", "h"):  # (centres are bimodal — one mode per lung — so only sizes get a median check)
+            assert abs(med_gen - med_pri) < 0.2 * med_pri + 1.5 / S, (name, var, med_gen, med_pri)
+
+
+def test_prior_sampler_reproduces_table():
+    q = load_priors()["findings"]["nodule"]["quantiles"]
+    x = sample_boxes("nodule", np.random.default_rng(1), 20000)
+    assert abs(np.median(x[:, 2]) - q["w"][10]) < 0.003
+    assert abs(np.quantile(x[:, 3], 0.25) - q["h"][5]) < 0.003
+
+
+def test_priors_table_derived_from_nih_list(shared_data):
+    from medfocus.datasets.synthetic.priors import derive_priors
+
+    derived = derive_priors(shared_data / "nih_bbox_list_2017.csv.gz")
+    committed = load_priors()
+    assert derived["findings"] == committed["findings"]
+    assert committed["findings"]["consolidation"]["nih_labels"] == ["Infiltrate", "Pneumonia"]
+    assert committed["findings"]["nodule"]["n"] == 79
