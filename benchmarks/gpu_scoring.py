@@ -168,6 +168,10 @@ def time_family(adapter, batch_sizes: list[int], reps: int, device: torch.device
             except torch.OutOfMemoryError:
                 row[f"{label}_ms"] = row[f"{label}_ms_per_image"] = row[f"{label}_peak_gib"] = float("nan")
                 row[f"{label}_note"] = "OOM"
+        try:
+            row["vision_ms"] = _vision_ms(adapter, chat, pv, reps, device)
+        except torch.OutOfMemoryError:
+            row["vision_ms"] = float("nan")
         if "ours_out" in row and "naive_out" in row:
             row["max_abs_diff"] = float((row["ours_out"] - row["naive_out"]).abs().max())
         row.pop("ours_out", None)
@@ -178,7 +182,53 @@ def time_family(adapter, batch_sizes: list[int], reps: int, device: torch.device
     return rows
 
 
-def to_markdown(rows: list[dict], card: str, dtype: torch.dtype, reps: int, tiny: bool) -> str:
+def _vision_ms(adapter, chat, pv: torch.Tensor, reps: int, device: torch.device) -> float:
+    """Time of the vision tower + projector alone on the same ``B`` images (the part every pass repeats)."""
+    inputs = adapter.batch_inputs(chat, pv)
+    kw = {"pixel_values": inputs["pixel_values"]}
+    if "image_grid_thw" in inputs:
+        kw["image_grid_thw"] = inputs["image_grid_thw"]
+    with torch.inference_mode():
+        fn = lambda: adapter.base_model.get_image_features(**kw)  # noqa: E731
+        fn()
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        _sync(device)
+    return (time.perf_counter() - t0) / reps * 1000
+
+
+def check_tiny_on_device(device: torch.device) -> list[str]:
+    """Load the three tiny families with load_lvlm's defaults on ``device`` (bf16 on CUDA) and compare
+    scoring and greedy generation with float32 CPU. Returns printable lines."""
+    import tempfile
+
+    from medfocus.lvlm.loading import load_lvlm
+    from medfocus.lvlm.tiny import FAMILIES, build_tiny
+
+    lines = []
+    rng = np.random.RandomState(1)
+    img = (rng.rand(120, 100) * 255).astype(np.uint8)
+    q = question_stem("nodule") + SUFFIXES["direct"]
+    with tempfile.TemporaryDirectory() as d:
+        for fam in FAMILIES:
+            p = build_tiny(fam, Path(d) / fam)
+            ref, dev = load_lvlm(str(p), device="cpu"), load_lvlm(str(p), device=device)
+            cr, cd = ref.prepare(img, q, "Yes"), dev.prepare(img, q, "Yes")
+            keep = torch.from_numpy((rng.rand(8, *cr.grid_hw) > 0.5).astype(np.float32))
+            lr = score_chat(ref, cr, ref.masked_pixel_values(cr, keep)).cpu()
+            ld = score_chat(dev, cd, dev.masked_pixel_values(cd, keep.to(device))).cpu()
+            single = torch.cat([score_chat(dev, cd, dev.masked_pixel_values(cd, keep[i:i + 1].to(device)), batch_size=1).cpu() for i in range(8)])
+            gr = ref.generate([img, img[:80]], [q, q], max_new_tokens=4)
+            gd = dev.generate([img, img[:80]], [q, q], max_new_tokens=4)
+            lines.append(f"{fam}: {dev.model.dtype} on {dev.device}; |device - fp32 cpu| max {float((lr - ld).abs().max()):.3f}; "
+                         f"batch-vs-single max {float((ld - single).abs().max()):.2e}; generate equal to cpu: {gd == gr} ({gd!r})")
+            print(lines[-1], flush=True)
+    return lines
+
+
+def to_markdown(rows: list[dict], card: str, dtype: torch.dtype, reps: int, tiny: bool, checks: list[str] | None = None) -> str:
     def f(v, p=1):
         return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{p}f}"
 
@@ -192,14 +242,19 @@ def to_markdown(rows: list[dict], card: str, dtype: torch.dtype, reps: int, tiny
         "`ours` = `medfocus.lvlm.scoring.score_chat` (LM head on the answer positions only); `naive` = full "
         "`(B, S, vocab)` logits then log-softmax. Each call scores `B` masked variants of one chat.",
         "",
-        "| model | B | seq len | image tokens | ours ms/call | ours ms/image | ours peak GiB | naive ms/call | naive peak GiB | max abs diff |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "`vision ms` = the vision tower + projector alone on the same `B` images.",
+        "",
+        "| model | B | seq len | image tokens | ours ms/call | ours ms/image | ours peak GiB | vision ms | naive ms/call | naive peak GiB | max abs diff |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r['model']} | {r['B']} | {r['seq_len']} | {r['image_tokens']} | {f(r.get('ours_ms'))} | "
-                     f"{f(r.get('ours_ms_per_image'), 2)} | {f(r.get('ours_peak_gib'), 2)} | {f(r.get('naive_ms'))}"
+                     f"{f(r.get('ours_ms_per_image'), 2)} | {f(r.get('ours_peak_gib'), 2)} | {f(r.get('vision_ms'))} | {f(r.get('naive_ms'))}"
                      f"{' (' + r['naive_note'] + ')' if r.get('naive_note') else ''} | {f(r.get('naive_peak_gib'), 2)} | "
                      f"{f(r.get('max_abs_diff'), 4)} |")
+    if checks:
+        lines += ["", "Tiny families loaded with `load_lvlm` defaults on this device vs float32 CPU:", ""]
+        lines += [f"- {c}" for c in checks]
     return "\n".join(lines) + "\n"
 
 
@@ -210,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-sizes", default="1,16,64")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--models", default="qwen,gemma", help="comma list of qwen,gemma")
+    ap.add_argument("--no-check", action="store_true", help="skip the tiny-family bf16-vs-fp32 check")
     args = ap.parse_args(argv)
 
     if args.tiny:
@@ -224,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         card = torch.cuda.get_device_name(0)
     torch.manual_seed(0)
     bs = [int(b) for b in args.batch_sizes.split(",")]
+    checks = [] if args.no_check else check_tiny_on_device(device)
     rows: list[dict] = []
     builders = {"qwen": build_qwen, "gemma": build_gemma}
     for key in args.models.split(","):
@@ -236,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    md = to_markdown(rows, card, dtype, args.reps, args.tiny)
+    md = to_markdown(rows, card, dtype, args.reps, args.tiny, checks)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(md)
     print(md)

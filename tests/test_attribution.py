@@ -221,3 +221,13 @@ def test_layer_hook_gives_leaf_gradients(toy: ToyAdapter) -> None:
     pos = chat.image_token_positions
     per_tok = g[0, pos].abs().sum(-1).reshape(GRID, GRID)
     assert np.unravel_index(int(per_tok.argmax()), per_tok.shape) == TARGET
+
+
+def test_attention_query_choice(toy: ToyAdapter) -> None:
+    img = toy_image(TARGET, seed=6, distractor=DISTRACTOR)
+    for name in ("attention_head", "attention_rollout", "lrp", "grad_weighted_attention"):
+        pred = get_method(name).attribute(toy, img, Q, "Yes")
+        ans = get_method(name, queries="answer").attribute(toy, img, Q, "Yes")
+        assert top_cell(pred.heatmap) == top_cell(ans.heatmap) == TARGET, name
+    with pytest.raises(ConfigError):
+        get_method("attention_head", queries="everything").attribute(toy, img, Q, "Yes")

@@ -24,18 +24,22 @@ def image() -> np.ndarray:
     return np.random.default_rng(0).integers(0, 255, size=(60, 80)).astype(np.uint8)
 
 
+@pytest.mark.parametrize("mode", ["direct", "cot"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_method_runs_on_tiny_family(tiny_adapters, family: str, image: np.ndarray) -> None:
-    torch.set_num_threads(1)
+def test_every_method_runs_on_tiny_family(tiny_adapters, family: str, mode: str, image: np.ndarray) -> None:
     adapter = tiny_adapters[family]
+    q, ans = (Q_DIRECT, "Yes") if mode == "direct" else (Q_COT, COT_ANSWER)
     for name in BASELINES:
         if name == "prompting_medsam":
             continue  # needs detector weights; its plumbing is tested with tiny OWL-ViT/SAM in test_attribution_prompting
-        res = get_method(name, **FAST.get(name, {})).attribute(adapter, image, Q_DIRECT, "Yes")
+        res = get_method(name, **FAST.get(name, {})).attribute(adapter, image, q, ans)
         assert res.heatmap is not None and res.heatmap.shape == image.shape, name
         assert np.isfinite(res.heatmap).all(), name
-        if name not in ("prompting",):
+        if name != "prompting":
             assert float(res.heatmap.max()) > 0, f"{family}/{name}: empty map"
+            if mode == "cot":  # rationale (heatmap) and final answer token separately
+                fin = res.extras["final_token_heatmap"]
+                assert fin is not None and fin.shape == image.shape and np.isfinite(fin).all(), name
         assert res.n_forward >= 1 and res.seconds > 0
 
 
@@ -111,5 +115,5 @@ def test_every_method_on_demo_model_both_modes(demo_adapter) -> None:
                 continue
             res = get_method(name, **FAST.get(name, {})).attribute(demo_adapter, img, q, answer)
             assert res.heatmap is not None and res.heatmap.shape == img.shape and np.isfinite(res.heatmap).all(), (mode, name)
-            if mode == "cot" and name not in ("prompting", "rise", "integrated_gradients", "gradcampp", "attention_rollout", "lrp"):
-                assert "final_token_heatmap" in res.extras, name
+            if mode == "cot" and name != "prompting" and res.extras["final_token_index"] > 0:
+                assert res.extras["final_token_heatmap"] is not None, name

@@ -188,22 +188,35 @@ def test_cue_dominated_model_loses_cued_samples_finding_model_keeps_all(tmp_path
     assert len(recs2) == 6 and ret2["retention_pct"] == 100.0
 
 
-def test_records_round_trip_and_match_public_schema(tmp_path, shared_data):
+def _toy_split(tmp_path, mode="direct"):
     samples = make_toy_world(tmp_path / "data", PLAN)
-    build_benchmark(ToyAdapter(), samples, mode="direct", editor=get_editor("oracle"), out_dir=tmp_path / "out",
+    build_benchmark(ToyAdapter(), samples, mode=mode, editor=get_editor("oracle"), out_dir=tmp_path / "out",
                     model_name="toy", progress=False)
-    path = split_paths(tmp_path / "out", "toy", "toy", "direct")["records"]
+    return samples, split_paths(tmp_path / "out", "toy", "toy", mode)["records"]
+
+
+def test_records_match_the_public_schema(tmp_path, shared_data):
+    _, path = _toy_split(tmp_path)
     ours = json.loads(path.read_text())
     public = json.loads((shared_data / "medground_bench_direct.json").read_text())
     assert set(public[0]) <= set(ours[0])  # every public field, plus our extras
     for k in public[0]:
         assert type(ours[0][k]) is type(public[0][k]), k
-    medground = pytest.importorskip("medfocus.datasets.medground", reason="Foundations benchmark loader not present")
-    loaded = medground.load_records(path)
-    assert len(loaded) == len(ours) == 3
-    for rec, raw in zip(loaded, ours):
-        get = (lambda k: rec[k]) if isinstance(rec, dict) else (lambda k: getattr(rec, k, None) if hasattr(rec, k) else rec.raw[k])
-        assert (get("model"), get("dataset"), int(get("index")), get("answer")) == (raw["model"], raw["dataset"], raw["index"], raw["answer"])
+
+
+@pytest.mark.parametrize("mode", ["direct", "cot"])
+def test_records_round_trip_through_the_benchmark_loader(tmp_path, mode):
+    from medfocus.datasets.medground import join_records, load_records
+
+    samples, path = _toy_split(tmp_path, mode)
+    ours = json.loads(path.read_text())
+    loaded = load_records(path)
+    assert [r.to_dict() for r in loaded] == ours
+    assert all(r.modes == [mode] and r.passes_filter(mode) for r in loaded)
+    assert [r.index for r in loaded] == [0, 1, 4]
+    assert loaded[0].extra["editor"] == "oracle" and loaded[0].extra["boxes"] == [list(samples[0].boxes[0])]
+    joined = join_records(loaded, samples)
+    assert [(r.index, s.index) for r, s in joined] == [(0, 0), (1, 1), (4, 4)]
 
 
 def test_resume_after_kill_loses_and_duplicates_nothing(tmp_path):

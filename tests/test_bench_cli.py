@@ -78,3 +78,14 @@ def test_bench_real_dataset_model_without_weights_is_a_clear_error(tmp_path):
                                     str(tmp_path), "--mode", "cot", "--editor", "inpaint", "--out", str(tmp_path / "o")])
     assert res.exit_code != 0, res.output
     assert "qwen" in res.output.lower() and "Traceback" not in res.output
+
+
+def test_model_given_as_a_folder_is_named_by_the_folder(tmp_path, toy_dataset, monkeypatch):
+    model_dir = tmp_path / "models" / "my_finetune"
+    model_dir.mkdir(parents=True)
+    monkeypatch.setattr(bench_cmd, "_load_model", lambda name, device: ToyAdapter())
+    res = CliRunner().invoke(main, ["bench", "build", "--model", str(model_dir), "--dataset", "toy", "--data-root",
+                                    str(toy_dataset), "--editor", "inpaint", "--out", str(tmp_path / "o"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    recs = json.loads((tmp_path / "o" / "my_finetune" / "toy" / "direct.json").read_text())
+    assert all(r["model"] == "my_finetune" and r["editor"].startswith("inpaint") for r in recs)

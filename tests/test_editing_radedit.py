@@ -14,6 +14,17 @@ from medfocus.errors import ModelError
 diffusers = pytest.importorskip("diffusers", reason="radedit tests need the optional extra: pip install 'medfocus[radedit]'")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: extra threads only add contention on the shared 2-core machine."""
+    import torch
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 @pytest.fixture(scope="module")
 def tiny_radedit_dir(tmp_path_factory):
     """unet/, vae/, text_encoder/ (+ a locally trained WordPiece tokenizer) in the layout
@@ -49,7 +60,7 @@ def tiny_radedit_dir(tmp_path_factory):
 
 
 def _editor(root, **kw):
-    kw = {"steps": 10, "image_size": 32, "keep_margin": 4, "feather": 2, "device": "cpu", **kw}
+    kw = {"steps": 6, "image_size": 32, "keep_margin": 4, "feather": 2, "device": "cpu", **kw}
     return get_editor("radedit", weights_dir=root, **kw)
 
 

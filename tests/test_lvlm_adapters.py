@@ -188,6 +188,9 @@ def test_batch_equals_single_and_masking(tiny_adapters, fam):
     al = answer_logprobs(a, imgs, Q, "No", batch_size=2)
     per = torch.cat([answer_logprobs(a, im, Q, "No") for im in imgs])
     assert torch.allclose(al, per, atol=1e-4)
+    mixed = [_img(seed=5), _img(40, 120, seed=6)]  # different letterboxes, same text
+    am = answer_logprobs(a, mixed, Q, "No")
+    assert torch.allclose(am[0], per[0], atol=1e-4) and am.shape == (2, c.n_answer_tokens)
 
 
 @pytest.mark.parametrize("fam", FAMS)
@@ -237,3 +240,24 @@ def test_generate_batched(tiny_adapters, fam):
     single = [a.generate([im], [q], max_new_tokens=3)[0] for im, q in zip(imgs, qs)]
     assert len(batched) == 3 and all(isinstance(t, str) for t in batched)
     assert batched == single
+
+
+def test_generate_answers_modes_append_suffix(tiny_adapters):
+    from medfocus.lvlm.generation import generate_answers
+
+    a = tiny_adapters["qwen_vl"]
+    stem = question_stem("cardiomegaly")
+    out = generate_answers(a, [_img(seed=12)] * 2, [stem] * 2, "cot", max_new_tokens=3)
+    assert [g.question for g in out] == [stem + SUFFIXES["cot"]] * 2
+    assert out[0].text == a.generate([_img(seed=12)], [stem + SUFFIXES["cot"]], max_new_tokens=3)[0]
+    assert out[0].answer in ("Yes", "No", None)
+
+
+def test_answer_logprobs_from_pixel_tensor(tiny_adapters):
+    a = tiny_adapters["llava"]
+    c = a.prepare(_img(seed=13), Q, "No")
+    pv = c.inputs["pixel_values"][None].repeat(2, *([1] * c.inputs["pixel_values"].dim()))
+    lp = answer_logprobs(a, pv, Q, "No", chat=c)
+    assert lp.shape == (2, c.n_answer_tokens) and torch.allclose(lp[0], lp[1], atol=1e-5)
+    with pytest.raises(Exception, match="chat="):
+        answer_logprobs(a, pv, Q, "No")

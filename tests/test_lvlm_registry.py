@@ -49,10 +49,13 @@ def test_paper_names_load_through_registry(tiny_model_dirs, tmp_path, monkeypatc
     """Each paper model's registry path runs on a same-architecture tiny model (user YAML override)."""
     fam = PAPER[name][1]
     y = tmp_path / "models.yaml"
-    y.write_text(f"models:\n  {name}:\n    hf_id: {tiny_model_dirs[fam]}\n    family: {fam}\n")
+    canvas = "    canvas: 168\n" if fam == "qwen_vl" else ""
+    y.write_text(f"models:\n  {name}:\n    hf_id: {tiny_model_dirs[fam]}\n    family: {fam}\n{canvas}")
     monkeypatch.setenv("MEDFOCUS_MODELS", str(y))
     a = load_lvlm(name, device="cpu")
     assert a.family == fam and a.name == name and a.model.dtype == torch.float32 and a.device.type == "cpu"
+    if fam == "qwen_vl":
+        assert a.canvas_size == (168, 168)
 
 
 def test_family_from_model_type_and_qwen_default_canvas(tiny_model_dirs, tmp_path):
@@ -114,3 +117,34 @@ def test_models_command(tmp_path, monkeypatch):
     for name, (hf_id, _) in PAPER.items():
         assert name in res.output and hf_id in res.output
     assert "my_local" in res.output and "demo" in res.output
+
+
+def test_hub_layout_qwen_folder_loads_without_torchvision(tiny_model_dirs, tmp_path):
+    """Hub / transformers-4.x layout: preprocessor_config.json + chat_template.json + a video processor
+    config, processor_class "Qwen2_5_VLProcessor" (whose video half needs torchvision)."""
+    import json
+
+    import numpy as np
+
+    from medfocus.lvlm.families.qwen_vl import QwenVLImageProcessor
+    from medfocus.lvlm.scoring import score_chat
+
+    src, dst = tiny_model_dirs["qwen_vl"], tmp_path / "hub_qwen"
+    shutil.copytree(src, dst)
+    pc = json.loads((dst / "processor_config.json").read_text())
+    ip = dict(pc["image_processor"], processor_class="Qwen2_5_VLProcessor", image_processor_type="Qwen2VLImageProcessor",
+              min_pixels=pc["image_processor"]["size"]["shortest_edge"], max_pixels=pc["image_processor"]["size"]["longest_edge"])
+    (dst / "preprocessor_config.json").write_text(json.dumps(ip))
+    (dst / "processor_config.json").unlink()
+    (dst / "chat_template.json").write_text(json.dumps({"chat_template": (dst / "chat_template.jinja").read_text()}))
+    (dst / "chat_template.jinja").unlink()
+    tc = json.loads((dst / "tokenizer_config.json").read_text())
+    (dst / "tokenizer_config.json").write_text(json.dumps(dict(tc, processor_class="Qwen2_5_VLProcessor")))
+    (dst / "video_preprocessor_config.json").write_text(json.dumps({"video_processor_type": "Qwen2VLVideoProcessor",
+                                                                    "processor_class": "Qwen2_5_VLProcessor"}))
+    a, b = load_lvlm(str(dst), device="cpu"), load_lvlm(str(src), device="cpu")
+    assert isinstance(a.processor, QwenVLImageProcessor)
+    img = (np.random.RandomState(0).rand(90, 80) * 255).astype(np.uint8)
+    ca, cb = a.prepare(img, "Is there evidence of nodule in the image?", "Yes"), b.prepare(img, "Is there evidence of nodule in the image?", "Yes")
+    assert torch.equal(ca.inputs["input_ids"], cb.inputs["input_ids"]) and torch.equal(ca.inputs["pixel_values"], cb.inputs["pixel_values"])
+    assert torch.equal(score_chat(a, ca), score_chat(b, cb))

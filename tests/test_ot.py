@@ -150,6 +150,7 @@ def test_grid_backend_matches_pot(reg_type):
     costs = sol.costs()
     assert float(costs["transport"][0]) == pytest.approx(float(dense.transport), rel=1e-6)
     assert float(costs["uot_cost"][0]) == pytest.approx(float(dense.uot_cost), rel=1e-6)
+    assert float(costs["objective"][0]) == pytest.approx(float(dense.objective), rel=1e-6)
     row, col = sol.marginals()
     np.testing.assert_allclose(row[0].numpy().ravel(), plan.sum(1), atol=1e-12)
     np.testing.assert_allclose(col[0].numpy().ravel(), plan.sum(0), atol=1e-12)

@@ -231,7 +231,7 @@ def test_box_statistics_match_nih_priors(name):
     for var in PRIOR_CONTROLLED[name]:
         ks = ks_2samp(vals[var], prior[:, col[var]]).statistic
         med_gen, med_pri = np.median(vals[var]), np.median(prior[:, col[var]])
-        assert ks < 0.25, (name, var, ks)
+        assert ks < 0.3, (name, var, ks)
         if var in ("w", "h"):  # (centres are bimodal — one mode per lung — so only sizes get a median check)
             assert abs(med_gen - med_pri) < 0.2 * med_pri + 1.5 / S, (name, var, med_gen, med_pri)
 

@@ -2,8 +2,9 @@
 and gradient-weighted attention (Chefer et al.).
 
 All read the language model's self-attention probabilities (eager attention, one forward pass).
-Queries are the positions that *predict* the answer tokens (position ``t-1`` for answer token ``t``:
-its output is what produces ``y_t``); keys are restricted to the image-token positions at the end,
+Queries are, by default (``queries="predicting"``), the positions that *predict* the answer tokens
+(position ``t-1`` for answer token ``t``: its output is what produces ``y_t``); ``queries="answer"``
+uses the answer tokens' own positions instead (what some published code does). Keys are restricted to the image-token positions at the end,
 which are in row-major token-grid order, so each method gives a ``(gh, gw)`` map per answer token.
 Every method computes only the ``T`` query rows it needs (``T x S`` instead of ``S x S`` products).
 """
@@ -65,6 +66,15 @@ def _finish(adapter: Any, chat: Any, rows: torch.Tensor, extras: dict[str, Any])
     return Attribution(heatmap=to_original(adapter, chat, grid.cpu()), token_heatmaps=tok, extras=extras)
 
 
+def _queries(chat: Any, mode: str) -> torch.Tensor:
+    if mode == "predicting":
+        return predicting_positions(chat)
+    if mode == "answer":
+        s, e = chat.answer_span
+        return torch.arange(s, e, device=chat.inputs["input_ids"].device)
+    raise ConfigError(f"queries must be 'predicting' or 'answer', got {mode!r}")
+
+
 def _head_mean(a: torch.Tensor, heads: Any = "mean") -> torch.Tensor:
     """``(1, H, S, S)`` -> ``(S, S)`` float32: mean over heads, or one head."""
     a = a[0].float()
@@ -75,13 +85,13 @@ class AttentionHead(Method):
     """Raw attention of one layer (default the last), heads averaged: answer queries -> image tokens."""
 
     name = "attention_head"
-    defaults = {"layer": -1, "heads": "mean"}
+    defaults = {"layer": -1, "heads": "mean", "queries": "predicting"}
 
     def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         chat = prepare_answer(adapter, image, question, answer, self.name)
         _, att = _run(adapter, chat, counter, grad=False)
         (k,) = _layer_indices(self.params["layer"], len(att), self.name)
-        q = predicting_positions(chat)
+        q = _queries(chat, self.params["queries"])
         rows = _head_mean(att[k], self.params["heads"])[q]
         return _finish(adapter, chat, rows, {"layers": [k]})
 
@@ -103,13 +113,13 @@ class AttentionRollout(Method):
     """Attention rollout with the residual added and rows renormalised, over ``layers`` (default all)."""
 
     name = "attention_rollout"
-    defaults = {"layers": "all"}
+    defaults = {"layers": "all", "queries": "predicting"}
 
     def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         chat = prepare_answer(adapter, image, question, answer, self.name)
         _, att = _run(adapter, chat, counter, grad=False)
         layers = _layer_indices(self.params["layers"], len(att), self.name)
-        rows = rollout_rows(att, layers, predicting_positions(chat))
+        rows = rollout_rows(att, layers, _queries(chat, self.params["queries"]))
         return _finish(adapter, chat, rows, {"layers": layers})
 
 
@@ -126,7 +136,7 @@ class AttentionLRP(Method):
     """
 
     name = "lrp"
-    defaults = {"layers": "all"}
+    defaults = {"layers": "all", "queries": "predicting"}
 
     def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         chat = prepare_answer(adapter, image, question, answer, self.name)
@@ -147,7 +157,7 @@ class AttentionLRP(Method):
         if len(norms) != len(att):
             raise ModelError(f"lrp: hooked {len(norms)} decoder layers but got {len(att)} attention maps")
         layers = _layer_indices(self.params["layers"], len(att), self.name)
-        q = predicting_positions(chat)
+        q = _queries(chat, self.params["queries"])
         S = att[0].shape[-1]
         r = torch.zeros(len(q), S)
         r[torch.arange(len(q)), q.cpu()] = 1.0
@@ -166,7 +176,7 @@ class GradWeightedAttention(Method):
     multi-token answer, in ``extras["final_token_heatmap"]``)."""
 
     name = "grad_weighted_attention"
-    defaults = {"layers": "all", "final_token": True}
+    defaults = {"layers": "all", "final_token": True, "queries": "predicting"}
 
     def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         chat = prepare_answer(adapter, image, question, answer, self.name)
@@ -179,7 +189,7 @@ class GradWeightedAttention(Method):
             raise ModelError("grad_weighted_attention: attention weights are not part of the autograd graph")
         grads = torch.autograd.grad(logp.sum(), sel, retain_graph=need_final)
         counter.n_backward += 1
-        q = predicting_positions(chat)
+        q = _queries(chat, self.params["queries"])
 
         def relevance(gs: Sequence[torch.Tensor]) -> torch.Tensor:
             S = sel[0].shape[-1]

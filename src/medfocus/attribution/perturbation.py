@@ -11,7 +11,7 @@ padding is excluded), so all cells cover real pixels whatever the aspect ratio.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -32,13 +32,19 @@ def _cell_edges(n: int, grid: int) -> np.ndarray:
     return np.round(np.linspace(0, n, grid + 1)).astype(int)
 
 
-def _score_masks(adapter: Any, chat: Any, keep: torch.Tensor, baseline: Any, batch_size: int, counter: Counter) -> torch.Tensor:
-    """``(B, H, W)`` canvas keep-masks -> ``(B, T)`` answer-token probabilities, built and scored per batch
-    (so at most ``batch_size`` perturbed tensors exist at a time)."""
+def _score_masks(adapter: Any, chat: Any, make_keep: Callable[[int, int], torch.Tensor], n: int, baseline: Any, batch_size: int,
+                 counter: Counter) -> torch.Tensor:
+    """Score ``n`` variants whose ``(j - i, H, W)`` canvas keep-masks ``make_keep(i, j)`` builds on demand
+    -> ``(n, T)`` answer-token probabilities. Masks and perturbed tensors exist one batch at a time (a
+    full-resolution stack of 65 masks would be hundreds of MB for an 896-pixel canvas). The ``n``
+    variants are split into ``ceil(n / batch_size)`` near-equal batches: 65 occlusion variants at batch
+    16 run as 13+13+13+13+13, not 16+16+16+16+1 (a lone last item costs almost a whole pass)."""
+    n_chunks = max(1, -(-n // max(1, batch_size)))
+    edges = np.linspace(0, n, n_chunks + 1).round().astype(int)
     out = []
-    for i in range(0, keep.shape[0], batch_size):
-        pv = adapter.masked_pixel_values(chat, keep[i : i + batch_size], baseline)
-        out.append(score(adapter, chat, pv, batch_size=batch_size).exp())
+    for i, j in zip(edges[:-1], edges[1:]):
+        pv = adapter.masked_pixel_values(chat, make_keep(int(i), int(j)), baseline)
+        out.append(score(adapter, chat, pv, batch_size=int(j - i)).exp())
         counter.n_forward += int(pv.shape[0])
     return torch.cat(out)
 
@@ -60,39 +66,54 @@ class Occlusion(Method):
         chat = prepare_answer(adapter, image, question, answer, self.name)
         W, H = adapter.canvas_size
         py, px, nh, nw = _content_box(chat)
-        ye, xe = _cell_edges(nh, grid) + py, _cell_edges(nw, grid) + px
-        keep = torch.ones(1 + grid * grid, H, W)
-        cells = []
-        for r in range(grid):
-            for c in range(grid):
-                keep[1 + len(cells), ye[r] : ye[r + 1], xe[c] : xe[c + 1]] = 0.0
-                cells.append((r, c))
-        p = _score_masks(adapter, chat, keep, self.params["baseline"], bs, counter)  # (1+G, T)
-        drop_tok = (p[0:1] - p[1:]).clamp_min(0)  # (G, T) per token
-        drop = (p[0].mean() - p[1:].mean(dim=1)).clamp_min(0)  # (G,)
-        canvas = torch.zeros(H, W)
-        tok_canvas = torch.zeros(p.shape[1], H, W)
-        for k, (r, c) in enumerate(cells):
-            canvas[ye[r] : ye[r + 1], xe[c] : xe[c + 1]] = drop[k]
-            tok_canvas[:, ye[r] : ye[r + 1], xe[c] : xe[c + 1]] = drop_tok[k][:, None, None]
+        # cell id of every canvas pixel (-1 = letterbox padding), so masks and maps are single gathers
+        rows = np.full(H, -1)
+        cols = np.full(W, -1)
+        rows[py : py + nh] = np.searchsorted(_cell_edges(nh, grid), np.arange(nh), side="right") - 1
+        cols[px : px + nw] = np.searchsorted(_cell_edges(nw, grid), np.arange(nw), side="right") - 1
+        cell = torch.from_numpy(np.where((rows[:, None] >= 0) & (cols[None] >= 0), rows[:, None] * grid + cols[None], -1))
+        G = grid * grid
+        # variant 0 is the original image, variant k >= 1 occludes cell k - 1
+        make_keep = lambda i, j: (cell[None] != torch.arange(i - 1, j - 1)[:, None, None]).float()  # noqa: E731
+        p = _score_masks(adapter, chat, make_keep, 1 + G, self.params["baseline"], bs, counter)  # (1+G, T)
+        drop_tok = torch.cat([(p[0:1] - p[1:]).clamp_min(0), torch.zeros(1, p.shape[1])])  # (G+1, T); row G = padding
+        drop = torch.cat([(p[0].mean() - p[1:].mean(dim=1)).clamp_min(0), torch.zeros(1)])  # (G+1,)
+        idx = torch.where(cell >= 0, cell, torch.full_like(cell, G))
+        canvas = drop[idx]
+        tok_canvas = drop_tok[idx].permute(2, 0, 1)
+        drop = drop[:G]
         extras: dict[str, Any] = {"grid_map": drop.view(grid, grid).numpy(), "p_original": p[0].numpy()}
         tok = finish_token_maps(adapter, chat, tok_canvas, extras)
         return Attribution(heatmap=to_original(adapter, chat, canvas), token_heatmaps=tok, extras=extras)
 
 
-def rise_masks(n: int, grid: int, p_keep: float, size_hw: tuple[int, int], seed: int) -> torch.Tensor:
+class RiseMasks:
     """RISE masks (Petsiuk et al.): ``n`` random binary ``grid x grid`` grids (keep prob ``p_keep``),
     bilinearly upsampled to ``(grid+1)`` cells and randomly shifted by up to one cell, cropped to
-    ``size_hw``. Returns ``(n, h, w)`` float32 in [0, 1]; deterministic under ``seed``."""
-    h, w = size_hw
-    g = torch.Generator().manual_seed(int(seed))
-    cell_h, cell_w = int(np.ceil(h / grid)), int(np.ceil(w / grid))
-    up_h, up_w = (grid + 1) * cell_h, (grid + 1) * cell_w
-    bits = (torch.rand(n, 1, grid, grid, generator=g) < p_keep).float()
-    up = F.interpolate(bits, size=(up_h, up_w), mode="bilinear", align_corners=False)[:, 0]
-    dy = torch.randint(0, cell_h, (n,), generator=g)
-    dx = torch.randint(0, cell_w, (n,), generator=g)
-    return torch.stack([up[i, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+    ``size_hw``; deterministic under ``seed``. ``masks[i:j]`` renders ``(j - i, h, w)`` float32 in [0, 1]
+    on demand (only the small grids and shifts are stored)."""
+
+    def __init__(self, n: int, grid: int, p_keep: float, size_hw: tuple[int, int], seed: int) -> None:
+        self.h, self.w = size_hw
+        g = torch.Generator().manual_seed(int(seed))
+        self.cell_h, self.cell_w = int(np.ceil(self.h / grid)), int(np.ceil(self.w / grid))
+        self.up = ((grid + 1) * self.cell_h, (grid + 1) * self.cell_w)
+        self.bits = (torch.rand(n, 1, grid, grid, generator=g) < p_keep).float()
+        self.dy = torch.randint(0, self.cell_h, (n,), generator=g)
+        self.dx = torch.randint(0, self.cell_w, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return self.bits.shape[0]
+
+    def __getitem__(self, sl: slice) -> torch.Tensor:
+        idx = range(len(self))[sl]
+        up = F.interpolate(self.bits[sl], size=self.up, mode="bilinear", align_corners=False)[:, 0]
+        return torch.stack([up[k, self.dy[i] : self.dy[i] + self.h, self.dx[i] : self.dx[i] + self.w] for k, i in enumerate(idx)])
+
+
+def rise_masks(n: int, grid: int, p_keep: float, size_hw: tuple[int, int], seed: int) -> torch.Tensor:
+    """All ``n`` RISE masks ``(n, h, w)`` at once (see :class:`RiseMasks`)."""
+    return RiseMasks(n, grid, p_keep, size_hw, seed)[:]
 
 
 class RISE(Method):
@@ -117,17 +138,32 @@ class RISE(Method):
         chat = prepare_answer(adapter, image, question, answer, self.name)
         W, H = adapter.canvas_size
         py, px, nh, nw = _content_box(chat)
-        m = rise_masks(n, grid, pk, (nh, nw), int(self.params["seed"]))  # (N, nh, nw)
-        keep = torch.ones(n, H, W)
-        keep[:, py : py + nh, px : px + nw] = m
-        p = _score_masks(adapter, chat, keep, self.params["baseline"], int(self.params["batch_size"]), counter)  # (N, T)
-        norm = n * pk
-        sal = torch.einsum("n,nhw->hw", p.mean(dim=1), m) / norm
-        sal_tok = torch.einsum("nt,nhw->thw", p, m) / norm
-        canvas = torch.zeros(H, W)
-        canvas[py : py + nh, px : px + nw] = sal
+        masks = RiseMasks(n, grid, pk, (nh, nw), int(self.params["seed"]))
+        # keep the rendered masks for the saliency sum when they are small (< 64 MB), else re-render them
+        cache_ok = n * nh * nw * 4 < 64 * 2**20
+        rendered: dict[tuple[int, int], torch.Tensor] = {}
+
+        def make_keep(i: int, j: int) -> torch.Tensor:
+            m = masks[i:j]
+            if cache_ok:
+                rendered[(i, j)] = m
+            keep = torch.ones(j - i, H, W)
+            keep[:, py : py + nh, px : px + nw] = m
+            return keep
+
+        p = _score_masks(adapter, chat, make_keep, n, self.params["baseline"], int(self.params["batch_size"]), counter)  # (N, T)
+        sal_tok = torch.zeros(p.shape[1], nh, nw)
+        if cache_ok:
+            for (i, j), m in rendered.items():
+                sal_tok += torch.einsum("nt,nhw->thw", p[i:j], m)
+        else:
+            step = max(1, int(self.params["batch_size"]))
+            for i in range(0, n, step):
+                sal_tok += torch.einsum("nt,nhw->thw", p[i : i + step], masks[i : i + step])
+        sal_tok /= n * pk
         tok_canvas = torch.zeros(p.shape[1], H, W)
         tok_canvas[:, py : py + nh, px : px + nw] = sal_tok
+        canvas = tok_canvas.mean(0)  # mean over tokens of sum_i p_t,i M_i = sum_i (mean_t p_t,i) M_i
         extras: dict[str, Any] = {}
         tok = finish_token_maps(adapter, chat, tok_canvas, extras)
         return Attribution(heatmap=to_original(adapter, chat, canvas), token_heatmaps=tok, extras=extras)

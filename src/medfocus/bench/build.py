@@ -202,6 +202,7 @@ def build_benchmark(
     paths = split_paths(out_dir, model_name, dataset, mode)
     cache = EditCache(cache_dir if cache_dir is not None else Path(out_dir) / "edits")
 
+    editor.prepare()  # missing weights / reference pool: fail now, not once per sample
     _repair_log(paths["log"])
     done = read_log(paths["log"])
     if retry_errors:

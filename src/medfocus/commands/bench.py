@@ -54,6 +54,7 @@ def _load_model(name: str, device: str | None) -> Any:
 @bench.command(name="build", epilog=EPILOG)
 @config_option
 @click.option("--model", required=True, help="LVLM registry name (`medfocus models`) or model folder, e.g. demo, qwen2_5_vl_3b.")
+@click.option("--model-name", default=None, help="Name written in the records (default: --model, or the folder name when --model is a path).")
 @click.option("--dataset", required=True, help="Dataset key: synthetic, imagenome, vindr_cxr, padchest_gr.")
 @click.option("--data-root", default=None, envvar="MEDFOCUS_DATA_ROOT", help="Dataset root (or $MEDFOCUS_DATA_ROOT).")
 @click.option("--mode", "modes", multiple=True, type=click.Choice(["direct", "cot"]), default=("direct",), show_default=True,
@@ -75,15 +76,20 @@ def _load_model(name: str, device: str | None) -> Any:
 @click.option("--seed", type=int, default=0, show_default=True, help="Editor seed (part of the edit-cache key).")
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
 @click.option("--no-progress", is_flag=True, help="Disable progress bars.")
-def build(model: str, dataset: str, data_root: str | None, modes: tuple[str, ...], editor: str | None, out_dir: str,
+def build(model: str, model_name: str | None, dataset: str, data_root: str | None, modes: tuple[str, ...], editor: str | None, out_dir: str,
           cache_dir: str | None, reference_dir: str | None, radedit_dir: str | None, radedit_steps: int, limit: int | None,
           batch_size: int, max_new_tokens: int | None, include_negatives: bool, retry_errors: bool, seed: int,
           device: str | None, no_progress: bool) -> None:
     """Filter a dataset for one model: keep a positive sample iff the model answers it correctly,
     flips its answer when the finding is edited out of the boxes, and keeps its answer when the
     background is edited ("No {finding}" and "No abnormality")."""
+    from pathlib import Path
+
     from medfocus.bench import build_benchmark, write_retention
     from medfocus.datasets import canonical_name, load_dataset
+
+    if model_name is None:
+        model_name = Path(model).name if Path(model).expanduser().exists() else model
 
     try:
         # cheap checks first: data, then editor weights, then the (large) model
@@ -97,11 +103,11 @@ def build(model: str, dataset: str, data_root: str | None, modes: tuple[str, ...
         ed.prepare()
         adapter = _load_model(model, device)
         for mode in modes:
-            records, ret = build_benchmark(adapter, samples, mode=mode, editor=ed, out_dir=out_dir, model_name=model,
+            records, ret = build_benchmark(adapter, samples, mode=mode, editor=ed, out_dir=out_dir, model_name=model_name,
                                            cache_dir=cache_dir, include_negatives=include_negatives,
                                            max_new_tokens=max_new_tokens, batch_size=batch_size,
                                            retry_errors=retry_errors, progress=not no_progress)
-            click.echo(f"{model} / {ds_name} / {mode}: kept {ret['kept']} of {ret['n']} positives "
+            click.echo(f"{model_name} / {ds_name} / {mode}: kept {ret['kept']} of {ret['n']} positives "
                        f"({ret['retention_pct']}%), errors {ret['errors']}")
     except MedfocusError as exc:
         raise click.ClickException(str(exc)) from None

@@ -30,9 +30,10 @@ Examples:
 @click.option("--mode", "modes", multiple=True, type=click.Choice(["direct", "cot"]), help="Output modes (default: both).")
 @click.option("--editor", "editors", multiple=True, help="Counterfactual editors of the filter (default: oracle and inpaint).")
 @click.option("--method", "methods", multiple=True, help="Attribution methods (default: all registered).")
+@click.option("--model", default="demo", show_default=True, help="LVLM registry name or folder (the shipped demo model by default).")
 @click.option("--fresh", is_flag=True, help="Delete the output folder first (otherwise a rerun resumes).")
 @click.option("--no-progress", is_flag=True, help="Disable progress bars.")
-def demo(out_dir, n_samples, per_mode, n_reference, seed, modes, editors, methods, fresh, no_progress) -> None:
+def demo(out_dir, n_samples, per_mode, n_reference, seed, modes, editors, methods, model, fresh, no_progress) -> None:
     """Generate the synthetic benchmark, load the shipped demo LVLM, build the causally filtered
     benchmark (oracle and inpaint editors) in direct and step-by-step mode, run every attribution
     method, evaluate, and write report.html, table.md, table.csv and retention.md."""
@@ -42,7 +43,7 @@ def demo(out_dir, n_samples, per_mode, n_reference, seed, modes, editors, method
     out = Path(out_dir)
     if fresh and out.exists():
         shutil.rmtree(out)
-    cfg = DemoConfig(seed=seed)
+    cfg = DemoConfig(seed=seed, model=model)
     if n_samples is not None:
         cfg.n_samples = n_samples
     if per_mode is not None:

@@ -32,7 +32,7 @@ import numpy as np
 from medfocus.concepts import ot
 from medfocus.concepts.intervention import TAU, WHOLE_IMAGE, decide, intervene, variant_boxes
 from medfocus.concepts.reference import SELECT_GRID, TRANSFER_GRID, ReferencePool, default_pool
-from medfocus.concepts.transfer import CORE, ConceptTransfer, TransferCache, transfer_concepts
+from medfocus.concepts.transfer import ConceptTransfer, TransferCache, transfer_concepts
 from medfocus.attribution.base import Method
 from medfocus.errors import ConfigError
 from medfocus.types import BILATERAL, Box, CONCEPTS
@@ -147,7 +147,8 @@ class MedFocus:
         tau: whole-image fallback threshold (0.75).
         refine: ``"none"`` or ``"medsam"`` box refinement.
         refiner: a :class:`~medfocus.concepts.refine.MedSAMRefiner` or checkpoint path (``refine="medsam"``).
-        select_grid, transfer_grid, core, epsilon, lam: transfer settings (14, 56, 0.75, 0.05, 0.1).
+        select_grid, transfer_grid, core, mode, epsilon, lam: transfer settings (14, 56, mode default core,
+            ``"barycentric"``, 0.05, 0.1; see :func:`~medfocus.concepts.transfer.transfer_concepts`).
         cache: ``True`` (default cache dir), a directory, or ``False``/``None`` (no transfer cache).
         batch_size: variants per forward pass. max_new_tokens: for generating a missing answer.
         device: device of the OT solver (default: CUDA when available).
@@ -155,7 +156,8 @@ class MedFocus:
 
     def __init__(self, adapter: Any, pool: ReferencePool | str | Path | None = None, *, baseline: str = "zero",
                  tau: float = TAU, refine: str = "none", refiner: Any = None, select_grid: int = SELECT_GRID,
-                 transfer_grid: int = TRANSFER_GRID, core: float = CORE, epsilon: float = ot.EPSILON,
+                 transfer_grid: int = TRANSFER_GRID, core: float | None = None, mode: str = "barycentric",
+                 epsilon: float = ot.EPSILON,
                  lam: float = ot.LAMBDA, cache: bool | str | Path | None = True, batch_size: int = 16,
                  max_new_tokens: int = 128, device: str | None = None) -> None:
         if baseline not in ("zero", "mean"):
@@ -167,7 +169,7 @@ class MedFocus:
         self.adapter = adapter
         self.pool = pool if isinstance(pool, ReferencePool) else (ReferencePool.load(pool) if pool is not None else default_pool())
         self.baseline, self.tau, self.refine, self.refiner = baseline, float(tau), refine, refiner
-        self.transfer_kw = {"select_grid": select_grid, "transfer_grid": transfer_grid, "core": core,
+        self.transfer_kw = {"select_grid": select_grid, "transfer_grid": transfer_grid, "core": core, "mode": mode,
                             "epsilon": epsilon, "lam": lam, "device": device}
         if cache is True:
             self.cache: TransferCache | None = TransferCache()
@@ -256,8 +258,20 @@ class MedFocusMethod(Method):
 
     name = "medfocus"
     defaults = {"pool": None, "baseline": "zero", "tau": TAU, "refine": "none", "select_grid": SELECT_GRID,
-                "transfer_grid": TRANSFER_GRID, "core": CORE, "epsilon": ot.EPSILON, "lam": ot.LAMBDA,
-                "cache": True, "batch_size": 16}
+                "transfer_grid": TRANSFER_GRID, "core": None, "mode": "barycentric", "epsilon": ot.EPSILON,
+                "lam": ot.LAMBDA, "cache": True, "batch_size": 16}
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        p = self.params
+        if p["baseline"] not in ("zero", "mean"):
+            raise ConfigError(f"medfocus: baseline must be 'zero' or 'mean', got {p['baseline']!r}")
+        if p["refine"] not in ("none", "medsam"):
+            raise ConfigError(f"medfocus: refine must be 'none' or 'medsam', got {p['refine']!r}")
+        if p["mode"] not in ("barycentric", "plan"):
+            raise ConfigError(f"medfocus: mode must be 'barycentric' or 'plan', got {p['mode']!r}")
+        if not 0.0 < float(p["tau"]) <= 1.0:
+            raise ConfigError(f"medfocus: tau must be in (0, 1], got {p['tau']}")
 
     def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Any) -> Any:
         p = dict(self.params)

@@ -398,8 +398,10 @@ class GridUOT:
         return torch.exp(lp)
 
     def costs(self) -> dict[str, torch.Tensor]:
-        """``(B,)`` tensors: ``transport = <C,T>``, ``uot_cost = transport + lam KL terms`` (what
-        reference selection ranks by). Computed separably (``C = Cy + Cx``), no dense plan."""
+        """``(B,)`` tensors: ``transport = <C,T>``, ``uot_cost = transport + lam KL terms``, and
+        ``objective`` = the full regularised objective (``uot_cost + eps KL(T | a b^T)``, or
+        ``+ eps KL(T | 1)`` for ``reg_type="entropy"``, the reference measure spanning the full
+        ``(h w) x (h w)`` grid). Computed separably (``C = Cy + Cx``), no dense plan."""
         B, h, w = self.log_u.shape
         dev, dt = self.log_u.device, self.log_u.dtype
         dy2 = torch.arange(h, device=dev, dtype=dt)
@@ -418,7 +420,17 @@ class GridUOT:
             marg = marg + self.lam[0] * _kl_gen(row, self.a, (1, 2))
         if not math.isinf(self.lam[1]):
             marg = marg + self.lam[1] * _kl_gen(col, self.b, (1, 2))
-        return {"transport": transport, "uot_cost": transport + marg}
+        # KL(T | ref): log(T_ij / ref_ij) = log u_i + log v_j - C_ij / eps for both reg_types, so
+        # sum T log(T/ref) = <T1, log u> + <T^T1, log v> - <C,T>/eps (0 log 0 = 0 off the support).
+        ent = (torch.where(row > 0, row * self.log_u, torch.zeros_like(row)).sum(dim=(1, 2))
+               + torch.where(col > 0, col * self.log_v, torch.zeros_like(col)).sum(dim=(1, 2)) - transport / self.epsilon)
+        mass_t = row.sum(dim=(1, 2))
+        if self.reg_type == "kl":
+            ref_mass = self.a.sum(dim=(1, 2)) * self.b.sum(dim=(1, 2))
+        else:
+            ref_mass = torch.full_like(mass_t, float((h * w) ** 2))
+        objective = transport + marg + self.epsilon * (ent - mass_t + ref_mass)
+        return {"transport": transport, "uot_cost": transport + marg, "objective": objective}
 
 
 def _sep_lse(src: torch.Tensor, log_ky: torch.Tensor, log_kx: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,8 @@ Sources:
   mask is its region box filled.
 
 Selection (:meth:`ReferencePool.select_best`): the reference with the lowest unbalanced-OT cost
-against the target at the 14 x 14 grid, all references solved in one batched call.
+against the target at the 14 x 14 grid, all references solved in one batched call; the cost is
+debiased as an unbalanced Sinkhorn divergence (see :meth:`ReferencePool.selection_costs`).
 """
 
 from __future__ import annotations
@@ -161,16 +162,31 @@ class ReferencePool:
         """``(B, grid, grid)`` masses of all references."""
         return np.stack([r.measure(grid)[0] for r in self.references])
 
-    def selection_costs(self, image: np.ndarray, *, grid: int = SELECT_GRID, **uot_kw: Any) -> np.ndarray:
-        """``(B,)`` unregularised UOT cost (:meth:`GridUOT.costs` ``"uot_cost"``) of transporting each
-        reference onto ``image`` at ``grid x grid``, in one batched solve."""
-        b, _ = ot.image_measure(image, grid)
-        sol = ot.uot_grid(self.measures(grid), b, **uot_kw)
-        return sol.costs()["uot_cost"].detach().cpu().numpy()
+    def selection_costs(self, image: np.ndarray, *, grid: int = SELECT_GRID, debias: bool = True, **uot_kw: Any) -> np.ndarray:
+        """``(B,)`` selection cost of every reference for ``image`` at ``grid x grid``, batched.
 
-    def select_best(self, image: np.ndarray, *, grid: int = SELECT_GRID, **uot_kw: Any) -> tuple[Reference, np.ndarray]:
-        """The reference with the lowest UOT cost to ``image`` (ties: first), and all ``(B,)`` costs."""
-        costs = self.selection_costs(image, grid=grid, **uot_kw)
+        With ``debias`` (default) this is the unbalanced *Sinkhorn divergence* (Sejourne et al.
+        2019) up to a term that is the same for every reference:
+        ``OT_eps(ref, target) - OT_eps(ref, ref) / 2`` with ``OT_eps`` the full regularised
+        objective (:meth:`GridUOT.costs` ``"objective"``) and the self-problem solved at the pair's
+        cost scale (``- OT_eps(target, target) / 2`` is dropped: it does not change the ranking).
+        Without it, the raw entropic cost is dominated by the blur term, which favours compact
+        references: a target is then not even its own nearest reference. ``debias=False`` ranks
+        by the unregularised UOT cost at the entropic plan (``"uot_cost"``).
+        """
+        b, _ = ot.image_measure(image, grid)
+        a = self.measures(grid)
+        sol = ot.uot_grid(a, b, **uot_kw)
+        if not debias:
+            return sol.costs()["uot_cost"].detach().cpu().numpy()
+        self_sol = ot.uot_grid(a, a, **{**uot_kw, "scale": sol.scale.detach().cpu().numpy()})
+        cost = sol.costs()["objective"] - 0.5 * self_sol.costs()["objective"]
+        return cost.detach().cpu().numpy()
+
+    def select_best(self, image: np.ndarray, *, grid: int = SELECT_GRID, **kw: Any) -> tuple[Reference, np.ndarray]:
+        """The reference with the lowest selection cost (:meth:`selection_costs`; ties: first), and
+        all ``(B,)`` costs."""
+        costs = self.selection_costs(image, grid=grid, **kw)
         return self.references[int(np.argmin(costs))], costs
 
 

@@ -194,11 +194,14 @@ def transfer_with_reference(image: np.ndarray, reference: Any, *, grid: int = TR
         coverage = splat(pts, np.ones(len(pts)), (grid, grid))
         t = np.stack([splat(pts, fr[i][moved], (grid, grid)) for i in range(len(CONCEPTS))])
         # One-cell blur fills the holes that an expanding map leaves between splatted points.
+        # The core is taken on the splatted mass itself (sharp); the density that orders it is the
+        # smoothed ratio.
         arriving = _blur(coverage, 1.0)
-        t = np.stack([_blur(ti, 1.0) for ti in t])
+        t_smooth = np.stack([_blur(ti, 1.0) for ti in t])
         stats["ot_iterations_self"] = self_sol.n_iter
+    else_t = t if mode == "plan" else t_smooth
     with np.errstate(invalid="ignore", divide="ignore"):
-        soft = np.where(arriving > 1e-12, t / np.where(arriving > 1e-12, arriving, 1.0), 0.0).clip(0.0, 1.0)
+        soft = np.where(arriving > 1e-12, else_t / np.where(arriving > 1e-12, arriving, 1.0), 0.0).clip(0.0, 1.0)
     cell = lb.out_w / grid
     boxes: dict[str, Box] = {}
     softs: dict[str, np.ndarray] = {}

@@ -91,7 +91,8 @@ def load_radedit_components(*, unet_id: str = UNET_ID, vae_id: str = VAE_ID, tex
         unet_id, vae_id, text_encoder_id: Hugging Face ids or local folders.
         weights_dir: folder with ``unet/``, ``vae/``, ``text_encoder/`` sub-folders; overrides the ids.
         device: ``"cuda"``, ``"cpu"``...; default CUDA when available.
-        dtype: torch dtype of UNet and VAE (default float16 on CUDA, float32 on CPU).
+        dtype: torch dtype of the UNet (default float16 on CUDA, float32 on CPU); the VAE and the
+            text encoder stay in float32.
     Raises:
         ModelError: diffusers missing, or a component cannot be loaded (the message names it).
     """
@@ -125,7 +126,8 @@ def load_radedit_components(*, unet_id: str = UNET_ID, vae_id: str = VAE_ID, tex
     except Exception as exc:  # noqa: BLE001 - any loading failure becomes one clear message
         raise _fail("UNet", unet_src, exc) from exc
     try:
-        vae = diffusers.AutoencoderKL.from_pretrained(vae_src, torch_dtype=dtype)
+        # The SDXL VAE overflows in float16 (NaN decodes); it is small, so it always runs in float32.
+        vae = diffusers.AutoencoderKL.from_pretrained(vae_src, torch_dtype=torch.float32)
     except Exception as exc:  # noqa: BLE001
         raise _fail("VAE", vae_src, exc) from exc
     try:
@@ -294,9 +296,9 @@ class RadEditEditor(Editor):
 
         # guided reverse process, guidance inside the edit mask, kept latents pasted at the matching level
         xt = xs[start]
+        emb_uc = torch.cat([emb_u, emb_c])
         for k in range(start, N):
-            eu = eps_of(xt, ts[k], emb_u)
-            ec = eps_of(xt, ts[k], emb_c)
+            eu, ec = eps_of(torch.cat([xt, xt]), ts[k], emb_uc).chunk(2)  # one batched UNet call
             eps = eu + self.guidance_scale * m_edit * (ec - eu)
             mu, sigma = step_mean(xt, eps, k)
             xt = mu + sigma * noise_maps[k]

@@ -159,6 +159,24 @@ class LVLMAdapter(ABC):
         """Module whose output are the image-token embeddings fed to the language model
         (Qwen: ``visual`` merger output; Gemma 3 / LLaVA: ``multi_modal_projector``)."""
 
+    # Added by the LVLM layer (additive): the answer-only scoring path of medfocus.lvlm.scoring.
+    def hidden_states(self, inputs: dict[str, torch.Tensor], **kwargs: Any) -> Any:
+        """Run the model *without* its LM head on ``inputs`` (e.g. from :meth:`batch_inputs`); the
+        result's ``[0]`` is the ``(B, S, D)`` last hidden state (after the final norm). ``kwargs`` go to
+        the forward (``output_attentions``, ``output_hidden_states``...). Default: ``self.model.model``."""
+        return self.model.model(**inputs, use_cache=False, **kwargs)
+
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM head on ``(..., D)`` hidden states -> ``(..., vocab)`` logits (family logit
+        soft-capping included). Default: ``self.model.lm_head``."""
+        return self.model.lm_head(hidden)
+
+    def image_features_from_output(self, output: Any) -> torch.Tensor:
+        """The image-token embeddings from a forward hook's output of :attr:`image_feature_module`, as
+        the very tensor the model consumes (so gradients w.r.t. it are defined); ``reshape(-1, D)`` gives
+        them in token-grid row-major order."""
+        return output if isinstance(output, torch.Tensor) else output.pooler_output
+
     @contextmanager
     def eager_attention(self) -> Iterator[None]:
         """Temporarily switch to eager attention so ``output_attentions=True`` returns weights."""

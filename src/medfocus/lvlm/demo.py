@@ -82,11 +82,11 @@ class DemoConfig:
     image_size: int = 256  # synthetic image side before letterboxing onto the canvas
     n_train_cases: int = 3000
     n_eval_per_cell: int = 20  # held-out cases per (finding, answer) in the evaluation
-    steps: int = 1200
-    images_per_step: int = 16
+    steps: int = 1000
+    images_per_step: int = 12
     questions_per_image: int = 4
-    lr: float = 2e-3
-    warmup: int = 60
+    lr: float = 1.5e-3
+    warmup: int = 50
     weight_decay: float = 0.01
     cue_subset: float = 0.2  # fraction of training cases on the cue subset (cue + faint finding)
     faint_severity: tuple[float, float] = (0.0, 0.1)  # severity range on the cue subset
@@ -101,7 +101,8 @@ class DemoConfig:
                                                                window_size=112, fullatt_block_indexes=[2]))
     tokenizer_vocab: int = 1200
     num_threads: int = 2
-    eval_every: int = 0  # 0: evaluate only at the end
+    eval_every: int = 0  # quick teacher-forced held-out check every N steps (0: off)
+    checkpoint_every: int = 0  # save a resumable checkpoint every N steps (0: off)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -581,8 +582,13 @@ def _lr_at(step: int, cfg: DemoConfig) -> float:
 
 
 def train_loop(model, enc: Encoder, pool: Sequence[DemoCase], cfg: DemoConfig, *, log: Callable[[str], None] = print,
-               eval_fn: Callable[[int], None] | None = None) -> list[float]:
-    """AdamW + linear warm-up + cosine decay over ``cfg.steps`` steps; returns the per-step losses."""
+               eval_fn: Callable[[int], None] | None = None, checkpoint: str | Path | None = None) -> list[float]:
+    """AdamW + linear warm-up + cosine decay over ``cfg.steps`` steps; returns the per-step losses.
+
+    With ``checkpoint`` and ``cfg.checkpoint_every``, the model, optimiser and sampler states are saved
+    there atomically every ``checkpoint_every`` steps, and a run restarted with the same config resumes
+    from it (same batches, same result as an uninterrupted run).
+    """
     findings = _findings()
     grid = cfg.canvas // 14
     rng = random.Random(cfg.seed + 1)
@@ -594,8 +600,19 @@ def train_loop(model, enc: Encoder, pool: Sequence[DemoCase], cfg: DemoConfig, *
                             lr=cfg.lr, betas=(0.9, 0.98))
     model.train()
     losses: list[float] = []
+    start = 0
+    ck = Path(checkpoint) if checkpoint is not None else None
+    if ck is not None and ck.is_file():
+        state = torch.load(ck, weights_only=False)
+        if state["config"] == asdict(cfg):
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            rng.setstate(state["rng"])
+            torch.set_rng_state(state["torch_rng"])
+            losses, start = list(state["losses"]), int(state["step"])
+            log(f"resumed from {ck} at step {start}")
     t0 = time.time()
-    for step in range(cfg.steps):
+    for step in range(start, cfg.steps):
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg)
         ids = rng.sample(range(len(pool)), cfg.images_per_step)
@@ -609,6 +626,11 @@ def train_loop(model, enc: Encoder, pool: Sequence[DemoCase], cfg: DemoConfig, *
         if (step + 1) % 25 == 0 or step == 0:
             recent = np.mean(losses[-25:])
             log(f"step {step + 1}/{cfg.steps} loss {recent:.4f} lr {_lr_at(step, cfg):.2e} {time.time() - t0:.0f}s")
+        if ck is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            tmp = ck.with_suffix(".tmp")
+            torch.save({"config": asdict(cfg), "model": model.state_dict(), "opt": opt.state_dict(), "rng": rng.getstate(),
+                        "torch_rng": torch.get_rng_state(), "losses": losses, "step": step + 1}, tmp)
+            tmp.replace(ck)
         if eval_fn is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             model.eval()
             eval_fn(step + 1)
@@ -817,11 +839,13 @@ def train_demo(out_dir: str | Path = DEMO_DIR, cfg: DemoConfig | None = None, *,
 
     def quick_eval(step: int) -> None:
         m = direct_margin(model, enc, [c for c, _, _ in quick], [f for _, f, _ in quick], cfg.canvas // 14)
-        acc = np.mean((m > 0) == np.array([p for _, _, p in quick]))
-        log(f"  [eval step {step}] direct teacher-forced accuracy {acc:.3f} on {len(quick)}")
+        ok = (m > 0) == np.array([p for _, _, p in quick])
+        per = {f: round(float(np.mean([o for o, (_, g, _) in zip(ok, quick) if g == f])), 2) for f in findings}
+        log(f"  [eval step {step}] direct teacher-forced held-out accuracy {ok.mean():.3f} on {len(quick)}: {per}")
 
     t0 = time.time()
-    losses = train_loop(model, enc, pool, cfg, log=log, eval_fn=quick_eval)
+    ck = out.parent / f".{out.name}.checkpoint.pt"
+    losses = train_loop(model, enc, pool, cfg, log=log, eval_fn=quick_eval, checkpoint=ck if cfg.checkpoint_every else None)
     t_train = time.time() - t0
     del pool
     tmp = out.parent / f".{out.name}.tmp"
@@ -830,18 +854,48 @@ def train_demo(out_dir: str | Path = DEMO_DIR, cfg: DemoConfig | None = None, *,
     extra = {"train_seconds": round(t_train, 1), "data_seconds": round(t_data, 1), "final_loss": float(np.mean(losses[-25:])),
              "n_parameters": int(sum(p.numel() for p in model.parameters()))}
     save_folder(model, tok, cfg, tmp, extra)
-    metrics: dict[str, Any] = {**extra, "total_seconds_before_eval": round(time.time() - t_start, 1)}
-    if evaluate:
-        metrics.update(evaluate_folder(tmp, cfg, log=log, progress=progress))
-        hints = json.loads((tmp / "medfocus.json").read_text())
-        hints["demo"]["metrics"] = {k: v for k, v in metrics.items() if k != "examples"}
-        (tmp / "medfocus.json").write_text(json.dumps(hints, indent=1, default=str))
-    (tmp / "MODEL_CARD.md").write_text(model_card(cfg, metrics, out))
+    (tmp / "MODEL_CARD.md").write_text(model_card(cfg, {**extra, "vocab": len(tok)}, out))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
+    if ck.exists():
+        ck.unlink()
     log(f"wrote {out} ({folder_size(out) / 1e6:.1f} MB) in {time.time() - t_start:.0f}s")
+    metrics: dict[str, Any] = dict(extra)
+    if evaluate:
+        try:
+            metrics = evaluate_and_write_card(out, log=log, progress=progress)
+        except Exception as exc:  # keep the trained weights; the card says evaluation is missing
+            log(f"held-out evaluation failed ({type(exc).__name__}: {exc}); rerun it with "
+                f"`python -m medfocus.lvlm.demo {out}`")
     return metrics
+
+
+def evaluate_and_write_card(path: str | Path, *, log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
+    """Evaluate a trained demo folder on held-out cases and (re)write its ``MODEL_CARD.md`` and the
+    metrics in ``medfocus.json``. The config is read back from ``medfocus.json``."""
+    path = Path(path)
+    hints = json.loads((path / "medfocus.json").read_text())
+    d = hints["demo"]
+    cfg = config_from_dict(d["config"])
+    extra = {k: v for k, v in d.items() if k not in ("config", "metrics")}
+    metrics = {**extra, **evaluate_folder(path, cfg, log=log, progress=progress)}
+    from transformers import AutoTokenizer
+
+    metrics["vocab"] = len(AutoTokenizer.from_pretrained(path))
+    hints["demo"]["metrics"] = {k: v for k, v in metrics.items() if k != "examples"}
+    tmp = path / "medfocus.json.tmp"
+    tmp.write_text(json.dumps(hints, indent=1, default=str))
+    tmp.replace(path / "medfocus.json")
+    (path / "MODEL_CARD.md").write_text(model_card(cfg, metrics, path))
+    return metrics
+
+
+def config_from_dict(d: dict[str, Any]) -> DemoConfig:
+    """Inverse of ``dataclasses.asdict`` for :class:`DemoConfig` (JSON turns tuples into lists)."""
+    fields = DemoConfig.__dataclass_fields__
+    kw = {k: (tuple(v) if isinstance(getattr(DemoConfig(), k), tuple) else v) for k, v in d.items() if k in fields}
+    return DemoConfig(**kw)
 
 
 def folder_size(path: str | Path) -> int:
@@ -901,7 +955,7 @@ def model_card(cfg: DemoConfig, metrics: dict[str, Any], out: Path) -> str:
         f"- Tokenizer: byte-level BPE trained locally on the task texts, wrapped in `Qwen2Tokenizer` with the Qwen2.5-VL "
         f"special tokens and chat template; {metrics.get('vocab', 'see tokenizer.json')} tokens.",
         f"- Input: images are letterboxed onto a {cfg.canvas}x{cfg.canvas} canvas -> {(cfg.canvas // 14) ** 2} patches -> "
-        f"{(cfg.canvas // 28) ** 2} image tokens (8x8 grid for 224 px).",
+        f"{(cfg.canvas // 28) ** 2} image tokens ({cfg.canvas // 28}x{cfg.canvas // 28} grid).",
         f"- Parameters: {metrics.get('n_parameters', 0) / 1e6:.2f} M (float32 safetensors).",
         "",
         "## Data",
@@ -972,3 +1026,10 @@ def model_card(cfg: DemoConfig, metrics: dict[str, Any], out: Path) -> str:
         "",
     ]
     return "\n".join(parts)
+
+
+if __name__ == "__main__":  # python -m medfocus.lvlm.demo FOLDER: (re)evaluate a trained folder, rewrite its card
+    import sys
+
+    torch.set_num_threads(2)
+    evaluate_and_write_card(sys.argv[1] if len(sys.argv) > 1 else DEMO_DIR)

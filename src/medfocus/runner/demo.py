@@ -53,6 +53,8 @@ class DemoConfig:
     model: str = "demo"
     cue_rate: float | None = None
     """shortcut-cue rate of the synthetic data (None = the writer's default)."""
+    max_new_tokens: int | None = None
+    """generation budget of the causal filter (None = the bench defaults per mode)."""
 
 
 def diverse_subset(items: Sequence[Any], per_cell: int) -> list[Any]:
@@ -77,13 +79,14 @@ def _log_default(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _write_data(cfg: DemoConfig, data_dir: Path, ref_dir: Path, log: Callable[[str], None]) -> list:
+def _write_data(cfg: DemoConfig, data_dir: Path, ref_dir: Path, log: Callable[[str], None], *, workers: int = 2,
+                progress: bool = True) -> list:
     from medfocus.datasets.synthetic import load_synthetic, write_dataset, write_reference_pool
 
     stamp = data_dir / ".demo_params.json"
     params = {"n": cfg.n_samples, "seed": cfg.seed, "size": cfg.size, "cue_rate": cfg.cue_rate}
     if not (stamp.exists() and json.loads(stamp.read_text()) == params):
-        kw: dict[str, Any] = {"size": cfg.size}
+        kw: dict[str, Any] = {"size": cfg.size, "workers": workers, "progress": progress}
         if cfg.cue_rate is not None:
             kw["cue_rate"] = cfg.cue_rate
         log(f"[data] writing {cfg.n_samples} synthetic cases to {data_dir}")
@@ -143,7 +146,7 @@ def run_demo(
 
     # 1. data
     t0 = time.perf_counter()
-    samples = _write_data(cfg, out / "data", out / "reference", log)
+    samples = _write_data(cfg, out / "data", out / "reference", log, progress=progress)
     positives = [s for s in samples if s.answer == "Yes"]
     step("data", t0)
 
@@ -168,7 +171,8 @@ def run_demo(
         for mode in cfg.modes:
             log(f"[bench] {cfg.model} / {mode} / editor={editor_name}: {len(positives)} positive samples")
             records, _ = build_benchmark(adapter, samples, mode=mode, editor=editor, out_dir=out / "bench" / editor_name,
-                                         model_name=cfg.model, cache_dir=out / "bench" / "edits", progress=progress)
+                                         model_name=cfg.model, cache_dir=out / "bench" / "edits", progress=progress,
+                                         max_new_tokens=cfg.max_new_tokens)
             splits[(editor_name, mode)] = records
     retention = pd.concat([retention_table(out / "bench" / e) for e in cfg.editors], ignore_index=True)
     retention.to_csv(out / "retention.csv", index=False)
@@ -191,6 +195,11 @@ def run_demo(
         items += items_from_benchmark(splits[(cfg.attribute_editor, mode)], samples, mode=mode, model=cfg.model,
                                       extra={"editor": cfg.attribute_editor})
     items = diverse_subset(items, cfg.per_mode)
+    for mode in cfg.modes:
+        kept = len(splits[(cfg.attribute_editor, mode)])
+        if kept == 0:
+            log(f"[attribute] warning: the {cfg.attribute_editor} filter kept no sample in {mode} mode "
+                "(see retention.md); nothing to attribute there")
     log(f"[attribute] {len(items)} filtered samples x {len(methods)} methods")
     with ResultStore(out / "predictions.jsonl") as store:
         summary = run_grid(items, _method_params(cfg, methods, out / "reference"), store, load_model=lambda _name: adapter,
@@ -218,6 +227,8 @@ def run_demo(
         "Pipeline": f"synthetic world ({cfg.n_samples} cases, seed {cfg.seed}) -> causal filter "
                     f"({' + '.join(cfg.editors)} editors) -> attribution on the {cfg.attribute_editor}-filtered split "
                     f"(<= {cfg.per_mode} samples per mode)",
+        "Attributed samples": ", ".join(f"{mode}: {sum(1 for it in items if it.mode == mode)} of "
+                                        f"{len(splits[(cfg.attribute_editor, mode)])} kept" for mode in cfg.modes),
         "Step seconds": ", ".join(f"{k} {v:.0f}" for k, v in timings.items()),
     }
     report_path = build_report(preds, out / "report.html", metrics=metrics, retention=retention,

@@ -105,7 +105,22 @@ def cardiomegaly_heart(anat: Anatomy, sp: FindingSpec) -> tuple[float, float]:
 
 
 def build_finding(sp: FindingSpec, geo: Geometry) -> tuple[np.ndarray, Layer]:
-    """Exact mask ``(S, S)`` bool and density layer of a (non-cardiomegaly) finding on an anatomy."""
+    """Exact mask ``(S, S)`` bool and density layer of a (non-cardiomegaly) finding on an anatomy.
+
+    The layer is confined to the mask dilated by 2 px (its soft edge), so a finding never changes
+    pixels far from its box — what the foreground counterfactual's locality relies on.
+    """
+    mask, layer = _build_finding(sp, geo)
+    k = np.ones((5, 5), np.uint8)
+    support = cv2.dilate(mask.astype(np.uint8), k).astype(np.float32)
+    for attr in ("over_alpha", "add", "suppress"):
+        arr = getattr(layer, attr)
+        if arr is not None:
+            setattr(layer, attr, (arr * support).astype(np.float32))
+    return mask, layer
+
+
+def _build_finding(sp: FindingSpec, geo: Geometry) -> tuple[np.ndarray, Layer]:
     e = geo.edge
     S = geo.size
     rng = np.random.default_rng([sp.seed, 3])

@@ -224,26 +224,30 @@ class Geometry:
         return out
 
 
-def heart_sdf(geo: Geometry, heart_w: float, heart_h: float) -> np.ndarray:
-    """SDF of the cardiac silhouette with a given box width/height (body frame), cut by the diaphragm."""
+def heart_sdf(geo: Geometry, heart_w: float, heart_h: float) -> tuple[np.ndarray, np.ndarray]:
+    """SDFs ``(silhouette, extent)`` of the heart with a given box width/height (body frame).
+
+    Both are the same field: the heart ellipse above the diaphragm. The ellipse's lowest point sits just
+    below the left dome's top, so the silhouette rests on the diaphragm without running down its lateral
+    slope (the lung reaches into the cardiophrenic angle beside it)."""
     a = geo.anat
     Xb, Yb = geo.Xb, geo.Yb
     th = a.heart_tilt
     c2, s2 = np.cos(th) ** 2, np.sin(th) ** 2
     hw = heart_w / 2
-    hh = heart_h / 1.3  # the ellipse is partly hidden below the diaphragm
+    hh = (heart_h + 0.06) / 2  # the bottom 0.06 of the ellipse is hidden below the diaphragm
     # Semi-axes (p along the tilted long axis) whose rotated bounding box has half-sizes (hw, hh).
     pa2 = max((hw**2 * c2 - hh**2 * s2) / (c2 - s2), (0.6 * hw) ** 2)
     pb2 = max((hh**2 * c2 - hw**2 * s2) / (c2 - s2), (0.45 * hh) ** 2)
     pa, pb = np.sqrt(pa2), np.sqrt(pb2)
     cx = a.med_x + a.heart_shift * heart_w
-    cy = a.dome_top("left") - 0.1 * hh
+    cy = a.dome_top("left") + 0.06 - hh
     u = (Xb - cx) * np.cos(th) + (Yb - cy) * np.sin(th)
     v = -(Xb - cx) * np.sin(th) + (Yb - cy) * np.cos(th)
     r = np.sqrt((u / pa) ** 2 + (v / pb) ** 2)
     d = (r - 1.0) * min(pa, pb)
-    floor = np.minimum(geo.dome(Xb), a.dome_top("left") + 0.03)
-    return np.maximum(d, Yb - floor).astype(np.float32)
+    heart = np.maximum(d, Yb - geo.dome(Xb)).astype(np.float32)
+    return heart, heart
 
 
 def build_geometry(anat: Anatomy, size: int, heart_wh: tuple[float, float] | None = None) -> Geometry:
@@ -278,8 +282,9 @@ def build_geometry(anat: Anatomy, size: int, heart_wh: tuple[float, float] | Non
     knob_c = (a.med_x + a.med_hw + 0.4 * a.knob_r, apex + 0.21)
     knob = np.hypot(Xb - knob_c[0], Yb - knob_c[1]) - a.knob_r
     hw_h = heart_wh if heart_wh is not None else (a.heart_w, a.heart_h)
-    heart = heart_sdf(geo, *hw_h)
+    heart, heart_ext = heart_sdf(geo, *hw_h)
     sd["heart"] = heart
+    sd["heart extent"] = heart_ext
     sd["mediastinum"] = np.minimum(np.minimum(band, knob), heart).astype(np.float32)
     y_um = knob_c[1] + a.knob_r
     sd["upper mediastinum"] = np.maximum(np.minimum(band, knob), Yb - y_um).astype(np.float32)
@@ -291,7 +296,7 @@ def build_geometry(anat: Anatomy, size: int, heart_wh: tuple[float, float] | Non
         f = np.abs((Xb - cx) / a.lung_a) ** p + np.abs((Yb - a.lung_cy) / a.lung_b) ** p
         ell = ((f ** (1.0 / p)) - 1.0) * a.lung_a
         sd[f"{side} lung field"] = ell.astype(np.float32)
-        lung = np.maximum(np.maximum(ell, Yb - dome), -sd["mediastinum"])
+        lung = np.maximum(np.maximum(ell, Yb - dome), -np.minimum(sd["mediastinum"], heart_ext))
         sd[f"{side} lung"] = lung.astype(np.float32)
         # Costophrenic angle: the most lateral point of the dome still inside the lung field.
         xs = np.linspace(cx - 1.2 * a.lung_a, cx, 400) if sg < 0 else np.linspace(cx + 1.2 * a.lung_a, cx, 400)

@@ -118,6 +118,27 @@ class QwenVLAdapter(HFAdapter):
     def _repeat_other(self, key: str, v: torch.Tensor, B: int) -> torch.Tensor:
         return v.repeat(B, *([1] * (v.dim() - 1)))  # image_grid_thw (1, 3) -> (B, 3): one row per image
 
+    def rope_positions(self, chat: ChatInputs) -> torch.Tensor:
+        """``(3, 1, S)`` multimodal rotary positions of ``chat`` (cached in ``chat.extras``).
+
+        All image variants of one chat share them, so batches pass them explicitly instead of letting
+        the model rebuild them per row in a Python loop -- and they never depend on the model's cached
+        ``rope_deltas`` state (left over from a previous ``generate``)."""
+        S = int(chat.inputs["input_ids"].shape[1])
+        cached = chat.extras.get("rope_positions")
+        if cached is None or cached.shape[-1] != S:
+            cached, _ = self.model.model.get_rope_index(
+                chat.inputs["input_ids"], mm_token_type_ids=chat.inputs["mm_token_type_ids"],
+                image_grid_thw=chat.inputs["image_grid_thw"], attention_mask=chat.inputs.get("attention_mask"))
+            chat.extras["rope_positions"] = cached
+        return cached
+
+    def batch_inputs(self, chat: ChatInputs, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = super().batch_inputs(chat, pixel_values)
+        pos = self.rope_positions(chat)
+        out["position_ids"] = pos.expand(pos.shape[0], int(pixel_values.shape[0]), pos.shape[2])
+        return out
+
     @property
     def image_feature_module(self) -> torch.nn.Module:
         # ``visual`` returns a ModelOutput whose ``pooler_output`` is the merged image-token embeddings in
@@ -127,3 +148,5 @@ class QwenVLAdapter(HFAdapter):
     @property
     def decoder_layers(self) -> Sequence[torch.nn.Module]:
         return self.model.model.language_model.layers
+
+register_processors()

@@ -1,0 +1,274 @@
+"""MedFocus concept machinery: reference pool, selection, transfer on the synthetic world (exact
+concept masks), caching, MedSAM refinement, intervention masks and the fallback rule."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from medfocus.concepts import intervention as iv
+from medfocus.concepts import transfer as T
+from medfocus.concepts.reference import Reference, ReferencePool, build_pool_from_regions, default_pool, write_pool
+from medfocus.errors import ConfigError, DataError
+from medfocus.io.letterbox import Letterbox
+from medfocus.types import BILATERAL, CONCEPTS, concept_slug
+
+synthetic = pytest.importorskip("medfocus.datasets.synthetic")
+
+
+def box_of(mask: np.ndarray) -> tuple[int, int, int, int]:
+    ys, xs = np.nonzero(mask)
+    return (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+
+
+def iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def shift(x: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    out = np.zeros_like(x)
+    H, W = x.shape
+    out[max(dy, 0):H + min(dy, 0), max(dx, 0):W + min(dx, 0)] = x[max(-dy, 0):H + min(-dy, 0), max(-dx, 0):W + min(-dx, 0)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory) -> ReferencePool:
+    torch.set_num_threads(1)
+    return default_pool(tmp_path_factory.mktemp("cache"), n=8)
+
+
+# ---- reference pool ------------------------------------------------------------------------------
+def test_default_pool_is_written_once_and_reloaded(tmp_path):
+    p1 = default_pool(tmp_path, n=2)
+    root = tmp_path / "reference_pool" / "synthetic_n2_s0_256"
+    assert (root / ".complete").is_file() and len(p1) == 2
+    for c in CONCEPTS:
+        assert (root / "masks" / p1.ids[0] / f"{concept_slug(c)}.png").is_file()
+    stamp = (root / "images" / f"{p1.ids[0]}.png").stat().st_mtime_ns
+    p2 = default_pool(tmp_path, n=2)
+    assert (root / "images" / f"{p1.ids[0]}.png").stat().st_mtime_ns == stamp  # not rewritten
+    assert p2.fingerprint == p1.fingerprint
+
+
+def test_pool_load_errors(tmp_path):
+    with pytest.raises(DataError, match="images/"):
+        ReferencePool.load(tmp_path)
+    case = synthetic.generate_case(1, size=64, findings=[])
+    write_pool([Reference("a", case.image, case.concept_masks)], tmp_path)
+    assert ReferencePool.load(tmp_path).ids == ["a"]
+    (tmp_path / "masks" / "a" / "left_clavicle.png").unlink()
+    with pytest.raises(DataError, match="left_clavicle"):
+        ReferencePool.load(tmp_path)
+
+
+def test_build_pool_from_regions_fills_boxes_and_skips_incomplete(tmp_path):
+    img = np.full((40, 50), 120, np.uint8)
+    boxes = {c: (i, i, i + 10, i + 5) for i, c in enumerate(CONCEPTS)}
+    partial = {c: b for c, b in boxes.items() if c != "left lung"}
+    pool = build_pool_from_regions([("full", img, boxes), ("partial", img, partial),
+                                    ("slug_names", img, {concept_slug(c): b for c, b in boxes.items()})], tmp_path)
+    assert pool.ids == ["full", "slug_names"]
+    m = pool[0].masks["mediastinum"]  # index 3: box (3, 3, 13, 8)
+    assert m.sum() == 50 and m[3:8, 3:13].all()
+    with pytest.raises(DataError):
+        build_pool_from_regions([("p", img, partial)], tmp_path / "x")
+
+
+def test_select_best_finds_the_target_itself(pool):
+    # a pool member as the target: it is its own cheapest reference (batched UOT at 14x14)
+    for i in (2, 5):
+        ref, costs = pool.select_best(pool[i].image)
+        assert ref.id == pool.ids[i] and costs.shape == (len(pool),)
+        assert int(np.argmin(costs)) == i
+
+
+# ---- transfer --------------------------------------------------------------------------------------
+def test_transfer_matches_exact_concept_masks(pool):
+    """Mean box IoU (transferred box vs the tight box of the exact mask) >= 0.5 over the 11 concepts."""
+    ious = {c: [] for c in CONCEPTS}
+    for seed in range(6):
+        case = synthetic.generate_case(seed)
+        tr = T.transfer_concepts(case.image, pool)
+        for c in CONCEPTS:
+            ious[c].append(iou(tr.boxes[c], box_of(case.concept_masks[c])))
+    per = {c: float(np.mean(v)) for c, v in ious.items()}
+    assert np.mean(list(per.values())) >= 0.5, per
+    assert per["cardiac silhouette"] >= 0.5 and per["left lung"] >= 0.5 and per["right lung"] >= 0.5, per
+
+
+def test_transfer_follows_a_known_shift(pool):
+    """Targets shifted by (20, 24) px: the transfer beats reusing the reference's own boxes."""
+    got, ident = [], []
+    for seed in range(4):
+        case = synthetic.generate_case(seed)
+        img = shift(case.image, 20, 24)
+        masks = {c: shift(m, 20, 24) for c, m in case.concept_masks.items()}
+        tr = T.transfer_concepts(img, pool)
+        ref = pool[pool.ids.index(tr.reference_id)]
+        got.append(np.mean([iou(tr.boxes[c], box_of(masks[c])) for c in CONCEPTS]))
+        ident.append(np.mean([iou(box_of(ref.masks[c]), box_of(masks[c])) for c in CONCEPTS]))
+    assert np.mean(got) > np.mean(ident) + 0.05, (got, ident)
+
+
+def test_transfer_outputs_in_original_pixels_non_square(pool):
+    case = synthetic.generate_case(3)
+    img = np.ascontiguousarray(case.image[:, 40:220])  # (256, 180) non-square crop
+    tr = T.transfer_concepts(img, pool)
+    H, W = img.shape
+    assert tr.image_size == (W, H)
+    for c in CONCEPTS:
+        x1, y1, x2, y2 = tr.boxes[c]
+        assert 0 <= x1 < x2 <= W and 0 <= y1 < y2 <= H
+        sm = tr.soft_masks[c]
+        assert sm.shape == (H, W) and sm.dtype == np.float32 and 0 <= sm.min() and sm.max() <= 1
+    # the heart's soft mask is high inside the heart and low in the lung fields' far corners
+    heart = tr.soft_masks["cardiac silhouette"]
+    m = case.concept_masks["cardiac silhouette"][:, 40:220]
+    assert heart[m].mean() > 3 * heart[:40, :40].mean() + 0.1
+
+
+def test_plan_mode_runs_and_is_worse_than_default(pool):
+    case = synthetic.generate_case(0)
+    a = T.transfer_concepts(case.image, pool, mode="plan")
+    b = T.transfer_concepts(case.image, pool)
+    assert a.stats["mode"] == "plan" and b.stats["mode"] == "barycentric"
+    ia = np.mean([iou(a.boxes[c], box_of(case.concept_masks[c])) for c in CONCEPTS])
+    ib = np.mean([iou(b.boxes[c], box_of(case.concept_masks[c])) for c in CONCEPTS])
+    assert ib > ia
+    with pytest.raises(ConfigError):
+        T.transfer_concepts(case.image, pool, mode="warp")
+
+
+def test_transfer_cache_roundtrip(pool, tmp_path):
+    case = synthetic.generate_case(7)
+    cache = T.TransferCache(tmp_path)
+    a = T.transfer_concepts(case.image, pool, cache=cache)
+    assert a.stats["cached"] is False and len(list((tmp_path / "transfers").glob("*.npz"))) == 1
+    b = T.transfer_concepts(case.image, pool, cache=cache)
+    assert b.stats["cached"] is True
+    assert b.boxes == {c: tuple(v) for c, v in a.boxes.items()} and b.reference_id == a.reference_id
+    np.testing.assert_allclose(b.soft_masks["left lung"], a.soft_masks["left lung"], atol=1e-3)
+    # another setting is another entry; a corrupt entry is recomputed
+    T.transfer_concepts(case.image, pool, cache=cache, core=0.8)
+    files = sorted((tmp_path / "transfers").glob("*.npz"))
+    assert len(files) == 2
+    for f in files:
+        f.write_bytes(b"garbage")
+    c = T.transfer_concepts(case.image, pool, cache=cache)
+    assert c.stats["cached"] is False and c.boxes == a.boxes
+
+
+def test_core_cells_and_box():
+    mass = np.array([[0, 1, 0], [0, 6, 2], [1, 0, 0]], float)
+    dens = mass.copy()
+    core = T.core_cells(mass, dens, 0.75)  # 6 + 2 = 8 of 10 >= 7.5
+    assert core.sum() == 2 and core[1, 1] and core[1, 2]
+    assert T.cells_box(core, 4.0) == (4.0, 4.0, 12.0, 8.0)
+    assert T.core_cells(np.zeros((2, 2)), np.zeros((2, 2))).sum() == 0
+    pts = np.array([[0.5, 0.5], [2.0, 1.25]])
+    sp = T.splat(pts, np.array([1.0, 2.0]), (3, 3))
+    assert sp.sum() == pytest.approx(3.0) and sp[0, 0] == pytest.approx(0.25) and sp[2, 1] == pytest.approx(1.5)
+
+
+# ---- MedSAM refinement -----------------------------------------------------------------------------
+def _tiny_sam(tmp_path):
+    from transformers import SamConfig, SamModel, SamProcessor
+    from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
+
+    torch.manual_seed(0)
+    cfg = SamConfig(vision_config=dict(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2,
+                                       image_size=64, patch_size=16, window_size=2, global_attn_indexes=[1], mlp_dim=64,
+                                       num_pos_feats=8),
+                    prompt_encoder_config=dict(hidden_size=16, image_size=64, patch_size=16, mask_input_channels=4),
+                    mask_decoder_config=dict(hidden_size=16, mlp_dim=32, num_attention_heads=2, iou_head_hidden_dim=16))
+    model = SamModel(cfg).eval()
+    proc = SamProcessor(image_processor=SamImageProcessorPil(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64}))
+    model.save_pretrained(tmp_path)
+    proc.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_medsam_refiner_loads_genuine_sam_and_maps_masks_back(tmp_path):
+    from medfocus.concepts.refine import MedSAMRefiner
+
+    ref = MedSAMRefiner.from_pretrained(str(_tiny_sam(tmp_path)), device="cpu")
+    img = (np.random.default_rng(0).random((96, 128)) * 255).astype(np.uint8)
+    probs = ref.segment(img, [(10, 10, 50, 60), (60, 20, 120, 90)])
+    assert probs.shape == (2, 96, 128) and 0 <= probs.min() and probs.max() <= 1
+
+    # Known answer for the coordinate chain: a decoder whose low-res (16x16 over the padded 64 canvas)
+    # logit map is +10 on rows 4..7, cols 8..11 and -10 elsewhere. The 128x96 image is resized to
+    # 64x48 (longest edge 64) and padded at the bottom, so low-res cell = 8 original pixels:
+    # the mask is x in [64, 96), y in [32, 64).
+    class Fixed(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kw):
+            out = self.inner(**kw)
+            low = torch.full_like(out.pred_masks, -10.0)
+            low[..., 4:8, 8:12] = 10.0
+            out.pred_masks = low
+            return out
+
+    ref.model = Fixed(ref.model)
+    assert ref.refine(img, {"heart": (0, 0, 128, 96)}) == {"heart": (64.0, 32.0, 96.0, 64.0)}
+
+
+def test_medsam_absent_is_skipped_with_notice(pool, tmp_path, caplog):
+    case = synthetic.generate_case(0)
+    with caplog.at_level(logging.WARNING, logger="medfocus.concepts.refine"):
+        tr = T.transfer_concepts(case.image, pool, refine="medsam", refiner=str(tmp_path / "no_such_medsam"))
+    assert tr.refine == "none"
+    assert any("MedSAM refinement skipped" in r.getMessage() for r in caplog.records)
+    plain = T.transfer_concepts(case.image, pool)
+    assert tr.boxes == plain.boxes
+
+
+def test_medsam_refinement_applied(pool, tmp_path):
+    from medfocus.concepts.refine import MedSAMRefiner
+
+    ref = MedSAMRefiner.from_pretrained(str(_tiny_sam(tmp_path)), device="cpu")
+    case = synthetic.generate_case(0, size=128)
+    tr = T.transfer_concepts(case.image, pool, refine="medsam", refiner=ref)
+    assert tr.refine == "medsam" and set(tr.boxes) == set(CONCEPTS)
+    for b in tr.boxes.values():
+        assert 0 <= b[0] < b[2] <= 128 and 0 <= b[1] < b[3] <= 128
+
+
+# ---- intervention -------------------------------------------------------------------------------
+def test_variants_and_keep_masks():
+    names = iv.variant_names()
+    assert names == list(CONCEPTS) + list(BILATERAL) and len(names) == 15
+    boxes = {c: (0.0, 0.0, 1.0, 1.0) for c in CONCEPTS}
+    boxes["left lung"] = (10.0, 20.0, 30.0, 60.0)
+    boxes["right lung"] = (50.0, 0.0, 60.0, 10.0)
+    vb = iv.variant_boxes(boxes)
+    assert vb["lungs"] == [boxes["left lung"], boxes["right lung"]]
+    geo = Letterbox.fit((100, 50), 64)  # 100x50 -> 64x32, pad_y 16
+    keep = iv.canvas_keep_masks({"left lung": vb["left lung"], "lungs": vb["lungs"]}, geo, (64, 64))
+    ll = keep[0] == 0
+    ys, xs = torch.nonzero(ll, as_tuple=True)
+    # x: 10..30 * 0.64 = 6.4..19.2 -> 6..19 ; y: 16 + 20..60 * 0.64 = 28.8..54.4 -> 29..54
+    assert (int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1) == (6, 19, 29, 54)
+    assert keep[1].sum() < keep[0].sum() and (keep[1] <= keep[0]).all()
+
+
+def test_decide_rule():
+    names = ["a", "b"]
+    assert iv.decide(names, np.array([0.1, 2.0])) == ("b", False)
+    thr = -math.log(0.75)  # fallback iff max delta <= -ln(tau)
+    assert iv.decide(names, np.array([thr - 1e-9, 0.0])) == (iv.WHOLE_IMAGE, True)
+    assert iv.decide(names, np.array([thr + 1e-6, 0.0])) == ("a", False)
+    assert iv.decide(names, np.array([0.5, 0.1]), tau=0.5) == (iv.WHOLE_IMAGE, True)
+    with pytest.raises(ValueError):
+        iv.decide(names, np.zeros(2), tau=0.0)

@@ -1,0 +1,280 @@
+"""MedFocus end to end: a toy LVLM whose answer depends on a known anatomical region, the registry
+entry, generated answers, the fallback, the tiny genuine families and the shipped demo model."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from medfocus.concepts.method import MedFocus, MedFocusMethod, MedFocusResult
+from medfocus.concepts.reference import default_pool
+from medfocus.io.letterbox import Letterbox
+from medfocus.lvlm.adapter import ChatInputs, LVLMAdapter
+from medfocus.types import BILATERAL, CONCEPTS, SUFFIXES
+
+synthetic = pytest.importorskip("medfocus.datasets.synthetic")
+
+CANVAS = 64
+VOCAB = ["<bos>", "<sep>", "<eot>", "<unk>", "Yes", "No", "yes", "no", "the", "cardiac", "silhouette", "is", "enlarged",
+         ",", "consistent", "with", "cardiomegaly", ".", "so", "answer", "there", "evidence", "of", "in", "image", "?",
+         "directly", "or", "without", "any", "explanation", "think", "step", "by", "and"]
+TOK = {w: i for i, w in enumerate(VOCAB)}
+COT = "The cardiac silhouette is enlarged, consistent with cardiomegaly. So the answer is yes."
+#: words whose logit reads the region's brightness, and how strongly
+GAIN = {"cardiomegaly": 8.0, "enlarged": 8.0, "Yes": 3.0, "yes": 3.0}
+Q = "Is there evidence of cardiomegaly in the image?"
+
+
+def tokenize(text: str) -> list[int]:
+    return [TOK.get(w, TOK.get(w.lower(), TOK["<unk>"])) for w in re.findall(r"\w+|[^\w\s]", text)]
+
+
+class RegionReader(LVLMAdapter):
+    """A toy LVLM implementing :class:`LVLMAdapter` whose answer reads one known region.
+
+    Text: a fixed bigram table (logit 5 for the continuation of the templates ``"Yes"`` and
+    :data:`COT`, 0 otherwise). Image: ``f`` = mean brightness (in [0, 1]) of the canvas pixels of
+    ``region`` (a mask in original-image pixels); the logits of the words in :data:`GAIN` get
+    ``gain * (f - 0.5)`` added at every position. Hiding the region (black baseline) lowers those
+    words' log-probabilities and nothing else (other words only gain, through the softmax).
+    """
+
+    family = "toy_region"
+
+    def __init__(self, region: np.ndarray, gain_scale: float = 1.0) -> None:
+        self.name = "region_reader"
+        self.model = torch.nn.Identity()
+        self.processor = None
+        self.device = torch.device("cpu")
+        self.canvas_size = (CANVAS, CANVAS)
+        self.black_level = torch.full((3,), -1.0)
+        geo = Letterbox.fit((region.shape[1], region.shape[0]), CANVAS)
+        self.region = torch.from_numpy(geo.apply(region.astype(np.float32), fill=0.0) > 0.5)
+        assert self.region.any()
+        V = len(VOCAB)
+        self.bigram = torch.zeros(V, V)
+        for text in ("Yes", COT):
+            ids = [TOK["<sep>"]] + tokenize(text) + [TOK["<eot>"]]
+            for p, n in zip(ids, ids[1:]):
+                self.bigram[p, n] = 5.0
+        self.gain = torch.zeros(V)
+        for w, g in GAIN.items():
+            self.gain[TOK[w]] = g * gain_scale
+        self.n_calls = 0
+
+    def prepare(self, image, question, answer=None, *, include_eot=False) -> ChatInputs:
+        img = np.asarray(image)
+        geo = Letterbox.fit((img.shape[1], img.shape[0]), CANVAS)
+        canvas = torch.from_numpy(geo.apply(img.astype(np.uint8), fill=0).astype(np.float32) / 255.0)
+        pv = ((canvas - 0.5) / 0.5)[None].expand(3, -1, -1).clone()
+        ids = [TOK["<bos>"]] + tokenize(question) + [TOK["<sep>"]]
+        prompt_len = len(ids)
+        span, ans_ids, toks = None, None, []
+        if answer is not None:
+            a = tokenize(answer)
+            ids = ids + a + [TOK["<eot>"]]
+            n = len(a) + (1 if include_eot else 0)
+            span = (prompt_len, prompt_len + n)
+            ans_ids = torch.tensor(ids[prompt_len:prompt_len + n])
+            toks = [VOCAB[i] for i in ans_ids.tolist()]
+        input_ids = torch.tensor([ids])
+        return ChatInputs({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pv},
+                          prompt_len, span, ans_ids, toks, torch.arange(0), (8, 8), geo, question, answer)
+
+    def batch_inputs(self, chat, pixel_values):
+        B = pixel_values.shape[0]
+        return {"input_ids": chat.inputs["input_ids"].expand(B, -1), "pixel_values": pixel_values}
+
+    def pixel_values_to_images(self, pixel_values, chat):
+        return pixel_values
+
+    def images_to_pixel_values(self, images, chat):
+        return images
+
+    def _logits(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        pv = pixel_values if pixel_values.dim() == 4 else pixel_values[None]
+        f = ((pv[:, 0] + 1) / 2)[:, self.region].mean(dim=1)  # (B,)
+        return self.bigram[input_ids] + (f[:, None, None] - 0.5) * self.gain[None, None, :]
+
+    def hidden_states(self, inputs, **kw):
+        self.n_calls += inputs["pixel_values"].shape[0]
+        return (self._logits(inputs["input_ids"], inputs["pixel_values"]),)
+
+    def logits_from_hidden(self, hidden):
+        return hidden
+
+    def generate(self, images, questions, *, max_new_tokens=64, batch_size=8):
+        outs = []
+        for im, q in zip(images, questions):
+            chat = self.prepare(im, q)
+            ids = chat.inputs["input_ids"]
+            words = []
+            for _ in range(max_new_tokens):
+                nxt = int(self._logits(ids, chat.inputs["pixel_values"])[0, -1].argmax())
+                if nxt == TOK["<eot>"]:
+                    break
+                words.append(VOCAB[nxt])
+                ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+            outs.append(" ".join(words))
+        return outs
+
+    @property
+    def decoder_layers(self):
+        return []
+
+    @property
+    def image_feature_module(self):
+        return self.model
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    torch.set_num_threads(1)
+    return default_pool(tmp_path_factory.mktemp("cache"), n=8)
+
+
+@pytest.fixture(scope="module")
+def case():
+    return synthetic.generate_case(3, findings=[])
+
+
+def test_heart_reader_gets_cardiac_silhouette(pool, case):
+    heart = case.concept_masks["cardiac silhouette"]
+    model = RegionReader(heart)
+    q = Q + SUFFIXES["direct"]
+    res = MedFocus(model, pool, cache=False).attribute(case.image, q, "Yes")
+    assert isinstance(res, MedFocusResult)
+    assert not res.fallback
+    d = res.deltas
+    assert set(d) == set(CONCEPTS) | set(BILATERAL)
+    # The synthetic mediastinum (like ImaGenome's mediastinum box) contains the heart, so hiding it
+    # hides the heart too: the two are the top-2 concepts, everything else is far behind.
+    top2 = {n for n, _ in res.ranking()[:2]}
+    assert top2 == {"cardiac silhouette", "mediastinum"}, res.ranking()[:4]
+    assert d["cardiac silhouette"] > 0.5
+    for other in ("left lung", "right lung", "left clavicle", "right clavicle", "upper mediastinum", "costophrenic angles",
+                  "left hilar structures", "right hilar structures"):
+        assert d[other] < 0.6 * d["cardiac silhouette"], (other, d)
+    assert res.concept == res.ranking()[0][0]
+    assert res.box == res.concept_boxes[res.concept] and res.boxes == [res.box]
+    # the heatmap peaks on the heart
+    H, W = case.image.shape
+    assert res.heatmap.shape == (H, W) and res.heatmap.max() == pytest.approx(1.0)
+    assert res.heatmap[heart].mean() > 2 * res.heatmap[~heart].mean()
+    # one batched scoring pass over 15 variants + the original, and nothing else
+    assert res.passes == {"generate": 0, "forward": 16} and model.n_calls == 16
+    assert res.reference_id in pool.ids
+    assert set(res.seconds) == {"generate", "transfer", "intervention", "total"}
+
+
+def test_lung_reader_gets_that_lung(pool, case):
+    # radiological left = image right: the "left lung" concept mask is on the image's right side
+    lung = case.concept_masks["left lung"]
+    res = MedFocus(RegionReader(lung), pool, cache=False).attribute(case.image, Q + SUFFIXES["direct"], "Yes")
+    assert res.concept in ("left lung", "lungs"), res.ranking()[:3]
+    assert res.deltas["left lung"] > res.deltas["right lung"]
+
+
+def test_token_level_drop_on_finding_words(pool, case):
+    model = RegionReader(case.concept_masks["cardiac silhouette"])
+    res = MedFocus(model, pool, cache=False).attribute(case.image, Q + SUFFIXES["cot"], COT)
+    assert res.concept in ("cardiac silhouette", "mediastinum")
+    td = res.token_deltas["cardiac silhouette"]
+    toks = res.answer_tokens
+    assert len(td) == len(toks) == len(tokenize(COT))
+    top = {toks[i] for i in np.argsort(-td)[:2]}
+    assert top == {"cardiomegaly", "enlarged"}, list(zip(toks, td.round(3)))
+    # words that do not read the image lose nothing
+    for i, t in enumerate(toks):
+        if t not in GAIN:
+            assert td[i] == pytest.approx(0.0, abs=1e-6)
+    th = res.token_heatmaps()
+    assert th.shape == (len(toks),) + case.image.shape
+    assert th[toks.index("cardiac")].max() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_image_blind_model_falls_back_to_whole_image(pool, case):
+    model = RegionReader(case.concept_masks["cardiac silhouette"], gain_scale=0.0)
+    res = MedFocus(model, pool, cache=False).attribute(case.image, Q + SUFFIXES["direct"], "Yes")
+    assert res.fallback and res.concept == "whole image"
+    H, W = case.image.shape
+    assert res.box == (0.0, 0.0, float(W), float(H))
+    assert max(res.deltas.values()) <= -math.log(0.75)
+    assert res.heatmap.max() == 0.0
+
+
+def test_tau_controls_fallback(pool, case):
+    model = RegionReader(case.concept_masks["cardiac silhouette"], gain_scale=0.05)
+    mf_hi = MedFocus(model, pool, cache=False, tau=0.99)
+    mf_lo = MedFocus(model, pool, cache=False, tau=0.3)
+    r_hi = mf_hi.attribute(case.image, Q + SUFFIXES["direct"], "Yes")
+    r_lo = mf_lo.attribute(case.image, Q + SUFFIXES["direct"], "Yes")
+    dmax = max(r_hi.deltas.values())
+    assert 0 < dmax < -math.log(0.3) and dmax > -math.log(0.99)
+    assert not r_hi.fallback and r_lo.fallback
+
+
+def test_generates_answer_when_none(pool, case):
+    model = RegionReader(case.concept_masks["cardiac silhouette"])
+    res = MedFocus(model, pool, cache=False).attribute(case.image, Q + SUFFIXES["direct"])
+    assert res.answer == "Yes" and res.passes["generate"] == 1 and res.concept in ("cardiac silhouette", "mediastinum")
+
+
+def test_registry_entry_returns_the_baselines_result_type(pool, case, tmp_path):
+    from medfocus.attribution import get_method
+    from medfocus.attribution.base import Attribution
+
+    m = get_method("medfocus", pool=str(pool.root), cache=str(tmp_path))
+    assert isinstance(m, MedFocusMethod)
+    model = RegionReader(case.concept_masks["cardiac silhouette"])
+    att = m.attribute(model, case.image, Q + SUFFIXES["cot"], COT)
+    assert isinstance(att, Attribution)
+    H, W = case.image.shape
+    assert att.heatmap.shape == (H, W) and att.heatmap.dtype == np.float32
+    assert att.boxes and att.extras["concept"] in ("cardiac silhouette", "mediastinum")
+    assert att.token_heatmaps.shape == (len(tokenize(COT)), H, W)
+    assert att.n_forward == 16 and att.n_backward == 0 and att.seconds > 0
+    assert att.extras["token_deltas"].shape == (15, len(tokenize(COT)))
+    assert att.extras["answer_tokens"][att.extras["final_token_index"]] == "yes"
+    assert att.extras["final_token_heatmap"].shape == (H, W)
+    assert set(att.extras["ranking"][:2]) == {"cardiac silhouette", "mediastinum"}
+    # the transfer was cached under the given directory and is reused
+    assert len(list((tmp_path / "transfers").glob("*.npz"))) == 1
+    att2 = m.attribute(model, case.image, Q + SUFFIXES["direct"], "Yes")
+    assert att2.extras["concept_boxes"] == att.extras["concept_boxes"]
+
+
+def test_bad_options():
+    from medfocus.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        MedFocusMethod(refine="sam2")
+    with pytest.raises(ConfigError):
+        MedFocusMethod(nonsense=1)
+
+
+def test_tiny_genuine_families(pool, tiny_adapters):
+    case = synthetic.generate_case(5, size=128)
+    for fam, adapter in tiny_adapters.items():
+        q = Q + SUFFIXES["direct"]
+        res = MedFocus(adapter, pool, cache=False).attribute(case.image, q, "Yes")
+        assert res.passes["forward"] == 16, fam
+        assert len(res.deltas) == 15 and all(v >= 0 for v in res.deltas.values()), fam
+        assert res.heatmap.shape == (128, 128), fam
+        tok = res.token_deltas[res.ranking()[0][0]]
+        assert tok.shape == (len(res.answer_tokens),), fam
+        att = res.to_attribution()
+        assert att.heatmap.shape == (128, 128) and att.boxes, fam
+
+
+def test_demo_model_cardiomegaly_uses_the_heart(pool, demo_adapter):
+    hits = 0
+    for seed in range(3):
+        case = synthetic.generate_case(100 + seed, findings=["cardiomegaly"])
+        res = MedFocus(demo_adapter, pool, cache=False).attribute(case.image, Q + SUFFIXES["direct"])
+        hits += res.concept == "cardiac silhouette"
+    assert hits >= 2

@@ -1,0 +1,120 @@
+"""Synthetic dataset on disk: VinDr layout read by the real loader, manifest, negatives, CLI, reference pool."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from medfocus.datasets.synthetic import generate_case, load_synthetic, write_dataset, write_reference_pool
+from medfocus.datasets.synthetic.dataset import case_seed
+from medfocus.types import CONCEPTS, concept_slug
+
+N, SEED, S = 10, 3, 128
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    write_dataset(root, N, seed=SEED, size=S, cue_rate=0.5, progress=False)
+    return root
+
+
+def test_vindr_loader_reads_generated_dataset(synth_root):
+    from medfocus.datasets import load_dataset
+
+    vindr = load_dataset("vindr_cxr", synth_root)
+    man = json.loads((synth_root / "manifest.json").read_text())
+    expected: dict[tuple[str, str], list] = {}
+    for im in man["images"]:
+        for f in im["findings"]:
+            from medfocus.datasets.synthetic.findings import VINDR_CLASS
+
+            expected.setdefault((im["image_id"], VINDR_CLASS[f["name"]][0]), []).append(tuple(f["box"]))
+    got = {(s.meta["image_id"], s.meta["class_name"]): sorted(s.boxes) for s in vindr}
+    assert got == {k: sorted(v) for k, v in expected.items()}
+    assert len(vindr) > 0 and all(s.image_size == (S, S) for s in vindr)
+
+
+def test_manifest_samples_and_images(synth_root):
+    from medfocus.io import read_image
+
+    samples = load_synthetic(synth_root)
+    assert [s.index for s in samples] == list(range(len(samples)))
+    assert all(s.dataset == "synthetic" for s in samples)
+    pos = [s for s in samples if s.answer == "Yes"]
+    neg = [s for s in samples if s.answer == "No"]
+    # Negatives balanced per question, and really absent from their film.
+    assert Counter(s.attribute for s in pos) == Counter(s.attribute for s in neg)
+    for s in neg:
+        assert s.attribute not in s.meta["findings_present"] and s.boxes == []
+    # The DICOM holds exactly the regenerated film; boxes / masks are exact.
+    for s in pos[:6]:
+        img, size = read_image(s.image_path)
+        i = int(s.meta["case_seed"]) - case_seed(SEED, 0)
+        case = generate_case(case_seed(SEED, i), size=S, cue_rate=0.5)
+        assert size == (S, S) and np.array_equal(img, case.image)
+        f = case.finding(s.attribute)
+        assert s.boxes == [f.box]
+        fm = np.asarray(Image.open(s.meta["finding_mask"])) > 0
+        assert np.array_equal(fm, f.mask)
+        for c in CONCEPTS:
+            cm = np.asarray(Image.open(s.meta["concept_masks"][c])) > 0
+            assert np.array_equal(cm, case.concept_masks[c]), c
+        # Counterfactual PNGs: background identical inside the box; foreground equals the renderer.
+        x1, y1, x2, y2 = (int(v) for v in f.box)
+        bg = np.asarray(Image.open(s.meta["counterfactuals"]["background"]))
+        assert np.array_equal(bg[y1:y2, x1:x2], img[y1:y2, x1:x2])
+        fg = np.asarray(Image.open(s.meta["counterfactuals"]["foreground"]))
+        assert np.array_equal(fg, case.foreground(s.attribute))
+        assert s.meta["cues"] == [{**q, "box": [float(v) for v in q["box"]]} for q in case.cues]
+
+
+def test_region_tables(synth_root):
+    import pandas as pd
+
+    reg = pd.read_csv(synth_root / "imagenome" / "regions.csv")
+    assert set(reg["bbox_name"]) == set(CONCEPTS)
+    gold = pd.read_csv(synth_root / "imagenome" / "gold_object_attribute_with_coordinates.txt", sep="\t")
+    n_pos = sum(len(im["findings"]) for im in json.loads((synth_root / "manifest.json").read_text())["images"])
+    assert len(gold) == n_pos and set(gold["relation"]) == {1}
+
+
+def test_same_seed_same_bytes(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_dataset(a, 3, seed=9, size=64, progress=False)
+    write_dataset(b, 3, seed=9, size=64, progress=False, workers=2)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    for rel in files:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+
+
+def test_reference_pool(tmp_path):
+    out = write_reference_pool(tmp_path / "ref", n=2, seed=0, size=64)
+    ids = json.loads((out / "reference.json").read_text())["ids"]
+    assert ids == ["ref0000", "ref0001"]
+    for rid in ids:
+        img = np.asarray(Image.open(out / "images" / f"{rid}.png"))
+        assert img.shape == (64, 64) and img.dtype == np.uint8
+        for c in CONCEPTS:
+            m = np.asarray(Image.open(out / "masks" / rid / f"{concept_slug(c)}.png"))
+            assert m.dtype == np.uint8 and set(np.unique(m)) <= {0, 255} and (m > 0).any()
+
+
+def test_cli_synth_and_reference(tmp_path):
+    from medfocus.cli import main
+
+    r = CliRunner().invoke(main, ["synth", "--out", str(tmp_path / "d"), "--n", "3", "--size", "64",
+                                  "--no-counterfactuals", "--preview", str(tmp_path / "p.png")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "d" / "manifest.json").is_file()
+    sheet = Image.open(tmp_path / "p.png")
+    assert sheet.size == (3 * 256, 256) and sheet.mode == "RGB"
+    r = CliRunner().invoke(main, ["synth-reference", "--out", str(tmp_path / "r"), "--n", "1", "--size", "64"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "r" / "masks" / "ref0000" / "left_lung.png").is_file()
