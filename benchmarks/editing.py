@@ -8,7 +8,7 @@ For the positives of a small synthetic dataset (256 px), every CPU editor makes 
   * background MAE: the same for the background edit against the oracle "background" render,
     outside the boxes (the oracle redraws anatomy there, so any editor differs; it measures how
     far the edit moves the image from a plausible redraw).
-Prints a table and writes editing.md next to this script. RadEdit needs GPU weights and is not run.
+A "no edit" row gives the distance of the unedited image for scale. Prints a table and writes editing.md next to this script. RadEdit needs GPU weights and is not run.
 
     python benchmarks/editing.py [--n 24] [--size 256]
 """
@@ -54,6 +54,15 @@ def main() -> None:
     }
     for e in editors.values():
         e.prepare()
+
+    class _NoEdit:  # reference row: the unedited image
+        seed = 0
+
+        @staticmethod
+        def edit(image, mask, prompt, *, sample=None, kind=None):
+            return image.copy()
+
+    editors = {"no edit (reference)": _NoEdit(), **editors}
     rows = []
     for name, ed in editors.items():
         times, fg_mae, bg_mae = [], [], []

@@ -69,10 +69,13 @@ def main() -> None:
                      time.perf_counter() - t, args.n_write, -1))
 
     cpu = f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines = [
         "# Synthetic world speed",
         "",
-        f"Machine: {cpu}; Python {platform.python_version()}. Command: `python benchmarks/synth_speed.py --n {args.n} --size {args.size}`.",
+        f"Machine: {cpu}; Python {platform.python_version()}; 1-min load average at the end: {load:.1f} "
+        "(a load above the core count means other jobs shared the CPUs, so the 2-process rows may not scale). "
+        f"Command: `python benchmarks/synth_speed.py --n {args.n} --size {args.size}`.",
         "",
         "| what | seconds | films | ms / film | findings drawn |",
         "|---|---:|---:|---:|---:|",

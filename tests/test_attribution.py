@@ -44,6 +44,13 @@ def test_registry_lists_ten_baselines_and_medfocus() -> None:
     assert methods["occlusion"] == {"grid": 8, "baseline": "zero", "batch_size": 16}
     assert methods["rise"]["n_masks"] == 64 and methods["rise"]["p_keep"] == 0.5
     assert methods["integrated_gradients"]["steps"] == 24
+    import importlib.util
+
+    if importlib.util.find_spec("medfocus.concepts.method") is not None:  # the 11th entry, lazily resolved
+        from medfocus.attribution.base import Method
+
+        mf = get_method("medfocus")
+        assert isinstance(mf, Method) and mf.name == "medfocus" and methods["medfocus"] == mf.defaults
     with pytest.raises(ConfigError):
         get_method("no_such_method")
     with pytest.raises(ConfigError):
@@ -225,9 +232,27 @@ def test_layer_hook_gives_leaf_gradients(toy: ToyAdapter) -> None:
 
 def test_attention_query_choice(toy: ToyAdapter) -> None:
     img = toy_image(TARGET, seed=6, distractor=DISTRACTOR)
-    for name in ("attention_head", "attention_rollout", "lrp", "grad_weighted_attention"):
+    for name in ("attention_head", "attention_rollout", "lrp"):
         pred = get_method(name).attribute(toy, img, Q, "Yes")
         ans = get_method(name, queries="answer").attribute(toy, img, Q, "Yes")
         assert top_cell(pred.heatmap) == top_cell(ans.heatmap) == TARGET, name
+    # why "predicting" is the default: the answer token's own position only produces the *next* token's
+    # logits, so for a one-token answer the answer's gradient through its row is exactly zero
+    ans = get_method("grad_weighted_attention", queries="answer").attribute(toy, img, Q, "Yes")
+    assert float(np.abs(ans.heatmap).max()) == 0.0
     with pytest.raises(ConfigError):
         get_method("attention_head", queries="everything").attribute(toy, img, Q, "Yes")
+
+
+def test_token_maps_of_huge_images_stay_low_resolution(toy: ToyAdapter, monkeypatch) -> None:
+    import medfocus.attribution._common as common
+
+    img = toy_image(TARGET, seed=7)
+    ans = "the bright square , therefore yes ."
+    full = get_method("occlusion").attribute(toy, img, Q, ans)
+    monkeypatch.setattr(common, "MAX_TOKEN_MAP_FLOATS", 64 * 64 * 3)  # pretend the image is huge
+    low = get_method("occlusion").attribute(toy, img, Q, ans)
+    assert full.token_heatmaps.shape == (7, 64, 64) and low.token_heatmaps is None
+    assert low.extras["token_maps_lowres"].shape == (7, 32, 32)  # canvas resolution
+    np.testing.assert_allclose(low.extras["final_token_heatmap"], full.extras["final_token_heatmap"])
+    np.testing.assert_allclose(low.heatmap, full.heatmap)

@@ -308,3 +308,14 @@ def test_make_record_schema():
     rec = make_record(row)
     assert list(rec)[:8] == ["model", "dataset", "index", "answer", "prediction_cot", "prediction_edited_cot",
                              "prediction_edited_kept_cot", "prediction_edited_kept_normal_cot"]
+
+
+def test_a_split_is_built_with_one_editor(tmp_path):
+    from medfocus.errors import ConfigError
+
+    samples = make_toy_world(tmp_path / "data", PLAN)
+    build_benchmark(ToyAdapter(), samples, mode="direct", editor=get_editor("oracle"), out_dir=tmp_path / "out",
+                    model_name="toy", progress=False)
+    with pytest.raises(ConfigError, match="another output folder"):
+        build_benchmark(ToyAdapter(), samples, mode="direct", editor=get_editor("inpaint"), out_dir=tmp_path / "out",
+                        model_name="toy", progress=False)

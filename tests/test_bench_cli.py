@@ -89,3 +89,13 @@ def test_model_given_as_a_folder_is_named_by_the_folder(tmp_path, toy_dataset, m
     assert res.exit_code == 0, res.output
     recs = json.loads((tmp_path / "o" / "my_finetune" / "toy" / "direct.json").read_text())
     assert all(r["model"] == "my_finetune" and r["editor"].startswith("inpaint") for r in recs)
+
+
+@pytest.mark.parametrize("editor,message", [("transplant", "reference"), ("photoshop", "unknown editor")])
+def test_editor_problems_are_clear_errors_before_the_model_loads(tmp_path, toy_dataset, monkeypatch, editor, message):
+    loaded = []
+    monkeypatch.setattr(bench_cmd, "_load_model", lambda name, device: loaded.append(name) or ToyAdapter())
+    res = CliRunner().invoke(main, ["bench", "build", "--model", "m", "--dataset", "toy", "--data-root", str(toy_dataset),
+                                    "--editor", editor, "--out", str(tmp_path / "o")])
+    assert res.exit_code != 0 and message in res.output and "Traceback" not in res.output
+    assert loaded == []

@@ -180,20 +180,9 @@ def test_core_cells_and_box():
 
 # ---- MedSAM refinement -----------------------------------------------------------------------------
 def _tiny_sam(tmp_path):
-    from transformers import SamConfig, SamModel, SamProcessor
-    from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
+    from medfocus.concepts.refine import build_tiny_sam
 
-    torch.manual_seed(0)
-    cfg = SamConfig(vision_config=dict(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2,
-                                       image_size=64, patch_size=16, window_size=2, global_attn_indexes=[1], mlp_dim=64,
-                                       num_pos_feats=8),
-                    prompt_encoder_config=dict(hidden_size=16, image_size=64, patch_size=16, mask_input_channels=4),
-                    mask_decoder_config=dict(hidden_size=16, mlp_dim=32, num_attention_heads=2, iou_head_hidden_dim=16))
-    model = SamModel(cfg).eval()
-    proc = SamProcessor(image_processor=SamImageProcessorPil(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64}))
-    model.save_pretrained(tmp_path)
-    proc.save_pretrained(tmp_path)
-    return tmp_path
+    return build_tiny_sam(tmp_path)
 
 
 def test_medsam_refiner_loads_genuine_sam_and_maps_masks_back(tmp_path):
@@ -272,3 +261,54 @@ def test_decide_rule():
     assert iv.decide(names, np.array([0.5, 0.1]), tau=0.5) == (iv.WHOLE_IMAGE, True)
     with pytest.raises(ValueError):
         iv.decide(names, np.zeros(2), tau=0.0)
+
+
+# ---- ImaGenome gold normals -> pool ------------------------------------------------------------
+def _fake_imagenome(root, with_bbox_table: bool):
+    from PIL import Image
+
+    gold = root / "chest-imagenome" / "1.0.0" / "gold_dataset"
+    gold.mkdir(parents=True)
+    rows, brows = [], []
+    images = {"a1": ("10000001", "50000001", []), "b2": ("10000002", "50000002", ["disease"]),
+              "c3": ("10000003", "50000003", []), "d4": ("10000004", "50000004", [])}
+    for n, (iid, (pid, sid, pos)) in enumerate(images.items()):
+        case = synthetic.generate_case(40 + n, size=96, findings=[])
+        d = root / "mimic-cxr-jpg" / "2.1.0" / "files" / f"p{pid[:2]}" / f"p{pid}" / f"s{sid}"
+        d.mkdir(parents=True)
+        Image.fromarray(case.image).save(d / f"{iid}.jpg", quality=95)
+        regions = [c for c in CONCEPTS if not (iid == "c3" and c == "left clavicle")]
+        for c in regions:
+            x1, y1, x2, y2 = box_of(case.concept_masks[c])
+            rel = 1 if (pos and c == "left lung") else 0
+            rows.append(f"{pid}\t{sid}\t{iid}.dcm\t{c}\tpneumonia\t{pos[0] if pos else 'disease'}\t{rel}\t[{x1}, {y1}, {x2}, {y2}]")
+            brows.append(f"{iid}.dcm,{c},{x1},{y1},{x2},{y2}")
+    head = "patient_id\tstudy_id\timage_id\tbbox\tlabel_name\tcategoryID\trelation\tcoord_original"
+    (gold / "gold_object_attribute_with_coordinates.txt").write_text("\n".join([head] + rows) + "\n")
+    if with_bbox_table:
+        (gold / "gold_bbox_coordinate_annotations_1000images.csv").write_text(
+            "image_id,bbox_name,original_x1,original_y1,original_x2,original_y2\n" + "\n".join(brows) + "\n")
+
+
+@pytest.mark.parametrize("with_bbox_table", [False, True])
+def test_build_pool_from_imagenome_normals(tmp_path, with_bbox_table):
+    from medfocus.concepts.reference import build_pool_from_imagenome
+
+    _fake_imagenome(tmp_path / "data", with_bbox_table)
+    pool = build_pool_from_imagenome(tmp_path / "data", tmp_path / "pool")
+    # b2 has a positive finding, c3 lacks a concept: a1 and d4 remain
+    assert pool.ids == ["a1", "d4"]
+    ref = pool[0]
+    case = synthetic.generate_case(40, size=96, findings=[])
+    assert ref.image.shape == (96, 96)
+    for c in CONCEPTS:
+        x1, y1, x2, y2 = box_of(case.concept_masks[c])
+        assert box_of(ref.masks[c]) == (x1, y1, x2, y2) and ref.masks[c].sum() == (x2 - x1) * (y2 - y1)
+
+
+def test_default_pool_replaces_an_incomplete_directory(tmp_path):
+    out = tmp_path / "reference_pool" / "synthetic_n1_s0_256"
+    (out / "images").mkdir(parents=True)
+    (out / "images" / "junk.png").write_bytes(b"not a png")
+    pool = default_pool(tmp_path, n=1)
+    assert pool.ids == ["ref0000"] and not (out / "images" / "junk.png").exists()

@@ -80,7 +80,7 @@ class RegionReader(LVLMAdapter):
             n = len(a) + (1 if include_eot else 0)
             span = (prompt_len, prompt_len + n)
             ans_ids = torch.tensor(ids[prompt_len:prompt_len + n])
-            toks = [VOCAB[i] for i in ans_ids.tolist()]
+            toks = [(" " if j else "") + VOCAB[i] for j, i in enumerate(ans_ids.tolist())]  # decoded pieces, like a real tokenizer
         input_ids = torch.tensor([ids])
         return ChatInputs({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pv},
                           prompt_len, span, ans_ids, toks, torch.arange(0), (8, 8), geo, question, answer)
@@ -184,7 +184,7 @@ def test_token_level_drop_on_finding_words(pool, case):
     res = MedFocus(model, pool, cache=False).attribute(case.image, Q + SUFFIXES["cot"], COT)
     assert res.concept in ("cardiac silhouette", "mediastinum")
     td = res.token_deltas["cardiac silhouette"]
-    toks = res.answer_tokens
+    toks = [t.strip() for t in res.answer_tokens]
     assert len(td) == len(toks) == len(tokenize(COT))
     top = {toks[i] for i in np.argsort(-td)[:2]}
     assert top == {"cardiomegaly", "enlarged"}, list(zip(toks, td.round(3)))
@@ -239,7 +239,7 @@ def test_registry_entry_returns_the_baselines_result_type(pool, case, tmp_path):
     assert att.token_heatmaps.shape == (len(tokenize(COT)), H, W)
     assert att.n_forward == 16 and att.n_backward == 0 and att.seconds > 0
     assert att.extras["token_deltas"].shape == (15, len(tokenize(COT)))
-    assert att.extras["answer_tokens"][att.extras["final_token_index"]] == "yes"
+    assert att.extras["answer_tokens"][att.extras["final_token_index"]] == " yes"
     assert att.extras["final_token_heatmap"].shape == (H, W)
     assert set(att.extras["ranking"][:2]) == {"cardiac silhouette", "mediastinum"}
     # the transfer was cached under the given directory and is reused
@@ -278,3 +278,26 @@ def test_demo_model_cardiomegaly_uses_the_heart(pool, demo_adapter):
         res = MedFocus(demo_adapter, pool, cache=False).attribute(case.image, Q + SUFFIXES["direct"])
         hits += res.concept == "cardiac silhouette"
     assert hits >= 2
+
+
+def test_mean_baseline(pool, case):
+    # the heart is brighter than the image mean: filling it with the mean still lowers f
+    model = RegionReader(case.concept_masks["cardiac silhouette"])
+    z = MedFocus(model, pool, cache=False).attribute(case.image, Q + SUFFIXES["direct"], "Yes")
+    m = MedFocus(model, pool, cache=False, baseline="mean").attribute(case.image, Q + SUFFIXES["direct"], "Yes")
+    assert {n for n, _ in m.ranking()[:2]} == {"cardiac silhouette", "mediastinum"}
+    assert 0 < m.deltas["cardiac silhouette"] < z.deltas["cardiac silhouette"]
+
+
+def test_registry_medsam_refinement(pool, case, tmp_path):
+    from medfocus.attribution import get_method
+    from medfocus.concepts.refine import build_tiny_sam
+
+    sam = build_tiny_sam(tmp_path / "sam")
+    model = RegionReader(case.concept_masks["cardiac silhouette"])
+    att = get_method("medfocus", pool=str(pool.root), cache=False, refine="medsam", medsam=str(sam)).attribute(
+        model, case.image, Q + SUFFIXES["direct"], "Yes")
+    assert att.extras["refine"] == "medsam" and att.n_forward == 16
+    att2 = get_method("medfocus", pool=str(pool.root), cache=False, refine="medsam", medsam=str(tmp_path / "absent")).attribute(
+        model, case.image, Q + SUFFIXES["direct"], "Yes")
+    assert att2.extras["refine"] == "none"

@@ -172,3 +172,20 @@ def test_shipped_model_answers_evidence_requests(shipped) -> None:
     assert np.mean([len(p) >= 1 for p in parsed]) >= 0.8
     assert all(0 <= v <= cfg.canvas for p in parsed for b in p for v in b)
     assert np.mean([p.startswith('["') for p in phrases]) >= 0.8
+
+
+def test_direct_margin_matches_the_model_forward(micro) -> None:
+    cfg, tok, model, _, adapter = micro
+    from medfocus.datasets.synthetic import generate_case
+
+    enc = D.Encoder(tok, (cfg.canvas // 28) ** 2)
+    cases = [D.render_case(generate_case(s, size=64, findings=fl), cfg.canvas) for s, fl in ((3, ["nodule"]), (4, []))]
+    imgs = [generate_case(s, size=64, findings=fl).image for s, fl in ((3, ["nodule"]), (4, []))]
+    m = D.direct_margin(model.eval(), enc, cases, ["nodule", "mass"], cfg.canvas // 14)
+    yes, no = enc.answer_ids("Yes")[0], enc.answer_ids("No")[0]
+    for i, (img, f) in enumerate(zip(imgs, ["nodule", "mass"])):
+        chat = adapter.prepare(img, D.task_question(f, "direct"))
+        with torch.no_grad():
+            lp = torch.log_softmax(model(**chat.inputs).logits[0, -1].float(), -1)
+        assert abs(float(lp[yes] - lp[no]) - float(m[i])) < 1e-4
+    assert cases[0].grid_labels.shape == (7, 2, 2) and cases[0].grid_labels[2].max() > 0 and cases[1].grid_labels.max() == 0

@@ -212,3 +212,11 @@ def test_bad_inputs():
         ot.sinkhorn_unbalanced_log(-np.ones(3), np.ones(3), np.ones((3, 3)))
     with pytest.raises(ValueError):
         ot.sinkhorn_unbalanced_log(np.ones(3), np.ones(3), np.ones((3, 3)), reg_type="l2")
+
+
+def test_swapping_source_and_target_transposes_the_plan():
+    rng = np.random.default_rng(10)
+    a, b = _masses(rng, 7, 9), _masses(rng, 7, 9)
+    p_ab = ot.uot_grid(a, b, device="cpu", tol=1e-12, max_iter=5000).plan()[0].numpy()
+    p_ba = ot.uot_grid(b, a, device="cpu", tol=1e-12, max_iter=5000).plan()[0].numpy()
+    assert _rel(p_ba.T, p_ab) < 1e-9

@@ -155,3 +155,16 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert (gray > 240).mean() > 0.3 and (gray < 100).mean() > 0.002
     sat = im.max(axis=2) - im.min(axis=2)
     assert (sat > 80).mean() > 0.005
+
+
+def test_compact_retention_of_the_bench_table():
+    from medfocus.bench.build import RETENTION_COLUMNS
+    from medfocus.report.html import compact_retention
+
+    row = dict.fromkeys(RETENTION_COLUMNS, 0)
+    row.update(model="demo", dataset="synthetic", mode="cot", editor="oracle", n=10, failed_correct=2, failed_flip=1,
+               kept=7, retention_pct=70.0, unparseable_correct=1, unparseable_flip=1)
+    df = compact_retention(pd.DataFrame([row], columns=RETENTION_COLUMNS))
+    assert list(df.columns)[-3:] == ["kept", "retention %", "unparseable answers"]
+    assert df.iloc[0]["unparseable answers"] == 2 and df.iloc[0]["✗ correct"] == 2
+    assert "negatives (correct/n)" not in df.columns

@@ -36,7 +36,7 @@ def test_demo_pipeline_plumbing_tiny_model(tiny_qwen, tmp_path):
     assert res["n_records"] == sum(min(1, k) for k in ret[ret["editor"] == "oracle"]["kept"])  # <= per_mode kept samples, 1 method
     assert json.loads((out / "timings.json").read_text())["config"]["methods"] == ["occlusion"]
     html = (out / "report.html").read_text()
-    assert "Causal filter: retention" in html and "failed_correct" in html
+    assert "Causal filter: retention" in html and "✗ correct" in html and "No attribution records" in html
     # a rerun resumes: the data are not rewritten
     logs.clear()
     run_demo(out, cfg, adapter=tiny_qwen, progress=False, log=logs.append)

@@ -74,14 +74,24 @@ def test_manifest_samples_and_images(synth_root):
         assert s.meta["cues"] == [{**q, "box": [float(v) for v in q["box"]]} for q in case.cues]
 
 
-def test_region_tables(synth_root):
+def test_imagenome_loader_reads_generated_dataset(synth_root):
     import pandas as pd
 
-    reg = pd.read_csv(synth_root / "imagenome" / "regions.csv")
+    from medfocus.datasets import load_dataset
+    from medfocus.io import read_image
+
+    reg = pd.read_csv(synth_root / "chest-imagenome" / "1.0.0" / "regions.csv")
     assert set(reg["bbox_name"]) == set(CONCEPTS)
-    gold = pd.read_csv(synth_root / "imagenome" / "gold_object_attribute_with_coordinates.txt", sep="\t")
-    n_pos = sum(len(im["findings"]) for im in json.loads((synth_root / "manifest.json").read_text())["images"])
-    assert len(gold) == n_pos and set(gold["relation"]) == {1}
+    man = json.loads((synth_root / "manifest.json").read_text())
+    expected = {(im["image_id"] + ".dcm", f["name"]): ([tuple(f["box"])], f["concept"]) for im in man["images"] for f in im["findings"]}
+    got = load_dataset("imagenome", synth_root)
+    assert {(s.meta["image_id"], s.attribute): (s.boxes, s.concept) for s in got} == expected
+    img, size = read_image(got[0].image_path)  # the JPEG copy: lossy but the same film
+    ref, _ = read_image(synth_root / man["images"][0]["dicom"])
+    assert size == (S, S)
+    iid = got[0].meta["image_id"][:-4]
+    ref = np.asarray(Image.open(synth_root / "images" / f"{iid}.png")).astype(int)
+    assert np.abs(img.astype(int) - ref).mean() < 3
 
 
 def test_same_seed_same_bytes(tmp_path):

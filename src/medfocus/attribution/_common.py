@@ -106,14 +106,24 @@ def maps_to_original(adapter: Any, chat: Any, maps: torch.Tensor) -> np.ndarray:
     return np.stack([to_original(adapter, chat, m) for m in maps]) if len(maps) else np.zeros((0,) + (chat.geometry.orig_h, chat.geometry.orig_w), np.float32)
 
 
-def finish_token_maps(adapter: Any, chat: Any, token_maps: torch.Tensor, extras: dict[str, Any]) -> np.ndarray:
-    """Per-token maps ``(T, h, w)`` -> original pixels; also records the final-token map in ``extras``."""
-    tok = maps_to_original(adapter, chat, token_maps)
+#: Above this many floats (256 MB), per-token maps are not brought to original pixels: a 60-token
+#: rationale on a 2500 x 3000 radiograph would take 1.8 GB. The low-resolution maps are kept instead.
+MAX_TOKEN_MAP_FLOATS = 2**26
+
+
+def finish_token_maps(adapter: Any, chat: Any, token_maps: torch.Tensor, extras: dict[str, Any]) -> np.ndarray | None:
+    """Per-token maps ``(T, h, w)`` (grid or canvas) -> ``(T, H0, W0)`` in original pixels, or ``None``
+    when that would exceed :data:`MAX_TOKEN_MAP_FLOATS` (then only ``extras["token_maps_lowres"]`` holds
+    them). Always records ``final_token_index``, ``final_token_heatmap`` (original pixels) and the tokens."""
     k = final_token_index(chat)
     extras["final_token_index"] = k
-    extras["final_token_heatmap"] = tok[k]
+    extras["final_token_heatmap"] = to_original(adapter, chat, token_maps[k])
     extras["answer_tokens"] = list(chat.answer_tokens)
-    return tok
+    T = int(token_maps.shape[0])
+    if T * chat.geometry.orig_h * chat.geometry.orig_w > MAX_TOKEN_MAP_FLOATS:
+        extras["token_maps_lowres"] = token_maps.detach().float().cpu().numpy()
+        return None
+    return maps_to_original(adapter, chat, token_maps)
 
 
 def layer_hidden_hook(module: torch.nn.Module, *, pre: bool, store: dict[str, Any]) -> Callable[[], None]:

@@ -101,7 +101,7 @@ def rollout_rows(atts: Sequence[torch.Tensor], layers: Sequence[int], q: torch.T
     ``A_l' = rownorm(mean_heads A_l + I)``, ``R = A_L' ... A_1'``, returns ``R[q]`` ``(T, S)``."""
     S = atts[0].shape[-1]
     r = torch.zeros(len(q), S, device=atts[0].device)
-    r[torch.arange(len(q)), q] = 1.0
+    r[torch.arange(len(q), device=r.device), q.to(r.device)] = 1.0
     for k in sorted(layers, reverse=True):
         a = _head_mean(atts[k]) + torch.eye(S, device=r.device)
         a = a / a.sum(-1, keepdim=True)
@@ -159,12 +159,13 @@ class AttentionLRP(Method):
         layers = _layer_indices(self.params["layers"], len(att), self.name)
         q = _queries(chat, self.params["queries"])
         S = att[0].shape[-1]
-        r = torch.zeros(len(q), S)
-        r[torch.arange(len(q)), q.cpu()] = 1.0
+        dev = att[0].device
+        r = torch.zeros(len(q), S, device=dev)
+        r[torch.arange(len(q), device=dev), q.to(dev)] = 1.0
         for k in sorted(layers, reverse=True):
-            hn, un = (t.cpu() for t in norms[k])
+            hn, un = (t.to(dev) for t in norms[k])
             rho = hn / (hn + un).clamp_min(1e-12)
-            r = r * rho[None] + (r * (1 - rho)[None]) @ _head_mean(att[k]).cpu()
+            r = r * rho[None] + (r * (1 - rho)[None]) @ _head_mean(att[k])
         return _finish(adapter, chat, r, {"layers": layers})
 
 
@@ -194,7 +195,7 @@ class GradWeightedAttention(Method):
         def relevance(gs: Sequence[torch.Tensor]) -> torch.Tensor:
             S = sel[0].shape[-1]
             r = torch.zeros(len(q), S, device=sel[0].device)
-            r[torch.arange(len(q)), q] = 1.0
+            r[torch.arange(len(q), device=r.device), q.to(r.device)] = 1.0
             # R = (I + Abar_L) ... (I + Abar_1); row form: r <- r + r @ Abar_l, last layer first.
             for a, g in reversed(list(zip(sel, gs))):
                 abar = (torch.relu(g[0].float()) * a[0].detach().float()).mean(0)
@@ -206,7 +207,8 @@ class GradWeightedAttention(Method):
         res.token_heatmaps = None  # one target (the whole answer); per-token rows would need T backwards
         extras.pop("final_token_heatmap", None)
         extras["final_token_index"] = k_final
-        extras["final_token_heatmap"] = None
+        # one-token answer: the whole-answer map is that token's map
+        extras["final_token_heatmap"] = res.heatmap if chat.n_answer_tokens == 1 else None
         if need_final:
             gf = torch.autograd.grad(logp[0, k_final], sel)
             counter.n_backward += 1

@@ -35,7 +35,9 @@ class Attribution:
         heatmap: ``(H0, W0)`` float32 map in original-image pixels (larger = more important), or
             ``None`` for methods that only give boxes.
         boxes: boxes in original-image pixels (half-open edges) for prompting methods, else ``None``.
-        token_heatmaps: ``(T, H0, W0)`` per-answer-token maps when the method gets them (cheaply), else ``None``.
+        token_heatmaps: ``(T, H0, W0)`` per-answer-token maps when the method gets them (cheaply), else ``None``
+            (also ``None`` above 256 MB of maps; then ``extras["token_maps_lowres"]`` holds them on the
+            token grid / canvas).
         n_forward: model inputs run forward (see module docstring).
         n_backward: backward passes.
         seconds: wall-clock seconds of :meth:`Method.attribute`.

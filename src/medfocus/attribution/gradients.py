@@ -61,6 +61,8 @@ def image_token_grads(adapter: Any, chat: Any, layer: Any, counter: Counter, fin
     """
     module, pre, desc = _resolve_layer(adapter, layer)
     store: dict[str, Any] = {}
+    # The hook swaps the activations for a leaf tensor: the backward stops there (nothing flows into the
+    # vision tower), which is all Grad-CAM needs and saves the cost of the rest of the graph.
     remove = layer_hidden_hook(module, pre=pre, store=store)
     try:
         with torch.enable_grad():
@@ -95,8 +97,9 @@ def gradcampp_weights(feats: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
 
     The closed form is derived for non-negative (post-ReLU) activations; token embeddings are signed,
     and a negative ``sum_i F_i`` flips the sign of ``a`` exactly where the gradient is largest. Each
-    channel is therefore shifted by its minimum over the image tokens first (the gradients are unchanged
-    by a constant shift; the map changes by an additive constant before the ReLU)."""
+    channel is therefore shifted by its minimum over the image tokens first (a constant shift of an
+    activation leaves its gradient unchanged, so this only moves the activations into the domain the
+    formula assumes)."""
     feats = feats - feats.min(dim=0, keepdim=True).values
     g2, g3 = grads**2, grads**3
     denom = 2 * g2 + feats.sum(dim=0, keepdim=True) * g3
@@ -119,13 +122,14 @@ class GradCAM(Method):
         chat = prepare_answer(adapter, image, question, answer, self.name)
         r = image_token_grads(adapter, chat, self.params["layer"], counter, bool(self.params["final_token"]))
         grid = grid_from_tokens(self._combine(r["feats"], r["grads"]), chat)
+        heat = to_original(adapter, chat, grid)
         extras: dict[str, Any] = {"layer": r["layer"], "grid_map": grid.numpy(), "grad_abs_sum": float(r["grads"].abs().sum())}
         extras["final_token_index"] = final_token_index(chat)
         if r["grads_final"] is not None:
             extras["final_token_heatmap"] = to_original(adapter, chat, grid_from_tokens(self._combine(r["feats"], r["grads_final"]), chat))
-        else:
-            extras["final_token_heatmap"] = None
-        return Attribution(heatmap=to_original(adapter, chat, grid), extras=extras)
+        else:  # one-token answer (or final_token=False): the whole-answer map is that token's map
+            extras["final_token_heatmap"] = heat if chat.n_answer_tokens == 1 else None
+        return Attribution(heatmap=heat, extras=extras)
 
 
 class GradCAMPlusPlus(GradCAM):
@@ -195,5 +199,9 @@ class IntegratedGradients(Method):
                 counter.n_forward += 2
             extras["completeness_gap"] = float(ig.sum() - (lp2[0].sum() - lp2[1].sum()))
         extras["canvas_map"] = ig.abs().sum(0).cpu().numpy()
-        extras["final_token_heatmap"] = None if gsum_f is None else to_original(adapter, chat, ((x - b) * gsum_f / steps).abs().sum(0))
-        return Attribution(heatmap=to_original(adapter, chat, ig.abs().sum(0)), extras=extras)
+        heat = to_original(adapter, chat, ig.abs().sum(0))
+        if gsum_f is not None:
+            extras["final_token_heatmap"] = to_original(adapter, chat, ((x - b) * gsum_f / steps).abs().sum(0))
+        else:  # one-token answer (or final_token=False)
+            extras["final_token_heatmap"] = heat if chat.n_answer_tokens == 1 else None
+        return Attribution(heatmap=heat, extras=extras)

@@ -82,7 +82,8 @@ class Occlusion(Method):
         canvas = drop[idx]
         tok_canvas = drop_tok[idx].permute(2, 0, 1)
         drop = drop[:G]
-        extras: dict[str, Any] = {"grid_map": drop.view(grid, grid).numpy(), "p_original": p[0].numpy()}
+        signed = (p[0].mean() - p[1:].mean(dim=1)).view(grid, grid)  # before the positive part
+        extras: dict[str, Any] = {"grid_map": drop.view(grid, grid).numpy(), "signed_grid_map": signed.numpy(), "p_original": p[0].numpy()}
         tok = finish_token_maps(adapter, chat, tok_canvas, extras)
         return Attribution(heatmap=to_original(adapter, chat, canvas), token_heatmaps=tok, extras=extras)
 

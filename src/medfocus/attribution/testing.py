@@ -325,3 +325,44 @@ def randomize_weights(model: nn.Module, seed: int = 0) -> nn.Module:
         std = std if std > 0 else 0.02
         p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * std)
     return model
+
+
+class SquareReader:
+    """Make any adapter's model see only one square of its canvas (a *wrapper* with known truth).
+
+    A forward pre-hook on the module that receives ``pixel_values`` in every path (the HF base model
+    ``adapter.base_model``, which both the full model and the answer-only scorer call; else
+    ``adapter.model``) replaces every pixel outside ``box`` (canvas pixels,
+    ``(x1, y1, x2, y2)``) by black, in the family's own ``pixel_values`` layout (built with the adapter's
+    exact :meth:`images_to_pixel_values`), before the vision tower runs. The answer then depends on the
+    pixels inside the box only -- exactly, for every family. Use as a context manager.
+    """
+
+    def __init__(self, adapter: LVLMAdapter, chat: ChatInputs, box: tuple[int, int, int, int]) -> None:
+        W, H = adapter.canvas_size
+        keep = torch.zeros(3, H, W)
+        x1, y1, x2, y2 = box
+        keep[:, y1:y2, x1:x2] = 1.0
+        black = adapter.black_level.float()[:, None, None].expand(3, H, W)
+        self.keep_pv = adapter.images_to_pixel_values(keep, chat).detach()
+        self.black_pv = adapter.images_to_pixel_values(black.contiguous(), chat).detach()
+        self.model = getattr(adapter, "base_model", adapter.model)
+        self._handle: Any = None
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        pv = kwargs.get("pixel_values")
+        if pv is None:
+            return args, kwargs
+        k = self.keep_pv.to(pv.device, pv.dtype)
+        b = self.black_pv.to(pv.device, pv.dtype)
+        x = pv.reshape(-1, *k.shape)
+        kwargs = dict(kwargs)
+        kwargs["pixel_values"] = (x * k + b * (1 - k)).reshape(pv.shape)
+        return args, kwargs
+
+    def __enter__(self) -> "SquareReader":
+        self._handle = self.model.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._handle.remove()

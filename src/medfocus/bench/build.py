@@ -205,6 +205,10 @@ def build_benchmark(
     editor.prepare()  # missing weights / reference pool: fail now, not once per sample
     _repair_log(paths["log"])
     done = read_log(paths["log"])
+    others = sorted({r["editor"] for r in done.values() if r.get("editor") and r["editor"] != editor.cache_id})
+    if others:
+        raise ConfigError(f"{paths['log']} holds samples filtered with editor {others[0]!r}, not {editor.cache_id!r}; "
+                          "a split is built with one editor: use another output folder to compare editors")
     if retry_errors:
         done = {k: r for k, r in done.items() if r.get("error") is None}
     todo = [s for s in samples if (s.answer == "Yes" or include_negatives) and (model_name, dataset, int(s.index)) not in done]

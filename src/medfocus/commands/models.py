@@ -42,3 +42,28 @@ def _available(hf_id: str) -> bool:
 # =====================================================================================================
 # train-demo: owned by the DEMO-MODEL helper (add `train_demo` below this line).
 # =====================================================================================================
+@click.command("train-demo")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Output folder (default: the package's lvlm/demo_model, i.e. what load_lvlm('demo') loads).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of data, initialisation and sampling.")
+@click.option("--steps", type=int, default=None, help="Training steps (default: DemoConfig.steps).")
+@click.option("--cases", "n_cases", type=int, default=None, help="Synthetic training cases (default: DemoConfig.n_train_cases).")
+@click.option("--threads", type=int, default=2, show_default=True, help="torch CPU threads.")
+@click.option("--eval-every", type=int, default=0, show_default=True, help="Quick held-out check every N steps (0: off).")
+@click.option("--checkpoint-every", type=int, default=100, show_default=True,
+              help="Save a checkpoint next to the output every N steps; rerunning the same command resumes from it (0: off).")
+@click.option("--no-eval", is_flag=True, help="Skip the held-out evaluation (the card then has no accuracy table).")
+def train_demo(out_dir: str | None, seed: int, steps: int | None, n_cases: int | None, threads: int, eval_every: int,
+               checkpoint_every: int, no_eval: bool) -> None:
+    """Train the demo CXR-VQA LVLM (Qwen2.5-VL architecture) on the synthetic world and write its folder + model card."""
+    from medfocus.lvlm.demo import DEMO_DIR, DemoConfig
+    from medfocus.lvlm.demo import train_demo as _train
+
+    cfg = DemoConfig(seed=seed, num_threads=threads, eval_every=eval_every, checkpoint_every=checkpoint_every)
+    if steps is not None:
+        cfg.steps = steps
+    if n_cases is not None:
+        cfg.n_train_cases = n_cases
+    metrics = _train(out_dir or DEMO_DIR, cfg, log=lambda s: click.echo(s, err=True), evaluate=not no_eval)
+    if "heldout" in metrics:
+        click.echo(f"held-out accuracy: {metrics['heldout']['overall']}")

@@ -14,8 +14,9 @@ Examples:
 
 \b
 The dataset folder is readable as `--dataset synthetic` (manifest.json: positives, balanced
-negatives, exact masks, oracle counterfactuals, cues) and as `--dataset vindr_cxr`
-(vindr-cxr/1.0.0/annotations/annotations_test.csv + DICOM files).
+negatives, exact masks, oracle counterfactuals, cues), as `--dataset vindr_cxr`
+(vindr-cxr/1.0.0/annotations/annotations_test.csv + DICOM files) and as `--dataset imagenome`
+(chest-imagenome/1.0.0/gold_dataset/... + mimic-cxr-jpg/2.1.0/files/... JPEG copies).
 """
 
 
@@ -29,16 +30,17 @@ negatives, exact masks, oracle counterfactuals, cues) and as `--dataset vindr_cx
 @click.option("--cue-base-rate", default=0.0, show_default=True, type=click.FloatRange(0, 1),
               help="Probability of one uncorrelated cue per film (normals included).")
 @click.option("--no-counterfactuals", is_flag=True, help="Skip rendering the oracle counterfactual PNGs.")
+@click.option("--no-imagenome-jpeg", is_flag=True, help="Skip the JPEG copies read by the ImaGenome loader.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1), help="Rendering processes.")
 @click.option("--preview", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write a contact sheet (PNG) of the first 16 films with their boxes.")
 def synth(out_dir: Path, n: int, seed: int, size: int, cue_rate: float, cue_base_rate: float,
-          no_counterfactuals: bool, workers: int, preview: Path | None) -> None:
+          no_counterfactuals: bool, no_imagenome_jpeg: bool, workers: int, preview: Path | None) -> None:
     """Write a synthetic chest X-ray dataset (VinDr-CXR layout) with exact ground truth."""
     from medfocus.datasets.synthetic.dataset import case_seed, load_synthetic, write_dataset
 
     path = write_dataset(out_dir, n, seed=seed, size=size, cue_rate=cue_rate, cue_base_rate=cue_base_rate,
-                         counterfactuals=not no_counterfactuals, workers=workers)
+                         counterfactuals=not no_counterfactuals, imagenome=not no_imagenome_jpeg, workers=workers)
     samples = load_synthetic(out_dir)
     pos = sum(s.answer == "Yes" for s in samples)
     click.echo(f"wrote {n} films, {len(samples)} samples ({pos} positive, {len(samples) - pos} negative) -> {path}")

@@ -30,12 +30,12 @@ from typing import Any
 import numpy as np
 
 from medfocus.concepts import ot
-from medfocus.concepts.intervention import TAU, WHOLE_IMAGE, decide, intervene, variant_boxes
+from medfocus.concepts.intervention import TAU, decide, intervene, variant_boxes
 from medfocus.concepts.reference import SELECT_GRID, TRANSFER_GRID, ReferencePool, default_pool
-from medfocus.concepts.transfer import ConceptTransfer, TransferCache, transfer_concepts
+from medfocus.concepts.transfer import DEFAULT_ITERATIONS, ConceptTransfer, TransferCache, transfer_concepts
 from medfocus.attribution.base import Method
 from medfocus.errors import ConfigError
-from medfocus.types import BILATERAL, Box, CONCEPTS
+from medfocus.types import BILATERAL, Box
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ class MedFocusResult:
         soft_masks: concept -> ``(H0, W0)`` float32 soft mask.
         heatmap: ``(H0, W0)`` float32 delta-weighted soft masks (max 1; zeros when all deltas are 0).
         reference_id: reference image used for the transfer.
+        refine: box refinement actually applied (``"none"`` or ``"medsam"``).
         tau: fallback threshold used.
         seconds: ``{"generate", "transfer", "intervention", "total"}`` wall-clock seconds.
         passes: ``{"generate": g, "forward": n}`` model passes (``n = 16`` variant inputs incl. the original).
@@ -81,6 +82,7 @@ class MedFocusResult:
     heatmap: np.ndarray
     reference_id: str
     tau: float
+    refine: str = "none"
     seconds: dict[str, float] = field(default_factory=dict)
     passes: dict[str, int] = field(default_factory=dict)
     transfer_stats: dict[str, Any] = field(default_factory=dict)
@@ -117,7 +119,7 @@ class MedFocusResult:
             "token_deltas": np.stack([self.token_deltas[n] for n in self.deltas]).astype(np.float32),
             "variant_names": list(self.deltas), "answer_tokens": list(self.answer_tokens), "answer": self.answer,
             "concept_boxes": {c: list(b) for c, b in self.concept_boxes.items()},
-            "reference_id": self.reference_id, "seconds_detail": dict(self.seconds), "passes": dict(self.passes),
+            "reference_id": self.reference_id, "refine": self.refine, "seconds_detail": dict(self.seconds), "passes": dict(self.passes),
             "final_token_index": fti,
         }
         if tok is not None and T:
@@ -128,13 +130,12 @@ class MedFocusResult:
 
 
 def _final_token_index(tokens: list[str]) -> int:
-    import re
+    """Index of the final yes/no token (the attribution package's rule, one home)."""
+    from types import SimpleNamespace
 
-    pat = re.compile(r"^\W*(yes|no)\W*$", re.IGNORECASE)
-    for i in range(len(tokens) - 1, -1, -1):
-        if pat.match(tokens[i].replace("Ġ", " ").replace("▁", " ")):
-            return i
-    return max(len(tokens) - 1, 0)
+    from medfocus.attribution._common import final_token_index
+
+    return final_token_index(SimpleNamespace(answer_tokens=tokens, n_answer_tokens=len(tokens))) if tokens else 0
 
 
 class MedFocus:
@@ -147,17 +148,17 @@ class MedFocus:
         tau: whole-image fallback threshold (0.75).
         refine: ``"none"`` or ``"medsam"`` box refinement.
         refiner: a :class:`~medfocus.concepts.refine.MedSAMRefiner` or checkpoint path (``refine="medsam"``).
-        select_grid, transfer_grid, core, mode, epsilon, lam: transfer settings (14, 56, mode default core,
-            ``"barycentric"``, 0.05, 0.1; see :func:`~medfocus.concepts.transfer.transfer_concepts`).
+        select_grid, transfer_grid, core, mode, iterations, epsilon, lam: transfer settings (14, 56, mode
+            default core, ``"barycentric"``, 5, 0.05, 0.1; see :func:`~medfocus.concepts.transfer.transfer_concepts`).
         cache: ``True`` (default cache dir), a directory, or ``False``/``None`` (no transfer cache).
         batch_size: variants per forward pass. max_new_tokens: for generating a missing answer.
-        device: device of the OT solver (default: CUDA when available).
+        device: device of the OT solver (default: CPU, see :func:`medfocus.concepts.ot.auto_device`).
     """
 
     def __init__(self, adapter: Any, pool: ReferencePool | str | Path | None = None, *, baseline: str = "zero",
                  tau: float = TAU, refine: str = "none", refiner: Any = None, select_grid: int = SELECT_GRID,
                  transfer_grid: int = TRANSFER_GRID, core: float | None = None, mode: str = "barycentric",
-                 epsilon: float = ot.EPSILON,
+                 iterations: int = DEFAULT_ITERATIONS, epsilon: float = ot.EPSILON,
                  lam: float = ot.LAMBDA, cache: bool | str | Path | None = True, batch_size: int = 16,
                  max_new_tokens: int = 128, device: str | None = None) -> None:
         if baseline not in ("zero", "mean"):
@@ -169,7 +170,7 @@ class MedFocus:
         self.adapter = adapter
         self.pool = pool if isinstance(pool, ReferencePool) else (ReferencePool.load(pool) if pool is not None else default_pool())
         self.baseline, self.tau, self.refine, self.refiner = baseline, float(tau), refine, refiner
-        self.transfer_kw = {"select_grid": select_grid, "transfer_grid": transfer_grid, "core": core, "mode": mode,
+        self.transfer_kw = {"select_grid": select_grid, "transfer_grid": transfer_grid, "core": core, "mode": mode, "iterations": iterations,
                             "epsilon": epsilon, "lam": lam, "device": device}
         if cache is True:
             self.cache: TransferCache | None = TransferCache()
@@ -222,7 +223,7 @@ class MedFocus:
             token_deltas={n: iv.token_deltas[i].astype(np.float32) for i, n in enumerate(iv.names)},
             answer_tokens=list(chat.answer_tokens), logp_original=iv.logp_original.astype(np.float32),
             concept_boxes=dict(tr.boxes), soft_masks=dict(tr.soft_masks), heatmap=np.zeros((H0, W0), np.float32),
-            reference_id=tr.reference_id, tau=self.tau, transfer_stats=dict(tr.stats),
+            reference_id=tr.reference_id, tau=self.tau, refine=tr.refine, transfer_stats=dict(tr.stats),
         )
         hm = np.zeros((H0, W0), np.float32)
         for n, d in res.deltas.items():
@@ -258,8 +259,9 @@ class MedFocusMethod(Method):
 
     name = "medfocus"
     defaults = {"pool": None, "baseline": "zero", "tau": TAU, "refine": "none", "select_grid": SELECT_GRID,
-                "transfer_grid": TRANSFER_GRID, "core": None, "mode": "barycentric", "epsilon": ot.EPSILON,
-                "lam": ot.LAMBDA, "cache": True, "batch_size": 16}
+                "transfer_grid": TRANSFER_GRID, "core": None, "mode": "barycentric", "iterations": DEFAULT_ITERATIONS,
+                "epsilon": ot.EPSILON,
+                "lam": ot.LAMBDA, "cache": True, "batch_size": 16, "medsam": None}
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
@@ -277,6 +279,7 @@ class MedFocusMethod(Method):
         p = dict(self.params)
         pool = _pool_for(str(p.pop("pool")) if p.get("pool") else None)
         p.pop("pool", None)
+        p["refiner"] = p.pop("medsam")  # checkpoint name/path of MedSAM (default: the hub id, local cache only)
         mf = MedFocus(adapter, pool, **p)
         res = mf.attribute(image, question, answer)
         counter.n_forward += res.passes["forward"]

@@ -45,13 +45,19 @@ the same meaning for every image pair.
 
 Stopping rule: the sup-norm change of ``log u`` and ``log v`` on the support in one iteration is
 ``< tol`` (scale-free), or ``max_iter`` iterations.
+
+Devices: float64 throughout. :func:`uot_grid` with ``device=None`` uses CUDA only for batches of at
+least :data:`CUDA_MIN_CELLS` grid cells (one image's problems are kernel-launch bound on a GPU) and
+runs CPU work single-threaded (:func:`cpu_single_thread`). CUDA and CPU plans agree to ~1e-15
+(``benchmarks/concepts_gpu_check.md``).
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -69,6 +75,28 @@ COST_QUANTILE = 0.9
 REG_TYPE = "kl"
 
 _NEG_INF = float("-inf")
+
+
+@contextmanager
+def cpu_single_thread(device: str | torch.device | None = "cpu") -> Iterator[None]:
+    """Run torch CPU ops single-threaded inside the block (previous setting restored).
+
+    The grid solver's operations are tiny (56 x 56 matrices); intra-op threading only adds
+    synchronisation, which on a loaded machine made a transfer ~15x slower than one thread.
+    No effect for CUDA devices.
+    """
+    if device is not None and torch.device(device).type != "cpu":
+        yield
+        return
+    prev = torch.get_num_threads()
+    if prev == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
 
 
 def _pair(lam: float | Sequence[float]) -> tuple[float, float]:
@@ -452,7 +480,30 @@ def _sep_lse(src: torch.Tensor, log_ky: torch.Tensor, log_kx: torch.Tensor) -> t
     return _safe_log(torch.bmm(ky.transpose(1, 2), torch.exp(s1 - m2))) + m2
 
 
-def uot_grid(
+#: ``device=None`` runs a batch on CUDA only when it holds at least this many grid cells in total
+#: (``B * h * w``): on an H200 one 56x56 problem took 30 ms on CUDA vs 15 ms on one CPU thread
+#: (kernel-launch bound), while 1024 problems at 14x14 took 59 ms vs 378 ms
+#: (``benchmarks/concepts_gpu_check.md``).
+CUDA_MIN_CELLS = 100_000
+
+
+def auto_device(n_cells: int) -> str:
+    """``"cuda"`` when available and the batch is large enough to pay for kernel launches, else ``"cpu"``."""
+    return "cuda" if torch.cuda.is_available() and n_cells >= CUDA_MIN_CELLS else "cpu"
+
+
+def uot_grid(a: Any, b: Any, **kw: Any) -> "GridUOT":
+    """See :func:`_uot_grid`. ``device=None`` picks :func:`auto_device`; CPU work runs single-threaded
+    (:func:`cpu_single_thread`)."""
+    if kw.get("device") is None:
+        sa, sb = np.shape(a), np.shape(b)
+        batch = max(sa[0] if len(sa) == 3 else 1, sb[0] if len(sb) == 3 else 1)
+        kw["device"] = auto_device(batch * sa[-2] * sa[-1])
+    with cpu_single_thread(kw["device"]):
+        return _uot_grid(a, b, **kw)
+
+
+def _uot_grid(
     a: torch.Tensor | np.ndarray,
     b: torch.Tensor | np.ndarray,
     *,
@@ -475,7 +526,7 @@ def uot_grid(
             of sources (selection: one target vs the whole pool in one call).
         epsilon, lam, reg_type, max_iter, tol: as :func:`sinkhorn_unbalanced_log`.
         scale: cost scale(s) in squared cell units; ``None`` -> :func:`grid_cost_scale`.
-        device: ``None`` -> CUDA when available, else CPU.
+        device: computation device (:func:`uot_grid` resolves ``None`` with :func:`auto_device`).
     Returns:
         :class:`GridUOT` (always batched, ``B >= 1``).
     """

@@ -29,7 +29,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 from PIL import Image
@@ -240,6 +240,76 @@ def build_pool_from_regions(entries: Iterable[tuple[str, np.ndarray, Mapping[str
     return ReferencePool.load(root)
 
 
+BBOX_FILE = "gold_bbox_coordinate_annotations_1000images.csv"
+
+
+def imagenome_reference_entries(root: str | Path, *, gold_table: str | Path | None = None, bbox_table: str | Path | None = None,
+                                image_root: str | Path | None = None) -> Iterator[tuple[str, np.ndarray, dict[str, Box]]]:
+    """``(id, image, {region: box})`` for the *normal* images of the ImaGenome gold set.
+
+    Normal: no row of the gold attribute table (``gold_object_attribute_with_coordinates.txt``,
+    see :mod:`medfocus.datasets.imagenome`) with ``relation == 1`` and ``categoryID`` in
+    ``anatomicalfinding`` / ``disease``. Region boxes come from the gold bounding-box table
+    (``gold_bbox_coordinate_annotations_1000images.csv``: ``image_id, bbox_name,
+    original_x1, original_y1, original_x2, original_y2``) when it is found next to the attribute
+    table or given, else from the attribute table's own ``bbox`` / ``coord_original`` rows (any
+    ``relation``). Images are read from MIMIC-CXR-JPG under ``image_root`` (default ``root``).
+    Entries are yielded in sorted image-id order; the caller keeps those covering all 11 concepts.
+    """
+    import pandas as pd
+
+    from medfocus.datasets._common import id_str, parse_box_text
+    from medfocus.datasets.imagenome import KEEP_CATEGORIES, find_gold_table, image_relpath
+    from medfocus.io import read_image
+
+    table = Path(gold_table) if gold_table is not None else find_gold_table(root)
+    try:
+        df = pd.read_csv(table, sep="\t")
+    except Exception as exc:
+        raise DataError(f"{table}: cannot read the ImaGenome gold attribute table ({type(exc).__name__}: {exc})") from exc
+    need = ["patient_id", "study_id", "image_id", "bbox", "categoryID", "relation", "coord_original"]
+    missing = [c for c in need if c not in df.columns]
+    if missing:
+        raise DataError(f"{table}: missing column(s) {missing}; expected the ImaGenome gold columns {need}")
+    df["image_id"] = df["image_id"].map(id_str)
+    rel = pd.to_numeric(df["relation"], errors="coerce")
+    abnormal = set(df.loc[(rel == 1) & df["categoryID"].isin(KEEP_CATEGORIES), "image_id"])
+    ids = {iid: (id_str(p), id_str(s)) for iid, p, s in zip(df["image_id"], df["patient_id"], df["study_id"]) if iid not in abnormal}
+
+    regions: dict[str, dict[str, Box]] = {}
+    bt = Path(bbox_table) if bbox_table is not None else table.parent / BBOX_FILE
+    if bt.is_file():
+        bdf = pd.read_csv(bt)
+        cols = ["image_id", "bbox_name", "original_x1", "original_y1", "original_x2", "original_y2"]
+        miss = [c for c in cols if c not in bdf.columns]
+        if miss:
+            raise DataError(f"{bt}: missing column(s) {miss}; expected {cols}")
+        for row in bdf.itertuples(index=False):
+            iid = id_str(getattr(row, "image_id"))
+            iid = iid if iid.lower().endswith(".dcm") or iid in ids else f"{iid}.dcm"
+            regions.setdefault(iid, {})[str(row.bbox_name)] = (float(row.original_x1), float(row.original_y1),
+                                                             float(row.original_x2), float(row.original_y2))
+    else:
+        for i, row in enumerate(df.itertuples(index=False)):
+            if row.image_id in ids:
+                box = parse_box_text(row.coord_original, where=f"{table} line {i + 2}", field="coord_original")
+                regions.setdefault(row.image_id, {}).setdefault(str(row.bbox), box)
+    img_root = Path(image_root) if image_root is not None else Path(root)
+    for iid in sorted(ids):
+        if iid not in regions:
+            continue
+        pid, sid = ids[iid]
+        path = img_root / image_relpath(pid, sid, iid)
+        image, _ = read_image(path)
+        yield Path(iid).stem, image, regions[iid]
+
+
+def build_pool_from_imagenome(root: str | Path, out_dir: str | Path, *, max_refs: int | None = 32, **kw: Any) -> ReferencePool:
+    """Write a reference pool of ImaGenome gold normals covering all 11 concepts (masks = region
+    boxes) to ``out_dir`` and load it (see :func:`imagenome_reference_entries` for ``kw``)."""
+    return build_pool_from_regions(imagenome_reference_entries(root, **kw), out_dir, max_refs=max_refs)
+
+
 def default_pool(cache_dir: str | Path | None = None, *, n: int = 16, seed: int = 0, size: int = 256) -> ReferencePool:
     """The default pool: ``n`` normal synthetic references written by the synthetic world into
     ``<cache>/reference_pool/synthetic_n{n}_s{seed}_{size}`` on first use, then loaded from there."""
@@ -254,10 +324,12 @@ def default_pool(cache_dir: str | Path | None = None, *, n: int = 16, seed: int 
         write_reference_pool(tmp, n=n, seed=seed, size=size)
         tmp.mkdir(parents=True, exist_ok=True)
         (tmp / ".complete").write_text("ok\n")
-        try:
-            os.replace(tmp, out)  # atomic publish; a concurrent writer that lost the race leaves its copy
-        except OSError:
-            import shutil
+        import shutil
 
+        if out.exists() and not done.is_file():  # left over by a killed writer of an older version
+            shutil.rmtree(out, ignore_errors=True)
+        try:
+            os.replace(tmp, out)  # atomic publish; a concurrent writer that won the race keeps its copy
+        except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
     return ReferencePool.load(out)

@@ -92,6 +92,26 @@ class MedSAMRefiner:
         return out
 
 
+def build_tiny_sam(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random-initialised genuine ``SamModel`` + ``SamProcessor`` (64-px input, ~0.2 MB)
+    to ``out_dir`` for tests and offline demos of the refinement code path. Returns ``out_dir``."""
+    from transformers import SamConfig, SamModel, SamProcessor
+    from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
+
+    torch.manual_seed(seed)
+    cfg = SamConfig(
+        vision_config=dict(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+                           patch_size=16, window_size=2, global_attn_indexes=[1], mlp_dim=64, num_pos_feats=8),
+        prompt_encoder_config=dict(hidden_size=16, image_size=64, patch_size=16, mask_input_channels=4),
+        mask_decoder_config=dict(hidden_size=16, mlp_dim=32, num_attention_heads=2, iou_head_hidden_dim=16),
+    )
+    out = Path(out_dir)
+    SamModel(cfg).eval().save_pretrained(out)
+    # The PIL image processor: transformers' default SAM processor needs torchvision, which we avoid.
+    SamProcessor(image_processor=SamImageProcessorPil(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64})).save_pretrained(out)
+    return out
+
+
 def load_medsam(name_or_path: str = MEDSAM_ID, device: str | None = None) -> MedSAMRefiner | None:
     """The MedSAM refiner if its weights are available locally (memoised), else ``None`` with a
     logged notice (the caller keeps the OT boxes)."""

@@ -38,8 +38,9 @@ touches it may change); the keep mask is everything farther than ``keep_margin``
 came *from*: the kept region ends one step too noisy (at the last step it is the noisiest-but-one
 latent instead of ``z0``). The ``+ 1`` avoids a NaN: at the last step the DDIM variance is 0 (final
 alpha = 1), so the noise map ``(x_prev - mu) / sigma`` is 0/0. Here, after the step to level ``k``
-we paste the inverted latent *of level k* (``z0`` itself after the last step), and a step whose
-sigma is 0 records a zero noise map, so no NaN can arise. :meth:`RadEditEditor.edit_latents`
+we paste the inverted latent *of level k* (``z0`` itself after the last step), and for a step whose
+sigma is 0 the inversion records the residual ``x_prev - mu`` instead of dividing by sigma, so no
+NaN can arise and, without guidance, the reverse process reproduces ``z0`` exactly (tested). :meth:`RadEditEditor.edit_latents`
 exposes the final latents so that tests check that the kept region equals ``z0`` exactly.
 """
 
@@ -291,8 +292,10 @@ class RadEditEditor(Editor):
         noise_maps: dict[int, Any] = {}
         for k in range(start, N):
             mu, sigma = step_mean(xs[k], eps_of(xs[k], ts[k], emb_u), k)
-            # sigma == 0 (last step to final alpha 1): the step is deterministic, no noise map.
-            noise_maps[k] = (xs[k + 1] - mu) / sigma if sigma > 0 else torch.zeros_like(mu)
+            # sigma == 0 (last step, final alpha 1): the step is deterministic and (x_prev - mu) / sigma
+            # would be 0/0 (the public pipeline's NaN). Store the residual itself instead, so that the
+            # unguided reverse process still reproduces z0 exactly.
+            noise_maps[k] = (xs[k + 1] - mu) / sigma if sigma > 0 else xs[k + 1] - mu
 
         # guided reverse process, guidance inside the edit mask, kept latents pasted at the matching level
         xt = xs[start]
@@ -301,7 +304,7 @@ class RadEditEditor(Editor):
             eu, ec = eps_of(torch.cat([xt, xt]), ts[k], emb_uc).chunk(2)  # one batched UNet call
             eps = eu + self.guidance_scale * m_edit * (ec - eu)
             mu, sigma = step_mean(xt, eps, k)
-            xt = mu + sigma * noise_maps[k]
+            xt = mu + (sigma * noise_maps[k] if sigma > 0 else noise_maps[k])
             xt = m_keep * xs[k + 1] + (1 - m_keep) * xt  # level k+1, NOT xs[k] (the public pipeline's bug)
         with torch.no_grad():
             dec = c.vae.decode((xt / sf).to(c.vae.dtype)).sample

@@ -25,6 +25,9 @@ pool is normal, so "No {attribute}" and "No abnormality" give the same replaceme
 Reference pool layout (what ``medfocus synth-reference`` / ``write_reference_pool`` writes):
 ``<dir>/images/<id>.png`` and ``<dir>/masks/<id>/<concept_slug>.png`` (uint8 0/255); the lung
 fields are the ``left_lung`` and ``right_lung`` masks (estimated from the image when absent).
+The pool must come from the same world as the targets: synthetic normals for the synthetic world,
+real normal films (e.g. the MedFocus pool of :func:`medfocus.concepts.reference.build_pool_from_regions`)
+for real X-rays — a synthetic patch in a real radiograph would be out of distribution again.
 """
 
 from __future__ import annotations

@@ -111,6 +111,28 @@ def frame_table(df: pd.DataFrame, *, float_fmt: str = "{:.1f}", cls: str = "plai
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
+RETENTION_LABELS = {
+    "model": "model", "dataset": "dataset", "mode": "mode", "editor": "editor", "n": "n positives",
+    "errors": "errors", "failed_correct": "✗ correct", "failed_flip": "✗ flip", "failed_background": "✗ background",
+    "kept": "kept", "retention_pct": "retention %",
+}
+
+
+def compact_retention(df: pd.DataFrame) -> pd.DataFrame:
+    """The retention table's main columns with readable headers (the bench's full table has more):
+    gates failed (each sample charged to the first gate it fails), kept, retention %, and the number of
+    gate failures caused by an unparseable answer; columns that are all zero are dropped when optional."""
+    if not set(RETENTION_LABELS) <= set(df.columns):
+        return df
+    out = df[list(RETENTION_LABELS)].rename(columns=RETENTION_LABELS)
+    unp = [c for c in ("unparseable_correct", "unparseable_flip", "unparseable_background") if c in df.columns]
+    if unp:
+        out["unparseable answers"] = df[unp].sum(axis=1)
+    if "negatives" in df.columns and (df["negatives"] > 0).any():
+        out["negatives (correct/n)"] = df["negatives_correct"].astype(str) + "/" + df["negatives"].astype(str)
+    return out
+
+
 # ---- record helpers --------------------------------------------------------------------------------
 def _load_arrays(rec: Mapping[str, Any], base: Path | None) -> dict[str, np.ndarray]:
     hp = rec.get("heatmap_path")
@@ -295,6 +317,9 @@ def build_report(
 
     # ---- results tables
     parts.append("<h2>Results (Table 1 layout)</h2>")
+    if not preds:
+        parts.append('<p class="note">No attribution records: nothing was attributed in this run (for a filtered '
+                     "benchmark, see the retention table: the causal filter may have kept no sample).</p>")
     for mode in modes:
         parts.append(f"<h3>{_e(MODE_LABELS.get(mode, mode))}</h3>")
         for model in models:
@@ -305,7 +330,7 @@ def build_report(
     # ---- retention
     parts.append("<h2>Causal filter: retention</h2>")
     if retention is not None and len(retention) > 0:
-        rdf = retention if isinstance(retention, pd.DataFrame) else pd.DataFrame(list(retention))
+        rdf = compact_retention(retention if isinstance(retention, pd.DataFrame) else pd.DataFrame(list(retention)))
         parts.append('<p class="meta">A sample is kept for a model only if it answers correctly, flips its answer when the '
                      "finding is edited out of its box, and keeps it when the background is edited (both prompts).</p>")
         parts.append(frame_table(rdf, float_fmt="{:.3g}"))

@@ -10,7 +10,12 @@ from medfocus.datasets.synthetic.case import SyntheticCase, SyntheticFinding, ge
 from medfocus.datasets.synthetic.cues import CUE_TYPES, DEFAULT_CUE_MAP
 from medfocus.datasets.synthetic.findings import FINDINGS
 
+#: Bumped whenever the rendering changes (same seed -> different pixels). Key caches of generated
+#: images (reference pools, training sets) on it.
+GENERATOR_VERSION = 1
+
 __all__ = [
+    "GENERATOR_VERSION",
     "FINDINGS",
     "CUE_TYPES",
     "DEFAULT_CUE_MAP",

@@ -6,13 +6,18 @@ Layout written by :func:`write_dataset` under ``out_dir``::
                                                         rad_id,x_min,y_min,x_max,y_max ("No finding" rows
                                                         with empty boxes for normal films)
     vindr-cxr/1.0.0/test/<image_id>.dicom               DICOM (DX, MONOCHROME2, 8-bit) written with pydicom
-    imagenome/regions.csv                               ImaGenome-style region table: image_id, bbox_name
-                                                        (the 11 concepts + each finding's region),
-                                                        x1,y1,x2,y2 (original pixels), width, height
-    imagenome/gold_object_attribute_with_coordinates.txt  ImaGenome gold-table columns (tab-separated) for
+    chest-imagenome/1.0.0/regions.csv                   ImaGenome-style region table: image_id, bbox_name
+                                                        (the 11 concepts), x1,y1,x2,y2 (original pixels),
+                                                        width, height
+    chest-imagenome/1.0.0/gold_dataset/gold_object_attribute_with_coordinates.txt
+                                                        the ImaGenome gold-table columns (tab-separated) for
                                                         the findings: patient_id, study_id, image_id (.dcm),
-                                                        bbox (region), label_name, categoryID, relation,
+                                                        bbox (region = concept), label_name (our finding
+                                                        name), categoryID "anatomicalfinding", relation 1,
                                                         coord_original "[x1, y1, x2, y2]"
+    mimic-cxr-jpg/2.1.0/files/p<PP>/p<patient>/s<study>/<image_id>.jpg
+                                                        JPEG copies (quality 95, lossy) so the real ImaGenome
+                                                        loader reads the folder too (``imagenome=True``)
     images/<image_id>.png                               the same image as 8-bit PNG
     masks/<image_id>/<concept_slug>.png                 the 11 exact concept masks (uint8 0/255)
     masks/<image_id>/finding_<finding_slug>.png         exact finding masks
@@ -42,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from medfocus.datasets.synthetic import GENERATOR_VERSION
 from medfocus.datasets.synthetic.case import generate_case
 from medfocus.datasets.synthetic.findings import FINDINGS, VINDR_CLASS
 from medfocus.errors import DataError
@@ -100,9 +106,9 @@ def _write_dicom(path: Path, image: np.ndarray, image_id: str) -> None:
     ds.save_as(path, enforce_file_format=True)
 
 
-def _render_one(args: tuple[str, int, int, int, int, float, float, bool]) -> dict[str, Any]:
+def _render_one(args: tuple[str, int, int, int, float, float, bool, bool]) -> dict[str, Any]:
     """Generate film ``i`` and write its files; returns its manifest entry (paths relative to ``out``)."""
-    out_s, seed, i, size, _n, cue_rate, cue_base_rate, counterfactuals = args
+    out_s, seed, i, size, cue_rate, cue_base_rate, counterfactuals, imagenome = args
     out = Path(out_s)
     cs = case_seed(seed, i)
     iid = image_id_for(seed, i)
@@ -111,6 +117,14 @@ def _render_one(args: tuple[str, int, int, int, int, float, float, bool]) -> dic
     dicom = out / VINDR_DIR / SPLIT / f"{iid}.dicom"
     _write_dicom(dicom, case.image, iid)
     png = Path(_write_png(out / "images" / f"{iid}.png", case.image))
+    # MIMIC-style ids for the ImaGenome copy (8-digit patient / study ids, unique per film).
+    mimic_ids = (10_000_000 + i, 50_000_000 + i)
+    if imagenome:
+        from PIL import Image
+
+        jpg = out / "mimic-cxr-jpg" / "2.1.0" / "files" / f"p{str(mimic_ids[0])[:2]}" / f"p{mimic_ids[0]}" / f"s{mimic_ids[1]}" / f"{iid}.jpg"
+        jpg.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(case.image).save(jpg, format="JPEG", quality=95)
     cmasks = {}
     for c in CONCEPTS:
         p = _write_png(out / "masks" / iid / f"{concept_slug(c)}.png", case.concept_masks[c].astype(np.uint8) * 255)
@@ -142,6 +156,7 @@ def _render_one(args: tuple[str, int, int, int, int, float, float, bool]) -> dic
         "case_seed": cs,
         "dicom": rel(dicom),
         "png": rel(png),
+        "mimic_ids": list(mimic_ids),
         "size": [size, size],
         "findings": finds,
         "cues": [{**c, "box": [float(v) for v in c["box"]]} for c in case.cues],
@@ -215,6 +230,7 @@ def _write_tables(out: Path, images: list[dict[str, Any]]) -> None:
     pd.DataFrame(rows, columns=["image_id", "class_name", "class_id", "rad_id", "x_min", "y_min", "x_max", "y_max"]).to_csv(ann, index=False)
 
     reg, gold = [], []
+    ig = out / "chest-imagenome" / "1.0.0"
     for k, im in enumerate(images):
         for c, b in im["regions"].items():
             if b is not None:
@@ -222,14 +238,14 @@ def _write_tables(out: Path, images: list[dict[str, Any]]) -> None:
                             "width": im["size"][0], "height": im["size"][1]})
         for f in im["findings"]:
             x1, y1, x2, y2 = f["box"]
-            gold.append({"patient_id": 10000000 + k, "study_id": 50000000 + k, "image_id": f"{im['image_id']}.dcm",
-                         "bbox": f["concept"], "label_name": f["name"],
-                         "categoryID": "disease" if f["name"] in ("pneumothorax", "consolidation") else "anatomicalfinding",
+            pid, sid = im["mimic_ids"]
+            gold.append({"patient_id": pid, "study_id": sid, "image_id": f"{im['image_id']}.dcm",
+                         "bbox": f["concept"], "label_name": f["name"], "categoryID": "anatomicalfinding",
                          "relation": 1, "coord_original": f"[{x1:g}, {y1:g}, {x2:g}, {y2:g}]"})
-    (out / "imagenome").mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(reg, columns=["image_id", "bbox_name", "x1", "y1", "x2", "y2", "width", "height"]).to_csv(out / "imagenome" / "regions.csv", index=False)
+    (ig / "gold_dataset").mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(reg, columns=["image_id", "bbox_name", "x1", "y1", "x2", "y2", "width", "height"]).to_csv(ig / "regions.csv", index=False)
     pd.DataFrame(gold, columns=["patient_id", "study_id", "image_id", "bbox", "label_name", "categoryID", "relation", "coord_original"]).to_csv(
-        out / "imagenome" / "gold_object_attribute_with_coordinates.txt", sep="\t", index=False)
+        ig / "gold_dataset" / "gold_object_attribute_with_coordinates.txt", sep="\t", index=False)
 
 
 def write_dataset(
@@ -241,6 +257,7 @@ def write_dataset(
     *,
     cue_base_rate: float = 0.0,
     counterfactuals: bool = True,
+    imagenome: bool = True,
     workers: int = 1,
     progress: bool = True,
 ) -> Path:
@@ -254,6 +271,8 @@ def write_dataset(
         size: image side in pixels.
         cue_rate, cue_base_rate: shortcut-cue correlation knobs (see :func:`generate_case`).
         counterfactuals: also render the three oracle counterfactuals of every positive.
+        imagenome: also write the JPEG copies the ImaGenome loader reads (the gold/region tables are
+            always written).
         workers: processes used to render.
         progress: show a tqdm bar.
 
@@ -264,7 +283,8 @@ def write_dataset(
         raise DataError(f"write_dataset: n must be >= 1, got {n}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(str(out), int(seed), i, int(size), int(n), float(cue_rate), float(cue_base_rate), bool(counterfactuals)) for i in range(n)]
+    jobs = [(str(out), int(seed), i, int(size), float(cue_rate), float(cue_base_rate), bool(counterfactuals), bool(imagenome))
+            for i in range(n)]
     from tqdm.auto import tqdm
 
     if workers > 1:
@@ -277,6 +297,7 @@ def write_dataset(
     manifest = {
         "format": "medfocus-synthetic",
         "version": 1,
+        "generator_version": GENERATOR_VERSION,
         "seed": int(seed),
         "n": int(n),
         "size": int(size),

@@ -14,6 +14,20 @@ Conventions
   sub-pixel Gaussian (detector PSF), mapped through a per-image exposure curve, then receives
   quantum noise. Every step is local (no image-wide normalisation), so removing a finding changes
   pixels only near that finding — the property the counterfactual oracles rely on.
+
+Concept masks (the 11 ImaGenome regions, exact, as drawn)
+--------------------------------------------------------
+* ``right lung`` / ``left lung``: the aerated lung fields (superellipses cut by the hemidiaphragm dome,
+  the mediastinum and the heart); disjoint from each other, from the heart and from the mediastinum.
+* ``cardiac silhouette``: the heart (tilted ellipse resting on the left dome); part of ``mediastinum``.
+* ``mediastinum``: the central band from the thoracic inlet to the diaphragm, the aortic knob and the
+  heart. ``upper mediastinum``: the part of the band/knob above the knob's lower edge (disjoint from the
+  heart).
+* ``right/left hilar structures``: an ellipse at the medial lung border at hilum height, inside the lung.
+* ``right/left costophrenic angle``: the lateral-inferior corner of each lung (an ellipse around the
+  point where the lateral lung wall meets the dome), inside the lung.
+* ``right/left clavicle``: S-curved bands from the sternal end to the shoulder (they overlap apex and
+  mediastinum, as on a film).
 """
 
 from __future__ import annotations

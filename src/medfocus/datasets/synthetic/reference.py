@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medfocus.datasets.synthetic import GENERATOR_VERSION
 from medfocus.datasets.synthetic.case import generate_case
 from medfocus.errors import ConfigError
 from medfocus.types import CONCEPTS, concept_slug
@@ -45,6 +46,7 @@ def write_reference_pool(out_dir: str | os.PathLike, n: int = 16, seed: int = 0,
             write_png(out / "masks" / rid / f"{concept_slug(c)}.png", case.concept_masks[c].astype(np.uint8) * 255)
         ids.append(rid)
     (out / "reference.json").write_text(
-        json.dumps({"ids": ids, "concepts": list(CONCEPTS), "seed": int(seed), "size": int(size)}, indent=1)
+        json.dumps({"ids": ids, "concepts": list(CONCEPTS), "seed": int(seed), "size": int(size),
+                    "generator_version": GENERATOR_VERSION}, indent=1)
     )
     return out

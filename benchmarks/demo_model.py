@@ -1,0 +1,88 @@
+"""Speed/size targets of the shipped demo model: offline load < 5 s, folder <= 20 MB, training <= 30 min.
+
+Prints a table and writes ``benchmarks/demo_model.md``. Run: ``.venv/bin/python benchmarks/demo_model.py``.
+Load time is measured in fresh subprocesses (cold: imports + ``load_lvlm("demo")``, and ``load_lvlm`` alone).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+_LOAD = """
+import time, os
+os.environ["HF_HUB_OFFLINE"] = "1"; os.environ["TRANSFORMERS_OFFLINE"] = "1"
+t0 = time.time()
+import torch
+torch.set_num_threads({threads})
+from medfocus.lvlm.loading import load_lvlm
+t1 = time.time()
+a = load_lvlm("demo", device="cpu")
+t2 = time.time()
+print(t2 - t0, t2 - t1)
+"""
+
+
+def main(threads: int = 2, repeats: int = 3) -> str:
+    import numpy as np
+    import torch
+
+    from medfocus.lvlm import demo as D
+
+    torch.set_num_threads(threads)
+    cold, load = [], []
+    for _ in range(repeats):
+        out = subprocess.run([sys.executable, "-c", _LOAD.format(threads=threads)], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        a, b = (float(x) for x in out.stdout.split()[-2:])
+        cold.append(a)
+        load.append(b)
+    from medfocus.lvlm.loading import load_lvlm
+
+    adapter = load_lvlm("demo", device="cpu")
+    hints = json.loads((D.DEMO_DIR / "medfocus.json").read_text())
+    cfg = D.config_from_dict(hints["demo"]["config"])
+    cases = D.build_eval_pool(cfg, n_per_cell=1, progress=False, seed_offset=333_000)
+    imgs = [c.image for c, _, _ in cases]
+    rows = []
+    for mode in ("direct", "cot", "boxes", "phrases"):
+        qs = [D.task_question(f, mode) for _, f, _ in cases]
+        t0 = time.time()
+        adapter.generate(imgs, qs, max_new_tokens=48, batch_size=16)
+        rows.append((mode, (time.time() - t0) / len(imgs)))
+    size = D.folder_size(D.DEMO_DIR)
+    m = hints["demo"]
+    lines = [
+        "# Demo model: size, load and generation speed",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared with other jobs when measured), "
+        f"torch threads {threads}. Measured by `benchmarks/demo_model.py`.",
+        "",
+        "| quantity | value | target |",
+        "|---|---|---|",
+        f"| folder size | {size / 1e6:.2f} MB | <= 20 MB |",
+        f"| cold start: imports + `load_lvlm('demo')` (median of {repeats}) | {np.median(cold):.2f} s | < 5 s |",
+        f"| `load_lvlm('demo')` alone (median of {repeats}) | {np.median(load):.2f} s | < 5 s |",
+    ]
+    for mode, s in rows:
+        lines.append(f"| greedy generation, {mode}, batch 16 | {1000 * s:.0f} ms / answer | - |")
+    lines += [
+        f"| training (recorded by `train-demo`, {m['config']['num_threads']} threads) | data {m.get('data_seconds')} s + "
+        f"{m['config']['steps']} steps {m.get('train_seconds')} s | <= 30 min |",
+        "",
+    ]
+    md = "\n".join(lines)
+    (HERE / "demo_model.md").write_text(md)
+    print(md)
+    return md
+
+
+if __name__ == "__main__":
+    main()
