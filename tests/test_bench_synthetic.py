@@ -108,7 +108,7 @@ def test_demo_model_bench_build_adds_up(world, tmp_path, request):
     root, samples = world
     for mode in ("direct", "cot"):
         recs, ret = build_benchmark(adapter, samples[:6], mode=mode, editor=get_editor("oracle"), out_dir=tmp_path,
-                                    model_name="demo", batch_size=8, progress=False)
+                                    model_name="demo", batch_size=8, max_new_tokens=48, progress=False)
         assert ret["n"] == sum(s.answer == "Yes" for s in samples[:6])
         assert ret["errors"] + ret["failed_correct"] + ret["failed_flip"] + ret["failed_background"] + ret["kept"] == ret["n"]
         from medfocus.datasets.medground import load_records

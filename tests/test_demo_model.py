@@ -64,7 +64,7 @@ def micro(tmp_path_factory):
     """A micro demo model (random weights, tiny sizes) saved and loaded through load_lvlm."""
     from medfocus.lvlm.loading import load_lvlm
 
-    cfg = D.DemoConfig(canvas=56, n_train_cases=6, steps=2, images_per_step=2, questions_per_image=2, warmup=1,
+    cfg = D.DemoConfig(canvas=56, n_train_cases=6, steps=2, images_per_step=2, questions_per_image=2, warmup=1, vision_steps=2, vision_batch=3,
                        text=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
                                  max_position_embeddings=512),

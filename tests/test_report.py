@@ -55,6 +55,7 @@ def test_figures_are_pngs():
     outs = [
         figures.metric_bars(s, metric="iou", mode="direct"),
         figures.method_model_heatmap(s, metric="iou", mode="direct"),
+        figures.method_model_heatmap(pd.concat([s, s.assign(model="other", mean=np.nan)]), metric="iou", mode="direct"),
         figures.sample_gallery_row(img, [(10, 10, 20, 20)], [{"method": "a", "heatmap": heat, "pred_boxes": [(10, 10, 20, 20)], "score": 1.0},
                                                             {"method": "b", "heatmap": None, "pred_boxes": None, "error": "x"}]),
         figures.concept_ranking({"left lung": 0.5, "cardiac silhouette": 2.0}, winner="cardiac silhouette"),
@@ -124,8 +125,9 @@ def test_build_report_self_contained(tmp_path):
     # self-contained: no external resources, no scripts
     assert not re.search(r'(src|href)="(?!data:)', html) and "<script" not in html
     n_img = html.count('src="data:image/png;base64,')
-    # 2 modes x (2 bars + 1 matrix) + gallery (2 modes x 3 samples) + 3 MedFocus examples x 2 figures
-    assert n_img == 6 + 6 + 6
+    # 2 modes x 2 bar plots (one model/dataset: no method x model matrix) + gallery (2 modes x 3 samples)
+    # + 3 MedFocus examples x 2 figures
+    assert n_img == 4 + 6 + 6
     assert len(list((tmp_path / "figs").glob("*.png"))) == n_img
     for text in ("Direct answer", "Step-by-step", "occlusion", "inpaint", "Failures", "out of memory", "cardiac silhouette", "Elapsed"):
         assert text in html

@@ -139,7 +139,8 @@ def test_run_grid_records_errors_and_loads_once(tmp_path):
     by = {(r["model"], r["index"], r["method"]): r for r in recs}
     for i in range(6):
         r = by[("m1", i, "hot")]
-        assert r["error"] is None and r["pred_boxes"] == [list(map(float, boxes[i][0]))] == r["gt_boxes"]
+        assert r["error"] is None and r["heatmap_boxes"] == [list(map(float, boxes[i][0]))] == r["gt_boxes"]
+        assert r["pred_boxes"] is None  # heatmap method: the evaluation derives boxes from the saved heatmap
         with np.load(r["heatmap_path"]) as z:
             assert z["heatmap"].shape == (32, 32) and z["heatmap"].sum() == 10 * 12
             assert "token_heatmaps" not in z and z["extra_big"].shape == (40, 40)
@@ -282,3 +283,13 @@ def test_demo_diverse_subset_round_robins_findings():
     direct = [it for it in sub if it.mode == "direct"]
     # round 1: cardiomegaly 8, mass 5, nodule 0; round 2: (cardiomegaly exhausted) mass 6
     assert [it.index for it in direct] == [0, 5, 6, 8]
+
+
+def test_without_saved_heatmaps_the_boxes_are_the_prediction(tmp_path):
+    samples, boxes, items = _grid(tmp_path, n=2)
+    with ResultStore(tmp_path / "r.jsonl") as st:
+        run_grid(items, ["hot"], st, load_model=FakeAdapter, make_method=make_factory(boxes), read_image=read_npy,
+                 heatmap_to_boxes=simple_boxes, progress=False, save_heatmaps=False)
+    recs = load_records(tmp_path / "r.jsonl")
+    assert all(r["heatmap_path"] is None and r["has_heatmap"] and r["pred_boxes"] == r["gt_boxes"] for r in recs)
+    assert not (tmp_path / "r_heatmaps").exists()

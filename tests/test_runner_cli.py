@@ -74,7 +74,7 @@ def test_attribute_config_shards_merge_and_report(fake_world, tmp_path):
     recs = load_records(out / "predictions.jsonl")
     assert len(recs) == 16 and sum(1 for r in recs if r["error"]) == 1  # BoomMethod fails on sample 3
     hot = [r for r in recs if r["method"] == "fake_hot"]
-    assert all(r["pred_boxes"] == r["gt_boxes"] and r["editor"] == "oracle" for r in hot)
+    assert all(r["heatmap_boxes"] == r["gt_boxes"] and r["editor"] == "oracle" for r in hot)
     assert fake_world["loads"] == ["demo", "demo"]  # one load per shard run
 
     # resume: the same command again computes nothing

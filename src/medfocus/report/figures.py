@@ -92,14 +92,18 @@ def method_model_heatmap(summary: pd.DataFrame, *, metric: str = "iou", mode: st
     mat = mat.reindex(methods)
     fig, ax = plt.subplots(figsize=(1.6 + 1.5 * max(1, mat.shape[1]), 0.8 + 0.32 * max(1, mat.shape[0])))
     vals = mat.to_numpy(dtype=float)
-    im = ax.imshow(np.nan_to_num(vals, nan=0.0), cmap="viridis", aspect="auto", vmin=0, vmax=max(1.0, np.nanmax(vals) if vals.size else 1.0))
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")  # grey: no result (e.g. every record failed)
+    finite = vals[np.isfinite(vals)]
+    im = ax.imshow(np.ma.masked_invalid(vals), cmap=cmap, aspect="auto", vmin=0, vmax=max(1.0, float(finite.max()) if finite.size else 1.0))
     ax.set_xticks(range(mat.shape[1]))
     ax.set_xticklabels(mat.columns, rotation=20, ha="right", fontsize=8)
     ax.set_yticks(range(mat.shape[0]))
     ax.set_yticklabels(mat.index, fontsize=8)
     for (r, c), v in np.ndenumerate(vals):
         if np.isfinite(v):
-            ax.text(c, r, f"{v:.1f}", ha="center", va="center", fontsize=7, color="white" if v < np.nanmax(vals) * 0.6 else "black")
+            ax.text(c, r, f"{v:.1f}", ha="center", va="center", fontsize=7, color="white" if v < float(finite.max()) * 0.6 else "black")
+        else:
+            ax.text(c, r, "n/a", ha="center", va="center", fontsize=7, color="#666666")
     fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
     ax.set_title(title or f"{metric} (x100), method x model" + (f" ({mode})" if mode else ""), fontsize=10)
     return _png(fig)
@@ -111,7 +115,7 @@ def sample_gallery_row(
     panels: Sequence[Mapping[str, Any]],
     *,
     title: str = "",
-    max_cols: int = 6,
+    max_cols: int = 7,
 ) -> bytes:
     """One sample: the X-ray with its GT boxes, then one panel per method.
 
@@ -141,8 +145,8 @@ def sample_gallery_row(
             h = np.asarray(heat, dtype=np.float32)
             h = np.nan_to_num(h, nan=0.0)
             lo, hi = float(h.min()), float(h.max())
-            hn = (h - lo) / (hi - lo) if hi > lo else np.zeros_like(h)
-            ax.imshow(hn, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            if hi > lo:  # a constant map carries no spatial information: show the bare image
+                ax.imshow((h - lo) / (hi - lo), cmap="jet", alpha=0.45, vmin=0, vmax=1)
         _draw_boxes(ax, gt_boxes, GT_COLOR, lw=1.0)
         _draw_boxes(ax, p.get("pred_boxes"), PRED_COLOR, lw=1.4, ls="--")
         label = str(p.get("method", ""))

@@ -345,7 +345,8 @@ def build_report(
                 if ((summary["mode"] == mode) & (summary["metric"] == metric)).any():
                     png = keep(figures.metric_bars(summary, metric=metric, mode=mode), f"bars_{metric}_{mode}")
                     parts.append(_img(png, f"{metric} bars {mode}"))
-            if ((summary["mode"] == mode) & (summary["metric"] == "iou")).any():
+            sub = summary[(summary["mode"] == mode) & (summary["metric"] == "iou")]
+            if len(sub) and len(set(zip(sub["model"], sub["dataset"]))) > 1:  # one column would repeat the bars
                 png = keep(figures.method_model_heatmap(summary, metric="iou", mode=mode), f"matrix_iou_{mode}")
                 parts.append(_img(png, f"method x model {mode}"))
         parts.append("</div>")
@@ -396,7 +397,8 @@ def build_report(
                 if r is None:
                     continue
                 arr = _load_arrays(r, base)
-                panels.append({"method": me, "heatmap": arr.get("heatmap"), "pred_boxes": r.get("pred_boxes"),
+                boxes = r.get("pred_boxes") if r.get("pred_boxes") is not None else r.get("heatmap_boxes")
+                panels.append({"method": me, "heatmap": arr.get("heatmap"), "pred_boxes": boxes,
                                "score": iou_of.get((*k[:4], me)), "error": r.get("error")})
             t = f"{k[0]} · {k[1]} #{k[2]} · {first.get('attribute')} · answer: {str(first.get('answer'))[:80]}"
             png = keep(figures.sample_gallery_row(img, first.get("gt_boxes") or [], panels), f"gallery_{mode}_{k[1]}_{k[2]}_{k[0]}".replace("/", "-"))

@@ -267,7 +267,9 @@ def run_grid(
             once per method for the whole run.
         read_image: ``path -> (H, W) uint8`` (default :func:`medfocus.io.read_image`).
         heatmap_to_boxes: ``(H, W) heatmap -> boxes`` (default :func:`medfocus.evaluation.heatmap_to_boxes`
-            with its defaults); boxes are stored as ``pred_boxes``.
+            with its defaults), stored as ``heatmap_boxes`` (display); ``pred_boxes`` is set only for methods
+            that return boxes (or when heatmaps are not saved), so the evaluation derives boxes from the
+            heatmap with its own parameters.
         seed: run seed; RNGs are re-seeded per key with :func:`item_seed`.
         retry_errors: recompute keys whose stored record has an error (the new record supersedes it).
         save_heatmaps: write each heatmap to a compressed ``.npz`` (key ``heatmap``, float32 ``(H0, W0)``).
@@ -278,8 +280,8 @@ def run_grid(
     Returns:
         a :class:`RunSummary`.
 
-    Record fields: ``model, dataset, index, mode, method, attribute, question, answer, gt_boxes,
-    image_size, pred_boxes, heatmap_path, n_forward, n_backward, seconds, wall_seconds, seed,
+    Record fields: ``model, dataset, index, mode, method, attribute, question, answer, gt_answer, gt_boxes,
+    image_size, image_path, pred_boxes, heatmap_boxes, heatmap_path, has_heatmap, n_forward, n_backward, seconds, wall_seconds, seed,
     extras, error, traceback`` plus the item's ``extra`` mapping.
     """
     method_params: dict[str, dict[str, Any]]
@@ -396,10 +398,15 @@ def run_grid(
                                 raise DataError(f"method {m!r} returned a heatmap of shape {heat.shape}; expected the image's {image.shape}")
                             arrays["heatmap"] = heat
                         boxes = getattr(res, "boxes", None)
-                        if boxes is not None:
+                        heat_boxes = None
+                        if boxes is not None:  # box-producing methods (prompting, MedFocus): the boxes are the prediction
                             pred = [list(map(float, b)) for b in boxes]
                         elif heat is not None:
-                            pred = to_boxes(heat)
+                            # Heatmap methods: the evaluation derives boxes from the stored heatmap with *its*
+                            # parameters (so `medfocus evaluate --q ...` applies); the default-parameter boxes are
+                            # kept for display as heatmap_boxes, and are the prediction when no heatmap is saved.
+                            heat_boxes = to_boxes(heat)
+                            pred = None if save_heatmaps else heat_boxes
                         else:
                             pred = []
                         tok = getattr(res, "token_heatmaps", None)
@@ -409,6 +416,7 @@ def run_grid(
                         arrays.update(big)
                         rec.update(
                             pred_boxes=pred,
+                            heatmap_boxes=heat_boxes,
                             heatmap_path=store.save_arrays(key, **arrays) if (save_heatmaps and arrays) else None,
                             n_forward=int(getattr(res, "n_forward", 0) or 0),
                             n_backward=int(getattr(res, "n_backward", 0) or 0),
