@@ -20,6 +20,17 @@ from medfocus.attribution.prompting import (
 )
 from medfocus.attribution.testing import ToyAdapter
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine spinning OpenMP threads
+    make each tiny op hundreds of times slower; restored afterwards."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 Q = "Is there evidence of nodule in the image? Answer directly with yes or no without any explanation."
 
 

@@ -928,7 +928,7 @@ def train_demo(out_dir: str | Path = DEMO_DIR, cfg: DemoConfig | None = None, *,
             f"(margin mean {m.mean():+.2f} sd {m.std():.2f}): {per}")
 
     t0 = time.time()
-    ck = out.parent / f".{out.name}.checkpoint.pt"
+    ck = checkpoint_path(out)
     losses = train_loop(model, enc, pool, cfg, log=log, eval_fn=quick_eval, checkpoint=ck if cfg.checkpoint_every else None)
     t_train = time.time() - t0
     del pool
@@ -1007,6 +1007,16 @@ def save_from_checkpoint(checkpoint: str | Path, out_dir: str | Path = DEMO_DIR,
     (out / "MODEL_CARD.md").write_text(model_card(cfg, {**extra, "vocab": len(tok)}, out))
     log(f"wrote {out} from {checkpoint} (step {state['step']})")
     return evaluate_and_write_card(out, log=log) if evaluate else extra
+
+
+def checkpoint_path(out_dir: str | Path) -> Path:
+    """Where ``train_demo`` keeps the resumable checkpoint of a run writing ``out_dir`` (outside the source
+    tree, so a half-finished run never lands in the package): the system temp folder, keyed by the output path."""
+    import hashlib
+    import tempfile
+
+    key = hashlib.sha1(str(Path(out_dir).resolve()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"medfocus-demo-{key}.checkpoint.pt"
 
 
 def folder_size(path: str | Path) -> int:
