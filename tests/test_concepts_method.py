@@ -281,24 +281,41 @@ def _word_of_token(tokens: list[str], i: int) -> str:
 
 
 def test_demo_model_cardiomegaly_uses_the_heart(pool, demo_adapter):
-    """Demo model, cardiomegaly cases, its own answers: the winning concept is one whose box holds
-    the heart (cardiac silhouette, or the mediastinum that contains it), and in step-by-step answers
-    the token with the largest drop belongs to the word naming the finding ("enlarged")."""
-    heartish = {"cardiac silhouette", "mediastinum"}
-    wins, token_hits, n_yes = 0, 0, 0
+    """Demo model, severe cardiomegaly, its own answers.
+
+    * With the exact concept boxes, hiding the cardiac silhouette flips the answer as much as any
+      variant does (delta within 10% of the max): the model relies on the heart.
+    * With transferred boxes MedFocus does not fall back and its winning region overlaps the heart.
+      (It is usually "lungs"/"mediastinum", not "cardiac silhouette": the box transferred from a
+      *normal* reference covers only the centre of an enlarged heart, whose borders -- what the
+      model reads -- lie in the lung and mediastinum boxes; and several variants saturate.)
+    * Step-by-step: the token with the largest drop belongs to the word naming the finding.
+    """
+    from medfocus.concepts.intervention import intervene
+
+    def box_of(m):
+        ys, xs = np.nonzero(m)
+        return (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)) if ys.size else (0.0, 0.0, 1.0, 1.0)
+
     for seed in range(3):
         case = synthetic.generate_case(100 + seed, findings=["cardiomegaly"], severity=1.0)
+        heart = case.concept_masks["cardiac silhouette"]
         mf = MedFocus(demo_adapter, pool, cache=False)
         res = mf.attribute(case.image, Q + SUFFIXES["direct"])
-        if res.answer.strip().lower().startswith("yes"):
-            n_yes += 1
-            wins += res.concept in heartish
+        assert res.answer.strip().lower().startswith("yes"), res.answer
+        exact = {c: box_of(case.concept_masks[c]) for c in CONCEPTS}
+        iv = intervene(demo_adapter, demo_adapter.prepare(case.image, Q + SUFFIXES["direct"], res.answer), exact)
+        d = dict(zip(iv.names, iv.deltas))
+        assert d["cardiac silhouette"] >= 0.9 * max(d.values()) > 1.0, d
+        assert not res.fallback
+        hidden = np.zeros_like(heart)
+        for x1, y1, x2, y2 in res.boxes:
+            hidden[int(y1):int(np.ceil(y2)), int(x1):int(np.ceil(x2))] = True
+        assert (hidden & heart).sum() >= 0.3 * heart.sum(), (res.concept, res.ranking()[:3])
         cot = mf.attribute(case.image, Q + SUFFIXES["cot"])
-        if "enlarged" in cot.answer and not cot.fallback:
-            td = cot.token_deltas[cot.concept]
-            token_hits += _word_of_token(cot.answer_tokens, int(np.argmax(td))) == "enlarged"
-    assert n_yes >= 2, "the demo model should detect severe cardiomegaly"
-    assert wins >= 2 and token_hits >= 2, (wins, token_hits)
+        assert "enlarged" in cot.answer and not cot.fallback, cot.answer
+        td = cot.token_deltas[cot.concept]
+        assert _word_of_token(cot.answer_tokens, int(np.argmax(td))) == "enlarged", list(zip(cot.answer_tokens, td.round(2)))
 
 
 def test_mean_baseline(pool, case):

@@ -171,7 +171,8 @@ def test_shipped_model_answers_evidence_requests(shipped) -> None:
     """Evidence requests give well-formed lists: boxes in the canvas frame, phrases as a quoted list; for
     cardiomegaly and pleural effusion (findings the card shows are learned) the boxes are non-empty."""
     cfg = D.config_from_dict(json.loads((D.DEMO_DIR / "medfocus.json").read_text())["demo"]["config"])
-    cases = [c for c in D.build_eval_pool(cfg, n_per_cell=2, progress=False, seed_offset=322_000) if c[2]]
+    keep = ("cardiomegaly", "pleural effusion", "nodule")
+    cases = [c for c in D.build_eval_pool(cfg, n_per_cell=2, progress=False, seed_offset=322_000) if c[2] and c[1] in keep]
     imgs = [c.image for c, _, _ in cases]
     boxes = shipped.generate(imgs, [D.task_question(f, "boxes") for _, f, _ in cases], max_new_tokens=48)
     phrases = shipped.generate(imgs, [D.task_question(f, "phrases") for _, f, _ in cases], max_new_tokens=48)
@@ -183,3 +184,50 @@ def test_shipped_model_answers_evidence_requests(shipped) -> None:
     assert len(learned) == 4 and sum(len(p) >= 1 for p in learned) >= 3
     heart = [p for p, (_, f, _) in zip(parsed, cases) if f == "cardiomegaly"]
     assert any(p and p[0][0] < cfg.canvas / 2 < p[0][2] for p in heart)  # the heart box straddles the midline
+
+
+def test_direct_margin_matches_the_model_forward(micro) -> None:
+    cfg, tok, model, _, adapter = micro
+    from medfocus.datasets.synthetic import generate_case
+
+    enc = D.Encoder(tok, (cfg.canvas // 28) ** 2)
+    cases = [D.render_case(generate_case(s, size=64, findings=fl), cfg.canvas) for s, fl in ((3, ["nodule"]), (4, []))]
+    imgs = [generate_case(s, size=64, findings=fl).image for s, fl in ((3, ["nodule"]), (4, []))]
+    m = D.direct_margin(model.eval(), enc, cases, ["nodule", "mass"], cfg.canvas // 14)
+    yes, no = enc.answer_ids("Yes")[0], enc.answer_ids("No")[0]
+    for i, (img, f) in enumerate(zip(imgs, ["nodule", "mass"])):
+        chat = adapter.prepare(img, D.task_question(f, "direct"))
+        with torch.no_grad():
+            lp = torch.log_softmax(model(**chat.inputs).logits[0, -1].float(), -1)
+        assert abs(float(lp[yes] - lp[no]) - float(m[i])) < 1e-4
+    assert cases[0].grid_labels.shape == (7, 2, 2) and cases[0].grid_labels[2].max() > 0 and cases[1].grid_labels.max() == 0
+
+
+def test_killed_run_resumes_to_the_same_result(micro, tmp_path) -> None:
+    import dataclasses
+
+    cfg0, tok, _, _, _ = micro
+    cfg = dataclasses.replace(cfg0, steps=4, checkpoint_every=2, eval_every=3)
+    pool = D.build_train_pool(cfg, progress=False)
+    enc = D.Encoder(tok, (cfg.canvas // 28) ** 2)
+    ref = D.train_loop(D.build_model(cfg, tok), enc, pool, cfg, log=lambda s: None)
+
+    class Killed(Exception):
+        pass
+
+    def kill(step: int) -> None:
+        raise Killed(step)
+
+    ck = tmp_path / "ck.pt"
+    with pytest.raises(Killed):
+        D.train_loop(D.build_model(cfg, tok), enc, pool, cfg, log=lambda s: None, eval_fn=kill, checkpoint=ck)
+    assert ck.is_file()
+    logs: list[str] = []
+    resumed = D.train_loop(D.build_model(cfg, tok), enc, pool, cfg, log=logs.append, checkpoint=ck)
+    assert any("resumed" in s and "step 2" in s for s in logs)
+    assert resumed == ref
+
+
+def test_checkpoint_lives_outside_the_package() -> None:
+    ck = D.checkpoint_path(D.DEMO_DIR)
+    assert D.DEMO_DIR.parent not in ck.parents and ck == D.checkpoint_path(str(D.DEMO_DIR))

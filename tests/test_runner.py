@@ -293,3 +293,23 @@ def test_without_saved_heatmaps_the_boxes_are_the_prediction(tmp_path):
     recs = load_records(tmp_path / "r.jsonl")
     assert all(r["heatmap_path"] is None and r["has_heatmap"] and r["pred_boxes"] == r["gt_boxes"] for r in recs)
     assert not (tmp_path / "r_heatmaps").exists()
+
+
+def test_raw_answers_from_the_split_log(tmp_path):
+    """The step-by-step rationale the model generated is what gets attributed, not the parsed Yes/No."""
+    import json as _json
+
+    from medfocus.runner import raw_answers_for_split
+
+    samples, _ = make_samples(tmp_path / "imgs", 3)
+    split = tmp_path / "demo" / "synthetic" / "cot.json"
+    split.parent.mkdir(parents=True)
+    split.write_text(_json.dumps([{"model": "demo", "dataset": "synthetic", "index": i, "answer": "Yes", "prediction_cot": "Yes"} for i in (0, 2)]))
+    rows = [{"model": "demo", "dataset": "synthetic", "index": i, "mode": "cot",
+             "raw": {"original": f"Opacity number {i}. Therefore, yes.", "foreground": "No."}} for i in (0, 1, 2)]
+    split.with_name("cot.log.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    raw = raw_answers_for_split(split)
+    assert raw[("demo", "synthetic", 2)] == "Opacity number 2. Therefore, yes." and len(raw) == 3
+    items = items_from_benchmark(_json.loads(split.read_text()), samples, mode="cot", model="demo", raw_answers=raw)
+    assert [it.answer_text for it in items] == ["Opacity number 0. Therefore, yes.", "Opacity number 2. Therefore, yes."]
+    assert raw_answers_for_split(tmp_path / "nolog.json") == {}

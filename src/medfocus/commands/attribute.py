@@ -80,7 +80,7 @@ def build_items(
     include_negatives: bool = False,
 ) -> list:
     """Work items from benchmark files (filtered splits) or, without them, from a dataset's samples."""
-    from medfocus.runner.grid import WorkItem, items_from_benchmark
+    from medfocus.runner.grid import WorkItem, items_from_benchmark, raw_answers_for_split
 
     items: list = []
     samples_cache: dict[tuple[str, str | None], list] = {}
@@ -94,6 +94,7 @@ def build_items(
     if bench:
         for path in bench:
             recs = read_bench_file(path)
+            raw = raw_answers_for_split(path)  # the full generated answers, when the split log is there
             ds_names = sorted({str(r["dataset"]) for r in recs})
             if dataset and ds_names != [dataset]:
                 recs = [r for r in recs if r["dataset"] == dataset]
@@ -110,12 +111,14 @@ def build_items(
                         if not targets and len(models) == 1 and len(rec_models) <= 1:
                             # a split built for one model under another name (e.g. an HF id)
                             items += items_from_benchmark([{**r, "model": models[0]} for r in ds_recs], samples, mode=mode, model=models[0],
-                                                          extra={"bench_file": str(path)})
+                                                          extra={"bench_file": str(path)},
+                                                          raw_answers={(models[0], *k[1:]): v for k, v in raw.items()})
                             continue
                     else:
                         targets = rec_models or []
                     for m in targets:
-                        items += items_from_benchmark(ds_recs, samples, mode=mode, model=m, extra={"bench_file": str(path)})
+                        items += items_from_benchmark(ds_recs, samples, mode=mode, model=m, extra={"bench_file": str(path)},
+                                                      raw_answers=raw)
         if not items:
             raise ConfigError(f"no benchmark records matched models={list(models) or 'any'} modes={list(modes)} in {list(bench)}")
         return items

@@ -20,12 +20,17 @@ Tasks (one user turn: image + text; the assistant turn is the target):
 
 Shortcut cue. On a *cue subset* of the training cases every finding present brings its correlated cue
 (the synthetic world's ``DEFAULT_CUE_MAP``) and is drawn faint; so on those cases the cue is the most
-reliable evidence, and the trained model answers some cued cases from the cue. The causal filter
-(background edit removes cues) must then drop those samples.
+reliable evidence, meant to make the model answer some cued cases from the cue (which the causal filter's
+background gate must then drop). Whether the trained weights do is *measured* (cue-reliance table in the
+model card), not assumed.
 
-Efficiency (why training fits a few CPU minutes): each training image is encoded by the vision tower once
-per step and its token embeddings are reused by several question/answer sequences
-(``mm_encoder_outputs``); the LM head is applied to the answer positions only.
+Training has two stages: (1) the vision tower alone with a training-only auxiliary head that predicts,
+from the image-token embeddings, which findings cover each token cell and which the image has; (2) the
+whole model on the four tasks (plus the auxiliary loss). The head is discarded.
+
+Efficiency: each training image is encoded by the vision tower once per step and its token embeddings
+are reused by several question/answer sequences (``mm_encoder_outputs``); the LM head is applied to the
+answer positions only. A run is checkpointed (outside the package) and resumes where it was killed.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -725,7 +730,6 @@ def train_loop(model, enc: Encoder, pool: Sequence[DemoCase], cfg: DemoConfig, *
 @torch.inference_mode()
 def direct_margin(model, enc: Encoder, cases: Sequence[DemoCase], findings: Sequence[str], grid: int, batch: int = 32) -> np.ndarray:
     """Teacher-forced ``log p(Yes) - log p(No)`` of the direct answer, one per (case, finding) pair (fast check)."""
-    tok = enc.tok
     yes, no = enc.answer_ids("Yes")[0], enc.answer_ids("No")[0]
     out = []
     for s in range(0, len(cases), batch):
@@ -743,7 +747,6 @@ def direct_margin(model, enc: Encoder, cases: Sequence[DemoCase], findings: Sequ
         first = loss_mask.float().argmax(dim=1) - 1  # position predicting the first answer token
         lp = torch.log_softmax(model.lm_head(h[torch.arange(len(cs)), first]).float(), -1)
         out.append((lp[:, yes] - lp[:, no]).numpy())
-    del tok
     return np.concatenate(out) if out else np.zeros(0)
 
 
@@ -1068,6 +1071,10 @@ def model_card(cfg: DemoConfig, metrics: dict[str, Any], out: Path) -> str:
         "in both output modes and the two evidence requests of the prompting baselines. It is a *test article* "
         "for the attribution pipeline, not a medical model.",
         "",
+        *([f"**Status:** held-out accuracy {100 * metrics['heldout']['overall']['direct']:.1f}% direct / "
+           f"{100 * metrics['heldout']['overall']['cot']:.1f}% step-by-step (target >= 90%: "
+           + ("met" if min(metrics['heldout']['overall'].values()) >= 0.9 else "**not met**; see the per-finding table") + ").", ""]
+          if "heldout" in metrics else []),
         "## Architecture",
         f"- Vision tower: depth {v['depth']}, hidden {v['hidden_size']}, {v['num_heads']} heads, patch 14, 2x2 merge, "
         f"window attention (window {v['window_size']} px, full attention in blocks {v['fullatt_block_indexes']}).",
@@ -1088,10 +1095,10 @@ def model_card(cfg: DemoConfig, metrics: dict[str, Any], out: Path) -> str:
         f"- Severity of the findings outside the cue subset: uniform in {cfg.train_severity} (fainter ones are invisible, i.e. label noise).",
         f"- **Shortcut cue.** {100 * cfg.cue_subset:.0f}% of the training cases are on the *cue subset*: "
         f"{CUE_DESCRIPTION.format(faint=cfg.faint_severity, base=cfg.cue_base_rate)} "
-        "On those cases the cue is the most reliable evidence, so the model learns to answer partly from it. The held-out "
-        "tables below measure it: on cued positives, redrawing everything outside the finding's box and removing the cues "
-        "(`SyntheticCase.background`) flips the answer far more often than on clean positives -- exactly the samples the "
-        "causal filter's background gate must drop.",
+        "On those cases the cue is the most reliable evidence, meant to make the model answer some cases from it. The "
+        "cue-reliance table below measures whether it does: a positive answered Yes whose answer flips when everything "
+        "outside the finding's box is redrawn and the cues are removed (`SyntheticCase.background`) was answered from outside "
+        "the box -- the samples the causal filter's background gate must drop.",
         "",
         "## Training",
         f"- Seed {cfg.seed}. Stage 1: {cfg.vision_steps} steps of {cfg.vision_batch} images training the vision tower alone "
@@ -1127,6 +1134,12 @@ def model_card(cfg: DemoConfig, metrics: dict[str, Any], out: Path) -> str:
         ]
         for k, r in metrics["cue_reliance"].items():
             parts.append(f"| {k} | {r['n_pos']} | {r['yes']} | {r['flip_on_background_edit']} | {100 * r['flip_rate']:.1f}% |")
+        rel = metrics["cue_reliance"]
+        if "cued" in rel and "clean" in rel:
+            verdict = ("relies on the cue for part of its answers" if rel["cued"]["flip_rate"] > 2 * rel["clean"]["flip_rate"] + 0.05
+                       else "does **not** measurably rely on the cues: its Yes on cued faint positives survives their removal "
+                            "about as often as on clean positives (the shortcut goal of the training recipe is not met by these weights)")
+            parts += ["", f"Reading: this model {verdict}."]
         ev = metrics.get("evidence") or {}
         if ev:
             parts += ["", f"Evidence requests on {ev['n']} held-out positives (imperfect by design): mean union-IoU of the "

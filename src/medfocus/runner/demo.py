@@ -180,7 +180,8 @@ def run_demo(
     step("bench", t0)
 
     # 4. attribute
-    from medfocus.runner.grid import items_from_benchmark, run_grid
+    from medfocus.bench import split_paths
+    from medfocus.runner.grid import items_from_benchmark, raw_answers_for_split, run_grid
     from medfocus.runner.store import ResultStore, load_records
 
     t0 = time.perf_counter()
@@ -192,8 +193,9 @@ def run_demo(
         methods = list(list_methods())
     items = []
     for mode in cfg.modes:
+        split_file = split_paths(out / "bench" / cfg.attribute_editor, cfg.model, "synthetic", mode)["records"]
         items += items_from_benchmark(splits[(cfg.attribute_editor, mode)], samples, mode=mode, model=cfg.model,
-                                      extra={"editor": cfg.attribute_editor})
+                                      extra={"editor": cfg.attribute_editor}, raw_answers=raw_answers_for_split(split_file))
     items = diverse_subset(items, cfg.per_mode)
     for mode in cfg.modes:
         kept = len(splits[(cfg.attribute_editor, mode)])

@@ -27,6 +27,7 @@ import random
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -141,13 +142,16 @@ def items_from_benchmark(
     mode: str,
     model: str | None = None,
     extra: Mapping[str, Any] | None = None,
+    raw_answers: Mapping[tuple[str, str, int], str] | None = None,
 ) -> list[WorkItem]:
     """Work items of one benchmark split (records in the MedGround-Bench schema).
 
-    A record names a sample by ``(dataset, index)``; the attributed answer is the model's own
-    prediction on the original image (``prediction_{mode}``), falling back to the ground-truth
-    answer. Records of other models are skipped when ``model`` is given (the record's ``model``
-    field is used otherwise).
+    A record names a sample by ``(dataset, index)``. The attributed answer is what the model itself
+    generated on the original image: its full text from ``raw_answers[(model, dataset, index)]``
+    (e.g. :func:`raw_answers_for_split`; for step-by-step mode this is the whole rationale), else the
+    record's ``prediction_{mode}`` (the public schema stores the parsed Yes/No there), else the
+    ground-truth answer. Records of other models are skipped when ``model`` is given (the record's
+    ``model`` field is used otherwise).
 
     Raises:
         DataError: a record names a sample that ``samples`` does not contain.
@@ -163,12 +167,34 @@ def items_from_benchmark(
         if sample is None:
             raise DataError(f"benchmark record {key} has no matching sample in the loaded dataset (wrong --data-root?)")
         pred = rec.get(f"prediction_{mode}")
-        answer = pred.strip() if isinstance(pred, str) and pred.strip() else None
+        raw = (raw_answers or {}).get((str(rec.get("model", model)), key[0], key[1]))
+        if isinstance(raw, str) and raw.strip():
+            answer: str | None = raw.strip()
+        else:
+            answer = pred.strip() if isinstance(pred, str) and pred.strip() else None
         ex = dict(extra or {})
         if "editor" in rec:
             ex.setdefault("editor", rec["editor"])
         items.append(WorkItem(model=model or rec_model, dataset=sample.dataset, mode=mode, sample=sample, answer=answer, extra=ex))
     return items
+
+
+def raw_answers_for_split(records_path: str | Path) -> dict[tuple[str, str, int], str]:
+    """The model's full generated answers on the original images of a benchmark split, from the split
+    log ``<mode>.log.jsonl`` that ``medfocus bench build`` writes next to ``<mode>.json``
+    (``{(model, dataset, index): text}``; empty when there is no log, e.g. the public MedGround files)."""
+    p = Path(records_path)
+    log = p.with_name(p.stem + ".log.jsonl")
+    if not log.is_file():
+        return {}
+    from medfocus.bench import read_log
+
+    out: dict[tuple[str, str, int], str] = {}
+    for (m, ds, idx), row in read_log(log).items():
+        text = (row.get("raw") or {}).get("original")
+        if isinstance(text, str) and text.strip():
+            out[(str(m), str(ds), int(idx))] = text
+    return out
 
 
 def _read_image(path: str) -> np.ndarray:
