@@ -43,9 +43,11 @@ def main(argv: list[str]) -> int:
     cmd = [str(medfocus) if medfocus.exists() else sys.executable, *([] if medfocus.exists() else ["-m", "medfocus.cli"]),
            "demo", "--out", str(out), "--no-progress", *extra]
     print("running:", " ".join(cmd), flush=True)
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT)
     wall = time.perf_counter() - t0
+    load_after = os.getloadavg()[0]
     if proc.returncode != 0:
         print(f"medfocus demo failed with exit code {proc.returncode} after {wall:.1f}s")
         return proc.returncode
@@ -57,7 +59,8 @@ def main(argv: list[str]) -> int:
         f"# `medfocus demo` wall time ({dt.date.today().isoformat()})",
         "",
         f"Machine: {os.cpu_count()} CPU cores ({cpu_name()}), torch threads default, no GPU. "
-        f"Command: `medfocus demo {' '.join(extra)}` from an empty folder.",
+        f"Command: `medfocus demo {' '.join(extra)}` from an empty folder. 1-minute load average before/after: "
+        f"{load_before:.1f}/{load_after:.1f} (above 2 means other processes shared the cores, so the time is an upper bound).",
         f"Sizes: {cfg['n_samples']} synthetic cases, <= {cfg['per_mode']} attributed samples per mode, "
         f"modes {cfg['modes']}, editors {cfg['editors']}, {info['n_records']} result records ({info['n_errors']} with errors).",
         "",

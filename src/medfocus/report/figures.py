@@ -176,7 +176,7 @@ def concept_ranking(deltas: Mapping[str, float], *, winner: str | None = None, t
     return _png(fig)
 
 
-def token_attribution(tokens: Sequence[str], scores: Mapping[str, Sequence[float]], *, title: str = "", max_rows: int = 4, wrap: int = 14) -> bytes:
+def token_attribution(tokens: Sequence[str], scores: Mapping[str, Sequence[float]], *, title: str = "", max_rows: int = 4, wrap: int = 12) -> bytes:
     """The answer's tokens as coloured cells, one block per concept: colour = that concept's attribution
     of the token (normalised per concept, white = 0, dark red = the concept's largest value).
 
@@ -206,7 +206,7 @@ def token_attribution(tokens: Sequence[str], scores: Mapping[str, Sequence[float
             val = float(v[t]) / vmax if t < len(v) else 0.0
             text = tok.replace("\n", "⏎") or "·"
             ax.text(
-                c / wrap, total_h - (y + r) - 0.5, text[:12], fontsize=7, va="center", ha="left",
+                c / wrap, total_h - (y + r) - 0.5, text[:14], fontsize=7, va="center", ha="left",
                 bbox=dict(boxstyle="round,pad=0.15", facecolor=cmap(0.05 + 0.85 * val), edgecolor="none"),
                 color="white" if val > 0.6 else "black",
             )
