@@ -14,16 +14,6 @@ from medfocus.attribution.testing import GRID, ToyAdapter, ToyLVLM, cell_box, ra
 from medfocus.errors import ConfigError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine spinning OpenMP threads
-    make each tiny op hundreds of times slower; restored afterwards."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 TARGET = (2, 5)
 DISTRACTOR = (6, 1)
 Q = "Is there evidence of nodule in the image? Answer directly with yes or no without any explanation."

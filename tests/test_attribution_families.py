@@ -12,16 +12,6 @@ from medfocus.attribution._common import final_token_index, forward_logprobs, sc
 from medfocus.attribution.base import BASELINES
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine spinning OpenMP threads
-    make each tiny op hundreds of times slower; restored afterwards."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 FAMILIES = ("qwen_vl", "gemma3", "llava")
 Q_DIRECT = "Is there evidence of nodule in the image? Answer directly with yes or no without any explanation."
 Q_COT = "Is there evidence of nodule in the image? Think step by step and answer with yes or no."

@@ -41,7 +41,6 @@ def shift(x: np.ndarray, dy: int, dx: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory) -> ReferencePool:
-    torch.set_num_threads(1)
     return default_pool(tmp_path_factory.mktemp("cache"), n=8)
 
 

@@ -133,7 +133,6 @@ class RegionReader(LVLMAdapter):
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
-    torch.set_num_threads(1)
     return default_pool(tmp_path_factory.mktemp("cache"), n=8)
 
 

@@ -14,17 +14,6 @@ from medfocus.errors import ModelError
 diffusers = pytest.importorskip("diffusers", reason="radedit tests need the optional extra: pip install 'medfocus[radedit]'")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: extra threads only add contention on the shared 2-core machine."""
-    import torch
-
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 @pytest.fixture(scope="module")
 def tiny_radedit_dir(tmp_path_factory):
     """unet/, vae/, text_encoder/ (+ a locally trained WordPiece tokenizer) in the layout

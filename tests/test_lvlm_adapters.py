@@ -17,14 +17,6 @@ def _img(h=100, w=80, seed=0):
     return (np.random.RandomState(seed).rand(h, w) * 255).astype(np.uint8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 def test_qwen_autoprocessor_is_image_only(tiny_model_dirs):
     from transformers import AutoProcessor
 
