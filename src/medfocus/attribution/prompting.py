@@ -10,6 +10,9 @@ groups of four numbers in brackets -- never ``eval``.
 phrase is detected by an open-vocabulary detector (OWL-ViT via transformers' ``OwlViTForObjectDetection``,
 top-scoring box per phrase) on the original image, and each box is refined by MedSAM
 (:class:`medfocus.concepts.refine.MedSAMRefiner`, box prompt, single-mask output) into a mask.
+``detector="anatomy"`` swaps OWL-ViT for an offline, deterministic stand-in (not the paper's detector):
+each phrase is grounded to one of MedFocus' 11 anatomical concepts and boxed where MedFocus' concept
+transfer puts that concept on the image (:mod:`medfocus.concepts.grounding`; see :class:`PromptingMedSAM`).
 
 Both return ``boxes`` (original pixels) and a heatmap (sum of box indicators, or of MedSAM mask
 probabilities), so the same evaluation as the other baselines applies. ``n_forward`` counts one per
@@ -156,7 +159,8 @@ class OwlDetector:
             processor = OwlViTProcessor.from_pretrained(name_or_path, local_files_only=True)
         except (OSError, ValueError) as exc:
             raise ModelError(f"prompting_medsam: OWL-ViT weights {name_or_path!r} are not available locally ({exc}). "
-                             f"Download them once (huggingface-cli download {OWLVIT_ID}) or pass detector=<local folder>.") from exc
+                             f"Download them once (huggingface-cli download {OWLVIT_ID}) and pass the local folder "
+                             f"(--param prompting_medsam.detector=/path/to/owlvit).") from exc
         return cls(model, processor, device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     @torch.inference_mode()
@@ -189,21 +193,54 @@ def top_box_per_query(logits: torch.Tensor, pred_boxes: torch.Tensor, width: int
 
 _CACHE: dict[str, Any] = {}
 
+#: ``detector=`` values: the paper's OWL-ViT (alias of :data:`OWLVIT_ID`) and the offline anatomy stand-in.
+DETECTORS = ("owlvit", "anatomy")
 
-def _resolve_detector(spec: Any) -> OwlDetector:
-    if isinstance(spec, OwlDetector):
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _resolve_detector(spec: Any, pool: Any = None, cache: Any = True) -> Any:
+    """``"anatomy"`` or an :class:`~medfocus.concepts.grounding.AnatomyDetector` -> the anatomy detector;
+    ``"owlvit"`` (= :data:`OWLVIT_ID`), a hub id / local folder, an :class:`OwlDetector` or ``(model, processor)``
+    -> OWL-ViT. Loads are memoised per process, and so is a failed load: every sample then fails with the
+    same :class:`~medfocus.errors.ModelError` without retrying the load."""
+    from medfocus.concepts.grounding import AnatomyDetector
+
+    if isinstance(spec, (OwlDetector, AnatomyDetector)):
         return spec
     if isinstance(spec, tuple) and len(spec) == 2:
         return OwlDetector(*spec)
-    key = f"owl:{spec}"
+    if spec == "anatomy":
+        key = f"anatomy:{pool}:{cache}"
+        if key not in _CACHE:
+            _CACHE[key] = AnatomyDetector(pool, cache=cache)
+        return _CACHE[key]
+    name = OWLVIT_ID if spec in (None, "owlvit") else str(spec)
+    key = f"owl:{name}"
     if key not in _CACHE:
-        _CACHE[key] = OwlDetector.from_pretrained(str(spec))
+        try:
+            _CACHE[key] = OwlDetector.from_pretrained(name)
+        except ModelError as exc:
+            _CACHE[key] = ModelError(
+                f"prompting_medsam: OWL-ViT weights {name!r} are not available locally ({_first_line(exc.__cause__ or exc)}). "
+                f"Pass a local copy with --param prompting_medsam.detector=/path/to/owlvit-base-patch32 "
+                f"(fetch it once where the hub is reachable: huggingface-cli download {OWLVIT_ID}), or use the offline "
+                f"anatomy-grounded stand-in (not the paper's detector) with --param prompting_medsam.detector=anatomy.")
+    if isinstance(_CACHE[key], ModelError):
+        raise ModelError(str(_CACHE[key]))
     return _CACHE[key]
 
 
-def _resolve_medsam(spec: Any) -> Any:
-    """``None``/``"none"`` -> no refinement; a MedSAMRefiner; ``(model, processor)``; or a name/path."""
-    from medfocus.concepts.refine import MedSAMRefiner
+def _resolve_medsam(spec: Any, *, lenient: bool = False) -> Any:
+    """``None``/``"none"`` -> no refinement; a MedSAMRefiner; ``(model, processor)``; or a name/path.
+
+    Weights absent: a :class:`~medfocus.errors.ModelError` (memoised like the detector's), or with
+    ``lenient`` (the anatomy detector) ``None`` after the logged notice of
+    :func:`medfocus.concepts.refine.load_medsam`, as in MedFocus' own refinement."""
+    from medfocus.concepts.refine import MedSAMRefiner, load_medsam
 
     if spec is None or spec == "none":
         return None
@@ -211,48 +248,92 @@ def _resolve_medsam(spec: Any) -> Any:
         return spec
     if isinstance(spec, tuple) and len(spec) == 2:
         return MedSAMRefiner(*spec)
+    if lenient:
+        return load_medsam(str(spec))
     key = f"sam:{spec}"
     if key not in _CACHE:
         try:
             _CACHE[key] = MedSAMRefiner.from_pretrained(str(spec))
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"prompting_medsam: MedSAM weights {spec!r} are not available locally ({exc}). "
-                             f"Download them once (huggingface-cli download {MEDSAM_ID}), pass medsam=<local folder>, "
-                             f"or medsam='none' to skip the refinement.") from exc
+        except (OSError, ValueError, ImportError) as exc:
+            _CACHE[key] = ModelError(
+                f"prompting_medsam: MedSAM weights {spec!r} are not available locally ({_first_line(exc)}). "
+                f"Pass a local copy with --param prompting_medsam.medsam=/path/to/medsam-vit-base (fetch it once: "
+                f"huggingface-cli download {MEDSAM_ID}), or skip the refinement with --param prompting_medsam.medsam=none.")
+    if isinstance(_CACHE[key], ModelError):
+        raise ModelError(str(_CACHE[key]))
     return _CACHE[key]
 
 
 class PromptingMedSAM(Method):
-    """Ask for evidence-region descriptions, detect each with OWL-ViT, refine each box with MedSAM.
+    """Ask for evidence-region descriptions, detect each phrase, refine each box with MedSAM.
 
-    Params: ``detector`` (OWL-ViT id/folder, an :class:`OwlDetector`, or ``(model, processor)``),
-    ``medsam`` (id/folder, a ``MedSAMRefiner``, ``(model, processor)``, or ``"none"``),
-    ``score_threshold`` (detections below it are dropped), ``max_phrases``.
+    Detectors (``detector``):
+
+    * ``"owlvit"`` (default, the paper's setting): OWL-ViT, top-scoring box per phrase. Also a hub id /
+      local folder of OWL-ViT weights, an :class:`OwlDetector`, or ``(model, processor)``. Weights are
+      only read locally; when they are absent *every* sample fails with the same
+      :class:`~medfocus.errors.ModelError` (naming ``--param prompting_medsam.detector=PATH``), raised
+      before the model generates, whatever it would have answered. MedSAM weights absent: the same
+      (``medsam="none"`` skips the refinement).
+    * ``"anatomy"``: an **offline, deterministic stand-in, not the paper's detector**
+      (:class:`~medfocus.concepts.grounding.AnatomyDetector`). Each phrase is grounded to one of the 11
+      anatomical concepts or a bilateral union (:func:`~medfocus.concepts.grounding.ground_phrase`:
+      synonyms such as heart/cardiac, CP angle, hilum, apex/upper zone, base/lower zone; left/right are
+      the patient's sides, as in the concept names; ``"lungs"``/``"bilateral"``/no side -> both sides)
+      and gets the box MedFocus' concept transfer puts on this image (reference pool ``pool``: a folder,
+      or ``None`` for the default synthetic pool; transfers cached per ``cache`` like MedFocus'). A union
+      gives both side boxes; a concept named twice gives one box; phrases naming no concept give no box
+      and are listed in ``extras["unmatched_phrases"]``. MedSAM (``medsam``) then refines the boxes when
+      its weights are available, and is skipped with a logged notice otherwise (the policy of
+      :mod:`medfocus.concepts.refine`); ``extras["refine"]`` says which happened. It can only ever
+      point at anatomy, never at a lesion inside it.
+
+    Other params: ``medsam`` (id/folder, a ``MedSAMRefiner``, ``(model, processor)``, or ``"none"``),
+    ``score_threshold`` (OWL-ViT detections below it are dropped; anatomy boxes have score 1),
+    ``max_phrases``, ``max_new_tokens``, ``request``.
+
+    ``n_forward``: 1 per ``generate`` call, +1 per OWL-ViT call, +1 per MedSAM call (the anatomy
+    detector runs no network: its OT transfer is not counted, as in MedFocus).
     """
 
     name = "prompting_medsam"
-    defaults = {"request": PHRASE_REQUEST, "detector": OWLVIT_ID, "medsam": MEDSAM_ID, "score_threshold": 0.0,
-                "max_phrases": 8, "max_new_tokens": 128}
+    defaults = {"request": PHRASE_REQUEST, "detector": "owlvit", "medsam": MEDSAM_ID, "score_threshold": 0.0,
+                "max_phrases": 8, "max_new_tokens": 128, "pool": None, "cache": True}
 
     def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
+        from medfocus.concepts.grounding import AnatomyDetector
+
+        # Resolve (and, for OWL-ViT / MedSAM, check the weights of) everything before generating, so a
+        # missing checkpoint fails every sample the same way, not only those where phrases come out.
+        det = _resolve_detector(self.params["detector"], self.params["pool"], self.params["cache"])
+        anatomy = isinstance(det, AnatomyDetector)
+        refiner = _resolve_medsam(self.params["medsam"], lenient=anatomy)
         prompt = f"{question_stem_of(question)} {self.params['request']}"
         text = _generate(adapter, image, prompt, int(self.params["max_new_tokens"]), counter)
         phrases = parse_phrases(text, int(self.params["max_phrases"]))
-        extras: dict[str, Any] = {"generated_text": text, "prompt": prompt, "phrases": phrases}
+        extras: dict[str, Any] = {"generated_text": text, "prompt": prompt, "phrases": phrases,
+                                  "detector": "anatomy" if anatomy else "owlvit", "refine": "none"}
         H, W = image.shape[:2]
         if not phrases:
             return Attribution(heatmap=np.zeros((H, W), np.float32), boxes=[], extras=extras)
-        det = _resolve_detector(self.params["detector"])
-        boxes, scores = det.detect(image, phrases)
-        counter.n_forward += 1
-        keep = [i for i, (b, s) in enumerate(zip(boxes, scores)) if s >= float(self.params["score_threshold"]) and b[2] > b[0] and b[3] > b[1]]
-        boxes, scores = [boxes[i] for i in keep], [scores[i] for i in keep]
-        extras.update({"detected_phrases": [phrases[i] for i in keep], "detector_boxes": boxes, "detector_scores": scores})
-        refiner = _resolve_medsam(self.params["medsam"])
+        if anatomy:
+            found = det.detect(image, phrases)
+            boxes, scores = list(found.boxes), [1.0] * len(found.boxes)
+            extras.update({"detected_phrases": found.box_phrases, "detected_concepts": found.box_concepts,
+                           "groundings": found.groundings, "unmatched_phrases": found.unmatched,
+                           "reference_id": found.reference_id})
+        else:
+            boxes, scores = det.detect(image, phrases)
+            counter.n_forward += 1
+            keep = [i for i, (b, s) in enumerate(zip(boxes, scores)) if s >= float(self.params["score_threshold"]) and b[2] > b[0] and b[3] > b[1]]
+            boxes, scores = [boxes[i] for i in keep], [scores[i] for i in keep]
+            extras["detected_phrases"] = [phrases[i] for i in keep]
+        extras.update({"detector_boxes": boxes, "detector_scores": scores})
         if refiner is None or not boxes:
             return Attribution(heatmap=boxes_heatmap(boxes, (H, W)), boxes=boxes, extras=extras)
         probs = refiner.segment(image, boxes)  # (K, H, W)
         counter.n_forward += 1
+        extras["refine"] = "medsam"
         refined: list[Box] = []
         for b, p in zip(boxes, probs):
             ys, xs = np.nonzero(p > refiner.threshold)

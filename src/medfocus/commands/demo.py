@@ -67,5 +67,7 @@ def demo(out_dir, n_samples, per_mode, n_reference, seed, modes, editors, method
     click.echo(res["table"])
     click.echo(f"retention: {out / 'retention.md'}")
     click.echo(f"records: {res['n_records']} ({res['n_errors']} with errors)")
+    if res.get("prompting_medsam_detector") == "anatomy":
+        click.echo("prompting_medsam: offline anatomy-grounded detector (a stand-in for the paper's OWL-ViT)")
     click.echo(f"elapsed: {elapsed:.1f} s ({elapsed / 60:.1f} min)")
     click.echo(f"report: {res['report']}")

@@ -3,7 +3,8 @@
 Modules: :mod:`~medfocus.concepts.ot` (log-domain batched unbalanced Sinkhorn),
 :mod:`~medfocus.concepts.reference` (reference pool, selection), :mod:`~medfocus.concepts.transfer`
 (concept transfer), :mod:`~medfocus.concepts.refine` (optional MedSAM), :mod:`~medfocus.concepts.intervention`
-(causal concept masking), :mod:`~medfocus.concepts.method` (:class:`MedFocus`, registry entry).
+(causal concept masking), :mod:`~medfocus.concepts.method` (:class:`MedFocus`, registry entry),
+:mod:`~medfocus.concepts.grounding` (phrase -> concept grounding, the anatomy detector of ``prompting_medsam``).
 Names are imported lazily so ``import medfocus.concepts`` stays cheap.
 """
 
@@ -23,6 +24,9 @@ _EXPORTS = {
     "transfer_concepts": "medfocus.concepts.transfer",
     "ConceptTransfer": "medfocus.concepts.transfer",
     "TransferCache": "medfocus.concepts.transfer",
+    "ground_phrase": "medfocus.concepts.grounding",
+    "AnatomyDetector": "medfocus.concepts.grounding",
+    "cached_pool": "medfocus.concepts.reference",
     "sinkhorn_unbalanced_log": "medfocus.concepts.ot",
     "uot_grid": "medfocus.concepts.ot",
 }

@@ -31,7 +31,7 @@ import numpy as np
 
 from medfocus.concepts import ot
 from medfocus.concepts.intervention import TAU, decide, intervene, variant_boxes
-from medfocus.concepts.reference import SELECT_GRID, TRANSFER_GRID, ReferencePool, default_pool
+from medfocus.concepts.reference import SELECT_GRID, TRANSFER_GRID, ReferencePool, cached_pool, default_pool
 from medfocus.concepts.transfer import DEFAULT_ITERATIONS, ConceptTransfer, TransferCache, transfer_concepts
 from medfocus.attribution.base import Method
 from medfocus.errors import ConfigError
@@ -237,14 +237,8 @@ class MedFocus:
 
 
 # ---- registry entry ---------------------------------------------------------------------------------
-_POOLS: dict[str, ReferencePool] = {}
-
-
 def _pool_for(path: str | None) -> ReferencePool:
-    key = path or "<default>"
-    if key not in _POOLS:
-        _POOLS[key] = ReferencePool.load(path) if path else default_pool()
-    return _POOLS[key]
+    return cached_pool(path)
 
 
 class MedFocusMethod(Method):

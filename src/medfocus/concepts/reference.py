@@ -333,3 +333,17 @@ def default_pool(cache_dir: str | Path | None = None, *, n: int = 16, seed: int 
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
     return ReferencePool.load(out)
+
+
+_LOADED_POOLS: dict[str, ReferencePool] = {}
+
+
+def cached_pool(path: str | Path | None = None) -> ReferencePool:
+    """The pool in folder ``path`` (``None``: :func:`default_pool`), loaded once per process.
+
+    Shared by every user of a pool in one run (MedFocus, the anatomy detector of ``prompting_medsam``),
+    so a pool is read from disk once and the transfer cache sees one fingerprint."""
+    key = str(path) if path else "<default>"
+    if key not in _LOADED_POOLS:
+        _LOADED_POOLS[key] = ReferencePool.load(path) if path else default_pool()
+    return _LOADED_POOLS[key]
