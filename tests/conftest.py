@@ -13,6 +13,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# Caches (reference pools, concept transfers) go to a per-run temporary folder, never the user's ~/.cache.
+if "MEDFOCUS_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["MEDFOCUS_CACHE"] = tempfile.mkdtemp(prefix="medfocus-test-cache-")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 

@@ -17,7 +17,7 @@ Q_DIRECT = "Is there evidence of nodule in the image? Answer directly with yes o
 Q_COT = "Is there evidence of nodule in the image? Think step by step and answer with yes or no."
 COT_ANSWER = "The right lung shows a round opacity. Therefore, yes."
 FAST = {"integrated_gradients": {"steps": 4, "batch_size": 4}, "occlusion": {"grid": 4}, "rise": {"n_masks": 8},
-        "prompting": {"max_new_tokens": 8}}
+        "prompting": {"max_new_tokens": 8}, "prompting_medsam": {"detector": "anatomy", "max_new_tokens": 16}}
 
 
 @pytest.fixture(scope="module")
@@ -31,16 +31,14 @@ def test_every_method_runs_on_tiny_family(tiny_adapters, family: str, mode: str,
     adapter = tiny_adapters[family]
     q, ans = (Q_DIRECT, "Yes") if mode == "direct" else (Q_COT, COT_ANSWER)
     for name in BASELINES:
-        if name == "prompting_medsam":
-            continue  # needs detector weights; its plumbing is tested with tiny OWL-ViT/SAM in test_attribution_prompting
         res = get_method(name, **FAST.get(name, {})).attribute(adapter, image, q, ans)
         assert res.heatmap is not None and res.heatmap.shape == image.shape, name
         assert np.isfinite(res.heatmap).all(), name
         if name == "occlusion":  # the positive part may legitimately be empty on a random model; the drops may not
             assert np.abs(res.extras["signed_grid_map"]).max() > 0, f"{family}/{name}: no variant changed the score"
-        elif name != "prompting":
+        elif not name.startswith("prompting"):
             assert float(res.heatmap.max()) > 0, f"{family}/{name}: empty map"
-        if mode == "cot" and name != "prompting":  # rationale (heatmap) and final answer token separately
+        if mode == "cot" and not name.startswith("prompting"):  # rationale (heatmap) and final answer token separately
             fin = res.extras["final_token_heatmap"]
             assert fin is not None and fin.shape == image.shape and np.isfinite(fin).all(), name
         assert res.n_forward >= 1 and res.seconds > 0
@@ -114,11 +112,9 @@ def test_every_method_on_demo_model_both_modes(demo_adapter) -> None:
         answer = demo_adapter.generate([img], [q], max_new_tokens=48)[0]
         assert answer.strip(), mode
         for name in BASELINES:
-            if name == "prompting_medsam":
-                continue
             res = get_method(name, **FAST.get(name, {})).attribute(demo_adapter, img, q, answer)
             assert res.heatmap is not None and res.heatmap.shape == img.shape and np.isfinite(res.heatmap).all(), (mode, name)
-            if mode == "cot" and name != "prompting" and res.extras["final_token_index"] > 0:
+            if mode == "cot" and not name.startswith("prompting") and res.extras["final_token_index"] > 0:
                 assert res.extras["final_token_heatmap"] is not None, name
 
 

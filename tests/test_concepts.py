@@ -47,7 +47,7 @@ def pool(tmp_path_factory) -> ReferencePool:
 # ---- reference pool ------------------------------------------------------------------------------
 def test_default_pool_is_written_once_and_reloaded(tmp_path):
     p1 = default_pool(tmp_path, n=2)
-    root = tmp_path / "reference_pool" / "synthetic_n2_s0_256"
+    root = tmp_path / "reference_pool" / f"synthetic_v{synthetic.GENERATOR_VERSION}_n2_s0_256"
     assert (root / ".complete").is_file() and len(p1) == 2
     for c in CONCEPTS:
         assert (root / "masks" / p1.ids[0] / f"{concept_slug(c)}.png").is_file()
@@ -306,7 +306,7 @@ def test_build_pool_from_imagenome_normals(tmp_path, with_bbox_table):
 
 
 def test_default_pool_replaces_an_incomplete_directory(tmp_path):
-    out = tmp_path / "reference_pool" / "synthetic_n1_s0_256"
+    out = tmp_path / "reference_pool" / f"synthetic_v{synthetic.GENERATOR_VERSION}_n1_s0_256"
     (out / "images").mkdir(parents=True)
     (out / "images" / "junk.png").write_bytes(b"not a png")
     pool = default_pool(tmp_path, n=1)

@@ -312,9 +312,12 @@ def build_pool_from_imagenome(root: str | Path, out_dir: str | Path, *, max_refs
 
 def default_pool(cache_dir: str | Path | None = None, *, n: int = 16, seed: int = 0, size: int = 256) -> ReferencePool:
     """The default pool: ``n`` normal synthetic references written by the synthetic world into
-    ``<cache>/reference_pool/synthetic_n{n}_s{seed}_{size}`` on first use, then loaded from there."""
+    ``<cache>/reference_pool/synthetic_v{GENERATOR_VERSION}_n{n}_s{seed}_{size}`` on first use, then loaded from there."""
+    from medfocus.datasets.synthetic import GENERATOR_VERSION
+
     root = Path(cache_dir) if cache_dir is not None else cache_root()
-    out = root / "reference_pool" / f"synthetic_n{n}_s{seed}_{size}"
+    # The generator version is part of the key: a changed renderer must not reuse stale references.
+    out = root / "reference_pool" / f"synthetic_v{GENERATOR_VERSION}_n{n}_s{seed}_{size}"
     done = out / ".complete"
     if not done.is_file():
         from medfocus.datasets.synthetic import write_reference_pool
