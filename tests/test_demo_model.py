@@ -160,7 +160,9 @@ def test_shipped_model_answers_fresh_cases_in_both_modes(shipped) -> None:
         ok = np.array([parse_yes_no(o) == t for o, t in zip(outs, truth)])
         assert ok.mean() >= min(0.9, card["overall"][mode]) - 0.1, (mode, ok.mean(), list(zip(outs, truth)))
         on_good = ok[[f in good for _, f, _ in cases]]
-        assert on_good.mean() >= 0.85, (mode, good, on_good.mean())
+        # ~24 answers on findings the card lists at >= 90%: 0.75 is below the binomial 1% quantile of a
+        # 90%-accurate model there, and far above what a model answering from the text prior (50%) reaches
+        assert on_good.mean() >= 0.75, (mode, good, on_good.mean())
         if mode == "cot":
             assert all(o.rstrip(".").split()[-1].lower() in ("yes", "no") for o in outs)
             assert np.mean([len(o.split()) >= 6 for o in outs]) > 0.9  # a rationale, not a bare answer

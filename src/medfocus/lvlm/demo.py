@@ -87,9 +87,9 @@ class DemoConfig:
     image_size: int = 256  # synthetic image side before letterboxing onto the canvas
     n_train_cases: int = 3000
     n_eval_per_cell: int = 20  # held-out cases per (finding, answer) in the evaluation
-    vision_steps: int = 500  # stage 1: vision tower + auxiliary head only (no text), vision_batch images per step
+    vision_steps: int = 1200  # stage 1: vision tower + auxiliary head only (no text), vision_batch images per step
     vision_batch: int = 32
-    steps: int = 1300  # stage 2: everything, images_per_step x questions_per_image sequences per step
+    steps: int = 1400  # stage 2: everything, images_per_step x questions_per_image sequences per step
     images_per_step: int = 12
     questions_per_image: int = 4
     lr: float = 2e-3
