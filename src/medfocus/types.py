@@ -23,6 +23,13 @@ SUFFIXES: dict[str, str] = {
     "open": " Answer with a letter, word, phrase, or sentence.",
 }
 
+#: The prompting baselines' evidence requests, appended (after a space) to the question stem. The demo
+#: model is trained on exactly these strings, so they have one home here.
+EVIDENCE_REQUESTS: dict[str, str] = {
+    "boxes": "Please output the bounding boxes of the local evidence as [[x1, y1, x2, y2], ...].",
+    "phrases": "Please output short descriptions of the evidence regions as a list of phrases.",
+}
+
 DATASETS = ("imagenome", "vindr_cxr", "padchest_gr", "synthetic")
 
 

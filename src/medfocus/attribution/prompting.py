@@ -30,12 +30,12 @@ import torch
 
 from medfocus.attribution.base import Attribution, Counter, Method
 from medfocus.errors import ConfigError, ModelError
-from medfocus.types import SUFFIXES, Box
+from medfocus.types import EVIDENCE_REQUESTS, SUFFIXES, Box
 
 #: The evidence requests, appended after a space to the question stem (the demo model is trained on
-#: exactly these; a test checks they agree with :data:`medfocus.lvlm.demo.EVIDENCE_REQUESTS`).
-BOX_REQUEST = "Please output the bounding boxes of the local evidence as [[x1, y1, x2, y2], ...]."
-PHRASE_REQUEST = "Please output short descriptions of the evidence regions as a list of phrases."
+#: exactly these: :data:`medfocus.types.EVIDENCE_REQUESTS`).
+BOX_REQUEST = EVIDENCE_REQUESTS["boxes"]
+PHRASE_REQUEST = EVIDENCE_REQUESTS["phrases"]
 
 OWLVIT_ID = "google/owlvit-base-patch32"
 MEDSAM_ID = "flaviagiammarino/medsam-vit-base"

@@ -47,16 +47,11 @@ import numpy as np
 import torch
 
 from medfocus.io.letterbox import Letterbox
-from medfocus.types import SUFFIXES, build_question, question_stem
+from medfocus.types import EVIDENCE_REQUESTS, SUFFIXES, build_question, question_stem
 
 #: Where the shipped demo model lives (``load_lvlm("demo")``).
 DEMO_DIR = Path(__file__).resolve().parent / "demo_model"
 
-#: The prompting baselines' evidence requests, appended (after a space) to the question stem.
-EVIDENCE_REQUESTS: dict[str, str] = {
-    "boxes": "Please output the bounding boxes of the local evidence as [[x1, y1, x2, y2], ...].",
-    "phrases": "Please output short descriptions of the evidence regions as a list of phrases.",
-}
 
 TASKS = ("direct", "cot", "boxes", "phrases")
 
