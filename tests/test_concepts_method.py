@@ -282,8 +282,10 @@ def _word_of_token(tokens: list[str], i: int) -> str:
 def test_demo_model_cardiomegaly_uses_the_heart(pool, demo_adapter):
     """Demo model, severe cardiomegaly, its own answers.
 
-    * With the exact concept boxes, hiding the cardiac silhouette flips the answer as much as any
-      variant does (delta within 10% of the max): the model relies on the heart.
+    * With the exact concept boxes, hiding the cardiac silhouette drops the answer nearly as much as
+      any variant (>= 75% of the max: the lung and mediastinum *boxes* overlap the enlarged heart, so
+      they hide it too), while every concept whose box misses the heart leaves the answer alone
+      (< 10% of the heart's drop): the model relies on the heart.
     * With transferred boxes MedFocus does not fall back and its winning region overlaps the heart.
       (It is usually "lungs"/"mediastinum", not "cardiac silhouette": the box transferred from a
       *normal* reference covers only the centre of an enlarged heart, whose borders -- what the
@@ -305,7 +307,11 @@ def test_demo_model_cardiomegaly_uses_the_heart(pool, demo_adapter):
         exact = {c: box_of(case.concept_masks[c]) for c in CONCEPTS}
         iv = intervene(demo_adapter, demo_adapter.prepare(case.image, Q + SUFFIXES["direct"], res.answer), exact)
         d = dict(zip(iv.names, iv.deltas))
-        assert d["cardiac silhouette"] >= 0.9 * max(d.values()) > 1.0, d
+        assert d["cardiac silhouette"] >= 0.75 * max(d.values()) > 1.0, d
+        misses_heart = [c for c, (x1, y1, x2, y2) in exact.items()
+                        if not heart[int(y1):int(y2), int(x1):int(x2)].any()]
+        assert len(misses_heart) >= 3, misses_heart  # clavicles and the right costophrenic angle at least
+        assert all(d[c] < 0.1 * d["cardiac silhouette"] for c in misses_heart), d
         assert not res.fallback
         hidden = np.zeros_like(heart)
         for x1, y1, x2, y2 in res.boxes:
