@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from collections import Counter
 
 import numpy as np
@@ -128,3 +129,25 @@ def test_cli_synth_and_reference(tmp_path):
     r = CliRunner().invoke(main, ["synth-reference", "--out", str(tmp_path / "r"), "--n", "1", "--size", "64"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "r" / "masks" / "ref0000" / "left_lung.png").is_file()
+
+
+def test_dataset_written_to_a_relative_folder_loads_with_absolute_paths(tmp_path, monkeypatch):
+    """`medfocus demo` writes to runs/demo/data (relative): every path a Sample carries must still open,
+    and the oracle editor must find the exact counterfactuals (regression: they were joined twice)."""
+    from medfocus.editing import get_editor
+    from medfocus.io import read_image
+
+    monkeypatch.chdir(tmp_path)
+    write_dataset("rel/data", n=4, seed=3, size=64)
+    samples = load_synthetic("rel/data")
+    pos = [s for s in samples if s.answer == "Yes"]
+    assert pos
+    for s in samples:
+        assert Path(s.image_path).is_absolute() and Path(s.image_path).is_file()
+        assert Path(s.meta["root"]) == (tmp_path / "rel" / "data").resolve()
+    s = pos[0]
+    img, _ = read_image(s.image_path)
+    for kind, path in s.meta["counterfactuals"].items():
+        assert Path(path).is_absolute() and Path(path).is_file(), kind
+    edited = get_editor("oracle").edit(img, np.ones_like(img, dtype=bool), f"No {s.attribute}", sample=s, kind="foreground")
+    assert np.array_equal(edited, np.asarray(Image.open(s.meta["counterfactuals"]["foreground"])))

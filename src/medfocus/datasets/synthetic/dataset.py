@@ -333,7 +333,8 @@ def load_synthetic(root: str | os.PathLike, **_: Any) -> list[Sample]:
     """
     root = Path(root)
     mpath = root / MANIFEST if root.is_dir() else root
-    root = mpath.parent
+    # Absolute from here on: Sample paths must not depend on the working directory of later steps.
+    root = mpath.parent.resolve()
     if not mpath.is_file():
         raise DataError(f"{mpath}: synthetic manifest not found; create one with `medfocus synth --out {root} --n N`")
     try:
@@ -350,7 +351,7 @@ def load_synthetic(root: str | os.PathLike, **_: Any) -> list[Sample]:
         for key in ("counterfactuals", "concept_masks", "finding_masks", "finding_mask", "png"):
             if key in meta:
                 meta[key] = _abs(root, meta[key])
-        meta["root"] = str(root.resolve())
+        meta["root"] = str(root)
         d["meta"] = meta
         out.append(Sample.from_dict(d))
     return out
