@@ -41,9 +41,9 @@ class DemoConfig:
     """Sizes of the demo. Defaults are chosen so the whole run stays under 10 minutes on 2 CPU cores
     (measured by ``benchmarks/demo_time.py``)."""
 
-    n_samples: int = 24
+    n_samples: int = 96
     """synthetic cases written (positives + balanced negatives per the synthetic writer)."""
-    per_mode: int = 6
+    per_mode: int = 24
     """at most this many filtered samples attributed per mode."""
     n_reference: int = 8
     """normal reference phantoms for MedFocus."""
