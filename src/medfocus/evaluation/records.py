@@ -31,6 +31,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import pandas as pd
 
+from medfocus.datasets._common import parse_box_text
 from medfocus.errors import DataError
 from medfocus.evaluation.boxes import heatmap_to_boxes
 from medfocus.evaluation.metrics import auprc, energy_pointing_game, pointing_game, union_box_metrics
@@ -109,15 +110,9 @@ def _boxes(value: Any, where: str, field: str) -> list[tuple[float, float, float
         raise DataError(f"{where}: field {field!r} must be a list of [x1, y1, x2, y2], got {type(value).__name__}")
     out = []
     for b in value:
-        if not isinstance(b, (list, tuple)) or len(b) != 4:
+        if not isinstance(b, (list, tuple)):
             raise DataError(f"{where}: field {field!r} must be a list of [x1, y1, x2, y2], got element {b!r}")
-        try:
-            vals = tuple(float(v) for v in b)
-        except (TypeError, ValueError) as exc:
-            raise DataError(f"{where}: field {field!r} has a non-numeric box {b!r}") from exc
-        if not all(math.isfinite(v) for v in vals):
-            raise DataError(f"{where}: field {field!r} has a non-finite box {b!r}")
-        out.append(vals)
+        out.append(parse_box_text(b, where=where, field=field))  # 4 finite numbers, same rule as the loaders
     return out
 
 
