@@ -319,3 +319,76 @@ def test_a_split_is_built_with_one_editor(tmp_path):
     with pytest.raises(ConfigError, match="another output folder"):
         build_benchmark(ToyAdapter(), samples, mode="direct", editor=get_editor("inpaint"), out_dir=tmp_path / "out",
                         model_name="toy", progress=False)
+
+
+def _inpaint_split(samples, out, cache_dir, **kw):
+    adapter = ToyAdapter()
+    recs, ret = build_benchmark(adapter, samples, mode="direct", editor=get_editor("inpaint"), out_dir=out,
+                                model_name="toy", cache_dir=cache_dir, progress=False, **kw)
+    return adapter, recs, ret
+
+
+def test_original_view_generations_are_shared_across_editors(tmp_path):
+    from medfocus.bench import GenerationCache
+
+    samples = make_toy_world(tmp_path / "data", PLAN, n_neg=2)
+    cache = tmp_path / "cache"
+    first = ToyAdapter()
+    build_benchmark(first, samples, mode="direct", editor=get_editor("oracle"), out_dir=tmp_path / "oracle",
+                    model_name="toy", cache_dir=cache, progress=False)
+    assert first.n_images == 4 * 6
+    gc = GenerationCache(cache, "toy", "toy", "direct")
+    assert gc.path == cache / "generations" / "toy" / "toy" / "direct.jsonl" and len(gc) == 6
+    q = question_stem("nodule") + SUFFIXES["direct"]
+    assert gc.get(0, q, 16) == "Yes." and gc.get(0, q, 17) is None and gc.get(3, q, 16) == "No."
+    # second editor, other out folder, same cache_dir: only the three edited views are generated
+    second, recs, ret = _inpaint_split(samples, tmp_path / "inpaint", cache)
+    assert second.n_images == 3 * 6
+    # identical to building the inpaint split alone, without any cache
+    alone, recs_alone, ret_alone = _inpaint_split(samples, tmp_path / "alone", tmp_path / "cache_alone",
+                                                  cache_generations=False)
+    assert alone.n_images == 4 * 6
+    assert recs == recs_alone and ret == ret_alone
+    log = read_log(split_paths(tmp_path / "inpaint", "toy", "toy", "direct")["log"])
+    log_alone = read_log(split_paths(tmp_path / "alone", "toy", "toy", "direct")["log"])
+    assert log == log_alone  # raw generations, parsed answers and gates too
+    assert not (tmp_path / "cache_alone" / "generations").exists()
+    # another budget or mode is another key: nothing reused
+    other = ToyAdapter()
+    build_benchmark(other, samples, mode="direct", editor=get_editor("inpaint"), out_dir=tmp_path / "budget",
+                    model_name="toy", cache_dir=cache, max_new_tokens=8, progress=False)
+    assert other.n_images == 4 * 6
+    # negatives: answered once, from the cache on the next editor
+    neg1 = ToyAdapter()
+    build_benchmark(neg1, samples, mode="direct", editor=get_editor("oracle"), out_dir=tmp_path / "neg_oracle",
+                    model_name="toy", cache_dir=cache, include_negatives=True, progress=False)
+    assert neg1.n_images == 3 * 6 + 2
+    neg2 = ToyAdapter()
+    build_benchmark(neg2, samples, mode="direct", editor=get_editor("inpaint"), out_dir=tmp_path / "neg_inpaint",
+                    model_name="toy", cache_dir=cache, include_negatives=True, progress=False)
+    assert neg2.n_images == 3 * 6
+
+
+def test_generation_cache_ignores_a_truncated_last_line(tmp_path):
+    from medfocus.bench import GenerationCache
+
+    samples = make_toy_world(tmp_path / "data", PLAN)
+    cache = tmp_path / "cache"
+    build_benchmark(ToyAdapter(), samples, mode="direct", editor=get_editor("oracle"), out_dir=tmp_path / "a",
+                    model_name="toy", cache_dir=cache, progress=False, samples_per_step=2)
+    path = GenerationCache(cache, "toy", "toy", "direct").path
+    lines = path.read_text().splitlines()
+    assert len(lines) == 6
+    # a kill in the middle of writing the entry of sample 5: keep only a prefix of that line
+    path.write_text("\n".join(lines[:5]) + "\n" + lines[5][: len(lines[5]) // 2])
+    gc = GenerationCache(cache, "toy", "toy", "direct")
+    assert len(gc) == 5 and gc.get(5, question_stem("nodule") + SUFFIXES["direct"], 16) is None
+    second, recs, ret = _inpaint_split(samples, tmp_path / "b", cache)
+    assert second.n_images == 3 * 5 + 4  # sample 5's original is generated again
+    _, recs_alone, ret_alone = _inpaint_split(samples, tmp_path / "alone", tmp_path / "cache_alone",
+                                              cache_generations=False)
+    assert recs == recs_alone and ret == ret_alone
+    # the cache was re-terminated before appending: every line parses again and all 6 are known
+    gc = GenerationCache(cache, "toy", "toy", "direct")
+    assert len(gc) == 6
+    assert sum(1 for x in path.read_text().splitlines() if x.strip().endswith("}")) == 6

@@ -1,8 +1,10 @@
 """Causally filtered benchmark building: counterfactual edits + the three-step filter
 (:mod:`medfocus.bench.filter`), resumable per-split output and retention tables
-(:mod:`medfocus.bench.build`)."""
+(:mod:`medfocus.bench.build`), with an original-view generation cache shared across editors
+(:class:`~medfocus.bench.build.GenerationCache`)."""
 
 from medfocus.bench.build import (
+    GenerationCache,
     build_benchmark,
     read_log,
     retention_markdown,
@@ -18,6 +20,7 @@ __all__ = [
     "RECORD_FIELDS",
     "VIEWS",
     "FilterResult",
+    "GenerationCache",
     "apply_filter",
     "build_benchmark",
     "get_parser",

@@ -18,6 +18,19 @@ Output layout under ``out_dir`` (one *split* = one (model, dataset, mode)):
     retention per (model, dataset, mode, editor) and per gate, recomputed from every log under
     ``out_dir`` (so successive runs for other models/modes accumulate into one table).
 
+Generation cache (original view only). ``cache_dir`` (default ``out_dir/edits``) also holds
+``<cache_dir>/generations/<model>/<dataset>/<mode>.jsonl``: the answer on the *original* image, one
+line per ``(model_name, dataset, index, mode, question, max_new_tokens)``, appended and fsynced like
+the split log (a truncated last line is ignored). The original view does not depend on the editor,
+so building the same split with a second editor (oracle vs inpaint, radedit vs inpaint) under the
+same ``cache_dir`` generates only the three edited views per sample. This is sound because
+:meth:`~medfocus.lvlm.adapter.LVLMAdapter.generate` is greedy, hence deterministic for a given
+model, image and question (up to the last-bit numerics of batched GPU kernels, which can already
+differ between two runs with other batch compositions). The key holds the model *name*, not its
+weights, and the image is identified by ``(dataset, index)``: a changed model (or changed data) under
+the same name must use a new cache folder -- the same rule as the edit cache. Pass
+``cache_generations=False`` for an adapter that samples.
+
 Negatives. The paper filters positives only (a "No" sample has no box to edit). With
 ``include_negatives=True`` the "No" samples are answered on the original image and written to the
 separate negatives file for analysis (e.g. false-positive rates); they never enter the benchmark
@@ -109,6 +122,60 @@ def _append_line(path: Path, row: dict[str, Any]) -> None:
         os.fsync(fh.fileno())
 
 
+class GenerationCache:
+    """Answers on the *original* image of one split, shared by every editor (module docstring).
+
+    File: ``root/generations/<model slug>/<dataset slug>/<mode>.jsonl``, one JSON line per entry
+    ``{"model", "dataset", "index", "mode", "question", "max_new_tokens", "text"}``; later lines win,
+    unreadable lines (a kill mid-write) are skipped, and the file is re-terminated before appending.
+    Keyed by ``(model_name, dataset, index, mode, question, max_new_tokens)``. Sound only because
+    generation is greedy (deterministic); a changed model under the same name needs a new folder.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], model: str, dataset: str, mode: str):
+        self.model, self.dataset, self.mode = model, dataset, mode
+        self.path = Path(root) / "generations" / slug(model) / slug(dataset) / f"{mode}.jsonl"
+        self._entries: dict[tuple[str, str, int, str, str, int], str] = {}
+        if self.path.is_file():
+            with self.path.open(encoding="utf-8") as fh:
+                for line in fh:
+                    line = line.strip()
+                    if not line:
+                        continue
+                    try:
+                        r = json.loads(line)
+                        key = (r["model"], r["dataset"], int(r["index"]), r["mode"], r["question"], int(r["max_new_tokens"]))
+                        text = r["text"]
+                    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                        continue
+                    if isinstance(text, str):
+                        self._entries[key] = text
+
+    def _key(self, index: int, question: str, max_new_tokens: int) -> tuple[str, str, int, str, str, int]:
+        return (self.model, self.dataset, int(index), self.mode, question, int(max_new_tokens))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, index: int, question: str, max_new_tokens: int) -> str | None:
+        """Cached original-image answer, or None."""
+        return self._entries.get(self._key(index, question, max_new_tokens))
+
+    def put_many(self, entries: Sequence[tuple[int, str, int, str]]) -> None:
+        """Append ``(index, question, max_new_tokens, text)`` entries (one flush + fsync)."""
+        if not entries:
+            return
+        _repair_log(self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as fh:
+            for index, question, mnt, text in entries:
+                fh.write(json.dumps({"model": self.model, "dataset": self.dataset, "index": int(index), "mode": self.mode,
+                                     "question": question, "max_new_tokens": int(mnt), "text": text}) + "\n")
+                self._entries[self._key(index, question, mnt)] = text
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
 def make_record(row: dict[str, Any]) -> dict[str, Any]:
     """MedGround-Bench record (+ our extra fields) from a log row."""
     mode = row["mode"]
@@ -135,7 +202,8 @@ def _base_row(sample: Sample, model_name: str, mode: str, editor: Editor | None)
 
 
 def _prepare_views(sample: Sample, editor: Editor, cache: EditCache) -> list[np.ndarray]:
-    """The four images of the filter: original + the three cached edits."""
+    """The four images of the filter: original + the three cached edits (the original is always
+    loaded: the edits are made from it)."""
     if not sample.boxes:
         raise DataError(f"sample {sample.dataset}#{sample.index} ({sample.attribute!r}) is positive but has no boxes to edit")
     img = _load_image(sample)
@@ -166,6 +234,7 @@ def build_benchmark(
     parse: ParseFn | None = None,
     retry_errors: bool = False,
     progress: bool = True,
+    cache_generations: bool = True,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Filter ``samples`` for one model and mode; write the split, its log and the retention table.
 
@@ -178,12 +247,16 @@ def build_benchmark(
         out_dir: output folder (layout in the module docstring).
         model_name: name written in the records (registry name, e.g. ``qwen2_5_vl_3b``).
         cache_dir: edit cache (default ``out_dir/edits``); shared by every model using the editor.
+            Also holds the original-view generation cache (``cache_dir/generations``), shared by
+            every editor: pass the same ``cache_dir`` when building a split with several editors.
         max_new_tokens: generation budget (default 16 direct, 256 cot).
         batch_size: images per ``adapter.generate`` batch.
         samples_per_step: samples generated together (4 images each; default ``max(1, batch_size // 4)``);
             the log is written after each step.
         parse: answer parser (default :func:`medfocus.lvlm.answers.parse_yes_no`).
         retry_errors: redo samples whose logged row has an error (default: keep them as errors).
+        cache_generations: reuse / store the answer on the original image in the generation cache
+            (module docstring; sound for greedy generation only).
     Returns:
         ``(records, retention)``: the kept records of the whole split (including samples done by
         earlier runs) and the split's retention row (see :func:`retention_row`).
@@ -200,7 +273,12 @@ def build_benchmark(
     max_new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[mode]
     step = samples_per_step or max(1, batch_size // len(VIEWS))
     paths = split_paths(out_dir, model_name, dataset, mode)
-    cache = EditCache(cache_dir if cache_dir is not None else Path(out_dir) / "edits")
+    cache_root = Path(cache_dir) if cache_dir is not None else Path(out_dir) / "edits"
+    cache = EditCache(cache_root)
+    # Original-view answers shared across editors. Sound because generation is greedy, i.e. a
+    # deterministic function of (model, image, question, max_new_tokens); the model is keyed by name,
+    # so a changed model under the same name must use a new cache_dir (same rule as the edit cache).
+    gen_cache = GenerationCache(cache_root, model_name, dataset, mode) if cache_generations else None
 
     editor.prepare()  # missing weights / reference pool: fail now, not once per sample
     _repair_log(paths["log"])
@@ -219,6 +297,7 @@ def build_benchmark(
     for start in range(0, len(todo), step):
         chunk = todo[start:start + step]
         rows, images, questions, owners = [], [], [], []
+        cached: dict[int, str] = {}  # row -> original-view answer from the generation cache
         for s in chunk:
             row = _base_row(s, model_name, mode, editor if s.answer == "Yes" else None)
             row["kind"] = "positive" if s.answer == "Yes" else "negative"
@@ -228,15 +307,23 @@ def build_benchmark(
                 row["error"] = f"{type(exc).__name__}: {exc}"
                 views = []
             rows.append(row)
+            hit = gen_cache.get(s.index, row["question"], max_new_tokens) if gen_cache is not None and views else None
+            if hit is not None:
+                cached[len(rows) - 1] = hit
+                views = views[1:]  # views[0] is the original: answered already
             for v in views:
                 images.append(v)
                 questions.append(row["question"])
                 owners.append(len(rows) - 1)
         texts = _generate_isolating_errors(adapter, images, questions, owners, rows, max_new_tokens, batch_size)
-        per_row: dict[int, list[str]] = {}
+        per_row: dict[int, list[str]] = {i: [t] for i, t in cached.items()}
         for o, t in zip(owners, texts):
             if t is not None:
                 per_row.setdefault(o, []).append(t)
+        if gen_cache is not None:  # only answers generated now, by a successful generation
+            gen_cache.put_many([(int(chunk[i].index), row["question"], max_new_tokens, per_row[i][0])
+                                for i, row in enumerate(rows)
+                                if row["error"] is None and i not in cached and per_row.get(i)])
         for i, row in enumerate(rows):
             if row["error"] is None:
                 _fill_outcome(row, per_row.get(i, []), parse)
