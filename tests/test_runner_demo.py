@@ -62,3 +62,19 @@ def test_demo_pipeline_demo_model(demo_adapter, tmp_path):
     # the attributed step-by-step answer is the model's whole rationale, not the parsed Yes/No
     assert cot and all(len(r["answer"].split()) > 3 for r in cot)
     assert all(len(r["extras"].get("answer_tokens", [])) > 3 for r in cot if r["method"] == "medfocus")
+
+
+def test_demo_command_fails_loudly_when_nothing_is_attributed(tiny_model_dirs, tmp_path):
+    """`medfocus demo` must not exit 0 with an empty report: a random model answers nothing correctly,
+    so the filter keeps no sample and the command says where to look."""
+    from click.testing import CliRunner
+
+    from medfocus.cli import main
+
+    out = tmp_path / "demo"
+    res = CliRunner().invoke(main, ["demo", "--out", str(out), "--model", str(tiny_model_dirs["qwen_vl"]),
+                                    "--n-samples", "2", "--per-mode", "1", "--n-reference", "2",
+                                    "--method", "occlusion", "--mode", "direct", "--no-progress"])
+    assert res.exit_code != 0
+    assert "no sample was attributed" in res.output and "retention.md" in res.output
+    assert (out / "retention.md").is_file() and (out / "report.html").is_file()

@@ -14,7 +14,7 @@ from medfocus.errors import MedfocusError
 EPILOG = """\b
 Examples:
   medfocus demo                                  # -> runs/demo/report.html (< 10 min on 2 CPU cores)
-  medfocus demo --n-samples 60 --per-mode 20     # bigger run
+  medfocus demo --n-samples 200 --per-mode 60    # bigger run (default: 96 films, 24 per mode)
   medfocus demo --method occlusion --method medfocus --out runs/demo-small
   medfocus demo --fresh                          # start over instead of resuming
 """
@@ -63,6 +63,10 @@ def demo(out_dir, n_samples, per_mode, n_reference, seed, modes, editors, method
     except MedfocusError as exc:
         raise click.ClickException(str(exc)) from exc
     elapsed = time.perf_counter() - t0
+    if res["n_records"] == 0:
+        # An empty report is not a result: say why instead of exiting 0 (e.g. every sample failed the filter).
+        raise click.ClickException(f"no sample was attributed; see {out / 'retention.md'} and the split logs under "
+                                   f"{out / 'bench'} for the filter's outcome and per-sample errors")
     click.echo("")
     click.echo(res["table"])
     click.echo(f"retention: {out / 'retention.md'}")
