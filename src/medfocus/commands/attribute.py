@@ -14,8 +14,8 @@ from medfocus.errors import ConfigError, DataError, MedfocusError
 EPILOG = """\b
 Examples:
   # all methods on a causally filtered split built by `medfocus bench build`
-  medfocus attribute --bench runs/bench/demo_synthetic_direct_oracle.jsonl \\
-      --dataset synthetic --data-root runs/demo/data --mode direct --out runs/attr
+  medfocus attribute --bench runs/bench/demo/synthetic/direct.json \\
+      --dataset synthetic --data-root runs/data --model demo --mode direct --out runs/attr
   # a Slurm array of 8 tasks, then merge
   medfocus attribute --config run.yaml --shard $SLURM_ARRAY_TASK_ID/8
   medfocus attribute --out runs/attr --merge

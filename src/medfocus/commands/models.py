@@ -42,7 +42,12 @@ def _available(hf_id: str) -> bool:
 # =====================================================================================================
 # train-demo: owned by the DEMO-MODEL helper (add `train_demo` below this line).
 # =====================================================================================================
-@click.command("train-demo")
+@click.command("train-demo", epilog="""\b
+Examples:
+  medfocus train-demo --out runs/my-demo-model --threads 2          # retrain from scratch (seed 0)
+  medfocus train-demo --seed 0 --steps 1400 --threads 1              # the shipped weights' recipe (see MODEL_CARD.md)
+  medfocus demo --model runs/my-demo-model                           # use it in the demo
+""")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: the package's lvlm/demo_model, i.e. what load_lvlm('demo') loads).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of data, initialisation and sampling.")

@@ -53,7 +53,11 @@ def synth(out_dir: Path, n: int, seed: int, size: int, cue_rate: float, cue_base
         click.echo(f"preview -> {contact_sheet(cases, preview)}")
 
 
-@click.command(name="synth-reference", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(name="synth-reference", context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
+Examples:
+  medfocus synth-reference --out data/reference --n 16
+  medfocus attribute ... --method medfocus --param medfocus.pool=data/reference
+""")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
 @click.option("--n", "n", default=16, show_default=True, type=click.IntRange(1), help="Number of normal films.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Seed.")
