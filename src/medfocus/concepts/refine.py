@@ -1,4 +1,4 @@
-"""Optional MedSAM refinement of transferred concept boxes (``--refine medsam``).
+"""Optional MedSAM refinement of transferred concept boxes (``--param medfocus.refine=medsam``).
 
 MedSAM (Ma et al., 2024) is SAM ViT-B fine-tuned on medical images with *box* prompts. We load it
 through transformers' ``SamModel`` / ``SamProcessor`` (default checkpoint
@@ -122,7 +122,7 @@ def load_medsam(name_or_path: str = MEDSAM_ID, device: str | None = None) -> Med
         ref = MedSAMRefiner.from_pretrained(name_or_path, device=device)
     except (OSError, ValueError, ImportError) as exc:
         log.warning("MedSAM refinement skipped: weights %r are not available locally (%s). "
-                    "Concept boxes come from the OT transfer alone (--refine none).", name_or_path,
+                    "Concept boxes come from the OT transfer alone (refine=none).", name_or_path,
                     str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         ref = None
     _LOADED[key] = ref
