@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import numpy as np
 import pytest
@@ -211,6 +212,73 @@ def test_medsam_refiner_loads_genuine_sam_and_maps_masks_back(tmp_path):
     ref.model = Fixed(ref.model)
     assert ref.refine(img, {"heart": (0, 0, 128, 96)}) == {"heart": (64.0, 32.0, 96.0, 64.0)}
 
+    # a stray speck (one low-res cell at row 2, col 2: pixels 16..24) is dropped: only the largest component counts
+    class Speck(Fixed):
+        def forward(self, **kw):
+            out = super().forward(**kw)
+            out.pred_masks[..., 2, 2] = 10.0
+            return out
+
+    ref.model = Speck(ref.model.inner)
+    boxes, maps = ref.refine_with_masks(img, {"heart": (0, 0, 128, 96)})
+    assert boxes == {"heart": (64.0, 32.0, 96.0, 64.0)}
+    m = maps["heart"] >= 0.5
+    assert m[34:62, 66:94].all() and m.sum() <= 32 * 32 and not m[:, :60].any()  # (bilinear upsampling rounds the corners)
+    assert maps["heart"][16:24, 16:24].max() < 0.5  # kept as a probability, but below the threshold
+
+
+def test_largest_component():
+    from medfocus.concepts.refine import largest_component
+
+    m = np.zeros((10, 10), bool)
+    m[1:4, 1:4] = True  # 9 pixels
+    m[6:8, 6:8] = True  # 4 pixels
+    m[5, 5] = True  # touches the 4-block diagonally: 8-connected -> 5
+    out = largest_component(m)
+    assert out.sum() == 9 and out[1:4, 1:4].all()
+    assert not largest_component(np.zeros((3, 3), bool)).any()
+
+
+def test_refined_transfer_uses_the_segmenter_masks_and_keys_the_cache(pool, tmp_path):
+    from medfocus.concepts.refine import MedSAMRefiner, refiner_name
+
+    sam = MedSAMRefiner.from_pretrained(str(_tiny_sam(tmp_path / "a")), device="cpu")
+
+    class Fixed(torch.nn.Module):  # every prompt -> the same square, low-res cells 4..7 x 8..11
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, **kw):
+            out = self.inner(**kw)
+            low = torch.full_like(out.pred_masks, -10.0)
+            low[..., 4:8, 8:12] = 10.0
+            out.pred_masks = low
+            return out
+
+    sam.model = Fixed(sam.model)
+    case = synthetic.generate_case(0, size=128)
+    cache = T.TransferCache(tmp_path / "cache")
+    tr = T.transfer_concepts(case.image, pool, refine="medsam", refiner=sam, cache=cache)
+    # 128 px film -> SAM canvas 64 (no padding): low-res cell = 8 px -> x in [64, 96), y in [32, 64)
+    for c in CONCEPTS:
+        assert tr.boxes[c] == (64.0, 32.0, 96.0, 64.0)
+        m = tr.soft_masks[c] >= 0.5
+        assert m[34:62, 66:94].all() and m.sum() <= 32 * 32
+    # the cache key names the segmenter: another checkpoint does not reuse this entry
+    other = MedSAMRefiner.from_pretrained(str(_tiny_sam(tmp_path / "b")), device="cpu")
+    assert refiner_name(sam) != refiner_name(other)
+    assert refiner_name("demo").split("|")[0].endswith("demo_medsam")
+    tr2 = T.transfer_concepts(case.image, pool, refine="medsam", refiner=other, cache=cache)
+    assert not tr2.stats.get("cached") and tr2.boxes != tr.boxes
+    assert T.transfer_concepts(case.image, pool, refine="medsam", refiner=sam, cache=cache).stats["cached"]
+    # rewritten weights in the same folder get a new name, so the old refined transfer is not reused
+    before = refiner_name(str(tmp_path / "a"))
+    w = next((tmp_path / "a").glob("*.safetensors"))
+    os.utime(w, ns=(w.stat().st_atime_ns, w.stat().st_mtime_ns + 10**9))
+    assert refiner_name(str(tmp_path / "a")) != before
+    assert not T.transfer_concepts(case.image, pool, refine="medsam", refiner=sam, cache=cache).stats.get("cached")
+
 
 def test_medsam_absent_is_skipped_with_notice(pool, tmp_path, caplog):
     case = synthetic.generate_case(0)
@@ -249,6 +317,27 @@ def test_variants_and_keep_masks():
     # x: 10..30 * 0.64 = 6.4..19.2 -> 6..19 ; y: 16 + 20..60 * 0.64 = 28.8..54.4 -> 29..54
     assert (int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1) == (6, 19, 29, 54)
     assert keep[1].sum() < keep[0].sum() and (keep[1] <= keep[0]).all()
+
+
+def test_mask_keep_masks_follow_the_letterbox():
+    # a disc in a 100x50 image; letterboxed to 64x64 (scale 0.64, pad_y 16)
+    yy, xx = np.mgrid[0:50, 0:100]
+    disc = (xx - 30) ** 2 + (yy - 25) ** 2 <= 15 ** 2
+    other = np.zeros_like(disc)
+    geo = Letterbox.fit((100, 50), 64)
+    soft = {c: other.astype(np.float32) for c in CONCEPTS}
+    soft["left lung"] = disc.astype(np.float32) * 0.9  # >= 0.5: inside the region
+    soft["right lung"] = disc.astype(np.float32) * 0.4  # < 0.5: nothing
+    vm = iv.variant_masks(soft)
+    assert vm["left lung"].sum() == disc.sum() and not vm["right lung"].any()
+    assert (vm["lungs"] == disc).all()
+    keep = iv.canvas_keep_from_masks({"left lung": vm["left lung"], "right lung": vm["right lung"]}, geo, (64, 64))
+    hidden = (keep[0] == 0).numpy()
+    assert (keep[1] == 1).all()
+    # hidden canvas pixels sit on the disc mapped through the letterbox: centre (30, 25) -> (19.2, 32)
+    ys, xs = np.nonzero(hidden)
+    assert abs(xs.mean() + 0.5 - 19.2) < 0.5 and abs(ys.mean() + 0.5 - 32.0) < 0.5
+    assert abs(hidden.sum() - math.pi * (15 * 0.64) ** 2) < 0.06 * math.pi * (15 * 0.64) ** 2
 
 
 def test_decide_rule():

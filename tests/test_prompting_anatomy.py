@@ -221,8 +221,13 @@ def test_demo_uses_the_anatomy_detector(tmp_path) -> None:
 
     ref = tmp_path / "reference"
     params = _method_params(DemoConfig(), ["prompting_medsam", "medfocus", "occlusion"], ref)
-    assert params["prompting_medsam"] == {"detector": "anatomy", "pool": str(ref)}
+    assert params["prompting_medsam"] == {"detector": "anatomy", "pool": str(ref), "medsam": "demo"}
     assert params["medfocus"]["pool"] == str(ref) and params["occlusion"] == {}
+    assert {k: params["medfocus"][k] for k in ("refine", "medsam", "region", "rule")} == {
+        "refine": "medsam", "medsam": "demo", "region": "mask", "rule": "nested"}
+    # the caller's MedFocus settings win
+    cfg = DemoConfig(method_params={"medfocus": {"refine": "none"}})
+    assert _method_params(cfg, ["medfocus"], ref)["medfocus"]["refine"] == "none"
     # a detector chosen by the caller is kept (and then no pool is imposed)
     cfg = DemoConfig(method_params={"prompting_medsam": {"detector": "/models/owlvit"}})
     assert _method_params(cfg, ["prompting_medsam"], ref)["prompting_medsam"] == {"detector": "/models/owlvit"}

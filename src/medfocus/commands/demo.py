@@ -17,6 +17,8 @@ Examples:
   medfocus demo --n-samples 200 --per-mode 60    # bigger run (default: 96 films, 24 per mode)
   medfocus demo --method occlusion --method medfocus --out runs/demo-small
   medfocus demo --fresh                          # start over instead of resuming
+  medfocus demo --param medfocus.refine=none --param medfocus.region=box --param medfocus.rule=argmax
+                                                 # MedFocus as in the paper (no segmenter, boxes, argmax)
 """
 
 
@@ -31,9 +33,11 @@ Examples:
 @click.option("--editor", "editors", multiple=True, help="Counterfactual editors of the filter (default: oracle and inpaint).")
 @click.option("--method", "methods", multiple=True, help="Attribution methods (default: all registered).")
 @click.option("--model", default="demo", show_default=True, help="LVLM registry name or folder (the shipped demo model by default).")
+@click.option("--param", "params", multiple=True,
+              help="Method parameter METHOD.NAME=VALUE (as for `medfocus attribute`), e.g. medfocus.region=box. Repeatable.")
 @click.option("--fresh", is_flag=True, help="Delete the output folder first (otherwise a rerun resumes).")
 @click.option("--no-progress", is_flag=True, help="Disable progress bars.")
-def demo(out_dir, n_samples, per_mode, n_reference, seed, modes, editors, methods, model, fresh, no_progress) -> None:
+def demo(out_dir, n_samples, per_mode, n_reference, seed, modes, editors, methods, model, params, fresh, no_progress) -> None:
     """Generate the synthetic benchmark, load the shipped demo LVLM, build the causally filtered
     benchmark (oracle and inpaint editors) in direct and step-by-step mode, run every attribution
     method, evaluate, and write report.html, table.md, table.csv and retention.md."""
@@ -59,6 +63,10 @@ def demo(out_dir, n_samples, per_mode, n_reference, seed, modes, editors, method
     if methods:
         cfg.methods = tuple(methods)
     try:
+        if params:
+            from medfocus.commands.attribute import parse_params
+
+            cfg.method_params = parse_params(params)
         res = run_demo(out, cfg, progress=not no_progress)
     except MedfocusError as exc:
         raise click.ClickException(str(exc)) from exc

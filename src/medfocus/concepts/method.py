@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from medfocus.concepts import ot
-from medfocus.concepts.intervention import TAU, decide, intervene, variant_boxes
+from medfocus.concepts.intervention import REGIONS, RULES, TAU, decide, intervene, nested_winner, variant_boxes
 from medfocus.concepts.reference import SELECT_GRID, TRANSFER_GRID, ReferencePool, cached_pool, default_pool
 from medfocus.concepts.transfer import DEFAULT_ITERATIONS, ConceptTransfer, TransferCache, transfer_concepts
 from medfocus.attribution.base import Method
@@ -63,8 +63,13 @@ class MedFocusResult:
         reference_id: reference image used for the transfer.
         refine: box refinement actually applied (``"none"`` or ``"medsam"``).
         tau: fallback threshold used.
+        region: what each variant hid (``"box"`` or ``"mask"``).
+        rule: how the winner was chosen (``"argmax"`` or ``"nested"``).
+        nested_checks: the ``"nested"`` rule's tests ``{"container", "inner", "delta_rest", "accepted"}``.
+        hidden_fraction: variant -> fraction of the model's canvas it hid.
         seconds: ``{"generate", "transfer", "intervention", "total"}`` wall-clock seconds.
-        passes: ``{"generate": g, "forward": n}`` model passes (``n = 16`` variant inputs incl. the original).
+        passes: ``{"generate": g, "forward": n}`` model passes (``n = 16`` variant inputs incl. the
+            original, plus one per check of the ``"nested"`` rule).
         transfer_stats: solver / cache statistics of the concept transfer.
     """
 
@@ -83,6 +88,10 @@ class MedFocusResult:
     reference_id: str
     tau: float
     refine: str = "none"
+    region: str = "box"
+    rule: str = "argmax"
+    hidden_fraction: dict[str, float] = field(default_factory=dict)
+    nested_checks: list[dict[str, Any]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     passes: dict[str, int] = field(default_factory=dict)
     transfer_stats: dict[str, Any] = field(default_factory=dict)
@@ -119,7 +128,7 @@ class MedFocusResult:
             "token_deltas": np.stack([self.token_deltas[n] for n in self.deltas]).astype(np.float32),
             "variant_names": list(self.deltas), "answer_tokens": list(self.answer_tokens), "answer": self.answer,
             "concept_boxes": {c: list(b) for c, b in self.concept_boxes.items()},
-            "reference_id": self.reference_id, "refine": self.refine, "seconds_detail": dict(self.seconds), "passes": dict(self.passes),
+            "reference_id": self.reference_id, "refine": self.refine, "region": self.region, "rule": self.rule, "nested_checks": list(self.nested_checks), "seconds_detail": dict(self.seconds), "passes": dict(self.passes),
             "final_token_index": fti,
         }
         if tok is not None and T:
@@ -145,6 +154,11 @@ class MedFocus:
         adapter: the :class:`~medfocus.lvlm.adapter.LVLMAdapter`.
         pool: reference pool (default: :func:`~medfocus.concepts.reference.default_pool`).
         baseline: ``"zero"`` or ``"mean"`` replacement of hidden concepts.
+        region: ``"box"`` (hide each concept's box, the paper's recipe) or ``"mask"`` (hide its soft
+            mask ``>= 0.5``; see :mod:`medfocus.concepts.intervention`).
+        rule: winner rule, ``"argmax"`` (the paper) or ``"nested"`` (argmax, then a causal test that
+            moves the answer from a container to a concept nested in it; see
+            :mod:`medfocus.concepts.intervention`).
         tau: whole-image fallback threshold (0.75).
         refine: ``"none"`` or ``"medsam"`` box refinement.
         refiner: a :class:`~medfocus.concepts.refine.MedSAMRefiner` or checkpoint path (``refine="medsam"``).
@@ -156,20 +170,25 @@ class MedFocus:
     """
 
     def __init__(self, adapter: Any, pool: ReferencePool | str | Path | None = None, *, baseline: str = "zero",
-                 tau: float = TAU, refine: str = "none", refiner: Any = None, select_grid: int = SELECT_GRID,
+                 region: str = "box", rule: str = "argmax", tau: float = TAU, refine: str = "none", refiner: Any = None, select_grid: int = SELECT_GRID,
                  transfer_grid: int = TRANSFER_GRID, core: float | None = None, mode: str = "barycentric",
                  iterations: int = DEFAULT_ITERATIONS, epsilon: float = ot.EPSILON,
                  lam: float = ot.LAMBDA, cache: bool | str | Path | None = True, batch_size: int = 16,
                  max_new_tokens: int = 128, device: str | None = None) -> None:
         if baseline not in ("zero", "mean"):
             raise ConfigError(f"MedFocus baseline must be 'zero' or 'mean', got {baseline!r}")
+        if region not in REGIONS:
+            raise ConfigError(f"MedFocus region must be one of {REGIONS}, got {region!r}")
+        if rule not in RULES:
+            raise ConfigError(f"MedFocus rule must be one of {RULES}, got {rule!r}")
         if refine not in ("none", "medsam"):
             raise ConfigError(f"MedFocus refine must be 'none' or 'medsam', got {refine!r}")
         if not 0.0 < tau <= 1.0:
             raise ConfigError(f"MedFocus tau must be in (0, 1], got {tau}")
         self.adapter = adapter
         self.pool = pool if isinstance(pool, ReferencePool) else (ReferencePool.load(pool) if pool is not None else default_pool())
-        self.baseline, self.tau, self.refine, self.refiner = baseline, float(tau), refine, refiner
+        self.rule = rule
+        self.baseline, self.region, self.tau, self.refine, self.refiner = baseline, region, float(tau), refine, refiner
         self.transfer_kw = {"select_grid": select_grid, "transfer_grid": transfer_grid, "core": core, "mode": mode, "iterations": iterations,
                             "epsilon": epsilon, "lam": lam, "device": device}
         if cache is True:
@@ -208,9 +227,15 @@ class MedFocus:
         chat = self.adapter.prepare(img, question, answer)
         if chat.answer_span is None or chat.n_answer_tokens <= 0:
             raise ConfigError(f"MedFocus: the answer {answer!r} produced no scored tokens")
-        iv = intervene(self.adapter, chat, tr.boxes, baseline=self.baseline, batch_size=self.batch_size)
+        iv = intervene(self.adapter, chat, tr.boxes, baseline=self.baseline, batch_size=self.batch_size,
+                       region=self.region, soft_masks=tr.soft_masks)
         t3 = time.perf_counter()
         winner, fallback = decide(iv.names, iv.deltas, self.tau)
+        checks: list[Any] = []
+        n_nested = 0
+        if self.rule == "nested" and not fallback:
+            winner, checks, n_nested = nested_winner(self.adapter, chat, iv, winner, tau=self.tau, baseline=self.baseline,
+                                                     batch_size=self.batch_size)
         H0, W0 = img.shape
         if fallback:
             boxes: list[Box] = [(0.0, 0.0, float(W0), float(H0))]
@@ -223,7 +248,9 @@ class MedFocus:
             token_deltas={n: iv.token_deltas[i].astype(np.float32) for i, n in enumerate(iv.names)},
             answer_tokens=list(chat.answer_tokens), logp_original=iv.logp_original.astype(np.float32),
             concept_boxes=dict(tr.boxes), soft_masks=dict(tr.soft_masks), heatmap=np.zeros((H0, W0), np.float32),
-            reference_id=tr.reference_id, tau=self.tau, refine=tr.refine, transfer_stats=dict(tr.stats),
+            reference_id=tr.reference_id, tau=self.tau, refine=tr.refine, region=self.region, rule=self.rule,
+            hidden_fraction={n: float(h) for n, h in zip(iv.names, iv.hidden_fraction)},
+            nested_checks=[vars(c) for c in checks], transfer_stats=dict(tr.stats),
         )
         hm = np.zeros((H0, W0), np.float32)
         for n, d in res.deltas.items():
@@ -232,7 +259,7 @@ class MedFocus:
         res.heatmap = hm / hm.max() if hm.max() > 0 else hm
         t4 = time.perf_counter()
         res.seconds = {"generate": t1 - t0, "transfer": t2 - t1, "intervention": t3 - t2, "total": t4 - t0}
-        res.passes = {"generate": n_gen, "forward": iv.n_forward}
+        res.passes = {"generate": n_gen, "forward": iv.n_forward + n_nested}
         return res
 
 
@@ -248,11 +275,12 @@ class MedFocusMethod(Method):
     :class:`~medfocus.attribution.base.Attribution`: ``heatmap`` = delta-weighted concept soft masks,
     ``boxes`` = the winning concept's box(es), ``token_heatmaps`` = per-token maps, and ``extras``
     with the concept ranking, deltas, per-token drops, concept boxes, reference and fallback flag.
-    ``n_forward`` counts the 16 scored inputs (15 variants + original).
+    ``n_forward`` counts the 16 scored inputs (15 variants + original), plus one per check of the
+    ``"nested"`` rule.
     """
 
     name = "medfocus"
-    defaults = {"pool": None, "baseline": "zero", "tau": TAU, "refine": "none", "select_grid": SELECT_GRID,
+    defaults = {"pool": None, "baseline": "zero", "region": "box", "rule": "argmax", "tau": TAU, "refine": "none", "select_grid": SELECT_GRID,
                 "transfer_grid": TRANSFER_GRID, "core": None, "mode": "barycentric", "iterations": DEFAULT_ITERATIONS,
                 "epsilon": ot.EPSILON,
                 "lam": ot.LAMBDA, "cache": True, "batch_size": 16, "medsam": None}
@@ -262,6 +290,10 @@ class MedFocusMethod(Method):
         p = self.params
         if p["baseline"] not in ("zero", "mean"):
             raise ConfigError(f"medfocus: baseline must be 'zero' or 'mean', got {p['baseline']!r}")
+        if p["region"] not in REGIONS:
+            raise ConfigError(f"medfocus: region must be one of {REGIONS}, got {p['region']!r}")
+        if p["rule"] not in RULES:
+            raise ConfigError(f"medfocus: rule must be one of {RULES}, got {p['rule']!r}")
         if p["refine"] not in ("none", "medsam"):
             raise ConfigError(f"medfocus: refine must be 'none' or 'medsam', got {p['refine']!r}")
         if p["mode"] not in ("barycentric", "plan"):

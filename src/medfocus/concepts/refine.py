@@ -6,11 +6,18 @@ through transformers' ``SamModel`` / ``SamProcessor`` (default checkpoint
 model is called with ``multimask_output=False`` (SAM's three-mask "ambiguity" head is not what it
 was tuned on); the single low-resolution logit map is passed through a sigmoid, brought back to
 the original image by the processor's ``post_process_masks(..., binarize=False)`` and thresholded
-at 0.5. The refined box is the tight box of that mask; an empty mask keeps the transferred box.
+at 0.5, and only its largest 8-connected component is kept (each concept is one structure; a
+stray speck would stretch the box). The refined box is the tight box of that component and the
+concept's soft mask becomes the probability map (capped below the threshold outside the
+component); an empty mask keeps the transferred box and soft mask.
 
 Weights are never downloaded here: :func:`load_medsam` looks in the local Hugging Face cache /
 a local directory and, when the weights are absent, returns ``None`` after a logged notice, and
 the transfer keeps its OT boxes.
+
+Offline stand-in: the checkpoint name ``"demo"`` loads the shipped demo segmenter
+(:mod:`medfocus.concepts.demo_sam`: a tiny ``SamModel`` trained on the synthetic world, same code
+path) -- for the embedded default only; it knows nothing of real radiographs.
 """
 
 from __future__ import annotations
@@ -27,7 +34,18 @@ from medfocus.types import Box
 log = logging.getLogger(__name__)
 
 MEDSAM_ID = "flaviagiammarino/medsam-vit-base"
+#: Checkpoint name of the shipped demo segmenter (synthetic world only).
+DEMO = "demo"
 _LOADED: dict[str, Any] = {}
+
+
+def resolve_checkpoint(name_or_path: str | Path) -> str:
+    """``"demo"`` -> the shipped demo segmenter's folder; anything else unchanged (a hub id or path)."""
+    if str(name_or_path) == DEMO:
+        from medfocus.concepts.demo_sam import DEMO_SAM_DIR
+
+        return str(DEMO_SAM_DIR)
+    return str(name_or_path)
 
 
 class MedSAMRefiner:
@@ -50,9 +68,11 @@ class MedSAMRefiner:
     @classmethod
     def from_pretrained(cls, name_or_path: str = MEDSAM_ID, *, device: str | torch.device | None = None,
                         local_files_only: bool = True, **kw: Any) -> "MedSAMRefiner":
-        """Load model + processor (local files only by default: nothing is fetched)."""
+        """Load model + processor (local files only by default: nothing is fetched). ``"demo"``: the
+        shipped demo segmenter (:data:`DEMO`)."""
         from transformers import SamModel, SamProcessor
 
+        name_or_path = resolve_checkpoint(name_or_path)
         model = SamModel.from_pretrained(name_or_path, local_files_only=local_files_only)
         processor = SamProcessor.from_pretrained(name_or_path, local_files_only=local_files_only)
         if device is None:
@@ -83,13 +103,38 @@ class MedSAMRefiner:
 
     def refine(self, image: np.ndarray, boxes: Mapping[str, Box]) -> dict[str, Box]:
         """Tight box of each box-prompted mask (``> threshold``); an empty mask keeps the input box."""
+        return self.refine_with_masks(image, boxes)[0]
+
+    def refine_with_masks(self, image: np.ndarray, boxes: Mapping[str, Box]) -> tuple[dict[str, Box], dict[str, np.ndarray | None]]:
+        """Boxes as :meth:`refine` and, per name, the ``(H, W)`` float32 probability map (``None``
+        where the mask came out empty and the input box was kept)."""
         names = list(boxes)
         probs = self.segment(image, [boxes[n] for n in names])
         out: dict[str, Box] = {}
+        maps: dict[str, np.ndarray | None] = {}
         for n, p in zip(names, probs):
-            ys, xs = np.nonzero(p > self.threshold)
-            out[n] = boxes[n] if ys.size == 0 else (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
-        return out
+            keep = largest_component(p > self.threshold)
+            ys, xs = np.nonzero(keep)
+            if ys.size == 0:
+                out[n], maps[n] = boxes[n], None
+            else:
+                out[n] = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+                maps[n] = np.where(keep, p, np.minimum(p, self.threshold * 0.999)).astype(np.float32)
+        return out, maps
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected component of a boolean ``(H, W)`` mask (empty stays empty).
+
+    Each concept is one connected structure; a stray speck elsewhere would otherwise stretch the
+    tight box across the image."""
+    from scipy.ndimage import label
+
+    lab, n = label(mask, structure=np.ones((3, 3), bool))
+    if n <= 1:
+        return mask.astype(bool)
+    sizes = np.bincount(lab.ravel())[1:]
+    return lab == (int(np.argmax(sizes)) + 1)
 
 
 def build_tiny_sam(out_dir: str | Path, seed: int = 0) -> Path:
@@ -114,8 +159,8 @@ def build_tiny_sam(out_dir: str | Path, seed: int = 0) -> Path:
 
 def load_medsam(name_or_path: str = MEDSAM_ID, device: str | None = None) -> MedSAMRefiner | None:
     """The MedSAM refiner if its weights are available locally (memoised), else ``None`` with a
-    logged notice (the caller keeps the OT boxes)."""
-    key = f"{name_or_path}@{device}"
+    logged notice (the caller keeps the OT boxes). ``"demo"``: the shipped demo segmenter."""
+    key = f"{resolve_checkpoint(name_or_path)}@{device}"
     if key in _LOADED:
         return _LOADED[key]
     try:
@@ -129,13 +174,44 @@ def load_medsam(name_or_path: str = MEDSAM_ID, device: str | None = None) -> Med
     return ref
 
 
-def refine_boxes(image: np.ndarray, boxes: Mapping[str, Box], refiner: MedSAMRefiner | str | Path | None = None) -> dict[str, Box] | None:
-    """Refine concept boxes with MedSAM; ``None`` when no refiner could be loaded (notice logged).
+def refiner_name(refiner: MedSAMRefiner | str | Path | None) -> str:
+    """A stable name of the refiner for cache keys: the resolved checkpoint, or the model's
+    ``name_or_path`` for a loaded refiner (a hash of its weights when it has none). A local folder's
+    name carries the size and modification time of its weight files, so retrained weights (e.g. a new
+    demo segmenter) never reuse transfers refined by the old ones."""
+    if refiner is None or isinstance(refiner, (str, Path)):
+        return _with_weights_stamp(resolve_checkpoint(refiner if refiner is not None else MEDSAM_ID))
+    name = str(getattr(getattr(refiner.model, "config", None), "_name_or_path", "") or "")
+    if name:
+        return _with_weights_stamp(name)
+    # An unsaved model (e.g. built in a test): its weights are its identity.
+    import hashlib
 
-    ``refiner``: a :class:`MedSAMRefiner`, a checkpoint name/path, or ``None`` for :data:`MEDSAM_ID`.
+    h = hashlib.sha1()
+    for t in refiner.model.state_dict().values():
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return "weights:" + h.hexdigest()[:16]
+
+
+def _with_weights_stamp(name: str) -> str:
+    folder = Path(name)
+    if not folder.is_dir():
+        return name
+    stamp = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir()
+                   if f.suffix in (".safetensors", ".bin"))
+    return f"{name}|{stamp}"
+
+
+def refine_concepts(image: np.ndarray, boxes: Mapping[str, Box], refiner: MedSAMRefiner | str | Path | None = None
+                    ) -> tuple[dict[str, Box], dict[str, np.ndarray | None]] | None:
+    """Refine concept boxes with MedSAM: ``(boxes, probability maps)`` (see
+    :meth:`MedSAMRefiner.refine_with_masks`), or ``None`` when no refiner could be loaded (notice logged).
+
+    ``refiner``: a :class:`MedSAMRefiner`, a checkpoint name/path (``"demo"``: the demo segmenter),
+    or ``None`` for :data:`MEDSAM_ID`.
     """
     if refiner is None or isinstance(refiner, (str, Path)):
         refiner = load_medsam(str(refiner) if refiner is not None else MEDSAM_ID)
         if refiner is None:
             return None
-    return refiner.refine(image, boxes)
+    return refiner.refine_with_masks(image, boxes)

@@ -29,7 +29,8 @@ Steps for a target image (all geometry on the letterboxed ``224 x 224`` canvas, 
 4. the *densest core*: cells sorted by ``s_j`` in decreasing order, kept until they hold ``core`` of
    ``sum_j t_j`` (:data:`DEFAULT_CORE`: 0.75 for ``"plan"`` as in the paper, 0.95 for
    ``"barycentric"`` whose splat has no blur tail to cut); the concept box is their tight box;
-5. optionally refine each box with MedSAM (:mod:`medfocus.concepts.refine`), box prompt;
+5. optionally refine each box with MedSAM (:mod:`medfocus.concepts.refine`), box prompt: the box
+   becomes the tight box of MedSAM's mask and the soft mask its probability map;
 6. boxes go back to original-image pixels through the letterbox, soft masks are resampled to
    ``(H0, W0)``.
 
@@ -316,7 +317,11 @@ def transfer_concepts(image: np.ndarray, pool: ReferencePool, *, select_grid: in
 
         img = to_uint8(img)
     settings = {"select_grid": select_grid, "transfer_grid": transfer_grid, "core": core, "mode": mode, "iterations": int(iterations), "refine": refine,
-                "epsilon": epsilon, "lam": lam, "v": 1}
+                "epsilon": epsilon, "lam": lam, "v": 2}
+    if refine == "medsam":  # a different segmenter must not reuse another one's refined transfer
+        from medfocus.concepts.refine import refiner_name
+
+        settings["refiner"] = refiner_name(refiner)
     key = None
     if cache is not None:
         key = cache.key(img, pool.fingerprint, settings)
@@ -333,11 +338,13 @@ def transfer_concepts(image: np.ndarray, pool: ReferencePool, *, select_grid: in
     t2 = time.perf_counter()
     applied = "none"
     if refine == "medsam":
-        from medfocus.concepts.refine import refine_boxes
+        from medfocus.concepts.refine import refine_concepts
 
-        refined = refine_boxes(img, boxes, refiner=refiner)
+        refined = refine_concepts(img, boxes, refiner=refiner)
         if refined is not None:
-            boxes, applied = refined, "medsam"
+            boxes, maps = refined
+            softs = {c: (softs[c] if maps[c] is None else maps[c].astype(np.float32)) for c in CONCEPTS}
+            applied = "medsam"
     stats.update({"seconds_select": t1 - t0, "seconds_transfer": t2 - t1, "seconds_refine": time.perf_counter() - t2,
                   "cached": False})
     tr = ConceptTransfer(boxes, softs, t.astype(np.float32), ref.id, {r: float(c) for r, c in zip(pool.ids, costs)},

@@ -9,7 +9,9 @@ Steps, each resumable (a rerun with the same folder reuses what is already there
    (exact) and ``inpaint`` (classical, out-of-distribution) editors; retention tables;
 4. **attribute** — every registered method (10 baselines + MedFocus) on the oracle-filtered split of
    each mode, through the resumable grid runner (``prompting_medsam`` with the offline anatomy-grounded
-   detector, :data:`DEMO_PROMPTING_DETECTOR`, since OWL-ViT weights cannot be downloaded here);
+   detector, :data:`DEMO_PROMPTING_DETECTOR`, since OWL-ViT weights cannot be downloaded here; MedSAM
+   refinement in both ``prompting_medsam`` and MedFocus by the shipped demo segmenter,
+   :data:`DEMO_SEGMENTER`);
 5. **evaluate** — per-record metrics, ``table.csv`` / ``table.md`` (Table-1 layout);
 6. **report** — ``report.html`` (self-contained).
 
@@ -34,6 +36,14 @@ _POOL_KEYS = ("pool", "reference_pool", "pool_dir", "reference_dir", "references
 #: The detector ``prompting_medsam`` uses in the demo: the offline anatomy-grounded stand-in (the paper's
 #: OWL-ViT needs weights that cannot be downloaded here; see :class:`medfocus.attribution.prompting.PromptingMedSAM`).
 DEMO_PROMPTING_DETECTOR = "anatomy"
+
+#: The box-prompted segmenter of the demo: the shipped demo SamModel trained on the synthetic world
+#: (:mod:`medfocus.concepts.demo_sam`), standing in for MedSAM whose weights cannot be fetched here.
+DEMO_SEGMENTER = "demo"
+
+#: MedFocus settings of the demo: refined concept masks hidden as masks, nested rule (the setting that
+#: names the finding's own concept most often, ``benchmarks/medfocus_concepts.md``).
+DEMO_MEDFOCUS: dict[str, Any] = {"refine": "medsam", "medsam": DEMO_SEGMENTER, "region": "mask", "rule": "nested"}
 
 
 @dataclass
@@ -118,6 +128,11 @@ def _method_params(cfg: DemoConfig, methods: Sequence[str], ref_dir: Path) -> di
         key = next((k for k in _POOL_KEYS if k in defaults.get("medfocus", {})), None)
         if key is not None and key not in params["medfocus"]:
             params["medfocus"][key] = str(ref_dir)
+        # MedSAM cannot be fetched offline: the demo refines the transferred concepts with the shipped
+        # demo segmenter (same SamModel code path) and uses masks + the nested rule, unless the caller
+        # chose otherwise.
+        for k, v in DEMO_MEDFOCUS.items():
+            params["medfocus"].setdefault(k, v)
     if "prompting_medsam" in params:
         # OWL-ViT / MedSAM weights cannot be fetched offline: the demo uses the anatomy-grounded stand-in
         # detector (phrases -> MedFocus' transferred concept boxes on the demo's reference pool) unless
@@ -125,8 +140,10 @@ def _method_params(cfg: DemoConfig, methods: Sequence[str], ref_dir: Path) -> di
         pm = params["prompting_medsam"]
         if "detector" not in pm:
             pm["detector"] = DEMO_PROMPTING_DETECTOR
-        if pm["detector"] == "anatomy" and "pool" in defaults.get("prompting_medsam", {}) and "pool" not in pm:
-            pm["pool"] = str(ref_dir)
+        if pm["detector"] == "anatomy":
+            if "pool" in defaults.get("prompting_medsam", {}) and "pool" not in pm:
+                pm["pool"] = str(ref_dir)
+            pm.setdefault("medsam", DEMO_SEGMENTER)
     return params
 
 
@@ -221,7 +238,7 @@ def run_demo(
     pm_detector = method_params.get("prompting_medsam", {}).get("detector")
     if pm_detector == "anatomy":
         log("[attribute] prompting_medsam uses the offline anatomy-grounded detector (phrases -> transferred "
-            "concept boxes), a stand-in for the paper's OWL-ViT; MedSAM refinement only if its weights are present")
+            "concept boxes), a stand-in for the paper's OWL-ViT; boxes refined by the demo segmenter (MedSAM stand-in)")
     with ResultStore(out / "predictions.jsonl") as store:
         summary = run_grid(items, method_params, store, load_model=lambda _name: adapter,
                            seed=cfg.seed, progress=progress)
@@ -255,7 +272,13 @@ def run_demo(
     if pm_detector == "anatomy":
         run_info["prompting_medsam detector"] = ("anatomy (offline stand-in, not the paper's OWL-ViT): each phrase is "
                                                  "grounded to one of the 11 anatomical concepts and boxed by MedFocus' "
-                                                 "concept transfer; MedSAM refinement only when its weights are present")
+                                                 "concept transfer, refined by the demo segmenter (a tiny SamModel "
+                                                 "trained on the synthetic world, standing in for MedSAM)")
+    if "medfocus" in method_params:
+        mp = method_params["medfocus"]
+        run_info["MedFocus"] = (f"refine={mp.get('refine')} (segmenter {mp.get('medsam')}), region={mp.get('region', 'box')}, "
+                                f"rule={mp.get('rule', 'argmax')}; the demo segmenter is a tiny SamModel trained on the "
+                                "synthetic world, standing in for MedSAM")
     report_path = build_report(preds, out / "report.html", metrics=metrics, retention=retention,
                                title="medfocus demo: synthetic chest X-rays, demo LVLM", run_info=run_info,
                                method_order=methods, seed=cfg.seed)
