@@ -112,3 +112,20 @@ def test_shipped_card_matches_the_weights():
     assert rec["parameters"] == n and f"{n:,}" in card
     for c in CONCEPTS:
         assert c in card
+
+
+def test_train_demo_sam_command(tmp_path):
+    from click.testing import CliRunner
+
+    from medfocus.cli import main
+
+    out = tmp_path / "sam"
+    r = CliRunner().invoke(main, ["train-demo-sam", "--out", str(out), "--films", "3", "--val-films", "2", "--steps", "2",
+                                  "--threads", "1", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "held-out mean box IoU" in r.output
+    rec = json.loads((out / "training.json").read_text())
+    assert (rec["config"]["n_train"], rec["config"]["n_val"], rec["config"]["steps"], rec["config"]["batch"]) == (3, 2, 2, 3)
+    assert MedSAMRefiner.from_pretrained(str(out), device="cpu").model.config.vision_config.hidden_size == 96
+    r = CliRunner().invoke(main, ["train-demo-sam", "--out", str(out), "--steps", "0"])
+    assert r.exit_code != 0 and "--steps" in r.output

@@ -62,6 +62,10 @@ def test_demo_pipeline_demo_model(demo_adapter, tmp_path):
     # the attributed step-by-step answer is the model's whole rationale, not the parsed Yes/No
     assert cot and all(len(r["answer"].split()) > 3 for r in cot)
     assert all(len(r["extras"].get("answer_tokens", [])) > 3 for r in cot if r["method"] == "medfocus")
+    # MedFocus ran with the demo segmenter, masks and the nested rule (the demo's settings)
+    mf = [r for r in load_records(tmp_path / "demo" / "predictions.jsonl") if r["method"] == "medfocus"]
+    assert mf and all((r["extras"]["refine"], r["extras"]["region"], r["extras"]["rule"]) == ("medsam", "mask", "nested")
+                      for r in mf)
 
 
 def test_demo_command_fails_loudly_when_nothing_is_attributed(tiny_model_dirs, tmp_path):
@@ -78,3 +82,24 @@ def test_demo_command_fails_loudly_when_nothing_is_attributed(tiny_model_dirs, t
     assert res.exit_code != 0
     assert "no sample was attributed" in res.output and "retention.md" in res.output
     assert (out / "retention.md").is_file() and (out / "report.html").is_file()
+
+
+def test_demo_command_passes_method_params(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    import medfocus.runner.demo as rd
+    from medfocus.cli import main
+
+    seen = {}
+
+    def fake_run_demo(out, cfg, progress=True):
+        seen["params"] = cfg.method_params
+        return {"n_records": 1, "n_errors": 0, "table": "", "report": str(out / "report.html")}
+
+    monkeypatch.setattr(rd, "run_demo", fake_run_demo)
+    res = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "d"), "--param", "medfocus.region=box",
+                                    "--param", "medfocus.tau=0.8", "--param", "rise.n_masks=32"])
+    assert res.exit_code == 0, res.output
+    assert seen["params"] == {"medfocus": {"region": "box", "tau": 0.8}, "rise": {"n_masks": 32}}
+    res = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "d"), "--param", "oops"])
+    assert res.exit_code != 0 and "METHOD.NAME=VALUE" in res.output

@@ -85,8 +85,11 @@ Examples:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialisation and sampling.")
 @click.option("--steps", type=int, default=None, help="Training steps (default: DemoSamConfig.steps).")
 @click.option("--films", "n_train", type=int, default=None, help="Synthetic training films (default: DemoSamConfig.n_train).")
+@click.option("--val-films", "n_val", type=int, default=None, help="Held-out films of the model card (default: DemoSamConfig.n_val).")
 @click.option("--threads", type=int, default=2, show_default=True, help="torch CPU threads.")
-def train_demo_sam(out_dir: str | None, seed: int, steps: int | None, n_train: int | None, threads: int) -> None:
+@click.option("--no-progress", is_flag=True, help="Disable progress bars.")
+def train_demo_sam(out_dir: str | None, seed: int, steps: int | None, n_train: int | None, n_val: int | None,
+                   threads: int, no_progress: bool) -> None:
     """Train the demo box-prompted segmenter (a tiny SamModel, the offline stand-in for MedSAM) on the synthetic world."""
     from medfocus.concepts.demo_sam import DEMO_SAM_DIR, DemoSamConfig
     from medfocus.concepts.demo_sam import train_demo_sam as _train
@@ -96,7 +99,14 @@ def train_demo_sam(out_dir: str | None, seed: int, steps: int | None, n_train: i
         cfg.steps = steps
     if n_train is not None:
         cfg.n_train = n_train
-    info = _train(out_dir or DEMO_SAM_DIR, cfg, log=lambda s: click.echo(s, err=True))
+    if n_val is not None:
+        cfg.n_val = n_val
+    for name, v in (("--steps", cfg.steps), ("--films", cfg.n_train), ("--val-films", cfg.n_val)):
+        if v < 1:
+            raise click.BadParameter(f"must be >= 1, got {v}", param_hint=name)
+    if cfg.n_train < cfg.batch:
+        cfg.batch = cfg.n_train  # a batch samples films without replacement
+    info = _train(out_dir or DEMO_SAM_DIR, cfg, log=lambda s: click.echo(s, err=True), progress=not no_progress)
     m = info["metrics"]
     click.echo(f"held-out mean box IoU of the transferred boxes {m['box_iou_transferred']['mean']:.3f} -> refined "
                f"{m['box_iou_refined']['mean']:.3f} (mask IoU {m['mask_iou_refined']['mean']:.3f})")
