@@ -185,6 +185,21 @@ def _tiny_sam(tmp_path):
     return build_tiny_sam(tmp_path)
 
 
+class FixedDecoder(torch.nn.Module):
+    """Wraps a SamModel: every prompt's low-res (16x16) logit map is +10 on rows 4..7, cols 8..11, -10 elsewhere."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def forward(self, **kw):
+        out = self.inner(**kw)
+        low = torch.full_like(out.pred_masks, -10.0)
+        low[..., 4:8, 8:12] = 10.0
+        out.pred_masks = low
+        return out
+
+
 def test_medsam_refiner_loads_genuine_sam_and_maps_masks_back(tmp_path):
     from medfocus.concepts.refine import MedSAMRefiner
 
@@ -197,23 +212,11 @@ def test_medsam_refiner_loads_genuine_sam_and_maps_masks_back(tmp_path):
     # logit map is +10 on rows 4..7, cols 8..11 and -10 elsewhere. The 128x96 image is resized to
     # 64x48 (longest edge 64) and padded at the bottom, so low-res cell = 8 original pixels:
     # the mask is x in [64, 96), y in [32, 64).
-    class Fixed(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, **kw):
-            out = self.inner(**kw)
-            low = torch.full_like(out.pred_masks, -10.0)
-            low[..., 4:8, 8:12] = 10.0
-            out.pred_masks = low
-            return out
-
-    ref.model = Fixed(ref.model)
+    ref.model = FixedDecoder(ref.model)
     assert ref.refine(img, {"heart": (0, 0, 128, 96)}) == {"heart": (64.0, 32.0, 96.0, 64.0)}
 
     # a stray speck (one low-res cell at row 2, col 2: pixels 16..24) is dropped: only the largest component counts
-    class Speck(Fixed):
+    class Speck(FixedDecoder):
         def forward(self, **kw):
             out = super().forward(**kw)
             out.pred_masks[..., 2, 2] = 10.0
@@ -243,20 +246,7 @@ def test_refined_transfer_uses_the_segmenter_masks_and_keys_the_cache(pool, tmp_
     from medfocus.concepts.refine import MedSAMRefiner, refiner_name
 
     sam = MedSAMRefiner.from_pretrained(str(_tiny_sam(tmp_path / "a")), device="cpu")
-
-    class Fixed(torch.nn.Module):  # every prompt -> the same square, low-res cells 4..7 x 8..11
-        def __init__(self, inner):
-            super().__init__()
-            self.inner, self.config = inner, inner.config
-
-        def forward(self, **kw):
-            out = self.inner(**kw)
-            low = torch.full_like(out.pred_masks, -10.0)
-            low[..., 4:8, 8:12] = 10.0
-            out.pred_masks = low
-            return out
-
-    sam.model = Fixed(sam.model)
+    sam.model = FixedDecoder(sam.model)  # every prompt -> the same square
     case = synthetic.generate_case(0, size=128)
     cache = T.TransferCache(tmp_path / "cache")
     tr = T.transfer_concepts(case.image, pool, refine="medsam", refiner=sam, cache=cache)

@@ -266,9 +266,8 @@ def evaluate(refiner: Any, data: SamData, *, progress: bool = False) -> dict[str
     """
     from tqdm.auto import tqdm
 
-    from medfocus.datasets.synthetic import generate_case  # noqa: F401  (data already generated)
-
-    assert data.masks is not None, "evaluate() needs build_data(..., keep_masks=True)"
+    if data.masks is None:
+        raise ValueError("evaluate() needs the exact masks: build_data(..., keep_masks=True)")
     acc: dict[str, dict[str, list[float]]] = {k: {c: [] for c in CONCEPTS} for k in ("box_iou_transferred", "box_iou_refined", "mask_iou_refined")}
     for i in tqdm(range(len(data.images)), desc="evaluate segmenter", disable=not progress):
         boxes = {c: tuple(float(v) for v in data.transferred[i, k]) for k, c in enumerate(CONCEPTS)}

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -187,8 +187,8 @@ class MedFocus:
             raise ConfigError(f"MedFocus tau must be in (0, 1], got {tau}")
         self.adapter = adapter
         self.pool = pool if isinstance(pool, ReferencePool) else (ReferencePool.load(pool) if pool is not None else default_pool())
-        self.rule = rule
-        self.baseline, self.region, self.tau, self.refine, self.refiner = baseline, region, float(tau), refine, refiner
+        self.baseline, self.region, self.rule = baseline, region, rule
+        self.tau, self.refine, self.refiner = float(tau), refine, refiner
         self.transfer_kw = {"select_grid": select_grid, "transfer_grid": transfer_grid, "core": core, "mode": mode, "iterations": iterations,
                             "epsilon": epsilon, "lam": lam, "device": device}
         if cache is True:
@@ -229,13 +229,13 @@ class MedFocus:
             raise ConfigError(f"MedFocus: the answer {answer!r} produced no scored tokens")
         iv = intervene(self.adapter, chat, tr.boxes, baseline=self.baseline, batch_size=self.batch_size,
                        region=self.region, soft_masks=tr.soft_masks)
-        t3 = time.perf_counter()
         winner, fallback = decide(iv.names, iv.deltas, self.tau)
         checks: list[Any] = []
         n_nested = 0
         if self.rule == "nested" and not fallback:
             winner, checks, n_nested = nested_winner(self.adapter, chat, iv, winner, tau=self.tau, baseline=self.baseline,
                                                      batch_size=self.batch_size)
+        t3 = time.perf_counter()
         H0, W0 = img.shape
         if fallback:
             boxes: list[Box] = [(0.0, 0.0, float(W0), float(H0))]
@@ -250,7 +250,7 @@ class MedFocus:
             concept_boxes=dict(tr.boxes), soft_masks=dict(tr.soft_masks), heatmap=np.zeros((H0, W0), np.float32),
             reference_id=tr.reference_id, tau=self.tau, refine=tr.refine, region=self.region, rule=self.rule,
             hidden_fraction={n: float(h) for n, h in zip(iv.names, iv.hidden_fraction)},
-            nested_checks=[vars(c) for c in checks], transfer_stats=dict(tr.stats),
+            nested_checks=[asdict(c) for c in checks], transfer_stats=dict(tr.stats),
         )
         hm = np.zeros((H0, W0), np.float32)
         for n, d in res.deltas.items():
