@@ -36,6 +36,16 @@ def top_cell(hm: np.ndarray) -> tuple[int, int]:
     return tuple(int(v) for v in np.unravel_index(np.argmax(cm), cm.shape))  # type: ignore[return-value]
 
 
+def test_chunk_count():
+    from medfocus.attribution.perturbation import chunk_count
+
+    assert chunk_count(65, 16) == 4  # 16+16+17+16: the extra variant rides along
+    assert chunk_count(64, 16) == 4 and chunk_count(16, 16) == 1 and chunk_count(3, 16) == 1
+    assert chunk_count(70, 16) == 5  # 6 extra would make batches of 18 (> 10% over): 14 x 5
+    assert chunk_count(17, 16) == 1 and chunk_count(18, 16) == 2
+    assert chunk_count(11, 1) == 11 and chunk_count(0, 16) == 1
+
+
 def test_registry_lists_ten_baselines_and_medfocus() -> None:
     methods = list_methods()
     # the list: 4 attention + 3 gradient + 2 perturbation + 2 prompting names ("ten baselines"

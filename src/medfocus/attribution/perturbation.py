@@ -32,14 +32,26 @@ def _cell_edges(n: int, grid: int) -> np.ndarray:
     return np.round(np.linspace(0, n, grid + 1)).astype(int)
 
 
+def chunk_count(n: int, batch_size: int) -> int:
+    """Number of near-equal batches for ``n`` inputs at ``batch_size``: ``n // batch_size`` when the
+    remainder can ride along (batches then exceed ``batch_size`` by at most 10%, at least by one),
+    else ``ceil(n / batch_size)``."""
+    bs = max(1, int(batch_size))
+    n_floor = n // bs
+    if n_floor >= 1 and n % bs and -(-n // n_floor) <= bs + max(1, bs // 10):
+        return n_floor
+    return max(1, -(-n // bs))
+
+
 def _score_masks(adapter: Any, chat: Any, make_keep: Callable[[int, int], torch.Tensor], n: int, baseline: Any, batch_size: int,
                  counter: Counter) -> torch.Tensor:
     """Score ``n`` variants whose ``(j - i, H, W)`` canvas keep-masks ``make_keep(i, j)`` builds on demand
     -> ``(n, T)`` answer-token probabilities. Masks and perturbed tensors exist one batch at a time (a
     full-resolution stack of 65 masks would be hundreds of MB for an 896-pixel canvas). The ``n``
-    variants are split into ``ceil(n / batch_size)`` near-equal batches: 65 occlusion variants at batch
-    16 run as 13+13+13+13+13, not 16+16+16+16+1 (a lone last item costs almost a whole pass)."""
-    n_chunks = max(1, -(-n // max(1, batch_size)))
+    variants run in :func:`chunk_count` near-equal batches: 65 occlusion variants at batch 16 run as
+    16+16+17+16, not 16+16+16+16+1 (a lone last item costs almost a whole pass) nor 13 x 5 (every
+    forward call has a fixed cost: Gemma 3 builds its attention masks per call)."""
+    n_chunks = chunk_count(n, batch_size)
     edges = np.linspace(0, n, n_chunks + 1).round().astype(int)
     out = []
     for i, j in zip(edges[:-1], edges[1:]):
