@@ -108,3 +108,29 @@ def test_help_has_examples():
     for cmd in ("attribute", "report", "demo"):
         r = runner.invoke(main, [cmd, "--help"])
         assert r.exit_code == 0 and "Examples:" in r.output and "--config" in r.output, cmd
+
+
+def test_refine_shorthands():
+    from medfocus.commands.attribute import apply_refine_options
+    from medfocus.errors import ConfigError
+
+    p = apply_refine_options({"rise": {"n_masks": 8}}, ["medfocus", "prompting_medsam", "rise"], "medsam", "demo")
+    assert p == {"rise": {"n_masks": 8}, "medfocus": {"refine": "medsam", "medsam": "demo"}, "prompting_medsam": {"medsam": "demo"}}
+    assert apply_refine_options({}, ["occlusion"], None, None) == {}
+    # a consistent --param is fine, a contradicting one is an error
+    assert apply_refine_options({"medfocus": {"refine": "none"}}, ["medfocus"], "none", None) == {"medfocus": {"refine": "none"}}
+    with pytest.raises(ConfigError, match="conflicts"):
+        apply_refine_options({"medfocus": {"refine": "none"}}, ["medfocus"], "medsam", None)
+    with pytest.raises(ConfigError, match="not selected"):
+        apply_refine_options({}, ["occlusion"], "medsam", None)
+    with pytest.raises(ConfigError, match="neither"):
+        apply_refine_options({}, ["occlusion"], None, "demo")
+
+
+def test_attribute_refine_flag_needs_medfocus(fake_world, tmp_path):
+    r = CliRunner().invoke(main, ["attribute", "--out", str(tmp_path / "o"), "--bench", str(fake_world["bench"]),
+                                  "--method", "fake_hot", "--refine", "medsam"])
+    assert r.exit_code != 0 and "--refine applies to the medfocus method" in r.output
+    r = CliRunner().invoke(main, ["attribute", "--out", str(tmp_path / "o"), "--bench", str(fake_world["bench"]),
+                                  "--refine", "sam2"])
+    assert r.exit_code != 0 and "sam2" in r.output

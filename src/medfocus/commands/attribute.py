@@ -22,6 +22,10 @@ Examples:
   # unfiltered positives of a real dataset, two methods, a parameter override
   medfocus attribute --dataset vindr_cxr --data-root /data/vindr --model qwen2_5_vl_7b \\
       --mode cot --method occlusion --method rise --param rise.n_masks=128 --limit 100 --out runs/vindr
+  # MedFocus with MedSAM refinement, mask regions and the nested rule (local MedSAM copy)
+  medfocus attribute --bench runs/bench/demo/synthetic/direct.json --dataset synthetic --data-root runs/data \
+      --method medfocus --refine medsam --medsam /models/medsam-vit-base \
+      --param medfocus.region=mask --param medfocus.rule=nested --out runs/medfocus
 """
 
 
@@ -60,6 +64,34 @@ def parse_params(specs: Sequence[str]) -> dict[str, dict[str, Any]]:
         if not eq or not dot or not method or not key:
             raise ConfigError(f"--param {spec!r}: expected METHOD.NAME=VALUE, e.g. rise.n_masks=128")
         out.setdefault(method.strip(), {})[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def apply_refine_options(pmap: dict[str, dict[str, Any]], methods: Sequence[str], refine: str | None,
+                         medsam: str | None) -> dict[str, dict[str, Any]]:
+    """Fold the ``--refine`` / ``--medsam`` shorthands into the per-method parameters.
+
+    ``--refine none|medsam`` sets ``medfocus.refine``; ``--medsam NAME`` (hub id, folder, or ``demo``)
+    sets the segmenter of ``medfocus`` and ``prompting_medsam``, whichever are selected. A ``--param``
+    saying otherwise is a conflict, not silently overridden."""
+    out = {m: dict(v) for m, v in pmap.items()}
+
+    def put(method: str, key: str, value: str, flag: str) -> None:
+        cur = out.setdefault(method, {})
+        if key in cur and cur[key] != value:
+            raise ConfigError(f"{flag} {value} conflicts with --param {method}.{key}={cur[key]}")
+        cur[key] = value
+
+    if refine is not None:
+        if "medfocus" not in methods:
+            raise ConfigError("--refine applies to the medfocus method, which is not selected (--method medfocus)")
+        put("medfocus", "refine", refine, "--refine")
+    if medsam is not None:
+        targets = [m for m in ("medfocus", "prompting_medsam") if m in methods]
+        if not targets:
+            raise ConfigError("--medsam applies to medfocus and prompting_medsam; neither is selected")
+        for m in targets:
+            put(m, "medsam", medsam, "--medsam")
     return out
 
 
@@ -143,6 +175,9 @@ def build_items(
 @click.option("--mode", "modes", multiple=True, type=click.Choice(["direct", "cot"]), default=("direct",), show_default=True, help="Output mode(s). Repeatable.")
 @click.option("--method", "methods", multiple=True, help="Attribution method(s). Repeatable. Default: all registered (10 baselines + medfocus).")
 @click.option("--param", "params", multiple=True, help="Method parameter METHOD.NAME=VALUE, e.g. rise.n_masks=128. Repeatable.")
+@click.option("--refine", type=click.Choice(["none", "medsam"]), default=None,
+              help="MedFocus concept refinement (shorthand for --param medfocus.refine=...); skipped with a notice when the MedSAM weights are absent.")
+@click.option("--medsam", default=None, help="Box-prompted segmenter for medfocus and prompting_medsam: a hub id, a local folder, or 'demo' (the demo segmenter, synthetic world only).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder (predictions.jsonl + heatmaps).")
 @click.option("--limit", type=int, default=None, help="At most this many samples per (model, dataset, mode).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Run seed (per-sample seeds derive from it).")
@@ -153,7 +188,7 @@ def build_items(
 @click.option("--include-negatives", is_flag=True, help="Without --bench: also attribute samples whose answer is No.")
 @click.option("--device", default=None, help="torch device for the models (default: cuda if available, else cpu).")
 @click.option("--no-progress", is_flag=True, help="Disable progress bars.")
-def attribute(bench, dataset, data_root, models, modes, methods, params, out_dir, limit, seed, shard, merge,
+def attribute(bench, dataset, data_root, models, modes, methods, params, refine, medsam, out_dir, limit, seed, shard, merge,
               retry_errors, save_token_maps, include_negatives, device, no_progress) -> None:
     """Run attribution methods on a benchmark split and store one record per
     (model, dataset, index, mode, method) in OUT/predictions.jsonl (resumable: rerun the same
@@ -178,7 +213,7 @@ def attribute(bench, dataset, data_root, models, modes, methods, params, out_dir
             from medfocus.attribution import list_methods
 
             methods = tuple(list_methods())
-        pmap = parse_params(params)
+        pmap = apply_refine_options(parse_params(params), methods, refine, medsam)
         unknown = sorted(set(pmap) - set(methods))
         if unknown:
             raise ConfigError(f"--param given for method(s) not selected: {unknown}")

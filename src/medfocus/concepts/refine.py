@@ -1,4 +1,4 @@
-"""Optional MedSAM refinement of transferred concept boxes (``--param medfocus.refine=medsam``).
+"""Optional MedSAM refinement of transferred concept boxes (``medfocus attribute --refine medsam``).
 
 MedSAM (Ma et al., 2024) is SAM ViT-B fine-tuned on medical images with *box* prompts. We load it
 through transformers' ``SamModel`` / ``SamProcessor`` (default checkpoint
