@@ -78,7 +78,7 @@ def train_demo(out_dir: str | None, seed: int, steps: int | None, n_cases: int |
 Examples:
   medfocus train-demo-sam --out runs/my-demo-sam                    # retrain (seed 0)
   medfocus train-demo-sam                                           # the shipped recipe (see its MODEL_CARD.md)
-  medfocus attribute ... --param medfocus.refine=medsam --param medfocus.medsam=runs/my-demo-sam
+  medfocus attribute ... --method medfocus --refine medsam --medsam runs/my-demo-sam
 """)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: the package's concepts/demo_medsam, i.e. what medsam='demo' loads).")

@@ -357,6 +357,5 @@ def model_card(info: dict[str, Any]) -> str:
         "the OT transfer finds with the default reference pool, IoU against the exact masks / their tight boxes "
         "(refined: largest connected component of the mask, as MedFocus uses it):\n\n" + "\n".join(rows) + "\n\n"
         "Reproduce: `medfocus train-demo-sam` (its defaults are this recipe; `--out DIR` to keep the shipped one). "
-        "Use: `MedFocus(..., refine=\"medsam\", refiner=\"demo\")`, `--param medfocus.refine=medsam --param "
-        "medfocus.medsam=demo`.\n"
+        "Use: `MedFocus(..., refine=\"medsam\", refiner=\"demo\")`, or `medfocus attribute --refine medsam --medsam demo`.\n"
     )

@@ -119,6 +119,15 @@ def _write_data(cfg: DemoConfig, data_dir: Path, ref_dir: Path, log: Callable[[s
     return samples
 
 
+def _segmenter_phrase(medsam: Any) -> str:
+    """How the report names a MedSAM setting."""
+    if medsam == DEMO_SEGMENTER:
+        return "the demo segmenter (a tiny SamModel trained on the synthetic world, standing in for MedSAM)"
+    if medsam in (None, "none"):
+        return "nothing (no segmenter)" if medsam == "none" else "MedSAM when its weights are present"
+    return f"the segmenter {medsam} when its weights are present"
+
+
 def _method_params(cfg: DemoConfig, methods: Sequence[str], ref_dir: Path) -> dict[str, dict[str, Any]]:
     from medfocus.attribution import list_methods
 
@@ -236,9 +245,10 @@ def run_demo(
     log(f"[attribute] {len(items)} filtered samples x {len(methods)} methods")
     method_params = _method_params(cfg, methods, out / "reference")
     pm_detector = method_params.get("prompting_medsam", {}).get("detector")
+    pm_segmenter = _segmenter_phrase(method_params.get("prompting_medsam", {}).get("medsam"))
     if pm_detector == "anatomy":
         log("[attribute] prompting_medsam uses the offline anatomy-grounded detector (phrases -> transferred "
-            "concept boxes), a stand-in for the paper's OWL-ViT; boxes refined by the demo segmenter (MedSAM stand-in)")
+            f"concept boxes), a stand-in for the paper's OWL-ViT; boxes refined by {pm_segmenter}")
     with ResultStore(out / "predictions.jsonl") as store:
         summary = run_grid(items, method_params, store, load_model=lambda _name: adapter,
                            seed=cfg.seed, progress=progress)
@@ -272,13 +282,12 @@ def run_demo(
     if pm_detector == "anatomy":
         run_info["prompting_medsam detector"] = ("anatomy (offline stand-in, not the paper's OWL-ViT): each phrase is "
                                                  "grounded to one of the 11 anatomical concepts and boxed by MedFocus' "
-                                                 "concept transfer, refined by the demo segmenter (a tiny SamModel "
-                                                 "trained on the synthetic world, standing in for MedSAM)")
+                                                 f"concept transfer, refined by {pm_segmenter}")
     if "medfocus" in method_params:
         mp = method_params["medfocus"]
-        run_info["MedFocus"] = (f"refine={mp.get('refine')} (segmenter {mp.get('medsam')}), region={mp.get('region', 'box')}, "
-                                f"rule={mp.get('rule', 'argmax')}; the demo segmenter is a tiny SamModel trained on the "
-                                "synthetic world, standing in for MedSAM")
+        refined = f"refined by {_segmenter_phrase(mp.get('medsam'))}" if mp.get("refine") == "medsam" else "not refined"
+        run_info["MedFocus"] = (f"concepts transferred by UOT, {refined}; region={mp.get('region', 'box')}, "
+                                f"rule={mp.get('rule', 'argmax')} (see benchmarks/medfocus_concepts.md)")
     report_path = build_report(preds, out / "report.html", metrics=metrics, retention=retention,
                                title="medfocus demo: synthetic chest X-rays, demo LVLM", run_info=run_info,
                                method_order=methods, seed=cfg.seed)
