@@ -267,3 +267,18 @@ def test_token_maps_of_huge_images_stay_low_resolution(toy: ToyAdapter, monkeypa
     assert low.extras["token_maps_lowres"].shape == (7, 32, 32)  # canvas resolution
     np.testing.assert_allclose(low.extras["final_token_heatmap"], full.extras["final_token_heatmap"])
     np.testing.assert_allclose(low.heatmap, full.heatmap)
+
+
+def test_rise_masks_match_upsample_then_crop():
+    """The separable rendering equals the textbook recipe: bilinear upsampling of the whole
+    (grid+1)-cell canvas (F.interpolate, align_corners=False), then a crop at the random shift."""
+    import torch.nn.functional as F
+
+    from medfocus.attribution.perturbation import RiseMasks
+
+    m = RiseMasks(12, 5, 0.5, (61, 47), seed=4)
+    up = F.interpolate(m.bits, size=m.up, mode="bilinear", align_corners=False)[:, 0]
+    ref = torch.stack([up[k, m.dy[k]: m.dy[k] + m.h, m.dx[k]: m.dx[k] + m.w] for k in range(len(m))])
+    assert torch.allclose(m[:], ref, atol=1e-6)
+    assert torch.allclose(m[3:7], ref[3:7], atol=1e-6) and m[3:7].shape == (4, 61, 47)
+    assert 0.0 <= float(m[:].min()) and float(m[:].max()) <= 1.0

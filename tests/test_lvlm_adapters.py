@@ -185,6 +185,26 @@ def test_batch_equals_single_and_masking(tiny_adapters, fam):
     assert torch.allclose(am[0], per[0], atol=1e-4) and am.shape == (2, c.n_answer_tokens)
 
 
+def test_qwen_patch_space_masking_equals_the_generic_path(tiny_adapters):
+    """Qwen blends in patch space; the result must be the generic unpatchify -> blend -> patchify's."""
+    from medfocus.lvlm.adapter import LVLMAdapter
+
+    a = tiny_adapters["qwen_vl"]
+    c = a.prepare(_img(60, 90, seed=8), Q, "Yes")  # letterboxed: padding rows/columns too
+    W, H = a.canvas_size
+    g = torch.Generator().manual_seed(0)
+    soft = torch.rand(3, H, W, generator=g)  # soft keeps (RISE-like), full resolution
+    cells = (torch.rand(3, *c.grid_hw, generator=g) > 0.5).float()  # token-grid keeps (occlusion-like)
+    image_baseline = torch.randn(3, H, W, generator=g)
+    for keep in (soft, cells):
+        for baseline in ("zero", "mean", image_baseline):
+            fast = a.masked_pixel_values(c, keep, baseline)
+            ref = LVLMAdapter.masked_pixel_values(a, c, keep, baseline)
+            assert fast.shape == ref.shape and torch.allclose(fast, ref, atol=1e-5)
+    with pytest.raises(ValueError, match="baseline"):
+        a.masked_pixel_values(c, soft, "blur")
+
+
 @pytest.mark.parametrize("fam", FAMS)
 def test_gradients_reach_pixels_and_image_features(tiny_adapters, fam):
     a = tiny_adapters[fam]

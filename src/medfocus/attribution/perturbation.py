@@ -104,7 +104,13 @@ class RiseMasks:
     """RISE masks (Petsiuk et al.): ``n`` random binary ``grid x grid`` grids (keep prob ``p_keep``),
     bilinearly upsampled to ``(grid+1)`` cells and randomly shifted by up to one cell, cropped to
     ``size_hw``; deterministic under ``seed``. ``masks[i:j]`` renders ``(j - i, h, w)`` float32 in [0, 1]
-    on demand (only the small grids and shifts are stored)."""
+    on demand (only the small grids and shifts are stored).
+
+    Rendering uses that bilinear upsampling is separable: with ``Ry (Uh, g)`` and ``Rx (Uw, g)`` the
+    1-D interpolation matrices (``align_corners=False``, as ``F.interpolate``), the upsampled grid is
+    ``Ry @ bits @ Rx^T`` and its crop at ``(dy, dx)`` is ``Ry[dy:dy+h] @ bits @ Rx[dx:dx+w]^T`` -- one
+    batched matrix product instead of upsampling the whole ``(grid+1)``-cell canvas and cropping it.
+    """
 
     def __init__(self, n: int, grid: int, p_keep: float, size_hw: tuple[int, int], seed: int) -> None:
         self.h, self.w = size_hw
@@ -114,14 +120,22 @@ class RiseMasks:
         self.bits = (torch.rand(n, 1, grid, grid, generator=g) < p_keep).float()
         self.dy = torch.randint(0, self.cell_h, (n,), generator=g)
         self.dx = torch.randint(0, self.cell_w, (n,), generator=g)
+        self.ry = _interp_matrix(grid, self.up[0])  # (Uh, g)
+        self.rx = _interp_matrix(grid, self.up[1])  # (Uw, g)
 
     def __len__(self) -> int:
         return self.bits.shape[0]
 
     def __getitem__(self, sl: slice) -> torch.Tensor:
-        idx = range(len(self))[sl]
-        up = F.interpolate(self.bits[sl], size=self.up, mode="bilinear", align_corners=False)[:, 0]
-        return torch.stack([up[k, self.dy[i] : self.dy[i] + self.h, self.dx[i] : self.dx[i] + self.w] for k, i in enumerate(idx)])
+        idx = torch.arange(len(self))[sl]
+        rows = self.dy[idx, None] + torch.arange(self.h)[None]  # (k, h) rows of the upsampled canvas
+        cols = self.dx[idx, None] + torch.arange(self.w)[None]  # (k, w)
+        return self.ry[rows] @ self.bits[idx, 0] @ self.rx[cols].transpose(1, 2)
+
+
+def _interp_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """``(n_out, n_in)`` matrix of 1-D linear upsampling with ``align_corners=False`` (``F.interpolate``'s)."""
+    return F.interpolate(torch.eye(n_in)[:, None], size=n_out, mode="linear", align_corners=False)[:, 0].T.contiguous()
 
 
 def rise_masks(n: int, grid: int, p_keep: float, size_hw: tuple[int, int], seed: int) -> torch.Tensor:
