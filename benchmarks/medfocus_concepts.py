@@ -38,6 +38,7 @@ from medfocus.concepts.intervention import RULES, decide, intervene, nested_winn
 from medfocus.concepts.method import MedFocus
 from medfocus.concepts.reference import default_pool
 from medfocus.datasets.synthetic import FINDINGS, generate_case
+from medfocus.datasets.synthetic.phantom import mask_box
 from medfocus.lvlm.answers import parse_yes_no
 from medfocus.lvlm.loading import load_lvlm
 from medfocus.types import BILATERAL, CONCEPTS, build_question, question_stem
@@ -46,8 +47,8 @@ SETTINGS = [("box", "none"), ("mask", "none"), ("box", "demo"), ("mask", "demo")
 
 
 def box_of(m: np.ndarray) -> tuple[float, float, float, float]:
-    ys, xs = np.nonzero(m)
-    return (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)) if ys.size else (0.0, 0.0, 1.0, 1.0)
+    """Tight box of an exact mask; a dummy 1-pixel box for a concept the finding hides entirely."""
+    return mask_box(m) or (0.0, 0.0, 1.0, 1.0)
 
 
 def hidden_region(shape: tuple[int, int], region: str, winner: str, boxes: dict, masks: dict) -> np.ndarray:

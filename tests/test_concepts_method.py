@@ -184,10 +184,7 @@ def test_mask_region_separates_concepts_whose_boxes_overlap():
     heart = case.concept_masks["cardiac silhouette"]
     model = RegionReader(heart)
     chat = model.prepare(case.image, Q + SUFFIXES["direct"], "Yes")
-    boxes = {c: _box_of(case.concept_masks[c]) for c in CONCEPTS if case.concept_masks[c].any()}
-    soft = {c: case.concept_masks[c].astype(np.float32) for c in CONCEPTS}
-    for c in CONCEPTS:  # an empty exact mask (the enlarged heart may hide a hilum): a dummy box; its mask stays empty
-        boxes.setdefault(c, (0.0, 0.0, 1.0, 1.0))
+    boxes, soft = _exact(case)  # an empty exact mask (the enlarged heart may hide a hilum): a dummy box
     by_box = dict(zip(*(lambda r: (r.names, r.deltas))(intervene(model, chat, boxes))))
     by_mask = dict(zip(*(lambda r: (r.names, r.deltas))(intervene(model, chat, boxes, region="mask", soft_masks=soft))))
     assert by_box["left lung"] > 0.3 * by_box["cardiac silhouette"]
@@ -214,6 +211,7 @@ def test_mask_region_with_an_empty_mask_hides_the_box(pool, case):
 
 
 def _exact(case):
+    """Exact concept boxes (a dummy 1-pixel box for an empty mask) and masks as soft masks."""
     boxes = {c: _box_of(case.concept_masks[c]) if case.concept_masks[c].any() else (0.0, 0.0, 1.0, 1.0) for c in CONCEPTS}
     return boxes, {c: case.concept_masks[c].astype(np.float32) for c in CONCEPTS}
 
@@ -397,10 +395,6 @@ def test_demo_model_cardiomegaly_uses_the_heart(pool, demo_adapter):
     if not (DEMO_SAM_DIR / "config.json").is_file():
         pytest.skip("demo segmenter not built yet (medfocus train-demo-sam)")
 
-    def box_of(m):
-        ys, xs = np.nonzero(m)
-        return (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)) if ys.size else (0.0, 0.0, 1.0, 1.0)
-
     refined_nested = MedFocus(demo_adapter, pool, cache=False, refine="medsam", refiner="demo", region="mask", rule="nested")
     plain = MedFocus(demo_adapter, pool, cache=False)
     for seed in range(3):
@@ -410,13 +404,13 @@ def test_demo_model_cardiomegaly_uses_the_heart(pool, demo_adapter):
         assert res.answer.strip().lower().startswith("yes"), res.answer
         assert res.refine == "medsam" and res.region == "mask"
         assert res.concept == "cardiac silhouette" and not res.fallback, (res.ranking()[:4], res.nested_checks)
-        (x1, y1, x2, y2), (hx1, hy1, hx2, hy2) = res.box, box_of(heart)
+        (x1, y1, x2, y2), (hx1, hy1, hx2, hy2) = res.box, _box_of(heart)
         inter = max(0, min(x2, hx2) - max(x1, hx1)) * max(0, min(y2, hy2) - max(y1, hy1))
         assert inter / ((x2 - x1) * (y2 - y1) + (hx2 - hx1) * (hy2 - hy1) - inter) > 0.7
         # the enlarged heart's borders lie inside the lung boxes but not inside the refined lung masks
         assert res.deltas["lungs"] < 0.1 * res.deltas["cardiac silhouette"], res.ranking()[:4]
 
-        exact = {c: box_of(case.concept_masks[c]) for c in CONCEPTS}
+        exact = _exact(case)[0]  # an empty exact mask (a hilum hidden by the heart): a dummy 1-pixel box
         iv = intervene(demo_adapter, demo_adapter.prepare(case.image, Q + SUFFIXES["direct"], res.answer), exact)
         d = dict(zip(iv.names, iv.deltas))
         assert d["cardiac silhouette"] >= 0.75 * max(d.values()) > 1.0, d

@@ -84,6 +84,15 @@ class Sample:
         self.boxes = [tuple(float(v) for v in b) for b in self.boxes]  # type: ignore[misc]
         self.image_size = (int(self.image_size[0]), int(self.image_size[1]))
 
+    @classmethod
+    def positive(cls, dataset: str, index: int, image_path: str, attribute: str, boxes: list[Box],
+                 image_size: tuple[int, int], *, concept: str | None = None, meta: dict[str, Any] | None = None) -> "Sample":
+        """A sample whose finding is present: the paper's question about ``attribute``
+        (:func:`question_stem`), answer ``"Yes"``, the expert ``boxes`` (original pixels)."""
+        return cls(dataset=dataset, index=index, image_path=image_path, attribute=attribute,
+                   question=question_stem(attribute), answer="Yes", boxes=boxes, image_size=image_size,
+                   concept=concept, meta={} if meta is None else meta)
+
     def question_for(self, mode: str) -> str:
         """The full prompt text for an output mode (stem + the paper's suffix)."""
         return build_question(self.question, mode)

@@ -44,7 +44,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -84,24 +84,28 @@ def atomic_write_text(path: Path, text: str) -> None:
             os.unlink(tmp)
 
 
-def read_log(path: str | os.PathLike[str]) -> dict[tuple[str, str, int], dict[str, Any]]:
-    """Rows of a split log by ``(model, dataset, index)``; later rows win; unreadable lines (a
-    line truncated by a kill) are skipped."""
-    rows: dict[tuple[str, str, int], dict[str, Any]] = {}
-    p = Path(path)
-    if not p.is_file():
-        return rows
-    with p.open(encoding="utf-8") as fh:
+def _keyed_lines(path: Path, key: Callable[[dict[str, Any]], Any]) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """``(key(row), row)`` for the JSON lines of ``path`` (none when it does not exist); blank lines
+    and lines that do not parse or lack the key's fields (a line truncated by a kill) are skipped."""
+    if not path.is_file():
+        return
+    with path.open(encoding="utf-8") as fh:
         for line in fh:
             line = line.strip()
             if not line:
                 continue
             try:
                 r = json.loads(line)
-                rows[(r["model"], r["dataset"], int(r["index"]))] = r
+                k = key(r)
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 continue
-    return rows
+            yield k, r
+
+
+def read_log(path: str | os.PathLike[str]) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """Rows of a split log by ``(model, dataset, index)``; later rows win; unreadable lines (a
+    line truncated by a kill) are skipped."""
+    return dict(_keyed_lines(Path(path), lambda r: (r["model"], r["dataset"], int(r["index"]))))
 
 
 def _repair_log(path: Path) -> None:
@@ -136,20 +140,11 @@ class GenerationCache:
         self.model, self.dataset, self.mode = model, dataset, mode
         self.path = Path(root) / "generations" / slug(model) / slug(dataset) / f"{mode}.jsonl"
         self._entries: dict[tuple[str, str, int, str, str, int], str] = {}
-        if self.path.is_file():
-            with self.path.open(encoding="utf-8") as fh:
-                for line in fh:
-                    line = line.strip()
-                    if not line:
-                        continue
-                    try:
-                        r = json.loads(line)
-                        key = (r["model"], r["dataset"], int(r["index"]), r["mode"], r["question"], int(r["max_new_tokens"]))
-                        text = r["text"]
-                    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                        continue
-                    if isinstance(text, str):
-                        self._entries[key] = text
+        rows = _keyed_lines(self.path, lambda r: (r["model"], r["dataset"], int(r["index"]), r["mode"], r["question"],
+                                                  int(r["max_new_tokens"])))
+        for key, r in rows:
+            if isinstance(r.get("text"), str):
+                self._entries[key] = r["text"]
 
     def _key(self, index: int, question: str, max_new_tokens: int) -> tuple[str, str, int, str, str, int]:
         return (self.model, self.dataset, int(index), self.mode, question, int(max_new_tokens))

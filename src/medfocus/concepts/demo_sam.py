@@ -112,13 +112,6 @@ def _normalise(images: torch.Tensor, processor: Any) -> torch.Tensor:
     return (x - mean) / std
 
 
-def _box_of(mask: np.ndarray) -> Box | None:
-    ys, xs = np.nonzero(mask)
-    if ys.size == 0:
-        return None
-    return (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
-
-
 def _jitter(box: Box, rng: random.Random, cfg: DemoSamConfig) -> Box:
     x1, y1, x2, y2 = box
     w, h = x2 - x1, y2 - y1
@@ -152,6 +145,7 @@ def build_data(cfg: DemoSamConfig, n: int, seed0: int, *, keep_masks: bool = Fal
     from medfocus.concepts.reference import default_pool
     from medfocus.concepts.transfer import transfer_concepts
     from medfocus.datasets.synthetic import FINDINGS, generate_case
+    from medfocus.datasets.synthetic.phantom import mask_box
 
     pool = default_pool()
     rng = random.Random(seed0)
@@ -176,7 +170,7 @@ def build_data(cfg: DemoSamConfig, n: int, seed0: int, *, keep_masks: bool = Fal
             tg[i, k] = m.reshape(q, 4, q, 4).mean((1, 3))
             if ms is not None:
                 ms[i, k] = m
-            b = _box_of(m)
+            b = mask_box(m)
             if b is not None:
                 ex[i, k] = b
         tr = transfer_concepts(case.image, pool, cache=None)

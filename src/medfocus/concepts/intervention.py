@@ -125,7 +125,6 @@ class InterventionResult:
         token_deltas: ``(K, T)`` ``max(0, logp_original - logp_variant)``.
         deltas: ``(K,)`` ``token_deltas.sum(1)``.
         n_forward: model inputs scored (``K + 1``).
-        hidden_fraction: ``(K,)`` fraction of the canvas each variant hid.
         keep: ``(K, canvas_h, canvas_w)`` the keep masks used (1 kept, 0 hidden).
     """
 
@@ -135,7 +134,6 @@ class InterventionResult:
     token_deltas: np.ndarray
     deltas: np.ndarray
     n_forward: int
-    hidden_fraction: np.ndarray | None = None
     keep: torch.Tensor | None = None
 
 
@@ -173,8 +171,7 @@ def intervene(adapter: Any, chat: Any, concept_boxes: Mapping[str, Box], *, base
     logp = score_chat(adapter, chat, torch.cat([orig, pv], 0), batch_size=batch_size).float().cpu().numpy()
     lp0, lpv = logp[0], logp[1:]
     tok = np.maximum(0.0, lp0[None, :] - lpv)
-    hidden = (1.0 - keep).mean(dim=(1, 2)).numpy()
-    return InterventionResult(list(vb), lp0, lpv, tok, tok.sum(1), int(logp.shape[0]), hidden, keep)
+    return InterventionResult(list(vb), lp0, lpv, tok, tok.sum(1), int(logp.shape[0]), keep)
 
 
 RULES = ("argmax", "nested")

@@ -66,7 +66,6 @@ class MedFocusResult:
         region: what each variant hid (``"box"`` or ``"mask"``).
         rule: how the winner was chosen (``"argmax"`` or ``"nested"``).
         nested_checks: the ``"nested"`` rule's tests ``{"container", "inner", "delta_rest", "accepted"}``.
-        hidden_fraction: variant -> fraction of the model's canvas it hid.
         seconds: ``{"generate", "transfer", "intervention", "total"}`` wall-clock seconds.
         passes: ``{"generate": g, "forward": n}`` model passes (``n = 16`` variant inputs incl. the
             original, plus one per check of the ``"nested"`` rule).
@@ -90,7 +89,6 @@ class MedFocusResult:
     refine: str = "none"
     region: str = "box"
     rule: str = "argmax"
-    hidden_fraction: dict[str, float] = field(default_factory=dict)
     nested_checks: list[dict[str, Any]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     passes: dict[str, int] = field(default_factory=dict)
@@ -249,7 +247,6 @@ class MedFocus:
             answer_tokens=list(chat.answer_tokens), logp_original=iv.logp_original.astype(np.float32),
             concept_boxes=dict(tr.boxes), soft_masks=dict(tr.soft_masks), heatmap=np.zeros((H0, W0), np.float32),
             reference_id=tr.reference_id, tau=self.tau, refine=tr.refine, region=self.region, rule=self.rule,
-            hidden_fraction={n: float(h) for n, h in zip(iv.names, iv.hidden_fraction)},
             nested_checks=[asdict(c) for c in checks], transfer_stats=dict(tr.stats),
         )
         hm = np.zeros((H0, W0), np.float32)

@@ -31,7 +31,7 @@ import pandas as pd
 
 from medfocus.datasets._common import SizeCache, check_box, id_str, parse_box_text
 from medfocus.errors import DataError
-from medfocus.types import Sample, question_stem
+from medfocus.types import Sample
 
 __all__ = ["load_imagenome", "find_gold_table", "image_relpath", "GOLD_FILE", "LAYOUT"]
 
@@ -121,15 +121,8 @@ def load_imagenome(
         attribute = str(label).strip()
         concept = regions[0] if regions and len(set(regions)) == 1 else None
         samples.append(
-            Sample(
-                dataset="imagenome",
-                index=len(samples),
-                image_path=str(path),
-                attribute=attribute,
-                question=question_stem(attribute),
-                answer="Yes",
-                boxes=boxes,
-                image_size=size,
+            Sample.positive(
+                "imagenome", len(samples), str(path), attribute, boxes, size,
                 concept=concept,
                 meta={"patient_id": pid, "study_id": sid, "image_id": iid, "categoryID": str(category),
                       "regions": regions, "source": str(table)},

@@ -26,7 +26,7 @@ from typing import Any
 
 from medfocus.datasets._common import SizeCache, check_box, load_json, parse_box_text
 from medfocus.errors import DataError
-from medfocus.types import Sample, question_stem
+from medfocus.types import Sample
 
 __all__ = ["load_padchest_gr", "LAYOUT", "STUDIES_FILE", "IMAGE_DIR", "N_TEST_STUDIES", "N_TRAIN_STUDIES"]
 
@@ -145,15 +145,8 @@ def load_padchest_gr(
                 "source": str(path),
             })
             samples.append(
-                Sample(
-                    dataset="padchest_gr",
-                    index=len(samples),
-                    image_path=str(img_path),
-                    attribute=attribute,
-                    question=question_stem(attribute),
-                    answer="Yes",
-                    boxes=boxes,
-                    image_size=size,
+                Sample.positive(
+                    "padchest_gr", len(samples), str(img_path), attribute, boxes, size,
                     meta=meta,
                 )
             )

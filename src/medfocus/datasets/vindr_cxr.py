@@ -36,7 +36,7 @@ import pandas as pd
 
 from medfocus.datasets._common import SizeCache, check_box, id_str, require_file
 from medfocus.errors import DataError
-from medfocus.types import Sample, question_stem
+from medfocus.types import Sample
 
 __all__ = ["load_vindr_cxr", "find_vindr_layout", "LAYOUT", "IMAGE_SUFFIXES"]
 
@@ -156,15 +156,8 @@ def load_vindr_cxr(
         if "class_id" in group.columns:
             meta["class_id"] = int(group["class_id"].iloc[0])
         samples.append(
-            Sample(
-                dataset="vindr_cxr",
-                index=len(samples),
-                image_path=str(path),
-                attribute=attribute,
-                question=question_stem(attribute),
-                answer="Yes",
-                boxes=boxes,
-                image_size=size,
+            Sample.positive(
+                "vindr_cxr", len(samples), str(path), attribute, boxes, size,
                 meta=meta,
             )
         )
