@@ -134,3 +134,11 @@ def test_attribute_refine_flag_needs_medfocus(fake_world, tmp_path):
     r = CliRunner().invoke(main, ["attribute", "--out", str(tmp_path / "o"), "--bench", str(fake_world["bench"]),
                                   "--refine", "sam2"])
     assert r.exit_code != 0 and "sam2" in r.output
+
+
+def test_unimportable_command_says_why(monkeypatch):
+    import medfocus.cli as cli
+
+    monkeypatch.setitem(cli.COMMANDS, "broken", "medfocus.no_such_module:cmd")
+    r = CliRunner().invoke(main, ["broken"])
+    assert r.exit_code != 0 and "command 'broken' is unavailable" in r.output and "no_such_module" in r.output

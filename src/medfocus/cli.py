@@ -51,10 +51,13 @@ class LazyGroup(click.Group):
         module, attr = target.split(":")
         try:
             return getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as exc:  # pragma: no cover - shown to the user
+        except (ImportError, AttributeError) as exc:
+            # Python unbinds ``exc`` when the except block ends: keep the message, not the name.
+            reason = str(exc)
+
             @click.command(name=name, help=_HELP.get(name, ""))
             def _unavailable() -> None:
-                raise click.ClickException(f"command {name!r} is unavailable: {exc}")
+                raise click.ClickException(f"command {name!r} is unavailable: {reason}")
 
             return _unavailable
 
