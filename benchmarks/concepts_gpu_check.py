@@ -7,7 +7,6 @@ GPU agree with the CPU, and their times. Needs torch with CUDA (no POT).
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 

@@ -77,7 +77,7 @@ def main() -> None:
                 store.append(float(np.abs(out[m].astype(float) - ref[m].astype(float)).mean()))
         rows.append((name, np.mean(times), np.mean(fg_mae), np.mean(bg_mae)))
 
-    head = f"| editor | s / edit | foreground MAE vs oracle | background MAE vs oracle |\n|---|---|---|---|\n"
+    head = "| editor | s / edit | foreground MAE vs oracle | background MAE vs oracle |\n|---|---|---|---|\n"
     body = "".join(f"| {n} | {t:.3f} | {f:.1f} | {b:.1f} |\n" for n, t, f, b in rows)
     md = (f"# Counterfactual editors on the synthetic world\n\n{len(samples)} positives ({args.n} films, "
           f"{args.size} px), foreground + background edit each; one process, 1 torch thread; "

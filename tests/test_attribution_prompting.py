@@ -10,7 +10,6 @@ import torch
 from medfocus.attribution import get_method
 from medfocus.attribution.prompting import (
     BOX_REQUEST,
-    PHRASE_REQUEST,
     OwlDetector,
     boxes_heatmap,
     parse_boxes,

@@ -18,7 +18,6 @@ from medfocus.datasets.synthetic.findings import (
 )
 from medfocus.datasets.synthetic.phantom import (
     Anatomy,
-    Geometry,
     Layer,
     build_geometry,
     compose,

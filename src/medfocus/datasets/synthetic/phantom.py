@@ -33,7 +33,6 @@ Concept masks (the 11 ImaGenome regions, exact, as drawn)
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import cv2
 import numpy as np

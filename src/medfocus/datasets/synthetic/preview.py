@@ -6,7 +6,6 @@ import math
 import os
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageDraw
 
 from medfocus.datasets.synthetic.case import SyntheticCase
