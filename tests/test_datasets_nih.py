@@ -139,3 +139,50 @@ def test_clip_boxes_counts():
     assert kept == [(0.0, 500.0, 300.0, 800.0), (0.0, 0.0, 10.0, 10.0)] and (c, d) == (1, 1)
     with pytest.raises(DataError, match="non-finite"):
         clip_boxes([(0, 0, float("nan"), 1)], (10, 10))
+
+
+class _BlobReader:
+    """A model with known evidence: "Yes" iff the film holds a saturated blob (>= 40 pixels at 255)."""
+
+    name = family = "blob"
+
+    def generate(self, images, questions, *, max_new_tokens=64, batch_size=8):
+        return ["Yes" if int((np.asarray(im) == 255).sum()) >= 40 else "No" for im in images]
+
+
+def test_bench_build_on_nih_with_transplant_and_inpaint(tmp_path, monkeypatch):
+    """`medfocus bench build --dataset nih_cxr8` runs the causal filter on NIH-layout films with the
+    CPU editors; a blob inside the expert box is edited out (answer flips), the background edit keeps it."""
+    import json
+
+    from click.testing import CliRunner
+
+    import medfocus.commands.bench as bench_cmd
+    from medfocus.cli import main
+    from medfocus.datasets.synthetic import write_reference_pool
+    from medfocus.io import read_image
+
+    pool = write_reference_pool(tmp_path / "pool", n=3, seed=5, size=128)
+    films = sorted((pool / "images").glob("*.png"))
+    base = tmp_path / "data" / "nih-chestxray8"
+    rows = []
+    for i, (p, label) in enumerate(zip(films[:2], ("Nodule", "Effusion"))):
+        img, _ = read_image(p)
+        img = np.minimum(img, 200).astype(np.uint8)
+        x, y = 30 + 20 * i, 40
+        img[y : y + 12, x : x + 12] = 255
+        name = f"0000000{i}_000.png"
+        (base / "images").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(base / "images" / name)
+        rows.append(f"{name},{label},{x - 4},{y - 4},20,20,,")
+    _write_list(base / "BBox_List_2017.csv", rows)
+    monkeypatch.setattr(bench_cmd, "_load_model", lambda name, device: _BlobReader())
+    for editor, extra in (("inpaint", []), ("transplant", ["--reference-dir", str(pool)])):
+        out = tmp_path / f"out_{editor}"
+        res = CliRunner().invoke(main, ["bench", "build", "--model", "blob", "--dataset", "nih_cxr8", "--data-root", str(tmp_path / "data"),
+                                        "--editor", editor, "--out", str(out), "--no-progress", *extra])
+        assert res.exit_code == 0, res.output
+        assert "blob / nih_cxr8 / direct: kept 2 of 2 positives (100.0%)" in res.output, res.output
+        recs = json.loads((out / "blob" / "nih_cxr8" / "direct.json").read_text())
+        assert [(r["attribute"], r["editor"].split("-")[0]) for r in recs] == [("nodule", editor), ("pleural effusion", editor)]
+        assert recs[0]["boxes"] == [[26.0, 36.0, 46.0, 56.0]]

@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import click
 
 from medfocus.commands.config import config_option
+from medfocus.commands.evaluate import faithfulness_config, faithfulness_options
 from medfocus.errors import ConfigError, DataError, MedfocusError
 
 EPILOG = """\b
@@ -26,6 +27,9 @@ Examples:
   medfocus attribute --bench runs/bench/demo/synthetic/direct.json --dataset synthetic --data-root runs/data \
       --method medfocus --refine medsam --medsam /models/medsam-vit-base \
       --param medfocus.region=mask --param medfocus.rule=nested --out runs/medfocus
+  # faithfulness beside plausibility: deletion/insertion AUCs of every heatmap (+ random / expert-box references)
+  medfocus attribute --bench runs/bench/demo/synthetic/direct.json --dataset synthetic --data-root runs/data \
+      --method occlusion --method gradcam --faithfulness --out runs/faith
 """
 
 
@@ -188,8 +192,10 @@ def build_items(
 @click.option("--include-negatives", is_flag=True, help="Without --bench: also attribute samples whose answer is No.")
 @click.option("--device", default=None, help="torch device for the models (default: cuda if available, else cpu).")
 @click.option("--no-progress", is_flag=True, help="Disable progress bars.")
+@faithfulness_options(default=False)
 def attribute(bench, dataset, data_root, models, modes, methods, params, refine, medsam, out_dir, limit, seed, shard, merge,
-              retry_errors, save_token_maps, include_negatives, device, no_progress) -> None:
+              retry_errors, save_token_maps, include_negatives, device, no_progress, faithfulness, faithfulness_steps,
+              faithfulness_baseline, faithfulness_batch_size) -> None:
     """Run attribution methods on a benchmark split and store one record per
     (model, dataset, index, mode, method) in OUT/predictions.jsonl (resumable: rerun the same
     command after an interruption)."""
@@ -198,6 +204,7 @@ def attribute(bench, dataset, data_root, models, modes, methods, params, refine,
 
     out = Path(out_dir)
     try:
+        faith_cfg = faithfulness_config(faithfulness, faithfulness_steps, faithfulness_baseline, faithfulness_batch_size)
         if merge:
             parts = sorted(out.glob("predictions.shard-*.jsonl"))
             if not parts:
@@ -228,7 +235,7 @@ def attribute(bench, dataset, data_root, models, modes, methods, params, refine,
         click.echo(f"{len(items)} samples x {len(method_params)} methods -> {store_path}")
         with ResultStore(store_path) as store:
             summary = run_grid(items, method_params, store, load_model=loader, seed=seed, retry_errors=retry_errors,
-                               save_token_maps=save_token_maps, progress=not no_progress)
+                               save_token_maps=save_token_maps, progress=not no_progress, faithfulness=faith_cfg)
         click.echo(f"done: {summary}")
         if summary.errors:
             click.echo(f"{summary.errors} records carry an error (see the 'error' field); rerun with --retry-errors to recompute them")

@@ -55,7 +55,7 @@ def _load_model(name: str, device: str | None) -> Any:
 @config_option
 @click.option("--model", required=True, help="LVLM registry name (`medfocus models`) or model folder, e.g. demo, qwen2_5_vl_3b.")
 @click.option("--model-name", default=None, help="Name written in the records (default: --model, or the folder name when --model is a path).")
-@click.option("--dataset", required=True, help="Dataset key: synthetic, imagenome, vindr_cxr, padchest_gr.")
+@click.option("--dataset", required=True, help="Dataset key: synthetic, imagenome, vindr_cxr, padchest_gr, nih_cxr8 (no credentials needed).")
 @click.option("--data-root", default=None, envvar="MEDFOCUS_DATA_ROOT", help="Dataset root (or $MEDFOCUS_DATA_ROOT).")
 @click.option("--mode", "modes", multiple=True, type=click.Choice(["direct", "cot"]), default=("direct",), show_default=True,
               help="Output mode(s); repeat for both.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import click
 
@@ -10,6 +11,8 @@ _EPILOG = """\b
 Examples:
   medfocus evaluate runs/demo/predictions.jsonl --out runs/demo/eval
   medfocus evaluate a.jsonl b.jsonl --out eval --metrics iou,f1,pointing_game --n-boot 2000
+  # faithfulness (deletion/insertion AUCs) of the stored heatmaps, re-scored by their model
+  medfocus evaluate runs/demo/predictions.jsonl --out runs/demo/eval --faithfulness --model demo
 
 \b
 Each JSONL line is one record:
@@ -19,10 +22,98 @@ Each JSONL line is one record:
 Relative heatmap paths are relative to the JSONL's folder.
 
 \b
-Writes into --out: table.md (printed), table.csv (long format with CIs), records.csv (per record).
+Writes into --out: table.md (printed), table.csv (long format with CIs), records.csv (per record);
+with --faithfulness also predictions.faithfulness.jsonl (the records with their curves; give it to
+`medfocus report RUN --predictions ...` for the faithfulness table and mean-curve plot).
 """
 
-ALL_METRICS = ("iou", "f1", "precision", "recall", "pointing_game", "energy_pg", "auprc")
+ALL_METRICS = ("iou", "f1", "precision", "recall", "pointing_game", "energy_pg", "auprc", "deletion_auc", "insertion_auc")
+
+
+def faithfulness_options(*, default: bool) -> Callable[[Any], Any]:
+    """The ``--faithfulness`` flag and its settings, shared by ``attribute`` and ``evaluate``."""
+
+    def deco(f: Any) -> Any:
+        for opt in reversed([
+            click.option("--faithfulness/--no-faithfulness", default=default, show_default=True,
+                         help="Deletion/insertion curves and AUCs (RISE protocol on image-token cells) of every heatmap, "
+                              "plus a random-map and an expert-box reference per sample (32 extra forward passes per "
+                              "heatmap at 16 steps)."),
+            click.option("--faithfulness-steps", default=16, show_default=True, type=click.IntRange(1), help="Equal fractions per curve."),
+            click.option("--faithfulness-baseline", default="blur", show_default=True, type=click.Choice(["blur", "zero", "mean"]),
+                         help="What a removed cell becomes."),
+            click.option("--faithfulness-batch-size", default=16, show_default=True, type=click.IntRange(1), help="Variants per forward pass."),
+        ]):
+            f = opt(f)
+        return f
+
+    return deco
+
+
+def faithfulness_config(enabled: bool, steps: int, baseline: str, batch_size: int) -> Any:
+    """A :class:`~medfocus.evaluation.faithfulness.FaithfulnessConfig` when ``enabled``, else ``None``."""
+    if not enabled:
+        return None
+    from medfocus.evaluation.faithfulness import FaithfulnessConfig
+
+    return FaithfulnessConfig(steps=steps, baseline=baseline, batch_size=batch_size)
+
+
+def add_faithfulness(records: Sequence[dict[str, Any]], model: str, cfg: Any, *, load_model: Callable[[str], Any] | None = None,
+                     progress: bool = True) -> tuple[int, int]:
+    """Add the faithfulness fields (:func:`~medfocus.evaluation.faithfulness.record_faithfulness`) to the
+    records of ``model`` that have a stored heatmap, in place, loading the model once. Records of other
+    models, failed records and box-only records are left as they are.
+
+    Returns:
+        ``(n_scored, n_other_model)``.
+
+    Raises:
+        DataError: a heatmap or image named by a record cannot be read (naming the record).
+    """
+    from medfocus.errors import DataError
+    from medfocus.evaluation import load_heatmap
+    from medfocus.evaluation.faithfulness import record_faithfulness
+    from medfocus.io import read_image
+
+    todo, other = [], 0
+    for r in records:
+        if r.get("error") or not r.get("heatmap_path") or not r.get("gt_boxes"):
+            continue
+        if str(r.get("model")) != model:
+            other += 1
+            continue
+        todo.append(r)
+    if not todo:
+        return 0, other
+    if load_model is None:
+        from medfocus.lvlm import load_lvlm as load_model
+    adapter = load_model(model)
+    refs: dict[tuple, dict[str, Any]] = {}
+    it: Any = todo
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(todo, desc="faithfulness", unit="rec")
+    n = 0
+    for r in it:
+        where = str(r.get("_where") or f"{r.get('model')}/{r.get('dataset')}#{r.get('index')} {r.get('method')}")
+        hp = Path(str(r["heatmap_path"]))
+        if not hp.is_absolute() and r.get("_base_dir"):
+            hp = Path(r["_base_dir"]) / hp
+        heat = load_heatmap(hp, required=False)
+        if heat is None:  # a box-output method's arrays: no map to rank
+            continue
+        r["heatmap_path"] = str(hp.resolve())
+        try:
+            image, _ = read_image(str(r["image_path"]))
+        except (KeyError, OSError) as exc:
+            raise DataError(f"{where}: cannot read the record's image ({type(exc).__name__}: {exc})") from exc
+        if heat.shape != image.shape:
+            raise DataError(f"{where}: heatmap shape {heat.shape} differs from the image's {image.shape}")
+        r.update(record_faithfulness(adapter, image, r, heat, cfg, refs))
+        n += 1
+    return n, other
 
 
 @click.command(name="evaluate", epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
@@ -35,7 +126,10 @@ ALL_METRICS = ("iou", "f1", "precision", "recall", "pointing_game", "energy_pg",
 @click.option("--q", default=0.9, show_default=True, type=click.FloatRange(0, 1), help="Heatmap threshold quantile.")
 @click.option("--min-area", default=16, show_default=True, type=click.IntRange(0), help="Minimum component area (pixels).")
 @click.option("--max-boxes", default=10, show_default=True, type=click.IntRange(1), help="Maximum boxes per heatmap.")
-def evaluate(predictions: tuple[Path, ...], out_dir: Path, metrics: str, n_boot: int, seed: int, q: float, min_area: int, max_boxes: int) -> None:
+@faithfulness_options(default=False)
+@click.option("--model", default=None, help="With --faithfulness: the LVLM (registry name or folder) whose records are re-scored.")
+def evaluate(predictions: tuple[Path, ...], out_dir: Path, metrics: str, n_boot: int, seed: int, q: float, min_area: int, max_boxes: int,
+             faithfulness: bool, faithfulness_steps: int, faithfulness_baseline: str, faithfulness_batch_size: int, model: str | None) -> None:
     """Score predicted boxes / heatmaps against expert boxes; write CSV/Markdown tables.
 
     Boxes from heatmaps: min-max normalise, threshold at the q-quantile of the positive values,
@@ -56,6 +150,29 @@ def evaluate(predictions: tuple[Path, ...], out_dir: Path, metrics: str, n_boot:
         raise click.ClickException(str(exc)) from None
     if not records:
         raise click.ClickException(f"no records in {', '.join(map(str, predictions))}")
+    if faithfulness and not model:
+        raise click.BadParameter("--faithfulness needs --model NAME (the LVLM whose heatmaps are re-scored)", param_hint="--model")
+    if model and not faithfulness:
+        raise click.BadParameter("--model is only used with --faithfulness", param_hint="--model")
+    if faithfulness:
+        from medfocus.runner.store import to_jsonable
+
+        try:
+            cfg = faithfulness_config(True, faithfulness_steps, faithfulness_baseline, faithfulness_batch_size)
+            n_done, n_other = add_faithfulness(records, str(model), cfg)
+        except MedfocusError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"faithfulness: {n_done} heatmap records scored with {model}"
+                   + (f" ({n_other} records of other models left out)" if n_other else ""), err=True)
+        if "deletion_auc" not in chosen:
+            chosen += ["deletion_auc", "insertion_auc"]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        import json
+
+        from medfocus.bench.build import atomic_write_text
+
+        lines = [json.dumps(to_jsonable({k: v for k, v in r.items() if not k.startswith("_")})) for r in records]
+        atomic_write_text(out_dir / "predictions.faithfulness.jsonl", "\n".join(lines) + "\n")
     df = evaluate_records(records, q=q, min_area=min_area, max_boxes=max_boxes, progress=len(records) > 200)
     out_dir.mkdir(parents=True, exist_ok=True)
     df.to_csv(out_dir / "records.csv", index=False)

@@ -2,7 +2,8 @@
 
 See :mod:`medfocus.evaluation.metrics` for the protocol (union of predicted boxes vs union of
 expert boxes), :mod:`medfocus.evaluation.records` for the prediction-record schema, and
-:mod:`medfocus.evaluation.tables` for the Table-1-shaped outputs.
+:mod:`medfocus.evaluation.tables` for the Table-1-shaped outputs. Faithfulness (deletion / insertion
+curves, which need the model) lives in :mod:`medfocus.evaluation.faithfulness`, imported on demand.
 """
 
 from medfocus.evaluation.boxes import boxes_to_mask, heatmap_to_boxes, normalize_heatmap, union_area

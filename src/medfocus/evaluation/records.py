@@ -18,6 +18,12 @@ A record with an ``error`` (or one that cannot be evaluated: missing heatmap fil
 yields a row with NaN metrics and the error text; tables exclude it from means and count it.
 A record without GT boxes (a negative sample) has no region to localise: NaN metrics, ``source =
 "no_gt"``, no error; tables leave it out.
+
+Faithfulness: ``deletion_auc`` / ``insertion_auc`` are not computed here (they need the model; see
+:mod:`medfocus.evaluation.faithfulness`): a record that carries them (runner ``--faithfulness``, or
+``medfocus evaluate --faithfulness --model``) passes them through, and :func:`evaluate_records` adds
+one row per sample for each reference map (method ``"reference: random map"`` / ``"reference:
+expert-box map"``) so tables read a method's numbers against both.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from medfocus.evaluation.metrics import auprc, energy_pointing_game, pointing_ga
 __all__ = ["evaluate_records", "evaluate_record", "read_prediction_records", "load_heatmap", "METRIC_COLUMNS", "KEY_COLUMNS"]
 
 KEY_COLUMNS = ("model", "dataset", "mode", "method", "index")
-METRIC_COLUMNS = ("iou", "f1", "precision", "recall", "pointing_game", "energy_pg", "auprc")
+METRIC_COLUMNS = ("iou", "f1", "precision", "recall", "pointing_game", "energy_pg", "auprc", "deletion_auc", "insertion_auc")
 
 
 def read_prediction_records(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -176,6 +182,12 @@ def evaluate_record(
             raise DataError(f"{where}: needs 'pred_boxes' or 'heatmap_path'")
         row["n_pred_boxes"] = len(pred)
         row.update(union_box_metrics(pred, gt))
+        for m in ("deletion_auc", "insertion_auc"):
+            v = record.get(m)
+            if v is not None:
+                if not isinstance(v, (int, float)) or not math.isfinite(float(v)) or not 0 <= float(v) <= 1:
+                    raise DataError(f"{where}: field {m!r} must be a number in [0, 1], got {v!r}")
+                row[m] = float(v)
         if heat is not None:
             row["pointing_game"] = float(pointing_game(heat, gt))
             row["energy_pg"] = energy_pointing_game(heat, gt)
@@ -207,8 +219,9 @@ def evaluate_records(
 
     Returns:
         DataFrame with columns ``model, dataset, mode, method, index, iou, f1, precision, recall,
-        pointing_game, energy_pg, auprc, n_pred_boxes, source, error`` (metrics in [0, 1], NaN when
-        not applicable or on error).
+        pointing_game, energy_pg, auprc, deletion_auc, insertion_auc, n_pred_boxes, source, error``
+        (metrics in [0, 1], NaN when not applicable or on error), plus the reference rows of the
+        records' faithfulness fields (``source == "reference"``).
     """
     recs = list(records)
     it = recs
@@ -217,5 +230,8 @@ def evaluate_records(
 
         it = tqdm(recs, desc="evaluate", unit="rec")
     rows = [evaluate_record(r, base_dir=base_dir, q=q, min_area=min_area, max_boxes=max_boxes) for r in it]
+    from medfocus.evaluation.faithfulness import reference_rows
+
+    rows += reference_rows(recs)
     cols = list(KEY_COLUMNS) + list(METRIC_COLUMNS) + ["n_pred_boxes", "source", "error"]
     return pd.DataFrame(rows, columns=cols)

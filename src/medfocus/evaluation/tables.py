@@ -32,6 +32,8 @@ METHOD_ORDER = (
     "prompting",
     "prompting_medsam",
     "medfocus",
+    "reference: random map",
+    "reference: expert-box map",
 )
 DATASET_ORDER = ("imagenome", "vindr_cxr", "padchest_gr", "synthetic")
 METRIC_LABELS = {
@@ -42,6 +44,8 @@ METRIC_LABELS = {
     "pointing_game": "PG",
     "energy_pg": "EPG",
     "auprc": "AUPRC",
+    "deletion_auc": "Del. AUC (lower = more faithful)",
+    "insertion_auc": "Ins. AUC (higher = more faithful)",
 }
 DATASET_LABELS = {"imagenome": "ImaGenome", "vindr_cxr": "VinDr-CXR", "padchest_gr": "PadChest-GR", "synthetic": "Synthetic"}
 GROUP_KEYS = ["model", "mode", "method", "dataset"]
@@ -178,6 +182,10 @@ def to_markdown(summary: pd.DataFrame, metrics: Sequence[str] = ("iou", "f1", "p
         "\n\nCells: mean x100 over samples [95% bootstrap CI]; IoU/F1/precision/recall of the union of "
         "predicted boxes vs the union of expert boxes."
     )
+    if {"deletion_auc", "insertion_auc"} & set(summary["metric"]) & set(metrics):
+        note += (" Del./Ins. AUC: area under the deletion / insertion curve of the mean answer-token probability "
+                 "(x100; RISE's protocol on image-token cells, medfocus.evaluation.faithfulness); the reference rows "
+                 "rank cells randomly / by the expert boxes.")
     return "\n\n".join(parts) + note + "\n"
 
 

@@ -216,3 +216,37 @@ def token_attribution(tokens: Sequence[str], scores: Mapping[str, Sequence[float
     if title:
         ax.set_title(title, fontsize=9, loc="left")
     return _png(fig)
+
+
+def faithfulness_curves(curves: Mapping[str, Mapping[str, Any]], *, title: str = "") -> bytes:
+    """Mean deletion (left) and insertion (right) curves per method: score = mean answer-token
+    probability vs fraction of image-token cells removed / revealed in the map's order. Reference maps
+    (names starting with ``"reference"``) are drawn dashed in grey / black.
+
+    Args:
+        curves: ``{method: {"fractions", "deletion", "insertion", "n"}}``
+            (:func:`medfocus.evaluation.faithfulness.mean_curves`).
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    cmap = plt.get_cmap("tab20")
+    ci = 0
+    for name, c in curves.items():
+        ref = name.startswith("reference")
+        style: dict[str, Any] = {"linestyle": "--", "color": "black" if "expert" in name else "grey", "linewidth": 1.6} if ref else \
+            {"color": cmap(ci % 20), "linewidth": 1.2}
+        ci += 0 if ref else 1
+        label = f"{name} (n={int(c.get('n', 0))})"
+        axes[0].plot(c["fractions"], c["deletion"], label=label, **style)
+        axes[1].plot(c["fractions"], c["insertion"], **style)
+    axes[0].set_title("deletion (lower area = more faithful)", fontsize=9)
+    axes[1].set_title("insertion (higher area = more faithful)", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("fraction of image-token cells", fontsize=8)
+        ax.set_xlim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("mean answer-token probability", fontsize=8)
+    fig.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _png(fig)

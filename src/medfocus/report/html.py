@@ -94,6 +94,85 @@ def results_table(summary: pd.DataFrame, *, model: str, mode: str, method_order:
     )
 
 
+FAITH_METRICS: tuple[str, ...] = ("iou", "deletion_auc", "insertion_auc")
+FAITH_LABELS = {"iou": "IoU", "deletion_auc": "Del. AUC ↓", "insertion_auc": "Ins. AUC ↑"}
+
+
+def faithfulness_table(summary: pd.DataFrame, *, model: str, mode: str, method_order: Sequence[str] | None = None) -> str:
+    """Plausibility beside faithfulness: methods (and the two reference maps) as rows, per dataset the
+    IoU, deletion AUC and insertion AUC (x100) with their 95% CI and ``n``; the best value per column is
+    bold (lowest for deletion). Rows without any faithfulness value (box-only methods) are left out."""
+    df = summary[(summary["model"] == model) & (summary["mode"] == mode)]
+    has_f = set(df[df["metric"].isin(["deletion_auc", "insertion_auc"])]["method"])
+    df = df[df["method"].isin(has_f)]
+    if df.empty:
+        return ""
+    datasets = list(dict.fromkeys(df["dataset"]))
+    order = list(dict.fromkeys([*(method_order or []), *df["method"]]))
+    refs = [m for m in order if m.startswith("reference")]
+    methods = [m for m in order if m in has_f and m not in refs] + [m for m in refs if m in has_f]
+    idx = {(r.dataset, r.method, r.metric): r for r in df.itertuples(index=False)}
+    best = {}
+    for ds in datasets:
+        for m in FAITH_METRICS:
+            vals = [idx[(ds, me, m)].mean for me in methods if (ds, me, m) in idx and not me.startswith("reference")
+                    and np.isfinite(idx[(ds, me, m)].mean)]
+            best[(ds, m)] = (min(vals) if m == "deletion_auc" else max(vals)) if vals else None
+    head1 = "".join(f'<th colspan="{len(FAITH_METRICS) + 1}">{_e(ds)}</th>' for ds in datasets)
+    head2 = "".join("".join(f"<th>{FAITH_LABELS[m]}</th>" for m in FAITH_METRICS) + "<th>n</th>" for _ in datasets)
+    body = []
+    for me in methods:
+        cells = [f'<th class="method">{_e(me)}</th>']
+        for ds in datasets:
+            ns = []
+            for m in FAITH_METRICS:
+                r = idx.get((ds, me, m))
+                if r is None or not np.isfinite(r.mean):
+                    cells.append('<td class="na">–</td>')
+                    continue
+                if m != "iou":
+                    ns.append(int(r.n))
+                bold = best[(ds, m)] is not None and not me.startswith("reference") and abs(r.mean - best[(ds, m)]) < 1e-9
+                val = f"<b>{r.mean:.1f}</b>" if bold else f"{r.mean:.1f}"
+                cells.append(f'<td>{val}<br><span class="ci">[{r.ci_low:.1f}, {r.ci_high:.1f}]</span></td>')
+            cells.append(f'<td class="n">{max(ns) if ns else 0}</td>')
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return (f'<table class="results"><thead><tr><th rowspan="2">Method</th>{head1}</tr><tr>{head2}</tr></thead>'
+            f"<tbody>{''.join(body)}</tbody></table>")
+
+
+def faithfulness_section(preds: Sequence[Mapping[str, Any]], metrics: pd.DataFrame | None, *, modes: Sequence[str], models: Sequence[str],
+                         method_order: Sequence[str], seed: int, keep: Any) -> list[str]:
+    """HTML parts of the "Faithfulness beside plausibility" section (empty when no record carries
+    deletion/insertion curves): per mode and model the :func:`faithfulness_table` and the mean curves."""
+    if metrics is None or "deletion_auc" not in metrics.columns or not np.isfinite(pd.to_numeric(metrics["deletion_auc"], errors="coerce")).any():
+        return []
+    from medfocus.evaluation import summarize as _summarize
+    from medfocus.evaluation.faithfulness import mean_curves
+
+    fsum = _summarize(metrics, FAITH_METRICS, seed=seed)
+    out = ["<h2>Faithfulness beside plausibility</h2>",
+           '<p class="meta">Deletion / insertion (Petsiuk et al., RISE, 2018): the image-token cells are removed (deletion) or '
+           "revealed (insertion) in the order of each method's map, in 16 equal steps by default, and the mean answer-token "
+           "probability is re-scored; the areas under the curves are x100. A faithful map drops the answer fast (low deletion "
+           "AUC) and restores it fast (high insertion AUC). References: a random map (seeded cell order) and the expert-box "
+           "mask. IoU is over all records of a method; Del./Ins. AUC over the records that carry curves (n).</p>"]
+    for mode in modes:
+        for model in models:
+            tab = faithfulness_table(fsum, model=model, mode=mode, method_order=method_order)
+            if not tab:
+                continue
+            out.append(f'<h3>{_e(MODE_LABELS.get(mode, mode))} · model <b>{_e(model)}</b></h3>' + tab)
+            curves = mean_curves([r for r in preds if r.get("mode") == mode and r.get("model") == model])
+            if curves:
+                order = {m: i for i, m in enumerate(method_order)}
+                curves = dict(sorted(curves.items(), key=lambda kv: (kv[0].startswith("reference"), order.get(kv[0], len(order)), kv[0])))
+                png = keep(figures.faithfulness_curves(curves, title=f"mean curves: {model}, {MODE_LABELS.get(mode, mode)}"),
+                           f"faithfulness_{mode}_{model}".replace("/", "-"))
+                out.append('<div class="figs">' + _img(png, f"faithfulness curves {mode} {model}", width="100%") + "</div>")
+    return out
+
+
 def frame_table(df: pd.DataFrame, *, float_fmt: str = "{:.1f}", cls: str = "plain") -> str:
     """A DataFrame as a plain HTML table (escaped; floats formatted)."""
     if df is None or len(df) == 0:
@@ -326,6 +405,9 @@ def build_report(
             tab = results_table(summary, model=model, mode=mode, method_order=methods)
             if tab:
                 parts.append(f'<p class="meta">Model: <b>{_e(model)}</b></p>' + tab)
+
+    # ---- faithfulness beside plausibility
+    parts.extend(faithfulness_section(preds, metrics, modes=modes, models=models, method_order=methods, seed=seed, keep=keep))
 
     # ---- retention
     parts.append("<h2>Causal filter: retention</h2>")

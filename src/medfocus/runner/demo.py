@@ -12,7 +12,10 @@ Steps, each resumable (a rerun with the same folder reuses what is already there
    detector, :data:`DEMO_PROMPTING_DETECTOR`, since OWL-ViT weights cannot be downloaded here; MedSAM
    refinement in both ``prompting_medsam`` and MedFocus by the shipped demo segmenter,
    :data:`DEMO_SEGMENTER`);
-5. **evaluate** — per-record metrics, ``table.csv`` / ``table.md`` (Table-1 layout);
+   The first :attr:`DemoConfig.faithfulness_per_mode` samples of each mode also get deletion /
+   insertion curves for every heatmap (:mod:`medfocus.evaluation.faithfulness`);
+5. **evaluate** — per-record metrics, ``table.csv`` / ``table.md`` (Table-1 layout, with the
+   deletion / insertion AUC columns);
 6. **report** — ``report.html`` (self-contained).
 
 Outputs in ``out_dir``: ``report.html``, ``table.md``, ``table.csv``, ``retention.md``,
@@ -70,6 +73,12 @@ class DemoConfig:
     """shortcut-cue rate of the synthetic data (None = the writer's default)."""
     max_new_tokens: int | None = None
     """generation budget of the causal filter (None = the bench defaults per mode)."""
+    faithfulness_per_mode: int = 8
+    """attributed samples per mode (the first of the diverse subset) that also get deletion/insertion
+    curves for every heatmap (0 = none); sized so the demo stays under its time target
+    (``benchmarks/demo_time.md``)."""
+    faithfulness_steps: int = 16
+    """steps of the deletion/insertion curves."""
 
 
 def diverse_subset(items: Sequence[Any], per_cell: int) -> list[Any]:
@@ -249,7 +258,16 @@ def run_demo(
     if pm_detector == "anatomy":
         log("[attribute] prompting_medsam uses the offline anatomy-grounded detector (phrases -> transferred "
             f"concept boxes), a stand-in for the paper's OWL-ViT; boxes refined by {pm_segmenter}")
+    faith_items = diverse_subset(items, cfg.faithfulness_per_mode) if cfg.faithfulness_per_mode > 0 else []
     with ResultStore(out / "predictions.jsonl") as store:
+        if faith_items:
+            from medfocus.evaluation.faithfulness import FaithfulnessConfig
+
+            # the faithfulness subset first (its records carry the curves), then the rest (skipped if done)
+            log(f"[attribute] {len(faith_items)} of them with deletion/insertion curves ({cfg.faithfulness_steps} steps)")
+            faith_summary = run_grid(faith_items, method_params, store, load_model=lambda _name: adapter, seed=cfg.seed,
+                                     progress=progress, faithfulness=FaithfulnessConfig(steps=cfg.faithfulness_steps, seed=cfg.seed))
+            log(f"[attribute] with curves: {faith_summary}")
         summary = run_grid(items, method_params, store, load_model=lambda _name: adapter,
                            seed=cfg.seed, progress=progress)
     log(f"[attribute] {summary}")
@@ -263,7 +281,8 @@ def run_demo(
     preds = [r for r in load_records(out / "predictions.jsonl")
              if (r["model"], r["dataset"], int(r["index"]), r["mode"]) in item_keys and r["method"] in methods]
     metrics = evaluate_records(preds)
-    table_md = build_tables(metrics, out, seed=cfg.seed)
+    table_metrics = ("iou", "f1", "precision", "recall") + (("deletion_auc", "insertion_auc") if faith_items else ())
+    table_md = build_tables(metrics, out, metrics=table_metrics, seed=cfg.seed)
     step("evaluate", t0)
 
     # 6. report
@@ -279,6 +298,9 @@ def run_demo(
                                         f"{len(splits[(cfg.attribute_editor, mode)])} kept" for mode in cfg.modes),
         "Step seconds": ", ".join(f"{k} {v:.0f}" for k, v in timings.items()),
     }
+    if faith_items:
+        run_info["Faithfulness"] = (f"deletion/insertion curves ({cfg.faithfulness_steps} steps, blur baseline) on "
+                                    f"{len(faith_items)} of the attributed samples (<= {cfg.faithfulness_per_mode} per mode)")
     if pm_detector == "anatomy":
         run_info["prompting_medsam detector"] = ("anatomy (offline stand-in, not the paper's OWL-ViT): each phrase is "
                                                  "grounded to one of the 11 anatomical concepts and boxed by MedFocus' "

@@ -281,6 +281,7 @@ def run_grid(
     save_token_maps: bool = False,
     progress: bool = True,
     release_model: bool = True,
+    faithfulness: Any | None = None,
 ) -> RunSummary:
     """Run every method on every work item, appending one record per key to ``store``.
 
@@ -302,13 +303,17 @@ def run_grid(
         save_token_maps: also store per-answer-token maps (``token_heatmaps``, float16 ``(T, H0, W0)``).
         progress: show a tqdm bar with ETA.
         release_model: drop the model after its group (frees memory before the next model loads).
+        faithfulness: a :class:`medfocus.evaluation.faithfulness.FaithfulnessConfig` to add deletion /
+            insertion curves (``deletion_auc``, ``insertion_auc``, ``faithfulness``) to every record with a
+            heatmap; ``None`` (default) skips them. The references are scored once per sample.
 
     Returns:
         a :class:`RunSummary`.
 
     Record fields: ``model, dataset, index, mode, method, attribute, question, answer, gt_answer, gt_boxes,
     image_size, image_path, pred_boxes, heatmap_boxes, heatmap_path, has_heatmap, n_forward, n_backward, seconds, wall_seconds, seed,
-    extras, error, traceback`` plus the item's ``extra`` mapping.
+    extras, error, traceback`` (+ ``deletion_auc, insertion_auc, faithfulness`` with ``faithfulness``) plus the
+    item's ``extra`` mapping.
     """
     method_params: dict[str, dict[str, Any]]
     if isinstance(methods, Mapping):
@@ -335,6 +340,7 @@ def run_grid(
 
     method_objs: dict[str, Any] = {}
     method_errors: dict[str, str] = {}
+    faith_refs: dict[tuple, dict[str, Any]] = {}  # reference curves, once per sample
 
     def get_method_obj(name: str) -> Any:
         if name not in method_objs and name not in method_errors:
@@ -454,6 +460,10 @@ def run_grid(
                             traceback=None,
                         )
                         rec["has_heatmap"] = heat is not None
+                        if faithfulness is not None and heat is not None:
+                            from medfocus.evaluation.faithfulness import record_faithfulness
+
+                            rec.update(record_faithfulness(adapter, image, rec, heat, faithfulness, faith_refs))
                         store.append(rec)
                         summary.done += 1
                     except (KeyboardInterrupt, SystemExit):
