@@ -139,3 +139,20 @@ def test_curve_auc_trapezoid():
     assert curve_auc([0, 1], [0.2, 0.2]) == pytest.approx(0.2)
     with pytest.raises(ValueError):
         curve_auc([0], [1])
+
+
+def test_mean_curves_and_reference_rows_count_each_sample_once():
+    from medfocus.evaluation.faithfulness import mean_curves, reference_rows
+
+    def rec(index, method, d, i, ref_d):
+        ref = {"deletion_auc": 0.5, "insertion_auc": 0.4, "deletion": ref_d, "insertion": [0.0, 1.0]}
+        return {"model": "m", "dataset": "d", "mode": "direct", "index": index, "method": method,
+                "faithfulness": {"deletion": d, "insertion": i, "random": ref}}
+
+    recs = [rec(0, "a", [1.0, 0.0], [0.0, 1.0], [1.0, 0.6]), rec(0, "b", [1.0, 0.5], [0.5, 1.0], [1.0, 0.6]),
+            rec(1, "a", [0.8, 0.2], [0.2, 0.8], [1.0, 0.2])]
+    mc = mean_curves(recs)
+    assert mc["a"]["deletion"] == pytest.approx([0.9, 0.1]) and mc["a"]["n"] == 2 and mc["b"]["n"] == 1
+    assert mc["reference: random map"]["deletion"] == pytest.approx([1.0, 0.4]) and mc["reference: random map"]["n"] == 2
+    rows = reference_rows(recs + [dict(recs[0], error="boom", index=5)])
+    assert [(r["index"], r["method"]) for r in rows] == [(0, "reference: random map"), (1, "reference: random map")]

@@ -168,11 +168,16 @@ def cell_scores(heatmap: np.ndarray, geometry: Any, cells: np.ndarray, n_cells: 
 
 def cell_order(scores: np.ndarray, seed: int) -> np.ndarray:
     """Indices of the finite ``scores`` by decreasing value, ties in a fixed seeded random order
-    (a permutation of all ``len(scores)`` cells from ``default_rng(seed)``)."""
+    (a permutation of all ``len(scores)`` cells from ``default_rng(seed)``). Values within 1e-6 of the
+    scores' range of each other count as tied, so resampling round-off in a flat map is not read as
+    a ranking."""
     s = np.asarray(scores, dtype=np.float64)
     tie = np.random.default_rng(int(seed)).permutation(s.size)
     valid = np.flatnonzero(np.isfinite(s))
-    return valid[np.lexsort((tie[valid], -s[valid]))]
+    v = s[valid]
+    span = float(v.max() - v.min()) if v.size else 0.0
+    q = np.round((v - v.min()) / span * 1e6) if span > 0 else np.zeros_like(v)
+    return valid[np.lexsort((tie[valid], -q))]
 
 
 @dataclass
