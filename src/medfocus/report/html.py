@@ -2,7 +2,9 @@
 no external resources), meant to be attached to a paper review.
 
 Sections: run overview; Table-1-style results (IoU, F1, precision, recall x100 per method x dataset,
-95% bootstrap CI and n) for every model in direct and step-by-step mode; the retention table of the
+95% bootstrap CI and n) for every model in direct and step-by-step mode; when records carry
+deletion/insertion curves, faithfulness beside plausibility (IoU, deletion and insertion AUC with CIs,
+random-map and expert-box references, mean curves); the retention table of the
 causal filter; per-method bars and the method x model matrix; a sample gallery (X-ray + GT boxes +
 each method's heatmap and predicted boxes); MedFocus concept rankings and step-by-step answers with
 tokens coloured by attribution; failures.
@@ -130,78 +132,71 @@ FAITH_METRICS: tuple[str, ...] = ("iou", "deletion_auc", "insertion_auc")
 FAITH_LABELS = {"iou": "IoU", "deletion_auc": "Del. AUC ↓", "insertion_auc": "Ins. AUC ↑"}
 
 
-def faithfulness_table(summary: pd.DataFrame, *, model: str, mode: str, method_order: Sequence[str] | None = None) -> str:
-    """Plausibility beside faithfulness: methods (and the two reference maps) as rows, per dataset the
-    IoU, deletion AUC and insertion AUC (x100) with their 95% CI and ``n``; the best value per column is
-    bold (lowest for deletion). Rows without any faithfulness value (box-only methods) are left out."""
+def faithfulness_table_data(summary: pd.DataFrame, *, model: str, mode: str, method_order: Sequence[str] | None = None
+                            ) -> dict[str, Any] | None:
+    """Plausibility beside faithfulness, as the plain data of the ``results_table`` macro: methods (then
+    the two reference maps) as rows, per dataset the IoU, deletion AUC and insertion AUC (x100) with their
+    95% CI and ``n`` (records with curves); the best method per column is bold (lowest for deletion).
+    Methods without any curve (box-only methods) are left out; ``None`` when nothing is left."""
     df = summary[(summary["model"] == model) & (summary["mode"] == mode)]
     has_f = set(df[df["metric"].isin(["deletion_auc", "insertion_auc"])]["method"])
     df = df[df["method"].isin(has_f)]
     if df.empty:
-        return ""
+        return None
     datasets = list(dict.fromkeys(df["dataset"]))
     order = list(dict.fromkeys([*(method_order or []), *df["method"]]))
-    refs = [m for m in order if m.startswith("reference")]
+    refs = [m for m in order if str(m).startswith("reference")]
     methods = [m for m in order if m in has_f and m not in refs] + [m for m in refs if m in has_f]
     idx = {(r.dataset, r.method, r.metric): r for r in df.itertuples(index=False)}
     best = {}
     for ds in datasets:
         for m in FAITH_METRICS:
-            vals = [idx[(ds, me, m)].mean for me in methods if (ds, me, m) in idx and not me.startswith("reference")
-                    and np.isfinite(idx[(ds, me, m)].mean)]
+            vals = [idx[(ds, me, m)].mean for me in methods if (ds, me, m) in idx and me not in refs and np.isfinite(idx[(ds, me, m)].mean)]
             best[(ds, m)] = (min(vals) if m == "deletion_auc" else max(vals)) if vals else None
-    head1 = "".join(f'<th colspan="{len(FAITH_METRICS) + 1}">{_e(ds)}</th>' for ds in datasets)
-    head2 = "".join("".join(f"<th>{FAITH_LABELS[m]}</th>" for m in FAITH_METRICS) + "<th>n</th>" for _ in datasets)
-    body = []
+    rows = []
     for me in methods:
-        cells = [f'<th class="method">{_e(me)}</th>']
+        groups = []
         for ds in datasets:
-            ns = []
+            ns, cells = [], []
             for m in FAITH_METRICS:
                 r = idx.get((ds, me, m))
                 if r is None or not np.isfinite(r.mean):
-                    cells.append('<td class="na">–</td>')
+                    cells.append(None)
                     continue
                 if m != "iou":
                     ns.append(int(r.n))
-                bold = best[(ds, m)] is not None and not me.startswith("reference") and abs(r.mean - best[(ds, m)]) < 1e-9
-                val = f"<b>{r.mean:.1f}</b>" if bold else f"{r.mean:.1f}"
-                cells.append(f'<td>{val}<br><span class="ci">[{r.ci_low:.1f}, {r.ci_high:.1f}]</span></td>')
-            cells.append(f'<td class="n">{max(ns) if ns else 0}</td>')
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return (f'<table class="results"><thead><tr><th rowspan="2">Method</th>{head1}</tr><tr>{head2}</tr></thead>'
-            f"<tbody>{''.join(body)}</tbody></table>")
+                bold = best[(ds, m)] is not None and me not in refs and abs(r.mean - best[(ds, m)]) < 1e-9
+                cells.append({"mean": f"{r.mean:.1f}", "lo": f"{r.ci_low:.1f}", "hi": f"{r.ci_high:.1f}", "bold": bold})
+            groups.append({"cells": cells, "n": max(ns) if ns else 0, "errors": 0})
+        rows.append({"method": str(me), "groups": groups})
+    return {"datasets": [str(d) for d in datasets], "metric_labels": [FAITH_LABELS[m] for m in FAITH_METRICS], "rows": rows}
 
 
 def faithfulness_section(preds: Sequence[Mapping[str, Any]], metrics: pd.DataFrame | None, *, modes: Sequence[str], models: Sequence[str],
-                         method_order: Sequence[str], seed: int, keep: Any) -> list[str]:
-    """HTML parts of the "Faithfulness beside plausibility" section (empty when no record carries
-    deletion/insertion curves): per mode and model the :func:`faithfulness_table` and the mean curves."""
+                         method_order: Sequence[str], seed: int, keep: Any) -> list[dict[str, Any]] | None:
+    """Data of the "Faithfulness beside plausibility" section: per mode and model the
+    :func:`faithfulness_table_data` and the mean-curve figure; ``None`` when no record carries curves."""
     if metrics is None or "deletion_auc" not in metrics.columns or not np.isfinite(pd.to_numeric(metrics["deletion_auc"], errors="coerce")).any():
-        return []
+        return None
     from medfocus.evaluation import summarize as _summarize
     from medfocus.evaluation.faithfulness import mean_curves
 
     fsum = _summarize(metrics, FAITH_METRICS, seed=seed)
-    out = ["<h2>Faithfulness beside plausibility</h2>",
-           '<p class="meta">Deletion / insertion (Petsiuk et al., RISE, 2018): the image-token cells are removed (deletion) or '
-           "revealed (insertion) in the order of each method's map, in 16 equal steps by default, and the mean answer-token "
-           "probability is re-scored; the areas under the curves are x100. A faithful map drops the answer fast (low deletion "
-           "AUC) and restores it fast (high insertion AUC). References: a random map (seeded cell order) and the expert-box "
-           "mask. IoU is over all records of a method; Del./Ins. AUC over the records that carry curves (n).</p>"]
+    out = []
     for mode in modes:
         for model in models:
-            tab = faithfulness_table(fsum, model=model, mode=mode, method_order=method_order)
-            if not tab:
+            tab = faithfulness_table_data(fsum, model=model, mode=mode, method_order=method_order)
+            if tab is None:
                 continue
-            out.append(f'<h3>{_e(MODE_LABELS.get(mode, mode))} · model <b>{_e(model)}</b></h3>' + tab)
+            fig = None
             curves = mean_curves([r for r in preds if r.get("mode") == mode and r.get("model") == model])
             if curves:
                 order = {m: i for i, m in enumerate(method_order)}
                 curves = dict(sorted(curves.items(), key=lambda kv: (kv[0].startswith("reference"), order.get(kv[0], len(order)), kv[0])))
                 png = keep(figures.faithfulness_curves(curves, title=f"mean curves: {model}, {MODE_LABELS.get(mode, mode)}"),
-                           f"faithfulness_{mode}_{model}".replace("/", "-"))
-                out.append('<div class="figs">' + _img(png, f"faithfulness curves {mode} {model}", width="100%") + "</div>")
+                           "faithfulness", mode, model)
+                fig = _fig(png, f"faithfulness curves {mode} {model}", width="100%")
+            out.append({"label": MODE_LABELS.get(mode, mode), "model": str(model), "table": tab, "fig": fig})
     return out
 
 
@@ -421,7 +416,7 @@ def build_report(
         ctx["results"].append({"label": MODE_LABELS.get(mode, mode), "tables": tables})
 
     # ---- faithfulness beside plausibility
-    parts.extend(faithfulness_section(preds, metrics, modes=modes, models=models, method_order=methods, seed=seed, keep=keep))
+    ctx["faithfulness"] = faithfulness_section(preds, metrics, modes=modes, models=models, method_order=methods, seed=seed, keep=keep)
 
     # ---- retention
     ctx["retention"] = None
