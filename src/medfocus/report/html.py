@@ -14,6 +14,7 @@ import base64
 import datetime as _dt
 import html
 import logging
+import textwrap
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -49,12 +50,16 @@ def _img(png: bytes, alt: str, width: str | None = None) -> str:
     return f'<img alt="{_e(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}"{style}>'
 
 
-def results_table(summary: pd.DataFrame, *, model: str, mode: str, method_order: Sequence[str] | None = None) -> str:
+def results_table(summary: pd.DataFrame, *, model: str, mode: str, method_order: Sequence[str] | None = None,
+                  best: Mapping[tuple[str, str], str] | None = None) -> str:
     """Table-1-style HTML table: methods as rows, datasets as column groups, IoU/F1/Prec./Rec. (x100)
-    with their 95% CI below and ``n`` (failed records in red); the best mean per column is bold.
+    with their 95% CI below and ``n`` (failed records in red). A method whose records all failed says
+    "failed" in its cells, never a number.
 
     Args:
         summary: :func:`summarize` output.
+        best: ``{(dataset, metric): method}`` of the methods to mark as best (bold), i.e. those
+            significantly better than every other method (:func:`significant_best`); ``None`` marks none.
     """
     df = summary[(summary["model"] == model) & (summary["mode"] == mode)]
     if df.empty:
@@ -63,11 +68,7 @@ def results_table(summary: pd.DataFrame, *, model: str, mode: str, method_order:
     methods = list(dict.fromkeys(method_order or [])) + [m for m in dict.fromkeys(df["method"]) if m not in (method_order or [])]
     methods = [m for m in methods if m in set(df["method"])]
     idx = {(r.dataset, r.method, r.metric): r for r in df.itertuples(index=False)}
-    best = {}
-    for ds in datasets:
-        for m in METRICS:
-            vals = [idx[(ds, me, m)].mean for me in methods if (ds, me, m) in idx and np.isfinite(idx[(ds, me, m)].mean)]
-            best[(ds, m)] = max(vals) if vals else None
+    best = dict(best or {})
     head1 = "".join(f'<th colspan="{len(METRICS) + 1}">{_e(ds)}</th>' for ds in datasets)
     head2 = "".join("".join(f"<th>{METRIC_LABELS[m]}</th>" for m in METRICS) + "<th>n</th>" for _ in datasets)
     body = []
@@ -77,11 +78,14 @@ def results_table(summary: pd.DataFrame, *, model: str, mode: str, method_order:
             n = None
             for m in METRICS:
                 r = idx.get((ds, me, m))
+                if r is not None and int(r.n) == 0 and int(getattr(r, "n_error", 0)) > 0:
+                    cells.append('<td class="failed">failed</td>')  # every record failed: not a score of 0
+                    continue
                 if r is None or not np.isfinite(r.mean):
                     cells.append('<td class="na">–</td>')
                     continue
                 n = r.n
-                bold = best[(ds, m)] is not None and abs(r.mean - best[(ds, m)]) < 1e-9
+                bold = best.get((ds, m)) == me
                 val = f"<b>{r.mean:.1f}</b>" if bold else f"{r.mean:.1f}"
                 cells.append(f'<td>{val}<br><span class="ci">[{r.ci_low:.1f}, {r.ci_high:.1f}]</span></td>')
             errs = max((int(getattr(idx[(ds, me, m)], "n_error", 0)) for m in METRICS if (ds, me, m) in idx), default=0)
@@ -92,6 +96,20 @@ def results_table(summary: pd.DataFrame, *, model: str, mode: str, method_order:
         f'<table class="results"><thead><tr><th rowspan="2">Method</th>{head1}</tr><tr>{head2}</tr></thead>'
         f"<tbody>{''.join(body)}</tbody></table>"
     )
+
+
+def significant_best(metrics: pd.DataFrame | None, *, n_boot: int = 1000, seed: int = 0) -> dict[tuple[str, str], dict[tuple[str, str], str]]:
+    """``{(model, mode): {(dataset, metric): method}}`` of the methods that are significantly better
+    than every other method in their column (:func:`medfocus.evaluation.best_methods`, paired bootstrap)."""
+    from medfocus.evaluation import best_methods
+
+    out: dict[tuple[str, str], dict[tuple[str, str], str]] = {}
+    if metrics is None or len(metrics) == 0 or "index" not in metrics.columns:
+        return out
+    for r in best_methods(metrics, METRICS, n_boot=n_boot, seed=seed).itertuples(index=False):
+        if r.significant:
+            out.setdefault((str(r.model), str(r.mode)), {})[(str(r.dataset), str(r.metric))] = str(r.best)
+    return out
 
 
 def frame_table(df: pd.DataFrame, *, float_fmt: str = "{:.1f}", cls: str = "plain") -> str:
@@ -203,6 +221,33 @@ def medfocus_view(rec: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> d
     return out
 
 
+def gallery_strata(cells: Mapping[tuple, Sequence[Mapping[str, Any]]], mode: str, *, per_finding: int) -> list[tuple[str, list[tuple]]]:
+    """The gallery's samples of one mode, stratified by finding: ``[(finding, [cell key, ...]), ...]``,
+    findings in alphabetical order, up to ``per_finding`` samples each — those with the most successful
+    methods, then by dataset, index and model (deterministic). ``cells`` maps
+    ``(model, dataset, index, mode)`` to that sample's records."""
+    by_finding: dict[str, list[tuple]] = {}
+    for k, recs in cells.items():
+        if k[3] == mode:
+            by_finding.setdefault(str(recs[0].get("attribute") or "unknown finding"), []).append(k)
+    out = []
+    for finding in sorted(by_finding):
+        keys = sorted(by_finding[finding], key=lambda k: (-sum(1 for r in cells[k] if not r.get("error")), k[1], k[2], k[0]))
+        if per_finding > 0:
+            out.append((finding, keys[:per_finding]))
+    return out
+
+
+def gallery_panel(rec: Mapping[str, Any], arrays: Mapping[str, np.ndarray], iou: float | None) -> dict[str, Any]:
+    """One method's panel of a gallery row (see :func:`medfocus.report.figures.sample_gallery_row`): its
+    heatmap, boxes, IoU, error, and for MedFocus the winning concept and whether the fallback fired."""
+    ex = rec.get("extras") or {}
+    boxes = rec.get("pred_boxes") if rec.get("pred_boxes") is not None else rec.get("heatmap_boxes")
+    return {"method": rec["method"], "heatmap": arrays.get("heatmap"), "pred_boxes": boxes, "score": iou,
+            "error": rec.get("error"), "winner": _first(ex, "winner", "winning_concept", "concept") if rec["method"] == "medfocus" else None,
+            "fallback": bool(_first(ex, "fallback", "whole_image_fallback")) if rec["method"] == "medfocus" else None}
+
+
 # ---- the report ------------------------------------------------------------------------------------
 CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1300px;color:#1b1b1b;padding:0 16px}
@@ -210,9 +255,9 @@ h1{font-size:24px;margin-bottom:4px} h2{font-size:19px;border-bottom:2px solid #
 h3{font-size:15px;margin:18px 0 6px} .meta{color:#555;font-size:13px}
 table{border-collapse:collapse;font-size:12px;margin:8px 0 14px}
 th,td{border:1px solid #ccc;padding:3px 6px;text-align:center} thead th{background:#f1f3f6}
-th.method{text-align:left;background:#fafafa;font-weight:600} td.na{color:#aaa} .ci{color:#777;font-size:10px}
+th.method{text-align:left;background:#fafafa;font-weight:600} td.na{color:#aaa} td.failed{color:#b71c1c;font-style:italic} .ci{color:#777;font-size:10px}
 td.n{color:#555} .figs img{margin:4px 10px 4px 0;border:1px solid #eee;max-width:48%;vertical-align:top}
-.caption{font-size:12px;color:#333;margin:14px 0 0} .gallery img{max-width:100%;display:block;margin:8px 0}
+.caption{font-size:13px;color:#333;margin:14px 0 0;overflow-wrap:anywhere} h4{font-size:14px;margin:16px 0 2px} .gallery img{max-width:100%;display:block;margin:8px 0}
 .note{background:#fff8e1;border-left:4px solid #ffb300;padding:6px 10px;font-size:13px}
 .err{color:#b71c1c;font-size:12px} code{background:#f4f4f4;padding:1px 3px}
 .legend span{display:inline-block;padding:0 6px;margin-right:10px;font-size:12px}
@@ -229,11 +274,13 @@ def build_report(
     title: str = "medfocus report",
     run_info: Mapping[str, Any] | None = None,
     base_dir: str | Path | None = None,
-    gallery: int = 4,
+    gallery: int = 1,
     medfocus_examples: int = 3,
     method_order: Sequence[str] | None = None,
     figures_dir: str | Path | None = None,
     seed: int = 0,
+    fig_format: str = "png",
+    dpi: int = figures.DPI,
 ) -> Path:
     """Write the self-contained HTML report.
 
@@ -246,13 +293,25 @@ def build_report(
         retention: the causal filter's retention table (rows of dicts or a DataFrame), any columns.
         run_info: extra ``key: value`` lines for the overview (e.g. elapsed time, seeds, editors).
         base_dir: directory relative heatmap paths are relative to (default: ``out``'s directory).
-        gallery: number of samples in the gallery (per mode that has results).
+        gallery: samples in the gallery per finding, for each mode that has results (the gallery is
+            stratified by finding, so every finding of the run is shown).
         medfocus_examples: number of MedFocus examples (concept ranking + token colouring).
         method_order: row order of the tables (default: first appearance).
-        figures_dir: also save every figure there as PNG.
+        figures_dir: also save every figure there, in ``fig_format``.
+        seed: seed of the bootstrap intervals and of the paired significance test.
+        fig_format: ``png``, ``svg`` or ``pdf`` for the saved figures (the HTML always embeds PNGs).
+        dpi: resolution of PNGs and of the rasters inside vector figures.
     Returns:
         the path written.
+    Raises:
+        ConfigError: unknown ``fig_format`` or a ``dpi`` outside 30..1200.
     """
+    from medfocus.errors import ConfigError
+
+    if fig_format not in figures.FORMATS:
+        raise ConfigError(f"figure format must be one of {', '.join(figures.FORMATS)}, got {fig_format!r}")
+    if not 30 <= int(dpi) <= 1200:
+        raise ConfigError(f"dpi must be within 30..1200, got {dpi}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     base = Path(base_dir) if base_dir is not None else out.parent
@@ -276,9 +335,12 @@ def build_report(
     if fig_dir:
         fig_dir.mkdir(parents=True, exist_ok=True)
 
-    def keep(png: bytes, name: str) -> bytes:
+    def keep(fig: Any, name: str) -> bytes:
+        """PNG bytes of an open figure for the page; with ``figures_dir`` also the file in ``fig_format``."""
+        png = figures.render(fig, "png", dpi, close=fig_format == "png")
         if fig_dir:
-            (fig_dir / f"{name}.png").write_bytes(png)
+            data = png if fig_format == "png" else figures.render(fig, fig_format, dpi)
+            (fig_dir / f"{name}.{fig_format}").write_bytes(data)
         return png
 
     parts: list[str] = []
@@ -317,13 +379,18 @@ def build_report(
 
     # ---- results tables
     parts.append("<h2>Results (Table 1 layout)</h2>")
+    from medfocus.evaluation.significance import TEST_DESCRIPTION
+
+    best = significant_best(metrics, seed=seed)
+    parts.append(f'<p class="meta">{_e(TEST_DESCRIPTION.format(n_boot=1000, level=95).capitalize())}; '
+                 "no bold: no method is significantly best in that column. \"failed\": every record of the method failed.</p>")
     if not preds:
         parts.append('<p class="note">No attribution records: nothing was attributed in this run (for a filtered '
                      "benchmark, see the retention table: the causal filter may have kept no sample).</p>")
     for mode in modes:
         parts.append(f"<h3>{_e(MODE_LABELS.get(mode, mode))}</h3>")
         for model in models:
-            tab = results_table(summary, model=model, mode=mode, method_order=methods)
+            tab = results_table(summary, model=model, mode=mode, method_order=methods, best=best.get((model, mode), {}))
             if tab:
                 parts.append(f'<p class="meta">Model: <b>{_e(model)}</b></p>' + tab)
 
@@ -343,18 +410,20 @@ def build_report(
         for mode in modes:
             for metric in ("iou", "f1"):
                 if ((summary["mode"] == mode) & (summary["metric"] == metric)).any():
-                    png = keep(figures.metric_bars(summary, metric=metric, mode=mode), f"bars_{metric}_{mode}")
+                    png = keep(figures.make_metric_bars(summary, metric=metric, mode=mode), f"bars_{metric}_{mode}")
                     parts.append(_img(png, f"{metric} bars {mode}"))
             sub = summary[(summary["mode"] == mode) & (summary["metric"] == "iou")]
             if len(sub) and len(set(zip(sub["model"], sub["dataset"]))) > 1:  # one column would repeat the bars
-                png = keep(figures.method_model_heatmap(summary, metric="iou", mode=mode), f"matrix_iou_{mode}")
+                png = keep(figures.make_method_model_heatmap(summary, metric="iou", mode=mode), f"matrix_iou_{mode}")
                 parts.append(_img(png, f"method x model {mode}"))
         parts.append("</div>")
 
     # ---- gallery
     parts.append("<h2>Sample gallery</h2>")
     parts.append('<p class="legend"><span style="border:2px solid #00e676">expert (GT) box</span>'
-                 '<span style="border:2px dashed #ff1744">predicted box</span> heatmap: jet colour map, min-max normalised per panel</p>')
+                 '<span style="border:2px dashed #ff1744">predicted box</span> heatmap: inferno colour map, min-max '
+                 "normalised per panel (colour bar); R / L: the patient's right / left (radiological convention). "
+                 f"Stratified by finding: up to {int(gallery)} sample(s) per finding and mode.</p>")
     iou_of: dict[tuple, float] = {}
     if metrics is not None and len(metrics) and "iou" in metrics.columns:
         for r in metrics.itertuples(index=False):
@@ -363,46 +432,25 @@ def build_report(
     for r in preds:
         cells.setdefault((r["model"], r["dataset"], int(r["index"]), r["mode"]), []).append(r)
     for mode in modes:
-        # Deterministic choice: cells of this mode with the most successful methods, one per finding
-        # first (diversity), then by index.
-        cand = sorted(
-            (k for k in cells if k[3] == mode),
-            key=lambda k: (-sum(1 for r in cells[k] if not r.get("error")), k[1], k[2], k[0]),
-        )
-        chosen, seen_attr = [], set()
-        for k in cand:
-            attr = cells[k][0].get("attribute")
-            if attr not in seen_attr:
-                chosen.append(k)
-                seen_attr.add(attr)
-            if len(chosen) >= gallery:
-                break
-        for k in cand:
-            if len(chosen) >= gallery:
-                break
-            if k not in chosen:
-                chosen.append(k)
-        if not chosen:
+        strata = gallery_strata(cells, mode, per_finding=gallery)
+        if not strata:
             continue
         parts.append(f"<h3>{_e(MODE_LABELS.get(mode, mode))}</h3><div class=\"gallery\">")
-        for k in chosen:
-            recs = {r["method"]: r for r in cells[k]}
-            first = next(iter(recs.values()))
-            img = _read_image(first.get("image_path", ""))
-            if img is None:
-                continue
-            panels = []
-            for me in methods:
-                r = recs.get(me)
-                if r is None:
+        for finding, chosen in strata:
+            parts.append(f"<h4>{_e(finding)}</h4>")
+            for k in chosen:
+                recs = {r["method"]: r for r in cells[k]}
+                first = next(iter(recs.values()))
+                img = _read_image(first.get("image_path", ""))
+                if img is None:
                     continue
-                arr = _load_arrays(r, base)
-                boxes = r.get("pred_boxes") if r.get("pred_boxes") is not None else r.get("heatmap_boxes")
-                panels.append({"method": me, "heatmap": arr.get("heatmap"), "pred_boxes": boxes,
-                               "score": iou_of.get((*k[:4], me)), "error": r.get("error")})
-            t = f"{k[0]} · {k[1]} #{k[2]} · {first.get('attribute')} · answer: {str(first.get('answer'))[:80]}"
-            png = keep(figures.sample_gallery_row(img, first.get("gt_boxes") or [], panels), f"gallery_{mode}_{k[1]}_{k[2]}_{k[0]}".replace("/", "-"))
-            parts.append(f'<p class="caption">{_e(t)}</p>' + _img(png, t))
+                panels = [gallery_panel(recs[me], _load_arrays(recs[me], base), iou_of.get((*k[:4], me)))
+                          for me in methods if me in recs]
+                t = f"{k[0]} · {k[1]} #{k[2]} · {first.get('attribute')} · answer: {first.get('answer')}"
+                fig = figures.make_sample_gallery_row(img, first.get("gt_boxes") or [], panels,
+                                                      title=textwrap.shorten(t, width=400, placeholder=" …"))
+                png = keep(fig, f"gallery_{mode}_{k[1]}_{k[2]}_{k[0]}".replace("/", "-"))
+                parts.append(f'<p class="caption">{_e(t)}</p>' + _img(png, t))
         parts.append("</div>")
 
     # ---- MedFocus
@@ -418,12 +466,15 @@ def build_report(
             if not view.get("deltas"):
                 continue
             shown += 1
-            head = (f"{r['model']} · {r['dataset']} #{r['index']} · {r.get('attribute')} · mode {r['mode']} · winner: "
-                    f"<b>{_e(view.get('winner'))}</b>" + (" (whole-image fallback)" if view.get("fallback") else ""))
-            parts.append(f"<h3>{head}</h3><div class=\"figs\">")
-            parts.append(_img(keep(figures.concept_ranking(view["deltas"], winner=view.get("winner")), f"concepts_{r['mode']}_{r['index']}"), "concept ranking"))
+            winner = "whole-image fallback" if view.get("fallback") else view.get("winner")
+            head = f"{r['model']} · {r['dataset']} #{r['index']} · {r.get('attribute')} · mode {r['mode']} · winner: "
+            parts.append(f"<h3>{_e(head)}<b>{_e(winner)}</b></h3><div class=\"figs\">")
+            tau = (r.get("extras") or {}).get("tau")
+            parts.append(_img(keep(figures.make_concept_ranking(view["deltas"], winner=view.get("winner"), fallback=view.get("fallback"),
+                                                                tau=tau), f"concepts_{r['mode']}_{r['index']}"), "concept ranking"))
             if view.get("tokens"):
-                parts.append(_img(keep(figures.token_attribution(view["tokens"], view["token_scores"], title="answer tokens coloured by each concept's attribution"),
+                parts.append(_img(keep(figures.make_token_attribution(view["tokens"], view["token_scores"],
+                                                                      title="answer tokens coloured by each concept's drop in the token's log-prob"),
                                        f"tokens_{r['mode']}_{r['index']}"), "token attribution", width="100%"))
             parts.append("</div>")
         if shown == 0:
