@@ -16,10 +16,11 @@ records all failed and is drawn as "failed", never as a zero.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import textwrap
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import matplotlib
 
@@ -46,6 +47,23 @@ FAILED = "failed"
 _ON_FILM = dict(color="white", bbox=dict(boxstyle="round,pad=0.15", facecolor="black", alpha=0.65, edgecolor="none"))
 
 
+#: rcParams under which every figure is built and saved: strings are drawn literally (labels come from
+#: records, and matplotlib would otherwise parse ``$...$`` as mathtext — a crafted label could fail the
+#: whole report — or hand it to LaTeX).
+_LITERAL = {"text.parse_math": False, "text.usetex": False}
+
+
+def _literal_text(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Build the figure with every string drawn as literal text (see :data:`_LITERAL`)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with plt.rc_context(_LITERAL):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def render(fig: Any, fmt: str = "png", dpi: int = DPI, *, close: bool = True) -> bytes:
     """The figure as file bytes in ``fmt`` (``png``, ``svg`` or ``pdf``) at ``dpi``.
 
@@ -60,7 +78,7 @@ def render(fig: Any, fmt: str = "png", dpi: int = DPI, *, close: bool = True) ->
     # Fixed metadata: the same figure gives the same bytes (no creation date in SVG/PDF).
     meta = {"Date": None} if fmt in ("svg", "pdf") else None
     # Stable SVG element ids; text kept as text (SVG) and TrueType (PDF), so labels stay editable in a paper.
-    with plt.rc_context({"svg.hashsalt": "medfocus", "svg.fonttype": "none", "pdf.fonttype": 42}):
+    with plt.rc_context({**_LITERAL, "svg.hashsalt": "medfocus", "svg.fonttype": "none", "pdf.fonttype": 42}):
         fig.savefig(buf, format=fmt, dpi=dpi, bbox_inches="tight", metadata=meta)
     if close:
         plt.close(fig)
@@ -101,6 +119,7 @@ def wrap(text: str, width: int) -> str:
                                    break_on_hyphens=False)) or ""
 
 
+@_literal_text
 def make_metric_bars(summary: pd.DataFrame, *, metric: str = "iou", mode: str | None = None, title: str | None = None) -> Any:
     """Figure of :func:`metric_bars` (open; render it with :func:`render`)."""
     df = summary[summary["metric"] == metric]
@@ -165,6 +184,7 @@ def metric_bars(summary: pd.DataFrame, *, metric: str = "iou", mode: str | None 
     return render(make_metric_bars(summary, metric=metric, mode=mode, title=title), fmt, dpi)
 
 
+@_literal_text
 def make_method_model_heatmap(summary: pd.DataFrame, *, metric: str = "iou", mode: str | None = None, title: str | None = None) -> Any:
     """Figure of :func:`method_model_heatmap` (open)."""
     df = summary[summary["metric"] == metric]
@@ -221,6 +241,7 @@ def panel_label(panel: Mapping[str, Any]) -> str:
     return label
 
 
+@_literal_text
 def make_sample_gallery_row(
     image: np.ndarray,
     gt_boxes: Sequence[Sequence[float]],
@@ -309,6 +330,7 @@ def sample_gallery_row(
     return render(make_sample_gallery_row(image, gt_boxes, panels, title=title, max_cols=max_cols), fmt, dpi)
 
 
+@_literal_text
 def make_concept_ranking(deltas: Mapping[str, float], *, winner: str | None = None, fallback: bool | None = None,
                          tau: float | None = None, title: str = "MedFocus concept ranking") -> Any:
     """Figure of :func:`concept_ranking` (open)."""
@@ -362,6 +384,7 @@ def layout_tokens(widths: Sequence[float], line_width: float, gap: float) -> lis
     return out
 
 
+@_literal_text
 def make_token_attribution(tokens: Sequence[str], scores: Mapping[str, Sequence[float]], *, title: str = "", max_rows: int = 4,
                            width_inches: float = 9.5, unit: str = "nats") -> Any:
     """Figure of :func:`token_attribution` (open)."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
-import html
 import logging
 import textwrap
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from medfocus.io.paths import safe_filename
 from medfocus.report import figures
 
 log = logging.getLogger(__name__)
@@ -41,61 +41,86 @@ def summarize(metrics: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0) -> pd
 
 
 # ---- html pieces -----------------------------------------------------------------------------------
-def _e(x: Any) -> str:
-    return html.escape(str(x))
+# All HTML comes from the jinja2 templates in ``templates/``, rendered with autoescaping on: every value
+# from records, configs, data or model output is escaped by construction, and Python code here only
+# builds plain data (strings, numbers, lists). Nothing is marked safe.
+_ENV: Any = None
 
 
-def _img(png: bytes, alt: str, width: str | None = None) -> str:
-    style = f' style="max-width:{width}"' if width else ""
-    return f'<img alt="{_e(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}"{style}>'
+def _env() -> Any:
+    global _ENV
+    if _ENV is None:
+        import jinja2
+
+        _ENV = jinja2.Environment(
+            loader=jinja2.PackageLoader("medfocus.report", "templates"),
+            autoescape=True,  # every template, whatever its file name
+            undefined=jinja2.StrictUndefined,  # a missing context value is a bug, not an empty string
+            trim_blocks=False,
+        )
+    return _ENV
+
+
+def _macro(name: str, arg: Any) -> str:
+    return str(getattr(_env().get_template("macros.html.jinja").module, name)(arg))
+
+
+def _fig(png: bytes, alt: str, width: str | None = None) -> dict[str, Any]:
+    return {"alt": str(alt), "b64": base64.b64encode(png).decode("ascii"), "width": width}
+
+
+def results_table_data(summary: pd.DataFrame, *, model: str, mode: str, method_order: Sequence[str] | None = None,
+                       best: Mapping[tuple[str, str], str] | None = None) -> dict[str, Any] | None:
+    """The cells of :func:`results_table` as plain data (``None`` when ``model``/``mode`` have no rows).
+
+    A cell is ``None`` (no result), ``{"failed": True}`` (every record of the method failed) or
+    ``{"mean", "lo", "hi", "bold"}``; ``bold`` is set only for the method ``best`` names for that
+    ``(dataset, metric)``."""
+    df = summary[(summary["model"] == model) & (summary["mode"] == mode)]
+    if df.empty:
+        return None
+    datasets = list(dict.fromkeys(df["dataset"]))
+    methods = list(dict.fromkeys(method_order or [])) + [m for m in dict.fromkeys(df["method"]) if m not in (method_order or [])]
+    methods = [m for m in methods if m in set(df["method"])]
+    idx = {(r.dataset, r.method, r.metric): r for r in df.itertuples(index=False)}
+    best = dict(best or {})
+    rows = []
+    for me in methods:
+        groups = []
+        for ds in datasets:
+            n, cells = None, []
+            for m in METRICS:
+                r = idx.get((ds, me, m))
+                if r is not None and int(r.n) == 0 and int(getattr(r, "n_error", 0)) > 0:
+                    cells.append({"failed": True})  # every record failed: not a score of 0, not "no result"
+                    continue
+                if r is None or not np.isfinite(r.mean):
+                    cells.append(None)
+                    continue
+                n = r.n
+                bold = best.get((ds, m)) == me
+                cells.append({"failed": False, "mean": f"{r.mean:.1f}", "lo": f"{r.ci_low:.1f}", "hi": f"{r.ci_high:.1f}", "bold": bold})
+            errs = max((int(getattr(idx[(ds, me, m)], "n_error", 0)) for m in METRICS if (ds, me, m) in idx), default=0)
+            groups.append({"cells": cells, "n": n if n is not None else 0, "errors": errs})
+        rows.append({"method": str(me), "groups": groups})
+    return {"datasets": [str(d) for d in datasets], "metric_labels": [METRIC_LABELS[m] for m in METRICS], "rows": rows}
 
 
 def results_table(summary: pd.DataFrame, *, model: str, mode: str, method_order: Sequence[str] | None = None,
                   best: Mapping[tuple[str, str], str] | None = None) -> str:
     """Table-1-style HTML table: methods as rows, datasets as column groups, IoU/F1/Prec./Rec. (x100)
     with their 95% CI below and ``n`` (failed records in red). A method whose records all failed says
-    "failed" in its cells, never a number.
+    "failed" in its cells, never a number. Every name is HTML-escaped (rendered by the autoescaping template).
 
     Args:
         summary: :func:`summarize` output.
         best: ``{(dataset, metric): method}`` of the methods to mark as best (bold), i.e. those
             significantly better than every other method (:func:`significant_best`); ``None`` marks none.
+    Returns:
+        the ``<table>`` as a string, ``""`` when ``summary`` has no rows for ``model`` and ``mode``.
     """
-    df = summary[(summary["model"] == model) & (summary["mode"] == mode)]
-    if df.empty:
-        return ""
-    datasets = list(dict.fromkeys(df["dataset"]))
-    methods = list(dict.fromkeys(method_order or [])) + [m for m in dict.fromkeys(df["method"]) if m not in (method_order or [])]
-    methods = [m for m in methods if m in set(df["method"])]
-    idx = {(r.dataset, r.method, r.metric): r for r in df.itertuples(index=False)}
-    best = dict(best or {})
-    head1 = "".join(f'<th colspan="{len(METRICS) + 1}">{_e(ds)}</th>' for ds in datasets)
-    head2 = "".join("".join(f"<th>{METRIC_LABELS[m]}</th>" for m in METRICS) + "<th>n</th>" for _ in datasets)
-    body = []
-    for me in methods:
-        cells = [f'<th class="method">{_e(me)}</th>']
-        for ds in datasets:
-            n = None
-            for m in METRICS:
-                r = idx.get((ds, me, m))
-                if r is not None and int(r.n) == 0 and int(getattr(r, "n_error", 0)) > 0:
-                    cells.append('<td class="failed">failed</td>')  # every record failed: not a score of 0
-                    continue
-                if r is None or not np.isfinite(r.mean):
-                    cells.append('<td class="na">–</td>')
-                    continue
-                n = r.n
-                bold = best.get((ds, m)) == me
-                val = f"<b>{r.mean:.1f}</b>" if bold else f"{r.mean:.1f}"
-                cells.append(f'<td>{val}<br><span class="ci">[{r.ci_low:.1f}, {r.ci_high:.1f}]</span></td>')
-            errs = max((int(getattr(idx[(ds, me, m)], "n_error", 0)) for m in METRICS if (ds, me, m) in idx), default=0)
-            err_txt = f'<br><span class="err">{errs} failed</span>' if errs else ""
-            cells.append(f'<td class="n">{n if n is not None else 0}{err_txt}</td>')
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return (
-        f'<table class="results"><thead><tr><th rowspan="2">Method</th>{head1}</tr><tr>{head2}</tr></thead>'
-        f"<tbody>{''.join(body)}</tbody></table>"
-    )
+    data = results_table_data(summary, model=model, mode=mode, method_order=method_order, best=best)
+    return "" if data is None else _macro("results_table", data)
 
 
 def significant_best(metrics: pd.DataFrame | None, *, n_boot: int = 1000, seed: int = 0) -> dict[tuple[str, str], dict[tuple[str, str], str]]:
@@ -112,21 +137,20 @@ def significant_best(metrics: pd.DataFrame | None, *, n_boot: int = 1000, seed: 
     return out
 
 
-def frame_table(df: pd.DataFrame, *, float_fmt: str = "{:.1f}", cls: str = "plain") -> str:
-    """A DataFrame as a plain HTML table (escaped; floats formatted)."""
+def frame_table_data(df: pd.DataFrame | None, *, float_fmt: str = "{:.1f}", cls: str = "plain") -> dict[str, Any]:
+    """A DataFrame as plain table data: column names and cell strings (floats formatted, non-finite as '–')."""
     if df is None or len(df) == 0:
-        return "<p><i>none</i></p>"
-    head = "".join(f"<th>{_e(c)}</th>" for c in df.columns)
+        return {"cls": cls, "columns": [], "rows": []}
     rows = []
     for rec in df.itertuples(index=False):
-        cells = []
-        for v in rec:
-            if isinstance(v, (float, np.floating)):
-                cells.append(f"<td>{float_fmt.format(v) if np.isfinite(v) else '–'}</td>")
-            else:
-                cells.append(f"<td>{_e(v)}</td>")
-        rows.append("<tr>" + "".join(cells) + "</tr>")
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+        rows.append([(float_fmt.format(v) if np.isfinite(v) else "–") if isinstance(v, (float, np.floating)) else str(v)
+                     for v in rec])
+    return {"cls": cls, "columns": [str(c) for c in df.columns], "rows": rows}
+
+
+def frame_table(df: pd.DataFrame, *, float_fmt: str = "{:.1f}", cls: str = "plain") -> str:
+    """A DataFrame as a plain HTML table (escaped; floats formatted)."""
+    return _macro("frame_table", frame_table_data(df, float_fmt=float_fmt, cls=cls))
 
 
 RETENTION_LABELS = {
@@ -243,9 +267,10 @@ def gallery_panel(rec: Mapping[str, Any], arrays: Mapping[str, np.ndarray], iou:
     heatmap, boxes, IoU, error, and for MedFocus the winning concept and whether the fallback fired."""
     ex = rec.get("extras") or {}
     boxes = rec.get("pred_boxes") if rec.get("pred_boxes") is not None else rec.get("heatmap_boxes")
+    is_mf = rec["method"] == "medfocus"
     return {"method": rec["method"], "heatmap": arrays.get("heatmap"), "pred_boxes": boxes, "score": iou,
-            "error": rec.get("error"), "winner": _first(ex, "winner", "winning_concept", "concept") if rec["method"] == "medfocus" else None,
-            "fallback": bool(_first(ex, "fallback", "whole_image_fallback")) if rec["method"] == "medfocus" else None}
+            "error": rec.get("error"), "winner": _first(ex, "winner", "winning_concept", "concept") if is_mf else None,
+            "fallback": bool(_first(ex, "fallback", "whole_image_fallback")) if is_mf else None}
 
 
 # ---- the report ------------------------------------------------------------------------------------
@@ -335,15 +360,16 @@ def build_report(
     if fig_dir:
         fig_dir.mkdir(parents=True, exist_ok=True)
 
-    def keep(fig: Any, name: str) -> bytes:
+    def keep(fig: Any, *name_parts: Any) -> bytes:
         """PNG bytes of an open figure for the page; with ``figures_dir`` also the file in ``fig_format``."""
         png = figures.render(fig, "png", dpi, close=fig_format == "png")
         if fig_dir:
             data = png if fig_format == "png" else figures.render(fig, fig_format, dpi)
-            (fig_dir / f"{name}.{fig_format}").write_bytes(data)
+            # Figure names carry record fields (mode, dataset, model, index): one sanitiser makes each a
+            # single safe path component, so a crafted field cannot write outside ``figures_dir``.
+            (fig_dir / f"{safe_filename('_'.join(str(p) for p in name_parts))}.{fig_format}").write_bytes(data)
         return png
 
-    parts: list[str] = []
     models = list(dict.fromkeys(r["model"] for r in preds))
     datasets = list(dict.fromkeys(r["dataset"] for r in preds))
     modes = [m for m in ("direct", "cot", "open") if any(r["mode"] == m for r in preds)]
@@ -358,72 +384,56 @@ def build_report(
     methods = [m for m in methods if any(r["method"] == m for r in preds)]
     n_err = sum(1 for r in preds if r.get("error"))
     n_samples = len({(r["model"], r["dataset"], r["index"], r["mode"]) for r in preds})
+    ctx: dict[str, Any] = {"title": str(title), "css": CSS, "no_records": not preds}
 
     # ---- overview
     info = {
-        "Models": ", ".join(models),
-        "Datasets": ", ".join(datasets),
+        "Models": ", ".join(map(str, models)),
+        "Datasets": ", ".join(map(str, datasets)),
         "Modes": ", ".join(MODE_LABELS.get(m, m) for m in modes),
-        "Methods": f"{len(methods)}: " + ", ".join(methods),
+        "Methods": f"{len(methods)}: " + ", ".join(map(str, methods)),
         "Records": f"{len(preds)} ({n_samples} model/sample/mode cells; {n_err} failed)",
         **{str(k): str(v) for k, v in (run_info or {}).items()},
         "Generated": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
-    parts.append(f"<h1>{_e(title)}</h1>")
-    parts.append('<table class="plain">' + "".join(f'<tr><th class="method">{_e(k)}</th><td style="text-align:left">{_e(v)}</td></tr>' for k, v in info.items()) + "</table>")
-    parts.append(
-        '<p class="meta">Metrics compare the union of predicted boxes with the union of expert boxes '
-        "(IoU, F1, precision, recall; x100). Bracketed: 95% bootstrap confidence interval of the mean; n: evaluated samples. "
-        "Heatmaps are turned into boxes by thresholding at the 0.9 quantile of positive values (8-connected components).</p>"
-    )
+    ctx["info"] = list(info.items())
 
     # ---- results tables
-    parts.append("<h2>Results (Table 1 layout)</h2>")
     from medfocus.evaluation.significance import TEST_DESCRIPTION
 
     best = significant_best(metrics, seed=seed)
-    parts.append(f'<p class="meta">{_e(TEST_DESCRIPTION.format(n_boot=1000, level=95).capitalize())}; '
-                 "no bold: no method is significantly best in that column. \"failed\": every record of the method failed.</p>")
-    if not preds:
-        parts.append('<p class="note">No attribution records: nothing was attributed in this run (for a filtered '
-                     "benchmark, see the retention table: the causal filter may have kept no sample).</p>")
+    ctx["best_note"] = TEST_DESCRIPTION.format(n_boot=1000, level=95).capitalize()
+    ctx["results"] = []
     for mode in modes:
-        parts.append(f"<h3>{_e(MODE_LABELS.get(mode, mode))}</h3>")
+        tables = []
         for model in models:
-            tab = results_table(summary, model=model, mode=mode, method_order=methods, best=best.get((model, mode), {}))
-            if tab:
-                parts.append(f'<p class="meta">Model: <b>{_e(model)}</b></p>' + tab)
+            tab = results_table_data(summary, model=model, mode=mode, method_order=methods, best=best.get((model, mode), {}))
+            if tab is not None:
+                tables.append({"model": str(model), "table": tab})
+        ctx["results"].append({"label": MODE_LABELS.get(mode, mode), "tables": tables})
 
     # ---- retention
-    parts.append("<h2>Causal filter: retention</h2>")
+    ctx["retention"] = None
     if retention is not None and len(retention) > 0:
         rdf = compact_retention(retention if isinstance(retention, pd.DataFrame) else pd.DataFrame(list(retention)))
-        parts.append('<p class="meta">A sample is kept for a model only if it answers correctly, flips its answer when the '
-                     "finding is edited out of its box, and keeps it when the background is edited (both prompts).</p>")
-        parts.append(frame_table(rdf, float_fmt="{:.3g}"))
-    else:
-        parts.append("<p><i>No retention table was given for this run.</i></p>")
+        ctx["retention"] = frame_table_data(rdf, float_fmt="{:.3g}")
 
     # ---- plots
+    ctx["plots"] = None
     if len(summary):
-        parts.append("<h2>Plots</h2><div class=\"figs\">")
+        plots = []
         for mode in modes:
             for metric in ("iou", "f1"):
                 if ((summary["mode"] == mode) & (summary["metric"] == metric)).any():
-                    png = keep(figures.make_metric_bars(summary, metric=metric, mode=mode), f"bars_{metric}_{mode}")
-                    parts.append(_img(png, f"{metric} bars {mode}"))
+                    png = keep(figures.make_metric_bars(summary, metric=metric, mode=mode), "bars", metric, mode)
+                    plots.append(_fig(png, f"{metric} bars {mode}"))
             sub = summary[(summary["mode"] == mode) & (summary["metric"] == "iou")]
             if len(sub) and len(set(zip(sub["model"], sub["dataset"]))) > 1:  # one column would repeat the bars
-                png = keep(figures.make_method_model_heatmap(summary, metric="iou", mode=mode), f"matrix_iou_{mode}")
-                parts.append(_img(png, f"method x model {mode}"))
-        parts.append("</div>")
+                png = keep(figures.make_method_model_heatmap(summary, metric="iou", mode=mode), "matrix_iou", mode)
+                plots.append(_fig(png, f"method x model {mode}"))
+        ctx["plots"] = plots
 
     # ---- gallery
-    parts.append("<h2>Sample gallery</h2>")
-    parts.append('<p class="legend"><span style="border:2px solid #00e676">expert (GT) box</span>'
-                 '<span style="border:2px dashed #ff1744">predicted box</span> heatmap: inferno colour map, min-max '
-                 "normalised per panel (colour bar); R / L: the patient's right / left (radiological convention). "
-                 f"Stratified by finding: up to {int(gallery)} sample(s) per finding and mode.</p>")
     iou_of: dict[tuple, float] = {}
     if metrics is not None and len(metrics) and "iou" in metrics.columns:
         for r in metrics.itertuples(index=False):
@@ -431,13 +441,12 @@ def build_report(
     cells: dict[tuple, list[dict[str, Any]]] = {}
     for r in preds:
         cells.setdefault((r["model"], r["dataset"], int(r["index"]), r["mode"]), []).append(r)
+    ctx["gallery_per_finding"] = int(gallery)
+    ctx["gallery"] = []
     for mode in modes:
-        strata = gallery_strata(cells, mode, per_finding=gallery)
-        if not strata:
-            continue
-        parts.append(f"<h3>{_e(MODE_LABELS.get(mode, mode))}</h3><div class=\"gallery\">")
-        for finding, chosen in strata:
-            parts.append(f"<h4>{_e(finding)}</h4>")
+        strata = []
+        for finding, chosen in gallery_strata(cells, mode, per_finding=gallery):
+            items = []
             for k in chosen:
                 recs = {r["method"]: r for r in cells[k]}
                 first = next(iter(recs.values()))
@@ -446,54 +455,53 @@ def build_report(
                     continue
                 panels = [gallery_panel(recs[me], _load_arrays(recs[me], base), iou_of.get((*k[:4], me)))
                           for me in methods if me in recs]
+                # The page shows the whole caption (wrapped by the browser); the figure's own title is wrapped
+                # and, for a long rationale, shortened at a word boundary with an ellipsis.
                 t = f"{k[0]} · {k[1]} #{k[2]} · {first.get('attribute')} · answer: {first.get('answer')}"
                 fig = figures.make_sample_gallery_row(img, first.get("gt_boxes") or [], panels,
                                                       title=textwrap.shorten(t, width=400, placeholder=" …"))
-                png = keep(fig, f"gallery_{mode}_{k[1]}_{k[2]}_{k[0]}".replace("/", "-"))
-                parts.append(f'<p class="caption">{_e(t)}</p>' + _img(png, t))
-        parts.append("</div>")
+                png = keep(fig, "gallery", mode, k[1], k[2], k[0])
+                items.append({"caption": t, "fig": _fig(png, t)})
+            if items:
+                strata.append({"finding": finding, "entries": items})
+        if strata:
+            ctx["gallery"].append({"label": MODE_LABELS.get(mode, mode), "strata": strata})
 
     # ---- MedFocus
+    ctx["medfocus"] = None
     mf = [r for r in preds if r["method"] == "medfocus" and not r.get("error")]
     if mf:
-        parts.append("<h2>MedFocus: concepts and tokens</h2>")
         mf.sort(key=lambda r: (r["mode"] != "cot", r["dataset"], int(r["index"]), r["model"]))
-        shown = 0
+        examples = []
         for r in mf:
-            if shown >= medfocus_examples:
+            if len(examples) >= medfocus_examples:
                 break
             view = medfocus_view(r, _load_arrays(r, base))
             if not view.get("deltas"):
                 continue
-            shown += 1
-            winner = "whole-image fallback" if view.get("fallback") else view.get("winner")
-            head = f"{r['model']} · {r['dataset']} #{r['index']} · {r.get('attribute')} · mode {r['mode']} · winner: "
-            parts.append(f"<h3>{_e(head)}<b>{_e(winner)}</b></h3><div class=\"figs\">")
             tau = (r.get("extras") or {}).get("tau")
-            parts.append(_img(keep(figures.make_concept_ranking(view["deltas"], winner=view.get("winner"), fallback=view.get("fallback"),
-                                                                tau=tau), f"concepts_{r['mode']}_{r['index']}"), "concept ranking"))
+            figs = [_fig(keep(figures.make_concept_ranking(view["deltas"], winner=view.get("winner"), fallback=view.get("fallback"), tau=tau),
+                              "concepts", r["mode"], r["index"]), "concept ranking")]
             if view.get("tokens"):
-                parts.append(_img(keep(figures.make_token_attribution(view["tokens"], view["token_scores"],
-                                                                      title="answer tokens coloured by each concept's drop in the token's log-prob"),
-                                       f"tokens_{r['mode']}_{r['index']}"), "token attribution", width="100%"))
-            parts.append("</div>")
-        if shown == 0:
-            parts.append("<p><i>The MedFocus records carry no concept ranking.</i></p>")
+                figs.append(_fig(keep(figures.make_token_attribution(view["tokens"], view["token_scores"],
+                                                                     title="answer tokens coloured by each concept's drop in the token's log-prob"),
+                                      "tokens", r["mode"], r["index"]), "token attribution", width="100%"))
+            examples.append({"model": str(r["model"]), "dataset": str(r["dataset"]), "index": str(r["index"]),
+                             "attribute": str(r.get("attribute")), "mode": str(r["mode"]), "winner": str(view.get("winner")),
+                             "fallback": bool(view.get("fallback")), "figs": figs})
+        ctx["medfocus"] = examples
 
     # ---- failures
+    ctx["failures"] = None
     if n_err:
-        parts.append("<h2>Failures</h2>")
         by_method: dict[str, list[Mapping[str, Any]]] = {}
         for r in preds:
             if r.get("error"):
                 by_method.setdefault(r["method"], []).append(r)
         rows = [{"method": m, "failed records": len(v), "first error": str(v[0]["error"])[:200]} for m, v in by_method.items()]
-        parts.append(frame_table(pd.DataFrame(rows)))
+        ctx["failures"] = frame_table_data(pd.DataFrame(rows))
 
-    doc = (
-        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<title>{_e(title)}</title><style>{CSS}</style></head><body>" + "\n".join(parts) + "</body></html>"
-    )
+    doc = _env().get_template("report.html.jinja").render(**ctx)
     tmp = out.with_suffix(out.suffix + ".tmp")
     tmp.write_text(doc, encoding="utf-8")
     tmp.replace(out)
