@@ -29,6 +29,8 @@ _REAL = "needs a credentialed dataset under /data and real hub weights (not avai
 #: example -> why it is not run.
 SKIP: dict[str, str] = {
     "make test": "is this test suite itself",
+    "medfocus bench build --model demo --dataset nih_cxr8 --data-root /data --editor inpaint --out runs/bench_nih":
+        "needs the NIH ChestX-ray8 films (a public ~45 GB download) under /data; the loader is tested on fixtures",
     "medfocus bench build --model qwen2_5_vl_3b --dataset vindr_cxr --data-root /data/vindr-cxr --mode direct "
     "--editor radedit --radedit-dir /weights/radedit --out runs/bench": _REAL + "; RadEdit weights",
     "medfocus attribute --config run.yaml --shard ${SLURM_ARRAY_TASK_ID}/8": "run.yaml (README) names VinDr-CXR and Qwen2.5-VL-7B; " + _REAL,
