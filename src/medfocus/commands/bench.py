@@ -8,6 +8,7 @@ import click
 
 from medfocus.commands.config import config_option
 from medfocus.commands.launch import LAUNCH_PARAMS, check_launch_options, launcher_options
+from medfocus.commands.progress import progress_bars
 from medfocus.errors import ConfigError, MedfocusError
 
 EPILOG = """\b
@@ -58,28 +59,29 @@ def _load_model(name: str, device: str | None) -> Any:
 @bench.command(name="build", epilog=EPILOG)
 @config_option
 @click.option("--model", required=True, help="LVLM registry name (`medfocus models`) or model folder, e.g. demo, qwen2_5_vl_3b.")
-@click.option("--model-name", default=None, help="Name written in the records (default: --model, or the folder name when --model is a path).")
+@click.option("--model-name", default=None, show_default="--model, or the folder name when --model is a path", help="Name written in the records.")
 @click.option("--dataset", required=True, help="Dataset key: synthetic, imagenome, vindr_cxr, padchest_gr.")
-@click.option("--data-root", default=None, envvar="MEDFOCUS_DATA_ROOT", help="Dataset root (or $MEDFOCUS_DATA_ROOT).")
+@click.option("--data-root", default=None, envvar="MEDFOCUS_DATA_ROOT", show_default="$MEDFOCUS_DATA_ROOT", help="Dataset root.")
 @click.option("--mode", "modes", multiple=True, type=click.Choice(["direct", "cot"]), default=("direct",), show_default=True,
               help="Output mode(s); repeat for both.")
-@click.option("--editor", default=None, help="oracle | radedit | transplant | inpaint | inpaint_ns. "
-              "Default: oracle on the synthetic world, radedit otherwise (as the paper).")
+@click.option("--editor", default=None, show_default="oracle on the synthetic world, else radedit as in the paper",
+              help="oracle | radedit | transplant | inpaint | inpaint_ns.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--cache-dir", default=None, type=click.Path(file_okay=False), help="Edit cache (default <out>/edits).")
-@click.option("--reference-dir", default=None, type=click.Path(file_okay=False), help="Normal reference pool (transplant editor).")
-@click.option("--radedit-dir", default=None, type=click.Path(file_okay=False),
-              help="Local RadEdit weights (unet/, vae/, text_encoder/); default: the Hugging Face cache.")
+@click.option("--cache-dir", default=None, type=click.Path(file_okay=False), show_default="OUT/edits", help="Edit cache.")
+@click.option("--reference-dir", default=None, type=click.Path(file_okay=False), show_default="none; required by --editor transplant",
+              help="Normal reference pool (transplant editor).")
+@click.option("--radedit-dir", default=None, type=click.Path(file_okay=False), show_default="the Hugging Face cache",
+              help="Local RadEdit weights (unet/, vae/, text_encoder/).")
 @click.option("--radedit-steps", default=200, show_default=True, type=int, help="RadEdit DDIM steps (paper: 200).")
-@click.option("--limit", type=int, default=None, help="Only the first N samples of the dataset.")
+@click.option("--limit", type=int, default=None, show_default="all samples", help="Only the first N samples of the dataset.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Images per generate() batch.")
-@click.option("--max-new-tokens", type=int, default=None, help="Generation budget (default 16 direct, 256 cot).")
+@click.option("--max-new-tokens", type=int, default=None, show_default="16 direct, 256 cot", help="Generation budget.")
 @click.option("--include-negatives/--no-negatives", default=False, show_default=True,
               help="Also answer the 'No' samples (separate <mode>.negatives.json; off as in the paper).")
 @click.option("--retry-errors", is_flag=True, help="Redo samples that failed in a previous run.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Editor seed (part of the edit-cache key).")
-@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
-@click.option("--no-progress", is_flag=True, help="Disable progress bars.")
+@click.option("--device", default=None, show_default="cuda if available, else cpu", help="torch device.")
+@click.option("--no-progress", is_flag=True, help="Disable progress bars (also the weight-loading bar).")
 @click.option("--shard", default=None,
               help="Filter only shard i of n (i/n, 0-based) of the samples; give each shard its own --out and combine "
                    "them with `medfocus merge` (the launchers do both).")
@@ -119,7 +121,8 @@ def build(ctx: click.Context, model: str, model_name: str | None, dataset: str, 
             _launch_build(ctx, launch_opts, samples=samples, model_name=model_name, modes=modes, out_dir=out_dir,
                           cache_dir=cache_dir, include_negatives=include_negatives, device=device, progress=not no_progress)
             return
-        adapter = _load_model(model, device)
+        with progress_bars(not no_progress):
+            adapter = _load_model(model, device)
         for mode in modes:
             records, ret = build_benchmark(adapter, samples, mode=mode, editor=ed, out_dir=out_dir, model_name=model_name,
                                            cache_dir=cache_dir, include_negatives=include_negatives,
