@@ -270,24 +270,3 @@ def test_argv_from_params_round_trips_every_option_kind():
     assert argv == ["--name", "a b", "--n", "3", "--tag", "x", "--tag", "y", "--flag", "--no-neg"]
     assert cmd.make_context("cmd", argv).params == {**ctx.params, "launcher": "none"}
 
-
-def test_readme_local_launcher_example_runs_as_written(tmp_path):
-    """The README's CPU example of the local launcher, executed line by line from the README text."""
-    import re
-    import shlex
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    section = readme.split("### Running the paper's grid on a cluster", 1)[1]
-    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
-    commands = [shlex.split(c) for c in block.replace("\\\n", " ").splitlines() if c.strip() and not c.startswith("#")]
-    assert [c[:2] for c in commands] == [["medfocus", "synth"], ["medfocus", "attribute"], ["medfocus", "status"]]
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        for c in commands:
-            res = _invoke(c[1:])
-            assert res.exit_code == 0, (c, res.output)
-    finally:
-        os.chdir(cwd)
-    assert "errors; " in res.output and " 0 errors" in res.output
-    assert (tmp_path / "runs" / "launch_attr" / "predictions.jsonl").is_file()

@@ -82,7 +82,7 @@ def _load_model(name: str, device: str | None) -> Any:
 @click.option("--seed", type=int, default=0, show_default=True, help="Editor seed (part of the edit-cache key).")
 @click.option("--device", default=None, show_default="cuda if available, else cpu", help="torch device.")
 @click.option("--no-progress", is_flag=True, help="Disable progress bars (also the weight-loading bar).")
-@click.option("--shard", default=None,
+@click.option("--shard", default=None, show_default="all samples",
               help="Filter only shard i of n (i/n, 0-based) of the samples; give each shard its own --out and combine "
                    "them with `medfocus merge` (the launchers do both).")
 @launcher_options
