@@ -188,7 +188,7 @@ def faithfulness_table_data(summary: pd.DataFrame, *, model: str, mode: str, met
                 if m != "iou":
                     ns.append(int(r.n))
                 bold = best[(ds, m)] is not None and me not in refs and abs(r.mean - best[(ds, m)]) < 1e-9
-                cells.append({"mean": f"{r.mean:.1f}", "lo": f"{r.ci_low:.1f}", "hi": f"{r.ci_high:.1f}", "bold": bold})
+                cells.append({"mean": f"{r.mean:.1f}", "lo": f"{r.ci_low:.1f}", "hi": f"{r.ci_high:.1f}", "bold": bold, "failed": False})
             groups.append({"cells": cells, "n": max(ns) if ns else 0, "errors": 0})
         rows.append({"method": str(me), "groups": groups})
     return {"datasets": [str(d) for d in datasets], "metric_labels": [FAITH_LABELS[m] for m in FAITH_METRICS], "rows": rows}
