@@ -38,7 +38,7 @@ Examples:
       --method medfocus --refine medsam --medsam /models/medsam-vit-base \\
       --param medfocus.region=mask --param medfocus.rule=nested --out runs/medfocus
   # faithfulness beside plausibility: deletion/insertion AUCs of every heatmap (+ random / expert-box references)
-  medfocus attribute --bench runs/bench/demo/synthetic/direct.json --dataset synthetic --data-root runs/data \
+  medfocus attribute --bench runs/bench/demo/synthetic/direct.json --dataset synthetic --data-root runs/data \\
       --method occlusion --method gradcam --faithfulness --out runs/faith
 """
 

@@ -127,7 +127,8 @@ def add_faithfulness(records: Sequence[dict[str, Any]], model: str, cfg: Any, *,
 @click.option("--min-area", default=16, show_default=True, type=click.IntRange(0), help="Minimum component area (pixels).")
 @click.option("--max-boxes", default=10, show_default=True, type=click.IntRange(1), help="Maximum boxes per heatmap.")
 @faithfulness_options(default=False)
-@click.option("--model", default=None, help="With --faithfulness: the LVLM (registry name or folder) whose records are re-scored.")
+@click.option("--model", default=None, show_default="none; required with --faithfulness",
+              help="With --faithfulness: the LVLM (registry name or folder) whose records are re-scored.")
 def evaluate(predictions: tuple[Path, ...], out_dir: Path, metrics: str, n_boot: int, seed: int, q: float, min_area: int, max_boxes: int,
              faithfulness: bool, faithfulness_steps: int, faithfulness_baseline: str, faithfulness_batch_size: int, model: str | None) -> None:
     """Score predicted boxes / heatmaps against expert boxes; write CSV/Markdown tables.
