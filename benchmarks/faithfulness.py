@@ -71,10 +71,12 @@ def main() -> None:
         f"{load_after:.1f} after), torch {torch.__version__}; wall {wall:.0f} s for the whole pipeline "
         f"(steps: {', '.join(f'{k} {v:.0f} s' for k, v in res['timings'].items())}).",
         "",
-        "Cells: mean x100 over samples [95% percentile-bootstrap CI of the mean]. IoU: union of the boxes from the "
-        "heatmap (0.9-quantile threshold) vs the expert box. Deletion AUC: lower = removing the map's top cells "
-        "destroys the answer sooner (more faithful); insertion AUC: higher = revealing them restores it sooner. "
-        "Box-only methods (prompting) have no map to rank and are not listed.",
+        "Cells: mean x100 over samples [95% percentile-bootstrap CI of the mean]. IoU: union of the predicted boxes "
+        "(from the heatmap at its 0.9 quantile; the own boxes of prompting and MedFocus) vs the expert box. "
+        "Deletion AUC: lower = removing the map's top cells destroys the answer sooner (more faithful); insertion AUC: higher = revealing them restores it sooner. "
+        "The prompting methods are ranked by the map they return (how many of their boxes / masks cover each pixel: a "
+        "flat map inside and outside the boxes, ties in the seeded random order). Every row is one sample set (the same "
+        "n samples), so rows compare paired; with n this small the intervals overlap widely.",
         "",
         "| method | n | IoU | deletion AUC ↓ | insertion AUC ↑ |",
         "|---|---:|---|---|---|",
