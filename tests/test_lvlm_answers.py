@@ -208,3 +208,15 @@ def test_parse_yes_no(text, expected):
 @pytest.mark.parametrize("text,expected", WILD_CASES)
 def test_parse_yes_no_outputs_of_the_model_families(text, expected):
     assert parse_yes_no(text) == expected
+
+
+def test_every_stored_prediction_of_the_public_benchmark(shared_data):
+    """The 7,520 direct-mode outputs of six paper models stored in the public MedGround-Bench records
+    (8 distinct texts: "Yes", "Yes\\n", "Yes.\\n", "No." ...) read as the word they spell."""
+    import json
+
+    records = json.loads((shared_data / "medground_bench_direct.json").read_text())
+    texts = {v for r in records for k, v in r.items() if k.startswith("prediction")}
+    assert len(texts) >= 8
+    for t in texts:
+        assert parse_yes_no(t) == t.strip().rstrip(".").capitalize(), repr(t)
