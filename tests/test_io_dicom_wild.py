@@ -235,6 +235,17 @@ def test_lossless_encodings_decode_to_the_uncompressed_pixels(films):
     np.testing.assert_array_equal(img, ref_img)
 
 
+def test_rle_encoded_real_film_decodes_to_the_same_pixels(films, tmp_path):
+    """RLE Lossless (1.2.840.10008.1.2.5), written here from the uncompressed film by pylibjpeg-rle."""
+    ref_img, _ = _read_quiet(films / "RG1_UNCR.dcm")
+    ds = pydicom.dcmread(films / "RG1_UNCR.dcm")
+    ds.compress(pydicom.uid.RLELossless, encoding_plugin="pylibjpeg")
+    ds.save_as(tmp_path / "rle.dcm")
+    assert pydicom.dcmread(tmp_path / "rle.dcm").file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.5"
+    img, _ = _read_quiet(tmp_path / "rle.dcm")
+    np.testing.assert_array_equal(img, ref_img)
+
+
 def test_lossy_encoding_is_close(films):
     ref_ds = pydicom.dcmread(films / "RG1_UNCR.dcm")
     ref_img, _ = _read_quiet(films / "RG1_UNCR.dcm")
