@@ -160,3 +160,39 @@ def test_evaluate_cli_writes_baseline_rows_and_comparisons(tmp_path):
     assert "mass" in (tmp_path / "e" / "by_finding.md").read_text()
     res = CliRunner().invoke(main, ["evaluate", str(pred), "--out", str(tmp_path / "n"), "--no-baselines"])
     assert res.exit_code == 0 and "baseline_" not in (tmp_path / "n" / "table.md").read_text()
+
+
+def test_report_shows_baseline_rows_comparison_and_per_finding(tmp_path):
+    import sys
+    from html.parser import HTMLParser
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_report import make_run
+
+    from medfocus.report import build_report
+
+    preds, _ = make_run(tmp_path, n=3)
+    html = build_report(preds, tmp_path / "r.html").read_text()
+    for b in TRIVIAL_BASELINES:
+        assert f">{b}<" in html  # a row of the results tables
+    assert "Against trivial baselines" in html and "best trivial baseline" in html
+    assert "Per finding (IoU x100, n)" in html
+
+    class Cells(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.cells, self._in = [], False
+
+        def handle_starttag(self, tag, attrs):
+            self._in = tag in ("td", "th")
+
+        def handle_data(self, data):
+            if self._in and data.strip():
+                self.cells.append(data.strip())
+
+    p = Cells()
+    p.feed(html)
+    assert "beats it" in p.cells or "does not beat it" in p.cells
+    plain = build_report(preds, tmp_path / "p.html", baselines=False).read_text()
+    assert "baseline_random" not in plain and "Against trivial baselines" not in plain
