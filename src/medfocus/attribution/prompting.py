@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medfocus.attribution.base import Attribution, Counter, Method
+from medfocus.attribution.base import Attribution, Counter, Method, boolean, choice, either, integer, number, optional, text
 from medfocus.errors import ConfigError, ModelError
 from medfocus.types import EVIDENCE_REQUESTS, SUFFIXES, Box
 
@@ -121,6 +121,7 @@ class Prompting(Method):
 
     name = "prompting"
     defaults = {"request": BOX_REQUEST, "coords": "canvas", "max_new_tokens": 128}
+    spec = {"request": text(), "coords": choice("canvas", "norm1000", "relative"), "max_new_tokens": integer(1)}
 
     def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         prompt = f"{question_stem_of(question)} {self.params['request']}"
@@ -299,6 +300,8 @@ class PromptingMedSAM(Method):
     name = "prompting_medsam"
     defaults = {"request": PHRASE_REQUEST, "detector": "owlvit", "medsam": MEDSAM_ID, "score_threshold": 0.0,
                 "max_phrases": 8, "max_new_tokens": 128, "pool": None, "cache": True}
+    spec = {"request": text(), "detector": text(), "medsam": text(), "score_threshold": number(0, 1), "max_phrases": integer(1),
+            "max_new_tokens": integer(1), "pool": optional(text()), "cache": either(boolean(), text())}
 
     def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         from medfocus.concepts.grounding import AnatomyDetector

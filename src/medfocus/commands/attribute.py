@@ -95,6 +95,40 @@ def apply_refine_options(pmap: dict[str, dict[str, Any]], methods: Sequence[str]
     return out
 
 
+def build_methods(methods: Sequence[str], params: Sequence[str], refine: str | None, medsam: str | None) -> dict[str, Any]:
+    """The selected methods (default: all registered), built with their ``--param`` settings.
+
+    Building a method validates its settings (``Method.__init__``), so an unknown method, an unknown
+    parameter or a value of the wrong type or range is a :class:`ConfigError` naming the ``--param``
+    before anything is loaded.
+    """
+    from medfocus.attribution import get_method, list_methods
+
+    if not methods:
+        methods = tuple(list_methods())
+    pmap = apply_refine_options(parse_params(params), methods, refine, medsam)
+    unknown = sorted(set(pmap) - set(methods))
+    if unknown:
+        raise ConfigError(f"--param given for method(s) not selected: {unknown}")
+    out: dict[str, Any] = {}
+    for m in dict.fromkeys(methods):
+        try:
+            out[m] = get_method(m, **pmap.get(m, {}))
+        except ConfigError as exc:
+            given = ", ".join(f"{m}.{k}={v!r}" for k, v in pmap.get(m, {}).items())
+            raise ConfigError(f"{exc}" + (f" (from --param {given})" if given else "")) from None
+    return out
+
+
+def check_models(names: Sequence[str]) -> None:
+    """Every model name is loadable (registry entry, local folder with weights, or a cached hub id),
+    checked without loading anything; raises :class:`ModelError` / :class:`ConfigError` naming it."""
+    from medfocus.lvlm.loading import check_model
+
+    for name in names:
+        check_model(name)
+
+
 def load_samples(dataset: str, data_root: str | None) -> list:
     """Samples of a dataset through the dataset registry (``medfocus.datasets.load_dataset``)."""
     from medfocus.datasets import load_dataset
@@ -206,18 +240,13 @@ def attribute(bench, dataset, data_root, models, modes, methods, params, refine,
             click.echo(f"merged {len(parts)} shard files -> {out / 'predictions.jsonl'} ({n} records)")
             return
         i, n = parse_shard(shard)
+        # Fail fast: every setting is validated before any data or model is loaded (method names and
+        # parameters here; the models right after the work items name them).
+        method_objs = build_methods(methods, params, refine, medsam)
         items = build_items(bench=bench, dataset=dataset, data_root=data_root, models=models, modes=modes,
                             include_negatives=include_negatives)
         items = select_items(items, limit=limit, shard=(i, n))
-        if not methods:
-            from medfocus.attribution import list_methods
-
-            methods = tuple(list_methods())
-        pmap = apply_refine_options(parse_params(params), methods, refine, medsam)
-        unknown = sorted(set(pmap) - set(methods))
-        if unknown:
-            raise ConfigError(f"--param given for method(s) not selected: {unknown}")
-        method_params = {m: pmap.get(m, {}) for m in methods}
+        check_models(sorted({it.model for it in items}))
         store_path = out / ("predictions.jsonl" if n == 1 else f"predictions.shard-{i}-of-{n}.jsonl")
 
         def loader(name: str):
@@ -225,9 +254,10 @@ def attribute(bench, dataset, data_root, models, modes, methods, params, refine,
 
             return load_lvlm(name, device=device)
 
-        click.echo(f"{len(items)} samples x {len(method_params)} methods -> {store_path}")
+        click.echo(f"{len(items)} samples x {len(method_objs)} methods -> {store_path}")
         with ResultStore(store_path) as store:
-            summary = run_grid(items, method_params, store, load_model=loader, seed=seed, retry_errors=retry_errors,
+            summary = run_grid(items, {m: getattr(obj, "params", {}) for m, obj in method_objs.items()}, store, load_model=loader,
+                               make_method=lambda name, _params: method_objs[name], seed=seed, retry_errors=retry_errors,
                                save_token_maps=save_token_maps, progress=not no_progress)
         click.echo(f"done: {summary}")
         if summary.errors:

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from medfocus.errors import ConfigError, DataError
+from medfocus.errors import ConfigError, DataError, MedfocusError
 from medfocus.runner.store import Key, ResultStore, to_jsonable
 from medfocus.types import Sample
 
@@ -322,6 +322,17 @@ def run_grid(
     read_image = read_image or _read_image
     to_boxes = heatmap_to_boxes or _default_boxes
 
+    # Every method is built (and so its settings validated) before any model loads: a bad setting is
+    # one ConfigError now, not an error record on every sample after minutes of model loading.
+    method_objs: dict[str, Any] = {}
+    for name in method_params:
+        try:
+            method_objs[name] = make_method(name, method_params[name])
+        except MedfocusError:
+            raise
+        except Exception as exc:
+            raise ConfigError(f"method {name!r} could not be built: {type(exc).__name__}: {exc}") from exc
+
     summary = RunSummary(total=len(items) * len(method_params))
     t_start = time.perf_counter()
     todo = [it for it in items if any(not store.is_done(it.key(m), retry_errors=retry_errors) for m in method_params)]
@@ -333,18 +344,7 @@ def run_grid(
 
         bar = tqdm(total=summary.total, initial=summary.skipped, desc="attribute", unit="run", dynamic_ncols=True)
 
-    method_objs: dict[str, Any] = {}
-    method_errors: dict[str, str] = {}
-
     def get_method_obj(name: str) -> Any:
-        if name not in method_objs and name not in method_errors:
-            try:
-                method_objs[name] = make_method(name, method_params[name])
-            except Exception as exc:  # recorded on every item of that method
-                method_errors[name] = f"{type(exc).__name__}: {exc}"
-                log.warning("method %s unavailable: %s", name, method_errors[name])
-        if name in method_errors:
-            raise RuntimeError(f"method {name!r} could not be built: {method_errors[name]}")
         return method_objs[name]
 
     # Group by model, keeping first-appearance order.
