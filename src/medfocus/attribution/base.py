@@ -168,6 +168,29 @@ def int_list() -> Param:
     return Param("a non-empty list of integers", check)
 
 
+def path_like() -> Param:
+    """A non-empty string or an ``os.PathLike`` (kept as given)."""
+    import os
+
+    def check(v: Any) -> Any:
+        if isinstance(v, os.PathLike) or (isinstance(v, str) and v.strip()):
+            return v
+        raise InvalidSetting
+
+    return Param("a path (non-empty string)", check)
+
+
+def obj(expected: str, accept: Callable[[Any], bool]) -> Param:
+    """A Python object for programmatic use (e.g. a loaded detector), accepted when ``accept(v)``."""
+
+    def check(v: Any) -> Any:
+        if isinstance(v, (str, bool, int, float)) or v is None or not accept(v):
+            raise InvalidSetting
+        return v
+
+    return Param(expected, check)
+
+
 def either(*params: Param) -> Param:
     """Accepts what any of ``params`` accepts (first match wins)."""
 
@@ -213,6 +236,9 @@ class Method:
     name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
     spec: ClassVar[dict[str, Param]] = {}
+    #: Settings that do not change the result (only speed/memory or where a cache lives): stored in
+    #: records but not compared when a rerun is checked against stored results.
+    runtime_settings: ClassVar[frozenset[str]] = frozenset({"batch_size", "cache"})
 
     def __init__(self, **params: Any) -> None:
         unknown = sorted(set(params) - set(self.defaults))
@@ -245,6 +271,8 @@ class Method:
 
                 arr = np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v)
                 v = {"array_sha1": hashlib.sha1(arr.tobytes()).hexdigest(), "shape": list(arr.shape), "dtype": str(arr.dtype)}
+            elif v is not None and not isinstance(v, (str, bool, int, float, list, tuple, dict)):
+                v = f"<{type(v).__module__}.{type(v).__qualname__}>"  # a loaded object: identified by its type
             out[k] = v
         return out
 

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from medfocus.attribution.base import Attribution, Counter, Method, boolean, choice, either, integer, number, optional, text
+from medfocus.attribution.base import Attribution, Counter, Method, boolean, choice, either, integer, number, obj, optional, path_like, text
 from medfocus.errors import ConfigError, ModelError
 from medfocus.types import EVIDENCE_REQUESTS, SUFFIXES, Box
 
@@ -203,6 +203,11 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _pair_or(method: str) -> Callable[[Any], bool]:
+    """Accepts a ``(model, processor)`` pair or an object with ``method``."""
+    return lambda v: (isinstance(v, tuple) and len(v) == 2) or callable(getattr(v, method, None))
+
+
 def _resolve_detector(spec: Any, pool: Any = None, cache: Any = True) -> Any:
     """``"anatomy"`` or an :class:`~medfocus.concepts.grounding.AnatomyDetector` -> the anatomy detector;
     ``"owlvit"`` (= :data:`OWLVIT_ID`), a hub id / local folder, an :class:`OwlDetector` or ``(model, processor)``
@@ -300,8 +305,11 @@ class PromptingMedSAM(Method):
     name = "prompting_medsam"
     defaults = {"request": PHRASE_REQUEST, "detector": "owlvit", "medsam": MEDSAM_ID, "score_threshold": 0.0,
                 "max_phrases": 8, "max_new_tokens": 128, "pool": None, "cache": True}
-    spec = {"request": text(), "detector": text(), "medsam": text(), "score_threshold": number(0, 1), "max_phrases": integer(1),
-            "max_new_tokens": integer(1), "pool": optional(text()), "cache": either(boolean(), text())}
+    spec = {"request": text(), "detector": either(path_like(), obj("a detector object or (model, processor)", _pair_or("detect"))),
+            "medsam": optional(either(path_like(), obj("a MedSAMRefiner or (model, processor)", _pair_or("segment")))),
+            "score_threshold": number(0, 1), "max_phrases": integer(1), "max_new_tokens": integer(1),
+            "pool": optional(either(path_like(), obj("a ReferencePool", lambda v: hasattr(v, "references")))),
+            "cache": either(boolean(), path_like())}
 
     def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         from medfocus.concepts.grounding import AnatomyDetector

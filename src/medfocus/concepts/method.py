@@ -33,7 +33,7 @@ from medfocus.concepts import ot
 from medfocus.concepts.intervention import REGIONS, RULES, TAU, decide, intervene, nested_winner, variant_boxes
 from medfocus.concepts.reference import SELECT_GRID, TRANSFER_GRID, ReferencePool, cached_pool, default_pool
 from medfocus.concepts.transfer import DEFAULT_ITERATIONS, ConceptTransfer, TransferCache, transfer_concepts
-from medfocus.attribution.base import Method, boolean, choice, either, integer, number, optional, text
+from medfocus.attribution.base import Method, boolean, choice, either, integer, number, obj, optional, path_like
 from medfocus.errors import ConfigError
 from medfocus.types import BILATERAL, Box
 
@@ -282,11 +282,20 @@ class MedFocusMethod(Method):
                 "epsilon": ot.EPSILON,
                 "lam": ot.LAMBDA, "cache": True, "batch_size": 16, "medsam": None}
 
-    spec = {"pool": optional(text()), "baseline": choice("zero", "mean"), "region": choice(*REGIONS), "rule": choice(*RULES),
+    spec = {"pool": optional(path_like()), "baseline": choice("zero", "mean"), "region": choice(*REGIONS), "rule": choice(*RULES),
             "tau": number(0, 1, lo_open=True), "refine": choice("none", "medsam"), "select_grid": integer(1),
             "transfer_grid": integer(1), "core": optional(number(0, 1, lo_open=True)), "mode": choice("barycentric", "plan"),
             "iterations": integer(1), "epsilon": number(0, lo_open=True), "lam": number(0, lo_open=True),
-            "cache": either(boolean(), text()), "batch_size": integer(1), "medsam": optional(text())}
+            "cache": either(boolean(), path_like()), "batch_size": integer(1),
+            "medsam": optional(either(path_like(), obj("a MedSAMRefiner or (model, processor)",
+                                                        lambda v: (isinstance(v, tuple) and len(v) == 2) or hasattr(v, "segment"))))}
+
+    def settings(self) -> dict[str, Any]:
+        """The resolved settings plus ``pool_fingerprint``, the content hash of the reference pool that
+        ``pool`` names (a changed pool under the same path is a different setting)."""
+        out = super().settings()
+        out["pool_fingerprint"] = _pool_for(str(self.params["pool"]) if self.params.get("pool") else None).fingerprint
+        return out
 
     def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Any) -> Any:
         p = dict(self.params)

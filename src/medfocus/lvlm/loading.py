@@ -104,6 +104,51 @@ def check_model(name_or_path: str | os.PathLike) -> str:
     return path
 
 
+_FULL_HASH_BYTES = 64 * 2**20
+
+
+def model_identity(name_or_path: str | os.PathLike) -> dict[str, Any]:
+    """What identifies a model's weights, computed without loading it (stored in every result record,
+    so a rerun against changed weights under the same name is not mistaken for the same work).
+
+    Returns:
+        ``{"name", "source", "family", "canvas", "fingerprint"}``. For a local folder the fingerprint is a
+        SHA-1 over ``config.json`` and every weight file: the whole file up to 64 MiB (the demo model),
+        else its size plus its first and last MiB (multi-GB checkpoints; retraining changes both). For a
+        hub id it is the cached snapshot's revision, ``None`` when the snapshot is not cached.
+    """
+    import hashlib
+
+    name, path, entry = resolve(name_or_path)
+    out: dict[str, Any] = {"name": name, "source": path, "family": entry.family if entry else None,
+                           "canvas": entry.canvas if entry else None, "fingerprint": None}
+    local = Path(path).expanduser()
+    if local.is_dir():
+        h = hashlib.sha1()
+        files = sorted(f for f in local.iterdir() if f.is_file() and (f.name == "config.json" or f.suffix in WEIGHT_SUFFIXES))
+        for f in files:
+            size = f.stat().st_size
+            h.update(f"{f.name}\0{size}\0".encode())
+            with f.open("rb") as fh:
+                if size <= _FULL_HASH_BYTES:
+                    h.update(fh.read())
+                else:
+                    h.update(fh.read(2**20))
+                    fh.seek(-(2**20), os.SEEK_END)
+                    h.update(fh.read())
+        out["fingerprint"] = h.hexdigest() if files else None
+        return out
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(path, "config.json")
+        if isinstance(cached, str):
+            out["fingerprint"] = Path(cached).parent.name  # snapshots/<revision>/config.json
+    except Exception:  # not a hub id, or no hub client: nothing more to identify it by
+        pass
+    return out
+
+
 def default_device() -> torch.device:
     """CUDA when available, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
