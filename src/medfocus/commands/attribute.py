@@ -232,9 +232,11 @@ def build_items(
 @click.option("--save-token-maps", is_flag=True, help="Also store per-answer-token heatmaps (float16).")
 @click.option("--include-negatives", is_flag=True, help="Without --bench: also attribute samples whose answer is No.")
 @click.option("--device", default=None, show_default="cuda if available, else cpu", help="torch device for the models.")
+@click.option("--allow-outside-root", is_flag=True,
+              help="Read image paths from the data files even when they lead outside the data root (warns); refused by default.")
 @click.option("--no-progress", is_flag=True, help="Disable progress bars (also the weight-loading bar).")
 def attribute(bench, dataset, data_root, models, modes, methods, params, refine, medsam, out_dir, limit, seed, shard, merge,
-              retry_errors, save_token_maps, include_negatives, device, no_progress) -> None:
+              retry_errors, save_token_maps, include_negatives, device, allow_outside_root, no_progress) -> None:
     """Run attribution methods on a benchmark split and store one record per
     (model, dataset, index, mode, method) in OUT/predictions.jsonl (resumable: rerun the same
     command after an interruption)."""
@@ -254,8 +256,11 @@ def attribute(bench, dataset, data_root, models, modes, methods, params, refine,
         # Fail fast: every setting is validated before any data or model is loaded (method names and
         # parameters here; the models right after the work items name them).
         method_objs = build_methods(methods, params, refine, medsam)
-        items = build_items(bench=bench, dataset=dataset, data_root=data_root, models=models, modes=modes,
-                            include_negatives=include_negatives)
+        from medfocus.io.paths import allow_outside_root as _allow_outside
+
+        with _allow_outside(allow_outside_root):
+            items = build_items(bench=bench, dataset=dataset, data_root=data_root, models=models, modes=modes,
+                                include_negatives=include_negatives)
         items = select_items(items, limit=limit, shard=(i, n))
         check_models(sorted({it.model for it in items}))
         store_path = out / ("predictions.jsonl" if n == 1 else f"predictions.shard-{i}-of-{n}.jsonl")

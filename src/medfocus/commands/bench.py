@@ -77,11 +77,13 @@ def _load_model(name: str, device: str | None) -> Any:
 @click.option("--retry-errors", is_flag=True, help="Redo samples that failed in a previous run.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Editor seed (part of the edit-cache key).")
 @click.option("--device", default=None, show_default="cuda if available, else cpu", help="torch device.")
+@click.option("--allow-outside-root", is_flag=True,
+              help="Read image paths from the data files even when they lead outside the data root (warns); refused by default.")
 @click.option("--no-progress", is_flag=True, help="Disable progress bars (also the weight-loading bar).")
 def build(model: str, model_name: str | None, dataset: str, data_root: str | None, modes: tuple[str, ...], editor: str | None, out_dir: str,
           cache_dir: str | None, reference_dir: str | None, radedit_dir: str | None, radedit_steps: int, limit: int | None,
           batch_size: int, max_new_tokens: int | None, include_negatives: bool, retry_errors: bool, seed: int,
-          device: str | None, no_progress: bool) -> None:
+          device: str | None, allow_outside_root: bool, no_progress: bool) -> None:
     """Filter a dataset for one model: keep a positive sample iff the model answers it correctly,
     flips its answer when the finding is edited out of the boxes, and keeps its answer when the
     background is edited ("No {finding}" and "No abnormality")."""
@@ -95,7 +97,10 @@ def build(model: str, model_name: str | None, dataset: str, data_root: str | Non
 
     try:
         # cheap checks first: data, then editor weights, then the (large) model
-        samples = load_dataset(dataset, data_root)
+        from medfocus.io.paths import allow_outside_root as _allow_outside
+
+        with _allow_outside(allow_outside_root):
+            samples = load_dataset(dataset, data_root)
         if limit is not None:
             samples = samples[:limit]
         ds_name = samples[0].dataset if samples else canonical_name(dataset)

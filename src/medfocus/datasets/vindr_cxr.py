@@ -38,6 +38,7 @@ import pandas as pd
 
 from medfocus.datasets._common import BoxClipLog, SizeCache, check_box, id_str, require_file
 from medfocus.errors import DataError
+from medfocus.io.paths import resolve_inside
 from medfocus.types import Sample
 
 __all__ = ["load_vindr_cxr", "find_vindr_layout", "LAYOUT", "IMAGE_SUFFIXES"]
@@ -72,11 +73,13 @@ def find_vindr_layout(root: str | os.PathLike, split: str = "test") -> tuple[Pat
 
 
 def _image_path(image_dir: Path, image_id: str) -> Path:
+    """The image file of ``image_id`` in ``image_dir`` (first existing suffix); an id that leaves the
+    folder (``..``, absolute) is refused (:func:`medfocus.io.paths.resolve_inside`)."""
     for suf in IMAGE_SUFFIXES:
-        p = image_dir / f"{image_id}{suf}"
+        p = resolve_inside(image_dir, f"{image_id}{suf}", what=f"image_id {image_id!r}")
         if p.is_file():
             return p
-    return image_dir / f"{image_id}.dicom"
+    return resolve_inside(image_dir, f"{image_id}.dicom", what=f"image_id {image_id!r}")
 
 
 def load_vindr_cxr(
