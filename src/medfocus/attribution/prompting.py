@@ -85,7 +85,7 @@ def parse_phrases(text: str, max_phrases: int = 8) -> list[str]:
             val = json.loads(m.group(0))
             if isinstance(val, list):
                 items = [str(v) for v in val if isinstance(v, (str, int, float))]
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # model output nested thousands deep is not a list of phrases
             items = []
     if not items:
         items = re.findall(r'"([^"]+)"', text) or re.findall(r"'([^']+)'", text)

@@ -44,7 +44,10 @@ def read_bench_file(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         raise DataError(f"benchmark file {path} does not exist (build one with `medfocus bench build`)")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"benchmark file {path}: not UTF-8 text (byte offset {exc.start}); expected UTF-8 JSON") from None
     try:
         if path.suffix == ".jsonl":
             recs = [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -52,6 +55,8 @@ def read_bench_file(path: str | Path) -> list[dict[str, Any]]:
             recs = json.loads(text)
     except ValueError as exc:
         raise DataError(f"benchmark file {path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise DataError(f"benchmark file {path}: JSON nested too deeply to be a benchmark") from None
     if isinstance(recs, dict) and "records" in recs:
         recs = recs["records"]
     if not isinstance(recs, list) or not all(isinstance(r, dict) for r in recs):
@@ -60,6 +65,13 @@ def read_bench_file(path: str | Path) -> list[dict[str, Any]]:
         for k in ("dataset", "index"):
             if k not in r:
                 raise DataError(f"benchmark file {path}: record {i} lacks field {k!r}")
+        idx = r["index"]
+        # no silent coercion: 1.7 is not sample 1, "3" is not sample 3
+        if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0:
+            raise DataError(f"benchmark file {path}: record {i}: field 'index' must be a non-negative integer, "
+                            f"got {idx!r} ({type(idx).__name__})")
+        if not isinstance(r["dataset"], str) or not r["dataset"]:
+            raise DataError(f"benchmark file {path}: record {i}: field 'dataset' must be a non-empty string, got {r['dataset']!r}")
     return recs
 
 
