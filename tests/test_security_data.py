@@ -99,3 +99,27 @@ def test_cli_flag_allows_with_warning(tmp_path, secret, monkeypatch):
     assert r.exit_code == 1 and "outside the data root" in r.output and "--allow-outside-root" in r.output
     r = CliRunner().invoke(main, [*args, "--allow-outside-root"])
     assert seen == [secret] and "outside the data root" not in r.output
+
+
+TRAVERSALS = ["../../escaped", "/etc/escaped", "..", ".", "a/../../escaped", "..\\..\\escaped", "\x00", ""]
+
+
+def test_every_path_built_from_fields_stays_inside(tmp_path):
+    """Issue 13 item 3: record/data fields that reach a file name (model, dataset, mode, method, editor,
+    kind) cannot leave the folder the file is written into."""
+    from medfocus.bench.build import GenerationCache, split_paths
+    from medfocus.editing.base import EditCache
+    from medfocus.runner.store import ResultStore
+
+    out = (tmp_path / "out").resolve()
+
+    def inside(p):
+        return out in Path(p).resolve().parents
+
+    for t in TRAVERSALS:
+        for p in split_paths(out, t, t, t).values():
+            assert inside(p), (t, p)
+        assert inside(GenerationCache(out, t, t, t).path), t
+        assert inside(EditCache(out).path(t, 1, t, t, "prompt", 0)), t
+        with ResultStore(out / "p.jsonl") as st:
+            assert inside(st.heatmap_path((t, t, 0, t, t))), t
