@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from medfocus.attribution.base import Attribution, Counter, Method, boolean, choice, either, integer, number, obj, optional, path_like, text
-from medfocus.errors import ConfigError, ModelError
+from medfocus.errors import ModelError
 from medfocus.lvlm.box_text import COORDS, parse_boxes
 from medfocus.types import EVIDENCE_REQUESTS, SUFFIXES, Box
 

@@ -13,6 +13,7 @@ from medfocus.commands.config import config_option
 from medfocus.commands.launch import LAUNCH_PARAMS, check_launch_options, launcher_options
 from medfocus.commands.progress import progress_bars
 from medfocus.errors import ConfigError, DataError, MedfocusError
+from medfocus.io.paths import allow_outside_root as _allow_outside
 
 #: The registered method names, for the help text (the registry module imports no model code).
 METHOD_NAMES: tuple[str, ...] = (*BASELINES, "medfocus")
@@ -287,8 +288,6 @@ def attribute(ctx, bench, dataset, data_root, models, modes, methods, params, re
         # Fail fast: every setting is validated before any data or model is loaded (method names and
         # parameters here; the models right after the work items name them).
         method_objs = build_methods(methods, params, refine, medsam)
-        from medfocus.io.paths import allow_outside_root as _allow_outside
-
         with _allow_outside(allow_outside_root):
             items = build_items(bench=bench, dataset=dataset, data_root=data_root, models=models, modes=modes,
                                 include_negatives=include_negatives)
@@ -321,7 +320,6 @@ def _launch_attribute(ctx: click.Context, launch_opts: dict[str, Any], *, bench,
     """Validate the run, split it into (model, shard) tasks and start them (``--launcher local|slurm``)."""
     from medfocus.commands.launch import argv_from_params, default_shards, run_launch
     from medfocus.runner.grid import select_items, shard_of
-    from medfocus.io.paths import allow_outside_root as _allow_outside
     from medfocus.runner.launch import Manifest, ShardTask, attribute_store_name, parse_devices
 
     opts = {k: launch_opts[k] for k in LAUNCH_PARAMS}

@@ -10,6 +10,7 @@ from medfocus.commands.config import config_option
 from medfocus.commands.launch import LAUNCH_PARAMS, check_launch_options, launcher_options
 from medfocus.commands.progress import progress_bars
 from medfocus.errors import ConfigError, MedfocusError
+from medfocus.io.paths import allow_outside_root as _allow_outside
 
 EPILOG = """\b
 Examples:
@@ -109,8 +110,6 @@ def build(ctx: click.Context, model: str, model_name: str | None, dataset: str, 
         if launch_opts["launcher"] != "none" and shard:
             raise ConfigError("--shard is for runs without a launcher (the launcher shards and merges itself)")
         # cheap checks first: data, then editor weights, then the (large) model
-        from medfocus.io.paths import allow_outside_root as _allow_outside
-
         with _allow_outside(allow_outside_root):
             samples = load_dataset(dataset, data_root)
         if limit is not None:
