@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,30 +26,6 @@ Examples:
       --method medfocus --refine medsam --medsam /models/medsam-vit-base \
       --param medfocus.region=mask --param medfocus.rule=nested --out runs/medfocus
 """
-
-
-def read_bench_file(path: str | Path) -> list[dict[str, Any]]:
-    """Benchmark records from a ``.json`` list (the public MedGround-Bench files) or a ``.jsonl`` file."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"benchmark file {path} does not exist (build one with `medfocus bench build`)")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix == ".jsonl":
-            recs = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            recs = json.loads(text)
-    except ValueError as exc:
-        raise DataError(f"benchmark file {path}: not valid JSON ({exc})") from None
-    if isinstance(recs, dict) and "records" in recs:
-        recs = recs["records"]
-    if not isinstance(recs, list) or not all(isinstance(r, dict) for r in recs):
-        raise DataError(f"benchmark file {path}: expected a list of records (objects)")
-    for i, r in enumerate(recs):
-        for k in ("dataset", "index"):
-            if k not in r:
-                raise DataError(f"benchmark file {path}: record {i} lacks field {k!r}")
-    return recs
 
 
 def parse_params(specs: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -112,6 +87,7 @@ def build_items(
     include_negatives: bool = False,
 ) -> list:
     """Work items from benchmark files (filtered splits) or, without them, from a dataset's samples."""
+    from medfocus.datasets.medground import load_record_dicts
     from medfocus.runner.grid import WorkItem, items_from_benchmark, raw_answers_for_split
 
     items: list = []
@@ -125,7 +101,7 @@ def build_items(
 
     if bench:
         for path in bench:
-            recs = read_bench_file(path)
+            recs = load_record_dicts(path)
             raw = raw_answers_for_split(path)  # the full generated answers, when the split log is there
             ds_names = sorted({str(r["dataset"]) for r in recs})
             if dataset and ds_names != [dataset]:

@@ -45,6 +45,7 @@ def evaluate(predictions: tuple[Path, ...], out_dir: Path, metrics: str, n_boot:
     """
     from medfocus.errors import MedfocusError
     from medfocus.evaluation import build_tables, evaluate_records, read_prediction_records
+    from medfocus.io.atomic import atomic_write_text
 
     chosen = [m.strip() for m in metrics.split(",") if m.strip()]
     bad = [m for m in chosen if m not in ALL_METRICS]
@@ -58,7 +59,7 @@ def evaluate(predictions: tuple[Path, ...], out_dir: Path, metrics: str, n_boot:
         raise click.ClickException(f"no records in {', '.join(map(str, predictions))}")
     df = evaluate_records(records, q=q, min_area=min_area, max_boxes=max_boxes, progress=len(records) > 200)
     out_dir.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out_dir / "records.csv", index=False)
+    atomic_write_text(out_dir / "records.csv", df.to_csv(index=False))
     md = build_tables(df, out_dir, metrics=chosen, n_boot=n_boot, seed=seed)
     click.echo(md)
     n_err = int(df["error"].notna().sum())

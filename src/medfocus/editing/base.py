@@ -26,7 +26,6 @@ import hashlib
 import importlib
 import json
 import os
-import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -34,6 +33,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from medfocus.errors import ConfigError, DataError
+from medfocus.io.atomic import atomic_write_bytes
 from medfocus.types import Box, Sample
 
 #: The three edits of the causal filter, in the order the filter makes them.
@@ -272,17 +272,10 @@ class EditCache:
         import cv2
 
         p = self.path(*key)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".png", dir=p.parent)
-        os.close(fd)
-        try:
-            if not cv2.imwrite(tmp, np.ascontiguousarray(image, dtype=np.uint8)):
-                raise DataError(f"could not write cached edit {p}")
-            os.replace(tmp, p)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return p
+        ok, png = cv2.imencode(".png", np.ascontiguousarray(image, dtype=np.uint8))
+        if not ok:
+            raise DataError(f"could not encode cached edit {p}")
+        return atomic_write_bytes(p, png.tobytes())
 
     def get_or_edit(self, editor: Editor, image: np.ndarray, mask: np.ndarray, *, sample: Sample, kind: str,
                     prompt: str) -> np.ndarray:
