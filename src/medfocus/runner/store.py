@@ -27,14 +27,14 @@ from medfocus.errors import ConfigError, DataError
 from medfocus.evaluation.records import KEY_FIELDS, Key, read_prediction_records, record_key
 from medfocus.io.atomic import atomic_save_npz
 from medfocus.io.jsonl import append_jsonl, iter_jsonl, read_jsonl, trim_partial_tail
+from medfocus.io.paths import safe_filename
 
 __all__ = ["ResultStore", "load_records", "merge_stores", "record_key", "key_slug", "to_jsonable", "atomic_save_npz",
            "read_jsonl", "iter_jsonl", "KEY_FIELDS", "Key"]
 
 def key_slug(key: Key) -> str:
     """A file-name-safe string for a key, e.g. ``demo__synthetic__12__direct__occlusion``."""
-    safe = ["".join(c if (c.isalnum() or c in "-_.") else "-" for c in str(part)) for part in key]
-    return "__".join(safe)
+    return safe_filename("__".join(str(part) for part in key))
 
 
 def to_jsonable(obj: Any) -> Any:
