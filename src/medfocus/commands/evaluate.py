@@ -82,7 +82,6 @@ def evaluate(predictions: tuple[Path, ...], out_dir: Path, metrics: str, n_boot:
     click.echo(md)
     if baselines:
         from medfocus.evaluation.baselines import baselines_markdown, compare_to_baselines, finding_markdown, finding_table
-        from medfocus.evaluation.tables import _atomic_write as atomic_write_text
 
         comp = compare_to_baselines(df, [m for m in chosen if m in ("iou", "f1", "precision", "recall")] or ["iou"],
                                     n_boot=n_boot, seed=seed)
