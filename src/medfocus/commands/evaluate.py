@@ -180,8 +180,6 @@ def evaluate(predictions: tuple[Path, ...], out_dir: Path, metrics: str, n_boot:
         out_dir.mkdir(parents=True, exist_ok=True)
         import json
 
-        from medfocus.bench.build import atomic_write_text
-
         lines = [json.dumps(to_jsonable({k: v for k, v in r.items() if not k.startswith("_")})) for r in records]
         atomic_write_text(out_dir / "predictions.faithfulness.jsonl", "\n".join(lines) + "\n")
     if baselines:
