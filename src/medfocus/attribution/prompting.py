@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +31,9 @@ import torch
 from medfocus.attribution.base import Attribution, Counter, Method
 from medfocus.errors import ConfigError, ModelError
 from medfocus.types import EVIDENCE_REQUESTS, SUFFIXES, Box
+
+if TYPE_CHECKING:  # annotations only: the adapter interface lives in the LVLM layer
+    from medfocus.lvlm.adapter import LVLMAdapter
 
 #: The evidence requests, appended after a space to the question stem (the demo model is trained on
 #: exactly these: :data:`medfocus.types.EVIDENCE_REQUESTS`).
@@ -110,7 +113,7 @@ def boxes_heatmap(boxes: list[Box], size_hw: tuple[int, int]) -> np.ndarray:
     return hm
 
 
-def _generate(adapter: Any, image: np.ndarray, prompt: str, max_new_tokens: int, counter: Counter) -> str:
+def _generate(adapter: LVLMAdapter, image: np.ndarray, prompt: str, max_new_tokens: int, counter: Counter) -> str:
     text = adapter.generate([image], [prompt], max_new_tokens=max_new_tokens, batch_size=1)[0]
     counter.n_forward += 1
     return text
@@ -122,7 +125,7 @@ class Prompting(Method):
     name = "prompting"
     defaults = {"request": BOX_REQUEST, "coords": "canvas", "max_new_tokens": 128}
 
-    def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
+    def _attribute(self, adapter: LVLMAdapter, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         prompt = f"{question_stem_of(question)} {self.params['request']}"
         text = _generate(adapter, image, prompt, int(self.params["max_new_tokens"]), counter)
         geo = adapter.prepare(image, prompt).geometry
@@ -300,7 +303,7 @@ class PromptingMedSAM(Method):
     defaults = {"request": PHRASE_REQUEST, "detector": "owlvit", "medsam": MEDSAM_ID, "score_threshold": 0.0,
                 "max_phrases": 8, "max_new_tokens": 128, "pool": None, "cache": True}
 
-    def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
+    def _attribute(self, adapter: LVLMAdapter, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         from medfocus.concepts.grounding import AnatomyDetector
 
         # Resolve (and, for OWL-ViT / MedSAM, check the weights of) everything before generating, so a

@@ -10,7 +10,7 @@ import click
 from medfocus.attribution.base import BASELINES
 from medfocus.commands.config import config_option
 from medfocus.commands.progress import progress_bars
-from medfocus.errors import ConfigError, DataError, MedfocusError
+from medfocus.errors import ConfigError, DataError
 
 #: The registered method names, for the help text (the registry module imports no model code).
 METHOD_NAMES: tuple[str, ...] = (*BASELINES, "medfocus")
@@ -184,40 +184,37 @@ def attribute(bench, dataset, data_root, models, modes, methods, params, refine,
     from medfocus.runner.store import ResultStore, merge_stores
 
     out = Path(out_dir)
-    try:
-        if merge:
-            parts = sorted(out.glob("predictions.shard-*.jsonl"))
-            if not parts:
-                raise DataError(f"no predictions.shard-*.jsonl files in {out}")
-            n = merge_stores(parts, out / "predictions.jsonl")
-            click.echo(f"merged {len(parts)} shard files -> {out / 'predictions.jsonl'} ({n} records)")
-            return
-        i, n = parse_shard(shard)
-        items = build_items(bench=bench, dataset=dataset, data_root=data_root, models=models, modes=modes,
-                            include_negatives=include_negatives)
-        items = select_items(items, limit=limit, shard=(i, n))
-        if not methods:
-            from medfocus.attribution import list_methods
+    if merge:
+        parts = sorted(out.glob("predictions.shard-*.jsonl"))
+        if not parts:
+            raise DataError(f"no predictions.shard-*.jsonl files in {out}")
+        n = merge_stores(parts, out / "predictions.jsonl")
+        click.echo(f"merged {len(parts)} shard files -> {out / 'predictions.jsonl'} ({n} records)")
+        return
+    i, n = parse_shard(shard)
+    items = build_items(bench=bench, dataset=dataset, data_root=data_root, models=models, modes=modes,
+                        include_negatives=include_negatives)
+    items = select_items(items, limit=limit, shard=(i, n))
+    if not methods:
+        from medfocus.attribution import list_methods
 
-            methods = tuple(list_methods())
-        pmap = apply_refine_options(parse_params(params), methods, refine, medsam)
-        unknown = sorted(set(pmap) - set(methods))
-        if unknown:
-            raise ConfigError(f"--param given for method(s) not selected: {unknown}")
-        method_params = {m: pmap.get(m, {}) for m in methods}
-        store_path = out / ("predictions.jsonl" if n == 1 else f"predictions.shard-{i}-of-{n}.jsonl")
+        methods = tuple(list_methods())
+    pmap = apply_refine_options(parse_params(params), methods, refine, medsam)
+    unknown = sorted(set(pmap) - set(methods))
+    if unknown:
+        raise ConfigError(f"--param given for method(s) not selected: {unknown}")
+    method_params = {m: pmap.get(m, {}) for m in methods}
+    store_path = out / ("predictions.jsonl" if n == 1 else f"predictions.shard-{i}-of-{n}.jsonl")
 
-        def loader(name: str):
-            from medfocus.lvlm import load_lvlm
+    def loader(name: str):
+        from medfocus.lvlm import load_lvlm
 
-            return load_lvlm(name, device=device)
+        return load_lvlm(name, device=device)
 
-        click.echo(f"{len(items)} samples x {len(method_params)} methods -> {store_path}")
-        with progress_bars(not no_progress), ResultStore(store_path) as store:
-            summary = run_grid(items, method_params, store, load_model=loader, seed=seed, retry_errors=retry_errors,
-                               save_token_maps=save_token_maps, progress=not no_progress)
-        click.echo(f"done: {summary}")
-        if summary.errors:
-            click.echo(f"{summary.errors} records carry an error (see the 'error' field); rerun with --retry-errors to recompute them")
-    except MedfocusError as exc:
-        raise click.ClickException(str(exc)) from exc
+    click.echo(f"{len(items)} samples x {len(method_params)} methods -> {store_path}")
+    with progress_bars(not no_progress), ResultStore(store_path) as store:
+        summary = run_grid(items, method_params, store, load_model=loader, seed=seed, retry_errors=retry_errors,
+                           save_token_maps=save_token_maps, progress=not no_progress)
+    click.echo(f"done: {summary}")
+    if summary.errors:
+        click.echo(f"{summary.errors} records carry an error (see the 'error' field); rerun with --retry-errors to recompute them")

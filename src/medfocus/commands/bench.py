@@ -8,7 +8,6 @@ import click
 
 from medfocus.commands.config import config_option
 from medfocus.commands.progress import progress_bars
-from medfocus.errors import MedfocusError
 
 EPILOG = """\b
 Examples:
@@ -93,27 +92,24 @@ def build(model: str, model_name: str | None, dataset: str, data_root: str | Non
     if model_name is None:
         model_name = Path(model).name if Path(model).expanduser().exists() else model
 
-    try:
-        # cheap checks first: data, then editor weights, then the (large) model
-        samples = load_dataset(dataset, data_root)
-        if limit is not None:
-            samples = samples[:limit]
-        ds_name = samples[0].dataset if samples else canonical_name(dataset)
-        editor_name = editor or ("oracle" if ds_name == "synthetic" else "radedit")
-        ed = _make_editor(editor_name, seed=seed, reference_dir=reference_dir, radedit_dir=radedit_dir,
-                          radedit_steps=radedit_steps, device=device)
-        ed.prepare()
-        with progress_bars(not no_progress):
-            adapter = _load_model(model, device)
-        for mode in modes:
-            records, ret = build_benchmark(adapter, samples, mode=mode, editor=ed, out_dir=out_dir, model_name=model_name,
-                                           cache_dir=cache_dir, include_negatives=include_negatives,
-                                           max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                           retry_errors=retry_errors, progress=not no_progress)
-            click.echo(f"{model_name} / {ds_name} / {mode}: kept {ret['kept']} of {ret['n']} positives "
-                       f"({ret['retention_pct']}%), errors {ret['errors']}")
-    except MedfocusError as exc:
-        raise click.ClickException(str(exc)) from None
+    # cheap checks first: data, then editor weights, then the (large) model
+    samples = load_dataset(dataset, data_root)
+    if limit is not None:
+        samples = samples[:limit]
+    ds_name = samples[0].dataset if samples else canonical_name(dataset)
+    editor_name = editor or ("oracle" if ds_name == "synthetic" else "radedit")
+    ed = _make_editor(editor_name, seed=seed, reference_dir=reference_dir, radedit_dir=radedit_dir,
+                      radedit_steps=radedit_steps, device=device)
+    ed.prepare()
+    with progress_bars(not no_progress):
+        adapter = _load_model(model, device)
+    for mode in modes:
+        records, ret = build_benchmark(adapter, samples, mode=mode, editor=ed, out_dir=out_dir, model_name=model_name,
+                                       cache_dir=cache_dir, include_negatives=include_negatives,
+                                       max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                       retry_errors=retry_errors, progress=not no_progress)
+        click.echo(f"{model_name} / {ds_name} / {mode}: kept {ret['kept']} of {ret['n']} positives "
+                   f"({ret['retention_pct']}%), errors {ret['errors']}")
     click.echo(write_retention(out_dir))
 
 
