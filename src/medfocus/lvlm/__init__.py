@@ -21,6 +21,7 @@ _EXPORTS = {
     "score_chat": "medfocus.lvlm.scoring",
     "answer_logprobs": "medfocus.lvlm.scoring",
     "parse_yes_no": "medfocus.lvlm.answers",
+    "parse_boxes": "medfocus.lvlm.box_text",
     "build_tiny": "medfocus.lvlm.tiny",
     "generate_answers": "medfocus.lvlm.generation",
 }
@@ -35,6 +36,7 @@ __all__ = [
     "get_entry",
     "list_models",
     "load_lvlm",
+    "parse_boxes",
     "parse_yes_no",
     "register",
     "score_chat",
@@ -44,6 +46,7 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 if TYPE_CHECKING:  # the same names, for IDEs, type checkers and help()
     from medfocus.lvlm.adapter import ChatInputs, LVLMAdapter
     from medfocus.lvlm.answers import parse_yes_no
+    from medfocus.lvlm.box_text import parse_boxes
     from medfocus.lvlm.generation import generate_answers
     from medfocus.lvlm.loading import load_lvlm
     from medfocus.lvlm.registry import ModelEntry, get_entry, list_models, register

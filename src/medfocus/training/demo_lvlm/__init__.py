@@ -64,7 +64,6 @@ from medfocus.training.demo_lvlm.evaluate import (
     evaluate_folder,
     evaluate_generation,
     hf_generate_fn,
-    parse_boxes,
     rewrite_card,
 )
 from medfocus.training.demo_lvlm.model import Encoder, build_model, build_processor, build_tokenizer, folder_size, save_folder
@@ -120,7 +119,6 @@ __all__ = [
     "load_checkpoint",
     "make_case",
     "model_card",
-    "parse_boxes",
     "phrases_answer",
     "pretrain_vision",
     "rationale",
