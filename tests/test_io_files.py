@@ -232,19 +232,6 @@ def test_evaluate_and_report_agree_on_retried_errors_and_a_truncated_line(tmp_pa
     assert path.stat().st_size < size and read_jsonl(path)[1] == path.stat().st_size
 
 
-def test_attribute_reads_benchmark_jsonl_through_the_one_reader(tmp_path):
-    from medfocus.datasets.medground import load_record_dicts
-
-    p = tmp_path / "split.jsonl"
-    p.write_text(json.dumps({"dataset": "synthetic", "index": 0, "mode": "direct"}) + "\n" + '{"dataset": "synth')
-    assert load_record_dicts(p) == [{"dataset": "synthetic", "index": 0, "mode": "direct"}]
-    p.write_text(json.dumps({"dataset": "synthetic"}) + "\n")
-    with pytest.raises(DataError, match=r"split.jsonl line 1: lacks field 'index'"):
-        load_record_dicts(p)
-    with pytest.raises(DataError, match="does not exist"):
-        load_record_dicts(tmp_path / "none.json")
-
-
 def test_no_hand_written_temp_then_rename_outside_io():
     """Every temp-then-rename write goes through medfocus.io.atomic (one set of guarantees)."""
     root = Path(SRC) / "medfocus"

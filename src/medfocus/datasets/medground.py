@@ -35,7 +35,6 @@ __all__ = [
     "BenchRecord",
     "PREDICTION_KINDS",
     "load_records",
-    "load_record_dicts",
     "parse_record",
     "write_records",
     "join_records",
@@ -184,25 +183,6 @@ def load_records(path: str | os.PathLike) -> list[BenchRecord]:
                 raise DataError(f"{w}: duplicate record {k} (first at {seen[k]})")
             seen[k] = w
     return records
-
-
-def load_record_dicts(path: str | os.PathLike, *, required: Sequence[str] = ("dataset", "index")) -> list[dict[str, Any]]:
-    """The records of a benchmark file as plain dicts, verbatim, checking only the ``required`` fields
-    (what ``medfocus attribute`` needs to find the samples; a split may lack the filter's fields).
-
-    Raises:
-        DataError: missing file, invalid JSON, a record that is not an object or lacks a required
-            field (naming the file and record).
-    """
-    out = []
-    for where, obj in _record_objects(path):
-        if not isinstance(obj, Mapping):
-            raise DataError(f"{where}: expected an object, got {type(obj).__name__}")
-        for k in required:
-            if k not in obj:
-                raise DataError(f"{where}: lacks field {k!r}")
-        out.append(dict(obj))
-    return out
 
 
 def write_records(records: Iterable[BenchRecord | Mapping[str, Any]], path: str | os.PathLike) -> Path:

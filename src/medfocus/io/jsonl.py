@@ -64,9 +64,16 @@ def read_jsonl_numbered(path: str | os.PathLike[str]) -> tuple[list[tuple[int, d
         if not raw.strip():
             continue
         try:
-            rec = json.loads(raw)
-        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{p} line {lineno}: not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}); "
+                            "JSON-lines files are UTF-8") from None
+        try:
+            rec = json.loads(text)
+        except ValueError as exc:
             raise DataError(f"{p} line {lineno}: not a valid JSON record ({exc})") from None
+        except RecursionError:
+            raise DataError(f"{p} line {lineno}: JSON nested too deeply to be a record") from None
         if not isinstance(rec, dict):
             raise DataError(f"{p} line {lineno}: expected a JSON object, got {type(rec).__name__}")
         out.append((lineno, rec))
