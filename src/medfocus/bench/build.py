@@ -302,7 +302,7 @@ def build_benchmark(
             lock.close()
 
 
-def _build_locked(adapter: Any, samples: Sequence[Sample], *, mode: str, editor: Editor, out_dir: Any, model_name: str,
+def _build_locked(adapter: LVLMAdapter, samples: Sequence[Sample], *, mode: str, editor: Editor, out_dir: Any, model_name: str,
                   include_negatives: bool, max_new_tokens: int, batch_size: int, step: int, parse: ParseFn,
                   retry_errors: bool, progress: bool, paths: dict[str, Path], cache: EditCache,
                   gen_cache: "GenerationCache | None", dataset: str, gen: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
