@@ -10,6 +10,7 @@ from medfocus.errors import ConfigError
 from medfocus.evaluation.faithfulness import (FaithfulnessConfig, cell_index, cell_order, curve_auc, faithfulness_curves,
                                               plan_curves)
 from medfocus.io.letterbox import Letterbox
+from medfocus.lvlm.scoring import score_chat
 
 TARGET = (2, 5)
 Q = "Is there evidence of nodule in the image?"
@@ -33,7 +34,8 @@ def _maps(size: int = 64) -> dict[str, np.ndarray]:
 def zero_curves(toy):
     img = toy_image(TARGET, size=64, seed=3)
     cfg = FaithfulnessConfig(steps=16, baseline="zero", seed=7)
-    curves, errors = faithfulness_curves(toy, img, Q, "Yes", _maps(), boxes=[cell_box(TARGET, 64)], config=cfg)
+    curves, errors = faithfulness_curves(toy, img, Q, "Yes", _maps(), boxes=[cell_box(TARGET, 64)], config=cfg,
+                                         scorer=score_chat)
     assert errors == {}
     return curves
 
@@ -83,7 +85,8 @@ def test_curves_are_monotone_where_the_toy_is(zero_curves):
 
 def test_blur_baseline_keeps_the_ordering(toy):
     img = toy_image(TARGET, size=64, seed=5)
-    curves, _ = faithfulness_curves(toy, img, Q, "Yes", _maps(), config=FaithfulnessConfig(steps=8, baseline="blur", seed=1))
+    curves, _ = faithfulness_curves(toy, img, Q, "Yes", _maps(), config=FaithfulnessConfig(steps=8, baseline="blur", seed=1),
+                                    scorer=score_chat)
     r, inv, rnd = curves["right"], curves["inverted"], curves["random"]
     assert r.deletion[-1] < r.deletion[0] - 0.2  # blurring the patch darkens it: the answer weakens
     assert r.deletion_auc <= rnd.deletion_auc <= inv.deletion_auc and r.insertion_auc >= rnd.insertion_auc >= inv.insertion_auc
@@ -102,8 +105,6 @@ def test_letterbox_padding_cells_are_never_moved(toy):
 
     def spy(adapter, chat, pv, batch_size=16):
         seen.append(adapter.pixel_values_to_images(pv, chat))
-        from medfocus.lvlm.scoring import score_chat
-
         return score_chat(adapter, chat, pv, batch_size=batch_size)
 
     hm = np.random.default_rng(0).random((64, 32)).astype(np.float32)
@@ -123,7 +124,7 @@ def test_bad_maps_and_settings_are_named(toy):
     bad = np.zeros((64, 64), np.float32)
     bad[0, 0] = np.nan
     curves, errors = faithfulness_curves(toy, img, Q, "Yes", {"bad": bad, "small": np.zeros((8, 8)), "none": None},
-                                         config=FaithfulnessConfig(steps=2, baseline="zero"))
+                                         config=FaithfulnessConfig(steps=2, baseline="zero"), scorer=score_chat)
     assert set(curves) == {"random"}
     assert "non-finite" in errors["bad"] and "shape (8, 8)" in errors["small"]
     with pytest.raises(ConfigError, match="baseline"):
@@ -131,7 +132,7 @@ def test_bad_maps_and_settings_are_named(toy):
     with pytest.raises(ConfigError, match="steps"):
         FaithfulnessConfig(steps=0)
     with pytest.raises(ConfigError, match="answer text"):
-        faithfulness_curves(toy, img, Q, "", {})
+        faithfulness_curves(toy, img, Q, "", {}, scorer=score_chat)
 
 
 def test_curve_auc_trapezoid():

@@ -80,6 +80,7 @@ def add_faithfulness(records: Sequence[dict[str, Any]], model: str, cfg: Any, *,
     from medfocus.evaluation import load_heatmap
     from medfocus.evaluation.faithfulness import record_faithfulness
     from medfocus.io import read_image
+    from medfocus.lvlm.scoring import score_chat
 
     todo, other = [], 0
     for r in records:
@@ -116,7 +117,7 @@ def add_faithfulness(records: Sequence[dict[str, Any]], model: str, cfg: Any, *,
             raise DataError(f"{where}: cannot read the record's image ({type(exc).__name__}: {exc})") from exc
         if heat.shape != image.shape:
             raise DataError(f"{where}: heatmap shape {heat.shape} differs from the image's {image.shape}")
-        r.update(record_faithfulness(adapter, image, r, heat, cfg, refs))
+        r.update(record_faithfulness(adapter, image, r, heat, cfg, refs, scorer=score_chat))
         n += 1
     return n, other
 
@@ -147,7 +148,6 @@ def evaluate(predictions: tuple[Path, ...], out_dir: Path, metrics: str, n_boot:
     F1 of the union of predicted boxes vs the union of expert boxes (plus pointing game, energy
     pointing game and AUPRC when a heatmap is given). Table cells: mean x100 [95% bootstrap CI].
     """
-    from medfocus.errors import MedfocusError
     from medfocus.evaluation import build_tables, evaluate_records, read_prediction_records
     from medfocus.io.atomic import atomic_write_text
 
@@ -155,10 +155,7 @@ def evaluate(predictions: tuple[Path, ...], out_dir: Path, metrics: str, n_boot:
     bad = [m for m in chosen if m not in ALL_METRICS]
     if bad or not chosen:
         raise click.BadParameter(f"unknown metric(s) {bad}; choose from {', '.join(ALL_METRICS)}", param_hint="--metrics")
-    try:
-        records = [r for p in predictions for r in read_prediction_records(p)]
-    except MedfocusError as exc:
-        raise click.ClickException(str(exc)) from None
+    records = [r for p in predictions for r in read_prediction_records(p)]
     if not records:
         raise click.ClickException(f"no records in {', '.join(map(str, predictions))}")
     if faithfulness and not model:

@@ -285,7 +285,8 @@ def score_keep_masks(adapter: Any, chat: Any, keep_cells: np.ndarray, cells: np.
     import torch
 
     if scorer is None:
-        from medfocus.lvlm.scoring import score_chat as scorer
+        # evaluation sits below lvlm (README Architecture): the caller supplies the model layer's scorer
+        raise ConfigError("faithfulness: pass scorer= (the answer-only scorer, medfocus.lvlm.scoring.score_chat)")
     if config.baseline == "blur":
         base_img = adapter.pixel_values_to_images(chat.inputs["pixel_values"], chat)
         baseline: Any = _blurred_canvas(base_img, chat.geometry, config.blur_sigma)
@@ -319,7 +320,7 @@ def faithfulness_curves(adapter: Any, image: np.ndarray, question: str, answer: 
         maps: ``{name: (H0, W0) map}`` in original pixels (``None`` entries skipped).
         boxes: expert boxes for the ``"expert_box"`` reference.
         config: protocol settings (default :class:`FaithfulnessConfig`).
-        scorer: ``score_chat``-compatible scorer (default the LVLM layer's).
+        scorer: ``score_chat``-compatible scorer (:func:`medfocus.lvlm.scoring.score_chat`; required).
         references: also score the reference maps (off when the caller already has them).
 
     Returns:
@@ -357,7 +358,8 @@ def _nan_to_none(v: float) -> float | None:
 
 
 def record_faithfulness(adapter: Any, image: np.ndarray, record: Mapping[str, Any], heatmap: np.ndarray, config: FaithfulnessConfig,
-                        references: dict[tuple, dict[str, Any]] | None = None) -> dict[str, Any]:
+                        references: dict[tuple, dict[str, Any]] | None = None, *, scorer: Callable[..., Any] | None = None
+                        ) -> dict[str, Any]:
     """The faithfulness fields of one prediction record (what the runner and ``medfocus evaluate
     --faithfulness`` add): ``deletion_auc``, ``insertion_auc`` and ``faithfulness`` (the curves, the
     settings with the sample's seed, the ``random`` / ``expert_box`` reference curves of the sample and
@@ -368,6 +370,7 @@ def record_faithfulness(adapter: Any, image: np.ndarray, record: Mapping[str, An
         heatmap: the record's ``(H0, W0)`` map.
         references: a cache ``{sample key: reference curves}`` shared by the records of one run, so
             the references are scored once per sample, not once per method.
+        scorer: the answer-only scorer (:func:`medfocus.lvlm.scoring.score_chat`).
 
     A failure of the curves themselves (a map that cannot be ranked) is returned in
     ``faithfulness["error"]`` with ``None`` AUCs; model errors propagate.
@@ -377,7 +380,7 @@ def record_faithfulness(adapter: Any, image: np.ndarray, record: Mapping[str, An
     cache = references if references is not None else {}
     need_refs = key not in cache
     curves, errors = faithfulness_curves(adapter, image, str(record["question"]), str(record["answer"]), {"map": heatmap},
-                                         boxes=record.get("gt_boxes") or None, config=cfg, references=need_refs)
+                                         boxes=record.get("gt_boxes") or None, config=cfg, scorer=scorer, references=need_refs)
     if need_refs:
         cache[key] = {name: curves[name].to_dict() for name in REFERENCES if name in curves}
     out: dict[str, Any] = {"settings": cfg.to_dict(), **cache[key], "error": errors.get("map")}

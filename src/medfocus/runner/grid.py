@@ -546,8 +546,9 @@ def run_grid(
                         rec["has_heatmap"] = heat is not None
                         if faithfulness is not None and heat is not None:
                             from medfocus.evaluation.faithfulness import record_faithfulness
+                            from medfocus.lvlm.scoring import score_chat
 
-                            rec.update(record_faithfulness(adapter, image, rec, heat, faithfulness, faith_refs))
+                            rec.update(record_faithfulness(adapter, image, rec, heat, faithfulness, faith_refs, scorer=score_chat))
                         store.append(rec)
                         summary.done += 1
                     except (KeyboardInterrupt, SystemExit):
