@@ -14,7 +14,7 @@ from medfocus.attribution import get_method
 from medfocus.attribution.testing import ToyAdapter, cell_box, toy_image
 from medfocus.evaluation import build_tables, evaluate_records
 from medfocus.evaluation.faithfulness import FaithfulnessConfig
-from medfocus.runner import ResultStore, WorkItem, load_records, run_grid
+from medfocus.runner import ResultStore, WorkItem, load_results, run_grid
 from medfocus.types import Sample
 
 TARGET = (2, 5)
@@ -58,7 +58,7 @@ def run(tmp_path_factory):
     with ResultStore(tmp / "predictions.jsonl") as st:
         summ = run_grid(items, methods, st, load_model=lambda _n: adapter, make_method=_factory, progress=False, faithfulness=cfg)
     assert summ.errors == 0
-    return tmp, load_records(tmp / "predictions.jsonl"), adapter, cfg
+    return tmp, load_results(tmp / "predictions.jsonl"), adapter, cfg
 
 
 def test_records_carry_curves_and_references(run):

@@ -165,11 +165,9 @@ def evaluate(predictions: tuple[Path, ...], out_dir: Path, metrics: str, n_boot:
     if faithfulness:
         from medfocus.runner.store import to_jsonable
 
-        try:
-            cfg = faithfulness_config(True, faithfulness_steps, faithfulness_baseline, faithfulness_batch_size)
-            n_done, n_other = add_faithfulness(records, str(model), cfg)
-        except MedfocusError as exc:
-            raise click.ClickException(str(exc)) from None
+        # a MedfocusError here becomes a CLI error in the one place that converts them (cli.py)
+        cfg = faithfulness_config(True, faithfulness_steps, faithfulness_baseline, faithfulness_batch_size)
+        n_done, n_other = add_faithfulness(records, str(model), cfg)
         click.echo(f"faithfulness: {n_done} heatmap records scored with {model}"
                    + (f" ({n_other} records of other models left out)" if n_other else ""), err=True)
         if "deletion_auc" not in chosen:
