@@ -69,7 +69,7 @@ def test_merge_timings_keeps_the_first_full_measurement():
     assert merge_timings(None, resumed, did)["timings"]["bench"] == 0.4
 
 
-def test_demo_threads_follow_the_available_cores(tiny_qwen, tmp_path, monkeypatch):
+def test_demo_threads_follow_the_available_cores(tiny_qwen, tmp_path, monkeypatch, capsys):
     import os
 
     import torch
@@ -102,7 +102,12 @@ def test_demo_threads_follow_the_available_cores(tiny_qwen, tmp_path, monkeypatc
     try:
         cfg = DemoConfig(n_samples=3, per_mode=1, n_reference=2, size=128, methods=("occlusion",), max_new_tokens=6,
                          modes=("direct",), editors=("oracle",))
-        res = rd.run_demo(tmp_path / "demo", cfg, adapter=tiny_qwen, progress=False, log=lambda m: None)
+        res = rd.run_demo(tmp_path / "demo", cfg, adapter=tiny_qwen, progress=True, log=lambda m: None)
+        # one progress line for the whole demo: no step shows a bar of its own, and it reaches 100 %
+        import re
+
+        bars = set(re.findall(r"([A-Za-z][\w ]*): +\d+%\|", capsys.readouterr().err))
+        assert bars == {"demo"}, bars
         assert seen["threads"] == 1  # the causal filter ran with one intra-op thread
         assert res["threads"] == 1 and json.loads((tmp_path / "demo" / "timings.json").read_text())["threads"] == 1
         assert torch.get_num_threads() == 2
