@@ -69,6 +69,22 @@ def test_merge_timings_keeps_the_first_full_measurement():
     assert merge_timings(None, resumed, did)["timings"]["bench"] == 0.4
 
 
+def test_overall_progress_total_is_replaced_not_added():
+    from medfocus.runner.demo import STEP_COST, _Overall
+
+    o = _Overall(enabled=True)
+    try:
+        o.plan("bench", 100)
+        o.plan("data", 10)
+        o.plan("bench", 40)  # the real size, once known, replaces the estimate
+        assert o.bar.total == pytest.approx(STEP_COST["bench"] * 40 + STEP_COST["data"] * 10)
+        o.done("data", 10)
+        o.done("bench", 40)
+        assert o.bar.n == pytest.approx(o.bar.total)
+    finally:
+        o.close()
+
+
 def test_demo_threads_follow_the_available_cores(tiny_qwen, tmp_path, monkeypatch, capsys):
     import os
 
@@ -106,8 +122,10 @@ def test_demo_threads_follow_the_available_cores(tiny_qwen, tmp_path, monkeypatc
         # one progress line for the whole demo: no step shows a bar of its own, and it reaches 100 %
         import re
 
-        bars = set(re.findall(r"([A-Za-z][\w ]*): +\d+%\|", capsys.readouterr().err))
+        err = capsys.readouterr().err
+        bars = set(re.findall(r"([A-Za-z][\w ]*): +\d+%\|", err))
         assert bars == {"demo"}, bars
+        assert "demo: 100%" in err
         assert seen["threads"] == 1  # the causal filter ran with one intra-op thread
         assert res["threads"] == 1 and json.loads((tmp_path / "demo" / "timings.json").read_text())["threads"] == 1
         assert torch.get_num_threads() == 2

@@ -170,6 +170,7 @@ class _Overall:
 
     def __init__(self, enabled: bool) -> None:
         self.bar = None
+        self.planned: dict[str, float] = {}
         if enabled:
             from tqdm.auto import tqdm
 
@@ -177,9 +178,11 @@ class _Overall:
                             bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}")
 
     def plan(self, step: str, units: float) -> None:
-        """Add ``units`` of ``step`` to the expected total (called as soon as the step's size is known)."""
+        """Set the expected size of ``step`` to ``units`` (a first estimate, replaced as soon as the
+        step's size is known); the bar's total is the weighted sum over the steps."""
+        self.planned[step] = STEP_COST[step] * units
         if self.bar is not None:
-            self.bar.total += STEP_COST[step] * units
+            self.bar.total = sum(self.planned.values())
             self.bar.refresh()
 
     def done(self, step: str, units: float) -> None:
