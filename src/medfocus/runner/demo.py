@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from medfocus.errors import ConfigError, DataError
+from medfocus.io.atomic import atomic_write_text
 
 #: Keys of the MedFocus method's parameters that name the reference pool folder (first one found wins).
 _POOL_KEYS = ("pool", "reference_pool", "pool_dir", "reference_dir", "references")
@@ -231,14 +232,14 @@ def _write_data(cfg: DemoConfig, data_dir: Path, ref_dir: Path, log: Callable[[s
             kw["cue_rate"] = cfg.cue_rate
         log(f"[data] writing {cfg.n_samples} synthetic cases to {data_dir}")
         write_dataset(data_dir, cfg.n_samples, cfg.seed, **kw)
-        stamp.write_text(json.dumps(params))
+        atomic_write_text(stamp, json.dumps(params))
     ref_stamp = ref_dir / ".demo_params.json"
     ref_params = {"n": cfg.n_reference, "seed": cfg.seed + 1, "size": cfg.size}
     if not (ref_stamp.exists() and json.loads(ref_stamp.read_text()) == ref_params):
         wrote = True
         log(f"[data] writing {cfg.n_reference} normal reference phantoms to {ref_dir}")
         write_reference_pool(ref_dir, n=cfg.n_reference, seed=cfg.seed + 1, size=cfg.size)
-        ref_stamp.write_text(json.dumps(ref_params))
+        atomic_write_text(ref_stamp, json.dumps(ref_params))
     samples = load_synthetic(data_dir)
     if not samples:
         raise DataError(f"the synthetic dataset in {data_dir} has no samples")
@@ -379,8 +380,8 @@ def _run_demo(out: Path, cfg: DemoConfig, threads: int, overall: _Overall, log: 
             splits[(editor_name, mode)] = records
             overall.done("bench", len(positives))
     retention = pd.concat([retention_table(out / "bench" / e) for e in cfg.editors], ignore_index=True)
-    retention.to_csv(out / "retention.csv", index=False)
-    (out / "retention.md").write_text(retention_markdown(retention), encoding="utf-8")
+    atomic_write_text(out / "retention.csv", retention.to_csv(index=False))
+    atomic_write_text(out / "retention.md", retention_markdown(retention))
     step("bench", t0)
 
     # 4. attribute
@@ -494,7 +495,5 @@ def _run_demo(out: Path, cfg: DemoConfig, threads: int, overall: _Overall, log: 
     result["threads"] = threads
     payload = {**merged, "this_run": timings, "threads": threads, "n_records": result["n_records"],
                "n_errors": result["n_errors"], "config": result["config"]}
-    from medfocus.bench.build import atomic_write_text
-
     atomic_write_text(tpath, json.dumps(payload, indent=1))
     return result
