@@ -98,7 +98,8 @@ def accuracy_on_synth(adapter, samples: list, modes=("direct", "cot")) -> tuple[
     """Accuracy per mode / finding and false-yes rates; returns (markdown lines, raw answers)."""
     from PIL import Image
 
-    from medfocus.lvlm.demo import parse_answer, task_question
+    from medfocus.lvlm.answers import parse_yes_no as parse_answer
+    from medfocus.training.demo_lvlm import task_question
 
     images = [np.asarray(Image.open(s.meta["png"])) for s in samples]
     lines: list[str] = []
@@ -137,9 +138,10 @@ def card_protocol(adapter, per_cell: int) -> list[str]:
     """The model card's protocol on fresh seeds: accuracy (clean pool) and cue reliance (cued vs clean)."""
     import json
 
-    from medfocus.lvlm import demo as D
+    from medfocus.lvlm.registry import DEMO_DIR
+    from medfocus.training import demo_lvlm as D
 
-    cfg = D.config_from_dict(json.loads((D.DEMO_DIR / "medfocus.json").read_text())["demo"]["config"])
+    cfg = D.config_from_dict(json.loads((DEMO_DIR / "medfocus.json").read_text())["demo"]["config"])
     gen = D.adapter_generate_fn(adapter)
     clean = D.build_eval_pool(cfg, n_per_cell=per_cell, progress=True, seed_offset=CLEAN_OFFSET)
     cued = D.build_eval_pool(cfg, n_per_cell=per_cell, progress=True, cued=True, seed_offset=CUED_OFFSET)
@@ -174,7 +176,7 @@ def sanity_and_baselines(adapter, samples: list, answers: dict, n_films: int) ->
     from medfocus.attribution.testing import randomize_weights
     from medfocus.evaluation import evaluate_records
     from medfocus.evaluation.baselines import baselines_markdown, compare_to_baselines, trivial_baseline_records
-    from medfocus.lvlm.demo import task_question
+    from medfocus.training.demo_lvlm import task_question
     from medfocus.lvlm.loading import load_lvlm
 
     # films: positives answered "Yes" in direct mode, round-robin over findings (lowest index first)

@@ -1,6 +1,6 @@
 """Every validity number the README and the demo model card publish is quoted from benchmarks/validity.md.
 
-The quoted passages sit between the markers of :data:`medfocus.lvlm.demo.VALIDITY_BEGIN` / ``VALIDITY_END``;
+The quoted passages sit between the markers of :data:`medfocus.training.demo_lvlm.card.VALIDITY_BEGIN` / ``VALIDITY_END``;
 each decimal number, percentage-with-interval and ``k/n`` count in them must occur in validity.md, so a
 hand-typed or stale figure fails here.
 """
@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from medfocus.lvlm.demo import DEMO_DIR, VALIDITY_BEGIN, VALIDITY_END, rewrite_card, validity_block
+from medfocus.lvlm.registry import DEMO_DIR
+from medfocus.training.demo_lvlm.card import VALIDITY_BEGIN, VALIDITY_END, validity_block
+from medfocus.training.demo_lvlm.evaluate import rewrite_card
 
 ROOT = Path(__file__).resolve().parents[1]
 VALIDITY_MD = ROOT / "benchmarks" / "validity.md"
