@@ -6,7 +6,10 @@ of attribution methods. :func:`run_grid` executes it against a :class:`~medfocus
 * each model is loaded **once** (items are grouped by model) and released before the next;
 * each method object is built **once per run**, so its caches (e.g. MedFocus concept transfers, which
   do not depend on the model) are shared across models, modes and methods;
-* each image is read once per work item and given to every method;
+* each image is read once per work item, prepared once (one processor call) and given to every method,
+  and the item's methods share their passes (:func:`medfocus.attribution.suite.attribute_many`: one
+  forward for the attention / gradient methods, one queue of full batches for the perturbation methods;
+  each record keeps the passes its method needs and notes what it shared in ``extras["shared_pass"]``);
 * keys already in the store are skipped (resume); a sample whose attribution raises is recorded with
   its error and the run continues;
 * the global RNGs are re-seeded per key from ``seed`` and the key, so a result does not depend on the
@@ -25,7 +28,6 @@ import hashlib
 import logging
 import random
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -310,6 +312,8 @@ def run_grid(
     image_size, image_path, pred_boxes, heatmap_boxes, heatmap_path, has_heatmap, n_forward, n_backward, seconds, wall_seconds, seed,
     extras, error, traceback`` plus the item's ``extra`` mapping.
     """
+    from medfocus.attribution.suite import attribute_many, format_exception
+
     method_params: dict[str, dict[str, Any]]
     if isinstance(methods, Mapping):
         method_params = {str(k): dict(v or {}) for k, v in methods.items()}
@@ -400,21 +404,45 @@ def run_grid(
                             raise DataError(f"{it.sample.image_path}: expected a 2-D grayscale image, got shape {image.shape}")
                     except Exception as exc:
                         img_err = f"image read failed: {type(exc).__name__}: {exc}"
-                for m in pending:
-                    key = it.key(m)
-                    if bar is not None:
-                        bar.set_description(f"{model_name} {it.mode} {m}")
-                    t0 = time.perf_counter()
-                    if img_err is not None:
+                if img_err is not None:
+                    for m in pending:
                         write_error(it, m, img_err, None, 0.0)
                         if bar is not None:
                             bar.update(1)
-                        continue
+                    continue
+                objs: dict[str, Any] = {}
+                for m in pending:
                     try:
-                        method = get_method_obj(m)
-                        s = item_seed(seed, key)
-                        _seed_everything(s)
-                        res = method.attribute(adapter, image, it.question, it.answer_text)
+                        objs[m] = get_method_obj(m)
+                    except Exception as exc:
+                        write_error(it, m, f"{type(exc).__name__}: {exc}", format_exception(exc), 0.0)
+                        if bar is not None:
+                            bar.update(1)
+                seeds = {m: item_seed(seed, it.key(m)) for m in objs}
+                if bar is not None:
+                    bar.set_description(f"{model_name} {it.mode} {len(objs)} methods")
+                # One prepared sample and shared passes for all the item's methods; the global RNGs are
+                # re-seeded per key before each piece of a method's own work, as when methods ran one by one.
+                results = attribute_many(adapter, image, it.question, it.answer_text, objs, errors="return",
+                                         before_method=lambda m: _seed_everything(seeds[m])) if objs else {}
+                for m, res in results.items():
+                    key = it.key(m)
+                    t0 = time.perf_counter()
+                    if isinstance(res, (KeyboardInterrupt, SystemExit)):
+                        raise res
+                    if isinstance(res, BaseException):
+                        msg = f"{type(res).__name__}: {res}"
+                        if bar is not None:
+                            bar.write(f"[error] {key}: {msg}")
+                        else:
+                            log.warning("error on %s: %s", key, msg)
+                        write_error(it, m, msg, format_exception(res), 0.0)
+                        if bar is not None:
+                            bar.update(1)
+                        continue
+                    s = seeds[m]
+                    own = float(getattr(res, "seconds", 0.0) or 0.0)
+                    try:
                         rec = record_base(it, m)
                         arrays: dict[str, np.ndarray] = {}
                         heat = getattr(res, "heatmap", None)
@@ -446,8 +474,8 @@ def run_grid(
                             heatmap_path=store.save_arrays(key, **arrays) if (save_heatmaps and arrays) else None,
                             n_forward=int(getattr(res, "n_forward", 0) or 0),
                             n_backward=int(getattr(res, "n_backward", 0) or 0),
-                            seconds=float(getattr(res, "seconds", 0.0) or 0.0),
-                            wall_seconds=time.perf_counter() - t0,
+                            seconds=own,
+                            wall_seconds=own + time.perf_counter() - t0,
                             seed=s,
                             extras=inline,
                             error=None,
@@ -459,13 +487,12 @@ def run_grid(
                     except (KeyboardInterrupt, SystemExit):
                         raise
                     except Exception as exc:
-                        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)[-6:])
                         msg = f"{type(exc).__name__}: {exc}"
                         if bar is not None:
                             bar.write(f"[error] {key}: {msg}")
                         else:
                             log.warning("error on %s: %s", key, msg)
-                        write_error(it, m, msg, tb, time.perf_counter() - t0)
+                        write_error(it, m, msg, format_exception(exc), own + time.perf_counter() - t0)
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(errors=summary.errors)
