@@ -373,7 +373,12 @@ def run_grid(
             **dict(it.extra),
         }
 
-    def write_error(it: WorkItem, method: str, err: str, tb: str | None, wall: float) -> None:
+    def write_error(it: WorkItem, method: str, err: str, tb: str | None, wall: float, announce: bool = False) -> None:
+        if announce:
+            if bar is not None:
+                bar.write(f"[error] {it.key(method)}: {err}")
+            else:
+                log.warning("error on %s: %s", it.key(method), err)
         rec = record_base(it, method)
         rec.update(pred_boxes=None, heatmap_path=None, extras={}, error=err, traceback=tb, wall_seconds=wall)
         store.append(rec)
@@ -431,12 +436,7 @@ def run_grid(
                     if isinstance(res, (KeyboardInterrupt, SystemExit)):
                         raise res
                     if isinstance(res, BaseException):
-                        msg = f"{type(res).__name__}: {res}"
-                        if bar is not None:
-                            bar.write(f"[error] {key}: {msg}")
-                        else:
-                            log.warning("error on %s: %s", key, msg)
-                        write_error(it, m, msg, format_exception(res), 0.0)
+                        write_error(it, m, f"{type(res).__name__}: {res}", format_exception(res), 0.0, announce=True)
                         if bar is not None:
                             bar.update(1)
                         continue
@@ -487,12 +487,7 @@ def run_grid(
                     except (KeyboardInterrupt, SystemExit):
                         raise
                     except Exception as exc:
-                        msg = f"{type(exc).__name__}: {exc}"
-                        if bar is not None:
-                            bar.write(f"[error] {key}: {msg}")
-                        else:
-                            log.warning("error on %s: %s", key, msg)
-                        write_error(it, m, msg, format_exception(exc), own + time.perf_counter() - t0)
+                        write_error(it, m, f"{type(exc).__name__}: {exc}", format_exception(exc), own + time.perf_counter() - t0, announce=True)
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(errors=summary.errors)
