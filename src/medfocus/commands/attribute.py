@@ -8,8 +8,14 @@ from typing import Any, Sequence
 
 import click
 
+from medfocus.attribution.base import BASELINES
 from medfocus.commands.config import config_option
+from medfocus.commands.launch import LAUNCH_PARAMS, check_launch_options, launcher_options
+from medfocus.commands.progress import progress_bars
 from medfocus.errors import ConfigError, DataError, MedfocusError
+
+#: The registered method names, for the help text (the registry module imports no model code).
+METHOD_NAMES: tuple[str, ...] = (*BASELINES, "medfocus")
 
 EPILOG = """\b
 Examples:
@@ -19,12 +25,16 @@ Examples:
   # a Slurm array of 8 tasks, then merge
   medfocus attribute --config run.yaml --shard $SLURM_ARRAY_TASK_ID/8
   medfocus attribute --out runs/attr --merge
+  # the same split on two local GPUs (one worker each), or as a Slurm array (submitit)
+  medfocus attribute --config run.yaml --launcher local --devices cuda:0,cuda:1
+  medfocus attribute --config run.yaml --launcher slurm --shards 16 --slurm-partition gpu \\
+      --slurm-gpus-per-task 1 --slurm-time 12:00:00
   # unfiltered positives of a real dataset, two methods, a parameter override
   medfocus attribute --dataset vindr_cxr --data-root /data/vindr --model qwen2_5_vl_7b \\
       --mode cot --method occlusion --method rise --param rise.n_masks=128 --limit 100 --out runs/vindr
   # MedFocus with MedSAM refinement, mask regions and the nested rule (local MedSAM copy)
-  medfocus attribute --bench runs/bench/demo/synthetic/direct.json --dataset synthetic --data-root runs/data \
-      --method medfocus --refine medsam --medsam /models/medsam-vit-base \
+  medfocus attribute --bench runs/bench/demo/synthetic/direct.json --dataset synthetic --data-root runs/data \\
+      --method medfocus --refine medsam --medsam /models/medsam-vit-base \\
       --param medfocus.region=mask --param medfocus.rule=nested --out runs/medfocus
 """
 
@@ -168,28 +178,38 @@ def build_items(
 
 @click.command(name="attribute", epilog=EPILOG)
 @config_option
-@click.option("--bench", "bench", multiple=True, type=click.Path(dir_okay=False), help="Benchmark split file(s) (.json/.jsonl) from `medfocus bench build`. Repeatable.")
-@click.option("--dataset", default=None, help="Dataset key (imagenome, vindr_cxr, padchest_gr, synthetic).")
-@click.option("--data-root", default=None, envvar="MEDFOCUS_DATA_ROOT", help="Dataset root (or $MEDFOCUS_DATA_ROOT).")
-@click.option("--model", "models", multiple=True, help="LVLM registry name or path. Repeatable. Default: the models named in --bench.")
+@click.option("--bench", "bench", multiple=True, type=click.Path(dir_okay=False), show_default="none: every positive sample of --dataset",
+              help="Benchmark split file(s) (.json/.jsonl) from `medfocus bench build`. Repeatable.")
+@click.option("--dataset", default=None, show_default="the datasets named in --bench; required without --bench",
+              help="Dataset key (imagenome, vindr_cxr, padchest_gr, synthetic).")
+@click.option("--data-root", default=None, envvar="MEDFOCUS_DATA_ROOT", show_default="$MEDFOCUS_DATA_ROOT", help="Dataset root.")
+@click.option("--model", "models", multiple=True, show_default="the models named in --bench; required without --bench",
+              help="LVLM registry name or path. Repeatable.")
 @click.option("--mode", "modes", multiple=True, type=click.Choice(["direct", "cot"]), default=("direct",), show_default=True, help="Output mode(s). Repeatable.")
-@click.option("--method", "methods", multiple=True, help="Attribution method(s). Repeatable. Default: all registered (10 baselines + medfocus).")
-@click.option("--param", "params", multiple=True, help="Method parameter METHOD.NAME=VALUE, e.g. rise.n_masks=128. Repeatable.")
-@click.option("--refine", type=click.Choice(["none", "medsam"]), default=None,
+@click.option("--method", "methods", multiple=True, show_default=f"all {len(METHOD_NAMES)}",
+              help=f"Attribution method, repeatable: {', '.join(METHOD_NAMES)}.")
+@click.option("--param", "params", multiple=True, show_default="each method's own, listed in the README",
+              help="Parameter of a selected method, METHOD.NAME=VALUE, e.g. rise.n_masks=128. Repeatable.")
+@click.option("--refine", type=click.Choice(["none", "medsam"]), default=None, show_default="medfocus' own, none",
               help="MedFocus concept refinement (shorthand for --param medfocus.refine=...); skipped with a notice when the MedSAM weights are absent.")
-@click.option("--medsam", default=None, help="Box-prompted segmenter for medfocus and prompting_medsam: a hub id, a local folder, or 'demo' (the demo segmenter, synthetic world only).")
+@click.option("--medsam", default=None, show_default="flaviagiammarino/medsam-vit-base with --refine medsam",
+              help="Box-prompted segmenter for medfocus and prompting_medsam: a hub id, a local folder, or 'demo' (the demo segmenter, synthetic world only).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder (predictions.jsonl + heatmaps).")
-@click.option("--limit", type=int, default=None, help="At most this many samples per (model, dataset, mode).")
+@click.option("--limit", type=int, default=None, show_default="no limit", help="At most this many samples per (model, dataset, mode).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Run seed (per-sample seeds derive from it).")
-@click.option("--shard", default=None, help="Run only shard i of n (i/n, 0-based); merge the shard files with --merge.")
+@click.option("--shard", default=None, show_default="0/1, everything", help="Run only shard i of n (i/n, 0-based); merge the shard files with --merge.")
 @click.option("--merge", is_flag=True, help="Merge predictions.shard-*.jsonl in --out into predictions.jsonl and exit.")
 @click.option("--retry-errors", is_flag=True, help="Recompute records that failed in a previous run.")
 @click.option("--save-token-maps", is_flag=True, help="Also store per-answer-token heatmaps (float16).")
 @click.option("--include-negatives", is_flag=True, help="Without --bench: also attribute samples whose answer is No.")
-@click.option("--device", default=None, help="torch device for the models (default: cuda if available, else cpu).")
-@click.option("--no-progress", is_flag=True, help="Disable progress bars.")
-def attribute(bench, dataset, data_root, models, modes, methods, params, refine, medsam, out_dir, limit, seed, shard, merge,
-              retry_errors, save_token_maps, include_negatives, device, no_progress) -> None:
+@click.option("--device", default=None, show_default="cuda if available, else cpu", help="torch device for the models.")
+@click.option("--no-progress", is_flag=True, help="Disable progress bars (also the weight-loading bar).")
+@click.option("--store-name", default=None, hidden=True,
+              help="File name of the result store in --out (set by the launchers for per-model shards).")
+@launcher_options
+@click.pass_context
+def attribute(ctx, bench, dataset, data_root, models, modes, methods, params, refine, medsam, out_dir, limit, seed, shard, merge,
+              retry_errors, save_token_maps, include_negatives, device, no_progress, store_name, **launch_opts) -> None:
     """Run attribution methods on a benchmark split and store one record per
     (model, dataset, index, mode, method) in OUT/predictions.jsonl (resumable: rerun the same
     command after an interruption)."""
@@ -198,6 +218,14 @@ def attribute(bench, dataset, data_root, models, modes, methods, params, refine,
 
     out = Path(out_dir)
     try:
+        check_launch_options(launch_opts)
+        if launch_opts["launcher"] != "none":
+            if shard or merge:
+                raise ConfigError("--shard and --merge are for runs without a launcher (the launcher shards and merges itself)")
+            _launch_attribute(ctx, launch_opts, bench=bench, dataset=dataset, data_root=data_root, models=models,
+                              modes=modes, methods=methods, params=params, refine=refine, medsam=medsam, out=out,
+                              limit=limit, include_negatives=include_negatives, device=device, no_progress=no_progress)
+            return
         if merge:
             parts = sorted(out.glob("predictions.shard-*.jsonl"))
             if not parts:
@@ -218,7 +246,9 @@ def attribute(bench, dataset, data_root, models, modes, methods, params, refine,
         if unknown:
             raise ConfigError(f"--param given for method(s) not selected: {unknown}")
         method_params = {m: pmap.get(m, {}) for m in methods}
-        store_path = out / ("predictions.jsonl" if n == 1 else f"predictions.shard-{i}-of-{n}.jsonl")
+        if store_name is not None and (Path(store_name).name != store_name or not store_name.endswith(".jsonl")):
+            raise ConfigError(f"--store-name {store_name!r}: expected a plain file name ending in .jsonl")
+        store_path = out / (store_name or ("predictions.jsonl" if n == 1 else f"predictions.shard-{i}-of-{n}.jsonl"))
 
         def loader(name: str):
             from medfocus.lvlm import load_lvlm
@@ -226,7 +256,7 @@ def attribute(bench, dataset, data_root, models, modes, methods, params, refine,
             return load_lvlm(name, device=device)
 
         click.echo(f"{len(items)} samples x {len(method_params)} methods -> {store_path}")
-        with ResultStore(store_path) as store:
+        with progress_bars(not no_progress), ResultStore(store_path) as store:
             summary = run_grid(items, method_params, store, load_model=loader, seed=seed, retry_errors=retry_errors,
                                save_token_maps=save_token_maps, progress=not no_progress)
         click.echo(f"done: {summary}")
@@ -234,3 +264,46 @@ def attribute(bench, dataset, data_root, models, modes, methods, params, refine,
             click.echo(f"{summary.errors} records carry an error (see the 'error' field); rerun with --retry-errors to recompute them")
     except MedfocusError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def _launch_attribute(ctx: click.Context, launch_opts: dict[str, Any], *, bench, dataset, data_root, models, modes, methods,
+                      params, refine, medsam, out: Path, limit, include_negatives, device, no_progress) -> None:
+    """Validate the run, split it into (model, shard) tasks and start them (``--launcher local|slurm``)."""
+    from medfocus.commands.launch import argv_from_params, default_shards, run_launch
+    from medfocus.runner.grid import select_items, shard_of
+    from medfocus.runner.launch import Manifest, ShardTask, attribute_store_name, parse_devices
+
+    opts = {k: launch_opts[k] for k in LAUNCH_PARAMS}
+    devices = parse_devices(opts["devices"]) if opts["launcher"] == "local" else []
+    n = default_shards(opts["launcher"], opts["shards"], devices)
+    # the same checks as a single-process run, before anything starts
+    items = select_items(build_items(bench=bench, dataset=dataset, data_root=data_root, models=models, modes=modes,
+                                     include_negatives=include_negatives), limit=limit)
+    if not methods:
+        from medfocus.attribution import list_methods
+
+        methods = tuple(list_methods())
+    pmap = apply_refine_options(parse_params(params), methods, refine, medsam)
+    unknown = sorted(set(pmap) - set(methods))
+    if unknown:
+        raise ConfigError(f"--param given for method(s) not selected: {unknown}")
+    run_models = list(dict.fromkeys(it.model for it in items))
+    per_model = len(run_models) > 1  # one task per (model, shard): each loads only its model
+    base = ["attribute"] + argv_from_params(ctx.command, ctx.params,
+                                            drop=["shard", "merge", "device", "no_progress", "store_name"]
+                                            + (["models"] if per_model else []))
+    tasks = []
+    for m in (run_models if per_model else [None]):
+        for i in range(n):
+            sel = [it for it in items if (m is None or it.model == m) and shard_of(it.model, it.dataset, it.index, it.mode, n) == i]
+            if not sel:
+                continue
+            name = attribute_store_name(i, n, m)
+            argv = base + (["--model", m, "--store-name", name] if per_model else []) + ["--shard", f"{i}/{n}", "--no-progress"]
+            tasks.append(ShardTask(shard=i, n=n, model=m, argv=argv, output=name, expected=len(sel) * len(methods)))
+    if not tasks:
+        raise ConfigError("nothing to run: no samples selected")
+    manifest = Manifest(command="attribute", launcher=opts["launcher"], out=str(out), tasks=tasks)
+    click.echo(f"{len(items)} samples x {len(methods)} methods in {len(tasks)} tasks ({n} shards"
+               f"{' per model' if per_model else ''}) -> {out}")
+    run_launch(manifest, opts, device=device, progress=not no_progress)
