@@ -15,8 +15,9 @@ methods by the pass they declare (:attr:`Method.shared_pass`):
 
 Each result keeps the ``n_forward`` / ``n_backward`` the method needs (what it costs alone), its
 ``seconds`` are its own work plus its share of the shared pass (split equally for the forward pass, by rows
-for the queue), and ``extras["shared_pass"]`` says what was shared: ``{"kind", "methods", "seconds",
-"n_forward", "n_backward"}`` (the passes actually run for the whole group). Maps equal the single-method
+for the queue), and ``extras["shared_pass"]`` says what was shared: ``{"kind", "methods", "n_forward",
+"n_backward"}`` (the passes actually run for the whole group; no timing in it, so records stay
+reproducible -- a method's ``seconds`` holds its share). Maps equal the single-method
 maps up to float rounding (``tests/test_attribution_suite.py``).
 """
 
@@ -170,7 +171,7 @@ def attribute_many(adapter: Any, image: np.ndarray, question: str, answer: str,
             own_seconds[n] += time.perf_counter() - t1 + pass_s / len(group)
             results[n] = res
             if len(group) > 1:
-                notes[n] = {"kind": "forward", "methods": gnames, "seconds": pass_s, "n_forward": fp.n_forward, "n_backward": fp.n_backward}
+                notes[n] = {"kind": "forward", "methods": gnames, "n_forward": fp.n_forward, "n_backward": fp.n_backward}
 
     # ---- perturbation methods: one queue of full batches --------------------------------------------
     plans: list[tuple[str, Any]] = []
@@ -207,7 +208,7 @@ def attribute_many(adapter: Any, image: np.ndarray, question: str, answer: str,
                 own_seconds[n] += time.perf_counter() - t1 + pass_s * p.n / rows
                 results[n] = res
                 if len(plans) > 1:
-                    notes[n] = {"kind": "perturbation", "methods": pnames, "seconds": pass_s, "n_forward": rows, "n_backward": 0}
+                    notes[n] = {"kind": "perturbation", "methods": pnames, "n_forward": rows, "n_backward": 0}
 
     for n, res in list(results.items()):
         if not isinstance(res, BaseException):

@@ -13,7 +13,8 @@ of attribution methods. :func:`run_grid` executes it against a :class:`~medfocus
 * keys already in the store are skipped (resume); a sample whose attribution raises is recorded with
   its error and the run continues;
 * the global RNGs are re-seeded per key from ``seed`` and the key, so a result does not depend on the
-  order, the shard or whether the run was resumed.
+  order, the shard or whether the run was resumed (up to float rounding when a resumed item runs only
+  some of its methods: the shared perturbation batches then hold other rows).
 
 Sharding: :func:`shard_of` assigns every ``(model, dataset, index, mode)`` to one of ``n`` shards by a
 stable hash, so ``n`` machines (or a Slurm array) running ``--shard i/n`` for ``i = 0..n-1`` cover
