@@ -15,8 +15,10 @@ Examples:
 Each JSONL line is one record:
   {"model", "dataset", "index", "mode", "method", "gt_boxes": [[x1,y1,x2,y2],...],
    "image_size": [W,H], "pred_boxes": [[...]] | "heatmap_path": "rel/or/abs.npy|.npz",
-   "error": null}
-Relative heatmap paths are relative to the JSONL's folder.
+   "unparseable": false, "error": null}
+Relative heatmap paths are relative to the JSONL's folder. Boxes are clipped to image_size;
+inverted or non-finite gt_boxes make the record an error; "unparseable": true (box text the
+model wrote that no rule reads) is counted, not scored.
 
 \b
 Writes into --out: table.md (printed), table.csv (long format with CIs), records.csv (per record).
