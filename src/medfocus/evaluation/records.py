@@ -142,6 +142,7 @@ def evaluate_record(
     """Metrics of one prediction record (see module docstring). Never raises for bad records:
     the problem is returned in the ``error`` field with NaN metrics."""
     row: dict[str, Any] = {k: record.get(k) for k in KEY_COLUMNS}
+    row["attribute"] = record.get("attribute")  # the finding asked about (per-finding tables)
     row.update({m: math.nan for m in METRIC_COLUMNS})
     row.update({"n_pred_boxes": 0, "n_gt_clipped": 0, "n_pred_clipped": 0, "unparseable": bool(record.get("unparseable")),
                 "source": None, "error": None})
@@ -230,7 +231,7 @@ def evaluate_records(
         progress: show a tqdm bar.
 
     Returns:
-        DataFrame with columns ``model, dataset, mode, method, index, iou, f1, precision, recall,
+        DataFrame with columns ``model, dataset, mode, method, index, attribute, iou, f1, precision, recall,
         pointing_game, energy_pg, auprc, n_pred_boxes, n_gt_clipped, n_pred_clipped, unparseable, source, error``
         (metrics in [0, 1], NaN when not applicable or on error; ``n_*_clipped``: boxes changed or
         dropped by clipping to ``image_size``).
@@ -242,5 +243,5 @@ def evaluate_records(
 
         it = tqdm(recs, desc="evaluate", unit="rec")
     rows = [evaluate_record(r, base_dir=base_dir, q=q, min_area=min_area, max_boxes=max_boxes) for r in it]
-    cols = list(KEY_COLUMNS) + list(METRIC_COLUMNS) + ["n_pred_boxes", "n_gt_clipped", "n_pred_clipped", "unparseable", "source", "error"]
+    cols = list(KEY_COLUMNS) + ["attribute"] + list(METRIC_COLUMNS) + ["n_pred_boxes", "n_gt_clipped", "n_pred_clipped", "unparseable", "source", "error"]
     return pd.DataFrame(rows, columns=cols)

@@ -33,6 +33,10 @@ METHOD_ORDER = (
     "prompting",
     "prompting_medsam",
     "medfocus",
+    # the trivial baselines (medfocus.evaluation.baselines) close every table
+    "baseline_centre_gaussian",
+    "baseline_finding_prior",
+    "baseline_random",
 )
 DATASET_ORDER = ("imagenome", "vindr_cxr", "padchest_gr", "synthetic")
 METRIC_LABELS = {
