@@ -165,12 +165,13 @@ def test_errors_returned_per_method_and_unknown_methods_run_alone(tiny_adapters,
         def attribute(self, adapter, image, question, answer):
             return get_method("attention_head").attribute(adapter, image, question, answer)
 
+    # a layer index the model does not have is only known once the model is: an error at attribution time
     out = attribute_many(adapter, image, Q_DIRECT, "Yes", {"plain": Plain(), "head": get_method("attention_head"),
-                                                           "bad": get_method("occlusion", grid=0)}, errors="return")
-    assert isinstance(out["bad"], ConfigError) and "grid must be >= 1" in str(out["bad"])
+                                                           "bad": get_method("attention_head", layer=99)}, errors="return")
+    assert isinstance(out["bad"], ConfigError) and "out of range" in str(out["bad"])
     _close(out["plain"].heatmap, out["head"].heatmap, "plain vs head")
-    with pytest.raises(ConfigError, match="grid must be >= 1"):
-        attribute_many(adapter, image, Q_DIRECT, "Yes", [get_method("occlusion", grid=0)])
+    with pytest.raises(ConfigError, match="out of range"):
+        attribute_many(adapter, image, Q_DIRECT, "Yes", [get_method("attention_head", layer=99)])
 
 
 def test_runner_uses_the_suite_and_records_match_alone(tiny_adapters, image, tmp_path):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from medfocus.attribution._common import final_token_index, finish_token_maps, grid_from_tokens, predicting_positions, to_original
-from medfocus.attribution.base import Attribution, ForwardMethod
+from medfocus.attribution.base import Attribution, ForwardMethod, boolean, choice, either, int_list, integer
 from medfocus.attribution.passes import ForwardNeeds, ForwardPass
 from medfocus.errors import ConfigError, ModelError
 
@@ -63,6 +63,7 @@ class AttentionHead(ForwardMethod):
 
     name = "attention_head"
     defaults = {"layer": -1, "heads": "mean", "queries": "predicting"}
+    spec = {"layer": integer(), "heads": either(choice("mean"), integer(0)), "queries": choice("predicting", "answer")}
 
     def _forward_needs(self, adapter: Any) -> ForwardNeeds:
         _layer_indices(self.params["layer"], len(adapter.decoder_layers), self.name)
@@ -94,6 +95,7 @@ class AttentionRollout(ForwardMethod):
 
     name = "attention_rollout"
     defaults = {"layers": "all", "queries": "predicting"}
+    spec = {"layers": either(choice("all"), integer(), int_list()), "queries": choice("predicting", "answer")}
 
     def _forward_needs(self, adapter: Any) -> ForwardNeeds:
         _layer_indices(self.params["layers"], len(adapter.decoder_layers), self.name)
@@ -120,6 +122,7 @@ class AttentionLRP(ForwardMethod):
 
     name = "lrp"
     defaults = {"layers": "all", "queries": "predicting"}
+    spec = {"layers": either(choice("all"), integer(), int_list()), "queries": choice("predicting", "answer")}
 
     def _forward_needs(self, adapter: Any) -> ForwardNeeds:
         _layer_indices(self.params["layers"], len(adapter.decoder_layers), self.name)
@@ -149,6 +152,7 @@ class GradWeightedAttention(ForwardMethod):
 
     name = "grad_weighted_attention"
     defaults = {"layers": "all", "final_token": True, "queries": "predicting"}
+    spec = {"layers": either(choice("all"), integer(), int_list()), "final_token": boolean(), "queries": choice("predicting", "answer")}
 
     def _forward_needs(self, adapter: Any) -> ForwardNeeds:
         layers = _layer_indices(self.params["layers"], len(adapter.decoder_layers), self.name)

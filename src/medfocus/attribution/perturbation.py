@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from medfocus.attribution._common import finish_token_maps, to_original
-from medfocus.attribution.base import Attribution, Counter, PerturbationMethod
+from medfocus.attribution.base import Attribution, Counter, PerturbationMethod, choice, integer, number
 from medfocus.attribution.passes import ScorePlan, chunk_count
 
 __all__ = ["Occlusion", "RISE", "RiseMasks", "chunk_count", "rise_masks"]
@@ -44,6 +44,7 @@ class Occlusion(PerturbationMethod):
 
     name = "occlusion"
     defaults = {"grid": 8, "baseline": "zero", "batch_size": 16}
+    spec = {"grid": integer(1), "baseline": choice("zero", "mean"), "batch_size": integer(1)}
 
     def _score_plan(self, adapter: Any, image: np.ndarray, chat: Any, counter: Counter) -> ScorePlan:
         grid, bs = int(self.params["grid"]), int(self.params["batch_size"])
@@ -137,6 +138,8 @@ class RISE(PerturbationMethod):
 
     name = "rise"
     defaults = {"n_masks": 64, "grid": 8, "p_keep": 0.5, "seed": 0, "baseline": "zero", "batch_size": 16}
+    spec = {"n_masks": integer(1), "grid": integer(1), "p_keep": number(0, 1, lo_open=True, hi_open=True),
+            "seed": integer(0), "baseline": choice("zero", "mean"), "batch_size": integer(1)}
 
     def _score_plan(self, adapter: Any, image: np.ndarray, chat: Any, counter: Counter) -> ScorePlan:
         n, grid, pk = int(self.params["n_masks"]), int(self.params["grid"]), float(self.params["p_keep"])
