@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from medfocus.attribution._common import PreparedSample, prepare_sample
-from medfocus.attribution.base import Counter
+from medfocus.attribution.base import Counter, Method
 from medfocus.attribution.passes import ForwardNeeds, merge_needs, run_forward_pass, run_score_plans
 from medfocus.errors import ConfigError
 
@@ -41,8 +41,6 @@ def _kind(method: Any) -> str | None:
 
 
 def _accepts_prepared(method: Any) -> bool:
-    from medfocus.attribution.base import Method
-
     return isinstance(method, Method)
 
 

@@ -497,14 +497,7 @@ def run_grid(
                         if bar is not None:
                             bar.update(1)
                     continue
-                objs: dict[str, Any] = {}
-                for m in pending:
-                    try:
-                        objs[m] = get_method_obj(m)
-                    except Exception as exc:
-                        write_error(it, m, f"{type(exc).__name__}: {exc}", format_exception(exc), 0.0)
-                        if bar is not None:
-                            bar.update(1)
+                objs = {m: get_method_obj(m) for m in pending}
                 seeds = {m: item_seed(seed, it.key(m)) for m in objs}
                 if bar is not None:
                     bar.set_description(f"{model_name} {it.mode} {len(objs)} methods")
