@@ -8,16 +8,15 @@
   :func:`merge_needs`, so six methods read one forward and one backward.
 * **Score plans** (:func:`run_score_plans`): perturbation methods (occlusion, RISE, MedFocus' intervention)
   describe their image variants as a :class:`ScorePlan` (``n`` rows made on demand + what to do with their
-  answer log-probs); the rows of all plans go through one queue of near-equal full batches.
+  answer log-probs); the plans' rows go through one queue, each plan in near-equal full batches.
 
-A method run alone goes through exactly the same code with only its own needs / plan, so its map is the
-map it gives in a suite (up to float rounding: eager instead of SDPA attention when an attention method
-shares a Grad-CAM forward, other batch compositions in the queue).
+A method run alone goes through exactly the same code with only its own needs / plan, and every forward
+pass runs the same way (eager attention, autograd recording) whatever it serves, so a method's map in a
+suite is the map it gives alone, bit for bit on CPU.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -153,7 +152,9 @@ def run_forward_pass(adapter: Any, chat: Any, needs: ForwardNeeds) -> ForwardPas
         ModelError: no attention weights returned, attention weights outside the autograd graph, or
             residual norms hooked on a different number of layers than attention maps returned.
     """
-    eager = needs.attentions or bool(needs.attention_grad_layers)
+    # Every forward-group pass runs the same way -- eager attention returning weights, autograd recording,
+    # decoder-layer 0's input swapped for a leaf -- whatever it is asked for, so a method's numbers do not
+    # depend on which other methods share its pass (nor on a resumed run computing it with fewer of them).
     grad = needs.backward
     removers: list[Callable[[], None]] = []
     norms: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -168,15 +169,13 @@ def run_forward_pass(adapter: Any, chat: Any, needs: ForwardNeeds) -> ForwardPas
                     hf, of = h[0].detach().float(), o[0].detach().float()
                     norms[i] = (hf.norm(dim=-1), (of - hf).norm(dim=-1))
             removers.append(mod.register_forward_hook(hook, with_kwargs=True).remove)
-    if grad:
-        module, pre, desc = resolve_grad_layer(adapter, needs.grad_layer if needs.grad_layer is not None else "input")
-        removers.append(layer_hidden_hook(module, pre=pre, store=store))
+    module, pre, desc = resolve_grad_layer(adapter, needs.grad_layer if needs.grad_layer is not None else "input")
+    removers.append(layer_hidden_hook(module, pre=pre, store=store))
     fp = ForwardPass(logp=torch.empty(0), grad_layer=desc if needs.grad_layer is not None else None)
     try:
-        ctx = torch.enable_grad() if grad else torch.no_grad()
-        with adapter.eager_attention() if eager else contextlib.nullcontext(), ctx:
-            logp, out = forward_logprobs(adapter, chat, chat.inputs, **({"output_attentions": True} if eager else {}))
-            att = _attentions(out) if eager else None
+        with adapter.eager_attention(), torch.enable_grad():
+            logp, out = forward_logprobs(adapter, chat, chat.inputs, output_attentions=True)
+            att = _attentions(out)
             if grad:
                 targets: list[torch.Tensor] = [store["h"]] if needs.grad_layer is not None else []
                 sel = [att[k] for k in needs.attention_grad_layers] if att is not None else []
@@ -204,7 +203,7 @@ def run_forward_pass(adapter: Any, chat: Any, needs: ForwardNeeds) -> ForwardPas
         for rm in removers:
             rm()
     fp.logp = logp.detach()
-    fp.attentions = [a.detach() for a in att] if att is not None else None
+    fp.attentions = [a.detach() for a in att] if needs.attentions or needs.attention_grad_layers else None
     if needs.residual_norms:
         if fp.attentions is not None and len(norms) != len(fp.attentions):
             raise ModelError(f"lrp: hooked {len(norms)} decoder layers but got {len(fp.attentions)} attention maps")
@@ -246,28 +245,21 @@ class ScorePlan:
 def run_score_plans(adapter: Any, chat: Any, plans: Sequence[ScorePlan]) -> list[torch.Tensor]:
     """Score the rows of every plan in one queue -> per plan ``(n, T)`` float32 CPU answer-token log-probs.
 
-    The ``N = sum n`` rows run in :func:`chunk_count` near-equal batches of about the smallest plan batch
-    size: 65 occlusion rows at batch 16 run as 16+16+17+16, not 16+16+16+16+1 (a lone last item costs
-    almost a whole pass); occlusion, RISE and MedFocus together (65 + 64 + 16 rows) run as 9 full batches
-    instead of 4 + 4 + 1 partly empty ones. A batch may mix rows of several plans.
+    Each plan's rows run in :func:`chunk_count` near-equal batches of its own batch size: 65 occlusion rows at
+    batch 16 run as 16+16+17+16, not 16+16+16+16+1 (a lone last item costs almost a whole pass), so every
+    batch is full. Rows of different plans are not mixed in one batch: a row's score would then depend on
+    which other methods ran (the batch composition changes float rounding), and a resumed run computing one
+    method alone would not reproduce it; with near-equal batches mixing saves no call at the paper's
+    settings (65 + 64 + 16 rows at 16: 4 + 4 + 1 calls either way).
     """
     if not plans:
         return []
     sizes = [int(p.n) for p in plans]
     if any(n < 1 for n in sizes):
         raise ConfigError(f"score plans need at least one row each, got {sizes}")
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
-    N = int(offsets[-1])
-    bs = min(max(1, int(p.batch_size)) for p in plans)
-    edges = np.linspace(0, N, chunk_count(N, bs) + 1).round().astype(int)
     out: list[torch.Tensor] = []
-    for a, b in zip(edges[:-1], edges[1:]):
-        parts = []
-        for p, o0, o1 in zip(plans, offsets[:-1], offsets[1:]):
-            i, j = max(a, o0), min(b, o1)
-            if i < j:
-                parts.append(p.pixel_values(int(i - o0), int(j - o0)))
-        pv = parts[0] if len(parts) == 1 else torch.cat([x.to(parts[0].device, parts[0].dtype) for x in parts])
-        out.append(score(adapter, chat, pv, batch_size=int(b - a)))
-    logp = torch.cat(out)
-    return [logp[o0:o1] for o0, o1 in zip(offsets[:-1], offsets[1:])]
+    for p, n in zip(plans, sizes):
+        edges = np.linspace(0, n, chunk_count(n, p.batch_size) + 1).round().astype(int)
+        out.append(torch.cat([score(adapter, chat, p.pixel_values(int(a), int(b)), batch_size=int(b - a))
+                              for a, b in zip(edges[:-1], edges[1:])]))
+    return out

@@ -9,7 +9,7 @@ of attribution methods. :func:`run_grid` executes it against a :class:`~medfocus
 * each image is read once per work item, prepared once (one processor call) and given to every method,
   and the item's methods share their passes (:func:`medfocus.attribution.suite.attribute_many`: one
   forward for the attention / gradient methods, one queue of full batches for the perturbation methods;
-  each record keeps the passes its method needs and notes what it shared in ``extras["shared_pass"]``);
+  each record keeps the passes its method needs and notes what it shared in ``shared_pass``);
 * keys already in the store are skipped (resume); a sample whose attribution raises is recorded with
   its error and the run continues;
 * the global RNGs are re-seeded per key from ``seed`` and the key, so a result does not depend on the
@@ -361,7 +361,7 @@ def run_grid(
 
     Record fields: ``model, dataset, index, mode, method, attribute, question, answer, gt_answer, gt_boxes,
     image_size, image_path, pred_boxes, unparseable, heatmap_boxes, heatmap_path, has_heatmap, n_forward, n_backward, seconds,
-    wall_seconds, seed, extras, error, traceback, settings, model_identity`` plus the item's ``extra`` mapping
+    wall_seconds, seed, extras, shared_pass, error, traceback, settings, model_identity`` plus the item's ``extra`` mapping
     (``unparseable``: the method's box text could not be read, :mod:`medfocus.lvlm.box_text`).
     """
     from medfocus.attribution.suite import attribute_many, format_exception
@@ -541,7 +541,11 @@ def run_grid(
                         tok = getattr(res, "token_heatmaps", None)
                         if save_token_maps and tok is not None:
                             arrays["token_heatmaps"] = np.asarray(tok, dtype=np.float16)
-                        inline, big = _split_extras(getattr(res, "extras", None))
+                        extras = dict(getattr(res, "extras", None) or {})
+                        # what the method shared depends on which methods ran with it (a resumed item may run
+                        # fewer): a top-level field like the timings, not part of the result's extras
+                        shared_note = extras.pop("shared_pass", None)
+                        inline, big = _split_extras(extras)
                         arrays.update(big)
                         rec.update(
                             pred_boxes=pred,
@@ -555,6 +559,7 @@ def run_grid(
                             wall_seconds=own + time.perf_counter() - t0,
                             seed=s,
                             extras=inline,
+                            shared_pass=to_jsonable(shared_note),
                             error=None,
                             traceback=None,
                         )
