@@ -13,7 +13,7 @@ with the direct answer "Yes" (and, for the demo model, also a step-by-step answe
 * per sample: the suite (:func:`medfocus.attribution.suite.attribute_many`, everything prepared once and
   the passes shared), the sum of the methods run alone one after another (what the runner did before),
   the sum of the floors, and the floor of the passes the suite actually runs (one merged forward(+backward),
-  one queue of full perturbation batches, IG's own passes, MedFocus' nested checks, plus the prompting
+  the perturbation rows in full batches, IG's own passes, MedFocus' nested checks, plus the prompting
   methods' measured time). Targets: suite <= 1.1x its passes, and >= 2x faster than the sequential sum.
 
 Times are process CPU seconds with one torch thread (the machine is shared; CPU time is what other
@@ -163,13 +163,18 @@ def bench_sample(mname: str, adapter, image: np.ndarray, question: str, answer: 
     pert = [n for n, m in methods.items() if getattr(m, "shared_pass", None) == "perturbation"]
     if pert:
         extra_rows = suite_res["medfocus"].n_forward - 16 if "medfocus" in suite_res else 0  # MedFocus' nested checks
-        n_rows = sum(suite_res[n].n_forward for n in pert) - extra_rows  # the rows of the one queue
-        bs = min(int(methods[n].params["batch_size"]) for n in pert)
-        nb = chunk_count(n_rows, bs)
-        t = n_rows * fwd(bs)
-        t_extra = extra_rows * fwd(bs)
+        t = t_extra = 0.0
+        nb = 0
+        for n in pert:  # each plan's rows in its own near-equal full batches
+            bs = int(methods[n].params["batch_size"])
+            rows_n = suite_res[n].n_forward - (extra_rows if n == "medfocus" else 0)
+            nb += chunk_count(rows_n, bs)
+            t += rows_n * fwd(bs)
+            if n == "medfocus":
+                t_extra = extra_rows * fwd(bs)
+        n_rows = sum(suite_res[n].n_forward for n in pert) - extra_rows
         needed += t + t_extra
-        parts.append(f"queue {n_rows} rows in {nb} batches {t:.4f}" + (f" + nested {extra_rows} rows {t_extra:.4f}" if extra_rows else ""))
+        parts.append(f"perturbation rows {n_rows} in {nb} full batches {t:.4f}" + (f" + nested {extra_rows} rows {t_extra:.4f}" if extra_rows else ""))
     for r in rows:
         m = methods[r["method"]]
         if getattr(m, "shared_pass", None) is None:
@@ -206,8 +211,9 @@ def render(results: list[dict], repeats: int, threads: int, load0: tuple, load1:
         "so absolute times are upper bounds and ratios are what to read.",
         "",
         "Floor of a method = the passes it needs x the best measured time of one such pass at the same batch size: for the "
-        "attention and gradient methods their own forward pass (eager attentions; backward to the LM input / the attention "
-        "weights; the final-token backward of a multi-token answer); for occlusion, RISE and MedFocus their rows x the per-row "
+        "attention and gradient methods their own forward pass as it runs (eager attentions with autograd recording, so that "
+        "a method gives the same numbers alone and in a suite; backward to the LM input / the attention weights; the "
+        "final-token backward of a multi-token answer); for occlusion, RISE and MedFocus their rows x the per-row "
         "time of a bare teacher-forced forward at their batch size; for integrated gradients its steps x the per-row "
         "forward + backward to the pixels at batch 8. Prompting methods generate text: no pass floor (their time is used in "
         "the sums). MedFocus runs with the demo settings (mask regions, nested rule, demo segmenter; transfers cached after the "

@@ -357,7 +357,7 @@ class PerturbationMethod(Method):
 
     Subclasses implement ``_score_plan(adapter, image, chat, counter) -> ScorePlan`` (``image`` the original
     ``(H0, W0)`` image, ``chat`` its prepared inputs; counting its rows in ``counter``); alone, :meth:`_attribute` scores that plan's rows, in a suite the rows of several plans
-    share one queue of full batches (:func:`medfocus.attribution.passes.run_score_plans`)."""
+    share one queue, each plan in full batches (:func:`medfocus.attribution.passes.run_score_plans`)."""
 
     shared_pass: ClassVar[str | None] = "perturbation"
 

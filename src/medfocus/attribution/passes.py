@@ -233,7 +233,7 @@ class ScorePlan:
             demand (a full stack of masks at 896 pixels would be hundreds of MB).
         finish: ``(n, T) float32 CPU log-probs -> the method's result``; may run further dependent passes
             of its own (e.g. MedFocus' nested rule).
-        batch_size: the method's batch size (a queue uses the smallest of its plans').
+        batch_size: the method's batch size (its rows run in near-equal batches of about this size).
     """
 
     n: int

@@ -8,8 +8,8 @@ methods by the pass they declare (:attr:`Method.shared_pass`):
   them, with one backward (+ one for the final answer token) when any needs gradients
   (:func:`~medfocus.attribution.passes.run_forward_pass`). A method whose needs cannot merge with the
   group's (e.g. Grad-CAM on a middle layer next to gradient-weighted attention) gets a forward of its own.
-* ``"perturbation"`` methods (occlusion, RISE, MedFocus) put their image variants in one queue of full
-  batches (:func:`~medfocus.attribution.passes.run_score_plans`).
+* ``"perturbation"`` methods (occlusion, RISE, MedFocus) plan their image variants first and score them in
+  one queue, each method's rows in near-equal full batches (:func:`~medfocus.attribution.passes.run_score_plans`).
 * every other method (integrated gradients, the prompting methods, any method registered later that
   declares no shared pass) runs alone, reusing the prepared sample.
 
@@ -18,7 +18,7 @@ Each result keeps the ``n_forward`` / ``n_backward`` the method needs (what it c
 for the queue), and ``extras["shared_pass"]`` says what was shared: ``{"kind", "methods", "n_forward",
 "n_backward"}`` (the passes actually run for the whole group; no timing in it, so records stay
 reproducible -- a method's ``seconds`` holds its share). Maps equal the single-method
-maps up to float rounding (``tests/test_attribution_suite.py``).
+maps bit for bit (``tests/test_attribution_suite.py``).
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ def attribute_many(adapter: Any, image: np.ndarray, question: str, answer: str,
             if len(group) > 1:
                 notes[n] = {"kind": "forward", "methods": gnames, "n_forward": fp.n_forward, "n_backward": fp.n_backward}
 
-    # ---- perturbation methods: one queue of full batches --------------------------------------------
+    # ---- perturbation methods: planned first, then one queue (each plan in full batches) --------------------------------------------
     plans: list[tuple[str, Any]] = []
     for n, m in shared:
         if _kind(m) != "perturbation":

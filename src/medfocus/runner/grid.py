@@ -8,13 +8,13 @@ of attribution methods. :func:`run_grid` executes it against a :class:`~medfocus
   do not depend on the model) are shared across models, modes and methods;
 * each image is read once per work item, prepared once (one processor call) and given to every method,
   and the item's methods share their passes (:func:`medfocus.attribution.suite.attribute_many`: one
-  forward for the attention / gradient methods, one queue of full batches for the perturbation methods;
+  forward for the attention / gradient methods, full batches for the perturbation methods;
   each record keeps the passes its method needs and notes what it shared in ``shared_pass``);
 * keys already in the store are skipped (resume); a sample whose attribution raises is recorded with
   its error and the run continues;
 * the global RNGs are re-seeded per key from ``seed`` and the key, so a result does not depend on the
-  order, the shard or whether the run was resumed (up to float rounding when a resumed item runs only
-  some of its methods: the shared perturbation batches then hold other rows).
+  order, the shard or whether the run was resumed (a method's numbers do not depend on which other
+  methods shared its passes).
 
 Sharding: :func:`shard_of` assigns every ``(model, dataset, index, mode)`` to one of ``n`` shards by a
 stable hash, so ``n`` machines (or a Slurm array) running ``--shard i/n`` for ``i = 0..n-1`` cover
