@@ -11,7 +11,7 @@ Every method computes only the ``T`` query rows it needs (``T x S`` instead of `
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Sequence, TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +20,9 @@ from medfocus.attribution._common import final_token_index, finish_token_maps, g
 from medfocus.attribution.base import Attribution, ForwardMethod, boolean, choice, either, int_list, integer
 from medfocus.attribution.passes import ForwardNeeds, ForwardPass
 from medfocus.errors import ConfigError, ModelError
+
+if TYPE_CHECKING:  # annotations only: the adapter interface lives in the LVLM layer
+    from medfocus.lvlm.adapter import ChatInputs
 
 
 def _layer_indices(spec: Any, n: int, name: str) -> list[int]:
@@ -43,7 +46,7 @@ def _finish(adapter: Any, chat: Any, rows: torch.Tensor, extras: dict[str, Any])
     return Attribution(heatmap=to_original(adapter, chat, grid.cpu()), token_heatmaps=tok, extras=extras)
 
 
-def _queries(chat: Any, mode: str) -> torch.Tensor:
+def _queries(chat: ChatInputs, mode: str) -> torch.Tensor:
     if mode == "predicting":
         return predicting_positions(chat)
     if mode == "answer":

@@ -17,7 +17,7 @@ negative from the end) uses the output of decoder layer ``k``; any layer but the
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from medfocus.attribution._common import final_token_index, forward_logprobs, gr
 from medfocus.attribution.base import Attribution, Counter, ForwardMethod, InvalidSetting, Method, Param, boolean, choice, either, integer
 from medfocus.attribution.passes import ForwardNeeds, ForwardPass, resolve_grad_layer
 from medfocus.errors import ConfigError
+
+if TYPE_CHECKING:  # annotations only: the adapter interface lives in the LVLM layer
+    from medfocus.lvlm.adapter import LVLMAdapter
 
 
 def gradcam_weights(feats: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
@@ -113,7 +116,7 @@ class IntegratedGradients(Method):
     spec = {"steps": integer(1), "baseline": either(choice("zero"), Param("a (3, H, W) tensor", _tensor3)), "batch_size": integer(1),
             "final_token": boolean(), "check_completeness": boolean()}
 
-    def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
+    def _attribute(self, adapter: LVLMAdapter, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         steps, bs = int(self.params["steps"]), int(self.params["batch_size"])
         if steps < 1:
             raise ConfigError(f"integrated_gradients: steps must be >= 1, got {steps}")

@@ -11,7 +11,7 @@ padding is excluded), so all cells cover real pixels whatever the aspect ratio.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,8 +24,11 @@ from medfocus.attribution.passes import ScorePlan, chunk_count
 __all__ = ["Occlusion", "RISE", "RiseMasks", "chunk_count", "rise_masks"]
 from medfocus.errors import ConfigError
 
+if TYPE_CHECKING:  # annotations only: the adapter interface lives in the LVLM layer
+    from medfocus.lvlm.adapter import ChatInputs
 
-def _content_box(chat: Any) -> tuple[int, int, int, int]:
+
+def _content_box(chat: ChatInputs) -> tuple[int, int, int, int]:
     g = chat.geometry
     return g.pad_y, g.pad_x, g.new_h, g.new_w
 
