@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "bench": "medfocus.commands.bench:bench",
     "attribute": "medfocus.commands.attribute:attribute",
     "report": "medfocus.commands.report:report",
+    "explain": "medfocus.commands.explain:explain",
     "demo": "medfocus.commands.demo:demo",
 }
 
@@ -34,6 +35,7 @@ _HELP = {
     "bench": "Build causally filtered benchmarks (counterfactual editing + 3-step filter).",
     "attribute": "Run attribution methods (10 baselines + MedFocus) on a benchmark split.",
     "report": "Write the self-contained HTML report of a run.",
+    "explain": "Explain the model's answer on your own films (DICOM/PNG/JPEG/TIFF): all methods + interactive viewer.",
     "demo": "Run the whole pipeline on the embedded synthetic world with the shipped demo model.",
 }
 

@@ -81,6 +81,12 @@ class Method:
             raise ConfigError(f"method {self.name!r}: unknown parameter(s) {unknown}; accepted: {sorted(self.defaults)}")
         self.params: dict[str, Any] = {**self.defaults, **params}
 
+    @property
+    def uses_synthetic_pool(self) -> bool:
+        """Whether this configuration transfers concepts from the default *synthetic* reference pool (MedFocus,
+        ``prompting_medsam``'s anatomy detector); the runner warns when that meets a real film."""
+        return False
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
         return f"{type(self).__name__}({args})"

@@ -300,6 +300,11 @@ class PromptingMedSAM(Method):
     defaults = {"request": PHRASE_REQUEST, "detector": "owlvit", "medsam": MEDSAM_ID, "score_threshold": 0.0,
                 "max_phrases": 8, "max_new_tokens": 128, "pool": None, "cache": True}
 
+    @property
+    def uses_synthetic_pool(self) -> bool:
+        """The anatomy detector with ``pool=None`` grounds phrases through the default synthetic pool."""
+        return self.params.get("detector") == "anatomy" and not self.params.get("pool")
+
     def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         from medfocus.concepts.grounding import AnatomyDetector
 

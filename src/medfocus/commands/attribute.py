@@ -110,8 +110,13 @@ def build_items(
     models: Sequence[str],
     modes: Sequence[str],
     include_negatives: bool = False,
+    answer_source: str = "model",
 ) -> list:
-    """Work items from benchmark files (filtered splits) or, without them, from a dataset's samples."""
+    """Work items from benchmark files (filtered splits) or, without them, from a dataset's samples.
+
+    With a split, the answer attributed is the model's own as the split recorded it. Without one,
+    ``answer_source="model"`` (default) generates the model's greedy answer on each film in the run and
+    attributes that; ``"ground_truth"`` attributes the dataset's answer whatever the model says."""
     from medfocus.runner.grid import WorkItem, items_from_benchmark, raw_answers_for_split
 
     items: list = []
@@ -162,7 +167,7 @@ def build_items(
     samples = [s for s in samples if include_negatives or s.answer == "Yes"]
     for m in models:
         for mode in modes:
-            items += [WorkItem(m, s.dataset, mode, s) for s in samples]
+            items += [WorkItem(m, s.dataset, mode, s, answer_source=answer_source) for s in samples]
     return items
 
 
@@ -185,11 +190,14 @@ def build_items(
 @click.option("--merge", is_flag=True, help="Merge predictions.shard-*.jsonl in --out into predictions.jsonl and exit.")
 @click.option("--retry-errors", is_flag=True, help="Recompute records that failed in a previous run.")
 @click.option("--save-token-maps", is_flag=True, help="Also store per-answer-token heatmaps (float16).")
+@click.option("--answer-source", type=click.Choice(["model", "ground-truth"]), default="model", show_default=True,
+              help="Without --bench: attribute the model's own greedy answer (generated in this run; the whole "
+                   "rationale in cot mode) or the dataset's ground-truth answer. Records keep both.")
 @click.option("--include-negatives", is_flag=True, help="Without --bench: also attribute samples whose answer is No.")
 @click.option("--device", default=None, help="torch device for the models (default: cuda if available, else cpu).")
 @click.option("--no-progress", is_flag=True, help="Disable progress bars.")
 def attribute(bench, dataset, data_root, models, modes, methods, params, refine, medsam, out_dir, limit, seed, shard, merge,
-              retry_errors, save_token_maps, include_negatives, device, no_progress) -> None:
+              retry_errors, save_token_maps, answer_source, include_negatives, device, no_progress) -> None:
     """Run attribution methods on a benchmark split and store one record per
     (model, dataset, index, mode, method) in OUT/predictions.jsonl (resumable: rerun the same
     command after an interruption)."""
@@ -206,8 +214,10 @@ def attribute(bench, dataset, data_root, models, modes, methods, params, refine,
             click.echo(f"merged {len(parts)} shard files -> {out / 'predictions.jsonl'} ({n} records)")
             return
         i, n = parse_shard(shard)
+        if bench and answer_source != "model":
+            raise ConfigError("--answer-source applies without --bench (a split attributes the answer it recorded)")
         items = build_items(bench=bench, dataset=dataset, data_root=data_root, models=models, modes=modes,
-                            include_negatives=include_negatives)
+                            include_negatives=include_negatives, answer_source=answer_source.replace("-", "_"))
         items = select_items(items, limit=limit, shard=(i, n))
         if not methods:
             from medfocus.attribution import list_methods

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from medfocus.concepts import ot
-from medfocus.concepts.intervention import REGIONS, RULES, TAU, decide, intervene, nested_winner, variant_boxes
+from medfocus.concepts.intervention import MASK_THRESHOLD, REGIONS, RULES, TAU, decide, intervene, nested_winner, variant_boxes
 from medfocus.concepts.reference import SELECT_GRID, TRANSFER_GRID, ReferencePool, cached_pool, default_pool
 from medfocus.concepts.transfer import DEFAULT_ITERATIONS, ConceptTransfer, TransferCache, transfer_concepts
 from medfocus.attribution.base import Method
@@ -128,6 +128,9 @@ class MedFocusResult:
             "concept_boxes": {c: list(b) for c, b in self.concept_boxes.items()},
             "reference_id": self.reference_id, "refine": self.refine, "region": self.region, "rule": self.rule, "nested_checks": list(self.nested_checks), "seconds_detail": dict(self.seconds), "passes": dict(self.passes),
             "final_token_index": fti,
+            # (11, H0, W0) uint8: where each concept's soft mask is >= 0.5 (what region="mask" hides), for display.
+            "concept_masks": np.stack([self.soft_masks[c] >= MASK_THRESHOLD for c in self.soft_masks]).astype(np.uint8),
+            "concept_mask_names": list(self.soft_masks),
         }
         if tok is not None and T:
             extras["final_token_heatmap"] = tok[fti]
@@ -297,6 +300,11 @@ class MedFocusMethod(Method):
             raise ConfigError(f"medfocus: mode must be 'barycentric' or 'plan', got {p['mode']!r}")
         if not 0.0 < float(p["tau"]) <= 1.0:
             raise ConfigError(f"medfocus: tau must be in (0, 1], got {p['tau']}")
+
+    @property
+    def uses_synthetic_pool(self) -> bool:
+        """``pool=None`` is the default synthetic pool."""
+        return not self.params.get("pool")
 
     def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Any) -> Any:
         p = dict(self.params)
