@@ -97,7 +97,7 @@ def test_pool_warning_once_per_run_and_in_every_record(tmp_path, caplog):
     warned = [r for r in recs if r.get("reference_pool_warning")]
     assert sorted(r["dataset"] for r in warned) == ["vindr_cxr"] * 3
     assert "synthetic" in warned[0]["reference_pool_warning"] and "medfocus.pool" in warned[0]["reference_pool_warning"]
-    assert sum("default reference pool" in m for m in caplog.messages) == 1
+    assert sum("default reference pool" in m for m in caplog.messages) == 1  # once per run
     assert all(r["answer_source"] == "given" and r["answer"] == "Yes" for r in recs)
 
 
@@ -267,3 +267,24 @@ def test_attribute_without_split_explains_the_models_own_answer(tmp_path, demo_a
     r = runner.invoke(main, ["attribute", "--bench", str(tmp_path / "x.json"), "--answer-source", "ground-truth",
                              "--out", str(tmp_path / "b")])
     assert r.exit_code != 0 and "without --bench" in r.output
+
+
+def test_report_gallery_viewers_of_a_hostile_run(tmp_path, browser):
+    """The report's gallery links each sample to its viewer; hostile strings in records stay text there."""
+    from selenium.webdriver.common.by import By
+
+    from medfocus.report import build_report
+    from medfocus.runner import load_records
+    from test_security_report import TRAVERSAL, hostile_run
+
+    run = hostile_run(tmp_path)
+    out = build_report(load_records(run / "predictions.jsonl"), run / "report.html")
+    links = re.findall(r'href="(viewers/[^"]+)"', out.read_text())
+    assert links and all((run / h).parent == run / "viewers" for h in links)
+    for h in links:
+        browser.get((run / h).resolve().as_uri())
+        assert _severe(browser) == []
+        assert browser.execute_script("return window.__xss === undefined && "
+                                      "document.querySelectorAll('img,svg,iframe,[onerror],[onload]').length === 0")
+        assert len(browser.find_elements(By.CSS_SELECTOR, "script")) == 2  # the data element and the viewer
+        assert f"{TRAVERSAL}/answer" in browser.find_element(By.TAG_NAME, "body").text

@@ -52,8 +52,6 @@ def explain(images, finding, question, mode, answer, model, methods, params, box
         raise click.ClickException(str(exc)) from exc
     for a in res.answers:
         click.echo(f"{Path(a['image']).name}: answer {a['answer']!r} (read as {a['answer_parsed']}; {a['answer_source']})")
-    for w in res.warnings:
-        click.echo(f"warning: {w}")
     click.echo(f"done: {res.summary}")
     if res.summary.errors:
         click.echo(f"{res.summary.errors} records carry an error (see the viewer's cost table or the 'error' field)")

@@ -250,6 +250,7 @@ def build_report(
     run_info: Mapping[str, Any] | None = None,
     base_dir: str | Path | None = None,
     gallery: int = 4,
+    viewers: bool = True,
     medfocus_examples: int = 3,
     method_order: Sequence[str] | None = None,
     figures_dir: str | Path | None = None,
@@ -267,6 +268,8 @@ def build_report(
         run_info: extra ``key: value`` lines for the overview (e.g. elapsed time, seeds, editors).
         base_dir: directory relative heatmap paths are relative to (default: ``out``'s directory).
         gallery: number of samples in the gallery (per mode that has results).
+        viewers: also write each gallery sample's interactive viewer (:mod:`medfocus.report.viewer`) to
+            ``viewers/<sample>.html`` next to ``out`` and link it from the gallery.
         medfocus_examples: number of MedFocus examples (concept ranking + token colouring).
         method_order: row order of the tables (default: first appearance).
         figures_dir: also save every figure there as PNG.
@@ -411,7 +414,19 @@ def build_report(
                                "score": iou_of.get((*k[:4], me)), "error": r.get("error")})
             t = f"{k[0]} · {k[1]} #{k[2]} · {first.get('attribute')} · answer: {str(first.get('answer'))[:80]}"
             png = keep(figures.sample_gallery_row(img, first.get("gt_boxes") or [], panels), "gallery", mode, k[1], k[2], k[0])
-            items.append({"caption": t, "fig": _fig(png, t)})
+            item = {"caption": t, "fig": _fig(png, t), "viewer": None, "viewer_error": None}
+            if viewers:
+                name = safe_filename("__".join(str(x) for x in k)) + ".html"
+                try:
+                    from medfocus.report.viewer import build_viewer
+
+                    build_viewer(cells[k], out.parent / "viewers" / name, base_dir=base, method_order=methods,
+                                 title=f"{title} · {k[0]} · {k[1]} #{k[2]} · {k[3]}")
+                    item["viewer"] = f"viewers/{name}"
+                except Exception as exc:  # the gallery still shows the figure; the reason is printed under it
+                    log.warning("viewer for %s failed: %s", k, exc)
+                    item["viewer_error"] = f"{type(exc).__name__}: {exc}"
+            items.append(item)
         ctx["gallery"].append({"label": MODE_LABELS.get(mode, mode), "entries": items})
 
     # ---- MedFocus

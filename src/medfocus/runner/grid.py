@@ -384,7 +384,7 @@ def run_grid(
     Items with ``answer_source="model"`` get the model's greedy answer generated once (before their
     methods); ``answer`` is then that text and ``answer_parsed`` its yes/no. A method that uses the default
     synthetic reference pool (``uses_synthetic_pool``) on a film that is not synthetic gets the record field
-    ``reference_pool_warning`` and one logged warning per run and method.
+    ``reference_pool_warning`` and the run one warning (printed above the progress bar, else logged).
 
     Record fields: ``model, dataset, index, mode, method, attribute, question, answer, answer_source,
     answer_parsed, gt_answer, gt_boxes,
@@ -515,12 +515,13 @@ def run_grid(
                             from medfocus.concepts.reference import SYNTHETIC_POOL_WARNING
 
                             rec["reference_pool_warning"] = SYNTHETIC_POOL_WARNING
-                            if m not in warned_pool:
+                            if not warned_pool:  # once per run; every affected record carries the field
                                 warned_pool.add(m)
                                 msg = f"{m} on {it.dataset} films: {SYNTHETIC_POOL_WARNING}"
-                                log.warning("%s", msg)
                                 if bar is not None:
                                     bar.write(f"[warning] {msg}")
+                                else:
+                                    log.warning("%s", msg)
                         arrays: dict[str, np.ndarray] = {}
                         heat = getattr(res, "heatmap", None)
                         if heat is not None:
