@@ -288,3 +288,40 @@ def test_report_gallery_viewers_of_a_hostile_run(tmp_path, browser):
                                       "document.querySelectorAll('img,svg,iframe,[onerror],[onload]').length === 0")
         assert len(browser.find_elements(By.CSS_SELECTOR, "script")) == 2  # the data element and the viewer
         assert f"{TRAVERSAL}/answer" in browser.find_element(By.TAG_NAME, "body").text
+
+
+def test_long_answer_on_a_large_film_keeps_low_resolution_token_maps(tmp_path, demo_adapter, monkeypatch):
+    """Per-token maps too big for original pixels (the methods keep them on the token grid) are stored in the
+    film's frame at low resolution, and the viewer still shows one map per token. The size limits are
+    lowered so that a 512-px film and a sentence stand for a 3000-px film and a long rationale."""
+    import medfocus.attribution._common as common
+    import medfocus.runner.grid as grid_mod
+    from medfocus.datasets.synthetic import generate_case
+    from medfocus.io.writers import write_png
+    from medfocus.report.viewer import sample_view
+    from medfocus.runner.explain import explain
+    from medfocus.runner.grid import LOWRES_TOKEN_SIDE
+
+    monkeypatch.setattr(common, "MAX_TOKEN_MAP_FLOATS", 2**20)
+    monkeypatch.setattr(grid_mod, "MAX_TOKEN_MAP_VALUES", 2**20)
+    case = generate_case(2, size=512, findings=["cardiomegaly"], severity=1.0)
+    film = write_png(tmp_path / "big.png", case.image)
+    answer = "The cardiac silhouette is enlarged and the heart is wide on this film, wider than half the chest. Therefore, yes."
+    res = explain([film], out=tmp_path / "o", finding="cardiomegaly", mode="cot", answer=answer, methods=["attention_head"],
+                  load_model=lambda name: demo_adapter, progress=False)
+    (r,) = res.records
+    T = len(r["extras"]["answer_tokens"])
+    assert T * 512 * 512 > common.MAX_TOKEN_MAP_FLOATS  # the method could not keep them in original pixels
+    with np.load(r["heatmap_path"]) as z:
+        assert "token_heatmaps" not in z.files
+        low = z["token_heatmaps_lowres"].astype(np.float32)
+        grid = z["extra_token_maps_lowres"]
+    assert low.shape == (T, LOWRES_TOKEN_SIDE, LOWRES_TOKEN_SIDE) and np.isfinite(low).all()
+    # the same maps as the grid: the hottest grid cell is where the low-resolution map is hottest
+    for t in (0, T - 1):
+        gy, gx = np.unravel_index(np.argmax(grid[t]), grid[t].shape)
+        ly, lx = np.unravel_index(np.argmax(low[t]), low[t].shape)
+        cell = LOWRES_TOKEN_SIDE / grid[t].shape[0]
+        assert abs((ly + 0.5) / cell - (gy + 0.5)) <= 1 and abs((lx + 0.5) / cell - (gx + 0.5)) <= 1
+    view = sample_view(res.records, res.out)
+    assert len(view["methods"][0]["token_maps"]) == T == len(view["tokens"])

@@ -12,8 +12,9 @@ EPILOG = """\b
 Examples:
   # the shipped demo model on a DICOM film, all methods -> /tmp/x/explain.html
   medfocus explain film.dcm --finding cardiomegaly --out /tmp/x
-  # two JPEGs, step-by-step answers, three methods, an expert box on a single film
+  # two JPEGs, step-by-step answers, three methods
   medfocus explain a.jpeg b.jpeg --finding pneumonia --mode cot --method occlusion --method rise --method medfocus --out runs/ab
+  # one film, your own question, an expert box (original pixels)
   medfocus explain film.png --question "Is the heart enlarged?" --box 700,900,1500,1500 --out runs/heart
   # explain a given answer instead of the model's own
   medfocus explain film.dcm --finding effusion --answer "No" --out runs/no

@@ -296,19 +296,25 @@ def _generate(adapter: Any, image: np.ndarray, it: WorkItem) -> dict[str, Any]:
     return {"text": text, "parsed": g.answer}
 
 
-def _token_map_arrays(tok: np.ndarray) -> dict[str, np.ndarray]:
-    """``(T, H0, W0)`` per-token maps as stored: float16 ``token_heatmaps`` in original pixels, or, above
-    :data:`MAX_TOKEN_MAP_VALUES` values, ``token_heatmaps_lowres`` area-averaged to a longer side of
-    :data:`LOWRES_TOKEN_SIDE` px (a step-by-step rationale on a 2000-px film would otherwise take GBs)."""
-    if tok.size <= MAX_TOKEN_MAP_VALUES:
-        return {"token_heatmaps": tok.astype(np.float16)}
+def _token_map_arrays(tok: np.ndarray, to_original: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Per-token maps as stored: float16 ``token_heatmaps`` ``(T, H0, W0)`` in original pixels, or, above
+    :data:`MAX_TOKEN_MAP_VALUES` values, ``token_heatmaps_lowres`` ``(T, h, w)``: the same frame
+    area-averaged to a longer side of :data:`LOWRES_TOKEN_SIDE` px (a step-by-step rationale on a 2000-px
+    film would otherwise take GBs). ``to_original`` maps each ``tok[t]`` (token grid / canvas) to original
+    pixels first, one token at a time (then ``tok`` is the method's ``token_maps_lowres``)."""
     import cv2
 
-    T, H, W = tok.shape
+    if len(tok) == 0:
+        return {}
+    conv = to_original or (lambda m: m)
+    first = np.asarray(conv(tok[0]), np.float32)
+    H, W = first.shape
+    if len(tok) * H * W <= MAX_TOKEN_MAP_VALUES:
+        return {"token_heatmaps": np.stack([first] + [conv(t) for t in tok[1:]]).astype(np.float16)}
     s = LOWRES_TOKEN_SIDE / max(H, W)
     w, h = max(1, round(W * s)), max(1, round(H * s))
-    low = np.stack([cv2.resize(np.nan_to_num(t), (w, h), interpolation=cv2.INTER_AREA) for t in tok])
-    return {"token_heatmaps_lowres": low.astype(np.float16)}
+    small = lambda m: cv2.resize(np.nan_to_num(np.asarray(m, np.float32)), (w, h), interpolation=cv2.INTER_AREA)  # noqa: E731
+    return {"token_heatmaps_lowres": np.stack([small(first)] + [small(conv(t)) for t in tok[1:]]).astype(np.float16)}
 
 
 def _seed_everything(s: int) -> None:
@@ -542,8 +548,14 @@ def run_grid(
                         else:
                             pred = []
                         tok = getattr(res, "token_heatmaps", None)
+                        low = (getattr(res, "extras", None) or {}).get("token_maps_lowres")
                         if save_token_maps and tok is not None:
                             arrays.update(_token_map_arrays(np.asarray(tok, dtype=np.float32)))
+                        elif save_token_maps and low is not None and hasattr(adapter, "prepare"):
+                            # the method kept them on the token grid / canvas (too big in original pixels):
+                            # bring them to the film's frame one at a time, at the stored low resolution
+                            chat = adapter.prepare(image, it.question, text)
+                            arrays.update(_token_map_arrays(np.asarray(low), to_original=lambda m: adapter.grid_to_original(m, chat)))
                         inline, big = _split_extras(getattr(res, "extras", None))
                         arrays.update(big)
                         rec.update(
