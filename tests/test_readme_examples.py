@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+#: The read-only real films (``../shared/data`` from the repository root); examples using them skip without it.
+SHARED_DATA = README.parent.parent / "shared" / "data"
 
 _REAL = "needs a credentialed dataset under /data and real hub weights (not available to tests)"
 #: example -> why it is not run.
@@ -64,6 +66,11 @@ SHRINK: dict[str, list[tuple[str, str]]] = {
     "medfocus synth --out runs/data --n 200": [("--n 200", "--n 24")],
     "medfocus bench build --model demo --dataset synthetic --data-root runs/data --mode direct --mode cot --editor oracle "
     "--out runs/bench": [("--mode cot", ""), ("--out runs/bench", "--limit 6 --out runs/bench --no-progress")],
+    # run from the scratch folder: the real film by its absolute path, the output inside the scratch folder;
+    # two methods (all methods on the real films: tests/test_explain_real.py)
+    "medfocus explain ../shared/data/real_cxr/dicom/RG1_J2KI.dcm --finding cardiomegaly --out /tmp/x": [
+        ("../shared/data", str(SHARED_DATA)),
+        ("--out /tmp/x", "--method occlusion --method medfocus --no-progress --out runs/explain_x")],
 }
 
 
@@ -128,6 +135,8 @@ def test_readme_example_runs(example, workspace, monkeypatch):
 
     from medfocus.cli import main
 
+    if "../shared/data" in example and not SHARED_DATA.is_dir():
+        pytest.skip(f"../shared/data not found at {SHARED_DATA}; the example reads a real film from it")
     monkeypatch.chdir(workspace)
     monkeypatch.delenv("MEDFOCUS_DATA_ROOT", raising=False)
     res = CliRunner().invoke(main, _argv(example), catch_exceptions=False, env={"COLUMNS": "100"})
@@ -142,6 +151,8 @@ def test_readme_example_runs(example, workspace, monkeypatch):
         "medfocus attribute --dataset synthetic --data-root runs/demo/data --model demo --limit 2 --method rise "
         "--param rise.n_masks=128 --method gradcam --param gradcam.layer=middle --out runs/attr": ["runs/attr/predictions.jsonl"],
         "medfocus report runs/attr --save-figures --format pdf --dpi 300": ["runs/attr/report.html", "runs/attr/figures/bars_iou_direct.pdf"],
+        "medfocus explain ../shared/data/real_cxr/dicom/RG1_J2KI.dcm --finding cardiomegaly --out /tmp/x":
+            ["runs/explain_x/explain.html", "runs/explain_x/predictions.jsonl"],
     }.get(example, [])
     for rel in produced:
         assert (workspace / rel).exists(), f"{example!r} did not write {rel}"
