@@ -23,6 +23,8 @@ COMMANDS: dict[str, str] = {
     "report": "medfocus.commands.report:report",
     "explain": "medfocus.commands.explain:explain",
     "demo": "medfocus.commands.demo:demo",
+    "status": "medfocus.commands.launch:status",
+    "merge": "medfocus.commands.launch:merge",
 }
 
 _HELP = {
@@ -37,6 +39,8 @@ _HELP = {
     "report": "Write the self-contained HTML report of a run.",
     "explain": "Explain the model's answer on your own films (DICOM/PNG/JPEG/TIFF): all methods + interactive viewer.",
     "demo": "Run the whole pipeline on the embedded synthetic world with the shipped demo model.",
+    "status": "Per-shard progress and errors of a run started with --launcher local|slurm.",
+    "merge": "Merge the shard outputs of a run folder (attribute or bench build) into its normal outputs.",
 }
 
 
