@@ -24,8 +24,7 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-#: The read-only real films (``../shared/data`` from the repository root); examples using them skip without it.
-SHARED_DATA = README.parent.parent / "shared" / "data"
+SHARED_DATA = README.parent.parent / "shared" / "data"  # as tests/conftest.py finds it
 
 _REAL = "needs a credentialed dataset under /data and real hub weights (not available to tests)"
 #: example -> why it is not run.
@@ -75,10 +74,8 @@ SHRINK: dict[str, list[tuple[str, str]]] = {
     "medfocus synth --out runs/data --n 200": [("--n 200", "--n 24")],
     "medfocus bench build --model demo --dataset synthetic --data-root runs/data --mode direct --mode cot --editor oracle "
     "--out runs/bench": [("--mode cot", ""), ("--out runs/bench", "--limit 6 --out runs/bench --no-progress")],
-    # run from the scratch folder: the real film by its absolute path, the output inside the scratch folder;
-    # two methods (all methods on the real films: tests/test_explain_real.py)
+    # the output inside the scratch folder; two methods (all methods on the real films: tests/test_explain_real.py)
     "medfocus explain ../shared/data/real_cxr/dicom/RG1_J2KI.dcm --finding cardiomegaly --out /tmp/x": [
-        ("../shared/data", str(SHARED_DATA)),
         ("--out /tmp/x", "--method occlusion --method medfocus --no-progress --out runs/explain_x")],
 }
 
@@ -125,6 +122,8 @@ def _argv(example: str) -> list[str]:
     for old, new in SHRINK.get(example, []):
         assert old in cmd, (example, old)
         cmd = cmd.replace(old, new)
+    # The README names the shared real films relative to the repository (../shared/data): resolve them.
+    cmd = cmd.replace("../shared/data/", f"{SHARED_DATA}/")
     argv = shlex.split(cmd)
     if argv[0] == ".venv/bin/medfocus":  # the venv's entry point is the same command
         argv[0] = "medfocus"
@@ -144,8 +143,8 @@ def test_readme_example_runs(example, workspace, monkeypatch):
 
     from medfocus.cli import main
 
-    if "../shared/data" in example and not SHARED_DATA.is_dir():
-        pytest.skip(f"../shared/data not found at {SHARED_DATA}; the example reads a real film from it")
+    if "../shared/data/" in example and not SHARED_DATA.is_dir():
+        pytest.skip(f"the example reads the shared real films, absent at {SHARED_DATA}")
     monkeypatch.chdir(workspace)
     monkeypatch.delenv("MEDFOCUS_DATA_ROOT", raising=False)
     res = CliRunner().invoke(main, _argv(example), catch_exceptions=False, env={"COLUMNS": "100"})
