@@ -25,7 +25,7 @@ from medfocus.attribution._common import (
     prepare_answer,
     to_original,
 )
-from medfocus.attribution.base import Attribution, Counter, Method
+from medfocus.attribution.base import Attribution, Counter, Method, boolean, choice, either, int_list, integer
 from medfocus.errors import ConfigError, ModelError
 
 
@@ -86,6 +86,7 @@ class AttentionHead(Method):
 
     name = "attention_head"
     defaults = {"layer": -1, "heads": "mean", "queries": "predicting"}
+    spec = {"layer": integer(), "heads": either(choice("mean"), integer(0)), "queries": choice("predicting", "answer")}
 
     def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         chat = prepare_answer(adapter, image, question, answer, self.name)
@@ -114,6 +115,7 @@ class AttentionRollout(Method):
 
     name = "attention_rollout"
     defaults = {"layers": "all", "queries": "predicting"}
+    spec = {"layers": either(choice("all"), integer(), int_list()), "queries": choice("predicting", "answer")}
 
     def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         chat = prepare_answer(adapter, image, question, answer, self.name)
@@ -137,6 +139,7 @@ class AttentionLRP(Method):
 
     name = "lrp"
     defaults = {"layers": "all", "queries": "predicting"}
+    spec = {"layers": either(choice("all"), integer(), int_list()), "queries": choice("predicting", "answer")}
 
     def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         chat = prepare_answer(adapter, image, question, answer, self.name)
@@ -178,6 +181,7 @@ class GradWeightedAttention(Method):
 
     name = "grad_weighted_attention"
     defaults = {"layers": "all", "final_token": True, "queries": "predicting"}
+    spec = {"layers": either(choice("all"), integer(), int_list()), "final_token": boolean(), "queries": choice("predicting", "answer")}
 
     def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         chat = prepare_answer(adapter, image, question, answer, self.name)

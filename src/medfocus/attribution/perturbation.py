@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from medfocus.attribution._common import finish_token_maps, prepare_answer, score, to_original
-from medfocus.attribution.base import Attribution, Counter, Method
+from medfocus.attribution.base import Attribution, Counter, Method, choice, integer, number
 from medfocus.errors import ConfigError
 
 
@@ -70,6 +70,7 @@ class Occlusion(Method):
 
     name = "occlusion"
     defaults = {"grid": 8, "baseline": "zero", "batch_size": 16}
+    spec = {"grid": integer(1), "baseline": choice("zero", "mean"), "batch_size": integer(1)}
 
     def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         grid, bs = int(self.params["grid"]), int(self.params["batch_size"])
@@ -157,6 +158,8 @@ class RISE(Method):
 
     name = "rise"
     defaults = {"n_masks": 64, "grid": 8, "p_keep": 0.5, "seed": 0, "baseline": "zero", "batch_size": 16}
+    spec = {"n_masks": integer(1), "grid": integer(1), "p_keep": number(0, 1, lo_open=True, hi_open=True),
+            "seed": integer(0), "baseline": choice("zero", "mean"), "batch_size": integer(1)}
 
     def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         n, grid, pk = int(self.params["n_masks"]), int(self.params["grid"]), float(self.params["p_keep"])
