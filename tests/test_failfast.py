@@ -173,3 +173,12 @@ def test_every_method_validates_every_setting_in_init():
         from medfocus.lvlm.loading import check_model
 
         check_model("no/such-model-anywhere")
+
+
+def test_bench_build_unknown_model_is_one_clear_error(tmp_path):
+    data = tmp_path / "data"
+    r0 = CliRunner().invoke(main, ["synth", "--out", str(data), "--n", "2", "--size", "64"])
+    assert r0.exit_code == 0, r0.output
+    res = CliRunner().invoke(main, ["bench", "build", "--model", "no_such_model", "--dataset", "synthetic", "--data-root",
+                                    str(data), "--out", str(tmp_path / "o"), "--no-progress"])
+    assert res.exit_code == 1 and "unknown model 'no_such_model'" in res.output and "Traceback" not in res.output

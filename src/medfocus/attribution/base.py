@@ -16,7 +16,6 @@ whether or not they are batched). This is what the speed floor in ``benchmarks/m
 
 from __future__ import annotations
 
-import importlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 
 from medfocus.errors import ConfigError
+from medfocus.registry import LazyRegistry
 from medfocus.types import Box
 
 
@@ -315,7 +315,7 @@ class Method:
 # ---- registry ------------------------------------------------------------------------------------
 #: name -> "module:Class". Modules are imported only when a method is requested, so optional
 #: dependencies (the detector of prompting_medsam, MedFocus' OT) cost nothing until used.
-_REGISTRY: dict[str, str] = {
+_REGISTRY: LazyRegistry[type] = LazyRegistry("attribution method", {
     "attention_head": "medfocus.attribution.attention:AttentionHead",
     "attention_rollout": "medfocus.attribution.attention:AttentionRollout",
     "lrp": "medfocus.attribution.attention:AttentionLRP",
@@ -328,29 +328,23 @@ _REGISTRY: dict[str, str] = {
     "prompting": "medfocus.attribution.prompting:Prompting",
     "prompting_medsam": "medfocus.attribution.prompting:PromptingMedSAM",
     "medfocus": "medfocus.concepts.method:MedFocusMethod",
-}
+})
 
 #: The baselines of the paper (its "ten" counts the two prompting variants as one family), in table order.
 BASELINES: tuple[str, ...] = tuple(n for n in _REGISTRY if n != "medfocus")
 
 
-def register_method(name: str, target: str | type) -> None:
-    """Add (or replace) a registry entry: ``target`` is a class or a lazy ``"module:Class"`` string."""
-    _REGISTRY[name] = target if isinstance(target, str) else f"{target.__module__}:{target.__qualname__}"
+def register_method(name: str, target: str | type, *, overwrite: bool = False) -> None:
+    """Add a registry entry: ``target`` is a class or a lazy ``"module:Class"`` string.
+
+    Raises:
+        ConfigError: ``name`` is taken and ``overwrite`` is false.
+    """
+    _REGISTRY.register(name, target, overwrite=overwrite)
 
 
 def _resolve(name: str) -> type:
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown attribution method {name!r}; available: {sorted(_REGISTRY)}")
-    mod_name, _, cls_name = _REGISTRY[name].partition(":")
-    try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as exc:  # e.g. MedFocus not installed in this build
-        raise ConfigError(f"attribution method {name!r} could not be imported from {mod_name}: {exc}") from exc
-    try:
-        return getattr(mod, cls_name)
-    except AttributeError as exc:
-        raise ConfigError(f"attribution method {name!r}: {mod_name} has no {cls_name}") from exc
+    return _REGISTRY.resolve(name)
 
 
 def get_method(name: str, **params: Any) -> Any:
@@ -359,8 +353,8 @@ def get_method(name: str, **params: Any) -> Any:
 
 
 def list_methods() -> dict[str, dict[str, Any]]:
-    """``{name: defaults}`` for every registered method. A lazy entry whose module cannot be imported
-    (yet) is listed with ``{}``."""
+    """``{name: defaults}`` for every registered method, in registration (table) order. A lazy entry
+    whose module cannot be imported (yet) is listed with ``{}``."""
     out: dict[str, dict[str, Any]] = {}
     for name in _REGISTRY:
         try:

@@ -51,9 +51,12 @@ def _make_editor(name: str, *, seed: int, reference_dir: str | None, radedit_dir
 
 
 def _load_model(name: str, device: str | None) -> Any:
-    """The LVLM adapter for a registry name or path (separate so tests can substitute a model)."""
-    from medfocus.lvlm.loading import load_lvlm
+    """The LVLM adapter for a registry name or path (separate so tests can substitute a model).
+    The name and its weights are checked first (:func:`medfocus.lvlm.loading.check_model`), so an
+    unknown model or one without weights is one clear error, not a loader traceback."""
+    from medfocus.lvlm.loading import check_model, load_lvlm
 
+    check_model(name)
     return load_lvlm(name, device=device)
 
 

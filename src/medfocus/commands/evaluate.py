@@ -54,6 +54,7 @@ def evaluate(predictions: tuple[Path, ...], out_dir: Path, metrics: str, n_boot:
     """
     from medfocus.errors import MedfocusError
     from medfocus.evaluation import build_tables, evaluate_records, read_prediction_records
+    from medfocus.io.atomic import atomic_write_text
 
     chosen = [m.strip() for m in metrics.split(",") if m.strip()]
     bad = [m for m in chosen if m not in ALL_METRICS]
@@ -74,14 +75,13 @@ def evaluate(predictions: tuple[Path, ...], out_dir: Path, metrics: str, n_boot:
     from medfocus.evaluation.baselines import is_baseline
 
     is_base = df["method"].astype(str).map(is_baseline)
-    df[~is_base].to_csv(out_dir / "records.csv", index=False)
+    atomic_write_text(out_dir / "records.csv", df[~is_base].to_csv(index=False))
     if baselines:
-        df[is_base].to_csv(out_dir / "baseline_records.csv", index=False)
+        atomic_write_text(out_dir / "baseline_records.csv", df[is_base].to_csv(index=False))
     md = build_tables(df, out_dir, metrics=chosen, n_boot=n_boot, seed=seed)
     click.echo(md)
     if baselines:
         from medfocus.evaluation.baselines import baselines_markdown, compare_to_baselines, finding_markdown, finding_table
-        from medfocus.evaluation.tables import _atomic_write as atomic_write_text
 
         comp = compare_to_baselines(df, [m for m in chosen if m in ("iou", "f1", "precision", "recall")] or ["iou"],
                                     n_boot=n_boot, seed=seed)

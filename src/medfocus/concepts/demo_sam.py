@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from medfocus.io.atomic import atomic_directory
 from medfocus.types import Box, CONCEPTS
 
 #: Folder of the shipped demo segmenter (``medsam="demo"``).
@@ -313,18 +313,14 @@ def train_demo_sam(out_dir: str | Path = DEMO_SAM_DIR, cfg: DemoSamConfig | None
     t_train = time.time() - t1
     metrics = evaluate(MedSAMRefiner(model, proc, device="cpu"), val, progress=progress)
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    proc.save_pretrained(tmp)
     info = {"config": asdict(cfg), "metrics": metrics, "final_loss": float(np.mean(losses[-100:])),
             "seconds_data": round(t_data, 1), "seconds_train": round(t_train, 1),
             "parameters": int(sum(p.numel() for p in model.parameters())), "torch": torch.__version__}
-    (tmp / "training.json").write_text(json.dumps(info, indent=1) + "\n")
-    (tmp / "MODEL_CARD.md").write_text(model_card(info))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_directory(out) as tmp:
+        model.save_pretrained(tmp)
+        proc.save_pretrained(tmp)
+        (tmp / "training.json").write_text(json.dumps(info, indent=1) + "\n")
+        (tmp / "MODEL_CARD.md").write_text(model_card(info))
     log(f"wrote {out} (train {t_train / 60:.1f} min); held-out mean box IoU "
         f"{metrics['box_iou_transferred']['mean']:.3f} -> {metrics['box_iou_refined']['mean']:.3f}")
     return info

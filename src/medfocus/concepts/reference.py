@@ -36,6 +36,7 @@ from PIL import Image
 
 from medfocus.concepts import ot
 from medfocus.errors import DataError
+from medfocus.io.atomic import atomic_directory
 from medfocus.types import Box, CONCEPTS, concept_slug
 
 log = logging.getLogger(__name__)
@@ -333,18 +334,14 @@ def default_pool(cache_dir: str | Path | None = None, *, n: int = 16, seed: int 
         from medfocus.datasets.synthetic import write_reference_pool
 
         log.info("writing the default synthetic reference pool (%d images) to %s", n, out)
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        write_reference_pool(tmp, n=n, seed=seed, size=size)
-        tmp.mkdir(parents=True, exist_ok=True)
-        (tmp / ".complete").write_text("ok\n")
-        import shutil
-
         if out.exists() and not done.is_file():  # left over by a killed writer of an older version
+            import shutil
+
             shutil.rmtree(out, ignore_errors=True)
-        try:
-            os.replace(tmp, out)  # atomic publish; a concurrent writer that won the race keeps its copy
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
+        # Published whole; a concurrent writer that won the race keeps its copy (overwrite=False).
+        with atomic_directory(out, overwrite=False) as tmp:
+            write_reference_pool(tmp, n=n, seed=seed, size=size)
+            (tmp / ".complete").write_text("ok\n")
     return ReferencePool.load(out)
 
 

@@ -43,8 +43,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +53,7 @@ import numpy as np
 from medfocus.concepts import ot
 from medfocus.concepts.reference import SELECT_GRID, TRANSFER_GRID, ReferencePool, cache_root
 from medfocus.errors import ConfigError, DataError
+from medfocus.io.atomic import atomic_save_npz
 from medfocus.types import Box, CONCEPTS
 
 log = logging.getLogger(__name__)
@@ -89,22 +88,13 @@ class ConceptTransfer:
     # ---- persistence (one .npz per image) -------------------------------------------------------
     def save(self, path: str | Path) -> None:
         """Atomic write to ``path`` (.npz)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"boxes": {c: list(b) for c, b in self.boxes.items()}, "reference_id": self.reference_id,
                 "selection_costs": self.selection_costs, "refine": self.refine,
                 "image_size": list(self.image_size), "stats": self.stats}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-        os.close(fd)
-        try:
-            # Exactly what was computed (float32, no rounding): a warm cache must give the same masks,
-            # heatmaps and deltas as a cold one (float16 here once moved deltas by up to 0.025 nats).
-            np.savez_compressed(tmp, meta=np.array(json.dumps(meta)), grid_masses=self.grid_masses,
-                                soft_masks=np.stack([np.asarray(self.soft_masks[c], np.float32) for c in CONCEPTS]))
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        # Exactly what was computed (float32, no rounding): a warm cache must give the same masks,
+        # heatmaps and deltas as a cold one (float16 here once moved deltas by up to 0.025 nats).
+        atomic_save_npz(path, meta=np.array(json.dumps(meta)), grid_masses=self.grid_masses,
+                        soft_masks=np.stack([np.asarray(self.soft_masks[c], np.float32) for c in CONCEPTS]))
 
     @classmethod
     def load(cls, path: str | Path) -> "ConceptTransfer":

@@ -46,6 +46,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from medfocus.io.atomic import atomic_directory, atomic_write, atomic_write_text
 from medfocus.io.letterbox import Letterbox
 from medfocus.types import EVIDENCE_REQUESTS, SUFFIXES, build_question, question_stem
 
@@ -709,11 +710,10 @@ def train_loop(model, enc: Encoder, pool: Sequence[DemoCase], cfg: DemoConfig, *
             recent = np.mean(losses[-25:])
             log(f"step {step + 1}/{cfg.steps} loss {recent:.4f} lr {_lr_at(step, cfg):.2e} {time.time() - t0:.0f}s")
         if ck is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            tmp = ck.with_suffix(".tmp")
-            torch.save({"config": asdict(cfg), "model": model.state_dict(), "head": head.state_dict() if head is not None else None,
-                        "opt": opt.state_dict(), "rng": rng.getstate(),
-                        "torch_rng": torch.get_rng_state(), "losses": losses, "step": step + 1}, tmp)
-            tmp.replace(ck)
+            with atomic_write(ck, "wb") as fh:
+                torch.save({"config": asdict(cfg), "model": model.state_dict(), "head": head.state_dict() if head is not None else None,
+                            "opt": opt.state_dict(), "rng": rng.getstate(),
+                            "torch_rng": torch.get_rng_state(), "losses": losses, "step": step + 1}, fh)
         if eval_fn is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             model.eval()
             eval_fn(step + 1)
@@ -893,8 +893,6 @@ def train_demo(out_dir: str | Path = DEMO_DIR, cfg: DemoConfig | None = None, *,
     The folder is first written to a sibling temporary folder and then swapped in, so a killed run never
     leaves a half-written model behind. Returns the metrics recorded in the card.
     """
-    import shutil
-
     cfg = cfg or DemoConfig()
     torch.set_num_threads(cfg.num_threads)
     out = Path(out_dir)
@@ -922,16 +920,11 @@ def train_demo(out_dir: str | Path = DEMO_DIR, cfg: DemoConfig | None = None, *,
     losses = train_loop(model, enc, pool, cfg, log=log, eval_fn=quick_eval, checkpoint=ck if cfg.checkpoint_every else None)
     t_train = time.time() - t0
     del pool
-    tmp = out.parent / f".{out.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     extra = {"train_seconds": round(t_train, 1), "data_seconds": round(t_data, 1), "final_loss": float(np.mean(losses[-25:])),
              "n_parameters": int(sum(p.numel() for p in model.parameters()))}
-    save_folder(model, tok, cfg, tmp, extra)
-    (tmp / "MODEL_CARD.md").write_text(model_card(cfg, {**extra, "vocab": len(tok)}, out))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_directory(out) as tmp:
+        save_folder(model, tok, cfg, tmp, extra)
+        (tmp / "MODEL_CARD.md").write_text(model_card(cfg, {**extra, "vocab": len(tok)}, out))
     if ck.exists():
         ck.unlink()
     log(f"wrote {out} ({folder_size(out) / 1e6:.1f} MB) in {time.time() - t_start:.0f}s")
@@ -958,10 +951,8 @@ def evaluate_and_write_card(path: str | Path, *, log: Callable[[str], None] = pr
 
     metrics["vocab"] = len(AutoTokenizer.from_pretrained(path))
     hints["demo"]["metrics"] = metrics
-    tmp = path / "medfocus.json.tmp"
-    tmp.write_text(json.dumps(hints, indent=1, default=str))
-    tmp.replace(path / "medfocus.json")
-    (path / "MODEL_CARD.md").write_text(model_card(cfg, metrics, path))
+    atomic_write_text(path / "medfocus.json", json.dumps(hints, indent=1, default=str))
+    atomic_write_text(path / "MODEL_CARD.md", model_card(cfg, metrics, path))
     return metrics
 
 

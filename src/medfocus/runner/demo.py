@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from medfocus.errors import ConfigError, DataError
+from medfocus.io.atomic import atomic_write_text
 
 #: Keys of the MedFocus method's parameters that name the reference pool folder (first one found wins).
 _POOL_KEYS = ("pool", "reference_pool", "pool_dir", "reference_dir", "references")
@@ -106,13 +107,13 @@ def _write_data(cfg: DemoConfig, data_dir: Path, ref_dir: Path, log: Callable[[s
             kw["cue_rate"] = cfg.cue_rate
         log(f"[data] writing {cfg.n_samples} synthetic cases to {data_dir}")
         write_dataset(data_dir, cfg.n_samples, cfg.seed, **kw)
-        stamp.write_text(json.dumps(params))
+        atomic_write_text(stamp, json.dumps(params))
     ref_stamp = ref_dir / ".demo_params.json"
     ref_params = {"n": cfg.n_reference, "seed": cfg.seed + 1, "size": cfg.size}
     if not (ref_stamp.exists() and json.loads(ref_stamp.read_text()) == ref_params):
         log(f"[data] writing {cfg.n_reference} normal reference phantoms to {ref_dir}")
         write_reference_pool(ref_dir, n=cfg.n_reference, seed=cfg.seed + 1, size=cfg.size)
-        ref_stamp.write_text(json.dumps(ref_params))
+        atomic_write_text(ref_stamp, json.dumps(ref_params))
     samples = load_synthetic(data_dir)
     if not samples:
         raise DataError(f"the synthetic dataset in {data_dir} has no samples")
@@ -215,8 +216,8 @@ def run_demo(
                                          max_new_tokens=cfg.max_new_tokens)
             splits[(editor_name, mode)] = records
     retention = pd.concat([retention_table(out / "bench" / e) for e in cfg.editors], ignore_index=True)
-    retention.to_csv(out / "retention.csv", index=False)
-    (out / "retention.md").write_text(retention_markdown(retention), encoding="utf-8")
+    atomic_write_text(out / "retention.csv", retention.to_csv(index=False))
+    atomic_write_text(out / "retention.md", retention_markdown(retention))
     step("bench", t0)
 
     # 4. attribute
@@ -309,5 +310,5 @@ def run_demo(
         "prompting_medsam_detector": pm_detector,
         "table": table_md,
     }
-    (out / "timings.json").write_text(json.dumps({k: result[k] for k in ("timings", "n_records", "n_errors", "config")}, indent=1))
+    atomic_write_text(out / "timings.json", json.dumps({k: result[k] for k in ("timings", "n_records", "n_errors", "config")}, indent=1))
     return result
