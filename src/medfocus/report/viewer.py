@@ -288,25 +288,7 @@ def build_viewer(records: Sequence[Mapping[str, Any]], out: str | Path, *, base_
 
         method_order = [*BASELINES, "medfocus"]
     samples = [sample_view(recs, base_dir, method_order=method_order, label=(labels or {}).get(k)) for k, recs in cells.items()]
-    return _write_text_atomic(Path(out), render_viewer(samples, title=title, notes=notes, citation=citation))
+    from medfocus.io.atomic import atomic_write_text
 
+    return atomic_write_text(Path(out), render_viewer(samples, title=title, notes=notes, citation=citation))
 
-def _write_text_atomic(path: Path, text: str) -> Path:
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the page private
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

@@ -223,9 +223,9 @@ def explain(
     elif store_path.exists():
         raise ConfigError(f"{store_path} exists but was not written by `medfocus explain`; use an empty --out folder")
     out.mkdir(parents=True, exist_ok=True)
-    from medfocus.report.viewer import _write_text_atomic
+    from medfocus.io.atomic import atomic_write_json
 
-    _write_text_atomic(spec_path, json.dumps(spec, indent=1))
+    atomic_write_json(spec_path, spec)
 
     items = [WorkItem(model, DATASET, mode, s, answer=answer, answer_source="given" if answer else "model",
                       synthetic=syn, extra={"file": s.meta["file"]}) for s, syn in zip(samples, synthetic)]
