@@ -22,7 +22,7 @@ from medfocus.errors import DataError
 from medfocus.evaluation import read_prediction_records
 from medfocus.io.atomic import atomic_directory, atomic_save_npz, atomic_write, atomic_write_json, atomic_write_text
 from medfocus.io.jsonl import append_jsonl, read_jsonl, read_latest, trim_partial_tail
-from medfocus.runner.store import ResultStore, load_records
+from medfocus.runner.store import ResultStore, load_results
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -208,7 +208,7 @@ def test_evaluate_and_report_agree_on_retried_errors_and_a_truncated_line(tmp_pa
     path = _store_with_retry_and_kill(tmp_path / "run")
     # every reader: one record per key, the retry replacing its error, the cut-off line ignored
     ev = read_prediction_records(path)
-    rep = load_records(path)
+    rep = load_results(path)
     assert [(r["index"], r["error"]) for r in ev] == [(0, None), (1, None)]
     assert [(r["index"], r["error"]) for r in rep] == [(0, None), (1, None)]
     assert [r["pred_boxes"] for r in ev] == [r["pred_boxes"] for r in rep] == [[[0, 0, 10, 10]], [[0, 0, 5, 10]]]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from medfocus.errors import ConfigError
+from medfocus.errors import ConfigError, MedfocusError
 from medfocus.registry import LazyRegistry
 
 #: command name -> "module:attribute" of a click command.
@@ -17,8 +17,8 @@ COMMANDS: LazyRegistry[click.Command] = LazyRegistry("command", {
     "synth": "medfocus.commands.synth:synth",
     "synth-reference": "medfocus.commands.synth:synth_reference",
     "models": "medfocus.commands.models:models",
-    "train-demo": "medfocus.commands.models:train_demo",
-    "train-demo-sam": "medfocus.commands.models:train_demo_sam",
+    "train-demo": "medfocus.training.commands:train_demo",
+    "train-demo-sam": "medfocus.training.commands:train_demo_sam",
     "bench": "medfocus.commands.bench:bench",
     "attribute": "medfocus.commands.attribute:attribute",
     "report": "medfocus.commands.report:report",
@@ -65,6 +65,14 @@ class LazyGroup(click.Group):
                 raise click.ClickException(f"command {name!r} is unavailable: {reason}")
 
             return _unavailable
+
+    def invoke(self, ctx: click.Context) -> object:
+        # The one place a library error becomes a CLI error: one line naming the file/field, exit
+        # status 1, no traceback (commands raise MedfocusError like any other caller would see).
+        try:
+            return super().invoke(ctx)
+        except MedfocusError as exc:
+            raise click.ClickException(str(exc)) from exc
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # Short help without importing every command module.

@@ -11,7 +11,7 @@ Every method computes only the ``T`` query rows it needs (``T x S`` instead of `
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Sequence, TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from medfocus.attribution._common import (
 )
 from medfocus.attribution.base import Attribution, Counter, Method, boolean, choice, either, int_list, integer
 from medfocus.errors import ConfigError, ModelError
+
+if TYPE_CHECKING:  # annotations only: the adapter interface lives in the LVLM layer
+    from medfocus.lvlm.adapter import ChatInputs, LVLMAdapter
 
 
 def _layer_indices(spec: Any, n: int, name: str) -> list[int]:
@@ -46,7 +49,7 @@ def _attentions(out: Any, name: str) -> Sequence[torch.Tensor]:
     return att
 
 
-def _run(adapter: Any, chat: Any, counter: Counter, *, grad: bool, hooks: Sequence[Any] = ()) -> tuple[torch.Tensor, Sequence[torch.Tensor]]:
+def _run(adapter: LVLMAdapter, chat: ChatInputs, counter: Counter, *, grad: bool, hooks: Sequence[Any] = ()) -> tuple[torch.Tensor, Sequence[torch.Tensor]]:
     """One forward with attentions -> ``((1, T) log-probs, attentions per layer (1, H, S, S))``."""
     ctx = torch.enable_grad() if grad else torch.no_grad()
     with adapter.eager_attention(), ctx:
@@ -55,7 +58,7 @@ def _run(adapter: Any, chat: Any, counter: Counter, *, grad: bool, hooks: Sequen
     return logp, _attentions(out, "attention")
 
 
-def _finish(adapter: Any, chat: Any, rows: torch.Tensor, extras: dict[str, Any]) -> Attribution:
+def _finish(adapter: LVLMAdapter, chat: ChatInputs, rows: torch.Tensor, extras: dict[str, Any]) -> Attribution:
     """``(T, S)`` relevance rows (one per answer token) -> Attribution with per-token maps; the
     heatmap is the mean over answer tokens."""
     img = chat.image_token_positions.to(rows.device)
@@ -66,7 +69,7 @@ def _finish(adapter: Any, chat: Any, rows: torch.Tensor, extras: dict[str, Any])
     return Attribution(heatmap=to_original(adapter, chat, grid.cpu()), token_heatmaps=tok, extras=extras)
 
 
-def _queries(chat: Any, mode: str) -> torch.Tensor:
+def _queries(chat: ChatInputs, mode: str) -> torch.Tensor:
     if mode == "predicting":
         return predicting_positions(chat)
     if mode == "answer":
@@ -88,7 +91,7 @@ class AttentionHead(Method):
     defaults = {"layer": -1, "heads": "mean", "queries": "predicting"}
     spec = {"layer": integer(), "heads": either(choice("mean"), integer(0)), "queries": choice("predicting", "answer")}
 
-    def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
+    def _attribute(self, adapter: LVLMAdapter, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         chat = prepare_answer(adapter, image, question, answer, self.name)
         _, att = _run(adapter, chat, counter, grad=False)
         (k,) = _layer_indices(self.params["layer"], len(att), self.name)
@@ -117,7 +120,7 @@ class AttentionRollout(Method):
     defaults = {"layers": "all", "queries": "predicting"}
     spec = {"layers": either(choice("all"), integer(), int_list()), "queries": choice("predicting", "answer")}
 
-    def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
+    def _attribute(self, adapter: LVLMAdapter, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         chat = prepare_answer(adapter, image, question, answer, self.name)
         _, att = _run(adapter, chat, counter, grad=False)
         layers = _layer_indices(self.params["layers"], len(att), self.name)
@@ -141,7 +144,7 @@ class AttentionLRP(Method):
     defaults = {"layers": "all", "queries": "predicting"}
     spec = {"layers": either(choice("all"), integer(), int_list()), "queries": choice("predicting", "answer")}
 
-    def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
+    def _attribute(self, adapter: LVLMAdapter, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         chat = prepare_answer(adapter, image, question, answer, self.name)
         dec = adapter.decoder_layers
         norms: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -183,7 +186,7 @@ class GradWeightedAttention(Method):
     defaults = {"layers": "all", "final_token": True, "queries": "predicting"}
     spec = {"layers": either(choice("all"), integer(), int_list()), "final_token": boolean(), "queries": choice("predicting", "answer")}
 
-    def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
+    def _attribute(self, adapter: LVLMAdapter, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         chat = prepare_answer(adapter, image, question, answer, self.name)
         logp, att = _run(adapter, chat, counter, grad=True)
         layers = _layer_indices(self.params["layers"], len(att), self.name)

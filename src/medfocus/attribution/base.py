@@ -19,13 +19,16 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
 
 from medfocus.errors import ConfigError
 from medfocus.registry import LazyRegistry
 from medfocus.types import Box
+
+if TYPE_CHECKING:  # annotations only: the adapter interface lives in the LVLM layer
+    from medfocus.lvlm.adapter import LVLMAdapter
 
 
 @dataclass
@@ -286,7 +289,7 @@ class Method:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
         return f"{type(self).__name__}({args})"
 
-    def attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str) -> Attribution:
+    def attribute(self, adapter: LVLMAdapter, image: np.ndarray, question: str, answer: str) -> Attribution:
         """Attribute ``answer`` to the pixels of ``image``.
 
         Args:
@@ -308,7 +311,7 @@ class Method:
         res.n_backward = counter.n_backward
         return res
 
-    def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
+    def _attribute(self, adapter: LVLMAdapter, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         raise NotImplementedError
 
 

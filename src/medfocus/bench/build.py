@@ -43,11 +43,11 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, TYPE_CHECKING
 
 import numpy as np
 
-from medfocus.bench.filter import GATES, RECORD_FIELDS, VIEWS, FilterResult, ParseFn, apply_filter, get_parser
+from medfocus.bench.filter import GATES, RECORD_FIELDS, VIEWS, FilterResult, ParseFn, apply_filter
 from medfocus.editing.base import EDIT_KINDS, EditCache, Editor, edit_mask, edit_prompt
 from medfocus.errors import ConfigError, DataError
 from medfocus.io.atomic import atomic_write_json, atomic_write_text
@@ -55,6 +55,9 @@ from medfocus.io.jsonl import append_jsonl, read_latest, trim_partial_tail
 from medfocus.io.locks import acquire_lock, remove_orphaned_tmp
 from medfocus.io.paths import safe_filename
 from medfocus.types import Sample
+
+if TYPE_CHECKING:  # annotations only: the adapter interface lives in the LVLM layer
+    from medfocus.lvlm.adapter import LVLMAdapter
 
 #: Default generation budget per mode (a reasoning chain needs room; a direct answer does not).
 DEFAULT_MAX_NEW_TOKENS = {"direct": 16, "cot": 256}
@@ -216,7 +219,7 @@ def check_split_settings(log_path: Path, done: dict[Any, dict[str, Any]], settin
 
 
 def build_benchmark(
-    adapter: Any,
+    adapter: LVLMAdapter,
     samples: Sequence[Sample],
     *,
     mode: str,
@@ -274,7 +277,8 @@ def build_benchmark(
     if len(datasets) != 1:
         raise ConfigError(f"build_benchmark works on one dataset at a time, got {datasets}")
     dataset = datasets[0]
-    parse = parse or get_parser()
+    if parse is None:
+        from medfocus.lvlm.answers import parse_yes_no as parse
     max_new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[mode]
     step = samples_per_step or max(1, batch_size // len(VIEWS))
     paths = split_paths(out_dir, model_name, dataset, mode)
@@ -298,7 +302,7 @@ def build_benchmark(
             lock.close()
 
 
-def _build_locked(adapter: Any, samples: Sequence[Sample], *, mode: str, editor: Editor, out_dir: Any, model_name: str,
+def _build_locked(adapter: LVLMAdapter, samples: Sequence[Sample], *, mode: str, editor: Editor, out_dir: Any, model_name: str,
                   include_negatives: bool, max_new_tokens: int, batch_size: int, step: int, parse: ParseFn,
                   retry_errors: bool, progress: bool, paths: dict[str, Path], cache: EditCache,
                   gen_cache: "GenerationCache | None", dataset: str, gen: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -424,7 +428,7 @@ def merge_split_logs(shard_dirs: Sequence[str | os.PathLike[str]], out_dir: str 
     return written
 
 
-def _generate_isolating_errors(adapter: Any, images: list[np.ndarray], questions: list[str], owners: list[int],
+def _generate_isolating_errors(adapter: LVLMAdapter, images: list[np.ndarray], questions: list[str], owners: list[int],
                                rows: list[dict[str, Any]], max_new_tokens: int, batch_size: int) -> list[str | None]:
     """Generate for the whole step; if that fails, per sample, so that one bad sample only marks
     its own row as an error. Returns one text (or None for failed samples) per image."""

@@ -52,7 +52,6 @@ def evaluate(predictions: tuple[Path, ...], out_dir: Path, metrics: str, n_boot:
     F1 of the union of predicted boxes vs the union of expert boxes (plus pointing game, energy
     pointing game and AUPRC when a heatmap is given). Table cells: mean x100 [95% bootstrap CI].
     """
-    from medfocus.errors import MedfocusError
     from medfocus.evaluation import build_tables, evaluate_records, read_prediction_records
     from medfocus.io.atomic import atomic_write_text
 
@@ -60,10 +59,7 @@ def evaluate(predictions: tuple[Path, ...], out_dir: Path, metrics: str, n_boot:
     bad = [m for m in chosen if m not in ALL_METRICS]
     if bad or not chosen:
         raise click.BadParameter(f"unknown metric(s) {bad}; choose from {', '.join(ALL_METRICS)}", param_hint="--metrics")
-    try:
-        records = [r for p in predictions for r in read_prediction_records(p)]
-    except MedfocusError as exc:
-        raise click.ClickException(str(exc)) from None
+    records = [r for p in predictions for r in read_prediction_records(p)]
     if not records:
         raise click.ClickException(f"no records in {', '.join(map(str, predictions))}")
     if baselines:

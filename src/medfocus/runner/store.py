@@ -30,7 +30,7 @@ from medfocus.io.jsonl import append_jsonl, iter_jsonl, read_jsonl, trim_partial
 from medfocus.io.locks import acquire_lock, remove_orphaned_tmp
 from medfocus.io.paths import safe_filename
 
-__all__ = ["ResultStore", "load_records", "merge_stores", "record_key", "key_slug", "to_jsonable", "atomic_save_npz",
+__all__ = ["ResultStore", "load_results", "merge_stores", "record_key", "key_slug", "to_jsonable", "atomic_save_npz",
            "read_jsonl", "iter_jsonl", "KEY_FIELDS", "Key"]
 
 def key_slug(key: Key) -> str:
@@ -165,7 +165,7 @@ class ResultStore:
             pass
 
 
-def load_records(path: str | Path, *, absolute_paths: bool = True) -> list[dict[str, Any]]:
+def load_results(path: str | Path, *, absolute_paths: bool = True) -> list[dict[str, Any]]:
     """Read a store file without locking it: one record per key (latest wins), key-sorted.
 
     The same reader as ``medfocus evaluate`` (:func:`medfocus.evaluation.read_prediction_records`), so
@@ -201,7 +201,7 @@ def merge_stores(inputs: Iterable[str | Path], out: str | Path, *, prefer_succes
             inp = Path(inp)
             if inp.resolve() == out.resolve():
                 continue
-            for rec in load_records(inp, absolute_paths=True):
+            for rec in load_results(inp, absolute_paths=True):
                 key = record_key(rec)
                 prev = chosen.get(key)
                 if prev is not None and prefer_success and not prev.get("error") and rec.get("error"):
