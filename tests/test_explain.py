@@ -80,7 +80,7 @@ def test_encode_map_keeps_the_real_range_and_the_aspect():
 
 def test_pool_warning_once_per_run_and_in_every_record(tmp_path, caplog):
     """A method on the default synthetic pool warns once per run on non-synthetic films, and says so in the records."""
-    from medfocus.runner import ResultStore, WorkItem, load_records, run_grid
+    from medfocus.runner import ResultStore, WorkItem, load_results, run_grid
     from test_runner_fakes import FakeAdapter, HotBoxMethod, make_samples, read_npy, simple_boxes
 
     class PoolMethod(HotBoxMethod):
@@ -93,7 +93,7 @@ def test_pool_warning_once_per_run_and_in_every_record(tmp_path, caplog):
     with caplog.at_level("WARNING"), ResultStore(tmp_path / "r.jsonl") as st:
         run_grid(items, ["pool"], st, load_model=FakeAdapter, make_method=lambda n, p: PoolMethod(boxes),
                  read_image=read_npy, heatmap_to_boxes=simple_boxes, progress=False)
-    recs = load_records(tmp_path / "r.jsonl")
+    recs = load_results(tmp_path / "r.jsonl")
     warned = [r for r in recs if r.get("reference_pool_warning")]
     assert sorted(r["dataset"] for r in warned) == ["vindr_cxr"] * 3
     assert "synthetic" in warned[0]["reference_pool_warning"] and "medfocus.pool" in warned[0]["reference_pool_warning"]
@@ -240,7 +240,7 @@ def test_attribute_without_split_explains_the_models_own_answer(tmp_path, demo_a
     from medfocus.datasets.synthetic import write_dataset
     from medfocus.io import read_image
     from medfocus.lvlm.generation import generate_answers
-    from medfocus.runner import load_records
+    from medfocus.runner import load_results
 
     monkeypatch.setattr(medfocus.lvlm, "load_lvlm", lambda name, **kw: demo_adapter)
     write_dataset(tmp_path / "data", n=6, seed=4, counterfactuals=False, progress=False)
@@ -250,7 +250,7 @@ def test_attribute_without_split_explains_the_models_own_answer(tmp_path, demo_a
     runner = CliRunner()
     r = runner.invoke(main, [*base, "--mode", "direct", "--mode", "cot", "--out", str(tmp_path / "own")])
     assert r.exit_code == 0, r.output
-    recs = load_records(tmp_path / "own" / "predictions.jsonl")
+    recs = load_results(tmp_path / "own" / "predictions.jsonl")
     assert len(recs) == 2 and all(x["error"] is None for x in recs)
     for x in recs:
         img, _ = read_image(x["image_path"])
@@ -262,7 +262,7 @@ def test_attribute_without_split_explains_the_models_own_answer(tmp_path, demo_a
     assert all(len(x["answer"].split()) > 3 for x in cot)  # the rationale, not a bare "Yes"
     r = runner.invoke(main, [*base, "--answer-source", "ground-truth", "--out", str(tmp_path / "gt")])
     assert r.exit_code == 0, r.output
-    gt = load_records(tmp_path / "gt" / "predictions.jsonl")
+    gt = load_results(tmp_path / "gt" / "predictions.jsonl")
     assert all(x["answer"] == "Yes" and x["answer_source"] == "ground_truth" for x in gt)
     r = runner.invoke(main, ["attribute", "--bench", str(tmp_path / "x.json"), "--answer-source", "ground-truth",
                              "--out", str(tmp_path / "b")])
@@ -274,11 +274,11 @@ def test_report_gallery_viewers_of_a_hostile_run(tmp_path, browser):
     from selenium.webdriver.common.by import By
 
     from medfocus.report import build_report
-    from medfocus.runner import load_records
+    from medfocus.runner import load_results
     from test_security_report import TRAVERSAL, hostile_run
 
     run = hostile_run(tmp_path)
-    out = build_report(load_records(run / "predictions.jsonl"), run / "report.html")
+    out = build_report(load_results(run / "predictions.jsonl"), run / "report.html")
     links = re.findall(r'href="(viewers/[^"]+)"', out.read_text())
     assert links and all((run / h).parent == run / "viewers" for h in links)
     for h in links:

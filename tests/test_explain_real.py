@@ -26,7 +26,7 @@ def real_run(shared_data, tmp_path_factory):
     from click.testing import CliRunner
 
     from medfocus.cli import main
-    from medfocus.runner import load_records
+    from medfocus.runner import load_results
 
     out = tmp_path_factory.mktemp("explain_real")
     args = ["explain", *[str(shared_data / f) for f in FILMS], "--finding", "cardiomegaly", "--out", str(out), "--no-progress"]
@@ -34,7 +34,7 @@ def real_run(shared_data, tmp_path_factory):
         args += ["--param", p]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
-    return out, load_records(out / "predictions.jsonl"), r.output
+    return out, load_results(out / "predictions.jsonl"), r.output
 
 
 def test_every_method_maps_the_real_film_or_records_why(real_run):

@@ -158,7 +158,7 @@ def explain(
     from medfocus.io import read_image
     from medfocus.report.viewer import build_viewer
     from medfocus.runner.grid import WorkItem, run_grid
-    from medfocus.runner.store import ResultStore, load_records
+    from medfocus.runner.store import ResultStore, load_results
 
     # ---- validate everything before the model loads
     if (finding is None) == (question is None):
@@ -238,7 +238,7 @@ def explain(
     with ResultStore(store_path) as store:
         summary = run_grid(items, {m: params.get(m, {}) for m in methods}, store, load_model=load_model or loader,
                            seed=seed, save_token_maps=True, progress=progress)
-    records = [r for r in load_records(store_path) if r["dataset"] == DATASET]
+    records = [r for r in load_results(store_path) if r["dataset"] == DATASET]
     answers = []
     for it in items:
         rs = [r for r in records if int(r["index"]) == it.index]
