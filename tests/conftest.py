@@ -77,3 +77,33 @@ def demo_adapter():
     from medfocus.lvlm.loading import load_lvlm
 
     return load_lvlm("demo", device="cpu")
+
+
+# ---- real browser (viewer / report tests) ----------------------------------------------------------
+#: Chromium flags that work headless in CI containers (no sandbox, no GPU, no network chatter).
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
+
+
+@pytest.fixture(scope="session")
+def browser(tmp_path_factory):
+    """A headless Debian chromium driven by selenium (browser console log enabled); skips with the reason
+    when chromium, chromium-driver or selenium is missing (`.ci/run` installs them)."""
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_bin = shutil.which("chromedriver")
+    if chromium is None or driver_bin is None:
+        pytest.skip("Debian chromium + chromium-driver are not installed (apt-get install chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}", "--window-size=1400,1800"):
+        opts.add_argument(flag)
+    opts.binary_location = chromium
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    drv = webdriver.Chrome(service=Service(driver_bin), options=opts)
+    drv.set_page_load_timeout(120)
+    yield drv
+    drv.quit()

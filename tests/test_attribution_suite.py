@@ -190,7 +190,7 @@ def test_runner_uses_the_suite_and_records_match_alone(tiny_adapters, image, tmp
     adapter.prepare = lambda *a, **k: (calls.append(1), orig(*a, **k))[1]
     try:
         with ResultStore(tmp_path / "pred.jsonl") as st:
-            summ = run_grid([WorkItem("tiny", "synthetic", "direct", sample)], methods, st, load_model=lambda _n: adapter,
+            summ = run_grid([WorkItem("tiny", "synthetic", "direct", sample, answer_source="ground_truth")], methods, st, load_model=lambda _n: adapter,
                             read_image=np.load, progress=False, release_model=False)
     finally:
         adapter.prepare = orig

@@ -150,7 +150,7 @@ def test_runner_records_unparseable(tmp_path):
     from test_runner_fakes import FakeAdapter, make_samples, read_npy  # noqa: E402
 
     samples, _ = make_samples(tmp_path / "imgs", 2)
-    items = [WorkItem("m1", s.dataset, "direct", s) for s in samples]
+    items = [WorkItem("m1", s.dataset, "direct", s, answer_source="ground_truth") for s in samples]  # fakes: no generation
     status = {0: "unparseable", 1: "empty"}
 
     class Scripted:

@@ -74,6 +74,9 @@ SHRINK: dict[str, list[tuple[str, str]]] = {
     "medfocus synth --out runs/data --n 200": [("--n 200", "--n 24")],
     "medfocus bench build --model demo --dataset synthetic --data-root runs/data --mode direct --mode cot --editor oracle "
     "--out runs/bench": [("--mode cot", ""), ("--out runs/bench", "--limit 6 --out runs/bench --no-progress")],
+    # the output inside the scratch folder; two methods (all methods on the real films: tests/test_explain_real.py)
+    "medfocus explain ../shared/data/real_cxr/dicom/RG1_J2KI.dcm --finding cardiomegaly --out /tmp/x": [
+        ("--out /tmp/x", "--method occlusion --method medfocus --no-progress --out runs/explain_x")],
 }
 
 
@@ -156,6 +159,8 @@ def test_readme_example_runs(example, workspace, monkeypatch):
         "medfocus attribute --dataset synthetic --data-root runs/demo/data --model demo --limit 2 --method rise "
         "--param rise.n_masks=128 --method gradcam --param gradcam.layer=middle --out runs/attr": ["runs/attr/predictions.jsonl"],
         "medfocus report runs/attr --save-figures --format pdf --dpi 300": ["runs/attr/report.html", "runs/attr/figures/bars_iou_direct.pdf"],
+        "medfocus explain ../shared/data/real_cxr/dicom/RG1_J2KI.dcm --finding cardiomegaly --out /tmp/x":
+            ["runs/explain_x/explain.html", "runs/explain_x/predictions.jsonl"],
     }.get(example, [])
     for rel in produced:
         assert (workspace / rel).exists(), f"{example!r} did not write {rel}"

@@ -124,7 +124,11 @@ def test_build_report_self_contained(tmp_path):
     html = out.read_text()
     assert html.startswith("<!DOCTYPE html>") and html.rstrip().endswith("</html>")
     # self-contained: no external resources, no scripts
-    assert not re.search(r'(src|href)="(?!data:)', html) and "<script" not in html
+    assert not re.search(r'src="(?!data:)', html) and "<script" not in html
+    # the only links: each gallery sample's interactive viewer, a file next to the report
+    links = re.findall(r'href="([^"]*)"', html)
+    assert len(links) == 4 and all(re.fullmatch(r"viewers/[A-Za-z0-9._-]+\.html", h) for h in links)  # one per gallery sample
+    assert all((out.parent / h).is_file() for h in links)
     n_img = html.count('src="data:image/png;base64,')
     # 2 modes x 2 bar plots (one model/dataset: no method x model matrix) + gallery (2 modes x 2 findings,
     # one sample each) + 3 MedFocus examples x 2 figures

@@ -21,7 +21,7 @@ def _items(tmp_path, n=2):
     for i in range(n):
         p = write_png(tmp_path / f"img{i}.png", toy_image(seed=i))
         s = Sample("synthetic", i, str(p), "nodule", question_stem("nodule"), "Yes", [(40.0, 16.0, 48.0, 24.0)], (64, 64))
-        items.append(WorkItem("toy", "synthetic", "direct", s))
+        items.append(WorkItem("toy", "synthetic", "direct", s, answer_source="ground_truth"))
     return items
 
 

@@ -110,7 +110,7 @@ def test_shard_and_limit():
 
 def _grid(tmp_path, n=6, models=("m1",), modes=("direct",)):
     samples, boxes = make_samples(tmp_path / "imgs", n)
-    items = [WorkItem(m, s.dataset, mode, s) for m in models for mode in modes for s in samples]
+    items = [WorkItem(m, s.dataset, mode, s, answer_source="ground_truth") for m in models for mode in modes for s in samples]
     return samples, boxes, items
 
 
@@ -236,7 +236,7 @@ KILL_SCRIPT = textwrap.dedent(
     from medfocus.runner import ResultStore, WorkItem, run_grid
     from test_runner_fakes import FakeAdapter, make_factory, make_samples, read_npy, simple_boxes
     samples, boxes = make_samples(Path({imgs!r}), {n})
-    items = [WorkItem("m1", s.dataset, mode, s) for mode in ("direct", "cot") for s in samples]
+    items = [WorkItem("m1", s.dataset, mode, s, answer_source="ground_truth") for mode in ("direct", "cot") for s in samples]
     with ResultStore({out!r}) as st:
         run_grid(items, ["hot", "random"], st, load_model=FakeAdapter, make_method=make_factory(boxes, delay={delay}),
                  read_image=read_npy, heatmap_to_boxes=simple_boxes, progress=False, seed=3)

@@ -58,7 +58,8 @@ class Sample:
         image_path: path of the image file (DICOM / PNG / JPEG).
         attribute: finding name used in the question, e.g. ``"pleural effusion"``.
         question: question stem, ``"Is there evidence of {attribute} in the image?"`` (no suffix).
-        answer: ``"Yes"`` or ``"No"``.
+        answer: ``"Yes"`` or ``"No"``; ``None`` when no ground truth is known (a user's own film,
+            ``medfocus explain``).
         boxes: expert boxes in original-image pixels, half-open ``(x1, y1, x2, y2)``.
         image_size: original image size as ``(width, height)`` in pixels.
         concept: optional anatomical concept / region name associated with the finding.
@@ -70,17 +71,17 @@ class Sample:
     image_path: str
     attribute: str
     question: str
-    answer: str
+    answer: str | None
     boxes: list[Box]
     image_size: tuple[int, int]
     concept: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.answer not in ("Yes", "No"):
+        if self.answer not in ("Yes", "No", None):
             from medfocus.errors import DataError
 
-            raise DataError(f"Sample {self.dataset}#{self.index}: answer must be 'Yes' or 'No', got {self.answer!r}")
+            raise DataError(f"Sample {self.dataset}#{self.index}: answer must be 'Yes', 'No' or None (unknown), got {self.answer!r}")
         self.boxes = [tuple(float(v) for v in b) for b in self.boxes]  # type: ignore[misc]
         self.image_size = (int(self.image_size[0]), int(self.image_size[1]))
 

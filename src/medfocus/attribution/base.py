@@ -282,6 +282,12 @@ class Method:
             out[k] = v
         return out
 
+    @property
+    def uses_synthetic_pool(self) -> bool:
+        """Whether this configuration transfers concepts from the default *synthetic* reference pool (MedFocus,
+        ``prompting_medsam``'s anatomy detector); the runner warns when that meets a real film."""
+        return False
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
         return f"{type(self).__name__}({args})"

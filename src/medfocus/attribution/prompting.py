@@ -296,6 +296,11 @@ class PromptingMedSAM(Method):
             "pool": optional(either(path_like(), obj("a ReferencePool", lambda v: hasattr(v, "references")))),
             "cache": either(boolean(), path_like())}
 
+    @property
+    def uses_synthetic_pool(self) -> bool:
+        """The anatomy detector with ``pool=None`` grounds phrases through the default synthetic pool."""
+        return self.params.get("detector") == "anatomy" and not self.params.get("pool")
+
     def _attribute(self, adapter: LVLMAdapter, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         from medfocus.concepts.grounding import AnatomyDetector
 

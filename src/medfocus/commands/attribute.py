@@ -171,8 +171,13 @@ def build_items(
     models: Sequence[str],
     modes: Sequence[str],
     include_negatives: bool = False,
+    answer_source: str = "model",
 ) -> list:
-    """Work items from benchmark files (filtered splits) or, without them, from a dataset's samples."""
+    """Work items from benchmark files (filtered splits) or, without them, from a dataset's samples.
+
+    With a split, the answer attributed is the model's own as the split recorded it. Without one,
+    ``answer_source="model"`` (default) generates the model's greedy answer on each film in the run and
+    attributes that; ``"ground_truth"`` attributes the dataset's answer whatever the model says."""
     from medfocus.runner.grid import WorkItem, items_from_benchmark, raw_answers_for_split
 
     items: list = []
@@ -223,7 +228,7 @@ def build_items(
     samples = [s for s in samples if include_negatives or s.answer == "Yes"]
     for m in models:
         for mode in modes:
-            items += [WorkItem(m, s.dataset, mode, s) for s in samples]
+            items += [WorkItem(m, s.dataset, mode, s, answer_source=answer_source) for s in samples]
     return items
 
 
@@ -252,6 +257,9 @@ def build_items(
 @click.option("--merge", is_flag=True, help="Merge predictions.shard-*.jsonl in --out into predictions.jsonl and exit.")
 @click.option("--retry-errors", is_flag=True, help="Recompute records that failed in a previous run.")
 @click.option("--save-token-maps", is_flag=True, help="Also store per-answer-token heatmaps (float16).")
+@click.option("--answer-source", type=click.Choice(["model", "ground-truth"]), default="model", show_default=True,
+              help="Without --bench: attribute the model's own greedy answer (generated in this run; the whole "
+                   "rationale in cot mode) or the dataset's ground-truth answer. Records keep both.")
 @click.option("--include-negatives", is_flag=True, help="Without --bench: also attribute samples whose answer is No.")
 @click.option("--device", default=None, show_default="cuda if available, else cpu", help="torch device for the models.")
 @click.option("--allow-outside-root", is_flag=True,
@@ -263,7 +271,7 @@ def build_items(
 @launcher_options
 @click.pass_context
 def attribute(ctx, bench, dataset, data_root, models, modes, methods, params, refine, medsam, out_dir, limit, seed, shard, merge,
-              retry_errors, save_token_maps, include_negatives, device, allow_outside_root, no_progress, store_name,
+              retry_errors, save_token_maps, answer_source, include_negatives, device, allow_outside_root, no_progress, store_name,
               faithfulness, faithfulness_steps, faithfulness_baseline, faithfulness_batch_size, **launch_opts) -> None:
     """Run attribution methods on a benchmark split and store one record per
     (model, dataset, index, mode, method) in OUT/predictions.jsonl (resumable: rerun the same
@@ -274,6 +282,8 @@ def attribute(ctx, bench, dataset, data_root, models, modes, methods, params, re
     out = Path(out_dir)
     faith_cfg = faithfulness_config(faithfulness, faithfulness_steps, faithfulness_baseline, faithfulness_batch_size)
     check_launch_options(launch_opts)
+    if bench and answer_source != "model":
+        raise ConfigError("--answer-source applies without --bench (a split attributes the answer it recorded)")
     if launch_opts["launcher"] != "none":
         if shard or merge:
             raise ConfigError("--shard and --merge are for runs without a launcher (the launcher shards and merges itself)")
@@ -295,7 +305,7 @@ def attribute(ctx, bench, dataset, data_root, models, modes, methods, params, re
     method_objs = build_methods(methods, params, refine, medsam)
     with _allow_outside(allow_outside_root):
         items = build_items(bench=bench, dataset=dataset, data_root=data_root, models=models, modes=modes,
-                            include_negatives=include_negatives)
+                            include_negatives=include_negatives, answer_source=answer_source.replace("-", "_"))
     items = select_items(items, limit=limit, shard=(i, n))
     check_models(sorted({it.model for it in items}))
     if store_name is not None and (Path(store_name).name != store_name or not store_name.endswith(".jsonl")):

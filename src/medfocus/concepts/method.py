@@ -30,7 +30,7 @@ from typing import Any, TYPE_CHECKING
 import numpy as np
 
 from medfocus.concepts import uot
-from medfocus.concepts.intervention import (REGIONS, RULES, TAU, decide, intervention_keep, intervention_result, intervention_rows,
+from medfocus.concepts.intervention import (MASK_THRESHOLD, REGIONS, RULES, TAU, decide, intervention_keep, intervention_result, intervention_rows,
                                             nested_winner, variant_boxes)
 from medfocus.concepts.reference import SELECT_GRID, TRANSFER_GRID, ReferencePool, cached_pool, default_pool
 from medfocus.concepts.transfer import DEFAULT_ITERATIONS, ConceptTransfer, TransferCache, transfer_concepts
@@ -131,6 +131,9 @@ class MedFocusResult:
             "concept_boxes": {c: list(b) for c, b in self.concept_boxes.items()},
             "reference_id": self.reference_id, "refine": self.refine, "region": self.region, "rule": self.rule, "nested_checks": list(self.nested_checks), "seconds_detail": dict(self.seconds), "passes": dict(self.passes),
             "final_token_index": fti,
+            # (11, H0, W0) uint8: where each concept's soft mask is >= 0.5 (what region="mask" hides), for display.
+            "concept_masks": np.stack([self.soft_masks[c] >= MASK_THRESHOLD for c in self.soft_masks]).astype(np.uint8),
+            "concept_mask_names": list(self.soft_masks),
         }
         if tok is not None and T:
             extras["final_token_heatmap"] = tok[fti]
@@ -347,6 +350,11 @@ class MedFocusMethod(PerturbationMethod):
         out = super().settings()
         out["pool_fingerprint"] = _pool_for(str(self.params["pool"]) if self.params.get("pool") else None).fingerprint
         return out
+
+    @property
+    def uses_synthetic_pool(self) -> bool:
+        """``pool=None`` is the default synthetic pool."""
+        return not self.params.get("pool")
 
     def _medfocus(self, adapter: Any) -> MedFocus:
         p = dict(self.params)

@@ -311,6 +311,16 @@ def build_pool_from_imagenome(root: str | Path, out_dir: str | Path, *, max_refs
     return build_pool_from_regions(imagenome_reference_entries(root, **kw), out_dir, max_refs=max_refs)
 
 
+#: Said once per run (and stored in each record's ``reference_pool_warning``) when MedFocus or the anatomy
+#: detector of ``prompting_medsam`` transfers concepts from the default synthetic pool onto a film that is not
+#: from the synthetic world (runner: :func:`medfocus.runner.grid.run_grid`).
+SYNTHETIC_POOL_WARNING = (
+    "the default reference pool holds synthetic films only: on a real film the transferred concept boxes come "
+    "from synthetic anatomy; build a real pool (build_pool_from_imagenome / build_pool_from_regions, see the "
+    "README's 'Reference pool') and pass --param medfocus.pool=DIR (prompting_medsam.pool=DIR)"
+)
+
+
 def default_pool(cache_dir: str | Path | None = None, *, n: int = 16, seed: int = 0, size: int = 256) -> ReferencePool:
     """The default pool: ``n`` normal synthetic references written by the synthetic world into
     ``<cache>/reference_pool/synthetic_v{GENERATOR_VERSION}_n{n}_s{seed}_{size}`` on first use, then loaded from there."""

@@ -364,6 +364,24 @@ td.n{color:#555} .figs img{margin:4px 10px 4px 0;border:1px solid #eee;max-width
 """
 
 
+def _gallery_viewer(records: Sequence[Mapping[str, Any]], folder: Path, base: Path, methods: Sequence[str],
+                    title: str) -> tuple[str | None, str | None]:
+    """Write one gallery sample's interactive viewer to ``folder/viewers/<sample>.html``.
+
+    Returns ``(relative link, None)``, or ``(None, reason)`` when it could not be written (the gallery
+    still shows the figure and prints the reason under it)."""
+    r = records[0]
+    name = safe_filename("__".join(str(r[f]) for f in ("model", "dataset", "index", "mode"))) + ".html"
+    try:
+        from medfocus.report.viewer import build_viewer
+
+        build_viewer(records, folder / "viewers" / name, base_dir=base, method_order=methods, title=title)
+    except Exception as exc:
+        log.warning("viewer for %s failed: %s", name, exc)
+        return None, f"{type(exc).__name__}: {exc}"
+    return f"viewers/{name}", None
+
+
 def build_report(
     predictions: Sequence[Mapping[str, Any]],
     out: str | Path,
@@ -375,6 +393,7 @@ def build_report(
     run_info: Mapping[str, Any] | None = None,
     base_dir: str | Path | None = None,
     gallery: int = 1,
+    viewers: bool = True,
     medfocus_examples: int = 3,
     method_order: Sequence[str] | None = None,
     figures_dir: str | Path | None = None,
@@ -396,6 +415,8 @@ def build_report(
         base_dir: directory relative heatmap paths are relative to (default: ``out``'s directory).
         gallery: samples in the gallery per finding, for each mode that has results (the gallery is
             stratified by finding, so every finding of the run is shown).
+        viewers: also write each gallery sample's interactive viewer (:mod:`medfocus.report.viewer`) to
+            ``viewers/<sample>.html`` next to ``out`` and link it from the gallery.
         medfocus_examples: number of MedFocus examples (concept ranking + token colouring).
         method_order: row order of the tables (default: first appearance).
         figures_dir: also save every figure there, in ``fig_format``.
@@ -573,7 +594,11 @@ def build_report(
                 fig = figures.make_sample_gallery_row(img, first.get("gt_boxes") or [], panels,
                                                       title=textwrap.shorten(t, width=400, placeholder=" …"))
                 png = keep(fig, "gallery", mode, k[1], k[2], k[0])
-                items.append({"caption": t, "fig": _fig(png, t)})
+                item = {"caption": t, "fig": _fig(png, t), "viewer": None, "viewer_error": None}
+                if viewers:
+                    item["viewer"], item["viewer_error"] = _gallery_viewer(cells[k], out.parent, base, methods,
+                                                                           f"{title} · {k[0]} · {k[1]} #{k[2]} · {k[3]}")
+                items.append(item)
             if items:
                 strata.append({"finding": finding, "entries": items})
         if strata:

@@ -44,6 +44,14 @@ log = logging.getLogger(__name__)
 #: Extras arrays with more elements than this go into the record's ``.npz`` instead of the JSON line.
 MAX_INLINE_ARRAY = 256
 
+#: Where an attributed answer comes from (:class:`WorkItem`'s ``answer_source``).
+ANSWER_SOURCES: tuple[str, ...] = ("split", "given", "model", "ground_truth")
+
+#: ``save_token_maps``: a stack of per-token maps with more values than this is stored area-averaged to a
+#: longer side of :data:`LOWRES_TOKEN_SIDE` px as ``token_heatmaps_lowres`` instead of ``token_heatmaps``.
+MAX_TOKEN_MAP_VALUES = 16_000_000
+LOWRES_TOKEN_SIDE = 256
+
 
 @dataclass(frozen=True)
 class WorkItem:
@@ -55,7 +63,14 @@ class WorkItem:
         mode: output mode (``"direct"`` / ``"cot"``); selects the question suffix.
         sample: the benchmark sample (image path, finding, GT boxes).
         answer: the answer text to attribute (teacher-forced), normally the model's own prediction on
-            the original image as recorded by the causal filter; ``None`` uses ``sample.answer``.
+            the original image as recorded by the causal filter; ``None``: see ``answer_source``.
+        answer_source: where ``answer`` comes from, stored in every record: ``"split"`` (the causal filter's
+            record of the model's answer), ``"given"`` (a caller's explicit text), ``"model"`` (``answer`` is
+            ``None`` and :func:`run_grid` generates the model's greedy answer on the image, with the mode's
+            token budget, before the methods run) or ``"ground_truth"`` (``sample.answer`` is attributed,
+            whatever the model says; an explicit choice). Default: ``"given"`` with an answer, else ``"model"``.
+        synthetic: whether the film comes from the synthetic world (``None``: ``dataset == "synthetic"``); a
+            method using the default synthetic reference pool on a non-synthetic film gets a warning.
         extra: copied verbatim into every result record (e.g. the benchmark split's editor).
     """
 
@@ -64,7 +79,19 @@ class WorkItem:
     mode: str
     sample: Sample
     answer: str | None = None
+    answer_source: str | None = None
+    synthetic: bool | None = None
     extra: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.answer_source is None:  # default: the given text, else the model's own answer
+            object.__setattr__(self, "answer_source", "given" if self.answer else "model")
+        if self.answer_source not in ANSWER_SOURCES:
+            raise ConfigError(f"WorkItem.answer_source must be one of {ANSWER_SOURCES}, got {self.answer_source!r}")
+        if self.answer_source == "ground_truth" and self.sample.answer is None:
+            raise ConfigError(f"sample {self.dataset}#{self.sample.index} has no ground-truth answer to attribute")
+        if self.answer is None and self.answer_source in ("split", "given"):
+            raise ConfigError(f"WorkItem with answer_source={self.answer_source!r} needs an answer text")
 
     @property
     def index(self) -> int:
@@ -78,8 +105,15 @@ class WorkItem:
         return self.sample.question_for(self.mode)
 
     @property
-    def answer_text(self) -> str:
-        return self.answer if self.answer else self.sample.answer
+    def answer_text(self) -> str | None:
+        """The text to attribute; ``None`` while a model answer is still to be generated."""
+        if self.answer:
+            return self.answer
+        return self.sample.answer if self.answer_source == "ground_truth" else None
+
+    @property
+    def is_synthetic(self) -> bool:
+        return self.dataset == "synthetic" if self.synthetic is None else bool(self.synthetic)
 
 
 def parse_shard(spec: str | tuple[int, int] | None) -> tuple[int, int]:
@@ -153,7 +187,7 @@ def items_from_benchmark(
     generated on the original image: its full text from ``raw_answers[(model, dataset, index)]``
     (e.g. :func:`raw_answers_for_split`; for step-by-step mode this is the whole rationale), else the
     record's ``prediction_{mode}`` (the public schema stores the parsed Yes/No there), else the
-    ground-truth answer. Records of other models are skipped when ``model`` is given (the record's
+    ground-truth answer (``answer_source="ground_truth"``). Records of other models are skipped when ``model`` is given (the record's
     ``model`` field is used otherwise).
 
     Raises:
@@ -178,7 +212,8 @@ def items_from_benchmark(
         ex = dict(extra or {})
         if "editor" in rec:
             ex.setdefault("editor", rec["editor"])
-        items.append(WorkItem(model=model or rec_model, dataset=sample.dataset, mode=mode, sample=sample, answer=answer, extra=ex))
+        items.append(WorkItem(model=model or rec_model, dataset=sample.dataset, mode=mode, sample=sample, answer=answer,
+                              answer_source="split" if answer else "ground_truth", extra=ex))
     return items
 
 
@@ -278,6 +313,51 @@ def _split_extras(extras: Mapping[str, Any] | None) -> tuple[dict[str, Any], dic
     return inline, arrays
 
 
+def _parse(text: str | None) -> str | None:
+    """The yes/no a text says (:func:`medfocus.lvlm.parse_yes_no`), ``None`` when it says neither."""
+    if not text:
+        return None
+    from medfocus.lvlm.answers import parse_yes_no
+
+    return parse_yes_no(text)
+
+
+def _generate(adapter: Any, image: np.ndarray, it: WorkItem) -> dict[str, Any]:
+    """The model's greedy answer to the item's question (mode's token budget, :func:`medfocus.lvlm.generate_answers`).
+
+    Raises:
+        DataError: the model generated nothing to attribute.
+    """
+    from medfocus.lvlm.generation import generate_answers
+
+    g = generate_answers(adapter, [image], [it.sample.question], it.mode)[0]
+    text = (g.text or "").strip()
+    if not text:
+        raise DataError(f"the model generated an empty answer to {it.question!r}; nothing to attribute")
+    return {"text": text, "parsed": g.answer}
+
+
+def _token_map_arrays(tok: np.ndarray, to_original: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Per-token maps as stored: float16 ``token_heatmaps`` ``(T, H0, W0)`` in original pixels, or, above
+    :data:`MAX_TOKEN_MAP_VALUES` values, ``token_heatmaps_lowres`` ``(T, h, w)``: the same frame
+    area-averaged to a longer side of :data:`LOWRES_TOKEN_SIDE` px (a step-by-step rationale on a 2000-px
+    film would otherwise take GBs). ``to_original`` maps each ``tok[t]`` (token grid / canvas) to original
+    pixels first, one token at a time (then ``tok`` is the method's ``token_maps_lowres``)."""
+    import cv2
+
+    if len(tok) == 0:
+        return {}
+    conv = to_original or (lambda m: m)
+    first = np.asarray(conv(tok[0]), np.float32)
+    H, W = first.shape
+    if len(tok) * H * W <= MAX_TOKEN_MAP_VALUES:
+        return {"token_heatmaps": np.stack([first] + [conv(t) for t in tok[1:]]).astype(np.float16)}
+    s = LOWRES_TOKEN_SIDE / max(H, W)
+    w, h = max(1, round(W * s)), max(1, round(H * s))
+    small = lambda m: cv2.resize(np.nan_to_num(np.asarray(m, np.float32)), (w, h), interpolation=cv2.INTER_AREA)  # noqa: E731
+    return {"token_heatmaps_lowres": np.stack([small(first)] + [small(conv(t)) for t in tok[1:]]).astype(np.float16)}
+
+
 def _seed_everything(s: int) -> None:
     random.seed(s)
     np.random.seed(s)
@@ -342,7 +422,8 @@ def run_grid(
         seed: run seed; RNGs are re-seeded per key with :func:`item_seed`.
         retry_errors: recompute keys whose stored record has an error (the new record supersedes it).
         save_heatmaps: write each heatmap to a compressed ``.npz`` (key ``heatmap``, float32 ``(H0, W0)``).
-        save_token_maps: also store per-answer-token maps (``token_heatmaps``, float16 ``(T, H0, W0)``).
+        save_token_maps: also store per-answer-token maps (``token_heatmaps``, float16 ``(T, H0, W0)``; above
+            :data:`MAX_TOKEN_MAP_VALUES` values ``token_heatmaps_lowres``, see :func:`_token_map_arrays`).
         progress: show a tqdm bar with ETA.
         release_model: drop the model after its group (frees memory before the next model loads).
         faithfulness: a :class:`medfocus.evaluation.faithfulness.FaithfulnessConfig` to add deletion /
@@ -363,11 +444,16 @@ def run_grid(
     Returns:
         a :class:`RunSummary`.
 
-    Record fields: ``model, dataset, index, mode, method, attribute, question, answer, gt_answer, gt_boxes,
-    image_size, image_path, pred_boxes, unparseable, heatmap_boxes, heatmap_path, has_heatmap, n_forward, n_backward, seconds,
-    wall_seconds, seed, extras, shared_pass, error, traceback, settings, model_identity`` (+ ``deletion_auc, insertion_auc,
-    faithfulness`` with ``faithfulness``) plus the item's ``extra`` mapping
-    (``unparseable``: the method's box text could not be read, :mod:`medfocus.lvlm.box_text`).
+    Items with ``answer_source="model"`` get the model's greedy answer generated once (before their
+    methods); ``answer`` is then that text and ``answer_parsed`` its yes/no. A method that uses the default
+    synthetic reference pool (``uses_synthetic_pool``) on a film that is not synthetic gets the record field
+    ``reference_pool_warning`` and the run one warning (printed above the progress bar, else logged).
+
+    Record fields: ``model, dataset, index, mode, method, attribute, question, answer, answer_source,
+    answer_parsed, gt_answer, gt_boxes, image_size, image_path, pred_boxes, unparseable, heatmap_boxes,
+    heatmap_path, has_heatmap, n_forward, n_backward, seconds, wall_seconds, seed, extras, shared_pass, error,
+    traceback, settings, model_identity`` (+ ``deletion_auc, insertion_auc, faithfulness`` with ``faithfulness``) plus the
+    item's ``extra`` mapping (``unparseable``: the method's box text could not be read, :mod:`medfocus.lvlm.box_text`).
     """
     from medfocus.attribution.suite import attribute_many, format_exception
 
@@ -443,7 +529,11 @@ def run_grid(
     for it in todo:
         groups.setdefault(it.model, []).append(it)
 
+    answers: dict[tuple, dict[str, Any]] = {}  # generated answers, per item key (without the method)
+    warned_pool: set[str] = set()
+
     def record_base(it: WorkItem, method: str) -> dict[str, Any]:
+        gen = answers.get(it.key("")[:4], {})
         return {
             "model": it.model,
             "dataset": it.dataset,
@@ -452,7 +542,9 @@ def run_grid(
             "method": method,
             "attribute": it.sample.attribute,
             "question": it.question,
-            "answer": it.answer_text,
+            "answer": gen.get("text", it.answer_text),
+            "answer_source": it.answer_source,
+            "answer_parsed": gen.get("parsed", _parse(gen.get("text", it.answer_text))),
             "gt_answer": it.sample.answer,
             "gt_boxes": [list(b) for b in it.sample.boxes],
             "image_size": list(it.sample.image_size),
@@ -498,6 +590,13 @@ def run_grid(
                             raise DataError(f"{it.sample.image_path}: expected a 2-D grayscale image, got shape {image.shape}")
                     except Exception as exc:
                         img_err = f"image read failed: {type(exc).__name__}: {exc}"
+                if img_err is None and it.answer_text is None:  # the model's own answer, generated once per item
+                    try:
+                        if bar is not None:
+                            bar.set_description(f"{model_name} {it.mode} generate")
+                        answers[it.key("")[:4]] = _generate(adapter, image, it)
+                    except Exception as exc:
+                        img_err = f"answer generation failed: {type(exc).__name__}: {exc}"
                 if img_err is not None:
                     for m in pending:
                         write_error(it, m, img_err, None, 0.0)
@@ -510,7 +609,8 @@ def run_grid(
                     bar.set_description(f"{model_name} {it.mode} {len(objs)} methods")
                 # One prepared sample and shared passes for all the item's methods; the global RNGs are
                 # re-seeded per key before each piece of a method's own work, as when methods ran one by one.
-                results = attribute_many(adapter, image, it.question, it.answer_text, objs, errors="return",
+                text = answers[it.key("")[:4]]["text"] if it.answer_text is None else it.answer_text
+                results = attribute_many(adapter, image, it.question, text, objs, errors="return",
                                          before_method=lambda m: _seed_everything(seeds[m])) if objs else {}
                 for m, res in results.items():
                     key = it.key(m)
@@ -526,6 +626,17 @@ def run_grid(
                     own = float(getattr(res, "seconds", 0.0) or 0.0)
                     try:
                         rec = record_base(it, m)
+                        if getattr(objs[m], "uses_synthetic_pool", False) and not it.is_synthetic:
+                            from medfocus.concepts.reference import SYNTHETIC_POOL_WARNING
+
+                            rec["reference_pool_warning"] = SYNTHETIC_POOL_WARNING
+                            if not warned_pool:  # once per run; every affected record carries the field
+                                warned_pool.add(m)
+                                msg = f"{m} on {it.dataset} films: {SYNTHETIC_POOL_WARNING}"
+                                if bar is not None:
+                                    bar.write(f"[warning] {msg}")
+                                else:
+                                    log.warning("%s", msg)
                         arrays: dict[str, np.ndarray] = {}
                         heat = getattr(res, "heatmap", None)
                         if heat is not None:
@@ -546,8 +657,14 @@ def run_grid(
                         else:
                             pred = []
                         tok = getattr(res, "token_heatmaps", None)
+                        low = (getattr(res, "extras", None) or {}).get("token_maps_lowres")
                         if save_token_maps and tok is not None:
-                            arrays["token_heatmaps"] = np.asarray(tok, dtype=np.float16)
+                            arrays.update(_token_map_arrays(np.asarray(tok, dtype=np.float32)))
+                        elif save_token_maps and low is not None and hasattr(adapter, "prepare"):
+                            # the method kept them on the token grid / canvas (too big in original pixels):
+                            # bring them to the film's frame one at a time, at the stored low resolution
+                            chat = adapter.prepare(image, it.question, text)
+                            arrays.update(_token_map_arrays(np.asarray(low), to_original=lambda m: adapter.grid_to_original(m, chat)))
                         extras = dict(getattr(res, "extras", None) or {})
                         # what the method shared depends on which methods ran with it (a resumed item may run
                         # fewer): a top-level field like the timings, not part of the result's extras

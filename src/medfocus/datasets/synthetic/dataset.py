@@ -79,6 +79,10 @@ def _write_png(path: Path, arr: np.ndarray) -> str:
     return str(path)
 
 
+#: ``ImageComments`` of every synthetic DICOM: how a film is recognised as synthetic outside the dataset layout.
+SYNTHETIC_MARK = "medfocus synthetic phantom"
+
+
 def _write_dicom(path: Path, image: np.ndarray, image_id: str) -> None:
     """DICOM via the Foundations writer, with UIDs and dates derived from the image id (same bytes per seed)."""
     import pydicom
@@ -98,7 +102,7 @@ def _write_dicom(path: Path, image: np.ndarray, image_id: str) -> None:
         ContentDate="20000101",
         PatientID=image_id[:16],
         PatientName="Synthetic^Phantom",
-        ImageComments="medfocus synthetic phantom",
+        ImageComments=SYNTHETIC_MARK,
         WindowCenter=128,
         WindowWidth=256,
     )

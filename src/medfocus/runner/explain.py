@@ -1,0 +1,257 @@
+"""Explain any chest X-ray: every attribution method on the user's own films, and the interactive viewer.
+
+``explain(["film.dcm"], finding="cardiomegaly", out="runs/x")`` reads each film (DICOM / PNG / JPEG /
+TIFF, no dataset layout), asks the model the paper's question about the finding (or the user's own
+question) in the chosen mode, takes the model's own greedy answer (or the ``answer`` given), runs every
+selected attribution method on it through the experiment runner, and writes
+
+* ``OUT/predictions.jsonl`` + ``OUT/predictions_heatmaps/`` -- the normal record schema (dataset
+  ``"files"``, index = position of the film in the list, per-token maps stored), and
+* ``OUT/explain.html`` -- the self-contained viewer (:mod:`medfocus.report.viewer`),
+* ``OUT/explain.json`` -- the run's settings (a rerun with the same settings resumes; other settings
+  in the same folder are refused unless ``overwrite``).
+
+The films have no ground truth: records carry ``gt_answer: null`` and the expert boxes only when given.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from medfocus.errors import ConfigError, DataError
+from medfocus.types import SUFFIXES, Box, Sample, question_stem
+
+log = logging.getLogger(__name__)
+
+#: Dataset key of explained films in the records.
+DATASET = "files"
+
+DEMO_NOTE = ("The demo model was trained only on the synthetic chest X-ray world: its answers on real films "
+             "mean nothing. What a real film checks is the pipeline: reading the file, the letterbox geometry, "
+             "every method's map in original pixels and the anatomy transfer.")
+
+
+@dataclass
+class ExplainResult:
+    """What :func:`explain` produced.
+
+    Attributes:
+        out: the output folder.
+        html: the viewer, ``out/explain.html``.
+        records: the result records (one per film and method; ``heatmap_path`` absolute).
+        answers: per film (in input order), ``{"image", "answer", "answer_parsed", "answer_source"}``.
+        summary: the runner's :class:`~medfocus.runner.grid.RunSummary`.
+    """
+
+    out: Path
+    html: Path
+    records: list[dict[str, Any]]
+    answers: list[dict[str, Any]]
+    summary: Any = None
+    warnings: list[str] = field(default_factory=list)
+
+    def record(self, image: int, method: str) -> dict[str, Any]:
+        """The record of film ``image`` (its position in the input) and ``method``; ``KeyError`` when absent."""
+        for r in self.records:
+            if int(r["index"]) == image and r["method"] == method:
+                return r
+        raise KeyError((image, method))
+
+    def heatmap(self, image: int, method: str) -> np.ndarray | None:
+        """The ``(H0, W0)`` float32 map of film ``image`` and ``method`` (``None``: failed or box-only)."""
+        r = self.record(image, method)
+        if not r.get("heatmap_path"):
+            return None
+        with np.load(r["heatmap_path"]) as z:
+            return z["heatmap"] if "heatmap" in z.files else None
+
+
+def parse_box(spec: str) -> Box:
+    """``"x1,y1,x2,y2"`` -> a box (half-open pixel edges, original image)."""
+    parts = [p.strip() for p in str(spec).split(",")]
+    try:
+        vals = [float(p) for p in parts]
+    except ValueError:
+        vals = []
+    if len(vals) != 4 or not all(np.isfinite(vals)):
+        raise ConfigError(f"--box {spec!r}: expected four numbers x1,y1,x2,y2 (pixel edges of the original image)")
+    return (vals[0], vals[1], vals[2], vals[3])
+
+
+def _is_synthetic_film(path: Path) -> bool:
+    """A DICOM written by the synthetic world (its ``ImageComments`` mark)."""
+    from medfocus.io.reader import is_dicom
+
+    if not is_dicom(path):
+        return False
+    import pydicom
+
+    from medfocus.datasets.synthetic.dataset import SYNTHETIC_MARK
+
+    try:
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+    except Exception:  # unreadable header: read_image reports the real problem
+        return False
+    return str(getattr(ds, "ImageComments", "")) == SYNTHETIC_MARK
+
+
+def _stem_of(question: str, mode: str) -> str:
+    """A user's question without the mode's instruction (it is appended by the runner)."""
+    q = question.strip()
+    suffix = SUFFIXES[mode].strip()
+    if q.endswith(suffix):
+        q = q[: -len(suffix)].strip()
+    return q
+
+
+def explain(
+    images: Sequence[str | Path],
+    *,
+    out: str | Path,
+    finding: str | None = None,
+    question: str | None = None,
+    mode: str = "direct",
+    answer: str | None = None,
+    model: str = "demo",
+    methods: Sequence[str] | None = None,
+    params: Mapping[str, Mapping[str, Any]] | None = None,
+    boxes: Sequence[Box] = (),
+    seed: int = 0,
+    device: str | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    load_model: Callable[[str], Any] | None = None,
+    title: str | None = None,
+) -> ExplainResult:
+    """Explain the model's answer about each film with every selected attribution method.
+
+    Args:
+        images: film paths (DICOM, PNG, JPEG, TIFF).
+        out: output folder (records, heatmaps, ``explain.html``).
+        finding: ask the paper's question ``"Is there evidence of {finding} in the image?"``; or
+        question: ask this question instead (the mode's instruction is appended unless already there).
+        mode: ``"direct"`` or ``"cot"`` (step-by-step: the whole generated rationale is explained).
+        answer: explain this answer text instead of the model's own greedy answer.
+        model: LVLM registry name or folder (default: the shipped demo model).
+        methods: registered method names (default: all).
+        params: ``{method: {name: value}}`` overrides of the methods' defaults.
+        boxes: expert boxes ``(x1, y1, x2, y2)`` in original pixels (one film only).
+        seed: run seed. device: torch device. progress: tqdm bars.
+        overwrite: replace a previous explain run with other settings in ``out``.
+        load_model: ``name -> adapter`` (default :func:`medfocus.lvlm.load_lvlm` on ``device``).
+        title: the viewer's title.
+    Returns:
+        :class:`ExplainResult`.
+    Raises:
+        ConfigError: inconsistent settings (both or neither of finding/question, unknown method or
+            parameter, boxes with several films or outside the film, ``out`` holding another run).
+        DataError: a film is missing or unreadable (checked before the model is loaded).
+    """
+    from medfocus.attribution import list_methods
+    from medfocus.io import read_image
+    from medfocus.report.viewer import build_viewer
+    from medfocus.runner.grid import WorkItem, run_grid
+    from medfocus.runner.store import ResultStore, load_results
+
+    # ---- validate everything before the model loads
+    if (finding is None) == (question is None):
+        raise ConfigError("give exactly one of --finding NAME or --question TEXT")
+    if finding is not None and not str(finding).strip():
+        raise ConfigError("--finding is empty")
+    if question is not None and not str(question).strip():
+        raise ConfigError("--question is empty")
+    if mode not in ("direct", "cot"):
+        raise ConfigError(f"--mode must be 'direct' or 'cot', got {mode!r}")
+    if answer is not None and not str(answer).strip():
+        raise ConfigError("--answer is empty")
+    if not images:
+        raise ConfigError("no image given")
+    registry = list_methods()
+    methods = list(methods) if methods else list(registry)
+    unknown = [m for m in methods if m not in registry]
+    if unknown:
+        raise ConfigError(f"unknown method(s) {unknown}; available: {sorted(registry)}")
+    if len(set(methods)) != len(methods):
+        raise ConfigError(f"a method is selected twice: {methods}")
+    params = {str(k): dict(v) for k, v in (params or {}).items()}
+    stray = sorted(set(params) - set(methods))
+    if stray:
+        raise ConfigError(f"--param given for method(s) not selected: {stray}")
+    for m, p in params.items():
+        bad = sorted(set(p) - set(registry[m])) if registry[m] else []
+        if bad:
+            raise ConfigError(f"method {m!r}: unknown parameter(s) {bad}; accepted: {sorted(registry[m])}")
+    paths = [Path(p) for p in images]
+    boxes = [tuple(float(v) for v in b) for b in boxes]
+    if boxes and len(paths) != 1:
+        raise ConfigError("--box applies to a single film; give one image with expert boxes")
+    samples: list[Sample] = []
+    synthetic: list[bool] = []
+    attribute = str(finding).strip() if finding is not None else str(question).strip()
+    stem = question_stem(attribute) if finding is not None else _stem_of(str(question), mode)
+    for i, p in enumerate(paths):
+        img, (w0, h0) = read_image(p)  # DataError naming the file when missing/unreadable
+        for b in boxes:
+            if not (0 <= b[0] < b[2] <= w0 and 0 <= b[1] < b[3] <= h0):
+                raise ConfigError(f"--box {','.join(f'{v:g}' for v in b)}: must satisfy 0 <= x1 < x2 <= {w0} and "
+                                  f"0 <= y1 < y2 <= {h0} (the film {p.name} is {w0}x{h0} px)")
+        samples.append(Sample(dataset=DATASET, index=i, image_path=str(p.resolve()), attribute=attribute, question=stem,
+                              answer=None, boxes=list(boxes), image_size=(w0, h0), meta={"file": p.name}))
+        synthetic.append(_is_synthetic_film(p))
+
+    out = Path(out)
+    spec = {"images": [s.image_path for s in samples], "question": stem, "mode": mode, "answer": answer, "model": model,
+            "methods": methods, "params": params, "boxes": [list(b) for b in boxes], "seed": seed}
+    spec_path = out / "explain.json"
+    store_path = out / "predictions.jsonl"
+    if spec_path.is_file():
+        old = json.loads(spec_path.read_text(encoding="utf-8"))
+        if old != json.loads(json.dumps(spec)):
+            if not overwrite:
+                raise ConfigError(f"{out} holds an explain run with other settings ({spec_path}); "
+                                  "use another --out or --overwrite")
+            for name in ("predictions.jsonl", "explain.html", "explain.json"):
+                (out / name).unlink(missing_ok=True)
+            shutil.rmtree(out / "predictions_heatmaps", ignore_errors=True)
+    elif store_path.exists():
+        raise ConfigError(f"{store_path} exists but was not written by `medfocus explain`; use an empty --out folder")
+    out.mkdir(parents=True, exist_ok=True)
+    from medfocus.io.atomic import atomic_write_json
+
+    atomic_write_json(spec_path, spec)
+
+    items = [WorkItem(model, DATASET, mode, s, answer=answer, answer_source="given" if answer else "model",
+                      synthetic=syn, extra={"file": s.meta["file"]}) for s, syn in zip(samples, synthetic)]
+
+    def loader(name: str) -> Any:
+        from medfocus.lvlm import load_lvlm
+
+        return load_lvlm(name, device=device)
+
+    with ResultStore(store_path) as store:
+        summary = run_grid(items, {m: params.get(m, {}) for m in methods}, store, load_model=load_model or loader,
+                           seed=seed, save_token_maps=True, progress=progress)
+    records = [r for r in load_results(store_path) if r["dataset"] == DATASET]
+    answers = []
+    for it in items:
+        rs = [r for r in records if int(r["index"]) == it.index]
+        answers.append({"image": it.sample.image_path, "answer": rs[0].get("answer") if rs else None,
+                        "answer_parsed": rs[0].get("answer_parsed") if rs else None, "answer_source": it.answer_source})
+    warnings = sorted({r["reference_pool_warning"] for r in records if r.get("reference_pool_warning")})
+    notes = []
+    if Path(str(model)).name == "demo" or str(model) == "demo":
+        notes.append(DEMO_NOTE)
+    from medfocus.attribution.base import BASELINES
+
+    html = build_viewer(records, out / "explain.html", base_dir=out, notes=notes, method_order=[*BASELINES, "medfocus"],
+                        title=title or f"medfocus explain · {attribute} · {model}")
+    if summary.errors:
+        log.warning("%d of %d records failed (see their 'error' field and the viewer's cost table)", summary.errors, summary.total)
+    return ExplainResult(out=out, html=html, records=records, answers=answers, summary=summary, warnings=warnings)
