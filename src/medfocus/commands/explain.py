@@ -6,7 +6,6 @@ from pathlib import Path
 
 import click
 
-from medfocus.errors import MedfocusError
 
 EPILOG = """\b
 Examples:
@@ -46,13 +45,11 @@ def explain(images, finding, question, mode, answer, model, methods, params, box
     from medfocus.commands.progress import progress_bars
     from medfocus.runner.explain import explain as run_explain, parse_box
 
-    try:
-        with progress_bars(not no_progress):
-            res = run_explain(list(images), out=out_dir, finding=finding, question=question, mode=mode, answer=answer, model=model,
-                              methods=list(methods) or None, params=parse_params(params), boxes=[parse_box(b) for b in boxes],
-                              seed=seed, device=device, progress=not no_progress, overwrite=overwrite)
-    except MedfocusError as exc:
-        raise click.ClickException(str(exc)) from exc
+    # a MedfocusError becomes a click error in one place (cli.LazyGroup.invoke)
+    with progress_bars(not no_progress):
+        res = run_explain(list(images), out=out_dir, finding=finding, question=question, mode=mode, answer=answer, model=model,
+                          methods=list(methods) or None, params=parse_params(params), boxes=[parse_box(b) for b in boxes],
+                          seed=seed, device=device, progress=not no_progress, overwrite=overwrite)
     for a in res.answers:
         click.echo(f"{Path(a['image']).name}: answer {a['answer']!r} (read as {a['answer_parsed']}; {a['answer_source']})")
     click.echo(f"done: {res.summary}")

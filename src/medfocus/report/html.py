@@ -25,6 +25,7 @@ import pandas as pd
 from medfocus.io.atomic import atomic_write_bytes, atomic_write_text
 from medfocus.io.paths import safe_filename
 from medfocus.report import figures
+from medfocus.report.records import first_present, load_arrays, medfocus_view  # noqa: F401 - medfocus_view re-exported
 
 log = logging.getLogger(__name__)
 
@@ -251,21 +252,6 @@ def compact_retention(df: pd.DataFrame) -> pd.DataFrame:
 
 
 # ---- record helpers --------------------------------------------------------------------------------
-def _load_arrays(rec: Mapping[str, Any], base: Path | None) -> dict[str, np.ndarray]:
-    hp = rec.get("heatmap_path")
-    if not hp:
-        return {}
-    p = Path(hp)
-    if not p.is_absolute() and base is not None:
-        p = base / p
-    try:
-        with np.load(p) as z:
-            return {k: z[k] for k in z.files}
-    except (OSError, ValueError) as exc:
-        log.warning("cannot read %s: %s", p, exc)
-        return {}
-
-
 def _read_image(path: str) -> np.ndarray | None:
     try:
         from medfocus.io import read_image
@@ -274,50 +260,6 @@ def _read_image(path: str) -> np.ndarray | None:
     except Exception as exc:  # a missing image only removes a gallery row
         log.warning("gallery: cannot read %s: %s", path, exc)
         return None
-
-
-def _first(d: Mapping[str, Any], *names: str) -> Any:
-    for n in names:
-        if n in d and d[n] is not None:
-            return d[n]
-    return None
-
-
-def medfocus_view(rec: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """Concept ranking and per-token attributions of a MedFocus record (empty dict when absent).
-
-    Returns ``{"deltas": {concept: delta}, "winner": str|None, "tokens": [str], "token_scores":
-    {concept: (T,) list}, "fallback": bool|None}`` from the record's ``extras`` (and ``extra_*`` arrays).
-    """
-    ex = dict(rec.get("extras") or {})
-    for k, v in arrays.items():
-        if k.startswith("extra_"):
-            ex.setdefault(k[len("extra_"):], v)
-    deltas = _first(ex, "deltas", "concept_deltas", "ranking")
-    out: dict[str, Any] = {}
-    if isinstance(deltas, Mapping):
-        out["deltas"] = {str(k): float(v) for k, v in deltas.items() if v is not None}
-    elif isinstance(deltas, list) and deltas and isinstance(deltas[0], (list, tuple)):
-        out["deltas"] = {str(k): float(v) for k, v in deltas}
-    out["winner"] = _first(ex, "winner", "winning_concept", "concept")
-    out["fallback"] = _first(ex, "fallback", "whole_image_fallback")
-    tokens = _first(ex, "answer_tokens", "tokens")
-    tok_scores = _first(ex, "token_deltas", "per_token", "token_attributions", "per_token_deltas")
-    if tokens is not None and tok_scores is not None:
-        tokens = [str(t) for t in tokens]
-        scores: dict[str, list[float]] = {}
-        if isinstance(tok_scores, Mapping):
-            scores = {str(k): list(np.asarray(v, float).ravel()) for k, v in tok_scores.items()}
-        else:
-            arr = np.asarray(tok_scores, dtype=float)
-            names = _first(ex, "variant_names", "concepts", "concept_names")
-            names = [str(n) for n in (list(names) if names is not None else (out.get("deltas") or {}).keys())]
-            if arr.ndim == 2 and len(names) == arr.shape[0]:
-                scores = {str(n): list(arr[i]) for i, n in enumerate(names)}
-        if scores:
-            out["tokens"] = tokens
-            out["token_scores"] = scores
-    return out
 
 
 def gallery_strata(cells: Mapping[tuple, Sequence[Mapping[str, Any]]], mode: str, *, per_finding: int) -> list[tuple[str, list[tuple]]]:
@@ -344,8 +286,8 @@ def gallery_panel(rec: Mapping[str, Any], arrays: Mapping[str, np.ndarray], iou:
     boxes = rec.get("pred_boxes") if rec.get("pred_boxes") is not None else rec.get("heatmap_boxes")
     is_mf = rec["method"] == "medfocus"
     return {"method": rec["method"], "heatmap": arrays.get("heatmap"), "pred_boxes": boxes, "score": iou,
-            "error": rec.get("error"), "winner": _first(ex, "winner", "winning_concept", "concept") if is_mf else None,
-            "fallback": bool(_first(ex, "fallback", "whole_image_fallback")) if is_mf else None}
+            "error": rec.get("error"), "winner": first_present(ex, "winner", "winning_concept", "concept") if is_mf else None,
+            "fallback": bool(first_present(ex, "fallback", "whole_image_fallback")) if is_mf else None}
 
 
 # ---- the report ------------------------------------------------------------------------------------
@@ -586,7 +528,7 @@ def build_report(
                 img = _read_image(first.get("image_path", ""))
                 if img is None:
                     continue
-                panels = [gallery_panel(recs[me], _load_arrays(recs[me], base), iou_of.get((*k[:4], me)))
+                panels = [gallery_panel(recs[me], load_arrays(recs[me], base), iou_of.get((*k[:4], me)))
                           for me in methods if me in recs]
                 # The page shows the whole caption (wrapped by the browser); the figure's own title is wrapped
                 # and, for a long rationale, shortened at a word boundary with an ellipsis.
@@ -613,7 +555,7 @@ def build_report(
         for r in mf:
             if len(examples) >= medfocus_examples:
                 break
-            view = medfocus_view(r, _load_arrays(r, base))
+            view = medfocus_view(r, load_arrays(r, base))
             if not view.get("deltas"):
                 continue
             tau = (r.get("extras") or {}).get("tau")

@@ -116,7 +116,7 @@ def _extras(rec: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> dict[st
 
 
 def _medfocus_panel(rec: Mapping[str, Any], arrays: Mapping[str, np.ndarray], ex: Mapping[str, Any]) -> dict[str, Any] | None:
-    from medfocus.report.html import medfocus_view
+    from medfocus.report.records import medfocus_view
 
     view = medfocus_view(rec, arrays)
     if not view.get("deltas"):
@@ -150,9 +150,9 @@ def _medfocus_panel(rec: Mapping[str, Any], arrays: Mapping[str, np.ndarray], ex
 
 
 def _method_view(rec: Mapping[str, Any], base: Path | None) -> dict[str, Any]:
-    from medfocus.report.html import _load_arrays
+    from medfocus.report.records import load_arrays
 
-    arrays = _load_arrays(rec, base) if not rec.get("error") else {}
+    arrays = load_arrays(rec, base) if not rec.get("error") else {}
     ex = _extras(rec, arrays)
     tokens = ex.get("answer_tokens")
     n_tok = len(tokens) if tokens is not None else 0
