@@ -74,6 +74,10 @@ class Method:
 
     name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
+    #: One line: the exact source of what is computed (paper + equation, or public implementation) and
+    #: how it deviates from the MedFocus paper's public code. The class docstring gives the details; the
+    #: README's method table and the report's results table show this line.
+    source: ClassVar[str] = ""
 
     def __init__(self, **params: Any) -> None:
         unknown = sorted(set(params) - set(self.defaults))
@@ -117,7 +121,9 @@ class Method:
 _REGISTRY: dict[str, str] = {
     "attention_head": "medfocus.attribution.attention:AttentionHead",
     "attention_rollout": "medfocus.attribution.attention:AttentionRollout",
-    "lrp": "medfocus.attribution.attention:AttentionLRP",
+    "lrp": "medfocus.attribution.lrp:AttnLRP",
+    "lrp_paper": "medfocus.attribution.attention:LRPPaper",
+    "attention_flow_residual": "medfocus.attribution.attention:AttentionFlowResidual",
     "grad_weighted_attention": "medfocus.attribution.attention:GradWeightedAttention",
     "gradcam": "medfocus.attribution.gradients:GradCAM",
     "gradcampp": "medfocus.attribution.gradients:GradCAMPlusPlus",
@@ -129,7 +135,9 @@ _REGISTRY: dict[str, str] = {
     "medfocus": "medfocus.concepts.method:MedFocusMethod",
 }
 
-#: The baselines of the paper (its "ten" counts the two prompting variants as one family), in table order.
+#: Every built-in method but MedFocus, in table order: the paper's baselines (its "ten" counts the two
+#: prompting variants as one family; its "LRP" row is ``lrp_paper``, the rule its public code computes),
+#: AttnLRP (``lrp``) and the project's ``attention_flow_residual``.
 BASELINES: tuple[str, ...] = tuple(n for n in _REGISTRY if n != "medfocus")
 
 
@@ -155,6 +163,15 @@ def _resolve(name: str) -> type:
 def get_method(name: str, **params: Any) -> Any:
     """Instantiate a registered method with the paper's defaults overridden by ``params``."""
     return _resolve(name)(**params)
+
+
+def method_source(name: str) -> str:
+    """The ``source`` line of a registered method (what it computes, from where, deviations); ``""`` for a
+    method that does not declare one or whose module cannot be imported."""
+    try:
+        return str(getattr(_resolve(name), "source", ""))
+    except ConfigError:
+        return ""
 
 
 def list_methods() -> dict[str, dict[str, Any]]:

@@ -117,9 +117,14 @@ def _generate(adapter: Any, image: np.ndarray, prompt: str, max_new_tokens: int,
 
 
 class Prompting(Method):
-    """Ask the model for evidence boxes and map them from its input (canvas) frame to the image."""
+    """Ask the model for evidence boxes and map them from its input (canvas) frame to the image.
+
+    Source: the MedFocus paper's box-request prompt. Deviation from its public code: the reply is parsed
+    with a regular expression for groups of four numbers, never ``eval``, and boxes are mapped back
+    through the letterbox from the canvas frame the model saw."""
 
     name = "prompting"
+    source = "the paper's box-request prompt; boxes read by regular expression (the paper's code used eval)"
     defaults = {"request": BOX_REQUEST, "coords": "canvas", "max_new_tokens": 128}
 
     def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
@@ -267,6 +272,10 @@ def _resolve_medsam(spec: Any, *, lenient: bool = False) -> Any:
 class PromptingMedSAM(Method):
     """Ask for evidence-region descriptions, detect each phrase, refine each box with MedSAM.
 
+    Source: the MedFocus paper's phrase prompt -> OWL-ViT (Minderer et al. 2022) -> MedSAM (Ma et al.
+    2024). Deviation: none with the default detector; ``detector="anatomy"`` is an offline stand-in
+    (below), not the paper's pipeline.
+
     Detectors (``detector``):
 
     * ``"owlvit"`` (default, the paper's setting): OWL-ViT, top-scoring box per phrase. Also a hub id /
@@ -297,6 +306,8 @@ class PromptingMedSAM(Method):
     """
 
     name = "prompting_medsam"
+    source = ("the paper's phrase prompt -> OWL-ViT -> MedSAM; detector='anatomy' is an offline stand-in, "
+              "not the paper's detector")
     defaults = {"request": PHRASE_REQUEST, "detector": "owlvit", "medsam": MEDSAM_ID, "score_threshold": 0.0,
                 "max_phrases": 8, "max_new_tokens": 128, "pool": None, "cache": True}
 

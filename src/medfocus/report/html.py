@@ -51,11 +51,15 @@ def _img(png: bytes, alt: str, width: str | None = None) -> str:
 
 def results_table(summary: pd.DataFrame, *, model: str, mode: str, method_order: Sequence[str] | None = None) -> str:
     """Table-1-style HTML table: methods as rows, datasets as column groups, IoU/F1/Prec./Rec. (x100)
-    with their 95% CI below and ``n`` (failed records in red); the best mean per column is bold.
+    with their 95% CI below and ``n`` (failed records in red); the best mean per column is bold. The
+    second column is each method's "source / deviation" line (:func:`medfocus.attribution.method_source`:
+    what it computes, from which paper or code, and how it deviates from the paper's public code).
 
     Args:
         summary: :func:`summarize` output.
     """
+    from medfocus.attribution import method_source
+
     df = summary[(summary["model"] == model) & (summary["mode"] == mode)]
     if df.empty:
         return ""
@@ -72,7 +76,7 @@ def results_table(summary: pd.DataFrame, *, model: str, mode: str, method_order:
     head2 = "".join("".join(f"<th>{METRIC_LABELS[m]}</th>" for m in METRICS) + "<th>n</th>" for _ in datasets)
     body = []
     for me in methods:
-        cells = [f'<th class="method">{_e(me)}</th>']
+        cells = [f'<th class="method">{_e(me)}</th>', f'<td class="src">{_e(method_source(me))}</td>']
         for ds in datasets:
             n = None
             for m in METRICS:
@@ -89,7 +93,7 @@ def results_table(summary: pd.DataFrame, *, model: str, mode: str, method_order:
             cells.append(f'<td class="n">{n if n is not None else 0}{err_txt}</td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
     return (
-        f'<table class="results"><thead><tr><th rowspan="2">Method</th>{head1}</tr><tr>{head2}</tr></thead>'
+        f'<table class="results"><thead><tr><th rowspan="2">Method</th><th rowspan="2">Source / deviation</th>{head1}</tr><tr>{head2}</tr></thead>'
         f"<tbody>{''.join(body)}</tbody></table>"
     )
 
@@ -210,7 +214,7 @@ h1{font-size:24px;margin-bottom:4px} h2{font-size:19px;border-bottom:2px solid #
 h3{font-size:15px;margin:18px 0 6px} .meta{color:#555;font-size:13px}
 table{border-collapse:collapse;font-size:12px;margin:8px 0 14px}
 th,td{border:1px solid #ccc;padding:3px 6px;text-align:center} thead th{background:#f1f3f6}
-th.method{text-align:left;background:#fafafa;font-weight:600} td.na{color:#aaa} .ci{color:#777;font-size:10px}
+th.method{text-align:left;background:#fafafa;font-weight:600} td.src{text-align:left;max-width:260px;font-size:10px;color:#555} td.na{color:#aaa} .ci{color:#777;font-size:10px}
 td.n{color:#555} .figs img{margin:4px 10px 4px 0;border:1px solid #eee;max-width:48%;vertical-align:top}
 .caption{font-size:12px;color:#333;margin:14px 0 0} .gallery img{max-width:100%;display:block;margin:8px 0}
 .note{background:#fff8e1;border-left:4px solid #ffb300;padding:6px 10px;font-size:13px}
