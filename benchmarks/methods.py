@@ -161,7 +161,7 @@ def run(models: list[str], repeats: int, threads: int) -> tuple[str, dict[str, o
         "",
         "Floor = forward passes x best measured per-input time of a bare teacher-forced pass of the same kind at the "
         "same batch size: forward-only (perturbation), eager forward returning attentions (attention methods), "
-        "forward with graph + one backward down to the LM input embeddings (Grad-CAM(++), gradient-weighted attention) "
+        "forward with graph + one backward down to the LM input embeddings (Grad-CAM(++), gradient-weighted attention, AttnLRP `lrp`, whose rule-wrapped forward is measured against this plain one) "
         "or down to the pixels (integrated gradients); a second backward for the final token of a multi-token "
         "answer, e.g. Gemma's and LLaVA's tiny tokenizers split \"Yes\" in two, is above the floor). "
         "Single-pass methods on tiny models are dominated by per-sample fixed costs (preparing the chat: three processor calls, ~2 ms; "
