@@ -7,7 +7,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from medfocus.errors import DataError
+from medfocus.errors import DataError, DataWarning
 from medfocus.io import is_dicom, read_image, to_uint8, write_dicom, write_png, write_png16, write_tiff
 
 
@@ -67,7 +67,8 @@ def test_dicom_sigmoid_window_centre_is_mid_grey(tmp_path):
 def test_dicom_unusable_window_falls_back_to_minmax(tmp_path):
     arr = np.array([[0, 100], [200, 400]], dtype=np.uint16)
     for kw in ({"WindowCenter": 100, "WindowWidth": 0}, {"WindowCenter": 100, "WindowWidth": 50, "VOILUTFunction": "CUBIC"}):
-        img, _ = read_image(write_dicom(tmp_path / "bw.dcm", arr, **kw))
+        with pytest.warns(DataWarning, match=r"bw\.dcm: .*full-range min-max"):
+            img, _ = read_image(write_dicom(tmp_path / "bw.dcm", arr, **kw))
         np.testing.assert_array_equal(img, [[0, 64], [128, 255]])
 
 

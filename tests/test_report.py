@@ -155,7 +155,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
     out = build_report(preds, tmp_path / "report.html", metrics=metrics)
     shot = tmp_path / "shot.png"
     profile = tempfile.mkdtemp()
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
            "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}", f"--screenshot={shot}",
            "--window-size=1200,1600", out.resolve().as_uri()]
     subprocess.run(cmd, check=False, timeout=90, capture_output=True)

@@ -18,3 +18,9 @@ class ModelError(MedfocusError):
 
 class ConfigError(MedfocusError):
     """An invalid option or configuration value."""
+
+
+class DataWarning(UserWarning):
+    """A data file has a defect that medfocus works around by a documented rule (e.g. an unusable
+    DICOM window falls back to full-range min-max, expert boxes are clipped to the image); the
+    message names the file/field and the rule applied."""

@@ -51,6 +51,7 @@ import numpy as np
 from medfocus.bench.filter import GATES, RECORD_FIELDS, VIEWS, FilterResult, ParseFn, apply_filter, get_parser
 from medfocus.editing.base import EDIT_KINDS, EditCache, Editor, edit_mask, edit_prompt
 from medfocus.errors import ConfigError, DataError
+from medfocus.io.paths import safe_filename
 from medfocus.types import Sample
 
 #: Default generation budget per mode (a reasoning chain needs room; a direct answer does not).
@@ -60,13 +61,14 @@ DEFAULT_MAX_NEW_TOKENS = {"direct": 16, "cot": 256}
 def slug(name: str) -> str:
     """File-system-safe form of a model/dataset name (a model may be given as a path)."""
     s = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name).strip().rstrip("/"))
-    return s.strip("_") or "unnamed"
+    return safe_filename(s.strip("_") or "unnamed")  # the one sanitiser: no "..", no leading dot
 
 
 def split_paths(out_dir: str | os.PathLike[str], model: str, dataset: str, mode: str) -> dict[str, Path]:
     """Paths of one split's files (see module docstring)."""
     d = Path(out_dir) / slug(model) / slug(dataset)
-    return {"records": d / f"{mode}.json", "log": d / f"{mode}.log.jsonl", "negatives": d / f"{mode}.negatives.json"}
+    m = safe_filename(mode)
+    return {"records": d / f"{m}.json", "log": d / f"{m}.log.jsonl", "negatives": d / f"{m}.negatives.json"}
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -138,7 +140,7 @@ class GenerationCache:
 
     def __init__(self, root: str | os.PathLike[str], model: str, dataset: str, mode: str):
         self.model, self.dataset, self.mode = model, dataset, mode
-        self.path = Path(root) / "generations" / slug(model) / slug(dataset) / f"{mode}.jsonl"
+        self.path = Path(root) / "generations" / slug(model) / slug(dataset) / f"{safe_filename(mode)}.jsonl"
         self._entries: dict[tuple[str, str, int, str, str, int], str] = {}
         rows = _keyed_lines(self.path, lambda r: (r["model"], r["dataset"], int(r["index"]), r["mode"], r["question"],
                                                   int(r["max_new_tokens"])))

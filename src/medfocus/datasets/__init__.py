@@ -8,6 +8,7 @@ name           loader                                                          d
 imagenome      :func:`medfocus.datasets.imagenome.load_imagenome`              chest-imagenome + MIMIC-CXR-JPG
 vindr_cxr      :func:`medfocus.datasets.vindr_cxr.load_vindr_cxr`              vindr-cxr/1.0.0
 padchest_gr    :func:`medfocus.datasets.padchest_gr.load_padchest_gr`          filtered_studies.json + PadChest_GR/
+nih_cxr8       :func:`medfocus.datasets.nih_cxr8.load_nih_cxr8`                nih-chestxray8 (box list + images/)
 synthetic      ``medfocus.datasets.synthetic.dataset:load_synthetic``          a ``medfocus synth`` output folder
 =============  ==============================================================  =====================
 
@@ -47,6 +48,7 @@ DATASET_REGISTRY: dict[str, str] = {
     "imagenome": "medfocus.datasets.imagenome:load_imagenome",
     "vindr_cxr": "medfocus.datasets.vindr_cxr:load_vindr_cxr",
     "padchest_gr": "medfocus.datasets.padchest_gr:load_padchest_gr",
+    "nih_cxr8": "medfocus.datasets.nih_cxr8:load_nih_cxr8",
     "synthetic": "medfocus.datasets.synthetic.dataset:load_synthetic",
 }
 
@@ -62,6 +64,11 @@ ALIASES: dict[str, str] = {
     "padchest": "padchest_gr",
     "padchest-gr-attr": "padchest_gr",
     "synth": "synthetic",
+    "nih": "nih_cxr8",
+    "nih-cxr8": "nih_cxr8",
+    "chestx-ray8": "nih_cxr8",
+    "chestxray8": "nih_cxr8",
+    "nih-chestxray8": "nih_cxr8",
 }
 
 
@@ -122,7 +129,7 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, **kwargs: Any
     """Load a dataset by name.
 
     Args:
-        name: registry name or alias (``imagenome``, ``vindr_cxr``, ``padchest_gr``, ``synthetic``).
+        name: registry name or alias (``imagenome``, ``vindr_cxr``, ``padchest_gr``, ``nih_cxr8``, ``synthetic``).
         root: data root; ``None`` resolves it from ``$MEDFOCUS_DATA_ROOT``.
         **kwargs: passed to the loader (e.g. ``split="test"``).
 

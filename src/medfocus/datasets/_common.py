@@ -135,3 +135,40 @@ def first_existing(candidates: Iterable[Path]) -> Path | None:
         if c.is_file():
             return c
     return None
+
+
+def clip_boxes(boxes: Iterable[tuple[float, float, float, float]], size: tuple[int, int]
+               ) -> tuple[list[tuple[float, float, float, float]], int, int]:
+    """Clip half-open ``(x1, y1, x2, y2)`` boxes to an image of ``size = (W, H)`` pixels.
+
+    Returns:
+        ``(kept, n_clipped, n_dropped)``: the clipped boxes that still have a positive area (input
+        order), how many of those were changed by clipping, and how many became empty and were dropped.
+
+    Raises:
+        DataError: a non-finite coordinate or a non-positive image size.
+    """
+    W, H = float(size[0]), float(size[1])
+    if not (W > 0 and H > 0):
+        raise DataError(f"cannot clip boxes to an image of size {size}")
+    kept, n_clipped, n_dropped = [], 0, 0
+    for b in boxes:
+        if not all(math.isfinite(float(v)) for v in b):
+            raise DataError(f"box {tuple(b)} has a non-finite coordinate")
+        x1, y1, x2, y2 = (float(v) for v in b)
+        c = (min(max(x1, 0.0), W), min(max(y1, 0.0), H), min(max(x2, 0.0), W), min(max(y2, 0.0), H))
+        if c[2] <= c[0] or c[3] <= c[1]:
+            n_dropped += 1
+            continue
+        n_clipped += c != (x1, y1, x2, y2)
+        kept.append(c)
+    return kept, n_clipped, n_dropped
+
+
+def warn_clipped(dataset: str, n_clipped: int, n_dropped: int, n_boxes: int) -> None:
+    """One warning per load when :func:`clip_boxes` changed anything (silent otherwise)."""
+    if n_clipped or n_dropped:
+        import warnings
+
+        warnings.warn(f"{dataset}: {n_clipped} of {n_boxes} expert boxes clipped to the image border, "
+                      f"{n_dropped} dropped as empty after clipping", stacklevel=3)

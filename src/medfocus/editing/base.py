@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from medfocus.errors import ConfigError, DataError
+from medfocus.io.paths import safe_filename
 from medfocus.types import Box, Sample
 
 #: The three edits of the causal filter, in the order the filter makes them.
@@ -256,8 +257,7 @@ class EditCache:
     def path(self, dataset: str, index: int, editor: str, kind: str, prompt: str, seed: int) -> Path:
         key = json.dumps([dataset, int(index), editor, kind, prompt, int(seed)])
         h = hashlib.sha1(key.encode()).hexdigest()[:12]
-        safe_ds = "".join(c if c.isalnum() or c in "-_." else "_" for c in dataset)
-        return self.root / editor / safe_ds / f"{int(index)}_{kind}_{h}.png"
+        return self.root / safe_filename(editor) / safe_filename(dataset) / f"{int(index)}_{safe_filename(kind)}_{h}.png"
 
     def get(self, *key: Any) -> np.ndarray | None:
         p = self.path(*key)

@@ -2,15 +2,34 @@
 
 Display pipeline for DICOM (PS3.3 C.11 order):
 
+0. **pixel padding** (PS3.3 C.7.5.1.1.2): stored values equal to ``PixelPaddingValue`` — or, when
+   ``PixelPaddingRangeLimit`` is present, between the two inclusive — are padding, not image: they
+   are left out of every automatic (min-max) range and rendered black in the result;
 1. stored values -> **modality LUT**: ``RescaleSlope * x + RescaleIntercept`` (or a Modality LUT
    Sequence when present);
 2. **VOI**: a VOI LUT Sequence when present (its output range ``[min(LUT), max(LUT)]`` -> [0, 1]),
    otherwise the first ``WindowCenter``/``WindowWidth`` pair with ``VOILUTFunction`` ``LINEAR``
-   (default), ``LINEAR_EXACT`` or ``SIGMOID``; otherwise (or when the window is unusable, e.g.
-   width 0) min-max over the image;
+   (default), ``LINEAR_EXACT`` or ``SIGMOID``; otherwise min-max over the (non-padding) image;
 3. **MONOCHROME1** images (0 = white) are inverted so that the result always reads MONOCHROME2
    (bright bone, dark air);
 4. quantised to uint8 0..255.
+
+Numeric attributes as written in the wild (window centre/width, rescale slope/intercept, pixel
+padding value and range limit, LUT descriptors): a multi-valued element gives its **first** value;
+a string that pydicom could not parse is read by the same rule — the part before the first
+backslash, with one decimal comma read as a point (``"15000,5"`` -> 15000.5). A value that is still
+unusable (empty, not a number, non-finite, a zero rescale slope, a window width the VOI function
+cannot use, a LUT descriptor that does not match its data) is never guessed: the reader issues a
+:class:`~medfocus.errors.DataWarning` naming the file and the attribute and falls back to
+**full-range min-max** over the non-padding pixels of the last usable stage (stored values when the
+modality transform is unusable, modality values when the VOI is). An unusable padding attribute is
+warned about and ignored (no pixel is treated as padding).
+
+Compressed transfer syntaxes are decoded by pydicom's pylibjpeg plugins (``pylibjpeg`` with
+``pylibjpeg-libjpeg`` for JPEG baseline/extended/lossless/JPEG-LS, ``pylibjpeg-openjpeg`` for
+JPEG 2000 and HTJ2K, ``pylibjpeg-rle`` for RLE), installed with medfocus. When the decoder of a
+file's syntax is missing, the error names the syntax and the package that decodes it; defects of
+uncompressed files (truncated pixel data, missing pixel-module attributes) are reported as such.
 
 Multi-frame DICOMs (``NumberOfFrames > 1``) are rejected: a chest film is one frame.
 PNG/TIFF/JPEG: 8-bit images are returned as they are (colour ones converted to luminance); 16-bit,
@@ -19,15 +38,17 @@ PNG/TIFF/JPEG: 8-bit images are returned as they are (colour ones converted to l
 
 from __future__ import annotations
 
+import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from medfocus.errors import DataError
+from medfocus.errors import DataError, DataWarning
 
-__all__ = ["read_image", "read_dicom", "is_dicom", "to_uint8"]
+__all__ = ["read_image", "read_image_size", "read_dicom", "is_dicom", "to_uint8"]
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
 
@@ -45,13 +66,14 @@ def is_dicom(path: str | os.PathLike) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
-def to_uint8(arr: np.ndarray) -> np.ndarray:
+def to_uint8(arr: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
     """Min-max normalise any real array to uint8 0..255; a constant (or empty) array becomes zeros.
 
-    Non-finite values are ignored for the range and mapped to 0.
+    Non-finite values, and those where the boolean mask ``valid`` (same shape) is False, are
+    ignored for the range and mapped to 0.
     """
     a = np.asarray(arr, dtype=np.float64)
-    finite = np.isfinite(a)
+    finite = np.isfinite(a) if valid is None else np.isfinite(a) & np.asarray(valid, dtype=bool)
     if not finite.any():
         return np.zeros(a.shape, dtype=np.uint8)
     lo, hi = float(a[finite].min()), float(a[finite].max())
@@ -67,31 +89,84 @@ def _unit_to_uint8(a: np.ndarray) -> np.ndarray:
     return np.clip(np.floor(np.asarray(a, dtype=np.float64) * 255.0 + 0.5), 0, 255).astype(np.uint8)
 
 
-def _first(value) -> float:
-    """First value of a possibly multi-valued DICOM element (WindowCenter may hold several)."""
-    try:
-        return float(value[0])  # MultiValue / list
-    except TypeError:
-        return float(value)
-    except IndexError:  # pragma: no cover - empty multi-value
-        raise ValueError("empty value") from None
+class _Unusable(Exception):
+    """A present DICOM attribute whose value cannot be used; ``str(self)`` says which and why."""
+
+
+# Required pixel-module attributes (PS3.3 C.7.6.3): without them the stored bytes cannot be laid out.
+_PIXEL_MODULE = ("Rows", "Columns", "BitsAllocated", "BitsStored", "SamplesPerPixel", "PhotometricInterpretation",
+                 "PixelRepresentation")
+
+
+def _parse_number(value, keyword: str) -> float:
+    """First finite number of a DICOM element value, by the module's documented rule.
+
+    ``MultiValue``/list -> its first item; ``bytes``/``str`` -> the part before the first backslash,
+    with a single decimal comma read as a point. Raises :class:`_Unusable` otherwise.
+    """
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value).decode("ascii", errors="replace")
+    if value is None:
+        raise _Unusable(f"{keyword} is empty")
+    if not isinstance(value, str) and hasattr(value, "__len__"):  # MultiValue, list, tuple
+        if len(value) == 0:
+            raise _Unusable(f"{keyword} is empty")
+        return _parse_number(value[0], keyword)
+    if isinstance(value, str):
+        text = value.replace("\x00", " ").split("\\")[0].strip()
+        if not text:
+            raise _Unusable(f"{keyword} is empty")
+        if text.count(",") == 1 and "." not in text:
+            text = text.replace(",", ".")
+        try:
+            number = float(text)
+        except ValueError:
+            raise _Unusable(f"{keyword} = {value!r} is not a number") from None
+    else:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise _Unusable(f"{keyword} = {value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise _Unusable(f"{keyword} = {value!r} is not finite")
+    return number
+
+
+def _element_value(ds, keyword: str):
+    """Raw value of ``keyword`` in ``ds`` (``None`` when empty); pydicom's own parse warnings are
+    replaced by ours, and an element pydicom refuses to convert is returned as its raw bytes."""
+    from pydicom.datadict import tag_for_keyword
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return ds[keyword].value
+        except Exception:  # reading_validation_mode RAISE, or an undecodable raw value
+            return getattr(ds.get_item(tag_for_keyword(keyword)), "value", None)
+
+
+def _number_attr(ds, keyword: str) -> float | None:
+    """``None`` when ``keyword`` is absent; its first value by :func:`_parse_number` otherwise."""
+    if keyword not in ds:
+        return None
+    return _parse_number(_element_value(ds, keyword), keyword)
 
 
 def _windowing(x: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
-    """DICOM VOI window (PS3.3 C.11.2.1.2) mapped to [0, 1]."""
+    """DICOM VOI window (PS3.3 C.11.2.1.2) mapped to [0, 1]; raises :class:`_Unusable`."""
     function = (function or "LINEAR").strip().upper()
     if function == "LINEAR_EXACT":
         if width <= 0:
-            raise ValueError(f"WindowWidth must be > 0 for LINEAR_EXACT, got {width}")
+            raise _Unusable(f"WindowWidth must be > 0 for LINEAR_EXACT, got {width}")
         return np.clip((x - (center - width / 2.0)) / width, 0.0, 1.0)
     if function == "SIGMOID":
         if width <= 0:
-            raise ValueError(f"WindowWidth must be > 0 for SIGMOID, got {width}")
+            raise _Unusable(f"WindowWidth must be > 0 for SIGMOID, got {width}")
         return 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
     if function != "LINEAR":
-        raise ValueError(f"unsupported VOILUTFunction {function!r}")
+        raise _Unusable(f"VOILUTFunction {function!r} is not LINEAR, LINEAR_EXACT or SIGMOID")
     if width < 1:
-        raise ValueError(f"WindowWidth must be >= 1 for LINEAR, got {width}")
+        raise _Unusable(f"WindowWidth must be >= 1 for LINEAR, got {width}")
     # Piecewise linear with the standard's half-pixel offsets.
     lo = center - 0.5 - (width - 1) / 2.0
     hi = center - 0.5 + (width - 1) / 2.0
@@ -99,20 +174,31 @@ def _windowing(x: np.ndarray, center: float, width: float, function: str) -> np.
     return np.where(x <= lo, 0.0, np.where(x > hi, 1.0, y))
 
 
-def _lut_values(item) -> tuple[np.ndarray, int, int]:
-    """(lut, first_mapped, bits) of a VOI/Modality LUT sequence item."""
-    desc = [int(v) for v in item.LUTDescriptor]
-    n, first, bits = desc
-    n = n or 65536
-    data = item.LUTData
+def _lut_values(item, name: str) -> tuple[np.ndarray, int]:
+    """(lut, first_mapped) of a VOI/Modality LUT sequence item; raises :class:`_Unusable`."""
+    if "LUTDescriptor" not in item or "LUTData" not in item:
+        raise _Unusable(f"{name} item lacks LUTDescriptor or LUTData")
+    desc = _element_value(item, "LUTDescriptor")
+    if isinstance(desc, (bytes, bytearray)) and len(desc) == 6:
+        desc = list(np.frombuffer(bytes(desc), dtype="<u2"))
+    if isinstance(desc, str) or not hasattr(desc, "__len__") or len(desc) != 3:
+        raise _Unusable(f"{name} LUTDescriptor = {desc!r} is not three numbers")
+    n, first, bits = (_parse_number(v, f"{name} LUTDescriptor") for v in desc)
+    if n != int(n) or first != int(first) or n < 0:
+        raise _Unusable(f"{name} LUTDescriptor = {list(desc)!r} is not three integers")
+    n, first, bits = int(n) or 65536, int(first), int(bits)
+    data = _element_value(item, "LUTData")
     if isinstance(data, (bytes, bytearray)):
         dtype = np.uint8 if bits <= 8 and len(data) == n else np.dtype("<u2")
-        lut = np.frombuffer(bytes(data), dtype=dtype).astype(np.float64)
+        lut = np.frombuffer(bytes(data)[: len(data) // np.dtype(dtype).itemsize * np.dtype(dtype).itemsize],
+                            dtype=dtype).astype(np.float64)
+    elif data is None:
+        raise _Unusable(f"{name} LUTData is empty")
     else:
         lut = np.asarray(list(data) if not np.isscalar(data) else [data], dtype=np.float64)
     if lut.size < n:
-        raise ValueError(f"LUTData has {lut.size} entries, descriptor says {n}")
-    return lut[:n], first, bits
+        raise _Unusable(f"{name} LUTData has {lut.size} entries, its LUTDescriptor says {n}")
+    return lut[:n], first
 
 
 def _apply_lut(x: np.ndarray, lut: np.ndarray, first: int) -> np.ndarray:
@@ -120,15 +206,121 @@ def _apply_lut(x: np.ndarray, lut: np.ndarray, first: int) -> np.ndarray:
     return lut[idx]
 
 
+def _padding_mask(ds, raw: np.ndarray, p: Path) -> np.ndarray:
+    """Boolean ``(H, W)`` mask of padding pixels (PS3.3 C.7.5.1.1.2), in stored-value space."""
+    try:
+        value = _number_attr(ds, "PixelPaddingValue")
+        limit = _number_attr(ds, "PixelPaddingRangeLimit")
+    except _Unusable as exc:
+        warnings.warn(f"{p}: {exc}; no pixel is treated as padding", DataWarning, stacklevel=4)
+        return np.zeros(raw.shape, dtype=bool)
+    if value is None:
+        if limit is not None:
+            warnings.warn(f"{p}: PixelPaddingRangeLimit without PixelPaddingValue; no pixel is treated as padding",
+                          DataWarning, stacklevel=4)
+        return np.zeros(raw.shape, dtype=bool)
+    lo, hi = (value, value) if limit is None else (min(value, limit), max(value, limit))
+    return (raw >= lo) & (raw <= hi)
+
+
+def _decoder_advice(ts) -> str:
+    """The pip packages that decode transfer syntax ``ts`` (pydicom's pylibjpeg plugin table)."""
+    from pydicom.pixels.decoders.pylibjpeg import DECODER_DEPENDENCIES
+
+    packages = DECODER_DEPENDENCIES.get(ts)
+    if not packages:
+        return "medfocus knows no installable decoder for it"
+    return "install its decoder: pip install " + " ".join(f'"{pkg}"' for pkg in packages)
+
+
+def _decode(ds, p: Path) -> np.ndarray:
+    """``ds.pixel_array`` with errors that say what is wrong: missing decoder (syntax + package),
+    undecodable compressed data, or a malformed uncompressed pixel module (no decoder advice)."""
+    from pydicom.uid import UID
+
+    missing = [kw for kw in _PIXEL_MODULE if kw not in ds or _element_value(ds, kw) in (None, "")]
+    if missing:
+        raise DataError(f"{p}: pixel module incomplete, missing required attribute(s) {', '.join(missing)} "
+                        "(DICOM PS3.3 C.7.6.3)")
+    ts = UID(str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "1.2.840.10008.1.2"))
+    compressed = ts.is_compressed if ts.is_transfer_syntax else False
+    if compressed:
+        from pydicom.pixels import get_decoder
+
+        try:
+            available = get_decoder(ts).is_available
+        except NotImplementedError:
+            available = False
+        if not available:
+            raise DataError(f"{p}: pixel data is compressed with transfer syntax {ts} ({ts.name}) and no installed "
+                            f"decoder reads it; {_decoder_advice(ts)}")
+    try:
+        return ds.pixel_array
+    except Exception as exc:  # pydicom raises many types for broken pixel data
+        if compressed:
+            raise DataError(f"{p}: cannot decode the {ts.name} ({ts}) pixel data: the compressed stream is "
+                            f"damaged or unsupported ({type(exc).__name__}: {exc})") from exc
+        raise DataError(f"{p}: pixel data does not match the pixel module (truncated file or wrong "
+                        f"Rows/Columns/BitsAllocated; transfer syntax {ts}): {exc}") from exc
+
+
+def _display(ds, raw: np.ndarray, pad: np.ndarray, p: Path) -> np.ndarray:
+    """Stages 1-2 of the display pipeline -> uint8 (stored sense); see the module docstring."""
+    valid = ~pad
+    x = raw.astype(np.float64)
+
+    def fallback(stage: np.ndarray, exc: Exception) -> np.ndarray:
+        warnings.warn(f"{p}: {exc}; falling back to full-range min-max over the image", DataWarning, stacklevel=4)
+        return to_uint8(stage, valid=valid)
+
+    # 1) modality LUT
+    try:
+        if "ModalityLUTSequence" in ds and len(ds.ModalityLUTSequence):
+            lut, first = _lut_values(ds.ModalityLUTSequence[0], "ModalityLUTSequence")
+            x = _apply_lut(x, lut, first)
+        else:
+            slope = _number_attr(ds, "RescaleSlope")
+            intercept = _number_attr(ds, "RescaleIntercept")
+            if slope == 0:
+                raise _Unusable("RescaleSlope is 0 (every pixel would map to the intercept)")
+            x = x * (1.0 if slope is None else slope) + (0.0 if intercept is None else intercept)
+    except _Unusable as exc:
+        return fallback(x, exc)
+    # 2) VOI
+    try:
+        if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
+            lut, first = _lut_values(ds.VOILUTSequence[0], "VOILUTSequence")
+            # The descriptor's bit depth is unreliable in practice (16 declared for 12-bit tables),
+            # so the LUT's own output range [min, max] is mapped to 0..255.
+            lo, hi = float(lut.min()), float(lut.max())
+            v = _apply_lut(x, lut, first)
+            return _unit_to_uint8((v - lo) / (hi - lo) if hi > lo else np.zeros_like(v))
+        has_center, has_width = "WindowCenter" in ds, "WindowWidth" in ds
+        if has_center or has_width:
+            if not (has_center and has_width):
+                raise _Unusable("WindowCenter without WindowWidth" if has_center else "WindowWidth without WindowCenter")
+            center, width = _number_attr(ds, "WindowCenter"), _number_attr(ds, "WindowWidth")
+            func = str(_element_value(ds, "VOILUTFunction") or "LINEAR") if "VOILUTFunction" in ds else "LINEAR"
+            return _unit_to_uint8(_windowing(x, center, width, func))
+    except _Unusable as exc:
+        return fallback(x, exc)
+    return to_uint8(x, valid=valid)
+
+
 def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, tuple[int, int]]:
-    """Read a single-frame grayscale DICOM and apply modality LUT, VOI and MONOCHROME1 inversion.
+    """Read a single-frame grayscale DICOM: padding, modality LUT, VOI and MONOCHROME1 inversion.
 
     Returns:
-        ``(img, (W, H))`` with ``img`` an ``(H, W)`` uint8 array (MONOCHROME2 sense).
+        ``(img, (W, H))`` with ``img`` an ``(H, W)`` uint8 array (MONOCHROME2 sense; padding pixels 0).
 
     Raises:
-        DataError: unreadable file, missing pixel data, multi-frame, compressed data without a
-            decoder, or invalid VOI attributes — the message names the path and the reason.
+        DataError: unreadable file, missing pixel data or pixel-module attributes, multi-frame,
+            truncated pixel data, or compressed data whose decoder is not installed (the message
+            names the transfer syntax and the package that decodes it) — always naming the path.
+
+    Warns:
+        DataWarning: a numeric display attribute is unusable and the documented fallback was used
+            (see the module docstring).
     """
     import pydicom
 
@@ -139,19 +331,15 @@ def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, tuple[int, int]]:
         raise DataError(f"{p}: cannot read DICOM ({type(exc).__name__}: {exc})") from exc
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise DataError(f"{p}: DICOM has no pixel data (expected an image, e.g. a CXR in DX/CR storage)")
-    n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    try:
+        n_frames = int(_number_attr(ds, "NumberOfFrames") or 1)
+    except _Unusable as exc:
+        raise DataError(f"{p}: {exc}") from exc
     if n_frames > 1:
         raise DataError(f"{p}: multi-frame DICOM ({n_frames} frames); expected a single-frame radiograph")
-    try:
-        raw = ds.pixel_array
-    except Exception as exc:
-        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
-        raise DataError(
-            f"{p}: cannot decode pixel data (transfer syntax {ts}; {type(exc).__name__}: {exc}). "
-            "Compressed DICOMs need a decoder plugin, e.g. `pip install pylibjpeg pylibjpeg-openjpeg`."
-        ) from exc
+    raw = _decode(ds, p)
 
-    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    photometric = str(ds.PhotometricInterpretation).strip().upper()
     if raw.ndim == 3 and raw.shape[-1] in (3, 4) and photometric not in ("MONOCHROME1", "MONOCHROME2"):
         # Colour DICOM (secondary capture): luminance, no VOI (VOI applies to grayscale only).
         rgb = raw[..., :3].astype(np.float64)
@@ -164,43 +352,44 @@ def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, tuple[int, int]]:
     if raw.ndim != 2:
         raise DataError(f"{p}: expected a 2-D grayscale image, got pixel array of shape {raw.shape}")
 
-    x = raw.astype(np.float64)
-    try:
-        # 1) modality LUT
-        if "ModalityLUTSequence" in ds and len(ds.ModalityLUTSequence):
-            lut, first, _ = _lut_values(ds.ModalityLUTSequence[0])
-            x = _apply_lut(x, lut, first)
-        else:
-            slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
-            intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
-            x = x * slope + intercept
-        # 2) VOI
-        if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
-            lut, first, _bits = _lut_values(ds.VOILUTSequence[0])
-            # The descriptor's bit depth is unreliable in practice (16 declared for 12-bit tables),
-            # so the LUT's own output range [min, max] is mapped to 0..255.
-            lo, hi = float(lut.min()), float(lut.max())
-            v = _apply_lut(x, lut, first)
-            unit = (v - lo) / (hi - lo) if hi > lo else np.zeros_like(v)
-            img = _unit_to_uint8(unit)
-        elif "WindowCenter" in ds and "WindowWidth" in ds and ds.WindowCenter is not None and ds.WindowWidth is not None:
-            func = str(getattr(ds, "VOILUTFunction", "LINEAR") or "LINEAR")
-            try:
-                unit = _windowing(x, _first(ds.WindowCenter), _first(ds.WindowWidth), func)
-                img = _unit_to_uint8(unit)
-            except ValueError:
-                # An unusable window (width 0, unknown function) is a header defect, not an
-                # unreadable image: show the full range instead.
-                img = to_uint8(x)
-        else:
-            img = to_uint8(x)
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise DataError(f"{p}: invalid modality/VOI attributes ({exc})") from exc
-
+    pad = _padding_mask(ds, raw, p)
+    img = _display(ds, raw, pad, p)
     # 3) MONOCHROME1: 0 = white. Invert after VOI so the window is applied to the stored sense.
     if photometric == "MONOCHROME1":
         img = (255 - img).astype(np.uint8)
+    img[pad] = 0  # padding is not anatomy: black in the displayed (MONOCHROME2) sense
     return img, (int(img.shape[1]), int(img.shape[0]))
+
+
+def read_image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """Original ``(W, H)`` of an image from its header only (no pixel decoding).
+
+    DICOM: ``Columns``/``Rows`` read with ``stop_before_pixels``; other formats: PIL's lazy header.
+
+    Raises:
+        DataError: missing or unreadable file, or a DICOM without ``Rows``/``Columns``.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: image file not found")
+    if is_dicom(p):
+        import pydicom
+
+        try:
+            ds = pydicom.dcmread(p, force=True, stop_before_pixels=True)
+            w, h = _number_attr(ds, "Columns"), _number_attr(ds, "Rows")
+        except _Unusable as exc:
+            raise DataError(f"{p}: {exc}") from exc
+        except Exception as exc:  # pydicom raises many types for broken files
+            raise DataError(f"{p}: cannot read DICOM header ({type(exc).__name__}: {exc})") from exc
+        if w is None or h is None or w < 1 or h < 1:
+            raise DataError(f"{p}: DICOM header lacks positive Rows/Columns (got {h!r}/{w!r})")
+        return int(w), int(h)
+    try:
+        with Image.open(p) as im:
+            return int(im.size[0]), int(im.size[1])
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DataError(f"{p}: cannot read image header ({type(exc).__name__}: {exc})") from exc
 
 
 def _read_pil(p: Path) -> tuple[np.ndarray, tuple[int, int]]:

@@ -9,8 +9,9 @@ columns ``mean``, ``ci_low``, ``ci_high`` (95% CI) in percent and ``n`` (see :fu
 
 from __future__ import annotations
 
+import functools
 import io
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import matplotlib
 
@@ -22,6 +23,19 @@ import pandas as pd  # noqa: E402
 #: Colours of the boxes in overlays.
 GT_COLOR = "#00e676"
 PRED_COLOR = "#ff1744"
+
+
+def _literal_text(fn: Callable[..., bytes]) -> Callable[..., bytes]:
+    """Draw every string as literal text: labels come from records (model, dataset, finding, method,
+    answer tokens), and matplotlib would otherwise parse ``$...$`` as mathtext (a crafted label could
+    fail the whole report) or hand it to LaTeX."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> bytes:
+        with plt.rc_context({"text.parse_math": False, "text.usetex": False}):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _png(fig: Any, dpi: int = 110) -> bytes:
@@ -40,6 +54,7 @@ def _draw_boxes(ax: Any, boxes: Sequence[Sequence[float]] | None, color: str, lw
         ax.add_patch(Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, edgecolor=color, linewidth=lw, linestyle=ls))
 
 
+@_literal_text
 def metric_bars(summary: pd.DataFrame, *, metric: str = "iou", mode: str | None = None, title: str | None = None) -> bytes:
     """Per-method bars of ``metric`` (mean x100 with 95% CI error bars), one bar group per method and one
     colour per (model, dataset).
@@ -81,6 +96,7 @@ def metric_bars(summary: pd.DataFrame, *, metric: str = "iou", mode: str | None 
     return _png(fig)
 
 
+@_literal_text
 def method_model_heatmap(summary: pd.DataFrame, *, metric: str = "iou", mode: str | None = None, title: str | None = None) -> bytes:
     """Matrix of ``metric`` means (x100): methods as rows, ``model / dataset`` as columns, values annotated."""
     df = summary[summary["metric"] == metric]
@@ -109,6 +125,7 @@ def method_model_heatmap(summary: pd.DataFrame, *, metric: str = "iou", mode: st
     return _png(fig)
 
 
+@_literal_text
 def sample_gallery_row(
     image: np.ndarray,
     gt_boxes: Sequence[Sequence[float]],
@@ -160,6 +177,7 @@ def sample_gallery_row(
     return _png(fig, dpi=90)
 
 
+@_literal_text
 def concept_ranking(deltas: Mapping[str, float], *, winner: str | None = None, title: str = "MedFocus concept ranking") -> bytes:
     """Horizontal bars of the log-prob drop per concept (largest on top; the winner highlighted)."""
     items = sorted(((str(k), float(v)) for k, v in deltas.items()), key=lambda kv: kv[1])
@@ -176,6 +194,7 @@ def concept_ranking(deltas: Mapping[str, float], *, winner: str | None = None, t
     return _png(fig)
 
 
+@_literal_text
 def token_attribution(tokens: Sequence[str], scores: Mapping[str, Sequence[float]], *, title: str = "", max_rows: int = 4, wrap: int = 12) -> bytes:
     """The answer's tokens as coloured cells, one block per concept: colour = that concept's attribution
     of the token (normalised per concept, white = 0, dark red = the concept's largest value).

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
-import html
 import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -20,6 +19,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from medfocus.io.paths import safe_filename
 from medfocus.report import figures
 
 log = logging.getLogger(__name__)
@@ -40,29 +40,41 @@ def summarize(metrics: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0) -> pd
 
 
 # ---- html pieces -----------------------------------------------------------------------------------
-def _e(x: Any) -> str:
-    return html.escape(str(x))
+# All HTML comes from the jinja2 templates in ``templates/``, rendered with autoescaping on: every value
+# from records, configs, data or model output is escaped by construction, and Python code here only
+# builds plain data (strings, numbers, lists). Nothing is marked safe.
+_ENV: Any = None
 
 
-def _img(png: bytes, alt: str, width: str | None = None) -> str:
-    style = f' style="max-width:{width}"' if width else ""
-    return f'<img alt="{_e(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}"{style}>'
+def _env() -> Any:
+    global _ENV
+    if _ENV is None:
+        import jinja2
+
+        _ENV = jinja2.Environment(
+            loader=jinja2.PackageLoader("medfocus.report", "templates"),
+            autoescape=True,  # every template, whatever its file name
+            undefined=jinja2.StrictUndefined,  # a missing context value is a bug, not an empty string
+            trim_blocks=False,
+        )
+    return _ENV
 
 
-def results_table(summary: pd.DataFrame, *, model: str, mode: str, method_order: Sequence[str] | None = None) -> str:
-    """Table-1-style HTML table: methods as rows, datasets as column groups, IoU/F1/Prec./Rec. (x100)
-    with their 95% CI below and ``n`` (failed records in red); the best mean per column is bold. The
-    second column is each method's "source / deviation" line (:func:`medfocus.attribution.method_source`:
-    what it computes, from which paper or code, and how it deviates from the paper's public code).
+def _macro(name: str, arg: Any) -> str:
+    return str(getattr(_env().get_template("macros.html.jinja").module, name)(arg))
 
-    Args:
-        summary: :func:`summarize` output.
-    """
+
+def _fig(png: bytes, alt: str, width: str | None = None) -> dict[str, Any]:
+    return {"alt": str(alt), "b64": base64.b64encode(png).decode("ascii"), "width": width}
+
+
+def results_table_data(summary: pd.DataFrame, *, model: str, mode: str, method_order: Sequence[str] | None = None) -> dict[str, Any] | None:
+    """The cells of :func:`results_table` as plain data (``None`` when ``model``/``mode`` have no rows)."""
     from medfocus.attribution import method_source
 
     df = summary[(summary["model"] == model) & (summary["mode"] == mode)]
     if df.empty:
-        return ""
+        return None
     datasets = list(dict.fromkeys(df["dataset"]))
     methods = list(dict.fromkeys(method_order or [])) + [m for m in dict.fromkeys(df["method"]) if m not in (method_order or [])]
     methods = [m for m in methods if m in set(df["method"])]
@@ -72,47 +84,55 @@ def results_table(summary: pd.DataFrame, *, model: str, mode: str, method_order:
         for m in METRICS:
             vals = [idx[(ds, me, m)].mean for me in methods if (ds, me, m) in idx and np.isfinite(idx[(ds, me, m)].mean)]
             best[(ds, m)] = max(vals) if vals else None
-    head1 = "".join(f'<th colspan="{len(METRICS) + 1}">{_e(ds)}</th>' for ds in datasets)
-    head2 = "".join("".join(f"<th>{METRIC_LABELS[m]}</th>" for m in METRICS) + "<th>n</th>" for _ in datasets)
-    body = []
+    rows = []
     for me in methods:
-        cells = [f'<th class="method">{_e(me)}</th>', f'<td class="src">{_e(method_source(me))}</td>']
+        groups = []
         for ds in datasets:
-            n = None
+            n, cells = None, []
             for m in METRICS:
                 r = idx.get((ds, me, m))
                 if r is None or not np.isfinite(r.mean):
-                    cells.append('<td class="na">–</td>')
+                    cells.append(None)
                     continue
                 n = r.n
                 bold = best[(ds, m)] is not None and abs(r.mean - best[(ds, m)]) < 1e-9
-                val = f"<b>{r.mean:.1f}</b>" if bold else f"{r.mean:.1f}"
-                cells.append(f'<td>{val}<br><span class="ci">[{r.ci_low:.1f}, {r.ci_high:.1f}]</span></td>')
+                cells.append({"mean": f"{r.mean:.1f}", "lo": f"{r.ci_low:.1f}", "hi": f"{r.ci_high:.1f}", "bold": bold})
             errs = max((int(getattr(idx[(ds, me, m)], "n_error", 0)) for m in METRICS if (ds, me, m) in idx), default=0)
-            err_txt = f'<br><span class="err">{errs} failed</span>' if errs else ""
-            cells.append(f'<td class="n">{n if n is not None else 0}{err_txt}</td>')
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return (
-        f'<table class="results"><thead><tr><th rowspan="2">Method</th><th rowspan="2">Source / deviation</th>{head1}</tr><tr>{head2}</tr></thead>'
-        f"<tbody>{''.join(body)}</tbody></table>"
-    )
+            groups.append({"cells": cells, "n": n if n is not None else 0, "errors": errs})
+        rows.append({"method": str(me), "source": method_source(str(me)), "groups": groups})
+    return {"datasets": [str(d) for d in datasets], "metric_labels": [METRIC_LABELS[m] for m in METRICS], "rows": rows}
+
+
+def results_table(summary: pd.DataFrame, *, model: str, mode: str, method_order: Sequence[str] | None = None) -> str:
+    """Table-1-style HTML table: methods as rows, datasets as column groups, IoU/F1/Prec./Rec. (x100)
+    with their 95% CI below and ``n`` (failed records in red); the best mean per column is bold. The
+    second column is each method's "source / deviation" line (:func:`medfocus.attribution.method_source`:
+    what it computes, from which paper or code, and how it deviates from the paper's public code).
+    Every name is HTML-escaped (rendered by the autoescaping template).
+
+    Args:
+        summary: :func:`summarize` output.
+    Returns:
+        the ``<table>`` as a string, ``""`` when ``summary`` has no rows for ``model`` and ``mode``.
+    """
+    data = results_table_data(summary, model=model, mode=mode, method_order=method_order)
+    return "" if data is None else _macro("results_table", data)
+
+
+def frame_table_data(df: pd.DataFrame | None, *, float_fmt: str = "{:.1f}", cls: str = "plain") -> dict[str, Any]:
+    """A DataFrame as plain table data: column names and cell strings (floats formatted, non-finite as '–')."""
+    if df is None or len(df) == 0:
+        return {"cls": cls, "columns": [], "rows": []}
+    rows = []
+    for rec in df.itertuples(index=False):
+        rows.append([(float_fmt.format(v) if np.isfinite(v) else "–") if isinstance(v, (float, np.floating)) else str(v)
+                     for v in rec])
+    return {"cls": cls, "columns": [str(c) for c in df.columns], "rows": rows}
 
 
 def frame_table(df: pd.DataFrame, *, float_fmt: str = "{:.1f}", cls: str = "plain") -> str:
     """A DataFrame as a plain HTML table (escaped; floats formatted)."""
-    if df is None or len(df) == 0:
-        return "<p><i>none</i></p>"
-    head = "".join(f"<th>{_e(c)}</th>" for c in df.columns)
-    rows = []
-    for rec in df.itertuples(index=False):
-        cells = []
-        for v in rec:
-            if isinstance(v, (float, np.floating)):
-                cells.append(f"<td>{float_fmt.format(v) if np.isfinite(v) else '–'}</td>")
-            else:
-                cells.append(f"<td>{_e(v)}</td>")
-        rows.append("<tr>" + "".join(cells) + "</tr>")
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+    return _macro("frame_table", frame_table_data(df, float_fmt=float_fmt, cls=cls))
 
 
 RETENTION_LABELS = {
@@ -280,12 +300,13 @@ def build_report(
     if fig_dir:
         fig_dir.mkdir(parents=True, exist_ok=True)
 
-    def keep(png: bytes, name: str) -> bytes:
+    def keep(png: bytes, *name_parts: Any) -> bytes:
         if fig_dir:
-            (fig_dir / f"{name}.png").write_bytes(png)
+            # Figure names carry record fields (mode, dataset, model, index): one sanitiser makes each a
+            # single safe path component, so a crafted field cannot write outside ``figures_dir``.
+            (fig_dir / f"{safe_filename('_'.join(str(p) for p in name_parts))}.png").write_bytes(png)
         return png
 
-    parts: list[str] = []
     models = list(dict.fromkeys(r["model"] for r in preds))
     datasets = list(dict.fromkeys(r["dataset"] for r in preds))
     modes = [m for m in ("direct", "cot", "open") if any(r["mode"] == m for r in preds)]
@@ -300,65 +321,52 @@ def build_report(
     methods = [m for m in methods if any(r["method"] == m for r in preds)]
     n_err = sum(1 for r in preds if r.get("error"))
     n_samples = len({(r["model"], r["dataset"], r["index"], r["mode"]) for r in preds})
+    ctx: dict[str, Any] = {"title": str(title), "css": CSS, "no_records": not preds}
 
     # ---- overview
     info = {
-        "Models": ", ".join(models),
-        "Datasets": ", ".join(datasets),
+        "Models": ", ".join(map(str, models)),
+        "Datasets": ", ".join(map(str, datasets)),
         "Modes": ", ".join(MODE_LABELS.get(m, m) for m in modes),
-        "Methods": f"{len(methods)}: " + ", ".join(methods),
+        "Methods": f"{len(methods)}: " + ", ".join(map(str, methods)),
         "Records": f"{len(preds)} ({n_samples} model/sample/mode cells; {n_err} failed)",
         **{str(k): str(v) for k, v in (run_info or {}).items()},
         "Generated": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
-    parts.append(f"<h1>{_e(title)}</h1>")
-    parts.append('<table class="plain">' + "".join(f'<tr><th class="method">{_e(k)}</th><td style="text-align:left">{_e(v)}</td></tr>' for k, v in info.items()) + "</table>")
-    parts.append(
-        '<p class="meta">Metrics compare the union of predicted boxes with the union of expert boxes '
-        "(IoU, F1, precision, recall; x100). Bracketed: 95% bootstrap confidence interval of the mean; n: evaluated samples. "
-        "Heatmaps are turned into boxes by thresholding at the 0.9 quantile of positive values (8-connected components).</p>"
-    )
+    ctx["info"] = list(info.items())
 
     # ---- results tables
-    parts.append("<h2>Results (Table 1 layout)</h2>")
-    if not preds:
-        parts.append('<p class="note">No attribution records: nothing was attributed in this run (for a filtered '
-                     "benchmark, see the retention table: the causal filter may have kept no sample).</p>")
+    ctx["results"] = []
     for mode in modes:
-        parts.append(f"<h3>{_e(MODE_LABELS.get(mode, mode))}</h3>")
+        tables = []
         for model in models:
-            tab = results_table(summary, model=model, mode=mode, method_order=methods)
-            if tab:
-                parts.append(f'<p class="meta">Model: <b>{_e(model)}</b></p>' + tab)
+            tab = results_table_data(summary, model=model, mode=mode, method_order=methods)
+            if tab is not None:
+                tables.append({"model": str(model), "table": tab})
+        ctx["results"].append({"label": MODE_LABELS.get(mode, mode), "tables": tables})
 
     # ---- retention
-    parts.append("<h2>Causal filter: retention</h2>")
+    ctx["retention"] = None
     if retention is not None and len(retention) > 0:
         rdf = compact_retention(retention if isinstance(retention, pd.DataFrame) else pd.DataFrame(list(retention)))
-        parts.append('<p class="meta">A sample is kept for a model only if it answers correctly, flips its answer when the '
-                     "finding is edited out of its box, and keeps it when the background is edited (both prompts).</p>")
-        parts.append(frame_table(rdf, float_fmt="{:.3g}"))
-    else:
-        parts.append("<p><i>No retention table was given for this run.</i></p>")
+        ctx["retention"] = frame_table_data(rdf, float_fmt="{:.3g}")
 
     # ---- plots
+    ctx["plots"] = None
     if len(summary):
-        parts.append("<h2>Plots</h2><div class=\"figs\">")
+        plots = []
         for mode in modes:
             for metric in ("iou", "f1"):
                 if ((summary["mode"] == mode) & (summary["metric"] == metric)).any():
-                    png = keep(figures.metric_bars(summary, metric=metric, mode=mode), f"bars_{metric}_{mode}")
-                    parts.append(_img(png, f"{metric} bars {mode}"))
+                    png = keep(figures.metric_bars(summary, metric=metric, mode=mode), "bars", metric, mode)
+                    plots.append(_fig(png, f"{metric} bars {mode}"))
             sub = summary[(summary["mode"] == mode) & (summary["metric"] == "iou")]
             if len(sub) and len(set(zip(sub["model"], sub["dataset"]))) > 1:  # one column would repeat the bars
-                png = keep(figures.method_model_heatmap(summary, metric="iou", mode=mode), f"matrix_iou_{mode}")
-                parts.append(_img(png, f"method x model {mode}"))
-        parts.append("</div>")
+                png = keep(figures.method_model_heatmap(summary, metric="iou", mode=mode), "matrix_iou", mode)
+                plots.append(_fig(png, f"method x model {mode}"))
+        ctx["plots"] = plots
 
     # ---- gallery
-    parts.append("<h2>Sample gallery</h2>")
-    parts.append('<p class="legend"><span style="border:2px solid #00e676">expert (GT) box</span>'
-                 '<span style="border:2px dashed #ff1744">predicted box</span> heatmap: jet colour map, min-max normalised per panel</p>')
     iou_of: dict[tuple, float] = {}
     if metrics is not None and len(metrics) and "iou" in metrics.columns:
         for r in metrics.itertuples(index=False):
@@ -366,6 +374,7 @@ def build_report(
     cells: dict[tuple, list[dict[str, Any]]] = {}
     for r in preds:
         cells.setdefault((r["model"], r["dataset"], int(r["index"]), r["mode"]), []).append(r)
+    ctx["gallery"] = []
     for mode in modes:
         # Deterministic choice: cells of this mode with the most successful methods, one per finding
         # first (diversity), then by index.
@@ -388,7 +397,7 @@ def build_report(
                 chosen.append(k)
         if not chosen:
             continue
-        parts.append(f"<h3>{_e(MODE_LABELS.get(mode, mode))}</h3><div class=\"gallery\">")
+        items = []
         for k in chosen:
             recs = {r["method"]: r for r in cells[k]}
             first = next(iter(recs.values()))
@@ -405,48 +414,44 @@ def build_report(
                 panels.append({"method": me, "heatmap": arr.get("heatmap"), "pred_boxes": boxes,
                                "score": iou_of.get((*k[:4], me)), "error": r.get("error")})
             t = f"{k[0]} · {k[1]} #{k[2]} · {first.get('attribute')} · answer: {str(first.get('answer'))[:80]}"
-            png = keep(figures.sample_gallery_row(img, first.get("gt_boxes") or [], panels), f"gallery_{mode}_{k[1]}_{k[2]}_{k[0]}".replace("/", "-"))
-            parts.append(f'<p class="caption">{_e(t)}</p>' + _img(png, t))
-        parts.append("</div>")
+            png = keep(figures.sample_gallery_row(img, first.get("gt_boxes") or [], panels), "gallery", mode, k[1], k[2], k[0])
+            items.append({"caption": t, "fig": _fig(png, t)})
+        ctx["gallery"].append({"label": MODE_LABELS.get(mode, mode), "entries": items})
 
     # ---- MedFocus
+    ctx["medfocus"] = None
     mf = [r for r in preds if r["method"] == "medfocus" and not r.get("error")]
     if mf:
-        parts.append("<h2>MedFocus: concepts and tokens</h2>")
         mf.sort(key=lambda r: (r["mode"] != "cot", r["dataset"], int(r["index"]), r["model"]))
-        shown = 0
+        examples = []
         for r in mf:
-            if shown >= medfocus_examples:
+            if len(examples) >= medfocus_examples:
                 break
             view = medfocus_view(r, _load_arrays(r, base))
             if not view.get("deltas"):
                 continue
-            shown += 1
-            head = (f"{r['model']} · {r['dataset']} #{r['index']} · {r.get('attribute')} · mode {r['mode']} · winner: "
-                    f"<b>{_e(view.get('winner'))}</b>" + (" (whole-image fallback)" if view.get("fallback") else ""))
-            parts.append(f"<h3>{head}</h3><div class=\"figs\">")
-            parts.append(_img(keep(figures.concept_ranking(view["deltas"], winner=view.get("winner")), f"concepts_{r['mode']}_{r['index']}"), "concept ranking"))
+            figs = [_fig(keep(figures.concept_ranking(view["deltas"], winner=view.get("winner")), "concepts", r["mode"], r["index"]),
+                         "concept ranking")]
             if view.get("tokens"):
-                parts.append(_img(keep(figures.token_attribution(view["tokens"], view["token_scores"], title="answer tokens coloured by each concept's attribution"),
-                                       f"tokens_{r['mode']}_{r['index']}"), "token attribution", width="100%"))
-            parts.append("</div>")
-        if shown == 0:
-            parts.append("<p><i>The MedFocus records carry no concept ranking.</i></p>")
+                figs.append(_fig(keep(figures.token_attribution(view["tokens"], view["token_scores"],
+                                                                title="answer tokens coloured by each concept's attribution"),
+                                      "tokens", r["mode"], r["index"]), "token attribution", width="100%"))
+            examples.append({"model": str(r["model"]), "dataset": str(r["dataset"]), "index": str(r["index"]),
+                             "attribute": str(r.get("attribute")), "mode": str(r["mode"]), "winner": str(view.get("winner")),
+                             "fallback": bool(view.get("fallback")), "figs": figs})
+        ctx["medfocus"] = examples
 
     # ---- failures
+    ctx["failures"] = None
     if n_err:
-        parts.append("<h2>Failures</h2>")
         by_method: dict[str, list[Mapping[str, Any]]] = {}
         for r in preds:
             if r.get("error"):
                 by_method.setdefault(r["method"], []).append(r)
         rows = [{"method": m, "failed records": len(v), "first error": str(v[0]["error"])[:200]} for m, v in by_method.items()]
-        parts.append(frame_table(pd.DataFrame(rows)))
+        ctx["failures"] = frame_table_data(pd.DataFrame(rows))
 
-    doc = (
-        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<title>{_e(title)}</title><style>{CSS}</style></head><body>" + "\n".join(parts) + "</body></html>"
-    )
+    doc = _env().get_template("report.html.jinja").render(**ctx)
     tmp = out.with_suffix(out.suffix + ".tmp")
     tmp.write_text(doc, encoding="utf-8")
     tmp.replace(out)

@@ -26,6 +26,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from medfocus.errors import ConfigError, DataError
+from medfocus.io.paths import safe_filename
 
 Key = tuple[str, str, int, str, str]
 """``(model, dataset, index, mode, method)``."""
@@ -49,8 +50,7 @@ def record_key(record: dict[str, Any]) -> Key:
 
 def key_slug(key: Key) -> str:
     """A file-name-safe string for a key, e.g. ``demo__synthetic__12__direct__occlusion``."""
-    safe = ["".join(c if (c.isalnum() or c in "-_.") else "-" for c in str(part)) for part in key]
-    return "__".join(safe)
+    return safe_filename("__".join(str(part) for part in key))
 
 
 def to_jsonable(obj: Any) -> Any:

@@ -1,0 +1,342 @@
+"""DICOM files as found in the wild (issue 12): numeric attributes stored as raw strings, pixel
+padding, compressed transfer syntaxes and their decoders — each kind with a table of known answers.
+
+Quirky variants are written to ``tmp_path`` from the real films in ``../shared/data/real_cxr/dicom``
+(never copied into the repository) or from small synthetic arrays whose display values are known.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataelem import RawDataElement
+from pydicom.datadict import tag_for_keyword
+from pydicom.tag import Tag
+
+from medfocus.errors import DataError, DataWarning
+from medfocus.io import read_image, read_image_size, to_uint8, write_dicom
+
+
+def _raw(ds, keyword: str, value: bytes, vr: str = "DS") -> None:
+    """Store ``value`` byte for byte (as a non-conforming writer would), bypassing pydicom's checks."""
+    if len(value) % 2:
+        value += b" "
+    tag = Tag(tag_for_keyword(keyword))
+    ds._dict[tag] = RawDataElement(tag, vr, len(value), value, 0, False, True)
+
+
+def _read_quiet(path):
+    """``read_image`` that fails the test on any DataWarning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        return read_image(path)
+
+
+@pytest.fixture(scope="module")
+def films(shared_data):
+    d = shared_data / "real_cxr" / "dicom"
+    if not (d / "RG1_UNCR.dcm").is_file():
+        pytest.skip(f"real DICOM films not found in {d}")
+    return d
+
+
+def _variant(films, tmp_path, name, edit, src="RG1_UNCR.dcm"):
+    ds = pydicom.dcmread(films / src)
+    edit(ds)
+    out = tmp_path / name
+    ds.save_as(out)
+    return out
+
+
+# ---- 1. numeric attributes stored as raw strings ----------------------------------------------------
+
+def test_decimal_comma_window_on_the_real_film_is_the_window_not_black(films, tmp_path):
+    """The issue's input: WindowCenter "15000,5" / WindowWidth "29999,5" read as 15000.5 / 29999.5."""
+    def quirky(ds):
+        _raw(ds, "WindowCenter", b"15000,5")
+        _raw(ds, "WindowWidth", b"29999,5")
+
+    def proper(ds):
+        ds.WindowCenter, ds.WindowWidth = 15000.5, 29999.5
+
+    got, size = _read_quiet(_variant(films, tmp_path, "comma.dcm", quirky))
+    want, _ = _read_quiet(_variant(films, tmp_path, "proper.dcm", proper))
+    assert size == (1841, 1955)
+    np.testing.assert_array_equal(got, want)
+    assert 150 < got.mean() < 230  # a CR chest film in its window, not an all-black image
+
+
+# (raw bytes written for WindowCenter, WindowWidth) -> the (centre, width) they must mean; None = unusable.
+WINDOW_TABLE = [
+    (b"128", b"256", (128, 256)),
+    (b"128,0", b"256,0", (128, 256)),            # decimal comma
+    (b" 127,5 ", b"255,5", (127.5, 255.5)),      # decimal comma with padding blanks
+    (b"128\\50", b"256\\10", (128, 256)),        # multi-valued: the first pair
+    (b"128,5\\50,5", b"256\\10", (128.5, 256)),  # multi-valued with decimal commas
+    (b"1.28E2", b"2.56e+02", (128, 256)),        # exponent notation
+    (b"", b"256", None),                         # empty
+    (b"NaN", b"256", None),                      # non-finite
+    (b"128", b"inf", None),
+    (b"centre", b"256", None),                   # not a number
+    (b"1,2,8", b"256", None),                    # ambiguous commas
+    (b"128", b"0", None),                        # width the LINEAR function cannot use
+]
+
+
+@pytest.mark.parametrize("center,width,meaning", WINDOW_TABLE)
+def test_window_attribute_dialects(tmp_path, center, width, meaning):
+    arr = np.arange(256, dtype=np.uint8).reshape(16, 16) * 0 + np.arange(256, dtype=np.uint16).reshape(16, 16)
+    arr = (arr * 4).astype(np.uint16)  # 0..1020: a window of 128/256 clips, min-max does not
+    src = write_dicom(tmp_path / "src.dcm", arr)
+    ds = pydicom.dcmread(src)
+    _raw(ds, "WindowCenter", center)
+    _raw(ds, "WindowWidth", width)
+    ds.save_as(tmp_path / "q.dcm")
+    if meaning is None:
+        with pytest.warns(DataWarning, match=r"q\.dcm: .*Window(Center|Width).*full-range min-max"):
+            img, _ = read_image(tmp_path / "q.dcm")
+        np.testing.assert_array_equal(img, to_uint8(arr))
+        return
+    img, _ = _read_quiet(tmp_path / "q.dcm")
+    want, _ = _read_quiet(write_dicom(tmp_path / "want.dcm", arr, WindowCenter=meaning[0], WindowWidth=meaning[1]))
+    np.testing.assert_array_equal(img, want)
+    assert img.max() == 255 and img.min() == 0 and (img == 255).sum() > 100  # the window clipped
+
+
+# (slope bytes, intercept bytes) -> (slope, intercept) or None (unusable -> min-max of stored values)
+RESCALE_TABLE = [
+    (b"2,0", b"-100,0", (2.0, -100.0)),
+    (b"2\\3", b"-100\\7", (2.0, -100.0)),
+    (b"0,5", b"0", (0.5, 0.0)),
+    (b"", b"-100", None),
+    (b"0", b"-100", None),        # a zero slope maps every pixel to the intercept
+    (b"2", b"-Infinity", None),
+]
+
+
+@pytest.mark.parametrize("slope,intercept,meaning", RESCALE_TABLE)
+def test_rescale_attribute_dialects(tmp_path, slope, intercept, meaning):
+    # x = 2 * raw - 100 with window [0, 200] (LINEAR_EXACT) -> known values.
+    raw_px = np.array([[10, 50, 100, 150, 200]], dtype=np.uint16)
+    src = write_dicom(tmp_path / "src.dcm", raw_px, WindowCenter=100, WindowWidth=200, VOILUTFunction="LINEAR_EXACT")
+    ds = pydicom.dcmread(src)
+    _raw(ds, "RescaleSlope", slope)
+    _raw(ds, "RescaleIntercept", intercept)
+    ds.save_as(tmp_path / "q.dcm")
+    if meaning is None:
+        with pytest.warns(DataWarning, match=r"q\.dcm: .*Rescale(Slope|Intercept).*full-range min-max"):
+            img, _ = read_image(tmp_path / "q.dcm")
+        np.testing.assert_array_equal(img, to_uint8(raw_px))
+        return
+    img, _ = _read_quiet(tmp_path / "q.dcm")
+    s, b = meaning
+    want = np.clip(np.floor(np.clip(((raw_px * s + b) - 0.0) / 200.0, 0, 1) * 255 + 0.5), 0, 255)
+    np.testing.assert_array_equal(img, want.astype(np.uint8))
+
+
+def test_lut_descriptor_dialects(tmp_path):
+    from pydicom.dataset import Dataset
+
+    p = write_dicom(tmp_path / "mlut.dcm", np.array([[0, 1, 2, 3]], dtype=np.uint16))
+    ds = pydicom.dcmread(p)
+    item = Dataset()
+    _raw(item, "LUTDescriptor", b"4\\0,0\\16")  # written as decimal strings, one with a comma
+    item.add_new(0x00283006, "US", [0, 10, 20, 1000])
+    ds.ModalityLUTSequence = [item]
+    ds.save_as(p, enforce_file_format=True)
+    img, _ = _read_quiet(p)
+    np.testing.assert_array_equal(img, [[0, 3, 5, 255]])
+
+    # A descriptor promising more entries than the data holds: warned, min-max of the stored values.
+    item.add_new(0x00283002, "US", [8, 0, 16])
+    ds.ModalityLUTSequence = [item]
+    ds.save_as(p, enforce_file_format=True)
+    with pytest.warns(DataWarning, match=r"mlut\.dcm: ModalityLUTSequence LUTData has 4 entries.*min-max"):
+        img, _ = read_image(p)
+    np.testing.assert_array_equal(img, [[0, 85, 170, 255]])
+
+
+# ---- 2. pixel padding --------------------------------------------------------------------------------
+
+# (stored values, photometric, padding tags) -> displayed values (padding black, excluded from the range)
+PADDING_TABLE = [
+    ([[5, 10, 20, 999]], "MONOCHROME2", {"PixelPaddingValue": 999}, [[0, 85, 255, 0]]),
+    ([[5, 10, 20, 999]], "MONOCHROME1", {"PixelPaddingValue": 999}, [[255, 170, 0, 0]]),
+    ([[5, 10, 20, 900, 999]], "MONOCHROME2", {"PixelPaddingValue": 999, "PixelPaddingRangeLimit": 900},
+     [[0, 85, 255, 0, 0]]),
+    ([[5, 10, 20, 900, 999]], "MONOCHROME2", {"PixelPaddingValue": 900, "PixelPaddingRangeLimit": 999},
+     [[0, 85, 255, 0, 0]]),
+    ([[5, 10, 20]], "MONOCHROME2", {"PixelPaddingValue": 999}, [[0, 85, 255]]),  # no padding present
+    ([[0, 100], [200, 400]], "MONOCHROME2", {}, [[0, 64], [128, 255]]),        # no padding attribute
+    # With a window the range is explicit, but padding is still black.
+    ([[0, 64, 128, 999]], "MONOCHROME2", {"PixelPaddingValue": 999, "WindowCenter": 128, "WindowWidth": 256},
+     [[0, 64, 128, 0]]),
+]
+
+
+@pytest.mark.parametrize("stored,photometric,tags,want", PADDING_TABLE)
+def test_pixel_padding_is_excluded_and_black(tmp_path, stored, photometric, tags, want):
+    p = write_dicom(tmp_path / "pad.dcm", np.array(stored, dtype=np.uint16), photometric, **tags)
+    img, _ = _read_quiet(p)
+    np.testing.assert_array_equal(img, want)
+
+
+def test_padded_real_film_keeps_its_full_grey_range(films, tmp_path):
+    """The issue's input: the RG1 film without a window, border set to PixelPaddingValue 32767."""
+    ds = pydicom.dcmread(films / "RG1_UNCR.dcm")
+    stored = ds.pixel_array.copy()
+    border = np.zeros(stored.shape, dtype=bool)
+    border[:60], border[-60:], border[:, :45], border[:, -45:] = True, True, True, True
+    stored[border] = 32767
+
+    def edit(d):
+        del d.WindowCenter, d.WindowWidth
+        d.add_new(0x00280120, "US", 32767)  # PixelPaddingValue (US or SS: unsigned pixels)
+        d.PixelData = stored.astype("<u2").tobytes()
+
+    img, _ = _read_quiet(_variant(films, tmp_path, "pad.dcm", edit))
+    assert (img[border] == 0).all()
+    inner = ~border
+    want = 255 - to_uint8(np.where(inner, stored, 0).astype(np.float64), valid=inner)  # MONOCHROME1
+    np.testing.assert_array_equal(img[inner], want[inner])
+    assert img[inner].min() == 0 and img[inner].max() == 255  # not washed out into 65..255
+
+
+def test_unusable_padding_value_is_warned_and_ignored(tmp_path):
+    p = write_dicom(tmp_path / "src.dcm", np.array([[5, 10, 20, 999]], dtype=np.uint16))
+    ds = pydicom.dcmread(p)
+    _raw(ds, "PixelPaddingValue", b"n/a", vr="DS")
+    ds.save_as(tmp_path / "q.dcm")
+    with pytest.warns(DataWarning, match=r"q\.dcm: PixelPaddingValue = 'n/a' is not a number; no pixel is treated"):
+        img, _ = read_image(tmp_path / "q.dcm")
+    np.testing.assert_array_equal(img, to_uint8(np.array([[5, 10, 20, 999]])))
+    # Written as a decimal string by a non-conforming writer, the value still counts.
+    _raw(ds, "PixelPaddingValue", b"999,0", vr="DS")
+    ds.save_as(tmp_path / "q2.dcm")
+    img, _ = _read_quiet(tmp_path / "q2.dcm")
+    np.testing.assert_array_equal(img, [[0, 85, 255, 0]])
+
+
+# ---- 3. compressed films and decoders ---------------------------------------------------------------
+
+def test_lossless_encodings_decode_to_the_uncompressed_pixels(films):
+    ref_ds = pydicom.dcmread(films / "RG1_UNCR.dcm")
+    ref_img, ref_size = _read_quiet(films / "RG1_UNCR.dcm")
+    j2kr = pydicom.dcmread(films / "RG1_J2KR.dcm")
+    assert j2kr.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.90"
+    np.testing.assert_array_equal(j2kr.pixel_array, ref_ds.pixel_array)
+    img, size = _read_quiet(films / "RG1_J2KR.dcm")
+    assert size == ref_size == (1841, 1955)
+    np.testing.assert_array_equal(img, ref_img)
+
+
+def test_lossy_encoding_is_close(films):
+    ref_ds = pydicom.dcmread(films / "RG1_UNCR.dcm")
+    ref_img, _ = _read_quiet(films / "RG1_UNCR.dcm")
+    lossy = pydicom.dcmread(films / "RG1_J2KI.dcm")
+    assert lossy.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.91"
+    d = np.abs(lossy.pixel_array.astype(np.int64) - ref_ds.pixel_array.astype(np.int64))
+    assert d.mean() < 0.005 * 32767 and d.max() < 0.02 * 32767  # stored 15-bit values
+    img, _ = _read_quiet(films / "RG1_J2KI.dcm")
+    g = np.abs(img.astype(np.int64) - ref_img.astype(np.int64))
+    assert g.mean() < 1.0 and g.max() <= 4  # display grey levels
+
+
+def test_jpeg_lossless_sv1_decodes_to_the_reference_pixels(films):
+    """JPEG Lossless SV1 (1.2.840.10008.1.2.4.70): the decoded stored values hash to what GDCM 3.2.6
+    (an independent decoder) produced for this file."""
+    ds = pydicom.dcmread(films / "JPEG-LL.dcm")
+    assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.70"
+    arr = ds.pixel_array
+    assert arr.shape == (1024, 256) and arr.dtype == np.int16
+    assert hashlib.sha256(np.ascontiguousarray(arr, dtype="<i2").tobytes()).hexdigest() == JPEG_LL_SHA256
+    img, size = _read_quiet(films / "JPEG-LL.dcm")
+    assert size == (256, 1024)
+    np.testing.assert_array_equal(img, to_uint8(arr))  # no window, no rescale: min-max
+
+
+JPEG_LL_SHA256 = "a6e9d32143339d3f5748b5520aa4e6c6ffb3550b6f71fdf17bdb2ebb44bc2611"
+
+
+def test_lut_films_read(films):
+    img, size = _read_quiet(films / "mlut_18.dcm")
+    assert size == (512, 512) and img.min() == 0 and img.max() == 255
+    img, size = _read_quiet(films / "vlut_04.dcm")
+    assert size == (512, 512) and img.min() == 0 and img.max() == 255
+
+
+# transfer syntax -> the package that must be named (and the one that must not) when its decoder is missing
+DECODER_TABLE = [
+    ("1.2.840.10008.1.2.4.50", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg"),  # JPEG baseline
+    ("1.2.840.10008.1.2.4.57", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg"),  # JPEG lossless
+    ("1.2.840.10008.1.2.4.70", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg"),  # JPEG lossless SV1
+    ("1.2.840.10008.1.2.4.80", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg"),  # JPEG-LS lossless
+    ("1.2.840.10008.1.2.4.90", "pylibjpeg-openjpeg", "pylibjpeg-libjpeg"),  # JPEG 2000 lossless
+    ("1.2.840.10008.1.2.4.91", "pylibjpeg-openjpeg", "pylibjpeg-libjpeg"),  # JPEG 2000
+    ("1.2.840.10008.1.2.4.201", "pylibjpeg-openjpeg", "pylibjpeg-libjpeg"),  # HTJ2K lossless
+    ("1.2.840.10008.1.2.5", "pylibjpeg-rle", "pylibjpeg-openjpeg"),  # RLE
+]
+
+
+@pytest.mark.parametrize("uid,package,not_package", DECODER_TABLE)
+def test_every_compressed_syntax_is_decodable_and_names_its_package(uid, package, not_package):
+    from pydicom.pixels import get_decoder
+
+    from medfocus.io.reader import _decoder_advice
+
+    assert get_decoder(uid).is_available, f"no decoder installed for {uid}: the default install must bring it"
+    advice = _decoder_advice(pydicom.uid.UID(uid))
+    assert package in advice and not_package not in advice
+
+
+@pytest.mark.parametrize("name,uid,package,wrong", [
+    ("JPEG-LL.dcm", "1.2.840.10008.1.2.4.70", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg"),
+    ("RG1_J2KR.dcm", "1.2.840.10008.1.2.4.90", "pylibjpeg-openjpeg", "pylibjpeg-libjpeg"),
+])
+def test_missing_decoder_names_the_syntax_and_its_package(films, monkeypatch, name, uid, package, wrong):
+    from pydicom.pixels import get_decoder
+
+    monkeypatch.setattr(get_decoder(uid), "_available", {})  # as if the plugin were not installed
+    with pytest.raises(DataError) as ei:
+        read_image(films / name)
+    msg = str(ei.value)
+    assert name in msg and uid in msg and package in msg and wrong not in msg
+
+
+def test_uncompressed_defects_give_no_decoder_advice(films, tmp_path):
+    def truncate(ds):
+        ds.PixelData = ds.PixelData[:1_000_000]
+
+    with pytest.raises(DataError, match="does not match the pixel module") as ei:
+        read_image(_variant(films, tmp_path, "trunc.dcm", truncate))
+    assert "trunc.dcm" in str(ei.value) and "pip" not in str(ei.value) and "decoder" not in str(ei.value)
+
+    def no_photometric(ds):
+        del ds.PhotometricInterpretation
+
+    with pytest.raises(DataError, match="missing required attribute.*PhotometricInterpretation") as ei:
+        read_image(_variant(films, tmp_path, "nophoto.dcm", no_photometric))
+    assert "nophoto.dcm" in str(ei.value) and "pip" not in str(ei.value) and "decoder" not in str(ei.value)
+
+
+# ---- header-only size ---------------------------------------------------------------------------------
+
+def test_read_image_size_reads_only_the_header(films, tmp_path, monkeypatch):
+    from PIL import Image
+
+    assert read_image_size(films / "RG1_J2KR.dcm") == (1841, 1955)
+    assert read_image_size(films / "JPEG-LL.dcm") == (256, 1024)
+    # A truncated pixel stream still has a readable header.
+    ds = pydicom.dcmread(films / "RG1_UNCR.dcm")
+    ds.PixelData = ds.PixelData[:100]
+    ds.save_as(tmp_path / "t.dcm")
+    assert read_image_size(tmp_path / "t.dcm") == (1841, 1955)
+    Image.fromarray(np.zeros((7, 9), dtype=np.uint8)).save(tmp_path / "a.png")
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded pixels"))
+    assert read_image_size(tmp_path / "a.png") == (9, 7)
+    with pytest.raises(DataError, match="not found"):
+        read_image_size(tmp_path / "none.png")
