@@ -8,7 +8,7 @@ from PIL import Image
 
 from medfocus.datasets import load_dataset
 from medfocus.datasets.imagenome import image_relpath, load_imagenome
-from medfocus.errors import DataError
+from medfocus.errors import DataError, DataWarning
 
 COLUMNS = ["image_id", "bbox", "label_name", "categoryID", "relation", "coord_original", "patient_id", "study_id", "sentence"]
 # Deliberately out of order; patient 9000001 has fewer digits than 10000032: numeric order puts it
@@ -38,7 +38,8 @@ def _write(root, rows=ROWS):
 
 def test_order_filters_boxes_and_paths(tmp_path):
     _write(tmp_path)
-    samples = load_imagenome(tmp_path)
+    with pytest.warns(DataWarning, match="imagenome: 1 of 5 expert boxes clipped to the image border, 0 dropped"):
+        samples = load_imagenome(tmp_path)
     keys = [(s.meta["patient_id"], s.meta["image_id"], s.attribute) for s in samples]
     assert keys == [
         ("9000001", "img_c.dcm", "enlarged cardiac silhouette"),
@@ -48,7 +49,9 @@ def test_order_filters_boxes_and_paths(tmp_path):
     ]
     assert [s.index for s in samples] == [0, 1, 2, 3]
     c = samples[0]
-    assert c.boxes == [(5.5, 6.0, 70.0, 80.0)] and c.concept == "cardiac silhouette"
+    # [5.5, 6, 70, 80] on a 50x50 film: clipped to the image, and counted
+    assert c.boxes == [(5.5, 6.0, 50.0, 50.0)] and c.concept == "cardiac silhouette"
+    assert c.meta["provenance"] == {"boxes_clipped": 1, "boxes_dropped": 0, "dataset_boxes_clipped": 1, "dataset_boxes_dropped": 0}
     assert c.image_path.endswith("mimic-cxr-jpg/2.1.0/files/p90/p9000001/s59999999/img_c.jpg")
     assert c.image_size == (50, 50)
     b = samples[3]

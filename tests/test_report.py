@@ -46,8 +46,9 @@ def test_summarize_and_table():
     assert r["n"] == 10 and r["mean"] == pytest.approx(40.0)
     assert r["ci_low"] < 40.0 < r["ci_high"] and r["ci_high"] - r["ci_low"] < 10 and r["n_error"] == 1
     assert s[(s.method == "occlusion") & (s.metric == "precision")]["mean"].iloc[0] == pytest.approx(40.0)
-    html = results_table(s, model="demo", mode="direct")
-    assert "<b>40.0</b>" in html  # rise is best on IoU: bold
+    assert "<b>" not in results_table(s, model="demo", mode="direct")  # bold only where significance says so
+    html = results_table(s, model="demo", mode="direct", best={("synthetic", "iou"): "rise"})
+    assert "<b>40.0</b>" in html and html.count("<b>") == 1
     assert ">20.0<" in html and "[" in html and html.count("<tr>") == 2 + 2
     assert "1 failed" in html  # rise's failed record is shown next to its n
     # the source / deviation column: each method's declared source line, escaped
@@ -136,14 +137,40 @@ def test_build_report_self_contained(tmp_path):
     # self-contained: no external resources, no scripts
     assert not re.search(r'(src|href)="(?!data:)', html) and "<script" not in html
     n_img = html.count('src="data:image/png;base64,')
-    # 2 modes x 2 bar plots (one model/dataset: no method x model matrix) + gallery (2 modes x 3 samples)
-    # + 3 MedFocus examples x 2 figures
-    assert n_img == 4 + 6 + 6
+    # 2 modes x 2 bar plots (one model/dataset: no method x model matrix) + gallery (2 modes x 2 findings,
+    # one sample each) + 3 MedFocus examples x 2 figures
+    assert n_img == 4 + 4 + 6
     assert len(list((tmp_path / "figs").glob("*.png"))) == n_img
     for text in ("Direct answer", "Step-by-step", "occlusion", "inpaint", "Failures", "out of memory", "cardiac silhouette", "Elapsed"):
         assert text in html
-    # occlusion is exact (IoU 100) and bold in both modes' tables
-    assert html.count("<b>100.0</b>") >= 2
+    # occlusion is exact (IoU 100), better than every other method on every paired sample: bold in both modes' tables
+    assert html.count("<b>100.0</b>") >= 2 and "paired bootstrap" in html
+    # the gallery is stratified by finding: both findings of the run are shown in each mode
+    assert html.count("<h4>cardiomegaly</h4>") == 2 and html.count("<h4>nodule</h4>") == 2
+
+
+def test_report_figures_in_vector_format_and_failed_methods(tmp_path):
+    preds, metrics = make_run(tmp_path)
+    long_answer = "The cardiac silhouette is enlarged and there are no lung markings beyond the pleural line on the right. " * 3 + "Yes"
+    for r in preds:
+        r["answer"] = long_answer
+        if r["method"] == "rise":  # every rise record failed
+            r.update(error="RuntimeError: out of memory", heatmap_path=None, pred_boxes=None)
+    metrics.loc[metrics["method"] == "rise", ["iou", "f1", "precision", "recall"]] = np.nan
+    metrics.loc[metrics["method"] == "rise", "error"] = "RuntimeError: out of memory"
+    out = build_report(preds, tmp_path / "r.html", metrics=metrics, figures_dir=tmp_path / "figs", fig_format="svg", dpi=100)
+    html = out.read_text()
+    svgs = {p.name: p.read_text() for p in (tmp_path / "figs").glob("*.svg")}
+    assert svgs and not list((tmp_path / "figs").glob("*.png")) and all("<svg" in t for t in svgs.values())
+    assert '<td class="failed">failed</td>' in html  # not "0.0", not a dash
+    assert long_answer in html  # the caption is whole (wrapped by the page), never cut mid-word
+    gallery = [t for n, t in svgs.items() if n.startswith("gallery_")]
+    assert len(gallery) == 4
+    for t in gallery:  # MedFocus' panel names its winner; the failed method says so; R/L markers
+        assert f">{CONCEPTS[0]}<" in t and ">failed<" in t and ">R<" in t and ">L<" in t
+    assert any(">failed<" in t for n, t in svgs.items() if n.startswith("bars_"))
+    with pytest.raises(Exception, match="figure format"):
+        build_report(preds, tmp_path / "x.html", metrics=metrics, fig_format="jpg")
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -67,7 +67,8 @@ class LazyGroup(click.Group):
             formatter.write_dl([(n, _HELP.get(n, "")) for n in sorted(COMMANDS)])
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+# show_default: every sub-command's help shows each option's default (inherited by the sub-contexts).
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="medfocus")
 def main() -> None:
     """medfocus: which part of a chest X-ray did the LVLM use, and do attribution methods find it?

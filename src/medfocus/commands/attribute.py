@@ -8,8 +8,13 @@ from typing import Any, Sequence
 
 import click
 
+from medfocus.attribution.base import BASELINES
 from medfocus.commands.config import config_option
+from medfocus.commands.progress import progress_bars
 from medfocus.errors import ConfigError, DataError, MedfocusError
+
+#: The registered method names, for the help text (the registry module imports no model code).
+METHOD_NAMES: tuple[str, ...] = (*BASELINES, "medfocus")
 
 EPILOG = """\b
 Examples:
@@ -23,8 +28,8 @@ Examples:
   medfocus attribute --dataset vindr_cxr --data-root /data/vindr --model qwen2_5_vl_7b \\
       --mode cot --method occlusion --method rise --param rise.n_masks=128 --limit 100 --out runs/vindr
   # MedFocus with MedSAM refinement, mask regions and the nested rule (local MedSAM copy)
-  medfocus attribute --bench runs/bench/demo/synthetic/direct.json --dataset synthetic --data-root runs/data \
-      --method medfocus --refine medsam --medsam /models/medsam-vit-base \
+  medfocus attribute --bench runs/bench/demo/synthetic/direct.json --dataset synthetic --data-root runs/data \\
+      --method medfocus --refine medsam --medsam /models/medsam-vit-base \\
       --param medfocus.region=mask --param medfocus.rule=nested --out runs/medfocus
 """
 
@@ -168,26 +173,32 @@ def build_items(
 
 @click.command(name="attribute", epilog=EPILOG)
 @config_option
-@click.option("--bench", "bench", multiple=True, type=click.Path(dir_okay=False), help="Benchmark split file(s) (.json/.jsonl) from `medfocus bench build`. Repeatable.")
-@click.option("--dataset", default=None, help="Dataset key (imagenome, vindr_cxr, padchest_gr, synthetic).")
-@click.option("--data-root", default=None, envvar="MEDFOCUS_DATA_ROOT", help="Dataset root (or $MEDFOCUS_DATA_ROOT).")
-@click.option("--model", "models", multiple=True, help="LVLM registry name or path. Repeatable. Default: the models named in --bench.")
+@click.option("--bench", "bench", multiple=True, type=click.Path(dir_okay=False), show_default="none: every positive sample of --dataset",
+              help="Benchmark split file(s) (.json/.jsonl) from `medfocus bench build`. Repeatable.")
+@click.option("--dataset", default=None, show_default="the datasets named in --bench; required without --bench",
+              help="Dataset key (imagenome, vindr_cxr, padchest_gr, synthetic).")
+@click.option("--data-root", default=None, envvar="MEDFOCUS_DATA_ROOT", show_default="$MEDFOCUS_DATA_ROOT", help="Dataset root.")
+@click.option("--model", "models", multiple=True, show_default="the models named in --bench; required without --bench",
+              help="LVLM registry name or path. Repeatable.")
 @click.option("--mode", "modes", multiple=True, type=click.Choice(["direct", "cot"]), default=("direct",), show_default=True, help="Output mode(s). Repeatable.")
-@click.option("--method", "methods", multiple=True, help="Attribution method(s). Repeatable. Default: all registered (10 baselines + medfocus).")
-@click.option("--param", "params", multiple=True, help="Method parameter METHOD.NAME=VALUE, e.g. rise.n_masks=128. Repeatable.")
-@click.option("--refine", type=click.Choice(["none", "medsam"]), default=None,
+@click.option("--method", "methods", multiple=True, show_default=f"all {len(METHOD_NAMES)}",
+              help=f"Attribution method, repeatable: {', '.join(METHOD_NAMES)}.")
+@click.option("--param", "params", multiple=True, show_default="each method's own, listed in the README",
+              help="Parameter of a selected method, METHOD.NAME=VALUE, e.g. rise.n_masks=128. Repeatable.")
+@click.option("--refine", type=click.Choice(["none", "medsam"]), default=None, show_default="medfocus' own, none",
               help="MedFocus concept refinement (shorthand for --param medfocus.refine=...); skipped with a notice when the MedSAM weights are absent.")
-@click.option("--medsam", default=None, help="Box-prompted segmenter for medfocus and prompting_medsam: a hub id, a local folder, or 'demo' (the demo segmenter, synthetic world only).")
+@click.option("--medsam", default=None, show_default="flaviagiammarino/medsam-vit-base with --refine medsam",
+              help="Box-prompted segmenter for medfocus and prompting_medsam: a hub id, a local folder, or 'demo' (the demo segmenter, synthetic world only).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder (predictions.jsonl + heatmaps).")
-@click.option("--limit", type=int, default=None, help="At most this many samples per (model, dataset, mode).")
+@click.option("--limit", type=int, default=None, show_default="no limit", help="At most this many samples per (model, dataset, mode).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Run seed (per-sample seeds derive from it).")
-@click.option("--shard", default=None, help="Run only shard i of n (i/n, 0-based); merge the shard files with --merge.")
+@click.option("--shard", default=None, show_default="0/1, everything", help="Run only shard i of n (i/n, 0-based); merge the shard files with --merge.")
 @click.option("--merge", is_flag=True, help="Merge predictions.shard-*.jsonl in --out into predictions.jsonl and exit.")
 @click.option("--retry-errors", is_flag=True, help="Recompute records that failed in a previous run.")
 @click.option("--save-token-maps", is_flag=True, help="Also store per-answer-token heatmaps (float16).")
 @click.option("--include-negatives", is_flag=True, help="Without --bench: also attribute samples whose answer is No.")
-@click.option("--device", default=None, help="torch device for the models (default: cuda if available, else cpu).")
-@click.option("--no-progress", is_flag=True, help="Disable progress bars.")
+@click.option("--device", default=None, show_default="cuda if available, else cpu", help="torch device for the models.")
+@click.option("--no-progress", is_flag=True, help="Disable progress bars (also the weight-loading bar).")
 def attribute(bench, dataset, data_root, models, modes, methods, params, refine, medsam, out_dir, limit, seed, shard, merge,
               retry_errors, save_token_maps, include_negatives, device, no_progress) -> None:
     """Run attribution methods on a benchmark split and store one record per
@@ -226,7 +237,7 @@ def attribute(bench, dataset, data_root, models, modes, methods, params, refine,
             return load_lvlm(name, device=device)
 
         click.echo(f"{len(items)} samples x {len(method_params)} methods -> {store_path}")
-        with ResultStore(store_path) as store:
+        with progress_bars(not no_progress), ResultStore(store_path) as store:
             summary = run_grid(items, method_params, store, load_model=loader, seed=seed, retry_errors=retry_errors,
                                save_token_maps=save_token_maps, progress=not no_progress)
         click.echo(f"done: {summary}")

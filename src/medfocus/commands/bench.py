@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from medfocus.commands.config import config_option
+from medfocus.commands.progress import progress_bars
 from medfocus.errors import MedfocusError
 
 EPILOG = """\b
@@ -54,28 +55,29 @@ def _load_model(name: str, device: str | None) -> Any:
 @bench.command(name="build", epilog=EPILOG)
 @config_option
 @click.option("--model", required=True, help="LVLM registry name (`medfocus models`) or model folder, e.g. demo, qwen2_5_vl_3b.")
-@click.option("--model-name", default=None, help="Name written in the records (default: --model, or the folder name when --model is a path).")
+@click.option("--model-name", default=None, show_default="--model, or the folder name when --model is a path", help="Name written in the records.")
 @click.option("--dataset", required=True, help="Dataset key: synthetic, imagenome, vindr_cxr, padchest_gr.")
-@click.option("--data-root", default=None, envvar="MEDFOCUS_DATA_ROOT", help="Dataset root (or $MEDFOCUS_DATA_ROOT).")
+@click.option("--data-root", default=None, envvar="MEDFOCUS_DATA_ROOT", show_default="$MEDFOCUS_DATA_ROOT", help="Dataset root.")
 @click.option("--mode", "modes", multiple=True, type=click.Choice(["direct", "cot"]), default=("direct",), show_default=True,
               help="Output mode(s); repeat for both.")
-@click.option("--editor", default=None, help="oracle | radedit | transplant | inpaint | inpaint_ns. "
-              "Default: oracle on the synthetic world, radedit otherwise (as the paper).")
+@click.option("--editor", default=None, show_default="oracle on the synthetic world, else radedit as in the paper",
+              help="oracle | radedit | transplant | inpaint | inpaint_ns.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--cache-dir", default=None, type=click.Path(file_okay=False), help="Edit cache (default <out>/edits).")
-@click.option("--reference-dir", default=None, type=click.Path(file_okay=False), help="Normal reference pool (transplant editor).")
-@click.option("--radedit-dir", default=None, type=click.Path(file_okay=False),
-              help="Local RadEdit weights (unet/, vae/, text_encoder/); default: the Hugging Face cache.")
+@click.option("--cache-dir", default=None, type=click.Path(file_okay=False), show_default="OUT/edits", help="Edit cache.")
+@click.option("--reference-dir", default=None, type=click.Path(file_okay=False), show_default="none; required by --editor transplant",
+              help="Normal reference pool (transplant editor).")
+@click.option("--radedit-dir", default=None, type=click.Path(file_okay=False), show_default="the Hugging Face cache",
+              help="Local RadEdit weights (unet/, vae/, text_encoder/).")
 @click.option("--radedit-steps", default=200, show_default=True, type=int, help="RadEdit DDIM steps (paper: 200).")
-@click.option("--limit", type=int, default=None, help="Only the first N samples of the dataset.")
+@click.option("--limit", type=int, default=None, show_default="all samples", help="Only the first N samples of the dataset.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Images per generate() batch.")
-@click.option("--max-new-tokens", type=int, default=None, help="Generation budget (default 16 direct, 256 cot).")
+@click.option("--max-new-tokens", type=int, default=None, show_default="16 direct, 256 cot", help="Generation budget.")
 @click.option("--include-negatives/--no-negatives", default=False, show_default=True,
               help="Also answer the 'No' samples (separate <mode>.negatives.json; off as in the paper).")
 @click.option("--retry-errors", is_flag=True, help="Redo samples that failed in a previous run.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Editor seed (part of the edit-cache key).")
-@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
-@click.option("--no-progress", is_flag=True, help="Disable progress bars.")
+@click.option("--device", default=None, show_default="cuda if available, else cpu", help="torch device.")
+@click.option("--no-progress", is_flag=True, help="Disable progress bars (also the weight-loading bar).")
 def build(model: str, model_name: str | None, dataset: str, data_root: str | None, modes: tuple[str, ...], editor: str | None, out_dir: str,
           cache_dir: str | None, reference_dir: str | None, radedit_dir: str | None, radedit_steps: int, limit: int | None,
           batch_size: int, max_new_tokens: int | None, include_negatives: bool, retry_errors: bool, seed: int,
@@ -101,7 +103,8 @@ def build(model: str, model_name: str | None, dataset: str, data_root: str | Non
         ed = _make_editor(editor_name, seed=seed, reference_dir=reference_dir, radedit_dir=radedit_dir,
                           radedit_steps=radedit_steps, device=device)
         ed.prepare()
-        adapter = _load_model(model, device)
+        with progress_bars(not no_progress):
+            adapter = _load_model(model, device)
         for mode in modes:
             records, ret = build_benchmark(adapter, samples, mode=mode, editor=ed, out_dir=out_dir, model_name=model_name,
                                            cache_dir=cache_dir, include_negatives=include_negatives,

@@ -9,7 +9,11 @@ from pathlib import Path
 import click
 
 from medfocus.commands.config import config_option
+from medfocus.commands.progress import progress_bars
 from medfocus.errors import MedfocusError
+from medfocus.runner.demo import DemoConfig
+
+_DEFAULTS = DemoConfig()  # the help shows these values, and unset options keep them
 
 EPILOG = """\b
 Examples:
@@ -25,35 +29,33 @@ Examples:
 @click.command(name="demo", epilog=EPILOG)
 @config_option
 @click.option("--out", "out_dir", default="runs/demo", show_default=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--n-samples", default=None, type=int, help="Synthetic cases to generate (default: DemoConfig.n_samples).")
-@click.option("--per-mode", default=None, type=int, help="At most this many filtered samples attributed per mode.")
-@click.option("--n-reference", default=None, type=int, help="Normal reference phantoms for MedFocus.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--mode", "modes", multiple=True, type=click.Choice(["direct", "cot"]), help="Output modes (default: both).")
-@click.option("--editor", "editors", multiple=True, help="Counterfactual editors of the filter (default: oracle and inpaint).")
-@click.option("--method", "methods", multiple=True, help="Attribution methods (default: all registered).")
+@click.option("--n-samples", default=_DEFAULTS.n_samples, show_default=True, type=click.IntRange(1), help="Synthetic cases to generate.")
+@click.option("--per-mode", default=_DEFAULTS.per_mode, show_default=True, type=click.IntRange(1),
+              help="At most this many filtered samples attributed per mode.")
+@click.option("--n-reference", default=_DEFAULTS.n_reference, show_default=True, type=click.IntRange(1),
+              help="Normal reference phantoms for MedFocus.")
+@click.option("--seed", default=_DEFAULTS.seed, show_default=True, type=int, help="Seed of data, filter and attribution.")
+@click.option("--mode", "modes", multiple=True, type=click.Choice(["direct", "cot"]), default=_DEFAULTS.modes, show_default=True,
+              help="Output mode(s). Repeatable.")
+@click.option("--editor", "editors", multiple=True, default=_DEFAULTS.editors, show_default=True,
+              help="Counterfactual editors of the filter (the first, or oracle when given, feeds the attribution). Repeatable.")
+@click.option("--method", "methods", multiple=True, show_default="all registered", help="Attribution methods. Repeatable.")
 @click.option("--model", default="demo", show_default=True, help="LVLM registry name or folder (the shipped demo model by default).")
-@click.option("--param", "params", multiple=True,
+@click.option("--param", "params", multiple=True, show_default="the demo's settings, README section 'The demo'",
               help="Method parameter METHOD.NAME=VALUE (as for `medfocus attribute`), e.g. medfocus.region=box. Repeatable.")
 @click.option("--fresh", is_flag=True, help="Delete the output folder first (otherwise a rerun resumes).")
-@click.option("--no-progress", is_flag=True, help="Disable progress bars.")
+@click.option("--no-progress", is_flag=True, help="Disable progress bars (also the weight-loading bar).")
 def demo(out_dir, n_samples, per_mode, n_reference, seed, modes, editors, methods, model, params, fresh, no_progress) -> None:
     """Generate the synthetic benchmark, load the shipped demo LVLM, build the causally filtered
     benchmark (oracle and inpaint editors) in direct and step-by-step mode, run every attribution
     method, evaluate, and write report.html, table.md, table.csv and retention.md."""
-    from medfocus.runner.demo import DemoConfig, run_demo
+    from medfocus.runner.demo import run_demo
 
     t0 = time.perf_counter()
     out = Path(out_dir)
     if fresh and out.exists():
         shutil.rmtree(out)
-    cfg = DemoConfig(seed=seed, model=model)
-    if n_samples is not None:
-        cfg.n_samples = n_samples
-    if per_mode is not None:
-        cfg.per_mode = per_mode
-    if n_reference is not None:
-        cfg.n_reference = n_reference
+    cfg = DemoConfig(seed=seed, model=model, n_samples=n_samples, per_mode=per_mode, n_reference=n_reference)
     if modes:
         cfg.modes = tuple(modes)
     if editors:
@@ -67,7 +69,8 @@ def demo(out_dir, n_samples, per_mode, n_reference, seed, modes, editors, method
             from medfocus.commands.attribute import parse_params
 
             cfg.method_params = parse_params(params)
-        res = run_demo(out, cfg, progress=not no_progress)
+        with progress_bars(not no_progress):
+            res = run_demo(out, cfg, progress=not no_progress)
     except MedfocusError as exc:
         raise click.ClickException(str(exc)) from exc
     elapsed = time.perf_counter() - t0

@@ -2,9 +2,32 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from typing import Any
 
 import click
+
+from medfocus.commands.progress import progress_bars
+
+
+class ConfigDefault(click.Option):
+    """An option whose default lives in a training-config dataclass (``"module:Class.field"``): the help
+    shows the value, read only when the help is shown (the trainer modules import torch)."""
+
+    def __init__(self, *args: Any, config_field: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.config_field = config_field
+
+    def default_value(self) -> Any:
+        module, _, attr = self.config_field.partition(":")
+        cls, _, name = attr.partition(".")
+        return getattr(getattr(importlib.import_module(module), cls)(), name)
+
+    def get_help_extra(self, ctx: click.Context) -> Any:
+        extra = super().get_help_extra(ctx)
+        extra["default"] = str(self.default_value())
+        return extra
 
 
 @click.command("models", help="List the registered LVLMs and their families.\n\n\b\nExamples:\n  medfocus models\n  medfocus models --check")
@@ -49,10 +72,12 @@ Examples:
   medfocus demo --model runs/my-demo-model                           # use it in the demo
 """)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="Output folder (default: the package's lvlm/demo_model, i.e. what load_lvlm('demo') loads).")
+              show_default="the package's lvlm/demo_model, the folder load_lvlm loads as demo", help="Output folder.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of data, initialisation and sampling.")
-@click.option("--steps", type=int, default=None, help="Training steps (default: DemoConfig.steps).")
-@click.option("--cases", "n_cases", type=int, default=None, help="Synthetic training cases (default: DemoConfig.n_train_cases).")
+@click.option("--steps", type=int, default=None, cls=ConfigDefault, config_field="medfocus.lvlm.demo:DemoConfig.steps",
+              help="Training steps.")
+@click.option("--cases", "n_cases", type=int, default=None, cls=ConfigDefault, config_field="medfocus.lvlm.demo:DemoConfig.n_train_cases",
+              help="Synthetic training cases.")
 @click.option("--threads", type=int, default=2, show_default=True, help="torch CPU threads.")
 @click.option("--eval-every", type=int, default=0, show_default=True, help="Quick held-out check every N steps (0: off).")
 @click.option("--checkpoint-every", type=int, default=100, show_default=True,
@@ -81,13 +106,16 @@ Examples:
   medfocus attribute ... --method medfocus --refine medsam --medsam runs/my-demo-sam
 """)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="Output folder (default: the package's concepts/demo_medsam, i.e. what medsam='demo' loads).")
+              show_default="the package's concepts/demo_medsam, i.e. what medsam='demo' loads", help="Output folder.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialisation and sampling.")
-@click.option("--steps", type=int, default=None, help="Training steps (default: DemoSamConfig.steps).")
-@click.option("--films", "n_train", type=int, default=None, help="Synthetic training films (default: DemoSamConfig.n_train).")
-@click.option("--val-films", "n_val", type=int, default=None, help="Held-out films of the model card (default: DemoSamConfig.n_val).")
+@click.option("--steps", type=int, default=None, cls=ConfigDefault, config_field="medfocus.concepts.demo_sam:DemoSamConfig.steps",
+              help="Training steps.")
+@click.option("--films", "n_train", type=int, default=None, cls=ConfigDefault, config_field="medfocus.concepts.demo_sam:DemoSamConfig.n_train",
+              help="Synthetic training films.")
+@click.option("--val-films", "n_val", type=int, default=None, cls=ConfigDefault, config_field="medfocus.concepts.demo_sam:DemoSamConfig.n_val",
+              help="Held-out films of the model card.")
 @click.option("--threads", type=int, default=2, show_default=True, help="torch CPU threads.")
-@click.option("--no-progress", is_flag=True, help="Disable progress bars.")
+@click.option("--no-progress", is_flag=True, help="Disable progress bars (also the weight-loading bar).")
 def train_demo_sam(out_dir: str | None, seed: int, steps: int | None, n_train: int | None, n_val: int | None,
                    threads: int, no_progress: bool) -> None:
     """Train the demo box-prompted segmenter (a tiny SamModel, the offline stand-in for MedSAM) on the synthetic world."""
@@ -106,7 +134,8 @@ def train_demo_sam(out_dir: str | None, seed: int, steps: int | None, n_train: i
             raise click.BadParameter(f"must be >= 1, got {v}", param_hint=name)
     if cfg.n_train < cfg.batch:
         cfg.batch = cfg.n_train  # a batch samples films without replacement
-    info = _train(out_dir or DEMO_SAM_DIR, cfg, log=lambda s: click.echo(s, err=True), progress=not no_progress)
+    with progress_bars(not no_progress):
+        info = _train(out_dir or DEMO_SAM_DIR, cfg, log=lambda s: click.echo(s, err=True), progress=not no_progress)
     m = info["metrics"]
     click.echo(f"held-out mean box IoU of the transferred boxes {m['box_iou_transferred']['mean']:.3f} -> refined "
                f"{m['box_iou_refined']['mean']:.3f} (mask IoU {m['mask_iou_refined']['mean']:.3f})")

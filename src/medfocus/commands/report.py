@@ -13,6 +13,7 @@ EPILOG = """\b
 Examples:
   medfocus report runs/attr                       # -> runs/attr/report.html
   medfocus report runs/attr --retention runs/bench/retention.csv --title "VinDr-CXR, Qwen2.5-VL-7B"
+  medfocus report runs/attr --save-figures --format pdf --dpi 300   # + runs/attr/figures/*.pdf for a paper
 """
 
 
@@ -33,13 +34,19 @@ def read_table(path: str | Path):
 @click.command(name="report", epilog=EPILOG)
 @config_option
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--predictions", default=None, type=click.Path(dir_okay=False), help="Result file (default RUN_DIR/predictions.jsonl).")
-@click.option("--retention", default=None, type=click.Path(dir_okay=False), help="Retention table (.csv/.json; default RUN_DIR/retention.csv if present).")
-@click.option("--out", default=None, type=click.Path(dir_okay=False), help="HTML file to write (default RUN_DIR/report.html).")
-@click.option("--title", default="medfocus report", show_default=True)
-@click.option("--gallery", default=4, show_default=True, help="Samples in the gallery per mode.")
-@click.option("--save-figures", is_flag=True, help="Also write every figure as PNG to RUN_DIR/figures/.")
-def report(run_dir, predictions, retention, out, title, gallery, save_figures) -> None:
+@click.option("--predictions", default=None, type=click.Path(dir_okay=False), show_default="RUN_DIR/predictions.jsonl", help="Result file.")
+@click.option("--retention", default=None, type=click.Path(dir_okay=False), show_default="RUN_DIR/retention.csv if present",
+              help="Retention table (.csv/.json).")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), show_default="RUN_DIR/report.html", help="HTML file to write.")
+@click.option("--title", default="medfocus report", show_default=True, help="Report title.")
+@click.option("--gallery", default=1, show_default=True, type=click.IntRange(0),
+              help="Gallery samples per finding and mode (the gallery is stratified by finding).")
+@click.option("--save-figures", is_flag=True, help="Also write every figure to RUN_DIR/figures/ (in --format).")
+@click.option("--format", "fig_format", type=click.Choice(["png", "svg", "pdf"]), default="png", show_default=True,
+              help="Format of the saved figures: svg and pdf are vector (heatmaps embedded at --dpi).")
+@click.option("--dpi", default=150, show_default=True, type=click.IntRange(30, 1200),
+              help="Resolution of raster figures and of the heatmaps inside vector ones (the HTML embeds PNGs at this dpi).")
+def report(run_dir, predictions, retention, out, title, gallery, save_figures, fig_format, dpi) -> None:
     """Write one self-contained HTML file (images embedded) with the results tables, retention table,
     plots, sample gallery and MedFocus concept/token views of RUN_DIR."""
     from medfocus.report import build_report
@@ -51,7 +58,7 @@ def report(run_dir, predictions, retention, out, title, gallery, save_figures) -
         ret_path = Path(retention) if retention else (run / "retention.csv")
         ret = read_table(ret_path) if (retention or ret_path.exists()) else None
         path = build_report(preds, Path(out) if out else run / "report.html", retention=ret, title=title, gallery=gallery,
-                            figures_dir=run / "figures" if save_figures else None)
+                            figures_dir=run / "figures" if save_figures else None, fig_format=fig_format, dpi=dpi)
     except MedfocusError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"report: {path.resolve()}")

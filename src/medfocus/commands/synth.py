@@ -32,7 +32,7 @@ negatives, exact masks, oracle counterfactuals, cues), as `--dataset vindr_cxr`
 @click.option("--no-counterfactuals", is_flag=True, help="Skip rendering the oracle counterfactual PNGs.")
 @click.option("--no-imagenome-jpeg", is_flag=True, help="Skip the JPEG copies read by the ImaGenome loader.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1), help="Rendering processes.")
-@click.option("--preview", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--preview", type=click.Path(dir_okay=False, path_type=Path), default=None, show_default="no contact sheet",
               help="Also write a contact sheet (PNG) of the first 16 films with their boxes.")
 def synth(out_dir: Path, n: int, seed: int, size: int, cue_rate: float, cue_base_rate: float,
           no_counterfactuals: bool, no_imagenome_jpeg: bool, workers: int, preview: Path | None) -> None:

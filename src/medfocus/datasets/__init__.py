@@ -116,12 +116,14 @@ def resolve_data_root(data_root: str | os.PathLike | None = None, *, required: b
     value = data_root if data_root not in (None, "") else os.environ.get(DATA_ROOT_ENV) or None
     if value is None:
         if required:
-            raise ConfigError(f"no data root: pass --data-root DIR or set {DATA_ROOT_ENV}")
+            raise ConfigError(f"no data root: pass one (--data-root DIR on the command line, root= in Python) or set {DATA_ROOT_ENV}")
         return None
     root = Path(value).expanduser()
     if not root.is_dir():
-        src = "--data-root" if data_root not in (None, "") else DATA_ROOT_ENV
-        raise ConfigError(f"data root {root} (from {src}) is not a directory")
+        # Only the environment variable is named: an explicit value may come from a flag, a config file or
+        # a Python call, and the caller knows which.
+        src = "" if data_root not in (None, "") else f" (from ${DATA_ROOT_ENV})"
+        raise ConfigError(f"data root {root}{src} is not a directory")
     return root
 
 

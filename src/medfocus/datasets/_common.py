@@ -60,7 +60,7 @@ def require_file(path: Path, layout: str) -> Path:
 
 
 def image_size(path: str | os.PathLike, *, layout: str | None = None) -> tuple[int, int]:
-    """Original ``(W, H)`` of an image from its header only (DICOM Rows/Columns, PIL size).
+    """Original ``(W, H)`` of an image from its header only (:func:`medfocus.io.read_image_size`).
 
     Raises:
         DataError: missing or unreadable file (with the expected layout when given).
@@ -71,23 +71,9 @@ def image_size(path: str | os.PathLike, *, layout: str | None = None) -> tuple[i
         if layout:
             msg += f"; expected layout:\n{layout}"
         raise DataError(msg)
-    from medfocus.io.reader import is_dicom
+    from medfocus.io.reader import read_image_size
 
-    if is_dicom(p):
-        import pydicom
-
-        try:
-            ds = pydicom.dcmread(p, stop_before_pixels=True, force=True)
-            return int(ds.Columns), int(ds.Rows)
-        except Exception as exc:
-            raise DataError(f"{p}: cannot read DICOM header Rows/Columns ({type(exc).__name__}: {exc})") from exc
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(p) as im:
-            return int(im.size[0]), int(im.size[1])
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"{p}: cannot read image header ({type(exc).__name__}: {exc})") from exc
+    return read_image_size(p)
 
 
 def id_str(value: Any) -> str:
@@ -166,9 +152,54 @@ def clip_boxes(boxes: Iterable[tuple[float, float, float, float]], size: tuple[i
 
 
 def warn_clipped(dataset: str, n_clipped: int, n_dropped: int, n_boxes: int) -> None:
-    """One warning per load when :func:`clip_boxes` changed anything (silent otherwise)."""
+    """One :class:`~medfocus.errors.DataWarning` per load when :func:`clip_boxes` changed anything
+    (silent otherwise)."""
     if n_clipped or n_dropped:
         import warnings
 
+        from medfocus.errors import DataWarning
+
         warnings.warn(f"{dataset}: {n_clipped} of {n_boxes} expert boxes clipped to the image border, "
-                      f"{n_dropped} dropped as empty after clipping", stacklevel=3)
+                      f"{n_dropped} dropped as empty after clipping", DataWarning, stacklevel=4)
+
+
+class BoxClipLog:
+    """Clip every sample's expert boxes to its image and record what changed, per sample and per dataset.
+
+    Usage in a loader: ``boxes, prov = log.clip(boxes, size, where=...)`` for each sample (``prov`` goes
+    into ``meta["provenance"]``), then ``log.finish(samples)`` adds the dataset totals to every sample's
+    provenance and warns once (:func:`warn_clipped`). Provenance keys: ``boxes_clipped``,
+    ``boxes_dropped`` (this sample), ``dataset_boxes_clipped``, ``dataset_boxes_dropped`` (the load).
+    """
+
+    def __init__(self, dataset: str) -> None:
+        self.dataset = dataset
+        self.n_boxes = self.n_clipped = self.n_dropped = 0
+
+    def clip(self, boxes: list[tuple[float, float, float, float]], size: tuple[int, int] | None, *, where: str,
+             what: str) -> tuple[list[tuple[float, float, float, float]], dict[str, int]]:
+        """Clipped boxes and this sample's counts; ``size=None`` (image not read) leaves boxes as they are.
+
+        Args:
+            where: the file and rows the boxes come from; what: the sample (image / finding).
+
+        Raises:
+            DataError: every box of the sample lies outside the image (naming ``where``, ``what``, the size).
+        """
+        self.n_boxes += len(boxes)
+        if size is None:
+            return list(boxes), {"boxes_clipped": 0, "boxes_dropped": 0}
+        kept, c, d = clip_boxes(boxes, size)
+        if boxes and not kept:
+            raise DataError(f"{where}: every box of {what} lies outside the {size[0]}x{size[1]} image: {list(boxes)}")
+        self.n_clipped += c
+        self.n_dropped += d
+        return kept, {"boxes_clipped": c, "boxes_dropped": d}
+
+    def finish(self, samples: list) -> list:
+        """Add the dataset totals to each sample's ``meta["provenance"]``, warn once, return ``samples``."""
+        for s in samples:
+            prov = s.meta.setdefault("provenance", {"boxes_clipped": 0, "boxes_dropped": 0})
+            prov.update(dataset_boxes_clipped=self.n_clipped, dataset_boxes_dropped=self.n_dropped)
+        warn_clipped(self.dataset, self.n_clipped, self.n_dropped, self.n_boxes)
+        return samples

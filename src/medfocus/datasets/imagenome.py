@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from medfocus.datasets._common import SizeCache, check_box, id_str, parse_box_text
+from medfocus.datasets._common import BoxClipLog, SizeCache, check_box, id_str, parse_box_text
 from medfocus.errors import DataError
 from medfocus.types import Sample
 
@@ -82,7 +82,8 @@ def load_imagenome(
 
     Returns:
         Samples in benchmark index order, answer ``"Yes"``; ``meta`` holds the ids, ``categoryID``
-        and the region names (``regions``) of the boxes.
+        the region names (``regions``) of the boxes and ``provenance`` (clip counts: boxes are clipped
+        to the JPEG's size read from its header, boxes empty after clipping dropped, one warning).
 
     Raises:
         DataError: missing table/images (naming file and layout), missing columns, or a malformed
@@ -106,6 +107,7 @@ def load_imagenome(
 
     sizes = SizeCache(LAYOUT)
     samples: list[Sample] = []
+    clip_log = BoxClipLog("imagenome")
     for key, group in df.groupby(GROUP_KEYS, sort=True):
         patient_id, study_id, image_id, label, category = key
         pid, sid, iid = id_str(patient_id), id_str(study_id), id_str(image_id)
@@ -118,6 +120,8 @@ def load_imagenome(
                 regions.append(str(row["bbox"]))
         path = img_root / image_relpath(pid, sid, iid)
         size = sizes(path) if read_sizes else (0, 0)
+        boxes, prov = clip_log.clip(boxes, size if read_sizes else None,
+                                    where=f"{table} line(s) {group['_line'].tolist()}", what=f"{iid} / {label}")
         attribute = str(label).strip()
         concept = regions[0] if regions and len(set(regions)) == 1 else None
         samples.append(
@@ -125,7 +129,7 @@ def load_imagenome(
                 "imagenome", len(samples), str(path), attribute, boxes, size,
                 concept=concept,
                 meta={"patient_id": pid, "study_id": sid, "image_id": iid, "categoryID": str(category),
-                      "regions": regions, "source": str(table)},
+                      "regions": regions, "source": str(table), "provenance": prov},
             )
         )
-    return samples
+    return clip_log.finish(samples)

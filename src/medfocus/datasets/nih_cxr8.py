@@ -40,7 +40,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from medfocus.datasets._common import SizeCache, check_box, clip_boxes, require_file, warn_clipped
+from medfocus.datasets._common import BoxClipLog, SizeCache, check_box, require_file
 from medfocus.errors import DataError
 from medfocus.types import Sample
 
@@ -134,8 +134,7 @@ def load_nih_cxr8(root: str | os.PathLike | None, *, annotations: str | os.PathL
 
     sizes = SizeCache(LAYOUT)
     samples: list[Sample] = []
-    n_clipped = n_dropped = 0
-    pending: list[tuple[Sample, int, int]] = []
+    clip_log = BoxClipLog("nih_cxr8")
     for (image_index, label), group in df.groupby(["image_index", "finding_label"], sort=True):
         if label not in NIH_FINDINGS:
             line = int(group["_line"].iloc[0])
@@ -154,19 +153,9 @@ def load_nih_cxr8(root: str | os.PathLike | None, *, annotations: str | os.PathL
             boxes.append(box)
         path = images / image_index
         size = sizes(path) if read_sizes else (0, 0)
-        c = d = 0
-        if read_sizes:
-            boxes, c, d = clip_boxes(boxes, size)
-            if not boxes:
-                raise DataError(f"{csv} line(s) {group['_line'].tolist()}: every box of {image_index} / {label} lies outside "
-                                f"the {size[0]}x{size[1]} image")
-        n_clipped, n_dropped = n_clipped + c, n_dropped + d
+        boxes, prov = clip_log.clip(boxes, size if read_sizes else None,
+                                    where=f"{csv} line(s) {group['_line'].tolist()}", what=f"{image_index} / {label}")
         meta = {"image_index": image_index, "finding_label": label, "lines": [int(v) for v in group["_line"]],
-                "boxes_xywh": raw, "source": str(csv)}
-        pending.append((Sample.positive("nih_cxr8", len(pending), str(path), NIH_FINDINGS[label], boxes, size, meta=meta), c, d))
-    for s, c, d in pending:
-        s.meta["provenance"] = {"boxes_clipped": c, "boxes_dropped": d,
-                                "dataset_boxes_clipped": n_clipped, "dataset_boxes_dropped": n_dropped}
-        samples.append(s)
-    warn_clipped("nih_cxr8", n_clipped, n_dropped, len(df))
-    return samples
+                "boxes_xywh": raw, "source": str(csv), "provenance": prov}
+        samples.append(Sample.positive("nih_cxr8", len(samples), str(path), NIH_FINDINGS[label], boxes, size, meta=meta))
+    return clip_log.finish(samples)

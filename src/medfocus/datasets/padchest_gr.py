@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from medfocus.datasets._common import SizeCache, check_box, load_json, parse_box_text
+from medfocus.datasets._common import BoxClipLog, SizeCache, check_box, load_json, parse_box_text
 from medfocus.errors import DataError
 from medfocus.types import Sample
 
@@ -98,6 +98,7 @@ def load_padchest_gr(
 
     sizes = SizeCache(LAYOUT)
     samples: list[Sample] = []
+    clip_log = BoxClipLog("padchest_gr")
     for pos, study in select_studies(studies, split):
         where_s = f"{path} study #{pos}"
         if not isinstance(study, dict):
@@ -133,6 +134,7 @@ def load_padchest_gr(
                 size = (W, H)
             else:
                 px, boxes, size = [], rel, (0, 0)
+            boxes, prov = clip_log.clip(boxes, size if read_sizes else None, where=where, what=f"{image_id} / {attribute}")
             meta = {k2: v for k2, v in study.items() if k2 != "findings" and isinstance(v, (str, int, float, bool, type(None)))}
             meta.update({
                 "image_id": image_id,
@@ -143,6 +145,7 @@ def load_padchest_gr(
                 "boxes_relative": [list(b) for b in rel],
                 "boxes_px": [list(b) for b in px],
                 "source": str(path),
+                "provenance": prov,
             })
             samples.append(
                 Sample.positive(
@@ -150,4 +153,4 @@ def load_padchest_gr(
                     meta=meta,
                 )
             )
-    return samples
+    return clip_log.finish(samples)

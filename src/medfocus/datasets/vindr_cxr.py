@@ -22,7 +22,9 @@ dropped; the rest are grouped by ``(image_id, class_name)`` and one sample is em
 ascending sorted order of the group keys (what ``pandas.DataFrame.groupby([...], sort=True)`` yields),
 so ``Sample.index`` equals the benchmark's ``index``. Each box is ``[round(x_min), round(y_min),
 round(x_max), round(y_max)]`` with Python's ``round`` (half to even), as the benchmark's builder stored
-them; boxes of all radiologists are kept (the union is the GT region). The attribute is the class
+them; boxes of all radiologists are kept (the union is the GT region). Boxes are then clipped to the
+image (size from the DICOM header; :class:`medfocus.datasets._common.BoxClipLog`): a box empty after
+clipping is dropped, and the counts go into every sample's ``meta["provenance"]`` and one warning. The attribute is the class
 name, lowercased by default (``"Pleural effusion" -> "pleural effusion"``); pass
 ``lowercase=False`` to keep the release's spelling (which is what the public benchmark's questions use).
 """
@@ -34,7 +36,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from medfocus.datasets._common import SizeCache, check_box, id_str, require_file
+from medfocus.datasets._common import BoxClipLog, SizeCache, check_box, id_str, require_file
 from medfocus.errors import DataError
 from medfocus.types import Sample
 
@@ -99,7 +101,7 @@ def load_vindr_cxr(
 
     Returns:
         Samples in benchmark index order; ``meta`` holds ``image_id``, ``class_name``, ``rad_ids``,
-        ``class_id`` (when present) and the raw float boxes ``boxes_raw``.
+        ``class_id`` (when present), the raw float boxes ``boxes_raw`` and ``provenance`` (clip counts).
 
     Raises:
         DataError: missing files (naming the file and layout) or malformed rows (naming row and column).
@@ -128,6 +130,7 @@ def load_vindr_cxr(
 
     sizes = SizeCache(LAYOUT)
     samples: list[Sample] = []
+    clip_log = BoxClipLog("vindr_cxr")
     for (image_id, class_name), group in df.groupby(["image_id", "class_name"], sort=True):
         boxes, raw = [], []
         for _, row in group.iterrows():
@@ -143,12 +146,15 @@ def load_vindr_cxr(
             boxes.append(tuple(float(round(v)) for v in vals))
         path = _image_path(images, image_id)
         size = sizes(path) if read_sizes else (0, 0)
+        boxes, prov = clip_log.clip(boxes, size if read_sizes else None,
+                                    where=f"{csv} line(s) {group['_line'].tolist()}", what=f"{image_id} / {class_name}")
         attribute = class_name.strip().lower() if lowercase else class_name.strip()
         meta = {
             "image_id": image_id,
             "class_name": class_name,
             "boxes_raw": raw,
             "source": str(csv),
+            "provenance": prov,
         }
         rad_col = "rad_id" if "rad_id" in group.columns else None
         if rad_col:
@@ -161,4 +167,4 @@ def load_vindr_cxr(
                 meta=meta,
             )
         )
-    return samples
+    return clip_log.finish(samples)

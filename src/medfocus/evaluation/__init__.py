@@ -8,6 +8,7 @@ expert boxes), :mod:`medfocus.evaluation.records` for the prediction-record sche
 from medfocus.evaluation.boxes import boxes_to_mask, heatmap_to_boxes, normalize_heatmap, union_area
 from medfocus.evaluation.metrics import auprc, energy_pointing_game, pointing_game, union_box_metrics
 from medfocus.evaluation.records import evaluate_record, evaluate_records, load_heatmap, read_prediction_records
+from medfocus.evaluation.significance import best_methods, paired_bootstrap_diff
 from medfocus.evaluation.tables import bootstrap_ci, build_tables, summarize, to_markdown
 
 __all__ = [
@@ -27,4 +28,6 @@ __all__ = [
     "summarize",
     "to_markdown",
     "build_tables",
+    "best_methods",
+    "paired_bootstrap_diff",
 ]

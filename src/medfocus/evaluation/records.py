@@ -14,6 +14,10 @@ Protocol: when ``pred_boxes`` is present it is scored as given (prompting method
 box); otherwise the boxes come from the heatmap through :func:`heatmap_to_boxes`. The heatmap, when
 there is one, also gives the pointing game, energy pointing game and AUPRC (else those are NaN).
 A heatmap whose shape differs from ``image_size`` is resized (bilinear) to ``(H, W)`` first.
+With ``image_size``, GT and predicted boxes are clipped to the image before scoring (a predicted box
+empty after clipping is dropped; the counts are the row's ``n_gt_clipped`` / ``n_pred_clipped``). GT
+boxes that are inverted (``x2 < x1`` or ``y2 < y1``) or non-finite, or that all lie outside the
+image, make the row an error naming the record; they are never scored.
 A record with an ``error`` (or one that cannot be evaluated: missing heatmap file, malformed boxes)
 yields a row with NaN metrics and the error text; tables exclude it from means and count it.
 A record without GT boxes (a negative sample) has no region to localise: NaN metrics, ``source =
@@ -31,7 +35,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-from medfocus.datasets._common import parse_box_text
+from medfocus.datasets._common import check_box, clip_boxes, parse_box_text
 from medfocus.errors import DataError
 from medfocus.evaluation.boxes import heatmap_to_boxes
 from medfocus.evaluation.metrics import auprc, energy_pointing_game, pointing_game, union_box_metrics
@@ -136,13 +140,14 @@ def evaluate_record(
     the problem is returned in the ``error`` field with NaN metrics."""
     row: dict[str, Any] = {k: record.get(k) for k in KEY_COLUMNS}
     row.update({m: math.nan for m in METRIC_COLUMNS})
-    row.update({"n_pred_boxes": 0, "source": None, "error": None})
-    where = str(record.get("_where") or f"record {record.get('model')}/{record.get('dataset')}#{record.get('index')}")
+    row.update({"n_pred_boxes": 0, "n_gt_clipped": 0, "n_pred_clipped": 0, "source": None, "error": None})
+    name = f"record {record.get('model')}/{record.get('dataset')}#{record.get('index')} ({record.get('method')})"
+    where = f"{record['_where']}: {name}" if record.get("_where") else name
     if record.get("error"):
         row["error"] = str(record["error"])
         return row
     try:
-        gt = _boxes(record.get("gt_boxes"), where, "gt_boxes")
+        gt = [check_box(b, where=where, field="gt_boxes") for b in _boxes(record.get("gt_boxes"), where, "gt_boxes")]
         if not gt:
             # A negative sample (answer "No") has no region to find: localisation is undefined, so
             # the row carries NaN metrics and source "no_gt" and is left out of the tables.
@@ -159,15 +164,25 @@ def evaluate_record(
             # A method that outputs boxes may store other arrays only: then there is no heatmap.
             heat = load_heatmap(hp, required=record.get("pred_boxes") is None)
         size = record.get("image_size")
-        if heat is not None and size is not None:
+        if size is not None:
             if not isinstance(size, (list, tuple)) or len(size) != 2:
                 raise DataError(f"{where}: field 'image_size' must be [W, H], got {size!r}")
             W, H = int(size[0]), int(size[1])
             if W <= 0 or H <= 0:
                 raise DataError(f"{where}: field 'image_size' must be positive, got {size!r}")
-            heat = _resize_to(heat, W, H)
+            # Only the visible part of a box can be found: GT and predictions are scored inside the image.
+            n_gt = len(gt)
+            gt, c, d = clip_boxes(gt, (W, H))
+            row["n_gt_clipped"] = c + d
+            if not gt:
+                raise DataError(f"{where}: every one of the {n_gt} gt_boxes lies outside the {W}x{H} image")
+            if heat is not None:
+                heat = _resize_to(heat, W, H)
         if record.get("pred_boxes") is not None:
             pred = _boxes(record.get("pred_boxes"), where, "pred_boxes")
+            if size is not None:
+                pred, c, d = clip_boxes(pred, (W, H))
+                row["n_pred_clipped"] = c + d
             row["source"] = "boxes"
         elif heat is not None:
             pred = heatmap_to_boxes(heat, q=q, min_area=min_area, max_boxes=max_boxes)
@@ -207,8 +222,9 @@ def evaluate_records(
 
     Returns:
         DataFrame with columns ``model, dataset, mode, method, index, iou, f1, precision, recall,
-        pointing_game, energy_pg, auprc, n_pred_boxes, source, error`` (metrics in [0, 1], NaN when
-        not applicable or on error).
+        pointing_game, energy_pg, auprc, n_pred_boxes, n_gt_clipped, n_pred_clipped, source, error``
+        (metrics in [0, 1], NaN when not applicable or on error; ``n_*_clipped``: boxes changed or
+        dropped by clipping to ``image_size``).
     """
     recs = list(records)
     it = recs
@@ -217,5 +233,5 @@ def evaluate_records(
 
         it = tqdm(recs, desc="evaluate", unit="rec")
     rows = [evaluate_record(r, base_dir=base_dir, q=q, min_area=min_area, max_boxes=max_boxes) for r in it]
-    cols = list(KEY_COLUMNS) + list(METRIC_COLUMNS) + ["n_pred_boxes", "source", "error"]
+    cols = list(KEY_COLUMNS) + list(METRIC_COLUMNS) + ["n_pred_boxes", "n_gt_clipped", "n_pred_clipped", "source", "error"]
     return pd.DataFrame(rows, columns=cols)

@@ -167,8 +167,9 @@ def to_markdown(summary: pd.DataFrame, metrics: Sequence[str] = ("iou", "f1", "p
                         cells.append("–")
                         continue
                     n_err = max(n_err, int(r.n_error))
-                    cell = _fmt(r.mean, r.ci_low, r.ci_high, decimals)
-                    if n_by_ds[ds] is None:
+                    # Every record failed: say so, a dash would read like "not run" and a 0 like a score.
+                    cell = "failed" if int(r.n) == 0 and int(r.n_error) > 0 else _fmt(r.mean, r.ci_low, r.ci_high, decimals)
+                    if n_by_ds[ds] is None and int(r.n):
                         cell += f" (n={int(r.n)})"
                     cells.append(cell)
             if any_err:

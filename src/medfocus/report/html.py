@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import logging
+import textwrap
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -68,8 +69,14 @@ def _fig(png: bytes, alt: str, width: str | None = None) -> dict[str, Any]:
     return {"alt": str(alt), "b64": base64.b64encode(png).decode("ascii"), "width": width}
 
 
-def results_table_data(summary: pd.DataFrame, *, model: str, mode: str, method_order: Sequence[str] | None = None) -> dict[str, Any] | None:
-    """The cells of :func:`results_table` as plain data (``None`` when ``model``/``mode`` have no rows)."""
+def results_table_data(summary: pd.DataFrame, *, model: str, mode: str, method_order: Sequence[str] | None = None,
+                       best: Mapping[tuple[str, str], str] | None = None) -> dict[str, Any] | None:
+    """The cells of :func:`results_table` as plain data (``None`` when ``model``/``mode`` have no rows).
+
+    A cell is ``None`` (no result), ``{"failed": True}`` (every record of the method failed) or
+    ``{"mean", "lo", "hi", "bold"}``; ``bold`` is set only for the method ``best`` names for that
+    ``(dataset, metric)``. Each row also carries the method's "source / deviation" line
+    (:func:`medfocus.attribution.method_source`)."""
     from medfocus.attribution import method_source
 
     df = summary[(summary["model"] == model) & (summary["mode"] == mode)]
@@ -79,11 +86,7 @@ def results_table_data(summary: pd.DataFrame, *, model: str, mode: str, method_o
     methods = list(dict.fromkeys(method_order or [])) + [m for m in dict.fromkeys(df["method"]) if m not in (method_order or [])]
     methods = [m for m in methods if m in set(df["method"])]
     idx = {(r.dataset, r.method, r.metric): r for r in df.itertuples(index=False)}
-    best = {}
-    for ds in datasets:
-        for m in METRICS:
-            vals = [idx[(ds, me, m)].mean for me in methods if (ds, me, m) in idx and np.isfinite(idx[(ds, me, m)].mean)]
-            best[(ds, m)] = max(vals) if vals else None
+    best = dict(best or {})
     rows = []
     for me in methods:
         groups = []
@@ -91,32 +94,51 @@ def results_table_data(summary: pd.DataFrame, *, model: str, mode: str, method_o
             n, cells = None, []
             for m in METRICS:
                 r = idx.get((ds, me, m))
+                if r is not None and int(r.n) == 0 and int(getattr(r, "n_error", 0)) > 0:
+                    cells.append({"failed": True})  # every record failed: not a score of 0, not "no result"
+                    continue
                 if r is None or not np.isfinite(r.mean):
                     cells.append(None)
                     continue
                 n = r.n
-                bold = best[(ds, m)] is not None and abs(r.mean - best[(ds, m)]) < 1e-9
-                cells.append({"mean": f"{r.mean:.1f}", "lo": f"{r.ci_low:.1f}", "hi": f"{r.ci_high:.1f}", "bold": bold})
+                bold = best.get((ds, m)) == me
+                cells.append({"failed": False, "mean": f"{r.mean:.1f}", "lo": f"{r.ci_low:.1f}", "hi": f"{r.ci_high:.1f}", "bold": bold})
             errs = max((int(getattr(idx[(ds, me, m)], "n_error", 0)) for m in METRICS if (ds, me, m) in idx), default=0)
             groups.append({"cells": cells, "n": n if n is not None else 0, "errors": errs})
         rows.append({"method": str(me), "source": method_source(str(me)), "groups": groups})
     return {"datasets": [str(d) for d in datasets], "metric_labels": [METRIC_LABELS[m] for m in METRICS], "rows": rows}
 
 
-def results_table(summary: pd.DataFrame, *, model: str, mode: str, method_order: Sequence[str] | None = None) -> str:
+def results_table(summary: pd.DataFrame, *, model: str, mode: str, method_order: Sequence[str] | None = None,
+                  best: Mapping[tuple[str, str], str] | None = None) -> str:
     """Table-1-style HTML table: methods as rows, datasets as column groups, IoU/F1/Prec./Rec. (x100)
-    with their 95% CI below and ``n`` (failed records in red); the best mean per column is bold. The
-    second column is each method's "source / deviation" line (:func:`medfocus.attribution.method_source`:
-    what it computes, from which paper or code, and how it deviates from the paper's public code).
-    Every name is HTML-escaped (rendered by the autoescaping template).
+    with their 95% CI below and ``n`` (failed records in red). A method whose records all failed says
+    "failed" in its cells, never a number. The second column is each method's "source / deviation" line
+    (what it computes, from which paper or code, and how it deviates from the paper's public code). Every name is HTML-escaped (rendered by the autoescaping template).
 
     Args:
         summary: :func:`summarize` output.
+        best: ``{(dataset, metric): method}`` of the methods to mark as best (bold), i.e. those
+            significantly better than every other method (:func:`significant_best`); ``None`` marks none.
     Returns:
         the ``<table>`` as a string, ``""`` when ``summary`` has no rows for ``model`` and ``mode``.
     """
-    data = results_table_data(summary, model=model, mode=mode, method_order=method_order)
+    data = results_table_data(summary, model=model, mode=mode, method_order=method_order, best=best)
     return "" if data is None else _macro("results_table", data)
+
+
+def significant_best(metrics: pd.DataFrame | None, *, n_boot: int = 1000, seed: int = 0) -> dict[tuple[str, str], dict[tuple[str, str], str]]:
+    """``{(model, mode): {(dataset, metric): method}}`` of the methods that are significantly better
+    than every other method in their column (:func:`medfocus.evaluation.best_methods`, paired bootstrap)."""
+    from medfocus.evaluation import best_methods
+
+    out: dict[tuple[str, str], dict[tuple[str, str], str]] = {}
+    if metrics is None or len(metrics) == 0 or "index" not in metrics.columns:
+        return out
+    for r in best_methods(metrics, METRICS, n_boot=n_boot, seed=seed).itertuples(index=False):
+        if r.significant:
+            out.setdefault((str(r.model), str(r.mode)), {})[(str(r.dataset), str(r.metric))] = str(r.best)
+    return out
 
 
 def frame_table_data(df: pd.DataFrame | None, *, float_fmt: str = "{:.1f}", cls: str = "plain") -> dict[str, Any]:
@@ -227,6 +249,34 @@ def medfocus_view(rec: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> d
     return out
 
 
+def gallery_strata(cells: Mapping[tuple, Sequence[Mapping[str, Any]]], mode: str, *, per_finding: int) -> list[tuple[str, list[tuple]]]:
+    """The gallery's samples of one mode, stratified by finding: ``[(finding, [cell key, ...]), ...]``,
+    findings in alphabetical order, up to ``per_finding`` samples each — those with the most successful
+    methods, then by dataset, index and model (deterministic). ``cells`` maps
+    ``(model, dataset, index, mode)`` to that sample's records."""
+    by_finding: dict[str, list[tuple]] = {}
+    for k, recs in cells.items():
+        if k[3] == mode:
+            by_finding.setdefault(str(recs[0].get("attribute") or "unknown finding"), []).append(k)
+    out = []
+    for finding in sorted(by_finding):
+        keys = sorted(by_finding[finding], key=lambda k: (-sum(1 for r in cells[k] if not r.get("error")), k[1], k[2], k[0]))
+        if per_finding > 0:
+            out.append((finding, keys[:per_finding]))
+    return out
+
+
+def gallery_panel(rec: Mapping[str, Any], arrays: Mapping[str, np.ndarray], iou: float | None) -> dict[str, Any]:
+    """One method's panel of a gallery row (see :func:`medfocus.report.figures.sample_gallery_row`): its
+    heatmap, boxes, IoU, error, and for MedFocus the winning concept and whether the fallback fired."""
+    ex = rec.get("extras") or {}
+    boxes = rec.get("pred_boxes") if rec.get("pred_boxes") is not None else rec.get("heatmap_boxes")
+    is_mf = rec["method"] == "medfocus"
+    return {"method": rec["method"], "heatmap": arrays.get("heatmap"), "pred_boxes": boxes, "score": iou,
+            "error": rec.get("error"), "winner": _first(ex, "winner", "winning_concept", "concept") if is_mf else None,
+            "fallback": bool(_first(ex, "fallback", "whole_image_fallback")) if is_mf else None}
+
+
 # ---- the report ------------------------------------------------------------------------------------
 CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1300px;color:#1b1b1b;padding:0 16px}
@@ -234,9 +284,9 @@ h1{font-size:24px;margin-bottom:4px} h2{font-size:19px;border-bottom:2px solid #
 h3{font-size:15px;margin:18px 0 6px} .meta{color:#555;font-size:13px}
 table{border-collapse:collapse;font-size:12px;margin:8px 0 14px}
 th,td{border:1px solid #ccc;padding:3px 6px;text-align:center} thead th{background:#f1f3f6}
-th.method{text-align:left;background:#fafafa;font-weight:600} td.src{text-align:left;max-width:260px;font-size:10px;color:#555} td.na{color:#aaa} .ci{color:#777;font-size:10px}
+th.method{text-align:left;background:#fafafa;font-weight:600} td.src{text-align:left;max-width:260px;font-size:10px;color:#555} td.na{color:#aaa} td.failed{color:#b71c1c;font-style:italic} .ci{color:#777;font-size:10px}
 td.n{color:#555} .figs img{margin:4px 10px 4px 0;border:1px solid #eee;max-width:48%;vertical-align:top}
-.caption{font-size:12px;color:#333;margin:14px 0 0} .gallery img{max-width:100%;display:block;margin:8px 0}
+.caption{font-size:13px;color:#333;margin:14px 0 0;overflow-wrap:anywhere} h4{font-size:14px;margin:16px 0 2px} .gallery img{max-width:100%;display:block;margin:8px 0}
 .note{background:#fff8e1;border-left:4px solid #ffb300;padding:6px 10px;font-size:13px}
 .err{color:#b71c1c;font-size:12px} code{background:#f4f4f4;padding:1px 3px}
 .legend span{display:inline-block;padding:0 6px;margin-right:10px;font-size:12px}
@@ -253,11 +303,13 @@ def build_report(
     title: str = "medfocus report",
     run_info: Mapping[str, Any] | None = None,
     base_dir: str | Path | None = None,
-    gallery: int = 4,
+    gallery: int = 1,
     medfocus_examples: int = 3,
     method_order: Sequence[str] | None = None,
     figures_dir: str | Path | None = None,
     seed: int = 0,
+    fig_format: str = "png",
+    dpi: int = figures.DPI,
 ) -> Path:
     """Write the self-contained HTML report.
 
@@ -270,13 +322,25 @@ def build_report(
         retention: the causal filter's retention table (rows of dicts or a DataFrame), any columns.
         run_info: extra ``key: value`` lines for the overview (e.g. elapsed time, seeds, editors).
         base_dir: directory relative heatmap paths are relative to (default: ``out``'s directory).
-        gallery: number of samples in the gallery (per mode that has results).
+        gallery: samples in the gallery per finding, for each mode that has results (the gallery is
+            stratified by finding, so every finding of the run is shown).
         medfocus_examples: number of MedFocus examples (concept ranking + token colouring).
         method_order: row order of the tables (default: first appearance).
-        figures_dir: also save every figure there as PNG.
+        figures_dir: also save every figure there, in ``fig_format``.
+        seed: seed of the bootstrap intervals and of the paired significance test.
+        fig_format: ``png``, ``svg`` or ``pdf`` for the saved figures (the HTML always embeds PNGs).
+        dpi: resolution of PNGs and of the rasters inside vector figures.
     Returns:
         the path written.
+    Raises:
+        ConfigError: unknown ``fig_format`` or a ``dpi`` outside 30..1200.
     """
+    from medfocus.errors import ConfigError
+
+    if fig_format not in figures.FORMATS:
+        raise ConfigError(f"figure format must be one of {', '.join(figures.FORMATS)}, got {fig_format!r}")
+    if not 30 <= int(dpi) <= 1200:
+        raise ConfigError(f"dpi must be within 30..1200, got {dpi}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     base = Path(base_dir) if base_dir is not None else out.parent
@@ -300,11 +364,14 @@ def build_report(
     if fig_dir:
         fig_dir.mkdir(parents=True, exist_ok=True)
 
-    def keep(png: bytes, *name_parts: Any) -> bytes:
+    def keep(fig: Any, *name_parts: Any) -> bytes:
+        """PNG bytes of an open figure for the page; with ``figures_dir`` also the file in ``fig_format``."""
+        png = figures.render(fig, "png", dpi, close=fig_format == "png")
         if fig_dir:
+            data = png if fig_format == "png" else figures.render(fig, fig_format, dpi)
             # Figure names carry record fields (mode, dataset, model, index): one sanitiser makes each a
             # single safe path component, so a crafted field cannot write outside ``figures_dir``.
-            (fig_dir / f"{safe_filename('_'.join(str(p) for p in name_parts))}.png").write_bytes(png)
+            (fig_dir / f"{safe_filename('_'.join(str(p) for p in name_parts))}.{fig_format}").write_bytes(data)
         return png
 
     models = list(dict.fromkeys(r["model"] for r in preds))
@@ -336,11 +403,15 @@ def build_report(
     ctx["info"] = list(info.items())
 
     # ---- results tables
+    from medfocus.evaluation.significance import TEST_DESCRIPTION
+
+    best = significant_best(metrics, seed=seed)
+    ctx["best_note"] = TEST_DESCRIPTION.format(n_boot=1000, level=95).capitalize()
     ctx["results"] = []
     for mode in modes:
         tables = []
         for model in models:
-            tab = results_table_data(summary, model=model, mode=mode, method_order=methods)
+            tab = results_table_data(summary, model=model, mode=mode, method_order=methods, best=best.get((model, mode), {}))
             if tab is not None:
                 tables.append({"model": str(model), "table": tab})
         ctx["results"].append({"label": MODE_LABELS.get(mode, mode), "tables": tables})
@@ -358,11 +429,11 @@ def build_report(
         for mode in modes:
             for metric in ("iou", "f1"):
                 if ((summary["mode"] == mode) & (summary["metric"] == metric)).any():
-                    png = keep(figures.metric_bars(summary, metric=metric, mode=mode), "bars", metric, mode)
+                    png = keep(figures.make_metric_bars(summary, metric=metric, mode=mode), "bars", metric, mode)
                     plots.append(_fig(png, f"{metric} bars {mode}"))
             sub = summary[(summary["mode"] == mode) & (summary["metric"] == "iou")]
             if len(sub) and len(set(zip(sub["model"], sub["dataset"]))) > 1:  # one column would repeat the bars
-                png = keep(figures.method_model_heatmap(summary, metric="iou", mode=mode), "matrix_iou", mode)
+                png = keep(figures.make_method_model_heatmap(summary, metric="iou", mode=mode), "matrix_iou", mode)
                 plots.append(_fig(png, f"method x model {mode}"))
         ctx["plots"] = plots
 
@@ -374,49 +445,31 @@ def build_report(
     cells: dict[tuple, list[dict[str, Any]]] = {}
     for r in preds:
         cells.setdefault((r["model"], r["dataset"], int(r["index"]), r["mode"]), []).append(r)
+    ctx["gallery_per_finding"] = int(gallery)
     ctx["gallery"] = []
     for mode in modes:
-        # Deterministic choice: cells of this mode with the most successful methods, one per finding
-        # first (diversity), then by index.
-        cand = sorted(
-            (k for k in cells if k[3] == mode),
-            key=lambda k: (-sum(1 for r in cells[k] if not r.get("error")), k[1], k[2], k[0]),
-        )
-        chosen, seen_attr = [], set()
-        for k in cand:
-            attr = cells[k][0].get("attribute")
-            if attr not in seen_attr:
-                chosen.append(k)
-                seen_attr.add(attr)
-            if len(chosen) >= gallery:
-                break
-        for k in cand:
-            if len(chosen) >= gallery:
-                break
-            if k not in chosen:
-                chosen.append(k)
-        if not chosen:
-            continue
-        items = []
-        for k in chosen:
-            recs = {r["method"]: r for r in cells[k]}
-            first = next(iter(recs.values()))
-            img = _read_image(first.get("image_path", ""))
-            if img is None:
-                continue
-            panels = []
-            for me in methods:
-                r = recs.get(me)
-                if r is None:
+        strata = []
+        for finding, chosen in gallery_strata(cells, mode, per_finding=gallery):
+            items = []
+            for k in chosen:
+                recs = {r["method"]: r for r in cells[k]}
+                first = next(iter(recs.values()))
+                img = _read_image(first.get("image_path", ""))
+                if img is None:
                     continue
-                arr = _load_arrays(r, base)
-                boxes = r.get("pred_boxes") if r.get("pred_boxes") is not None else r.get("heatmap_boxes")
-                panels.append({"method": me, "heatmap": arr.get("heatmap"), "pred_boxes": boxes,
-                               "score": iou_of.get((*k[:4], me)), "error": r.get("error")})
-            t = f"{k[0]} · {k[1]} #{k[2]} · {first.get('attribute')} · answer: {str(first.get('answer'))[:80]}"
-            png = keep(figures.sample_gallery_row(img, first.get("gt_boxes") or [], panels), "gallery", mode, k[1], k[2], k[0])
-            items.append({"caption": t, "fig": _fig(png, t)})
-        ctx["gallery"].append({"label": MODE_LABELS.get(mode, mode), "entries": items})
+                panels = [gallery_panel(recs[me], _load_arrays(recs[me], base), iou_of.get((*k[:4], me)))
+                          for me in methods if me in recs]
+                # The page shows the whole caption (wrapped by the browser); the figure's own title is wrapped
+                # and, for a long rationale, shortened at a word boundary with an ellipsis.
+                t = f"{k[0]} · {k[1]} #{k[2]} · {first.get('attribute')} · answer: {first.get('answer')}"
+                fig = figures.make_sample_gallery_row(img, first.get("gt_boxes") or [], panels,
+                                                      title=textwrap.shorten(t, width=400, placeholder=" …"))
+                png = keep(fig, "gallery", mode, k[1], k[2], k[0])
+                items.append({"caption": t, "fig": _fig(png, t)})
+            if items:
+                strata.append({"finding": finding, "entries": items})
+        if strata:
+            ctx["gallery"].append({"label": MODE_LABELS.get(mode, mode), "strata": strata})
 
     # ---- MedFocus
     ctx["medfocus"] = None
@@ -430,11 +483,12 @@ def build_report(
             view = medfocus_view(r, _load_arrays(r, base))
             if not view.get("deltas"):
                 continue
-            figs = [_fig(keep(figures.concept_ranking(view["deltas"], winner=view.get("winner")), "concepts", r["mode"], r["index"]),
-                         "concept ranking")]
+            tau = (r.get("extras") or {}).get("tau")
+            figs = [_fig(keep(figures.make_concept_ranking(view["deltas"], winner=view.get("winner"), fallback=view.get("fallback"), tau=tau),
+                              "concepts", r["mode"], r["index"]), "concept ranking")]
             if view.get("tokens"):
-                figs.append(_fig(keep(figures.token_attribution(view["tokens"], view["token_scores"],
-                                                                title="answer tokens coloured by each concept's attribution"),
+                figs.append(_fig(keep(figures.make_token_attribution(view["tokens"], view["token_scores"],
+                                                                     title="answer tokens coloured by each concept's drop in the token's log-prob"),
                                       "tokens", r["mode"], r["index"]), "token attribution", width="100%"))
             examples.append({"model": str(r["model"]), "dataset": str(r["dataset"]), "index": str(r["index"]),
                              "attribute": str(r.get("attribute")), "mode": str(r["mode"]), "winner": str(view.get("winner")),

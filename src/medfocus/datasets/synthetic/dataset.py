@@ -329,7 +329,12 @@ def load_synthetic(root: str | os.PathLike, **_: Any) -> list[Sample]:
     """Read a :func:`write_dataset` folder as samples (positives + balanced negatives, stable index).
 
     Paths in ``meta`` (``counterfactuals``, ``concept_masks``, ``finding_masks``, ``finding_mask``, ``png``)
-    are absolute; ``meta["root"]`` is the dataset folder.
+    are absolute; ``meta["root"]`` is the dataset folder. Boxes are clipped to each film's header size
+    (``meta["provenance"]`` holds the counts, as for the real loaders).
+
+    Raises:
+        DataError: missing or foreign manifest, a missing film, or a manifest ``image_size`` that
+            differs from the film's header.
     """
     root = Path(root)
     mpath = root / MANIFEST if root.is_dir() else root
@@ -343,8 +348,12 @@ def load_synthetic(root: str | os.PathLike, **_: Any) -> list[Sample]:
         raise DataError(f"{mpath}: not valid JSON ({exc})") from exc
     if man.get("format") != "medfocus-synthetic" or "samples" not in man:
         raise DataError(f"{mpath}: not a medfocus synthetic manifest (field 'format' must be 'medfocus-synthetic')")
+    from medfocus.datasets._common import BoxClipLog, SizeCache
+
+    sizes = SizeCache()
+    clip_log = BoxClipLog("synthetic")
     out = []
-    for d in man["samples"]:
+    for k, d in enumerate(man["samples"]):
         d = dict(d)
         d["image_path"] = str(root / d["image_path"])
         meta = dict(d.get("meta") or {})
@@ -352,6 +361,13 @@ def load_synthetic(root: str | os.PathLike, **_: Any) -> list[Sample]:
             if key in meta:
                 meta[key] = _abs(root, meta[key])
         meta["root"] = str(root)
+        # Expert boxes are clipped to the film as its DICOM header gives it, like every loader's.
+        size = sizes(Path(d["image_path"]))
+        if tuple(d.get("image_size") or ()) != size:
+            raise DataError(f"{mpath} sample #{k}: image_size {d.get('image_size')} differs from the "
+                            f"{size[0]}x{size[1]} of {d['image_path']}")
+        d["boxes"], meta["provenance"] = clip_log.clip([tuple(b) for b in d.get("boxes") or []], size,
+                                                       where=f"{mpath} sample #{k}", what=str(d.get("attribute")))
         d["meta"] = meta
         out.append(Sample.from_dict(d))
-    return out
+    return clip_log.finish(out)

@@ -1,0 +1,112 @@
+"""Which method is best — only where the data say so.
+
+A table that bolds the column maximum invites the reader to call that method the winner even when
+its interval overlaps the runner-up's. :func:`best_methods` marks a best method only where a **paired
+bootstrap** shows it above every other method: for each other method, the per-sample differences on
+the samples both methods scored (same model, dataset, mode and sample index; failed records and
+missing values left out) are resampled ``n_boot`` times, and the top method is better when the
+two-sided ``1 - alpha`` percentile interval of the mean difference lies above 0. The claim "best" is
+the conjunction of these comparisons (an intersection-union test), so it holds at level ``alpha``
+without a multiplicity correction; with fewer than two methods, or a comparison with fewer than
+``min_pairs`` paired samples, nothing is marked.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["best_methods", "paired_bootstrap_diff", "TEST_DESCRIPTION"]
+
+#: One sentence for reports and tables (what "best" means).
+TEST_DESCRIPTION = ("bold marks the highest mean only where a paired bootstrap (samples both methods scored, "
+                    "{n_boot} resamples, {level:.0f}% percentile interval of the mean difference) puts it above "
+                    "every other method")
+
+_CELL = ["model", "mode", "dataset"]
+
+
+def paired_bootstrap_diff(a: Sequence[float], b: Sequence[float], *, n_boot: int = 1000, alpha: float = 0.05,
+                          seed: int = 0) -> tuple[float, float, float]:
+    """``(mean difference, low, high)`` of ``mean(a - b)`` for paired values, with the two-sided
+    ``1 - alpha`` percentile-bootstrap interval (pairs resampled together). Deterministic for a seed.
+
+    Raises:
+        ValueError: ``a`` and ``b`` differ in length, or are empty.
+    """
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if np.asarray(a).shape != np.asarray(b).shape or d.size == 0:
+        raise ValueError(f"paired values must be non-empty and of equal length, got {np.asarray(a).shape} and {np.asarray(b).shape}")
+    mean = float(d.mean())
+    if d.size == 1 or n_boot <= 0:
+        return mean, mean, mean
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return mean, float(lo), float(hi)
+
+
+def best_methods(metrics: pd.DataFrame, metric_names: Sequence[str] = ("iou", "f1", "precision", "recall"), *,
+                 n_boot: int = 1000, alpha: float = 0.05, min_pairs: int = 2, seed: int = 0) -> pd.DataFrame:
+    """The method with the highest mean per (model, mode, dataset, metric), and whether it is
+    significantly better than every other method (see the module docstring).
+
+    Args:
+        metrics: per-record metrics (``evaluate_records`` output): columns ``model, mode, dataset, method,
+            index, error`` and the metric columns (0..1).
+        metric_names: metric columns to test (absent ones are skipped).
+        n_boot, alpha: bootstrap resamples and the two-sided level.
+        min_pairs: fewest paired samples a comparison needs to count as significant.
+        seed: base seed (each comparison gets its own reproducible stream).
+
+    Returns:
+        one row per (model, mode, dataset, metric): ``best`` (method), ``significant`` (bool),
+        ``runner_up`` (the method with the weakest evidence against the best), ``difference``, ``ci_low``,
+        ``ci_high`` (that comparison's mean difference and interval, x100), ``n_pairs``.
+    """
+    from medfocus.evaluation.tables import hash_key
+
+    cols = [*_CELL, "metric", "best", "significant", "runner_up", "difference", "ci_low", "ci_high", "n_pairs"]
+    if metrics is None or metrics.empty:
+        return pd.DataFrame(columns=cols)
+    d = metrics.copy()
+    if "error" in d.columns:
+        d = d[d["error"].isna() | (d["error"].astype(str) == "")]
+    rows = []
+    for key, g in d.groupby(_CELL, sort=True):
+        for m in metric_names:
+            if m not in g.columns:
+                continue
+            v = g.assign(_v=pd.to_numeric(g[m], errors="coerce"))
+            v = v[np.isfinite(v["_v"])]
+            # One value per (method, sample): duplicates (should not exist) are averaged, not double-counted.
+            wide = v.pivot_table(index="index", columns="method", values="_v", aggfunc="mean")
+            if wide.shape[1] == 0:
+                continue
+            means = wide.mean(axis=0)
+            best = str(means.idxmax())
+            row = dict(zip(_CELL, key), metric=m, best=best, significant=False, runner_up=None, difference=math.nan,
+                       ci_low=math.nan, ci_high=math.nan, n_pairs=0)
+            if wide.shape[1] >= 2:
+                worst_lo, significant = math.inf, True
+                for other in wide.columns:
+                    if other == best:
+                        continue
+                    pair = wide[[best, other]].dropna()
+                    if len(pair) < min_pairs:
+                        significant, stats = False, (math.nan, -math.inf, math.nan)
+                    else:
+                        seed_k = int(np.random.SeedSequence((seed, hash_key((*key, m, best, other)))).generate_state(1)[0])
+                        stats = paired_bootstrap_diff(pair[best].to_numpy(), pair[other].to_numpy(), n_boot=n_boot,
+                                                      alpha=alpha, seed=seed_k)
+                        significant = significant and stats[1] > 0
+                    if stats[1] < worst_lo or row["runner_up"] is None:
+                        worst_lo = stats[1]
+                        row.update(runner_up=str(other), difference=100 * stats[0], ci_low=100 * stats[1], ci_high=100 * stats[2],
+                                   n_pairs=int(len(pair)))
+                row["significant"] = bool(significant)
+            rows.append(row)
+    return pd.DataFrame(rows, columns=cols)
