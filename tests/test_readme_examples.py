@@ -52,6 +52,15 @@ SKIP: dict[str, str] = {
     "medfocus evaluate runs/vindr_medgemma4b/predictions.jsonl --out runs/vindr_medgemma4b": "evaluates the MedGemma run above (real data)",
     "medfocus report runs/vindr_medgemma4b --retention runs/bench/retention.csv": "reports the MedGemma run above (real data)",
     "for m in qwen2_5_vl_3b qwen2_5_vl_7b gemma3_4b gemma3_12b medgemma_4b medgemma1_5_4b; do ... done": "the six paper models; " + _REAL,
+    "medfocus attribute --config run.yaml --launcher local --devices cuda:0,cuda:1":
+        "two GPUs and run.yaml's real data; the local launcher itself runs here on CPU workers (the example above "
+        "and tests/test_launch.py)",
+    "medfocus attribute --config run.yaml --launcher slurm --shards 32 --slurm-partition gpu --slurm-gpus-per-task 1 "
+    "--slurm-time 12:00:00 --slurm-array-parallelism 8 --slurm-param mem=64G":
+        "needs a Slurm cluster; its job function and sbatch options are tested in tests/test_launch.py",
+    "medfocus bench build --model qwen2_5_vl_7b --dataset vindr_cxr --data-root /data --editor transplant "
+    "--reference-dir runs/reference --out runs/bench --launcher local --devices cuda:0,cuda:1,cuda:2,cuda:3":
+        "four GPUs, " + _REAL + "; bench build under the local launcher is tested on CPU in tests/test_launch.py",
     "medfocus evaluate runs/vindr_all/predictions.jsonl --out runs/vindr_all": "evaluates the six-model loop's run (real data)",
     "medfocus report runs/vindr_all --retention runs/bench/retention.csv": "reports the six-model loop's run (real data)",
 }

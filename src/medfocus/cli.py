@@ -22,6 +22,8 @@ COMMANDS: dict[str, str] = {
     "attribute": "medfocus.commands.attribute:attribute",
     "report": "medfocus.commands.report:report",
     "demo": "medfocus.commands.demo:demo",
+    "status": "medfocus.commands.launch:status",
+    "merge": "medfocus.commands.launch:merge",
 }
 
 _HELP = {
@@ -35,6 +37,8 @@ _HELP = {
     "attribute": "Run attribution methods (10 baselines + MedFocus) on a benchmark split.",
     "report": "Write the self-contained HTML report of a run.",
     "demo": "Run the whole pipeline on the embedded synthetic world with the shipped demo model.",
+    "status": "Per-shard progress and errors of a run started with --launcher local|slurm.",
+    "merge": "Merge the shard outputs of a run folder (attribute or bench build) into its normal outputs.",
 }
 
 

@@ -328,6 +328,17 @@ def build_benchmark(
         bar.update(len(chunk))
     bar.close()
 
+    records, split_rows = write_split(out_dir, model_name, dataset, mode, include_negatives=include_negatives)
+    write_retention(out_dir)
+    return records, retention_row(split_rows)
+
+
+def write_split(out_dir: str | os.PathLike[str], model_name: str, dataset: str, mode: str, *,
+                include_negatives: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(Re)write a split's records (and negatives) from its log; returns ``(records, log rows)``.
+
+    The log is the source of truth: the records are the kept positives in index order."""
+    paths = split_paths(out_dir, model_name, dataset, mode)
     all_rows = read_log(paths["log"])
     split_rows = sorted((r for r in all_rows.values() if r.get("model") == model_name and r.get("dataset") == dataset),
                         key=lambda r: r["index"])
@@ -336,8 +347,51 @@ def build_benchmark(
     if include_negatives:
         neg = [make_record(r) for r in split_rows if r.get("kind") == "negative" and r.get("error") is None]
         atomic_write_text(paths["negatives"], json.dumps(neg, indent=1) + "\n")
-    write_retention(out_dir)
-    return records, retention_row(split_rows)
+    return records, split_rows
+
+
+def merge_split_logs(shard_dirs: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str]) -> list[str]:
+    """Merge the split logs of bench shard folders (``bench build --shard i/n``) into ``out_dir``.
+
+    Every ``<model>/<dataset>/<mode>.log.jsonl`` under a shard folder is combined with the log of the
+    same split in ``out_dir`` (rows keyed by ``(model, dataset, index)``; a row without error wins over
+    one with an error, otherwise the later shard wins), written atomically, then the split's records
+    and the retention table are rewritten from it. Idempotent. Returns a line per merged split.
+
+    Raises:
+        ConfigError: two shards filtered the same split with different editors.
+    """
+    out = Path(out_dir)
+    splits: dict[Path, list[Path]] = {}
+    for d in shard_dirs:
+        d = Path(d)
+        for log in sorted(d.glob("*/*/*.log.jsonl")):
+            splits.setdefault(log.relative_to(d), []).append(log)
+    written = []
+    for rel, logs in sorted(splits.items()):
+        target = out / rel
+        merged = read_log(target)
+        for log in logs:
+            for k, row in read_log(log).items():
+                prev = merged.get(k)
+                if prev is not None and prev.get("error") is None and row.get("error") is not None:
+                    continue
+                merged[k] = row
+        editors = sorted({r["editor"] for r in merged.values() if r.get("editor")})
+        if len(editors) > 1:
+            raise ConfigError(f"{target}: the shards filtered this split with different editors {editors}")
+        lines = "".join(json.dumps(r) + "\n" for _, r in sorted(merged.items(), key=lambda kv: kv[0][2]))
+        atomic_write_text(target, lines)
+        rows = list(merged.values())
+        model_name, dataset = rows[0]["model"], rows[0]["dataset"]
+        mode = rel.name[: -len(".log.jsonl")]
+        records, _ = write_split(out, model_name, dataset, mode,
+                                 include_negatives=any(r.get("kind") == "negative" for r in rows))
+        written.append(f"{split_paths(out, model_name, dataset, mode)['records']} ({len(records)} kept of "
+                       f"{len(rows)} samples from {len(logs)} shards)")
+    if written:
+        write_retention(out)
+    return written
 
 
 def _generate_isolating_errors(adapter: Any, images: list[np.ndarray], questions: list[str], owners: list[int],

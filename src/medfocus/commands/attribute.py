@@ -10,6 +10,7 @@ import click
 
 from medfocus.attribution.base import BASELINES
 from medfocus.commands.config import config_option
+from medfocus.commands.launch import LAUNCH_PARAMS, check_launch_options, launcher_options
 from medfocus.commands.progress import progress_bars
 from medfocus.errors import ConfigError, DataError, MedfocusError
 
@@ -24,6 +25,10 @@ Examples:
   # a Slurm array of 8 tasks, then merge
   medfocus attribute --config run.yaml --shard $SLURM_ARRAY_TASK_ID/8
   medfocus attribute --out runs/attr --merge
+  # the same split on two local GPUs (one worker each), or as a Slurm array (submitit)
+  medfocus attribute --config run.yaml --launcher local --devices cuda:0,cuda:1
+  medfocus attribute --config run.yaml --launcher slurm --shards 16 --slurm-partition gpu \\
+      --slurm-gpus-per-task 1 --slurm-time 12:00:00
   # unfiltered positives of a real dataset, two methods, a parameter override
   medfocus attribute --dataset vindr_cxr --data-root /data/vindr --model qwen2_5_vl_7b \\
       --mode cot --method occlusion --method rise --param rise.n_masks=128 --limit 100 --out runs/vindr
@@ -199,8 +204,12 @@ def build_items(
 @click.option("--include-negatives", is_flag=True, help="Without --bench: also attribute samples whose answer is No.")
 @click.option("--device", default=None, show_default="cuda if available, else cpu", help="torch device for the models.")
 @click.option("--no-progress", is_flag=True, help="Disable progress bars (also the weight-loading bar).")
-def attribute(bench, dataset, data_root, models, modes, methods, params, refine, medsam, out_dir, limit, seed, shard, merge,
-              retry_errors, save_token_maps, include_negatives, device, no_progress) -> None:
+@click.option("--store-name", default=None, hidden=True,
+              help="File name of the result store in --out (set by the launchers for per-model shards).")
+@launcher_options
+@click.pass_context
+def attribute(ctx, bench, dataset, data_root, models, modes, methods, params, refine, medsam, out_dir, limit, seed, shard, merge,
+              retry_errors, save_token_maps, include_negatives, device, no_progress, store_name, **launch_opts) -> None:
     """Run attribution methods on a benchmark split and store one record per
     (model, dataset, index, mode, method) in OUT/predictions.jsonl (resumable: rerun the same
     command after an interruption)."""
@@ -209,6 +218,14 @@ def attribute(bench, dataset, data_root, models, modes, methods, params, refine,
 
     out = Path(out_dir)
     try:
+        check_launch_options(launch_opts)
+        if launch_opts["launcher"] != "none":
+            if shard or merge:
+                raise ConfigError("--shard and --merge are for runs without a launcher (the launcher shards and merges itself)")
+            _launch_attribute(ctx, launch_opts, bench=bench, dataset=dataset, data_root=data_root, models=models,
+                              modes=modes, methods=methods, params=params, refine=refine, medsam=medsam, out=out,
+                              limit=limit, include_negatives=include_negatives, device=device, no_progress=no_progress)
+            return
         if merge:
             parts = sorted(out.glob("predictions.shard-*.jsonl"))
             if not parts:
@@ -229,7 +246,9 @@ def attribute(bench, dataset, data_root, models, modes, methods, params, refine,
         if unknown:
             raise ConfigError(f"--param given for method(s) not selected: {unknown}")
         method_params = {m: pmap.get(m, {}) for m in methods}
-        store_path = out / ("predictions.jsonl" if n == 1 else f"predictions.shard-{i}-of-{n}.jsonl")
+        if store_name is not None and (Path(store_name).name != store_name or not store_name.endswith(".jsonl")):
+            raise ConfigError(f"--store-name {store_name!r}: expected a plain file name ending in .jsonl")
+        store_path = out / (store_name or ("predictions.jsonl" if n == 1 else f"predictions.shard-{i}-of-{n}.jsonl"))
 
         def loader(name: str):
             from medfocus.lvlm import load_lvlm
@@ -245,3 +264,46 @@ def attribute(bench, dataset, data_root, models, modes, methods, params, refine,
             click.echo(f"{summary.errors} records carry an error (see the 'error' field); rerun with --retry-errors to recompute them")
     except MedfocusError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def _launch_attribute(ctx: click.Context, launch_opts: dict[str, Any], *, bench, dataset, data_root, models, modes, methods,
+                      params, refine, medsam, out: Path, limit, include_negatives, device, no_progress) -> None:
+    """Validate the run, split it into (model, shard) tasks and start them (``--launcher local|slurm``)."""
+    from medfocus.commands.launch import argv_from_params, default_shards, run_launch
+    from medfocus.runner.grid import select_items, shard_of
+    from medfocus.runner.launch import Manifest, ShardTask, attribute_store_name, parse_devices
+
+    opts = {k: launch_opts[k] for k in LAUNCH_PARAMS}
+    devices = parse_devices(opts["devices"]) if opts["launcher"] == "local" else []
+    n = default_shards(opts["launcher"], opts["shards"], devices)
+    # the same checks as a single-process run, before anything starts
+    items = select_items(build_items(bench=bench, dataset=dataset, data_root=data_root, models=models, modes=modes,
+                                     include_negatives=include_negatives), limit=limit)
+    if not methods:
+        from medfocus.attribution import list_methods
+
+        methods = tuple(list_methods())
+    pmap = apply_refine_options(parse_params(params), methods, refine, medsam)
+    unknown = sorted(set(pmap) - set(methods))
+    if unknown:
+        raise ConfigError(f"--param given for method(s) not selected: {unknown}")
+    run_models = list(dict.fromkeys(it.model for it in items))
+    per_model = len(run_models) > 1  # one task per (model, shard): each loads only its model
+    base = ["attribute"] + argv_from_params(ctx.command, ctx.params,
+                                            drop=["shard", "merge", "device", "no_progress", "store_name"]
+                                            + (["models"] if per_model else []))
+    tasks = []
+    for m in (run_models if per_model else [None]):
+        for i in range(n):
+            sel = [it for it in items if (m is None or it.model == m) and shard_of(it.model, it.dataset, it.index, it.mode, n) == i]
+            if not sel:
+                continue
+            name = attribute_store_name(i, n, m)
+            argv = base + (["--model", m, "--store-name", name] if per_model else []) + ["--shard", f"{i}/{n}", "--no-progress"]
+            tasks.append(ShardTask(shard=i, n=n, model=m, argv=argv, output=name, expected=len(sel) * len(methods)))
+    if not tasks:
+        raise ConfigError("nothing to run: no samples selected")
+    manifest = Manifest(command="attribute", launcher=opts["launcher"], out=str(out), tasks=tasks)
+    click.echo(f"{len(items)} samples x {len(methods)} methods in {len(tasks)} tasks ({n} shards"
+               f"{' per model' if per_model else ''}) -> {out}")
+    run_launch(manifest, opts, device=device, progress=not no_progress)

@@ -7,8 +7,9 @@ from typing import Any
 import click
 
 from medfocus.commands.config import config_option
+from medfocus.commands.launch import LAUNCH_PARAMS, check_launch_options, launcher_options
 from medfocus.commands.progress import progress_bars
-from medfocus.errors import MedfocusError
+from medfocus.errors import ConfigError, MedfocusError
 
 EPILOG = """\b
 Examples:
@@ -21,6 +22,9 @@ Examples:
       --mode direct --editor radedit --out runs/bench
   # CPU alternatives: healthy-tissue transplant, or OpenCV inpainting (out of distribution)
   medfocus bench build ... --editor transplant --reference-dir runs/reference
+  # four local CPU workers (or GPUs: --devices cuda:0,cuda:1), or a Slurm array; merged at the end
+  medfocus bench build ... --launcher local --devices cpu,cpu,cpu,cpu
+  medfocus bench build ... --launcher slurm --shards 16 --slurm-partition gpu --slurm-gpus-per-task 1
 \b
 Output: <out>/<model>/<dataset>/<mode>.json (MedGround-Bench records of the kept samples),
 <mode>.log.jsonl (every sample: generations, gates; makes reruns resume), retention.csv/.md.
@@ -78,10 +82,15 @@ def _load_model(name: str, device: str | None) -> Any:
 @click.option("--seed", type=int, default=0, show_default=True, help="Editor seed (part of the edit-cache key).")
 @click.option("--device", default=None, show_default="cuda if available, else cpu", help="torch device.")
 @click.option("--no-progress", is_flag=True, help="Disable progress bars (also the weight-loading bar).")
-def build(model: str, model_name: str | None, dataset: str, data_root: str | None, modes: tuple[str, ...], editor: str | None, out_dir: str,
+@click.option("--shard", default=None, show_default="all samples",
+              help="Filter only shard i of n (i/n, 0-based) of the samples; give each shard its own --out and combine "
+                   "them with `medfocus merge` (the launchers do both).")
+@launcher_options
+@click.pass_context
+def build(ctx: click.Context, model: str, model_name: str | None, dataset: str, data_root: str | None, modes: tuple[str, ...], editor: str | None, out_dir: str,
           cache_dir: str | None, reference_dir: str | None, radedit_dir: str | None, radedit_steps: int, limit: int | None,
           batch_size: int, max_new_tokens: int | None, include_negatives: bool, retry_errors: bool, seed: int,
-          device: str | None, no_progress: bool) -> None:
+          device: str | None, no_progress: bool, shard: str | None, **launch_opts: Any) -> None:
     """Filter a dataset for one model: keep a positive sample iff the model answers it correctly,
     flips its answer when the finding is edited out of the boxes, and keeps its answer when the
     background is edited ("No {finding}" and "No abnormality")."""
@@ -94,15 +103,24 @@ def build(model: str, model_name: str | None, dataset: str, data_root: str | Non
         model_name = Path(model).name if Path(model).expanduser().exists() else model
 
     try:
+        check_launch_options(launch_opts)
+        if launch_opts["launcher"] != "none" and shard:
+            raise ConfigError("--shard is for runs without a launcher (the launcher shards and merges itself)")
         # cheap checks first: data, then editor weights, then the (large) model
         samples = load_dataset(dataset, data_root)
         if limit is not None:
             samples = samples[:limit]
         ds_name = samples[0].dataset if samples else canonical_name(dataset)
+        if shard is not None:
+            samples = _shard_samples(samples, model_name, shard)
         editor_name = editor or ("oracle" if ds_name == "synthetic" else "radedit")
         ed = _make_editor(editor_name, seed=seed, reference_dir=reference_dir, radedit_dir=radedit_dir,
                           radedit_steps=radedit_steps, device=device)
         ed.prepare()
+        if launch_opts["launcher"] != "none":
+            _launch_build(ctx, launch_opts, samples=samples, model_name=model_name, modes=modes, out_dir=out_dir,
+                          cache_dir=cache_dir, include_negatives=include_negatives, device=device, progress=not no_progress)
+            return
         with progress_bars(not no_progress):
             adapter = _load_model(model, device)
         for mode in modes:
@@ -115,6 +133,46 @@ def build(model: str, model_name: str | None, dataset: str, data_root: str | Non
     except MedfocusError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(write_retention(out_dir))
+
+
+def _shard_samples(samples: list, model_name: str, spec: str) -> list:
+    """The samples of shard ``i/n``: all modes of a sample land in one shard (they share its edits)."""
+    from medfocus.runner.grid import parse_shard, shard_of
+
+    i, n = parse_shard(spec)
+    return [s for s in samples if shard_of(model_name, s.dataset, int(s.index), "bench", n) == i]
+
+
+def _launch_build(ctx: click.Context, launch_opts: dict[str, Any], *, samples: list, model_name: str, modes: tuple[str, ...],
+                  out_dir: str, cache_dir: str | None, include_negatives: bool, device: str | None, progress: bool) -> None:
+    """One ``bench build --shard i/n`` task per shard, each into ``<out>/shards/i-of-n`` with the edit
+    cache shared; merged into ``<out>`` when all finish (``--launcher local|slurm``)."""
+    from pathlib import Path
+
+    from medfocus.commands.launch import argv_from_params, default_shards, run_launch
+    from medfocus.runner.launch import Manifest, ShardTask, bench_shard_dir, parse_devices
+
+    opts = {k: launch_opts[k] for k in LAUNCH_PARAMS}
+    devices = parse_devices(opts["devices"]) if opts["launcher"] == "local" else []
+    n = default_shards(opts["launcher"], opts["shards"], devices)
+    out = Path(out_dir)
+    cache = str(Path(cache_dir) if cache_dir is not None else out / "edits")
+    base = ["bench", "build"] + argv_from_params(ctx.command, ctx.params,
+                                                 drop=["shard", "device", "no_progress", "out_dir", "cache_dir", "model_name"])
+    tasks = []
+    for i in range(n):
+        sel = [s for s in _shard_samples(samples, model_name, f"{i}/{n}") if s.answer == "Yes" or include_negatives]
+        if not sel:
+            continue
+        rel = bench_shard_dir(i, n)
+        argv = base + ["--out", str(out / rel), "--cache-dir", cache, "--model-name", model_name,
+                       "--shard", f"{i}/{n}", "--no-progress"]
+        tasks.append(ShardTask(shard=i, n=n, model=model_name, argv=argv, output=rel, expected=len(sel) * len(modes)))
+    if not tasks:
+        raise ConfigError("nothing to filter: no samples selected")
+    manifest = Manifest(command="bench build", launcher=opts["launcher"], out=str(out), tasks=tasks)
+    click.echo(f"{sum(t.expected for t in tasks)} (sample, mode) pairs in {len(tasks)} tasks -> {out}")
+    run_launch(manifest, opts, device=device, progress=progress)
 
 
 @bench.command(name="retention")

@@ -1,0 +1,478 @@
+"""Run a command's shards on several local devices or as a Slurm job array, through submitit.
+
+The paper's grid (6 models x 3 datasets x 2 modes x 11 methods over ~1,900 samples per mode) is days
+of GPU time. The commands already split work into stable shards (``--shard i/n``, see
+:func:`medfocus.runner.grid.shard_of`) whose outputs are resumable and idempotent; this module only
+*schedules* those shard commands, on an existing engine rather than a home-made one:
+`submitit <https://github.com/facebookincubator/submitit>`_ (MIT), the field's standard Python front
+end to Slurm job arrays, which also runs the same job function locally.
+
+Launchers:
+
+``local``
+    one worker process per listed device (``--devices cuda:0,cuda:1`` or ``cpu,cpu``) through
+    :class:`submitit.LocalExecutor`. A GPU worker is pinned by submitit's own mechanism (the worker
+    sees only that GPU through ``CUDA_VISIBLE_DEVICES`` and runs on ``cuda:0``); a CPU worker sees
+    no GPU. The shard tasks are dealt round-robin to the workers, each worker runs its tasks one
+    after another with its own model copy. While the parent waits, a worker that dies without a
+    result (killed, out of memory) is started again up to ``max_restarts`` times; it resumes from its
+    store, so nothing is lost or duplicated. A worker that raises (a configuration error, say) is
+    not restarted: the error is reported.
+``slurm``
+    a :class:`submitit.SlurmExecutor` job array, one array task per (model, shard); logs under
+    ``<out>/slurm/``. A preempted or timed-out task is requeued by submitit (``checkpoint`` below)
+    and resumes from its store.
+
+Each task runs the ``medfocus`` command itself (``attribute ... --shard i/n`` or ``bench build ...
+--shard i/n``) in the worker, with the same options as the parent, so a launched run computes exactly
+what the single-process command computes: per-key seeds do not depend on the shard
+(:func:`medfocus.runner.grid.item_seed`). The parent writes ``<out>/launch/manifest.json`` (the tasks,
+their outputs and the expected record counts); :func:`shard_status` reads it for ``medfocus status``
+and :func:`merge_outputs` combines the shard outputs into the normal outputs (``medfocus merge``),
+which the parent does itself when every task has finished.
+
+Where each task writes:
+
+* ``attribute``: ``<out>/predictions.shard-<i>-of-<n>.jsonl`` (one model) or
+  ``<out>/predictions.<model>.shard-<i>-of-<n>.jsonl`` when several models are launched (one task per
+  model and shard), merged into ``<out>/predictions.jsonl``.
+* ``bench build``: a complete bench output folder ``<out>/shards/<i>-of-<n>/`` per shard, the edit and
+  generation caches shared in ``--cache-dir`` (default ``<out>/edits``); merged into
+  ``<out>/<model>/<dataset>/<mode>.json`` + ``.log.jsonl`` and the retention table.
+
+submitit is an optional dependency: ``pip install 'medfocus[slurm]'``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from medfocus.errors import ConfigError, DataError
+
+LAUNCHERS = ("none", "local", "slurm")
+LAUNCH_DIR = "launch"
+MANIFEST_NAME = "manifest.json"
+#: Seconds between two looks at the workers while the parent waits.
+POLL_SECONDS = 2.0
+
+
+def require_submitit() -> Any:
+    """Import submitit or raise a :class:`ConfigError` naming the extra that installs it."""
+    try:
+        import submitit
+    except ImportError:
+        raise ConfigError("the local and slurm launchers need submitit: pip install 'medfocus[slurm]'") from None
+    return submitit
+
+
+# ---------------------------------------------------------------------------------------------------
+# tasks and the manifest
+
+
+@dataclass
+class ShardTask:
+    """One unit of launched work: a ``medfocus`` command line for one shard (of one model).
+
+    Attributes:
+        shard: shard number ``i`` in ``[0, n)``.
+        n: number of shards.
+        model: the model this task covers (``None``: every model of the command).
+        argv: the ``medfocus`` arguments the task runs (without ``--device``, added per worker).
+        output: the task's output, relative to the run folder (a store file or a shard folder).
+        expected: records the task will have written when complete (attribute: samples x methods;
+            bench: samples x modes).
+    """
+
+    shard: int
+    n: int
+    model: str | None
+    argv: list[str]
+    output: str
+    expected: int
+
+
+@dataclass
+class Manifest:
+    """What was launched into a run folder (``<out>/launch/manifest.json``)."""
+
+    command: str  # "attribute" or "bench build"
+    launcher: str
+    out: str
+    tasks: list[ShardTask]
+    devices: list[str] = field(default_factory=list)
+    job_ids: list[str] = field(default_factory=list)
+    merged_into: list[str] = field(default_factory=list)
+
+    def save(self) -> Path:
+        from medfocus.bench.build import atomic_write_text
+
+        path = Path(self.out) / LAUNCH_DIR / MANIFEST_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(asdict(self), indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, out: str | os.PathLike[str]) -> "Manifest":
+        path = Path(out) / LAUNCH_DIR / MANIFEST_NAME
+        if not path.is_file():
+            raise DataError(f"{path} does not exist: {out} was not started with --launcher local|slurm "
+                            "(shards run by hand are merged with `medfocus merge` too)")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            tasks = [ShardTask(**t) for t in data.pop("tasks")]
+            return cls(tasks=tasks, **data)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise DataError(f"{path}: not a medfocus launch manifest ({exc})") from None
+
+
+def attribute_store_name(shard: int, n: int, model: str | None = None) -> str:
+    """File name of an attribute shard's store (``model`` set when tasks are split per model)."""
+    from medfocus.bench.build import slug
+
+    tag = f".{slug(model)}" if model else ""
+    return f"predictions{tag}.shard-{shard}-of-{n}.jsonl"
+
+
+def bench_shard_dir(shard: int, n: int) -> str:
+    """Folder (relative to the run folder) of one ``bench build`` shard."""
+    return f"shards/{shard}-of-{n}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# devices and executor parameters
+
+
+def parse_devices(spec: str | Sequence[str] | None) -> list[str]:
+    """``"cuda:0,cuda:1"`` / ``"cpu,cpu"`` -> a list of torch device strings (one worker each).
+
+    Raises:
+        ConfigError: empty list, or a ``cuda`` device without an index (a worker must be pinned).
+    """
+    if spec is None:
+        raise ConfigError("--launcher local needs --devices, e.g. --devices cuda:0,cuda:1 or --devices cpu,cpu")
+    items = [d.strip() for d in (spec.split(",") if isinstance(spec, str) else spec) if d and d.strip()]
+    if not items:
+        raise ConfigError("--devices is empty; e.g. --devices cuda:0,cuda:1 or --devices cpu,cpu")
+    for d in items:
+        if d == "cpu":
+            continue
+        m = re.fullmatch(r"cuda:(\d+)", d)
+        if m is None:
+            raise ConfigError(f"--devices: {d!r} is not 'cpu' or 'cuda:<index>' (each worker is pinned to one device)")
+    return items
+
+
+def local_worker_parameters(device: str) -> tuple[dict[str, Any], str]:
+    """submitit LocalExecutor parameters that pin a worker to ``device``, and the device the
+    command then uses inside the worker (``cuda:k`` becomes ``cuda:0`` of a one-GPU view)."""
+    if device == "cpu":
+        return {"gpus_per_node": 0, "visible_gpus": ()}, "cpu"
+    k = int(device.split(":")[1])
+    return {"gpus_per_node": 1, "visible_gpus": (k,)}, "cuda:0"
+
+
+def parse_slurm_time(value: str | int | None) -> int:
+    """``--slurm-time`` as minutes: an int, ``"MM"``, ``"HH:MM:SS"`` or ``"D-HH:MM:SS"``."""
+    if value is None:
+        return 24 * 60
+    if isinstance(value, int):
+        minutes = value
+    else:
+        s = str(value).strip()
+        m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", s)
+        if m is None:
+            raise ConfigError(f"--slurm-time {value!r}: expected minutes, HH:MM:SS or D-HH:MM:SS")
+        d, a, b, c = m.groups()
+        if b is None:
+            minutes = int(a) + 24 * 60 * int(d or 0)
+        else:
+            parts = [int(a), int(b)] + ([int(c)] if c is not None else [])
+            if len(parts) == 3:
+                h, mi, sec = parts
+            else:
+                h, mi, sec = parts[0], parts[1], 0
+            minutes = 24 * 60 * int(d or 0) + 60 * h + mi + (1 if sec else 0)
+    if minutes < 1:
+        raise ConfigError(f"--slurm-time {value!r}: must be at least one minute")
+    return minutes
+
+
+def slurm_parameters(*, partition: str | None = None, gpus_per_task: int | None = None, time: str | int | None = None,
+                     array_parallelism: int | None = None, account: str | None = None,
+                     extra: Sequence[str] = (), job_name: str = "medfocus") -> dict[str, Any]:
+    """The :class:`submitit.SlurmExecutor` parameters (sbatch options) of a launch.
+
+    ``extra`` are ``KEY=VALUE`` strings (``--slurm-param``) passed to sbatch as ``--KEY=VALUE``
+    (submitit's ``additional_parameters``). Raises :class:`ConfigError` on malformed values.
+    """
+    params: dict[str, Any] = {"job_name": job_name, "time": parse_slurm_time(time), "signal_delay_s": 120}
+    if partition:
+        params["partition"] = partition
+    if gpus_per_task is not None:
+        if gpus_per_task < 0:
+            raise ConfigError(f"--slurm-gpus-per-task must be >= 0, got {gpus_per_task}")
+        params["gpus_per_task"] = gpus_per_task
+    if array_parallelism is not None:
+        if array_parallelism < 1:
+            raise ConfigError(f"--slurm-array-parallelism must be >= 1, got {array_parallelism}")
+        params["array_parallelism"] = array_parallelism
+    if account:
+        params["account"] = account
+    additional: dict[str, str] = {}
+    for spec in extra:
+        key, eq, value = str(spec).partition("=")
+        key = key.strip().lstrip("-")
+        if not eq or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", key):
+            raise ConfigError(f"--slurm-param {spec!r}: expected KEY=VALUE, e.g. --slurm-param mem=64G")
+        additional[key.replace("-", "_")] = value.strip()
+    if additional:
+        params["additional_parameters"] = additional
+    return params
+
+
+# ---------------------------------------------------------------------------------------------------
+# the job function
+
+
+class ShardJob:
+    """The submitit job function: runs ``medfocus`` command lines one after another in the worker.
+
+    Picklable and stateless; the outputs carry the state. :meth:`checkpoint` is submitit's hook on
+    preemption or timeout: it resubmits the same command lines, which resume from their stores.
+    """
+
+    def __call__(self, argvs: Sequence[Sequence[str]]) -> int:
+        from medfocus.cli import main
+
+        for argv in argvs:
+            main.main(args=list(argv), prog_name="medfocus", standalone_mode=False)
+        return len(argvs)
+
+    def checkpoint(self, argvs: Sequence[Sequence[str]]) -> Any:
+        submitit = require_submitit()
+        return submitit.helpers.DelayedSubmission(self, argvs)
+
+
+def with_device(argv: Sequence[str], device: str | None) -> list[str]:
+    return list(argv) + (["--device", device] if device else [])
+
+
+# ---------------------------------------------------------------------------------------------------
+# progress, status and merge
+
+
+def _count_done(path: Path) -> tuple[int, int]:
+    """(records, records with an error) of a store file or a bench shard folder (last per key)."""
+    from medfocus.bench.build import read_log
+    from medfocus.runner.store import read_jsonl, record_key
+
+    if path.is_dir():  # bench shard: every split log under it
+        rows = [r for log in sorted(path.glob("*/*/*.log.jsonl")) for r in read_log(log).values()]
+    elif path.exists():
+        rows = list({record_key(r): r for r in read_jsonl(path)[0]}.values())  # last record per key
+    else:
+        rows = []
+    return len(rows), sum(1 for r in rows if r.get("error"))
+
+
+def shard_status(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Per-task progress of a launched run: ``shard``, ``model``, ``output``, ``done``,
+    ``expected``, ``errors`` (read from the outputs, so it is right even after the parent exited)."""
+    man = Manifest.load(out)
+    rows = []
+    for t in man.tasks:
+        done, errors = _count_done(Path(out) / t.output)
+        rows.append({"shard": f"{t.shard}/{t.n}", "model": t.model or "*", "output": t.output, "done": done,
+                     "expected": t.expected, "errors": errors})
+    return rows
+
+
+def _merge_bench(out: Path, shard_dirs: Sequence[Path]) -> list[str]:
+    from medfocus.bench.build import merge_split_logs
+
+    return merge_split_logs(shard_dirs, out)
+
+
+def merge_outputs(out: str | os.PathLike[str]) -> list[str]:
+    """Combine the shard outputs of a run folder into its normal outputs; returns what was written.
+
+    With a launch manifest the tasks' outputs are merged; without one (shards run by hand with
+    ``--shard i/n``), every ``predictions*.shard-*.jsonl`` file and every ``shards/*`` bench folder in
+    ``out`` is. Merging is idempotent: rerunning it after more shards finished adds their records.
+    Raises :class:`DataError` when there is nothing to merge.
+    """
+    from medfocus.runner.store import merge_stores
+
+    out = Path(out)
+    try:
+        man: Manifest | None = Manifest.load(out)
+    except DataError:
+        man = None
+    if man is not None:
+        outputs = [out / t.output for t in man.tasks]
+        stores = [p for p in outputs if p.suffix == ".jsonl" and p.exists()]
+        dirs = [p for p in outputs if p.is_dir()]
+    else:
+        stores = sorted(out.glob("predictions*.shard-*.jsonl"))
+        dirs = sorted(p for p in (out / "shards").glob("*") if p.is_dir())
+    written: list[str] = []
+    if stores:
+        n = merge_stores(stores, out / "predictions.jsonl")
+        written.append(f"{out / 'predictions.jsonl'} ({n} records from {len(stores)} shard files)")
+    if dirs:
+        written += _merge_bench(out, dirs)
+    if not written:
+        raise DataError(f"nothing to merge in {out}: no predictions*.shard-*.jsonl files and no shards/ folders")
+    return written
+
+
+# ---------------------------------------------------------------------------------------------------
+# launching
+
+
+def _job_outcome(job: Any) -> tuple[str, str]:
+    """``("ok" | "died" | "raised", message)`` of a finished submitit job.
+
+    submitit reports a job that raised as :class:`~submitit.core.utils.FailedJobError` (with the
+    worker's traceback) and one that left no result at all -- killed, out of memory -- as
+    :class:`~submitit.core.utils.UncompletedJobError`; the local controller calls both "FINISHED"."""
+    from submitit.core.utils import UncompletedJobError
+
+    exc = job.exception()
+    if exc is None:
+        return "ok", ""
+    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    if isinstance(exc, UncompletedJobError):
+        return "died", lines[0] if lines else "no result"
+    # the last line of a worker traceback is the error itself (e.g. "click...: --param ...")
+    return "raised", lines[-1] if lines else type(exc).__name__
+
+
+def launch(
+    manifest: Manifest,
+    *,
+    devices: Sequence[str] = (),
+    device: str | None = None,
+    slurm: dict[str, Any] | None = None,
+    wait: bool = True,
+    progress: bool = True,
+    max_restarts: int = 2,
+    echo: Callable[[str], None] = print,
+) -> Manifest:
+    """Start the tasks of ``manifest`` with its launcher; wait, restart dead local workers and merge.
+
+    Args:
+        manifest: the tasks (see :class:`ShardTask`); ``manifest.launcher`` is ``local`` or ``slurm``.
+        devices: the local workers' devices (``local``).
+        device: the ``--device`` the Slurm tasks pass to the command (default: the command's own).
+        slurm: :func:`slurm_parameters` (``slurm``).
+        wait: wait for the tasks, then merge; ``False`` returns once they are submitted.
+        max_restarts: how often a local worker that died without a result is started again.
+    Raises:
+        ConfigError: submitit missing, or not on a Slurm cluster for ``slurm``.
+        DataError: a task failed (after the others finished; the error names the task).
+    """
+    submitit = require_submitit()
+    out = Path(manifest.out)
+    job_fn = ShardJob()
+    if manifest.launcher == "local":
+        devices = list(devices)
+        manifest.devices = devices
+        per_worker: list[list[list[str]]] = [[] for _ in devices]
+        worker_of_task: list[int] = []
+        for k, t in enumerate(manifest.tasks):
+            w = k % len(devices)
+            worker_of_task.append(w)
+        jobs: list[Any] = []
+        executors = []
+        for w, dev in enumerate(devices):
+            params, inner = local_worker_parameters(dev)
+            ex = submitit.LocalExecutor(folder=out / LAUNCH_DIR / "logs")
+            # timeout: the local controller kills a job after timeout_min; a launched run may take days
+            ex.update_parameters(timeout_min=60 * 24 * 30, **params)
+            per_worker[w] = [with_device(t.argv, inner) for k, t in enumerate(manifest.tasks) if worker_of_task[k] == w]
+            executors.append(ex)
+            jobs.append(ex.submit(job_fn, per_worker[w]) if per_worker[w] else None)
+        manifest.job_ids = [str(j.job_id) if j is not None else "" for j in jobs]
+        manifest.save()
+        if not wait:
+            echo(f"started {len(manifest.tasks)} tasks on {len(devices)} local workers (pids {', '.join(manifest.job_ids)}); "
+                 f"`medfocus status {out}` shows progress, `medfocus merge {out}` combines the shards")
+            return manifest
+        restarts = [0] * len(jobs)
+        failures: list[str] = []
+
+        def resubmit(w: int) -> bool:
+            if restarts[w] >= max_restarts:
+                return False
+            restarts[w] += 1
+            echo(f"worker {w} ({devices[w]}) died without a result; restart {restarts[w]}/{max_restarts} (resumes from its store)")
+            jobs[w] = executors[w].submit(job_fn, per_worker[w])
+            manifest.job_ids[w] = str(jobs[w].job_id)
+            manifest.save()
+            return True
+
+        _wait(manifest, jobs, progress=progress, on_dead=resubmit, failures=failures, echo=echo)
+    elif manifest.launcher == "slurm":
+        try:
+            ex = submitit.SlurmExecutor(folder=out / "slurm")
+        except RuntimeError as exc:
+            raise ConfigError(f"--launcher slurm: {exc} (use --launcher local on a single machine)") from None
+        ex.update_parameters(**(slurm or {}))
+        jobs = ex.map_array(job_fn, [[with_device(t.argv, device)] for t in manifest.tasks])
+        manifest.job_ids = [str(j.job_id) for j in jobs]
+        manifest.save()
+        if not wait:
+            echo(f"submitted a Slurm array of {len(jobs)} tasks (job {manifest.job_ids[0].split('_')[0]}); "
+                 f"`medfocus status {out}` shows progress, `medfocus merge {out}` combines the shards")
+            return manifest
+        failures = []
+        _wait(manifest, jobs, progress=progress, on_dead=lambda w: False, failures=failures, echo=echo)
+    else:
+        raise ConfigError(f"launcher {manifest.launcher!r} is not one of local, slurm")
+    if failures:
+        raise DataError("launched tasks failed (the other shards are complete; fix the cause and rerun the same "
+                        "command to resume):\n  " + "\n  ".join(failures))
+    for line in merge_outputs(out):
+        echo(f"merged: {line}")
+    manifest.merged_into = ["predictions.jsonl"] if manifest.command == "attribute" else ["<model>/<dataset>/<mode>.json"]
+    manifest.save()
+    return manifest
+
+
+def _wait(manifest: Manifest, jobs: list[Any], *, progress: bool, on_dead: Callable[[int], bool], failures: list[str],
+          echo: Callable[[str], None]) -> None:
+    """Poll the jobs with a progress bar over records until all are finished."""
+    from tqdm.auto import tqdm
+
+    out = Path(manifest.out)
+    total = sum(t.expected for t in manifest.tasks)
+    pending = {w for w, j in enumerate(jobs) if j is not None}
+    bar = tqdm(total=total, desc=f"{manifest.launcher}: {len(pending)} jobs", unit="rec", disable=not progress)
+    n_jobs = len(pending)
+    try:
+        while pending:
+            for w in sorted(pending):
+                job = jobs[w]
+                if not job.done():
+                    continue
+                outcome, message = _job_outcome(job)
+                if outcome == "died" and on_dead(w):
+                    continue  # restarted: the new job resumes from the store
+                if outcome != "ok":
+                    failures.append(f"job {job.job_id} ({outcome}): {message} (log: {job.paths.stderr})")
+                pending.discard(w)
+            done = sum(_count_done(out / t.output)[0] for t in manifest.tasks)
+            bar.n = min(done, total)
+            bar.set_postfix_str(f"{n_jobs - len(pending)}/{n_jobs} jobs finished")
+            bar.refresh()
+            if pending:
+                time.sleep(POLL_SECONDS)
+    finally:
+        bar.close()
