@@ -12,12 +12,12 @@ from medfocus.attribution.prompting import (
     BOX_REQUEST,
     OwlDetector,
     boxes_heatmap,
-    parse_boxes,
     parse_phrases,
     question_stem_of,
     top_box_per_query,
 )
 from medfocus.attribution.testing import ToyAdapter
+from medfocus.lvlm.box_text import parse_boxes
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -34,18 +34,18 @@ Q = "Is there evidence of nodule in the image? Answer directly with yes or no wi
 
 
 def test_parse_boxes_formats_and_safety(tmp_path) -> None:
-    assert parse_boxes("[[10, 20, 30, 40]]", 100, 100) == [(10.0, 20.0, 30.0, 40.0)]
+    assert parse_boxes("[[10, 20, 30, 40]]", 100, 100).boxes == [(10.0, 20.0, 30.0, 40.0)]
     # corners re-ordered, clipped, degenerate dropped, floats and prose accepted
-    assert parse_boxes("boxes: [[30,40,10,20], [-5, 0, 5.5, 120], [7, 7, 7, 9]]", 100, 100) == [
+    assert parse_boxes("boxes: [[30,40,10,20], [-5, 0, 5.5, 120], [7, 7, 7, 9]]", 100, 100).boxes == [
         (10.0, 20.0, 30.0, 40.0), (0.0, 0.0, 5.5, 100.0)]
-    assert parse_boxes('{"bbox_2d": [1, 2, 3, 4], "label": "nodule"}', 10, 10) == [(1.0, 2.0, 3.0, 4.0)]
-    assert parse_boxes("[[0, 0, 500, 1000]]", 200, 100, coords="norm1000") == [(0.0, 0.0, 100.0, 100.0)]
-    assert parse_boxes("[[0.5, 0.5, 1, 1]]", 200, 100, coords="relative") == [(100.0, 50.0, 200.0, 100.0)]
+    assert parse_boxes('{"bbox_2d": [1, 2, 3, 4], "label": "nodule"}', 10, 10).boxes == [(1.0, 2.0, 3.0, 4.0)]
+    assert parse_boxes("[[0, 0, 500, 1000]]", 200, 100, coords="norm1000").boxes == [(0.0, 0.0, 100.0, 100.0)]
+    assert parse_boxes("[[0.5, 0.5, 1, 1]]", 200, 100, coords="relative").boxes == [(100.0, 50.0, 200.0, 100.0)]
     # model output is never executed
     marker = tmp_path / "pwned"
-    assert parse_boxes(f"__import__('pathlib').Path('{marker}').touch() [[1, 2]]", 10, 10) == []
+    assert parse_boxes(f"__import__('pathlib').Path('{marker}').touch() [[1, 2]]", 10, 10).boxes == []
     assert not marker.exists()
-    assert parse_boxes("", 10, 10) == [] and parse_boxes("no boxes here", 10, 10) == []
+    assert parse_boxes("", 10, 10).boxes == [] and parse_boxes("no boxes here", 10, 10).boxes == []
 
 
 def test_parse_phrases() -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from medfocus.lvlm import demo as D
+from medfocus.lvlm.box_text import parse_boxes
 
 FINDINGS = ("cardiomegaly", "pleural effusion", "nodule", "mass", "pneumothorax", "consolidation", "atelectasis")
 
@@ -37,8 +38,9 @@ def test_cot_targets_parse_to_the_right_answer(finding: str) -> None:
 
 def test_evidence_targets_round_trip() -> None:
     views = [D.FindingView("nodule", (3, 40, 17, 58), "right", "upper", None), D.FindingView("nodule", (150, 9, 171, 30), "left", "lower", None)]
-    assert D.parse_boxes(D.boxes_answer(views)) == [(3, 40, 17, 58), (150, 9, 171, 30)]
-    assert D.boxes_answer([]) == "[]" and D.parse_boxes("[]") == []
+    read = parse_boxes(D.boxes_answer(views), 224, 224, "canvas")
+    assert read.boxes == [(3, 40, 17, 58), (150, 9, 171, 30)] and read.status == "boxes"
+    assert D.boxes_answer([]) == "[]" and parse_boxes("[]", 224, 224, "canvas").status == "empty"
     ph = json.loads(D.phrases_answer("nodule", views))
     assert ph == ["small nodule in the right upper lung", "small nodule in the left lower lung"]
     assert D.task_question("mass", "boxes").startswith("Is there evidence of mass in the image? ")
@@ -180,7 +182,7 @@ def test_shipped_model_answers_evidence_requests(shipped) -> None:
     phrases = shipped.generate(imgs, [D.task_question(f, "phrases") for _, f, _ in cases], max_new_tokens=48)
     assert all(b.startswith("[") and b.endswith("]") for b in boxes), boxes
     assert all(p.startswith("[") and p.endswith("]") for p in phrases), phrases
-    parsed = [D.parse_boxes(b) for b in boxes]
+    parsed = [parse_boxes(b, cfg.canvas, cfg.canvas, "canvas").boxes for b in boxes]
     assert all(0 <= v <= cfg.canvas for p in parsed for b in p for v in b)
     learned = [p for p, (_, f, _) in zip(parsed, cases) if f in ("cardiomegaly", "pleural effusion")]
     assert len(learned) == 4 and sum(len(p) >= 1 for p in learned) >= 3

@@ -52,6 +52,22 @@ def _variant(films, tmp_path, name, edit, src="RG1_UNCR.dcm"):
     return out
 
 
+def _read_quirky(tmp_path, arr, raw_values: dict, unusable: bool, **tags) -> np.ndarray:
+    """Write ``arr`` with ``tags``, overwrite ``raw_values`` byte for byte, read it back. ``unusable``:
+    the read must warn naming the file and one of the attributes, and give min-max of the stored values."""
+    ds = pydicom.dcmread(write_dicom(tmp_path / "src.dcm", arr, **tags))
+    for keyword, value in raw_values.items():
+        _raw(ds, keyword, value)
+    ds.save_as(tmp_path / "q.dcm")
+    if not unusable:
+        return _read_quiet(tmp_path / "q.dcm")[0]
+    names = "|".join(raw_values)
+    with pytest.warns(DataWarning, match=rf"q\.dcm: .*({names}).*full-range min-max"):
+        img, _ = read_image(tmp_path / "q.dcm")
+    np.testing.assert_array_equal(img, to_uint8(arr))
+    return img
+
+
 # ---- 1. numeric attributes stored as raw strings ----------------------------------------------------
 
 def test_decimal_comma_window_on_the_real_film_is_the_window_not_black(films, tmp_path):
@@ -91,17 +107,9 @@ WINDOW_TABLE = [
 def test_window_attribute_dialects(tmp_path, center, width, meaning):
     arr = np.arange(256, dtype=np.uint8).reshape(16, 16) * 0 + np.arange(256, dtype=np.uint16).reshape(16, 16)
     arr = (arr * 4).astype(np.uint16)  # 0..1020: a window of 128/256 clips, min-max does not
-    src = write_dicom(tmp_path / "src.dcm", arr)
-    ds = pydicom.dcmread(src)
-    _raw(ds, "WindowCenter", center)
-    _raw(ds, "WindowWidth", width)
-    ds.save_as(tmp_path / "q.dcm")
+    img = _read_quirky(tmp_path, arr, {"WindowCenter": center, "WindowWidth": width}, meaning is None)
     if meaning is None:
-        with pytest.warns(DataWarning, match=r"q\.dcm: .*Window(Center|Width).*full-range min-max"):
-            img, _ = read_image(tmp_path / "q.dcm")
-        np.testing.assert_array_equal(img, to_uint8(arr))
         return
-    img, _ = _read_quiet(tmp_path / "q.dcm")
     want, _ = _read_quiet(write_dicom(tmp_path / "want.dcm", arr, WindowCenter=meaning[0], WindowWidth=meaning[1]))
     np.testing.assert_array_equal(img, want)
     assert img.max() == 255 and img.min() == 0 and (img == 255).sum() > 100  # the window clipped
@@ -122,17 +130,10 @@ RESCALE_TABLE = [
 def test_rescale_attribute_dialects(tmp_path, slope, intercept, meaning):
     # x = 2 * raw - 100 with window [0, 200] (LINEAR_EXACT) -> known values.
     raw_px = np.array([[10, 50, 100, 150, 200]], dtype=np.uint16)
-    src = write_dicom(tmp_path / "src.dcm", raw_px, WindowCenter=100, WindowWidth=200, VOILUTFunction="LINEAR_EXACT")
-    ds = pydicom.dcmread(src)
-    _raw(ds, "RescaleSlope", slope)
-    _raw(ds, "RescaleIntercept", intercept)
-    ds.save_as(tmp_path / "q.dcm")
+    img = _read_quirky(tmp_path, raw_px, {"RescaleSlope": slope, "RescaleIntercept": intercept}, meaning is None,
+                       WindowCenter=100, WindowWidth=200, VOILUTFunction="LINEAR_EXACT")
     if meaning is None:
-        with pytest.warns(DataWarning, match=r"q\.dcm: .*Rescale(Slope|Intercept).*full-range min-max"):
-            img, _ = read_image(tmp_path / "q.dcm")
-        np.testing.assert_array_equal(img, to_uint8(raw_px))
         return
-    img, _ = _read_quiet(tmp_path / "q.dcm")
     s, b = meaning
     want = np.clip(np.floor(np.clip(((raw_px * s + b) - 0.0) / 200.0, 0, 1) * 255 + 0.5), 0, 255)
     np.testing.assert_array_equal(img, want.astype(np.uint8))
@@ -231,6 +232,17 @@ def test_lossless_encodings_decode_to_the_uncompressed_pixels(films):
     np.testing.assert_array_equal(j2kr.pixel_array, ref_ds.pixel_array)
     img, size = _read_quiet(films / "RG1_J2KR.dcm")
     assert size == ref_size == (1841, 1955)
+    np.testing.assert_array_equal(img, ref_img)
+
+
+def test_rle_encoded_real_film_decodes_to_the_same_pixels(films, tmp_path):
+    """RLE Lossless (1.2.840.10008.1.2.5), written here from the uncompressed film by pylibjpeg-rle."""
+    ref_img, _ = _read_quiet(films / "RG1_UNCR.dcm")
+    ds = pydicom.dcmread(films / "RG1_UNCR.dcm")
+    ds.compress(pydicom.uid.RLELossless, encoding_plugin="pylibjpeg")
+    ds.save_as(tmp_path / "rle.dcm")
+    assert pydicom.dcmread(tmp_path / "rle.dcm").file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.5"
+    img, _ = _read_quiet(tmp_path / "rle.dcm")
     np.testing.assert_array_equal(img, ref_img)
 
 

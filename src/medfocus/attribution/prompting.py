@@ -1,10 +1,13 @@
 """Prompting baselines: ask the model where its evidence is.
 
 ``prompting``: the question stem plus a request for ``[[x1, y1, x2, y2], ...]`` boxes. The model sees the
-letterboxed *canvas*, so its coordinates are read in the canvas frame (``coords="canvas"``; or
-``"norm1000"`` for models that answer on a 0..1000 grid, ``"relative"`` for 0..1) and mapped back to
-original pixels through the chat's letterbox geometry. Text is parsed with a regular expression for
-groups of four numbers in brackets -- never ``eval``.
+letterboxed *canvas*, so its boxes are read in the canvas frame by the package's one box-text parser,
+:func:`medfocus.lvlm.box_text.parse_boxes` (every common dialect: Qwen2.5-VL JSON, Qwen2-VL box tokens,
+bracketed lists, 0..1 floats, ``<locNNNN>`` tokens; ``coords="auto"`` takes the adapter family's
+default, or ``"canvas"``/``"norm1000"``/``"relative"``; never ``eval``) and mapped back to original
+pixels through the chat's letterbox geometry. An answer with box-like text that no rule reads is
+**unparseable**: ``extras["box_text"] == "unparseable"``, which the runner records as the record's
+``unparseable`` field (not an empty prediction).
 
 ``prompting_medsam``: the stem plus a request for short descriptions of the evidence regions; each
 phrase is detected by an open-vocabulary detector (OWL-ViT via transformers' ``OwlViTForObjectDetection``,
@@ -30,6 +33,7 @@ import torch
 
 from medfocus.attribution.base import Attribution, Counter, Method
 from medfocus.errors import ConfigError, ModelError
+from medfocus.lvlm.box_text import COORDS, parse_boxes
 from medfocus.types import EVIDENCE_REQUESTS, SUFFIXES, Box
 
 #: The evidence requests, appended after a space to the question stem (the demo model is trained on
@@ -40,38 +44,12 @@ PHRASE_REQUEST = EVIDENCE_REQUESTS["phrases"]
 OWLVIT_ID = "google/owlvit-base-patch32"
 MEDSAM_ID = "flaviagiammarino/medsam-vit-base"
 
-_NUM = r"(-?\d+(?:\.\d+)?)"
-_BOX_RE = re.compile(r"\[\s*" + r"\s*,\s*".join([_NUM] * 4) + r"\s*\]")
-
-
 def question_stem_of(question: str) -> str:
     """The question without its output-mode suffix (any of :data:`medfocus.types.SUFFIXES`)."""
     for suf in SUFFIXES.values():
         if question.endswith(suf):
             return question[: -len(suf)].strip()
     return question.strip()
-
-
-def parse_boxes(text: str, frame_w: float, frame_h: float, coords: str = "canvas") -> list[Box]:
-    """Boxes ``[x1, y1, x2, y2]`` found anywhere in ``text`` (nested lists, JSON objects, prose), in
-    ``frame`` pixels: corners re-ordered, clipped to the frame, empty boxes dropped.
-
-    Args:
-        coords: ``"canvas"`` (absolute frame pixels), ``"norm1000"`` (0..1000), ``"relative"`` (0..1).
-    """
-    if coords not in ("canvas", "norm1000", "relative"):
-        raise ConfigError(f"prompting: coords must be 'canvas', 'norm1000' or 'relative', got {coords!r}")
-    sx, sy = {"canvas": (1.0, 1.0), "norm1000": (frame_w / 1000, frame_h / 1000), "relative": (frame_w, frame_h)}[coords]
-    out: list[Box] = []
-    for m in _BOX_RE.finditer(text or ""):
-        x1, y1, x2, y2 = (float(v) for v in m.groups())
-        x1, x2 = sorted((x1 * sx, x2 * sx))
-        y1, y2 = sorted((y1 * sy, y2 * sy))
-        x1, x2 = min(max(x1, 0.0), frame_w), min(max(x2, 0.0), frame_w)
-        y1, y2 = min(max(y1, 0.0), frame_h), min(max(y2, 0.0), frame_h)
-        if x2 > x1 and y2 > y1:
-            out.append((x1, y1, x2, y2))
-    return out
 
 
 def parse_phrases(text: str, max_phrases: int = 8) -> list[str]:
@@ -119,26 +97,36 @@ def _generate(adapter: Any, image: np.ndarray, prompt: str, max_new_tokens: int,
 class Prompting(Method):
     """Ask the model for evidence boxes and map them from its input (canvas) frame to the image.
 
-    Source: the MedFocus paper's box-request prompt. Deviation from its public code: the reply is parsed
-    with a regular expression for groups of four numbers, never ``eval``, and boxes are mapped back
-    through the letterbox from the canvas frame the model saw."""
+    Source: the MedFocus paper's box-request prompt. Deviation from its public code: the reply is read by
+    the package's one box-text parser (:func:`medfocus.lvlm.box_text.parse_boxes`: regular expressions for
+    the models' box dialects, never ``eval``), and boxes are mapped back through the letterbox from the
+    canvas frame the model saw."""
 
     name = "prompting"
-    source = "the paper's box-request prompt; boxes read by regular expression (the paper's code used eval)"
-    defaults = {"request": BOX_REQUEST, "coords": "canvas", "max_new_tokens": 128}
+    source = ("the paper's box-request prompt; boxes read by the package's box-text parser (regular expressions, "
+              "several model dialects; the paper's code used eval)")
+    defaults = {"request": BOX_REQUEST, "coords": "auto", "max_new_tokens": 128}
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        if self.params["coords"] not in COORDS:  # checked before any generation
+            raise ConfigError(f"prompting: coords must be one of {', '.join(COORDS)}, got {self.params['coords']!r}")
 
     def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         prompt = f"{question_stem_of(question)} {self.params['request']}"
         text = _generate(adapter, image, prompt, int(self.params["max_new_tokens"]), counter)
         geo = adapter.prepare(image, prompt).geometry
-        canvas_boxes = parse_boxes(text, geo.out_w, geo.out_h, self.params["coords"])
+        read = parse_boxes(text, geo.out_w, geo.out_h, self.params["coords"], family=getattr(adapter, "family", None))
+        canvas_boxes = read.boxes
         boxes = []
         for b in canvas_boxes:
             ob = geo.inverse_box(b, clip=True)
             if ob[2] > ob[0] and ob[3] > ob[1]:  # a box entirely in the letterbox padding is dropped
                 boxes.append(ob)
         hm = boxes_heatmap(boxes, image.shape[:2])
-        return Attribution(heatmap=hm, boxes=boxes, extras={"generated_text": text, "prompt": prompt, "canvas_boxes": canvas_boxes})
+        return Attribution(heatmap=hm, boxes=boxes, extras={"generated_text": text, "prompt": prompt, "canvas_boxes": canvas_boxes,
+                                                            "box_text": read.status, "box_dialects": list(read.dialects),
+                                                            "box_text_unread": list(read.unread)})
 
 
 class OwlDetector:

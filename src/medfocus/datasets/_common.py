@@ -166,7 +166,7 @@ def warn_clipped(dataset: str, n_clipped: int, n_dropped: int, n_boxes: int) -> 
 class BoxClipLog:
     """Clip every sample's expert boxes to its image and record what changed, per sample and per dataset.
 
-    Usage in a loader: ``boxes, prov = log.clip(boxes, size, where=...)`` for each sample (``prov`` goes
+    Usage in a loader: ``boxes, prov = log.clip(boxes, size, where=..., what=...)`` for each sample (``prov`` goes
     into ``meta["provenance"]``), then ``log.finish(samples)`` adds the dataset totals to every sample's
     provenance and warns once (:func:`warn_clipped`). Provenance keys: ``boxes_clipped``,
     ``boxes_dropped`` (this sample), ``dataset_boxes_clipped``, ``dataset_boxes_dropped`` (the load).

@@ -5,6 +5,12 @@ expert boxes), :mod:`medfocus.evaluation.records` for the prediction-record sche
 :mod:`medfocus.evaluation.tables` for the Table-1-shaped outputs.
 """
 
+from medfocus.evaluation.baselines import (
+    TRIVIAL_BASELINES,
+    compare_to_baselines,
+    finding_table,
+    trivial_baseline_records,
+)
 from medfocus.evaluation.boxes import boxes_to_mask, heatmap_to_boxes, normalize_heatmap, union_area
 from medfocus.evaluation.metrics import auprc, energy_pointing_game, pointing_game, union_box_metrics
 from medfocus.evaluation.records import evaluate_record, evaluate_records, load_heatmap, read_prediction_records
@@ -30,4 +36,8 @@ __all__ = [
     "build_tables",
     "best_methods",
     "paired_bootstrap_diff",
+    "TRIVIAL_BASELINES",
+    "trivial_baseline_records",
+    "compare_to_baselines",
+    "finding_table",
 ]

@@ -7,6 +7,7 @@ Record schema (one JSON object per line)::
      "image_size": [W, H],
      "pred_boxes": [[...], ...],               # optional when heatmap_path is given
      "heatmap_path": "rel/or/abs.npy|.npz",    # optional; relative to the JSONL's folder
+     "unparseable": false,                     # optional; true: box text no rule could read
      "error": null | "message",
      ...extra fields, ignored}
 
@@ -21,7 +22,9 @@ image, make the row an error naming the record; they are never scored.
 A record with an ``error`` (or one that cannot be evaluated: missing heatmap file, malformed boxes)
 yields a row with NaN metrics and the error text; tables exclude it from means and count it.
 A record without GT boxes (a negative sample) has no region to localise: NaN metrics, ``source =
-"no_gt"``, no error; tables leave it out.
+"no_gt"``, no error; tables leave it out. A record with ``"unparseable": true`` (the model's box text
+could not be read, :mod:`medfocus.lvlm.box_text`) is not scored as an empty prediction: NaN metrics,
+``source = "unparseable"``; tables leave it out of the means and count it (``n_unparseable``).
 """
 
 from __future__ import annotations
@@ -139,8 +142,10 @@ def evaluate_record(
     """Metrics of one prediction record (see module docstring). Never raises for bad records:
     the problem is returned in the ``error`` field with NaN metrics."""
     row: dict[str, Any] = {k: record.get(k) for k in KEY_COLUMNS}
+    row["attribute"] = record.get("attribute")  # the finding asked about (per-finding tables)
     row.update({m: math.nan for m in METRIC_COLUMNS})
-    row.update({"n_pred_boxes": 0, "n_gt_clipped": 0, "n_pred_clipped": 0, "source": None, "error": None})
+    row.update({"n_pred_boxes": 0, "n_gt_clipped": 0, "n_pred_clipped": 0, "unparseable": bool(record.get("unparseable")),
+                "source": None, "error": None})
     name = f"record {record.get('model')}/{record.get('dataset')}#{record.get('index')} ({record.get('method')})"
     where = f"{record['_where']}: {name}" if record.get("_where") else name
     if record.get("error"):
@@ -152,6 +157,11 @@ def evaluate_record(
             # A negative sample (answer "No") has no region to find: localisation is undefined, so
             # the row carries NaN metrics and source "no_gt" and is left out of the tables.
             row["source"] = "no_gt"
+            return row
+        if row["unparseable"]:
+            # The model wrote box-like text that no rule reads: not an empty prediction (IoU 0) but a
+            # row the tables count separately (NaN metrics, left out of the means).
+            row["source"] = "unparseable"
             return row
         heat = None
         if record.get("heatmap") is not None:  # in-memory records (the runner's, or tests)
@@ -221,8 +231,8 @@ def evaluate_records(
         progress: show a tqdm bar.
 
     Returns:
-        DataFrame with columns ``model, dataset, mode, method, index, iou, f1, precision, recall,
-        pointing_game, energy_pg, auprc, n_pred_boxes, n_gt_clipped, n_pred_clipped, source, error``
+        DataFrame with columns ``model, dataset, mode, method, index, attribute, iou, f1, precision, recall,
+        pointing_game, energy_pg, auprc, n_pred_boxes, n_gt_clipped, n_pred_clipped, unparseable, source, error``
         (metrics in [0, 1], NaN when not applicable or on error; ``n_*_clipped``: boxes changed or
         dropped by clipping to ``image_size``).
     """
@@ -233,5 +243,5 @@ def evaluate_records(
 
         it = tqdm(recs, desc="evaluate", unit="rec")
     rows = [evaluate_record(r, base_dir=base_dir, q=q, min_area=min_area, max_boxes=max_boxes) for r in it]
-    cols = list(KEY_COLUMNS) + list(METRIC_COLUMNS) + ["n_pred_boxes", "n_gt_clipped", "n_pred_clipped", "source", "error"]
+    cols = list(KEY_COLUMNS) + ["attribute"] + list(METRIC_COLUMNS) + ["n_pred_boxes", "n_gt_clipped", "n_pred_clipped", "unparseable", "source", "error"]
     return pd.DataFrame(rows, columns=cols)

@@ -3,7 +3,8 @@
 Each cell is the mean x100 of a metric over the evaluated records of one (model, mode, method,
 dataset), with a 95% percentile-bootstrap confidence interval of the mean (resampling records with
 replacement, ``n_boot`` resamples, seeded) and the number of records ``n``. Records that carry an
-error are excluded from the mean and counted in ``n_error``.
+error are excluded from the mean and counted in ``n_error``; records whose box text could not be read
+(``unparseable``) likewise, counted in ``n_unparseable``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ METHOD_ORDER = (
     "prompting",
     "prompting_medsam",
     "medfocus",
+    # the trivial baselines (medfocus.evaluation.baselines) close every table
+    "baseline_centre_gaussian",
+    "baseline_finding_prior",
+    "baseline_random",
 )
 DATASET_ORDER = ("imagenome", "vindr_cxr", "padchest_gr", "synthetic")
 METRIC_LABELS = {
@@ -88,19 +93,23 @@ def summarize(
     seed: int = 0,
 ) -> pd.DataFrame:
     """Long table: one row per (model, mode, method, dataset, metric) with ``mean, ci_low, ci_high``
-    (all x100), ``n`` (records evaluated) and ``n_error``. Metrics absent from ``df`` or all-NaN for a
+    (all x100), ``n`` (records evaluated), ``n_error`` and ``n_unparseable`` (records whose box text
+    could not be read; left out of the means like errors). Metrics absent from ``df`` or all-NaN for a
     group (e.g. pointing game for a box-only method) are left out of that group."""
+    cols = GROUP_KEYS + ["metric", "mean", "ci_low", "ci_high", "n", "n_error", "n_unparseable"]
     if df.empty:
-        return pd.DataFrame(columns=GROUP_KEYS + ["metric", "mean", "ci_low", "ci_high", "n", "n_error"])
+        return pd.DataFrame(columns=cols)
     d = df.copy()
     for k in GROUP_KEYS:
         if k not in d.columns:
             d[k] = ""
         d[k] = d[k].fillna("").astype(str)
     has_err = d["error"].notna() & (d["error"].astype(str) != "") if "error" in d.columns else pd.Series(False, index=d.index)
+    unparseable = d["unparseable"].fillna(False).astype(bool) if "unparseable" in d.columns else pd.Series(False, index=d.index)
     rows = []
     for key, g in d.groupby(GROUP_KEYS, sort=True):
         err = has_err.loc[g.index]
+        n_unp = int((unparseable.loc[g.index] & ~err).sum())
         ok = g[~err]
         for j, m in enumerate(metrics):
             if m not in g.columns:
@@ -112,8 +121,9 @@ def summarize(
             # A distinct, reproducible stream per cell so cells do not share resamples.
             cell_seed = (seed, hash_key(key), j)
             mean, lo, hi = bootstrap_ci(vals, n_boot=n_boot, ci=ci, seed=int(np.random.SeedSequence(cell_seed).generate_state(1)[0]))
-            rows.append(dict(zip(GROUP_KEYS, key), metric=m, mean=100 * mean, ci_low=100 * lo, ci_high=100 * hi, n=int(vals.size), n_error=int(err.sum())))
-    return pd.DataFrame(rows, columns=GROUP_KEYS + ["metric", "mean", "ci_low", "ci_high", "n", "n_error"])
+            rows.append(dict(zip(GROUP_KEYS, key), metric=m, mean=100 * mean, ci_low=100 * lo, ci_high=100 * hi, n=int(vals.size),
+                             n_error=int(err.sum()), n_unparseable=n_unp))
+    return pd.DataFrame(rows, columns=cols)
 
 
 def hash_key(key: tuple) -> int:
@@ -133,7 +143,8 @@ def to_markdown(summary: pd.DataFrame, metrics: Sequence[str] = ("iou", "f1", "p
     """Markdown: one table per (model, mode); rows = methods; columns = dataset x metric groups.
 
     Cells are ``mean [CI low, CI high]`` (x100). The group header names the dataset and ``n``
-    (per cell as ``(n=..)`` when methods differ in n); methods with errors list them in a last column.
+    (per cell as ``(n=..)`` when methods differ in n); methods with errors, or with answers whose box
+    text could not be read, list their counts in last columns (``errors``, ``unparseable``).
     """
     if summary.empty:
         return "_No evaluated records._\n"
@@ -154,8 +165,11 @@ def to_markdown(summary: pd.DataFrame, metrics: Sequence[str] = ("iou", "f1", "p
             for m in present:
                 header.append(f"{label}{f' (n={n})' if n is not None else ''} {METRIC_LABELS.get(m, m)}")
         any_err = bool((sm["n_error"] > 0).any())
+        any_unp = "n_unparseable" in sm.columns and bool((sm["n_unparseable"] > 0).any())
         if any_err:
             header.append("errors")
+        if any_unp:
+            header.append("unparseable")
         lines = [f"### {model} — {mode}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for meth in methods:
             cells = [meth]
@@ -172,9 +186,9 @@ def to_markdown(summary: pd.DataFrame, metrics: Sequence[str] = ("iou", "f1", "p
                     if n_by_ds[ds] is None and int(r.n):
                         cell += f" (n={int(r.n)})"
                     cells.append(cell)
-            if any_err:
-                errs = sm[(sm["method"] == meth)].groupby("dataset")["n_error"].max().sum()
-                cells.append(str(int(errs)))
+            for flag, col in ((any_err, "n_error"), (any_unp, "n_unparseable")):
+                if flag:
+                    cells.append(str(int(sm[(sm["method"] == meth)].groupby("dataset")[col].max().sum())))
             lines.append("| " + " | ".join(cells) + " |")
         parts.append("\n".join(lines))
     note = (

@@ -353,7 +353,10 @@ def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, tuple[int, int]]:
         raise DataError(f"{p}: expected a 2-D grayscale image, got pixel array of shape {raw.shape}")
 
     pad = _padding_mask(ds, raw, p)
-    img = _display(ds, raw, pad, p)
+    try:
+        img = _display(ds, raw, pad, p)
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:  # a malformed LUT sequence item, say
+        raise DataError(f"{p}: invalid modality/VOI attributes ({type(exc).__name__}: {exc})") from exc
     # 3) MONOCHROME1: 0 = white. Invert after VOI so the window is applied to the stored sense.
     if photometric == "MONOCHROME1":
         img = (255 - img).astype(np.uint8)

@@ -20,6 +20,7 @@ _EXPORTS = {
     "score_chat": "medfocus.lvlm.scoring",
     "answer_logprobs": "medfocus.lvlm.scoring",
     "parse_yes_no": "medfocus.lvlm.answers",
+    "parse_boxes": "medfocus.lvlm.box_text",
     "build_tiny": "medfocus.lvlm.tiny",
     "generate_answers": "medfocus.lvlm.generation",
 }

@@ -1,73 +1,127 @@
 """Final yes/no extraction from direct and step-by-step model outputs (pure text rules, never ``eval``).
 
+Normalisation: markdown (``* _ ` # >``), LaTeX ``\\boxed{...}`` and ``$``, double quotes and HTML-like
+tags are removed; ``<answer>`` counts as "answer:"; when a reasoning block ends with ``</think>``
+only the text after it is read (when there is any). "yes or no", "yes/no" and "yes and no" (an
+echoed instruction or a non-answer) are removed. Text is lowercased.
+
+An **answer word** is "yes" or "no" followed by the end of the text, a line end or punctuation
+(``. , ! ? ; : )``, a dash) — never by another word, so the determiner in "no costophrenic angle" or "no
+evidence of" is not an answer. A **marker** counts only when the answer word follows it within a
+few words that contain no negation ("the answer is clearly yes" counts, "the answer cannot be yes"
+does not).
+
 Rules, in order (the first that decides wins):
 
-1. empty / whitespace-only text -> ``None`` ("yes or no" / "yes/no" is removed first);
-2. an explicit final-answer marker -- "answer is", "answer:", "final answer", "therefore", "thus",
-   "hence", "so", "in conclusion", "conclusion:" -- followed within a few words by yes/no: the *last*
-   such marker decides (step-by-step outputs end with their conclusion);
-3. the first word is yes/no ("Yes, ..." / "No." / "**No**");
-4. the last sentence is just yes/no;
-5. standalone words "yes"/"no" anywhere: if only one of them occurs it decides; both -> ``None``;
-6. no yes/no word at all: clear negative phrasing ("does not", "absent", "negative for", "no evidence",
-   "not seen"...) -> "No", clear positive phrasing ("there is evidence", "is present", "positive for",
-   "consistent with"...) -> "Yes"; both or neither -> ``None``.
+1. empty / whitespace-only text -> ``None``;
+2. an **explicit answer marker** -- "final answer", "final response", "answer is", "answer:",
+   "conclusion", "verdict" -- followed by an answer word: the *last* such one decides;
+3. a **conclusion marker** -- "therefore", "thus", "hence", "so", "overall", "in summary",
+   "consequently" -- followed by an answer word: the *last* such one decides (step-by-step outputs
+   end with their conclusion; a leading "Yes." is only overridden by such a conclusion, never by an
+   incidental "so ... no <noun>");
+4. the first word is yes/no ("Yes, ..." / "No." / "**No**" / "No focal opacity ...");
+5. the last sentence is just yes/no;
+6. answer words anywhere: if only one of yes/no occurs it decides; both -> ``None``;
+7. no answer word: phrases of uncertainty ("cannot determine", "not sure", "I don't know") are
+   removed, then clear negative phrasing ("no <finding>", "does not", "absent", "negative for",
+   "without evidence", "not seen"...) -> "No", clear positive phrasing outside those negative spans
+   ("there is evidence", "is present", "positive for", "consistent with" not preceded by "not"...)
+   -> "Yes"; both or neither -> ``None``.
 """
 
 from __future__ import annotations
 
 import re
 
-_MD = re.compile(r"[*_`#>]+")
-_WS = re.compile(r"\s+")
-_MARKER = re.compile(
-    r"(?:final answer|the answer|answer|therefore|thus|hence|in conclusion|conclusion|so)\b"
-    r"(?:\s+(?:is|would be|will be|=))?\s*[:,\-\u2014\u2013]?\s*(?:\w+\s+){0,2}?\b(yes|no)\b"
-)
-_YESNO = re.compile(r"\b(yes|no)\b")
+_TAG = re.compile(r"<\s*/?\s*[a-z_]+\s*>")
+_MD = re.compile(r"[*_`#>$\"\u201c\u201d]+")
+_BOXED = re.compile(r"\\boxed\s*\{([^{}]*)\}|\\text\s*\{([^{}]*)\}")
+_WS = re.compile(r"[^\S\n]+")
+_NL = re.compile(r"\s*\n\s*")
+#: "yes or no" / "yes/no" / "yes and no" (an echoed instruction or a non-answer).
+_BOTH = re.compile(r"\b(?:yes\s*(?:/|or|and)\s*no|no\s*(?:/|or|and)\s*yes)\b")
+
+_EXPLICIT = re.compile(r"\b(?:final answer|final response|answer|conclusion|verdict)\b")
+_CONCLUDE = re.compile(r"\b(?:therefore|thus|hence|so|overall|in summary|consequently)\b")
+#: After a marker: up to ``n`` filler words (checked for negation), then an answer word followed by
+#: the end of the text or punctuation.
+_FOLLOW = {n: re.compile(r"^(?P<fill>(?:[^\w\n]*\w+){0,%d}?)[^\w\n]*\b(?P<word>yes|no)\b(?=[^\S\n]*(?:$|\n|[^\w\s]))" % n)
+           for n in (3, 5)}
+_NEGATION = re.compile(r"\b(?:not|cannot|can't|never|n't|isn't|wasn't|unlikely|if)\b|n't\b")
+_ANSWER_WORD = re.compile(r"\b(yes|no)\b(?=[^\S\n]*(?:$|\n|[^\w\s]))")
+_FIRST = re.compile(r"^[^\w]*(yes|no)\b")
+
+_UNSURE = re.compile(
+    r"\b(?:i\s+)?(?:do not|don't|cannot|can't|am not able to|unable to|not possible to|impossible to|"
+    r"difficult to|hard to|not able to)\s+(?:know|determine|tell|say|assess|confirm|evaluate|be certain)\b|"
+    r"\bnot (?:sure|certain)\b|\buncertain\b|\bunclear\b")
 _NEG = re.compile(
-    r"\b(?:does not|do not|doesn't|don't|is not|isn't|are not|aren't|not (?:seen|present|visible|identified|evident|observed)|"
-    r"absent|absence of|negative for|without evidence|no evidence|unremarkable|cannot be seen)\b"
+    r"\b(?:does not|do not|doesn't|don't|is not|isn't|are not|aren't|"
+    r"not (?:seen|present|visible|identified|evident|observed|demonstrated|appreciated)|"
+    r"absent|absence of|negative for|without evidence|unremarkable|cannot be seen|"
+    r"no\s+(?:[\w-]+\s+){0,4}?(?:is|are)\s+(?:present|seen|visible|identified|noted|evident)|"
+    r"no(?!\s+(?:doubt|question|longer|matter|change)\b)\s+\w+)\b"
 )
-_POS = re.compile(r"\b(?:there is evidence|there are signs|is present|are present|positive for|consistent with|suggestive of|indicative of|shows (?:a|an|signs))\b")
-#: "yes or no" / "yes/no" (an echoed instruction or a non-answer) is removed before the rules apply.
-_BOTH = re.compile(r"\b(?:yes\s*(?:/|or)\s*no|no\s*(?:/|or)\s*yes)\b")
+_POS = re.compile(
+    r"\b(?:there is evidence|there are signs|is present|are present|positive for|(?<!not )consistent with|"
+    r"(?<!not )suggestive of|(?<!not )indicative of|shows signs)\b"
+)
 
 
 def _normalise(text: str) -> str:
-    t = _MD.sub(" ", text)
+    t = _BOXED.sub(lambda m: " " + (m.group(1) or m.group(2) or "") + " ", text)
     t = t.replace("\u2019", "'").lower()
-    return _WS.sub(" ", t).strip()
+    if "</think>" in t and t.split("</think>")[-1].strip():
+        t = t.split("</think>")[-1]
+    t = re.sub(r"<\s*answer\s*>", " answer: ", t)
+    t = _TAG.sub(" ", t)
+    t = _MD.sub(" ", t)
+    t = _BOTH.sub(" ", t)
+    return _NL.sub("\n", _WS.sub(" ", t)).strip()
+
+
+def _after_marker(t: str, marker: re.Pattern, n_fill: int) -> str | None:
+    """The answer word of the *last* marker that is followed by one (see module docstring)."""
+    found = None
+    for m in marker.finditer(t):
+        f = _FOLLOW[n_fill].match(t[m.end():])
+        if f and not _NEGATION.search(f.group("fill")):
+            found = f.group("word")
+    return found
 
 
 def parse_yes_no(text: str | None) -> str | None:
     """Final answer of a model output: ``"Yes"``, ``"No"`` or ``None`` (unparseable / ambiguous).
 
     Args:
-        text: the generated text (direct or step-by-step).
+        text: the generated text (direct or step-by-step), any of the families' styles (markdown,
+            "Final answer:", ``<think>`` blocks, ``\\boxed{}``).
     Returns:
         ``"Yes"`` / ``"No"`` / ``None`` following the rules in the module docstring.
     """
     if text is None:
         return None
-    t = _BOTH.sub(" ", _normalise(str(text))).strip()
+    t = _normalise(str(text))
     if not t.strip(" .!?,;:"):
         return None
-    markers = list(_MARKER.finditer(t))
-    if markers:
-        return markers[-1].group(1).capitalize()
-    first = re.match(r"^[^\w]*(yes|no)\b", t)
+    word = _after_marker(t, _EXPLICIT, 5) or _after_marker(t, _CONCLUDE, 3)
+    if word:
+        return word.capitalize()
+    first = _FIRST.match(t)
     if first:
         return first.group(1).capitalize()
     sentences = [s.strip(" .!,;:") for s in re.split(r"[.!?\n]+", t) if s.strip(" .!,;:")]
     if sentences and sentences[-1] in ("yes", "no"):
         return sentences[-1].capitalize()
-    words = {m.group(1) for m in _YESNO.finditer(t)}
+    words = {m.group(1) for m in _ANSWER_WORD.finditer(t)}
     if len(words) == 1:
         return words.pop().capitalize()
     if len(words) == 2:
         return None
-    neg, pos = bool(_NEG.search(t)), bool(_POS.search(t))
+    t = _UNSURE.sub(" ", t)
+    # Positive phrasing inside a negated span ("no effusion is present") is not positive.
+    neg, pos = bool(_NEG.search(t)), bool(_POS.search(_NEG.sub(" not", t)))
     if neg and not pos:
         return "No"
     if pos and not neg:

@@ -839,24 +839,12 @@ def adapter_generate_fn(adapter, max_new_tokens: int = 48, batch: int = 16) -> G
     return gen
 
 
-_BOX_RE = None
-
-
-def parse_boxes(text: str) -> list[tuple[int, int, int, int]]:
-    """``[[x1, y1, x2, y2], ...]`` -> list of integer boxes (malformed groups skipped; never ``eval``)."""
-    import re
-
-    global _BOX_RE
-    if _BOX_RE is None:
-        _BOX_RE = re.compile(r"\[\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*\]")
-    return [tuple(int(v) for v in m.groups()) for m in _BOX_RE.finditer(text)]  # type: ignore[misc]
-
-
-def _union_iou(a: Sequence[tuple[int, int, int, int]], b: Sequence[tuple[int, int, int, int]], size: int) -> float:
+def _union_iou(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]], size: int) -> float:
     ma = np.zeros((size, size), bool)
     mb = np.zeros((size, size), bool)
     for m, boxes in ((ma, a), (mb, b)):
-        for x1, y1, x2, y2 in boxes:
+        for box in boxes:
+            x1, y1, x2, y2 = (int(round(v)) for v in box)  # canvas pixel edges
             m[max(0, y1) : max(0, y2), max(0, x1) : max(0, x2)] = True
     u = np.logical_or(ma, mb).sum()
     return float(np.logical_and(ma, mb).sum() / u) if u else 1.0
@@ -871,7 +859,11 @@ def evaluate_evidence(gen: GenerateFn, cases: Sequence[tuple[DemoCase, str, bool
     imgs = [c.image if c.image is not None else c.canvas for c, _ in pos]
     box_out = gen(imgs, [task_question(f, "boxes") for _, f in pos])
     ph_out = gen(imgs, [task_question(f, "phrases") for _, f in pos])
-    ious = [_union_iou(parse_boxes(o), [v.box for v in c.views[f]], canvas) for (c, f), o in zip(pos, box_out)]
+    from medfocus.lvlm.box_text import parse_boxes
+
+    # The demo model answers in canvas pixels (the qwen_vl family's default frame).
+    ious = [_union_iou(parse_boxes(o, canvas, canvas, "canvas").boxes, [v.box for v in c.views[f]], canvas)
+            for (c, f), o in zip(pos, box_out)]
     side_ok, side_n = 0, 0
     for (c, f), o in zip(pos, ph_out):
         sides = {v.side for v in c.views[f] if v.side}

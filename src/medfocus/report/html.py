@@ -310,6 +310,7 @@ def build_report(
     seed: int = 0,
     fig_format: str = "png",
     dpi: int = figures.DPI,
+    baselines: bool = True,
 ) -> Path:
     """Write the self-contained HTML report.
 
@@ -330,6 +331,9 @@ def build_report(
         seed: seed of the bootstrap intervals and of the paired significance test.
         fig_format: ``png``, ``svg`` or ``pdf`` for the saved figures (the HTML always embeds PNGs).
         dpi: resolution of PNGs and of the rasters inside vector figures.
+        baselines: add the trivial-baseline rows (:mod:`medfocus.evaluation.baselines`) to the tables
+            (unless ``metrics`` already has them), the comparison of every method with the best of them,
+            and the per-finding table.
     Returns:
         the path written.
     Raises:
@@ -345,10 +349,17 @@ def build_report(
     out.parent.mkdir(parents=True, exist_ok=True)
     base = Path(base_dir) if base_dir is not None else out.parent
     preds = [dict(r) for r in predictions]
-    if metrics is None:
-        from medfocus.evaluation import evaluate_records
+    from medfocus.evaluation import evaluate_records
+    from medfocus.evaluation.baselines import is_baseline, trivial_baseline_records
 
+    if metrics is None:
         metrics = evaluate_records(preds)
+    if baselines and not metrics.empty and not metrics["method"].astype(str).map(is_baseline).any():
+        # the trivial rows every localisation table carries (medfocus.evaluation.baselines)
+        base_recs = trivial_baseline_records(preds, seed=seed)
+        if base_recs:
+            metrics = pd.concat([metrics, evaluate_records(base_recs)], ignore_index=True)
+            summary = None  # recomputed below with the baseline rows
     if summary is None:
         summary = summarize(metrics, seed=seed)
     if len(summary):
@@ -415,6 +426,29 @@ def build_report(
             if tab is not None:
                 tables.append({"model": str(model), "table": tab})
         ctx["results"].append({"label": MODE_LABELS.get(mode, mode), "tables": tables})
+
+    # ---- trivial baselines and per-finding results
+    ctx["baselines"] = ctx["by_finding"] = None
+    if baselines:
+        from medfocus.evaluation.baselines import compare_to_baselines, finding_table
+
+        comp = compare_to_baselines(metrics, ["iou"], seed=seed)
+        if len(comp):
+            comp = comp.assign(interval=[f"[{lo:+.1f}, {hi:+.1f}]" if np.isfinite(lo) else "–"
+                                         for lo, hi in zip(comp["ci_low"], comp["ci_high"])],
+                               verdict=["n/a" if b is None else ("beats it" if b else "does not beat it") for b in comp["beats"]])
+            comp = comp[["model", "mode", "dataset", "method", "method_mean", "baseline", "baseline_mean", "difference",
+                         "interval", "n_pairs", "verdict"]].rename(columns={
+                "method_mean": "IoU", "baseline": "best trivial baseline", "baseline_mean": "its IoU",
+                "difference": "difference", "interval": "95% CI", "n_pairs": "n pairs", "verdict": "verdict"})
+            ctx["baselines"] = frame_table_data(comp)
+        ft = finding_table(metrics, "iou")
+        if len(ft):
+            wide = ft.assign(cell=[f"{m:.1f} ({n})" for m, n in zip(ft["mean"], ft["n"])]).pivot_table(
+                index=["model", "mode", "dataset", "method"], columns="attribute", values="cell", aggfunc="first")
+            wide = wide.reset_index().fillna("–")
+            wide.columns = [str(c) for c in wide.columns]
+            ctx["by_finding"] = frame_table_data(wide)
 
     # ---- retention
     ctx["retention"] = None

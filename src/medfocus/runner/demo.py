@@ -262,7 +262,10 @@ def run_demo(
     item_keys = {(it.model, it.dataset, it.index, it.mode) for it in items}
     preds = [r for r in load_records(out / "predictions.jsonl")
              if (r["model"], r["dataset"], int(r["index"]), r["mode"]) in item_keys and r["method"] in methods]
-    metrics = evaluate_records(preds)
+    from medfocus.evaluation.baselines import trivial_baseline_records
+
+    # the trivial baselines are rows of every localisation table (medfocus.evaluation.baselines)
+    metrics = evaluate_records(preds + trivial_baseline_records(preds, seed=cfg.seed))
     table_md = build_tables(metrics, out, seed=cfg.seed)
     step("evaluate", t0)
 

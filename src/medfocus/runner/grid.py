@@ -307,8 +307,9 @@ def run_grid(
         a :class:`RunSummary`.
 
     Record fields: ``model, dataset, index, mode, method, attribute, question, answer, gt_answer, gt_boxes,
-    image_size, image_path, pred_boxes, heatmap_boxes, heatmap_path, has_heatmap, n_forward, n_backward, seconds, wall_seconds, seed,
-    extras, error, traceback`` plus the item's ``extra`` mapping.
+    image_size, image_path, pred_boxes, unparseable, heatmap_boxes, heatmap_path, has_heatmap, n_forward, n_backward, seconds,
+    wall_seconds, seed, extras, error, traceback`` plus the item's ``extra`` mapping (``unparseable``: the method's box text
+    could not be read, :mod:`medfocus.lvlm.box_text`).
     """
     method_params: dict[str, dict[str, Any]]
     if isinstance(methods, Mapping):
@@ -442,6 +443,8 @@ def run_grid(
                         arrays.update(big)
                         rec.update(
                             pred_boxes=pred,
+                            # box text no rule could read (prompting): not an empty prediction
+                            unparseable=inline.get("box_text") == "unparseable",
                             heatmap_boxes=heat_boxes,
                             heatmap_path=store.save_arrays(key, **arrays) if (save_heatmaps and arrays) else None,
                             n_forward=int(getattr(res, "n_forward", 0) or 0),
