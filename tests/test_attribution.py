@@ -53,6 +53,10 @@ def test_registry_lists_ten_baselines_and_medfocus() -> None:
     # 11 for the paper's baselines (its "LRP" row is lrp_paper) + AttnLRP (lrp) + the project's attention_flow_residual
     assert set(BASELINES) <= set(methods) and len(BASELINES) == 13
     assert {"lrp", "lrp_paper", "attention_flow_residual"} <= set(BASELINES)
+    from medfocus.attribution import method_source
+
+    assert all(method_source(n) for n in methods)  # every built-in method names its source / deviation
+    assert method_source("no_such_method") == ""  # unregistered names (e.g. the trivial baselines' rows) have none
     assert "medfocus" in methods
     assert methods["occlusion"] == {"grid": 8, "baseline": "zero", "batch_size": 16}
     assert methods["rise"]["n_masks"] == 64 and methods["rise"]["p_keep"] == 0.5

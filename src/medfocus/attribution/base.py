@@ -167,7 +167,9 @@ def get_method(name: str, **params: Any) -> Any:
 
 def method_source(name: str) -> str:
     """The ``source`` line of a registered method (what it computes, from where, deviations); ``""`` for a
-    method that does not declare one or whose module cannot be imported."""
+    method that does not declare one, is not registered, or whose module cannot be imported."""
+    if name not in _REGISTRY:
+        return ""
     try:
         return str(getattr(_resolve(name), "source", ""))
     except ConfigError:

@@ -69,6 +69,10 @@ def _fig(png: bytes, alt: str, width: str | None = None) -> dict[str, Any]:
     return {"alt": str(alt), "b64": base64.b64encode(png).decode("ascii"), "width": width}
 
 
+#: The "source / deviation" cell of the trivial localisation baselines' rows.
+TRIVIAL_SOURCE = "trivial baseline that needs no model (medfocus.evaluation.baselines); the floor a method must beat"
+
+
 def results_table_data(summary: pd.DataFrame, *, model: str, mode: str, method_order: Sequence[str] | None = None,
                        best: Mapping[tuple[str, str], str] | None = None) -> dict[str, Any] | None:
     """The cells of :func:`results_table` as plain data (``None`` when ``model``/``mode`` have no rows).
@@ -78,6 +82,7 @@ def results_table_data(summary: pd.DataFrame, *, model: str, mode: str, method_o
     ``(dataset, metric)``. Each row also carries the method's "source / deviation" line
     (:func:`medfocus.attribution.method_source`)."""
     from medfocus.attribution import method_source
+    from medfocus.evaluation.baselines import is_baseline
 
     df = summary[(summary["model"] == model) & (summary["mode"] == mode)]
     if df.empty:
@@ -105,7 +110,8 @@ def results_table_data(summary: pd.DataFrame, *, model: str, mode: str, method_o
                 cells.append({"failed": False, "mean": f"{r.mean:.1f}", "lo": f"{r.ci_low:.1f}", "hi": f"{r.ci_high:.1f}", "bold": bold})
             errs = max((int(getattr(idx[(ds, me, m)], "n_error", 0)) for m in METRICS if (ds, me, m) in idx), default=0)
             groups.append({"cells": cells, "n": n if n is not None else 0, "errors": errs})
-        rows.append({"method": str(me), "source": method_source(str(me)), "groups": groups})
+        source = method_source(str(me)) or (TRIVIAL_SOURCE if is_baseline(str(me)) else "")
+        rows.append({"method": str(me), "source": source, "groups": groups})
     return {"datasets": [str(d) for d in datasets], "metric_labels": [METRIC_LABELS[m] for m in METRICS], "rows": rows}
 
 
