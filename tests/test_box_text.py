@@ -123,7 +123,7 @@ def test_unparseable_answer_is_recorded_and_counted_not_scored(tmp_path):
     toy.scripted_generation = [ISSUE]
     res_ok = get_method("prompting", coords="norm1000").attribute(toy, img, q, "Yes")
     assert res_ok.extras["box_text"] == "boxes" and res_ok.boxes == [pytest.approx((3.84, 19.52, 13.76, 28.48))]
-    with pytest.raises(ConfigError, match="coords must be one of"):
+    with pytest.raises(ConfigError, match="parameter .coords. expects one of"):
         get_method("prompting", coords="pixels")
 
     base = {"model": "m", "dataset": "d", "mode": "direct", "method": "prompting", "gt_boxes": [[0, 0, 16, 16]],

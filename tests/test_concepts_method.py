@@ -12,6 +12,7 @@ import torch
 
 from medfocus.concepts.method import MedFocus, MedFocusMethod, MedFocusResult
 from medfocus.concepts.reference import default_pool
+from medfocus.concepts.transfer import TransferCache, transfer_concepts
 from medfocus.io.letterbox import Letterbox
 from medfocus.lvlm.adapter import ChatInputs, LVLMAdapter
 from medfocus.types import BILATERAL, CONCEPTS, SUFFIXES
@@ -453,3 +454,22 @@ def test_registry_medsam_refinement(pool, case, tmp_path):
     att2 = get_method("medfocus", pool=str(pool.root), cache=False, refine="medsam", medsam=str(tmp_path / "absent")).attribute(
         model, case.image, Q + SUFFIXES["direct"], "Yes")
     assert att2.extras["refine"] == "none"
+
+
+@pytest.mark.parametrize("region", ["box", "mask"])
+def test_cached_and_fresh_results_are_bit_identical(pool, case, tmp_path, region):
+    """Issue 13 item 10: the transfer cache stores exactly what was computed, so MedFocus gives the same
+    masks, heatmap and deltas (bit for bit) whether the cache is cold or warm."""
+    model = RegionReader(case.concept_masks["cardiac silhouette"])
+    q = Q + SUFFIXES["direct"]
+    cold = MedFocus(model, pool, cache=tmp_path / "c", region=region).attribute(case.image, q, "Yes")
+    warm = MedFocus(model, pool, cache=tmp_path / "c", region=region).attribute(case.image, q, "Yes")
+    assert not cold.transfer_stats["cached"] and warm.transfer_stats["cached"]
+    assert warm.deltas == cold.deltas and warm.concept_boxes == cold.concept_boxes
+    assert np.array_equal(warm.heatmap, cold.heatmap) and warm.heatmap.dtype == cold.heatmap.dtype
+    tr_cold = transfer_concepts(case.image, pool)  # no cache at all
+    tr_warm = transfer_concepts(case.image, pool, cache=TransferCache(tmp_path / "c"))
+    assert tr_warm.stats["cached"]
+    for c in CONCEPTS:
+        assert tr_warm.soft_masks[c].dtype == np.float32 and np.array_equal(tr_warm.soft_masks[c], tr_cold.soft_masks[c])
+    assert np.array_equal(tr_warm.grid_masses, tr_cold.grid_masses)

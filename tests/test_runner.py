@@ -128,14 +128,21 @@ def test_run_grid_records_errors_and_loads_once(tmp_path):
         builds.append(name)
         return fac(name, params)
 
+    # a method that cannot be built fails the run before any model loads (no error records)
     with ResultStore(tmp_path / "out" / "r.jsonl") as st:
-        summ = run_grid(items, ["hot", "boom", "nope"], st, load_model=loader, make_method=factory,
+        with pytest.raises(ConfigError, match="method 'nope' could not be built"):
+            run_grid(items, ["hot", "boom", "nope"], st, load_model=loader, make_method=factory,
+                     read_image=read_npy, heatmap_to_boxes=simple_boxes, progress=False)
+        assert loads == [] and len(st) == 0
+    builds.clear()
+    with ResultStore(tmp_path / "out" / "r.jsonl") as st:
+        summ = run_grid(items, ["hot", "boom"], st, load_model=loader, make_method=factory,
                         read_image=read_npy, heatmap_to_boxes=simple_boxes, progress=False)
-    assert loads == ["m1", "m2"] and sorted(builds) == ["boom", "hot", "nope"]
-    assert summ.total == 2 * 6 * 3 and summ.done == 2 * (6 + 5)
-    assert summ.errors == 2 * (1 + 6)  # boom on sample 3, the unknown method everywhere
+    assert loads == ["m1", "m2"] and sorted(builds) == ["boom", "hot"]
+    assert summ.total == 2 * 6 * 2 and summ.done == 2 * (6 + 5)
+    assert summ.errors == 2 * 1  # boom on sample 3
     recs = load_records(tmp_path / "out" / "r.jsonl")
-    assert len(recs) == 36
+    assert len(recs) == 24
     by = {(r["model"], r["index"], r["method"]): r for r in recs}
     for i in range(6):
         r = by[("m1", i, "hot")]
@@ -148,7 +155,6 @@ def test_run_grid_records_errors_and_loads_once(tmp_path):
         assert r["question"].endswith("without any explanation.") and r["answer"] == "Yes"
     assert "synthetic failure on sample 3" in by[("m2", 3, "boom")]["error"]
     assert by[("m2", 4, "boom")]["pred_boxes"] == [[0.0, 0.0, 4.0, 4.0]]
-    assert by[("m1", 0, "nope")]["error"].startswith("RuntimeError")
 
 
 def test_model_load_failure_is_recorded(tmp_path):

@@ -43,7 +43,8 @@ def fake_world(tmp_path, monkeypatch):
             self.params = params
 
     monkeypatch.setitem(abase._REGISTRY, "fake_hot", f"{__name__}:_placeholder")
-    monkeypatch.setattr(abase, "_resolve", lambda name: {"fake_hot": Hot, "fake_boom": Boom}[name])
+    real_resolve = abase._resolve
+    monkeypatch.setattr(abase, "_resolve", lambda name: {"fake_hot": Hot, "fake_boom": Boom}.get(name) or real_resolve(name))
     monkeypatch.setattr(attr_cmd, "load_samples", lambda ds, root: samples if ds == "synthetic" else [])
     loads = []
     monkeypatch.setattr(loading, "load_lvlm", lambda name, device=None, **kw: loads.append(name) or fakes.FakeAdapter(name))

@@ -27,7 +27,7 @@ from medfocus.attribution._common import (
     prepare_answer,
     to_original,
 )
-from medfocus.attribution.base import Attribution, Counter, Method
+from medfocus.attribution.base import Attribution, Counter, Method, boolean, choice, either, int_list, integer
 from medfocus.errors import ConfigError, ModelError
 
 
@@ -95,6 +95,7 @@ class AttentionHead(Method):
     source = ("raw attention (one layer, heads averaged), rows of the predicting positions; "
               "no known deviation from the paper's code")
     defaults = {"layer": -1, "heads": "mean", "queries": "predicting"}
+    spec = {"layer": integer(), "heads": either(choice("mean"), integer(0)), "queries": choice("predicting", "answer")}
 
     def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         chat = prepare_answer(adapter, image, question, answer, self.name)
@@ -131,6 +132,7 @@ class AttentionRollout(Method):
     defaults = {"layers": "all", "queries": "predicting"}
     source = ("Abnar & Zuidema 2020 rollout, rownorm(mean_heads A + I), last layer to first, "
               "rows of the predicting positions")
+    spec = {"layers": either(choice("all"), integer(), int_list()), "queries": choice("predicting", "answer")}
 
     def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         chat = prepare_answer(adapter, image, question, answer, self.name)
@@ -174,6 +176,7 @@ class AttentionFlowResidual(Method):
     defaults = {"layers": "all", "queries": "predicting"}
     source = ("this project's rule (not published, not LRP): relevance split between residual and "
               "head-averaged attention by |h| / (|h| + |update|)")
+    spec = {"layers": either(choice("all"), integer(), int_list()), "queries": choice("predicting", "answer")}
 
     def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         chat = prepare_answer(adapter, image, question, answer, self.name)
@@ -222,6 +225,7 @@ class GradWeightedAttention(Method):
     defaults = {"layers": "all", "final_token": True, "queries": "predicting"}
     source = ("Chefer et al. 2021 (generic rule): mean_heads(ReLU(grad) * A), R = prod (I + Abar); "
               "target = answer log-likelihood without end-of-turn")
+    spec = {"layers": either(choice("all"), integer(), int_list()), "final_token": boolean(), "queries": choice("predicting", "answer")}
 
     def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         chat = prepare_answer(adapter, image, question, answer, self.name)

@@ -17,9 +17,10 @@ whether or not they are batched). This is what the speed floor in ``benchmarks/m
 from __future__ import annotations
 
 import importlib
+import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 
@@ -64,12 +65,172 @@ class Counter:
         self.n_backward = 0
 
 
+# ---- settings validation -------------------------------------------------------------------------
+class InvalidSetting(Exception):
+    """Raised by a :class:`Param` check for a value it does not accept; :class:`Method` turns it into a
+    :class:`~medfocus.errors.ConfigError` naming the method, the setting and what was expected."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """What one method setting accepts; :meth:`check` returns the value or raises (no coercion).
+
+    Build with :func:`integer`, :func:`number`, :func:`choice`, :func:`boolean`, :func:`text`,
+    :func:`int_list`, combined with :func:`either` / :func:`optional`.
+
+    Attributes:
+        expected: human-readable description used in error messages (e.g. ``"an integer >= 1"``).
+        check: ``value -> value``; raises :class:`InvalidSetting` when the value is not accepted.
+    """
+
+    expected: str
+    check: Callable[[Any], Any]
+
+
+def _is_int(v: Any) -> bool:
+    import numpy as _np
+
+    return isinstance(v, (int, _np.integer)) and not isinstance(v, (bool, _np.bool_))
+
+
+def integer(lo: int | None = None, hi: int | None = None) -> Param:
+    """An integer (``bool`` and floats such as ``2.0`` or ``2.5`` are refused) in ``[lo, hi]``."""
+    rng = " ".join(x for x in (f">= {lo}" if lo is not None else "", f"<= {hi}" if hi is not None else "") if x)
+
+    def check(v: Any) -> Any:
+        if not _is_int(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise InvalidSetting
+        return int(v)
+
+    return Param(f"an integer{(' ' + rng) if rng else ''}", check)
+
+
+def number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False) -> Param:
+    """A finite real number (int or float, not ``bool``) in the given interval."""
+    lo_s = "" if lo is None else f"{'(' if lo_open else '['}{lo}"
+    hi_s = "" if hi is None else f"{hi}{')' if hi_open else ']'}"
+    rng = f" in {lo_s or '(-inf'}, {hi_s or 'inf)'}" if (lo is not None or hi is not None) else ""
+
+    def check(v: Any) -> Any:
+        if isinstance(v, bool) or not (_is_int(v) or isinstance(v, float)) or not math.isfinite(float(v)):
+            raise InvalidSetting
+        x = float(v)
+        if lo is not None and (x <= lo if lo_open else x < lo):
+            raise InvalidSetting
+        if hi is not None and (x >= hi if hi_open else x > hi):
+            raise InvalidSetting
+        return x
+
+    return Param(f"a number{rng}", check)
+
+
+def choice(*options: str) -> Param:
+    """One of the given strings."""
+
+    def check(v: Any) -> Any:
+        if not isinstance(v, str) or v not in options:
+            raise InvalidSetting
+        return v
+
+    return Param("one of " + ", ".join(repr(o) for o in options), check)
+
+
+def boolean() -> Param:
+    """``true`` or ``false`` (not 0/1, not a string)."""
+
+    def check(v: Any) -> Any:
+        if not isinstance(v, bool):
+            raise InvalidSetting
+        return v
+
+    return Param("true or false", check)
+
+
+def text(nonempty: bool = True) -> Param:
+    """A string (non-empty by default)."""
+
+    def check(v: Any) -> Any:
+        if not isinstance(v, str) or (nonempty and not v.strip()):
+            raise InvalidSetting
+        return v
+
+    return Param("a non-empty string" if nonempty else "a string", check)
+
+
+def int_list() -> Param:
+    """A non-empty list of integers."""
+
+    def check(v: Any) -> Any:
+        if not isinstance(v, (list, tuple)) or not v or not all(_is_int(x) for x in v):
+            raise InvalidSetting
+        return [int(x) for x in v]
+
+    return Param("a non-empty list of integers", check)
+
+
+def path_like() -> Param:
+    """A non-empty string or an ``os.PathLike`` (kept as given)."""
+    import os
+
+    def check(v: Any) -> Any:
+        if isinstance(v, os.PathLike) or (isinstance(v, str) and v.strip()):
+            return v
+        raise InvalidSetting
+
+    return Param("a path (non-empty string)", check)
+
+
+def obj(expected: str, accept: Callable[[Any], bool]) -> Param:
+    """A Python object for programmatic use (e.g. a loaded detector), accepted when ``accept(v)``."""
+
+    def check(v: Any) -> Any:
+        if isinstance(v, (str, bool, int, float)) or v is None or not accept(v):
+            raise InvalidSetting
+        return v
+
+    return Param(expected, check)
+
+
+def either(*params: Param) -> Param:
+    """Accepts what any of ``params`` accepts (first match wins)."""
+
+    def check(v: Any) -> Any:
+        for p in params:
+            try:
+                return p.check(v)
+            except InvalidSetting:
+                continue
+        raise InvalidSetting
+
+    return Param(" or ".join(p.expected for p in params), check)
+
+
+def _none(v: Any) -> Any:
+    if v is not None:
+        raise InvalidSetting
+    return v
+
+
+def optional(param: Param) -> Param:
+    """``null`` (None) or what ``param`` accepts."""
+    return either(Param("null", _none), param)
+
+
+def describe(value: Any) -> str:
+    """``'abc' (str)`` -- a value and its type for error messages."""
+    return f"{value!r} ({type(value).__name__})"
+
+
 class Method:
     """Base class of an attribution method.
 
-    Subclasses set :attr:`name` and :attr:`defaults` (the paper's settings) and implement
-    :meth:`_attribute`. Parameters given to the constructor override the defaults; unknown names are
-    a :class:`~medfocus.errors.ConfigError`.
+    Subclasses set :attr:`name`, :attr:`defaults` (the paper's settings) and :attr:`spec` (what each
+    setting accepts) and implement :meth:`_attribute`. Parameters given to the constructor override the
+    defaults and are validated *here*, before any model is touched: an unknown name, a value of the
+    wrong type (``grid="abc"``, ``grid=2.5``, ``final_token=1``) or out of range (``grid=0``,
+    ``p_keep=2``) is a :class:`~medfocus.errors.ConfigError` naming the setting, the expected type and
+    the value given. Cross-setting rules go in :meth:`_validate`. Settings without a spec entry (third-
+    party methods) are passed through unchecked.
     """
 
     name: ClassVar[str] = ""
@@ -78,12 +239,46 @@ class Method:
     #: how it deviates from the MedFocus paper's public code. The class docstring gives the details; the
     #: README's method table and the report's results table show this line.
     source: ClassVar[str] = ""
+    spec: ClassVar[dict[str, Param]] = {}
+    #: Settings that do not change the result (only speed/memory or where a cache lives): stored in
+    #: records but not compared when a rerun is checked against stored results.
+    runtime_settings: ClassVar[frozenset[str]] = frozenset({"batch_size", "cache"})
 
     def __init__(self, **params: Any) -> None:
         unknown = sorted(set(params) - set(self.defaults))
         if unknown:
             raise ConfigError(f"method {self.name!r}: unknown parameter(s) {unknown}; accepted: {sorted(self.defaults)}")
-        self.params: dict[str, Any] = {**self.defaults, **params}
+        merged = {**self.defaults, **params}
+        for key in params:
+            p = self.spec.get(key)
+            if p is None:
+                continue
+            try:
+                merged[key] = p.check(params[key])
+            except InvalidSetting:
+                raise ConfigError(f"method {self.name!r}: parameter {key!r} expects {p.expected}, "
+                                  f"got {describe(params[key])}") from None
+        self.params: dict[str, Any] = merged
+        self._validate()
+
+    def _validate(self) -> None:
+        """Rules between settings (override; raise :class:`ConfigError`). Runs at the end of ``__init__``."""
+
+    def settings(self) -> dict[str, Any]:
+        """The full resolved settings (defaults + overrides) as JSON-friendly values; what a result
+        record stores so that a rerun with different settings is never mistaken for the same work."""
+        out: dict[str, Any] = {}
+        for k in sorted(self.params):
+            v = self.params[k]
+            if hasattr(v, "detach") or hasattr(v, "__array__"):  # a tensor baseline: identify it by content
+                import hashlib
+
+                arr = np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v)
+                v = {"array_sha1": hashlib.sha1(arr.tobytes()).hexdigest(), "shape": list(arr.shape), "dtype": str(arr.dtype)}
+            elif v is not None and not isinstance(v, (str, bool, int, float, list, tuple, dict)):
+                v = f"<{type(v).__module__}.{type(v).__qualname__}>"  # a loaded object: identified by its type
+            out[k] = v
+        return out
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())

@@ -30,7 +30,7 @@ from medfocus.attribution._common import (
     prepare_answer,
     to_original,
 )
-from medfocus.attribution.base import Attribution, Counter, Method
+from medfocus.attribution.base import Attribution, Counter, InvalidSetting, Method, Param, boolean, choice, either, integer
 from medfocus.errors import ConfigError
 
 
@@ -124,6 +124,7 @@ class GradCAM(Method):
     defaults = {"layer": "input", "final_token": True}
     source = ("Selvaraju et al. 2017 Grad-CAM over image tokens; deviation: on the LM input embeddings, not the "
               "paper code's last decoder layer (its gradient there is exactly zero)")
+    spec = {"layer": either(choice("input", "middle"), integer()), "final_token": boolean()}
     _combine = staticmethod(gradcam_weights)
 
     def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
@@ -154,6 +155,13 @@ class GradCAMPlusPlus(GradCAM):
     _combine = staticmethod(gradcampp_weights)
 
 
+def _tensor3(v: Any) -> Any:
+    """A ``(3, H, W)`` tensor baseline (programmatic use only; the CLI gives strings)."""
+    if not isinstance(v, torch.Tensor) or v.ndim != 3 or v.shape[0] != 3:
+        raise InvalidSetting
+    return v
+
+
 class IntegratedGradients(Method):
     """Integrated gradients (Sundararajan et al.) on the normalised pixel image.
 
@@ -176,6 +184,8 @@ class IntegratedGradients(Method):
     source = ("Sundararajan et al. 2017 integrated gradients on the normalised image, black baseline, "
               "midpoint Riemann sum, |IG| summed over channels")
     defaults = {"steps": 24, "baseline": "zero", "batch_size": 8, "final_token": True, "check_completeness": False}
+    spec = {"steps": integer(1), "baseline": either(choice("zero"), Param("a (3, H, W) tensor", _tensor3)), "batch_size": integer(1),
+            "final_token": boolean(), "check_completeness": boolean()}
 
     def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         steps, bs = int(self.params["steps"]), int(self.params["batch_size"])

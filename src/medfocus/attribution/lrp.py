@@ -64,7 +64,7 @@ from medfocus.attribution._common import (
     prepare_answer,
     to_original,
 )
-from medfocus.attribution.base import Attribution, Counter, Method
+from medfocus.attribution.base import Attribution, Counter, Method, boolean, choice
 from medfocus.errors import ConfigError, ModelError
 
 #: Name under which the AttnLRP attention function is registered with transformers' AttentionInterface.
@@ -328,13 +328,9 @@ class AttnLRP(Method):
 
     name = "lrp"
     defaults = {"target": "logprob", "final_token": True}
+    spec = {"target": choice(*TARGETS), "final_token": boolean()}
     source = ("AttnLRP (Achtibat et al., ICML 2024), lxt 2.1's rules re-applied per instance (lxt does not run under "
               "transformers 5), to the LM input embeddings; the paper's code's 'LRP' is lrp_paper")
-
-    def __init__(self, **params: Any) -> None:
-        super().__init__(**params)
-        if self.params["target"] not in TARGETS:
-            raise ConfigError(f"lrp: target must be one of {TARGETS}, got {self.params['target']!r}")
 
     def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         chat = prepare_answer(adapter, image, question, answer, self.name)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from medfocus.attribution._common import finish_token_maps, prepare_answer, score, to_original
-from medfocus.attribution.base import Attribution, Counter, Method
+from medfocus.attribution.base import Attribution, Counter, Method, choice, integer, number
 from medfocus.errors import ConfigError
 
 
@@ -78,6 +78,7 @@ class Occlusion(Method):
     defaults = {"grid": 8, "baseline": "zero", "batch_size": 16}
     source = ("Zeiler & Fergus 2014 occlusion (grid cells over the image content, positive drop of the mean "
               "answer-token probability); masks applied in the preprocessed tensor")
+    spec = {"grid": integer(1), "baseline": choice("zero", "mean"), "batch_size": integer(1)}
 
     def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         grid, bs = int(self.params["grid"]), int(self.params["batch_size"])
@@ -172,6 +173,8 @@ class RISE(Method):
     source = ("Petsiuk et al. 2018 RISE (upsampled random grids with random shift) over the image content; "
               "masks applied in the preprocessed tensor")
     defaults = {"n_masks": 64, "grid": 8, "p_keep": 0.5, "seed": 0, "baseline": "zero", "batch_size": 16}
+    spec = {"n_masks": integer(1), "grid": integer(1), "p_keep": number(0, 1, lo_open=True, hi_open=True),
+            "seed": integer(0), "baseline": choice("zero", "mean"), "batch_size": integer(1)}
 
     def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         n, grid, pk = int(self.params["n_masks"]), int(self.params["grid"]), float(self.params["p_keep"])

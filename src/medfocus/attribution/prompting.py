@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from medfocus.attribution.base import Attribution, Counter, Method
-from medfocus.errors import ConfigError, ModelError
+from medfocus.attribution.base import Attribution, Counter, Method, boolean, choice, either, integer, number, obj, optional, path_like, text
+from medfocus.errors import ModelError
 from medfocus.lvlm.box_text import COORDS, parse_boxes
 from medfocus.types import EVIDENCE_REQUESTS, SUFFIXES, Box
 
@@ -63,7 +63,7 @@ def parse_phrases(text: str, max_phrases: int = 8) -> list[str]:
             val = json.loads(m.group(0))
             if isinstance(val, list):
                 items = [str(v) for v in val if isinstance(v, (str, int, float))]
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # model output nested thousands deep is not a list of phrases
             items = []
     if not items:
         items = re.findall(r'"([^"]+)"', text) or re.findall(r"'([^']+)'", text)
@@ -106,11 +106,7 @@ class Prompting(Method):
     source = ("the paper's box-request prompt; boxes read by the package's box-text parser (regular expressions, "
               "several model dialects; the paper's code used eval)")
     defaults = {"request": BOX_REQUEST, "coords": "auto", "max_new_tokens": 128}
-
-    def __init__(self, **params: Any) -> None:
-        super().__init__(**params)
-        if self.params["coords"] not in COORDS:  # checked before any generation
-            raise ConfigError(f"prompting: coords must be one of {', '.join(COORDS)}, got {self.params['coords']!r}")
+    spec = {"request": text(), "coords": choice(*COORDS), "max_new_tokens": integer(1)}
 
     def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         prompt = f"{question_stem_of(question)} {self.params['request']}"
@@ -193,6 +189,11 @@ DETECTORS = ("owlvit", "anatomy")
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _pair_or(method: str) -> Callable[[Any], bool]:
+    """Accepts a ``(model, processor)`` pair or an object with ``method``."""
+    return lambda v: (isinstance(v, tuple) and len(v) == 2) or callable(getattr(v, method, None))
 
 
 def _resolve_detector(spec: Any, pool: Any = None, cache: Any = True) -> Any:
@@ -298,6 +299,11 @@ class PromptingMedSAM(Method):
               "not the paper's detector")
     defaults = {"request": PHRASE_REQUEST, "detector": "owlvit", "medsam": MEDSAM_ID, "score_threshold": 0.0,
                 "max_phrases": 8, "max_new_tokens": 128, "pool": None, "cache": True}
+    spec = {"request": text(), "detector": either(path_like(), obj("a detector object or (model, processor)", _pair_or("detect"))),
+            "medsam": optional(either(path_like(), obj("a MedSAMRefiner or (model, processor)", _pair_or("segment")))),
+            "score_threshold": number(0, 1), "max_phrases": integer(1), "max_new_tokens": integer(1),
+            "pool": optional(either(path_like(), obj("a ReferencePool", lambda v: hasattr(v, "references")))),
+            "cache": either(boolean(), path_like())}
 
     def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         from medfocus.concepts.grounding import AnatomyDetector

@@ -26,9 +26,9 @@ so building the same split with a second editor (oracle vs inpaint, radedit vs i
 same ``cache_dir`` generates only the three edited views per sample. This is sound because
 :meth:`~medfocus.lvlm.adapter.LVLMAdapter.generate` is greedy, hence deterministic for a given
 model, image and question (up to the last-bit numerics of batched GPU kernels, which can already
-differ between two runs with other batch compositions). The key holds the model *name*, not its
-weights, and the image is identified by ``(dataset, index)``: a changed model (or changed data) under
-the same name must use a new cache folder -- the same rule as the edit cache. Pass
+differ between two runs with other batch compositions). The key holds the model *name* and its weight
+fingerprint (:func:`medfocus.lvlm.loading.model_identity`), and the image is identified by ``(dataset,
+index)``: changed data under the same name must use a new cache folder -- the same rule as the edit cache. Pass
 ``cache_generations=False`` for an adapter that samples.
 
 Negatives. The paper filters positives only (a "No" sample has no box to edit). With
@@ -51,6 +51,7 @@ import numpy as np
 from medfocus.bench.filter import GATES, RECORD_FIELDS, VIEWS, FilterResult, ParseFn, apply_filter, get_parser
 from medfocus.editing.base import EDIT_KINDS, EditCache, Editor, edit_mask, edit_prompt
 from medfocus.errors import ConfigError, DataError
+from medfocus.io.locks import acquire_lock, remove_orphaned_tmp
 from medfocus.io.paths import safe_filename
 from medfocus.types import Sample
 
@@ -134,18 +135,20 @@ class GenerationCache:
     File: ``root/generations/<model slug>/<dataset slug>/<mode>.jsonl``, one JSON line per entry
     ``{"model", "dataset", "index", "mode", "question", "max_new_tokens", "text"}``; later lines win,
     unreadable lines (a kill mid-write) are skipped, and the file is re-terminated before appending.
-    Keyed by ``(model_name, dataset, index, mode, question, max_new_tokens)``. Sound only because
-    generation is greedy (deterministic); a changed model under the same name needs a new folder.
+    Keyed by ``(model_name, dataset, index, mode, question, max_new_tokens)`` plus the model's weight
+    ``fingerprint`` (an entry of other weights under the same name is not reused). Sound only because
+    generation is greedy (deterministic).
     """
 
-    def __init__(self, root: str | os.PathLike[str], model: str, dataset: str, mode: str):
-        self.model, self.dataset, self.mode = model, dataset, mode
+    def __init__(self, root: str | os.PathLike[str], model: str, dataset: str, mode: str, *, fingerprint: str | None = None):
+        self.model, self.dataset, self.mode, self.fingerprint = model, dataset, mode, fingerprint
         self.path = Path(root) / "generations" / slug(model) / slug(dataset) / f"{safe_filename(mode)}.jsonl"
         self._entries: dict[tuple[str, str, int, str, str, int], str] = {}
         rows = _keyed_lines(self.path, lambda r: (r["model"], r["dataset"], int(r["index"]), r["mode"], r["question"],
                                                   int(r["max_new_tokens"])))
         for key, r in rows:
-            if isinstance(r.get("text"), str):
+            # Answers of other weights under the same name (a retrained model) are not reused.
+            if isinstance(r.get("text"), str) and r.get("model_fingerprint") == fingerprint:
                 self._entries[key] = r["text"]
 
     def _key(self, index: int, question: str, max_new_tokens: int) -> tuple[str, str, int, str, str, int]:
@@ -167,7 +170,8 @@ class GenerationCache:
         with self.path.open("a", encoding="utf-8") as fh:
             for index, question, mnt, text in entries:
                 fh.write(json.dumps({"model": self.model, "dataset": self.dataset, "index": int(index), "mode": self.mode,
-                                     "question": question, "max_new_tokens": int(mnt), "text": text}) + "\n")
+                                     "question": question, "max_new_tokens": int(mnt), "text": text,
+                                     "model_fingerprint": self.fingerprint}) + "\n")
                 self._entries[self._key(index, question, mnt)] = text
             fh.flush()
             os.fsync(fh.fileno())
@@ -215,6 +219,54 @@ def _prepare_views(sample: Sample, editor: Editor, cache: EditCache) -> list[np.
     return views
 
 
+def generation_settings(model_name: str, max_new_tokens: int, parse: ParseFn,
+                        model_identity: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a split's answers depend on besides the editor (whose ``cache_id`` holds its settings):
+    the generation budget, the answer parser and the model's identity (source + weight fingerprint,
+    :func:`medfocus.lvlm.loading.model_identity`; computed from ``model_name`` when not given)."""
+    if model_identity is None:
+        try:
+            from medfocus.lvlm.loading import model_identity as _identity
+
+            model_identity = _identity(model_name)
+        except Exception:  # not a resolvable name (a test adapter): identified by the name alone
+            model_identity = {"source": model_name, "fingerprint": None}
+    return {"max_new_tokens": int(max_new_tokens),
+            "parser": f"{getattr(parse, '__module__', '')}.{getattr(parse, '__qualname__', repr(parse))}",
+            "model_source": model_identity.get("source"), "model_fingerprint": model_identity.get("fingerprint")}
+
+
+def check_split_settings(log_path: Path, done: dict[Any, dict[str, Any]], settings: dict[str, Any]) -> set[Any]:
+    """Compare the logged rows of a split with this run's generation settings.
+
+    Returns:
+        the keys of *error* rows logged with other settings (to recompute: a corrected rerun is not
+        shadowed by the failed one).
+    Raises:
+        ConfigError: successful rows were generated with other settings (or before settings were
+            logged); the message names each differing setting. A split holds one setting.
+    """
+    stale, diffs = set(), {}
+    for k, row in done.items():
+        old = row.get("generation")
+        if old == settings:
+            continue
+        if row.get("error"):
+            stale.add(k)
+            continue
+        if old is None:
+            d = ("generation settings: not recorded (a row written before they were logged)",)
+        else:
+            d = tuple(f"{f}: {old.get(f)!r} (stored) -> {settings.get(f)!r} (now)" for f in sorted(set(old) | set(settings))
+                      if old.get(f) != settings.get(f))
+        diffs[d] = diffs.get(d, 0) + 1
+    if diffs:
+        lines = [f"  {n} sample{'s' if n > 1 else ''}: {'; '.join(d)}" for d, n in diffs.items()]
+        raise ConfigError(f"{log_path} holds samples filtered with other generation settings:\n" + "\n".join(lines) +
+                          "\nA split is built with one setting: use another --out for the new settings.")
+    return stale
+
+
 def build_benchmark(
     adapter: Any,
     samples: Sequence[Sample],
@@ -232,6 +284,7 @@ def build_benchmark(
     retry_errors: bool = False,
     progress: bool = True,
     cache_generations: bool = True,
+    model_identity: dict[str, Any] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Filter ``samples`` for one model and mode; write the split, its log and the retention table.
 
@@ -254,6 +307,13 @@ def build_benchmark(
         retry_errors: redo samples whose logged row has an error (default: keep them as errors).
         cache_generations: reuse / store the answer on the original image in the generation cache
             (module docstring; sound for greedy generation only).
+        model_identity: the model's identity (default :func:`medfocus.lvlm.loading.model_identity`
+            of ``model_name``), logged with every row.
+
+    Settings: every log row records the generation settings (:func:`generation_settings`); a rerun
+    with other settings refuses (:func:`check_split_settings`) as a rerun with another editor does.
+    The split is locked for the run (``<split log>.lock``, the same per-output lock as
+    ``medfocus attribute``), and temporary files a killed write left in its folder are removed.
     Returns:
         ``(records, retention)``: the kept records of the whole split (including samples done by
         earlier runs) and the split's retention row (see :func:`retention_row`).
@@ -273,13 +333,34 @@ def build_benchmark(
     cache_root = Path(cache_dir) if cache_dir is not None else Path(out_dir) / "edits"
     cache = EditCache(cache_root)
     # Original-view answers shared across editors. Sound because generation is greedy, i.e. a
-    # deterministic function of (model, image, question, max_new_tokens); the model is keyed by name,
-    # so a changed model under the same name must use a new cache_dir (same rule as the edit cache).
-    gen_cache = GenerationCache(cache_root, model_name, dataset, mode) if cache_generations else None
+    # deterministic function of (model, image, question, max_new_tokens); the model is keyed by name and
+    # weight fingerprint, so a retrained model under the same name regenerates.
+    gen = generation_settings(model_name, max_new_tokens, parse, model_identity)
+    gen_cache = GenerationCache(cache_root, model_name, dataset, mode, fingerprint=gen["model_fingerprint"]) if cache_generations else None
 
     editor.prepare()  # missing weights / reference pool: fail now, not once per sample
+    lock = acquire_lock(paths["log"], "benchmark split")
+    try:
+        return _build_locked(adapter, samples, mode=mode, editor=editor, out_dir=out_dir, model_name=model_name,
+                             include_negatives=include_negatives, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                             step=step, parse=parse, retry_errors=retry_errors, progress=progress, paths=paths,
+                             cache=cache, gen_cache=gen_cache, dataset=dataset, gen=gen)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _build_locked(adapter: Any, samples: Sequence[Sample], *, mode: str, editor: Editor, out_dir: Any, model_name: str,
+                  include_negatives: bool, max_new_tokens: int, batch_size: int, step: int, parse: ParseFn,
+                  retry_errors: bool, progress: bool, paths: dict[str, Path], cache: EditCache,
+                  gen_cache: "GenerationCache | None", dataset: str, gen: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The body of :func:`build_benchmark`, run while the split's lock is held."""
+    for name in ("records", "log", "negatives"):
+        remove_orphaned_tmp(paths[name].parent, paths[name].name)
     _repair_log(paths["log"])
     done = read_log(paths["log"])
+    for k in check_split_settings(paths["log"], done, gen):
+        done.pop(k)
     others = sorted({r["editor"] for r in done.values() if r.get("editor") and r["editor"] != editor.cache_id})
     if others:
         raise ConfigError(f"{paths['log']} holds samples filtered with editor {others[0]!r}, not {editor.cache_id!r}; "
@@ -297,6 +378,7 @@ def build_benchmark(
         cached: dict[int, str] = {}  # row -> original-view answer from the generation cache
         for s in chunk:
             row = _base_row(s, model_name, mode, editor if s.answer == "Yes" else None)
+            row["generation"] = gen
             row["kind"] = "positive" if s.answer == "Yes" else "negative"
             try:
                 views = _prepare_views(s, editor, cache) if s.answer == "Yes" else [_load_image(s)]

@@ -13,6 +13,7 @@ from medfocus.commands.config import config_option
 from medfocus.commands.launch import LAUNCH_PARAMS, check_launch_options, launcher_options
 from medfocus.commands.progress import progress_bars
 from medfocus.errors import ConfigError, DataError, MedfocusError
+from medfocus.io.paths import allow_outside_root as _allow_outside
 
 #: The registered method names, for the help text (the registry module imports no model code).
 METHOD_NAMES: tuple[str, ...] = (*BASELINES, "medfocus")
@@ -44,7 +45,10 @@ def read_bench_file(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         raise DataError(f"benchmark file {path} does not exist (build one with `medfocus bench build`)")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"benchmark file {path}: not UTF-8 text (byte offset {exc.start}); expected UTF-8 JSON") from None
     try:
         if path.suffix == ".jsonl":
             recs = [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -52,6 +56,8 @@ def read_bench_file(path: str | Path) -> list[dict[str, Any]]:
             recs = json.loads(text)
     except ValueError as exc:
         raise DataError(f"benchmark file {path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise DataError(f"benchmark file {path}: JSON nested too deeply to be a benchmark") from None
     if isinstance(recs, dict) and "records" in recs:
         recs = recs["records"]
     if not isinstance(recs, list) or not all(isinstance(r, dict) for r in recs):
@@ -60,6 +66,13 @@ def read_bench_file(path: str | Path) -> list[dict[str, Any]]:
         for k in ("dataset", "index"):
             if k not in r:
                 raise DataError(f"benchmark file {path}: record {i} lacks field {k!r}")
+        idx = r["index"]
+        # no silent coercion: 1.7 is not sample 1, "3" is not sample 3
+        if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0:
+            raise DataError(f"benchmark file {path}: record {i}: field 'index' must be a non-negative integer, "
+                            f"got {idx!r} ({type(idx).__name__})")
+        if not isinstance(r["dataset"], str) or not r["dataset"]:
+            raise DataError(f"benchmark file {path}: record {i}: field 'dataset' must be a non-empty string, got {r['dataset']!r}")
     return recs
 
 
@@ -103,6 +116,40 @@ def apply_refine_options(pmap: dict[str, dict[str, Any]], methods: Sequence[str]
         for m in targets:
             put(m, "medsam", medsam, "--medsam")
     return out
+
+
+def build_methods(methods: Sequence[str], params: Sequence[str], refine: str | None, medsam: str | None) -> dict[str, Any]:
+    """The selected methods (default: all registered), built with their ``--param`` settings.
+
+    Building a method validates its settings (``Method.__init__``), so an unknown method, an unknown
+    parameter or a value of the wrong type or range is a :class:`ConfigError` naming the ``--param``
+    before anything is loaded.
+    """
+    from medfocus.attribution import get_method, list_methods
+
+    if not methods:
+        methods = tuple(list_methods())
+    pmap = apply_refine_options(parse_params(params), methods, refine, medsam)
+    unknown = sorted(set(pmap) - set(methods))
+    if unknown:
+        raise ConfigError(f"--param given for method(s) not selected: {unknown}")
+    out: dict[str, Any] = {}
+    for m in dict.fromkeys(methods):
+        try:
+            out[m] = get_method(m, **pmap.get(m, {}))
+        except ConfigError as exc:
+            given = ", ".join(f"{m}.{k}={v!r}" for k, v in pmap.get(m, {}).items())
+            raise ConfigError(f"{exc}" + (f" (from --param {given})" if given else "")) from None
+    return out
+
+
+def check_models(names: Sequence[str]) -> None:
+    """Every model name is loadable (registry entry, local folder with weights, or a cached hub id),
+    checked without loading anything; raises :class:`ModelError` / :class:`ConfigError` naming it."""
+    from medfocus.lvlm.loading import check_model
+
+    for name in names:
+        check_model(name)
 
 
 def load_samples(dataset: str, data_root: str | None) -> list:
@@ -203,13 +250,16 @@ def build_items(
 @click.option("--save-token-maps", is_flag=True, help="Also store per-answer-token heatmaps (float16).")
 @click.option("--include-negatives", is_flag=True, help="Without --bench: also attribute samples whose answer is No.")
 @click.option("--device", default=None, show_default="cuda if available, else cpu", help="torch device for the models.")
+@click.option("--allow-outside-root", is_flag=True,
+              help="Read image paths from the data files even when they lead outside the data root (warns); refused by default.")
 @click.option("--no-progress", is_flag=True, help="Disable progress bars (also the weight-loading bar).")
 @click.option("--store-name", default=None, hidden=True,
               help="File name of the result store in --out (set by the launchers for per-model shards).")
 @launcher_options
 @click.pass_context
 def attribute(ctx, bench, dataset, data_root, models, modes, methods, params, refine, medsam, out_dir, limit, seed, shard, merge,
-              retry_errors, save_token_maps, include_negatives, device, no_progress, store_name, **launch_opts) -> None:
+              retry_errors, save_token_maps, include_negatives, device, allow_outside_root, no_progress, store_name,
+              **launch_opts) -> None:
     """Run attribution methods on a benchmark split and store one record per
     (model, dataset, index, mode, method) in OUT/predictions.jsonl (resumable: rerun the same
     command after an interruption)."""
@@ -224,7 +274,8 @@ def attribute(ctx, bench, dataset, data_root, models, modes, methods, params, re
                 raise ConfigError("--shard and --merge are for runs without a launcher (the launcher shards and merges itself)")
             _launch_attribute(ctx, launch_opts, bench=bench, dataset=dataset, data_root=data_root, models=models,
                               modes=modes, methods=methods, params=params, refine=refine, medsam=medsam, out=out,
-                              limit=limit, include_negatives=include_negatives, device=device, no_progress=no_progress)
+                              limit=limit, include_negatives=include_negatives, device=device, no_progress=no_progress,
+                              allow_outside_root=allow_outside_root)
             return
         if merge:
             parts = sorted(out.glob("predictions.shard-*.jsonl"))
@@ -234,18 +285,14 @@ def attribute(ctx, bench, dataset, data_root, models, modes, methods, params, re
             click.echo(f"merged {len(parts)} shard files -> {out / 'predictions.jsonl'} ({n} records)")
             return
         i, n = parse_shard(shard)
-        items = build_items(bench=bench, dataset=dataset, data_root=data_root, models=models, modes=modes,
-                            include_negatives=include_negatives)
+        # Fail fast: every setting is validated before any data or model is loaded (method names and
+        # parameters here; the models right after the work items name them).
+        method_objs = build_methods(methods, params, refine, medsam)
+        with _allow_outside(allow_outside_root):
+            items = build_items(bench=bench, dataset=dataset, data_root=data_root, models=models, modes=modes,
+                                include_negatives=include_negatives)
         items = select_items(items, limit=limit, shard=(i, n))
-        if not methods:
-            from medfocus.attribution import list_methods
-
-            methods = tuple(list_methods())
-        pmap = apply_refine_options(parse_params(params), methods, refine, medsam)
-        unknown = sorted(set(pmap) - set(methods))
-        if unknown:
-            raise ConfigError(f"--param given for method(s) not selected: {unknown}")
-        method_params = {m: pmap.get(m, {}) for m in methods}
+        check_models(sorted({it.model for it in items}))
         if store_name is not None and (Path(store_name).name != store_name or not store_name.endswith(".jsonl")):
             raise ConfigError(f"--store-name {store_name!r}: expected a plain file name ending in .jsonl")
         store_path = out / (store_name or ("predictions.jsonl" if n == 1 else f"predictions.shard-{i}-of-{n}.jsonl"))
@@ -255,9 +302,10 @@ def attribute(ctx, bench, dataset, data_root, models, modes, methods, params, re
 
             return load_lvlm(name, device=device)
 
-        click.echo(f"{len(items)} samples x {len(method_params)} methods -> {store_path}")
+        click.echo(f"{len(items)} samples x {len(method_objs)} methods -> {store_path}")
         with progress_bars(not no_progress), ResultStore(store_path) as store:
-            summary = run_grid(items, method_params, store, load_model=loader, seed=seed, retry_errors=retry_errors,
+            summary = run_grid(items, {m: getattr(obj, "params", {}) for m, obj in method_objs.items()}, store, load_model=loader,
+                               make_method=lambda name, _params: method_objs[name], seed=seed, retry_errors=retry_errors,
                                save_token_maps=save_token_maps, progress=not no_progress)
         click.echo(f"done: {summary}")
         if summary.errors:
@@ -267,7 +315,8 @@ def attribute(ctx, bench, dataset, data_root, models, modes, methods, params, re
 
 
 def _launch_attribute(ctx: click.Context, launch_opts: dict[str, Any], *, bench, dataset, data_root, models, modes, methods,
-                      params, refine, medsam, out: Path, limit, include_negatives, device, no_progress) -> None:
+                      params, refine, medsam, out: Path, limit, include_negatives, device, no_progress,
+                      allow_outside_root: bool = False) -> None:
     """Validate the run, split it into (model, shard) tasks and start them (``--launcher local|slurm``)."""
     from medfocus.commands.launch import argv_from_params, default_shards, run_launch
     from medfocus.runner.grid import select_items, shard_of
@@ -277,16 +326,11 @@ def _launch_attribute(ctx: click.Context, launch_opts: dict[str, Any], *, bench,
     devices = parse_devices(opts["devices"]) if opts["launcher"] == "local" else []
     n = default_shards(opts["launcher"], opts["shards"], devices)
     # the same checks as a single-process run, before anything starts
-    items = select_items(build_items(bench=bench, dataset=dataset, data_root=data_root, models=models, modes=modes,
-                                     include_negatives=include_negatives), limit=limit)
-    if not methods:
-        from medfocus.attribution import list_methods
-
-        methods = tuple(list_methods())
-    pmap = apply_refine_options(parse_params(params), methods, refine, medsam)
-    unknown = sorted(set(pmap) - set(methods))
-    if unknown:
-        raise ConfigError(f"--param given for method(s) not selected: {unknown}")
+    methods = tuple(build_methods(methods, params, refine, medsam))  # settings validated before anything starts
+    with _allow_outside(allow_outside_root):
+        items = select_items(build_items(bench=bench, dataset=dataset, data_root=data_root, models=models, modes=modes,
+                                         include_negatives=include_negatives), limit=limit)
+    check_models(sorted({it.model for it in items}))
     run_models = list(dict.fromkeys(it.model for it in items))
     per_model = len(run_models) > 1  # one task per (model, shard): each loads only its model
     base = ["attribute"] + argv_from_params(ctx.command, ctx.params,

@@ -10,6 +10,7 @@ from medfocus.commands.config import config_option
 from medfocus.commands.launch import LAUNCH_PARAMS, check_launch_options, launcher_options
 from medfocus.commands.progress import progress_bars
 from medfocus.errors import ConfigError, MedfocusError
+from medfocus.io.paths import allow_outside_root as _allow_outside
 
 EPILOG = """\b
 Examples:
@@ -50,9 +51,12 @@ def _make_editor(name: str, *, seed: int, reference_dir: str | None, radedit_dir
 
 
 def _load_model(name: str, device: str | None) -> Any:
-    """The LVLM adapter for a registry name or path (separate so tests can substitute a model)."""
-    from medfocus.lvlm.loading import load_lvlm
+    """The LVLM adapter for a registry name or path (separate so tests can substitute a model).
+    The name and its weights are checked first (:func:`medfocus.lvlm.loading.check_model`), so an
+    unknown model or one without weights is one clear error, not a loader traceback."""
+    from medfocus.lvlm.loading import check_model, load_lvlm
 
+    check_model(name)
     return load_lvlm(name, device=device)
 
 
@@ -81,6 +85,8 @@ def _load_model(name: str, device: str | None) -> Any:
 @click.option("--retry-errors", is_flag=True, help="Redo samples that failed in a previous run.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Editor seed (part of the edit-cache key).")
 @click.option("--device", default=None, show_default="cuda if available, else cpu", help="torch device.")
+@click.option("--allow-outside-root", is_flag=True,
+              help="Read image paths from the data files even when they lead outside the data root (warns); refused by default.")
 @click.option("--no-progress", is_flag=True, help="Disable progress bars (also the weight-loading bar).")
 @click.option("--shard", default=None, show_default="all samples",
               help="Filter only shard i of n (i/n, 0-based) of the samples; give each shard its own --out and combine "
@@ -90,7 +96,7 @@ def _load_model(name: str, device: str | None) -> Any:
 def build(ctx: click.Context, model: str, model_name: str | None, dataset: str, data_root: str | None, modes: tuple[str, ...], editor: str | None, out_dir: str,
           cache_dir: str | None, reference_dir: str | None, radedit_dir: str | None, radedit_steps: int, limit: int | None,
           batch_size: int, max_new_tokens: int | None, include_negatives: bool, retry_errors: bool, seed: int,
-          device: str | None, no_progress: bool, shard: str | None, **launch_opts: Any) -> None:
+          device: str | None, allow_outside_root: bool, no_progress: bool, shard: str | None, **launch_opts: Any) -> None:
     """Filter a dataset for one model: keep a positive sample iff the model answers it correctly,
     flips its answer when the finding is edited out of the boxes, and keeps its answer when the
     background is edited ("No {finding}" and "No abnormality")."""
@@ -107,7 +113,8 @@ def build(ctx: click.Context, model: str, model_name: str | None, dataset: str, 
         if launch_opts["launcher"] != "none" and shard:
             raise ConfigError("--shard is for runs without a launcher (the launcher shards and merges itself)")
         # cheap checks first: data, then editor weights, then the (large) model
-        samples = load_dataset(dataset, data_root)
+        with _allow_outside(allow_outside_root):
+            samples = load_dataset(dataset, data_root)
         if limit is not None:
             samples = samples[:limit]
         ds_name = samples[0].dataset if samples else canonical_name(dataset)

@@ -34,8 +34,11 @@ class ConfigDefault(click.Option):
 @click.option("--check", is_flag=True, help="Also say whether each model's files are available locally (no download).")
 def models(check: bool) -> None:
     """Print the model registry (built-ins + user YAML entries from $MEDFOCUS_MODELS)."""
-    from medfocus.lvlm.registry import list_models, user_registry_path
+    from medfocus.lvlm.registry import list_models, registry_problem, user_registry_path
 
+    problem = registry_problem()
+    if problem:  # the built-ins still list; the broken file is named, not silently skipped
+        click.echo(f"warning: user entries ignored: {problem}", err=True)
     entries = list_models()
     width = max(len(n) for n in entries)
     for name, e in entries.items():

@@ -33,7 +33,7 @@ from medfocus.concepts import ot
 from medfocus.concepts.intervention import REGIONS, RULES, TAU, decide, intervene, nested_winner, variant_boxes
 from medfocus.concepts.reference import SELECT_GRID, TRANSFER_GRID, ReferencePool, cached_pool, default_pool
 from medfocus.concepts.transfer import DEFAULT_ITERATIONS, ConceptTransfer, TransferCache, transfer_concepts
-from medfocus.attribution.base import Method
+from medfocus.attribution.base import Method, boolean, choice, either, integer, number, obj, optional, path_like
 from medfocus.errors import ConfigError
 from medfocus.types import BILATERAL, Box
 
@@ -287,21 +287,20 @@ class MedFocusMethod(Method):
                 "epsilon": ot.EPSILON,
                 "lam": ot.LAMBDA, "cache": True, "batch_size": 16, "medsam": None}
 
-    def __init__(self, **params: Any) -> None:
-        super().__init__(**params)
-        p = self.params
-        if p["baseline"] not in ("zero", "mean"):
-            raise ConfigError(f"medfocus: baseline must be 'zero' or 'mean', got {p['baseline']!r}")
-        if p["region"] not in REGIONS:
-            raise ConfigError(f"medfocus: region must be one of {REGIONS}, got {p['region']!r}")
-        if p["rule"] not in RULES:
-            raise ConfigError(f"medfocus: rule must be one of {RULES}, got {p['rule']!r}")
-        if p["refine"] not in ("none", "medsam"):
-            raise ConfigError(f"medfocus: refine must be 'none' or 'medsam', got {p['refine']!r}")
-        if p["mode"] not in ("barycentric", "plan"):
-            raise ConfigError(f"medfocus: mode must be 'barycentric' or 'plan', got {p['mode']!r}")
-        if not 0.0 < float(p["tau"]) <= 1.0:
-            raise ConfigError(f"medfocus: tau must be in (0, 1], got {p['tau']}")
+    spec = {"pool": optional(path_like()), "baseline": choice("zero", "mean"), "region": choice(*REGIONS), "rule": choice(*RULES),
+            "tau": number(0, 1, lo_open=True), "refine": choice("none", "medsam"), "select_grid": integer(1),
+            "transfer_grid": integer(1), "core": optional(number(0, 1, lo_open=True)), "mode": choice("barycentric", "plan"),
+            "iterations": integer(1), "epsilon": number(0, lo_open=True), "lam": number(0, lo_open=True),
+            "cache": either(boolean(), path_like()), "batch_size": integer(1),
+            "medsam": optional(either(path_like(), obj("a MedSAMRefiner or (model, processor)",
+                                                        lambda v: (isinstance(v, tuple) and len(v) == 2) or hasattr(v, "segment"))))}
+
+    def settings(self) -> dict[str, Any]:
+        """The resolved settings plus ``pool_fingerprint``, the content hash of the reference pool that
+        ``pool`` names (a changed pool under the same path is a different setting)."""
+        out = super().settings()
+        out["pool_fingerprint"] = _pool_for(str(self.params["pool"]) if self.params.get("pool") else None).fingerprint
+        return out
 
     def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Any) -> Any:
         p = dict(self.params)

@@ -54,7 +54,7 @@ import numpy as np
 
 from medfocus.concepts import ot
 from medfocus.concepts.reference import SELECT_GRID, TRANSFER_GRID, ReferencePool, cache_root
-from medfocus.errors import ConfigError
+from medfocus.errors import ConfigError, DataError
 from medfocus.types import Box, CONCEPTS
 
 log = logging.getLogger(__name__)
@@ -97,8 +97,10 @@ class ConceptTransfer:
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
         os.close(fd)
         try:
+            # Exactly what was computed (float32, no rounding): a warm cache must give the same masks,
+            # heatmaps and deltas as a cold one (float16 here once moved deltas by up to 0.025 nats).
             np.savez_compressed(tmp, meta=np.array(json.dumps(meta)), grid_masses=self.grid_masses,
-                                soft_masks=np.stack([self.soft_masks[c] for c in CONCEPTS]).astype(np.float16))
+                                soft_masks=np.stack([np.asarray(self.soft_masks[c], np.float32) for c in CONCEPTS]))
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -108,7 +110,9 @@ class ConceptTransfer:
     def load(cls, path: str | Path) -> "ConceptTransfer":
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
-            soft = z["soft_masks"].astype(np.float32)
+            soft = z["soft_masks"]
+            if soft.dtype != np.float32:  # an entry of another version: not what this code computes
+                raise DataError(f"{path}: soft masks stored as {soft.dtype}, expected float32")
             grid = z["grid_masses"]
         return cls({c: tuple(meta["boxes"][c]) for c in CONCEPTS}, {c: soft[i] for i, c in enumerate(CONCEPTS)}, grid,
                    meta["reference_id"], meta["selection_costs"], meta["refine"], tuple(meta["image_size"]),
@@ -317,7 +321,7 @@ def transfer_concepts(image: np.ndarray, pool: ReferencePool, *, select_grid: in
 
         img = to_uint8(img)
     settings = {"select_grid": select_grid, "transfer_grid": transfer_grid, "core": core, "mode": mode, "iterations": int(iterations), "refine": refine,
-                "epsilon": epsilon, "lam": lam, "v": 2}
+                "epsilon": epsilon, "lam": lam, "v": 3}  # v3: soft masks cached as float32
     if refine == "medsam":  # a different segmenter must not reuse another one's refined transfer
         from medfocus.concepts.refine import refiner_name
 

@@ -31,6 +31,7 @@ import pandas as pd
 
 from medfocus.datasets._common import BoxClipLog, SizeCache, check_box, id_str, parse_box_text
 from medfocus.errors import DataError
+from medfocus.io.paths import resolve_inside
 from medfocus.types import Sample
 
 __all__ = ["load_imagenome", "find_gold_table", "image_relpath", "GOLD_FILE", "LAYOUT"]
@@ -118,7 +119,7 @@ def load_imagenome(
             boxes.append(check_box(box, where=where, field="coord_original"))
             if "bbox" in group.columns:
                 regions.append(str(row["bbox"]))
-        path = img_root / image_relpath(pid, sid, iid)
+        path = resolve_inside(img_root, image_relpath(pid, sid, iid), what=f"{table}: image {iid!r}")
         size = sizes(path) if read_sizes else (0, 0)
         boxes, prov = clip_log.clip(boxes, size if read_sizes else None,
                                     where=f"{table} line(s) {group['_line'].tolist()}", what=f"{iid} / {label}")

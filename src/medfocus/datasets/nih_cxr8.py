@@ -42,6 +42,7 @@ import pandas as pd
 
 from medfocus.datasets._common import BoxClipLog, SizeCache, check_box, require_file
 from medfocus.errors import DataError
+from medfocus.io.paths import resolve_inside
 from medfocus.types import Sample
 
 __all__ = ["load_nih_cxr8", "find_nih_layout", "NIH_FINDINGS", "LAYOUT", "BOX_LIST_NAMES"]
@@ -151,7 +152,7 @@ def load_nih_cxr8(root: str | os.PathLike | None, *, annotations: str | os.PathL
             box = check_box((x, y, x + w, y + h), where=where, field="x,y,w,h")  # negative extent
             raw.append([x, y, w, h])
             boxes.append(box)
-        path = images / image_index
+        path = resolve_inside(images, image_index, what=f"{csv}: 'Image Index' {image_index!r}")
         size = sizes(path) if read_sizes else (0, 0)
         boxes, prov = clip_log.clip(boxes, size if read_sizes else None,
                                     where=f"{csv} line(s) {group['_line'].tolist()}", what=f"{image_index} / {label}")

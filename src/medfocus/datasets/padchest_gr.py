@@ -26,6 +26,7 @@ from typing import Any
 
 from medfocus.datasets._common import BoxClipLog, SizeCache, check_box, load_json, parse_box_text
 from medfocus.errors import DataError
+from medfocus.io.paths import resolve_inside
 from medfocus.types import Sample
 
 __all__ = ["load_padchest_gr", "LAYOUT", "STUDIES_FILE", "IMAGE_DIR", "N_TEST_STUDIES", "N_TRAIN_STUDIES"]
@@ -109,7 +110,7 @@ def load_padchest_gr(
         if not isinstance(findings, list):
             raise DataError(f"{where_s}: field 'findings' must be a list")
         image_id = str(study["ImageID"])
-        img_path = images / image_id
+        img_path = resolve_inside(images, image_id, what=f"{where_s}: 'ImageID' {image_id!r}")
         for k, f in enumerate(findings):
             where = f"{where_s} finding #{k}"
             if not isinstance(f, dict):

@@ -31,6 +31,8 @@ name, lowercased by default (``"Pleural effusion" -> "pleural effusion"``); pass
 
 from __future__ import annotations
 
+import math
+
 import os
 from pathlib import Path
 
@@ -38,6 +40,7 @@ import pandas as pd
 
 from medfocus.datasets._common import BoxClipLog, SizeCache, check_box, id_str, require_file
 from medfocus.errors import DataError
+from medfocus.io.paths import resolve_inside
 from medfocus.types import Sample
 
 __all__ = ["load_vindr_cxr", "find_vindr_layout", "LAYOUT", "IMAGE_SUFFIXES"]
@@ -72,11 +75,13 @@ def find_vindr_layout(root: str | os.PathLike, split: str = "test") -> tuple[Pat
 
 
 def _image_path(image_dir: Path, image_id: str) -> Path:
+    """The image file of ``image_id`` in ``image_dir`` (first existing suffix); an id that leaves the
+    folder (``..``, absolute) is refused (:func:`medfocus.io.paths.resolve_inside`)."""
     for suf in IMAGE_SUFFIXES:
-        p = image_dir / f"{image_id}{suf}"
+        p = resolve_inside(image_dir, f"{image_id}{suf}", what=f"image_id {image_id!r}")
         if p.is_file():
             return p
-    return image_dir / f"{image_id}.dicom"
+    return resolve_inside(image_dir, f"{image_id}.dicom", what=f"image_id {image_id!r}")
 
 
 def load_vindr_cxr(
@@ -122,10 +127,14 @@ def load_vindr_cxr(
     if missing:
         raise DataError(f"{csv}: missing column(s) {missing}; expected VinDr-CXR columns {list(_REQUIRED)} (+ rad_id, class_id)")
     df = df.rename(columns={orig: low for low, orig in lower.items()})
-    df["image_id"] = df["image_id"].map(id_str)
-    df["class_name"] = df["class_name"].astype(str)
     # The line numbers of the CSV (header = line 1) for error messages.
     df["_line"] = range(2, len(df) + 2)
+    blank = df["class_name"].isna() | (df["class_name"].astype(str).str.strip() == "")
+    if blank.any():  # an empty finding name is an error, not a finding called "nan" or a dropped row
+        raise DataError(f"{csv} line {int(df.loc[blank, '_line'].iloc[0])}: empty 'class_name' "
+                        f"({int(blank.sum())} row(s)); every row names a finding or 'No finding'")
+    df["image_id"] = df["image_id"].map(id_str)
+    df["class_name"] = df["class_name"].astype(str)
     df = df[df["class_name"].str.strip().str.lower() != NO_FINDING]
 
     sizes = SizeCache(LAYOUT)
@@ -141,6 +150,8 @@ def load_vindr_cxr(
                 raise DataError(f"{where}: box columns x_min..y_max must be numbers") from exc
             if any(v != v for v in vals):  # NaN
                 raise DataError(f"{where}: finding {class_name!r} has an empty box (x_min..y_max); only 'No finding' rows may")
+            if not all(math.isfinite(v) for v in vals):  # inf would overflow round() below
+                raise DataError(f"{where}: box columns x_min..y_max must be finite numbers, got {vals}")
             check_box(tuple(vals), where=where, field="x_min,y_min,x_max,y_max")  # type: ignore[arg-type]
             raw.append(vals)
             boxes.append(tuple(float(round(v)) for v in vals))

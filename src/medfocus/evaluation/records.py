@@ -53,20 +53,28 @@ def read_prediction_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Read a prediction JSONL (blank lines skipped). Each record gets ``_base_dir`` = the file's folder.
 
     Raises:
-        DataError: missing file or a line that is not a JSON object (naming file and line).
+        DataError: missing file, a line that is not UTF-8, or a line that is not a JSON object (naming
+            file and line).
     """
     p = Path(path)
     if not p.is_file():
         raise DataError(f"prediction file {p} not found")
     out = []
-    with open(p, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with open(p, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{p} line {lineno}: not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}); "
+                                "prediction files are UTF-8 JSON lines") from None
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{p} line {lineno}: not valid JSON ({exc})") from exc
+            except RecursionError:
+                raise DataError(f"{p} line {lineno}: JSON nested too deeply to be a prediction record") from None
             if not isinstance(rec, dict):
                 raise DataError(f"{p} line {lineno}: expected a JSON object, got {type(rec).__name__}")
             rec.setdefault("_base_dir", str(p.parent))

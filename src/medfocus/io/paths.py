@@ -9,13 +9,29 @@ the folder it is written into.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import os
 from pathlib import Path
+from typing import Iterator
 
 from medfocus.errors import DataError
 
-__all__ = ["safe_filename", "resolve_inside"]
+__all__ = ["safe_filename", "resolve_inside", "allow_outside_root"]
+
+_ALLOW_OUTSIDE: contextvars.ContextVar[bool] = contextvars.ContextVar("medfocus_allow_outside_root", default=False)
+
+
+@contextlib.contextmanager
+def allow_outside_root(allow: bool = True) -> Iterator[None]:
+    """Within this block, :func:`resolve_inside` warns about paths outside the data root instead of
+    refusing them (what ``--allow-outside-root`` turns on)."""
+    token = _ALLOW_OUTSIDE.set(bool(allow))
+    try:
+        yield
+    finally:
+        _ALLOW_OUTSIDE.reset(token)
 
 _MAX_LEN = 150  # well below the 255-byte file-name limit of common file systems, leaving room for suffixes
 
@@ -43,29 +59,36 @@ def safe_filename(text: str) -> str:
 
 
 def resolve_inside(root: str | os.PathLike, relative: str | os.PathLike, *, what: str = "image path",
-                   allow_outside: bool = False) -> Path:
-    """``root / relative`` resolved (symlinks followed), refused when it leaves ``root``.
+                   allow_outside: bool | None = None) -> Path:
+    """``root / relative``, refused when it leaves ``root``.
+
+    The check is lexical (``..`` segments are collapsed, an absolute ``relative`` replaces ``root``), so
+    a data owner's own symlinks inside the root (an ``images`` folder linked to another disk) keep
+    working, while an id from a data file such as ``../../etc/passwd`` or ``/home/x/secret.png`` cannot
+    name a file outside the root.
 
     Args:
-        root: the data root.
-        relative: a path from a data file (CSV/JSON field); an absolute path or one with ``..`` is
-            allowed only while it stays inside ``root``.
-        what: how the error message names the value (e.g. ``"image_id"``).
+        root: the data root (or the loader's image folder inside it).
+        relative: a path from a data file (CSV/JSON field); ``..`` is allowed only while the result
+            stays inside ``root``.
+        what: how the error message names the value (e.g. ``"image_id '...'"``).
         allow_outside: explicit opt-in (``--allow-outside-root``): a path outside ``root`` is returned
-            with a warning instead of an error.
+            with a warning instead of an error. ``None``: as set by :func:`allow_outside_root` (default off).
     Returns:
-        the resolved absolute path.
+        the normalised path (absolute when ``root`` is).
     Raises:
-        DataError: the path leaves ``root`` (names the value, the resolved path and the root).
+        DataError: the path leaves ``root`` (names the value, the path and the root).
     """
-    root_r = Path(root).resolve()
-    p = (root_r / Path(relative)).resolve()
-    if p == root_r or root_r in p.parents:
-        return p
-    msg = f"{what} {str(relative)!r} resolves to {p}, outside the data root {root_r}"
+    if allow_outside is None:
+        allow_outside = _ALLOW_OUTSIDE.get()
+    base = os.path.normpath(os.fspath(root))
+    p = os.path.normpath(os.path.join(base, os.fspath(relative)))
+    if p == base or p.startswith(base.rstrip(os.sep) + os.sep):
+        return Path(p)
+    msg = f"{what}: {os.fspath(relative)!r} leads to {p}, outside the data root {base}"
     if allow_outside:
         import logging
 
         logging.getLogger(__name__).warning("%s (allowed by --allow-outside-root)", msg)
-        return p
+        return Path(p)
     raise DataError(msg + "; refusing to read it (pass --allow-outside-root to allow such paths)")

@@ -32,6 +32,12 @@ file's syntax is missing, the error names the syntax and the package that decode
 uncompressed files (truncated pixel data, missing pixel-module attributes) are reported as such.
 
 Multi-frame DICOMs (``NumberOfFrames > 1``) are rejected: a chest film is one frame.
+
+Size limit: an image above :func:`max_pixels` pixels (default 60 million, e.g. 7746 x 7746 -- real
+chest films are at most about 4300 x 4300 = 18.5 MP; override with ``$MEDFOCUS_MAX_PIXELS``, ``0`` for
+no limit) is refused with a :class:`~medfocus.errors.DataError` *before* its pixels are decoded: the size
+comes from the header (DICOM ``Rows``/``Columns``, PIL's lazy header), so a decompression bomb or a
+20000 x 20000 file never allocates gigabytes.
 PNG/TIFF/JPEG: 8-bit images are returned as they are (colour ones converted to luminance); 16-bit,
 32-bit integer and float images are min-max normalised to 0..255 (a constant image becomes all 0).
 """
@@ -48,9 +54,42 @@ from PIL import Image, UnidentifiedImageError
 
 from medfocus.errors import DataError, DataWarning
 
-__all__ = ["read_image", "read_image_size", "read_dicom", "is_dicom", "to_uint8"]
+__all__ = ["read_image", "read_image_size", "read_dicom", "is_dicom", "to_uint8", "max_pixels", "DEFAULT_MAX_PIXELS"]
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
+
+#: Default pixel limit of :func:`read_image` (60 MP: generous for real chest films, ~18.5 MP at most).
+DEFAULT_MAX_PIXELS = 60_000_000
+
+
+def max_pixels() -> int | None:
+    """The pixel limit in force: ``$MEDFOCUS_MAX_PIXELS`` (an integer; ``0`` = no limit) or
+    :data:`DEFAULT_MAX_PIXELS`. Raises :class:`DataError` naming the variable when it is not an integer."""
+    raw = os.environ.get("MEDFOCUS_MAX_PIXELS", "").strip()
+    if not raw:
+        return DEFAULT_MAX_PIXELS
+    try:
+        n = int(raw)
+    except ValueError:
+        raise DataError(f"$MEDFOCUS_MAX_PIXELS must be an integer number of pixels (0 = no limit), got {raw!r}") from None
+    if n < 0:
+        raise DataError(f"$MEDFOCUS_MAX_PIXELS must be >= 0 (0 = no limit), got {n}")
+    return n or None
+
+
+def _check_pixels(p: Path, w: int, h: int, limit: int | None) -> None:
+    if limit is not None and w * h > limit:
+        raise DataError(f"{p}: image is {w} x {h} = {w * h:,} pixels, above the limit of {limit:,} "
+                        "(set $MEDFOCUS_MAX_PIXELS to a larger number, or 0 for no limit, if the image is genuine)")
+
+
+def _has_dicm_magic(p: Path) -> bool:
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
 
 
 def is_dicom(path: str | os.PathLike) -> bool:
@@ -58,12 +97,15 @@ def is_dicom(path: str | os.PathLike) -> bool:
     p = Path(path)
     if p.suffix.lower() in DICOM_SUFFIXES:
         return True
-    try:
-        with open(p, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
+    return _has_dicm_magic(p)
+
+
+def _not_dicom(p: Path, ds) -> bool:
+    """A file named like a DICOM that is none: no Part-10 ``DICM`` marker and none of the elements an
+    image dataset starts with (``force=True`` parses random bytes as an empty or junk dataset)."""
+    if _has_dicm_magic(p):
         return False
-    return len(head) == 132 and head[128:132] == b"DICM"
+    return not any(k in ds for k in ("SOPClassUID", "Modality", "Rows", "Columns", "PixelData", "StudyInstanceUID"))
 
 
 def to_uint8(arr: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
@@ -326,6 +368,15 @@ def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, tuple[int, int]]:
 
     p = Path(path)
     try:
+        ds = pydicom.dcmread(p, force=True, stop_before_pixels=True)
+    except Exception as exc:  # pydicom raises many types for broken files
+        raise DataError(f"{p}: cannot read DICOM ({type(exc).__name__}: {exc})") from exc
+    if _not_dicom(p, ds):
+        raise DataError(f"{p}: not a DICOM file (no 'DICM' marker and no DICOM image attributes)")
+    w, h = _number_or_none(ds, "Columns"), _number_or_none(ds, "Rows")
+    if w is not None and h is not None:
+        _check_pixels(p, int(w), int(h), max_pixels())  # from the header, before the pixels are read
+    try:
         ds = pydicom.dcmread(p, force=True)
     except Exception as exc:  # pydicom raises many types for broken files
         raise DataError(f"{p}: cannot read DICOM ({type(exc).__name__}: {exc})") from exc
@@ -364,6 +415,13 @@ def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, tuple[int, int]]:
     return img, (int(img.shape[1]), int(img.shape[0]))
 
 
+def _number_or_none(ds, keyword: str) -> float | None:
+    try:
+        return _number_attr(ds, keyword)
+    except _Unusable:
+        return None
+
+
 def read_image_size(path: str | os.PathLike) -> tuple[int, int]:
     """Original ``(W, H)`` of an image from its header only (no pixel decoding).
 
@@ -380,7 +438,11 @@ def read_image_size(path: str | os.PathLike) -> tuple[int, int]:
 
         try:
             ds = pydicom.dcmread(p, force=True, stop_before_pixels=True)
+            if _not_dicom(p, ds):
+                raise DataError(f"{p}: not a DICOM file (no 'DICM' marker and no DICOM image attributes)")
             w, h = _number_attr(ds, "Columns"), _number_attr(ds, "Rows")
+        except DataError:
+            raise
         except _Unusable as exc:
             raise DataError(f"{p}: {exc}") from exc
         except Exception as exc:  # pydicom raises many types for broken files
@@ -389,15 +451,32 @@ def read_image_size(path: str | os.PathLike) -> tuple[int, int]:
             raise DataError(f"{p}: DICOM header lacks positive Rows/Columns (got {h!r}/{w!r})")
         return int(w), int(h)
     try:
-        with Image.open(p) as im:
+        with _pil_limit(None), Image.open(p) as im:  # a size query decodes nothing: no bomb check needed
             return int(im.size[0]), int(im.size[1])
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DataError(f"{p}: cannot read image header ({type(exc).__name__}: {exc})") from exc
 
 
+class _pil_limit:
+    """Temporarily give PIL our pixel limit (its own bomb check would otherwise fire at 2 x 89 MP with a
+    bare ``DecompressionBombError``, or warn at 89 MP, whatever limit the user set)."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+
+    def __enter__(self) -> None:
+        self.saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = self.limit
+
+    def __exit__(self, *exc: object) -> None:
+        Image.MAX_IMAGE_PIXELS = self.saved
+
+
 def _read_pil(p: Path) -> tuple[np.ndarray, tuple[int, int]]:
+    limit = max_pixels()
     try:
-        with Image.open(p) as im:
+        with _pil_limit(None), Image.open(p) as im:  # the header only: nothing decoded yet
+            _check_pixels(p, int(im.size[0]), int(im.size[1]), limit)
             n_frames = int(getattr(im, "n_frames", 1) or 1)
             if n_frames > 1:
                 raise DataError(f"{p}: multi-frame image ({n_frames} frames); expected a single radiograph")
@@ -420,7 +499,7 @@ def _read_pil(p: Path) -> tuple[np.ndarray, tuple[int, int]]:
         raise
     except FileNotFoundError as exc:
         raise DataError(f"{p}: image file not found") from exc
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"{p}: cannot read image ({type(exc).__name__}: {exc})") from exc
     if img.ndim != 2:
         raise DataError(f"{p}: expected a 2-D grayscale image, got shape {img.shape}")
@@ -439,7 +518,8 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, tuple[int, int]]:
         ``orig_size = (W, H)`` the original size in pixels (equal to ``img``'s, which is never resized).
 
     Raises:
-        DataError: the file is missing or cannot be read; the message names the path and reason.
+        DataError: the file is missing or cannot be read, or has more pixels than :func:`max_pixels`
+            (checked from the header, before decoding); the message names the path and reason.
     """
     p = Path(path)
     if not p.is_file():

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from medfocus.errors import ModelError
+from medfocus.errors import ConfigError, ModelError
 from medfocus.lvlm.adapter import LVLMAdapter
 from medfocus.lvlm.registry import MODEL_TYPE_TO_FAMILY, ModelEntry, get_entry, list_models
 
@@ -51,6 +51,102 @@ def _hints(path: str) -> dict[str, Any]:
         except json.JSONDecodeError as exc:
             raise ModelError(f"{p}: invalid JSON ({exc})") from exc
     return {}
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def check_model(name_or_path: str | os.PathLike) -> str:
+    """Fail fast, without loading anything: is ``name_or_path`` a model that :func:`load_lvlm` can load?
+
+    Checks that the name is a registry entry, an existing folder or an ``owner/name`` hub id; that a
+    local folder holds a ``config.json`` and weight files; and that a hub id is in the local Hugging
+    Face cache when downloads are switched off (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``).
+
+    Returns:
+        the resolved source (folder or hub id).
+    Raises:
+        ModelError: naming the model and what is missing (and how to provide it).
+        ConfigError: the user registry file (``$MEDFOCUS_MODELS``) is missing or invalid and the name is
+            not a built-in model.
+    """
+    from medfocus.lvlm.registry import registry_problem
+
+    name, path, entry = resolve(name_or_path)
+    if entry is None:
+        problem = registry_problem()
+        if problem:
+            raise ConfigError(f"model {name!r} is not a built-in model, and the user model registry cannot be used: {problem}")
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            if entry is not None and entry.name == "demo":
+                raise ModelError(f"the demo model has no weights at {path} yet; build them with `medfocus train-demo`")
+            raise ModelError(f"model {name!r}: folder {local} has no config.json (not a transformers model folder)")
+        if not any(f.suffix in WEIGHT_SUFFIXES for f in local.iterdir() if f.is_file()):
+            raise ModelError(f"model {name!r}: folder {local} has no weight files ({', '.join(WEIGHT_SUFFIXES)})")
+        return str(local)
+    if entry is None and ("/" not in path or path.startswith((".", "/", "~"))):
+        raise ModelError(f"unknown model {name!r}: not a registry name ({', '.join(sorted(list_models()))}), "
+                         f"not an existing folder, and not an HF id of the form 'owner/name'")
+    if entry is not None and entry.name == "demo":
+        raise ModelError(f"the demo model has no weights at {path} yet; build them with `medfocus train-demo`")
+    offline = any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    if offline:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(path, "config.json")
+        except Exception:  # a malformed id: let the error below name it
+            cached = None
+        if not isinstance(cached, str):
+            raise ModelError(_how_to_provide(name, path) + " [not in the local Hugging Face cache; downloads are off]")
+    return path
+
+
+_FULL_HASH_BYTES = 64 * 2**20
+
+
+def model_identity(name_or_path: str | os.PathLike) -> dict[str, Any]:
+    """What identifies a model's weights, computed without loading it (stored in every result record,
+    so a rerun against changed weights under the same name is not mistaken for the same work).
+
+    Returns:
+        ``{"name", "source", "family", "canvas", "fingerprint"}``. For a local folder the fingerprint is a
+        SHA-1 over ``config.json`` and every weight file: the whole file up to 64 MiB (the demo model),
+        else its size plus its first and last MiB (multi-GB checkpoints; retraining changes both). For a
+        hub id it is the cached snapshot's revision, ``None`` when the snapshot is not cached.
+    """
+    import hashlib
+
+    name, path, entry = resolve(name_or_path)
+    out: dict[str, Any] = {"name": name, "source": path, "family": entry.family if entry else None,
+                           "canvas": entry.canvas if entry else None, "fingerprint": None}
+    local = Path(path).expanduser()
+    if local.is_dir():
+        h = hashlib.sha1()
+        files = sorted(f for f in local.iterdir() if f.is_file() and (f.name == "config.json" or f.suffix in WEIGHT_SUFFIXES))
+        for f in files:
+            size = f.stat().st_size
+            h.update(f"{f.name}\0{size}\0".encode())
+            with f.open("rb") as fh:
+                if size <= _FULL_HASH_BYTES:
+                    h.update(fh.read())
+                else:
+                    h.update(fh.read(2**20))
+                    fh.seek(-(2**20), os.SEEK_END)
+                    h.update(fh.read())
+        out["fingerprint"] = h.hexdigest() if files else None
+        return out
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(path, "config.json")
+        if isinstance(cached, str):
+            out["fingerprint"] = Path(cached).parent.name  # snapshots/<revision>/config.json
+    except Exception:  # not a hub id, or no hub client: nothing more to identify it by
+        pass
+    return out
 
 
 def default_device() -> torch.device:

@@ -80,31 +80,79 @@ def user_registry_path() -> Path:
     return Path(env) if env else Path.home() / ".config" / "medfocus" / "models.yaml"
 
 
+_ENTRY_FIELDS: dict[str, tuple[str, type | tuple[type, ...]]] = {
+    "hf_id": ("a non-empty string (a local folder or an HF id)", str),
+    "family": (f"one of {FAMILIES}", str),
+    "canvas": ("a positive integer (pixels)", int),
+    "description": ("a string", str),
+    "gated": ("true or false", bool),
+}
+
+
 def load_user_entries(path: str | Path) -> dict[str, ModelEntry]:
-    """Parse a user YAML registry file (see module docstring); entries are validated."""
+    """Parse a user YAML registry file (see module docstring); every entry and field is validated.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, is not a mapping, or an entry has a missing
+            ``hf_id`` or a field of the wrong type (``canvas: abc``, ``canvas: 2.5``, ``gated: "no"``);
+            the message names the file, the entry, the field and the expected type. No value is coerced.
+    """
     import yaml
 
     p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"model registry {p} does not exist (set by $MEDFOCUS_MODELS)" if os.environ.get("MEDFOCUS_MODELS")
+                          else f"model registry {p} does not exist")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"model registry {p}: cannot read YAML ({exc})") from exc
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"model registry {p}: cannot read YAML ({exc})") from None
     models = data.get("models", data) if isinstance(data, dict) else None
     if not isinstance(models, dict):
-        raise ConfigError(f"model registry {p}: expected a mapping 'models: {{name: {{hf_id: ..., family: ...}}}}'")
+        raise ConfigError(f"model registry {p}: expected a mapping 'models: {{name: {{hf_id: ..., family: ...}}}}', "
+                          f"got {type(models if isinstance(data, dict) else data).__name__}")
     out: dict[str, ModelEntry] = {}
     for name, spec in models.items():
-        if not isinstance(spec, dict) or not spec.get("hf_id"):
-            raise ConfigError(f"model registry {p}: entry {name!r} needs at least 'hf_id' (a local folder or HF id)")
-        fam = spec.get("family")
-        if fam is not None and fam not in FAMILIES:
-            raise ConfigError(f"model registry {p}: entry {name!r}: family {fam!r} is not one of {FAMILIES}")
-        canvas = spec.get("canvas")
-        known = {"hf_id", "family", "canvas", "description", "gated"}
-        out[str(name)] = ModelEntry(str(name), str(spec["hf_id"]), fam or "", int(canvas) if canvas else None,
-                                    str(spec.get("description", "")), bool(spec.get("gated", False)),
-                                    {k: v for k, v in spec.items() if k not in known})
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"model registry {p}: entry name {name!r} must be a non-empty string")
+        if not isinstance(spec, dict):
+            raise ConfigError(f"model registry {p}: entry {name!r} must be a mapping with at least 'hf_id', got {type(spec).__name__}")
+        for field_name, (expected, typ) in _ENTRY_FIELDS.items():
+            if field_name not in spec or (spec[field_name] is None and field_name != "hf_id"):
+                continue
+            v = spec[field_name]
+            ok = isinstance(v, typ) and not (typ is int and isinstance(v, bool))
+            if field_name == "hf_id":
+                ok = ok and bool(v.strip())
+            elif field_name == "family":
+                ok = ok and v in FAMILIES
+            elif field_name == "canvas":
+                ok = ok and v > 0
+            if not ok:
+                raise ConfigError(f"model registry {p}: entry {name!r}, field {field_name!r}: expected {expected}, got {v!r} ({type(v).__name__})")
+        if "hf_id" not in spec:
+            raise ConfigError(f"model registry {p}: entry {name!r} needs 'hf_id' (a local folder or HF id)")
+        known = set(_ENTRY_FIELDS)
+        out[name] = ModelEntry(name, spec["hf_id"], spec.get("family") or "", spec.get("canvas"),
+                               spec.get("description") or "", bool(spec.get("gated") or False),
+                               {k: v for k, v in spec.items() if k not in known})
     return out
+
+
+def registry_problem() -> str | None:
+    """Why the user registry cannot be used (``$MEDFOCUS_MODELS`` names a missing file, or the file is
+    invalid), or ``None`` when it is fine or simply absent (the default path need not exist)."""
+    return _read_user()[1]
+
+
+def _read_user() -> tuple[dict[str, ModelEntry], str | None]:
+    p = user_registry_path()
+    if not os.environ.get("MEDFOCUS_MODELS") and not p.is_file():
+        return {}, None
+    try:
+        return load_user_entries(p), None
+    except ConfigError as exc:
+        return {}, str(exc)
 
 
 def register(entry: ModelEntry, *, overwrite: bool = False) -> None:
@@ -115,11 +163,18 @@ def register(entry: ModelEntry, *, overwrite: bool = False) -> None:
 
 
 def list_models() -> dict[str, ModelEntry]:
-    """All entries: built-ins, then the user YAML file (which may override), then runtime ones."""
+    """All entries: built-ins, then the user YAML file (which may override), then runtime ones.
+
+    A broken or missing user registry file does not take the built-in models down: its entries are
+    left out with a warning, and :func:`registry_problem` (checked by ``medfocus attribute`` and
+    :func:`medfocus.lvlm.loading.check_model` whenever a non-built-in name is asked for) says why."""
     out = dict(_BUILTIN)
-    p = user_registry_path()
-    if p.is_file():
-        out.update(load_user_entries(p))
+    user, problem = _read_user()
+    if problem:
+        import logging
+
+        logging.getLogger(__name__).warning("ignoring the user model registry: %s", problem)
+    out.update(user)
     out.update(_USER)
     return out
 

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from medfocus.errors import ConfigError, DataError
+from medfocus.errors import ConfigError, DataError, MedfocusError
 from medfocus.runner.store import Key, ResultStore, to_jsonable
 from medfocus.types import Sample
 
@@ -217,6 +217,44 @@ def _default_factory(name: str, params: Mapping[str, Any]) -> Any:
     return get_method(name, **dict(params))
 
 
+def _default_identity(name: str) -> dict[str, Any]:
+    from medfocus.lvlm.loading import model_identity
+
+    try:
+        return model_identity(name)
+    except Exception as exc:  # an unresolvable name: identified by the name alone (the load will fail loudly)
+        log.debug("no identity for model %s: %s", name, exc)
+        return {"name": name, "source": name, "fingerprint": None}
+
+
+def _method_settings(method: Any, params: Mapping[str, Any]) -> dict[str, Any]:
+    get = getattr(method, "settings", None)
+    return to_jsonable(get() if callable(get) else dict(params))
+
+
+def settings_differences(record: Mapping[str, Any], settings: Mapping[str, Any], identity: Mapping[str, Any],
+                         ignore: Sequence[str] = ()) -> list[str]:
+    """What differs between a stored record and this run: ``["grid: 2 (stored) -> 4 (now)", ...]``.
+
+    Compares the record's ``settings`` (the method's full resolved settings, minus ``ignore``: settings
+    that do not change results, such as ``batch_size``) and its ``model_identity`` (source and weight
+    fingerprint). A record without ``settings`` (written before they were recorded) differs."""
+    if "settings" not in record:
+        return ["settings: not recorded (a record written before settings were stored)"]
+    old, diffs = record.get("settings") or {}, []
+    for k in sorted(set(old) | set(settings)):
+        if k in ignore:
+            continue
+        a, b = old.get(k, "<unset>"), settings.get(k, "<unset>")
+        if a != b:
+            diffs.append(f"{k}: {a!r} (stored) -> {b!r} (now)")
+    old_id = record.get("model_identity") or {}
+    for k in ("source", "fingerprint"):
+        if old_id.get(k) != identity.get(k):
+            diffs.append(f"model {k}: {old_id.get(k)!r} (stored) -> {identity.get(k)!r} (now)")
+    return diffs
+
+
 def _default_boxes(heatmap: np.ndarray) -> list:
     from medfocus.evaluation import heatmap_to_boxes
 
@@ -281,6 +319,7 @@ def run_grid(
     save_token_maps: bool = False,
     progress: bool = True,
     release_model: bool = True,
+    identify_model: Callable[[str], Mapping[str, Any]] | None = None,
 ) -> RunSummary:
     """Run every method on every work item, appending one record per key to ``store``.
 
@@ -302,14 +341,25 @@ def run_grid(
         save_token_maps: also store per-answer-token maps (``token_heatmaps``, float16 ``(T, H0, W0)``).
         progress: show a tqdm bar with ETA.
         release_model: drop the model after its group (frees memory before the next model loads).
+        identify_model: ``name -> identity`` of a model's weights without loading it (default
+            :func:`medfocus.lvlm.loading.model_identity`).
+
+    Settings are part of a result's identity. Every record stores ``settings`` (the method's full
+    resolved settings, :meth:`~medfocus.attribution.base.Method.settings`) and ``model_identity``.
+    Before anything runs, the stored records of the requested keys are compared with this run: a
+    successful record computed with other settings or other weights makes the run **refuse** with a
+    :class:`ConfigError` naming the differing settings (write the new settings to a new ``--out``; a
+    store holds one setting per method and model), and an *error* record computed with other settings
+    is recomputed (a corrected rerun supersedes it). Settings listed in the method's
+    ``runtime_settings`` (``batch_size``, ``cache``) do not change results and are not compared.
 
     Returns:
         a :class:`RunSummary`.
 
     Record fields: ``model, dataset, index, mode, method, attribute, question, answer, gt_answer, gt_boxes,
     image_size, image_path, pred_boxes, unparseable, heatmap_boxes, heatmap_path, has_heatmap, n_forward, n_backward, seconds,
-    wall_seconds, seed, extras, error, traceback`` plus the item's ``extra`` mapping (``unparseable``: the method's box text
-    could not be read, :mod:`medfocus.lvlm.box_text`).
+    wall_seconds, seed, extras, error, traceback, settings, model_identity`` plus the item's ``extra`` mapping
+    (``unparseable``: the method's box text could not be read, :mod:`medfocus.lvlm.box_text`).
     """
     method_params: dict[str, dict[str, Any]]
     if isinstance(methods, Mapping):
@@ -323,10 +373,49 @@ def run_grid(
     read_image = read_image or _read_image
     to_boxes = heatmap_to_boxes or _default_boxes
 
+    # Every method is built (and so its settings validated) before any model loads: a bad setting is
+    # one ConfigError now, not an error record on every sample after minutes of model loading.
+    method_objs: dict[str, Any] = {}
+    for name in method_params:
+        try:
+            method_objs[name] = make_method(name, method_params[name])
+        except MedfocusError:
+            raise
+        except Exception as exc:
+            raise ConfigError(f"method {name!r} could not be built: {type(exc).__name__}: {exc}") from exc
+
+    settings = {m: _method_settings(method_objs[m], method_params[m]) for m in method_params}
+    ignore = {m: tuple(getattr(method_objs[m], "runtime_settings", ())) for m in method_params}
+    identify = identify_model or _default_identity
+    identities = {name: to_jsonable(dict(identify(name))) for name in dict.fromkeys(it.model for it in items)}
+    stale: set[Key] = set()  # error records of other settings: recomputed
+    conflicts: dict[tuple[str, str, tuple[str, ...]], int] = {}
+    for it in items:
+        for m in method_params:
+            rec = store.get(it.key(m))
+            if rec is None:
+                continue
+            diffs = settings_differences(rec, settings[m], identities[it.model], ignore[m])
+            if not diffs:
+                continue
+            if rec.get("error"):
+                stale.add(it.key(m))
+            else:
+                conflicts[(it.model, m, tuple(diffs))] = conflicts.get((it.model, m, tuple(diffs)), 0) + 1
+    if conflicts:
+        lines = [f"  model {mo!r}, method {m!r} ({n} record{'s' if n > 1 else ''}): {'; '.join(d)}"
+                 for (mo, m, d), n in sorted(conflicts.items())]
+        raise ConfigError(f"{store.path} already holds results computed with other settings:\n" + "\n".join(lines) +
+                          "\nA result store keeps one setting per method and model; write this run to a new --out "
+                          "(or move the old results away).")
+
+    def is_done(key: Key) -> bool:
+        return key not in stale and store.is_done(key, retry_errors=retry_errors)
+
     summary = RunSummary(total=len(items) * len(method_params))
     t_start = time.perf_counter()
-    todo = [it for it in items if any(not store.is_done(it.key(m), retry_errors=retry_errors) for m in method_params)]
-    summary.skipped = sum(store.is_done(it.key(m), retry_errors=retry_errors) for it in items for m in method_params)
+    todo = [it for it in items if any(not is_done(it.key(m)) for m in method_params)]
+    summary.skipped = sum(is_done(it.key(m)) for it in items for m in method_params)
 
     bar = None
     if progress:
@@ -334,18 +423,7 @@ def run_grid(
 
         bar = tqdm(total=summary.total, initial=summary.skipped, desc="attribute", unit="run", dynamic_ncols=True)
 
-    method_objs: dict[str, Any] = {}
-    method_errors: dict[str, str] = {}
-
     def get_method_obj(name: str) -> Any:
-        if name not in method_objs and name not in method_errors:
-            try:
-                method_objs[name] = make_method(name, method_params[name])
-            except Exception as exc:  # recorded on every item of that method
-                method_errors[name] = f"{type(exc).__name__}: {exc}"
-                log.warning("method %s unavailable: %s", name, method_errors[name])
-        if name in method_errors:
-            raise RuntimeError(f"method {name!r} could not be built: {method_errors[name]}")
         return method_objs[name]
 
     # Group by model, keeping first-appearance order.
@@ -368,6 +446,8 @@ def run_grid(
             "image_size": list(it.sample.image_size),
             "image_path": it.sample.image_path,
             **dict(it.extra),
+            "settings": settings[method],
+            "model_identity": identities[it.model],
         }
 
     def write_error(it: WorkItem, method: str, err: str, tb: str | None, wall: float) -> None:
@@ -389,7 +469,7 @@ def run_grid(
                 load_err = f"model load failed: {type(exc).__name__}: {exc}"
                 log.error("%s", load_err)
             for it in group:
-                pending = [m for m in method_params if not store.is_done(it.key(m), retry_errors=retry_errors)]
+                pending = [m for m in method_params if not is_done(it.key(m))]
                 if not pending:
                     continue
                 image = None

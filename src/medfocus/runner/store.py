@@ -26,6 +26,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from medfocus.errors import ConfigError, DataError
+from medfocus.io.locks import acquire_lock, remove_orphaned_tmp
 from medfocus.io.paths import safe_filename
 
 Key = tuple[str, str, int, str, str]
@@ -185,21 +186,10 @@ class ResultStore:
 
     # ---- locking ------------------------------------------------------------------------------
     def _acquire_lock(self) -> None:
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - non-POSIX
-            return
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        fh = open(lock_path, "a+")
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.close()
-            raise ConfigError(
-                f"result store {self.path} is in use by another process; give each concurrent run "
-                "its own --out (e.g. one per --shard) and merge them afterwards"
-            ) from None
-        self._lock_fh = fh
+        self._lock_fh = acquire_lock(self.path, "result store")
+        # Under the lock nobody else writes this store's heatmaps: temporary files there are debris
+        # of a killed write.
+        remove_orphaned_tmp(self.heatmap_dir)
 
     # ---- reading ------------------------------------------------------------------------------
     def __contains__(self, key: Key) -> bool:

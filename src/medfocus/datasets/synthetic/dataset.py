@@ -51,6 +51,7 @@ from medfocus.datasets.synthetic import GENERATOR_VERSION
 from medfocus.datasets.synthetic.case import generate_case
 from medfocus.datasets.synthetic.findings import FINDINGS, VINDR_CLASS
 from medfocus.errors import DataError
+from medfocus.io.paths import resolve_inside
 from medfocus.types import CONCEPTS, Sample, concept_slug, question_stem
 
 MANIFEST = "manifest.json"
@@ -319,7 +320,7 @@ def write_dataset(
 
 def _abs(root: Path, p: Any) -> Any:
     if isinstance(p, str):
-        return str(root / p)
+        return str(resolve_inside(root, p, what="manifest path"))
     if isinstance(p, dict):
         return {k: _abs(root, v) for k, v in p.items()}
     return p
@@ -355,7 +356,7 @@ def load_synthetic(root: str | os.PathLike, **_: Any) -> list[Sample]:
     out = []
     for k, d in enumerate(man["samples"]):
         d = dict(d)
-        d["image_path"] = str(root / d["image_path"])
+        d["image_path"] = str(resolve_inside(root, d["image_path"], what=f"{mpath} sample #{k} image_path"))
         meta = dict(d.get("meta") or {})
         for key in ("counterfactuals", "concept_masks", "finding_masks", "finding_mask", "png"):
             if key in meta:

@@ -1,0 +1,184 @@
+"""Fail fast (issue 13, item 7): unknown methods/models, models without weights, method settings of the
+wrong type or range, wrong types in --config YAML and $MEDFOCUS_MODELS entries are refused before any
+model loads, with an error naming the parameter/file/field and the expected type, a non-zero exit
+status and no traceback."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from medfocus.attribution import get_method, list_methods
+from medfocus.attribution.base import _resolve
+from medfocus.cli import main
+from medfocus.errors import ConfigError, ModelError
+
+sys.path.insert(0, str(Path(__file__).parent))
+import test_runner_fakes as fakes  # noqa: E402
+
+
+@pytest.fixture()
+def world(tmp_path, monkeypatch):
+    """Fake samples as dataset 'synthetic' and a model loader that records every load."""
+    import medfocus.commands.attribute as attr_cmd
+    import medfocus.lvlm.loading as loading
+    from PIL import Image
+    import numpy as np
+
+    samples, _ = fakes.make_samples(tmp_path / "imgs", 3)
+    for s in samples:
+        png = Path(s.image_path).with_suffix(".png")
+        Image.fromarray(np.load(s.image_path)).save(png)
+        s.image_path = str(png)
+    monkeypatch.setattr(attr_cmd, "load_samples", lambda ds, root: samples)
+    loads: list[str] = []
+    monkeypatch.setattr(loading, "load_lvlm", lambda name, device=None, **kw: loads.append(name) or fakes.FakeAdapter(name))
+    monkeypatch.delenv("MEDFOCUS_MODELS", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.config/medfocus/models.yaml
+    return {"tmp": tmp_path, "loads": loads}
+
+
+def _run(world, *args):
+    out = world["tmp"] / "out"
+    res = CliRunner().invoke(main, ["attribute", "--dataset", "synthetic", "--out", str(out), "--no-progress", *args])
+    return res, out
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--model", "demo", "--method", "nope"], ["unknown attribution method 'nope'", "occlusion"]),
+    (["--model", "demo", "--method", "occlusion", "--param", "occlusion.grid=0"], ["'grid'", "an integer >= 1", "0 (int)", "occlusion.grid=0"]),
+    (["--model", "demo", "--method", "occlusion", "--param", "occlusion.grid=abc"], ["'grid'", "an integer >= 1", "'abc' (str)"]),
+    (["--model", "demo", "--method", "occlusion", "--param", "occlusion.grid=2.5"], ["'grid'", "an integer", "2.5 (float)"]),
+    (["--model", "demo", "--method", "rise", "--param", "rise.p_keep=2"], ["'p_keep'", "a number in (0, 1)", "2 (int)"]),
+    (["--model", "demo", "--method", "occlusion", "--param", "occlusion.gird=4"], ["unknown parameter", "gird", "grid"]),
+    (["--model", "demo", "--method", "gradcam", "--param", "gradcam.final_token=1"], ["'final_token'", "true or false"]),
+    (["--model", "demo", "--method", "medfocus", "--param", "medfocus.tau=0"], ["'tau'", "(0, 1]"]),
+    (["--model", "no_such_model", "--method", "occlusion"], ["unknown model 'no_such_model'"]),
+])
+def test_bad_settings_fail_before_any_model_loads(world, args, words):
+    res, out = _run(world, *args)
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output and not isinstance(res.exception, (KeyError, TypeError, ValueError))
+    for w in words:
+        assert w in res.output, (w, res.output)
+    assert world["loads"] == [] and not (out / "predictions.jsonl").exists()
+
+
+def test_model_without_weights_fails_fast(world, tmp_path):
+    empty = tmp_path / "weights_missing"
+    empty.mkdir()
+    res, _ = _run(world, "--model", str(empty), "--method", "occlusion")
+    assert res.exit_code == 1 and "has no config.json" in res.output and world["loads"] == []
+    (empty / "config.json").write_text("{}")
+    res, _ = _run(world, "--model", str(empty), "--method", "occlusion")
+    assert res.exit_code == 1 and "no weight files" in res.output and world["loads"] == []
+    # a hub id absent from the local cache while downloads are off (conftest sets HF_HUB_OFFLINE=1)
+    res, _ = _run(world, "--model", "someone/not-cached-model", "--method", "occlusion")
+    assert res.exit_code == 1 and "someone/not-cached-model" in res.output and world["loads"] == []
+
+
+def test_good_settings_run(world):
+    res, out = _run(world, "--model", "demo", "--method", "occlusion", "--param", "occlusion.grid=2", "--limit", "1")
+    if "no weights" in res.output:
+        pytest.skip("the demo model's weights are not built in this checkout")
+    assert world["loads"] == ["demo"]  # validation passed; the (fake) model was loaded once
+
+
+@pytest.mark.parametrize("yaml_text, words", [
+    ("limit: 2.5\n", ["key 'limit'", "an integer", "2.5 (float)"]),
+    ("limit: abc\n", ["key 'limit'", "an integer", "'abc' (str)"]),
+    ("method: [occlusion, {a: 1}]\n", ["key 'method'", "a string"]),
+    ("no-progress: 'yes'\n", ["key 'no-progress'", "true or false"]),
+    ("mode: [sideways]\n", ["key 'mode'", "'direct'"]),
+    ("- limit\n- 2\n", ["expected a mapping", "list"]),
+])
+def test_config_types_are_checked(world, yaml_text, words):
+    cfg = world["tmp"] / "run.yaml"
+    cfg.write_text(yaml_text)
+    res, _ = _run(world, "--config", str(cfg), "--model", "demo", "--method", "occlusion")
+    assert res.exit_code == 2, res.output
+    assert str(cfg.name) in res.output and "Traceback" not in res.output
+    for w in words:
+        assert w in res.output, (w, res.output)
+    assert world["loads"] == []
+
+
+def test_config_not_utf8(world):
+    cfg = world["tmp"] / "run.yaml"
+    cfg.write_bytes(b"limit: \xff\xfe\n")
+    res, _ = _run(world, "--config", str(cfg))
+    assert res.exit_code == 2 and "cannot read YAML" in res.output
+
+
+def test_user_registry(world, monkeypatch, tmp_path):
+    from medfocus.lvlm.loading import check_model
+    from medfocus.lvlm.registry import load_user_entries
+
+    y = tmp_path / "models.yaml"
+    for text, words in [
+        ("models:\n  mine:\n    hf_id: /x\n    canvas: abc\n", ["'mine'", "'canvas'", "a positive integer", "'abc' (str)"]),
+        ("models:\n  mine:\n    hf_id: /x\n    canvas: 2.5\n", ["'canvas'", "2.5 (float)"]),
+        ("models:\n  mine:\n    hf_id: /x\n    gated: 'no'\n", ["'gated'", "true or false"]),
+        ("models:\n  mine:\n    hf_id: 12\n", ["'hf_id'", "12 (int)"]),
+        ("models: [a, b]\n", ["expected a mapping", "list"]),
+        ("models:\n  mine: /x\n", ["'mine'", "must be a mapping"]),
+    ]:
+        y.write_text(text)
+        with pytest.raises(ConfigError) as ei:
+            load_user_entries(y)
+        for w in words + [str(y)]:
+            assert w in str(ei.value), (w, str(ei.value))
+    # a broken file does not take the built-in models down ...
+    monkeypatch.setenv("MEDFOCUS_MODELS", str(y))
+    check_model("demo") if (Path(_demo_dir()) / "config.json").is_file() else None
+    from medfocus.lvlm.registry import list_models
+
+    assert "demo" in list_models() and "mine" not in list_models()
+    # ... but a name that only the broken file could define is an error naming the file
+    with pytest.raises(ConfigError, match="user model registry cannot be used"):
+        check_model("mine")
+    res, _ = _run(world, "--model", "mine", "--method", "occlusion")
+    assert res.exit_code == 1 and str(y) in res.output and world["loads"] == []
+    # a $MEDFOCUS_MODELS path that does not exist is an error, not silently ignored
+    monkeypatch.setenv("MEDFOCUS_MODELS", str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match="missing.yaml does not exist"):
+        check_model("mine")
+    res = CliRunner().invoke(main, ["models"])
+    assert res.exit_code == 0 and "missing.yaml does not exist" in res.output and "demo" in res.output
+
+
+def _demo_dir() -> str:
+    from medfocus.lvlm.registry import get_entry
+
+    return get_entry("demo").hf_id
+
+
+def test_every_method_validates_every_setting_in_init():
+    """Each built-in method has a spec for every default, accepts its defaults, and refuses a value of
+    the wrong type for each setting at construction time (not inside ``attribute``)."""
+    wrong = {int: "abc", float: "abc", bool: 1, str: 3.5, type(None): [[1]], list: {"a": 1}}
+    for name, defaults in list_methods().items():
+        cls = _resolve(name)
+        assert set(cls.spec) == set(defaults), name
+        m = get_method(name, **defaults)
+        assert m.params == {**cls.defaults, **defaults}
+        for key, value in defaults.items():
+            bad = wrong[type(value)] if type(value) in wrong else [[1]]
+            with pytest.raises(ConfigError, match=f"parameter '{key}' expects"):
+                get_method(name, **{key: bad})
+    with pytest.raises(ModelError):
+        from medfocus.lvlm.loading import check_model
+
+        check_model("no/such-model-anywhere")
+
+
+def test_bench_build_unknown_model_is_one_clear_error(tmp_path):
+    data = tmp_path / "data"
+    r0 = CliRunner().invoke(main, ["synth", "--out", str(data), "--n", "2", "--size", "64"])
+    assert r0.exit_code == 0, r0.output
+    res = CliRunner().invoke(main, ["bench", "build", "--model", "no_such_model", "--dataset", "synthetic", "--data-root",
+                                    str(data), "--out", str(tmp_path / "o"), "--no-progress"])
+    assert res.exit_code == 1 and "unknown model 'no_such_model'" in res.output and "Traceback" not in res.output
