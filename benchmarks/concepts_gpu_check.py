@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medfocus.concepts import ot
+from medfocus.concepts import uot
 from medfocus.concepts import transfer as T
 from medfocus.concepts.reference import Reference, ReferencePool
 from medfocus.datasets.synthetic import generate_case
@@ -47,10 +47,10 @@ def main() -> None:
                           for c in [generate_case(10_000 + i, findings=[])]])
     targets = [generate_case(s).image for s in range(4)]
     a, _ = pool[0].measure(56)
-    b, _ = ot.image_measure(targets[0], 56)
-    t_cpu, s_cpu = best(lambda: ot.uot_grid(a, b, device="cpu"))
-    ot.uot_grid(a, b, device="cuda")  # warm-up
-    t_gpu, s_gpu = best(lambda: ot.uot_grid(a, b, device="cuda"), sync=True)
+    b, _ = uot.image_measure(targets[0], 56)
+    t_cpu, s_cpu = best(lambda: uot.uot_grid(a, b, device="cpu"))
+    uot.uot_grid(a, b, device="cuda")  # warm-up
+    t_gpu, s_gpu = best(lambda: uot.uot_grid(a, b, device="cuda"), sync=True)
     pc, pg = s_cpu.plan()[0].numpy(), s_gpu.plan()[0].cpu().numpy()
     log(f"uot_grid 56x56: cpu {1e3 * t_cpu:.1f} ms ({s_cpu.n_iter} it), cuda {1e3 * t_gpu:.1f} ms ({s_gpu.n_iter} it), "
         f"max rel plan diff {np.abs(pc - pg).max() / pc.max():.2e}")
@@ -77,13 +77,13 @@ def main() -> None:
     log(f"transfer_concepts x{len(targets)}: same reference {same_ref}/{len(targets)}, max box corner diff {worst:.3f} px, "
         f"median time cpu {1e3 * np.median(tc):.0f} ms, cuda {1e3 * np.median(tg[1:]):.0f} ms")
     # batched throughput: 64 targets vs the pool at 14x14 in one call
-    B = np.stack([ot.image_measure(generate_case(100 + i).image, 14)[0] for i in range(64)])
+    B = np.stack([uot.image_measure(generate_case(100 + i).image, 14)[0] for i in range(64)])
     A = pool.measures(14)
     AA = np.repeat(A, 64, axis=0)
     BB = np.tile(B, (16, 1, 1))
-    ot.uot_grid(AA, BB, device="cuda")
-    t_big, sol = best(lambda: ot.uot_grid(AA, BB, device="cuda"), n=3, sync=True)
-    t_big_cpu, _ = best(lambda: ot.uot_grid(AA, BB, device="cpu"), n=1)
+    uot.uot_grid(AA, BB, device="cuda")
+    t_big, sol = best(lambda: uot.uot_grid(AA, BB, device="cuda"), n=3, sync=True)
+    t_big_cpu, _ = best(lambda: uot.uot_grid(AA, BB, device="cpu"), n=1)
     log(f"1024 problems at 14x14 in one call: cuda {1e3 * t_big:.1f} ms, cpu {1e3 * t_big_cpu:.0f} ms")
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")

@@ -34,7 +34,8 @@ def main(threads: int = 2, repeats: int = 3) -> str:
     import numpy as np
     import torch
 
-    from medfocus.lvlm import demo as D
+    from medfocus.lvlm.registry import DEMO_DIR
+    from medfocus.training import demo_lvlm as D
 
     torch.set_num_threads(threads)
     cold, load = [], []
@@ -47,7 +48,7 @@ def main(threads: int = 2, repeats: int = 3) -> str:
     from medfocus.lvlm.loading import load_lvlm
 
     adapter = load_lvlm("demo", device="cpu")
-    hints = json.loads((D.DEMO_DIR / "medfocus.json").read_text())
+    hints = json.loads((DEMO_DIR / "medfocus.json").read_text())
     cfg = D.config_from_dict(hints["demo"]["config"])
     cases = D.build_eval_pool(cfg, n_per_cell=1, progress=False, seed_offset=333_000)
     imgs = [c.image for c, _, _ in cases]
@@ -57,7 +58,7 @@ def main(threads: int = 2, repeats: int = 3) -> str:
         t0 = time.time()
         adapter.generate(imgs, qs, max_new_tokens=48, batch_size=16)
         rows.append((mode, (time.time() - t0) / len(imgs)))
-    size = D.folder_size(D.DEMO_DIR)
+    size = D.folder_size(DEMO_DIR)
     m = hints["demo"]
     lines = [
         "# Demo model: size, load and generation speed",

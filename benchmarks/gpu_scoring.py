@@ -61,7 +61,7 @@ def build_qwen(tiny: bool, device: torch.device, dtype: torch.dtype):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from medfocus.lvlm.families.qwen_vl import QwenVLAdapter, QwenVLImageProcessor
-    from medfocus.lvlm.tiny import QWEN_CHAT_TEMPLATE, _qwen_tokenizer, qwen_vl_config
+    from medfocus.lvlm.tiny.qwen_vl import QWEN_CHAT_TEMPLATE, _qwen_tokenizer, qwen_vl_config
 
     tok = _qwen_tokenizer()
     if tiny:
@@ -82,7 +82,8 @@ def build_gemma(tiny: bool, device: torch.device, dtype: torch.dtype):
 
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
 
-    from medfocus.lvlm.families.gemma3 import Gemma3Adapter, build_tiny_gemma3
+    from medfocus.lvlm.families.gemma3 import Gemma3Adapter
+    from medfocus.lvlm.tiny.gemma3 import build_tiny_gemma3
 
     # Tokenizer + processor from the tiny builder (real Gemma3Processor, locally trained tokenizer).
     with tempfile.TemporaryDirectory() as d:

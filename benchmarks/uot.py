@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from scipy.special import logsumexp
 
-from medfocus.concepts import ot
+from medfocus.concepts import uot
 from medfocus.concepts.reference import default_pool
 from medfocus.datasets.synthetic import generate_case
 
-EPS, LAM, TOL, MAXIT = ot.EPSILON, ot.LAMBDA, ot.TOL, ot.MAX_ITER
+EPS, LAM, TOL, MAXIT = uot.EPSILON, uot.LAMBDA, uot.TOL, uot.MAX_ITER
 
 
 def numpy_scaling(a, b, C):
@@ -86,19 +86,19 @@ def main() -> None:
         target = generate_case(seed).image
         ref = pool[seed]
         a2, _ = ref.measure(56)
-        b2, _ = ot.image_measure(target, 56)
+        b2, _ = uot.image_measure(target, 56)
         sa, sb = a2.ravel() > 0, b2.ravel() > 0
-        scale = float(ot.grid_cost_scale(a2 > 0, b2 > 0))
-        C = ot.grid_sqdist(56, 56)[np.ix_(sa, sb)] / scale
+        scale = float(uot.grid_cost_scale(a2 > 0, b2 > 0))
+        C = uot.grid_sqdist(56, 56)[np.ix_(sa, sb)] / scale
         a, b = a2.ravel()[sa], b2.ravel()[sb]
 
-        t_ours, sol = timeit(lambda: ot.uot_grid(a2, b2, device=args.device), args.repeats)
+        t_ours, sol = timeit(lambda: uot.uot_grid(a2, b2, device=args.device), args.repeats)
         P_ours = sol.plan()[0].cpu().numpy()[np.ix_(sa, sb)]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             t_pot, P_pot = timeit(lambda: pot.unbalanced.sinkhorn_unbalanced(a, b, C, EPS, LAM, reg_type="kl", numItermax=MAXIT,
                                                                               stopThr=1e-9), args.repeats)
-        t_dense, dres = timeit(lambda: ot.sinkhorn_unbalanced_log(a, b, C, device=args.device), max(1, args.repeats // 2))
+        t_dense, dres = timeit(lambda: uot.sinkhorn_unbalanced_log(a, b, C, device=args.device), max(1, args.repeats // 2))
         t_np, P_np = timeit(lambda: numpy_scaling(a, b, C), max(1, args.repeats // 2))
         t_nplog, P_nplog = timeit(lambda: numpy_log(a, b, C), 1)
         ref_p = P_pot
@@ -110,16 +110,16 @@ def main() -> None:
     # selection at 14x14: the pool in one batched call vs a loop of POT calls (debiased costs need 2 solves each)
     target = generate_case(0).image
     t_sel, costs = timeit(lambda: pool.selection_costs(target, device=args.device), args.repeats)
-    b14, _ = ot.image_measure(target, 14)
+    b14, _ = uot.image_measure(target, 14)
 
     def pot_loop():
         out = []
         for r in pool.references:
             a14, _ = r.measure(14)
             sa_, sb_ = a14.ravel() > 0, b14.ravel() > 0
-            s = float(ot.grid_cost_scale(a14 > 0, b14 > 0))
-            Cab = ot.grid_sqdist(14, 14)[np.ix_(sa_, sb_)] / s
-            Caa = ot.grid_sqdist(14, 14)[np.ix_(sa_, sa_)] / s
+            s = float(uot.grid_cost_scale(a14 > 0, b14 > 0))
+            Cab = uot.grid_sqdist(14, 14)[np.ix_(sa_, sb_)] / s
+            Caa = uot.grid_sqdist(14, 14)[np.ix_(sa_, sa_)] / s
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 out.append(pot.unbalanced.sinkhorn_unbalanced(a14.ravel()[sa_], b14.ravel()[sb_], Cab, EPS, LAM, reg_type="kl",

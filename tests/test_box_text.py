@@ -144,7 +144,7 @@ def test_runner_records_unparseable(tmp_path):
     import sys
     from types import SimpleNamespace
 
-    from medfocus.runner import ResultStore, WorkItem, load_records, run_grid
+    from medfocus.runner import ResultStore, WorkItem, load_results, run_grid
 
     sys.path.insert(0, str(Path(__file__).parent))
     from test_runner_fakes import FakeAdapter, make_samples, read_npy  # noqa: E402
@@ -163,5 +163,5 @@ def test_runner_records_unparseable(tmp_path):
     with ResultStore(tmp_path / "r.jsonl") as st:
         run_grid(items, ["prompting"], st, load_model=FakeAdapter, make_method=lambda n, p: Scripted(),
                  read_image=read_npy, progress=False)
-    recs = sorted(load_records(tmp_path / "r.jsonl"), key=lambda r: r["index"])
+    recs = sorted(load_results(tmp_path / "r.jsonl"), key=lambda r: r["index"])
     assert [r["unparseable"] for r in recs] == [True, False] and [r["pred_boxes"] for r in recs] == [[], []]

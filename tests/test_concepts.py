@@ -258,7 +258,7 @@ def test_refined_transfer_uses_the_segmenter_masks_and_keys_the_cache(pool, tmp_
     # the cache key names the segmenter: another checkpoint does not reuse this entry
     other = MedSAMRefiner.from_pretrained(str(_tiny_sam(tmp_path / "b")), device="cpu")
     assert refiner_name(sam) != refiner_name(other)
-    assert refiner_name("demo").split("|")[0].endswith("demo_medsam")
+    assert refiner_name("demo").split("|")[0].endswith("synthetic_sam")
     tr2 = T.transfer_concepts(case.image, pool, refine="medsam", refiner=other, cache=cache)
     assert not tr2.stats.get("cached") and tr2.boxes != tr.boxes
     assert T.transfer_concepts(case.image, pool, refine="medsam", refiner=sam, cache=cache).stats["cached"]

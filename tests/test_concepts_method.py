@@ -390,7 +390,7 @@ def test_demo_model_cardiomegaly_uses_the_heart(pool, demo_adapter):
       usually "left lung" / "mediastinum" (benchmarks/medfocus_concepts.md).
     * Step-by-step: the token with the largest drop belongs to the word naming the finding.
     """
-    from medfocus.concepts.demo_sam import DEMO_SAM_DIR
+    from medfocus.concepts.refine import SYNTHETIC_SAM_DIR as DEMO_SAM_DIR
     from medfocus.concepts.intervention import intervene
 
     if not (DEMO_SAM_DIR / "config.json").is_file():

@@ -1,4 +1,4 @@
-"""The shipped demo model (medfocus.lvlm.demo + lvlm/demo_model): loads offline, answers fresh synthetic
+"""The shipped demo model (medfocus.training.demo_lvlm + lvlm/demo_model): loads offline, answers fresh synthetic
 cases correctly in both modes, stays small; the training code's pieces agree with the adapter path."""
 
 from __future__ import annotations
@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from medfocus.lvlm import demo as D
 from medfocus.lvlm.box_text import parse_boxes
+from medfocus.lvlm.registry import DEMO_DIR
+from medfocus.training import demo_lvlm as D
 
 FINDINGS = ("cardiomegaly", "pleural effusion", "nodule", "mass", "pneumothorax", "consolidation", "atelectasis")
 
 
 def _shipped() -> bool:
-    return (D.DEMO_DIR / "model.safetensors").is_file() and (D.DEMO_DIR / "config.json").is_file()
+    return (DEMO_DIR / "model.safetensors").is_file() and (DEMO_DIR / "config.json").is_file()
 
 
 needs_shipped = pytest.mark.skipif(not _shipped(), reason="demo weights not built yet (medfocus train-demo)")
@@ -66,7 +67,7 @@ def micro(tmp_path_factory):
     """A micro demo model (random weights, tiny sizes) saved and loaded through load_lvlm."""
     from medfocus.lvlm.loading import load_lvlm
 
-    cfg = D.DemoConfig(canvas=56, n_train_cases=6, steps=2, images_per_step=2, questions_per_image=2, warmup=1, vision_steps=2, vision_batch=3,
+    cfg = D.DemoLVLMConfig(canvas=56, n_train_cases=6, steps=2, images_per_step=2, questions_per_image=2, warmup=1, vision_steps=2, vision_batch=3,
                        text=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
                                  max_position_embeddings=512),
@@ -123,11 +124,11 @@ def test_train_loop_two_steps_changes_weights_deterministically(micro) -> None:
 # ---- the shipped model -------------------------------------------------------------------------------
 @needs_shipped
 def test_shipped_folder_is_small_and_documented() -> None:
-    assert D.folder_size(D.DEMO_DIR) <= 20 * 1024 * 1024
-    card = (D.DEMO_DIR / "MODEL_CARD.md").read_text()
+    assert D.folder_size(DEMO_DIR) <= 20 * 1024 * 1024
+    card = (DEMO_DIR / "MODEL_CARD.md").read_text()
     for needle in ("## Data", "Seed", "steps", "Held-out accuracy", "medfocus train-demo", "Cue reliance"):
         assert needle in card
-    hints = json.loads((D.DEMO_DIR / "medfocus.json").read_text())
+    hints = json.loads((DEMO_DIR / "medfocus.json").read_text())
     assert hints["family"] == "qwen_vl" and hints["canvas"] == 224
 
 
@@ -148,7 +149,7 @@ def test_shipped_model_answers_fresh_cases_in_both_modes(shipped) -> None:
     >= 90% -- and step-by-step answers are a rationale ending in yes/no."""
     from medfocus.lvlm.answers import parse_yes_no
 
-    hints = json.loads((D.DEMO_DIR / "medfocus.json").read_text())
+    hints = json.loads((DEMO_DIR / "medfocus.json").read_text())
     cfg = D.config_from_dict(hints["demo"]["config"])
     card = hints["demo"]["metrics"]["heldout"]
     cases = D.build_eval_pool(cfg, n_per_cell=3, progress=False, seed_offset=321_000)
@@ -174,7 +175,7 @@ def test_shipped_model_answers_fresh_cases_in_both_modes(shipped) -> None:
 def test_shipped_model_answers_evidence_requests(shipped) -> None:
     """Evidence requests give well-formed lists: boxes in the canvas frame, phrases as a quoted list; for
     cardiomegaly and pleural effusion (findings the card shows are learned) the boxes are non-empty."""
-    cfg = D.config_from_dict(json.loads((D.DEMO_DIR / "medfocus.json").read_text())["demo"]["config"])
+    cfg = D.config_from_dict(json.loads((DEMO_DIR / "medfocus.json").read_text())["demo"]["config"])
     keep = ("cardiomegaly", "pleural effusion", "nodule")
     cases = [c for c in D.build_eval_pool(cfg, n_per_cell=2, progress=False, seed_offset=322_000) if c[2] and c[1] in keep]
     imgs = [c.image for c, _, _ in cases]
@@ -232,6 +233,82 @@ def test_killed_run_resumes_to_the_same_result(micro, tmp_path) -> None:
     assert resumed == ref
 
 
-def test_checkpoint_lives_outside_the_package() -> None:
-    ck = D.checkpoint_path(D.DEMO_DIR)
-    assert D.DEMO_DIR.parent not in ck.parents and ck == D.checkpoint_path(str(D.DEMO_DIR))
+def test_checkpoint_lives_under_the_chosen_out_folder(tmp_path) -> None:
+    import tempfile
+    from pathlib import Path
+
+    out = tmp_path / "run"
+    ck = D.checkpoint_path(out)
+    assert out in ck.parents and ck == D.checkpoint_path(str(out))
+    # never a predictable name in the shared temp folder (where another local user could plant a file)
+    assert ck.parent != Path(tempfile.gettempdir()) and ck.parent.parent == out
+
+
+class _Planted:
+    """A pickle that runs code when loaded with weights_only=False (here: creates a folder)."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (self.marker,))
+
+
+def test_planted_or_corrupt_checkpoint_is_refused_naming_it(micro, tmp_path) -> None:
+    from medfocus.errors import ModelError
+
+    cfg0, tok, _, _, _ = micro
+    marker = tmp_path / "code_ran"
+    ck = D.checkpoint_path(tmp_path / "run")
+    ck.parent.mkdir(parents=True)
+    torch.save({"config": {}, "model": _Planted(marker)}, ck)
+    pool = D.build_train_pool(cfg0, progress=False)
+    enc = D.Encoder(tok, (cfg0.canvas // 28) ** 2)
+    with pytest.raises(ModelError, match=f"checkpoint {ck} holds objects other than tensors"):
+        D.train_loop(D.build_model(cfg0, tok), enc, pool, cfg0, log=lambda s: None, checkpoint=ck)
+    assert not marker.exists()  # refused before anything was executed
+    with pytest.raises(ModelError, match=f"checkpoint {ck}"):
+        D.save_from_checkpoint(ck, tmp_path / "saved", log=lambda s: None, evaluate=False)
+    assert not marker.exists() and not (tmp_path / "saved").exists()
+    ck.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ModelError, match=f"checkpoint {ck} is not a readable train-demo checkpoint"):
+        D.load_checkpoint(ck)
+    torch.save({"step": 3}, ck)
+    with pytest.raises(ModelError, match=f"checkpoint {ck} is not a train-demo checkpoint"):
+        D.load_checkpoint(ck)
+
+
+def test_train_commands_require_out() -> None:
+    from click.testing import CliRunner
+
+    from medfocus.cli import main
+
+    for cmd in ("train-demo", "train-demo-sam"):
+        r = CliRunner().invoke(main, [cmd, "--steps", "1"])
+        assert r.exit_code == 2 and "Missing option '--out'" in r.output, (cmd, r.output)
+
+
+def test_no_torch_load_of_untrusted_paths_anywhere() -> None:
+    """Every ``torch.load`` in the package and the benchmarks passes ``weights_only=True`` (a pickle can
+    run code; ``weights_only`` refuses anything but tensors and plain data)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    calls = []
+    for f in list((root / "src").rglob("*.py")) + list((root / "benchmarks").rglob("*.py")):
+        text = f.read_text()
+        for m in re.finditer(r"torch\.load\(", text):
+            depth, i = 1, m.end()
+            while depth and i < len(text):
+                depth += {"(": 1, ")": -1}.get(text[i], 0)
+                i += 1
+            calls.append((f.relative_to(root), text[m.start():i]))
+    assert calls, "the checkpoint loader itself must be found by this scan"
+    bad = [(str(f), c) for f, c in calls if "weights_only=True" not in c]
+    assert bad == []
+    for f in list((root / "src").rglob("*.py")):
+        assert "weights_only=False" not in f.read_text(), f
+        assert not re.search(r"pickle\.loads?\(", f.read_text()), f

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from medfocus.concepts.demo_sam import DEMO_SAM_DIR, DemoSamConfig, build_data, build_demo_sam, train_demo_sam, train_loop
+from medfocus.concepts.refine import SYNTHETIC_SAM_DIR as DEMO_SAM_DIR
+from medfocus.training.demo_segmenter import DemoSamConfig, build_data, build_demo_sam, train_demo_sam, train_loop
 from medfocus.concepts.refine import MedSAMRefiner, load_medsam, resolve_checkpoint
 from medfocus.types import CONCEPTS
 

@@ -218,7 +218,6 @@ def test_registry():
 def test_transplant_uot_alignment_improves_on_unaligned_and_competes_in_auto():
     from medfocus.editing.transplant import _ncc, uot_warps
 
-    pytest.importorskip("medfocus.concepts.ot", reason="UOT module (MedFocus) not present")
     target, _ = phantom(seed=1)
     ref, rl = phantom(seed=1, shift=(6, -5), scale=0.88)
     (self_warp,) = uot_warps([target], target)

@@ -48,9 +48,9 @@ def world(tmp_path_factory) -> dict:
 
 
 def _records(path: Path) -> dict[tuple, dict]:
-    from medfocus.runner.store import load_records, record_key
+    from medfocus.runner.store import load_results, record_key
 
-    recs = load_records(path)
+    recs = load_results(path)
     keys = [record_key(r) for r in recs]
     assert len(keys) == len(set(keys)), "duplicate keys in a merged store"
     return {record_key(r): r for r in recs}

@@ -77,10 +77,9 @@ def test_grounding_covers_every_concept_and_union() -> None:
 
 def test_demo_model_phrase_templates_are_all_grounded() -> None:
     """Every phrase the demo model is trained to output names the region its finding lies in."""
-    demo = pytest.importorskip("medfocus.lvlm.demo")
-    templates = getattr(demo, "_PHRASE", None)
-    if not isinstance(templates, dict):
-        pytest.skip("the demo model's phrase templates are not available")
+    from medfocus.training.demo_lvlm.tasks import _PHRASE as templates
+
+    assert isinstance(templates, dict) and templates
     for finding, tpl in templates.items():
         for side in ("left", "right"):
             for zone in ("upper", "middle", "lower"):

@@ -16,7 +16,7 @@ from PIL import Image
 
 from medfocus.report import build_report, medfocus_view, results_table, summarize
 from medfocus.report import figures
-from medfocus.runner.store import ResultStore, load_records
+from medfocus.runner.store import ResultStore, load_results
 from medfocus.types import CONCEPTS
 
 METHODS = ("occlusion", "rise", "medfocus")
@@ -123,7 +123,7 @@ def make_run(tmp_path: Path, n: int = 3) -> tuple[list[dict], pd.DataFrame]:
                     iou = np.nan if err else max(0.0, (30 - off) * (20 - off // 2)) / (600 + (30 * (20 - off // 2)) - (30 - off) * (20 - off // 2))
                     metric_rows.append(dict(model="demo", dataset="synthetic", index=i, mode=mode, method=method,
                                             iou=iou, f1=iou, precision=iou, recall=iou, error=err))
-    return load_records(store_path), pd.DataFrame(metric_rows)
+    return load_results(store_path), pd.DataFrame(metric_rows)
 
 
 def test_build_report_self_contained(tmp_path):

@@ -12,7 +12,7 @@ from medfocus.attribution.testing import ToyAdapter, toy_image
 from medfocus.errors import ConfigError
 from medfocus.io import write_png
 from medfocus.runner.grid import WorkItem, run_grid
-from medfocus.runner.store import ResultStore, load_records
+from medfocus.runner.store import ResultStore, load_results
 from medfocus.types import Sample, question_stem
 
 
@@ -43,8 +43,8 @@ def test_changed_parameter_refuses_naming_it(tmp_path, toy):
     items, store = _items(tmp_path), tmp_path / "out" / "predictions.jsonl"
     s1 = _run(items, store, toy, {"occlusion": {"grid": 2}})
     assert s1.done == 2 and s1.errors == 0
-    before = {r["index"]: np.load(r["heatmap_path"])["heatmap"] for r in load_records(store)}
-    rec = load_records(store)[0]
+    before = {r["index"]: np.load(r["heatmap_path"])["heatmap"] for r in load_results(store)}
+    rec = load_results(store)[0]
     assert rec["settings"] == {"baseline": "zero", "batch_size": 16, "grid": 2}
     assert rec["model_identity"]["fingerprint"] == "w1"
     # same settings: resumed, nothing recomputed
@@ -55,7 +55,7 @@ def test_changed_parameter_refuses_naming_it(tmp_path, toy):
         _run(items, store, toy, {"occlusion": {"grid": 4}})
     msg = str(ei.value)
     assert "method 'occlusion' (2 records): grid: 2 (stored) -> 4 (now)" in msg and "new --out" in msg
-    after = {r["index"]: np.load(r["heatmap_path"])["heatmap"] for r in load_records(store)}
+    after = {r["index"]: np.load(r["heatmap_path"])["heatmap"] for r in load_results(store)}
     assert all(np.array_equal(before[i], after[i]) for i in before)  # nothing was overwritten
     # other weights under the same model name
     with pytest.raises(ConfigError, match="model fingerprint: 'w1' \\(stored\\) -> 'w2' \\(now\\)"):
@@ -87,7 +87,7 @@ def test_error_record_does_not_shadow_corrected_rerun(tmp_path, toy):
     assert s1.errors == 2
     s2 = _run(items, store, toy, {"fragile": {"ok": True}}, make_method=fac)
     assert s2.done == 2 and s2.skipped == 0
-    recs = load_records(store)
+    recs = load_results(store)
     assert len(recs) == 2 and all(r["error"] is None and r["settings"] == {"ok": True} for r in recs)
     # same (failing) settings again: the error records stay unless --retry-errors
     s3 = _run(items, tmp_path / "o3" / "p.jsonl", toy, {"fragile": {"ok": False}}, make_method=fac)
@@ -98,7 +98,7 @@ def test_error_record_does_not_shadow_corrected_rerun(tmp_path, toy):
 def test_records_without_settings_are_refused(tmp_path, toy):
     items, store = _items(tmp_path, 1), tmp_path / "out" / "predictions.jsonl"
     _run(items, store, toy, {"occlusion": {"grid": 2}})
-    rec = load_records(store, absolute_paths=False)[0]
+    rec = load_results(store, absolute_paths=False)[0]
     del rec["settings"]
     with ResultStore(store) as st:
         st.append(rec)

@@ -20,7 +20,7 @@ from medfocus.runner import (
     WorkItem,
     atomic_save_npz,
     items_from_benchmark,
-    load_records,
+    load_results,
     merge_stores,
     parse_shard,
     run_grid,
@@ -50,7 +50,7 @@ def test_store_append_reopen_and_latest_wins(tmp_path):
         r2 = st.get(("a", "d", 2, "direct", "m"))
         assert r2["value"] == 0.5 and r2["arr"] == [0, 1, 2] and r2["nan"] is None
         assert st.is_done(("a", "d", 1, "direct", "m"))
-    assert [r["index"] for r in load_records(p)] == [1, 2]
+    assert [r["index"] for r in load_results(p)] == [1, 2]
 
 
 def test_store_repairs_interrupted_tail_and_rejects_corruption(tmp_path):
@@ -141,7 +141,7 @@ def test_run_grid_records_errors_and_loads_once(tmp_path):
     assert loads == ["m1", "m2"] and sorted(builds) == ["boom", "hot"]
     assert summ.total == 2 * 6 * 2 and summ.done == 2 * (6 + 5)
     assert summ.errors == 2 * 1  # boom on sample 3
-    recs = load_records(tmp_path / "out" / "r.jsonl")
+    recs = load_results(tmp_path / "out" / "r.jsonl")
     assert len(recs) == 24
     by = {(r["model"], r["index"], r["method"]): r for r in recs}
     for i in range(6):
@@ -169,7 +169,7 @@ def test_model_load_failure_is_recorded(tmp_path):
         summ = run_grid(items, ["hot"], st, load_model=loader, make_method=make_factory(boxes),
                         read_image=read_npy, heatmap_to_boxes=simple_boxes, progress=False)
     assert summ.errors == 3 and summ.done == 3
-    assert all("weights not found" in r["error"] for r in load_records(tmp_path / "r.jsonl") if r["model"] == "bad")
+    assert all("weights not found" in r["error"] for r in load_results(tmp_path / "r.jsonl") if r["model"] == "bad")
 
 
 def test_resume_skips_done_and_retry_errors(tmp_path):
@@ -186,7 +186,7 @@ def test_resume_skips_done_and_retry_errors(tmp_path):
         s3 = run_grid(items, ["hot", "boom"], st, retry_errors=True, **kw)
     assert (s3.skipped, s3.done, s3.errors) == (11, 0, 1)  # sample 3 still fails, re-recorded
     lines = path.read_text().splitlines()
-    assert len(lines) == 13 and len(load_records(path)) == 12
+    assert len(lines) == 13 and len(load_results(path)) == 12
 
 
 def test_shards_merge_to_the_unsharded_run(tmp_path):
@@ -203,8 +203,8 @@ def test_shards_merge_to_the_unsharded_run(tmp_path):
         parts.append(p)
     n = merge_stores(parts, tmp_path / "merged" / "r.jsonl")
     assert n == 40
-    full = load_records(tmp_path / "full" / "r.jsonl")
-    merged = load_records(tmp_path / "merged" / "r.jsonl")
+    full = load_results(tmp_path / "full" / "r.jsonl")
+    merged = load_results(tmp_path / "merged" / "r.jsonl")
     assert [r["index"] for r in full] == [r["index"] for r in merged]
     for a, b in zip(full, merged):
         assert a["extras"] == b["extras"] and a["seed"] == b["seed"]
@@ -296,7 +296,7 @@ def test_without_saved_heatmaps_the_boxes_are_the_prediction(tmp_path):
     with ResultStore(tmp_path / "r.jsonl") as st:
         run_grid(items, ["hot"], st, load_model=FakeAdapter, make_method=make_factory(boxes), read_image=read_npy,
                  heatmap_to_boxes=simple_boxes, progress=False, save_heatmaps=False)
-    recs = load_records(tmp_path / "r.jsonl")
+    recs = load_results(tmp_path / "r.jsonl")
     assert all(r["heatmap_path"] is None and r["has_heatmap"] and r["pred_boxes"] == r["gt_boxes"] for r in recs)
     assert not (tmp_path / "r_heatmaps").exists()
 

@@ -11,7 +11,7 @@ import yaml
 from click.testing import CliRunner
 
 from medfocus.cli import main
-from medfocus.runner.store import load_records
+from medfocus.runner.store import load_results
 
 sys.path.insert(0, str(Path(__file__).parent))
 import test_runner_fakes as fakes  # noqa: E402
@@ -68,11 +68,11 @@ def test_attribute_config_shards_merge_and_report(fake_world, tmp_path):
     assert r1.exit_code == 0, r1.output
     parts = sorted(out.glob("predictions.shard-*.jsonl"))
     assert [p.name for p in parts] == ["predictions.shard-0-of-2.jsonl", "predictions.shard-1-of-2.jsonl"]
-    n0, n1 = (len(load_records(p)) for p in parts)
+    n0, n1 = (len(load_results(p)) for p in parts)
     assert n0 + n1 == 16 and n0 > 0 and n1 > 0
     rm = runner.invoke(main, ["attribute", "--out", str(out), "--merge"])
     assert rm.exit_code == 0 and "(16 records)" in rm.output, rm.output
-    recs = load_records(out / "predictions.jsonl")
+    recs = load_results(out / "predictions.jsonl")
     assert len(recs) == 16 and sum(1 for r in recs if r["error"]) == 1  # BoomMethod fails on sample 3
     hot = [r for r in recs if r["method"] == "fake_hot"]
     assert all(r["heatmap_boxes"] == r["gt_boxes"] and r["editor"] == "oracle" for r in hot)

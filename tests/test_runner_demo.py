@@ -56,14 +56,14 @@ def test_demo_pipeline_demo_model(demo_adapter, tmp_path):
     assert "occlusion" in table and "medfocus" in table
     html = (tmp_path / "demo" / "report.html").read_text()
     assert "MedFocus: concepts and tokens" in html
-    from medfocus.runner.store import load_records
+    from medfocus.runner.store import load_results
 
-    cot = [r for r in load_records(tmp_path / "demo" / "predictions.jsonl") if r["mode"] == "cot"]
+    cot = [r for r in load_results(tmp_path / "demo" / "predictions.jsonl") if r["mode"] == "cot"]
     # the attributed step-by-step answer is the model's whole rationale, not the parsed Yes/No
     assert cot and all(len(r["answer"].split()) > 3 for r in cot)
     assert all(len(r["extras"].get("answer_tokens", [])) > 3 for r in cot if r["method"] == "medfocus")
     # MedFocus ran with the demo segmenter, masks and the nested rule (the demo's settings)
-    mf = [r for r in load_records(tmp_path / "demo" / "predictions.jsonl") if r["method"] == "medfocus"]
+    mf = [r for r in load_results(tmp_path / "demo" / "predictions.jsonl") if r["method"] == "medfocus"]
     assert mf and all((r["extras"]["refine"], r["extras"]["region"], r["extras"]["rule"]) == ("medsam", "mask", "nested")
                       for r in mf)
 

@@ -144,7 +144,7 @@ CHROMEDRIVER = shutil.which("chromedriver")
 def test_no_script_runs_in_headless_chromium(tmp_path):
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
     run = hostile_run(tmp_path)
-    out = build_report(__import__("medfocus.runner.store", fromlist=["load_records"]).load_records(run / "predictions.jsonl"),
+    out = build_report(__import__("medfocus.runner.store", fromlist=["load_results"]).load_results(run / "predictions.jsonl"),
                        run / "report.html", title=_payload("title", 0))
     html = out.read_text(encoding="utf-8")
     # The report also carries a Content-Security-Policy that forbids scripts; strip it here so the

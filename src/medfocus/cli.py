@@ -6,25 +6,26 @@ Sub-commands live in :mod:`medfocus.commands` (one module per area) and are impo
 
 from __future__ import annotations
 
-import importlib
-
 import click
 
+from medfocus.errors import ConfigError, MedfocusError
+from medfocus.registry import LazyRegistry
+
 #: command name -> "module:attribute" of a click command.
-COMMANDS: dict[str, str] = {
+COMMANDS: LazyRegistry[click.Command] = LazyRegistry("command", {
     "evaluate": "medfocus.commands.evaluate:evaluate",
     "synth": "medfocus.commands.synth:synth",
     "synth-reference": "medfocus.commands.synth:synth_reference",
     "models": "medfocus.commands.models:models",
-    "train-demo": "medfocus.commands.models:train_demo",
-    "train-demo-sam": "medfocus.commands.models:train_demo_sam",
+    "train-demo": "medfocus.training.commands:train_demo",
+    "train-demo-sam": "medfocus.training.commands:train_demo_sam",
     "bench": "medfocus.commands.bench:bench",
     "attribute": "medfocus.commands.attribute:attribute",
     "report": "medfocus.commands.report:report",
     "demo": "medfocus.commands.demo:demo",
     "status": "medfocus.commands.launch:status",
     "merge": "medfocus.commands.launch:merge",
-}
+})
 
 _HELP = {
     "evaluate": "Score predicted boxes/heatmaps against expert boxes; write CSV/Markdown tables.",
@@ -46,16 +47,14 @@ class LazyGroup(click.Group):
     """A click group whose commands are imported only when invoked (or asked for help)."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(COMMANDS)
+        return COMMANDS.names()
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        target = COMMANDS.get(name)
-        if target is None:
+        if name not in COMMANDS:
             return None
-        module, attr = target.split(":")
         try:
-            return getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as exc:
+            return COMMANDS.resolve(name)
+        except ConfigError as exc:
             # Python unbinds ``exc`` when the except block ends: keep the message, not the name.
             reason = str(exc)
 
@@ -65,10 +64,18 @@ class LazyGroup(click.Group):
 
             return _unavailable
 
+    def invoke(self, ctx: click.Context) -> object:
+        # The one place a library error becomes a CLI error: one line naming the file/field, exit
+        # status 1, no traceback (commands raise MedfocusError like any other caller would see).
+        try:
+            return super().invoke(ctx)
+        except MedfocusError as exc:
+            raise click.ClickException(str(exc)) from exc
+
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # Short help without importing every command module.
         with formatter.section("Commands"):
-            formatter.write_dl([(n, _HELP.get(n, "")) for n in sorted(COMMANDS)])
+            formatter.write_dl([(n, _HELP.get(n, "")) for n in COMMANDS.names()])
 
 
 # show_default: every sub-command's help shows each option's default (inherited by the sub-contexts).

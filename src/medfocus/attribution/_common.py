@@ -4,17 +4,20 @@ gradients), batched scoring, final-answer-token lookup, map post-processing."""
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from typing import Any, Callable, TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from medfocus.errors import ConfigError
 
+if TYPE_CHECKING:  # annotations only: the adapter interface lives in the LVLM layer
+    from medfocus.lvlm.adapter import ChatInputs, LVLMAdapter
+
 _YES_NO_WORD = re.compile(r"(?<![A-Za-z])(yes|no)(?![A-Za-z])", re.IGNORECASE)
 
 
-def prepare_answer(adapter: Any, image: np.ndarray, question: str, answer: str, method: str) -> Any:
+def prepare_answer(adapter: LVLMAdapter, image: np.ndarray, question: str, answer: str, method: str) -> ChatInputs:
     """``adapter.prepare`` with the answer teacher-forced; refuses an empty scored span."""
     if not answer or not str(answer).strip():
         raise ConfigError(f"method {method!r}: an answer text is required to attribute (got {answer!r})")
@@ -24,7 +27,7 @@ def prepare_answer(adapter: Any, image: np.ndarray, question: str, answer: str, 
     return chat
 
 
-def final_token_index(chat: Any) -> int:
+def final_token_index(chat: ChatInputs) -> int:
     """Index (0..T-1) of the final yes/no of the scored answer: the token where the *last* word "yes" or
     "no" (any case) starts -- a word may span several tokens ("Y" + "es"), and its first token carries
     the decision. The last token when no such word exists. In a step-by-step answer this is the
@@ -38,13 +41,13 @@ def final_token_index(chat: Any) -> int:
     return int(np.searchsorted(starts, c, side="right") - 1)
 
 
-def predicting_positions(chat: Any) -> torch.Tensor:
+def predicting_positions(chat: ChatInputs) -> torch.Tensor:
     """``(T,)`` positions whose next-token logits score the answer tokens (``start-1 .. end-2``)."""
     s, e = chat.answer_span
     return torch.arange(s - 1, e - 1, device=chat.inputs["input_ids"].device)
 
 
-def forward_logprobs(adapter: Any, chat: Any, inputs: dict[str, torch.Tensor], **model_kwargs: Any) -> tuple[torch.Tensor, Any]:
+def forward_logprobs(adapter: LVLMAdapter, chat: ChatInputs, inputs: dict[str, torch.Tensor], **model_kwargs: Any) -> tuple[torch.Tensor, Any]:
     """Run ``adapter.model(**inputs)`` and return ``((B, T) float32 answer-token log-probs, outputs)``.
 
     Only the ``T`` positions that predict the answer are sent through the LM head
@@ -60,23 +63,11 @@ def forward_logprobs(adapter: Any, chat: Any, inputs: dict[str, torch.Tensor], *
     return logp, out
 
 
-def _fallback_score(adapter: Any, chat: Any, pixel_values: torch.Tensor, batch_size: int) -> torch.Tensor:
-    outs = []
-    with torch.inference_mode():
-        for i in range(0, pixel_values.shape[0], batch_size):
-            inputs = adapter.batch_inputs(chat, pixel_values[i : i + batch_size])
-            outs.append(forward_logprobs(adapter, chat, inputs)[0])
-    return torch.cat(outs).float().cpu()
-
-
-def score(adapter: Any, chat: Any, pixel_values: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+def score(adapter: LVLMAdapter, chat: ChatInputs, pixel_values: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
     """``(B, T)`` answer-token log-probs for ``B`` image variants (family layout, stacked), in
-    batches. Uses the LVLM layer's answer-only scorer (:func:`medfocus.lvlm.scoring.score_chat`)
-    when it is installed, else the same computation here."""
-    try:
-        from medfocus.lvlm.scoring import score_chat
-    except ImportError:
-        return _fallback_score(adapter, chat, pixel_values, batch_size)
+    batches, by the LVLM layer's answer-only scorer (:func:`medfocus.lvlm.scoring.score_chat`)."""
+    from medfocus.lvlm.scoring import score_chat
+
     return torch.as_tensor(score_chat(adapter, chat, pixel_values, batch_size=batch_size)).float().cpu()
 
 
@@ -88,7 +79,7 @@ def answer_target(logp: torch.Tensor, which: str | int) -> torch.Tensor:
     return logp[:, int(which)]
 
 
-def grid_from_tokens(values: torch.Tensor, chat: Any) -> torch.Tensor:
+def grid_from_tokens(values: torch.Tensor, chat: ChatInputs) -> torch.Tensor:
     """``(N_img,)`` values in row-major token-grid order -> ``(gh, gw)``."""
     gh, gw = chat.grid_hw
     if values.numel() != gh * gw:
@@ -96,12 +87,12 @@ def grid_from_tokens(values: torch.Tensor, chat: Any) -> torch.Tensor:
     return values.reshape(gh, gw)
 
 
-def to_original(adapter: Any, chat: Any, m: torch.Tensor | np.ndarray) -> np.ndarray:
+def to_original(adapter: LVLMAdapter, chat: ChatInputs, m: torch.Tensor | np.ndarray) -> np.ndarray:
     """Grid or canvas map -> ``(H0, W0)`` float32 map in original pixels."""
     return adapter.grid_to_original(m, chat).astype(np.float32)
 
 
-def maps_to_original(adapter: Any, chat: Any, maps: torch.Tensor) -> np.ndarray:
+def maps_to_original(adapter: LVLMAdapter, chat: ChatInputs, maps: torch.Tensor) -> np.ndarray:
     """``(T, h, w)`` grid/canvas maps -> ``(T, H0, W0)``."""
     return np.stack([to_original(adapter, chat, m) for m in maps]) if len(maps) else np.zeros((0,) + (chat.geometry.orig_h, chat.geometry.orig_w), np.float32)
 
@@ -111,7 +102,7 @@ def maps_to_original(adapter: Any, chat: Any, maps: torch.Tensor) -> np.ndarray:
 MAX_TOKEN_MAP_FLOATS = 2**26
 
 
-def finish_token_maps(adapter: Any, chat: Any, token_maps: torch.Tensor, extras: dict[str, Any]) -> np.ndarray | None:
+def finish_token_maps(adapter: LVLMAdapter, chat: ChatInputs, token_maps: torch.Tensor, extras: dict[str, Any]) -> np.ndarray | None:
     """Per-token maps ``(T, h, w)`` (grid or canvas) -> ``(T, H0, W0)`` in original pixels, or ``None``
     when that would exceed :data:`MAX_TOKEN_MAP_FLOATS` (then only ``extras["token_maps_lowres"]`` holds
     them). Always records ``final_token_index``, ``final_token_heatmap`` (original pixels) and the tokens."""

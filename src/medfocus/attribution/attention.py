@@ -13,7 +13,7 @@ Every method computes only the ``T`` query rows it needs (``T x S`` instead of `
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Sequence, TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from medfocus.attribution._common import (
 )
 from medfocus.attribution.base import Attribution, Counter, Method, boolean, choice, either, int_list, integer
 from medfocus.errors import ConfigError, ModelError
+
+if TYPE_CHECKING:  # annotations only: the adapter interface lives in the LVLM layer
+    from medfocus.lvlm.adapter import ChatInputs, LVLMAdapter
 
 
 def _layer_indices(spec: Any, n: int, name: str) -> list[int]:
@@ -48,7 +51,7 @@ def _attentions(out: Any, name: str) -> Sequence[torch.Tensor]:
     return att
 
 
-def _run(adapter: Any, chat: Any, counter: Counter, *, grad: bool, hooks: Sequence[Any] = ()) -> tuple[torch.Tensor, Sequence[torch.Tensor]]:
+def _run(adapter: LVLMAdapter, chat: ChatInputs, counter: Counter, *, grad: bool, hooks: Sequence[Any] = ()) -> tuple[torch.Tensor, Sequence[torch.Tensor]]:
     """One forward with attentions -> ``((1, T) log-probs, attentions per layer (1, H, S, S))``."""
     ctx = torch.enable_grad() if grad else torch.no_grad()
     with adapter.eager_attention(), ctx:
@@ -57,7 +60,7 @@ def _run(adapter: Any, chat: Any, counter: Counter, *, grad: bool, hooks: Sequen
     return logp, _attentions(out, "attention")
 
 
-def _finish(adapter: Any, chat: Any, rows: torch.Tensor, extras: dict[str, Any]) -> Attribution:
+def _finish(adapter: LVLMAdapter, chat: ChatInputs, rows: torch.Tensor, extras: dict[str, Any]) -> Attribution:
     """``(T, S)`` relevance rows (one per answer token) -> Attribution with per-token maps; the
     heatmap is the mean over answer tokens."""
     img = chat.image_token_positions.to(rows.device)
@@ -68,7 +71,7 @@ def _finish(adapter: Any, chat: Any, rows: torch.Tensor, extras: dict[str, Any])
     return Attribution(heatmap=to_original(adapter, chat, grid.cpu()), token_heatmaps=tok, extras=extras)
 
 
-def _queries(chat: Any, mode: str) -> torch.Tensor:
+def _queries(chat: ChatInputs, mode: str) -> torch.Tensor:
     if mode == "predicting":
         return predicting_positions(chat)
     if mode == "answer":
@@ -97,7 +100,7 @@ class AttentionHead(Method):
     defaults = {"layer": -1, "heads": "mean", "queries": "predicting"}
     spec = {"layer": integer(), "heads": either(choice("mean"), integer(0)), "queries": choice("predicting", "answer")}
 
-    def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
+    def _attribute(self, adapter: LVLMAdapter, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         chat = prepare_answer(adapter, image, question, answer, self.name)
         _, att = _run(adapter, chat, counter, grad=False)
         (k,) = _layer_indices(self.params["layer"], len(att), self.name)
@@ -134,7 +137,7 @@ class AttentionRollout(Method):
               "rows of the predicting positions")
     spec = {"layers": either(choice("all"), integer(), int_list()), "queries": choice("predicting", "answer")}
 
-    def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
+    def _attribute(self, adapter: LVLMAdapter, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         chat = prepare_answer(adapter, image, question, answer, self.name)
         _, att = _run(adapter, chat, counter, grad=False)
         layers = _layer_indices(self.params["layers"], len(att), self.name)
@@ -178,7 +181,7 @@ class AttentionFlowResidual(Method):
               "head-averaged attention by |h| / (|h| + |update|)")
     spec = {"layers": either(choice("all"), integer(), int_list()), "queries": choice("predicting", "answer")}
 
-    def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
+    def _attribute(self, adapter: LVLMAdapter, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         chat = prepare_answer(adapter, image, question, answer, self.name)
         dec = adapter.decoder_layers
         norms: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -227,7 +230,7 @@ class GradWeightedAttention(Method):
               "target = answer log-likelihood without end-of-turn")
     spec = {"layers": either(choice("all"), integer(), int_list()), "final_token": boolean(), "queries": choice("predicting", "answer")}
 
-    def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
+    def _attribute(self, adapter: LVLMAdapter, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         chat = prepare_answer(adapter, image, question, answer, self.name)
         logp, att = _run(adapter, chat, counter, grad=True)
         layers = _layer_indices(self.params["layers"], len(att), self.name)

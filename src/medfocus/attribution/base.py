@@ -16,16 +16,19 @@ whether or not they are batched). This is what the speed floor in ``benchmarks/m
 
 from __future__ import annotations
 
-import importlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
 
 from medfocus.errors import ConfigError
+from medfocus.registry import LazyRegistry
 from medfocus.types import Box
+
+if TYPE_CHECKING:  # annotations only: the adapter interface lives in the LVLM layer
+    from medfocus.lvlm.adapter import LVLMAdapter
 
 
 @dataclass
@@ -284,7 +287,7 @@ class Method:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
         return f"{type(self).__name__}({args})"
 
-    def attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str) -> Attribution:
+    def attribute(self, adapter: LVLMAdapter, image: np.ndarray, question: str, answer: str) -> Attribution:
         """Attribute ``answer`` to the pixels of ``image``.
 
         Args:
@@ -306,14 +309,14 @@ class Method:
         res.n_backward = counter.n_backward
         return res
 
-    def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
+    def _attribute(self, adapter: LVLMAdapter, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         raise NotImplementedError
 
 
 # ---- registry ------------------------------------------------------------------------------------
 #: name -> "module:Class". Modules are imported only when a method is requested, so optional
 #: dependencies (the detector of prompting_medsam, MedFocus' OT) cost nothing until used.
-_REGISTRY: dict[str, str] = {
+_REGISTRY: LazyRegistry[type] = LazyRegistry("attribution method", {
     "attention_head": "medfocus.attribution.attention:AttentionHead",
     "attention_rollout": "medfocus.attribution.attention:AttentionRollout",
     "lrp": "medfocus.attribution.lrp:AttnLRP",
@@ -328,7 +331,7 @@ _REGISTRY: dict[str, str] = {
     "prompting": "medfocus.attribution.prompting:Prompting",
     "prompting_medsam": "medfocus.attribution.prompting:PromptingMedSAM",
     "medfocus": "medfocus.concepts.method:MedFocusMethod",
-}
+})
 
 #: Every built-in method but MedFocus, in table order: the paper's baselines (its "ten" counts the two
 #: prompting variants as one family; its "LRP" row is ``lrp_paper``, the rule its public code computes),
@@ -336,23 +339,17 @@ _REGISTRY: dict[str, str] = {
 BASELINES: tuple[str, ...] = tuple(n for n in _REGISTRY if n != "medfocus")
 
 
-def register_method(name: str, target: str | type) -> None:
-    """Add (or replace) a registry entry: ``target`` is a class or a lazy ``"module:Class"`` string."""
-    _REGISTRY[name] = target if isinstance(target, str) else f"{target.__module__}:{target.__qualname__}"
+def register_method(name: str, target: str | type, *, overwrite: bool = False) -> None:
+    """Add a registry entry: ``target`` is a class or a lazy ``"module:Class"`` string.
+
+    Raises:
+        ConfigError: ``name`` is taken and ``overwrite`` is false.
+    """
+    _REGISTRY.register(name, target, overwrite=overwrite)
 
 
 def _resolve(name: str) -> type:
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown attribution method {name!r}; available: {sorted(_REGISTRY)}")
-    mod_name, _, cls_name = _REGISTRY[name].partition(":")
-    try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as exc:  # e.g. MedFocus not installed in this build
-        raise ConfigError(f"attribution method {name!r} could not be imported from {mod_name}: {exc}") from exc
-    try:
-        return getattr(mod, cls_name)
-    except AttributeError as exc:
-        raise ConfigError(f"attribution method {name!r}: {mod_name} has no {cls_name}") from exc
+    return _REGISTRY.resolve(name)
 
 
 def get_method(name: str, **params: Any) -> Any:
@@ -372,8 +369,8 @@ def method_source(name: str) -> str:
 
 
 def list_methods() -> dict[str, dict[str, Any]]:
-    """``{name: defaults}`` for every registered method. A lazy entry whose module cannot be imported
-    (yet) is listed with ``{}``."""
+    """``{name: defaults}`` for every registered method, in registration (table) order. A lazy entry
+    whose module cannot be imported (yet) is listed with ``{}``."""
     out: dict[str, dict[str, Any]] = {}
     for name in _REGISTRY:
         try:

@@ -17,7 +17,7 @@ negative from the end) uses the output of decoder layer ``k``; any layer but the
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,8 +33,11 @@ from medfocus.attribution._common import (
 from medfocus.attribution.base import Attribution, Counter, InvalidSetting, Method, Param, boolean, choice, either, integer
 from medfocus.errors import ConfigError
 
+if TYPE_CHECKING:  # annotations only: the adapter interface lives in the LVLM layer
+    from medfocus.lvlm.adapter import ChatInputs, LVLMAdapter
 
-def _resolve_layer(adapter: Any, layer: Any) -> tuple[torch.nn.Module, bool, str]:
+
+def _resolve_layer(adapter: LVLMAdapter, layer: Any) -> tuple[torch.nn.Module, bool, str]:
     """``(module, pre_hook?, description)`` for a Grad-CAM layer spec."""
     layers = adapter.decoder_layers
     n = len(layers)
@@ -53,7 +56,7 @@ def _resolve_layer(adapter: Any, layer: Any) -> tuple[torch.nn.Module, bool, str
     return layers[k], False, f"decoder_layer_{k}_output"
 
 
-def image_token_grads(adapter: Any, chat: Any, layer: Any, counter: Counter, final_token: bool) -> dict[str, Any]:
+def image_token_grads(adapter: LVLMAdapter, chat: ChatInputs, layer: Any, counter: Counter, final_token: bool) -> dict[str, Any]:
     """Activations and gradients at the image-token positions of ``layer``.
 
     Returns ``{"feats": (N_img, D), "grads": (N_img, D) for the whole answer, "grads_final": (N_img, D) or None,
@@ -127,7 +130,7 @@ class GradCAM(Method):
     spec = {"layer": either(choice("input", "middle"), integer()), "final_token": boolean()}
     _combine = staticmethod(gradcam_weights)
 
-    def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
+    def _attribute(self, adapter: LVLMAdapter, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         chat = prepare_answer(adapter, image, question, answer, self.name)
         r = image_token_grads(adapter, chat, self.params["layer"], counter, bool(self.params["final_token"]))
         grid = grid_from_tokens(self._combine(r["feats"], r["grads"]), chat)
@@ -187,7 +190,7 @@ class IntegratedGradients(Method):
     spec = {"steps": integer(1), "baseline": either(choice("zero"), Param("a (3, H, W) tensor", _tensor3)), "batch_size": integer(1),
             "final_token": boolean(), "check_completeness": boolean()}
 
-    def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
+    def _attribute(self, adapter: LVLMAdapter, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         steps, bs = int(self.params["steps"]), int(self.params["batch_size"])
         if steps < 1:
             raise ConfigError(f"integrated_gradients: steps must be >= 1, got {steps}")

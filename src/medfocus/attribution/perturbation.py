@@ -11,7 +11,7 @@ padding is excluded), so all cells cover real pixels whatever the aspect ratio.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,8 +21,11 @@ from medfocus.attribution._common import finish_token_maps, prepare_answer, scor
 from medfocus.attribution.base import Attribution, Counter, Method, choice, integer, number
 from medfocus.errors import ConfigError
 
+if TYPE_CHECKING:  # annotations only: the adapter interface lives in the LVLM layer
+    from medfocus.lvlm.adapter import ChatInputs, LVLMAdapter
 
-def _content_box(chat: Any) -> tuple[int, int, int, int]:
+
+def _content_box(chat: ChatInputs) -> tuple[int, int, int, int]:
     g = chat.geometry
     return g.pad_y, g.pad_x, g.new_h, g.new_w
 
@@ -43,7 +46,7 @@ def chunk_count(n: int, batch_size: int) -> int:
     return max(1, -(-n // bs))
 
 
-def _score_masks(adapter: Any, chat: Any, make_keep: Callable[[int, int], torch.Tensor], n: int, baseline: Any, batch_size: int,
+def _score_masks(adapter: LVLMAdapter, chat: ChatInputs, make_keep: Callable[[int, int], torch.Tensor], n: int, baseline: Any, batch_size: int,
                  counter: Counter) -> torch.Tensor:
     """Score ``n`` variants whose ``(j - i, H, W)`` canvas keep-masks ``make_keep(i, j)`` builds on demand
     -> ``(n, T)`` answer-token probabilities. Masks and perturbed tensors exist one batch at a time (a
@@ -80,7 +83,7 @@ class Occlusion(Method):
               "answer-token probability); masks applied in the preprocessed tensor")
     spec = {"grid": integer(1), "baseline": choice("zero", "mean"), "batch_size": integer(1)}
 
-    def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
+    def _attribute(self, adapter: LVLMAdapter, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         grid, bs = int(self.params["grid"]), int(self.params["batch_size"])
         if grid < 1:
             raise ConfigError(f"occlusion: grid must be >= 1, got {grid}")
@@ -176,7 +179,7 @@ class RISE(Method):
     spec = {"n_masks": integer(1), "grid": integer(1), "p_keep": number(0, 1, lo_open=True, hi_open=True),
             "seed": integer(0), "baseline": choice("zero", "mean"), "batch_size": integer(1)}
 
-    def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
+    def _attribute(self, adapter: LVLMAdapter, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         n, grid, pk = int(self.params["n_masks"]), int(self.params["grid"]), float(self.params["p_keep"])
         if n < 1 or grid < 1 or not 0 < pk < 1:
             raise ConfigError(f"rise: need n_masks >= 1, grid >= 1, 0 < p_keep < 1; got {n}, {grid}, {pk}")

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ from medfocus.attribution.base import Attribution, Counter, Method, boolean, cho
 from medfocus.errors import ModelError
 from medfocus.lvlm.box_text import COORDS, parse_boxes
 from medfocus.types import EVIDENCE_REQUESTS, SUFFIXES, Box
+
+if TYPE_CHECKING:  # annotations only: the adapter interface lives in the LVLM layer
+    from medfocus.lvlm.adapter import LVLMAdapter
 
 #: The evidence requests, appended after a space to the question stem (the demo model is trained on
 #: exactly these: :data:`medfocus.types.EVIDENCE_REQUESTS`).
@@ -88,7 +91,7 @@ def boxes_heatmap(boxes: list[Box], size_hw: tuple[int, int]) -> np.ndarray:
     return hm
 
 
-def _generate(adapter: Any, image: np.ndarray, prompt: str, max_new_tokens: int, counter: Counter) -> str:
+def _generate(adapter: LVLMAdapter, image: np.ndarray, prompt: str, max_new_tokens: int, counter: Counter) -> str:
     text = adapter.generate([image], [prompt], max_new_tokens=max_new_tokens, batch_size=1)[0]
     counter.n_forward += 1
     return text
@@ -108,7 +111,7 @@ class Prompting(Method):
     defaults = {"request": BOX_REQUEST, "coords": "auto", "max_new_tokens": 128}
     spec = {"request": text(), "coords": choice(*COORDS), "max_new_tokens": integer(1)}
 
-    def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
+    def _attribute(self, adapter: LVLMAdapter, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         prompt = f"{question_stem_of(question)} {self.params['request']}"
         text = _generate(adapter, image, prompt, int(self.params["max_new_tokens"]), counter)
         geo = adapter.prepare(image, prompt).geometry
@@ -305,7 +308,7 @@ class PromptingMedSAM(Method):
             "pool": optional(either(path_like(), obj("a ReferencePool", lambda v: hasattr(v, "references")))),
             "cache": either(boolean(), path_like())}
 
-    def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
+    def _attribute(self, adapter: LVLMAdapter, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         from medfocus.concepts.grounding import AnatomyDetector
 
         # Resolve (and, for OWL-ViT / MedSAM, check the weights of) everything before generating, so a

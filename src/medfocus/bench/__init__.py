@@ -13,7 +13,7 @@ from medfocus.bench.build import (
     split_paths,
     write_retention,
 )
-from medfocus.bench.filter import GATES, RECORD_FIELDS, VIEWS, FilterResult, apply_filter, get_parser
+from medfocus.bench.filter import GATES, RECORD_FIELDS, VIEWS, FilterResult, apply_filter
 
 __all__ = [
     "GATES",
@@ -23,7 +23,6 @@ __all__ = [
     "GenerationCache",
     "apply_filter",
     "build_benchmark",
-    "get_parser",
     "read_log",
     "retention_markdown",
     "retention_row",

@@ -42,18 +42,22 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Sequence, TYPE_CHECKING
 
 import numpy as np
 
-from medfocus.bench.filter import GATES, RECORD_FIELDS, VIEWS, FilterResult, ParseFn, apply_filter, get_parser
+from medfocus.bench.filter import GATES, RECORD_FIELDS, VIEWS, FilterResult, ParseFn, apply_filter
 from medfocus.editing.base import EDIT_KINDS, EditCache, Editor, edit_mask, edit_prompt
 from medfocus.errors import ConfigError, DataError
+from medfocus.io.atomic import atomic_write_json, atomic_write_text
+from medfocus.io.jsonl import append_jsonl, read_latest, trim_partial_tail
 from medfocus.io.locks import acquire_lock, remove_orphaned_tmp
 from medfocus.io.paths import safe_filename
 from medfocus.types import Sample
+
+if TYPE_CHECKING:  # annotations only: the adapter interface lives in the LVLM layer
+    from medfocus.lvlm.adapter import LVLMAdapter
 
 #: Default generation budget per mode (a reasoning chain needs room; a direct answer does not).
 DEFAULT_MAX_NEW_TOKENS = {"direct": 16, "cot": 256}
@@ -72,61 +76,10 @@ def split_paths(out_dir: str | os.PathLike[str], model: str, dataset: str, mode:
     return {"records": d / f"{m}.json", "log": d / f"{m}.log.jsonl", "negatives": d / f"{m}.negatives.json"}
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and rename (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _keyed_lines(path: Path, key: Callable[[dict[str, Any]], Any]) -> Iterator[tuple[Any, dict[str, Any]]]:
-    """``(key(row), row)`` for the JSON lines of ``path`` (none when it does not exist); blank lines
-    and lines that do not parse or lack the key's fields (a line truncated by a kill) are skipped."""
-    if not path.is_file():
-        return
-    with path.open(encoding="utf-8") as fh:
-        for line in fh:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                r = json.loads(line)
-                k = key(r)
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                continue
-            yield k, r
-
-
 def read_log(path: str | os.PathLike[str]) -> dict[tuple[str, str, int], dict[str, Any]]:
-    """Rows of a split log by ``(model, dataset, index)``; later rows win; unreadable lines (a
-    line truncated by a kill) are skipped."""
-    return dict(_keyed_lines(Path(path), lambda r: (r["model"], r["dataset"], int(r["index"]))))
-
-
-def _repair_log(path: Path) -> None:
-    """A run killed mid-line leaves a log without a final newline: end it so appends start clean
-    (the truncated line itself is ignored by :func:`read_log` and its sample redone)."""
-    if path.is_file() and path.stat().st_size > 0:
-        with path.open("rb+") as fh:
-            fh.seek(-1, os.SEEK_END)
-            if fh.read(1) != b"\n":
-                fh.write(b"\n")
-
-
-def _append_line(path: Path, row: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps(row) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    """Rows of a split log by ``(model, dataset, index)``; later rows win; an interrupted last line
+    (a kill mid-append) is ignored (:mod:`medfocus.io.jsonl`)."""
+    return read_latest(path, lambda r: (r["model"], r["dataset"], int(r["index"])))
 
 
 class GenerationCache:
@@ -134,7 +87,7 @@ class GenerationCache:
 
     File: ``root/generations/<model slug>/<dataset slug>/<mode>.jsonl``, one JSON line per entry
     ``{"model", "dataset", "index", "mode", "question", "max_new_tokens", "text"}``; later lines win,
-    unreadable lines (a kill mid-write) are skipped, and the file is re-terminated before appending.
+    an interrupted last line (a kill mid-write) is ignored and cut off before the next append.
     Keyed by ``(model_name, dataset, index, mode, question, max_new_tokens)`` plus the model's weight
     ``fingerprint`` (an entry of other weights under the same name is not reused). Sound only because
     generation is greedy (deterministic).
@@ -144,9 +97,9 @@ class GenerationCache:
         self.model, self.dataset, self.mode, self.fingerprint = model, dataset, mode, fingerprint
         self.path = Path(root) / "generations" / slug(model) / slug(dataset) / f"{safe_filename(mode)}.jsonl"
         self._entries: dict[tuple[str, str, int, str, str, int], str] = {}
-        rows = _keyed_lines(self.path, lambda r: (r["model"], r["dataset"], int(r["index"]), r["mode"], r["question"],
-                                                  int(r["max_new_tokens"])))
-        for key, r in rows:
+        rows = read_latest(self.path, lambda r: (r["model"], r["dataset"], int(r["index"]), r["mode"], r["question"],
+                                                 int(r["max_new_tokens"])))
+        for key, r in rows.items():
             # Answers of other weights under the same name (a retrained model) are not reused.
             if isinstance(r.get("text"), str) and r.get("model_fingerprint") == fingerprint:
                 self._entries[key] = r["text"]
@@ -165,16 +118,14 @@ class GenerationCache:
         """Append ``(index, question, max_new_tokens, text)`` entries (one flush + fsync)."""
         if not entries:
             return
-        _repair_log(self.path)
+        trim_partial_tail(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as fh:
+        with self.path.open("ab") as fh:
             for index, question, mnt, text in entries:
-                fh.write(json.dumps({"model": self.model, "dataset": self.dataset, "index": int(index), "mode": self.mode,
-                                     "question": question, "max_new_tokens": int(mnt), "text": text,
-                                     "model_fingerprint": self.fingerprint}) + "\n")
+                append_jsonl(fh, {"model": self.model, "dataset": self.dataset, "index": int(index), "mode": self.mode,
+                                  "question": question, "max_new_tokens": int(mnt), "text": text,
+                                  "model_fingerprint": self.fingerprint})
                 self._entries[self._key(index, question, mnt)] = text
-            fh.flush()
-            os.fsync(fh.fileno())
 
 
 def make_record(row: dict[str, Any]) -> dict[str, Any]:
@@ -268,7 +219,7 @@ def check_split_settings(log_path: Path, done: dict[Any, dict[str, Any]], settin
 
 
 def build_benchmark(
-    adapter: Any,
+    adapter: LVLMAdapter,
     samples: Sequence[Sample],
     *,
     mode: str,
@@ -326,7 +277,8 @@ def build_benchmark(
     if len(datasets) != 1:
         raise ConfigError(f"build_benchmark works on one dataset at a time, got {datasets}")
     dataset = datasets[0]
-    parse = parse or get_parser()
+    if parse is None:
+        from medfocus.lvlm.answers import parse_yes_no as parse
     max_new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[mode]
     step = samples_per_step or max(1, batch_size // len(VIEWS))
     paths = split_paths(out_dir, model_name, dataset, mode)
@@ -350,14 +302,14 @@ def build_benchmark(
             lock.close()
 
 
-def _build_locked(adapter: Any, samples: Sequence[Sample], *, mode: str, editor: Editor, out_dir: Any, model_name: str,
+def _build_locked(adapter: LVLMAdapter, samples: Sequence[Sample], *, mode: str, editor: Editor, out_dir: Any, model_name: str,
                   include_negatives: bool, max_new_tokens: int, batch_size: int, step: int, parse: ParseFn,
                   retry_errors: bool, progress: bool, paths: dict[str, Path], cache: EditCache,
                   gen_cache: "GenerationCache | None", dataset: str, gen: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The body of :func:`build_benchmark`, run while the split's lock is held."""
     for name in ("records", "log", "negatives"):
         remove_orphaned_tmp(paths[name].parent, paths[name].name)
-    _repair_log(paths["log"])
+    trim_partial_tail(paths["log"])
     done = read_log(paths["log"])
     for k in check_split_settings(paths["log"], done, gen):
         done.pop(k)
@@ -406,7 +358,7 @@ def _build_locked(adapter: Any, samples: Sequence[Sample], *, mode: str, editor:
         for i, row in enumerate(rows):
             if row["error"] is None:
                 _fill_outcome(row, per_row.get(i, []), parse)
-            _append_line(paths["log"], row)
+            append_jsonl(paths["log"], row)
         bar.update(len(chunk))
     bar.close()
 
@@ -425,10 +377,10 @@ def write_split(out_dir: str | os.PathLike[str], model_name: str, dataset: str, 
     split_rows = sorted((r for r in all_rows.values() if r.get("model") == model_name and r.get("dataset") == dataset),
                         key=lambda r: r["index"])
     records = [make_record(r) for r in split_rows if r.get("kind", "positive") == "positive" and r.get("kept")]
-    atomic_write_text(paths["records"], json.dumps(records, indent=1) + "\n")
+    atomic_write_json(paths["records"], records)
     if include_negatives:
         neg = [make_record(r) for r in split_rows if r.get("kind") == "negative" and r.get("error") is None]
-        atomic_write_text(paths["negatives"], json.dumps(neg, indent=1) + "\n")
+        atomic_write_json(paths["negatives"], neg)
     return records, split_rows
 
 
@@ -476,7 +428,7 @@ def merge_split_logs(shard_dirs: Sequence[str | os.PathLike[str]], out_dir: str 
     return written
 
 
-def _generate_isolating_errors(adapter: Any, images: list[np.ndarray], questions: list[str], owners: list[int],
+def _generate_isolating_errors(adapter: LVLMAdapter, images: list[np.ndarray], questions: list[str], owners: list[int],
                                rows: list[dict[str, Any]], max_new_tokens: int, batch_size: int) -> list[str | None]:
     """Generate for the whole step; if that fails, per sample, so that one bad sample only marks
     its own row as an error. Returns one text (or None for failed samples) per image."""

@@ -34,13 +34,6 @@ GATES: tuple[str, ...] = ("correct", "flip", "background")
 
 ParseFn = Callable[[str], "str | None"]
 
-def get_parser() -> ParseFn:
-    """The LVLM layer's answer parser, :func:`medfocus.lvlm.answers.parse_yes_no` (imported lazily)."""
-    from medfocus.lvlm.answers import parse_yes_no  # noqa: PLC0415
-
-    return parse_yes_no
-
-
 @dataclass
 class FilterResult:
     """Outcome of the filter for one sample.

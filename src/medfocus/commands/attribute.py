@@ -12,7 +12,7 @@ from medfocus.attribution.base import BASELINES
 from medfocus.commands.config import config_option
 from medfocus.commands.launch import LAUNCH_PARAMS, check_launch_options, launcher_options
 from medfocus.commands.progress import progress_bars
-from medfocus.errors import ConfigError, DataError, MedfocusError
+from medfocus.errors import ConfigError, DataError
 from medfocus.io.paths import allow_outside_root as _allow_outside
 
 #: The registered method names, for the help text (the registry module imports no model code).
@@ -267,51 +267,48 @@ def attribute(ctx, bench, dataset, data_root, models, modes, methods, params, re
     from medfocus.runner.store import ResultStore, merge_stores
 
     out = Path(out_dir)
-    try:
-        check_launch_options(launch_opts)
-        if launch_opts["launcher"] != "none":
-            if shard or merge:
-                raise ConfigError("--shard and --merge are for runs without a launcher (the launcher shards and merges itself)")
-            _launch_attribute(ctx, launch_opts, bench=bench, dataset=dataset, data_root=data_root, models=models,
-                              modes=modes, methods=methods, params=params, refine=refine, medsam=medsam, out=out,
-                              limit=limit, include_negatives=include_negatives, device=device, no_progress=no_progress,
-                              allow_outside_root=allow_outside_root)
-            return
-        if merge:
-            parts = sorted(out.glob("predictions.shard-*.jsonl"))
-            if not parts:
-                raise DataError(f"no predictions.shard-*.jsonl files in {out}")
-            n = merge_stores(parts, out / "predictions.jsonl")
-            click.echo(f"merged {len(parts)} shard files -> {out / 'predictions.jsonl'} ({n} records)")
-            return
-        i, n = parse_shard(shard)
-        # Fail fast: every setting is validated before any data or model is loaded (method names and
-        # parameters here; the models right after the work items name them).
-        method_objs = build_methods(methods, params, refine, medsam)
-        with _allow_outside(allow_outside_root):
-            items = build_items(bench=bench, dataset=dataset, data_root=data_root, models=models, modes=modes,
-                                include_negatives=include_negatives)
-        items = select_items(items, limit=limit, shard=(i, n))
-        check_models(sorted({it.model for it in items}))
-        if store_name is not None and (Path(store_name).name != store_name or not store_name.endswith(".jsonl")):
-            raise ConfigError(f"--store-name {store_name!r}: expected a plain file name ending in .jsonl")
-        store_path = out / (store_name or ("predictions.jsonl" if n == 1 else f"predictions.shard-{i}-of-{n}.jsonl"))
+    check_launch_options(launch_opts)
+    if launch_opts["launcher"] != "none":
+        if shard or merge:
+            raise ConfigError("--shard and --merge are for runs without a launcher (the launcher shards and merges itself)")
+        _launch_attribute(ctx, launch_opts, bench=bench, dataset=dataset, data_root=data_root, models=models,
+                          modes=modes, methods=methods, params=params, refine=refine, medsam=medsam, out=out,
+                          limit=limit, include_negatives=include_negatives, device=device, no_progress=no_progress,
+                          allow_outside_root=allow_outside_root)
+        return
+    if merge:
+        parts = sorted(out.glob("predictions.shard-*.jsonl"))
+        if not parts:
+            raise DataError(f"no predictions.shard-*.jsonl files in {out}")
+        n = merge_stores(parts, out / "predictions.jsonl")
+        click.echo(f"merged {len(parts)} shard files -> {out / 'predictions.jsonl'} ({n} records)")
+        return
+    i, n = parse_shard(shard)
+    # Fail fast: every setting is validated before any data or model is loaded (method names and
+    # parameters here; the models right after the work items name them).
+    method_objs = build_methods(methods, params, refine, medsam)
+    with _allow_outside(allow_outside_root):
+        items = build_items(bench=bench, dataset=dataset, data_root=data_root, models=models, modes=modes,
+                            include_negatives=include_negatives)
+    items = select_items(items, limit=limit, shard=(i, n))
+    check_models(sorted({it.model for it in items}))
+    if store_name is not None and (Path(store_name).name != store_name or not store_name.endswith(".jsonl")):
+        raise ConfigError(f"--store-name {store_name!r}: expected a plain file name ending in .jsonl")
+    store_path = out / (store_name or ("predictions.jsonl" if n == 1 else f"predictions.shard-{i}-of-{n}.jsonl"))
 
-        def loader(name: str):
-            from medfocus.lvlm import load_lvlm
+    def loader(name: str):
+        from medfocus.lvlm import load_lvlm
 
-            return load_lvlm(name, device=device)
+        return load_lvlm(name, device=device)
 
-        click.echo(f"{len(items)} samples x {len(method_objs)} methods -> {store_path}")
-        with progress_bars(not no_progress), ResultStore(store_path) as store:
-            summary = run_grid(items, {m: getattr(obj, "params", {}) for m, obj in method_objs.items()}, store, load_model=loader,
-                               make_method=lambda name, _params: method_objs[name], seed=seed, retry_errors=retry_errors,
-                               save_token_maps=save_token_maps, progress=not no_progress)
-        click.echo(f"done: {summary}")
-        if summary.errors:
-            click.echo(f"{summary.errors} records carry an error (see the 'error' field); rerun with --retry-errors to recompute them")
-    except MedfocusError as exc:
-        raise click.ClickException(str(exc)) from exc
+    click.echo(f"{len(items)} samples x {len(method_objs)} methods -> {store_path}")
+    with progress_bars(not no_progress), ResultStore(store_path) as store:
+        summary = run_grid(items, {m: getattr(obj, "params", {}) for m, obj in method_objs.items()}, store, load_model=loader,
+                           make_method=lambda name, _params: method_objs[name], seed=seed, retry_errors=retry_errors,
+                           save_token_maps=save_token_maps, progress=not no_progress)
+    click.echo(f"done: {summary}")
+    if summary.errors:
+        click.echo(f"{summary.errors} records carry an error (see the 'error' field); rerun with --retry-errors to recompute them")
 
 
 def _launch_attribute(ctx: click.Context, launch_opts: dict[str, Any], *, bench, dataset, data_root, models, modes, methods,

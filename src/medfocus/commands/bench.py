@@ -9,7 +9,7 @@ import click
 from medfocus.commands.config import config_option
 from medfocus.commands.launch import LAUNCH_PARAMS, check_launch_options, launcher_options
 from medfocus.commands.progress import progress_bars
-from medfocus.errors import ConfigError, MedfocusError
+from medfocus.errors import ConfigError
 from medfocus.io.paths import allow_outside_root as _allow_outside
 
 EPILOG = """\b
@@ -108,37 +108,34 @@ def build(ctx: click.Context, model: str, model_name: str | None, dataset: str, 
     if model_name is None:
         model_name = Path(model).name if Path(model).expanduser().exists() else model
 
-    try:
-        check_launch_options(launch_opts)
-        if launch_opts["launcher"] != "none" and shard:
-            raise ConfigError("--shard is for runs without a launcher (the launcher shards and merges itself)")
-        # cheap checks first: data, then editor weights, then the (large) model
-        with _allow_outside(allow_outside_root):
-            samples = load_dataset(dataset, data_root)
-        if limit is not None:
-            samples = samples[:limit]
-        ds_name = samples[0].dataset if samples else canonical_name(dataset)
-        if shard is not None:
-            samples = _shard_samples(samples, model_name, shard)
-        editor_name = editor or ("oracle" if ds_name == "synthetic" else "radedit")
-        ed = _make_editor(editor_name, seed=seed, reference_dir=reference_dir, radedit_dir=radedit_dir,
-                          radedit_steps=radedit_steps, device=device)
-        ed.prepare()
-        if launch_opts["launcher"] != "none":
-            _launch_build(ctx, launch_opts, samples=samples, model_name=model_name, modes=modes, out_dir=out_dir,
-                          cache_dir=cache_dir, include_negatives=include_negatives, device=device, progress=not no_progress)
-            return
-        with progress_bars(not no_progress):
-            adapter = _load_model(model, device)
-        for mode in modes:
-            records, ret = build_benchmark(adapter, samples, mode=mode, editor=ed, out_dir=out_dir, model_name=model_name,
-                                           cache_dir=cache_dir, include_negatives=include_negatives,
-                                           max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                           retry_errors=retry_errors, progress=not no_progress)
-            click.echo(f"{model_name} / {ds_name} / {mode}: kept {ret['kept']} of {ret['n']} positives "
-                       f"({ret['retention_pct']}%), errors {ret['errors']}")
-    except MedfocusError as exc:
-        raise click.ClickException(str(exc)) from None
+    check_launch_options(launch_opts)
+    if launch_opts["launcher"] != "none" and shard:
+        raise ConfigError("--shard is for runs without a launcher (the launcher shards and merges itself)")
+    # cheap checks first: data, then editor weights, then the (large) model
+    with _allow_outside(allow_outside_root):
+        samples = load_dataset(dataset, data_root)
+    if limit is not None:
+        samples = samples[:limit]
+    ds_name = samples[0].dataset if samples else canonical_name(dataset)
+    if shard is not None:
+        samples = _shard_samples(samples, model_name, shard)
+    editor_name = editor or ("oracle" if ds_name == "synthetic" else "radedit")
+    ed = _make_editor(editor_name, seed=seed, reference_dir=reference_dir, radedit_dir=radedit_dir,
+                      radedit_steps=radedit_steps, device=device)
+    ed.prepare()
+    if launch_opts["launcher"] != "none":
+        _launch_build(ctx, launch_opts, samples=samples, model_name=model_name, modes=modes, out_dir=out_dir,
+                      cache_dir=cache_dir, include_negatives=include_negatives, device=device, progress=not no_progress)
+        return
+    with progress_bars(not no_progress):
+        adapter = _load_model(model, device)
+    for mode in modes:
+        records, ret = build_benchmark(adapter, samples, mode=mode, editor=ed, out_dir=out_dir, model_name=model_name,
+                                       cache_dir=cache_dir, include_negatives=include_negatives,
+                                       max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                       retry_errors=retry_errors, progress=not no_progress)
+        click.echo(f"{model_name} / {ds_name} / {mode}: kept {ret['kept']} of {ret['n']} positives "
+                   f"({ret['retention_pct']}%), errors {ret['errors']}")
     click.echo(write_retention(out_dir))
 
 

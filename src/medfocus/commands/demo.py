@@ -10,7 +10,6 @@ import click
 
 from medfocus.commands.config import config_option
 from medfocus.commands.progress import progress_bars
-from medfocus.errors import MedfocusError
 from medfocus.runner.demo import DemoConfig
 
 _DEFAULTS = DemoConfig()  # the help shows these values, and unset options keep them
@@ -64,15 +63,12 @@ def demo(out_dir, n_samples, per_mode, n_reference, seed, modes, editors, method
             cfg.attribute_editor = cfg.editors[0]
     if methods:
         cfg.methods = tuple(methods)
-    try:
-        if params:
-            from medfocus.commands.attribute import parse_params
+    if params:
+        from medfocus.commands.attribute import parse_params
 
-            cfg.method_params = parse_params(params)
-        with progress_bars(not no_progress):
-            res = run_demo(out, cfg, progress=not no_progress)
-    except MedfocusError as exc:
-        raise click.ClickException(str(exc)) from exc
+        cfg.method_params = parse_params(params)
+    with progress_bars(not no_progress):
+        res = run_demo(out, cfg, progress=not no_progress)
     elapsed = time.perf_counter() - t0
     if res["n_records"] == 0:
         # An empty report is not a result: say why instead of exiting 0 (e.g. every sample failed the filter).

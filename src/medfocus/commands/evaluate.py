@@ -52,17 +52,14 @@ def evaluate(predictions: tuple[Path, ...], out_dir: Path, metrics: str, n_boot:
     F1 of the union of predicted boxes vs the union of expert boxes (plus pointing game, energy
     pointing game and AUPRC when a heatmap is given). Table cells: mean x100 [95% bootstrap CI].
     """
-    from medfocus.errors import MedfocusError
     from medfocus.evaluation import build_tables, evaluate_records, read_prediction_records
+    from medfocus.io.atomic import atomic_write_text
 
     chosen = [m.strip() for m in metrics.split(",") if m.strip()]
     bad = [m for m in chosen if m not in ALL_METRICS]
     if bad or not chosen:
         raise click.BadParameter(f"unknown metric(s) {bad}; choose from {', '.join(ALL_METRICS)}", param_hint="--metrics")
-    try:
-        records = [r for p in predictions for r in read_prediction_records(p)]
-    except MedfocusError as exc:
-        raise click.ClickException(str(exc)) from None
+    records = [r for p in predictions for r in read_prediction_records(p)]
     if not records:
         raise click.ClickException(f"no records in {', '.join(map(str, predictions))}")
     if baselines:
@@ -74,14 +71,13 @@ def evaluate(predictions: tuple[Path, ...], out_dir: Path, metrics: str, n_boot:
     from medfocus.evaluation.baselines import is_baseline
 
     is_base = df["method"].astype(str).map(is_baseline)
-    df[~is_base].to_csv(out_dir / "records.csv", index=False)
+    atomic_write_text(out_dir / "records.csv", df[~is_base].to_csv(index=False))
     if baselines:
-        df[is_base].to_csv(out_dir / "baseline_records.csv", index=False)
+        atomic_write_text(out_dir / "baseline_records.csv", df[is_base].to_csv(index=False))
     md = build_tables(df, out_dir, metrics=chosen, n_boot=n_boot, seed=seed)
     click.echo(md)
     if baselines:
         from medfocus.evaluation.baselines import baselines_markdown, compare_to_baselines, finding_markdown, finding_table
-        from medfocus.evaluation.tables import _atomic_write as atomic_write_text
 
         comp = compare_to_baselines(df, [m for m in chosen if m in ("iou", "f1", "precision", "recall")] or ["iou"],
                                     n_boot=n_boot, seed=seed)

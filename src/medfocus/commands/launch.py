@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import click
 
-from medfocus.errors import ConfigError, MedfocusError
+from medfocus.errors import ConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -120,10 +120,7 @@ def status(out_dir: str) -> None:
     """Per-shard progress and errors of a run started with --launcher local|slurm."""
     from medfocus.runner.launch import shard_status
 
-    try:
-        rows = shard_status(out_dir)
-    except MedfocusError as exc:
-        raise click.ClickException(str(exc)) from None
+    rows = shard_status(out_dir)
     width = max(len(r["output"]) for r in rows) if rows else 6
     click.echo(f"{'shard':>7}  {'model':<20} {'output':<{width}}  {'done':>11}  errors")
     for r in rows:
@@ -142,8 +139,5 @@ def merge(out_dir: str) -> None:
     splits and retention table). Safe to rerun; the launchers do it themselves when all shards finish."""
     from medfocus.runner.launch import merge_outputs
 
-    try:
-        for line in merge_outputs(Path(out_dir)):
-            click.echo(f"merged: {line}")
-    except MedfocusError as exc:
-        raise click.ClickException(str(exc)) from None
+    for line in merge_outputs(Path(out_dir)):
+        click.echo(f"merged: {line}")

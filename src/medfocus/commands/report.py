@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from medfocus.commands.config import config_option
-from medfocus.errors import DataError, MedfocusError
+from medfocus.errors import DataError
 
 EPILOG = """\b
 Examples:
@@ -50,15 +50,12 @@ def report(run_dir, predictions, retention, out, title, gallery, save_figures, f
     """Write one self-contained HTML file (images embedded) with the results tables, retention table,
     plots, sample gallery and MedFocus concept/token views of RUN_DIR."""
     from medfocus.report import build_report
-    from medfocus.runner.store import load_records
+    from medfocus.runner.store import load_results
 
     run = Path(run_dir)
-    try:
-        preds = load_records(Path(predictions) if predictions else run / "predictions.jsonl")
-        ret_path = Path(retention) if retention else (run / "retention.csv")
-        ret = read_table(ret_path) if (retention or ret_path.exists()) else None
-        path = build_report(preds, Path(out) if out else run / "report.html", retention=ret, title=title, gallery=gallery,
-                            figures_dir=run / "figures" if save_figures else None, fig_format=fig_format, dpi=dpi)
-    except MedfocusError as exc:
-        raise click.ClickException(str(exc)) from exc
+    preds = load_results(Path(predictions) if predictions else run / "predictions.jsonl")
+    ret_path = Path(retention) if retention else (run / "retention.csv")
+    ret = read_table(ret_path) if (retention or ret_path.exists()) else None
+    path = build_report(preds, Path(out) if out else run / "report.html", retention=ret, title=title, gallery=gallery,
+                        figures_dir=run / "figures" if save_figures else None, fig_format=fig_format, dpi=dpi)
     click.echo(f"report: {path.resolve()}")

@@ -44,12 +44,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from medfocus.types import BILATERAL, Box, CONCEPTS
+
+if TYPE_CHECKING:  # annotations only: the adapter interface lives in the LVLM layer
+    from medfocus.lvlm.adapter import ChatInputs, LVLMAdapter
 
 TAU = 0.75
 WHOLE_IMAGE = "whole image"
@@ -137,7 +140,7 @@ class InterventionResult:
     keep: torch.Tensor | None = None
 
 
-def intervene(adapter: Any, chat: Any, concept_boxes: Mapping[str, Box], *, baseline: str = "zero",
+def intervene(adapter: LVLMAdapter, chat: ChatInputs, concept_boxes: Mapping[str, Box], *, baseline: str = "zero",
               batch_size: int = 16, region: str = "box", soft_masks: Mapping[str, np.ndarray] | None = None) -> InterventionResult:
     """Score the original and the 15 concept-hidden variants of ``chat`` in one batched pass.
 
@@ -200,7 +203,7 @@ class NestedCheck:
     accepted: bool
 
 
-def nested_winner(adapter: Any, chat: Any, iv: InterventionResult, winner: str, *, tau: float = TAU,
+def nested_winner(adapter: LVLMAdapter, chat: ChatInputs, iv: InterventionResult, winner: str, *, tau: float = TAU,
                   baseline: str = "zero", batch_size: int = 16, containment: float = CONTAINMENT
                   ) -> tuple[str, list[NestedCheck], int]:
     """Apply the ``"nested"`` rule (module docstring) from ``winner`` (the argmax of ``iv``).

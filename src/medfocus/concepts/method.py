@@ -25,23 +25,23 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import numpy as np
 
-from medfocus.concepts import ot
+from medfocus.concepts import uot
 from medfocus.concepts.intervention import REGIONS, RULES, TAU, decide, intervene, nested_winner, variant_boxes
 from medfocus.concepts.reference import SELECT_GRID, TRANSFER_GRID, ReferencePool, cached_pool, default_pool
 from medfocus.concepts.transfer import DEFAULT_ITERATIONS, ConceptTransfer, TransferCache, transfer_concepts
+from medfocus.attribution import _common
 from medfocus.attribution.base import Method, boolean, choice, either, integer, number, obj, optional, path_like
 from medfocus.errors import ConfigError
 from medfocus.types import BILATERAL, Box
 
+if TYPE_CHECKING:  # annotations only: the adapter interface lives in the LVLM layer
+    from medfocus.lvlm.adapter import LVLMAdapter
+
 log = logging.getLogger(__name__)
-
-#: Token heatmaps ``(T, H0, W0)`` are only materialised below this many floats (~256 MB).
-MAX_TOKEN_HEATMAP_ELEMENTS = 64_000_000
-
 
 @dataclass
 class MedFocusResult:
@@ -118,7 +118,8 @@ class MedFocusResult:
 
         T = len(self.answer_tokens)
         H, W = self.heatmap.shape
-        tok = self.token_heatmaps() if T * H * W <= MAX_TOKEN_HEATMAP_ELEMENTS else None
+        # the one memory bound of per-token maps at original resolution, shared with the baselines
+        tok = self.token_heatmaps() if T * H * W <= _common.MAX_TOKEN_MAP_FLOATS else None
         fti = _final_token_index(self.answer_tokens)
         extras: dict[str, Any] = {
             "concept": self.concept, "box": list(self.box), "fallback": self.fallback, "tau": self.tau,
@@ -164,14 +165,14 @@ class MedFocus:
             default core, ``"barycentric"``, 5, 0.05, 0.1; see :func:`~medfocus.concepts.transfer.transfer_concepts`).
         cache: ``True`` (default cache dir), a directory, or ``False``/``None`` (no transfer cache).
         batch_size: variants per forward pass. max_new_tokens: for generating a missing answer.
-        device: device of the OT solver (default: CPU, see :func:`medfocus.concepts.ot.auto_device`).
+        device: device of the OT solver (default: CPU, see :func:`medfocus.concepts.uot.auto_device`).
     """
 
-    def __init__(self, adapter: Any, pool: ReferencePool | str | Path | None = None, *, baseline: str = "zero",
+    def __init__(self, adapter: LVLMAdapter, pool: ReferencePool | str | Path | None = None, *, baseline: str = "zero",
                  region: str = "box", rule: str = "argmax", tau: float = TAU, refine: str = "none", refiner: Any = None, select_grid: int = SELECT_GRID,
                  transfer_grid: int = TRANSFER_GRID, core: float | None = None, mode: str = "barycentric",
-                 iterations: int = DEFAULT_ITERATIONS, epsilon: float = ot.EPSILON,
-                 lam: float = ot.LAMBDA, cache: bool | str | Path | None = True, batch_size: int = 16,
+                 iterations: int = DEFAULT_ITERATIONS, epsilon: float = uot.EPSILON,
+                 lam: float = uot.LAMBDA, cache: bool | str | Path | None = True, batch_size: int = 16,
                  max_new_tokens: int = 128, device: str | None = None) -> None:
         if baseline not in ("zero", "mean"):
             raise ConfigError(f"MedFocus baseline must be 'zero' or 'mean', got {baseline!r}")
@@ -284,8 +285,8 @@ class MedFocusMethod(Method):
     source = "the MedFocus paper's concept intervention; deviation: barycentric UOT transfer by default (README 'Transfer')"
     defaults = {"pool": None, "baseline": "zero", "region": "box", "rule": "argmax", "tau": TAU, "refine": "none", "select_grid": SELECT_GRID,
                 "transfer_grid": TRANSFER_GRID, "core": None, "mode": "barycentric", "iterations": DEFAULT_ITERATIONS,
-                "epsilon": ot.EPSILON,
-                "lam": ot.LAMBDA, "cache": True, "batch_size": 16, "medsam": None}
+                "epsilon": uot.EPSILON,
+                "lam": uot.LAMBDA, "cache": True, "batch_size": 16, "medsam": None}
 
     spec = {"pool": optional(path_like()), "baseline": choice("zero", "mean"), "region": choice(*REGIONS), "rule": choice(*RULES),
             "tau": number(0, 1, lo_open=True), "refine": choice("none", "medsam"), "select_grid": integer(1),
@@ -302,7 +303,7 @@ class MedFocusMethod(Method):
         out["pool_fingerprint"] = _pool_for(str(self.params["pool"]) if self.params.get("pool") else None).fingerprint
         return out
 
-    def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Any) -> Any:
+    def _attribute(self, adapter: LVLMAdapter, image: np.ndarray, question: str, answer: str, counter: Any) -> Any:
         p = dict(self.params)
         pool = _pool_for(str(p.pop("pool")) if p.get("pool") else None)
         p.pop("pool", None)

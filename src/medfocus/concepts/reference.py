@@ -34,8 +34,9 @@ from typing import Any, Iterable, Iterator, Mapping
 import numpy as np
 from PIL import Image
 
-from medfocus.concepts import ot
+from medfocus.concepts import uot
 from medfocus.errors import DataError
+from medfocus.io.atomic import atomic_directory
 from medfocus.types import Box, CONCEPTS, concept_slug
 
 log = logging.getLogger(__name__)
@@ -66,14 +67,14 @@ class Reference:
     _measures: dict[int, tuple[np.ndarray, Any]] = field(default_factory=dict, repr=False)
 
     def measure(self, grid: int) -> tuple[np.ndarray, Any]:
-        """``(mass (grid, grid), letterbox)`` of :func:`medfocus.concepts.ot.image_measure` (memoised)."""
+        """``(mass (grid, grid), letterbox)`` of :func:`medfocus.concepts.uot.image_measure` (memoised)."""
         if grid not in self._measures:
-            self._measures[grid] = ot.image_measure(self.image, grid)
+            self._measures[grid] = uot.image_measure(self.image, grid)
         return self._measures[grid]
 
     def mask_fractions(self, grid: int) -> np.ndarray:
         """``(11, grid, grid)`` fraction of each grid cell covered by each concept mask, on the
-        letterboxed canvas of :func:`~medfocus.concepts.ot.image_measure` (area average)."""
+        letterboxed canvas of :func:`~medfocus.concepts.uot.image_measure` (area average)."""
         _, lb = self.measure(grid)
         k = lb.out_w // grid
         out = np.empty((len(CONCEPTS), grid, grid))
@@ -174,12 +175,12 @@ class ReferencePool:
         references: a target is then not even its own nearest reference. ``debias=False`` ranks
         by the unregularised UOT cost at the entropic plan (``"uot_cost"``).
         """
-        b, _ = ot.image_measure(image, grid)
+        b, _ = uot.image_measure(image, grid)
         a = self.measures(grid)
-        sol = ot.uot_grid(a, b, **uot_kw)
+        sol = uot.uot_grid(a, b, **uot_kw)
         if not debias:
             return sol.costs()["uot_cost"].detach().cpu().numpy()
-        self_sol = ot.uot_grid(a, a, **{**uot_kw, "scale": sol.scale.detach().cpu().numpy()})
+        self_sol = uot.uot_grid(a, a, **{**uot_kw, "scale": sol.scale.detach().cpu().numpy()})
         cost = sol.costs()["objective"] - 0.5 * self_sol.costs()["objective"]
         return cost.detach().cpu().numpy()
 
@@ -323,18 +324,14 @@ def default_pool(cache_dir: str | Path | None = None, *, n: int = 16, seed: int 
         from medfocus.datasets.synthetic import write_reference_pool
 
         log.info("writing the default synthetic reference pool (%d images) to %s", n, out)
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        write_reference_pool(tmp, n=n, seed=seed, size=size)
-        tmp.mkdir(parents=True, exist_ok=True)
-        (tmp / ".complete").write_text("ok\n")
-        import shutil
-
         if out.exists() and not done.is_file():  # left over by a killed writer of an older version
+            import shutil
+
             shutil.rmtree(out, ignore_errors=True)
-        try:
-            os.replace(tmp, out)  # atomic publish; a concurrent writer that won the race keeps its copy
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
+        # Published whole; a concurrent writer that won the race keeps its copy (overwrite=False).
+        with atomic_directory(out, overwrite=False) as tmp:
+            write_reference_pool(tmp, n=n, seed=seed, size=size)
+            (tmp / ".complete").write_text("ok\n")
     return ReferencePool.load(out)
 
 

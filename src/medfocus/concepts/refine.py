@@ -15,9 +15,10 @@ Weights are never downloaded here: :func:`load_medsam` looks in the local Huggin
 a local directory and, when the weights are absent, returns ``None`` after a logged notice, and
 the transfer keeps its OT boxes.
 
-Offline stand-in: the checkpoint name ``"demo"`` loads the shipped demo segmenter
-(:mod:`medfocus.concepts.demo_sam`: a tiny ``SamModel`` trained on the synthetic world, same code
-path) -- for the embedded default only; it knows nothing of real radiographs.
+Offline stand-in: the checkpoint name ``"demo"`` loads the shipped synthetic-world segmenter in
+``concepts/synthetic_sam/`` (a tiny ``SamModel`` trained on the synthetic world by
+:mod:`medfocus.training.demo_segmenter`, same code path) -- for the embedded default only; it knows
+nothing of real radiographs.
 """
 
 from __future__ import annotations
@@ -36,15 +37,15 @@ log = logging.getLogger(__name__)
 MEDSAM_ID = "flaviagiammarino/medsam-vit-base"
 #: Checkpoint name of the shipped demo segmenter (synthetic world only).
 DEMO = "demo"
+#: Folder of the shipped demo segmenter (``medsam="demo"``): a box-prompted SAM for the synthetic world.
+SYNTHETIC_SAM_DIR = Path(__file__).with_name("synthetic_sam")
 _LOADED: dict[str, Any] = {}
 
 
 def resolve_checkpoint(name_or_path: str | Path) -> str:
     """``"demo"`` -> the shipped demo segmenter's folder; anything else unchanged (a hub id or path)."""
     if str(name_or_path) == DEMO:
-        from medfocus.concepts.demo_sam import DEMO_SAM_DIR
-
-        return str(DEMO_SAM_DIR)
+        return str(SYNTHETIC_SAM_DIR)
     return str(name_or_path)
 
 

@@ -5,7 +5,7 @@ Steps for a target image (all geometry on the letterboxed ``224 x 224`` canvas, 
 
 1. select the reference (:meth:`~medfocus.concepts.reference.ReferencePool.select_best`, debiased
    UOT cost at 14 x 14, one batched solve over the pool);
-2. solve UOT reference -> target at the 56 x 56 grid (:func:`medfocus.concepts.ot.uot_grid`);
+2. solve UOT reference -> target at the 56 x 56 grid (:func:`medfocus.concepts.uot.uot_grid`);
 3. push each concept's reference mask (``m_i`` = fraction of reference cell ``i`` inside the mask)
    to the target grid, giving transferred mass ``t_j`` and a soft mask ``s_j`` in ``[0, 1]`` (the
    share of what arrives at target cell ``j`` that comes from the concept). Two ways (``mode``):
@@ -43,8 +43,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,9 +50,10 @@ from typing import Any
 
 import numpy as np
 
-from medfocus.concepts import ot
+from medfocus.concepts import uot
 from medfocus.concepts.reference import SELECT_GRID, TRANSFER_GRID, ReferencePool, cache_root
 from medfocus.errors import ConfigError, DataError
+from medfocus.io.atomic import atomic_save_npz
 from medfocus.types import Box, CONCEPTS
 
 log = logging.getLogger(__name__)
@@ -89,22 +88,13 @@ class ConceptTransfer:
     # ---- persistence (one .npz per image) -------------------------------------------------------
     def save(self, path: str | Path) -> None:
         """Atomic write to ``path`` (.npz)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"boxes": {c: list(b) for c, b in self.boxes.items()}, "reference_id": self.reference_id,
                 "selection_costs": self.selection_costs, "refine": self.refine,
                 "image_size": list(self.image_size), "stats": self.stats}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-        os.close(fd)
-        try:
-            # Exactly what was computed (float32, no rounding): a warm cache must give the same masks,
-            # heatmaps and deltas as a cold one (float16 here once moved deltas by up to 0.025 nats).
-            np.savez_compressed(tmp, meta=np.array(json.dumps(meta)), grid_masses=self.grid_masses,
-                                soft_masks=np.stack([np.asarray(self.soft_masks[c], np.float32) for c in CONCEPTS]))
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        # Exactly what was computed (float32, no rounding): a warm cache must give the same masks,
+        # heatmaps and deltas as a cold one (float16 here once moved deltas by up to 0.025 nats).
+        atomic_save_npz(path, meta=np.array(json.dumps(meta)), grid_masses=self.grid_masses,
+                        soft_masks=np.stack([np.asarray(self.soft_masks[c], np.float32) for c in CONCEPTS]))
 
     @classmethod
     def load(cls, path: str | Path) -> "ConceptTransfer":
@@ -186,7 +176,7 @@ def transfer_with_reference(image: np.ndarray, reference: Any, *, grid: int = TR
         mode: ``"barycentric"`` (default; debiased barycentric push, see the module docstring) or
             ``"plan"`` (push the mask mass through the entropic plan itself).
         iterations: barycentric passes (each re-solves from the reference cells moved so far).
-        uot_kw: passed to :func:`medfocus.concepts.ot.uot_grid` (epsilon, lam, device, ...).
+        uot_kw: passed to :func:`medfocus.concepts.uot.uot_grid` (epsilon, lam, device, ...).
     Returns:
         ``(boxes, soft_masks, grid_masses (11, g, g), stats)`` with boxes/masks in original pixels.
     """
@@ -198,12 +188,12 @@ def transfer_with_reference(image: np.ndarray, reference: Any, *, grid: int = TR
     if int(iterations) < 1:
         raise ConfigError(f"iterations must be >= 1, got {iterations}")
     img = np.asarray(image)
-    b, lb = ot.image_measure(img, grid)
+    b, lb = uot.image_measure(img, grid)
     a, _ = reference.measure(grid)
     fr = reference.mask_fractions(grid)  # (11, g, g)
     stats: dict[str, Any] = {"mode": mode}
     if mode == "plan":
-        sol = ot.uot_grid(a, b, **uot_kw)
+        sol = uot.uot_grid(a, b, **uot_kw)
         stats.update({"ot_iterations": sol.n_iter, "ot_err": sol.err, "cost_scale": float(sol.scale[0])})
         pushed = sol.push(np.concatenate([fr, np.ones((1, grid, grid))]))[0].detach().cpu().numpy()  # (12, g, g)
         t, arriving = pushed[:-1], pushed[-1]
@@ -224,9 +214,9 @@ def transfer_with_reference(image: np.ndarray, reference: Any, *, grid: int = TR
         src = a
         iters = []
         for _ in range(int(iterations)):
-            sol = ot.uot_grid(src, b, **uot_kw)
+            sol = uot.uot_grid(src, b, **uot_kw)
             bary, _ = sol.barycenters()
-            self_sol = ot.uot_grid(src, src, **{**uot_kw, "scale": sol.scale.detach().cpu().numpy()})
+            self_sol = uot.uot_grid(src, src, **{**uot_kw, "scale": sol.scale.detach().cpu().numpy()})
             bary_self, _ = self_sol.barycenters()
             disp = bary[0].detach().cpu().numpy() - bary_self[0].detach().cpu().numpy()  # (2, g, g) displacement
             disp = np.where(np.isfinite(disp), disp, 0.0)  # cells that send no mass do not move
@@ -294,8 +284,8 @@ class TransferCache:
 def transfer_concepts(image: np.ndarray, pool: ReferencePool, *, select_grid: int = SELECT_GRID,
                       transfer_grid: int = TRANSFER_GRID, core: float | None = None, mode: str = "barycentric",
                       iterations: int = DEFAULT_ITERATIONS, refine: str = "none",
-                      refiner: Any = None, cache: TransferCache | None = None, epsilon: float = ot.EPSILON,
-                      lam: float = ot.LAMBDA, device: str | None = None) -> ConceptTransfer:
+                      refiner: Any = None, cache: TransferCache | None = None, epsilon: float = uot.EPSILON,
+                      lam: float = uot.LAMBDA, device: str | None = None) -> ConceptTransfer:
     """Locate the 11 concepts on ``image`` (steps 1-6 of the module docstring).
 
     Args:
@@ -303,7 +293,7 @@ def transfer_concepts(image: np.ndarray, pool: ReferencePool, *, select_grid: in
         pool: the reference pool.
         select_grid, transfer_grid: 14 and 56. core, mode: see the module docstring.
         epsilon, lam: UOT parameters (0.05, 0.1). device: OT device (default CPU: per-image problems
-            are too small for a GPU, see :func:`medfocus.concepts.ot.auto_device`).
+            are too small for a GPU, see :func:`medfocus.concepts.uot.auto_device`).
         refine: ``"none"`` or ``"medsam"``; with ``"medsam"`` the ``refiner`` (a
             :class:`~medfocus.concepts.refine.MedSAMRefiner`, default: loaded from the hub cache)
             refines the boxes; when the weights are absent the step is skipped with a logged notice.
@@ -334,7 +324,7 @@ def transfer_concepts(image: np.ndarray, pool: ReferencePool, *, select_grid: in
             return hit
     uot_kw = {"epsilon": epsilon, "lam": lam, "device": device}
     t0 = time.perf_counter()
-    with ot.cpu_single_thread(device or "cpu"):  # device=None: per-image problems are small -> CPU (ot.auto_device)
+    with uot.cpu_single_thread(device or "cpu"):  # device=None: per-image problems are small -> CPU (uot.auto_device)
         ref, costs = pool.select_best(img, grid=select_grid, **uot_kw)
         t1 = time.perf_counter()
         boxes, softs, t, stats = transfer_with_reference(img, ref, grid=transfer_grid, core=core, mode=mode,

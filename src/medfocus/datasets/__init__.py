@@ -21,12 +21,12 @@ The data root comes from ``--data-root`` or the ``MEDFOCUS_DATA_ROOT`` environme
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 from typing import Any, Callable
 
 from medfocus.errors import ConfigError, DataError
+from medfocus.registry import LazyRegistry
 from medfocus.types import Sample
 
 __all__ = [
@@ -44,13 +44,13 @@ __all__ = [
 DATA_ROOT_ENV = "MEDFOCUS_DATA_ROOT"
 
 #: dataset name -> "module:function" of a loader ``f(root, **kwargs) -> list[Sample]``.
-DATASET_REGISTRY: dict[str, str] = {
+DATASET_REGISTRY: LazyRegistry[Callable[..., list[Sample]]] = LazyRegistry("dataset", {
     "imagenome": "medfocus.datasets.imagenome:load_imagenome",
     "vindr_cxr": "medfocus.datasets.vindr_cxr:load_vindr_cxr",
     "padchest_gr": "medfocus.datasets.padchest_gr:load_padchest_gr",
     "nih_cxr8": "medfocus.datasets.nih_cxr8:load_nih_cxr8",
     "synthetic": "medfocus.datasets.synthetic.dataset:load_synthetic",
-}
+}, normalize=lambda name: name.strip().lower())
 
 #: Other spellings accepted by :func:`canonical_name` (the benchmark's own names included).
 ALIASES: dict[str, str] = {
@@ -73,38 +73,35 @@ ALIASES: dict[str, str] = {
 
 
 def register_dataset(name: str, target: str | Callable[..., list[Sample]], *, overwrite: bool = False) -> None:
-    """Register a loader under ``name`` (a ``"module:function"`` string or a callable)."""
-    key = name.strip().lower()
-    if key in DATASET_REGISTRY and not overwrite:
-        raise ConfigError(f"dataset {name!r} is already registered")
-    DATASET_REGISTRY[key] = target  # type: ignore[assignment]
+    """Register a loader under ``name`` (a ``"module:function"`` string or a callable).
+
+    Raises:
+        ConfigError: ``name`` is taken and ``overwrite`` is false.
+    """
+    DATASET_REGISTRY.register(name, target, overwrite=overwrite)
 
 
-def list_datasets() -> list[str]:
-    """Registered dataset names, sorted."""
-    return sorted(DATASET_REGISTRY)
+def list_datasets() -> dict[str, str]:
+    """``{name: loader}`` (the ``"module:function"`` or the callable's name), sorted by name."""
+    return {n: _describe(DATASET_REGISTRY[n]) for n in DATASET_REGISTRY.names()}
+
+
+def _describe(target: Any) -> str:
+    return target if isinstance(target, str) else f"{getattr(target, '__module__', '?')}:{getattr(target, '__qualname__', repr(target))}"
 
 
 def canonical_name(name: str) -> str:
     """Map any accepted spelling (``"VinDR-CXR-Attr"``, ``"vindr-cxr"``...) to the registry key."""
-    key = str(name).strip().lower()
+    key = DATASET_REGISTRY.key(name)
     key = ALIASES.get(key, key)
     if key not in DATASET_REGISTRY:
-        raise ConfigError(f"unknown dataset {name!r}; expected one of {list_datasets()}")
+        raise ConfigError(f"unknown dataset {name!r}; expected one of {DATASET_REGISTRY.names()}")
     return key
 
 
 def get_loader(name: str) -> Callable[..., list[Sample]]:
     """The loader function of a dataset (imported lazily)."""
-    key = canonical_name(name)
-    target: Any = DATASET_REGISTRY[key]
-    if callable(target):
-        return target
-    module, _, attr = str(target).partition(":")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"dataset {key!r} loader {target!r} is unavailable: {exc}") from exc
+    return DATASET_REGISTRY.resolve(canonical_name(name))
 
 
 def resolve_data_root(data_root: str | os.PathLike | None = None, *, required: bool = True) -> Path | None:

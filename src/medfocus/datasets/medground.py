@@ -27,6 +27,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from medfocus.datasets._common import load_json
 from medfocus.errors import DataError
+from medfocus.io.atomic import atomic_write
+from medfocus.io.jsonl import read_jsonl_numbered
 from medfocus.types import Sample
 
 __all__ = [
@@ -148,6 +150,22 @@ def parse_record(obj: Mapping[str, Any], *, where: str = "record") -> BenchRecor
                        predictions=preds, extra=extra)
 
 
+def _record_objects(path: str | os.PathLike) -> list[tuple[str, Any]]:
+    """``[(where, object), ...]`` of a records file: a JSON list (or ``{"records": [...]}``), or JSON
+    lines read by :mod:`medfocus.io.jsonl` (an interrupted last line is ignored)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"benchmark file {p} not found: it does not exist (build one with `medfocus bench build`)")
+    if p.suffix == ".jsonl":
+        return [(f"{p} line {lineno}", obj) for lineno, obj in read_jsonl_numbered(p)[0]]
+    data = load_json(p)
+    if isinstance(data, Mapping) and isinstance(data.get("records"), list):
+        data = data["records"]
+    if not isinstance(data, list):
+        raise DataError(f"{p}: expected a JSON list of records, got {type(data).__name__}")
+    return [(f"{p} record #{i}", o) for i, o in enumerate(data)]
+
+
 def load_records(path: str | os.PathLike) -> list[BenchRecord]:
     """Load records from a JSON list (``direct.json`` / ``reasoning.json``) or a JSONL file.
 
@@ -155,25 +173,7 @@ def load_records(path: str | os.PathLike) -> list[BenchRecord]:
         DataError: missing file, invalid JSON, or an invalid record (naming the file, record number
             and field); duplicate ``(model, dataset, index, mode)`` keys.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"benchmark records file {p} not found")
-    if p.suffix == ".jsonl":
-        objs = []
-        with open(p, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if line.strip():
-                    try:
-                        objs.append((f"{p} line {lineno}", json.loads(line)))
-                    except json.JSONDecodeError as exc:
-                        raise DataError(f"{p} line {lineno}: invalid JSON ({exc})") from exc
-    else:
-        data = load_json(p)
-        if isinstance(data, Mapping) and isinstance(data.get("records"), list):
-            data = data["records"]
-        if not isinstance(data, list):
-            raise DataError(f"{p}: expected a JSON list of records, got {type(data).__name__}")
-        objs = [(f"{p} record #{i}", o) for i, o in enumerate(data)]
+    objs = _record_objects(path)
     records = [parse_record(o, where=w) for w, o in objs]
     seen: dict[tuple, str] = {}
     for (w, _), r in zip(objs, records):
@@ -188,18 +188,13 @@ def load_records(path: str | os.PathLike) -> list[BenchRecord]:
 def write_records(records: Iterable[BenchRecord | Mapping[str, Any]], path: str | os.PathLike) -> Path:
     """Write records in the public schema: a JSON list (``.json``) or JSON lines (``.jsonl``); atomic."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     dicts = [r.to_dict() if isinstance(r, BenchRecord) else dict(r) for r in records]
-    tmp = p.with_name(p.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_write(p, "w") as fh:
         if p.suffix == ".jsonl":
             for d in dicts:
                 fh.write(json.dumps(d) + "\n")
         else:
             json.dump(dicts, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, p)
     return p
 
 

@@ -23,10 +23,8 @@ Entries are imported lazily so that e.g. ``radedit`` (diffusers) costs nothing u
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
-import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -34,7 +32,9 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from medfocus.errors import ConfigError, DataError
+from medfocus.io.atomic import atomic_write_bytes
 from medfocus.io.paths import safe_filename
+from medfocus.registry import LazyRegistry
 from medfocus.types import Box, Sample
 
 #: The three edits of the causal filter, in the order the filter makes them.
@@ -198,28 +198,32 @@ class Editor(ABC):
 
 
 # ---- registry ----------------------------------------------------------------------------------
-_REGISTRY: dict[str, str | Callable[..., Editor]] = {
+_REGISTRY: LazyRegistry[Callable[..., Editor]] = LazyRegistry("editor", {
     "oracle": "medfocus.editing.oracle:OracleEditor",
     "inpaint": "medfocus.editing.inpaint:InpaintEditor",
     "inpaint_telea": "medfocus.editing.inpaint:InpaintEditor",
     "inpaint_ns": "medfocus.editing.inpaint:InpaintEditor",
     "transplant": "medfocus.editing.transplant:TransplantEditor",
     "radedit": "medfocus.editing.radedit:RadEditEditor",
-}
+})
 _DEFAULT_KW: dict[str, dict[str, Any]] = {
     "inpaint_telea": {"method": "telea"},
     "inpaint_ns": {"method": "ns"},
 }
 
 
-def register_editor(name: str, factory: str | Callable[..., Editor]) -> None:
-    """Register an editor class/factory (or a lazy ``"module:attr"`` path) under ``name``."""
-    _REGISTRY[name] = factory
+def register_editor(name: str, factory: str | Callable[..., Editor], *, overwrite: bool = False) -> None:
+    """Register an editor class/factory (or a lazy ``"module:attr"`` path) under ``name``.
+
+    Raises:
+        ConfigError: ``name`` is taken and ``overwrite`` is false.
+    """
+    _REGISTRY.register(name, factory, overwrite=overwrite)
 
 
-def list_editors() -> list[str]:
-    """Registered editor names."""
-    return sorted(_REGISTRY)
+def list_editors() -> dict[str, dict[str, Any]]:
+    """``{name: default keyword arguments}`` of every registered editor, sorted by name."""
+    return {n: dict(_DEFAULT_KW.get(n, {})) for n in _REGISTRY.names()}
 
 
 def get_editor(name: str, **kwargs: Any) -> Editor:
@@ -228,15 +232,8 @@ def get_editor(name: str, **kwargs: Any) -> Editor:
     Raises:
         ConfigError: unknown name.
     """
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown editor {name!r}; available: {', '.join(list_editors())}")
-    factory = _REGISTRY[name]
-    if isinstance(factory, str):
-        module, attr = factory.split(":")
-        factory = getattr(importlib.import_module(module), attr)
-    kw = {**_DEFAULT_KW.get(name, {}), **kwargs}
-    editor = factory(**kw)
-    return editor
+    factory = _REGISTRY.resolve(name)
+    return factory(**{**_DEFAULT_KW.get(name, {}), **kwargs})
 
 
 # ---- on-disk cache ----------------------------------------------------------------------------
@@ -272,17 +269,10 @@ class EditCache:
         import cv2
 
         p = self.path(*key)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".png", dir=p.parent)
-        os.close(fd)
-        try:
-            if not cv2.imwrite(tmp, np.ascontiguousarray(image, dtype=np.uint8)):
-                raise DataError(f"could not write cached edit {p}")
-            os.replace(tmp, p)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return p
+        ok, png = cv2.imencode(".png", np.ascontiguousarray(image, dtype=np.uint8))
+        if not ok:
+            raise DataError(f"could not encode cached edit {p}")
+        return atomic_write_bytes(p, png.tobytes())
 
     def get_or_edit(self, editor: Editor, image: np.ndarray, mask: np.ndarray, *, sample: Sample, kind: str,
                     prompt: str) -> np.ndarray:

@@ -3,7 +3,7 @@
 For a target image and an edit mask:
 
 1. every *normal* reference X-ray of a pool is aligned to the target in two ways: by the
-   unbalanced-OT correspondence of :mod:`medfocus.concepts.ot` (barycentric map of the plan between
+   unbalanced-OT correspondence of :mod:`medfocus.concepts.uot` (barycentric map of the plan between
    the two images' intensity masses, :func:`uot_warps`; used when that module is importable) and by
    an affine fit of the lung fields (landmarks = corners of the 2nd-98th-percentile extent and
    centroid of each lung, estimated the same way on both images by :func:`estimate_lung_fields`,
@@ -121,7 +121,7 @@ def uot_warps(references: Sequence[np.ndarray], image: np.ndarray, *, grid: int 
               lam: float = 1.0) -> list[np.ndarray]:
     """Warp reference images onto ``image`` by the barycentric map of an unbalanced OT plan.
 
-    One batched :func:`medfocus.concepts.ot.uot_grid` solve (references -> target, image masses on
+    One batched :func:`medfocus.concepts.uot.uot_grid` solve (references -> target, image masses on
     a ``grid x grid`` lattice of the letterboxed canvas). For every target cell ``j`` the matched
     source position is the plan's barycentre ``sum_i x_i T_ij / sum_i T_ij``; cells that receive
     (almost) no mass map to themselves. The cell map is interpolated to every target pixel and the
@@ -134,26 +134,24 @@ def uot_warps(references: Sequence[np.ndarray], image: np.ndarray, *, grid: int 
         image: ``(H, W)`` uint8 target.
     Returns:
         one ``(H, W)`` uint8 warped image per reference.
-    Raises:
-        ImportError: :mod:`medfocus.concepts.ot` is not available.
     """
     import cv2
 
-    from medfocus.concepts import ot  # noqa: PLC0415 - optional: owned by the MedFocus module
+    from medfocus.concepts import uot  # the MedFocus solver (editing sits above concepts)
 
     import torch
 
-    b, lbt = ot.image_measure(image, grid)
+    b, lbt = uot.image_measure(image, grid)
     cell = lbt.out_w / grid
     c = (np.arange(grid) + 0.5) * cell
     X, Y = np.meshgrid(c, c)
-    measures = [ot.image_measure(r, grid) for r in references]
+    measures = [uot.image_measure(r, grid) for r in references]
     # The grid solver's operations are tiny (batched 56 x 56 products): extra threads only add
     # synchronisation cost (measured 6x slower with 2 threads on a loaded 2-core machine).
     prev = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        sol = ot.uot_grid(np.stack([m for m, _ in measures]), b, epsilon=epsilon, lam=lam, device="cpu")
+        sol = uot.uot_grid(np.stack([m for m, _ in measures]), b, epsilon=epsilon, lam=lam, device="cpu")
         pushed = sol.push(np.stack([X, Y, np.ones_like(X)])).detach().cpu().numpy()  # (B, 3, g, g)
     finally:
         torch.set_num_threads(prev)
@@ -212,7 +210,7 @@ class TransplantEditor(Editor):
         reference_dir: reference pool folder (``images/`` + ``masks/``).
         references: alternatively, the references themselves.
         feather: blend ramp width in pixels, inside the mask.
-        aligner: ``"auto"`` (UOT when :mod:`medfocus.concepts.ot` offers it, else affine),
+        aligner: ``"auto"`` (the affine alignments and the UOT alignment of the best one, whichever matches better; see :meth:`choose`),
             ``"uot"`` or ``"affine"``.
         match_size: side of the downsampled images used to pick the best reference.
     """
@@ -281,12 +279,7 @@ class TransplantEditor(Editor):
         return np.clip((w - w.mean()) * gain + t.mean(), 0, 255)
 
     def _uot_candidates(self, refs: list[Reference], image: np.ndarray) -> list[tuple[Reference, str, np.ndarray]]:
-        try:
-            warped = uot_warps([r.image for r in refs], image, epsilon=self.uot_epsilon, lam=self.uot_lam)
-        except ImportError:
-            if self.aligner == "uot":
-                raise ConfigError("aligner='uot' needs medfocus.concepts.ot, which is not available") from None
-            return []
+        warped = uot_warps([r.image for r in refs], image, epsilon=self.uot_epsilon, lam=self.uot_lam)
         return [(r, "uot", self._match(w, image)) for r, w in zip(refs, warped)]
 
     def choose(self, image: np.ndarray, mask: np.ndarray) -> tuple[Reference, str, np.ndarray]:

@@ -29,7 +29,6 @@ could not be read, :mod:`medfocus.lvlm.box_text`) is not scored as an empty pred
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -42,45 +41,57 @@ from medfocus.datasets._common import check_box, clip_boxes, parse_box_text
 from medfocus.errors import DataError
 from medfocus.evaluation.boxes import heatmap_to_boxes
 from medfocus.evaluation.metrics import auprc, energy_pointing_game, pointing_game, union_box_metrics
+from medfocus.io.jsonl import latest_by_key, read_jsonl_numbered
 
-__all__ = ["evaluate_records", "evaluate_record", "read_prediction_records", "load_heatmap", "METRIC_COLUMNS", "KEY_COLUMNS"]
+__all__ = ["evaluate_records", "evaluate_record", "read_prediction_records", "record_key", "KEY_FIELDS", "load_heatmap", "METRIC_COLUMNS", "KEY_COLUMNS"]
 
 KEY_COLUMNS = ("model", "dataset", "mode", "method", "index")
 METRIC_COLUMNS = ("iou", "f1", "precision", "recall", "pointing_game", "energy_pg", "auprc")
 
 
+Key = tuple[str, str, int, str, str]
+"""``(model, dataset, index, mode, method)``: one result record per key in a result file."""
+
+KEY_FIELDS: tuple[str, ...] = ("model", "dataset", "index", "mode", "method")
+
+
+def record_key(record: Mapping[str, Any], *, where: str = "result record") -> Key:
+    """The key of a result record; raises :class:`DataError` naming ``where`` and the missing field."""
+    try:
+        return (
+            str(record["model"]),
+            str(record["dataset"]),
+            int(record["index"]),
+            str(record["mode"]),
+            str(record["method"]),
+        )
+    except KeyError as exc:
+        raise DataError(f"{where} lacks key field {exc.args[0]!r}; expected fields {KEY_FIELDS}") from None
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: field 'index' must be an integer, got {record['index']!r}") from None
+
+
 def read_prediction_records(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read a prediction JSONL (blank lines skipped). Each record gets ``_base_dir`` = the file's folder.
+    """The records of a result file (a store or a prediction JSONL), the one rule for every reader.
+
+    Read by :func:`medfocus.io.jsonl.read_jsonl_numbered` (an interrupted last line is ignored, a
+    damaged complete line raises), then one record per key, the *last* written (a record written by
+    ``--retry-errors`` replaces the error it retries), in the order keys first appear. Each record
+    gets ``_base_dir`` (the file's folder, for relative heatmap paths) and ``_where`` (file and line).
 
     Raises:
-        DataError: missing file, a line that is not UTF-8, or a line that is not a JSON object (naming
-            file and line).
+        DataError: missing file, a damaged line (not UTF-8, not JSON, nested too deeply, not an object)
+            or a record without a key field (naming file and line).
     """
     p = Path(path)
     if not p.is_file():
         raise DataError(f"prediction file {p} not found")
-    out = []
-    with open(p, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataError(f"{p} line {lineno}: not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}); "
-                                "prediction files are UTF-8 JSON lines") from None
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{p} line {lineno}: not valid JSON ({exc})") from exc
-            except RecursionError:
-                raise DataError(f"{p} line {lineno}: JSON nested too deeply to be a prediction record") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{p} line {lineno}: expected a JSON object, got {type(rec).__name__}")
-            rec.setdefault("_base_dir", str(p.parent))
-            rec.setdefault("_where", f"{p} line {lineno}")
-            out.append(rec)
-    return out
+    numbered, _ = read_jsonl_numbered(p)
+    for lineno, rec in numbered:
+        rec.setdefault("_base_dir", str(p.parent))
+        rec.setdefault("_where", f"{p} line {lineno}")
+    latest = latest_by_key((rec for _, rec in numbered), lambda rec: record_key(rec, where=str(rec["_where"])))
+    return list(latest.values())
 
 
 def load_heatmap(path: str | os.PathLike, *, required: bool = True) -> np.ndarray | None:

@@ -17,6 +17,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from medfocus.io.atomic import atomic_write_text
+
 __all__ = ["bootstrap_ci", "summarize", "build_tables", "METHOD_ORDER", "DATASET_ORDER", "METRIC_LABELS"]
 
 #: Row order (the paper's method families, then MedFocus); unknown methods follow alphabetically.
@@ -224,12 +226,6 @@ def build_tables(
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(df, metrics, n_boot=n_boot, ci=ci, seed=seed)
     md = to_markdown(summary, metrics, decimals=decimals)
-    _atomic_write(out / "table.csv", summary.to_csv(index=False))
-    _atomic_write(out / "table.md", md)
+    atomic_write_text(out / "table.csv", summary.to_csv(index=False))
+    atomic_write_text(out / "table.md", md)
     return md
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -6,8 +6,9 @@ does not import transformers.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from typing import TYPE_CHECKING
+
+from medfocus.registry import lazy_exports
 
 _EXPORTS = {
     "LVLMAdapter": "medfocus.lvlm.adapter",
@@ -25,10 +26,29 @@ _EXPORTS = {
     "generate_answers": "medfocus.lvlm.generation",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "ChatInputs",
+    "LVLMAdapter",
+    "ModelEntry",
+    "answer_logprobs",
+    "build_tiny",
+    "generate_answers",
+    "get_entry",
+    "list_models",
+    "load_lvlm",
+    "parse_boxes",
+    "parse_yes_no",
+    "register",
+    "score_chat",
+]
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'medfocus.lvlm' has no attribute {name!r}")
+if TYPE_CHECKING:  # the same names, for IDEs, type checkers and help()
+    from medfocus.lvlm.adapter import ChatInputs, LVLMAdapter
+    from medfocus.lvlm.answers import parse_yes_no
+    from medfocus.lvlm.box_text import parse_boxes
+    from medfocus.lvlm.generation import generate_answers
+    from medfocus.lvlm.loading import load_lvlm
+    from medfocus.lvlm.registry import ModelEntry, get_entry, list_models, register
+    from medfocus.lvlm.scoring import answer_logprobs, score_chat
+    from medfocus.lvlm.tiny import build_tiny

@@ -182,7 +182,7 @@ def load_lvlm(name_or_path: str | os.PathLike, device: str | torch.device | None
         raise ModelError(f"unknown model {name!r}: not a registry name ({', '.join(sorted(list_models()))}), "
                          f"not an existing folder, and not an HF id of the form 'owner/name'")
     if entry is not None and entry.name == "demo" and not (Path(path) / "config.json").is_file():
-        raise ModelError(f"the demo model has no weights at {path} yet; build them with `medfocus train-demo`")
+        raise ModelError(f"the demo model has no weights at {path} yet; build them with `medfocus train-demo --out {path}`")
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from medfocus.errors import ConfigError
+from medfocus.registry import LazyRegistry
 
 #: config.json ``model_type`` -> adapter family.
 MODEL_TYPE_TO_FAMILY: dict[str, str] = {
@@ -71,7 +72,7 @@ _BUILTIN: dict[str, ModelEntry] = {
     )
 }
 
-_USER: dict[str, ModelEntry] = {}
+_USER: LazyRegistry[ModelEntry] = LazyRegistry("model")
 
 
 def user_registry_path() -> Path:
@@ -156,10 +157,14 @@ def _read_user() -> tuple[dict[str, ModelEntry], str | None]:
 
 
 def register(entry: ModelEntry, *, overwrite: bool = False) -> None:
-    """Add a model entry at runtime."""
-    if not overwrite and entry.name in list_models():
-        raise ConfigError(f"model {entry.name!r} is already registered")
-    _USER[entry.name] = entry
+    """Add a model entry at runtime.
+
+    Raises:
+        ConfigError: the name is taken (built-in, user file or runtime) and ``overwrite`` is false.
+    """
+    # The same refusal rule as every registry, checked against everything already visible.
+    LazyRegistry("model", list_models()).register(entry.name, entry, overwrite=overwrite)
+    _USER.register(entry.name, entry, overwrite=True)
 
 
 def list_models() -> dict[str, ModelEntry]:

@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from medfocus.io.atomic import atomic_write_bytes, atomic_write_text
 from medfocus.io.paths import safe_filename
 from medfocus.report import figures
 
@@ -388,7 +389,7 @@ def build_report(
             data = png if fig_format == "png" else figures.render(fig, fig_format, dpi)
             # Figure names carry record fields (mode, dataset, model, index): one sanitiser makes each a
             # single safe path component, so a crafted field cannot write outside ``figures_dir``.
-            (fig_dir / f"{safe_filename('_'.join(str(p) for p in name_parts))}.{fig_format}").write_bytes(data)
+            atomic_write_bytes(fig_dir / f"{safe_filename('_'.join(str(p) for p in name_parts))}.{fig_format}", data)
         return png
 
     models = list(dict.fromkeys(r["model"] for r in preds))
@@ -546,7 +547,5 @@ def build_report(
         ctx["failures"] = frame_table_data(pd.DataFrame(rows))
 
     doc = _env().get_template("report.html.jinja").render(**ctx)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(doc, encoding="utf-8")
-    tmp.replace(out)
+    atomic_write_text(out, doc)
     return out

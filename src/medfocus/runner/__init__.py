@@ -12,7 +12,7 @@ from medfocus.runner.grid import (
     select_items,
     shard_of,
 )
-from medfocus.runner.store import ResultStore, atomic_save_npz, load_records, merge_stores, record_key
+from medfocus.runner.store import ResultStore, atomic_save_npz, load_results, merge_stores, record_key
 
 __all__ = [
     "ResultStore",
@@ -21,7 +21,7 @@ __all__ = [
     "atomic_save_npz",
     "item_seed",
     "items_from_benchmark",
-    "load_records",
+    "load_results",
     "merge_stores",
     "parse_shard",
     "raw_answers_for_split",

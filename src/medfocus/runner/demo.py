@@ -26,19 +26,20 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TYPE_CHECKING
 
 from medfocus.errors import ConfigError, DataError
+from medfocus.io.atomic import atomic_write_text
 
-#: Keys of the MedFocus method's parameters that name the reference pool folder (first one found wins).
-_POOL_KEYS = ("pool", "reference_pool", "pool_dir", "reference_dir", "references")
+if TYPE_CHECKING:  # annotations only: the adapter interface lives in the LVLM layer
+    from medfocus.lvlm.adapter import LVLMAdapter
 
 #: The detector ``prompting_medsam`` uses in the demo: the offline anatomy-grounded stand-in (the paper's
 #: OWL-ViT needs weights that cannot be downloaded here; see :class:`medfocus.attribution.prompting.PromptingMedSAM`).
 DEMO_PROMPTING_DETECTOR = "anatomy"
 
 #: The box-prompted segmenter of the demo: the shipped demo SamModel trained on the synthetic world
-#: (:mod:`medfocus.concepts.demo_sam`), standing in for MedSAM whose weights cannot be fetched here.
+#: (``concepts/synthetic_sam``, trained by :mod:`medfocus.training.demo_segmenter`), standing in for MedSAM whose weights cannot be fetched here.
 DEMO_SEGMENTER = "demo"
 
 #: MedFocus settings of the demo: refined concept masks hidden as masks, nested rule (the setting that
@@ -106,13 +107,13 @@ def _write_data(cfg: DemoConfig, data_dir: Path, ref_dir: Path, log: Callable[[s
             kw["cue_rate"] = cfg.cue_rate
         log(f"[data] writing {cfg.n_samples} synthetic cases to {data_dir}")
         write_dataset(data_dir, cfg.n_samples, cfg.seed, **kw)
-        stamp.write_text(json.dumps(params))
+        atomic_write_text(stamp, json.dumps(params))
     ref_stamp = ref_dir / ".demo_params.json"
     ref_params = {"n": cfg.n_reference, "seed": cfg.seed + 1, "size": cfg.size}
     if not (ref_stamp.exists() and json.loads(ref_stamp.read_text()) == ref_params):
         log(f"[data] writing {cfg.n_reference} normal reference phantoms to {ref_dir}")
         write_reference_pool(ref_dir, n=cfg.n_reference, seed=cfg.seed + 1, size=cfg.size)
-        ref_stamp.write_text(json.dumps(ref_params))
+        atomic_write_text(ref_stamp, json.dumps(ref_params))
     samples = load_synthetic(data_dir)
     if not samples:
         raise DataError(f"the synthetic dataset in {data_dir} has no samples")
@@ -129,14 +130,9 @@ def _segmenter_phrase(medsam: Any) -> str:
 
 
 def _method_params(cfg: DemoConfig, methods: Sequence[str], ref_dir: Path) -> dict[str, dict[str, Any]]:
-    from medfocus.attribution import list_methods
-
-    defaults = list_methods()
     params = {m: dict(cfg.method_params.get(m, {})) for m in methods}
     if "medfocus" in params:
-        key = next((k for k in _POOL_KEYS if k in defaults.get("medfocus", {})), None)
-        if key is not None and key not in params["medfocus"]:
-            params["medfocus"][key] = str(ref_dir)
+        params["medfocus"].setdefault("pool", str(ref_dir))  # MedFocusMethod's reference-pool parameter
         # MedSAM cannot be fetched offline: the demo refines the transferred concepts with the shipped
         # demo segmenter (same SamModel code path) and uses masks + the nested rule, unless the caller
         # chose otherwise.
@@ -150,8 +146,7 @@ def _method_params(cfg: DemoConfig, methods: Sequence[str], ref_dir: Path) -> di
         if "detector" not in pm:
             pm["detector"] = DEMO_PROMPTING_DETECTOR
         if pm["detector"] == "anatomy":
-            if "pool" in defaults.get("prompting_medsam", {}) and "pool" not in pm:
-                pm["pool"] = str(ref_dir)
+            pm.setdefault("pool", str(ref_dir))
             pm.setdefault("medsam", DEMO_SEGMENTER)
     return params
 
@@ -162,7 +157,7 @@ def run_demo(
     *,
     progress: bool = True,
     log: Callable[[str], None] = _log_default,
-    adapter: Any | None = None,
+    adapter: LVLMAdapter | None = None,
 ) -> dict[str, Any]:
     """Run the whole demo pipeline (module docstring) and return a summary dict with the output paths,
     per-step seconds, retention rows and the number of records/errors.
@@ -215,14 +210,14 @@ def run_demo(
                                          max_new_tokens=cfg.max_new_tokens)
             splits[(editor_name, mode)] = records
     retention = pd.concat([retention_table(out / "bench" / e) for e in cfg.editors], ignore_index=True)
-    retention.to_csv(out / "retention.csv", index=False)
-    (out / "retention.md").write_text(retention_markdown(retention), encoding="utf-8")
+    atomic_write_text(out / "retention.csv", retention.to_csv(index=False))
+    atomic_write_text(out / "retention.md", retention_markdown(retention))
     step("bench", t0)
 
     # 4. attribute
     from medfocus.bench import split_paths
     from medfocus.runner.grid import items_from_benchmark, raw_answers_for_split, run_grid
-    from medfocus.runner.store import ResultStore, load_records
+    from medfocus.runner.store import ResultStore, load_results
 
     t0 = time.perf_counter()
     if cfg.methods:
@@ -260,7 +255,7 @@ def run_demo(
 
     t0 = time.perf_counter()
     item_keys = {(it.model, it.dataset, it.index, it.mode) for it in items}
-    preds = [r for r in load_records(out / "predictions.jsonl")
+    preds = [r for r in load_results(out / "predictions.jsonl")
              if (r["model"], r["dataset"], int(r["index"]), r["mode"]) in item_keys and r["method"] in methods]
     from medfocus.evaluation.baselines import trivial_baseline_records
 
@@ -309,5 +304,5 @@ def run_demo(
         "prompting_medsam_detector": pm_detector,
         "table": table_md,
     }
-    (out / "timings.json").write_text(json.dumps({k: result[k] for k in ("timings", "n_records", "n_errors", "config")}, indent=1))
+    atomic_write_text(out / "timings.json", json.dumps({k: result[k] for k in ("timings", "n_records", "n_errors", "config")}, indent=1))
     return result

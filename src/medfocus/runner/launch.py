@@ -110,7 +110,7 @@ class Manifest:
     merged_into: list[str] = field(default_factory=list)
 
     def save(self) -> Path:
-        from medfocus.bench.build import atomic_write_text
+        from medfocus.io.atomic import atomic_write_text
 
         path = Path(self.out) / LAUNCH_DIR / MANIFEST_NAME
         path.parent.mkdir(parents=True, exist_ok=True)

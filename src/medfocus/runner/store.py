@@ -16,38 +16,22 @@ shards of a run write separate files and are combined with :func:`merge_stores`.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import numpy as np
 
 from medfocus.errors import ConfigError, DataError
+from medfocus.evaluation.records import KEY_FIELDS, Key, read_prediction_records, record_key
+from medfocus.io.atomic import atomic_save_npz
+from medfocus.io.jsonl import append_jsonl, iter_jsonl, read_jsonl, trim_partial_tail
 from medfocus.io.locks import acquire_lock, remove_orphaned_tmp
 from medfocus.io.paths import safe_filename
 
-Key = tuple[str, str, int, str, str]
-"""``(model, dataset, index, mode, method)``."""
-
-KEY_FIELDS: tuple[str, ...] = ("model", "dataset", "index", "mode", "method")
-
-
-def record_key(record: dict[str, Any]) -> Key:
-    """The store key of a record; raises :class:`DataError` naming the missing field."""
-    try:
-        return (
-            str(record["model"]),
-            str(record["dataset"]),
-            int(record["index"]),
-            str(record["mode"]),
-            str(record["method"]),
-        )
-    except KeyError as exc:
-        raise DataError(f"result record lacks key field {exc.args[0]!r}; expected fields {KEY_FIELDS}") from None
-
+__all__ = ["ResultStore", "load_results", "merge_stores", "record_key", "key_slug", "to_jsonable", "atomic_save_npz",
+           "read_jsonl", "iter_jsonl", "KEY_FIELDS", "Key"]
 
 def key_slug(key: Key) -> str:
     """A file-name-safe string for a key, e.g. ``demo__synthetic__12__direct__occlusion``."""
@@ -80,79 +64,6 @@ def to_jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def _fsync_dir(path: Path) -> None:
-    # Make a rename durable: fsync the directory entry (not supported on every platform).
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_save_npz(path: str | Path, **arrays: np.ndarray) -> Path:
-    """Write ``np.savez_compressed(path, **arrays)`` atomically: readers see the old file or the new one.
-
-    The data go to a temporary file in the same directory, which is fsync-ed and renamed over
-    ``path``. Returns ``path``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz.tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez_compressed(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def read_jsonl(path: str | Path) -> tuple[list[dict[str, Any]], int]:
-    """Read a result JSONL file. Returns ``(records, valid_bytes)``.
-
-    ``valid_bytes`` is the length of the prefix made of complete, valid lines. Only the *last* line
-    may be damaged (a write interrupted by a kill); damage elsewhere raises :class:`DataError` with the
-    line number, because it means the file was edited or corrupted, not interrupted.
-    """
-    path = Path(path)
-    records: list[dict[str, Any]] = []
-    if not path.exists():
-        return records, 0
-    data = path.read_bytes()
-    pos = 0
-    lineno = 0
-    while pos < len(data):
-        nl = data.find(b"\n", pos)
-        lineno += 1
-        if nl < 0:  # unterminated tail: an interrupted append
-            return records, pos
-        raw = data[pos:nl]
-        if raw.strip():
-            try:
-                rec = json.loads(raw)
-                if not isinstance(rec, dict):
-                    raise ValueError("not a JSON object")
-            except ValueError as exc:
-                if data[nl + 1 :].strip():
-                    raise DataError(f"{path}: line {lineno} is not a valid JSON record ({exc})") from None
-                return records, pos
-            records.append(rec)
-        pos = nl + 1
-    return records, pos
-
-
 class ResultStore:
     """Append-only JSONL store of result records (see module docstring).
 
@@ -172,15 +83,9 @@ class ResultStore:
         self._lock_fh = None
         if lock:
             self._acquire_lock()
-        records, valid = read_jsonl(self.path)
-        if self.path.exists() and valid != self.path.stat().st_size:
-            # Cut the interrupted tail so the next append starts on a fresh line.
-            with open(self.path, "r+b") as fh:
-                fh.truncate(valid)
-                fh.flush()
-                os.fsync(fh.fileno())
+        trim_partial_tail(self.path)  # cut an interrupted append so the next one starts on a fresh line
         self._records: dict[Key, dict[str, Any]] = {}
-        for rec in records:
+        for rec in read_jsonl(self.path)[0]:
             self._records[record_key(rec)] = rec  # later lines supersede earlier ones (retries)
         self._fh = open(self.path, "ab")
 
@@ -222,10 +127,7 @@ class ResultStore:
             raise ConfigError(f"result store {self.path} is closed")
         rec = to_jsonable(record)
         key = record_key(rec)
-        line = (json.dumps(rec, separators=(",", ":"), allow_nan=False) + "\n").encode("utf-8")
-        self._fh.write(line)
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        append_jsonl(self._fh, rec, separators=(",", ":"), allow_nan=False)
         self._records[key] = rec
 
     def heatmap_path(self, key: Key) -> Path:
@@ -263,25 +165,24 @@ class ResultStore:
             pass
 
 
-def load_records(path: str | Path, *, absolute_paths: bool = True) -> list[dict[str, Any]]:
+def load_results(path: str | Path, *, absolute_paths: bool = True) -> list[dict[str, Any]]:
     """Read a store file without locking it: one record per key (latest wins), key-sorted.
 
-    With ``absolute_paths`` every ``heatmap_path`` is made absolute (relative to the file's directory),
-    so the records can be handed to the evaluation from any working directory.
+    The same reader as ``medfocus evaluate`` (:func:`medfocus.evaluation.read_prediction_records`), so
+    both see the same records. With ``absolute_paths`` every ``heatmap_path`` is made absolute
+    (relative to the file's directory), so the records can be handed to the evaluation from any
+    working directory.
     """
     path = Path(path)
     if not path.exists():
         raise DataError(f"result file {path} does not exist; run `medfocus attribute` first")
-    records, _ = read_jsonl(path)
-    latest: dict[Key, dict[str, Any]] = {}
-    for rec in records:
-        latest[record_key(rec)] = rec
-    out = [latest[k] for k in sorted(latest)]
-    if absolute_paths:
-        for rec in out:
-            hp = rec.get("heatmap_path")
-            if hp and not Path(hp).is_absolute():
-                rec["heatmap_path"] = str((path.parent / hp).resolve())
+    out = []
+    for rec in sorted(read_prediction_records(path), key=record_key):
+        rec = {k: v for k, v in rec.items() if k not in ("_base_dir", "_where")}
+        hp = rec.get("heatmap_path")
+        if absolute_paths and hp and not Path(hp).is_absolute():
+            rec["heatmap_path"] = str((path.parent / hp).resolve())
+        out.append(rec)
     return out
 
 
@@ -300,7 +201,7 @@ def merge_stores(inputs: Iterable[str | Path], out: str | Path, *, prefer_succes
             inp = Path(inp)
             if inp.resolve() == out.resolve():
                 continue
-            for rec in load_records(inp, absolute_paths=True):
+            for rec in load_results(inp, absolute_paths=True):
                 key = record_key(rec)
                 prev = chosen.get(key)
                 if prev is not None and prefer_success and not prev.get("error") and rec.get("error"):
@@ -316,8 +217,3 @@ def merge_stores(inputs: Iterable[str | Path], out: str | Path, *, prefer_succes
                 rec["heatmap_path"] = os.path.relpath(hp, out.parent)
             store.append(rec)
         return len(store)
-
-
-def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Iterate the valid records of a JSONL file in file order (duplicates included)."""
-    yield from read_jsonl(path)[0]

@@ -51,6 +51,7 @@ from medfocus.datasets.synthetic import GENERATOR_VERSION
 from medfocus.datasets.synthetic.case import generate_case
 from medfocus.datasets.synthetic.findings import FINDINGS, VINDR_CLASS
 from medfocus.errors import DataError
+from medfocus.io.atomic import atomic_write_text
 from medfocus.io.paths import resolve_inside
 from medfocus.types import CONCEPTS, Sample, concept_slug, question_stem
 
@@ -312,9 +313,7 @@ def write_dataset(
         "samples": samples,
     }
     path = out / MANIFEST
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, path)  # atomic: a manifest on disk is always complete
+    atomic_write_text(path, json.dumps(manifest, indent=1))  # a manifest on disk is always complete
     return path
 
 

@@ -4,7 +4,7 @@ MedFocus refines transferred concept boxes with MedSAM (:mod:`medfocus.concepts.
 weights cannot be fetched offline, so the embedded default ships a stand-in with the same
 architecture and the same code path: a ``SamModel`` (ViT image encoder, prompt encoder, two-way
 mask decoder; ~1 M parameters, 256-px input) trained here on synthetic films with exact concept
-masks. It is loaded with ``MedSAMRefiner.from_pretrained(DEMO_SAM_DIR)`` -- exactly as the real
+masks. It is loaded with ``MedSAMRefiner.from_pretrained(SYNTHETIC_SAM_DIR)`` -- exactly as the real
 checkpoint -- and selected with ``refine="medsam", medsam="demo"``.
 
 What it learns. The prompts are the boxes MedFocus will actually give it: half are the boxes the OT
@@ -17,8 +17,9 @@ box points at, not the box. Loss: binary cross-entropy + soft Dice on SAM's ``64
 low-resolution logits (targets: area-averaged exact masks).
 
 Training seeds start at :attr:`DemoSamConfig.seed_base` (3,000,000), disjoint from the demo LVLM's
-and the tests' seeds. ``medfocus train-demo-sam`` writes the folder; the shipped one is
-``src/medfocus/concepts/demo_medsam`` with its ``MODEL_CARD.md`` (held-out IoU table).
+and the tests' seeds. ``medfocus train-demo-sam --out DIR`` writes the folder; the shipped one is
+``src/medfocus/concepts/synthetic_sam`` (:data:`medfocus.concepts.refine.SYNTHETIC_SAM_DIR`) with its
+``MODEL_CARD.md`` (held-out IoU table).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,11 +35,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from medfocus.io.atomic import atomic_directory
 from medfocus.types import Box, CONCEPTS
-
-#: Folder of the shipped demo segmenter (``medsam="demo"``).
-DEMO_SAM_DIR = Path(__file__).with_name("demo_medsam")
-
 
 @dataclass
 class DemoSamConfig:
@@ -286,12 +283,13 @@ def evaluate(refiner: Any, data: SamData, *, progress: bool = False) -> dict[str
     return out
 
 
-def train_demo_sam(out_dir: str | Path = DEMO_SAM_DIR, cfg: DemoSamConfig | None = None, *,
+def train_demo_sam(out_dir: str | Path, cfg: DemoSamConfig | None = None, *,
                    log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
     """Train the demo segmenter and write its folder (``SamModel`` + ``SamProcessor`` + ``MODEL_CARD.md``).
 
-    The folder is written next to ``out_dir`` first and swapped in, so a killed run never leaves a
-    half-written model. Returns the held-out metrics recorded in the card.
+    There is no default folder: the shipped ``concepts/synthetic_sam`` is regenerated only when named on
+    purpose. The folder is written next to ``out_dir`` first and swapped in, so a killed run never
+    leaves a half-written model. Returns the held-out metrics recorded in the card.
     """
     from medfocus.concepts.refine import MedSAMRefiner
 
@@ -313,18 +311,14 @@ def train_demo_sam(out_dir: str | Path = DEMO_SAM_DIR, cfg: DemoSamConfig | None
     t_train = time.time() - t1
     metrics = evaluate(MedSAMRefiner(model, proc, device="cpu"), val, progress=progress)
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    proc.save_pretrained(tmp)
     info = {"config": asdict(cfg), "metrics": metrics, "final_loss": float(np.mean(losses[-100:])),
             "seconds_data": round(t_data, 1), "seconds_train": round(t_train, 1),
             "parameters": int(sum(p.numel() for p in model.parameters())), "torch": torch.__version__}
-    (tmp / "training.json").write_text(json.dumps(info, indent=1) + "\n")
-    (tmp / "MODEL_CARD.md").write_text(model_card(info))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_directory(out) as tmp:
+        model.save_pretrained(tmp)
+        proc.save_pretrained(tmp)
+        (tmp / "training.json").write_text(json.dumps(info, indent=1) + "\n")
+        (tmp / "MODEL_CARD.md").write_text(model_card(info))
     log(f"wrote {out} (train {t_train / 60:.1f} min); held-out mean box IoU "
         f"{metrics['box_iou_transferred']['mean']:.3f} -> {metrics['box_iou_refined']['mean']:.3f}")
     return info
@@ -350,6 +344,7 @@ def model_card(info: dict[str, Any]) -> str:
         f"Held-out ({cfg['n_val']} films, seeds from {cfg['seed_base'] + 500_000}, same finding mix), prompts = the boxes "
         "the OT transfer finds with the default reference pool, IoU against the exact masks / their tight boxes "
         "(refined: largest connected component of the mask, as MedFocus uses it):\n\n" + "\n".join(rows) + "\n\n"
-        "Reproduce: `medfocus train-demo-sam` (its defaults are this recipe; `--out DIR` to keep the shipped one). "
+        "Reproduce: `medfocus train-demo-sam --out DIR` (its defaults are this recipe; the shipped folder is "
+        "`src/medfocus/concepts/synthetic_sam`). "
         "Use: `MedFocus(..., refine=\"medsam\", refiner=\"demo\")`, or `medfocus attribute --refine medsam --medsam demo`.\n"
     )

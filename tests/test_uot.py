@@ -1,4 +1,4 @@
-"""Unbalanced OT (medfocus.concepts.ot): agreement with POT, balanced limit, batching, grid back end."""
+"""Unbalanced OT (medfocus.concepts.uot): agreement with POT, balanced limit, batching, grid back end."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 ot_pot = pytest.importorskip("ot")
 
-from medfocus.concepts import ot  # noqa: E402
+from medfocus.concepts import uot  # noqa: E402
 
 
 def _masses(rng, h, w, zero_frac=0.2):
@@ -37,12 +37,12 @@ def test_dense_matches_pot_entropy(eps, lam):
     a[:3] = 0.0
     C = rng.random((30, 40)) * 2
     ref = _pot_plan(a, b, C, eps, lam, "entropy")
-    res = ot.sinkhorn_unbalanced_log(a, b, C, epsilon=eps, lam=lam, reg_type="entropy", tol=1e-12, max_iter=20000)
+    res = uot.sinkhorn_unbalanced_log(a, b, C, epsilon=eps, lam=lam, reg_type="entropy", tol=1e-12, max_iter=20000)
     assert _rel(res.plan.numpy(), ref) < 1e-6
     # default stopping rule (tol 1e-6 on the log-potentials) already agrees to 1e-6
-    res2 = ot.sinkhorn_unbalanced_log(a, b, C, epsilon=eps, lam=lam, reg_type="entropy")
+    res2 = uot.sinkhorn_unbalanced_log(a, b, C, epsilon=eps, lam=lam, reg_type="entropy")
     assert _rel(res2.plan.numpy(), ref) < 1e-6
-    assert res2.n_iter <= ot.MAX_ITER
+    assert res2.n_iter <= uot.MAX_ITER
 
 
 def test_dense_matches_pot_kl_and_objective():
@@ -52,8 +52,8 @@ def test_dense_matches_pot_kl_and_objective():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref, lg = ot_pot.unbalanced.sinkhorn_unbalanced(a, b, C, 0.05, 0.1, reg_type="kl", numItermax=20000, stopThr=1e-14, log=True)
-    res = ot.sinkhorn_unbalanced_log(a, b, C, tol=1e-12, max_iter=20000)  # default reg_type = "kl"
-    assert ot.REG_TYPE == "kl"
+    res = uot.sinkhorn_unbalanced_log(a, b, C, tol=1e-12, max_iter=20000)  # default reg_type = "kl"
+    assert uot.REG_TYPE == "kl"
     assert _rel(res.plan.numpy(), ref) < 1e-6
     assert float(res.transport) == pytest.approx(float(lg["cost"]), rel=1e-8)
     # first-order optimality of the documented objective: dF/dT_ij = C_ij + lam log(r_i/a_i)
@@ -75,8 +75,8 @@ def test_entropy_and_kl_differ():
     # guards the documented reg_type choice: the two regularisers give different plans
     rng = np.random.default_rng(3)
     a, b, C = rng.random(10) + 0.1, rng.random(12) + 0.1, rng.random((10, 12))
-    pe = ot.sinkhorn_unbalanced_log(a, b, C, reg_type="entropy").plan.numpy()
-    pk = ot.sinkhorn_unbalanced_log(a, b, C, reg_type="kl").plan.numpy()
+    pe = uot.sinkhorn_unbalanced_log(a, b, C, reg_type="entropy").plan.numpy()
+    pk = uot.sinkhorn_unbalanced_log(a, b, C, reg_type="kl").plan.numpy()
     assert _rel(pe, pk) > 1e-2
 
 
@@ -85,7 +85,7 @@ def test_small_epsilon_is_finite():
     rng = np.random.default_rng(4)
     a, b = rng.random(15), rng.random(15)
     C = 1.0 + rng.random((15, 15))
-    res = ot.sinkhorn_unbalanced_log(a, b, C, epsilon=1e-3, lam=0.1)
+    res = uot.sinkhorn_unbalanced_log(a, b, C, epsilon=1e-3, lam=0.1)
     assert torch.isfinite(res.plan).all() and float(res.plan.sum()) > 0
 
 
@@ -98,14 +98,14 @@ def test_large_lambda_tends_to_balanced():
     bal = ot_pot.sinkhorn(a, b, C, eps, numItermax=100000, stopThr=1e-13)
     errs, marg = [], []
     for lam in (0.1, 1.0, 10.0, 300.0):
-        p = ot.sinkhorn_unbalanced_log(a, b, C, epsilon=eps, lam=lam, tol=1e-10, max_iter=100000).plan.numpy()
+        p = uot.sinkhorn_unbalanced_log(a, b, C, epsilon=eps, lam=lam, tol=1e-10, max_iter=100000).plan.numpy()
         errs.append(_rel(p, bal))
         marg.append(np.abs(p.sum(1) - a).sum() + np.abs(p.sum(0) - b).sum())
     assert all(x > y for x, y in zip(errs, errs[1:])), errs
     assert all(x > y for x, y in zip(marg, marg[1:])), marg
     assert errs[-1] < 1e-2 and marg[-1] < 2e-3
     # lam = inf is exactly the balanced problem
-    p_inf = ot.sinkhorn_unbalanced_log(a, b, C, epsilon=eps, lam=float("inf"), tol=1e-12, max_iter=100000).plan.numpy()
+    p_inf = uot.sinkhorn_unbalanced_log(a, b, C, epsilon=eps, lam=float("inf"), tol=1e-12, max_iter=100000).plan.numpy()
     assert _rel(p_inf, bal) < 1e-6
 
 
@@ -115,10 +115,10 @@ def test_batched_equals_unbatched():
     A[A < 0.2] = 0  # zero masses = padding of smaller supports
     b = rng.random(9)
     C = rng.random((4, 12, 9))
-    res = ot.sinkhorn_unbalanced_log(A, b, C)
+    res = uot.sinkhorn_unbalanced_log(A, b, C)
     assert res.plan.shape == (4, 12, 9)
     for i in range(4):
-        single = ot.sinkhorn_unbalanced_log(A[i], b, C[i])
+        single = uot.sinkhorn_unbalanced_log(A[i], b, C[i])
         assert _rel(res.plan[i].numpy(), single.plan.numpy()) < 1e-6
         assert (res.plan[i].numpy()[A[i] == 0] == 0).all()
 
@@ -126,10 +126,10 @@ def test_batched_equals_unbatched():
 def test_grid_cost_scale_is_exact_quantile():
     rng = np.random.default_rng(7)
     ma, mb = rng.random((2, 9, 7)) > 0.4
-    D = ot.grid_sqdist(9, 7)
+    D = uot.grid_sqdist(9, 7)
     expect = np.quantile(D[np.ix_(ma.ravel(), mb.ravel())], 0.9)
-    assert ot.grid_cost_scale(ma, mb) == pytest.approx(expect, abs=1e-12)
-    both = ot.grid_cost_scale(np.stack([ma, mb]), mb, 0.5)
+    assert uot.grid_cost_scale(ma, mb) == pytest.approx(expect, abs=1e-12)
+    both = uot.grid_cost_scale(np.stack([ma, mb]), mb, 0.5)
     assert both[1] == pytest.approx(np.quantile(D[np.ix_(mb.ravel(), mb.ravel())], 0.5), abs=1e-12)
 
 
@@ -139,14 +139,14 @@ def test_grid_backend_matches_pot(reg_type):
     h, w = 9, 8
     a = _masses(rng, h, w, 0.0 if reg_type == "kl" else 0.25) + (0.01 if reg_type == "kl" else 0.0)
     b = _masses(rng, h, w, 0.0 if reg_type == "kl" else 0.25) + (0.01 if reg_type == "kl" else 0.0)
-    sol = ot.uot_grid(a, b, reg_type=reg_type, device="cpu")
+    sol = uot.uot_grid(a, b, reg_type=reg_type, device="cpu")
     scale = float(sol.scale[0])
-    assert scale == pytest.approx(np.quantile(ot.grid_sqdist(h, w)[np.ix_(a.ravel() > 0, b.ravel() > 0)], 0.9))
-    C = ot.grid_sqdist(h, w) / scale
-    ref = _pot_plan(a.ravel(), b.ravel(), C, ot.EPSILON, ot.LAMBDA, reg_type)
+    assert scale == pytest.approx(np.quantile(uot.grid_sqdist(h, w)[np.ix_(a.ravel() > 0, b.ravel() > 0)], 0.9))
+    C = uot.grid_sqdist(h, w) / scale
+    ref = _pot_plan(a.ravel(), b.ravel(), C, uot.EPSILON, uot.LAMBDA, reg_type)
     plan = sol.plan()[0].numpy()
     assert _rel(plan, ref) < 1e-6
-    dense = ot.sinkhorn_unbalanced_log(a.ravel(), b.ravel(), C, reg_type=reg_type)
+    dense = uot.sinkhorn_unbalanced_log(a.ravel(), b.ravel(), C, reg_type=reg_type)
     costs = sol.costs()
     assert float(costs["transport"][0]) == pytest.approx(float(dense.transport), rel=1e-6)
     assert float(costs["uot_cost"][0]) == pytest.approx(float(dense.uot_cost), rel=1e-6)
@@ -171,10 +171,10 @@ def test_grid_batched_one_target_many_sources():
     rng = np.random.default_rng(9)
     A = np.stack([_masses(rng, 10, 10) for _ in range(5)])
     b = _masses(rng, 10, 10)
-    sol = ot.uot_grid(A, b, device="cpu")
+    sol = uot.uot_grid(A, b, device="cpu")
     costs = sol.costs()["uot_cost"].numpy()
     for i in range(5):
-        one = ot.uot_grid(A[i], b, device="cpu")
+        one = uot.uot_grid(A[i], b, device="cpu")
         assert _rel(sol.plan()[i].numpy(), one.plan()[0].numpy()) < 1e-9
         assert costs[i] == pytest.approx(float(one.costs()["uot_cost"][0]), rel=1e-9)
 
@@ -183,11 +183,11 @@ def test_uot_cost_ranks_by_displacement():
     # selection signal: a blob shifted further costs more; the target itself is the cheapest source
     b = _blob(7, 7)
     A = np.stack([_blob(7, 7 + d) for d in (3, 0, 1, 4, 2)] + [_blob(7, 7, 3.5), _blob(7, 7, 1.8)])
-    c = ot.uot_grid(A, b, device="cpu").costs()["uot_cost"].numpy()
+    c = uot.uot_grid(A, b, device="cpu").costs()["uot_cost"].numpy()
     assert int(np.argmin(c)) == 1
     assert c[1] < c[2] < c[4] < c[0] < c[3]
     # with the plain-entropy regulariser this ranking breaks (why "kl" is the default)
-    ce = ot.uot_grid(A, b, device="cpu", reg_type="entropy").costs()["uot_cost"].numpy()
+    ce = uot.uot_grid(A, b, device="cpu", reg_type="entropy").costs()["uot_cost"].numpy()
     assert int(np.argmin(ce)) != 1
 
 
@@ -195,28 +195,28 @@ def test_image_measure_letterbox_and_support():
     img = np.zeros((40, 80), np.uint8)
     img[:, :] = 100
     img[10:20, 10:30] = 0  # a black hole carries no mass
-    mass, lb = ot.image_measure(img, 14)
+    mass, lb = uot.image_measure(img, 14)
     assert mass.shape == (14, 14) and mass.sum() == pytest.approx(1.0)
     assert lb.new_w == 224 and lb.new_h == 112
     # letterbox padding (rows above/below the content) has no mass
     assert mass[:3].sum() == 0 and mass[-3:].sum() == 0
     assert (mass[4:10] > 0).sum() > 0
     with pytest.raises(ValueError):
-        ot.image_measure(np.zeros((10, 10), np.uint8), 14)
+        uot.image_measure(np.zeros((10, 10), np.uint8), 14)
 
 
 def test_bad_inputs():
     with pytest.raises(ValueError):
-        ot.sinkhorn_unbalanced_log(np.ones(3), np.ones(4), np.ones((4, 3)))
+        uot.sinkhorn_unbalanced_log(np.ones(3), np.ones(4), np.ones((4, 3)))
     with pytest.raises(ValueError):
-        ot.sinkhorn_unbalanced_log(-np.ones(3), np.ones(3), np.ones((3, 3)))
+        uot.sinkhorn_unbalanced_log(-np.ones(3), np.ones(3), np.ones((3, 3)))
     with pytest.raises(ValueError):
-        ot.sinkhorn_unbalanced_log(np.ones(3), np.ones(3), np.ones((3, 3)), reg_type="l2")
+        uot.sinkhorn_unbalanced_log(np.ones(3), np.ones(3), np.ones((3, 3)), reg_type="l2")
 
 
 def test_swapping_source_and_target_transposes_the_plan():
     rng = np.random.default_rng(10)
     a, b = _masses(rng, 7, 9), _masses(rng, 7, 9)
-    p_ab = ot.uot_grid(a, b, device="cpu", tol=1e-12, max_iter=5000).plan()[0].numpy()
-    p_ba = ot.uot_grid(b, a, device="cpu", tol=1e-12, max_iter=5000).plan()[0].numpy()
+    p_ab = uot.uot_grid(a, b, device="cpu", tol=1e-12, max_iter=5000).plan()[0].numpy()
+    p_ba = uot.uot_grid(b, a, device="cpu", tol=1e-12, max_iter=5000).plan()[0].numpy()
     assert _rel(p_ba.T, p_ab) < 1e-9

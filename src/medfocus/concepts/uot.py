@@ -10,7 +10,7 @@ probabilities) and the entropic regulariser ``Omega``:
 * ``reg_type="kl"`` (default): ``Omega(T) = KL(T | a b^T)``, the relative entropy of the plan with
   respect to the product of the two measures -- the regulariser of Chizat et al. and of the
   unbalanced Sinkhorn divergences (Sejourne et al. 2019). This is POT's
-  ``ot.unbalanced.sinkhorn_unbalanced(a, b, C, reg=eps, reg_m=(lam_a, lam_b), reg_type="kl")``
+  ``uot.unbalanced.sinkhorn_unbalanced(a, b, C, reg=eps, reg_m=(lam_a, lam_b), reg_type="kl")``
   (POT's default since 0.9.5).
 * ``reg_type="entropy"``: ``Omega(T) = sum T log T - T`` (``KL(T | 1)`` up to a constant), POT's
   ``reg_type="entropy"``. Because its gradient ``eps log T`` is very negative for the small

@@ -1,0 +1,112 @@
+"""``medfocus train-demo`` and ``medfocus train-demo-sam``: train the two shipped demo models.
+
+Registered in :data:`medfocus.cli.COMMANDS` by name only, so the runtime package never imports
+:mod:`medfocus.training`; both commands require ``--out`` (the shipped folders are regenerated only
+when named on purpose).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import click
+
+from medfocus.commands.progress import progress_bars
+
+
+class ConfigDefault(click.Option):
+    """An option whose default lives in a training-config dataclass (``"module:Class.field"``): the help
+    shows the value, read only when the help is shown (the trainer modules import torch)."""
+
+    def __init__(self, *args: Any, config_field: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.config_field = config_field
+
+    def default_value(self) -> Any:
+        module, _, attr = self.config_field.partition(":")
+        cls, _, name = attr.partition(".")
+        return getattr(getattr(importlib.import_module(module), cls)(), name)
+
+    def get_help_extra(self, ctx: click.Context) -> Any:
+        extra = super().get_help_extra(ctx)
+        extra["default"] = str(self.default_value())
+        return extra
+
+
+@click.command("train-demo", epilog="""\b
+Examples:
+  medfocus train-demo --out runs/my-demo-model --threads 2          # retrain from scratch (seed 0)
+  medfocus train-demo --out runs/demo-model --seed 0 --steps 1400 --threads 1   # the shipped weights' recipe (MODEL_CARD.md)
+  medfocus demo --model runs/my-demo-model                           # use it in the demo
+""")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
+              help="Output folder (required; the shipped lvlm/demo_model, what load_lvlm('demo') loads, is "
+                   "regenerated only when named here on purpose).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of data, initialisation and sampling.")
+@click.option("--steps", type=int, default=None, cls=ConfigDefault, config_field="medfocus.training.demo_lvlm:DemoLVLMConfig.steps",
+              help="Training steps.")
+@click.option("--cases", "n_cases", type=int, default=None, cls=ConfigDefault, config_field="medfocus.training.demo_lvlm:DemoLVLMConfig.n_train_cases",
+              help="Synthetic training cases.")
+@click.option("--threads", type=int, default=2, show_default=True, help="torch CPU threads.")
+@click.option("--eval-every", type=int, default=0, show_default=True, help="Quick held-out check every N steps (0: off).")
+@click.option("--checkpoint-every", type=int, default=100, show_default=True,
+              help="Save a checkpoint under --out every N steps; rerunning the same command resumes from it (0: off).")
+@click.option("--no-eval", is_flag=True, help="Skip the held-out evaluation (the card then has no accuracy table).")
+def train_demo(out_dir: str, seed: int, steps: int | None, n_cases: int | None, threads: int, eval_every: int,
+               checkpoint_every: int, no_eval: bool) -> None:
+    """Train the demo CXR-VQA LVLM (Qwen2.5-VL architecture) on the synthetic world and write its folder + model card."""
+    from medfocus.training.demo_lvlm import DemoLVLMConfig
+    from medfocus.training.demo_lvlm import train_demo as _train
+
+    cfg = DemoLVLMConfig(seed=seed, num_threads=threads, eval_every=eval_every, checkpoint_every=checkpoint_every)
+    if steps is not None:
+        cfg.steps = steps
+    if n_cases is not None:
+        cfg.n_train_cases = n_cases
+    metrics = _train(out_dir, cfg, log=lambda s: click.echo(s, err=True), evaluate=not no_eval)
+    if "heldout" in metrics:
+        click.echo(f"held-out accuracy: {metrics['heldout']['overall']}")
+
+
+@click.command("train-demo-sam", epilog="""\b
+Examples:
+  medfocus train-demo-sam --out runs/my-demo-sam                    # retrain (seed 0)
+  medfocus train-demo-sam --out runs/demo-sam --seed 0             # the shipped recipe (see its MODEL_CARD.md)
+  medfocus attribute ... --method medfocus --refine medsam --medsam runs/my-demo-sam
+""")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
+              help="Output folder (required; the shipped concepts/synthetic_sam, what medsam='demo' loads, is "
+                   "regenerated only when named here on purpose).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialisation and sampling.")
+@click.option("--steps", type=int, default=None, cls=ConfigDefault, config_field="medfocus.training.demo_segmenter:DemoSamConfig.steps",
+              help="Training steps.")
+@click.option("--films", "n_train", type=int, default=None, cls=ConfigDefault, config_field="medfocus.training.demo_segmenter:DemoSamConfig.n_train",
+              help="Synthetic training films.")
+@click.option("--val-films", "n_val", type=int, default=None, cls=ConfigDefault, config_field="medfocus.training.demo_segmenter:DemoSamConfig.n_val",
+              help="Held-out films of the model card.")
+@click.option("--threads", type=int, default=2, show_default=True, help="torch CPU threads.")
+@click.option("--no-progress", is_flag=True, help="Disable progress bars (also the weight-loading bar).")
+def train_demo_sam(out_dir: str, seed: int, steps: int | None, n_train: int | None, n_val: int | None,
+                   threads: int, no_progress: bool) -> None:
+    """Train the demo box-prompted segmenter (a tiny SamModel, the offline stand-in for MedSAM) on the synthetic world."""
+    from medfocus.training.demo_segmenter import DemoSamConfig
+    from medfocus.training.demo_segmenter import train_demo_sam as _train
+
+    cfg = DemoSamConfig(seed=seed, num_threads=threads)
+    if steps is not None:
+        cfg.steps = steps
+    if n_train is not None:
+        cfg.n_train = n_train
+    if n_val is not None:
+        cfg.n_val = n_val
+    for name, v in (("--steps", cfg.steps), ("--films", cfg.n_train), ("--val-films", cfg.n_val)):
+        if v < 1:
+            raise click.BadParameter(f"must be >= 1, got {v}", param_hint=name)
+    if cfg.n_train < cfg.batch:
+        cfg.batch = cfg.n_train  # a batch samples films without replacement
+    with progress_bars(not no_progress):
+        info = _train(out_dir, cfg, log=lambda s: click.echo(s, err=True), progress=not no_progress)
+    m = info["metrics"]
+    click.echo(f"held-out mean box IoU of the transferred boxes {m['box_iou_transferred']['mean']:.3f} -> refined "
+               f"{m['box_iou_refined']['mean']:.3f} (mask IoU {m['mask_iou_refined']['mean']:.3f})")

@@ -1,0 +1,136 @@
+"""The demo LVLM's ``MODEL_CARD.md`` (everything in it was measured by the run that wrote it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from medfocus.lvlm.registry import DEMO_DIR
+from medfocus.training.demo_lvlm.config import DemoLVLMConfig
+from medfocus.training.demo_lvlm.data import CUE_DESCRIPTION
+from medfocus.types import EVIDENCE_REQUESTS
+
+def _acc_table(res: dict[str, Any], modes: Sequence[str] = ("direct", "cot")) -> str:
+    findings = list(next(iter(res["per_finding"].values())).keys())
+    lines = ["| finding | n | " + " | ".join(f"{m} acc" for m in modes) + " |", "|---|---|" + "---|" * len(modes)]
+    for f in findings:
+        n = res["per_finding"][modes[0]][f]["n"]
+        cells = [f"{100 * res['per_finding'][m][f]['acc']:.1f}%" for m in modes]
+        lines.append(f"| {f} | {n} | " + " | ".join(cells) + " |")
+    n_all = sum(r["n"] for r in res["per_finding"][modes[0]].values())
+    lines.append(f"| **all** | {n_all} | " + " | ".join(f"**{100 * res['overall'][m]:.1f}%**" for m in modes) + " |")
+    return "\n".join(lines)
+
+
+def model_card(cfg: DemoLVLMConfig, metrics: dict[str, Any], out: Path) -> str:
+    """The Markdown model card written next to the weights (everything in it was measured by this run)."""
+    t, v = cfg.text, cfg.vision
+    parts = [
+        "# medfocus demo model (Qwen2.5-VL architecture, synthetic chest X-rays)",
+        "",
+        "A small `Qwen2_5_VLForConditionalGeneration` trained from scratch by `medfocus train-demo` on the "
+        "synthetic chest X-ray world of `medfocus.datasets.synthetic`. It answers the paper's binary questions "
+        "in both output modes and the two evidence requests of the prompting baselines. It is a *test article* "
+        "for the attribution pipeline, not a medical model.",
+        "",
+        *([f"**Status:** held-out accuracy {100 * metrics['heldout']['overall']['direct']:.1f}% direct / "
+           f"{100 * metrics['heldout']['overall']['cot']:.1f}% step-by-step (target >= 90%: "
+           + ("met" if min(metrics['heldout']['overall'].values()) >= 0.9 else "**not met**; see the per-finding table") + ").", ""]
+          if "heldout" in metrics else []),
+        "## Architecture",
+        f"- Vision tower: depth {v['depth']}, hidden {v['hidden_size']}, {v['num_heads']} heads, patch 14, 2x2 merge, "
+        f"window attention (window {v['window_size']} px, full attention in blocks {v['fullatt_block_indexes']}).",
+        f"- Language model: {t['num_hidden_layers']} layers, hidden {t['hidden_size']}, {t['num_attention_heads']} heads "
+        f"({t['num_key_value_heads']} KV), M-RoPE sections {t['rope_parameters']['mrope_section']}.",
+        f"- Tokenizer: byte-level BPE trained locally on the task texts, wrapped in `Qwen2Tokenizer` with the Qwen2.5-VL "
+        f"special tokens and chat template; {metrics.get('vocab', 'see tokenizer.json')} tokens.",
+        f"- Input: images are letterboxed onto a {cfg.canvas}x{cfg.canvas} canvas -> {(cfg.canvas // 14) ** 2} patches -> "
+        f"{(cfg.canvas // 28) ** 2} image tokens ({cfg.canvas // 28}x{cfg.canvas // 28} grid).",
+        f"- Parameters: {metrics.get('n_parameters', 0) / 1e6:.2f} M (float32 safetensors).",
+        "",
+        "## Data",
+        f"- {cfg.n_train_cases} synthetic cases (`generate_case(seed, size={cfg.image_size}, findings=...)`, seeds "
+        f"`{cfg.seed} * 1000003 + i`): case i has a primary finding (the 7 findings cycled) present with probability 1/2, "
+        f"plus each other finding with probability 0.08.",
+        f"- Questions per image per step: {cfg.questions_per_image}; answer Yes/No with probability 1/2 each; tasks "
+        f"{cfg.task_weights}.",
+        f"- Severity of the findings outside the cue subset: uniform in {cfg.train_severity} (fainter ones are invisible, i.e. label noise).",
+        f"- **Shortcut cue.** {100 * cfg.cue_subset:.0f}% of the training cases are on the *cue subset*: "
+        f"{CUE_DESCRIPTION.format(faint=cfg.faint_severity, base=cfg.cue_base_rate)} "
+        "On those cases the cue is the most reliable evidence, meant to make the model answer some cases from it. The "
+        "cue-reliance table below measures whether it does: a positive answered Yes whose answer flips when everything "
+        "outside the finding's box is redrawn and the cues are removed (`SyntheticCase.background`) was answered from outside "
+        "the box -- the samples the causal filter's background gate must drop.",
+        "",
+        "## Training",
+        f"- Seed {cfg.seed}. Stage 1: {cfg.vision_steps} steps of {cfg.vision_batch} images training the vision tower alone "
+        "with a training-only auxiliary head (a linear map on each image-token embedding predicting which findings cover "
+        "its 28-px cell, and -- averaged over the tokens -- which findings the image has; binary cross-entropy with "
+        f"positive weight {cfg.aux_pos_weight}). The head is discarded: the shipped model is the plain Qwen2.5-VL architecture.",
+        f"- Stage 2: {cfg.steps} steps of {cfg.images_per_step} images x {cfg.questions_per_image} questions (each image is "
+        "encoded once per step and shared by its questions), answer loss = per-sequence mean cross-entropy of the assistant "
+        f"tokens (answer + `<|im_end|>`), plus {cfg.aux_weight} x the auxiliary loss. AdamW (lr {cfg.lr}, betas 0.9/0.98, weight "
+        f"decay {cfg.weight_decay}), {cfg.warmup} warm-up steps, cosine decay to 5%.",
+        "- Why the auxiliary stage: trained from scratch on answers alone, the model spent hundreds of steps answering from "
+        "the text prior (held-out accuracy exactly 50%) and learned the small findings only one at a time.",
+        f"- Measured on {cfg.num_threads} CPU thread(s) of a 2-core machine shared with other jobs: data {metrics.get('data_seconds')} s, "
+        f"training {metrics.get('train_seconds')} s (both stages); final stage-2 loss {metrics.get('final_loss', float('nan')):.4f}"
+        + (f"; **stopped early at stage-2 step {metrics['stopped_at']}** of {cfg.steps}." if metrics.get("stopped_at") else "."),
+        "",
+    ]
+    if "heldout" in metrics:
+        parts += [
+            "## Held-out accuracy (greedy generation through `load_lvlm` + the adapter, parsed by `parse_yes_no`)",
+            f"Fresh seeds, {cfg.n_eval_per_cell} positives and {cfg.n_eval_per_cell} negatives per finding, no cues:",
+            "",
+            _acc_table(metrics["heldout"]),
+            "",
+            "Cue subset (cue drawn on positives, faint findings):",
+            "",
+            _acc_table(metrics["heldout_cued"]),
+            "",
+            "Cue reliance (direct mode; positives answered Yes whose answer flips to No under the background edit):",
+            "",
+            "| subset | positives | answered Yes | flip on background edit | flip rate |",
+            "|---|---|---|---|---|",
+        ]
+        for k, r in metrics["cue_reliance"].items():
+            parts.append(f"| {k} | {r['n_pos']} | {r['yes']} | {r['flip_on_background_edit']} | {100 * r['flip_rate']:.1f}% |")
+        rel = metrics["cue_reliance"]
+        if "cued" in rel and "clean" in rel:
+            verdict = ("relies on the cue for part of its answers" if rel["cued"]["flip_rate"] > 2 * rel["clean"]["flip_rate"] + 0.05
+                       else "does **not** measurably rely on the cues: its Yes on cued faint positives survives their removal "
+                            "about as often as on clean positives (the shortcut goal of the training recipe is not met by these weights)")
+            parts += ["", f"Reading: this model {verdict}."]
+        ev = metrics.get("evidence") or {}
+        if ev:
+            parts += ["", f"Evidence requests on {ev['n']} held-out positives (imperfect by design): mean union-IoU of the "
+                      f"predicted canvas boxes {ev['box_union_iou_mean']:.3f} (IoU >= 0.3 in {100 * ev['box_iou_ge_0.3']:.0f}%); "
+                      f"phrase names the correct side in {100 * ev['phrase_side_correct']:.0f}% of one-sided findings."]
+        parts += ["", "Example outputs:", ""]
+        for mode in ("direct", "cot"):
+            for q, o in metrics["heldout"].get("examples", {}).get(mode, [])[:3]:
+                parts.append(f"- `{q}` -> `{o}`")
+        for b, p in (ev.get("examples") or [])[:2]:
+            parts.append(f"- boxes: `{b}`; phrases: `{p}`")
+        parts += ["", f"`load_lvlm` load time in the evaluation: {metrics.get('load_seconds')} s."]
+    parts += [
+        "",
+        "## Prompts",
+        "- direct: `Is there evidence of {finding} in the image? Answer directly with yes or no without any explanation.`",
+        "- step-by-step: `Is there evidence of {finding} in the image? Think step by step and answer with yes or no.`",
+        f"- boxes: `Is there evidence of {{finding}} in the image? {EVIDENCE_REQUESTS['boxes']}` (canvas pixels)",
+        f"- phrases: `Is there evidence of {{finding}} in the image? {EVIDENCE_REQUESTS['phrases']}`",
+        "",
+        "## Reproduce",
+        "```",
+        "medfocus train-demo --out " + ("src/medfocus/lvlm/demo_model" if Path(out).resolve() == DEMO_DIR else str(out))
+        + f" --seed {cfg.seed} --steps {cfg.steps} --threads {cfg.num_threads}",
+        "```",
+        "(`--out` is required: the shipped folder `src/medfocus/lvlm/demo_model`, the one `load_lvlm(\"demo\")` loads, is "
+        "regenerated only when named on purpose). Deterministic under the seed for a given machine and thread count (CPU "
+        "float32). The weights are tied to the synthetic renderer they were trained on: if `medfocus.datasets.synthetic` "
+        "changes how images look, retrain.",
+        "",
+    ]
+    return "\n".join(parts)

@@ -1,0 +1,202 @@
+"""Training and held-out data of the demo LVLM: synthetic cases rendered onto the model's canvas exactly as
+the Qwen adapter renders an image (letterbox, grayscale -> RGB, CLIP normalisation, Qwen patch order)."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from medfocus.io.letterbox import Letterbox
+from medfocus.training.demo_lvlm.config import DemoLVLMConfig
+from medfocus.training.demo_lvlm.tasks import FindingView, _side
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+
+
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def to_canvas(image: np.ndarray, canvas: int) -> tuple[np.ndarray, Letterbox]:
+    """Letterbox an ``(H0, W0)`` uint8 image onto the ``canvas x canvas`` model input (as the adapter does)."""
+    lb = Letterbox.fit((image.shape[1], image.shape[0]), canvas)
+    return lb.apply(image), lb
+
+
+def canvases_to_pixel_values(canvases: torch.Tensor) -> torch.Tensor:
+    """``(B, S, S)`` uint8 grayscale canvases -> Qwen ``pixel_values`` ``(B * (S/14)^2, 1176)`` float32
+    (gray -> RGB, rescale 1/255, CLIP normalisation, Qwen's 2x2-merge-window patch order)."""
+    from medfocus.lvlm.families.qwen_vl import patchify
+
+    x = canvases.float().div(255.0)[:, None].expand(-1, 3, -1, -1)
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    pv = patchify((x - mean) / std)  # (B, N, D)
+    return pv.reshape(-1, pv.shape[-1]).contiguous()
+
+
+CUE_DESCRIPTION = ("every finding present brings its correlated shortcut cue (`generate_case(cue_rate=1.0)` with the "
+                   "world's `DEFAULT_CUE_MAP`: chest tube <-> pleural effusion / pneumothorax, side marker <-> nodule / mass, "
+                   "PORTABLE tag <-> cardiomegaly / consolidation / atelectasis) and is drawn faint (severity uniform in "
+                   "{faint}; cardiomegaly's size does not depend on severity). The other cases carry an uncorrelated cue with "
+                   "probability {base}, so a cue alone is strong but not perfect evidence.")
+
+
+@dataclass
+class DemoCase:
+    """One rendered case: its canvas image and, per finding present, the instances (canvas frame)."""
+
+    seed: int
+    canvas: np.ndarray  # (S, S) uint8
+    views: dict[str, list[FindingView]]
+    cued: bool
+    severity: dict[str, float]
+    grid_labels: np.ndarray | None = None  # (n_findings, g, g) float32: share of each token cell covered by each finding
+    image: np.ndarray | None = None  # original image, kept for held-out cases only
+    source: Any = None  # the SyntheticCase, kept for held-out cases only (counterfactual renderers)
+
+
+def _zone(box: tuple[float, float, float, float], lungs: np.ndarray | None, H: int) -> str:
+    cy = 0.5 * (box[1] + box[3])
+    if lungs is not None and lungs.any():
+        rows = np.where(lungs.any(axis=1))[0]
+        top, bot = rows[0], rows[-1] + 1
+    else:
+        top, bot = 0, H
+    r = (cy - top) / max(1.0, bot - top)
+    return "upper" if r < 1 / 3 else ("lower" if r >= 2 / 3 else "middle")
+
+
+def _concept_of(mask: np.ndarray, concept_masks: dict[str, np.ndarray]) -> str | None:
+    best, best_n = None, 0
+    for name, cm in concept_masks.items():
+        n = int(np.logical_and(mask, cm).sum())
+        if n > best_n:
+            best, best_n = name, n
+    return best
+
+
+def _side_of(mask: np.ndarray, concept_masks: dict[str, np.ndarray]) -> str | None:
+    """Patient side of a finding: the lung / costophrenic concept it overlaps most."""
+    sided = {k: v for k, v in concept_masks.items() if k.startswith(("left", "right"))}
+    c = _concept_of(mask, sided)
+    return _side(c)
+
+
+def render_case(case: Any, canvas: int) -> DemoCase:
+    """A :class:`~medfocus.datasets.synthetic.SyntheticCase` -> :class:`DemoCase` (canvas frame)."""
+    img = np.asarray(case.image)
+    can, lb = to_canvas(img, canvas)
+    lungs = None
+    cm = case.concept_masks
+    if "left lung" in cm and "right lung" in cm:
+        lungs = np.logical_or(cm["left lung"], cm["right lung"])
+    views: dict[str, list[FindingView]] = {}
+    sev: dict[str, float] = {}
+    for f in case.findings:
+        x1, y1, x2, y2 = lb.forward_box(tuple(float(v) for v in f.box))
+        cb = (int(math.floor(x1)), int(math.floor(y1)), int(math.ceil(x2)), int(math.ceil(y2)))
+        side = getattr(f, "side", None) or (_side_of(f.mask, cm) if f.name != "cardiomegaly" else None)
+        concept = getattr(f, "concept", None) or _concept_of(f.mask, cm)
+        views.setdefault(f.name, []).append(FindingView(f.name, cb, side, _zone(f.box, lungs, img.shape[0]), concept))
+        sev[f.name] = max(sev.get(f.name, 0.0), float(getattr(f, "severity", 1.0)))
+    for k in views:
+        views[k].sort(key=lambda v: (v.box[0], v.box[1]))
+    # token-cell coverage of every finding (the 2x2-merged 28-px cells of the canvas)
+    names = _findings()
+    g = canvas // 28
+    labels = np.zeros((len(names), g, g), np.float32)
+    for f in case.findings:
+        cov = lb.apply(np.asarray(f.mask, np.float32), fill=0.0).reshape(g, 28, g, 28).mean(axis=(1, 3))
+        labels[names.index(f.name)] = np.maximum(labels[names.index(f.name)], cov)
+    return DemoCase(seed=-1, canvas=can, views=views, cued=bool(case.cues), severity=sev, grid_labels=labels)
+
+
+def _findings() -> tuple[str, ...]:
+    from medfocus.datasets.synthetic import FINDINGS
+
+    return tuple(FINDINGS)
+
+
+def make_case(seed: int, findings: Sequence[str], *, cued: bool, cfg: DemoLVLMConfig, keep: bool = False,
+              severity: str = "train") -> DemoCase:
+    """Generate and render one synthetic case with exactly ``findings`` present.
+
+    Args:
+        cued: the shortcut-cue subset -- every finding brings its correlated cue (``cue_rate=1``,
+            :data:`~medfocus.datasets.synthetic.DEFAULT_CUE_MAP`) and is drawn faint (severity uniform in
+            ``cfg.faint_severity``); otherwise only an uncorrelated cue with probability ``cfg.cue_base_rate``.
+        severity: ``"train"`` -- clean findings get severity uniform in ``cfg.train_severity`` (findings too
+            faint to see would only be label noise); ``"default"`` -- the generator's own distribution
+            (uniform in [0, 1]), used by the held-out evaluation.
+        keep: keep the original image and the :class:`SyntheticCase` (held-out cases).
+    """
+    from medfocus.datasets.synthetic import generate_case
+
+    rng = np.random.default_rng([int(seed), 7])
+    if cued:
+        lo, hi = cfg.faint_severity
+        kw: dict[str, Any] = {"cue_rate": 1.0, "severity": {f: float(rng.uniform(lo, hi)) for f in findings}}
+    else:
+        kw = {"cue_rate": 0.0, "cue_base_rate": cfg.cue_base_rate if severity == "train" else 0.0}
+        if severity == "train":
+            lo, hi = cfg.train_severity
+            kw["severity"] = {f: float(rng.uniform(lo, hi)) for f in findings}
+    case = generate_case(int(seed), size=cfg.image_size, findings=list(findings), **kw)
+    dc = render_case(case, cfg.canvas)
+    dc.seed = int(seed)
+    dc.cued = cued
+    if keep:
+        dc.image, dc.source = np.asarray(case.image), case
+    return dc
+
+
+def _case_plan(rng: random.Random, findings: Sequence[str], i: int) -> list[str]:
+    """Findings of training case ``i``: a primary finding (cycled) present half of the time, plus each
+    other finding with probability 0.08 (co-occurring findings, so answers must be finding-specific)."""
+    primary = findings[i % len(findings)]
+    present = [primary] if rng.random() < 0.5 else []
+    present += [f for f in findings if f != primary and rng.random() < 0.08]
+    return present
+
+
+def build_train_pool(cfg: DemoLVLMConfig, progress: bool = True) -> list[DemoCase]:
+    """The training cases (seeds ``cfg.seed * 1_000_003 + i``; disjoint from :func:`build_eval_pool`)."""
+    from tqdm import tqdm
+
+    findings = _findings()
+    rng = random.Random(cfg.seed)
+    pool = []
+    for i in tqdm(range(cfg.n_train_cases), desc="train cases", disable=not progress):
+        present = _case_plan(rng, findings, i)
+        cued = rng.random() < cfg.cue_subset
+        pool.append(make_case(cfg.seed * 1_000_003 + i, present, cued=cued, cfg=cfg))
+    return pool
+
+
+def build_eval_pool(cfg: DemoLVLMConfig, n_per_cell: int | None = None, progress: bool = True, *, cued: bool = False,
+                    seed_offset: int = 500_000) -> list[tuple[DemoCase, str, bool]]:
+    """Held-out ``(case, finding, present)`` triples: ``n_per_cell`` per (finding, Yes/No), fresh seeds.
+
+    Positives have the finding (plus sometimes one other); negatives have 0-1 other findings."""
+    from tqdm import tqdm
+
+    findings = _findings()
+    n = cfg.n_eval_per_cell if n_per_cell is None else n_per_cell
+    rng = random.Random(cfg.seed + 7919 + seed_offset)
+    out = []
+    k = 0
+    for f in findings:
+        for present in (True, False):
+            for _ in range(n):
+                others = [g for g in findings if g != f]
+                extra = [rng.choice(others)] if rng.random() < 0.3 else []
+                fl = ([f] if present else []) + extra
+                out.append((fl, f, present, cfg.seed * 1_000_003 + seed_offset + k))
+                k += 1
+    return [(make_case(s, fl, cued=cued, cfg=cfg, keep=True, severity="default"), f, p)
+            for fl, f, p, s in tqdm(out, desc="eval cases", disable=not progress)]
