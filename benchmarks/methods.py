@@ -164,7 +164,7 @@ def run(models: list[str], repeats: int, threads: int) -> tuple[str, dict[str, o
         "forward with graph + one backward down to the LM input embeddings (Grad-CAM(++), gradient-weighted attention, AttnLRP `lrp`, whose rule-wrapped forward is measured against this plain one) "
         "or down to the pixels (integrated gradients); a second backward for the final token of a multi-token "
         "answer, e.g. Gemma's and LLaVA's tiny tokenizers split \"Yes\" in two, is above the floor). "
-        "Single-pass methods on tiny models are dominated by per-sample fixed costs (preparing the chat: three processor calls, ~2 ms; "
+        "Single-pass methods on tiny models are dominated by per-sample fixed costs (preparing the chat: one processor call; "
         "map post-processing), which do not grow with the model. "
         "Target: perturbation methods (occlusion, rise) <= 1.25x floor on CPU.",
         "",

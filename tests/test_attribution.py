@@ -234,12 +234,13 @@ def test_adebayo_model_randomisation_changes_maps(name: str, kw: dict) -> None:
     assert s < 0.5, f"{name}: rank correlation after randomisation {s:.3f}"
 
 
-@pytest.mark.xfail(strict=True, reason="RISE with 64 masks (the paper's default) is dominated by the seed-fixed "
-                   "mask coverage and input brightness: its map barely changes when the model is randomised "
-                   "(measured 0.79 rank correlation; documented in RISE's docstring)")
 def test_adebayo_plain_rise_fails() -> None:
+    """RISE with 64 masks (the paper's default) fails the randomisation check: its map is dominated by the
+    seed-fixed mask coverage and input brightness, so it barely changes when the model is randomised
+    (documented in RISE's docstring; on the demo model see ``benchmarks/validity.md``, where it fails on most
+    films). Asserted as a failure, not an ``xfail``: an xfail would also "pass" if RISE crashed."""
     s = adebayo_rank_correlation("rise")
-    assert s < 0.5, f"rise: rank correlation after randomisation {s:.3f}"
+    assert s >= 0.5, f"rise now passes the randomisation check (rank correlation {s:.3f}): update README and RISE's docstring"
 
 
 def test_layer_hook_gives_leaf_gradients(toy: ToyAdapter) -> None:

@@ -24,7 +24,8 @@ from medfocus.cli import main
 submitit = pytest.importorskip("submitit", reason="submitit (the [slurm] extra, in the dev extra) is not installed")
 
 #: Record fields that legitimately differ between two runs of the same work (timings, file locations).
-VOLATILE = {"seconds", "wall_seconds", "heatmap_path"}
+#: shared_pass: which methods shared a pass depends on which were still pending (a resumed item runs fewer).
+VOLATILE = {"seconds", "wall_seconds", "heatmap_path", "shared_pass"}
 METHODS = ["--method", "attention_head", "--method", "gradcam", "--method", "occlusion", "--param", "occlusion.grid=2"]
 
 

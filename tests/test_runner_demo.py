@@ -37,10 +37,100 @@ def test_demo_pipeline_plumbing_tiny_model(tiny_qwen, tmp_path):
     assert json.loads((out / "timings.json").read_text())["config"]["methods"] == ["occlusion"]
     html = (out / "report.html").read_text()
     assert "Causal filter: retention" in html and "✗ correct" in html and "No attribution records" in html
-    # a rerun resumes: the data are not rewritten
+    first = json.loads((out / "timings.json").read_text())
+    assert first["resume_timings"] == [] and first["timings"] == {**first["this_run"], "total": first["timings"]["total"]}
+    # a rerun resumes: the data are not rewritten, and the first full step times survive it
     logs.clear()
-    run_demo(out, cfg, adapter=tiny_qwen, progress=False, log=logs.append)
+    res2 = run_demo(out, cfg, adapter=tiny_qwen, progress=False, log=logs.append)
     assert not any(line.startswith("[data] writing") for line in logs)
+    second = json.loads((out / "timings.json").read_text())
+    for reused in ("data", "bench"):
+        assert second["timings"][reused] == first["timings"][reused]
+    assert len(second["resume_timings"]) == 1 and second["resume_timings"][0] == second["this_run"] == res2["this_run_timings"]
+    assert second["timings"]["total"] == pytest.approx(sum(v for k, v in second["timings"].items() if k != "total"), abs=0.02)
+
+
+def test_merge_timings_keeps_the_first_full_measurement():
+    from medfocus.runner.demo import merge_timings
+
+    full = {"data": 4.3, "model": 2.3, "bench": 18.2, "attribute": 80.7, "evaluate": 2.3, "report": 3.5, "total": 111.6}
+    first = merge_timings(None, full, {k: True for k in full})
+    assert first == {"timings": {**full, "total": 111.3}, "resume_timings": []}
+    resumed = {"data": 0.2, "model": 2.0, "bench": 0.4, "attribute": 0.9, "evaluate": 2.1, "report": 3.0, "total": 8.6}
+    did = {"data": False, "model": True, "bench": False, "attribute": False, "evaluate": True, "report": True}
+    second = merge_timings(first, resumed, did)
+    assert second["timings"] == {"data": 4.3, "model": 2.0, "bench": 18.2, "attribute": 80.7, "evaluate": 2.1, "report": 3.0,
+                                 "total": 110.3}
+    assert second["resume_timings"] == [resumed]
+    # a step recomputed from scratch later (e.g. new data) replaces its stale time; older resumes stay listed
+    third = merge_timings(second, {**resumed, "data": 5.0}, {**did, "data": True})
+    assert third["timings"]["data"] == 5.0 and third["timings"]["bench"] == 18.2 and len(third["resume_timings"]) == 2
+    # a step first measured by a resumed run (nothing earlier to keep) records what was measured
+    assert merge_timings(None, resumed, did)["timings"]["bench"] == 0.4
+
+
+def test_overall_progress_total_is_replaced_not_added():
+    from medfocus.runner.demo import STEP_COST, _Overall
+
+    o = _Overall(enabled=True)
+    try:
+        o.plan("bench", 100)
+        o.plan("data", 10)
+        o.plan("bench", 40)  # the real size, once known, replaces the estimate
+        assert o.bar.total == pytest.approx(STEP_COST["bench"] * 40 + STEP_COST["data"] * 10)
+        o.done("data", 10)
+        o.done("bench", 40)
+        assert o.bar.n == pytest.approx(o.bar.total)
+    finally:
+        o.close()
+
+
+def test_demo_threads_follow_the_available_cores(tiny_qwen, tmp_path, monkeypatch, capsys):
+    import os
+
+    import torch
+
+    from medfocus.errors import ConfigError
+    from medfocus.runner import demo as rd
+
+    before = torch.get_num_threads()
+    n, prev = rd.configure_threads(None)
+    try:
+        assert n == len(os.sched_getaffinity(0)) == torch.get_num_threads()
+    finally:
+        rd.restore_threads(prev)
+    assert torch.get_num_threads() == before
+    with pytest.raises(ConfigError, match="threads must be >= 1"):
+        rd.configure_threads(0)
+    # a process pinned to one core runs the demo with one thread and gives the caller's setting back
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    seen = {}
+    import medfocus.bench
+
+    real_build = medfocus.bench.build_benchmark
+
+    def spy(*a, **k):
+        seen["threads"] = torch.get_num_threads()
+        return real_build(*a, **k)
+
+    monkeypatch.setattr(medfocus.bench, "build_benchmark", spy)
+    torch.set_num_threads(2)
+    try:
+        cfg = DemoConfig(n_samples=3, per_mode=1, n_reference=2, size=128, methods=("occlusion",), max_new_tokens=6,
+                         modes=("direct",), editors=("oracle",))
+        res = rd.run_demo(tmp_path / "demo", cfg, adapter=tiny_qwen, progress=True, log=lambda m: None)
+        # one progress line for the whole demo: no step shows a bar of its own, and it reaches 100 %
+        import re
+
+        err = capsys.readouterr().err
+        bars = set(re.findall(r"([A-Za-z][\w ]*): +\d+%\|", err))
+        assert bars == {"demo"}, bars
+        assert "demo: 100%" in err
+        assert seen["threads"] == 1  # the causal filter ran with one intra-op thread
+        assert res["threads"] == 1 and json.loads((tmp_path / "demo" / "timings.json").read_text())["threads"] == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.slow
@@ -94,6 +184,7 @@ def test_demo_command_passes_method_params(monkeypatch, tmp_path):
 
     def fake_run_demo(out, cfg, progress=True):
         seen["params"] = cfg.method_params
+        seen["threads"] = cfg.threads
         return {"n_records": 1, "n_errors": 0, "table": "", "report": str(out / "report.html")}
 
     monkeypatch.setattr(rd, "run_demo", fake_run_demo)
@@ -101,5 +192,9 @@ def test_demo_command_passes_method_params(monkeypatch, tmp_path):
                                     "--param", "medfocus.tau=0.8", "--param", "rise.n_masks=32"])
     assert res.exit_code == 0, res.output
     assert seen["params"] == {"medfocus": {"region": "box", "tau": 0.8}, "rise": {"n_masks": 32}}
+    assert seen["threads"] is None  # default: the cores the process may use (runner.demo.available_cores)
+    res = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "d"), "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    assert seen["threads"] == 1
     res = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "d"), "--param", "oops"])
     assert res.exit_code != 0 and "METHOD.NAME=VALUE" in res.output

@@ -4,7 +4,8 @@ gradients), batched scoring, final-answer-token lookup, map post-processing."""
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -17,8 +18,49 @@ if TYPE_CHECKING:  # annotations only: the adapter interface lives in the LVLM l
 _YES_NO_WORD = re.compile(r"(?<![A-Za-z])(yes|no)(?![A-Za-z])", re.IGNORECASE)
 
 
-def prepare_answer(adapter: LVLMAdapter, image: np.ndarray, question: str, answer: str, method: str) -> ChatInputs:
-    """``adapter.prepare`` with the answer teacher-forced; refuses an empty scored span."""
+@dataclass(frozen=True)
+class PreparedSample:
+    """One ``(image, question, answer)`` prepared once and handed to every method that runs on it.
+
+    Attributes:
+        adapter: the adapter it was prepared for (a prepared sample is only valid for that model).
+        image: the ``(H0, W0)`` uint8 original image.
+        question: full question (mode suffix included).
+        answer: the teacher-forced answer text.
+        chat: ``adapter.prepare(image, question, answer)``: chat inputs (pixel values included), the
+            scored answer span and the letterbox geometry from the original image to the canvas.
+    """
+
+    adapter: Any
+    image: np.ndarray
+    question: str
+    answer: str
+    chat: Any
+
+    @property
+    def geometry(self) -> Any:
+        """The letterbox from the original image to the model's canvas."""
+        return self.chat.geometry
+
+    def matches(self, adapter: Any, image: np.ndarray, question: str, answer: str) -> bool:
+        """Whether this sample is the preparation of exactly these inputs (same adapter object, equal image,
+        question and answer)."""
+        if adapter is not self.adapter or question != self.question or answer != self.answer:
+            return False
+        img = np.asarray(image)
+        return img is self.image or (img.shape == self.image.shape and img.dtype == self.image.dtype and np.array_equal(img, self.image))
+
+
+def prepare_sample(adapter: Any, image: np.ndarray, question: str, answer: str, method: str = "suite") -> PreparedSample:
+    """Prepare ``(image, question, answer)`` once (one processor call) for every method of a sample.
+
+    Raises:
+        ConfigError: empty answer, or an answer with no scored tokens (``method`` names the caller).
+    """
+    return PreparedSample(adapter, np.asarray(image), question, answer, _prepare_checked(adapter, image, question, answer, method))
+
+
+def _prepare_checked(adapter: Any, image: np.ndarray, question: str, answer: str, method: str) -> Any:
     if not answer or not str(answer).strip():
         raise ConfigError(f"method {method!r}: an answer text is required to attribute (got {answer!r})")
     chat = adapter.prepare(image, question, answer)
@@ -27,7 +69,17 @@ def prepare_answer(adapter: LVLMAdapter, image: np.ndarray, question: str, answe
     return chat
 
 
-def final_token_index(chat: ChatInputs) -> int:
+def prepare_answer(adapter: Any, image: np.ndarray, question: str, answer: str, method: str, counter: Any = None) -> Any:
+    """``adapter.prepare`` with the answer teacher-forced; refuses an empty scored span. When the method
+    runs with a :class:`PreparedSample` (``counter.prepared``, set by :meth:`Method.attribute`), its chat
+    is reused instead (no processor call)."""
+    prepared = getattr(counter, "prepared", None)
+    if prepared is not None:
+        return prepared.chat
+    return _prepare_checked(adapter, image, question, answer, method)
+
+
+def final_token_index(chat: Any) -> int:
     """Index (0..T-1) of the final yes/no of the scored answer: the token where the *last* word "yes" or
     "no" (any case) starts -- a word may span several tokens ("Y" + "es"), and its first token carries
     the decision. The last token when no such word exists. In a step-by-step answer this is the

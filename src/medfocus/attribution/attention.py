@@ -18,20 +18,13 @@ from typing import Any, Sequence, TYPE_CHECKING
 import numpy as np
 import torch
 
-from medfocus.attribution._common import (
-    final_token_index,
-    finish_token_maps,
-    forward_logprobs,
-    grid_from_tokens,
-    predicting_positions,
-    prepare_answer,
-    to_original,
-)
-from medfocus.attribution.base import Attribution, Counter, Method, boolean, choice, either, int_list, integer
+from medfocus.attribution._common import final_token_index, finish_token_maps, grid_from_tokens, predicting_positions, to_original
+from medfocus.attribution.base import Attribution, ForwardMethod, boolean, choice, either, int_list, integer
+from medfocus.attribution.passes import ForwardNeeds, ForwardPass
 from medfocus.errors import ConfigError, ModelError
 
 if TYPE_CHECKING:  # annotations only: the adapter interface lives in the LVLM layer
-    from medfocus.lvlm.adapter import ChatInputs, LVLMAdapter
+    from medfocus.lvlm.adapter import ChatInputs
 
 
 def _layer_indices(spec: Any, n: int, name: str) -> list[int]:
@@ -44,23 +37,7 @@ def _layer_indices(spec: Any, n: int, name: str) -> list[int]:
     return sorted({k % n for k in idx})
 
 
-def _attentions(out: Any, name: str) -> Sequence[torch.Tensor]:
-    att = getattr(out, "attentions", None)
-    if not att or any(a is None for a in att):
-        raise ModelError(f"{name}: the model returned no attention weights (eager attention required)")
-    return att
-
-
-def _run(adapter: LVLMAdapter, chat: ChatInputs, counter: Counter, *, grad: bool, hooks: Sequence[Any] = ()) -> tuple[torch.Tensor, Sequence[torch.Tensor]]:
-    """One forward with attentions -> ``((1, T) log-probs, attentions per layer (1, H, S, S))``."""
-    ctx = torch.enable_grad() if grad else torch.no_grad()
-    with adapter.eager_attention(), ctx:
-        logp, out = forward_logprobs(adapter, chat, chat.inputs, output_attentions=True)
-    counter.n_forward += 1
-    return logp, _attentions(out, "attention")
-
-
-def _finish(adapter: LVLMAdapter, chat: ChatInputs, rows: torch.Tensor, extras: dict[str, Any]) -> Attribution:
+def _finish(adapter: Any, chat: Any, rows: torch.Tensor, extras: dict[str, Any]) -> Attribution:
     """``(T, S)`` relevance rows (one per answer token) -> Attribution with per-token maps; the
     heatmap is the mean over answer tokens."""
     img = chat.image_token_positions.to(rows.device)
@@ -86,7 +63,7 @@ def _head_mean(a: torch.Tensor, heads: Any = "mean") -> torch.Tensor:
     return a.mean(0) if heads == "mean" else a[int(heads)]
 
 
-class AttentionHead(Method):
+class AttentionHead(ForwardMethod):
     """Raw attention of one layer (default the last), heads averaged: answer queries -> image tokens.
 
     Source: the attention weights ``softmax(q k^T / sqrt(d))`` of the chosen decoder layer, read at the
@@ -100,9 +77,12 @@ class AttentionHead(Method):
     defaults = {"layer": -1, "heads": "mean", "queries": "predicting"}
     spec = {"layer": integer(), "heads": either(choice("mean"), integer(0)), "queries": choice("predicting", "answer")}
 
-    def _attribute(self, adapter: LVLMAdapter, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
-        chat = prepare_answer(adapter, image, question, answer, self.name)
-        _, att = _run(adapter, chat, counter, grad=False)
+    def _forward_needs(self, adapter: Any) -> ForwardNeeds:
+        _layer_indices(self.params["layer"], len(adapter.decoder_layers), self.name)
+        return ForwardNeeds(attentions=True)
+
+    def _from_forward(self, adapter: Any, chat: Any, fp: ForwardPass) -> Attribution:
+        att = fp.attentions
         (k,) = _layer_indices(self.params["layer"], len(att), self.name)
         q = _queries(chat, self.params["queries"])
         rows = _head_mean(att[k], self.params["heads"])[q]
@@ -122,7 +102,7 @@ def rollout_rows(atts: Sequence[torch.Tensor], layers: Sequence[int], q: torch.T
     return r
 
 
-class AttentionRollout(Method):
+class AttentionRollout(ForwardMethod):
     """Attention rollout with the residual added and rows renormalised, over ``layers`` (default all).
 
     Source: Abnar & Zuidema (2020), "Quantifying Attention Flow in Transformers", eq. for rollout:
@@ -132,14 +112,17 @@ class AttentionRollout(Method):
     (:class:`LRPPaper`)."""
 
     name = "attention_rollout"
-    defaults = {"layers": "all", "queries": "predicting"}
     source = ("Abnar & Zuidema 2020 rollout, rownorm(mean_heads A + I), last layer to first, "
               "rows of the predicting positions")
+    defaults = {"layers": "all", "queries": "predicting"}
     spec = {"layers": either(choice("all"), integer(), int_list()), "queries": choice("predicting", "answer")}
 
-    def _attribute(self, adapter: LVLMAdapter, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
-        chat = prepare_answer(adapter, image, question, answer, self.name)
-        _, att = _run(adapter, chat, counter, grad=False)
+    def _forward_needs(self, adapter: Any) -> ForwardNeeds:
+        _layer_indices(self.params["layers"], len(adapter.decoder_layers), self.name)
+        return ForwardNeeds(attentions=True)
+
+    def _from_forward(self, adapter: Any, chat: Any, fp: ForwardPass) -> Attribution:
+        att = fp.attentions
         layers = _layer_indices(self.params["layers"], len(att), self.name)
         rows = rollout_rows(att, layers, _queries(chat, self.params["queries"]))
         return _finish(adapter, chat, rows, {"layers": layers})
@@ -160,7 +143,7 @@ class LRPPaper(AttentionRollout):
               "(reproduced to 1.4e-6); not LRP proper (see lrp)")
 
 
-class AttentionFlowResidual(Method):
+class AttentionFlowResidual(ForwardMethod):
     """The project's residual-weighted attention flow (formerly registered as ``lrp``).
 
     Source: this project's own rule, not a published method; it is not Layer-wise Relevance Propagation
@@ -181,24 +164,12 @@ class AttentionFlowResidual(Method):
               "head-averaged attention by |h| / (|h| + |update|)")
     spec = {"layers": either(choice("all"), integer(), int_list()), "queries": choice("predicting", "answer")}
 
-    def _attribute(self, adapter: LVLMAdapter, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
-        chat = prepare_answer(adapter, image, question, answer, self.name)
-        dec = adapter.decoder_layers
-        norms: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        handles = []
-        for i, mod in enumerate(dec):
-            def hook(m, args, kwargs, output, i=i):  # type: ignore[no-untyped-def]
-                h = args[0] if args else kwargs["hidden_states"]
-                o = output if isinstance(output, torch.Tensor) else output[0]
-                norms[i] = (h[0].float().norm(dim=-1), (o[0].float() - h[0].float()).norm(dim=-1))
-            handles.append(mod.register_forward_hook(hook, with_kwargs=True))
-        try:
-            _, att = _run(adapter, chat, counter, grad=False)
-        finally:
-            for hd in handles:
-                hd.remove()
-        if len(norms) != len(att):
-            raise ModelError(f"attention_flow_residual: hooked {len(norms)} decoder layers but got {len(att)} attention maps")
+    def _forward_needs(self, adapter: Any) -> ForwardNeeds:
+        _layer_indices(self.params["layers"], len(adapter.decoder_layers), self.name)
+        return ForwardNeeds(attentions=True, residual_norms=True)
+
+    def _from_forward(self, adapter: Any, chat: Any, fp: ForwardPass) -> Attribution:
+        att, norms = fp.attentions, fp.norms
         layers = _layer_indices(self.params["layers"], len(att), self.name)
         q = _queries(chat, self.params["queries"])
         S = att[0].shape[-1]
@@ -212,7 +183,7 @@ class AttentionFlowResidual(Method):
         return _finish(adapter, chat, r, {"layers": layers})
 
 
-class GradWeightedAttention(Method):
+class GradWeightedAttention(ForwardMethod):
     """Gradient-weighted attention (Chefer et al., 2021, generic rule):
     ``Abar_l = mean_heads(ReLU(dF/dA_l) * A_l)`` with ``F`` the answer log-likelihood, relevance
     ``R = prod_l (I + Abar_l)`` accumulated from the first to the last of ``layers``; the map is
@@ -230,17 +201,16 @@ class GradWeightedAttention(Method):
               "target = answer log-likelihood without end-of-turn")
     spec = {"layers": either(choice("all"), integer(), int_list()), "final_token": boolean(), "queries": choice("predicting", "answer")}
 
-    def _attribute(self, adapter: LVLMAdapter, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
-        chat = prepare_answer(adapter, image, question, answer, self.name)
-        logp, att = _run(adapter, chat, counter, grad=True)
+    def _forward_needs(self, adapter: Any) -> ForwardNeeds:
+        layers = _layer_indices(self.params["layers"], len(adapter.decoder_layers), self.name)
+        return ForwardNeeds(attentions=True, attention_grad_layers=tuple(layers), final_token=bool(self.params["final_token"]))
+
+    def _from_forward(self, adapter: Any, chat: Any, fp: ForwardPass) -> Attribution:
+        att = fp.attentions
         layers = _layer_indices(self.params["layers"], len(att), self.name)
         k_final = final_token_index(chat)
-        need_final = bool(self.params["final_token"]) and logp.shape[1] > 1
+        need_final = bool(self.params["final_token"]) and fp.logp.shape[1] > 1
         sel = [att[k] for k in layers]
-        if not all(a.requires_grad for a in sel):
-            raise ModelError("grad_weighted_attention: attention weights are not part of the autograd graph")
-        grads = torch.autograd.grad(logp.sum(), sel, retain_graph=need_final)
-        counter.n_backward += 1
         q = _queries(chat, self.params["queries"])
 
         def relevance(gs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -249,21 +219,21 @@ class GradWeightedAttention(Method):
             r[torch.arange(len(q), device=r.device), q.to(r.device)] = 1.0
             # R = (I + Abar_L) ... (I + Abar_1); row form: r <- r + r @ Abar_l, last layer first.
             for a, g in reversed(list(zip(sel, gs))):
-                abar = (torch.relu(g[0].float()) * a[0].detach().float()).mean(0)
+                abar = (torch.relu(g[0].float()) * a[0].float()).mean(0)
                 r = r + r @ abar
             return r
 
         extras: dict[str, Any] = {"layers": layers}
-        res = _finish(adapter, chat, relevance(grads).detach(), extras)
+        res = _finish(adapter, chat, relevance([fp.attention_grads[k] for k in layers]), extras)
         res.token_heatmaps = None  # one target (the whole answer); per-token rows would need T backwards
         extras.pop("final_token_heatmap", None)
         extras["final_token_index"] = k_final
         # one-token answer: the whole-answer map is that token's map
         extras["final_token_heatmap"] = res.heatmap if chat.n_answer_tokens == 1 else None
         if need_final:
-            gf = torch.autograd.grad(logp[0, k_final], sel)
-            counter.n_backward += 1
-            rf = relevance(gf).detach()[k_final : k_final + 1]
+            if fp.attention_grads_final is None:
+                raise ModelError("grad_weighted_attention: the forward pass ran no final-token backward")
+            rf = relevance([fp.attention_grads_final[k] for k in layers])[k_final : k_final + 1]
             img = chat.image_token_positions.to(rf.device)
             extras["final_token_heatmap"] = to_original(adapter, chat, grid_from_tokens(rf[0, img], chat).cpu())
         return res

@@ -61,11 +61,14 @@ class Attribution:
 
 
 class Counter:
-    """Pass counter handed to a method's ``_attribute`` (see the module docstring's convention)."""
+    """Pass counter handed to a method's ``_attribute`` (see the module docstring's convention); it also
+    carries the :class:`~medfocus.attribution._common.PreparedSample` the method may reuse (``None``:
+    the method prepares its own inputs)."""
 
-    def __init__(self) -> None:
+    def __init__(self, prepared: Any = None) -> None:
         self.n_forward = 0
         self.n_backward = 0
+        self.prepared = prepared
 
 
 # ---- settings validation -------------------------------------------------------------------------
@@ -287,7 +290,14 @@ class Method:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
         return f"{type(self).__name__}({args})"
 
-    def attribute(self, adapter: LVLMAdapter, image: np.ndarray, question: str, answer: str) -> Attribution:
+    #: The shared pass this method can read when it runs with others (:func:`medfocus.attribution.suite.attribute_many`):
+    #: ``"forward"`` (one teacher-forced forward on the unperturbed image, with attentions / gradients as
+    #: declared by ``_forward_needs``), ``"perturbation"`` (rows of image variants scored in one queue of
+    #: full batches, planned by ``_score_plan``), or ``None``: the method runs alone (it still reuses the
+    #: sample's prepared inputs).
+    shared_pass: ClassVar[str | None] = None
+
+    def attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, *, prepared: Any = None) -> Attribution:
         """Attribute ``answer`` to the pixels of ``image``.
 
         Args:
@@ -295,13 +305,20 @@ class Method:
             image: ``(H0, W0)`` uint8 grayscale image.
             question: full question (mode suffix included).
             answer: the answer text to explain (teacher-forced), e.g. the model's own generated answer.
+            prepared: a :class:`~medfocus.attribution._common.PreparedSample` of exactly these inputs
+                (:func:`~medfocus.attribution._common.prepare_sample`), shared by the methods of a sample;
+                ``None`` prepares here.
         Returns:
             :class:`Attribution` with maps in original-image pixels and pass counters.
+        Raises:
+            ConfigError: a non-2-D image, or a ``prepared`` sample of other inputs.
         """
         img = np.asarray(image)
         if img.ndim != 2:
             raise ConfigError(f"method {self.name!r}: image must be a 2-D (H, W) grayscale array, got shape {img.shape}")
-        counter = Counter()
+        if prepared is not None and not prepared.matches(adapter, img, question, answer):
+            raise ConfigError(f"method {self.name!r}: the prepared sample is for another (adapter, image, question, answer)")
+        counter = Counter(prepared)
         t0 = time.perf_counter()
         res = self._attribute(adapter, img, question, answer, counter)
         res.seconds = time.perf_counter() - t0
@@ -311,6 +328,62 @@ class Method:
 
     def _attribute(self, adapter: LVLMAdapter, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         raise NotImplementedError
+
+
+class ForwardMethod(Method):
+    """A method that reads one forward pass on the unperturbed image (``shared_pass = "forward"``).
+
+    Subclasses implement ``_forward_needs(adapter) -> ForwardNeeds`` (validating their settings) and
+    ``_from_forward(adapter, chat, fp) -> Attribution``; alone, :meth:`_attribute` runs the pass for their
+    needs only (:func:`medfocus.attribution.passes.run_forward_pass`), in a suite one merged pass serves
+    several methods."""
+
+    shared_pass: ClassVar[str | None] = "forward"
+
+    def _forward_needs(self, adapter: Any) -> Any:
+        raise NotImplementedError
+
+    def _from_forward(self, adapter: Any, chat: Any, fp: Any) -> Attribution:
+        raise NotImplementedError
+
+    def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
+        from medfocus.attribution._common import prepare_answer
+        from medfocus.attribution.passes import run_forward_pass
+
+        chat = prepare_answer(adapter, image, question, answer, self.name, counter)
+        needs = self._forward_needs(adapter)
+        fp = run_forward_pass(adapter, chat, needs)
+        nf, nb = needs.passes(chat.n_answer_tokens)
+        counter.n_forward += nf
+        counter.n_backward += nb
+        return self._from_forward(adapter, chat, fp)
+
+
+class PerturbationMethod(Method):
+    """A method whose passes are rows of image variants (``shared_pass = "perturbation"``).
+
+    Subclasses implement ``_score_plan(adapter, image, chat, counter) -> ScorePlan`` (``image`` the original
+    ``(H0, W0)`` image, ``chat`` its prepared inputs; counting its rows in ``counter``); alone, :meth:`_attribute` scores that plan's rows, in a suite the rows of several plans
+    share one queue, each plan in full batches (:func:`medfocus.attribution.passes.run_score_plans`)."""
+
+    shared_pass: ClassVar[str | None] = "perturbation"
+
+    def _score_plan(self, adapter: Any, image: np.ndarray, chat: Any, counter: Counter) -> Any:
+        raise NotImplementedError
+
+    def _plan_for(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> tuple[Any, Any]:
+        """``(chat, plan)`` for one sample (the chat from ``counter.prepared`` when given)."""
+        from medfocus.attribution._common import prepare_answer
+
+        chat = prepare_answer(adapter, image, question, answer, self.name, counter)
+        return chat, self._score_plan(adapter, image, chat, counter)
+
+    def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
+        from medfocus.attribution.passes import run_score_plans
+
+        chat, plan = self._plan_for(adapter, image, question, answer, counter)
+        (logp,) = run_score_plans(adapter, chat, [plan])
+        return plan.finish(logp)
 
 
 # ---- registry ------------------------------------------------------------------------------------

@@ -22,69 +22,13 @@ from typing import Any, TYPE_CHECKING
 import numpy as np
 import torch
 
-from medfocus.attribution._common import (
-    final_token_index,
-    forward_logprobs,
-    grid_from_tokens,
-    layer_hidden_hook,
-    prepare_answer,
-    to_original,
-)
-from medfocus.attribution.base import Attribution, Counter, InvalidSetting, Method, Param, boolean, choice, either, integer
+from medfocus.attribution._common import final_token_index, forward_logprobs, grid_from_tokens, prepare_answer, to_original
+from medfocus.attribution.base import Attribution, Counter, ForwardMethod, InvalidSetting, Method, Param, boolean, choice, either, integer
+from medfocus.attribution.passes import ForwardNeeds, ForwardPass, resolve_grad_layer
 from medfocus.errors import ConfigError
 
 if TYPE_CHECKING:  # annotations only: the adapter interface lives in the LVLM layer
-    from medfocus.lvlm.adapter import ChatInputs, LVLMAdapter
-
-
-def _resolve_layer(adapter: LVLMAdapter, layer: Any) -> tuple[torch.nn.Module, bool, str]:
-    """``(module, pre_hook?, description)`` for a Grad-CAM layer spec."""
-    layers = adapter.decoder_layers
-    n = len(layers)
-    if layer == "input":
-        return layers[0], True, "lm_input_embeddings"
-    if layer == "middle":
-        k = (n - 1) // 2  # never the last layer (its image-position gradient is zero), even for n = 2
-        return layers[k], False, f"decoder_layer_{k}_output"
-    try:
-        k = int(layer)
-    except (TypeError, ValueError):
-        raise ConfigError(f"gradcam: layer must be 'input', 'middle' or an int decoder-layer index, got {layer!r}") from None
-    if not -n <= k < n:
-        raise ConfigError(f"gradcam: layer {k} out of range for {n} decoder layers")
-    k %= n
-    return layers[k], False, f"decoder_layer_{k}_output"
-
-
-def image_token_grads(adapter: LVLMAdapter, chat: ChatInputs, layer: Any, counter: Counter, final_token: bool) -> dict[str, Any]:
-    """Activations and gradients at the image-token positions of ``layer``.
-
-    Returns ``{"feats": (N_img, D), "grads": (N_img, D) for the whole answer, "grads_final": (N_img, D) or None,
-    "layer": description}``.
-    """
-    module, pre, desc = _resolve_layer(adapter, layer)
-    store: dict[str, Any] = {}
-    # The hook swaps the activations for a leaf tensor: the backward stops there (nothing flows into the
-    # vision tower), which is all Grad-CAM needs and saves the cost of the rest of the graph.
-    remove = layer_hidden_hook(module, pre=pre, store=store)
-    try:
-        with torch.enable_grad():
-            logp, _ = forward_logprobs(adapter, chat, chat.inputs)
-            counter.n_forward += 1
-            h = store["h"]
-            k = final_token_index(chat)
-            need_final = final_token and logp.shape[1] > 1
-            (g,) = torch.autograd.grad(logp.sum(), h, retain_graph=need_final)
-            counter.n_backward += 1
-            gf = None
-            if need_final:
-                (gf,) = torch.autograd.grad(logp[0, k], h)
-                counter.n_backward += 1
-    finally:
-        remove()
-    pos = chat.image_token_positions.to(h.device)
-    sel = lambda t: t[0, pos].detach().float()  # noqa: E731
-    return {"feats": sel(h), "grads": sel(g), "grads_final": None if gf is None else sel(gf), "layer": desc}
+    from medfocus.lvlm.adapter import LVLMAdapter
 
 
 def gradcam_weights(feats: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
@@ -111,7 +55,7 @@ def gradcampp_weights(feats: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
     return torch.relu(feats @ w)
 
 
-class GradCAM(Method):
+class GradCAM(ForwardMethod):
     """Grad-CAM on image-token activations (see the module docstring for the layer choice).
 
     Passes: 1 forward, 1 backward (+1 backward for the final token of a multi-token answer).
@@ -130,15 +74,17 @@ class GradCAM(Method):
     spec = {"layer": either(choice("input", "middle"), integer()), "final_token": boolean()}
     _combine = staticmethod(gradcam_weights)
 
-    def _attribute(self, adapter: LVLMAdapter, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
-        chat = prepare_answer(adapter, image, question, answer, self.name)
-        r = image_token_grads(adapter, chat, self.params["layer"], counter, bool(self.params["final_token"]))
-        grid = grid_from_tokens(self._combine(r["feats"], r["grads"]), chat)
+    def _forward_needs(self, adapter: Any) -> ForwardNeeds:
+        resolve_grad_layer(adapter, self.params["layer"])  # validates the spec before any pass
+        return ForwardNeeds(grad_layer=self.params["layer"], final_token=bool(self.params["final_token"]))
+
+    def _from_forward(self, adapter: Any, chat: Any, fp: ForwardPass) -> Attribution:
+        grid = grid_from_tokens(self._combine(fp.image_feats, fp.image_grads), chat)
         heat = to_original(adapter, chat, grid)
-        extras: dict[str, Any] = {"layer": r["layer"], "grid_map": grid.numpy(), "grad_abs_sum": float(r["grads"].abs().sum())}
+        extras: dict[str, Any] = {"layer": fp.grad_layer, "grid_map": grid.numpy(), "grad_abs_sum": float(fp.image_grads.abs().sum())}
         extras["final_token_index"] = final_token_index(chat)
-        if r["grads_final"] is not None:
-            extras["final_token_heatmap"] = to_original(adapter, chat, grid_from_tokens(self._combine(r["feats"], r["grads_final"]), chat))
+        if self.params["final_token"] and fp.image_grads_final is not None:
+            extras["final_token_heatmap"] = to_original(adapter, chat, grid_from_tokens(self._combine(fp.image_feats, fp.image_grads_final), chat))
         else:  # one-token answer (or final_token=False): the whole-answer map is that token's map
             extras["final_token_heatmap"] = heat if chat.n_answer_tokens == 1 else None
         return Attribution(heatmap=heat, extras=extras)
@@ -194,7 +140,7 @@ class IntegratedGradients(Method):
         steps, bs = int(self.params["steps"]), int(self.params["batch_size"])
         if steps < 1:
             raise ConfigError(f"integrated_gradients: steps must be >= 1, got {steps}")
-        chat = prepare_answer(adapter, image, question, answer, self.name)
+        chat = prepare_answer(adapter, image, question, answer, self.name, counter)
         x = adapter.pixel_values_to_images(chat.inputs["pixel_values"], chat).detach().float()  # (3, H, W)
         base = self.params["baseline"]
         if isinstance(base, str):

@@ -11,18 +11,21 @@ padding is excluded), so all cells cover real pixels whatever the aspect ratio.
 
 from __future__ import annotations
 
-from typing import Any, Callable, TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medfocus.attribution._common import finish_token_maps, prepare_answer, score, to_original
-from medfocus.attribution.base import Attribution, Counter, Method, choice, integer, number
+from medfocus.attribution._common import finish_token_maps, to_original
+from medfocus.attribution.base import Attribution, Counter, PerturbationMethod, choice, integer, number
+from medfocus.attribution.passes import ScorePlan, chunk_count
+
+__all__ = ["Occlusion", "RISE", "RiseMasks", "chunk_count", "rise_masks"]
 from medfocus.errors import ConfigError
 
 if TYPE_CHECKING:  # annotations only: the adapter interface lives in the LVLM layer
-    from medfocus.lvlm.adapter import ChatInputs, LVLMAdapter
+    from medfocus.lvlm.adapter import ChatInputs
 
 
 def _content_box(chat: ChatInputs) -> tuple[int, int, int, int]:
@@ -35,36 +38,7 @@ def _cell_edges(n: int, grid: int) -> np.ndarray:
     return np.round(np.linspace(0, n, grid + 1)).astype(int)
 
 
-def chunk_count(n: int, batch_size: int) -> int:
-    """Number of near-equal batches for ``n`` inputs at ``batch_size``: ``n // batch_size`` when the
-    remainder can ride along (batches then exceed ``batch_size`` by at most 10%, at least by one),
-    else ``ceil(n / batch_size)``."""
-    bs = max(1, int(batch_size))
-    n_floor = n // bs
-    if n_floor >= 1 and n % bs and -(-n // n_floor) <= bs + max(1, bs // 10):
-        return n_floor
-    return max(1, -(-n // bs))
-
-
-def _score_masks(adapter: LVLMAdapter, chat: ChatInputs, make_keep: Callable[[int, int], torch.Tensor], n: int, baseline: Any, batch_size: int,
-                 counter: Counter) -> torch.Tensor:
-    """Score ``n`` variants whose ``(j - i, H, W)`` canvas keep-masks ``make_keep(i, j)`` builds on demand
-    -> ``(n, T)`` answer-token probabilities. Masks and perturbed tensors exist one batch at a time (a
-    full-resolution stack of 65 masks would be hundreds of MB for an 896-pixel canvas). The ``n``
-    variants run in :func:`chunk_count` near-equal batches: 65 occlusion variants at batch 16 run as
-    16+16+17+16, not 16+16+16+16+1 (a lone last item costs almost a whole pass) nor 13 x 5 (every
-    forward call has a fixed cost: Gemma 3 builds its attention masks per call)."""
-    n_chunks = chunk_count(n, batch_size)
-    edges = np.linspace(0, n, n_chunks + 1).round().astype(int)
-    out = []
-    for i, j in zip(edges[:-1], edges[1:]):
-        pv = adapter.masked_pixel_values(chat, make_keep(int(i), int(j)), baseline)
-        out.append(score(adapter, chat, pv, batch_size=int(j - i)).exp())
-        counter.n_forward += int(pv.shape[0])
-    return torch.cat(out)
-
-
-class Occlusion(Method):
+class Occlusion(PerturbationMethod):
     """Occlusion (Zeiler & Fergus): replace each cell of a ``grid x grid`` partition of the image by the
     baseline; the cell's importance is the drop in mean answer-token probability, positive part.
 
@@ -83,11 +57,10 @@ class Occlusion(Method):
               "answer-token probability); masks applied in the preprocessed tensor")
     spec = {"grid": integer(1), "baseline": choice("zero", "mean"), "batch_size": integer(1)}
 
-    def _attribute(self, adapter: LVLMAdapter, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
+    def _score_plan(self, adapter: Any, image: np.ndarray, chat: Any, counter: Counter) -> ScorePlan:
         grid, bs = int(self.params["grid"]), int(self.params["batch_size"])
         if grid < 1:
             raise ConfigError(f"occlusion: grid must be >= 1, got {grid}")
-        chat = prepare_answer(adapter, image, question, answer, self.name)
         W, H = adapter.canvas_size
         py, px, nh, nw = _content_box(chat)
         # cell id of every canvas pixel (-1 = letterbox padding), so masks and maps are single gathers
@@ -97,19 +70,26 @@ class Occlusion(Method):
         cols[px : px + nw] = np.searchsorted(_cell_edges(nw, grid), np.arange(nw), side="right") - 1
         cell = torch.from_numpy(np.where((rows[:, None] >= 0) & (cols[None] >= 0), rows[:, None] * grid + cols[None], -1))
         G = grid * grid
+        baseline = self.params["baseline"]
+
         # variant 0 is the original image, variant k >= 1 occludes cell k - 1
-        make_keep = lambda i, j: (cell[None] != torch.arange(i - 1, j - 1)[:, None, None]).float()  # noqa: E731
-        p = _score_masks(adapter, chat, make_keep, 1 + G, self.params["baseline"], bs, counter)  # (1+G, T)
-        drop_tok = torch.cat([(p[0:1] - p[1:]).clamp_min(0), torch.zeros(1, p.shape[1])])  # (G+1, T); row G = padding
-        drop = torch.cat([(p[0].mean() - p[1:].mean(dim=1)).clamp_min(0), torch.zeros(1)])  # (G+1,)
-        idx = torch.where(cell >= 0, cell, torch.full_like(cell, G))
-        canvas = drop[idx]
-        tok_canvas = drop_tok[idx].permute(2, 0, 1)
-        drop = drop[:G]
-        signed = (p[0].mean() - p[1:].mean(dim=1)).view(grid, grid)  # before the positive part
-        extras: dict[str, Any] = {"grid_map": drop.view(grid, grid).numpy(), "signed_grid_map": signed.numpy(), "p_original": p[0].numpy()}
-        tok = finish_token_maps(adapter, chat, tok_canvas, extras)
-        return Attribution(heatmap=to_original(adapter, chat, canvas), token_heatmaps=tok, extras=extras)
+        def pixel_values(i: int, j: int) -> torch.Tensor:
+            return adapter.masked_pixel_values(chat, (cell[None] != torch.arange(i - 1, j - 1)[:, None, None]).float(), baseline)
+
+        def finish(logp: torch.Tensor) -> Attribution:
+            p = logp.exp()  # (1+G, T)
+            drop_tok = torch.cat([(p[0:1] - p[1:]).clamp_min(0), torch.zeros(1, p.shape[1])])  # (G+1, T); row G = padding
+            drop = torch.cat([(p[0].mean() - p[1:].mean(dim=1)).clamp_min(0), torch.zeros(1)])  # (G+1,)
+            idx = torch.where(cell >= 0, cell, torch.full_like(cell, G))
+            canvas = drop[idx]
+            tok_canvas = drop_tok[idx].permute(2, 0, 1)
+            signed = (p[0].mean() - p[1:].mean(dim=1)).view(grid, grid)  # before the positive part
+            extras: dict[str, Any] = {"grid_map": drop[:G].view(grid, grid).numpy(), "signed_grid_map": signed.numpy(), "p_original": p[0].numpy()}
+            tok = finish_token_maps(adapter, chat, tok_canvas, extras)
+            return Attribution(heatmap=to_original(adapter, chat, canvas), token_heatmaps=tok, extras=extras)
+
+        counter.n_forward += 1 + G
+        return ScorePlan(1 + G, pixel_values, finish, bs)
 
 
 class RiseMasks:
@@ -155,7 +135,7 @@ def rise_masks(n: int, grid: int, p_keep: float, size_hw: tuple[int, int], seed:
     return RiseMasks(n, grid, p_keep, size_hw, seed)[:]
 
 
-class RISE(Method):
+class RISE(PerturbationMethod):
     """RISE: saliency = ``sum_i s(x * M_i) M_i / (N * p_keep)`` over ``N`` random smooth masks.
 
     Sanity check (Adebayo et al.): on the toy model RISE *fails* model randomisation -- the Spearman
@@ -179,39 +159,43 @@ class RISE(Method):
     spec = {"n_masks": integer(1), "grid": integer(1), "p_keep": number(0, 1, lo_open=True, hi_open=True),
             "seed": integer(0), "baseline": choice("zero", "mean"), "batch_size": integer(1)}
 
-    def _attribute(self, adapter: LVLMAdapter, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
+    def _score_plan(self, adapter: Any, image: np.ndarray, chat: Any, counter: Counter) -> ScorePlan:
         n, grid, pk = int(self.params["n_masks"]), int(self.params["grid"]), float(self.params["p_keep"])
         if n < 1 or grid < 1 or not 0 < pk < 1:
             raise ConfigError(f"rise: need n_masks >= 1, grid >= 1, 0 < p_keep < 1; got {n}, {grid}, {pk}")
-        chat = prepare_answer(adapter, image, question, answer, self.name)
         W, H = adapter.canvas_size
         py, px, nh, nw = _content_box(chat)
         masks = RiseMasks(n, grid, pk, (nh, nw), int(self.params["seed"]))
         # keep the rendered masks for the saliency sum when they are small (< 64 MB), else re-render them
         cache_ok = n * nh * nw * 4 < 64 * 2**20
         rendered: dict[tuple[int, int], torch.Tensor] = {}
+        baseline, bs = self.params["baseline"], int(self.params["batch_size"])
 
-        def make_keep(i: int, j: int) -> torch.Tensor:
+        def pixel_values(i: int, j: int) -> torch.Tensor:
             m = masks[i:j]
             if cache_ok:
                 rendered[(i, j)] = m
             keep = torch.ones(j - i, H, W)
             keep[:, py : py + nh, px : px + nw] = m
-            return keep
+            return adapter.masked_pixel_values(chat, keep, baseline)
 
-        p = _score_masks(adapter, chat, make_keep, n, self.params["baseline"], int(self.params["batch_size"]), counter)  # (N, T)
-        sal_tok = torch.zeros(p.shape[1], nh, nw)
-        if cache_ok:
-            for (i, j), m in rendered.items():
-                sal_tok += torch.einsum("nt,nhw->thw", p[i:j], m)
-        else:
-            step = max(1, int(self.params["batch_size"]))
-            for i in range(0, n, step):
-                sal_tok += torch.einsum("nt,nhw->thw", p[i : i + step], masks[i : i + step])
-        sal_tok /= n * pk
-        tok_canvas = torch.zeros(p.shape[1], H, W)
-        tok_canvas[:, py : py + nh, px : px + nw] = sal_tok
-        canvas = tok_canvas.mean(0)  # mean over tokens of sum_i p_t,i M_i = sum_i (mean_t p_t,i) M_i
-        extras: dict[str, Any] = {}
-        tok = finish_token_maps(adapter, chat, tok_canvas, extras)
-        return Attribution(heatmap=to_original(adapter, chat, canvas), token_heatmaps=tok, extras=extras)
+        def finish(logp: torch.Tensor) -> Attribution:
+            p = logp.exp()  # (N, T)
+            sal_tok = torch.zeros(p.shape[1], nh, nw)
+            if cache_ok:
+                for (i, j), m in rendered.items():
+                    sal_tok += torch.einsum("nt,nhw->thw", p[i:j], m)
+            else:
+                step = max(1, bs)
+                for i in range(0, n, step):
+                    sal_tok += torch.einsum("nt,nhw->thw", p[i : i + step], masks[i : i + step])
+            sal_tok /= n * pk
+            tok_canvas = torch.zeros(p.shape[1], H, W)
+            tok_canvas[:, py : py + nh, px : px + nw] = sal_tok
+            canvas = tok_canvas.mean(0)  # mean over tokens of sum_i p_t,i M_i = sum_i (mean_t p_t,i) M_i
+            extras: dict[str, Any] = {}
+            tok = finish_token_maps(adapter, chat, tok_canvas, extras)
+            return Attribution(heatmap=to_original(adapter, chat, canvas), token_heatmaps=tok, extras=extras)
+
+        counter.n_forward += n
+        return ScorePlan(n, pixel_values, finish, bs)

@@ -114,7 +114,8 @@ class Prompting(Method):
     def _attribute(self, adapter: LVLMAdapter, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         prompt = f"{question_stem_of(question)} {self.params['request']}"
         text = _generate(adapter, image, prompt, int(self.params["max_new_tokens"]), counter)
-        geo = adapter.prepare(image, prompt).geometry
+        # the letterbox depends only on the image size and the canvas: the sample's prepared geometry when shared
+        geo = counter.prepared.geometry if counter.prepared is not None else adapter.prepare(image, prompt).geometry
         read = parse_boxes(text, geo.out_w, geo.out_h, self.params["coords"], family=getattr(adapter, "family", None))
         canvas_boxes = read.boxes
         boxes = []

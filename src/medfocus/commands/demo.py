@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -43,18 +44,25 @@ Examples:
 @click.option("--param", "params", multiple=True, show_default="the demo's settings, README section 'The demo'",
               help="Method parameter METHOD.NAME=VALUE (as for `medfocus attribute`), e.g. medfocus.region=box. Repeatable.")
 @click.option("--fresh", is_flag=True, help="Delete the output folder first (otherwise a rerun resumes).")
-@click.option("--no-progress", is_flag=True, help="Disable progress bars (also the weight-loading bar).")
-def demo(out_dir, n_samples, per_mode, n_reference, seed, modes, editors, methods, model, params, fresh, no_progress) -> None:
+@click.option("--threads", type=click.IntRange(1), default=None, show_default="the cores this process may run on",
+              help="torch / OpenCV intra-op threads.")
+@click.option("--no-progress", is_flag=True, help="Disable the progress line (also the weight-loading bar).")
+def demo(out_dir, n_samples, per_mode, n_reference, seed, modes, editors, methods, model, params, fresh, threads,
+         no_progress) -> None:
     """Generate the synthetic benchmark, load the shipped demo LVLM, build the causally filtered
     benchmark (oracle and inpaint editors) in direct and step-by-step mode, run every attribution
     method, evaluate, and write report.html, table.md, table.csv and retention.md."""
+    # OpenMP workers that spin while waiting burn the cores other processes need (the demo's CPU time
+    # under load was several times its wall time x cores); passive waiting must be set before torch
+    # (and its OpenMP runtime) is loaded, which the CLI defers until here. A user's own setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from medfocus.runner.demo import run_demo
 
     t0 = time.perf_counter()
     out = Path(out_dir)
     if fresh and out.exists():
         shutil.rmtree(out)
-    cfg = DemoConfig(seed=seed, model=model, n_samples=n_samples, per_mode=per_mode, n_reference=n_reference)
+    cfg = DemoConfig(seed=seed, model=model, n_samples=n_samples, per_mode=per_mode, n_reference=n_reference, threads=threads)
     if modes:
         cfg.modes = tuple(modes)
     if editors:

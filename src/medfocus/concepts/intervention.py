@@ -140,7 +140,43 @@ class InterventionResult:
     keep: torch.Tensor | None = None
 
 
-def intervene(adapter: LVLMAdapter, chat: ChatInputs, concept_boxes: Mapping[str, Box], *, baseline: str = "zero",
+def intervention_keep(adapter: Any, chat: Any, concept_boxes: Mapping[str, Box], *, region: str = "box",
+                      soft_masks: Mapping[str, np.ndarray] | None = None) -> tuple[list[str], torch.Tensor]:
+    """``(names, keep)``: the 15 variant names and their ``(K, canvas_h, canvas_w)`` keep masks (1 kept,
+    0 hidden) for :func:`intervene` (see there for ``region`` and ``soft_masks``)."""
+    if region not in REGIONS:
+        raise ValueError(f"region must be one of {REGIONS}, got {region!r}")
+    vb = variant_boxes(concept_boxes)
+    cw, ch = adapter.canvas_size
+    keep = canvas_keep_masks(vb, chat.geometry, (ch, cw))
+    if region == "mask":
+        if soft_masks is None:
+            raise ValueError("region='mask' needs the concepts' soft_masks")
+        vm = variant_masks(soft_masks)
+        km = canvas_keep_from_masks(vm, chat.geometry, (ch, cw))
+        # A concept lost by the transfer/refinement (empty mask) still gets hidden: by its box.
+        use_mask = torch.tensor([bool((km[k] < 1).any()) for k in range(len(vm))])
+        keep = torch.where(use_mask[:, None, None], km, keep)
+    return list(vb), keep
+
+
+def intervention_rows(adapter: Any, chat: Any, keep: torch.Tensor, baseline: str = "zero") -> torch.Tensor:
+    """``(K + 1, *layout)`` model inputs: the original image (row 0, ``chat``'s own pixel values) and the
+    ``K`` variants hiding ``keep == 0`` with ``baseline``."""
+    pv = adapter.masked_pixel_values(chat, keep, baseline)
+    orig = chat.inputs["pixel_values"][None].to(pv.device, pv.dtype)
+    return torch.cat([orig, pv], 0)
+
+
+def intervention_result(names: list[str], logp: np.ndarray, keep: torch.Tensor | None = None) -> InterventionResult:
+    """:class:`InterventionResult` from the ``(K + 1, T)`` log-probs of :func:`intervention_rows`' rows."""
+    logp = np.asarray(logp, dtype=np.float32)
+    lp0, lpv = logp[0], logp[1:]
+    tok = np.maximum(0.0, lp0[None, :] - lpv)
+    return InterventionResult(list(names), lp0, lpv, tok, tok.sum(1), int(logp.shape[0]), keep)
+
+
+def intervene(adapter: Any, chat: Any, concept_boxes: Mapping[str, Box], *, baseline: str = "zero",
               batch_size: int = 16, region: str = "box", soft_masks: Mapping[str, np.ndarray] | None = None) -> InterventionResult:
     """Score the original and the 15 concept-hidden variants of ``chat`` in one batched pass.
 
@@ -156,25 +192,10 @@ def intervene(adapter: LVLMAdapter, chat: ChatInputs, concept_boxes: Mapping[str
     """
     from medfocus.lvlm.scoring import score_chat
 
-    if region not in REGIONS:
-        raise ValueError(f"region must be one of {REGIONS}, got {region!r}")
-    vb = variant_boxes(concept_boxes)
-    cw, ch = adapter.canvas_size
-    keep = canvas_keep_masks(vb, chat.geometry, (ch, cw))
-    if region == "mask":
-        if soft_masks is None:
-            raise ValueError("region='mask' needs the concepts' soft_masks")
-        vm = variant_masks(soft_masks)
-        km = canvas_keep_from_masks(vm, chat.geometry, (ch, cw))
-        # A concept lost by the transfer/refinement (empty mask) still gets hidden: by its box.
-        use_mask = torch.tensor([bool((km[k] < 1).any()) for k in range(len(vm))])
-        keep = torch.where(use_mask[:, None, None], km, keep)
-    pv = adapter.masked_pixel_values(chat, keep, baseline)
-    orig = chat.inputs["pixel_values"][None].to(pv.device, pv.dtype)
-    logp = score_chat(adapter, chat, torch.cat([orig, pv], 0), batch_size=batch_size).float().cpu().numpy()
-    lp0, lpv = logp[0], logp[1:]
-    tok = np.maximum(0.0, lp0[None, :] - lpv)
-    return InterventionResult(list(vb), lp0, lpv, tok, tok.sum(1), int(logp.shape[0]), keep)
+    names, keep = intervention_keep(adapter, chat, concept_boxes, region=region, soft_masks=soft_masks)
+    rows = intervention_rows(adapter, chat, keep, baseline)
+    logp = score_chat(adapter, chat, rows, batch_size=batch_size).float().cpu().numpy()
+    return intervention_result(names, logp, keep)
 
 
 RULES = ("argmax", "nested")

@@ -30,12 +30,14 @@ from typing import Any, TYPE_CHECKING
 import numpy as np
 
 from medfocus.concepts import uot
-from medfocus.concepts.intervention import REGIONS, RULES, TAU, decide, intervene, nested_winner, variant_boxes
+from medfocus.concepts.intervention import (REGIONS, RULES, TAU, decide, intervention_keep, intervention_result, intervention_rows,
+                                            nested_winner, variant_boxes)
 from medfocus.concepts.reference import SELECT_GRID, TRANSFER_GRID, ReferencePool, cached_pool, default_pool
 from medfocus.concepts.transfer import DEFAULT_ITERATIONS, ConceptTransfer, TransferCache, transfer_concepts
 from medfocus.attribution import _common
-from medfocus.attribution.base import Method, boolean, choice, either, integer, number, obj, optional, path_like
+from medfocus.attribution.base import PerturbationMethod, boolean, choice, either, integer, number, obj, optional, path_like
 from medfocus.errors import ConfigError
+from medfocus.lvlm.scoring import score_chat
 from medfocus.types import BILATERAL, Box
 
 if TYPE_CHECKING:  # annotations only: the adapter interface lives in the LVLM layer
@@ -202,14 +204,24 @@ class MedFocus:
         """Concept boxes and soft masks for ``image`` (cached per image)."""
         return transfer_concepts(image, self.pool, refine=self.refine, refiner=self.refiner, cache=self.cache, **self.transfer_kw)
 
-    def attribute(self, image: np.ndarray, question: str, answer: str | None = None) -> MedFocusResult:
+    def attribute(self, image: np.ndarray, question: str, answer: str | None = None, *, chat: Any = None) -> MedFocusResult:
         """Attribute ``answer`` (or the model's own answer when ``None``) to a concept.
 
         Args:
             image: ``(H0, W0)`` uint8 grayscale image.
             question: full question (mode suffix included).
             answer: the answer to explain (teacher-forced).
+            chat: ``adapter.prepare(image, question, answer)`` when the caller has it already (a sample
+                prepared once for every method); ``None`` prepares here.
         """
+        pl = self.plan(image, question, answer, chat=chat)
+        t0 = time.perf_counter()
+        logp = score_chat(self.adapter, pl.chat, pl.rows, batch_size=self.batch_size).float().cpu().numpy()
+        return self.finish(pl, logp, score_seconds=time.perf_counter() - t0)
+
+    def plan(self, image: np.ndarray, question: str, answer: str | None = None, *, chat: Any = None) -> "MedFocusPlan":
+        """Everything before the intervention rows are scored: the answer (generated when ``None``), the
+        concept transfer, the prepared chat and the ``(16, *layout)`` rows (original + 15 variants)."""
         img = np.asarray(image)
         if img.ndim != 2:
             raise ConfigError(f"MedFocus needs a 2-D (H, W) grayscale image, got shape {img.shape}")
@@ -223,18 +235,29 @@ class MedFocus:
         t1 = time.perf_counter()
         tr = self.transfer(img)
         t2 = time.perf_counter()
-        chat = self.adapter.prepare(img, question, answer)
+        if chat is None:
+            chat = self.adapter.prepare(img, question, answer)
         if chat.answer_span is None or chat.n_answer_tokens <= 0:
             raise ConfigError(f"MedFocus: the answer {answer!r} produced no scored tokens")
-        iv = intervene(self.adapter, chat, tr.boxes, baseline=self.baseline, batch_size=self.batch_size,
-                       region=self.region, soft_masks=tr.soft_masks)
+        names, keep = intervention_keep(self.adapter, chat, tr.boxes, region=self.region, soft_masks=tr.soft_masks)
+        rows = intervention_rows(self.adapter, chat, keep, self.baseline)
+        t3 = time.perf_counter()
+        return MedFocusPlan(image=img, question=question, answer=str(answer), chat=chat, transfer=tr, names=names, keep=keep, rows=rows,
+                            n_generate=n_gen, seconds={"generate": t1 - t0, "transfer": t2 - t1, "rows": t3 - t2})
+
+    def finish(self, pl: "MedFocusPlan", logp: np.ndarray, score_seconds: float = 0.0) -> MedFocusResult:
+        """The result from the ``(16, T)`` answer-token log-probs of ``pl.rows`` (winner rule, nested checks,
+        heatmap). ``score_seconds``: the time scoring the rows took (reported in ``seconds``)."""
+        t0 = time.perf_counter()
+        img, tr, chat = pl.image, pl.transfer, pl.chat
+        iv = intervention_result(pl.names, np.asarray(logp), pl.keep)
         winner, fallback = decide(iv.names, iv.deltas, self.tau)
         checks: list[Any] = []
         n_nested = 0
         if self.rule == "nested" and not fallback:
             winner, checks, n_nested = nested_winner(self.adapter, chat, iv, winner, tau=self.tau, baseline=self.baseline,
                                                      batch_size=self.batch_size)
-        t3 = time.perf_counter()
+        t1 = time.perf_counter()
         H0, W0 = img.shape
         if fallback:
             boxes: list[Box] = [(0.0, 0.0, float(W0), float(H0))]
@@ -242,7 +265,7 @@ class MedFocus:
             boxes = variant_boxes(tr.boxes)[winner]
         box = (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
         res = MedFocusResult(
-            answer=str(answer), concept=winner, box=box, boxes=list(boxes), fallback=fallback,
+            answer=pl.answer, concept=winner, box=box, boxes=list(boxes), fallback=fallback,
             deltas={n: float(d) for n, d in zip(iv.names, iv.deltas)},
             token_deltas={n: iv.token_deltas[i].astype(np.float32) for i, n in enumerate(iv.names)},
             answer_tokens=list(chat.answer_tokens), logp_original=iv.logp_original.astype(np.float32),
@@ -255,10 +278,37 @@ class MedFocus:
             if d > 0:
                 hm += np.float32(d) * res.variant_soft_mask(n)
         res.heatmap = hm / hm.max() if hm.max() > 0 else hm
-        t4 = time.perf_counter()
-        res.seconds = {"generate": t1 - t0, "transfer": t2 - t1, "intervention": t3 - t2, "total": t4 - t0}
-        res.passes = {"generate": n_gen, "forward": iv.n_forward + n_nested}
+        t2 = time.perf_counter()
+        sec = pl.seconds
+        intervention = sec["rows"] + score_seconds + (t1 - t0)
+        res.seconds = {"generate": sec["generate"], "transfer": sec["transfer"], "intervention": intervention,
+                       "total": sec["generate"] + sec["transfer"] + intervention + (t2 - t1)}
+        res.passes = {"generate": pl.n_generate, "forward": iv.n_forward + n_nested}
         return res
+
+
+@dataclass
+class MedFocusPlan:
+    """:meth:`MedFocus.plan`'s output: one sample's work up to the intervention rows.
+
+    Attributes:
+        image: the ``(H0, W0)`` image. question, answer: the explained question and answer.
+        chat: its prepared inputs. transfer: the concept transfer.
+        names: the 15 variant names. keep: ``(15, canvas_h, canvas_w)`` keep masks.
+        rows: ``(16, *layout)`` model inputs, the original first.
+        n_generate: answers generated (0 or 1). seconds: ``{"generate", "transfer", "rows"}``.
+    """
+
+    image: np.ndarray
+    question: str
+    answer: str
+    chat: Any
+    transfer: ConceptTransfer
+    names: list[str]
+    keep: Any
+    rows: Any
+    n_generate: int
+    seconds: dict[str, float]
 
 
 # ---- registry entry ---------------------------------------------------------------------------------
@@ -266,7 +316,7 @@ def _pool_for(path: str | None) -> ReferencePool:
     return cached_pool(path)
 
 
-class MedFocusMethod(Method):
+class MedFocusMethod(PerturbationMethod):
     """MedFocus behind the attribution registry (``get_method("medfocus", ...)``).
 
     ``attribute(adapter, image, question, answer)`` returns an
@@ -303,12 +353,26 @@ class MedFocusMethod(Method):
         out["pool_fingerprint"] = _pool_for(str(self.params["pool"]) if self.params.get("pool") else None).fingerprint
         return out
 
-    def _attribute(self, adapter: LVLMAdapter, image: np.ndarray, question: str, answer: str, counter: Any) -> Any:
+    def _medfocus(self, adapter: Any) -> MedFocus:
         p = dict(self.params)
         pool = _pool_for(str(p.pop("pool")) if p.get("pool") else None)
         p.pop("pool", None)
         p["refiner"] = p.pop("medsam")  # checkpoint name/path of MedSAM (default: the hub id, local cache only)
-        mf = MedFocus(adapter, pool, **p)
-        res = mf.attribute(image, question, answer)
-        counter.n_forward += res.passes["forward"]
-        return res.to_attribution()
+        return MedFocus(adapter, pool, **p)
+
+    def _score_plan(self, adapter: Any, image: np.ndarray, chat: Any, counter: Any) -> Any:
+        """The 16 intervention rows as a :class:`~medfocus.attribution.passes.ScorePlan`; its ``finish``
+        runs the winner rule (and the nested rule's own dependent passes, counted here)."""
+        from medfocus.attribution.passes import ScorePlan
+
+        mf = self._medfocus(adapter)
+        pl = mf.plan(image, chat.question, chat.answer, chat=chat)
+        n_rows = int(pl.rows.shape[0])
+        counter.n_forward += n_rows
+
+        def finish(logp: Any) -> Any:
+            res = mf.finish(pl, np.asarray(logp))
+            counter.n_forward += res.passes["forward"] - n_rows  # the nested rule's checks
+            return res.to_attribution()
+
+        return ScorePlan(n_rows, lambda i, j: pl.rows[i:j], finish, mf.batch_size)

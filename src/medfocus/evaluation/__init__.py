@@ -14,7 +14,7 @@ from medfocus.evaluation.baselines import (
 from medfocus.evaluation.boxes import boxes_to_mask, heatmap_to_boxes, normalize_heatmap, union_area
 from medfocus.evaluation.metrics import auprc, energy_pointing_game, pointing_game, union_box_metrics
 from medfocus.evaluation.records import KEY_FIELDS, evaluate_record, evaluate_records, load_heatmap, read_prediction_records, record_key
-from medfocus.evaluation.significance import best_methods, paired_bootstrap_diff
+from medfocus.evaluation.significance import best_methods, paired_bootstrap_diff, wilson_interval
 from medfocus.evaluation.tables import bootstrap_ci, build_tables, summarize, to_markdown
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "build_tables",
     "best_methods",
     "paired_bootstrap_diff",
+    "wilson_interval",
     "TRIVIAL_BASELINES",
     "trivial_baseline_records",
     "compare_to_baselines",

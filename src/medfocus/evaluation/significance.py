@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["best_methods", "paired_bootstrap_diff", "TEST_DESCRIPTION"]
+__all__ = ["best_methods", "paired_bootstrap_diff", "wilson_interval", "TEST_DESCRIPTION"]
 
 #: One sentence for reports and tables (what "best" means).
 TEST_DESCRIPTION = ("bold marks the highest mean only where a paired bootstrap (samples both methods scored, "
@@ -27,6 +27,21 @@ TEST_DESCRIPTION = ("bold marks the highest mean only where a paired bootstrap (
                     "every other method")
 
 _CELL = ["model", "mode", "dataset"]
+
+
+def wilson_interval(k: int, n: int, *, alpha: float = 0.05) -> tuple[float, float]:
+    """Two-sided ``1 - alpha`` Wilson score interval ``(low, high)`` of a proportion ``k / n``
+    (Wilson 1927, via :meth:`scipy.stats.binomtest`'s ``proportion_ci``); both in [0, 1].
+
+    Raises:
+        ValueError: ``n < 1`` or ``k`` outside ``[0, n]``.
+    """
+    from scipy.stats import binomtest
+
+    if int(n) < 1 or not 0 <= int(k) <= int(n):
+        raise ValueError(f"wilson_interval needs 0 <= k <= n and n >= 1, got k={k}, n={n}")
+    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=1 - alpha, method="wilson")
+    return float(ci.low), float(ci.high)
 
 
 def paired_bootstrap_diff(a: Sequence[float], b: Sequence[float], *, n_boot: int = 1000, alpha: float = 0.05,

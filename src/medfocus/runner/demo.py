@@ -18,11 +18,25 @@ Steps, each resumable (a rerun with the same folder reuses what is already there
 Outputs in ``out_dir``: ``report.html``, ``table.md``, ``table.csv``, ``retention.md``,
 ``retention.csv``, ``predictions.jsonl`` (+ heatmaps), ``timings.json``, and the ``data/``,
 ``reference/``, ``bench/`` folders.
+
+Threads: the demo sets torch's (and OpenCV's) intra-op threads to the cores this process may run on
+(``os.sched_getaffinity``; :func:`available_cores`), restoring them afterwards, and writes the synthetic
+films with at most that many worker processes: more threads than cores only adds contention, and
+under load the OpenMP workers' spin-waiting burns the CPU the other processes need.
+
+Progress: one overall bar (``progress=True``) across the steps, advanced by work done and weighted by
+each step's measured cost per unit (:data:`STEP_COST`), so its ETA spans the whole run; the steps'
+own bars are off meanwhile.
+
+Timings: ``timings.json`` keeps, per step, the first full measurement (``timings``) and records a
+resumed run's own times separately (``resume_timings``, a list), so a rerun that reuses finished work
+never replaces the real step times with near-zero ones (:func:`merge_timings`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -60,6 +74,8 @@ class DemoConfig:
     """normal reference phantoms for MedFocus."""
     seed: int = 0
     size: int = 256
+    threads: int | None = None
+    """torch / OpenCV intra-op threads (None = the cores this process may run on, :func:`available_cores`)."""
     modes: tuple[str, ...] = ("direct", "cot")
     editors: tuple[str, ...] = ("oracle", "inpaint")
     attribute_editor: str = "oracle"
@@ -71,6 +87,113 @@ class DemoConfig:
     """shortcut-cue rate of the synthetic data (None = the writer's default)."""
     max_new_tokens: int | None = None
     """generation budget of the causal filter (None = the bench defaults per mode)."""
+
+
+#: Measured seconds per work unit of each step on a quiet 2-core machine (``benchmarks/demo_time.md``:
+#: 96 films, 2 editors x 2 modes, 48 samples x 12 methods): the overall progress bar's weights, so its
+#: ETA is right when the steps keep their relative speed (it scales with the machine's actual speed).
+STEP_COST: dict[str, float] = {"data": 0.045, "model": 2.3, "bench": 0.045, "attribute": 0.14, "evaluate": 0.004, "report": 3.5}
+
+
+def available_cores() -> int:
+    """Cores this process may run on (``os.sched_getaffinity``; ``os.cpu_count()`` where unsupported), >= 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def configure_threads(threads: int | None = None) -> tuple[int, dict[str, int]]:
+    """Set torch's and OpenCV's intra-op threads to ``threads`` (None: :func:`available_cores`).
+
+    Returns ``(threads set, previous settings)``; pass the latter to :func:`restore_threads`.
+
+    Raises:
+        ConfigError: ``threads`` < 1.
+    """
+    import torch
+
+    n = available_cores() if threads is None else int(threads)
+    if n < 1:
+        raise ConfigError(f"DemoConfig.threads must be >= 1 (or None for the available cores), got {threads!r}")
+    previous = {"torch": torch.get_num_threads()}
+    torch.set_num_threads(n)
+    try:
+        import cv2
+
+        previous["cv2"] = cv2.getNumThreads()
+        cv2.setNumThreads(n)
+    except ImportError:  # OpenCV is only needed by the inpaint editor
+        pass
+    return n, previous
+
+
+def restore_threads(previous: dict[str, int]) -> None:
+    """Undo :func:`configure_threads`."""
+    import torch
+
+    torch.set_num_threads(previous["torch"])
+    if "cv2" in previous:
+        import cv2
+
+        cv2.setNumThreads(previous["cv2"])
+
+
+def merge_timings(previous: dict[str, Any] | None, current: dict[str, float], did_work: dict[str, bool]) -> dict[str, Any]:
+    """The ``timings.json`` content after a run: real step times survive resumed runs.
+
+    Args:
+        previous: the file's earlier content (None when absent or unreadable).
+        current: this run's seconds per step (and ``total``).
+        did_work: per step, whether this run computed it from scratch (False: it reused finished work).
+    Returns:
+        ``{"timings": {step: s}, "resume_timings": [{step: s}, ...]}``: ``timings`` keeps, per step, the
+        first full measurement (a step measured now from scratch replaces a stale one, a reused step
+        keeps the old value); ``total`` is the sum of the kept step times. A run that reused any step is
+        appended to ``resume_timings`` as measured.
+    """
+    prev_t = dict((previous or {}).get("timings") or {})
+    prev_t.pop("total", None)
+    resumes = list((previous or {}).get("resume_timings") or [])
+    kept: dict[str, float] = {}
+    for step, sec in current.items():
+        if step == "total":
+            continue
+        kept[step] = sec if did_work.get(step, True) or step not in prev_t else float(prev_t[step])
+    kept["total"] = round(sum(kept.values()), 2)
+    if not all(did_work.get(k, True) for k in current if k != "total"):
+        resumes.append(dict(current))
+    return {"timings": kept, "resume_timings": resumes}
+
+
+class _Overall:
+    """The demo's one progress line: a tqdm bar over weighted work units (:data:`STEP_COST`)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.bar = None
+        self.planned: dict[str, float] = {}
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=0.0, desc="demo", unit="work", dynamic_ncols=True,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}")
+
+    def plan(self, step: str, units: float) -> None:
+        """Set the expected size of ``step`` to ``units`` (a first estimate, replaced as soon as the
+        step's size is known); the bar's total is the weighted sum over the steps."""
+        self.planned[step] = STEP_COST[step] * units
+        if self.bar is not None:
+            self.bar.total = sum(self.planned.values())
+            self.bar.refresh()
+
+    def done(self, step: str, units: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(step)
+            self.bar.update(STEP_COST[step] * units)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def diverse_subset(items: Sequence[Any], per_cell: int) -> list[Any]:
@@ -96,12 +219,14 @@ def _log_default(msg: str) -> None:
 
 
 def _write_data(cfg: DemoConfig, data_dir: Path, ref_dir: Path, log: Callable[[str], None], *, workers: int = 2,
-                progress: bool = True) -> list:
+                progress: bool = True) -> tuple[list, bool]:
     from medfocus.datasets.synthetic import load_synthetic, write_dataset, write_reference_pool
 
     stamp = data_dir / ".demo_params.json"
     params = {"n": cfg.n_samples, "seed": cfg.seed, "size": cfg.size, "cue_rate": cfg.cue_rate}
+    wrote = False
     if not (stamp.exists() and json.loads(stamp.read_text()) == params):
+        wrote = True
         kw: dict[str, Any] = {"size": cfg.size, "workers": workers, "progress": progress}
         if cfg.cue_rate is not None:
             kw["cue_rate"] = cfg.cue_rate
@@ -111,13 +236,14 @@ def _write_data(cfg: DemoConfig, data_dir: Path, ref_dir: Path, log: Callable[[s
     ref_stamp = ref_dir / ".demo_params.json"
     ref_params = {"n": cfg.n_reference, "seed": cfg.seed + 1, "size": cfg.size}
     if not (ref_stamp.exists() and json.loads(ref_stamp.read_text()) == ref_params):
+        wrote = True
         log(f"[data] writing {cfg.n_reference} normal reference phantoms to {ref_dir}")
         write_reference_pool(ref_dir, n=cfg.n_reference, seed=cfg.seed + 1, size=cfg.size)
         atomic_write_text(ref_stamp, json.dumps(ref_params))
     samples = load_synthetic(data_dir)
     if not samples:
         raise DataError(f"the synthetic dataset in {data_dir} has no samples")
-    return samples
+    return samples, wrote
 
 
 def _segmenter_phrase(medsam: Any) -> str:
@@ -166,24 +292,58 @@ def run_demo(
         out_dir: output folder (created; reused on reruns).
         cfg: sizes and choices (:class:`DemoConfig`).
         adapter: an already-loaded LVLM adapter to use instead of ``load_lvlm(cfg.model)``.
-    """
-    import pandas as pd
+        progress: one overall progress line with an ETA across the steps (module docstring).
 
+    The summary's ``timings`` are the kept step times of ``timings.json`` (first full measurement per
+    step, :func:`merge_timings`); ``this_run_timings`` are this call's own; ``threads`` the intra-op
+    threads used.
+    """
     cfg = cfg or DemoConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    t_all = time.perf_counter()
+    threads, previous_threads = configure_threads(cfg.threads)
+    overall = _Overall(progress)
+    try:
+        return _run_demo(out, cfg, threads, overall, log, adapter)
+    finally:
+        overall.close()
+        restore_threads(previous_threads)
 
-    def step(name: str, t0: float) -> None:
+
+def _run_demo(out: Path, cfg: DemoConfig, threads: int, overall: _Overall, log: Callable[[str], None],
+              adapter: Any | None) -> dict[str, Any]:
+    import pandas as pd
+
+    timings: dict[str, float] = {}
+    did_work: dict[str, bool] = {}
+    t_all = time.perf_counter()
+    n_methods = len(cfg.methods) if cfg.methods else None
+    if n_methods is None:
+        from medfocus.attribution import list_methods
+
+        n_methods = len(list_methods())
+    # first estimates (refined as soon as each step's size is known): ~1 positive per film
+    n_items_est = cfg.per_mode * len(cfg.modes)
+    for name, units in (("data", cfg.n_samples + cfg.n_reference), ("model", 1),
+                        ("bench", len(cfg.editors) * len(cfg.modes) * cfg.n_samples),
+                        ("attribute", n_items_est * n_methods), ("evaluate", n_items_est * (n_methods + 3)), ("report", 1)):
+        overall.plan(name, units)
+    log(f"[threads] torch/OpenCV intra-op threads: {threads} (cores available to this process: {available_cores()})")
+
+    def step(name: str, t0: float, units: float | None = None) -> None:
         timings[name] = round(time.perf_counter() - t0, 2)
+        did_work.setdefault(name, True)
+        if units is not None:
+            overall.done(name, units)
         log(f"[{name}] {timings[name]:.1f}s")
 
     # 1. data
     t0 = time.perf_counter()
-    samples = _write_data(cfg, out / "data", out / "reference", log, progress=progress)
+    samples, did_work["data"] = _write_data(cfg, out / "data", out / "reference", log,
+                                            workers=min(2, available_cores()), progress=False)
     positives = [s for s in samples if s.answer == "Yes"]
-    step("data", t0)
+    step("data", t0, cfg.n_samples + cfg.n_reference)
+    overall.plan("bench", len(cfg.editors) * len(cfg.modes) * len(positives))
 
     # 2. model
     t0 = time.perf_counter()
@@ -191,13 +351,16 @@ def run_demo(
         from medfocus.lvlm import load_lvlm
 
         adapter = load_lvlm(cfg.model)
-    step("model", t0)
+    step("model", t0, 1)
 
     # 3. bench: the causal filter per editor and mode
-    from medfocus.bench import build_benchmark, retention_markdown, retention_table
+    from medfocus.bench import build_benchmark, retention_markdown, retention_table, split_paths
     from medfocus.editing import get_editor
 
     t0 = time.perf_counter()
+    # from scratch when no split of this run existed before (else resumed: timings.json keeps the old time)
+    did_work["bench"] = not any(split_paths(out / "bench" / e, cfg.model, "synthetic", m)["records"].exists()
+                                for e in cfg.editors for m in cfg.modes)
     splits: dict[tuple[str, str], list[dict[str, Any]]] = {}
     if cfg.attribute_editor not in cfg.editors:
         raise ConfigError(f"attribute_editor {cfg.attribute_editor!r} must be one of the editors {cfg.editors}")
@@ -206,16 +369,16 @@ def run_demo(
         for mode in cfg.modes:
             log(f"[bench] {cfg.model} / {mode} / editor={editor_name}: {len(positives)} positive samples")
             records, _ = build_benchmark(adapter, samples, mode=mode, editor=editor, out_dir=out / "bench" / editor_name,
-                                         model_name=cfg.model, cache_dir=out / "bench" / "edits", progress=progress,
+                                         model_name=cfg.model, cache_dir=out / "bench" / "edits", progress=False,
                                          max_new_tokens=cfg.max_new_tokens)
             splits[(editor_name, mode)] = records
+            overall.done("bench", len(positives))
     retention = pd.concat([retention_table(out / "bench" / e) for e in cfg.editors], ignore_index=True)
     atomic_write_text(out / "retention.csv", retention.to_csv(index=False))
     atomic_write_text(out / "retention.md", retention_markdown(retention))
     step("bench", t0)
 
     # 4. attribute
-    from medfocus.bench import split_paths
     from medfocus.runner.grid import items_from_benchmark, raw_answers_for_split, run_grid
     from medfocus.runner.store import ResultStore, load_results
 
@@ -238,16 +401,27 @@ def run_demo(
             log(f"[attribute] warning: the {cfg.attribute_editor} filter kept no sample in {mode} mode "
                 "(see retention.md); nothing to attribute there")
     log(f"[attribute] {len(items)} filtered samples x {len(methods)} methods")
+    overall.plan("attribute", len(items) * len(methods))
+    overall.plan("evaluate", len(items) * (len(methods) + 3))
     method_params = _method_params(cfg, methods, out / "reference")
     pm_detector = method_params.get("prompting_medsam", {}).get("detector")
     pm_segmenter = _segmenter_phrase(method_params.get("prompting_medsam", {}).get("medsam"))
     if pm_detector == "anatomy":
         log("[attribute] prompting_medsam uses the offline anatomy-grounded detector (phrases -> transferred "
             f"concept boxes), a stand-in for the paper's OWL-ViT; boxes refined by {pm_segmenter}")
+    skipped = 0
     with ResultStore(out / "predictions.jsonl") as store:
-        summary = run_grid(items, method_params, store, load_model=lambda _name: adapter,
-                           seed=cfg.seed, progress=progress)
-    log(f"[attribute] {summary}")
+        # one grid call per mode so the overall progress line moves during the longest step
+        for mode in cfg.modes:
+            mode_items = [it for it in items if it.mode == mode]
+            if not mode_items:
+                continue
+            summary = run_grid(mode_items, method_params, store, load_model=lambda _name: adapter,
+                               seed=cfg.seed, progress=False)
+            skipped += summary.skipped
+            log(f"[attribute] {mode}: {summary}")
+            overall.done("attribute", len(mode_items) * len(methods))
+    did_work["attribute"] = skipped == 0
     step("attribute", t0)
 
     # 5. evaluate
@@ -262,7 +436,7 @@ def run_demo(
     # the trivial baselines are rows of every localisation table (medfocus.evaluation.baselines)
     metrics = evaluate_records(preds + trivial_baseline_records(preds, seed=cfg.seed))
     table_md = build_tables(metrics, out, seed=cfg.seed)
-    step("evaluate", t0)
+    step("evaluate", t0, len(items) * (len(methods) + 3))
 
     # 6. report
     from medfocus.report import build_report
@@ -289,7 +463,7 @@ def run_demo(
     report_path = build_report(preds, out / "report.html", metrics=metrics, retention=retention,
                                title="medfocus demo: synthetic chest X-rays, demo LVLM", run_info=run_info,
                                method_order=methods, seed=cfg.seed)
-    step("report", t0)
+    step("report", t0, 1)
     timings["total"] = round(time.perf_counter() - t_all, 2)
     result = {
         "out_dir": str(out.resolve()),
@@ -304,5 +478,16 @@ def run_demo(
         "prompting_medsam_detector": pm_detector,
         "table": table_md,
     }
-    atomic_write_text(out / "timings.json", json.dumps({k: result[k] for k in ("timings", "n_records", "n_errors", "config")}, indent=1))
+    tpath = out / "timings.json"
+    try:
+        previous = json.loads(tpath.read_text()) if tpath.exists() else None
+    except (OSError, ValueError):
+        previous = None  # an unreadable old file holds no measurement worth keeping
+    merged = merge_timings(previous, timings, did_work)
+    result["timings"], result["resume_timings"] = merged["timings"], merged["resume_timings"]
+    result["this_run_timings"] = timings
+    result["threads"] = threads
+    payload = {**merged, "this_run": timings, "threads": threads, "n_records": result["n_records"],
+               "n_errors": result["n_errors"], "config": result["config"]}
+    atomic_write_text(tpath, json.dumps(payload, indent=1))
     return result

@@ -6,11 +6,15 @@ of attribution methods. :func:`run_grid` executes it against a :class:`~medfocus
 * each model is loaded **once** (items are grouped by model) and released before the next;
 * each method object is built **once per run**, so its caches (e.g. MedFocus concept transfers, which
   do not depend on the model) are shared across models, modes and methods;
-* each image is read once per work item and given to every method;
+* each image is read once per work item, prepared once (one processor call) and given to every method,
+  and the item's methods share their passes (:func:`medfocus.attribution.suite.attribute_many`: one
+  forward for the attention / gradient methods, full batches for the perturbation methods;
+  each record keeps the passes its method needs and notes what it shared in ``shared_pass``);
 * keys already in the store are skipped (resume); a sample whose attribution raises is recorded with
   its error and the run continues;
 * the global RNGs are re-seeded per key from ``seed`` and the key, so a result does not depend on the
-  order, the shard or whether the run was resumed.
+  order, the shard or whether the run was resumed (a method's numbers do not depend on which other
+  methods shared its passes).
 
 Sharding: :func:`shard_of` assigns every ``(model, dataset, index, mode)`` to one of ``n`` shards by a
 stable hash, so ``n`` machines (or a Slurm array) running ``--shard i/n`` for ``i = 0..n-1`` cover
@@ -25,7 +29,6 @@ import hashlib
 import logging
 import random
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -358,9 +361,11 @@ def run_grid(
 
     Record fields: ``model, dataset, index, mode, method, attribute, question, answer, gt_answer, gt_boxes,
     image_size, image_path, pred_boxes, unparseable, heatmap_boxes, heatmap_path, has_heatmap, n_forward, n_backward, seconds,
-    wall_seconds, seed, extras, error, traceback, settings, model_identity`` plus the item's ``extra`` mapping
+    wall_seconds, seed, extras, shared_pass, error, traceback, settings, model_identity`` plus the item's ``extra`` mapping
     (``unparseable``: the method's box text could not be read, :mod:`medfocus.lvlm.box_text`).
     """
+    from medfocus.attribution.suite import attribute_many, format_exception
+
     method_params: dict[str, dict[str, Any]]
     if isinstance(methods, Mapping):
         method_params = {str(k): dict(v or {}) for k, v in methods.items()}
@@ -450,7 +455,12 @@ def run_grid(
             "model_identity": identities[it.model],
         }
 
-    def write_error(it: WorkItem, method: str, err: str, tb: str | None, wall: float) -> None:
+    def write_error(it: WorkItem, method: str, err: str, tb: str | None, wall: float, announce: bool = False) -> None:
+        if announce:
+            if bar is not None:
+                bar.write(f"[error] {it.key(method)}: {err}")
+            else:
+                log.warning("error on %s: %s", it.key(method), err)
         rec = record_base(it, method)
         rec.update(pred_boxes=None, heatmap_path=None, extras={}, error=err, traceback=tb, wall_seconds=wall)
         store.append(rec)
@@ -481,21 +491,33 @@ def run_grid(
                             raise DataError(f"{it.sample.image_path}: expected a 2-D grayscale image, got shape {image.shape}")
                     except Exception as exc:
                         img_err = f"image read failed: {type(exc).__name__}: {exc}"
-                for m in pending:
-                    key = it.key(m)
-                    if bar is not None:
-                        bar.set_description(f"{model_name} {it.mode} {m}")
-                    t0 = time.perf_counter()
-                    if img_err is not None:
+                if img_err is not None:
+                    for m in pending:
                         write_error(it, m, img_err, None, 0.0)
                         if bar is not None:
                             bar.update(1)
+                    continue
+                objs = {m: get_method_obj(m) for m in pending}
+                seeds = {m: item_seed(seed, it.key(m)) for m in objs}
+                if bar is not None:
+                    bar.set_description(f"{model_name} {it.mode} {len(objs)} methods")
+                # One prepared sample and shared passes for all the item's methods; the global RNGs are
+                # re-seeded per key before each piece of a method's own work, as when methods ran one by one.
+                results = attribute_many(adapter, image, it.question, it.answer_text, objs, errors="return",
+                                         before_method=lambda m: _seed_everything(seeds[m])) if objs else {}
+                for m, res in results.items():
+                    key = it.key(m)
+                    t0 = time.perf_counter()
+                    if isinstance(res, (KeyboardInterrupt, SystemExit)):
+                        raise res
+                    if isinstance(res, BaseException):
+                        write_error(it, m, f"{type(res).__name__}: {res}", format_exception(res), 0.0, announce=True)
+                        if bar is not None:
+                            bar.update(1)
                         continue
+                    s = seeds[m]
+                    own = float(getattr(res, "seconds", 0.0) or 0.0)
                     try:
-                        method = get_method_obj(m)
-                        s = item_seed(seed, key)
-                        _seed_everything(s)
-                        res = method.attribute(adapter, image, it.question, it.answer_text)
                         rec = record_base(it, m)
                         arrays: dict[str, np.ndarray] = {}
                         heat = getattr(res, "heatmap", None)
@@ -519,7 +541,11 @@ def run_grid(
                         tok = getattr(res, "token_heatmaps", None)
                         if save_token_maps and tok is not None:
                             arrays["token_heatmaps"] = np.asarray(tok, dtype=np.float16)
-                        inline, big = _split_extras(getattr(res, "extras", None))
+                        extras = dict(getattr(res, "extras", None) or {})
+                        # what the method shared depends on which methods ran with it (a resumed item may run
+                        # fewer): a top-level field like the timings, not part of the result's extras
+                        shared_note = extras.pop("shared_pass", None)
+                        inline, big = _split_extras(extras)
                         arrays.update(big)
                         rec.update(
                             pred_boxes=pred,
@@ -529,10 +555,11 @@ def run_grid(
                             heatmap_path=store.save_arrays(key, **arrays) if (save_heatmaps and arrays) else None,
                             n_forward=int(getattr(res, "n_forward", 0) or 0),
                             n_backward=int(getattr(res, "n_backward", 0) or 0),
-                            seconds=float(getattr(res, "seconds", 0.0) or 0.0),
-                            wall_seconds=time.perf_counter() - t0,
+                            seconds=own,
+                            wall_seconds=own + time.perf_counter() - t0,
                             seed=s,
                             extras=inline,
+                            shared_pass=to_jsonable(shared_note),
                             error=None,
                             traceback=None,
                         )
@@ -542,13 +569,7 @@ def run_grid(
                     except (KeyboardInterrupt, SystemExit):
                         raise
                     except Exception as exc:
-                        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)[-6:])
-                        msg = f"{type(exc).__name__}: {exc}"
-                        if bar is not None:
-                            bar.write(f"[error] {key}: {msg}")
-                        else:
-                            log.warning("error on %s: %s", key, msg)
-                        write_error(it, m, msg, tb, time.perf_counter() - t0)
+                        write_error(it, m, f"{type(exc).__name__}: {exc}", format_exception(exc), own + time.perf_counter() - t0, announce=True)
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(errors=summary.errors)

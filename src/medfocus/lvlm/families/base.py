@@ -84,21 +84,37 @@ class HFAdapter(LVLMAdapter):
         """Chat-template text (with image placeholder) for generation (``answer=None``) or teacher forcing."""
         return self.processor.apply_chat_template(self._messages(question, answer), add_generation_prompt=answer is None, tokenize=False)
 
-    def _process(self, texts: list[str], images: list[np.ndarray], padding: bool = False) -> dict[str, torch.Tensor]:
+    def _add_special(self, texts: Sequence[str]) -> bool:
         # Templates that write the BOS themselves (Gemma) must not get a second one from the tokenizer.
         bos = self.tokenizer.bos_token
-        add_special = not (bos and all(t.startswith(bos) for t in texts))
+        return not (bos and all(t.startswith(bos) for t in texts))
+
+    def _process(self, texts: list[str], images: list[np.ndarray], padding: bool = False) -> dict[str, torch.Tensor]:
         out = self.processor(text=texts, images=[[im] for im in images], return_tensors="pt", padding=padding,
-                             add_special_tokens=add_special, **self.image_kwargs)
+                             add_special_tokens=self._add_special(texts), **self.image_kwargs)
         return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
 
+    def _text_ids(self, text: str, add_special: bool) -> list[int]:
+        """Token ids of ``text`` from the tokenizer alone (the image placeholder stays unexpanded)."""
+        return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
+
     def prepare(self, image: np.ndarray, question: str, answer: str | None = None, *, include_eot: bool = False) -> ChatInputs:
+        """See :meth:`LVLMAdapter.prepare`. One processor call (image preprocessing + the image-token
+        expansion of the full text); the answer span comes from the tokenizer alone.
+
+        The processor's output differs from the text-only tokenisation only where it expands the image
+        placeholder, which lies inside the generation prompt. So the text-only ids give the prompt
+        length ``P`` and the answer-only length ``A`` of the unexpanded text, and the expanded ids share
+        the text-only ids' tail after the prompt: ``prompt_len = len(expanded) - (len(text_only) - P)``.
+        Checked, each raising :class:`ModelError`: the prompt is a prefix of the teacher-forced text and
+        its tokens are a prefix of the teacher-forced tokens; the answer tokens do not change when the
+        end of turn is appended; the expanded and text-only ids agree from the last prompt token on; the
+        image tokens all lie in the prompt.
+        """
         canvas, geo = self.letterbox(image)
         prompt_text = self.render(question)
-        prompt = self._process([prompt_text], [canvas])
-        prompt_len = int(prompt["input_ids"].shape[1])
         if answer is None:
-            inputs, span, ids = prompt, None, None
+            inputs, prompt_len, span, ids = self._process([prompt_text], [canvas]), None, None, None
         else:
             full_text = self.render(question, answer)
             if not full_text.startswith(prompt_text):
@@ -110,19 +126,30 @@ class HFAdapter(LVLMAdapter):
                 raise ModelError(f"{self.name}: answer {answer!r} not found in the rendered assistant turn {rest!r}")
             inputs = self._process([full_text], [canvas])
             full_ids = inputs["input_ids"][0]
-            if not torch.equal(full_ids[:prompt_len], prompt["input_ids"][0]):
+            # Text-only tokenisations, with the special-token rule the processor call used.
+            add_special = self._add_special([full_text])
+            t_prompt = self._text_ids(prompt_text, add_special)
+            t_full = self._text_ids(full_text, add_special)
+            P, F = len(t_prompt), len(t_full)
+            if t_full[:P] != t_prompt:
                 raise ModelError(f"{self.name}: tokenised prompt is not a prefix of the tokenised teacher-forced input")
+            n_tail = F - P + 1  # the answer turn plus the prompt's last token
+            if P < 1 or full_ids.shape[0] < n_tail or full_ids[-n_tail:].tolist() != t_full[-n_tail:]:
+                raise ModelError(f"{self.name}: the processor's expanded tokens differ from the text-only tokens after the prompt")
+            prompt_len = int(full_ids.shape[0]) - (F - P)
             if include_eot:
                 end = int(full_ids.shape[0])
             else:
-                ans_only = self._process([prompt_text + rest[: k + len(ans)]], [canvas])["input_ids"][0]
-                if not torch.equal(full_ids[: ans_only.shape[0]], ans_only):
+                t_ans = self._text_ids(prompt_text + rest[: k + len(ans)], add_special)
+                if t_full[: len(t_ans)] != t_ans:
                     raise ModelError(f"{self.name}: answer tokens change when the end of turn is appended")
-                end = int(ans_only.shape[0])
+                end = prompt_len + (len(t_ans) - P)
             if end <= prompt_len:
                 raise ModelError(f"{self.name}: answer {answer!r} has no tokens")
             span = (prompt_len, end)
             ids = full_ids[prompt_len:end].clone()
+        if prompt_len is None:
+            prompt_len = int(inputs["input_ids"].shape[1])
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
@@ -130,6 +157,8 @@ class HFAdapter(LVLMAdapter):
         grid = self._grid_hw(inputs)
         if grid[0] * grid[1] != positions.numel():
             raise ModelError(f"{self.name}: {positions.numel()} image tokens but a {grid} grid")
+        if positions.numel() and int(positions[-1]) >= prompt_len:
+            raise ModelError(f"{self.name}: image tokens found after the generation prompt (position {int(positions[-1])} >= {prompt_len})")
         return ChatInputs(
             inputs=inputs, prompt_len=prompt_len, answer_span=span, answer_token_ids=ids,
             answer_tokens=[self.tokenizer.decode([int(t)]) for t in ids] if ids is not None else [],

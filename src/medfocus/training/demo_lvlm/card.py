@@ -22,8 +22,23 @@ def _acc_table(res: dict[str, Any], modes: Sequence[str] = ("direct", "cot")) ->
     return "\n".join(lines)
 
 
-def model_card(cfg: DemoLVLMConfig, metrics: dict[str, Any], out: Path) -> str:
-    """The Markdown model card written next to the weights (everything in it was measured by this run)."""
+#: Markers of the card's block quoted from ``benchmarks/validity.md`` (the published validity figures of
+#: these weights; ``tests/test_validity_quotes.py`` checks every number in it against that file).
+VALIDITY_BEGIN = "<!-- validity: quoted from benchmarks/validity.md -->"
+VALIDITY_END = "<!-- /validity -->"
+
+
+def validity_block(card: str) -> str | None:
+    """The text between :data:`VALIDITY_BEGIN` and :data:`VALIDITY_END` (markers included), or None."""
+    i, j = card.find(VALIDITY_BEGIN), card.find(VALIDITY_END)
+    return card[i : j + len(VALIDITY_END)] if 0 <= i < j else None
+
+
+def model_card(cfg: DemoLVLMConfig, metrics: dict[str, Any], out: Path, validity: str | None = None) -> str:
+    """The Markdown model card written next to the weights (everything in it was measured by this run).
+
+    ``validity``: the block quoted from ``benchmarks/validity.md`` for these weights (:func:`validity_block`);
+    None for new weights (the validity benchmark has not measured them yet, and the card says so)."""
     t, v = cfg.text, cfg.vision
     parts = [
         "# medfocus demo model (Qwen2.5-VL architecture, synthetic chest X-rays)",
@@ -33,7 +48,16 @@ def model_card(cfg: DemoLVLMConfig, metrics: dict[str, Any], out: Path) -> str:
         "in both output modes and the two evidence requests of the prompting baselines. It is a *test article* "
         "for the attribution pipeline, not a medical model.",
         "",
-        *([f"**Status:** held-out accuracy {100 * metrics['heldout']['overall']['direct']:.1f}% direct / "
+        "**Published figures.** The validity numbers to quote (accuracy per finding on `medfocus synth` data, false "
+        "\"yes\" rates, cue reliance, the weight-randomisation sanity check over films, trivial baselines) are measured on "
+        "fresh seeds, disjoint from training and tests, with 95% intervals by `benchmarks/validity.py` and written to "
+        "`benchmarks/validity.md`. "
+        + ("Quoted from it for these weights:" if validity else
+           "These weights have not been measured there yet: run `benchmarks/validity.py` before quoting them."),
+        "",
+        *([validity, ""] if validity else []),
+        *([f"**Training-time check** (this training run's own evaluation seeds, no intervals; not the published figures): "
+           f"held-out accuracy {100 * metrics['heldout']['overall']['direct']:.1f}% direct / "
            f"{100 * metrics['heldout']['overall']['cot']:.1f}% step-by-step (target >= 90%: "
            + ("met" if min(metrics['heldout']['overall'].values()) >= 0.9 else "**not met**; see the per-finding table") + ").", ""]
           if "heldout" in metrics else []),
@@ -80,7 +104,8 @@ def model_card(cfg: DemoLVLMConfig, metrics: dict[str, Any], out: Path) -> str:
     ]
     if "heldout" in metrics:
         parts += [
-            "## Held-out accuracy (greedy generation through `load_lvlm` + the adapter, parsed by `parse_yes_no`)",
+            "## Training-time held-out check (greedy generation through `load_lvlm` + the adapter, parsed by `parse_yes_no`)",
+            "The training run's own evaluation (diagnostics, no intervals; the published figures are in `benchmarks/validity.md`).",
             f"Fresh seeds, {cfg.n_eval_per_cell} positives and {cfg.n_eval_per_cell} negatives per finding, no cues:",
             "",
             _acc_table(metrics["heldout"]),
@@ -101,7 +126,7 @@ def model_card(cfg: DemoLVLMConfig, metrics: dict[str, Any], out: Path) -> str:
             verdict = ("relies on the cue for part of its answers" if rel["cued"]["flip_rate"] > 2 * rel["clean"]["flip_rate"] + 0.05
                        else "does **not** measurably rely on the cues: its Yes on cued faint positives survives their removal "
                             "about as often as on clean positives (the shortcut goal of the training recipe is not met by these weights)")
-            parts += ["", f"Reading: this model {verdict}."]
+            parts += ["", f"Reading (training-time check): this model {verdict}."]
         ev = metrics.get("evidence") or {}
         if ev:
             parts += ["", f"Evidence requests on {ev['n']} held-out positives (imperfect by design): mean union-IoU of the "

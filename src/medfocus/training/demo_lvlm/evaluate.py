@@ -200,9 +200,14 @@ def evaluate_and_write_card(path: str | Path, *, log: Callable[[str], None] = pr
 
 
 def rewrite_card(path: str | Path) -> None:
-    """Regenerate ``MODEL_CARD.md`` from the config and metrics stored in ``medfocus.json`` (no evaluation)."""
+    """Regenerate ``MODEL_CARD.md`` from the config and metrics stored in ``medfocus.json`` (no evaluation).
+    The same weights: the block quoted from ``benchmarks/validity.md`` is carried over."""
+    from medfocus.training.demo_lvlm.card import validity_block
+
     path = Path(path)
     d = json.loads((path / "medfocus.json").read_text())["demo"]
     cfg = config_from_dict(d["config"])
     metrics = {**{k: v for k, v in d.items() if k not in ("config", "metrics")}, **(d.get("metrics") or {})}
-    (path / "MODEL_CARD.md").write_text(model_card(cfg, metrics, path))
+    card = path / "MODEL_CARD.md"
+    block = validity_block(card.read_text(encoding="utf-8")) if card.exists() else None
+    atomic_write_text(card, model_card(cfg, metrics, path, validity=block))
