@@ -16,6 +16,7 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==2.13.0"
 	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps "lxt==2.1"  # the lrp-reference extra without its heavy dependencies (see pyproject.toml)
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -22,13 +22,17 @@ correlation is low (< 0.5); on the hand-built toy model (whose answer reads one 
 constructed weights carry the only signal, so this is where the check is most telling.
 Prompting methods are generation-bound (not pass-bounded) and are not timed here.
 
-Usage: ``python benchmarks/methods.py [--models qwen_vl,gemma3,llava,demo] [--repeats 3] [--threads 1]``.
+A third table (demo model only) gives the localisation (IoU, pointing game, 95% bootstrap CIs) of the
+relevance / attention methods side by side on positive synthetic films (see :func:`localisation`).
+
+Usage: ``python benchmarks/methods.py [--models qwen_vl,gemma3,llava,demo] [--repeats 3] [--threads 1] [--loc-n 8]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import platform
 import sys
 import tempfile
@@ -49,9 +53,16 @@ Q = "Is there evidence of cardiomegaly in the image? Answer directly with yes or
 #: Grad-CAM and gradient-weighted attention need); "bwd_px" + backward down to the pixels (IG);
 #: "attn_bwd_lm" both attention weights and the LM backward.
 METHODS: dict[str, tuple[int, str]] = {
-    "attention_head": (1, "attn"), "attention_rollout": (1, "attn"), "lrp": (1, "attn"), "grad_weighted_attention": (1, "attn_bwd_lm"),
+    "attention_head": (1, "attn"), "attention_rollout": (1, "attn"), "lrp_paper": (1, "attn"), "attention_flow_residual": (1, "attn"),
+    "lrp": (1, "bwd_lm"), "grad_weighted_attention": (1, "attn_bwd_lm"),
     "gradcam": (1, "bwd_lm"), "gradcampp": (1, "bwd_lm"), "integrated_gradients": (8, "bwd_px"), "occlusion": (16, "fwd"), "rise": (16, "fwd"),
 }
+#: Methods of the localisation table (demo model, synthetic films): the relevance / attention family and
+#: Grad-CAM for reference; the perturbation methods and IG cost 25-40x more per film and are left out.
+LOC_METHODS = ("attention_rollout", "lrp_paper", "lrp", "attention_flow_residual", "grad_weighted_attention", "gradcam")
+#: Localisation films: generate_case seeds from here (disjoint from the demo model's training seeds
+#: 0..cases-1, its held-out pool from 500,000, the concept benchmark's from 200,000 and the tests').
+LOC_SEED = 700_000
 PERTURBATION = ("occlusion", "rise")
 
 
@@ -150,7 +161,7 @@ def run(models: list[str], repeats: int, threads: int) -> tuple[str, dict[str, o
         "",
         "Floor = forward passes x best measured per-input time of a bare teacher-forced pass of the same kind at the "
         "same batch size: forward-only (perturbation), eager forward returning attentions (attention methods), "
-        "forward with graph + one backward down to the LM input embeddings (Grad-CAM(++), gradient-weighted attention) "
+        "forward with graph + one backward down to the LM input embeddings (Grad-CAM(++), gradient-weighted attention, AttnLRP `lrp`, whose rule-wrapped forward is measured against this plain one) "
         "or down to the pixels (integrated gradients); a second backward for the final token of a multi-token "
         "answer, e.g. Gemma's and LLaVA's tiny tokenizers split \"Yes\" in two, is above the floor). "
         "Single-pass methods on tiny models are dominated by per-sample fixed costs (preparing the chat: one processor call; "
@@ -217,6 +228,51 @@ def sanity_table(rows: list[tuple[str, str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def localisation(adapter, n_per_finding: int) -> tuple[str, list[tuple[str, float]]]:
+    """IoU (heatmap -> boxes at the 0.9 quantile, as the evaluation does) and pointing game of
+    :data:`LOC_METHODS` on ``n_per_finding`` positive synthetic films per finding, answer "Yes"
+    teacher-forced (the correct answer), direct mode. Returns the markdown section and per-method mean IoU."""
+    from tqdm.auto import tqdm
+
+    from medfocus.datasets.synthetic import FINDINGS, generate_case
+    from medfocus.evaluation.records import evaluate_record
+    from medfocus.evaluation.tables import bootstrap_ci
+    from medfocus.types import build_question, question_stem
+
+    vals: dict[str, dict[str, list[float]]] = {m: {"iou": [], "pointing_game": []} for m in LOC_METHODS}
+    films = [(fi, f, k) for fi, f in enumerate(FINDINGS) for k in range(n_per_finding)]
+    for fi, finding, k in tqdm(films, desc="localisation"):
+        case = generate_case(LOC_SEED + 1000 * fi + k, findings=[finding])
+        q = build_question(question_stem(finding), "direct")
+        gt = [list(f.box) for f in case.findings if f.name == finding]
+        for meth in LOC_METHODS:
+            hm = get_method(meth).attribute(adapter, case.image, q, "Yes").heatmap
+            row = evaluate_record({"model": "demo", "dataset": "synthetic", "index": k, "mode": "direct", "method": meth,
+                                   "gt_boxes": gt, "heatmap": hm})
+            if row["error"]:
+                raise RuntimeError(f"{meth}: {row['error']}")
+            for m in ("iou", "pointing_game"):
+                vals[meth][m].append(float(row[m]))
+    n = len(films)
+    lines = ["", "## Localisation on the demo model (synthetic films)", "",
+             f"{n} positive synthetic films ({n_per_finding} per finding x {len(FINDINGS)} findings, `generate_case` seeds from "
+             f"{LOC_SEED:,}, disjoint from training, the held-out pool and the tests), direct question, answer \"Yes\" "
+             "teacher-forced. IoU: the heatmap's boxes at its 0.9 quantile (`heatmap_to_boxes`, as `medfocus evaluate`) "
+             "against the finding's exact box, x100; PG: pointing game (heatmap maximum inside the box), x100; "
+             "mean [95% bootstrap CI]. Perturbation methods and IG are not in this table (25-40x the cost per film).", "",
+             "| method | IoU | PG | n |", "|---|---:|---:|---:|"]
+    means = []
+    for meth in LOC_METHODS:
+        cells = []
+        for m in ("iou", "pointing_game"):
+            mean, lo, hi = bootstrap_ci(vals[meth][m], n_boot=2000, seed=0)
+            cells.append(f"{100 * mean:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]")
+            if m == "iou":
+                means.append((meth, mean))
+        lines.append(f"| {meth} | " + " | ".join(cells) + f" | {len(vals[meth]['iou'])} |")
+    return "\n".join(lines) + "\n", means
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="qwen_vl,gemma3,llava,demo")
@@ -224,10 +280,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--no-sanity", action="store_true", help="skip the model-randomisation table")
+    ap.add_argument("--loc-n", type=int, default=8, help="localisation films per finding on the demo model (0: skip)")
     a = ap.parse_args()
+    load = os.getloadavg()[0]
     md, adapters, img = run([m.strip() for m in a.models.split(",") if m.strip()], a.repeats, a.threads)
+    if a.loc_n > 0 and "demo" in adapters:  # before the sanity check, which randomises the weights in place
+        md += localisation(adapters["demo"], a.loc_n)[0]
     if not a.no_sanity:
         md += sanity_table(sanity(adapters, img))
+    md += (f"\nMachine load (1-min load average on {os.cpu_count()} cores) at the start: {load:.1f}, at the end: "
+           f"{os.getloadavg()[0]:.1f}; CPU-time ratios are robust to it, wall-clock times are not.\n")
     a.out.write_text(md)
     print(f"wrote {a.out}")
 

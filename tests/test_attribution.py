@@ -50,7 +50,13 @@ def test_registry_lists_ten_baselines_and_medfocus() -> None:
     methods = list_methods()
     # the issue's list: 4 attention + 3 gradient + 2 perturbation + 2 prompting names ("ten baselines"
     # in the paper's wording counts the two prompting variants as one family)
-    assert set(BASELINES) <= set(methods) and len(BASELINES) == 11
+    # 11 for the paper's baselines (its "LRP" row is lrp_paper) + AttnLRP (lrp) + the project's attention_flow_residual
+    assert set(BASELINES) <= set(methods) and len(BASELINES) == 13
+    assert {"lrp", "lrp_paper", "attention_flow_residual"} <= set(BASELINES)
+    from medfocus.attribution import method_source
+
+    assert all(method_source(n) for n in methods)  # every built-in method names its source / deviation
+    assert method_source("no_such_method") == ""  # unregistered names (e.g. the trivial baselines' rows) have none
     assert "medfocus" in methods
     assert methods["occlusion"] == {"grid": 8, "baseline": "zero", "batch_size": 16}
     assert methods["rise"]["n_masks"] == 64 and methods["rise"]["p_keep"] == 0.5
@@ -83,7 +89,7 @@ def test_toy_model_reads_only_the_target(toy: ToyAdapter) -> None:
 
 
 @pytest.mark.parametrize("name", ["occlusion", "rise", "integrated_gradients", "gradcam", "gradcampp", "grad_weighted_attention",
-                                  "attention_head", "attention_rollout", "lrp"])
+                                  "attention_head", "attention_rollout", "lrp", "lrp_paper", "attention_flow_residual"])
 def test_known_square_is_top_region(toy: ToyAdapter, name: str) -> None:
     # Grad-CAM's channel weights are global, so (by construction of Grad-CAM) any patch sharing the read
     # feature lights up; it is tested without the equally bright distractor. The others must ignore it.
@@ -106,6 +112,8 @@ def test_pass_counters(toy: ToyAdapter) -> None:
     r = get_method("gradcam").attribute(toy, img, Q, "Yes")
     assert (r.n_forward, r.n_backward) == (1, 1)
     assert get_method("attention_rollout").attribute(toy, img, Q, "Yes").n_backward == 0
+    r = get_method("lrp").attribute(toy, img, Q, "Yes")
+    assert (r.n_forward, r.n_backward) == (1, 1)
 
 
 def test_rise_is_seeded(toy: ToyAdapter) -> None:
@@ -130,9 +138,16 @@ def test_rollout_on_identity_attention_model_equals_direct_attention(toy: ToyAda
     assert not np.allclose(r2, 0.5 * d2, rtol=1e-3, atol=1e-5)
 
 
-def test_lrp_conserves_relevance(toy: ToyAdapter) -> None:
+def test_lrp_paper_is_rollout_from_the_predicting_positions(toy: ToyAdapter) -> None:
+    img = toy_image(TARGET, seed=3, distractor=DISTRACTOR)
+    paper = get_method("lrp_paper").attribute(toy, img, Q, "Yes").extras["grid_map"]
+    np.testing.assert_array_equal(paper, get_method("attention_rollout").attribute(toy, img, Q, "Yes").extras["grid_map"])
+    assert get_method("lrp_paper").params == {"layers": "all", "queries": "predicting"}
+
+
+def test_attention_flow_residual_conserves_relevance(toy: ToyAdapter) -> None:
     img = toy_image(TARGET, seed=2)
-    res = get_method("lrp").attribute(toy, img, Q, "Yes")
+    res = get_method("attention_flow_residual").attribute(toy, img, Q, "Yes")
     g = res.extras["grid_map"]
     assert 0 < g.sum() <= 1 + 1e-5  # relevance rows sum to one over all positions, the image gets part of it
     assert np.unravel_index(np.argmax(g), g.shape) == TARGET
@@ -211,7 +226,7 @@ def adebayo_rank_correlation(name: str, **kw) -> float:
 
 
 @pytest.mark.parametrize("name,kw", [("occlusion", {}), ("integrated_gradients", {"steps": 8}),
-                                     ("gradcam", {}), ("gradcampp", {}), ("grad_weighted_attention", {})])
+                                     ("gradcam", {}), ("gradcampp", {}), ("grad_weighted_attention", {}), ("lrp", {})])
 def test_adebayo_model_randomisation_changes_maps(name: str, kw: dict) -> None:
     """Model-parameter randomisation test (Adebayo et al., 2018): the map of the trained (constructed)
     model vs. the map of the same architecture with all weights re-drawn must decorrelate."""
@@ -244,7 +259,7 @@ def test_layer_hook_gives_leaf_gradients(toy: ToyAdapter) -> None:
 
 def test_attention_query_choice(toy: ToyAdapter) -> None:
     img = toy_image(TARGET, seed=6, distractor=DISTRACTOR)
-    for name in ("attention_head", "attention_rollout", "lrp"):
+    for name in ("attention_head", "attention_rollout", "lrp_paper", "attention_flow_residual"):
         pred = get_method(name).attribute(toy, img, Q, "Yes")
         ans = get_method(name, queries="answer").attribute(toy, img, Q, "Yes")
         assert top_cell(pred.heatmap) == top_cell(ans.heatmap) == TARGET, name

@@ -34,6 +34,12 @@ def _metrics_frame():
     return pd.DataFrame(rows)
 
 
+def _html_escape(text: str) -> str:
+    import html as _h
+
+    return _h.escape(text, quote=True)
+
+
 def test_summarize_and_table():
     s = summarize(_metrics_frame(), n_boot=500)
     r = s[(s.method == "rise") & (s.metric == "iou")].iloc[0]
@@ -45,6 +51,11 @@ def test_summarize_and_table():
     assert "<b>40.0</b>" in html and html.count("<b>") == 1
     assert ">20.0<" in html and "[" in html and html.count("<tr>") == 2 + 2
     assert "1 failed" in html  # rise's failed record is shown next to its n
+    # the source / deviation column: each method's declared source line, escaped
+    from medfocus.attribution import method_source
+
+    assert "Source / deviation" in html and method_source("rise") and method_source("occlusion")
+    assert _html_escape(method_source("rise")) in html and _html_escape(method_source("occlusion")) in html
     assert results_table(s, model="demo", mode="cot") == ""
 
 

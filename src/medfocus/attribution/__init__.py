@@ -1,4 +1,4 @@
-"""medfocus.attribution: the ten baseline attribution methods behind one interface.
+"""medfocus.attribution: the baseline attribution methods behind one interface.
 
 ``get_method(name, **params).attribute(adapter, image, question, answer) -> Attribution``;
 ``list_methods()`` gives ``{name: defaults}`` (the paper's). See :mod:`medfocus.attribution.base`.
@@ -7,8 +7,8 @@ with shared passes (:mod:`medfocus.attribution.suite`).
 """
 
 from medfocus.attribution._common import PreparedSample, prepare_sample
-from medfocus.attribution.base import BASELINES, Attribution, Method, get_method, list_methods, register_method
+from medfocus.attribution.base import BASELINES, Attribution, Method, get_method, list_methods, method_source, register_method
 from medfocus.attribution.suite import attribute_many
 
-__all__ = ["Attribution", "BASELINES", "Method", "PreparedSample", "attribute_many", "get_method", "list_methods", "prepare_sample",
-           "register_method"]
+__all__ = ["Attribution", "BASELINES", "Method", "PreparedSample", "attribute_many", "get_method", "list_methods", "method_source",
+           "prepare_sample", "register_method"]

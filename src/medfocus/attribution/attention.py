@@ -1,5 +1,7 @@
-"""Attention baselines: raw attention, attention rollout, attention relevance propagation ("lrp"),
-and gradient-weighted attention (Chefer et al.).
+"""Attention baselines: raw attention, attention rollout (and the paper's "LRP", which its public code
+computes as rollout: ``lrp_paper``), the project's residual-weighted attention flow
+(``attention_flow_residual``), and gradient-weighted attention (Chefer et al.). AttnLRP, the registry's
+``lrp``, is in :mod:`medfocus.attribution.lrp`.
 
 All read the language model's self-attention probabilities (eager attention, one forward pass).
 Queries are, by default (``queries="predicting"``), the positions that *predict* the answer tokens
@@ -62,9 +64,16 @@ def _head_mean(a: torch.Tensor, heads: Any = "mean") -> torch.Tensor:
 
 
 class AttentionHead(ForwardMethod):
-    """Raw attention of one layer (default the last), heads averaged: answer queries -> image tokens."""
+    """Raw attention of one layer (default the last), heads averaged: answer queries -> image tokens.
+
+    Source: the attention weights ``softmax(q k^T / sqrt(d))`` of the chosen decoder layer, read at the
+    rows of the predicting positions and the image-token columns. Deviation from the paper's public
+    code: none known in the rule; the scored answer span excludes the end-of-turn token (README
+    "Answer-only scoring") and only the ``T`` needed rows are kept."""
 
     name = "attention_head"
+    source = ("raw attention (one layer, heads averaged), rows of the predicting positions; "
+              "no known deviation from the paper's code")
     defaults = {"layer": -1, "heads": "mean", "queries": "predicting"}
     spec = {"layer": integer(), "heads": either(choice("mean"), integer(0)), "queries": choice("predicting", "answer")}
 
@@ -94,9 +103,17 @@ def rollout_rows(atts: Sequence[torch.Tensor], layers: Sequence[int], q: torch.T
 
 
 class AttentionRollout(ForwardMethod):
-    """Attention rollout with the residual added and rows renormalised, over ``layers`` (default all)."""
+    """Attention rollout with the residual added and rows renormalised, over ``layers`` (default all).
+
+    Source: Abnar & Zuidema (2020), "Quantifying Attention Flow in Transformers", eq. for rollout:
+    ``A' = rownorm(mean_heads(A) + I)``, ``R = A'_L ... A'_1`` (the product taken from the last layer
+    down, row form, :func:`rollout_rows`), read at the predicting positions' rows. Deviation: none known
+    in the rule; the paper's public code computes the same product for its "LRP" entry
+    (:class:`LRPPaper`)."""
 
     name = "attention_rollout"
+    source = ("Abnar & Zuidema 2020 rollout, rownorm(mean_heads A + I), last layer to first, "
+              "rows of the predicting positions")
     defaults = {"layers": "all", "queries": "predicting"}
     spec = {"layers": either(choice("all"), integer(), int_list()), "queries": choice("predicting", "answer")}
 
@@ -111,10 +128,28 @@ class AttentionRollout(ForwardMethod):
         return _finish(adapter, chat, rows, {"layers": layers})
 
 
-class AttentionLRP(ForwardMethod):
-    """Relevance propagated backwards through head-averaged attention with the residual path.
+class LRPPaper(AttentionRollout):
+    """The MedFocus paper's "LRP" baseline as its public code computes it: attention rollout read from
+    the positions that predict the answer tokens.
 
-    A conservative (LRP-style) rule: at layer ``l`` the output at position ``i`` is ``h_i + u_i`` (residual
+    Source: the paper's public code (its "LRP" entry), reproduced: the project's rollout with these
+    settings (``layers="all"``, ``queries="predicting"``) matched that code's maps to 1.4e-6 (measured
+    when issue 20 was filed). Deviation: none intended -- this entry exists so the paper's Table 1 can be
+    reproduced and compared; it is *not* Layer-wise Relevance Propagation (that is ``lrp``, AttnLRP).
+    Passes: 1 forward."""
+
+    name = "lrp_paper"
+    source = ("the paper's public code's 'LRP' = attention rollout from the predicting positions "
+              "(reproduced to 1.4e-6); not LRP proper (see lrp)")
+
+
+class AttentionFlowResidual(ForwardMethod):
+    """The project's residual-weighted attention flow (formerly registered as ``lrp``).
+
+    Source: this project's own rule, not a published method; it is not Layer-wise Relevance Propagation
+    (that is ``lrp``, AttnLRP). It exists because it is a cheap (one forward, no backward) propagation that,
+    unlike rollout's fixed ``(A + I) / 2``, lets each layer's measured residual-vs-update balance decide how
+    much relevance stays in place. The rule: at layer ``l`` the output at position ``i`` is ``h_i + u_i`` (residual
     plus the layer's update). The relevance of ``i`` is split between the residual (share
     ``rho_i = |h_i| / (|h_i| + |u_i|)``, measured on this input) which keeps it at ``i``, and the update
     (share ``1 - rho_i``), which is redistributed over the attended positions in proportion to the
@@ -123,8 +158,10 @@ class AttentionLRP(ForwardMethod):
     Uses decoder-layer hooks for ``h`` and ``u`` (one forward pass).
     """
 
-    name = "lrp"
+    name = "attention_flow_residual"
     defaults = {"layers": "all", "queries": "predicting"}
+    source = ("this project's rule (not published, not LRP): relevance split between residual and "
+              "head-averaged attention by |h| / (|h| + |update|)")
     spec = {"layers": either(choice("all"), integer(), int_list()), "queries": choice("predicting", "answer")}
 
     def _forward_needs(self, adapter: Any) -> ForwardNeeds:
@@ -151,10 +188,17 @@ class GradWeightedAttention(ForwardMethod):
     ``Abar_l = mean_heads(ReLU(dF/dA_l) * A_l)`` with ``F`` the answer log-likelihood, relevance
     ``R = prod_l (I + Abar_l)`` accumulated from the first to the last of ``layers``; the map is
     ``R[answer queries, image tokens]``. Passes: 1 forward, 1 backward (+1 for the final token of a
-    multi-token answer, in ``extras["final_token_heatmap"]``)."""
+    multi-token answer, in ``extras["final_token_heatmap"]``).
+
+    Source: Chefer, Gur & Wolf (ICCV 2021), "Generic Attention-model Explainability for Interpreting
+    Bi-Modal and Encoder-Decoder Transformers", the self-attention rule ``Abar = E_h((grad A * A)^+)``,
+    ``R <- R + Abar R`` (``A >= 0``, so ``(g * A)^+ = ReLU(g) * A``). Deviation: ``F`` is the whole answer's
+    log-likelihood (end-of-turn token excluded), read at the predicting positions."""
 
     name = "grad_weighted_attention"
     defaults = {"layers": "all", "final_token": True, "queries": "predicting"}
+    source = ("Chefer et al. 2021 (generic rule): mean_heads(ReLU(grad) * A), R = prod (I + Abar); "
+              "target = answer log-likelihood without end-of-turn")
     spec = {"layers": either(choice("all"), integer(), int_list()), "final_token": boolean(), "queries": choice("predicting", "answer")}
 
     def _forward_needs(self, adapter: Any) -> ForwardNeeds:

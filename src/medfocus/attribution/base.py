@@ -241,6 +241,10 @@ class Method:
 
     name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
+    #: One line: the exact source of what is computed (paper + equation, or public implementation) and
+    #: how it deviates from the MedFocus paper's public code. The class docstring gives the details; the
+    #: README's method table and the report's results table show this line.
+    source: ClassVar[str] = ""
     spec: ClassVar[dict[str, Param]] = {}
     #: Settings that do not change the result (only speed/memory or where a cache lives): stored in
     #: records but not compared when a rerun is checked against stored results.
@@ -394,7 +398,9 @@ class PerturbationMethod(Method):
 _REGISTRY: LazyRegistry[type] = LazyRegistry("attribution method", {
     "attention_head": "medfocus.attribution.attention:AttentionHead",
     "attention_rollout": "medfocus.attribution.attention:AttentionRollout",
-    "lrp": "medfocus.attribution.attention:AttentionLRP",
+    "lrp": "medfocus.attribution.lrp:AttnLRP",
+    "lrp_paper": "medfocus.attribution.attention:LRPPaper",
+    "attention_flow_residual": "medfocus.attribution.attention:AttentionFlowResidual",
     "grad_weighted_attention": "medfocus.attribution.attention:GradWeightedAttention",
     "gradcam": "medfocus.attribution.gradients:GradCAM",
     "gradcampp": "medfocus.attribution.gradients:GradCAMPlusPlus",
@@ -406,7 +412,9 @@ _REGISTRY: LazyRegistry[type] = LazyRegistry("attribution method", {
     "medfocus": "medfocus.concepts.method:MedFocusMethod",
 })
 
-#: The baselines of the paper (its "ten" counts the two prompting variants as one family), in table order.
+#: Every built-in method but MedFocus, in table order: the paper's baselines (its "ten" counts the two
+#: prompting variants as one family; its "LRP" row is ``lrp_paper``, the rule its public code computes),
+#: AttnLRP (``lrp``) and the project's ``attention_flow_residual``.
 BASELINES: tuple[str, ...] = tuple(n for n in _REGISTRY if n != "medfocus")
 
 
@@ -426,6 +434,17 @@ def _resolve(name: str) -> type:
 def get_method(name: str, **params: Any) -> Any:
     """Instantiate a registered method with the paper's defaults overridden by ``params``."""
     return _resolve(name)(**params)
+
+
+def method_source(name: str) -> str:
+    """The ``source`` line of a registered method (what it computes, from where, deviations); ``""`` for a
+    method that does not declare one, is not registered, or whose module cannot be imported."""
+    if name not in _REGISTRY:
+        return ""
+    try:
+        return str(getattr(_resolve(name), "source", ""))
+    except ConfigError:
+        return ""
 
 
 def list_methods() -> dict[str, dict[str, Any]]:

@@ -59,10 +59,18 @@ class GradCAM(ForwardMethod):
     """Grad-CAM on image-token activations (see the module docstring for the layer choice).
 
     Passes: 1 forward, 1 backward (+1 backward for the final token of a multi-token answer).
+
+    Source: Selvaraju et al. (ICCV 2017), Grad-CAM eqs. 1-2 over image tokens instead of spatial
+    positions. Deviation from the paper's public code: the layer -- the paper uses the last decoder layer,
+    whose gradient at image positions is exactly zero in a causal decoder; the default here is the LM's
+    input embeddings at the image positions (see the module docstring). Target: the answer's
+    log-likelihood without the end-of-turn token.
     """
 
     name = "gradcam"
     defaults = {"layer": "input", "final_token": True}
+    source = ("Selvaraju et al. 2017 Grad-CAM over image tokens; deviation: on the LM input embeddings, not the "
+              "paper code's last decoder layer (its gradient there is exactly zero)")
     spec = {"layer": either(choice("input", "middle"), integer()), "final_token": boolean()}
     _combine = staticmethod(gradcam_weights)
 
@@ -83,9 +91,15 @@ class GradCAM(ForwardMethod):
 
 
 class GradCAMPlusPlus(GradCAM):
-    """Grad-CAM++ on the same activations as :class:`GradCAM`."""
+    """Grad-CAM++ on the same activations as :class:`GradCAM`.
+
+    Source: Chattopadhay et al. (WACV 2018), Grad-CAM++ (exponential-score closed form) over
+    image tokens. Deviations: the layer (as :class:`GradCAM`), and each channel is shifted by its minimum
+    first (the closed form assumes non-negative activations; see :func:`gradcampp_weights`)."""
 
     name = "gradcampp"
+    source = ("Chattopadhay et al. 2018 Grad-CAM++ (closed form) over image tokens; deviations: LM input "
+              "embeddings as Grad-CAM, channels shifted to be non-negative")
     defaults = {"layer": "input", "final_token": True}
     _combine = staticmethod(gradcampp_weights)
 
@@ -109,9 +123,15 @@ class IntegratedGradients(Method):
 
     Passes: ``steps`` forwards and ``steps`` backwards (batched), +2 forwards for the completeness check
     when ``check_completeness``.
+
+    Source: Sundararajan, Taly & Yan (ICML 2017), integrated gradients eq. 1 with a midpoint Riemann sum
+    (eq. 3's right-point sum in the paper). Deviation from the paper's public code: none known in the
+    rule; the gradient reaches the pixels through the family's exact patchification inverse.
     """
 
     name = "integrated_gradients"
+    source = ("Sundararajan et al. 2017 integrated gradients on the normalised image, black baseline, "
+              "midpoint Riemann sum, |IG| summed over channels")
     defaults = {"steps": 24, "baseline": "zero", "batch_size": 8, "final_token": True, "check_completeness": False}
     spec = {"steps": integer(1), "baseline": either(choice("zero"), Param("a (3, H, W) tensor", _tensor3)), "batch_size": integer(1),
             "final_token": boolean(), "check_completeness": boolean()}

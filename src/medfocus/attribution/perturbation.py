@@ -43,10 +43,18 @@ class Occlusion(PerturbationMethod):
     baseline; the cell's importance is the drop in mean answer-token probability, positive part.
 
     Passes: ``1 + grid**2`` forwards (the original plus one per cell).
+
+    Source: Zeiler & Fergus (ECCV 2014), occlusion sensitivity, with non-overlapping cells. Deviations
+    from the paper's public code: cells are laid over the image content only (not the letterbox
+    padding), the variants are masked in the family's preprocessed tensor (the published code ran the
+    processor per variant; identical values, tested), and the score is the mean answer-token
+    probability of the answer's own tokens (end-of-turn excluded).
     """
 
     name = "occlusion"
     defaults = {"grid": 8, "baseline": "zero", "batch_size": 16}
+    source = ("Zeiler & Fergus 2014 occlusion (grid cells over the image content, positive drop of the mean "
+              "answer-token probability); masks applied in the preprocessed tensor")
     spec = {"grid": integer(1), "baseline": choice("zero", "mean"), "batch_size": integer(1)}
 
     def _score_plan(self, adapter: Any, image: np.ndarray, chat: Any, counter: Counter) -> ScorePlan:
@@ -137,9 +145,16 @@ class RISE(PerturbationMethod):
     by what this model reads. Occlusion, IG, Grad-CAM(++), gradient-weighted attention pass (< 0.2).
 
     Passes: ``n_masks`` forwards.
+
+    Source: Petsiuk, Das & Saenko (BMVC 2018), RISE (saliency as above; masks: bilinearly upsampled random binary
+    grids with a random shift). Deviations from the paper's public code: masks cover the image content
+    only, are applied in the preprocessed tensor, and the score is the mean answer-token probability
+    (end-of-turn excluded).
     """
 
     name = "rise"
+    source = ("Petsiuk et al. 2018 RISE (upsampled random grids with random shift) over the image content; "
+              "masks applied in the preprocessed tensor")
     defaults = {"n_masks": 64, "grid": 8, "p_keep": 0.5, "seed": 0, "baseline": "zero", "batch_size": 16}
     spec = {"n_masks": integer(1), "grid": integer(1), "p_keep": number(0, 1, lo_open=True, hi_open=True),
             "seed": integer(0), "baseline": choice("zero", "mean"), "batch_size": integer(1)}

@@ -98,9 +98,16 @@ def _generate(adapter: LVLMAdapter, image: np.ndarray, prompt: str, max_new_toke
 
 
 class Prompting(Method):
-    """Ask the model for evidence boxes and map them from its input (canvas) frame to the image."""
+    """Ask the model for evidence boxes and map them from its input (canvas) frame to the image.
+
+    Source: the MedFocus paper's box-request prompt. Deviation from its public code: the reply is read by
+    the package's one box-text parser (:func:`medfocus.lvlm.box_text.parse_boxes`: regular expressions for
+    the models' box dialects, never ``eval``), and boxes are mapped back through the letterbox from the
+    canvas frame the model saw."""
 
     name = "prompting"
+    source = ("the paper's box-request prompt; boxes read by the package's box-text parser (regular expressions, "
+              "several model dialects; the paper's code used eval)")
     defaults = {"request": BOX_REQUEST, "coords": "auto", "max_new_tokens": 128}
     spec = {"request": text(), "coords": choice(*COORDS), "max_new_tokens": integer(1)}
 
@@ -258,6 +265,10 @@ def _resolve_medsam(spec: Any, *, lenient: bool = False) -> Any:
 class PromptingMedSAM(Method):
     """Ask for evidence-region descriptions, detect each phrase, refine each box with MedSAM.
 
+    Source: the MedFocus paper's phrase prompt -> OWL-ViT (Minderer et al. 2022) -> MedSAM (Ma et al.
+    2024). Deviation: none with the default detector; ``detector="anatomy"`` is an offline stand-in
+    (below), not the paper's pipeline.
+
     Detectors (``detector``):
 
     * ``"owlvit"`` (default, the paper's setting): OWL-ViT, top-scoring box per phrase. Also a hub id /
@@ -288,6 +299,8 @@ class PromptingMedSAM(Method):
     """
 
     name = "prompting_medsam"
+    source = ("the paper's phrase prompt -> OWL-ViT -> MedSAM; detector='anatomy' is an offline stand-in, "
+              "not the paper's detector")
     defaults = {"request": PHRASE_REQUEST, "detector": "owlvit", "medsam": MEDSAM_ID, "score_threshold": 0.0,
                 "max_phrases": 8, "max_new_tokens": 128, "pool": None, "cache": True}
     spec = {"request": text(), "detector": either(path_like(), obj("a detector object or (model, processor)", _pair_or("detect"))),

@@ -81,10 +81,14 @@ class ToyAttention(nn.Module):
         self.v_proj = nn.Linear(D, n_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(n_heads * head_dim, D, bias=False)
 
-    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, h: torch.Tensor, lrp: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         B, S, _ = h.shape
         sh = lambda t: t.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # noqa: E731
         q, k, v = sh(self.q_proj(h)), sh(self.k_proj(h)), sh(self.v_proj(h))
+        if lrp:
+            from medfocus.attribution.lrp import attention_inputs
+
+            q, k, v = attention_inputs(q, k, v)
         scores = q @ k.transpose(-1, -2)
         allowed = torch.ones(S, S, dtype=torch.bool, device=h.device).tril()
         if self.identity:
@@ -93,6 +97,10 @@ class ToyAttention(nn.Module):
         attn = torch.softmax(scores, dim=-1)
         out = (attn @ v).transpose(1, 2).reshape(B, S, -1)
         return self.o_proj(out), attn
+
+    def attnlrp_forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward with AttnLRP's attention rule on ``q, k, v`` (used by ``medfocus.attribution.lrp``)."""
+        return ToyAttention.forward(self, h, lrp=True)
 
 
 class ToyLayer(nn.Module):
@@ -291,6 +299,10 @@ class ToyAdapter(LVLMAdapter):
 
     @property
     def decoder_layers(self) -> Sequence[nn.Module]:
+        return self.model.layers
+
+    @property
+    def language_model(self) -> nn.Module:
         return self.model.layers
 
     @property

@@ -328,9 +328,14 @@ class MedFocusMethod(PerturbationMethod):
     with the concept ranking, deltas, per-token drops, concept boxes, reference and fallback flag.
     ``n_forward`` counts the 16 scored inputs (15 variants + original), plus one per check of the
     ``"nested"`` rule.
+
+    Source: the MedFocus paper's method (UOT reference selection and concept transfer, concept
+    intervention, answer log-probability drop). Deviation from its public code: the transfer mode
+    (``mode="barycentric"`` by default; README "Transfer"); the other defaults are the paper's recipe.
     """
 
     name = "medfocus"
+    source = "the MedFocus paper's concept intervention; deviation: barycentric UOT transfer by default (README 'Transfer')"
     defaults = {"pool": None, "baseline": "zero", "region": "box", "rule": "argmax", "tau": TAU, "refine": "none", "select_grid": SELECT_GRID,
                 "transfer_grid": TRANSFER_GRID, "core": None, "mode": "barycentric", "iterations": DEFAULT_ITERATIONS,
                 "epsilon": uot.EPSILON,

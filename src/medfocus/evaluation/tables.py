@@ -25,7 +25,9 @@ __all__ = ["bootstrap_ci", "summarize", "build_tables", "METHOD_ORDER", "DATASET
 METHOD_ORDER = (
     "attention_head",
     "attention_rollout",
+    "lrp_paper",
     "lrp",
+    "attention_flow_residual",
     "grad_weighted_attention",
     "gradcam",
     "gradcampp",

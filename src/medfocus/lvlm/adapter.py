@@ -154,6 +154,12 @@ class LVLMAdapter(ABC):
         """The language model's decoder layers (for hooks on hidden states)."""
 
     @property
+    def language_model(self) -> torch.nn.Module:
+        """The module that maps the LM input embeddings to the final hidden states (decoder layers and
+        final norm; the LM head is ``model.lm_head``). Default: ``self.model.model.language_model``."""
+        return self.model.model.language_model
+
+    @property
     @abstractmethod
     def image_feature_module(self) -> torch.nn.Module:
         """Module whose output are the image-token embeddings fed to the language model

@@ -73,13 +73,21 @@ def _fig(png: bytes, alt: str, width: str | None = None) -> dict[str, Any]:
     return {"alt": str(alt), "b64": base64.b64encode(png).decode("ascii"), "width": width}
 
 
+#: The "source / deviation" cell of the trivial localisation baselines' rows.
+TRIVIAL_SOURCE = "trivial baseline that needs no model (medfocus.evaluation.baselines); the floor a method must beat"
+
+
 def results_table_data(summary: pd.DataFrame, *, model: str, mode: str, method_order: Sequence[str] | None = None,
                        best: Mapping[tuple[str, str], str] | None = None) -> dict[str, Any] | None:
     """The cells of :func:`results_table` as plain data (``None`` when ``model``/``mode`` have no rows).
 
     A cell is ``None`` (no result), ``{"failed": True}`` (every record of the method failed) or
     ``{"mean", "lo", "hi", "bold"}``; ``bold`` is set only for the method ``best`` names for that
-    ``(dataset, metric)``."""
+    ``(dataset, metric)``. Each row also carries the method's "source / deviation" line
+    (:func:`medfocus.attribution.method_source`)."""
+    from medfocus.attribution import method_source
+    from medfocus.evaluation.baselines import is_baseline
+
     df = summary[(summary["model"] == model) & (summary["mode"] == mode)]
     if df.empty:
         return None
@@ -106,7 +114,8 @@ def results_table_data(summary: pd.DataFrame, *, model: str, mode: str, method_o
                 cells.append({"failed": False, "mean": f"{r.mean:.1f}", "lo": f"{r.ci_low:.1f}", "hi": f"{r.ci_high:.1f}", "bold": bold})
             errs = max((int(getattr(idx[(ds, me, m)], "n_error", 0)) for m in METRICS if (ds, me, m) in idx), default=0)
             groups.append({"cells": cells, "n": n if n is not None else 0, "errors": errs})
-        rows.append({"method": str(me), "groups": groups})
+        source = method_source(str(me)) or (TRIVIAL_SOURCE if is_baseline(str(me)) else "")
+        rows.append({"method": str(me), "source": source, "groups": groups})
     return {"datasets": [str(d) for d in datasets], "metric_labels": [METRIC_LABELS[m] for m in METRICS], "rows": rows}
 
 
@@ -114,7 +123,8 @@ def results_table(summary: pd.DataFrame, *, model: str, mode: str, method_order:
                   best: Mapping[tuple[str, str], str] | None = None) -> str:
     """Table-1-style HTML table: methods as rows, datasets as column groups, IoU/F1/Prec./Rec. (x100)
     with their 95% CI below and ``n`` (failed records in red). A method whose records all failed says
-    "failed" in its cells, never a number. Every name is HTML-escaped (rendered by the autoescaping template).
+    "failed" in its cells, never a number. The second column is each method's "source / deviation" line
+    (what it computes, from which paper or code, and how it deviates from the paper's public code). Every name is HTML-escaped (rendered by the autoescaping template).
 
     Args:
         summary: :func:`summarize` output.
@@ -297,7 +307,7 @@ h1{font-size:24px;margin-bottom:4px} h2{font-size:19px;border-bottom:2px solid #
 h3{font-size:15px;margin:18px 0 6px} .meta{color:#555;font-size:13px}
 table{border-collapse:collapse;font-size:12px;margin:8px 0 14px}
 th,td{border:1px solid #ccc;padding:3px 6px;text-align:center} thead th{background:#f1f3f6}
-th.method{text-align:left;background:#fafafa;font-weight:600} td.na{color:#aaa} td.failed{color:#b71c1c;font-style:italic} .ci{color:#777;font-size:10px}
+th.method{text-align:left;background:#fafafa;font-weight:600} td.src{text-align:left;max-width:260px;font-size:10px;color:#555} td.na{color:#aaa} td.failed{color:#b71c1c;font-style:italic} .ci{color:#777;font-size:10px}
 td.n{color:#555} .figs img{margin:4px 10px 4px 0;border:1px solid #eee;max-width:48%;vertical-align:top}
 .caption{font-size:13px;color:#333;margin:14px 0 0;overflow-wrap:anywhere} h4{font-size:14px;margin:16px 0 2px} .gallery img{max-width:100%;display:block;margin:8px 0}
 .note{background:#fff8e1;border-left:4px solid #ffb300;padding:6px 10px;font-size:13px}
