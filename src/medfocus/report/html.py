@@ -77,6 +77,15 @@ def _fig(png: bytes, alt: str, width: str | None = None) -> dict[str, Any]:
 TRIVIAL_SOURCE = "trivial baseline that needs no model (medfocus.evaluation.baselines); the floor a method must beat"
 
 
+def source_of(method: str) -> str:
+    """The "source / deviation" line of a table row: the method's (:func:`medfocus.attribution.method_source`),
+    the trivial baselines' label, or empty for other rows (e.g. faithfulness references)."""
+    from medfocus.attribution import method_source
+    from medfocus.evaluation.baselines import is_baseline
+
+    return method_source(method) or (TRIVIAL_SOURCE if is_baseline(method) else "")
+
+
 def results_table_data(summary: pd.DataFrame, *, model: str, mode: str, method_order: Sequence[str] | None = None,
                        best: Mapping[tuple[str, str], str] | None = None) -> dict[str, Any] | None:
     """The cells of :func:`results_table` as plain data (``None`` when ``model``/``mode`` have no rows).
@@ -85,9 +94,6 @@ def results_table_data(summary: pd.DataFrame, *, model: str, mode: str, method_o
     ``{"mean", "lo", "hi", "bold"}``; ``bold`` is set only for the method ``best`` names for that
     ``(dataset, metric)``. Each row also carries the method's "source / deviation" line
     (:func:`medfocus.attribution.method_source`)."""
-    from medfocus.attribution import method_source
-    from medfocus.evaluation.baselines import is_baseline
-
     df = summary[(summary["model"] == model) & (summary["mode"] == mode)]
     if df.empty:
         return None
@@ -114,8 +120,7 @@ def results_table_data(summary: pd.DataFrame, *, model: str, mode: str, method_o
                 cells.append({"failed": False, "mean": f"{r.mean:.1f}", "lo": f"{r.ci_low:.1f}", "hi": f"{r.ci_high:.1f}", "bold": bold})
             errs = max((int(getattr(idx[(ds, me, m)], "n_error", 0)) for m in METRICS if (ds, me, m) in idx), default=0)
             groups.append({"cells": cells, "n": n if n is not None else 0, "errors": errs})
-        source = method_source(str(me)) or (TRIVIAL_SOURCE if is_baseline(str(me)) else "")
-        rows.append({"method": str(me), "source": source, "groups": groups})
+        rows.append({"method": str(me), "source": source_of(str(me)), "groups": groups})
     return {"datasets": [str(d) for d in datasets], "metric_labels": [METRIC_LABELS[m] for m in METRICS], "rows": rows}
 
 
@@ -202,7 +207,7 @@ def faithfulness_table_data(summary: pd.DataFrame, *, model: str, mode: str, met
                 bold = best[(ds, m)] is not None and me not in refs and abs(r.mean - best[(ds, m)]) < 1e-9
                 cells.append({"mean": f"{r.mean:.1f}", "lo": f"{r.ci_low:.1f}", "hi": f"{r.ci_high:.1f}", "bold": bold, "failed": False})
             groups.append({"cells": cells, "n": max(ns) if ns else 0, "errors": 0})
-        rows.append({"method": str(me), "groups": groups})
+        rows.append({"method": str(me), "source": source_of(str(me)), "groups": groups})
     return {"datasets": [str(d) for d in datasets], "metric_labels": [FAITH_LABELS[m] for m in FAITH_METRICS], "rows": rows}
 
 
