@@ -173,16 +173,14 @@ def compare_to_baselines(metrics: pd.DataFrame, metric_names: Sequence[str] = ("
         ``n_pairs`` and ``beats`` (True when the whole interval is above 0, False when it is below or
         straddles 0, None without pairs).
     """
-    from medfocus.evaluation.significance import paired_bootstrap_diff
+    from medfocus.evaluation.significance import paired_bootstrap_diff, successful_rows
     from medfocus.evaluation.tables import hash_key
 
     cols = ["model", "mode", "dataset", "metric", "method", "baseline", "method_mean", "baseline_mean", "difference",
             "ci_low", "ci_high", "n_pairs", "beats"]
     if metrics is None or metrics.empty:
         return pd.DataFrame(columns=cols)
-    d = metrics.copy()
-    if "error" in d.columns:
-        d = d[d["error"].isna() | (d["error"].astype(str) == "")]
+    d = successful_rows(metrics)
     rows = []
     for cell, g in d.groupby(["model", "mode", "dataset"], sort=True):
         for j, m in enumerate(metric_names):
@@ -234,12 +232,12 @@ def finding_table(metrics: pd.DataFrame, metric: str = "iou") -> pd.DataFrame:
     """Mean ``metric`` (x100) and ``n`` per (model, mode, dataset, finding, method): the per-finding
     breakdown (a method can beat the baselines on average through one finding only). Needs the
     ``attribute`` column of ``evaluate_records``; error rows are left out."""
+    from medfocus.evaluation.significance import successful_rows
+
     cols = ["model", "mode", "dataset", "attribute", "method", "mean", "n"]
     if metrics is None or metrics.empty or "attribute" not in metrics.columns or metric not in metrics.columns:
         return pd.DataFrame(columns=cols)
-    d = metrics.copy()
-    if "error" in d.columns:
-        d = d[d["error"].isna() | (d["error"].astype(str) == "")]
+    d = successful_rows(metrics)
     d = d[np.isfinite(pd.to_numeric(d[metric], errors="coerce"))]
     if d.empty:
         return pd.DataFrame(columns=cols)

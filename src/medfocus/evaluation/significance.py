@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["best_methods", "paired_bootstrap_diff", "wilson_interval", "TEST_DESCRIPTION"]
+__all__ = ["best_methods", "paired_bootstrap_diff", "successful_rows", "wilson_interval", "TEST_DESCRIPTION"]
 
 #: One sentence for reports and tables (what "best" means).
 TEST_DESCRIPTION = ("bold marks the highest mean only where a paired bootstrap (samples both methods scored, "
@@ -42,6 +42,13 @@ def wilson_interval(k: int, n: int, *, alpha: float = 0.05) -> tuple[float, floa
         raise ValueError(f"wilson_interval needs 0 <= k <= n and n >= 1, got k={k}, n={n}")
     ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=1 - alpha, method="wilson")
     return float(ci.low), float(ci.high)
+
+
+def successful_rows(metrics: pd.DataFrame) -> pd.DataFrame:
+    """The per-record metric rows without an error (a failed record is counted, never scored)."""
+    if "error" not in metrics.columns:
+        return metrics.copy()
+    return metrics[metrics["error"].isna() | (metrics["error"].astype(str) == "")].copy()
 
 
 def paired_bootstrap_diff(a: Sequence[float], b: Sequence[float], *, n_boot: int = 1000, alpha: float = 0.05,
@@ -87,9 +94,7 @@ def best_methods(metrics: pd.DataFrame, metric_names: Sequence[str] = ("iou", "f
     cols = [*_CELL, "metric", "best", "significant", "runner_up", "difference", "ci_low", "ci_high", "n_pairs"]
     if metrics is None or metrics.empty:
         return pd.DataFrame(columns=cols)
-    d = metrics.copy()
-    if "error" in d.columns:
-        d = d[d["error"].isna() | (d["error"].astype(str) == "")]
+    d = successful_rows(metrics)
     rows = []
     for key, g in d.groupby(_CELL, sort=True):
         for m in metric_names:
