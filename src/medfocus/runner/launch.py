@@ -385,10 +385,6 @@ def launch(
         devices = list(devices)
         manifest.devices = devices
         per_worker: list[list[list[str]]] = [[] for _ in devices]
-        worker_of_task: list[int] = []
-        for k, t in enumerate(manifest.tasks):
-            w = k % len(devices)
-            worker_of_task.append(w)
         jobs: list[Any] = []
         executors = []
         for w, dev in enumerate(devices):
@@ -396,7 +392,8 @@ def launch(
             ex = submitit.LocalExecutor(folder=out / LAUNCH_DIR / "logs")
             # timeout: the local controller kills a job after timeout_min; a launched run may take days
             ex.update_parameters(timeout_min=60 * 24 * 30, **params)
-            per_worker[w] = [with_device(t.argv, inner) for k, t in enumerate(manifest.tasks) if worker_of_task[k] == w]
+            # tasks dealt round-robin: worker w runs tasks w, w + D, w + 2D, ... one after another
+            per_worker[w] = [with_device(t.argv, inner) for t in manifest.tasks[w::len(devices)]]
             executors.append(ex)
             jobs.append(ex.submit(job_fn, per_worker[w]) if per_worker[w] else None)
         manifest.job_ids = [str(j.job_id) if j is not None else "" for j in jobs]
