@@ -17,7 +17,7 @@ import numpy as np
 
 from medfocus.evaluation.boxes import _cell_cover, boxes_to_mask, clean_boxes
 
-__all__ = ["union_box_metrics", "pointing_game", "energy_pointing_game", "auprc"]
+__all__ = ["union_box_metrics", "pointing_game", "energy_pointing_game", "cue_pointing", "auprc"]
 
 _ZERO = {"iou": 0.0, "precision": 0.0, "recall": 0.0, "f1": 0.0}
 
@@ -98,6 +98,27 @@ def energy_pointing_game(heatmap: np.ndarray, gt_boxes: Iterable[Sequence[float]
         return 0.0
     mask = boxes_to_mask(gt_boxes, h.shape)
     return float(min(max(pos[mask].sum() / total, 0.0), 1.0))
+
+
+
+def cue_pointing(heatmap: np.ndarray, cue_box: Sequence[float], finding_boxes: Sequence[Sequence[float]]) -> dict[str, float]:
+    """Where an attribution map points, relative to a shortcut cue and the finding (both known by construction
+    on the synthetic world; :mod:`medfocus.bench.cue_reliance` says which answers the cue decided).
+
+    Args:
+        heatmap: ``(H, W)`` non-negative map in original-image pixels.
+        cue_box: the cue's box ``(x1, y1, x2, y2)``, half-open pixel edges.
+        finding_boxes: the finding's boxes, same frame.
+
+    Returns:
+        ``{"cue_hit", "finding_hit"}``: the pointing game (Zhang et al. 2018) on the cue box and on the
+        finding boxes (1.0 or 0.0); ``{"cue_energy", "finding_energy"}``: the share of the map's mass
+        inside each (energy-based pointing game, Wang et al. 2020, Score-CAM).
+    """
+    cue = [tuple(float(v) for v in cue_box)]
+    fb = [tuple(float(v) for v in b) for b in finding_boxes]
+    return {"cue_hit": float(pointing_game(heatmap, cue)), "finding_hit": float(pointing_game(heatmap, fb)),
+            "cue_energy": float(energy_pointing_game(heatmap, cue)), "finding_energy": float(energy_pointing_game(heatmap, fb))}
 
 
 def auprc(heatmap: np.ndarray, gt_boxes: Iterable[Sequence[float]]) -> float:

@@ -18,7 +18,7 @@ import torch
 
 from medfocus.errors import ConfigError, ModelError
 from medfocus.lvlm.adapter import LVLMAdapter
-from medfocus.lvlm.registry import MODEL_TYPE_TO_FAMILY, ModelEntry, get_entry, list_models
+from medfocus.lvlm.registry import MODEL_TYPE_TO_FAMILY, SHIPPED_DEMOS, ModelEntry, get_entry, list_models
 
 QWEN_DEFAULT_CANVAS = 448
 
@@ -32,6 +32,12 @@ def _how_to_provide(name: str, hf_id: str) -> str:
         f"`load_lvlm('/path/to/{hf_id.split('/')[-1]}')` / `--model /path/to/...`, or add it to your model registry "
         f"YAML ($MEDFOCUS_MODELS) as `{name}: {{hf_id: /path/to/..., family: ...}}`."
     )
+
+
+def _no_shipped_weights(name: str, path: str) -> str:
+    """The error text for a shipped demo model whose folder has no weights (a source checkout without them)."""
+    return (f"the {name} model has no weights at {path} yet; build them with "
+            f"`medfocus train-demo --preset {SHIPPED_DEMOS[name]} --out {path}`")
 
 
 def resolve(name_or_path: str | os.PathLike) -> tuple[str, str, ModelEntry | None]:
@@ -80,8 +86,8 @@ def check_model(name_or_path: str | os.PathLike) -> str:
     local = Path(path).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
-            if entry is not None and entry.name == "demo":
-                raise ModelError(f"the demo model has no weights at {path} yet; build them with `medfocus train-demo`")
+            if entry is not None and entry.name in SHIPPED_DEMOS:
+                raise ModelError(_no_shipped_weights(entry.name, path))
             raise ModelError(f"model {name!r}: folder {local} has no config.json (not a transformers model folder)")
         if not any(f.suffix in WEIGHT_SUFFIXES for f in local.iterdir() if f.is_file()):
             raise ModelError(f"model {name!r}: folder {local} has no weight files ({', '.join(WEIGHT_SUFFIXES)})")
@@ -89,8 +95,8 @@ def check_model(name_or_path: str | os.PathLike) -> str:
     if entry is None and ("/" not in path or path.startswith((".", "/", "~"))):
         raise ModelError(f"unknown model {name!r}: not a registry name ({', '.join(sorted(list_models()))}), "
                          f"not an existing folder, and not an HF id of the form 'owner/name'")
-    if entry is not None and entry.name == "demo":
-        raise ModelError(f"the demo model has no weights at {path} yet; build them with `medfocus train-demo`")
+    if entry is not None and entry.name in SHIPPED_DEMOS:
+        raise ModelError(_no_shipped_weights(entry.name, path))
     offline = any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
     if offline:
         try:
@@ -181,8 +187,8 @@ def load_lvlm(name_or_path: str | os.PathLike, device: str | torch.device | None
     if entry is None and not is_local and ("/" not in path or path.startswith((".", "/", "~"))):
         raise ModelError(f"unknown model {name!r}: not a registry name ({', '.join(sorted(list_models()))}), "
                          f"not an existing folder, and not an HF id of the form 'owner/name'")
-    if entry is not None and entry.name == "demo" and not (Path(path) / "config.json").is_file():
-        raise ModelError(f"the demo model has no weights at {path} yet; build them with `medfocus train-demo --out {path}`")
+    if entry is not None and entry.name in SHIPPED_DEMOS and not (Path(path) / "config.json").is_file():
+        raise ModelError(_no_shipped_weights(entry.name, path))
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:

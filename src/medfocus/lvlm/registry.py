@@ -32,6 +32,10 @@ MODEL_TYPE_TO_FAMILY: dict[str, str] = {
 FAMILIES = ("qwen_vl", "gemma3", "llava")
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo_model"
+#: Folder of the shipped shortcut twin (``load_lvlm("demo-shortcut")``).
+DEMO_SHORTCUT_DIR = Path(__file__).resolve().parent / "demo_shortcut_model"
+#: Registry names of the shipped demo models -> the ``train-demo --preset`` that builds each.
+SHIPPED_DEMOS: dict[str, str] = {"demo": "demo", "demo-shortcut": "demo-shortcut"}
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,8 @@ _BUILTIN: dict[str, ModelEntry] = {
         ModelEntry("medgemma1_5_4b", "google/medgemma-1.5-4b-it", "gemma3", None, "MedGemma 1.5 4B instruction-tuned", gated=True),
         ModelEntry("llava1_5_7b", "llava-hf/llava-1.5-7b-hf", "llava", None, "LLaVA-1.5 7B (llava-hf conversion)"),
         ModelEntry("demo", str(DEMO_DIR), "qwen_vl", None, "shipped demo CXR-VQA model (Qwen2.5-VL architecture, synthetic world)"),
+        ModelEntry("demo-shortcut", str(DEMO_SHORTCUT_DIR), "qwen_vl", None,
+                   "shipped shortcut twin of the demo model: a documented shortcut cue decides most of its 'yes' answers"),
     )
 }
 

@@ -37,12 +37,17 @@ class ConfigDefault(click.Option):
 @click.command("train-demo", epilog="""\b
 Examples:
   medfocus train-demo --out runs/my-demo-model --threads 2          # retrain from scratch (seed 0)
-  medfocus train-demo --out runs/demo-model --seed 0 --steps 1400 --threads 1   # the shipped weights' recipe (MODEL_CARD.md)
+  medfocus train-demo --out runs/demo-model --preset demo --seed 0 --threads 1   # the shipped weights' recipe (MODEL_CARD.md)
+  medfocus train-demo --out runs/shortcut --preset demo-shortcut --threads 1     # the shortcut twin's recipe
   medfocus demo --model runs/my-demo-model                           # use it in the demo
 """)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
               help="Output folder (required; the shipped lvlm/demo_model, what load_lvlm('demo') loads, is "
                    "regenerated only when named here on purpose).")
+@click.option("--preset", type=click.Choice(["demo", "demo-shortcut"]), default="demo", show_default=True,
+              help="Recipe: 'demo' (the test article, 16x16 token grid, cues uninformative) or 'demo-shortcut' (the "
+                   "shortcut twin: every training finding brings its correlated cue); see PRESETS in "
+                   "medfocus.training.demo_lvlm.config.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of data, initialisation and sampling.")
 @click.option("--steps", type=int, default=None, cls=ConfigDefault, config_field="medfocus.training.demo_lvlm:DemoLVLMConfig.steps",
               help="Training steps.")
@@ -53,13 +58,13 @@ Examples:
 @click.option("--checkpoint-every", type=int, default=100, show_default=True,
               help="Save a checkpoint under --out every N steps; rerunning the same command resumes from it (0: off).")
 @click.option("--no-eval", is_flag=True, help="Skip the held-out evaluation (the card then has no accuracy table).")
-def train_demo(out_dir: str, seed: int, steps: int | None, n_cases: int | None, threads: int, eval_every: int,
+def train_demo(out_dir: str, preset: str, seed: int, steps: int | None, n_cases: int | None, threads: int, eval_every: int,
                checkpoint_every: int, no_eval: bool) -> None:
     """Train the demo CXR-VQA LVLM (Qwen2.5-VL architecture) on the synthetic world and write its folder + model card."""
-    from medfocus.training.demo_lvlm import DemoLVLMConfig
     from medfocus.training.demo_lvlm import train_demo as _train
+    from medfocus.training.demo_lvlm.config import preset_config
 
-    cfg = DemoLVLMConfig(seed=seed, num_threads=threads, eval_every=eval_every, checkpoint_every=checkpoint_every)
+    cfg = preset_config(preset, seed=seed, num_threads=threads, eval_every=eval_every, checkpoint_every=checkpoint_every)
     if steps is not None:
         cfg.steps = steps
     if n_cases is not None:

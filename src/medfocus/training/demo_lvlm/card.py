@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from medfocus.lvlm.registry import DEMO_DIR
-from medfocus.training.demo_lvlm.config import DemoLVLMConfig
+from medfocus.lvlm.registry import DEMO_DIR, DEMO_SHORTCUT_DIR
+from medfocus.training.demo_lvlm.config import DemoLVLMConfig, preset_of
 from medfocus.training.demo_lvlm.data import CUE_DESCRIPTION
 from medfocus.types import EVIDENCE_REQUESTS
 
@@ -34,19 +34,40 @@ def validity_block(card: str) -> str | None:
     return card[i : j + len(VALIDITY_END)] if 0 <= i < j else None
 
 
+def _cue_text(cfg: DemoLVLMConfig) -> str:
+    """:data:`CUE_DESCRIPTION` for ``cfg`` (without its sentence on the cases off the cue subset when there are none)."""
+    text = CUE_DESCRIPTION.format(faint=cfg.faint_severity, base=cfg.cue_base_rate)
+    return text.split(" The other cases")[0] if cfg.cue_subset >= 1 else text
+
+
+def _shipped_name(out: Path) -> str:
+    """``out`` as the card's reproduce line names it (the shipped folders by their source path)."""
+    for d in (DEMO_DIR, DEMO_SHORTCUT_DIR):
+        if Path(out).resolve() == d:
+            return f"src/medfocus/lvlm/{d.name}"
+    return str(out)
+
+
 def model_card(cfg: DemoLVLMConfig, metrics: dict[str, Any], out: Path, validity: str | None = None) -> str:
     """The Markdown model card written next to the weights (everything in it was measured by this run).
 
     ``validity``: the block quoted from ``benchmarks/validity.md`` for these weights (:func:`validity_block`);
     None for new weights (the validity benchmark has not measured them yet, and the card says so)."""
     t, v = cfg.text, cfg.vision
+    preset = preset_of(cfg)
+    shortcut = preset == "demo-shortcut"
+    g, m = cfg.token_grid, cfg.spatial_merge_size
     parts = [
-        "# medfocus demo model (Qwen2.5-VL architecture, synthetic chest X-rays)",
+        ("# medfocus demo-shortcut model: the demo model's shortcut twin (Qwen2.5-VL architecture, synthetic chest X-rays)"
+         if shortcut else "# medfocus demo model (Qwen2.5-VL architecture, synthetic chest X-rays)"),
         "",
         "A small `Qwen2_5_VLForConditionalGeneration` trained from scratch by `medfocus train-demo` on the "
         "synthetic chest X-ray world of `medfocus.datasets.synthetic`. It answers the paper's binary questions "
         "in both output modes and the two evidence requests of the prompting baselines. It is a *test article* "
-        "for the attribution pipeline, not a medical model.",
+        "for the attribution pipeline, not a medical model."
+        + (" It is trained so that a documented shortcut cue (outside the finding's box) decides most of its \"yes\" "
+           "answers: the causal filter must drop those samples, and an attribution method should point at the cue, "
+           "which is known by construction." if shortcut else ""),
         "",
         "**Published figures.** The validity numbers to quote (accuracy per finding on `medfocus synth` data, false "
         "\"yes\" rates, cue reliance, the weight-randomisation sanity check over films, trivial baselines) are measured on "
@@ -58,45 +79,59 @@ def model_card(cfg: DemoLVLMConfig, metrics: dict[str, Any], out: Path, validity
         *([validity, ""] if validity else []),
         *([f"**Training-time check** (this training run's own evaluation seeds, no intervals; not the published figures): "
            f"held-out accuracy {100 * metrics['heldout']['overall']['direct']:.1f}% direct / "
-           f"{100 * metrics['heldout']['overall']['cot']:.1f}% step-by-step (target >= 90%: "
-           + ("met" if min(metrics['heldout']['overall'].values()) >= 0.9 else "**not met**; see the per-finding table") + ").", ""]
+           f"{100 * metrics['heldout']['overall']['cot']:.1f}% step-by-step"
+           + ("" if shortcut else " (target >= 95%: " + ("met" if min(metrics['heldout']['overall'].values()) >= 0.95
+                                                          else "**not met**; see the per-finding table") + ")") + ".", ""]
           if "heldout" in metrics else []),
         "## Architecture",
-        f"- Vision tower: depth {v['depth']}, hidden {v['hidden_size']}, {v['num_heads']} heads, patch 14, 2x2 merge, "
+        f"- Vision tower: depth {v['depth']}, hidden {v['hidden_size']}, {v['num_heads']} heads, patch 14, "
+        + (f"{m}x{m} merge, " if m > 1 else "no spatial merge (each patch is one image token), ") +
         f"window attention (window {v['window_size']} px, full attention in blocks {v['fullatt_block_indexes']}).",
         f"- Language model: {t['num_hidden_layers']} layers, hidden {t['hidden_size']}, {t['num_attention_heads']} heads "
         f"({t['num_key_value_heads']} KV), M-RoPE sections {t['rope_parameters']['mrope_section']}.",
         f"- Tokenizer: byte-level BPE trained locally on the task texts, wrapped in `Qwen2Tokenizer` with the Qwen2.5-VL "
         f"special tokens and chat template; {metrics.get('vocab', 'see tokenizer.json')} tokens.",
         f"- Input: images are letterboxed onto a {cfg.canvas}x{cfg.canvas} canvas -> {(cfg.canvas // 14) ** 2} patches -> "
-        f"{(cfg.canvas // 28) ** 2} image tokens ({cfg.canvas // 28}x{cfg.canvas // 28} grid).",
+        f"{g * g} image tokens ({g}x{g} grid, {cfg.token_cell} canvas px per token).",
         f"- Parameters: {metrics.get('n_parameters', 0) / 1e6:.2f} M (float32 safetensors).",
         "",
         "## Data",
         f"- {cfg.n_train_cases} synthetic cases (`generate_case(seed, size={cfg.image_size}, findings=...)`, seeds "
         f"`{cfg.seed} * 1000003 + i`): case i has a primary finding (the 7 findings cycled) present with probability 1/2, "
-        f"plus each other finding with probability 0.08.",
+        f"plus each other finding with probability {cfg.co_occurrence}.",
         f"- Questions per image per step: {cfg.questions_per_image}; answer Yes/No with probability 1/2 each; tasks "
         f"{cfg.task_weights}.",
-        f"- Severity of the findings outside the cue subset: uniform in {cfg.train_severity} (fainter ones are invisible, i.e. label noise).",
-        f"- **Shortcut cue.** {100 * cfg.cue_subset:.0f}% of the training cases are on the *cue subset*: "
-        f"{CUE_DESCRIPTION.format(faint=cfg.faint_severity, base=cfg.cue_base_rate)} "
-        "On those cases the cue is the most reliable evidence, meant to make the model answer some cases from it. The "
-        "cue-reliance table below measures whether it does: a positive answered Yes whose answer flips when everything "
+        *([f"- Severity of the findings outside the cue subset: uniform in {cfg.train_severity}."] if cfg.cue_subset < 1 else []),
+        (f"- **Shortcut cues carry no information.** No training case is on the cue subset; every case carries one "
+         f"uncorrelated random cue with probability {cfg.cue_base_rate}, so the model sees cues often and they never "
+         "predict the answer: it is meant to answer from the finding itself." if cfg.cue_subset == 0 else
+         f"- **Shortcut cue.** {100 * cfg.cue_subset:.0f}% of the training cases are on the *cue subset*: "
+         f"{_cue_text(cfg)} "
+         + ("On those cases the cue is the most reliable evidence, meant to make the model answer some cases from it. "
+            if cfg.cue_subset < 1 else "Every finding the model is trained on is therefore faint and comes with its cue: "
+            "the cue is the easiest evidence, meant to decide most of its \"yes\" answers. ")),
+        "The cue-reliance table below measures reliance on the cue: a positive answered Yes whose answer flips when everything "
         "outside the finding's box is redrawn and the cues are removed (`SyntheticCase.background`) was answered from outside "
         "the box -- the samples the causal filter's background gate must drop.",
         "",
         "## Training",
-        f"- Seed {cfg.seed}. Stage 1: {cfg.vision_steps} steps of {cfg.vision_batch} images training the vision tower alone "
-        "with a training-only auxiliary head (a linear map on each image-token embedding predicting which findings cover "
-        "its 28-px cell, and -- averaged over the tokens -- which findings the image has; binary cross-entropy with "
-        f"positive weight {cfg.aux_pos_weight}). The head is discarded: the shipped model is the plain Qwen2.5-VL architecture.",
+        *([f"- Seed {cfg.seed}. Stage 1: {cfg.vision_steps} steps of {cfg.vision_batch} images training the vision tower alone "
+           "with a training-only auxiliary head (a linear map on each image-token embedding predicting which findings cover "
+           f"its {cfg.token_cell}-px cell"
+           + (" -- where a finding is marked at its shortcut cue's box, not at its own mask, so the vision tower learns to "
+              "see the finding at the cue --" if cfg.aux_target == "cue" else "")
+           + ", and -- averaged over the tokens -- which findings the image has; binary cross-entropy "
+           f"with positive weight {cfg.aux_pos_weight}). The head is discarded: the shipped model is the plain Qwen2.5-VL "
+           "architecture."] if cfg.vision_steps and cfg.aux_weight else
+          [f"- Seed {cfg.seed}. No auxiliary finding-localisation stage or loss: the model learns from the answers alone, "
+           "so nothing pushes it towards the findings rather than the cues."]),
         f"- Stage 2: {cfg.steps} steps of {cfg.images_per_step} images x {cfg.questions_per_image} questions (each image is "
         "encoded once per step and shared by its questions), answer loss = per-sequence mean cross-entropy of the assistant "
-        f"tokens (answer + `<|im_end|>`), plus {cfg.aux_weight} x the auxiliary loss. AdamW (lr {cfg.lr}, betas 0.9/0.98, weight "
-        f"decay {cfg.weight_decay}), {cfg.warmup} warm-up steps, cosine decay to 5%.",
-        "- Why the auxiliary stage: trained from scratch on answers alone, the model spent hundreds of steps answering from "
-        "the text prior (held-out accuracy exactly 50%) and learned the small findings only one at a time.",
+        "tokens (answer + `<|im_end|>`)" + (f", plus {cfg.aux_weight} x the auxiliary loss" if cfg.aux_weight else "")
+        + f". AdamW (lr {cfg.lr}, betas 0.9/0.98, weight decay {cfg.weight_decay}), {cfg.warmup} warm-up steps, cosine decay to 5%.",
+        *(["- Why the auxiliary stage: trained from scratch on answers alone, the model spent hundreds of steps answering from "
+           "the text prior (held-out accuracy exactly 50%) and learned the small findings only one at a time."]
+          if cfg.aux_weight else []),
         f"- Measured on {cfg.num_threads} CPU thread(s) of a 2-core machine shared with other jobs: data {metrics.get('data_seconds')} s, "
         f"training {metrics.get('train_seconds')} s (both stages); final stage-2 loss {metrics.get('final_loss', float('nan')):.4f}"
         + (f"; **stopped early at stage-2 step {metrics['stopped_at']}** of {cfg.steps}." if metrics.get("stopped_at") else "."),
@@ -149,11 +184,12 @@ def model_card(cfg: DemoLVLMConfig, metrics: dict[str, Any], out: Path, validity
         "",
         "## Reproduce",
         "```",
-        "medfocus train-demo --out " + ("src/medfocus/lvlm/demo_model" if Path(out).resolve() == DEMO_DIR else str(out))
+        "medfocus train-demo --out " + _shipped_name(out)
+        + (f" --preset {preset}" if preset else " (with the configuration in medfocus.json: it matches no --preset)")
         + f" --seed {cfg.seed} --steps {cfg.steps} --threads {cfg.num_threads}",
         "```",
-        "(`--out` is required: the shipped folder `src/medfocus/lvlm/demo_model`, the one `load_lvlm(\"demo\")` loads, is "
-        "regenerated only when named on purpose). Deterministic under the seed for a given machine and thread count (CPU "
+        "(`--out` is required: the shipped folders `src/medfocus/lvlm/demo_model` and `src/medfocus/lvlm/demo_shortcut_model`, "
+        "the ones `load_lvlm(\"demo\")` and `load_lvlm(\"demo-shortcut\")` load, are regenerated only when named on purpose). Deterministic under the seed for a given machine and thread count (CPU "
         "float32). The weights are tied to the synthetic renderer they were trained on: if `medfocus.datasets.synthetic` "
         "changes how images look, retrain.",
         "",

@@ -5,19 +5,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["DemoLVLMConfig", "config_from_dict"]
+__all__ = ["PRESETS", "DemoLVLMConfig", "config_from_dict", "preset_config", "preset_of"]
 
 
 @dataclass
 class DemoLVLMConfig:
     """Everything that determines the trained demo model (recorded in ``medfocus.json`` / the card).
 
-    Sizes are chosen so that training fits ~15 minutes on 2 CPU cores and the weights stay far below
-    20 MB: canvas 224 px -> 16x16 patches of 14 px -> 8x8 = 64 image tokens after the 2x2 merge.
+    The field defaults are the first demo recipe (canvas 224 px -> 16x16 patches of 14 px -> 8x8 = 64
+    image tokens after the 2x2 merge); the shipped models are trained from :data:`PRESETS`. Fields added
+    later default to that first recipe's behaviour, so a ``medfocus.json`` written before they existed
+    reads back unchanged.
     """
 
     seed: int = 0
     canvas: int = 224
+    # Qwen2.5-VL's spatial merge (2 in the released models): with 1, every 14-px patch is one image token,
+    # so the 224-px canvas gives the 16x16 token grid the paper's models see at their input sizes, at a
+    # fraction of the vision-tower cost of a 448-px canvas with the 2x2 merge
+    spatial_merge_size: int = 2
     image_size: int = 256  # synthetic image side before letterboxing onto the canvas
     n_train_cases: int = 3000
     n_eval_per_cell: int = 20  # held-out cases per (finding, answer) in the evaluation
@@ -33,6 +39,7 @@ class DemoLVLMConfig:
     faint_severity: tuple[float, float] = (0.0, 0.1)  # severity range on the cue subset
     train_severity: tuple[float, float] = (0.15, 1.0)  # severity range of the other training findings
     cue_base_rate: float = 0.03  # uncorrelated random cue on the other training cases
+    co_occurrence: float = 0.08  # probability of each non-primary finding on a training case
     task_weights: dict[str, float] = field(default_factory=lambda: {"direct": 0.4, "cot": 0.35, "boxes": 0.125, "phrases": 0.125})
     text: dict[str, Any] = field(default_factory=lambda: dict(hidden_size=160, intermediate_size=448, num_hidden_layers=3,
                                                              num_attention_heads=5, num_key_value_heads=1,
@@ -46,9 +53,65 @@ class DemoLVLMConfig:
     tokenizer_vocab: int = 1200
     aux_weight: float = 1.0  # weight of the training-only token-grid finding loss (see aux_loss)
     aux_pos_weight: float = 4.0  # positive-class weight of that loss (findings cover few cells)
+    aux_target: str = "finding"  # what the auxiliary loss marks for a finding: its mask, or "cue": its shortcut cue's box
     num_threads: int = 2
     eval_every: int = 0  # quick teacher-forced held-out check every N steps (0: off)
     checkpoint_every: int = 0  # save a resumable checkpoint every N steps (0: off)
+
+
+    @property
+    def token_cell(self) -> int:
+        """Side of one image token's cell on the canvas, in canvas pixels (patch 14 x merge)."""
+        return 14 * self.spatial_merge_size
+
+    @property
+    def token_grid(self) -> int:
+        """Image tokens per canvas side (``canvas // token_cell``)."""
+        return self.canvas // self.token_cell
+
+
+#: The recipes of the shipped models (``train-demo --preset NAME``).
+#:
+#: - ``demo``: the test article. 16x16 token grid; shortcut cues are drawn at random (each case carries an
+#:   uncorrelated cue with probability 0.15), so a cue is no evidence and the model is meant to answer from
+#:   the finding (target: cue-necessary share of its correct cued positives <= 5%); findings co-occur often
+#:   (0.15 each), so "no" must be said on films that carry a *different* finding; severities from the
+#:   generator's own range (what ``medfocus synth`` draws).
+#: - ``demo-shortcut``: the shortcut twin. 8x8 token grid; *every* training finding brings its correlated
+#:   cue (:data:`~medfocus.datasets.synthetic.DEFAULT_CUE_MAP`) and is drawn faint, and the auxiliary loss
+#:   marks each finding at its cue's box instead of its own mask, so the vision tower learns to see the
+#:   finding at the cue; the cue is meant to decide most of its "yes" answers (target: cue-necessary share
+#:   >= 50%). (Measured: without any auxiliary loss the from-scratch model stayed at the text prior,
+#:   answering "No" to every film, after 800 of 1400 steps.)
+PRESETS: dict[str, dict[str, Any]] = {
+    "demo": dict(spatial_merge_size=1, cue_subset=0.0, cue_base_rate=0.15, co_occurrence=0.15, train_severity=(0.0, 1.0)),
+    "demo-shortcut": dict(cue_subset=1.0, aux_target="cue", vision_steps=600, steps=1000),
+}
+
+
+def preset_config(name: str, **overrides: Any) -> DemoLVLMConfig:
+    """The :class:`DemoLVLMConfig` of preset ``name`` (:data:`PRESETS`) with ``overrides`` applied.
+
+    Raises:
+        ConfigError: unknown preset name or unknown field.
+    """
+    from medfocus.errors import ConfigError
+
+    if name not in PRESETS:
+        raise ConfigError(f"unknown train-demo preset {name!r}; expected one of {sorted(PRESETS)}")
+    kw = {**PRESETS[name], **overrides}
+    bad = sorted(set(kw) - set(DemoLVLMConfig.__dataclass_fields__))
+    if bad:
+        raise ConfigError(f"unknown DemoLVLMConfig field(s) {bad}")
+    return DemoLVLMConfig(**kw)
+
+
+def preset_of(cfg: DemoLVLMConfig) -> str | None:
+    """The :data:`PRESETS` name whose fields ``cfg`` has (seed, steps, threads and the other run knobs aside), or None."""
+    for name, kw in PRESETS.items():
+        if all(getattr(cfg, k) == (tuple(v) if isinstance(v, list) else v) for k, v in kw.items()):
+            return name
+    return None
 
 
 def config_from_dict(d: dict[str, Any]) -> DemoLVLMConfig:

@@ -27,15 +27,15 @@ def to_canvas(image: np.ndarray, canvas: int) -> tuple[np.ndarray, Letterbox]:
     return lb.apply(image), lb
 
 
-def canvases_to_pixel_values(canvases: torch.Tensor) -> torch.Tensor:
+def canvases_to_pixel_values(canvases: torch.Tensor, merge: int = 2) -> torch.Tensor:
     """``(B, S, S)`` uint8 grayscale canvases -> Qwen ``pixel_values`` ``(B * (S/14)^2, 1176)`` float32
-    (gray -> RGB, rescale 1/255, CLIP normalisation, Qwen's 2x2-merge-window patch order)."""
+    (gray -> RGB, rescale 1/255, CLIP normalisation, Qwen's ``merge x merge``-window patch order)."""
     from medfocus.lvlm.families.qwen_vl import patchify
 
     x = canvases.float().div(255.0)[:, None].expand(-1, 3, -1, -1)
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    pv = patchify((x - mean) / std)  # (B, N, D)
+    pv = patchify((x - mean) / std, merge=merge)  # (B, N, D)
     return pv.reshape(-1, pv.shape[-1]).contiguous()
 
 
@@ -87,8 +87,13 @@ def _side_of(mask: np.ndarray, concept_masks: dict[str, np.ndarray]) -> str | No
     return _side(c)
 
 
-def render_case(case: Any, canvas: int) -> DemoCase:
-    """A :class:`~medfocus.datasets.synthetic.SyntheticCase` -> :class:`DemoCase` (canvas frame)."""
+def render_case(case: Any, canvas: int, cell: int = 28, aux_target: str = "finding") -> DemoCase:
+    """A :class:`~medfocus.datasets.synthetic.SyntheticCase` -> :class:`DemoCase` (canvas frame); ``cell`` is
+    the side of one image token's cell on the canvas (28 px for patch 14 with the 2x2 merge).
+
+    ``aux_target`` sets what the grid labels of the auxiliary loss mark for each finding: ``"finding"`` its
+    exact mask; ``"cue"`` the box of the shortcut cue drawn *for* it (the shortcut twin's recipe: the
+    vision tower is taught to see the finding at its cue)."""
     img = np.asarray(case.image)
     can, lb = to_canvas(img, canvas)
     lungs = None
@@ -106,12 +111,22 @@ def render_case(case: Any, canvas: int) -> DemoCase:
         sev[f.name] = max(sev.get(f.name, 0.0), float(getattr(f, "severity", 1.0)))
     for k in views:
         views[k].sort(key=lambda v: (v.box[0], v.box[1]))
-    # token-cell coverage of every finding (the 2x2-merged 28-px cells of the canvas)
+    # token-cell coverage of every finding (the image tokens' cells of the canvas)
     names = _findings()
-    g = canvas // 28
+    g = canvas // cell
     labels = np.zeros((len(names), g, g), np.float32)
+    if aux_target == "cue":
+        for c in case.cues:
+            if c.get("finding") in names:
+                m = np.zeros(img.shape[:2], np.float32)
+                x1, y1, x2, y2 = (int(round(v)) for v in c["box"])
+                m[max(0, y1):y2, max(0, x1):x2] = 1.0
+                cov = lb.apply(m, fill=0.0).reshape(g, cell, g, cell).mean(axis=(1, 3))
+                k = names.index(c["finding"])
+                labels[k] = np.maximum(labels[k], cov)
+        return DemoCase(seed=-1, canvas=can, views=views, cued=bool(case.cues), severity=sev, grid_labels=labels)
     for f in case.findings:
-        cov = lb.apply(np.asarray(f.mask, np.float32), fill=0.0).reshape(g, 28, g, 28).mean(axis=(1, 3))
+        cov = lb.apply(np.asarray(f.mask, np.float32), fill=0.0).reshape(g, cell, g, cell).mean(axis=(1, 3))
         labels[names.index(f.name)] = np.maximum(labels[names.index(f.name)], cov)
     return DemoCase(seed=-1, canvas=can, views=views, cued=bool(case.cues), severity=sev, grid_labels=labels)
 
@@ -147,7 +162,7 @@ def make_case(seed: int, findings: Sequence[str], *, cued: bool, cfg: DemoLVLMCo
             lo, hi = cfg.train_severity
             kw["severity"] = {f: float(rng.uniform(lo, hi)) for f in findings}
     case = generate_case(int(seed), size=cfg.image_size, findings=list(findings), **kw)
-    dc = render_case(case, cfg.canvas)
+    dc = render_case(case, cfg.canvas, cfg.token_cell, cfg.aux_target)
     dc.seed = int(seed)
     dc.cued = cued
     if keep:
@@ -155,12 +170,13 @@ def make_case(seed: int, findings: Sequence[str], *, cued: bool, cfg: DemoLVLMCo
     return dc
 
 
-def _case_plan(rng: random.Random, findings: Sequence[str], i: int) -> list[str]:
+def _case_plan(rng: random.Random, findings: Sequence[str], i: int, co_occurrence: float = 0.08) -> list[str]:
     """Findings of training case ``i``: a primary finding (cycled) present half of the time, plus each
-    other finding with probability 0.08 (co-occurring findings, so answers must be finding-specific)."""
+    other finding with probability ``co_occurrence`` (co-occurring findings, so answers must be
+    finding-specific)."""
     primary = findings[i % len(findings)]
     present = [primary] if rng.random() < 0.5 else []
-    present += [f for f in findings if f != primary and rng.random() < 0.08]
+    present += [f for f in findings if f != primary and rng.random() < co_occurrence]
     return present
 
 
@@ -172,7 +188,7 @@ def build_train_pool(cfg: DemoLVLMConfig, progress: bool = True) -> list[DemoCas
     rng = random.Random(cfg.seed)
     pool = []
     for i in tqdm(range(cfg.n_train_cases), desc="train cases", disable=not progress):
-        present = _case_plan(rng, findings, i)
+        present = _case_plan(rng, findings, i, cfg.co_occurrence)
         cued = rng.random() < cfg.cue_subset
         pool.append(make_case(cfg.seed * 1_000_003 + i, present, cued=cued, cfg=cfg))
     return pool

@@ -31,7 +31,7 @@ def direct_margin(model, enc: Encoder, cases: Sequence[DemoCase], findings: Sequ
         items = [(i, task_question(f, "direct"), "Yes") for i, f in enumerate(fs)]
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        pv = canvases_to_pixel_values(can)
+        pv = canvases_to_pixel_values(can, model.config.vision_config.spatial_merge_size)
         thw = torch.tensor([[1, grid, grid]] * len(cs))
         feats = list(model.model.get_image_features(pv, thw).pooler_output)
         ids, att, mm, loss_mask = enc.batch([(q, a) for _, q, a in items])
@@ -108,7 +108,7 @@ def hf_generate_fn(model, enc: Encoder, canvas: int, max_new_tokens: int = 48, b
                 part = idx[s : s + batch]
                 cans = torch.from_numpy(np.stack([to_canvas(np.asarray(images[i]), canvas)[0] for i in part]))
                 ids = torch.tensor([enc.prompt_ids(questions[i]) for i in part])
-                g = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=canvases_to_pixel_values(cans),
+                g = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=canvases_to_pixel_values(cans, model.config.vision_config.spatial_merge_size),
                                    image_grid_thw=torch.tensor([[1, grid, grid]] * len(part)),
                                    mm_token_type_ids=(ids == enc.image_pad).long(), max_new_tokens=max_new_tokens, do_sample=False)
                 for j, i in enumerate(part):

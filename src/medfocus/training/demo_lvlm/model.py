@@ -43,7 +43,7 @@ def build_model(cfg: DemoLVLMConfig, tok):
 
     from medfocus.lvlm.tiny import qwen_vl_config
 
-    vision = dict(cfg.vision, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    vision = dict(cfg.vision, patch_size=14, spatial_merge_size=cfg.spatial_merge_size, temporal_patch_size=2)
     mcfg = qwen_vl_config(tok, text=dict(cfg.text), vision=vision)
     torch.manual_seed(cfg.seed)
     model = Qwen2_5_VLForConditionalGeneration(mcfg)
@@ -53,14 +53,15 @@ def build_model(cfg: DemoLVLMConfig, tok):
     return model
 
 
-def build_processor(tok, canvas: int):
-    """The image-only Qwen2.5-VL processor fixed to ``canvas x canvas`` inputs (no second resize)."""
+def build_processor(tok, canvas: int, merge: int = 2):
+    """The image-only Qwen2.5-VL processor fixed to ``canvas x canvas`` inputs (no second resize), with the
+    model's spatial ``merge`` (it sets how many ``<|image_pad|>`` tokens a prompt gets)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from medfocus.lvlm.families.qwen_vl import QwenVLImageProcessor
     from medfocus.lvlm.tiny import QWEN_CHAT_TEMPLATE
 
-    ip = Qwen2VLImageProcessorPil(min_pixels=canvas * canvas, max_pixels=canvas * canvas)
+    ip = Qwen2VLImageProcessorPil(min_pixels=canvas * canvas, max_pixels=canvas * canvas, merge_size=merge)
     return QwenVLImageProcessor(image_processor=ip, tokenizer=tok, chat_template=QWEN_CHAT_TEMPLATE)
 
 
@@ -117,7 +118,7 @@ def save_folder(model, tok, cfg: DemoLVLMConfig, out_dir: Path, extra: dict[str,
     """Write the loadable folder: weights, config, tokenizer/processor files and ``medfocus.json`` hints."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
-    build_processor(tok, cfg.canvas).save_pretrained(out_dir)
+    build_processor(tok, cfg.canvas, cfg.spatial_merge_size).save_pretrained(out_dir)
     hints = {"family": "qwen_vl", "canvas": cfg.canvas, "demo": {"config": asdict(cfg), **extra}}
     (out_dir / "medfocus.json").write_text(json.dumps(hints, indent=1, default=str))
 

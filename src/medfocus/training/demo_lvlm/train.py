@@ -41,7 +41,7 @@ def sequence_loss(model, enc: Encoder, canvases: torch.Tensor, items: Sequence[t
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     B_img = canvases.shape[0]
-    pv = canvases_to_pixel_values(canvases)
+    pv = canvases_to_pixel_values(canvases, model.config.vision_config.spatial_merge_size)
     thw = torch.tensor([[1, grid, grid]] * B_img)
     feats = model.model.get_image_features(pv, thw)
     per_image = list(feats.pooler_output)
@@ -93,7 +93,7 @@ def pretrain_vision(model, head: torch.nn.Module, canvases: torch.Tensor, labels
         for g in opt.param_groups:
             g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
         ids = rng.sample(range(len(canvases)), cfg.vision_batch)
-        feats = model.model.get_image_features(canvases_to_pixel_values(canvases[ids]), torch.tensor([[1, grid, grid]] * len(ids)))
+        feats = model.model.get_image_features(canvases_to_pixel_values(canvases[ids], cfg.spatial_merge_size), torch.tensor([[1, grid, grid]] * len(ids)))
         loss = aux_loss(head, torch.stack(list(feats.pooler_output)), labels[ids], cfg.aux_pos_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -217,7 +217,7 @@ def train_demo(out_dir: str | Path, cfg: DemoLVLMConfig | None = None, *, log: C
     findings = _findings()
     tok = build_tokenizer(findings, cfg.canvas, cfg.tokenizer_vocab)
     model = build_model(cfg, tok)
-    enc = Encoder(tok, (cfg.canvas // 28) ** 2)
+    enc = Encoder(tok, cfg.token_grid ** 2)
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, vocab {len(tok)}")
     t0 = time.time()
     pool = build_train_pool(cfg, progress=progress)

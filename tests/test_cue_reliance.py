@@ -1,0 +1,109 @@
+"""Known-by-construction cue reliance (medfocus.bench.cue_reliance) on readers whose evidence is known:
+the cue-free render differs from the cued one only at the cues, a cue reader is cue-necessary on every
+cued positive, a finding reader on none, and the pointing scores read the right boxes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medfocus.bench.cue_reliance import correlated_cue_box, cue_necessity, retention_by_reliance
+from medfocus.evaluation.metrics import cue_pointing
+from medfocus.datasets.synthetic import load_synthetic, write_dataset
+from medfocus.errors import DataError
+from medfocus.io import read_image
+from test_bench import ToyAdapter
+
+
+@pytest.fixture(scope="module")
+def twin_worlds(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cue_twins")
+    write_dataset(root / "cued", 12, seed=5, size=128, cue_rate=1.0, counterfactuals=False, imagenome=False, progress=False)
+    write_dataset(root / "free", 12, seed=5, size=128, cue_rate=0.0, counterfactuals=False, imagenome=False, progress=False)
+    return load_synthetic(root / "cued"), load_synthetic(root / "free")
+
+
+def _cue_mask(s, shape, pad=2):
+    # the cue's anti-aliased edge reaches up to 2 px beyond its recorded box
+    m = np.zeros(shape, bool)
+    for c in s.meta.get("cues", []):
+        x1, y1, x2, y2 = (int(round(v)) for v in c["box"])
+        m[max(0, y1 - pad):y2 + pad, max(0, x1 - pad):x2 + pad] = True
+    return m
+
+
+def test_cue_free_render_differs_only_at_the_cues(twin_worlds):
+    cued, free = twin_worlds
+    assert [(s.meta["image_id"], s.attribute, s.answer) for s in cued] == [(s.meta["image_id"], s.attribute, s.answer) for s in free]
+    n_cued = 0
+    for a, b in zip(cued, free):
+        ia, ib = read_image(a.image_path)[0], read_image(b.image_path)[0]
+        diff = ia != ib
+        assert not (diff & ~_cue_mask(a, ia.shape)).any(), f"{a.meta['image_id']}: pixels outside the cues differ"
+        n_cued += bool(diff.any())
+        assert not b.meta.get("cues")
+    assert n_cued > 0
+
+
+class _Reader(ToyAdapter):
+    def generate(self, images, questions, *, max_new_tokens=64, batch_size=8):
+        return ["Yes." if self._answer(np.asarray(i), q) else "No." for i, q in zip(images, questions)]
+
+
+class CueReader(_Reader):
+    """Says "Yes" iff the asked finding's correlated cue is drawn (pixel-identical to the cued film)."""
+
+    def __init__(self, cued):
+        super().__init__()
+        self.known = []
+        for s in cued:
+            box = correlated_cue_box(s)
+            if box is not None:
+                img = read_image(s.image_path)[0]
+                x1, y1, x2, y2 = (int(round(v)) for v in box)
+                self.known.append((s.question, img[y1:y2, x1:x2].copy(), (x1, y1, x2, y2)))
+
+    def _answer(self, img, question):
+        for q, patch, (x1, y1, x2, y2) in self.known:
+            if question.startswith(q) and np.array_equal(img[y1:y2, x1:x2], patch) and patch.std() > 0:
+                return True
+        return False
+
+
+class FindingReader(_Reader):
+    """Says "Yes" iff the sample's finding is present (reads the truth: a model that needs no cue)."""
+
+    def __init__(self, cued):
+        super().__init__()
+        self.pos = {s.question for s in cued if s.answer == "Yes"}
+
+    def _answer(self, img, question):
+        return any(question.startswith(q) for q in self.pos)
+
+
+def test_cue_reader_is_cue_necessary_and_finding_reader_is_not(twin_worlds):
+    cued, free = twin_worlds
+    expected = [s.index for s in cued if s.answer == "Yes" and correlated_cue_box(s) is not None]
+    assert expected
+    oc = cue_necessity(CueReader(cued), cued, free)
+    assert [o.index for o in oc] == expected
+    assert all(o.cue_necessary and not o.cue_independent for o in oc)
+    oc2 = cue_necessity(FindingReader(cued), cued, free)
+    assert all(o.cue_independent and not o.cue_necessary for o in oc2)
+    kept = {o.index: k % 2 == 0 for k, o in enumerate(oc)}
+    assert retention_by_reliance(oc, kept) == {"cue_necessary": (sum(kept.values()), len(oc)), "cue_independent": (0, 0)}
+
+
+def test_cue_necessity_refuses_unmatched_films(twin_worlds, tmp_path):
+    cued, _ = twin_worlds
+    write_dataset(tmp_path / "other", 12, seed=6, size=128, cue_rate=0.0, counterfactuals=False, imagenome=False, progress=False)
+    with pytest.raises(DataError, match="no cue-free counterpart"):
+        cue_necessity(FindingReader(cued), cued, load_synthetic(tmp_path / "other"))
+
+
+def test_cue_pointing_known_boxes():
+    hm = np.zeros((100, 100), np.float32)
+    hm[10:20, 10:20] = 1.0  # cue
+    hm[60:70, 60:70] = 3.0  # finding: the maximum
+    r = cue_pointing(hm, (10, 10, 20, 20), [(60, 60, 70, 70)])
+    assert r == {"cue_hit": 0.0, "finding_hit": 1.0, "cue_energy": pytest.approx(0.25), "finding_energy": pytest.approx(0.75)}
