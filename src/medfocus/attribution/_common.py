@@ -32,7 +32,6 @@ class PreparedSample:
         model_image: ``None``, or for a sample in a reduced work frame (:meth:`in_work_frame`) the original
             image: what the model sees (its pixel values in ``chat`` come from it), while ``image`` is then
             the work-frame copy every image-sized array is built on.
-        frame: ``None``, or the :class:`~medfocus.io.letterbox.WorkFrame` of a work-frame sample.
     """
 
     adapter: Any
@@ -41,7 +40,6 @@ class PreparedSample:
     answer: str
     chat: Any
     model_image: np.ndarray | None = None
-    frame: Any = None
 
     @property
     def geometry(self) -> Any:
@@ -67,7 +65,7 @@ class PreparedSample:
 
         chat = replace(self.chat, geometry=frame.geometry(self.chat.geometry))
         return PreparedSample(self.adapter, frame.downsample(self.image), self.question, self.answer, chat,
-                              model_image=self.image, frame=frame)
+                              model_image=self.image)
 
 
 def model_input_image(image: np.ndarray, counter: Any) -> np.ndarray:
