@@ -43,7 +43,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     cfg = DemoConfig(n_samples=args.n_samples, per_mode=args.per_mode, seed=SEED, modes=("direct",), editors=("oracle",),
-                     faithfulness_per_mode=args.per_mode, faithfulness_steps=args.steps)
+                     faithfulness_per_mode=args.per_mode, faithfulness_steps=args.steps, shortcut_films=0)
     res = run_demo(args.out, cfg, progress=True, log=lambda m: print(m, flush=True))
     wall = time.perf_counter() - t0
     load_after = os.getloadavg()[0]

@@ -43,12 +43,9 @@ METHODS = ("gradcam", "occlusion", "rise", "attention_rollout", "integrated_grad
 
 
 def _pct(k: int, n: int) -> str:
-    from medfocus.evaluation import wilson_interval
+    from medfocus.evaluation import format_proportion
 
-    if n == 0:
-        return "n/a (n = 0)"
-    lo, hi = wilson_interval(k, n)
-    return f"{100 * k / n:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] ({k}/{n})"
+    return format_proportion(k, n)
 
 
 def _mean_ci(values: list[float], n_boot: int = 2000, seed: int = 0) -> str:
@@ -90,34 +87,13 @@ def attribution_rows(adapter, chosen: list, samples_by_index: dict, methods) -> 
     return out
 
 
-def measure_model(name: str, cued: list, free: list, root: Path, attr_samples: int, methods) -> dict:
-    from medfocus.bench import build_benchmark, read_log
-    from medfocus.bench.cue_reliance import cue_necessity, retention_by_reliance
-    from medfocus.editing import get_editor
-    from medfocus.lvlm.loading import load_lvlm
-
-    adapter = load_lvlm(name, device="cpu")
-    t0 = time.time()
-    outcomes = cue_necessity(adapter, cued, free, mode="direct")
-    print(f"[{name}] cue ablation of {len(outcomes)} cued positives in {time.time() - t0:.0f}s", flush=True)
-    res: dict = {"outcomes": outcomes}
-    for tag, samples in (("cued", cued), ("free", free)):
-        t0 = time.time()
-        out = root / name / tag
-        build_benchmark(adapter, samples, mode="direct", editor=get_editor("oracle"), out_dir=out, model_name=name,
-                        progress=True)
-        log = [r for r in read_log(next(out.rglob("direct.log.jsonl"))).values() if r.get("kind", "positive") == "positive"]
-        res[tag] = {int(r["index"]): r for r in log}
-        print(f"[{name}] filter on the {tag} films: {len(log)} positives in {time.time() - t0:.0f}s", flush=True)
-    res["retention"] = retention_by_reliance(outcomes, {i: bool(r.get("kept")) for i, r in res["cued"].items()})
-    correct_free = [r for r in res["free"].values() if r.get("error") is None and r.get("gates", {}).get("correct")]
-    res["clean"] = (sum(bool(r.get("kept")) for r in correct_free), len(correct_free))
+def attribution_for(adapter, result, cued: list, attr_samples: int, methods) -> dict:
+    """group -> method -> per-sample cue_pointing rows, on up to ``attr_samples`` answers per group."""
     by_index = {s.index: s for s in cued}
-    nec = _round_robin([o for o in outcomes if o.cue_necessary], by_index, attr_samples)
-    ind = _round_robin([o for o in outcomes if o.cue_independent], by_index, attr_samples)
-    res["attr"] = {"cue-necessary": attribution_rows(adapter, nec, by_index, methods),
-                   "cue-independent": attribution_rows(adapter, ind, by_index, methods)}
-    return res
+    nec = _round_robin([o for o in result.outcomes if o.cue_necessary], by_index, attr_samples)
+    ind = _round_robin([o for o in result.outcomes if o.cue_independent], by_index, attr_samples)
+    return {"cue-necessary": attribution_rows(adapter, nec, by_index, methods),
+            "cue-independent": attribution_rows(adapter, ind, by_index, methods)}
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -134,21 +110,24 @@ def main(argv: list[str] | None = None) -> str:
     methods = tuple(m for m in a.methods.split(",") if m)
     import torch
 
-    from medfocus.datasets.synthetic import load_synthetic, write_dataset
+    from medfocus.lvlm.loading import load_lvlm
+    from medfocus.runner.shortcut import measure_shortcut, shortcut_markdown, write_cue_twins
 
     torch.set_num_threads(a.threads)
     t_start = time.time()
     load0 = os.getloadavg()
-    results = {}
+    results, attr = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        write_dataset(root / "cued", a.films, seed=SHORTCUT_SEED, cue_rate=1.0, imagenome=False, progress=True)
-        write_dataset(root / "free", a.films, seed=SHORTCUT_SEED, cue_rate=0.0, imagenome=False, progress=True)
-        cued, free = load_synthetic(root / "cued"), load_synthetic(root / "free")
+        cued, free = write_cue_twins(root, a.films, SHORTCUT_SEED, progress=True)
         for name in (m for m in a.models.split(",") if m):
-            results[name] = measure_model(name, cued, free, root / "bench", a.attr_samples, methods)
+            adapter = load_lvlm(name, device="cpu")
+            t0 = time.time()
+            results.append(measure_shortcut(adapter, name, cued, free, root / "bench" / name, progress=True))
+            print(f"[{name}] cue ablation + filter in {time.time() - t0:.0f}s", flush=True)
+            attr[name] = attribution_for(adapter, results[-1], cued, a.attr_samples, methods)
     load1 = os.getloadavg()
-    n_pos = sum(s.answer == "Yes" for s in cued)
+    n_pos = sum(s.answer == "Yes" for s in cued)  # noqa: F821 (assigned in the with-block above)
     lines = [
         "# The shortcut twin: known cue reliance, the causal filter at scale, attribution at the cue",
         "",
@@ -161,34 +140,21 @@ def main(argv: list[str] | None = None) -> str:
         f"rendered twice: with every finding's correlated cue (`medfocus synth --cue-rate 1`, {n_pos} positives) and "
         "without cues (`--cue-rate 0`; otherwise pixel-identical). See the script's docstring.",
         "",
-        "## 1. Cue reliance, known by construction",
+        "## 1-2. Cue reliance, known by construction, and the causal filter at scale",
         "",
-        "Of the cued positives a model answers \"Yes\", the share whose answer flips to \"No\" when only the cues are "
-        "removed (cue-necessary). Targets: `demo-shortcut` >= 50%, `demo` <= 5%.",
+        "Targets: `demo-shortcut` cue-necessary share >= 50%, `demo` <= 5%; the filter should keep almost no "
+        "cue-necessary answer and keep the clean ones.",
         "",
-        "| model | cued positives | answered Yes | cue-necessary share |",
-        "|---|---:|---:|---|",
+        shortcut_markdown(results),
     ]
-    for name, r in results.items():
-        oc = r["outcomes"]
-        yes = [o for o in oc if o.correct]
-        lines.append(f"| {name} | {len(oc)} | {len(yes)} | {_pct(sum(o.cue_necessary for o in yes), len(yes))} |")
-    lines += ["", "## 2. The causal filter at scale", "",
-              "`build_benchmark` with the oracle editor (direct mode). Kept share of the cue-necessary and cue-independent "
-              "samples of section 1 (cued films), and of the correct positives on the cue-free films.", "",
-              "| model | cue-necessary kept | cue-independent kept | clean films: correct positives kept |",
-              "|---|---|---|---|"]
-    for name, r in results.items():
-        ret = r["retention"]
-        lines.append(f"| {name} | {_pct(*ret['cue_necessary'])} | {_pct(*ret['cue_independent'])} | {_pct(*r['clean'])} |")
     lines += ["", "## 3. Does the map point at the cue?", "",
               f"Up to {a.attr_samples} samples per model and group (round-robin over findings), the map of the model's "
               "\"Yes\" on the cued film. Pointing game: the map's maximum inside the box; mass: share of the map's positive "
               "mass inside the box. For a cue-necessary answer the evidence the model used is the cue.", "",
               "| model | group | method | n | points at the cue | points at the finding | mass on the cue | mass on the finding |",
               "|---|---|---|---:|---|---|---|---|"]
-    for name, r in results.items():
-        for group, per in r["attr"].items():
+    for name, per_group in attr.items():
+        for group, per in per_group.items():
             for m, rows in per.items():
                 n = len(rows)
                 if not n:

@@ -62,12 +62,9 @@ FAIL_AT = 0.5
 
 
 def _pct(k: int, n: int) -> str:
-    from medfocus.evaluation import wilson_interval
+    from medfocus.evaluation import format_proportion
 
-    if n == 0:
-        return "n/a (n = 0)"
-    lo, hi = wilson_interval(k, n)
-    return f"{100 * k / n:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] ({k}/{n})"
+    return format_proportion(k, n)
 
 
 def _cells(hm: np.ndarray, n: int = 16) -> np.ndarray:

@@ -24,7 +24,8 @@ def tiny_qwen(tmp_path_factory):
 def test_demo_pipeline_plumbing_tiny_model(tiny_qwen, tmp_path):
     """A random tiny model answers nothing correctly, so the causal filter keeps no sample: the demo must
     still write every output, with a retention table that shows why (all fail the correctness gate)."""
-    cfg = DemoConfig(n_samples=3, per_mode=1, n_reference=2, size=128, methods=("occlusion",), max_new_tokens=6)
+    cfg = DemoConfig(n_samples=3, per_mode=1, n_reference=2, size=128, methods=("occlusion",), max_new_tokens=6,
+                     shortcut_films=0)
     logs: list[str] = []
     res = run_demo(tmp_path / "demo", cfg, adapter=tiny_qwen, progress=False, log=logs.append)
     out = tmp_path / "demo"
@@ -117,7 +118,7 @@ def test_demo_threads_follow_the_available_cores(tiny_qwen, tmp_path, monkeypatc
     torch.set_num_threads(2)
     try:
         cfg = DemoConfig(n_samples=3, per_mode=1, n_reference=2, size=128, methods=("occlusion",), max_new_tokens=6,
-                         modes=("direct",), editors=("oracle",))
+                         modes=("direct",), editors=("oracle",), shortcut_films=4)
         res = rd.run_demo(tmp_path / "demo", cfg, adapter=tiny_qwen, progress=True, log=lambda m: None)
         # one progress line for the whole demo: no step shows a bar of its own, and it reaches 100 %
         import re
@@ -135,8 +136,13 @@ def test_demo_threads_follow_the_available_cores(tiny_qwen, tmp_path, monkeypatc
 
 @pytest.mark.slow
 def test_demo_pipeline_demo_model(demo_adapter, tmp_path):
-    cfg = DemoConfig(n_samples=8, per_mode=1, n_reference=4, methods=("occlusion", "medfocus"))
-    res = run_demo(tmp_path / "demo", cfg, adapter=demo_adapter, progress=False, log=lambda m: None)
+    cfg = DemoConfig(n_samples=8, per_mode=1, n_reference=4, methods=("occlusion", "medfocus"), shortcut_films=8)
+    logs: list[str] = []
+    res = run_demo(tmp_path / "demo", cfg, adapter=demo_adapter, progress=False, log=logs.append)
+    # the shortcut step: both models measured on the same cued / cue-free films, with intervals
+    sc = (tmp_path / "demo" / "shortcut.md").read_text()
+    assert "| demo |" in sc and "| demo-shortcut |" in sc and "cue-necessary" in sc
+    assert any(m.startswith("[shortcut] demo:") for m in logs)
     ret = pd.DataFrame(res["retention"])
     kept = ret[ret["editor"] == "oracle"].set_index("mode")["kept"]
     assert kept.sum() > 0, "the demo model should keep some samples under the exact (oracle) filter"

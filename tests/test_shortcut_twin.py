@@ -10,55 +10,42 @@ from __future__ import annotations
 
 import pytest
 
-from medfocus.bench import build_benchmark, read_log
-from medfocus.bench.cue_reliance import cue_necessity, retention_by_reliance
-from medfocus.datasets.synthetic import load_synthetic, write_dataset
-from medfocus.editing import get_editor
 from medfocus.evaluation import wilson_interval
 from medfocus.lvlm.loading import load_lvlm
+from medfocus.runner.shortcut import measure_shortcut, shortcut_markdown, write_cue_twins
 
 FILMS = 60
 
 
 @pytest.fixture(scope="module")
-def worlds(tmp_path_factory):
+def results(tmp_path_factory):
     root = tmp_path_factory.mktemp("shortcut_worlds")
-    write_dataset(root / "cued", FILMS, seed=8, cue_rate=1.0, imagenome=False, progress=False)
-    write_dataset(root / "free", FILMS, seed=8, cue_rate=0.0, counterfactuals=False, imagenome=False, progress=False)
-    return root, load_synthetic(root / "cued"), load_synthetic(root / "free")
+    cued, free = write_cue_twins(root, FILMS, seed=8)
+    return {name: measure_shortcut(load_lvlm(name, device="cpu"), name, cued, free, root / name) for name in ("demo", "demo-shortcut")}
 
 
-def _reliance_and_filter(name, worlds):
-    root, cued, free = worlds
-    adapter = load_lvlm(name, device="cpu")
-    outcomes = cue_necessity(adapter, cued, free)
-    out = root / f"bench_{name}"
-    build_benchmark(adapter, cued, mode="direct", editor=get_editor("oracle"), out_dir=out, model_name=name, progress=False)
-    log = read_log(next(out.rglob("direct.log.jsonl")))
-    kept = {int(r["index"]): bool(r.get("kept")) for r in log.values() if r.get("kind", "positive") == "positive"}
-    return outcomes, retention_by_reliance(outcomes, kept)
-
-
-def test_twin_answers_from_the_cue_and_the_filter_drops_those_answers(worlds):
-    outcomes, ret = _reliance_and_filter("demo-shortcut", worlds)
-    yes = [o for o in outcomes if o.correct]
-    nec = sum(o.cue_necessary for o in yes)
-    assert len(yes) >= 30, f"too few cued positives answered Yes ({len(yes)}) to measure"
-    lo, _ = wilson_interval(nec, len(yes))
-    assert lo > 0.5, f"cue-necessary share {nec}/{len(yes)}: the twin must answer most cued positives from the cue"
-    k, n = ret["cue_necessary"]
+def test_twin_answers_from_the_cue_and_the_filter_drops_those_answers(results):
+    r = results["demo-shortcut"]
+    nec, yes = r.cue_necessary_share
+    assert yes >= 30, f"too few cued positives answered Yes ({yes}) to measure"
+    lo, _ = wilson_interval(nec, yes)
+    assert lo > 0.5, f"cue-necessary share {nec}/{yes}: the twin must answer most cued positives from the cue"
+    k, n = r.retention["cue_necessary"]
     assert n == nec
     _, hi = wilson_interval(k, n)
     assert hi < 0.15, f"the causal filter kept {k}/{n} cue-necessary answers of the twin"
 
 
-def test_demo_does_not_need_the_cue_and_keeps_its_clean_answers(worlds):
-    outcomes, ret = _reliance_and_filter("demo", worlds)
-    yes = [o for o in outcomes if o.correct]
-    nec = sum(o.cue_necessary for o in yes)
-    assert len(yes) >= 30
-    _, hi = wilson_interval(nec, len(yes))
-    assert hi < 0.15, f"demo: cue-necessary share {nec}/{len(yes)}"
-    k, n = ret["cue_independent"]
-    lo, _ = wilson_interval(k, n)
-    assert n >= 30 and lo > 0.5, f"demo: the filter kept only {k}/{n} cue-independent answers"
+def test_demo_does_not_need_the_cue_and_both_keep_clean_answers(results):
+    r = results["demo"]
+    nec, yes = r.cue_necessary_share
+    assert yes >= 30
+    _, hi = wilson_interval(nec, yes)
+    assert hi < 0.15, f"demo: cue-necessary share {nec}/{yes}"
+    k, n = r.retention["cue_independent"]
+    assert n >= 30 and wilson_interval(k, n)[0] > 0.5, f"demo: the filter kept only {k}/{n} cue-independent answers"
+    for name, res in results.items():
+        k, n = res.clean
+        assert n >= 10 and wilson_interval(k, n)[0] > 0.3, f"{name}: the filter kept only {k}/{n} clean answers"
+    md = shortcut_markdown(list(results.values()))
+    assert md.count("| demo") == 2 * 2 and "[" in md

@@ -43,15 +43,19 @@ Examples:
 @click.option("--model", default="demo", show_default=True, help="LVLM registry name or folder (the shipped demo model by default).")
 @click.option("--param", "params", multiple=True, show_default="the demo's settings, README section 'The demo'",
               help="Method parameter METHOD.NAME=VALUE (as for `medfocus attribute`), e.g. medfocus.region=box. Repeatable.")
+@click.option("--shortcut-films", type=click.IntRange(0), default=_DEFAULTS.shortcut_films, show_default=True,
+              help="Films (each rendered with and without its cues) on which the model is compared with its shortcut twin "
+                   "demo-shortcut: cue reliance and the causal filter's effect, written to shortcut.md (0: skip).")
 @click.option("--fresh", is_flag=True, help="Delete the output folder first (otherwise a rerun resumes).")
 @click.option("--threads", type=click.IntRange(1), default=None, show_default="the cores this process may run on",
               help="torch / OpenCV intra-op threads.")
 @click.option("--no-progress", is_flag=True, help="Disable the progress line (also the weight-loading bar).")
-def demo(out_dir, n_samples, per_mode, n_reference, seed, modes, editors, methods, model, params, fresh, threads,
-         no_progress) -> None:
+def demo(out_dir, n_samples, per_mode, n_reference, seed, modes, editors, methods, model, params, shortcut_films, fresh,
+         threads, no_progress) -> None:
     """Generate the synthetic benchmark, load the shipped demo LVLM, build the causally filtered
     benchmark (oracle and inpaint editors) in direct and step-by-step mode, run every attribution
-    method, evaluate, and write report.html, table.md, table.csv and retention.md."""
+    method, evaluate, and write report.html, table.md, table.csv, retention.md and shortcut.md (the model
+    against its shortcut twin)."""
     # OpenMP workers that spin while waiting burn the cores other processes need (the demo's CPU time
     # under load was several times its wall time x cores); passive waiting must be set before torch
     # (and its OpenMP runtime) is loaded, which the CLI defers until here. A user's own setting wins.
@@ -62,7 +66,8 @@ def demo(out_dir, n_samples, per_mode, n_reference, seed, modes, editors, method
     out = Path(out_dir)
     if fresh and out.exists():
         shutil.rmtree(out)
-    cfg = DemoConfig(seed=seed, model=model, n_samples=n_samples, per_mode=per_mode, n_reference=n_reference, threads=threads)
+    cfg = DemoConfig(seed=seed, model=model, n_samples=n_samples, per_mode=per_mode, n_reference=n_reference, threads=threads,
+                     shortcut_films=shortcut_films)
     if modes:
         cfg.modes = tuple(modes)
     if editors:

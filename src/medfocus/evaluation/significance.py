@@ -44,6 +44,15 @@ def wilson_interval(k: int, n: int, *, alpha: float = 0.05) -> tuple[float, floa
     return float(ci.low), float(ci.high)
 
 
+def format_proportion(k: int, n: int) -> str:
+    """``"p% [low, high] (k/n)"`` with the Wilson 95% interval (:func:`wilson_interval`), percentages to one
+    decimal; ``"n/a (n = 0)"`` when ``n`` is 0. The one format of a proportion in reports and benchmarks."""
+    if int(n) == 0:
+        return "n/a (n = 0)"
+    lo, hi = wilson_interval(k, n)
+    return f"{100 * int(k) / int(n):.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] ({int(k)}/{int(n)})"
+
+
 def successful_rows(metrics: pd.DataFrame) -> pd.DataFrame:
     """The per-record metric rows without an error (a failed record is counted, never scored)."""
     if "error" not in metrics.columns:

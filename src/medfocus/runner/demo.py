@@ -7,6 +7,10 @@ Steps, each resumable (a rerun with the same folder reuses what is already there
 2. **model** — load the shipped demo LVLM (``load_lvlm("demo")``), once for everything below;
 3. **bench** — the three-step causal filter in direct and step-by-step mode with the ``oracle``
    (exact) and ``inpaint`` (classical, out-of-distribution) editors; retention tables;
+   **shortcut** — the demo model against its shortcut twin ``demo-shortcut`` on
+   :attr:`DemoConfig.shortcut_films` films rendered with and without their cues
+   (:mod:`medfocus.runner.shortcut`): which "yes" answers the cue decided, and how many of those the
+   causal filter keeps (``shortcut.md``, Wilson intervals);
 4. **attribute** — every registered method (10 baselines + MedFocus) on the oracle-filtered split of
    each mode, through the resumable grid runner (``prompting_medsam`` with the offline anatomy-grounded
    detector, :data:`DEMO_PROMPTING_DETECTOR`, since OWL-ViT weights cannot be downloaded here; MedSAM
@@ -19,7 +23,7 @@ Steps, each resumable (a rerun with the same folder reuses what is already there
 6. **report** — ``report.html`` (self-contained).
 
 Outputs in ``out_dir``: ``report.html``, ``table.md``, ``table.csv``, ``retention.md``,
-``retention.csv``, ``predictions.jsonl`` (+ heatmaps), ``timings.json``, and the ``data/``,
+``retention.csv``, ``shortcut.md``, ``predictions.jsonl`` (+ heatmaps), ``timings.json``, and the ``data/``,
 ``reference/``, ``bench/`` folders.
 
 Threads: the demo sets torch's (and OpenCV's) intra-op threads to the cores this process may run on
@@ -96,12 +100,17 @@ class DemoConfig:
     (``benchmarks/demo_time.md``)."""
     faithfulness_steps: int = 16
     """steps of the deletion/insertion curves."""
+    shortcut_films: int = 48
+    """films of the shortcut step (each rendered with and without its cues; 0 = skip the step)."""
+    shortcut_model: str = "demo-shortcut"
+    """the model compared with ``model`` in the shortcut step (the shipped shortcut twin)."""
 
 
 #: Measured seconds per work unit of each step on a quiet 2-core machine (``benchmarks/demo_time.md``:
 #: 96 films, 2 editors x 2 modes, 48 samples x 12 methods): the overall progress bar's weights, so its
 #: ETA is right when the steps keep their relative speed (it scales with the machine's actual speed).
-STEP_COST: dict[str, float] = {"data": 0.045, "model": 2.3, "bench": 0.045, "attribute": 0.14, "evaluate": 0.004, "report": 3.5}
+STEP_COST: dict[str, float] = {"data": 0.045, "model": 2.3, "bench": 0.045, "shortcut": 0.25, "attribute": 0.14, "evaluate": 0.004,
+                               "report": 3.5}
 
 
 def available_cores() -> int:
@@ -286,6 +295,30 @@ def _method_params(cfg: DemoConfig, methods: Sequence[str], ref_dir: Path) -> di
     return params
 
 
+def _shortcut_step(out: Path, cfg: DemoConfig, adapter: Any, log: Callable[[str], None]) -> str:
+    """Cue reliance and the causal filter for ``cfg.model`` and its shortcut twin (:mod:`medfocus.runner.shortcut`)
+    on ``cfg.shortcut_films`` films (master seed ``cfg.seed + 2``); writes ``shortcut.md``; returns a one-line summary."""
+    from medfocus.lvlm import load_lvlm
+    from medfocus.runner.shortcut import measure_shortcut, shortcut_markdown, write_cue_twins
+
+    root = out / "shortcut"
+    cued, free = write_cue_twins(root / "data", cfg.shortcut_films, cfg.seed + 2, size=cfg.size,
+                                 workers=min(2, available_cores()))
+    results = [measure_shortcut(adapter, cfg.model, cued, free, root / "bench" / "model"),
+               measure_shortcut(load_lvlm(cfg.shortcut_model), cfg.shortcut_model, cued, free, root / "bench" / "twin")]
+    atomic_write_text(out / "shortcut.md", f"# {cfg.model} and its shortcut twin {cfg.shortcut_model}\n\n"
+                      f"{cfg.shortcut_films} synthetic films (seed {cfg.seed + 2}), each rendered with every finding's "
+                      "correlated cue and without cues.\n\n" + shortcut_markdown(results))
+    parts = []
+    for r in results:
+        nec, yes = r.cue_necessary_share
+        kept, n = r.retention["cue_necessary"]
+        parts.append(f"{r.model}: {nec}/{yes} cued 'yes' answers need the cue, the filter keeps {kept}/{n} of them")
+    summary = "; ".join(parts) + " (shortcut.md: intervals, clean retention)"
+    log(f"[shortcut] {summary}")
+    return summary
+
+
 def run_demo(
     out_dir: str | Path = "runs/demo",
     cfg: DemoConfig | None = None,
@@ -334,7 +367,7 @@ def _run_demo(out: Path, cfg: DemoConfig, threads: int, overall: _Overall, log: 
     # first estimates (refined as soon as each step's size is known): ~1 positive per film
     n_items_est = cfg.per_mode * len(cfg.modes)
     for name, units in (("data", cfg.n_samples + cfg.n_reference), ("model", 1),
-                        ("bench", len(cfg.editors) * len(cfg.modes) * cfg.n_samples),
+                        ("bench", len(cfg.editors) * len(cfg.modes) * cfg.n_samples), ("shortcut", cfg.shortcut_films),
                         ("attribute", n_items_est * n_methods), ("evaluate", n_items_est * (n_methods + 3)), ("report", 1)):
         overall.plan(name, units)
     log(f"[threads] torch/OpenCV intra-op threads: {threads} (cores available to this process: {available_cores()})")
@@ -386,6 +419,13 @@ def _run_demo(out: Path, cfg: DemoConfig, threads: int, overall: _Overall, log: 
     atomic_write_text(out / "retention.csv", retention.to_csv(index=False))
     atomic_write_text(out / "retention.md", retention_markdown(retention))
     step("bench", t0)
+
+    # 3b. shortcut: the demo model against its shortcut twin on films with and without their cues
+    shortcut_summary = None
+    if cfg.shortcut_films > 0:
+        t0 = time.perf_counter()
+        shortcut_summary = _shortcut_step(out, cfg, adapter, log)
+        step("shortcut", t0, cfg.shortcut_films)
 
     # 4. attribute
     from medfocus.runner.grid import items_from_benchmark, raw_answers_for_split, run_grid
@@ -473,6 +513,8 @@ def _run_demo(out: Path, cfg: DemoConfig, threads: int, overall: _Overall, log: 
                                         f"{len(splits[(cfg.attribute_editor, mode)])} kept" for mode in cfg.modes),
         "Step seconds": ", ".join(f"{k} {v:.0f}" for k, v in timings.items()),
     }
+    if shortcut_summary:
+        run_info["Shortcut twin"] = shortcut_summary
     if faith_items:
         run_info["Faithfulness"] = (f"deletion/insertion curves ({cfg.faithfulness_steps} steps, blur baseline) on "
                                     f"{len(faith_items)} of the attributed samples (<= {cfg.faithfulness_per_mode} per mode)")

@@ -37,17 +37,18 @@ class ConfigDefault(click.Option):
 @click.command("train-demo", epilog="""\b
 Examples:
   medfocus train-demo --out runs/my-demo-model --threads 2          # retrain from scratch (seed 0)
-  medfocus train-demo --out runs/demo-model --preset demo --seed 0 --threads 1   # the shipped weights' recipe (MODEL_CARD.md)
-  medfocus train-demo --out runs/shortcut --preset demo-shortcut --threads 1     # the shortcut twin's recipe
+  medfocus train-demo --out runs/demo-model --seed 0 --steps 1400 --threads 1   # the shipped weights' recipe (MODEL_CARD.md)
+  medfocus train-demo --out runs/shortcut --preset demo-shortcut --threads 1     # the shipped shortcut twin's recipe
+  medfocus train-demo --out runs/demo16 --preset demo-16x16 --threads 2          # candidate at a 16x16 token grid
   medfocus demo --model runs/my-demo-model                           # use it in the demo
 """)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
               help="Output folder (required; the shipped lvlm/demo_model, what load_lvlm('demo') loads, is "
                    "regenerated only when named here on purpose).")
-@click.option("--preset", type=click.Choice(["demo", "demo-shortcut"]), default="demo", show_default=True,
-              help="Recipe: 'demo' (the test article, 16x16 token grid, cues uninformative) or 'demo-shortcut' (the "
-                   "shortcut twin: every training finding brings its correlated cue); see PRESETS in "
-                   "medfocus.training.demo_lvlm.config.")
+@click.option("--preset", type=click.Choice(["demo", "demo-16x16", "demo-shortcut"]), default="demo", show_default=True,
+              help="Recipe: 'demo' (the shipped demo model's), 'demo-16x16' (a candidate at the paper's 16x16 token grid, "
+                   "cues uninformative) or 'demo-shortcut' (the shipped shortcut twin: every training finding brings its "
+                   "correlated cue); see PRESETS in medfocus.training.demo_lvlm.config.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of data, initialisation and sampling.")
 @click.option("--steps", type=int, default=None, cls=ConfigDefault, config_field="medfocus.training.demo_lvlm:DemoLVLMConfig.steps",
               help="Training steps.")
