@@ -29,6 +29,9 @@ class PreparedSample:
         answer: the teacher-forced answer text.
         chat: ``adapter.prepare(image, question, answer)``: chat inputs (pixel values included), the
             scored answer span and the letterbox geometry from the original image to the canvas.
+        model_image: ``None``, or for a sample in a reduced work frame (:meth:`in_work_frame`) the original
+            image: what the model sees (its pixel values in ``chat`` come from it), while ``image`` is then
+            the work-frame copy every image-sized array is built on.
     """
 
     adapter: Any
@@ -36,6 +39,7 @@ class PreparedSample:
     question: str
     answer: str
     chat: Any
+    model_image: np.ndarray | None = None
 
     @property
     def geometry(self) -> Any:
@@ -49,6 +53,27 @@ class PreparedSample:
             return False
         img = np.asarray(image)
         return img is self.image or (img.shape == self.image.shape and img.dtype == self.image.dtype and np.array_equal(img, self.image))
+
+    def in_work_frame(self, frame: Any) -> "PreparedSample":
+        """This sample for methods working in ``frame`` (a :class:`~medfocus.io.letterbox.WorkFrame` of
+        ``image``): ``image`` becomes the work-frame copy and the chat's geometry maps work-frame pixels to
+        the canvas (:meth:`WorkFrame.geometry`); the chat's inputs, hence the model input, are unchanged.
+        An identity frame returns the sample itself."""
+        if frame.identity:
+            return self
+        from dataclasses import replace
+
+        chat = replace(self.chat, geometry=frame.geometry(self.chat.geometry))
+        return PreparedSample(self.adapter, frame.downsample(self.image), self.question, self.answer, chat,
+                              model_image=self.image)
+
+
+def model_input_image(image: np.ndarray, counter: Any) -> np.ndarray:
+    """The image to hand the model (e.g. to ``adapter.generate``): the original when the method runs in a
+    reduced work frame (``counter.prepared.model_image``), else ``image`` itself."""
+    prepared = getattr(counter, "prepared", None)
+    mi = getattr(prepared, "model_image", None)
+    return image if mi is None else mi
 
 
 def prepare_sample(adapter: Any, image: np.ndarray, question: str, answer: str, method: str = "suite") -> PreparedSample:

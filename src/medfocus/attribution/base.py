@@ -12,6 +12,13 @@ Counting convention: ``n_forward`` is the number of *model inputs* run forward (
 perturbed images counts ``B``), ``n_backward`` the number of backward passes (one per input item
 whose gradient is taken, so integrated gradients with 24 steps counts 24 forwards and 24 backwards,
 whether or not they are batched). This is what the speed floor in ``benchmarks/methods.py`` uses.
+
+Working resolution: on an image whose longer side exceeds the cap (:func:`medfocus.io.letterbox.work_side`,
+default 2048 px, ``$MEDFOCUS_WORK_SIDE``), :meth:`Method.attribute` runs the method in the image's
+:class:`~medfocus.io.letterbox.WorkFrame` -- the model input is still letterboxed from the original image,
+but every image-sized array (maps, masks, box indicators) is built at the capped size -- and brings the
+result to original pixels once (:meth:`Method.to_original_frame`: boxes scaled exactly, maps upsampled
+bilinearly; ``extras["work_size"]`` records the frame used). Images within the cap are untouched.
 """
 
 from __future__ import annotations
@@ -48,7 +55,8 @@ class Attribution:
         extras: method-specific outputs, always JSON-friendly scalars/strings or numpy arrays. Common keys:
             ``"final_token_heatmap"`` ``(H0, W0)`` (map for the final yes/no token of a multi-token,
             e.g. step-by-step, answer), ``"final_token_index"``, ``"grid_map"`` (map on the token grid),
-            ``"layer"`` (the layer(s) used), ``"answer_tokens"``.
+            ``"layer"`` (the layer(s) used), ``"answer_tokens"``, ``"work_size"`` (``[w, h]`` of the reduced
+            work frame the method ran in, only for an image above the working-resolution cap).
     """
 
     heatmap: np.ndarray | None
@@ -249,6 +257,12 @@ class Method:
     #: Settings that do not change the result (only speed/memory or where a cache lives): stored in
     #: records but not compared when a rerun is checked against stored results.
     runtime_settings: ClassVar[frozenset[str]] = frozenset({"batch_size", "cache"})
+    #: Extras that carry image-frame geometry, by kind: ``"map"`` (an ``(H, W)`` map), ``"box"`` (one box),
+    #: ``"boxes"`` (a list of boxes), ``"box_map"`` (``{name: box}``). :meth:`to_original_frame` brings them
+    #: from the work frame to original pixels; a method adding such an extra declares it here.
+    frame_extras: ClassVar[dict[str, str]] = {"final_token_heatmap": "map"}
+    #: Whether the method explains a given answer (so needs it prepared); the prompting methods only ask.
+    needs_answer: ClassVar[bool] = True
 
     def __init__(self, **params: Any) -> None:
         unknown = sorted(set(params) - set(self.defaults))
@@ -284,6 +298,11 @@ class Method:
             elif v is not None and not isinstance(v, (str, bool, int, float, list, tuple, dict)):
                 v = f"<{type(v).__module__}.{type(v).__qualname__}>"  # a loaded object: identified by its type
             out[k] = v
+        from medfocus.io.letterbox import DEFAULT_WORK_SIDE, work_side
+
+        side = work_side()
+        if side != DEFAULT_WORK_SIDE:  # a non-default working resolution changes the maps of films above it
+            out["work_side"] = side or 0
         return out
 
     @property
@@ -315,18 +334,27 @@ class Method:
                 (:func:`~medfocus.attribution._common.prepare_sample`), shared by the methods of a sample;
                 ``None`` prepares here.
         Returns:
-            :class:`Attribution` with maps in original-image pixels and pass counters.
+            :class:`Attribution` with maps in original-image pixels and pass counters. Above the
+            working-resolution cap the method runs in the image's work frame (module docstring).
         Raises:
-            ConfigError: a non-2-D image, or a ``prepared`` sample of other inputs.
+            ConfigError: a non-2-D image, a ``prepared`` sample of other inputs, or a bad ``$MEDFOCUS_WORK_SIDE``.
         """
+        from medfocus.io.letterbox import WorkFrame
+
         img = np.asarray(image)
         if img.ndim != 2:
             raise ConfigError(f"method {self.name!r}: image must be a 2-D (H, W) grayscale array, got shape {img.shape}")
         if prepared is not None and not prepared.matches(adapter, img, question, answer):
             raise ConfigError(f"method {self.name!r}: the prepared sample is for another (adapter, image, question, answer)")
-        counter = Counter(prepared)
+        frame = WorkFrame.of((img.shape[1], img.shape[0]))
         t0 = time.perf_counter()
-        res = self._attribute(adapter, img, question, answer, counter)
+        if frame.identity:
+            counter = Counter(prepared)
+            res = self._attribute(adapter, img, question, answer, counter)
+        else:
+            work = self._prepared_for(adapter, img, question, answer, prepared).in_work_frame(frame)
+            counter = Counter(work)
+            res = self.to_original_frame(self._attribute(adapter, work.image, question, answer, counter), frame, work.chat.geometry)
         res.seconds = time.perf_counter() - t0
         res.n_forward = counter.n_forward
         res.n_backward = counter.n_backward
@@ -334,6 +362,82 @@ class Method:
 
     def _attribute(self, adapter: LVLMAdapter, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         raise NotImplementedError
+
+    def _prepared_for(self, adapter: Any, image: np.ndarray, question: str, answer: str, prepared: Any) -> Any:
+        """The sample's :class:`~medfocus.attribution._common.PreparedSample` (``prepared``, or made here). A
+        method that does not need the answer (:attr:`needs_answer`) gets the chat of the question alone when
+        the answer cannot be prepared (it reads only the geometry and the model's image from it)."""
+        from medfocus.attribution._common import PreparedSample, prepare_sample
+
+        if prepared is not None:
+            return prepared
+        try:
+            return prepare_sample(adapter, image, question, answer, self.name)
+        except ConfigError:
+            if self.needs_answer:
+                raise
+            return PreparedSample(adapter, image, question, answer, adapter.prepare(image, question))
+
+    def to_original_frame(self, res: Attribution, frame: Any, geometry: Any = None) -> Attribution:
+        """Bring a result computed in ``frame`` (a :class:`~medfocus.io.letterbox.WorkFrame`) to original
+        pixels, in place: boxes (``boxes`` and the box extras of :attr:`frame_extras`) scaled exactly,
+        ``heatmap`` and map extras upsampled once (:meth:`_heatmap_to_original`), per-token maps upsampled
+        when ``T * H0 * W0`` stays within :data:`~medfocus.attribution._common.MAX_TOKEN_MAP_FLOATS` (else
+        ``token_heatmaps`` is ``None`` and, when ``geometry`` -- the work frame's letterbox -- is given and
+        the method kept none, ``extras["token_maps_lowres"]`` holds them on the canvas). Records
+        ``extras["work_size"]``. An identity frame returns ``res`` unchanged."""
+        from medfocus.attribution._common import MAX_TOKEN_MAP_FLOATS
+
+        if frame.identity:
+            return res
+        ex = res.extras
+        if res.boxes is not None:
+            res.boxes = [frame.box_to_original(b) for b in res.boxes]
+        for key, kind in self.frame_extras.items():
+            v = ex.get(key)
+            if v is None or kind == "map":
+                continue
+            if kind == "box":
+                ex[key] = list(frame.box_to_original(v))
+            elif kind == "boxes":
+                ex[key] = [frame.box_to_original(b) for b in v]
+            elif kind == "box_map":
+                ex[key] = {k: list(frame.box_to_original(b)) for k, b in v.items()}
+            else:
+                raise ConfigError(f"method {self.name!r}: frame_extras[{key!r}] has unknown kind {kind!r}")
+        work_heat, tok = res.heatmap, res.token_heatmaps
+        if work_heat is not None:
+            res.heatmap = self._heatmap_to_original(res, frame)
+        up_tok = None
+        if tok is not None:
+            tok = np.asarray(tok)
+            if tok.shape[0] * frame.orig_h * frame.orig_w <= MAX_TOKEN_MAP_FLOATS:
+                up_tok = np.empty((tok.shape[0], frame.orig_h, frame.orig_w), np.float32)
+                for t in range(tok.shape[0]):
+                    frame.upsample(tok[t], out=up_tok[t])
+                res.token_heatmaps = up_tok
+            else:
+                res.token_heatmaps = None
+                if geometry is not None and "token_maps_lowres" not in ex:
+                    ex["token_maps_lowres"] = np.stack([geometry.map_to_canvas(m) for m in tok])
+        for key, kind in self.frame_extras.items():
+            v = ex.get(key)
+            if kind != "map" or v is None:
+                continue
+            if v is work_heat:  # the same map (a one-token answer): the same upsampled array
+                ex[key] = res.heatmap
+                continue
+            v = np.asarray(v)
+            # one of the per-token maps (MedFocus' final-token map): a view of the upsampled one, no copy
+            same = [t for t in range(len(tok)) if np.shares_memory(v, tok[t]) and np.array_equal(v, tok[t])] if up_tok is not None else []
+            ex[key] = up_tok[same[0]] if same else frame.upsample(v)
+        ex["work_size"] = [frame.work_w, frame.work_h]
+        return res
+
+    def _heatmap_to_original(self, res: Attribution, frame: Any) -> np.ndarray:
+        """The work-frame ``res.heatmap`` in original pixels (called after the boxes were converted): upsampled
+        once (bilinear). Methods whose map is drawn from their boxes redraw it at the original size instead."""
+        return frame.upsample(np.asarray(res.heatmap))
 
 
 class ForwardMethod(Method):

@@ -333,7 +333,7 @@ class AttnLRP(Method):
               "transformers 5), to the LM input embeddings; the paper's code's 'LRP' is lrp_paper")
 
     def _attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
-        chat = prepare_answer(adapter, image, question, answer, self.name)
+        chat = prepare_answer(adapter, image, question, answer, self.name, counter)
         p = attnlrp_forward(adapter, chat, self.params["target"])
         counter.n_forward += 1
         k = final_token_index(chat)

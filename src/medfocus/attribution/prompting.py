@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import torch
 
+from medfocus.attribution._common import model_input_image
 from medfocus.attribution.base import Attribution, Counter, Method, boolean, choice, either, integer, number, obj, optional, path_like, text
 from medfocus.errors import ModelError
 from medfocus.lvlm.box_text import COORDS, parse_boxes
@@ -92,7 +93,8 @@ def boxes_heatmap(boxes: list[Box], size_hw: tuple[int, int]) -> np.ndarray:
 
 
 def _generate(adapter: LVLMAdapter, image: np.ndarray, prompt: str, max_new_tokens: int, counter: Counter) -> str:
-    text = adapter.generate([image], [prompt], max_new_tokens=max_new_tokens, batch_size=1)[0]
+    # the model sees the original image even when the method works in a reduced work frame
+    text = adapter.generate([model_input_image(image, counter)], [prompt], max_new_tokens=max_new_tokens, batch_size=1)[0]
     counter.n_forward += 1
     return text
 
@@ -110,6 +112,11 @@ class Prompting(Method):
               "several model dialects; the paper's code used eval)")
     defaults = {"request": BOX_REQUEST, "coords": "auto", "max_new_tokens": 128}
     spec = {"request": text(), "coords": choice(*COORDS), "max_new_tokens": integer(1)}
+    needs_answer = False
+
+    def _heatmap_to_original(self, res: Attribution, frame: Any) -> np.ndarray:
+        """The box count map, redrawn from the (converted) boxes at the original size: exact box edges."""
+        return boxes_heatmap(list(res.boxes or []), (frame.orig_h, frame.orig_w))
 
     def _attribute(self, adapter: LVLMAdapter, image: np.ndarray, question: str, answer: str, counter: Counter) -> Attribution:
         prompt = f"{question_stem_of(question)} {self.params['request']}"
@@ -308,6 +315,15 @@ class PromptingMedSAM(Method):
             "score_threshold": number(0, 1), "max_phrases": integer(1), "max_new_tokens": integer(1),
             "pool": optional(either(path_like(), obj("a ReferencePool", lambda v: hasattr(v, "references")))),
             "cache": either(boolean(), path_like())}
+    needs_answer = False
+    frame_extras = {**Method.frame_extras, "detector_boxes": "boxes"}
+
+    def _heatmap_to_original(self, res: Attribution, frame: Any) -> np.ndarray:
+        """MedSAM's probability maps are upsampled; without refinement the box count map is redrawn from the
+        (converted) boxes at the original size."""
+        if res.extras.get("refine") == "medsam":
+            return super()._heatmap_to_original(res, frame)
+        return boxes_heatmap(list(res.boxes or []), (frame.orig_h, frame.orig_w))
 
     @property
     def uses_synthetic_pool(self) -> bool:

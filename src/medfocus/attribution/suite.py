@@ -19,6 +19,10 @@ for the queue), and ``extras["shared_pass"]`` says what was shared: ``{"kind", "
 "n_backward"}`` (the passes actually run for the whole group; no timing in it, so records stay
 reproducible -- a method's ``seconds`` holds its share). Maps equal the single-method
 maps bit for bit (``tests/test_attribution_suite.py``).
+
+Above the working-resolution cap (:class:`~medfocus.io.letterbox.WorkFrame`) the shared methods run on the
+sample in its work frame and each result is brought to original pixels once, as
+:meth:`Method.attribute` does alone (same maps).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from medfocus.attribution._common import PreparedSample, prepare_sample
 from medfocus.attribution.base import Counter, Method
 from medfocus.attribution.passes import ForwardNeeds, merge_needs, run_forward_pass, run_score_plans
 from medfocus.errors import ConfigError
+from medfocus.io.letterbox import WorkFrame
 
 
 def _kind(method: Any) -> str | None:
@@ -96,6 +101,7 @@ def attribute_many(adapter: Any, image: np.ndarray, question: str, answer: str,
     img = np.asarray(image)
     if img.ndim != 2:
         raise ConfigError(f"attribute_many: image must be a 2-D (H, W) grayscale array, got shape {img.shape}")
+    frame = WorkFrame.of((img.shape[1], img.shape[0]))  # a bad $MEDFOCUS_WORK_SIDE fails here, before any pass
     results: dict[str, Any] = {}
     own_seconds: dict[str, float] = {n: 0.0 for n in names}
 
@@ -128,8 +134,11 @@ def attribute_many(adapter: Any, image: np.ndarray, question: str, answer: str,
                     own_seconds[n] += prep_share
     elif prepared is not None and not prepared.matches(adapter, img, question, answer):
         raise ConfigError("attribute_many: the prepared sample is for another (adapter, image, question, answer)")
-    chat = prepared.chat if prepared is not None else None
-    counters = {n: Counter(prepared) for n, _ in shared}
+    # the shared methods work in the image's work frame (the sample itself within the cap): same model input
+    work = prepared.in_work_frame(frame) if prepared is not None else None
+    wimg = work.image if work is not None else img
+    chat = work.chat if work is not None else None
+    counters = {n: Counter(work) for n, _ in shared}
     notes: dict[str, dict[str, Any]] = {}
 
     # ---- forward methods: one merged pass per compatible group --------------------------------------
@@ -159,7 +168,7 @@ def attribute_many(adapter: Any, image: np.ndarray, question: str, answer: str,
             mark(n)
             t1 = time.perf_counter()
             try:
-                res = m._from_forward(adapter, chat, fp)
+                res = m.to_original_frame(m._from_forward(adapter, chat, fp), frame, chat.geometry)
             except Exception as exc:
                 fail(n, exc)
                 continue
@@ -179,7 +188,7 @@ def attribute_many(adapter: Any, image: np.ndarray, question: str, answer: str,
         mark(n)
         t0 = time.perf_counter()
         try:
-            plans.append((n, m._score_plan(adapter, img, chat, counters[n])))
+            plans.append((n, m._score_plan(adapter, wimg, chat, counters[n])))
         except Exception as exc:
             fail(n, exc)
         own_seconds[n] += time.perf_counter() - t0
@@ -195,11 +204,12 @@ def attribute_many(adapter: Any, image: np.ndarray, question: str, answer: str,
         if logps is not None:
             rows = sum(p.n for _, p in plans)
             pnames = [n for n, _ in plans]
+            m_of = dict(shared)
             for (n, p), lp in zip(plans, logps):
                 mark(n)
                 t1 = time.perf_counter()
                 try:
-                    res = p.finish(lp)
+                    res = m_of[n].to_original_frame(p.finish(lp), frame, chat.geometry)
                 except Exception as exc:
                     fail(n, exc)
                     continue

@@ -131,7 +131,8 @@ class MedFocusResult:
             "concept_boxes": {c: list(b) for c, b in self.concept_boxes.items()},
             "reference_id": self.reference_id, "refine": self.refine, "region": self.region, "rule": self.rule, "nested_checks": list(self.nested_checks), "seconds_detail": dict(self.seconds), "passes": dict(self.passes),
             "final_token_index": fti,
-            # (11, H0, W0) uint8: where each concept's soft mask is >= 0.5 (what region="mask" hides), for display.
+            # (11, H, W) uint8 on the image the method ran on (the work frame above the working-resolution cap):
+            # where each concept's soft mask is >= 0.5 (what region="mask" hides), for display.
             "concept_masks": np.stack([self.soft_masks[c] >= MASK_THRESHOLD for c in self.soft_masks]).astype(np.uint8),
             "concept_mask_names": list(self.soft_masks),
         }
@@ -348,6 +349,11 @@ class MedFocusMethod(PerturbationMethod):
             "cache": either(boolean(), path_like()), "batch_size": integer(1),
             "medsam": optional(either(path_like(), obj("a MedSAMRefiner or (model, processor)",
                                                         lambda v: (isinstance(v, tuple) and len(v) == 2) or hasattr(v, "segment"))))}
+
+    #: image-frame extras (boxes converted, maps upsampled above the working-resolution cap). ``concept_masks``
+    #: stays in the work frame: ``(11, h, w)`` uint8 display masks, ``(h, w)`` the work size (``extras["work_size"]``;
+    #: the image's own size within the cap), same extent as the image.
+    frame_extras = {"final_token_heatmap": "map", "box": "box", "concept_boxes": "box_map"}
 
     def settings(self) -> dict[str, Any]:
         """The resolved settings plus ``pool_fingerprint``, the content hash of the reference pool that

@@ -3,16 +3,30 @@
 The mapping is exact on pixel *edges*: the original image's edge ``x = 0`` maps to ``pad_x`` and its
 edge ``x = W`` maps to ``pad_x + new_w``. Points and boxes map forward and back without loss
 (up to floating-point rounding), which is what lets every heatmap return to original pixels.
+
+Working resolution (:class:`WorkFrame`): attribution methods build their image-sized arrays (heatmaps,
+MedFocus' concept masks, box indicators) on the original image scaled so that its longer side is at most
+:func:`work_side` pixels (default :data:`DEFAULT_WORK_SIDE` = 2048, ``$MEDFOCUS_WORK_SIDE`` overrides it,
+``0`` = no cap); the result is upsampled once to the original size. An image within the cap *is* its own
+work frame (nothing changes), so only films above it pay one resampling, and their memory no longer
+grows with the film's size.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
 
+from medfocus.errors import ConfigError
 from medfocus.types import Box
+
+#: Default cap of the working resolution (longer side, pixels). The model input is always letterboxed from
+#: the original image (the cap changes no model input); the cap lies well above the model canvases in use
+#: (336-896 px) and the concept-transfer canvas (224 px), so the maps keep every detail the model resolves.
+DEFAULT_WORK_SIDE = 2048
 
 
 @dataclass(frozen=True)
@@ -127,3 +141,105 @@ def _resize_nearest_canvas(hm: np.ndarray, w: int, h: int) -> np.ndarray:
     rows = np.minimum((np.arange(h) + 0.5) * gh / h, gh - 1e-9).astype(np.int64)
     cols = np.minimum((np.arange(w) + 0.5) * gw / w, gw - 1e-9).astype(np.int64)
     return hm[rows][:, cols]
+
+
+# ---- working resolution ---------------------------------------------------------------------------------
+def work_side() -> int | None:
+    """The working-resolution cap in force (longer side, pixels): ``$MEDFOCUS_WORK_SIDE`` (an integer;
+    ``0`` = no cap) or :data:`DEFAULT_WORK_SIDE`.
+
+    Raises:
+        ConfigError: the variable is not an integer >= 0.
+    """
+    raw = os.environ.get("MEDFOCUS_WORK_SIDE", "").strip()
+    if not raw:
+        return DEFAULT_WORK_SIDE
+    try:
+        n = int(raw)
+    except ValueError:
+        raise ConfigError(f"$MEDFOCUS_WORK_SIDE must be an integer number of pixels (0 = no cap), got {raw!r}") from None
+    if n < 0:
+        raise ConfigError(f"$MEDFOCUS_WORK_SIDE must be >= 0 (0 = no cap), got {n}")
+    return n or None
+
+
+@dataclass(frozen=True)
+class WorkFrame:
+    """The frame in which a method builds image-sized arrays for an ``orig_w x orig_h`` image: the image
+    scaled (each axis on its own, to whole pixels) so that its longer side is at most the cap.
+
+    A point ``(x, y)`` of the work frame is ``(x * sx, y * sy)`` in the original (pixel *edges* map to
+    edges, as in :class:`Letterbox`), so boxes convert exactly; maps are upsampled once, bilinearly.
+    Build with :meth:`of`.
+    """
+
+    orig_w: int
+    orig_h: int
+    work_w: int
+    work_h: int
+
+    @classmethod
+    def of(cls, orig_size: tuple[int, int], side: int | None | str = "env") -> "WorkFrame":
+        """The work frame of an image of ``orig_size = (W, H)`` under the cap ``side`` (default: :func:`work_side`;
+        ``None``: no cap)."""
+        W, H = int(orig_size[0]), int(orig_size[1])
+        if W <= 0 or H <= 0:
+            raise ValueError(f"image size must be positive, got {orig_size}")
+        cap = work_side() if side == "env" else side
+        if cap is None or max(W, H) <= int(cap):
+            return cls(W, H, W, H)
+        s = int(cap) / max(W, H)
+        return cls(W, H, max(1, min(int(cap), int(round(W * s)))), max(1, min(int(cap), int(round(H * s)))))
+
+    @property
+    def identity(self) -> bool:
+        """Whether the work frame is the original frame (the image is within the cap)."""
+        return self.work_w == self.orig_w and self.work_h == self.orig_h
+
+    @property
+    def sx(self) -> float:
+        """Original pixels per work pixel along x."""
+        return self.orig_w / self.work_w
+
+    @property
+    def sy(self) -> float:
+        """Original pixels per work pixel along y."""
+        return self.orig_h / self.work_h
+
+    def downsample(self, image: np.ndarray) -> np.ndarray:
+        """The ``(orig_h, orig_w)`` image resampled to ``(work_h, work_w)`` (area-aware bilinear, dtype kept)."""
+        img = np.asarray(image)
+        if img.shape[:2] != (self.orig_h, self.orig_w):
+            raise ValueError(f"image shape {img.shape[:2]} does not match the work frame's source {(self.orig_h, self.orig_w)}")
+        return _resize(img, self.work_w, self.work_h)
+
+    def upsample(self, heatmap: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """A ``(work_h, work_w)`` map -> ``(orig_h, orig_w)`` float32 (bilinear, pixel centres at half
+        integers as :meth:`Letterbox.map_to_original`), allocating only the result (or writing ``out``)."""
+        import cv2
+
+        hm = np.ascontiguousarray(heatmap, dtype=np.float32)
+        if hm.shape != (self.work_h, self.work_w):
+            raise ValueError(f"map shape {hm.shape} does not match the work frame {(self.work_h, self.work_w)}")
+        if self.identity:
+            if out is not None:
+                out[...] = hm
+                return out
+            return hm.copy()
+        if out is not None:
+            return cv2.resize(hm, (self.orig_w, self.orig_h), dst=out, interpolation=cv2.INTER_LINEAR)
+        return cv2.resize(hm, (self.orig_w, self.orig_h), interpolation=cv2.INTER_LINEAR)
+
+    def box_to_original(self, box: Box) -> Box:
+        """A work-frame box -> the same box in original pixels (half-open edges scale exactly)."""
+        x1, y1, x2, y2 = (float(v) for v in box)
+        return (x1 * self.sx, y1 * self.sy, x2 * self.sx, y2 * self.sy)
+
+    def geometry(self, geo: Letterbox) -> Letterbox:
+        """The letterbox ``geo`` of the *original* image (the model's input) re-expressed for work-frame
+        pixels: the same canvas placement (``new_w``, ``pad_x``, ...; the model input is unchanged), with the
+        work size as its source. Points, boxes and maps of the work frame then map to and from the canvas
+        exactly as the corresponding original pixels do."""
+        if (geo.orig_w, geo.orig_h) != (self.orig_w, self.orig_h):
+            raise ValueError(f"letterbox source {(geo.orig_w, geo.orig_h)} is not this work frame's image {(self.orig_w, self.orig_h)}")
+        return replace(geo, orig_w=self.work_w, orig_h=self.work_h)
