@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from medfocus.attribution.prompting import parse_phrases
 from medfocus.cli import main
-from medfocus.commands.attribute import read_bench_file
+from medfocus.datasets.medground import load_record_dicts
 from medfocus.datasets.vindr_cxr import load_vindr_cxr
 from medfocus.errors import DataError
 from medfocus.evaluation.records import read_prediction_records
@@ -51,7 +51,7 @@ def test_bench_index_must_be_an_integer(tmp_path, index):
     p = tmp_path / "b.json"
     p.write_text(json.dumps([{"dataset": "synthetic", "index": 0}, {"dataset": "synthetic", "index": index}]))
     with pytest.raises(DataError, match=r"record 1: field 'index' must be a non-negative integer"):
-        read_bench_file(p)
+        load_record_dicts(p)
 
 
 @pytest.mark.parametrize("content, words", [
@@ -63,7 +63,7 @@ def test_bench_file_bad_bytes(tmp_path, content, words):
     p = tmp_path / "b.json"
     p.write_bytes(content)
     with pytest.raises(DataError) as ei:
-        read_bench_file(p)
+        load_record_dicts(p)
     for w in words:
         assert w in str(ei.value)
 

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from medfocus.datasets.medground import join_records, load_records, normalize_yes_no, parse_record, write_records
+from medfocus.datasets.medground import (join_records, load_record_dicts, load_records, normalize_yes_no, parse_record,
+                                         write_records)
 from medfocus.errors import DataError
 from medfocus.types import Sample, question_stem
 
@@ -101,11 +102,71 @@ def test_load_records_errors(tmp_path):
     with pytest.raises(DataError, match="duplicate"):
         load_records(p)
     p.write_text(json.dumps([_rec(), {"model": "m"}]))
-    with pytest.raises(DataError, match=r"record #1"):
+    with pytest.raises(DataError, match=r"record 1: missing field 'dataset'"):
         load_records(p)
     p.write_text("{")
-    with pytest.raises(DataError, match="invalid JSON"):
+    with pytest.raises(DataError, match="not valid JSON"):
         load_records(p)
+
+
+def test_one_reader_two_views(tmp_path):
+    """`load_record_dicts` (what `attribute --bench` reads) and `load_records` read a file the same way:
+    the dicts view keeps records verbatim and needs only their key; the typed view adds the schema."""
+    partial = {"model": "m", "dataset": "synthetic", "index": 4, "prediction_direct": "Yes", "mode": "direct", "editor": "oracle"}
+    p = tmp_path / "b.json"
+    p.write_text(json.dumps({"records": [_rec(index=3), partial]}))
+    assert load_record_dicts(p) == [_rec(index=3), partial]
+    with pytest.raises(DataError, match=r"b.json record 1: missing field 'answer'"):
+        load_records(p)
+    # a JSON-lines file: the interrupted last line of a killed writer is ignored by both views,
+    # and errors name the line (blank lines count)
+    j = tmp_path / "b.jsonl"
+    j.write_text(json.dumps(_rec(index=1)) + "\n\n" + json.dumps(_rec(index=2)) + "\n" + '{"model": "m", "dat')
+    assert [r["index"] for r in load_record_dicts(j)] == [1, 2]
+    assert [r.index for r in load_records(j)] == [1, 2]
+    j.write_text(json.dumps(_rec(index=1)) + "\n\n" + json.dumps(_rec(index=1.5)) + "\n")
+    for read in (load_record_dicts, load_records):
+        with pytest.raises(DataError, match=r"b.jsonl line 3: field 'index' must be a non-negative integer, got 1.5"):
+            read(j)
+
+
+@pytest.mark.parametrize("index", [1.7, "3", True, -1, None])
+def test_no_silent_index_coercion_in_any_view(tmp_path, index):
+    p = tmp_path / "b.json"
+    p.write_text(json.dumps([_rec(index=0), _rec(index=index)]))
+    for read in (load_record_dicts, load_records):
+        with pytest.raises(DataError, match=r"b.json record 1: field 'index' must be a non-negative integer"):
+            read(p)
+    with pytest.raises(DataError, match=r"f.json record 7: field 'index' must be a non-negative integer"):
+        parse_record(_rec(index=index), where="f.json record 7")
+
+
+def test_duplicates_refused_in_both_views(tmp_path):
+    p = tmp_path / "b.json"
+    # the same sample twice in one mode (named by the prediction field or by a 'mode' field)
+    for second in (_rec(index=5, note="again"), {"model": "m", "dataset": "vindr_cxr", "index": 5, "mode": "direct"}):
+        p.write_text(json.dumps([_rec(index=5), second]))
+        for read in (load_record_dicts, load_records):
+            with pytest.raises(DataError, match=r"b.json record 1: duplicate record .*'direct'.*first at .*record 0"):
+                read(p)
+    # the same sample in another mode, or for another model, is not a duplicate
+    p.write_text(json.dumps([_rec(index=5), _rec(index=5, mode="cot"), _rec(index=5, model="other")]))
+    assert len(load_record_dicts(p)) == 3 and len(load_records(p)) == 3
+
+
+def test_attribute_reads_bench_files_with_the_one_reader(tmp_path):
+    """`medfocus attribute --bench` rejects a bad split with the reader's named error, before loading anything."""
+    from click.testing import CliRunner
+
+    from medfocus.cli import main
+
+    p = tmp_path / "split.json"
+    p.write_text(json.dumps([_rec(dataset="synthetic", index=0), _rec(dataset="synthetic", index="2")]))
+    r = CliRunner().invoke(main, ["attribute", "--bench", str(p), "--model", "demo", "--method", "occlusion",
+                                  "--out", str(tmp_path / "out"), "--no-progress"])
+    assert r.exit_code == 1, r.output
+    assert "split.json record 1: field 'index' must be a non-negative integer, got '2' (str)" in r.output
+    assert "Traceback" not in r.output
 
 
 def test_normalize_yes_no():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,42 +41,6 @@ Examples:
   medfocus attribute --bench runs/bench/demo/synthetic/direct.json --dataset synthetic --data-root runs/data \\
       --method occlusion --method gradcam --faithfulness --out runs/faith
 """
-
-
-def read_bench_file(path: str | Path) -> list[dict[str, Any]]:
-    """Benchmark records from a ``.json`` list (the public MedGround-Bench files) or a ``.jsonl`` file."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"benchmark file {path} does not exist (build one with `medfocus bench build`)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"benchmark file {path}: not UTF-8 text (byte offset {exc.start}); expected UTF-8 JSON") from None
-    try:
-        if path.suffix == ".jsonl":
-            recs = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            recs = json.loads(text)
-    except ValueError as exc:
-        raise DataError(f"benchmark file {path}: not valid JSON ({exc})") from None
-    except RecursionError:
-        raise DataError(f"benchmark file {path}: JSON nested too deeply to be a benchmark") from None
-    if isinstance(recs, dict) and "records" in recs:
-        recs = recs["records"]
-    if not isinstance(recs, list) or not all(isinstance(r, dict) for r in recs):
-        raise DataError(f"benchmark file {path}: expected a list of records (objects)")
-    for i, r in enumerate(recs):
-        for k in ("dataset", "index"):
-            if k not in r:
-                raise DataError(f"benchmark file {path}: record {i} lacks field {k!r}")
-        idx = r["index"]
-        # no silent coercion: 1.7 is not sample 1, "3" is not sample 3
-        if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0:
-            raise DataError(f"benchmark file {path}: record {i}: field 'index' must be a non-negative integer, "
-                            f"got {idx!r} ({type(idx).__name__})")
-        if not isinstance(r["dataset"], str) or not r["dataset"]:
-            raise DataError(f"benchmark file {path}: record {i}: field 'dataset' must be a non-empty string, got {r['dataset']!r}")
-    return recs
 
 
 def parse_params(specs: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -178,6 +141,7 @@ def build_items(
     With a split, the answer attributed is the model's own as the split recorded it. Without one,
     ``answer_source="model"`` (default) generates the model's greedy answer on each film in the run and
     attributes that; ``"ground_truth"`` attributes the dataset's answer whatever the model says."""
+    from medfocus.datasets.medground import load_record_dicts
     from medfocus.runner.grid import WorkItem, items_from_benchmark, raw_answers_for_split
 
     items: list = []
@@ -191,7 +155,7 @@ def build_items(
 
     if bench:
         for path in bench:
-            recs = read_bench_file(path)
+            recs = load_record_dicts(path)
             raw = raw_answers_for_split(path)  # the full generated answers, when the split log is there
             ds_names = sorted({str(r["dataset"]) for r in recs})
             if dataset and ds_names != [dataset]:

@@ -93,14 +93,26 @@ def id_str(value: Any) -> str:
 
 
 def load_json(path: Path) -> Any:
-    """``json.load`` with a DataError naming the file on failure."""
+    """A JSON file's content, with a :class:`DataError` naming the file on any failure.
+
+    Raises:
+        DataError: unreadable, not UTF-8 (naming the byte offset), not valid JSON (naming line and
+            column), or nested too deeply to parse (``RecursionError``, never a bare traceback).
+    """
     try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: invalid JSON ({exc})") from exc
+        data = Path(path).read_bytes()
     except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc})") from exc
+        raise DataError(f"{path}: cannot read ({exc})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte offset {exc.start}); expected UTF-8 JSON") from None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to read") from None
 
 
 class SizeCache:

@@ -14,6 +14,12 @@ fields). ``index`` names the sample at that position of the dataset loader's out
 (:mod:`medfocus.datasets.imagenome`, :mod:`~medfocus.datasets.vindr_cxr`,
 :mod:`~medfocus.datasets.padchest_gr`), which :func:`join_records` relies on. Predictions are free
 text (``"Yes."``, ``"No\\n"``...): :func:`normalize_yes_no` reads them for the filter check.
+
+One reader for every benchmark file (the public files, ``medfocus bench build`` splits, ``.jsonl``
+records): :func:`load_record_dicts` reads the file and checks every record's key (the records as
+dicts, verbatim: what ``medfocus attribute --bench`` needs, which does not require the edited-view
+predictions) and :func:`load_records` parses the same records into :class:`BenchRecord` with the full
+public schema.
 """
 
 from __future__ import annotations
@@ -34,7 +40,10 @@ from medfocus.types import Sample
 __all__ = [
     "BenchRecord",
     "PREDICTION_KINDS",
+    "load_record_dicts",
     "load_records",
+    "check_record_key",
+    "prediction_modes",
     "parse_record",
     "write_records",
     "join_records",
@@ -111,28 +120,45 @@ class BenchRecord:
         return d
 
 
-def parse_record(obj: Mapping[str, Any], *, where: str = "record") -> BenchRecord:
-    """Validate one record dict and build a :class:`BenchRecord` (errors name ``where`` and the field)."""
+def check_record_key(obj: Any, *, where: str = "record") -> None:
+    """Check what names a record's sample: an object with ``dataset`` (a non-empty string) and ``index``
+    (a non-negative integer; no silent coercion: ``1.7`` is not sample 1, ``"3"`` is not sample 3).
+
+    Raises:
+        DataError: naming ``where``, the field and what was expected.
+    """
     if not isinstance(obj, Mapping):
-        raise DataError(f"{where}: expected an object, got {type(obj).__name__}")
+        raise DataError(f"{where}: expected an object (a record), got {type(obj).__name__}")
+    for k in ("dataset", "index"):
+        if k not in obj:
+            raise DataError(f"{where}: missing field {k!r}; a record names its sample by 'dataset' and 'index'")
+    idx = obj["index"]
+    if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0:
+        raise DataError(f"{where}: field 'index' must be a non-negative integer, got {idx!r} ({type(idx).__name__})")
+    if not isinstance(obj["dataset"], str) or not obj["dataset"]:
+        raise DataError(f"{where}: field 'dataset' must be a non-empty string, got {obj['dataset']!r}")
+
+
+def prediction_modes(obj: Mapping[str, Any]) -> list[str]:
+    """The modes of a record: the suffixes of its plain ``prediction_<mode>`` fields, in field order."""
+    edited = tuple(PREDICTION_KINDS[x] for x in ("kept_normal", "kept", "edited"))
+    return [k[len("prediction_"):] for k in obj if k.startswith("prediction_") and not k.startswith(edited)]
+
+
+def parse_record(obj: Mapping[str, Any], *, where: str = "record") -> BenchRecord:
+    """Validate one record dict and build a :class:`BenchRecord` (errors name ``where`` and the field).
+
+    Raises:
+        DataError: the key is invalid (:func:`check_record_key`), a core field is missing, a mode lacks
+            one of its four prediction fields, or an edited-view field has no ``prediction_<mode>``.
+    """
+    check_record_key(obj, where=where)
     for k in _CORE:
         if k not in obj:
             raise DataError(f"{where}: missing field {k!r}; expected {list(_CORE)} and prediction_<mode> fields")
-    try:
-        index = int(obj["index"])
-    except (TypeError, ValueError) as exc:
-        raise DataError(f"{where}: field 'index' must be an integer, got {obj['index']!r}") from exc
-    if isinstance(obj["index"], float) and not float(obj["index"]).is_integer():
-        raise DataError(f"{where}: field 'index' must be an integer, got {obj['index']!r}")
-    preds: dict[str, dict[str, str]] = {}
+    index = obj["index"]
+    preds: dict[str, dict[str, str]] = {mode: {} for mode in prediction_modes(obj)}
     used = set(_CORE)
-    # Modes are the suffixes of the plain "prediction_<mode>" fields.
-    for k in obj:
-        if not k.startswith("prediction_"):
-            continue
-        if any(k.startswith(PREDICTION_KINDS[x]) for x in ("kept_normal", "kept", "edited")):
-            continue
-        preds[k[len("prediction_"):]] = {}
     if not preds:
         raise DataError(f"{where}: no 'prediction_<mode>' field (e.g. 'prediction_direct')")
     for mode in preds:
@@ -150,39 +176,59 @@ def parse_record(obj: Mapping[str, Any], *, where: str = "record") -> BenchRecor
                        predictions=preds, extra=extra)
 
 
-def _record_objects(path: str | os.PathLike) -> list[tuple[str, Any]]:
-    """``[(where, object), ...]`` of a records file: a JSON list (or ``{"records": [...]}``), or JSON
-    lines read by :mod:`medfocus.io.jsonl` (an interrupted last line is ignored)."""
+def _checked_records(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
+    """``[(where, record), ...]`` of a benchmark file, every key checked (:func:`load_record_dicts`)."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"benchmark file {p} not found: it does not exist (build one with `medfocus bench build`)")
     if p.suffix == ".jsonl":
-        return [(f"{p} line {lineno}", obj) for lineno, obj in read_jsonl_numbered(p)[0]]
-    data = load_json(p)
-    if isinstance(data, Mapping) and isinstance(data.get("records"), list):
-        data = data["records"]
-    if not isinstance(data, list):
-        raise DataError(f"{p}: expected a JSON list of records, got {type(data).__name__}")
-    return [(f"{p} record #{i}", o) for i, o in enumerate(data)]
+        objs = [(f"benchmark file {p} line {lineno}", obj) for lineno, obj in read_jsonl_numbered(p)[0]]
+    else:
+        data = load_json(p)
+        if isinstance(data, Mapping) and isinstance(data.get("records"), list):
+            data = data["records"]
+        if not isinstance(data, list):
+            raise DataError(f"benchmark file {p}: expected a JSON list of records (objects), got {type(data).__name__}")
+        objs = [(f"benchmark file {p} record {i}", o) for i, o in enumerate(data)]
+    seen: dict[tuple, str] = {}
+    for where, obj in objs:
+        check_record_key(obj, where=where)
+        modes = dict.fromkeys(prediction_modes(obj) + ([str(obj["mode"])] if obj.get("mode") is not None else []))
+        for mode in modes or [None]:
+            k = (str(obj.get("model")), obj["dataset"], obj["index"], mode)
+            if k in seen:
+                raise DataError(f"{where}: duplicate record (model, dataset, index, mode) = {k} (first at {seen[k]})")
+            seen[k] = where
+    return objs
+
+
+def load_record_dicts(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a benchmark file as dicts, verbatim, each with a checked key.
+
+    Reads a JSON list (the public ``direct.json`` / ``reasoning.json``, a ``medfocus bench build``
+    split), ``{"records": [...]}``, or JSON lines (``.jsonl``, read by :mod:`medfocus.io.jsonl`: an
+    interrupted last line is ignored). Every record must name its sample (:func:`check_record_key`);
+    the prediction fields are not required here (:func:`load_records` checks the full schema).
+
+    Raises:
+        DataError: missing file, not UTF-8, not valid JSON, JSON nested too deeply, not a list of
+            objects, an invalid ``dataset`` / ``index`` (naming the file, record and field), or two
+            records for one ``(model, dataset, index, mode)``.
+    """
+    return [obj for _, obj in _checked_records(path)]
 
 
 def load_records(path: str | os.PathLike) -> list[BenchRecord]:
-    """Load records from a JSON list (``direct.json`` / ``reasoning.json``) or a JSONL file.
+    """The records of a benchmark file in the full public schema, in file order.
+
+    The same reading and checks as :func:`load_record_dicts`, then every record parsed by
+    :func:`parse_record`.
 
     Raises:
-        DataError: missing file, invalid JSON, or an invalid record (naming the file, record number
-            and field); duplicate ``(model, dataset, index, mode)`` keys.
+        DataError: everything :func:`load_record_dicts` raises, and a record that lacks a field of
+            the public schema (naming the file, record number or line, and field).
     """
-    objs = _record_objects(path)
-    records = [parse_record(o, where=w) for w, o in objs]
-    seen: dict[tuple, str] = {}
-    for (w, _), r in zip(objs, records):
-        for mode in r.modes:
-            k = r.key + (mode,)
-            if k in seen:
-                raise DataError(f"{w}: duplicate record {k} (first at {seen[k]})")
-            seen[k] = w
-    return records
+    return [parse_record(obj, where=where) for where, obj in _checked_records(path)]
 
 
 def write_records(records: Iterable[BenchRecord | Mapping[str, Any]], path: str | os.PathLike) -> Path:
