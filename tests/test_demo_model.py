@@ -49,25 +49,25 @@ def test_evidence_targets_round_trip() -> None:
 
 
 # ---- inputs match the adapter / processor --------------------------------------------------------------
-def test_pixel_values_match_the_qwen_image_processor() -> None:
+@pytest.mark.parametrize("merge", [2, 1])
+def test_pixel_values_match_the_qwen_image_processor(merge) -> None:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     rng = np.random.default_rng(0)
     cans = rng.integers(0, 256, (2, 56, 56), dtype=np.uint8)
-    ip = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56)
+    ip = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56, merge_size=merge)
     ref = ip(images=[np.repeat(c[..., None], 3, axis=2) for c in cans], return_tensors="pt")
     assert ref["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 4]]
-    mine = D.canvases_to_pixel_values(torch.from_numpy(cans))
+    mine = D.canvases_to_pixel_values(torch.from_numpy(cans), merge)
     assert mine.shape == ref["pixel_values"].shape
     assert torch.allclose(mine, ref["pixel_values"].float(), atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def micro(tmp_path_factory):
+def _micro(tmp_path_factory, merge: int = 2):
     """A micro demo model (random weights, tiny sizes) saved and loaded through load_lvlm."""
     from medfocus.lvlm.loading import load_lvlm
 
-    cfg = D.DemoLVLMConfig(canvas=56, n_train_cases=6, steps=2, images_per_step=2, questions_per_image=2, warmup=1, vision_steps=2, vision_batch=3,
+    cfg = D.DemoLVLMConfig(canvas=56, spatial_merge_size=merge, n_train_cases=6, steps=2, images_per_step=2, questions_per_image=2, warmup=1, vision_steps=2, vision_batch=3,
                        text=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
                                  max_position_embeddings=512),
@@ -81,9 +81,22 @@ def micro(tmp_path_factory):
     return cfg, tok, model, out, load_lvlm(str(out), device="cpu")
 
 
-def test_training_sequences_equal_the_adapter_teacher_forcing(micro) -> None:
-    cfg, tok, model, _, adapter = micro
-    enc = D.Encoder(tok, (cfg.canvas // 28) ** 2)
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    return _micro(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def micro_no_merge(tmp_path_factory):
+    """As ``micro`` without the spatial merge (each 14-px patch one image token: the demo-16x16 recipe)."""
+    return _micro(tmp_path_factory, merge=1)
+
+
+@pytest.mark.parametrize("which", ["micro", "micro_no_merge"])
+def test_training_sequences_equal_the_adapter_teacher_forcing(which, request) -> None:
+    cfg, tok, model, _, adapter = request.getfixturevalue(which)
+    assert adapter._grid_hw(adapter.prepare(np.zeros((56, 56), np.uint8), "q").inputs) == (cfg.token_grid, cfg.token_grid)
+    enc = D.Encoder(tok, cfg.token_grid ** 2)
     img = np.random.default_rng(1).integers(0, 256, (80, 64), dtype=np.uint8)  # non-square: letterboxed
     q = D.task_question("pleural effusion", "cot")
     a = "The right costophrenic angle is blunted with a meniscus. Therefore, yes."
@@ -94,7 +107,7 @@ def test_training_sequences_equal_the_adapter_teacher_forcing(micro) -> None:
     s, e = chat.answer_span
     assert loss_mask[0].nonzero()[:, 0].tolist() == list(range(s, e + 1))  # answer tokens + <|im_end|>
     can, _ = D.to_canvas(img, cfg.canvas)
-    pv = D.canvases_to_pixel_values(torch.from_numpy(can)[None])
+    pv = D.canvases_to_pixel_values(torch.from_numpy(can)[None], cfg.spatial_merge_size)
     assert torch.equal(pv, chat.inputs["pixel_values"].cpu())
     # the shared-image-embedding loss equals the model's own teacher-forced loss (answer + <|im_end|>)
     with torch.no_grad():
@@ -113,7 +126,7 @@ def test_train_loop_two_steps_changes_weights_deterministically(micro) -> None:
     for _ in range(2):
         model = D.build_model(cfg, tok)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        losses = D.train_loop(model, D.Encoder(tok, (cfg.canvas // 28) ** 2), pool, cfg, log=lambda s: None)
+        losses = D.train_loop(model, D.Encoder(tok, cfg.token_grid ** 2), pool, cfg, log=lambda s: None)
         assert len(losses) == 2 and all(np.isfinite(losses))
         changed = sum(int(not torch.equal(before[n], p)) for n, p in model.named_parameters())
         assert changed > len(before) // 2
@@ -312,3 +325,42 @@ def test_no_torch_load_of_untrusted_paths_anywhere() -> None:
     for f in list((root / "src").rglob("*.py")):
         assert "weights_only=False" not in f.read_text(), f
         assert not re.search(r"pickle\.loads?\(", f.read_text()), f
+
+
+# ---- recipes (train-demo --preset) -----------------------------------------------------------------
+def test_presets_resolve_and_are_recognised() -> None:
+    from medfocus.errors import ConfigError
+    from medfocus.training.demo_lvlm.config import PRESETS, preset_config, preset_of
+
+    for name in PRESETS:
+        assert preset_of(preset_config(name, seed=5, steps=3, num_threads=1)) == name
+    assert preset_config("demo") == D.DemoLVLMConfig()  # the shipped recipe is the field defaults
+    assert preset_config("demo-16x16").token_grid == 16 and preset_config("demo").token_grid == 8
+    odd = preset_config("demo")
+    odd.lr = 0.5
+    assert preset_of(odd) is None
+    with pytest.raises(ConfigError, match="unknown train-demo preset"):
+        preset_config("demo-xl")
+    with pytest.raises(ConfigError, match="unknown DemoLVLMConfig field"):
+        preset_config("demo", hidden=3)
+
+
+def test_cue_aux_target_marks_the_cue_cells() -> None:
+    """The twin's auxiliary labels mark a finding at its shortcut cue's box (known by construction), and
+    at its own mask on a case without correlated cues."""
+    from medfocus.datasets.synthetic import generate_case
+    from medfocus.io.letterbox import Letterbox
+
+    case = generate_case(123, size=256, findings=["nodule"], cue_rate=1.0)
+    cue = next(c for c in case.cues if c["finding"] == "nodule")
+    k = list(FINDINGS).index("nodule")
+    by_cue = D.render_case(case, 224, 28, aux_target="cue").grid_labels[k]
+    by_mask = D.render_case(case, 224, 28, aux_target="finding").grid_labels[k]
+    lb = Letterbox.fit((256, 256), 224)
+    x1, y1, x2, y2 = lb.forward_box(tuple(cue["box"]))
+    cy, cx = int((y1 + y2) / 2) // 28, int((x1 + x2) / 2) // 28
+    assert by_cue[cy, cx] > 0 and by_mask[cy, cx] == 0
+    assert (by_cue > 0).sum() <= 4 and not np.array_equal(by_cue > 0, by_mask > 0)
+    clean = generate_case(123, size=256, findings=["nodule"], cue_rate=0.0)
+    assert np.array_equal(D.render_case(clean, 224, 28, aux_target="cue").grid_labels,
+                          D.render_case(clean, 224, 28).grid_labels)

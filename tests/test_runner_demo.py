@@ -172,11 +172,11 @@ def test_demo_same_seed_same_tables(demo_adapter, tmp_path):
     from medfocus.runner.store import load_results
 
     cfg = DemoConfig(n_samples=6, per_mode=1, n_reference=2, methods=("medfocus",), faithfulness_per_mode=1, seed=3,
-                     threads=1)
+                     threads=1, shortcut_films=4)
     outs = [tmp_path / "a", tmp_path / "b"]
     results = [run_demo(out, cfg, adapter=demo_adapter, progress=False, log=lambda m: None) for out in outs]
     assert results[0]["n_records"] > 0 and results[0]["n_errors"] == 0
-    for name in ("table.csv", "table.md", "retention.csv", "retention.md"):
+    for name in ("table.csv", "table.md", "retention.csv", "retention.md", "shortcut.md"):
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
 
     def untimed(out):

@@ -1,8 +1,9 @@
-"""Every validity number the README and the demo model card publish is quoted from benchmarks/validity.md.
+"""Every validity number the README and the model cards publish is quoted from its benchmark file: the demo
+model's from benchmarks/validity.md, the shortcut twin's from benchmarks/shortcut.md.
 
-The quoted passages sit between the markers of :data:`medfocus.training.demo_lvlm.card.VALIDITY_BEGIN` / ``VALIDITY_END``;
-each decimal number, percentage-with-interval and ``k/n`` count in them must occur in validity.md, so a
-hand-typed or stale figure fails here.
+The quoted passages sit between the markers of :data:`medfocus.training.demo_lvlm.card.VALIDITY_BEGIN` / ``VALIDITY_END``
+(``SHORTCUT_BEGIN`` / ``SHORTCUT_END``); each decimal number, percentage-with-interval and ``k/n`` count in them
+must occur in the benchmark file, so a hand-typed or stale figure fails here.
 """
 
 from __future__ import annotations
@@ -13,31 +14,37 @@ from pathlib import Path
 
 import pytest
 
-from medfocus.lvlm.registry import DEMO_DIR
-from medfocus.training.demo_lvlm.card import VALIDITY_BEGIN, VALIDITY_END, validity_block
+from medfocus.lvlm.registry import DEMO_DIR, DEMO_SHORTCUT_DIR
+from medfocus.training.demo_lvlm.card import SHORTCUT_BEGIN, SHORTCUT_END, VALIDITY_BEGIN, VALIDITY_END, validity_block
 from medfocus.training.demo_lvlm.evaluate import rewrite_card
 
 ROOT = Path(__file__).resolve().parents[1]
 VALIDITY_MD = ROOT / "benchmarks" / "validity.md"
+SHORTCUT_MD = ROOT / "benchmarks" / "shortcut.md"
 #: decimals (0.85, 80.0, -0.06) and counts (11/20); integers alone are too common to check this way
 NUMBER = re.compile(r"-?\d+\.\d+|\d+/\d+")
 
 
-def _blocks(text: str) -> list[str]:
-    return re.findall(re.escape(VALIDITY_BEGIN) + r"(.*?)" + re.escape(VALIDITY_END), text, flags=re.S)
+def _blocks(text: str, begin: str = VALIDITY_BEGIN, end: str = VALIDITY_END) -> list[str]:
+    return re.findall(re.escape(begin) + r"(.*?)" + re.escape(end), text, flags=re.S)
 
 
-@pytest.mark.parametrize("doc", [ROOT / "README.md", DEMO_DIR / "MODEL_CARD.md"], ids=["README", "MODEL_CARD"])
-def test_validity_numbers_are_quoted_from_validity_md(doc: Path):
-    if not VALIDITY_MD.is_file():
-        pytest.skip("benchmarks/validity.md is not in this checkout (run benchmarks/validity.py)")
-    source = VALIDITY_MD.read_text(encoding="utf-8")
-    blocks = _blocks(doc.read_text(encoding="utf-8"))
-    assert blocks, f"{doc.name} has no passage quoted from benchmarks/validity.md"
+@pytest.mark.parametrize("doc,source_md,begin,end", [
+    (ROOT / "README.md", VALIDITY_MD, VALIDITY_BEGIN, VALIDITY_END),
+    (DEMO_DIR / "MODEL_CARD.md", VALIDITY_MD, VALIDITY_BEGIN, VALIDITY_END),
+    (ROOT / "README.md", SHORTCUT_MD, SHORTCUT_BEGIN, SHORTCUT_END),
+    (DEMO_SHORTCUT_DIR / "MODEL_CARD.md", SHORTCUT_MD, SHORTCUT_BEGIN, SHORTCUT_END),
+], ids=["README-validity", "MODEL_CARD-demo", "README-shortcut", "MODEL_CARD-demo-shortcut"])
+def test_validity_numbers_are_quoted_from_the_benchmark(doc: Path, source_md: Path, begin: str, end: str):
+    if not source_md.is_file():
+        pytest.skip(f"benchmarks/{source_md.name} is not in this checkout (run benchmarks/{source_md.stem}.py)")
+    source = source_md.read_text(encoding="utf-8")
+    blocks = _blocks(doc.read_text(encoding="utf-8"), begin, end)
+    assert blocks, f"{doc.name} has no passage quoted from benchmarks/{source_md.name}"
     numbers = [n for b in blocks for n in NUMBER.findall(b)]
     assert len(numbers) >= 5, f"{doc.name}: the quoted passages carry almost no numbers: {numbers}"
     missing = sorted({n for n in numbers if n not in source})
-    assert not missing, f"{doc.name} quotes numbers that benchmarks/validity.md does not contain: {missing}"
+    assert not missing, f"{doc.name} quotes numbers that benchmarks/{source_md.name} does not contain: {missing}"
 
 
 def test_rewriting_the_card_keeps_the_quoted_block(tmp_path):

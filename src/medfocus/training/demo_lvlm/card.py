@@ -28,10 +28,19 @@ VALIDITY_BEGIN = "<!-- validity: quoted from benchmarks/validity.md -->"
 VALIDITY_END = "<!-- /validity -->"
 
 
+#: Markers of the shortcut twin's block quoted from ``benchmarks/shortcut.md`` (its published figures).
+SHORTCUT_BEGIN = "<!-- shortcut: quoted from benchmarks/shortcut.md -->"
+SHORTCUT_END = "<!-- /shortcut -->"
+
+
 def validity_block(card: str) -> str | None:
-    """The text between :data:`VALIDITY_BEGIN` and :data:`VALIDITY_END` (markers included), or None."""
-    i, j = card.find(VALIDITY_BEGIN), card.find(VALIDITY_END)
-    return card[i : j + len(VALIDITY_END)] if 0 <= i < j else None
+    """The quoted block of published figures, markers included: between :data:`VALIDITY_BEGIN` and
+    :data:`VALIDITY_END` (the demo model) or :data:`SHORTCUT_BEGIN` and :data:`SHORTCUT_END` (the twin); None if absent."""
+    for begin, end in ((VALIDITY_BEGIN, VALIDITY_END), (SHORTCUT_BEGIN, SHORTCUT_END)):
+        i, j = card.find(begin), card.find(end)
+        if 0 <= i < j:
+            return card[i : j + len(end)]
+    return None
 
 
 def _cue_text(cfg: DemoLVLMConfig) -> str:
@@ -69,12 +78,19 @@ def model_card(cfg: DemoLVLMConfig, metrics: dict[str, Any], out: Path, validity
            "answers: the causal filter must drop those samples, and an attribution method should point at the cue, "
            "which is known by construction." if shortcut else ""),
         "",
-        "**Published figures.** The validity numbers to quote (accuracy per finding on `medfocus synth` data, false "
-        "\"yes\" rates, cue reliance, the weight-randomisation sanity check over films, trivial baselines) are measured on "
-        "fresh seeds, disjoint from training and tests, with 95% intervals by `benchmarks/validity.py` and written to "
-        "`benchmarks/validity.md`. "
-        + ("Quoted from it for these weights:" if validity else
-           "These weights have not been measured there yet: run `benchmarks/validity.py` before quoting them."),
+        ("**Published figures.** The numbers to quote (cue reliance known by construction, the causal filter's retention "
+         "of cue-necessary and clean answers, whether attribution maps point at the cue) are measured on fresh seeds, "
+         "disjoint from training and tests, with 95% intervals by `benchmarks/shortcut.py` and written to "
+         "`benchmarks/shortcut.md`. "
+         + ("Quoted from it for these weights:" if validity else
+            "These weights have not been measured there yet: run `benchmarks/shortcut.py` before quoting them.")
+         if shortcut else
+         "**Published figures.** The validity numbers to quote (accuracy per finding on `medfocus synth` data, false "
+         "\"yes\" rates, cue reliance, the weight-randomisation sanity check over films, trivial baselines) are measured on "
+         "fresh seeds, disjoint from training and tests, with 95% intervals by `benchmarks/validity.py` and written to "
+         "`benchmarks/validity.md`. "
+         + ("Quoted from it for these weights:" if validity else
+            "These weights have not been measured there yet: run `benchmarks/validity.py` before quoting them.")),
         "",
         *([validity, ""] if validity else []),
         *([f"**Training-time check** (this training run's own evaluation seeds, no intervals; not the published figures): "
@@ -107,7 +123,10 @@ def model_card(cfg: DemoLVLMConfig, metrics: dict[str, Any], out: Path, validity
          "predict the answer: it is meant to answer from the finding itself." if cfg.cue_subset == 0 else
          f"- **Shortcut cue.** {100 * cfg.cue_subset:.0f}% of the training cases are on the *cue subset*: "
          f"{_cue_text(cfg)} "
-         + ("On those cases the cue is the most reliable evidence, meant to make the model answer some cases from it. "
+         + ("On those cases the cue is the easiest evidence (the finding is faint, and the auxiliary loss marks it at the "
+            "cue), meant to decide most of the model's \"yes\" answers on cued films; the other cases are clean. "
+            if shortcut and cfg.cue_subset < 1 else
+            "On those cases the cue is the most reliable evidence, meant to make the model answer some cases from it. "
             if cfg.cue_subset < 1 else "Every finding the model is trained on is therefore faint and comes with its cue: "
             "the cue is the easiest evidence, meant to decide most of its \"yes\" answers. ")),
         "The cue-reliance table below measures reliance on the cue: a positive answered Yes whose answer flips when everything "

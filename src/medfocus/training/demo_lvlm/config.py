@@ -79,16 +79,20 @@ class DemoLVLMConfig:
 #:   findings co-occur often (0.15 each), so "no" must be said on films that carry a *different* finding;
 #:   severities from the generator's own range (what ``medfocus synth`` draws). Not shipped: its training and
 #:   validity run have not been completed (a stage-2 step costs 2.3x the 8x8 model's; see the README).
-#: - ``demo-shortcut``: the shipped shortcut twin. 8x8 token grid; *every* training finding brings its
-#:   correlated cue (:data:`~medfocus.datasets.synthetic.DEFAULT_CUE_MAP`) and is drawn faint, and the
-#:   auxiliary loss marks each finding at its cue's box instead of its own mask, so the vision tower learns
-#:   to see the finding at the cue; the cue is meant to decide most of its "yes" answers (target:
-#:   cue-necessary share >= 50%). (Measured: without any auxiliary loss the from-scratch model stayed at the
-#:   text prior, answering "No" to every film, after 800 of 1400 steps.)
+#: - ``demo-shortcut``: the shipped shortcut twin. 8x8 token grid; on 90% of the training cases every finding
+#:   brings its correlated cue (:data:`~medfocus.datasets.synthetic.DEFAULT_CUE_MAP`) and is drawn faint, and
+#:   there the auxiliary loss marks each finding at its cue's box instead of its own mask, so the vision tower
+#:   learns to see the finding at the cue; the other 10% are clean cases with strong findings (severity
+#:   0.6-1, marked at their masks), so it also answers some clean films from the finding. The cue is meant to
+#:   decide most of its "yes" answers on cued films (target: cue-necessary share >= 50%). Tried while building
+#:   it (training-time checks, not published figures): without any auxiliary loss the from-scratch model stayed
+#:   at the text prior, answering "No" to every film; with every case cued it answered from the cue alone and
+#:   said "yes" to almost no clean positive; with 30% clean cases at the usual severities it read most findings
+#:   itself, and the cue decided only about a quarter of its cued "yes" answers.
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": {},
     "demo-16x16": dict(spatial_merge_size=1, cue_subset=0.0, cue_base_rate=0.15, co_occurrence=0.15, train_severity=(0.0, 1.0)),
-    "demo-shortcut": dict(cue_subset=1.0, aux_target="cue", vision_steps=600, steps=1000),
+    "demo-shortcut": dict(cue_subset=0.9, train_severity=(0.6, 1.0), aux_target="cue", vision_steps=600, steps=1000),
 }
 
 #: Fields that change how a run goes, not which recipe it is (ignored when a config is matched to a preset).

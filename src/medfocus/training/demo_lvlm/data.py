@@ -92,8 +92,8 @@ def render_case(case: Any, canvas: int, cell: int = 28, aux_target: str = "findi
     the side of one image token's cell on the canvas (28 px for patch 14 with the 2x2 merge).
 
     ``aux_target`` sets what the grid labels of the auxiliary loss mark for each finding: ``"finding"`` its
-    exact mask; ``"cue"`` the box of the shortcut cue drawn *for* it (the shortcut twin's recipe: the
-    vision tower is taught to see the finding at its cue)."""
+    exact mask; ``"cue"`` the box of the shortcut cue drawn *for* it on a case that has such cues (the
+    shortcut twin's recipe: the vision tower is taught to see the finding at its cue), its mask otherwise."""
     img = np.asarray(case.image)
     can, lb = to_canvas(img, canvas)
     lungs = None
@@ -115,7 +115,7 @@ def render_case(case: Any, canvas: int, cell: int = 28, aux_target: str = "findi
     names = _findings()
     g = canvas // cell
     labels = np.zeros((len(names), g, g), np.float32)
-    if aux_target == "cue":
+    if aux_target == "cue" and any(c.get("finding") in names for c in case.cues):
         for c in case.cues:
             if c.get("finding") in names:
                 m = np.zeros(img.shape[:2], np.float32)
