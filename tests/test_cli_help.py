@@ -74,7 +74,7 @@ def test_examples_keep_their_line_breaks(path, cmd):
 def test_no_progress_silences_library_bars():
     from transformers.utils import logging as hf_logging
 
-    from medfocus.commands.progress import progress_bars
+    from medfocus.lvlm.progress import progress_bars
 
     assert hf_logging.is_progress_bar_enabled()
     with progress_bars(False):

@@ -11,7 +11,7 @@ from medfocus.attribution.base import BASELINES
 from medfocus.commands.config import config_option
 from medfocus.commands.evaluate import faithfulness_config, faithfulness_options
 from medfocus.commands.launch import LAUNCH_PARAMS, check_launch_options, launcher_options
-from medfocus.commands.progress import progress_bars
+from medfocus.lvlm.progress import progress_bars
 from medfocus.errors import ConfigError, DataError
 from medfocus.io.paths import allow_outside_root as _allow_outside
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from medfocus.commands.config import config_option
-from medfocus.commands.progress import progress_bars
+from medfocus.lvlm.progress import progress_bars
 from medfocus.runner.demo import DemoConfig
 
 _DEFAULTS = DemoConfig()  # the help shows these values, and unset options keep them

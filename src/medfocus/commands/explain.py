@@ -42,7 +42,7 @@ def explain(images, finding, question, mode, answer, model, methods, params, box
     method and write OUT/explain.html, a self-contained interactive viewer (no network needed), plus
     the records (OUT/predictions.jsonl) in the normal schema."""
     from medfocus.commands.attribute import parse_params
-    from medfocus.commands.progress import progress_bars
+    from medfocus.lvlm.progress import progress_bars
     from medfocus.runner.explain import explain as run_explain, parse_box
 
     # a MedfocusError becomes a click error in one place (cli.LazyGroup.invoke)

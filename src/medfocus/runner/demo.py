@@ -295,17 +295,20 @@ def _method_params(cfg: DemoConfig, methods: Sequence[str], ref_dir: Path) -> di
     return params
 
 
-def _shortcut_step(out: Path, cfg: DemoConfig, adapter: Any, log: Callable[[str], None]) -> str:
+def _shortcut_step(out: Path, cfg: DemoConfig, adapter: Any, log: Callable[[str], None], progress: bool) -> str:
     """Cue reliance and the causal filter for ``cfg.model`` and its shortcut twin (:mod:`medfocus.runner.shortcut`)
     on ``cfg.shortcut_films`` films (master seed ``cfg.seed + 2``); writes ``shortcut.md``; returns a one-line summary."""
     from medfocus.lvlm import load_lvlm
+    from medfocus.lvlm.progress import progress_bars
     from medfocus.runner.shortcut import measure_shortcut, shortcut_markdown, write_cue_twins
 
     root = out / "shortcut"
     cued, free = write_cue_twins(root / "data", cfg.shortcut_films, cfg.seed + 2, size=cfg.size,
                                  workers=min(2, available_cores()))
+    with progress_bars(not progress):  # the demo's one overall line: no loading bar of the twin's own
+        twin = load_lvlm(cfg.shortcut_model)
     results = [measure_shortcut(adapter, cfg.model, cued, free, root / "bench" / "model"),
-               measure_shortcut(load_lvlm(cfg.shortcut_model), cfg.shortcut_model, cued, free, root / "bench" / "twin")]
+               measure_shortcut(twin, cfg.shortcut_model, cued, free, root / "bench" / "twin")]
     atomic_write_text(out / "shortcut.md", f"# {cfg.model} and its shortcut twin {cfg.shortcut_model}\n\n"
                       f"{cfg.shortcut_films} synthetic films (seed {cfg.seed + 2}), each rendered with every finding's "
                       "correlated cue and without cues.\n\n" + shortcut_markdown(results))
@@ -424,7 +427,7 @@ def _run_demo(out: Path, cfg: DemoConfig, threads: int, overall: _Overall, log: 
     shortcut_summary = None
     if cfg.shortcut_films > 0:
         t0 = time.perf_counter()
-        shortcut_summary = _shortcut_step(out, cfg, adapter, log)
+        shortcut_summary = _shortcut_step(out, cfg, adapter, log, overall.bar is not None)
         step("shortcut", t0, cfg.shortcut_films)
 
     # 4. attribute

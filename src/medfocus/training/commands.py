@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from medfocus.commands.progress import progress_bars
+from medfocus.lvlm.progress import progress_bars
 
 
 class ConfigDefault(click.Option):

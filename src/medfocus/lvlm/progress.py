@@ -1,4 +1,5 @@
-"""``--no-progress`` for every bar a command shows, including the libraries' own.
+"""The libraries' own progress bars: ``--no-progress`` for every bar a command shows, and quiet model
+loading inside a run that draws one overall bar (the demo).
 
 medfocus' loops use tqdm with ``disable=not progress``; transformers draws its own bar while it loads
 weights ("Loading weights") and huggingface_hub one per download. :func:`progress_bars` switches those
