@@ -81,9 +81,12 @@ def attribution_rows(adapter, chosen: list, samples_by_index: dict, methods) -> 
     for o in tqdm(chosen, desc="attribution", unit="sample"):
         s = samples_by_index[o.index]
         img = read_image(s.image_path)[0]
+        W, H = s.image_size
+        x1, y1, x2, y2 = o.cue_box
+        area = max(0.0, x2 - x1) * max(0.0, y2 - y1) / float(W * H)
         for m in methods:
             hm = np.asarray(get_method(m).attribute(adapter, img, s.question_for("direct"), "Yes").heatmap, dtype=np.float32)
-            out[m].append(cue_pointing(hm, o.cue_box, s.boxes))
+            out[m].append({**cue_pointing(hm, o.cue_box, s.boxes), "cue_area": area})
     return out
 
 
@@ -149,20 +152,23 @@ def main(argv: list[str] | None = None) -> str:
     ]
     lines += ["", "## 3. Does the map point at the cue?", "",
               f"Up to {a.attr_samples} samples per model and group (round-robin over findings), the map of the model's "
-              "\"Yes\" on the cued film. Pointing game: the map's maximum inside the box; mass: share of the map's positive "
-              "mass inside the box. For a cue-necessary answer the evidence the model used is the cue.", "",
-              "| model | group | method | n | points at the cue | points at the finding | mass on the cue | mass on the finding |",
-              "|---|---|---|---:|---|---|---|---|"]
+              "\"Yes\" on the cued film. Pointing game: the map's maximum inside the box (the first maximal pixel in row-major "
+              "order, no tolerance: a blocky map -- occlusion's grid, an 8x8 token grid -- points at a block's corner, so a small "
+              "cue box is hit less often than its mass suggests); mass: share of the map's positive mass inside the box, beside "
+              "the box's share of the image area (mass far above the area share = the map concentrates there). For a "
+              "cue-necessary answer the evidence the model used is the cue.", "",
+              "| model | group | method | n | points at the cue | points at the finding | mass on the cue | cue area | mass on the finding |",
+              "|---|---|---|---:|---|---|---|---|---|"]
     for name, per_group in attr.items():
         for group, per in per_group.items():
             for m, rows in per.items():
                 n = len(rows)
                 if not n:
-                    lines.append(f"| {name} | {group} | {m} | 0 | n/a | n/a | n/a | n/a |")
+                    lines.append(f"| {name} | {group} | {m} | 0 | n/a | n/a | n/a | n/a | n/a |")
                     continue
                 lines.append(f"| {name} | {group} | {m} | {n} | {_pct(int(sum(x['cue_hit'] for x in rows)), n)} | "
                              f"{_pct(int(sum(x['finding_hit'] for x in rows)), n)} | {_mean_ci([x['cue_energy'] for x in rows])} | "
-                             f"{_mean_ci([x['finding_energy'] for x in rows])} |")
+                             f"{np.mean([x['cue_area'] for x in rows]):.3f} | {_mean_ci([x['finding_energy'] for x in rows])} |")
     md = "\n".join(lines) + "\n"
     a.out.write_text(md, encoding="utf-8")
     print(md)

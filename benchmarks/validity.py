@@ -28,7 +28,8 @@ tests and benchmarks write datasets with master seeds <= 11 (case seeds ``master
 1_200_000) and the demo uses master seeds 0 and 1. Here: synthetic dataset master seed
 :data:`SYNTH_SEED` (case seeds 2_000_000_000 + i), card-protocol pools at offsets
 :data:`CLEAN_OFFSET` and :data:`CUED_OFFSET` (case seeds 1.5e9 + k and 1.6e9 + k). Nothing else in the
-repository uses seeds >= 10_000_000.
+repository uses seeds >= 10_000_000 but ``benchmarks/shortcut.py`` (master seed 30_000: case seeds
+3_000_000_000 + i).
 
 Sample sizes: a Wilson 95% interval of +-3 points at an accuracy near 0.8 needs about 700 answers per
 mode (``--films 320`` gives ~690 samples); cue reliance near 0.1 needs ~380 "yes" positives for +-3

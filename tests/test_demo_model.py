@@ -364,3 +364,17 @@ def test_cue_aux_target_marks_the_cue_cells() -> None:
     clean = generate_case(123, size=256, findings=["nodule"], cue_rate=0.0)
     assert np.array_equal(D.render_case(clean, 224, 28, aux_target="cue").grid_labels,
                           D.render_case(clean, 224, 28).grid_labels)
+
+
+def test_shipped_shortcut_twin_is_small_documented_and_reproducible_by_its_preset() -> None:
+    from medfocus.lvlm.registry import DEMO_SHORTCUT_DIR
+    from medfocus.training.demo_lvlm.config import preset_of
+
+    if not (DEMO_SHORTCUT_DIR / "config.json").is_file():
+        pytest.skip("shortcut twin weights not built yet (medfocus train-demo --preset demo-shortcut)")
+    assert D.folder_size(DEMO_SHORTCUT_DIR) <= 20 * 1024 * 1024
+    cfg = D.config_from_dict(json.loads((DEMO_SHORTCUT_DIR / "medfocus.json").read_text())["demo"]["config"])
+    assert preset_of(cfg) == "demo-shortcut"
+    card = (DEMO_SHORTCUT_DIR / "MODEL_CARD.md").read_text()
+    for needle in ("shortcut twin", "benchmarks/shortcut.md", "--preset demo-shortcut", "Cue reliance", "cue's box"):
+        assert needle in card, needle

@@ -28,8 +28,12 @@ def test_twin_answers_from_the_cue_and_the_filter_drops_those_answers(results):
     r = results["demo-shortcut"]
     nec, yes = r.cue_necessary_share
     assert yes >= 30, f"too few cued positives answered Yes ({yes}) to measure"
+    # the cue decides most of the twin's "yes" answers (>= 50%; n here is small, so the interval is wide),
+    # far more than the demo model's (whose upper bound is below this lower bound)
     lo, _ = wilson_interval(nec, yes)
-    assert lo > 0.5, f"cue-necessary share {nec}/{yes}: the twin must answer most cued positives from the cue"
+    assert nec / yes >= 0.5 and lo > 0.3, f"cue-necessary share {nec}/{yes}: the twin must answer most cued positives from the cue"
+    d_nec, d_yes = results["demo"].cue_necessary_share
+    assert wilson_interval(d_nec, d_yes)[1] < lo, "the twin's cue reliance must be clearly above the demo model's"
     k, n = r.retention["cue_necessary"]
     assert n == nec
     _, hi = wilson_interval(k, n)
