@@ -107,9 +107,9 @@ class DemoConfig:
 
 
 #: Measured seconds per work unit of each step on a quiet 2-core machine (``benchmarks/demo_time.md``:
-#: 96 films, 2 editors x 2 modes, 48 samples x 12 methods): the overall progress bar's weights, so its
+#: 96 films, 2 editors x 2 modes, 48 shortcut films, 48 samples x 12 methods): the overall progress bar's weights, so its
 #: ETA is right when the steps keep their relative speed (it scales with the machine's actual speed).
-STEP_COST: dict[str, float] = {"data": 0.045, "model": 2.3, "bench": 0.045, "shortcut": 0.25, "attribute": 0.14, "evaluate": 0.004,
+STEP_COST: dict[str, float] = {"data": 0.045, "model": 2.3, "bench": 0.045, "shortcut": 0.39, "attribute": 0.14, "evaluate": 0.004,
                                "report": 3.5}
 
 
