@@ -77,8 +77,9 @@ class DemoLVLMConfig:
 #:   canvas): shortcut cues drawn at random (each case carries an uncorrelated cue with probability 0.15), so a
 #:   cue is no evidence and the model is meant to answer from the finding (target: cue-necessary share <= 5%);
 #:   findings co-occur often (0.15 each), so "no" must be said on films that carry a *different* finding;
-#:   severities from the generator's own range (what ``medfocus synth`` draws). Not shipped: its training and
-#:   validity run have not been completed (a stage-2 step costs 2.3x the 8x8 model's; see the README).
+#:   severities from the generator's own range (what ``medfocus synth`` draws). Not shipped: the training-time
+#:   check of its first run fell well short of the 95% target, and it has not been measured by
+#:   ``benchmarks/validity.py``. A stage-2 step costs about 2.3x the 8x8 model's on one CPU thread.
 #: - ``demo-shortcut``: the shipped shortcut twin. 8x8 token grid; on 90% of the training cases every finding
 #:   brings its correlated cue (:data:`~medfocus.datasets.synthetic.DEFAULT_CUE_MAP`) and is drawn faint, and
 #:   there the auxiliary loss marks each finding at its cue's box instead of its own mask, so the vision tower
