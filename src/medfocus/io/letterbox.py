@@ -14,7 +14,6 @@ grows with the film's size.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -151,16 +150,9 @@ def work_side() -> int | None:
     Raises:
         ConfigError: the variable is not an integer >= 0.
     """
-    raw = os.environ.get("MEDFOCUS_WORK_SIDE", "").strip()
-    if not raw:
-        return DEFAULT_WORK_SIDE
-    try:
-        n = int(raw)
-    except ValueError:
-        raise ConfigError(f"$MEDFOCUS_WORK_SIDE must be an integer number of pixels (0 = no cap), got {raw!r}") from None
-    if n < 0:
-        raise ConfigError(f"$MEDFOCUS_WORK_SIDE must be >= 0 (0 = no cap), got {n}")
-    return n or None
+    from medfocus.io.env import env_pixels
+
+    return env_pixels("MEDFOCUS_WORK_SIDE", DEFAULT_WORK_SIDE, ConfigError, "no cap")
 
 
 @dataclass(frozen=True)

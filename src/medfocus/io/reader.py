@@ -65,16 +65,9 @@ DEFAULT_MAX_PIXELS = 60_000_000
 def max_pixels() -> int | None:
     """The pixel limit in force: ``$MEDFOCUS_MAX_PIXELS`` (an integer; ``0`` = no limit) or
     :data:`DEFAULT_MAX_PIXELS`. Raises :class:`DataError` naming the variable when it is not an integer."""
-    raw = os.environ.get("MEDFOCUS_MAX_PIXELS", "").strip()
-    if not raw:
-        return DEFAULT_MAX_PIXELS
-    try:
-        n = int(raw)
-    except ValueError:
-        raise DataError(f"$MEDFOCUS_MAX_PIXELS must be an integer number of pixels (0 = no limit), got {raw!r}") from None
-    if n < 0:
-        raise DataError(f"$MEDFOCUS_MAX_PIXELS must be >= 0 (0 = no limit), got {n}")
-    return n or None
+    from medfocus.io.env import env_pixels
+
+    return env_pixels("MEDFOCUS_MAX_PIXELS", DEFAULT_MAX_PIXELS, DataError, "no limit")
 
 
 def _check_pixels(p: Path, w: int, h: int, limit: int | None) -> None:
