@@ -57,18 +57,6 @@ def _mean_ci(values: list[float], n_boot: int = 2000, seed: int = 0) -> str:
     return f"{v.mean():.2f} [{np.percentile(means, 2.5):.2f}, {np.percentile(means, 97.5):.2f}]"
 
 
-def _round_robin(outcomes: list, samples_by_index: dict, k: int) -> list:
-    by_f: dict[str, list] = {}
-    for o in outcomes:
-        by_f.setdefault(samples_by_index[o.index].attribute, []).append(o)
-    chosen: list = []
-    while len(chosen) < k and any(by_f.values()):
-        for f in sorted(by_f):
-            if by_f[f] and len(chosen) < k:
-                chosen.append(by_f[f].pop(0))
-    return chosen
-
-
 def attribution_rows(adapter, chosen: list, samples_by_index: dict, methods) -> dict[str, list[dict[str, float]]]:
     """method -> per-sample :func:`cue_pointing` results on the cued film, for its "Yes"."""
     from tqdm import tqdm
@@ -92,9 +80,12 @@ def attribution_rows(adapter, chosen: list, samples_by_index: dict, methods) -> 
 
 def attribution_for(adapter, result, cued: list, attr_samples: int, methods) -> dict:
     """group -> method -> per-sample cue_pointing rows, on up to ``attr_samples`` answers per group."""
+    from medfocus.runner.demo import round_robin
+
     by_index = {s.index: s for s in cued}
-    nec = _round_robin([o for o in result.outcomes if o.cue_necessary], by_index, attr_samples)
-    ind = _round_robin([o for o in result.outcomes if o.cue_independent], by_index, attr_samples)
+    finding = lambda o: by_index[o.index].attribute  # noqa: E731
+    nec = round_robin([o for o in result.outcomes if o.cue_necessary], finding, attr_samples)
+    ind = round_robin([o for o in result.outcomes if o.cue_independent], finding, attr_samples)
     return {"cue-necessary": attribution_rows(adapter, nec, by_index, methods),
             "cue-independent": attribution_rows(adapter, ind, by_index, methods)}
 

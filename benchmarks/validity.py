@@ -177,16 +177,11 @@ def sanity_and_baselines(adapter, samples: list, answers: dict, n_films: int) ->
     from medfocus.training.demo_lvlm import task_question
     from medfocus.lvlm.loading import load_lvlm
 
+    from medfocus.runner.demo import round_robin
+
     # films: positives answered "Yes" in direct mode, round-robin over findings (lowest index first)
-    by_f: dict[str, list[int]] = {}
-    for i, s in enumerate(samples):
-        if s.answer == "Yes" and answers["direct"][i] == "Yes":
-            by_f.setdefault(s.attribute, []).append(i)
-    chosen: list[int] = []
-    while len(chosen) < n_films and any(by_f.values()):
-        for f in sorted(by_f):
-            if by_f[f] and len(chosen) < n_films:
-                chosen.append(by_f[f].pop(0))
+    yes = [i for i, s in enumerate(samples) if s.answer == "Yes" and answers["direct"][i] == "Yes"]
+    chosen = round_robin(yes, lambda i: samples[i].attribute, n_films)
     rnd = load_lvlm("demo", device="cpu")
     with torch.no_grad():
         randomize_weights(rnd.model, seed=RANDOM_WEIGHTS_SEED)

@@ -214,20 +214,30 @@ class _Overall:
             self.bar.close()
 
 
+def round_robin(items: Sequence[Any], finding: Callable[[Any], str], k: int) -> list[Any]:
+    """At most ``k`` of ``items``, taken in turn from each finding (findings in name order, each finding's
+    items in the given order), in the order taken: a small subset that still shows every finding."""
+    queues: dict[str, list[Any]] = {}
+    for it in items:
+        queues.setdefault(finding(it), []).append(it)
+    ordered = [queues[f] for f in sorted(queues)]
+    chosen: list[Any] = []
+    while len(chosen) < k and any(ordered):
+        for q in ordered:
+            if q and len(chosen) < k:
+                chosen.append(q.pop(0))
+    return chosen
+
+
 def diverse_subset(items: Sequence[Any], per_cell: int) -> list[Any]:
     """At most ``per_cell`` work items per (model, dataset, mode), taken round-robin over findings
-    (lowest index first within a finding) so a small demo still shows every finding it kept."""
-    cells: dict[tuple, dict[str, list]] = {}
+    (lowest index first within a finding, :func:`round_robin`) so a small demo still shows every finding it kept."""
+    cells: dict[tuple, list] = {}
     for it in items:
-        cells.setdefault((it.model, it.dataset, it.mode), {}).setdefault(it.sample.attribute, []).append(it)
+        cells.setdefault((it.model, it.dataset, it.mode), []).append(it)
     out: list[Any] = []
-    for by_attr in cells.values():
-        queues = [sorted(v, key=lambda it: it.index) for _, v in sorted(by_attr.items())]
-        chosen: list[Any] = []
-        while len(chosen) < per_cell and any(queues):
-            for q in queues:
-                if q and len(chosen) < per_cell:
-                    chosen.append(q.pop(0))
+    for cell in cells.values():
+        chosen = round_robin(sorted(cell, key=lambda it: it.index), lambda it: it.sample.attribute, per_cell)
         out.extend(sorted(chosen, key=lambda it: it.index))
     return out
 

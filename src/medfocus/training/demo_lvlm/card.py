@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 from medfocus.lvlm.registry import DEMO_DIR, DEMO_SHORTCUT_DIR
 from medfocus.training.demo_lvlm.config import DemoLVLMConfig, preset_of
-from medfocus.training.demo_lvlm.data import CUE_DESCRIPTION
+from medfocus.training.demo_lvlm.data import CUE_OFF_SUBSET_DESCRIPTION, CUE_SUBSET_DESCRIPTION
 from medfocus.types import EVIDENCE_REQUESTS
 
 def _acc_table(res: dict[str, Any], modes: Sequence[str] = ("direct", "cot")) -> str:
@@ -44,9 +44,9 @@ def validity_block(card: str) -> str | None:
 
 
 def _cue_text(cfg: DemoLVLMConfig) -> str:
-    """:data:`CUE_DESCRIPTION` for ``cfg`` (without its sentence on the cases off the cue subset when there are none)."""
-    text = CUE_DESCRIPTION.format(faint=cfg.faint_severity, base=cfg.cue_base_rate)
-    return text.split(" The other cases")[0] if cfg.cue_subset >= 1 else text
+    """The cue subset's description for ``cfg`` (with the sentence on the cases off the subset when there are any)."""
+    off = CUE_OFF_SUBSET_DESCRIPTION.format(base=cfg.cue_base_rate) if cfg.cue_subset < 1 else ""
+    return CUE_SUBSET_DESCRIPTION.format(faint=cfg.faint_severity) + off
 
 
 def _shipped_name(out: Path) -> str:

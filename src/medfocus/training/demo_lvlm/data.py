@@ -39,11 +39,15 @@ def canvases_to_pixel_values(canvases: torch.Tensor, merge: int = 2) -> torch.Te
     return pv.reshape(-1, pv.shape[-1]).contiguous()
 
 
-CUE_DESCRIPTION = ("every finding present brings its correlated shortcut cue (`generate_case(cue_rate=1.0)` with the "
-                   "world's `DEFAULT_CUE_MAP`: chest tube <-> pleural effusion / pneumothorax, side marker <-> nodule / mass, "
-                   "PORTABLE tag <-> cardiomegaly / consolidation / atelectasis) and is drawn faint (severity uniform in "
-                   "{faint}; cardiomegaly's size does not depend on severity). The other cases carry an uncorrelated cue with "
-                   "probability {base}, so a cue alone is strong but not perfect evidence.")
+#: What the cue subset is (card text; ``{faint}``: the faint severity range).
+CUE_SUBSET_DESCRIPTION = ("every finding present brings its correlated shortcut cue (`generate_case(cue_rate=1.0)` with the "
+                          "world's `DEFAULT_CUE_MAP`: chest tube <-> pleural effusion / pneumothorax, side marker <-> nodule / "
+                          "mass, PORTABLE tag <-> cardiomegaly / consolidation / atelectasis) and is drawn faint (severity "
+                          "uniform in {faint}; cardiomegaly's size does not depend on severity).")
+#: What the cases off the cue subset carry (``{base}``: their uncorrelated cue rate).
+CUE_OFF_SUBSET_DESCRIPTION = (" The other cases carry an uncorrelated cue with probability {base}, so a cue alone is strong but "
+                              "not perfect evidence.")
+CUE_DESCRIPTION = CUE_SUBSET_DESCRIPTION + CUE_OFF_SUBSET_DESCRIPTION
 
 
 @dataclass
