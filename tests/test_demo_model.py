@@ -134,6 +134,56 @@ def test_train_loop_two_steps_changes_weights_deterministically(micro) -> None:
     assert results[0] == results[1]
 
 
+def test_stage2_vision_lr_scale_zero_freezes_the_vision_tower_and_stage1_check_runs(micro) -> None:
+    """``stage2_vision_lr_scale=0``: stage 2 leaves every vision-tower weight exactly as stage 1 left it
+    (the LM still learns); the stage-1 held-out check is called on its cadence with the auxiliary head."""
+    from dataclasses import replace
+
+    cfg0, tok, _, _, _ = micro
+    cfg = replace(cfg0, stage2_vision_lr_scale=0.0, vision_steps=2, eval_every=1, steps=2)
+    pool = D.build_train_pool(cfg, progress=False)
+    model = D.build_model(cfg, tok)
+    after_stage1: dict = {}
+    calls: list[int] = []
+
+    def vision_eval(step, head):
+        calls.append(step)
+        acc = D.presence_accuracy(model, head, [c for c in pool[:4]], ["nodule", "mass", "nodule", "mass"],
+                                  [True, False, False, True], cfg)
+        assert set(acc) == {"all", "nodule", "mass"} and 0.0 <= acc["all"] <= 1.0
+        if step == cfg.vision_steps:
+            after_stage1.update({n: p.detach().clone() for n, p in model.named_parameters()})
+
+    D.train_loop(model, D.Encoder(tok, cfg.token_grid ** 2), pool, cfg, log=lambda s: None, vision_eval_fn=vision_eval)
+    assert calls == [1, 2]
+    vis = [n for n in after_stage1 if ".visual." in f".{n}"]
+    lm = [n for n in after_stage1 if ".visual." not in f".{n}"]
+    params = dict(model.named_parameters())
+    assert vis and all(torch.equal(after_stage1[n], params[n]) for n in vis)
+    assert sum(int(not torch.equal(after_stage1[n], params[n])) for n in lm) > len(lm) // 2
+
+
+def test_presence_accuracy_scores_the_heads_calls() -> None:
+    """Known answer: a head whose global logit for finding k is +1 (says present) scores present cases right."""
+    cfg = D.DemoLVLMConfig(canvas=28, spatial_merge_size=1)
+
+    class Visual:
+        def get_image_features(self, pv, thw):
+            from types import SimpleNamespace
+            return SimpleNamespace(pooler_output=[torch.zeros(4, 3) for _ in range(len(thw))])
+
+    class Model:
+        model = Visual()
+
+    head = torch.nn.Linear(3, 2 * len(FINDINGS))
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([0.0] * len(FINDINGS) + [1.0 if f == "nodule" else -1.0 for f in FINDINGS]))
+    case = D.DemoCase(seed=0, canvas=np.zeros((28, 28), np.uint8), views={}, cued=False, severity={})
+    acc = D.presence_accuracy(Model(), head, [case] * 4, ["nodule", "nodule", "mass", "mass"], [True, True, False, True], cfg)
+    assert acc == {"all": 0.75, "nodule": 1.0, "mass": 0.5}
+
+
 # ---- the shipped model -------------------------------------------------------------------------------
 @needs_shipped
 def test_shipped_folder_is_small_and_documented() -> None:

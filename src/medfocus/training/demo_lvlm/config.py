@@ -54,6 +54,9 @@ class DemoLVLMConfig:
     aux_weight: float = 1.0  # weight of the training-only token-grid finding loss (see aux_loss)
     aux_pos_weight: float = 4.0  # positive-class weight of that loss (findings cover few cells)
     aux_target: str = "finding"  # what the auxiliary loss marks for a finding: its mask, or "cue": its shortcut cue's box
+    # learning-rate factor of the vision tower (and merger) in stage 2: below 1, the LM learns to read the
+    # features stage 1 taught instead of the answer loss reshaping them (1: everything at the same rate)
+    stage2_vision_lr_scale: float = 1.0
     num_threads: int = 2
     eval_every: int = 0  # quick teacher-forced held-out check every N steps (0: off)
     checkpoint_every: int = 0  # save a resumable checkpoint every N steps (0: off)

@@ -81,9 +81,13 @@ def aux_loss(head: torch.nn.Module, emb: torch.Tensor, labels: torch.Tensor, pos
 
 
 def pretrain_vision(model, head: torch.nn.Module, canvases: torch.Tensor, labels: torch.Tensor, cfg: DemoLVLMConfig,
-                    rng: random.Random, log: Callable[[str], None] = print) -> list[float]:
+                    rng: random.Random, log: Callable[[str], None] = print,
+                    eval_fn: Callable[[int, torch.nn.Module], None] | None = None) -> list[float]:
     """Stage 1: the vision tower (with the merger) and the auxiliary head alone, ``cfg.vision_steps`` steps of
-    ``cfg.vision_batch`` images (no text: cheap, so many more images per second than stage 2)."""
+    ``cfg.vision_batch`` images (no text: cheap, so many more images per second than stage 2).
+
+    ``eval_fn(step, head)`` is called every ``cfg.eval_every`` steps (a held-out check of what the vision
+    tower alone can tell; see :func:`presence_accuracy`)."""
     grid = cfg.canvas // 14
     params = list(model.model.visual.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
@@ -102,7 +106,36 @@ def pretrain_vision(model, head: torch.nn.Module, canvases: torch.Tensor, labels
         losses.append(float(loss.detach()))
         if (step + 1) % 50 == 0:
             log(f"vision step {step + 1}/{cfg.vision_steps} aux loss {np.mean(losses[-50:]):.4f} {time.time() - t0:.0f}s")
+        if eval_fn is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            model.eval()
+            eval_fn(step + 1, head)
+            model.train()
     return losses
+
+
+@torch.no_grad()
+def presence_accuracy(model, head: torch.nn.Module, cases: Sequence[DemoCase], asked: Sequence[str], present: Sequence[bool],
+                      cfg: DemoLVLMConfig, batch: int = 32) -> dict[str, float]:
+    """Held-out accuracy of the auxiliary head's image-level call ("the image has finding f": the token-mean
+    logit > 0) for ``(case, asked finding, present)`` triples, overall (``"all"``) and per finding.
+
+    A training-time diagnostic of stage 1: roughly the ceiling of what the LM can read from the image tokens
+    (the head is linear on them), so a recipe whose vision tower cannot tell the findings apart is seen
+    before stage 2 is paid for."""
+    findings = _findings()
+    grid = cfg.canvas // 14
+    calls = []
+    for s in range(0, len(cases), batch):
+        can = torch.from_numpy(np.stack([c.canvas for c in cases[s : s + batch]]))
+        thw = torch.tensor([[1, grid, grid]] * len(can))
+        emb = torch.stack(list(model.model.get_image_features(canvases_to_pixel_values(can, cfg.spatial_merge_size), thw).pooler_output))
+        glob = head(emb)[..., len(findings):].mean(dim=1)  # (B, n_findings)
+        calls.append(glob.numpy() > 0)
+    said = np.concatenate(calls)[np.arange(len(cases)), [findings.index(f) for f in asked]]
+    ok = said == np.asarray(present, bool)
+    out = {"all": float(ok.mean())}
+    out.update({f: float(ok[[a == f for a in asked]].mean()) for f in findings if f in asked})
+    return out
 
 
 def _sample_items(rng: random.Random, case_ids: Sequence[int], pool: Sequence[DemoCase], findings: Sequence[str],
@@ -132,7 +165,8 @@ def _lr_at(step: int, cfg: DemoLVLMConfig) -> float:
 
 
 def train_loop(model, enc: Encoder, pool: Sequence[DemoCase], cfg: DemoLVLMConfig, *, log: Callable[[str], None] = print,
-               eval_fn: Callable[[int], None] | None = None, checkpoint: str | Path | None = None) -> list[float]:
+               eval_fn: Callable[[int], None] | None = None, checkpoint: str | Path | None = None,
+               vision_eval_fn: Callable[[int, torch.nn.Module], None] | None = None) -> list[float]:
     """AdamW + linear warm-up + cosine decay over ``cfg.steps`` steps; returns the per-step losses.
 
     With ``checkpoint`` and ``cfg.checkpoint_every``, the model, optimiser and sampler states are saved
@@ -146,11 +180,18 @@ def train_loop(model, enc: Encoder, pool: Sequence[DemoCase], cfg: DemoLVLMConfi
     canvases = torch.from_numpy(np.stack([c.canvas for c in pool]))
     labels = torch.from_numpy(np.stack([c.grid_labels for c in pool])) if cfg.aux_weight else None
     head = torch.nn.Linear(model.config.text_config.hidden_size, 2 * len(findings)) if cfg.aux_weight else None
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    named = list(model.named_parameters())
+    split = cfg.stage2_vision_lr_scale != 1.0  # (one group per decay class otherwise, as the shipped recipes were trained)
+    groups = []
+    for scale, part in ([(1.0, named)] if not split else
+                        [(1.0, [(n, p) for n, p in named if ".visual." not in f".{n}"]),
+                         (cfg.stage2_vision_lr_scale, [(n, p) for n, p in named if ".visual." in f".{n}"])]):
+        decay = [p for n, p in part if p.dim() >= 2 and "embed" not in n]
+        no_decay = [p for n, p in part if not (p.dim() >= 2 and "embed" not in n)]
+        groups += [{"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": scale},
+                   {"params": no_decay, "weight_decay": 0.0, "lr_scale": scale}]
     if head is not None:
-        groups.append({"params": list(head.parameters()), "weight_decay": 0.0})
+        groups.append({"params": list(head.parameters()), "weight_decay": 0.0, "lr_scale": 1.0})
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
     model.train()
     losses: list[float] = []
@@ -170,11 +211,11 @@ def train_loop(model, enc: Encoder, pool: Sequence[DemoCase], cfg: DemoLVLMConfi
             losses, start = list(state["losses"]), int(state["step"])
             log(f"resumed from {ck} at step {start}")
     if start == 0 and cfg.vision_steps and head is not None:
-        pretrain_vision(model, head, canvases, labels, cfg, rng, log)
+        pretrain_vision(model, head, canvases, labels, cfg, rng, log, vision_eval_fn)
     t0 = time.time()
     for step in range(start, cfg.steps):
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg)
+            g["lr"] = _lr_at(step, cfg) * g.get("lr_scale", 1.0)
         ids = rng.sample(range(len(pool)), cfg.images_per_step)
         items = _sample_items(rng, ids, pool, findings, cfg)
         aux = (head, labels[ids], cfg.aux_weight, cfg.aux_pos_weight) if head is not None else None
@@ -223,7 +264,12 @@ def train_demo(out_dir: str | Path, cfg: DemoLVLMConfig | None = None, *, log: C
     pool = build_train_pool(cfg, progress=progress)
     t_data = time.time() - t0
     log(f"{len(pool)} training cases in {t_data:.0f}s ({sum(c.cued for c in pool)} on the cue subset)")
-    quick = build_eval_pool(cfg, n_per_cell=6, progress=False, seed_offset=900_000) if cfg.eval_every else []
+    quick = build_eval_pool(cfg, n_per_cell=12, progress=False, seed_offset=900_000) if cfg.eval_every else []
+
+    def vision_eval(step: int, head: torch.nn.Module) -> None:
+        acc = presence_accuracy(model, head, [c for c, _, _ in quick], [f for _, f, _ in quick], [p for _, _, p in quick], cfg)
+        log(f"  [vision step {step}] auxiliary head's held-out presence accuracy {acc.pop('all'):.3f} on {len(quick)}: "
+            f"{ {f: round(v, 2) for f, v in acc.items()} }")
 
     def quick_eval(step: int) -> None:
         m = direct_margin(model, enc, [c for c, _, _ in quick], [f for _, f, _ in quick], cfg.canvas // 14)
@@ -234,7 +280,8 @@ def train_demo(out_dir: str | Path, cfg: DemoLVLMConfig | None = None, *, log: C
 
     t0 = time.time()
     ck = checkpoint_path(out)
-    losses = train_loop(model, enc, pool, cfg, log=log, eval_fn=quick_eval, checkpoint=ck if cfg.checkpoint_every else None)
+    losses = train_loop(model, enc, pool, cfg, log=log, eval_fn=quick_eval, checkpoint=ck if cfg.checkpoint_every else None,
+                        vision_eval_fn=vision_eval if cfg.eval_every else None)
     t_train = time.time() - t0
     del pool
     extra = {"train_seconds": round(t_train, 1), "data_seconds": round(t_data, 1), "final_loss": float(np.mean(losses[-25:])),
