@@ -29,6 +29,24 @@ VOLATILE = {"seconds", "wall_seconds", "heatmap_path", "shared_pass"}
 METHODS = ["--method", "attention_head", "--method", "gradcam", "--method", "occlusion", "--param", "occlusion.grid=2"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _workers_use_the_parents_thread_count():
+    """Worker processes read their intra-op thread count from the environment, while this process runs
+    on the one thread conftest pins; a different thread count changes floating-point summation order
+    (maps then agree to ~1e-7, not bit for bit). Bit-identical records are promised for the same
+    settings, so the workers get the parent's count whatever the caller's ``OMP_NUM_THREADS`` says."""
+    import torch
+
+    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(torch.get_num_threads())
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def _invoke(args: list[str]):
     res = CliRunner().invoke(main, args, catch_exceptions=False)
     return res
