@@ -153,13 +153,47 @@ def test_attention_flow_residual_conserves_relevance(toy: ToyAdapter) -> None:
     assert np.unravel_index(np.argmax(g), g.shape) == TARGET
 
 
-def test_gradcam_last_layer_gradient_is_exactly_zero_but_default_is_not(toy: ToyAdapter) -> None:
+def image_grad_at_layer_output(adapter, image, question: str, answer: str, k: int) -> torch.Tensor:
+    """``(N_img, D)`` gradient of the answer's log-likelihood w.r.t. decoder layer ``k``'s output at the
+    image tokens, hooked directly (no method involved)."""
+    chat = adapter.prepare(image, question, answer)
+    store: dict = {}
+    remove = layer_hidden_hook(adapter.decoder_layers[k], pre=False, store=store)
+    try:
+        logp, _ = forward_logprobs(adapter, chat, chat.inputs)
+        (g,) = torch.autograd.grad(logp.sum(), store["h"])
+    finally:
+        remove()
+    return g[0, chat.image_token_positions]
+
+
+def test_gradcam_last_layer_is_refused_because_its_gradient_is_exactly_zero(toy: ToyAdapter) -> None:
     """The paper's pitfall: in a causal decoder the last layer's states at image positions cannot reach
-    the answer, so their gradient is exactly zero; our default layer has a non-zero gradient."""
+    the answer, so their gradient is exactly zero (measured here by hooking that layer directly); Grad-CAM
+    and Grad-CAM++ refuse that layer under both of its indices, naming the method, the setting, the value
+    and the layer count, while the layer below it and the other specs work."""
+    from medfocus.attribution.passes import resolve_grad_layer
+
     img = toy_image(TARGET, seed=3)
-    last = get_method("gradcam", layer=-1).attribute(toy, img, Q, "Yes")
-    assert last.extras["grad_abs_sum"] == 0.0 and float(np.abs(last.heatmap).max()) == 0.0
-    for layer in ("input", "middle", 0):
+    n = len(toy.decoder_layers)
+    assert n >= 2
+    assert float(image_grad_at_layer_output(toy, img, Q, "Yes", n - 1).abs().sum()) == 0.0  # exactly zero
+    assert float(image_grad_at_layer_output(toy, img, Q, "Yes", n - 2).abs().sum()) > 0
+    for name in ("gradcam", "gradcampp"):
+        for layer in (-1, n - 1):
+            method = get_method(name, layer=layer)  # the type is fine; the model decides the range
+            for call in (lambda: method.check_params(toy), lambda: method.attribute(toy, img, Q, "Yes")):
+                with pytest.raises(ConfigError) as ei:
+                    call()
+                msg = str(ei.value)
+                for w in (f"method {name!r}", "'layer'", f"= {layer}", f"{n} decoder layers", "exactly zero",
+                          f"0..{n - 2} or -{n}..-2"):
+                    assert w in msg, (w, msg)
+        for layer in (99, -n - 1):
+            with pytest.raises(ConfigError, match=rf"method '{name}': parameter 'layer' = {layer} is out of range .* {n} decoder layers"):
+                get_method(name, layer=layer).check_params(toy)
+    assert resolve_grad_layer(toy, -2)[2] == resolve_grad_layer(toy, n - 2)[2] == f"decoder_layer_{n - 2}_output"
+    for layer in ("input", "middle", 0, -2):
         res = get_method("gradcam", layer=layer).attribute(toy, img, Q, "Yes")
         assert res.extras["grad_abs_sum"] > 0, layer
         assert top_cell(res.heatmap) == TARGET

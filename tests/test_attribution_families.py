@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ import torch
 from medfocus.attribution import get_method
 from medfocus.attribution._common import final_token_index, forward_logprobs, score
 from medfocus.attribution.base import BASELINES
+from medfocus.errors import ConfigError
 
 
 FAMILIES = ("qwen_vl", "gemma3", "llava")
@@ -47,14 +50,21 @@ def test_every_method_runs_on_tiny_family(tiny_adapters, family: str, mode: str,
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gradcam_layer_choice_on_tiny_family(tiny_adapters, family: str, image: np.ndarray) -> None:
     """The default layer's gradient at image tokens is non-zero (Gemma 3's zero-initialised projection would
-    make it exactly zero); the last decoder layer's is exactly zero (the paper's pitfall)."""
+    make it exactly zero); the last decoder layer's is exactly zero (the paper's pitfall), so that layer is
+    refused and the one below it works."""
     adapter = tiny_adapters[family]
     default = get_method("gradcam").attribute(adapter, image, Q_DIRECT, "Yes")
     assert default.extras["layer"] == "lm_input_embeddings" and default.extras["grad_abs_sum"] > 0
     middle = get_method("gradcam", layer="middle").attribute(adapter, image, Q_DIRECT, "Yes")
     assert middle.extras["grad_abs_sum"] > 0
-    last = get_method("gradcam", layer=-1).attribute(adapter, image, Q_DIRECT, "Yes")
-    assert last.extras["grad_abs_sum"] == 0.0
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_attribution import image_grad_at_layer_output
+
+    n = len(adapter.decoder_layers)
+    assert float(image_grad_at_layer_output(adapter, image, Q_DIRECT, "Yes", n - 1).abs().sum()) == 0.0
+    with pytest.raises(ConfigError, match=rf"'layer' = -1 is the last of the {n} decoder layers of model"):
+        get_method("gradcam", layer=-1).attribute(adapter, image, Q_DIRECT, "Yes")
+    assert get_method("gradcam", layer=-2).attribute(adapter, image, Q_DIRECT, "Yes").extras["grad_abs_sum"] > 0
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -60,3 +60,35 @@ def test_evaluate_command_errors(tmp_path):
     assert res.exit_code != 0 and "bad.jsonl line 1" in res.output
     res = CliRunner().invoke(main, ["evaluate", "--help"])
     assert res.exit_code == 0 and "heatmap_path" in res.output
+
+
+def test_evaluate_shows_the_faithfulness_columns_the_records_carry(tmp_path):
+    """Records with deletion/insertion curves (``attribute --faithfulness``, the demo) get the Del./Ins. AUC
+    columns by default, and the count is of records, not of the per-sample reference rows added for them."""
+    recs = []
+    for i, (d, ins) in enumerate(((0.2, 0.6), (0.4, 0.8))):
+        recs.append({"model": "demo", "dataset": "synthetic", "index": i, "mode": "direct", "method": "occlusion",
+                     "attribute": "nodule", "gt_boxes": [[0, 0, 8, 8]], "image_size": [32, 32], "pred_boxes": [[0, 0, 8, 8]], "error": None,
+                     "deletion_auc": d, "insertion_auc": ins,
+                     "faithfulness": {"random": {"deletion_auc": 0.5, "insertion_auc": 0.5},
+                                      "expert_box": {"deletion_auc": 0.1, "insertion_auc": 0.9}}})
+    path = tmp_path / "predictions.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    res = CliRunner().invoke(main, ["evaluate", str(path), "--out", str(tmp_path / "e"), "--n-boot", "50", "--no-baselines"])
+    assert res.exit_code == 0, res.output
+    md = (tmp_path / "e" / "table.md").read_text()
+    assert "Synthetic (n=2) Del. AUC" in md and "Synthetic (n=2) Ins. AUC" in md
+    rows = {ln.split(" | ")[0][2:]: ln for ln in md.splitlines() if ln.startswith("| ") and not ln.startswith("| Method")}
+    assert rows["occlusion"].endswith("| 100.0 [100.0, 100.0] | 30.0 [20.0, 40.0] | 70.0 [60.0, 80.0] |")
+    assert rows["reference: random map"].endswith("| – | 50.0 [50.0, 50.0] | 50.0 [50.0, 50.0] |")
+    assert rows["reference: expert-box map"].endswith("| – | 10.0 [10.0, 10.0] | 90.0 [90.0, 90.0] |")
+    assert "2 records (0 with errors) + 4 faithfulness reference rows" in res.output
+    # records without curves: the localisation columns only; an explicit --metrics is kept as given
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({k: v for k, v in r.items() if k not in ("deletion_auc", "insertion_auc", "faithfulness")}) + "\n"
+                             for r in recs))
+    res = CliRunner().invoke(main, ["evaluate", str(plain), "--out", str(tmp_path / "p"), "--n-boot", "50"])
+    assert res.exit_code == 0 and "Del. AUC" not in (tmp_path / "p" / "table.md").read_text()
+    assert "2 records (0 with errors) + " in res.output and "reference rows" not in res.output
+    res = CliRunner().invoke(main, ["evaluate", str(path), "--out", str(tmp_path / "i"), "--n-boot", "50", "--metrics", "iou"])
+    assert res.exit_code == 0 and "Del. AUC" not in (tmp_path / "i" / "table.md").read_text()

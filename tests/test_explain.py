@@ -325,3 +325,34 @@ def test_long_answer_on_a_large_film_keeps_low_resolution_token_maps(tmp_path, d
         assert abs((ly + 0.5) / cell - (gy + 0.5)) <= 1 and abs((lx + 0.5) / cell - (gx + 0.5)) <= 1
     view = sample_view(res.records, res.out)
     assert len(view["methods"][0]["token_maps"]) == T == len(view["tokens"])
+
+
+def test_explain_checks_the_model_and_its_indices_before_writing_anything(tmp_path, monkeypatch):
+    """A layer index the loaded model does not have (or Grad-CAM's last layer) and a model that cannot be
+    loaded without the network are one error before --out is touched (new-user report items 4, 6, 11)."""
+    import huggingface_hub.constants as hfc
+
+    from medfocus.attribution.testing import ToyAdapter, toy_image
+    from medfocus.errors import ModelError
+    from medfocus.io.writers import write_png
+    from medfocus.runner.explain import explain
+
+    film = write_png(tmp_path / "f.png", toy_image((2, 5)))
+    loads = []
+    kw = dict(out=tmp_path / "o", finding="nodule", load_model=lambda name: loads.append(name) or ToyAdapter(), progress=False)
+    n = len(ToyAdapter().decoder_layers)
+    for method, params, words in (("gradcam", {"layer": -1}, ["'layer' = -1", f"last of the {n} decoder layers", "exactly zero"]),
+                                  ("attention_head", {"layer": 50}, ["'layer' = 50", f"{n} decoder layers", f"0..{n - 1}"])):
+        with pytest.raises(ConfigError) as ei:
+            explain([film], methods=[method, "occlusion"], params={method: params}, **kw)
+        assert all(w in str(ei.value) for w in [f"method {method!r}", *words]), str(ei.value)
+        assert not (tmp_path / "o").exists()
+    assert loads == ["demo", "demo"]  # loaded once per call, then refused
+    res = explain([film], methods=["gradcam"], params={"gradcam": {"layer": -2}}, **kw)
+    assert res.summary.done == 1 and res.records[0]["extras"]["layer"] == f"decoder_layer_{n - 2}_output"
+    monkeypatch.setattr(hfc, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    with pytest.raises(ModelError, match="'someone/not-cached'.*not available locally"):
+        explain([film], out=tmp_path / "o2", finding="nodule", model="someone/not-cached", methods=["occlusion"], progress=False)
+    assert not (tmp_path / "o2").exists()

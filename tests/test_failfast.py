@@ -5,6 +5,7 @@ status and no traceback."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -182,3 +183,137 @@ def test_bench_build_unknown_model_is_one_clear_error(tmp_path):
     res = CliRunner().invoke(main, ["bench", "build", "--model", "no_such_model", "--dataset", "synthetic", "--data-root",
                                     str(data), "--out", str(tmp_path / "o"), "--no-progress"])
     assert res.exit_code == 1 and "unknown model 'no_such_model'" in res.output and "Traceback" not in res.output
+
+
+# ---- model-dependent settings and models that cannot be loaded (new-user report items 4, 6, 11) ----------
+def _records(out):
+    p = out / "predictions.jsonl"
+    return [line for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
+
+
+@pytest.fixture()
+def toy_world(world, monkeypatch):
+    """``world`` whose model loader gives the toy LVLM (real decoder layers and attention heads)."""
+    import medfocus.lvlm.loading as loading
+    from medfocus.attribution.testing import ToyAdapter
+
+    monkeypatch.setattr(loading, "load_lvlm", lambda name, device=None, **kw: world["loads"].append(name) or ToyAdapter())
+    toy = ToyAdapter()
+    world["n_layers"], world["n_heads"] = len(toy.decoder_layers), toy.decoder_layers[0].self_attn.n_heads
+    return world
+
+
+@pytest.mark.parametrize("param, words", [
+    ("attention_head.layer=50", ["method 'attention_head'", "'layer' = 50", "out of range for model 'toy'", "{n} decoder layers",
+                                 "valid: 0..{n1} or -{n}..-1"]),
+    ("attention_head.heads=7", ["method 'attention_head'", "'heads' = 7", "{h} attention heads", "valid: 'mean' or 0..{h1}"]),
+    ("attention_rollout.layers=[0, 9]", ["method 'attention_rollout'", "'layers' = [0, 9]", "layer 9 is out of range", "{n} decoder layers"]),
+    ("gradcam.layer=99", ["method 'gradcam'", "'layer' = 99", "{n} decoder layers", "valid: 'input', 'middle', 0..{n2} or -{n}..-2"]),
+    ("gradcam.layer=-1", ["method 'gradcam'", "'layer' = -1", "decoder layers of model 'toy'", "{n} decoder layers", "exactly zero"]),
+    ("gradcampp.layer={n1}", ["method 'gradcampp'", "'layer' = {n1}", "decoder layers of model 'toy'", "exactly zero"]),
+])
+def test_model_dependent_indices_fail_after_load_before_the_run(toy_world, param, words):
+    """An index the model does not have (or Grad-CAM's last layer, whose gradient is exactly zero) is one
+    error right after the model loads: exit 1, the setting, the value and the valid range named, no record."""
+    n, h = toy_world["n_layers"], toy_world["n_heads"]
+    fill = dict(n=n, n1=n - 1, n2=n - 2, h=h, h1=h - 1)
+    method = param.split(".")[0]
+    res, out = _run(toy_world, "--model", "demo", "--method", method, "--method", "occlusion", "--param", param.format(**fill))
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output
+    for w in words:
+        assert w.format(**fill) in res.output, (w.format(**fill), res.output)
+    assert toy_world["loads"] == ["demo"]  # checked right after the one load
+    assert _records(out) == []  # nothing ran, not even the valid method
+    res, out = _run(toy_world, "--model", "demo", "--method", method, "--limit", "1")  # in range: runs
+    assert res.exit_code == 0 and len(_records(out)) == 1, res.output
+
+
+def test_a_model_that_fails_to_load_fails_the_run(world, monkeypatch):
+    """A load failure inside the run is a non-zero exit naming the model, not one error record per sample
+    (which a rerun would serve as 'already in the store')."""
+    import medfocus.lvlm.loading as loading
+
+    def broken(name, device=None, **kw):
+        world["loads"].append(name)
+        raise OSError("safetensors header is damaged")
+
+    monkeypatch.setattr(loading, "load_lvlm", broken)
+    res, out = _run(world, "--model", "demo", "--method", "occlusion")
+    assert res.exit_code == 1, res.output
+    assert "model 'demo' could not be loaded" in res.output and "safetensors header is damaged" in res.output
+    assert world["loads"] == ["demo"] and _records(out) == []
+
+
+def _fake_snapshot(cache: Path, hf_id: str, files: dict[str, str]) -> Path:
+    """A Hugging Face cache entry for ``hf_id`` in the hub's layout (refs/main -> snapshots/<rev>/...)."""
+    repo = cache / ("models--" + hf_id.replace("/", "--"))
+    snap = repo / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    for name, text in files.items():
+        (snap / name).write_text(text)
+    return snap
+
+
+def test_hub_model_without_local_copy_is_refused_unless_downloads_are_allowed(world, monkeypatch, tmp_path):
+    """A hub id is loaded only from a complete local snapshot unless HF_HUB_OFFLINE=0 allows downloading:
+    otherwise one error before the run (no network retries), naming the model, the cache looked in and the
+    three ways to provide it; `medfocus models --check` agrees."""
+    import huggingface_hub.constants as hfc
+
+    from medfocus.lvlm.loading import available_locally, check_model, downloads_allowed
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(hfc, "HF_HUB_CACHE", str(cache))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    assert not downloads_allowed()
+    hf_id = "Qwen/Qwen2.5-VL-3B-Instruct"
+    with pytest.raises(ModelError) as ei:
+        check_model("qwen2_5_vl_3b")
+    for w in ("'qwen2_5_vl_3b'", hf_id, "not available locally", str(cache), "--local-dir", "HF_HUB_OFFLINE=0"):
+        assert w in str(ei.value), (w, str(ei.value))
+    res, out = _run(world, "--model", "qwen2_5_vl_3b", "--method", "occlusion")
+    assert res.exit_code == 1 and "not available locally" in res.output and world["loads"] == [] and not out.exists()
+    listing = CliRunner().invoke(main, ["models", "--check"]).output
+    assert [ln for ln in listing.splitlines() if ln.startswith("qwen2_5_vl_3b ")][0].endswith("not available locally")
+    # explicitly allowed: the hub id passes the check (transformers may then download it)
+    for hub, tf, allowed in (("0", None, True), ("false", None, True), ("0", "1", False), ("1", None, False)):
+        monkeypatch.setenv("HF_HUB_OFFLINE", hub)
+        if tf is None:
+            monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+        else:
+            monkeypatch.setenv("TRANSFORMERS_OFFLINE", tf)
+        assert downloads_allowed() is allowed, (hub, tf)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    assert check_model("qwen2_5_vl_3b") == hf_id
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    # a snapshot with a config but no weights is not a local copy; with its weights it is
+    snap = _fake_snapshot(cache, hf_id, {"config.json": "{}"})
+    with pytest.raises(ModelError, match="not available locally"):
+        check_model("qwen2_5_vl_3b")
+    (snap / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-1.safetensors", "b": "model-2.safetensors"}}))
+    (snap / "model-1.safetensors").write_text("")
+    assert not available_locally(hf_id)  # a shard named by the index is missing
+    with pytest.raises(ModelError, match="not available locally"):
+        check_model("qwen2_5_vl_3b")
+    (snap / "model-2.safetensors").write_text("")
+    assert available_locally(hf_id) and check_model("qwen2_5_vl_3b") == hf_id
+    listing = CliRunner().invoke(main, ["models", "--check"]).output
+    assert [ln for ln in listing.splitlines() if ln.startswith("qwen2_5_vl_3b ")][0].endswith("available")
+
+
+def test_load_lvlm_refuses_an_uncached_hub_id_without_the_network(monkeypatch, tmp_path):
+    import huggingface_hub.constants as hfc
+
+    from medfocus.lvlm.loading import load_lvlm
+
+    monkeypatch.setattr(hfc, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    with pytest.raises(ModelError, match=r"'someone/not-cached' \(someone/not-cached\) is not available locally"):
+        load_lvlm("someone/not-cached")

@@ -190,6 +190,19 @@ def test_demo_same_seed_same_tables(demo_adapter, tmp_path):
         return recs
 
     assert untimed(outs[0]) == untimed(outs[1])
+    # the README's `medfocus evaluate <demo>/predictions.jsonl` gives the demo's own table (its Del./Ins. AUC
+    # columns included) and counts the file's records, not the faithfulness reference rows
+    from click.testing import CliRunner
+
+    from medfocus.cli import main
+
+    res = CliRunner().invoke(main, ["evaluate", str(outs[0] / "predictions.jsonl"), "--out", str(tmp_path / "eval"), "--seed", "3"])
+    assert res.exit_code == 0, res.output
+    table = (outs[0] / "table.md").read_text()
+    assert "Del. AUC" in table and "Ins. AUC" in table and "reference: random map" in table
+    assert (tmp_path / "eval" / "table.md").read_text() == table
+    n_lines = len((outs[0] / "predictions.jsonl").read_text().splitlines())
+    assert n_lines == results[0]["n_records"] and f"\n{n_lines} records (0 with errors) + " in "\n" + res.output
 
 
 def test_demo_command_fails_loudly_when_nothing_is_attributed(tiny_model_dirs, tmp_path):
@@ -232,3 +245,26 @@ def test_demo_command_passes_method_params(monkeypatch, tmp_path):
     assert seen["threads"] == 1
     res = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "d"), "--param", "oops"])
     assert res.exit_code != 0 and "METHOD.NAME=VALUE" in res.output
+
+
+def test_demo_checks_the_model_and_its_indices_before_the_filter(tiny_qwen, tmp_path, monkeypatch):
+    """The demo runner fails fast too: a layer index the model does not have is refused right after the
+    model step, before the causal filter runs; a model that cannot be loaded before any data are written."""
+    import huggingface_hub.constants as hfc
+
+    from medfocus.errors import ConfigError, ModelError
+
+    n = len(tiny_qwen.decoder_layers)
+    cfg = DemoConfig(n_samples=3, per_mode=1, n_reference=2, size=128, methods=("gradcam", "occlusion"), shortcut_films=0,
+                     method_params={"gradcam": {"layer": 99}})
+    with pytest.raises(ConfigError, match=rf"method 'gradcam': parameter 'layer' = 99 is out of range .* {n} decoder layers"):
+        run_demo(tmp_path / "d", cfg, adapter=tiny_qwen, progress=False, log=lambda m: None)
+    assert (tmp_path / "d" / "data").is_dir() and not (tmp_path / "d" / "bench").exists()
+    monkeypatch.setattr(hfc, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    cfg = DemoConfig(n_samples=3, per_mode=1, n_reference=2, size=128, methods=("occlusion",), shortcut_films=0,
+                     model="someone/not-cached")
+    with pytest.raises(ModelError, match="not available locally"):
+        run_demo(tmp_path / "d2", cfg, progress=False, log=lambda m: None)
+    assert not (tmp_path / "d2" / "data").exists()

@@ -27,14 +27,42 @@ if TYPE_CHECKING:  # annotations only: the adapter interface lives in the LVLM l
     from medfocus.lvlm.adapter import ChatInputs
 
 
-def _layer_indices(spec: Any, n: int, name: str) -> list[int]:
+def _layer_indices(spec: Any, n: int, name: str, param: str = "layers", model: str | None = None) -> list[int]:
+    """Decoder-layer indices of a ``layer``/``layers`` setting (``"all"``, an int or a list; negative from
+    the end) for a model with ``n`` decoder layers, sorted and deduplicated.
+
+    Raises:
+        ConfigError: an index out of range, naming the method, the setting, the value and the valid range.
+    """
     if spec == "all":
         return list(range(n))
     idx = [int(spec)] if isinstance(spec, (int, np.integer)) else [int(s) for s in spec]
     for k in idx:
         if not -n <= k < n:
-            raise ConfigError(f"{name}: layer {k} out of range for {n} decoder layers")
+            raise ConfigError(f"method {name!r}: parameter {param!r} = {spec!r}: layer {k} is out of range for "
+                              f"{f'model {model!r}' if model else 'the model'} with {n} decoder layers "
+                              f"(valid: 0..{n - 1} or -{n}..-1)")
     return sorted({k % n for k in idx})
+
+
+def attention_heads(adapter: Any) -> int | None:
+    """The number of attention heads of the language model's decoder layers (what an attention map's
+    ``H`` is), read from the first layer's attention module (its config, or ``num_heads`` / ``n_heads``);
+    ``None`` when the module does not say."""
+    attn = getattr(adapter.decoder_layers[0], "self_attn", None)
+    for v in (getattr(getattr(attn, "config", None), "num_attention_heads", None), getattr(attn, "num_heads", None),
+              getattr(attn, "n_heads", None)):
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    return None
+
+
+class _LayersMethod(ForwardMethod):
+    """A forward method whose ``layers`` setting names decoder layers of the model."""
+
+    def check_params(self, adapter: Any) -> None:
+        """Every index of ``layers`` is a decoder layer of this model."""
+        _layer_indices(self.params["layers"], len(adapter.decoder_layers), self.name, "layers", getattr(adapter, "name", None))
 
 
 def _finish(adapter: Any, chat: Any, rows: torch.Tensor, extras: dict[str, Any]) -> Attribution:
@@ -77,13 +105,23 @@ class AttentionHead(ForwardMethod):
     defaults = {"layer": -1, "heads": "mean", "queries": "predicting"}
     spec = {"layer": integer(), "heads": either(choice("mean"), integer(0)), "queries": choice("predicting", "answer")}
 
+    def check_params(self, adapter: Any) -> None:
+        """``layer`` is a decoder layer and an int ``heads`` an attention head of this model."""
+        model = getattr(adapter, "name", None)
+        _layer_indices(self.params["layer"], len(adapter.decoder_layers), self.name, "layer", model)
+        h, n_heads = self.params["heads"], attention_heads(adapter)
+        if h != "mean" and n_heads is not None and not 0 <= int(h) < n_heads:
+            raise ConfigError(f"method {self.name!r}: parameter 'heads' = {h!r} is out of range for "
+                              f"{f'model {model!r}' if model else 'the model'} with {n_heads} attention heads "
+                              f"(valid: 'mean' or 0..{n_heads - 1})")
+
     def _forward_needs(self, adapter: Any) -> ForwardNeeds:
-        _layer_indices(self.params["layer"], len(adapter.decoder_layers), self.name)
+        self.check_params(adapter)
         return ForwardNeeds(attentions=True)
 
     def _from_forward(self, adapter: Any, chat: Any, fp: ForwardPass) -> Attribution:
         att = fp.attentions
-        (k,) = _layer_indices(self.params["layer"], len(att), self.name)
+        (k,) = _layer_indices(self.params["layer"], len(att), self.name, "layer")
         q = _queries(chat, self.params["queries"])
         rows = _head_mean(att[k], self.params["heads"])[q]
         return _finish(adapter, chat, rows, {"layers": [k]})
@@ -102,7 +140,7 @@ def rollout_rows(atts: Sequence[torch.Tensor], layers: Sequence[int], q: torch.T
     return r
 
 
-class AttentionRollout(ForwardMethod):
+class AttentionRollout(_LayersMethod):
     """Attention rollout with the residual added and rows renormalised, over ``layers`` (default all).
 
     Source: Abnar & Zuidema (2020), "Quantifying Attention Flow in Transformers", eq. for rollout:
@@ -118,7 +156,7 @@ class AttentionRollout(ForwardMethod):
     spec = {"layers": either(choice("all"), integer(), int_list()), "queries": choice("predicting", "answer")}
 
     def _forward_needs(self, adapter: Any) -> ForwardNeeds:
-        _layer_indices(self.params["layers"], len(adapter.decoder_layers), self.name)
+        self.check_params(adapter)
         return ForwardNeeds(attentions=True)
 
     def _from_forward(self, adapter: Any, chat: Any, fp: ForwardPass) -> Attribution:
@@ -143,7 +181,7 @@ class LRPPaper(AttentionRollout):
               "(reproduced to 1.4e-6); not LRP proper (see lrp)")
 
 
-class AttentionFlowResidual(ForwardMethod):
+class AttentionFlowResidual(_LayersMethod):
     """The project's residual-weighted attention flow (formerly registered as ``lrp``).
 
     Source: this project's own rule, not a published method; it is not Layer-wise Relevance Propagation
@@ -165,7 +203,7 @@ class AttentionFlowResidual(ForwardMethod):
     spec = {"layers": either(choice("all"), integer(), int_list()), "queries": choice("predicting", "answer")}
 
     def _forward_needs(self, adapter: Any) -> ForwardNeeds:
-        _layer_indices(self.params["layers"], len(adapter.decoder_layers), self.name)
+        self.check_params(adapter)
         return ForwardNeeds(attentions=True, residual_norms=True)
 
     def _from_forward(self, adapter: Any, chat: Any, fp: ForwardPass) -> Attribution:
@@ -183,7 +221,7 @@ class AttentionFlowResidual(ForwardMethod):
         return _finish(adapter, chat, r, {"layers": layers})
 
 
-class GradWeightedAttention(ForwardMethod):
+class GradWeightedAttention(_LayersMethod):
     """Gradient-weighted attention (Chefer et al., 2021, generic rule):
     ``Abar_l = mean_heads(ReLU(dF/dA_l) * A_l)`` with ``F`` the answer log-likelihood, relevance
     ``R = prod_l (I + Abar_l)`` accumulated from the first to the last of ``layers``; the map is
@@ -202,6 +240,7 @@ class GradWeightedAttention(ForwardMethod):
     spec = {"layers": either(choice("all"), integer(), int_list()), "final_token": boolean(), "queries": choice("predicting", "answer")}
 
     def _forward_needs(self, adapter: Any) -> ForwardNeeds:
+        self.check_params(adapter)
         layers = _layer_indices(self.params["layers"], len(adapter.decoder_layers), self.name)
         return ForwardNeeds(attentions=True, attention_grad_layers=tuple(layers), final_token=bool(self.params["final_token"]))
 

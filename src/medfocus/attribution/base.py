@@ -284,6 +284,16 @@ class Method:
     def _validate(self) -> None:
         """Rules between settings (override; raise :class:`ConfigError`). Runs at the end of ``__init__``."""
 
+    def check_params(self, adapter: Any) -> None:
+        """Check the settings that depend on the model (a decoder-layer or attention-head index), once it is
+        loaded and before any sample is attributed: the runner (:func:`medfocus.runner.grid.run_grid`, so
+        ``attribute``, ``explain`` and the demo) calls it right after loading each model, and methods that
+        read such a setting call it before their pass. Default: nothing depends on the model.
+
+        Raises:
+            ConfigError: naming the method, the setting, the value and the valid range for this model.
+        """
+
     def settings(self) -> dict[str, Any]:
         """The full resolved settings (defaults + overrides) as JSON-friendly values; what a result
         record stores so that a rerun with different settings is never mistaken for the same work."""

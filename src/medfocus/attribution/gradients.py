@@ -12,7 +12,8 @@ that gradient is exactly zero and the maps are empty (measured on the published 
 our tests). We use, by default, ``layer="input"``: the language model's input embeddings at the image
 positions -- i.e. the projector's image-token embeddings as the LM receives them, in row-major grid
 order -- whose every element reaches the answer through all decoder layers. ``layer=k`` (an int,
-negative from the end) uses the output of decoder layer ``k``; any layer but the last works.
+negative from the end) uses the output of decoder layer ``k``; any layer but the last works, and the last
+(``-1`` or ``n - 1``) is refused with a ConfigError when the model is loaded, before any sample runs.
 """
 
 from __future__ import annotations
@@ -74,8 +75,12 @@ class GradCAM(ForwardMethod):
     spec = {"layer": either(choice("input", "middle"), integer()), "final_token": boolean()}
     _combine = staticmethod(gradcam_weights)
 
+    def check_params(self, adapter: Any) -> None:
+        """``layer`` names a decoder layer of this model other than the last (:func:`resolve_grad_layer`)."""
+        resolve_grad_layer(adapter, self.params["layer"], method=self.name)
+
     def _forward_needs(self, adapter: Any) -> ForwardNeeds:
-        resolve_grad_layer(adapter, self.params["layer"])  # validates the spec before any pass
+        self.check_params(adapter)  # validates the spec before any pass
         return ForwardNeeds(grad_layer=self.params["layer"], final_token=bool(self.params["final_token"]))
 
     def _from_forward(self, adapter: Any, chat: Any, fp: ForwardPass) -> Attribution:

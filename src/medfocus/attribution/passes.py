@@ -27,26 +27,43 @@ from medfocus.attribution._common import final_token_index, forward_logprobs, la
 from medfocus.errors import ConfigError, ModelError
 
 
-def resolve_grad_layer(adapter: Any, layer: Any) -> tuple[torch.nn.Module, bool, str]:
+def resolve_grad_layer(adapter: Any, layer: Any, *, method: str = "gradcam") -> tuple[torch.nn.Module, bool, str]:
     """``(module, pre_hook?, description)`` of a Grad-CAM layer spec: ``"input"`` (the LM's input
-    embeddings, a pre-hook on decoder layer 0), ``"middle"`` or an int decoder-layer index (its output).
+    embeddings, a pre-hook on decoder layer 0), ``"middle"`` or an int decoder-layer index (its output),
+    negative from the end.
 
+    The last decoder layer is refused, whichever index names it (``-1`` or ``n - 1``): in a causal
+    decoder its output at position ``i`` feeds only the logits at ``i`` (final norm and LM head act per
+    position), and the answer is read at positions after the image, so the gradient of the answer's
+    log-probability w.r.t. that output at the image tokens is exactly zero and every map would be empty
+    (asserted in ``tests/test_attribution.py``).
+
+    Args:
+        method: the method's name, for the error message (``gradcam`` / ``gradcampp``).
     Raises:
-        ConfigError: an unknown spec or an index out of range.
+        ConfigError: an unknown spec, an index out of range or the last layer, naming the method, the
+            parameter, the value and the model's number of decoder layers.
     """
     layers = adapter.decoder_layers
     n = len(layers)
     if layer == "input":
         return layers[0], True, "lm_input_embeddings"
+    valid = f"valid: 'input', 'middle', 0..{n - 2} or -{n}..-2" if n > 1 else "valid: 'input'"
     if layer == "middle":
-        k = (n - 1) // 2  # never the last layer (its image-position gradient is zero), even for n = 2
-        return layers[k], False, f"decoder_layer_{k}_output"
-    try:
-        k = int(layer)
-    except (TypeError, ValueError):
-        raise ConfigError(f"gradcam: layer must be 'input', 'middle' or an int decoder-layer index, got {layer!r}") from None
+        k = (n - 1) // 2  # never the last layer (its image-position gradient is zero) for n >= 2
+    else:
+        try:
+            k = int(layer)
+        except (TypeError, ValueError):
+            raise ConfigError(f"method {method!r}: parameter 'layer' must be 'input', 'middle' or an int decoder-layer "
+                              f"index, got {layer!r}") from None
     if not -n <= k < n:
-        raise ConfigError(f"gradcam: layer {k} out of range for {n} decoder layers")
+        raise ConfigError(f"method {method!r}: parameter 'layer' = {k} is out of range for model "
+                          f"{getattr(adapter, 'name', '?')!r} with {n} decoder layers ({valid})")
+    if k % n == n - 1:
+        raise ConfigError(f"method {method!r}: parameter 'layer' = {layer!r} is the last of the {n} decoder layers of model "
+                          f"{getattr(adapter, 'name', '?')!r}, whose output at the image tokens reaches no answer position: its "
+                          f"gradient is exactly zero and every map would be empty ({valid})")
     k %= n
     return layers[k], False, f"decoder_layer_{k}_output"
 

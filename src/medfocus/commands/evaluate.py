@@ -125,7 +125,7 @@ def add_faithfulness(records: Sequence[dict[str, Any]], model: str, cfg: Any, *,
 @click.command(name="evaluate", epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("predictions", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
-@click.option("--metrics", default="iou,f1,precision,recall", show_default=True,
+@click.option("--metrics", default=None, show_default="iou,f1,precision,recall, plus deletion_auc,insertion_auc when the records carry faithfulness curves",
               help=f"Comma-separated metrics for the Markdown table; any of {', '.join(ALL_METRICS)}.")
 @click.option("--n-boot", default=1000, show_default=True, type=click.IntRange(0), help="Bootstrap resamples for the 95% CI.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Bootstrap seed.")
@@ -138,7 +138,7 @@ def add_faithfulness(records: Sequence[dict[str, Any]], model: str, cfg: Any, *,
 @faithfulness_options(default=False)
 @click.option("--model", default=None, show_default="none; required with --faithfulness",
               help="With --faithfulness: the LVLM (registry name or folder) whose records are re-scored.")
-def evaluate(predictions: tuple[Path, ...], out_dir: Path, metrics: str, n_boot: int, seed: int, q: float, min_area: int,
+def evaluate(predictions: tuple[Path, ...], out_dir: Path, metrics: str | None, n_boot: int, seed: int, q: float, min_area: int,
              max_boxes: int, baselines: bool, faithfulness: bool, faithfulness_steps: int, faithfulness_baseline: str,
              faithfulness_batch_size: int, model: str | None) -> None:
     """Score predicted boxes / heatmaps against expert boxes; write CSV/Markdown tables.
@@ -148,13 +148,16 @@ def evaluate(predictions: tuple[Path, ...], out_dir: Path, metrics: str, n_boot:
     F1 of the union of predicted boxes vs the union of expert boxes (plus pointing game, energy
     pointing game and AUPRC when a heatmap is given). Table cells: mean x100 [95% bootstrap CI].
     """
-    from medfocus.evaluation import build_tables, evaluate_records, read_prediction_records
+    from medfocus.evaluation import read_prediction_records
+    from medfocus.evaluation.tables import evaluate_and_tabulate
     from medfocus.io.atomic import atomic_write_text
 
-    chosen = [m.strip() for m in metrics.split(",") if m.strip()]
-    bad = [m for m in chosen if m not in ALL_METRICS]
-    if bad or not chosen:
-        raise click.BadParameter(f"unknown metric(s) {bad}; choose from {', '.join(ALL_METRICS)}", param_hint="--metrics")
+    chosen: list[str] | None = None
+    if metrics is not None:
+        chosen = [m.strip() for m in metrics.split(",") if m.strip()]
+        bad = [m for m in chosen if m not in ALL_METRICS]
+        if bad or not chosen:
+            raise click.BadParameter(f"unknown metric(s) {bad}; choose from {', '.join(ALL_METRICS)}", param_hint="--metrics")
     records = [r for p in predictions for r in read_prediction_records(p)]
     if not records:
         raise click.ClickException(f"no records in {', '.join(map(str, predictions))}")
@@ -170,26 +173,24 @@ def evaluate(predictions: tuple[Path, ...], out_dir: Path, metrics: str, n_boot:
         n_done, n_other = add_faithfulness(records, str(model), cfg)
         click.echo(f"faithfulness: {n_done} heatmap records scored with {model}"
                    + (f" ({n_other} records of other models left out)" if n_other else ""), err=True)
-        if "deletion_auc" not in chosen:
+        if chosen is not None and "deletion_auc" not in chosen:
             chosen += ["deletion_auc", "insertion_auc"]
         out_dir.mkdir(parents=True, exist_ok=True)
         import json
 
         lines = [json.dumps(to_jsonable({k: v for k, v in r.items() if not k.startswith("_")})) for r in records]
         atomic_write_text(out_dir / "predictions.faithfulness.jsonl", "\n".join(lines) + "\n")
-    if baselines:
-        from medfocus.evaluation.baselines import trivial_baseline_records
-
-        records = records + trivial_baseline_records(records, seed=seed)
-    df = evaluate_records(records, q=q, min_area=min_area, max_boxes=max_boxes, progress=len(records) > 200)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # the demo's own table goes through the same function (same records, same seed: the same table)
+    df, md, shown = evaluate_and_tabulate(records, out_dir, metrics=chosen, baselines=baselines, n_boot=n_boot, seed=seed,
+                                          q=q, min_area=min_area, max_boxes=max_boxes, progress=len(records) > 200)
+    chosen = list(shown)
     from medfocus.evaluation.baselines import is_baseline
 
     is_base = df["method"].astype(str).map(is_baseline)
+    is_ref = df["source"] == "reference"  # faithfulness reference rows: per sample, not records
     atomic_write_text(out_dir / "records.csv", df[~is_base].to_csv(index=False))
     if baselines:
         atomic_write_text(out_dir / "baseline_records.csv", df[is_base].to_csv(index=False))
-    md = build_tables(df, out_dir, metrics=chosen, n_boot=n_boot, seed=seed)
     click.echo(md)
     if baselines:
         from medfocus.evaluation.baselines import baselines_markdown, compare_to_baselines, finding_markdown, finding_table
@@ -203,12 +204,14 @@ def evaluate(predictions: tuple[Path, ...], out_dir: Path, metrics: str, n_boot:
         atomic_write_text(out_dir / "by_finding.csv", ft.to_csv(index=False))
         atomic_write_text(out_dir / "by_finding.md", finding_markdown(ft))
         click.echo(bmd)
-    n_err = int((df["error"].notna() & ~is_base).sum())
+    is_rec = ~is_base & ~is_ref
+    n_err = int((df["error"].notna() & is_rec).sum())
     n_base_err = int((df["error"].notna() & is_base).sum())
-    click.echo(f"{int((~is_base).sum())} records ({n_err} with errors)"
+    click.echo(f"{int(is_rec.sum())} records ({n_err} with errors)"
+               + (f" + {int(is_ref.sum())} faithfulness reference rows (random / expert-box map per sample)" if is_ref.any() else "")
                + (f" + {int(is_base.sum())} trivial-baseline rows ({n_base_err} undefined: a finding with no other sample "
                   "has no prior)" if baselines else "")
                + f" -> {out_dir / 'table.md'}, {out_dir / 'table.csv'}, {out_dir / 'records.csv'}", err=True)
     if n_err:
-        first = df[df["error"].notna() & ~is_base].iloc[0]
+        first = df[df["error"].notna() & is_rec].iloc[0]
         click.echo(f"first error: {first['model']}/{first['dataset']}#{first['index']} {first['method']}: {first['error']}", err=True)

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
-
 
 
 @click.command("models", help="List the registered LVLMs and their families.\n\n\b\nExamples:\n  medfocus models\n  medfocus models --check")
@@ -32,12 +29,8 @@ def models(check: bool) -> None:
 
 
 def _available(hf_id: str) -> bool:
-    """Local folder with a config, or a complete snapshot in the HF cache (no network)."""
-    if Path(hf_id).is_dir():
-        return (Path(hf_id) / "config.json").is_file()
-    try:
-        from huggingface_hub import try_to_load_from_cache
+    """Local folder with a config and weights, or a complete snapshot in the HF cache (no network); the
+    same test ``attribute``, ``explain``, ``bench build`` and ``load_lvlm`` apply before loading."""
+    from medfocus.lvlm.loading import available_locally
 
-        return isinstance(try_to_load_from_cache(hf_id, "config.json"), str)
-    except Exception:  # pragma: no cover - hub client missing or cache unreadable
-        return False
+    return available_locally(hf_id)

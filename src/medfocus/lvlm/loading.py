@@ -34,6 +34,82 @@ def _how_to_provide(name: str, hf_id: str) -> str:
     )
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def downloads_allowed() -> bool:
+    """Whether medfocus may download model weights from the Hugging Face hub: only when the user says so
+    explicitly, by setting ``HF_HUB_OFFLINE`` to a false value (``0``, ``false``, ``no``, ``off``) with
+    ``TRANSFORMERS_OFFLINE`` not set to a true one. Unset means no: a hub id must then be in the local cache
+    (a missing model fails at once, not after transformers' network retries)."""
+    hub = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
+    tf = os.environ.get("TRANSFORMERS_OFFLINE", "").strip().lower()
+    return hub in _FALSE and tf not in _TRUE
+
+
+def hf_cache_dir() -> str:
+    """The Hugging Face hub cache folder that hub ids are looked up in (``$HF_HUB_CACHE`` / ``$HF_HOME/hub``)."""
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def cached_snapshot(hf_id: str) -> Path | None:
+    """The local Hugging Face cache snapshot of hub id ``hf_id`` when it holds a complete model (a
+    ``config.json`` and weight files, every shard of a sharded checkpoint's index), else ``None``. No network."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(hf_id, "config.json")
+    except Exception:  # a malformed id or no hub client: nothing cached under it
+        return None
+    if not isinstance(cached, str):
+        return None
+    snap = Path(cached).parent
+    return snap if _folder_problem(snap) is None else None
+
+
+def _folder_problem(folder: Path) -> str | None:
+    """What a model folder lacks (``config.json``, weight files, shards named by a ``*.index.json``), or ``None``."""
+    if not (folder / "config.json").is_file():
+        return "has no config.json (not a transformers model folder)"
+    files = [f for f in folder.iterdir() if f.is_file()]
+    if not any(f.suffix in WEIGHT_SUFFIXES for f in files):
+        return f"has no weight files ({', '.join(WEIGHT_SUFFIXES)})"
+    for index in (f for f in files if f.name.endswith(".index.json")):
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values())
+        except (OSError, ValueError, AttributeError):
+            return f"has an unreadable {index.name}"
+        missing = sorted(sh for sh in shards if not (folder / sh).is_file())
+        if missing:
+            return f"lacks {len(missing)} weight shard(s) named in {index.name} (e.g. {missing[0]})"
+    return None
+
+
+def available_locally(path: str) -> bool:
+    """Whether a model source (folder or hub id) can be loaded without the network: a local folder with a
+    config and its weights, or a complete snapshot in the Hugging Face cache (what ``medfocus models --check``
+    reports)."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return _folder_problem(local) is None
+    return cached_snapshot(path) is not None
+
+
+def not_available_locally(name: str, hf_id: str) -> str:
+    """The error text for a hub model with no local copy while downloads are off (what ``medfocus models
+    --check`` reports as "not available locally"): where it was looked for and the three ways to provide it."""
+    local = hf_id.split("/")[-1]
+    return (f"model {name!r} ({hf_id}) is not available locally: it is not a local folder and the Hugging Face cache "
+            f"{hf_cache_dir()} holds no complete snapshot of it, and medfocus does not download weights unless allowed. "
+            f"Provide it in one of three ways: download it where you have access (`huggingface-cli download {hf_id} "
+            f"--local-dir /path/to/{local}`, after accepting the licence on its hub page if it is gated) and pass the "
+            f"folder (`--model /path/to/{local}`, or a $MEDFOCUS_MODELS entry `{name}: {{hf_id: /path/to/{local}}}`); "
+            f"or fill the Hugging Face cache (`huggingface-cli download {hf_id}`; $HF_HOME / $HF_HUB_CACHE say where it "
+            f"is); or allow the download with HF_HUB_OFFLINE=0 (needs the hub to be reachable).")
+
+
 def _no_shipped_weights(name: str, path: str) -> str:
     """The error text for a shipped demo model whose folder has no weights (a source checkout without them)."""
     return (f"the {name} model has no weights at {path} yet; build them with "
@@ -63,11 +139,13 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 def check_model(name_or_path: str | os.PathLike) -> str:
-    """Fail fast, without loading anything: is ``name_or_path`` a model that :func:`load_lvlm` can load?
+    """Fail fast, without loading anything or touching the network: is ``name_or_path`` a model that
+    :func:`load_lvlm` can load?
 
     Checks that the name is a registry entry, an existing folder or an ``owner/name`` hub id; that a
-    local folder holds a ``config.json`` and weight files; and that a hub id is in the local Hugging
-    Face cache when downloads are switched off (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``).
+    local folder holds a ``config.json`` and weight files; and that a hub id has a complete snapshot in
+    the local Hugging Face cache (:func:`cached_snapshot`) unless downloads are explicitly allowed
+    (:func:`downloads_allowed`, ``HF_HUB_OFFLINE=0``).
 
     Returns:
         the resolved source (folder or hub id).
@@ -85,28 +163,19 @@ def check_model(name_or_path: str | os.PathLike) -> str:
             raise ConfigError(f"model {name!r} is not a built-in model, and the user model registry cannot be used: {problem}")
     local = Path(path).expanduser()
     if local.is_dir():
-        if not (local / "config.json").is_file():
-            if entry is not None and entry.name in SHIPPED_DEMOS:
-                raise ModelError(_no_shipped_weights(entry.name, path))
-            raise ModelError(f"model {name!r}: folder {local} has no config.json (not a transformers model folder)")
-        if not any(f.suffix in WEIGHT_SUFFIXES for f in local.iterdir() if f.is_file()):
-            raise ModelError(f"model {name!r}: folder {local} has no weight files ({', '.join(WEIGHT_SUFFIXES)})")
+        if entry is not None and entry.name in SHIPPED_DEMOS and not (local / "config.json").is_file():
+            raise ModelError(_no_shipped_weights(entry.name, path))
+        problem = _folder_problem(local)
+        if problem:
+            raise ModelError(f"model {name!r}: folder {local} {problem}")
         return str(local)
     if entry is None and ("/" not in path or path.startswith((".", "/", "~"))):
         raise ModelError(f"unknown model {name!r}: not a registry name ({', '.join(sorted(list_models()))}), "
                          f"not an existing folder, and not an HF id of the form 'owner/name'")
     if entry is not None and entry.name in SHIPPED_DEMOS:
         raise ModelError(_no_shipped_weights(entry.name, path))
-    offline = any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    if offline:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(path, "config.json")
-        except Exception:  # a malformed id: let the error below name it
-            cached = None
-        if not isinstance(cached, str):
-            raise ModelError(_how_to_provide(name, path) + " [not in the local Hugging Face cache; downloads are off]")
+    if not downloads_allowed() and cached_snapshot(path) is None:
+        raise ModelError(not_available_locally(name, path))
     return path
 
 
@@ -189,8 +258,13 @@ def load_lvlm(name_or_path: str | os.PathLike, device: str | torch.device | None
                          f"not an existing folder, and not an HF id of the form 'owner/name'")
     if entry is not None and entry.name in SHIPPED_DEMOS and not (Path(path) / "config.json").is_file():
         raise ModelError(_no_shipped_weights(entry.name, path))
+    # A hub id is read from the local cache only, unless downloads are explicitly allowed (HF_HUB_OFFLINE=0):
+    # without a local copy that is one clear error now, not transformers' network retries.
+    local_only = not downloads_allowed()
+    if not is_local and local_only and cached_snapshot(path) is None:
+        raise ModelError(not_available_locally(name, path))
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, local_files_only=local_only)
     except (OSError, ValueError) as exc:
         raise ModelError(_how_to_provide(name, path) + f" [{type(exc).__name__}: {str(exc).splitlines()[0][:200]}]") from exc
     hints = _hints(path) if is_local else {}
@@ -212,14 +286,14 @@ def load_lvlm(name_or_path: str | os.PathLike, device: str | torch.device | None
         kwargs["device_map"] = "auto"
     register_processors()
     try:
-        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+        model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=local_only, **kwargs)
         if family == "qwen_vl":
             # Hub folders name ``Qwen2_5_VLProcessor``, whose video half needs torchvision: load ours directly.
             from medfocus.lvlm.families.qwen_vl import QwenVLImageProcessor
 
-            processor = QwenVLImageProcessor.from_pretrained(path)
+            processor = QwenVLImageProcessor.from_pretrained(path, local_files_only=local_only)
         else:
-            processor = AutoProcessor.from_pretrained(path)
+            processor = AutoProcessor.from_pretrained(path, local_files_only=local_only)
     except OSError as exc:
         raise ModelError(_how_to_provide(name, path) + f" [{type(exc).__name__}: {str(exc).splitlines()[0][:200]}]") from exc
     if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):

@@ -392,6 +392,12 @@ def _run_demo(out: Path, cfg: DemoConfig, threads: int, overall: _Overall, log: 
             overall.done(name, units)
         log(f"[{name}] {timings[name]:.1f}s")
 
+    # fail fast, before the data are written: a model that cannot be loaded (without the network)
+    from medfocus.lvlm.loading import check_model
+
+    for name in ([cfg.model] if adapter is None else []) + ([cfg.shortcut_model] if cfg.shortcut_films > 0 else []):
+        check_model(name)
+
     # 1. data
     t0 = time.perf_counter()
     samples, did_work["data"] = _write_data(cfg, out / "data", out / "reference", log,
@@ -400,12 +406,23 @@ def _run_demo(out: Path, cfg: DemoConfig, threads: int, overall: _Overall, log: 
     step("data", t0, cfg.n_samples + cfg.n_reference)
     overall.plan("bench", len(cfg.editors) * len(cfg.modes) * len(positives))
 
-    # 2. model
+    # 2. model, and the methods' settings checked against it (types and ranges, then layer / head indices)
+    # before the long filter step
+    from medfocus.attribution import get_method, list_methods
+    from medfocus.runner.grid import load_checked
+
     t0 = time.perf_counter()
-    if adapter is None:
+    methods = list(cfg.methods) if cfg.methods else list(list_methods())
+    method_params = _method_params(cfg, methods, out / "reference")
+    method_objs = {m: get_method(m, **p) for m, p in method_params.items()}
+    given = adapter
+
+    def load(name: str) -> Any:
         from medfocus.lvlm import load_lvlm
 
-        adapter = load_lvlm(cfg.model)
+        return given if given is not None else load_lvlm(name)
+
+    adapter = load_checked(load, cfg.model, method_objs.values())
     step("model", t0, 1)
 
     # 3. bench: the causal filter per editor and mode
@@ -445,12 +462,6 @@ def _run_demo(out: Path, cfg: DemoConfig, threads: int, overall: _Overall, log: 
     from medfocus.runner.store import ResultStore, load_results
 
     t0 = time.perf_counter()
-    if cfg.methods:
-        methods = list(cfg.methods)
-    else:
-        from medfocus.attribution import list_methods
-
-        methods = list(list_methods())
     items = []
     for mode in cfg.modes:
         split_file = split_paths(out / "bench" / cfg.attribute_editor, cfg.model, "synthetic", mode)["records"]
@@ -465,7 +476,6 @@ def _run_demo(out: Path, cfg: DemoConfig, threads: int, overall: _Overall, log: 
     log(f"[attribute] {len(items)} filtered samples x {len(methods)} methods")
     overall.plan("attribute", len(items) * len(methods))
     overall.plan("evaluate", len(items) * (len(methods) + 3))
-    method_params = _method_params(cfg, methods, out / "reference")
     pm_detector = method_params.get("prompting_medsam", {}).get("detector")
     pm_segmenter = _segmenter_phrase(method_params.get("prompting_medsam", {}).get("medsam"))
     if pm_detector == "anatomy":
@@ -485,13 +495,14 @@ def _run_demo(out: Path, cfg: DemoConfig, threads: int, overall: _Overall, log: 
                 from medfocus.evaluation.faithfulness import FaithfulnessConfig
 
                 # the faithfulness subset first (its records carry the curves), then the rest (skipped if done)
-                fs = run_grid(mode_faith, method_params, store, load_model=lambda _name: adapter, seed=cfg.seed, progress=False,
+                fs = run_grid(mode_faith, method_params, store, load_model=lambda _name: adapter,
+                              make_method=lambda name, _params: method_objs[name], seed=cfg.seed, progress=False,
                               faithfulness=FaithfulnessConfig(steps=cfg.faithfulness_steps, seed=cfg.seed))
                 fresh = fs.done + fs.errors
                 log(f"[attribute] {mode}: {len(mode_faith)} samples with deletion/insertion curves "
                     f"({cfg.faithfulness_steps} steps): {fs}")
             summary = run_grid(mode_items, method_params, store, load_model=lambda _name: adapter,
-                               seed=cfg.seed, progress=False)
+                               make_method=lambda name, _params: method_objs[name], seed=cfg.seed, progress=False)
             skipped += summary.skipped - fresh
             log(f"[attribute] {mode}: {summary}")
             overall.done("attribute", len(mode_items) * len(methods))
@@ -499,18 +510,15 @@ def _run_demo(out: Path, cfg: DemoConfig, threads: int, overall: _Overall, log: 
     step("attribute", t0)
 
     # 5. evaluate
-    from medfocus.evaluation import build_tables, evaluate_records
+    from medfocus.evaluation.tables import evaluate_and_tabulate
 
     t0 = time.perf_counter()
     item_keys = {(it.model, it.dataset, it.index, it.mode) for it in items}
     preds = [r for r in load_results(out / "predictions.jsonl")
              if (r["model"], r["dataset"], int(r["index"]), r["mode"]) in item_keys and r["method"] in methods]
-    from medfocus.evaluation.baselines import trivial_baseline_records
-
-    # the trivial baselines are rows of every localisation table (medfocus.evaluation.baselines)
-    metrics = evaluate_records(preds + trivial_baseline_records(preds, seed=cfg.seed))
-    table_metrics = ("iou", "f1", "precision", "recall") + (("deletion_auc", "insertion_auc") if faith_items else ())
-    table_md = build_tables(metrics, out, metrics=table_metrics, seed=cfg.seed)
+    # the path of `medfocus evaluate` (same table for the same records): the trivial baselines are rows of
+    # every localisation table, the Del./Ins. AUC columns appear when the records carry faithfulness curves
+    metrics, table_md, _ = evaluate_and_tabulate(preds, out, seed=cfg.seed)
     step("evaluate", t0, len(items) * (len(methods) + 3))
 
     # 6. report

@@ -153,11 +153,13 @@ def explain(
         ConfigError: inconsistent settings (both or neither of finding/question, unknown method or
             parameter, boxes with several films or outside the film, ``out`` holding another run).
         DataError: a film is missing or unreadable (checked before the model is loaded).
+        ModelError: the model cannot be loaded (checked without the network first, :func:`check_model`).
+        ConfigError: also a layer / head index the loaded model does not have (before any film runs).
     """
-    from medfocus.attribution import list_methods
+    from medfocus.attribution import get_method, list_methods
     from medfocus.io import read_image
     from medfocus.report.viewer import build_viewer
-    from medfocus.runner.grid import WorkItem, run_grid
+    from medfocus.runner.grid import WorkItem, load_checked, run_grid
     from medfocus.runner.store import ResultStore, load_results
 
     # ---- validate everything before the model loads
@@ -211,17 +213,41 @@ def explain(
             "methods": methods, "params": params, "boxes": [list(b) for b in boxes], "seed": seed}
     spec_path = out / "explain.json"
     store_path = out / "predictions.jsonl"
+    replace = False
     if spec_path.is_file():
         old = json.loads(spec_path.read_text(encoding="utf-8"))
         if old != json.loads(json.dumps(spec)):
             if not overwrite:
                 raise ConfigError(f"{out} holds an explain run with other settings ({spec_path}); "
                                   "use another --out or --overwrite")
-            for name in ("predictions.jsonl", "explain.html", "explain.json"):
-                (out / name).unlink(missing_ok=True)
-            shutil.rmtree(out / "predictions_heatmaps", ignore_errors=True)
+            replace = True
     elif store_path.exists():
         raise ConfigError(f"{store_path} exists but was not written by `medfocus explain`; use an empty --out folder")
+
+    method_objs = {m: get_method(m, **params.get(m, {})) for m in methods}  # each setting's type and range
+    loader = load_model
+    if loader is None:
+        def loader(name: str) -> Any:
+            from medfocus.lvlm import load_lvlm
+
+            return load_lvlm(name, device=device)
+
+    fresh = replace or not spec_path.is_file()
+    if fresh:
+        # A new run: the model, then the settings that depend on it (layer / head indices), before --out is
+        # touched, so a model that cannot be loaded or an index it does not have leaves no explain.json
+        # behind. (A resumed run loads the model only if something is left to compute: run_grid checks then.)
+        if load_model is None:
+            from medfocus.lvlm.loading import check_model
+
+            check_model(model)  # a name, folder or hub id that cannot be loaded without the network: one error now
+        adapter = load_checked(loader, model, method_objs.values())
+        loader = lambda _name: adapter  # noqa: E731
+
+    if replace:
+        for name in ("predictions.jsonl", "explain.html", "explain.json"):
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "predictions_heatmaps", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     from medfocus.io.atomic import atomic_write_json
 
@@ -230,14 +256,10 @@ def explain(
     items = [WorkItem(model, DATASET, mode, s, answer=answer, answer_source="given" if answer else "model",
                       synthetic=syn, extra={"file": s.meta["file"]}) for s, syn in zip(samples, synthetic)]
 
-    def loader(name: str) -> Any:
-        from medfocus.lvlm import load_lvlm
-
-        return load_lvlm(name, device=device)
-
     with ResultStore(store_path) as store:
-        summary = run_grid(items, {m: params.get(m, {}) for m in methods}, store, load_model=load_model or loader,
-                           seed=seed, save_token_maps=True, progress=progress)
+        summary = run_grid(items, {m: params.get(m, {}) for m in methods}, store, load_model=loader,
+                           make_method=lambda name, _params: method_objs[name], seed=seed, save_token_maps=True,
+                           progress=progress)
     records = [r for r in load_results(store_path) if r["dataset"] == DATASET]
     answers = []
     for it in items:

@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from medfocus.errors import ConfigError, DataError, MedfocusError
+from medfocus.errors import ConfigError, DataError, MedfocusError, ModelError
 from medfocus.runner.store import Key, ResultStore, to_jsonable
 from medfocus.types import Sample
 
@@ -369,6 +369,28 @@ def _seed_everything(s: int) -> None:
         pass
 
 
+def load_checked(load_model: Callable[[str], Any], name: str, methods: Iterable[Any]) -> Any:
+    """Load model ``name`` with ``load_model`` and check the methods' model-dependent settings against it
+    (:meth:`~medfocus.attribution.base.Method.check_params`: layer / head indices), before any sample runs.
+    The one place ``attribute``, ``explain`` and the demo do this.
+
+    Raises:
+        ModelError: the model could not be loaded (a loader's own :class:`MedfocusError` passes unchanged).
+        ConfigError: a setting the model does not have (naming method, setting, value and valid range).
+    """
+    try:
+        adapter = load_model(name)
+    except MedfocusError:
+        raise
+    except Exception as exc:
+        raise ModelError(f"model {name!r} could not be loaded: {type(exc).__name__}: {exc}") from exc
+    for m in methods:
+        check = getattr(m, "check_params", None)  # third-party method objects may not have the hook
+        if check is not None:
+            check(adapter)
+    return adapter
+
+
 @dataclass
 class RunSummary:
     """What :func:`run_grid` did."""
@@ -570,26 +592,21 @@ def run_grid(
         for model_name, group in groups.items():
             if bar is not None:
                 bar.set_description(f"load {model_name}")
-            try:
-                adapter = load_model(model_name)
-                load_err = None
-            except Exception as exc:
-                adapter = None
-                load_err = f"model load failed: {type(exc).__name__}: {exc}"
-                log.error("%s", load_err)
+            # A model that cannot be loaded fails the run (non-zero exit), it is not a failing sample: no
+            # error records, which a rerun without --retry-errors would serve as "already in the store".
+            adapter = load_checked(load_model, model_name, method_objs.values())
             for it in group:
                 pending = [m for m in method_params if not is_done(it.key(m))]
                 if not pending:
                     continue
                 image = None
-                img_err = load_err
-                if adapter is not None:
-                    try:
-                        image = read_image(it.sample.image_path)
-                        if image.ndim != 2:
-                            raise DataError(f"{it.sample.image_path}: expected a 2-D grayscale image, got shape {image.shape}")
-                    except Exception as exc:
-                        img_err = f"image read failed: {type(exc).__name__}: {exc}"
+                img_err = None
+                try:
+                    image = read_image(it.sample.image_path)
+                    if image.ndim != 2:
+                        raise DataError(f"{it.sample.image_path}: expected a 2-D grayscale image, got shape {image.shape}")
+                except Exception as exc:
+                    img_err = f"image read failed: {type(exc).__name__}: {exc}"
                 if img_err is None and it.answer_text is None:  # the model's own answer, generated once per item
                     try:
                         if bar is not None:
