@@ -149,7 +149,7 @@ def evaluate(predictions: tuple[Path, ...], out_dir: Path, metrics: str | None, 
     pointing game and AUPRC when a heatmap is given). Table cells: mean x100 [95% bootstrap CI].
     """
     from medfocus.evaluation import read_prediction_records
-    from medfocus.evaluation.tables import evaluate_and_tabulate
+    from medfocus.evaluation.summary import evaluate_and_tabulate
     from medfocus.io.atomic import atomic_write_text
 
     chosen: list[str] | None = None

@@ -19,8 +19,8 @@ import pandas as pd
 
 from medfocus.io.atomic import atomic_write_text
 
-__all__ = ["bootstrap_ci", "summarize", "build_tables", "evaluate_and_tabulate", "table_metrics", "LOCALISATION_METRICS",
-           "METHOD_ORDER", "DATASET_ORDER", "METRIC_LABELS"]
+__all__ = ["bootstrap_ci", "summarize", "build_tables", "table_metrics", "LOCALISATION_METRICS", "METHOD_ORDER", "DATASET_ORDER",
+           "METRIC_LABELS"]
 
 #: Row order (the paper's method families, then MedFocus); unknown methods follow alphabetically.
 METHOD_ORDER = (
@@ -253,42 +253,3 @@ def table_metrics(records: Iterable[Mapping[str, Any]], base: Sequence[str] = LO
 
     faith = any(isinstance(r.get("faithfulness"), Mapping) for r in records)
     return tuple(base) + (tuple(m for m in FAITHFULNESS_METRICS if m not in base) if faith else ())
-
-
-def evaluate_and_tabulate(
-    records: Iterable[Mapping[str, Any]],
-    out_dir: str | os.PathLike,
-    *,
-    metrics: Sequence[str] | None = None,
-    baselines: bool = True,
-    n_boot: int = 1000,
-    seed: int = 0,
-    q: float = 0.9,
-    min_area: int = 16,
-    max_boxes: int = 10,
-    progress: bool = False,
-) -> tuple[pd.DataFrame, str, tuple[str, ...]]:
-    """Score prediction records and write ``table.md`` / ``table.csv`` into ``out_dir``: the one path
-    behind ``medfocus evaluate`` and the demo's own table, so both give the same table for the same records.
-
-    Args:
-        records: prediction records (:func:`~medfocus.evaluation.records.read_prediction_records` or the runner).
-        metrics: the table's columns; ``None``: :func:`table_metrics` (localisation, plus the faithfulness
-            AUCs when the records carry them).
-        baselines: add the trivial-baseline rows (:func:`~medfocus.evaluation.baselines.trivial_baseline_records`,
-            seeded with ``seed``).
-        n_boot, seed: bootstrap settings. q, min_area, max_boxes: heatmap -> boxes parameters.
-    Returns:
-        ``(per-row metrics, Markdown table, metric columns shown)``; the rows are those of
-        :func:`~medfocus.evaluation.records.evaluate_records` (the records, the baseline rows, the
-        faithfulness reference rows with ``source == "reference"``).
-    """
-    from medfocus.evaluation.baselines import trivial_baseline_records
-    from medfocus.evaluation.records import evaluate_records
-
-    recs = list(records)
-    chosen = tuple(metrics) if metrics else table_metrics(recs)
-    rows = recs + (trivial_baseline_records(recs, seed=seed) if baselines else [])
-    df = evaluate_records(rows, q=q, min_area=min_area, max_boxes=max_boxes, progress=progress)
-    md = build_tables(df, out_dir, metrics=chosen, n_boot=n_boot, seed=seed)
-    return df, md, chosen

@@ -510,7 +510,7 @@ def _run_demo(out: Path, cfg: DemoConfig, threads: int, overall: _Overall, log: 
     step("attribute", t0)
 
     # 5. evaluate
-    from medfocus.evaluation.tables import evaluate_and_tabulate
+    from medfocus.evaluation.summary import evaluate_and_tabulate
 
     t0 = time.perf_counter()
     item_keys = {(it.model, it.dataset, it.index, it.mode) for it in items}
