@@ -105,7 +105,7 @@ def not_available_locally(name: str, hf_id: str) -> str:
             f"{hf_cache_dir()} holds no complete snapshot of it, and medfocus does not download weights unless allowed. "
             f"Provide it in one of three ways: download it where you have access (`huggingface-cli download {hf_id} "
             f"--local-dir /path/to/{local}`, after accepting the licence on its hub page if it is gated) and pass the "
-            f"folder (`--model /path/to/{local}`, or a $MEDFOCUS_MODELS entry `{name}: {{hf_id: /path/to/{local}}}`); "
+            f"folder (`--model /path/to/{local}`, `load_lvlm('/path/to/{local}')`, or a $MEDFOCUS_MODELS entry `{name}: {{hf_id: /path/to/{local}}}`); "
             f"or fill the Hugging Face cache (`huggingface-cli download {hf_id}`; $HF_HOME / $HF_HUB_CACHE say where it "
             f"is); or allow the download with HF_HUB_OFFLINE=0 (needs the hub to be reachable).")
 
