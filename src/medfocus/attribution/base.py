@@ -286,9 +286,9 @@ class Method:
 
     def check_params(self, adapter: Any) -> None:
         """Check the settings that depend on the model (a decoder-layer or attention-head index), once it is
-        loaded and before any sample is attributed: the runner (:func:`medfocus.runner.grid.run_grid`, so
-        ``attribute``, ``explain`` and the demo) calls it right after loading each model, and methods that
-        read such a setting call it before their pass. Default: nothing depends on the model.
+        loaded and before any sample is attributed: :func:`medfocus.runner.grid.load_checked` (``attribute``,
+        ``explain`` and the demo) calls it right after loading each model, and methods that read such a
+        setting call it before their pass. Default: nothing depends on the model.
 
         Raises:
             ConfigError: naming the method, the setting, the value and the valid range for this model.
