@@ -157,8 +157,13 @@ def test_run_grid_records_errors_and_loads_once(tmp_path):
     assert by[("m2", 4, "boom")]["pred_boxes"] == [[0.0, 0.0, 4.0, 4.0]]
 
 
-def test_model_load_failure_is_recorded(tmp_path):
-    samples, boxes, items = _grid(tmp_path, n=3, models=("bad", "m1"))
+def test_model_load_failure_fails_the_run(tmp_path):
+    """A model that cannot be loaded stops the run with a ModelError naming it (a non-zero exit in the CLI),
+    not one error record per sample, which a rerun without --retry-errors would serve as done; the models
+    before it keep their records (resumable)."""
+    from medfocus.errors import ModelError
+
+    samples, boxes, items = _grid(tmp_path, n=3, models=("m1", "bad"))
 
     def loader(name):
         if name == "bad":
@@ -166,10 +171,11 @@ def test_model_load_failure_is_recorded(tmp_path):
         return FakeAdapter(name)
 
     with ResultStore(tmp_path / "r.jsonl") as st:
-        summ = run_grid(items, ["hot"], st, load_model=loader, make_method=make_factory(boxes),
-                        read_image=read_npy, heatmap_to_boxes=simple_boxes, progress=False)
-    assert summ.errors == 3 and summ.done == 3
-    assert all("weights not found" in r["error"] for r in load_results(tmp_path / "r.jsonl") if r["model"] == "bad")
+        with pytest.raises(ModelError, match="model 'bad' could not be loaded: OSError: weights not found"):
+            run_grid(items, ["hot"], st, load_model=loader, make_method=make_factory(boxes),
+                     read_image=read_npy, heatmap_to_boxes=simple_boxes, progress=False)
+    recs = load_results(tmp_path / "r.jsonl")
+    assert sorted(r["model"] for r in recs) == ["m1"] * 3 and all(r["error"] is None for r in recs)
 
 
 def test_resume_skips_done_and_retry_errors(tmp_path):
