@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 MAX_INLINE_ARRAY = 256
 
 #: Where an attributed answer comes from (:class:`WorkItem`'s ``answer_source``).
-ANSWER_SOURCES: tuple[str, ...] = ("split", "given", "model", "ground_truth")
+ANSWER_SOURCES: tuple[str, ...] = ("split", "split_other_model", "given", "model", "ground_truth")
 
 #: ``save_token_maps``: a stack of per-token maps with more values than this is stored area-averaged to a
 #: longer side of :data:`LOWRES_TOKEN_SIDE` px as ``token_heatmaps_lowres`` instead of ``token_heatmaps``.
@@ -65,7 +65,8 @@ class WorkItem:
         answer: the answer text to attribute (teacher-forced), normally the model's own prediction on
             the original image as recorded by the causal filter; ``None``: see ``answer_source``.
         answer_source: where ``answer`` comes from, stored in every record: ``"split"`` (the causal filter's
-            record of the model's answer), ``"given"`` (a caller's explicit text), ``"model"`` (``answer`` is
+            record of the model's answer), ``"split_other_model"`` (a split's recorded answer of another
+            model, attributed under this one on purpose: ``--relabel-split-model``), ``"given"`` (a caller's explicit text), ``"model"`` (``answer`` is
             ``None`` and :func:`run_grid` generates the model's greedy answer on the image, with the mode's
             token budget, before the methods run) or ``"ground_truth"`` (``sample.answer`` is attributed,
             whatever the model says; an explicit choice). Default: ``"given"`` with an answer, else ``"model"``.
@@ -90,7 +91,7 @@ class WorkItem:
             raise ConfigError(f"WorkItem.answer_source must be one of {ANSWER_SOURCES}, got {self.answer_source!r}")
         if self.answer_source == "ground_truth" and self.sample.answer is None:
             raise ConfigError(f"sample {self.dataset}#{self.sample.index} has no ground-truth answer to attribute")
-        if self.answer is None and self.answer_source in ("split", "given"):
+        if self.answer is None and self.answer_source in ("split", "split_other_model", "given"):
             raise ConfigError(f"WorkItem with answer_source={self.answer_source!r} needs an answer text")
 
     @property
@@ -180,29 +181,56 @@ def items_from_benchmark(
     model: str | None = None,
     extra: Mapping[str, Any] | None = None,
     raw_answers: Mapping[tuple[str, str, int], str] | None = None,
+    relabel: bool = False,
+    where: Sequence[str] | None = None,
+    data_root: str | None = None,
 ) -> list[WorkItem]:
     """Work items of one benchmark split (records in the MedGround-Bench schema).
 
-    A record names a sample by ``(dataset, index)``. The attributed answer is what the model itself
+    A record names a sample by ``(dataset, index)`` (the dataset name or an alias, resolved by
+    :func:`medfocus.datasets.medground.record_dataset`). The attributed answer is what the model itself
     generated on the original image: its full text from ``raw_answers[(model, dataset, index)]``
     (e.g. :func:`raw_answers_for_split`; for step-by-step mode this is the whole rationale), else the
     record's ``prediction_{mode}`` (the public schema stores the parsed Yes/No there), else the
-    ground-truth answer (``answer_source="ground_truth"``). Records of other models are skipped when ``model`` is given (the record's
-    ``model`` field is used otherwise).
+    ground-truth answer (``answer_source="ground_truth"``). Records of other models are skipped when
+    ``model`` is given (the record's ``model`` field is used otherwise).
+
+    Args:
+        relabel: take every record (of any model) as work of ``model``, an explicit choice
+            (``medfocus attribute --relabel-split-model``): an answer the split recorded is then
+            ``answer_source="split_other_model"`` and each record keeps ``split_model`` (the model the
+            split names, ``None`` when it names none), so it never reads as ``model``'s own answer.
+        where: ``where[i]`` names ``records[i]`` in errors (e.g. ``"benchmark file F record 3"``).
+        data_root: the data root the samples were loaded from, named in errors.
 
     Raises:
-        DataError: a record names a sample that ``samples`` does not contain.
+        DataError: a record names a sample that ``samples`` does not contain (naming the record, its
+            index, the dataset's size and the data root).
+        ConfigError: ``relabel`` without ``model``.
     """
+    from medfocus.datasets.medground import check_sample_index, record_dataset
+
+    if relabel and model is None:
+        raise ConfigError("items_from_benchmark(relabel=True) needs the model the records are relabelled to")
     by_key = {(s.dataset, int(s.index)): s for s in samples}
+    sizes: dict[str, int] = {}
+    for s in samples:
+        sizes[s.dataset] = sizes.get(s.dataset, 0) + 1
     items: list[WorkItem] = []
-    for rec in records:
+    for i, rec in enumerate(records):
         rec_model = str(rec.get("model", model or ""))
-        if model is not None and rec.get("model") not in (None, model):
+        if model is not None and not relabel and rec.get("model") not in (None, model):
             continue
-        key = (str(rec["dataset"]), int(rec["index"]))
+        loc = where[i] if where is not None else f"benchmark record {rec.get('dataset')!r}#{rec.get('index')!r}"
+        key = (record_dataset(str(rec["dataset"]), where=loc), check_sample_index(rec["index"], where=loc))
         sample = by_key.get(key)
         if sample is None:
-            raise DataError(f"benchmark record {key} has no matching sample in the loaded dataset (wrong --data-root?)")
+            n = sizes.get(key[0], 0)
+            root = f" under data root {data_root}" if data_root else ""
+            raise DataError(f"{loc}: index {key[1]} is out of range for dataset {key[0]!r}, which has {n} samples{root}"
+                            + (f" (indices 0..{n - 1})" if n else "")
+                            + "; the index is the sample's position in the dataset loader's output (wrong --data-root, "
+                              "or a split built on other data?)")
         pred = rec.get(f"prediction_{mode}")
         raw = (raw_answers or {}).get((str(rec.get("model", model)), key[0], key[1]))
         if isinstance(raw, str) and raw.strip():
@@ -212,8 +240,13 @@ def items_from_benchmark(
         ex = dict(extra or {})
         if "editor" in rec:
             ex.setdefault("editor", rec["editor"])
+        source = "split" if answer else "ground_truth"
+        if relabel:
+            ex["split_model"] = rec.get("model")
+            if answer and rec.get("model") != model:
+                source = "split_other_model"
         items.append(WorkItem(model=model or rec_model, dataset=sample.dataset, mode=mode, sample=sample, answer=answer,
-                              answer_source="split" if answer else "ground_truth", extra=ex))
+                              answer_source=source, extra=ex))
     return items
 
 
