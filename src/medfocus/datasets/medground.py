@@ -172,7 +172,7 @@ def record_modes(obj: Mapping[str, Any]) -> list[str]:
 def _no_mode_message(obj: Mapping[str, Any], where: str) -> str:
     """Why a record names no mode, with the closest expected field for a misspelled one."""
     expected = ["prediction_direct", "prediction_cot", "mode"]
-    hints = [f"{k!r} -> {m[0]!r}" for k in obj if k not in expected
+    hints = [f"{k!r} -> {m[0]!r}" for k in obj if k not in expected and k not in _CORE
              for m in [difflib.get_close_matches(str(k), expected, n=1, cutoff=0.75)] if m]
     return (f"{where}: the record names no mode: expected a 'prediction_<mode>' field (e.g. 'prediction_direct', "
             f"'prediction_cot') or a 'mode' field; its fields are {sorted(map(str, obj))}"
