@@ -181,7 +181,7 @@ def test_split_of_another_model_is_refused_or_relabelled_explicitly(fake_world, 
     both = _split(tmp_path, "both.json", [_rec(0), _rec(1, model="qwen2_5_vl_3b")])
     r = CliRunner().invoke(main, ["attribute", "--bench", str(both), "--method", "fake_hot", "--model", "demo",
                                   "--out", str(tmp_path / "o2"), "--no-progress"])
-    assert r.exit_code == 0 and "1 of other models or naming none (--model demo)" in r.output, r.output
+    assert r.exit_code == 0 and "records not run: 1 of other models (--model demo)" in r.output, r.output
     assert [(x["model"], x["index"], x["answer_source"]) for x in load_results(tmp_path / "o2" / "predictions.jsonl")] == [
         ("demo", 0, "split")]
 

@@ -9,9 +9,9 @@ import click
 
 from medfocus.attribution.base import BASELINES
 from medfocus.commands.config import config_option
-from medfocus.datasets import DATASET_REGISTRY
 from medfocus.commands.evaluate import faithfulness_config, faithfulness_options
 from medfocus.commands.launch import LAUNCH_PARAMS, check_launch_options, launcher_options
+from medfocus.datasets import DATASET_REGISTRY
 from medfocus.lvlm.progress import progress_bars
 from medfocus.errors import ConfigError, DataError
 from medfocus.io.paths import allow_outside_root as _allow_outside
@@ -212,9 +212,13 @@ def build_items(
                     f"Give --model {rec_models[0] if rec_models else 'NAME'}"
                     + (", or --relabel-split-model to attribute them under --model on purpose (e.g. the same weights "
                        "under another name; records then say answer_source 'split_other_model')" if len(models) == 1 else ""))
-            n_other_model = sum(1 for _, r in located if not relabel and r.get("model") not in targets)
-            if n_other_model:
-                left_out.append(f"{n_other_model} of other models or naming none (--model {', '.join(targets)})")
+            if not relabel:
+                n_other_model = sum(1 for _, r in located if r.get("model") is not None and r["model"] not in targets)
+                if n_other_model:
+                    left_out.append(f"{n_other_model} of other models (--model {', '.join(models)})")
+                if n_unnamed:
+                    left_out.append(f"{n_unnamed} naming no model (a split's answers are its model's own; see "
+                                    "--relabel-split-model)")
             n_other_mode = sum(1 for _, r in located if not set(record_modes(r)) & set(modes))
             if n_other_mode:
                 other_modes = sorted({m for _, r in located for m in record_modes(r)} - set(modes))

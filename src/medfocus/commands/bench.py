@@ -7,8 +7,8 @@ from typing import Any
 import click
 
 from medfocus.commands.config import config_option
-from medfocus.datasets import DATASET_REGISTRY
 from medfocus.commands.launch import LAUNCH_PARAMS, check_launch_options, launcher_options
+from medfocus.datasets import DATASET_REGISTRY
 from medfocus.lvlm.progress import progress_bars
 from medfocus.errors import ConfigError
 from medfocus.io.paths import allow_outside_root as _allow_outside

@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from medfocus.datasets import canonical_name
 from medfocus.datasets._common import load_json
-from medfocus.errors import DataError
+from medfocus.errors import ConfigError, DataError
 from medfocus.io.atomic import atomic_write
 from medfocus.io.jsonl import read_jsonl_numbered
 from medfocus.types import Sample
@@ -186,9 +187,6 @@ def record_dataset(name: str, *, where: str = "record") -> str:
     Raises:
         DataError: the name is no registered dataset (naming ``where`` and the known names).
     """
-    from medfocus.datasets import canonical_name
-    from medfocus.errors import ConfigError
-
     try:
         return canonical_name(name)
     except ConfigError as exc:
@@ -202,8 +200,8 @@ def parse_record(obj: Mapping[str, Any], *, where: str = "record") -> BenchRecor
 
     Raises:
         DataError: the key is invalid (:func:`check_record_key`), the dataset is not registered, a core
-            field is missing, a mode lacks
-            one of its four prediction fields, or an edited-view field has no ``prediction_<mode>``.
+            field is missing, a mode lacks one of its four prediction fields, or an edited-view field has no
+            ``prediction_<mode>``.
     """
     check_record_key(obj, where=where)
     for k in _CORE:
@@ -225,8 +223,8 @@ def parse_record(obj: Mapping[str, Any], *, where: str = "record") -> BenchRecor
     stray = [k for k in extra if k.startswith("prediction_")]
     if stray:
         raise DataError(f"{where}: prediction field(s) {stray} without a matching 'prediction_<mode>' field")
-    return BenchRecord(model=str(obj["model"]), dataset=record_dataset(obj["dataset"], where=where), index=index, answer=str(obj["answer"]),
-                       predictions=preds, extra=extra)
+    return BenchRecord(model=str(obj["model"]), dataset=record_dataset(obj["dataset"], where=where), index=index,
+                       answer=str(obj["answer"]), predictions=preds, extra=extra)
 
 
 def load_record_dicts_located(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
