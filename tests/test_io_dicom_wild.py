@@ -335,6 +335,52 @@ def test_uncompressed_defects_give_no_decoder_advice(films, tmp_path):
     assert "nophoto.dcm" in str(ei.value) and "pip" not in str(ei.value) and "decoder" not in str(ei.value)
 
 
+@pytest.mark.parametrize("name", ["RG1_J2KI.dcm", "JPEG-LL.dcm"])
+@pytest.mark.parametrize("keep", ["half", "all_but_100_bytes"])
+def test_truncated_compressed_film_is_reported_as_truncated_without_a_library_warning(films, tmp_path, name, keep):
+    """A compressed film cut short loses its encapsulated pixel element (pydicom drops it with a bare
+    UserWarning): that is a truncated file, not a DICOM without pixel data."""
+    data = (films / name).read_bytes()
+    cut = tmp_path / f"cut_{name}"
+    cut.write_bytes(data[: len(data) // 2] if keep == "half" else data[:-100])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(DataError, match="truncated or damaged file") as ei:
+            read_image(cut)
+    assert str(cut) in str(ei.value) and "no pixel data" not in str(ei.value)
+    assert not caught, [str(w.message) for w in caught]
+
+
+def test_header_understating_the_image_size_is_refused_not_cropped(films, tmp_path):
+    """pydicom would keep the first 1000 rows of the 1955-row film ("excess padding" warning)."""
+    def fewer_rows(ds):
+        ds.Rows = 1000
+
+    path = _variant(films, tmp_path, "rows.dcm", fewer_rows)
+    with pytest.raises(DataError, match=r"1000 x 1841 x 1 x 16 bits.*needs 3682000.*does not match") as ei:
+        read_image(path)
+    assert "rows.dcm" in str(ei.value) and "7198310 bytes" in str(ei.value)
+
+
+@pytest.mark.parametrize("name", ["empty.dcm", "empty.png"])
+def test_empty_file_is_said_to_be_empty(tmp_path, name):
+    (tmp_path / name).write_bytes(b"")
+    for reader in (read_image, read_image_size):
+        with pytest.raises(DataError, match=r"empty file \(0 bytes\)") as ei:
+            reader(tmp_path / name)
+        assert name in str(ei.value)
+
+
+def test_one_trailing_pad_byte_is_allowed(tmp_path):
+    """Odd-length native pixel data is padded to even length (PS3.5 8.1.1): not an error."""
+    arr = np.arange(15, dtype=np.uint8).reshape(3, 5)
+    path = tmp_path / "odd.dcm"
+    write_dicom(path, arr)
+    ds = pydicom.dcmread(path)
+    assert len(ds.PixelData) == 16  # 15 bytes + the pad byte
+    np.testing.assert_array_equal(_read_quiet(path)[0], to_uint8(arr))
+
+
 # ---- header-only size ---------------------------------------------------------------------------------
 
 def test_read_image_size_reads_only_the_header(films, tmp_path, monkeypatch):
