@@ -154,7 +154,7 @@ def build_items(
     the dataset's answer whatever the model says.
 
     Raises:
-        ConfigError: an unknown ``dataset``; a split built for other models than ``models`` (naming
+        ConfigError: an unknown ``dataset`` (or a record's); a split built for other models than ``models`` (naming
             the file, its models and ``--model``); a ``--model`` no split record names; nothing to run.
         DataError: an unreadable split, a record naming no mode, or an index out of range (naming the
             file, record, index, dataset size and data root).
@@ -191,6 +191,10 @@ def build_items(
                     n_other = sum(1 for _, r in located if r["dataset"] != dataset)
                     left_out.append(f"{n_other} of dataset(s) {other} (--dataset {dataset})")
                 located = [(w, r) for w, r in located if r["dataset"] == dataset]
+            for w, r in located:  # the reader resolved every alias; what is left must be loadable
+                if r["dataset"] not in DATASET_REGISTRY:
+                    raise ConfigError(f"{w}: field 'dataset': unknown dataset {r['dataset']!r}; expected one of "
+                                      f"{DATASET_REGISTRY.names()} or an alias of one")
             rec_models = sorted({str(r["model"]) for _, r in located if r.get("model") is not None})
             n_unnamed = sum(1 for _, r in located if r.get("model") is None)
             named = f"model(s) {rec_models}" + (f" and {n_unnamed} record(s) naming no model" if n_unnamed else "") \

@@ -180,17 +180,16 @@ def _no_mode_message(obj: Mapping[str, Any], where: str) -> str:
             + (f" (misspelled? {', '.join(hints)})" if hints else ""))
 
 
-def record_dataset(name: str, *, where: str = "record") -> str:
-    """The registry key of a record's dataset name (an alias such as ``"vindr-cxr"`` or the public
-    benchmark's ``"vindr-cxr-attr"`` resolved by :func:`medfocus.datasets.canonical_name`).
-
-    Raises:
-        DataError: the name is no registered dataset (naming ``where`` and the known names).
-    """
+def record_dataset(name: str) -> str:
+    """The registry key of a record's dataset name: an alias such as ``"vindr-cxr"`` or the public
+    benchmark's ``"vindr-cxr-attr"`` resolved by :func:`medfocus.datasets.canonical_name` (the one
+    alias table). A name the registry does not know (samples built in Python, e.g. a test world) is
+    returned as written: it then matches only samples of exactly that dataset name, and
+    ``medfocus attribute`` refuses it because it cannot load such a dataset."""
     try:
         return canonical_name(name)
-    except ConfigError as exc:
-        raise DataError(f"{where}: field 'dataset': {exc}") from None
+    except ConfigError:  # not a registered dataset: nothing to resolve
+        return name
 
 
 def parse_record(obj: Mapping[str, Any], *, where: str = "record") -> BenchRecord:
@@ -199,8 +198,7 @@ def parse_record(obj: Mapping[str, Any], *, where: str = "record") -> BenchRecor
     ``dataset`` becomes its registry key (:func:`record_dataset`: ``"vindr-cxr"`` -> ``"vindr_cxr"``).
 
     Raises:
-        DataError: the key is invalid (:func:`check_record_key`), the dataset is not registered, a core
-            field is missing, a mode lacks one of its four prediction fields, or an edited-view field has no
+        DataError: the key is invalid (:func:`check_record_key`), a core field is missing, a mode lacks one of its four prediction fields, or an edited-view field has no
             ``prediction_<mode>``.
     """
     check_record_key(obj, where=where)
@@ -223,7 +221,7 @@ def parse_record(obj: Mapping[str, Any], *, where: str = "record") -> BenchRecor
     stray = [k for k in extra if k.startswith("prediction_")]
     if stray:
         raise DataError(f"{where}: prediction field(s) {stray} without a matching 'prediction_<mode>' field")
-    return BenchRecord(model=str(obj["model"]), dataset=record_dataset(obj["dataset"], where=where), index=index,
+    return BenchRecord(model=str(obj["model"]), dataset=record_dataset(obj["dataset"]), index=index,
                        answer=str(obj["answer"]), predictions=preds, extra=extra)
 
 
@@ -247,7 +245,7 @@ def load_record_dicts_located(path: str | os.PathLike) -> list[tuple[str, dict[s
     out: list[tuple[str, dict[str, Any]]] = []
     seen: dict[tuple, str] = {}
     for where, obj in objs:
-        obj = {**obj, "dataset": record_dataset(obj["dataset"], where=where)}
+        obj = {**obj, "dataset": record_dataset(obj["dataset"])}
         mode = obj.get("mode")
         if mode is not None and (not isinstance(mode, str) or not mode):
             raise DataError(f"{where}: field 'mode' must be a non-empty string (e.g. 'direct', 'cot'), got {mode!r}")
@@ -276,7 +274,7 @@ def load_record_dicts(path: str | os.PathLike) -> list[dict[str, Any]]:
 
     Raises:
         DataError: missing file, not UTF-8, not valid JSON, JSON nested too deeply, not a list of
-            objects, an invalid ``dataset`` / ``index`` / ``mode``, an unknown dataset, a record naming
+            objects, an invalid ``dataset`` / ``index`` / ``mode``, a record naming
             no mode (naming the file, record and the fields expected), or two records for one
             ``(model, dataset, index, mode)``.
     """

@@ -222,7 +222,7 @@ def items_from_benchmark(
         if model is not None and not relabel and rec.get("model") not in (None, model):
             continue
         loc = where[i] if where is not None else f"benchmark record {rec.get('dataset')!r}#{rec.get('index')!r}"
-        key = (record_dataset(str(rec["dataset"]), where=loc), check_sample_index(rec["index"], where=loc))
+        key = (record_dataset(str(rec["dataset"])), check_sample_index(rec["index"], where=loc))
         sample = by_key.get(key)
         if sample is None:
             n = sizes.get(key[0], 0)
