@@ -371,6 +371,54 @@ def test_empty_file_is_said_to_be_empty(tmp_path, name):
         assert name in str(ei.value)
 
 
+def _grey_indices(tmp_path, photometric: str, **extra):
+    """An 8-bit one-sample film of index values 0..99 with ``photometric`` (pydicom-built)."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    idx = np.arange(100, dtype=np.uint8).reshape(10, 10)
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID, ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 10, 10, 1, 8, 8, 7
+    ds.PixelRepresentation, ds.PhotometricInterpretation = 0, photometric
+    for k, v in extra.items():
+        setattr(ds, k, v)
+    ds.PixelData = idx.tobytes()
+    path = tmp_path / f"{photometric.replace(' ', '_')}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path, idx
+
+
+def test_palette_color_film_shows_what_its_indices_point_to(tmp_path):
+    """Known answer: an inverting grey palette (index i -> 255 - i on all three channels, 8-bit
+    entries) displays as the inverted index image, not as the raw indices."""
+    pal = (255 - np.arange(256)).astype(np.uint8).tobytes()
+    desc = [256, 0, 8]
+    path, idx = _grey_indices(tmp_path, "PALETTE COLOR",
+                              RedPaletteColorLookupTableDescriptor=desc, GreenPaletteColorLookupTableDescriptor=desc,
+                              BluePaletteColorLookupTableDescriptor=desc, RedPaletteColorLookupTableData=pal,
+                              GreenPaletteColorLookupTableData=pal, BluePaletteColorLookupTableData=pal)
+    img, size = _read_quiet(path)
+    assert size == (10, 10)
+    np.testing.assert_array_equal(img, to_uint8((255 - idx).astype(np.float64)))
+    assert img[0, 0] == 255 and img[-1, -1] == 0  # index 0 -> white, index 99 -> black
+
+
+def test_palette_color_without_a_palette_and_colour_photometric_on_one_sample_are_refused(tmp_path):
+    path, _ = _grey_indices(tmp_path, "PALETTE COLOR")
+    with pytest.raises(DataError, match="PALETTE COLOR but its palette cannot be applied") as ei:
+        read_image(path)
+    assert path.name in str(ei.value)
+    path, _ = _grey_indices(tmp_path, "RGB")
+    with pytest.raises(DataError, match="'RGB' needs 3 samples per pixel but the pixel data has 1") as ei:
+        read_image(path)
+    assert path.name in str(ei.value)
+
+
 def test_one_trailing_pad_byte_is_allowed(tmp_path):
     """Odd-length native pixel data is padded to even length (PS3.5 8.1.1): not an error."""
     arr = np.arange(15, dtype=np.uint8).reshape(3, 5)

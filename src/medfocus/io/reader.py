@@ -432,6 +432,21 @@ def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, tuple[int, int]]:
         return img, (int(img.shape[1]), int(img.shape[0]))
     if raw.ndim != 2:
         raise DataError(f"{p}: expected a 2-D grayscale image, got pixel array of shape {raw.shape}")
+    if photometric == "PALETTE COLOR":
+        # Stored values are indices into the palette (PS3.3 C.7.6.3.1.2): display what they index.
+        from pydicom.pixels import apply_color_lut
+
+        try:
+            rgb = apply_color_lut(raw, ds).astype(np.float64)
+        except Exception as exc:  # missing or malformed palette descriptors / data
+            raise DataError(f"{p}: PhotometricInterpretation is PALETTE COLOR but its palette cannot be applied "
+                            f"({type(exc).__name__}: {exc})") from exc
+        img = to_uint8(rgb @ np.array([0.299, 0.587, 0.114]))
+        return img, (int(img.shape[1]), int(img.shape[0]))
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise DataError(f"{p}: PhotometricInterpretation {photometric!r} needs 3 samples per pixel but the pixel data "
+                        f"has 1 (SamplesPerPixel {_element_value(ds, 'SamplesPerPixel')}); expected MONOCHROME1/2 for a "
+                        "grayscale radiograph")
 
     pad = _padding_mask(ds, raw, p)
     try:
