@@ -66,8 +66,8 @@ class WorkItem:
             the original image as recorded by the causal filter; ``None``: see ``answer_source``.
         answer_source: where ``answer`` comes from, stored in every record: ``"split"`` (the causal filter's
             record of the model's answer), ``"split_other_model"`` (a split's recorded answer of another
-            model, attributed under this one on purpose: ``--relabel-split-model``), ``"given"`` (a caller's explicit text), ``"model"`` (``answer`` is
-            ``None`` and :func:`run_grid` generates the model's greedy answer on the image, with the mode's
+            model, attributed under this one on purpose: ``--relabel-split-model``), ``"given"`` (a caller's
+            explicit text), ``"model"`` (``answer`` is ``None`` and :func:`run_grid` generates the model's greedy answer on the image, with the mode's
             token budget, before the methods run) or ``"ground_truth"`` (``sample.answer`` is attributed,
             whatever the model says; an explicit choice). Default: ``"given"`` with an answer, else ``"model"``.
         synthetic: whether the film comes from the synthetic world (``None``: ``dataset == "synthetic"``); a
