@@ -335,6 +335,100 @@ def test_uncompressed_defects_give_no_decoder_advice(films, tmp_path):
     assert "nophoto.dcm" in str(ei.value) and "pip" not in str(ei.value) and "decoder" not in str(ei.value)
 
 
+@pytest.mark.parametrize("name", ["RG1_J2KI.dcm", "JPEG-LL.dcm"])
+@pytest.mark.parametrize("keep", ["half", "all_but_100_bytes"])
+def test_truncated_compressed_film_is_reported_as_truncated_without_a_library_warning(films, tmp_path, name, keep):
+    """A compressed film cut short loses its encapsulated pixel element (pydicom drops it with a bare
+    UserWarning): that is a truncated file, not a DICOM without pixel data."""
+    data = (films / name).read_bytes()
+    cut = tmp_path / f"cut_{name}"
+    cut.write_bytes(data[: len(data) // 2] if keep == "half" else data[:-100])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(DataError, match="truncated or damaged file") as ei:
+            read_image(cut)
+    assert str(cut) in str(ei.value) and "no pixel data" not in str(ei.value)
+    assert not caught, [str(w.message) for w in caught]
+
+
+def test_header_understating_the_image_size_is_refused_not_cropped(films, tmp_path):
+    """pydicom would keep the first 1000 rows of the 1955-row film ("excess padding" warning)."""
+    def fewer_rows(ds):
+        ds.Rows = 1000
+
+    path = _variant(films, tmp_path, "rows.dcm", fewer_rows)
+    with pytest.raises(DataError, match=r"1000 x 1841 x 1 x 16 bits.*needs 3682000.*does not match") as ei:
+        read_image(path)
+    assert "rows.dcm" in str(ei.value) and "7198310 bytes" in str(ei.value)
+
+
+@pytest.mark.parametrize("name", ["empty.dcm", "empty.png"])
+def test_empty_file_is_said_to_be_empty(tmp_path, name):
+    (tmp_path / name).write_bytes(b"")
+    for reader in (read_image, read_image_size):
+        with pytest.raises(DataError, match=r"empty file \(0 bytes\)") as ei:
+            reader(tmp_path / name)
+        assert name in str(ei.value)
+
+
+def _grey_indices(tmp_path, photometric: str, **extra):
+    """An 8-bit one-sample film of index values 0..99 with ``photometric`` (pydicom-built)."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    idx = np.arange(100, dtype=np.uint8).reshape(10, 10)
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID, ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 10, 10, 1, 8, 8, 7
+    ds.PixelRepresentation, ds.PhotometricInterpretation = 0, photometric
+    for k, v in extra.items():
+        setattr(ds, k, v)
+    ds.PixelData = idx.tobytes()
+    path = tmp_path / f"{photometric.replace(' ', '_')}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path, idx
+
+
+def test_palette_color_film_shows_what_its_indices_point_to(tmp_path):
+    """Known answer: an inverting grey palette (index i -> 255 - i on all three channels, 8-bit
+    entries) displays as the inverted index image, not as the raw indices."""
+    pal = (255 - np.arange(256)).astype(np.uint8).tobytes()
+    desc = [256, 0, 8]
+    path, idx = _grey_indices(tmp_path, "PALETTE COLOR",
+                              RedPaletteColorLookupTableDescriptor=desc, GreenPaletteColorLookupTableDescriptor=desc,
+                              BluePaletteColorLookupTableDescriptor=desc, RedPaletteColorLookupTableData=pal,
+                              GreenPaletteColorLookupTableData=pal, BluePaletteColorLookupTableData=pal)
+    img, size = _read_quiet(path)
+    assert size == (10, 10)
+    np.testing.assert_array_equal(img, to_uint8((255 - idx).astype(np.float64)))
+    assert img[0, 0] == 255 and img[-1, -1] == 0  # index 0 -> white, index 99 -> black
+
+
+def test_palette_color_without_a_palette_and_colour_photometric_on_one_sample_are_refused(tmp_path):
+    path, _ = _grey_indices(tmp_path, "PALETTE COLOR")
+    with pytest.raises(DataError, match="PALETTE COLOR but its palette cannot be applied") as ei:
+        read_image(path)
+    assert path.name in str(ei.value)
+    path, _ = _grey_indices(tmp_path, "RGB")
+    with pytest.raises(DataError, match="'RGB' needs 3 samples per pixel but the pixel data has 1") as ei:
+        read_image(path)
+    assert path.name in str(ei.value)
+
+
+def test_one_trailing_pad_byte_is_allowed(tmp_path):
+    """Odd-length native pixel data is padded to even length (PS3.5 8.1.1): not an error."""
+    arr = np.arange(15, dtype=np.uint8).reshape(3, 5)
+    path = tmp_path / "odd.dcm"
+    write_dicom(path, arr)
+    ds = pydicom.dcmread(path)
+    assert len(ds.PixelData) == 16  # 15 bytes + the pad byte
+    np.testing.assert_array_equal(_read_quiet(path)[0], to_uint8(arr))
+
+
 # ---- header-only size ---------------------------------------------------------------------------------
 
 def test_read_image_size_reads_only_the_header(films, tmp_path, monkeypatch):

@@ -69,10 +69,27 @@ class LazyGroup(click.Group):
     def invoke(self, ctx: click.Context) -> object:
         # The one place a library error becomes a CLI error: one line naming the file/field, exit
         # status 1, no traceback (commands raise MedfocusError like any other caller would see).
+        import warnings
+
+        from medfocus.errors import DataWarning
+
+        default_show = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            # A data warning is a message to the user about their file (it names it), not a report
+            # about our source: one "Warning:" line on stderr, without Python's file:line and code line.
+            if isinstance(category, type) and issubclass(category, DataWarning):
+                click.echo(f"Warning: {message}", err=True)
+            else:
+                default_show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
         try:
             return super().invoke(ctx)
         except MedfocusError as exc:
             raise click.ClickException(str(exc)) from exc
+        finally:
+            warnings.showwarning = default_show
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # Short help without importing every command module.

@@ -289,14 +289,43 @@ def _decode(ds, p: Path) -> np.ndarray:
         if not available:
             raise DataError(f"{p}: pixel data is compressed with transfer syntax {ts} ({ts.name}) and no installed "
                             f"decoder reads it; {_decoder_advice(ts)}")
+    if not compressed and "PixelData" in ds:
+        _check_uncompressed_length(ds, p)
     try:
-        return ds.pixel_array
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            arr = ds.pixel_array
+        for w in caught:  # pydicom's own warnings, re-issued naming the file
+            warnings.warn(f"{p}: {w.message}", DataWarning, stacklevel=3)
+        return arr
     except Exception as exc:  # pydicom raises many types for broken pixel data
         if compressed:
             raise DataError(f"{p}: cannot decode the {ts.name} ({ts}) pixel data: the compressed stream is "
                             f"damaged or unsupported ({type(exc).__name__}: {exc})") from exc
         raise DataError(f"{p}: pixel data does not match the pixel module (truncated file or wrong "
                         f"Rows/Columns/BitsAllocated; transfer syntax {ts}): {exc}") from exc
+
+
+def _check_uncompressed_length(ds, p: Path) -> None:
+    """Refuse native (uncompressed) pixel data longer than the pixel module says (DICOM PS3.5 8.1.1).
+
+    pydicom crops such data with a warning ("excess padding"), which would silently keep the first
+    ``Rows`` rows of a film whose header understates its size; one trailing pad byte (odd length made
+    even) is the only excess the standard allows. Too-short data is left to the decoder's own error.
+    """
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        bits, spp = int(ds.BitsAllocated), int(ds.SamplesPerPixel)
+        frames = int(_number_attr(ds, "NumberOfFrames") or 1)
+    except (TypeError, ValueError, _Unusable):
+        return  # malformed attributes: the decoder reports them
+    n_bits = rows * cols * spp * frames * bits
+    expected = (n_bits + 7) // 8
+    got = len(ds.PixelData)
+    if got > expected + (expected % 2) + 1:
+        raise DataError(f"{p}: pixel data holds {got} bytes but Rows x Columns x SamplesPerPixel x BitsAllocated "
+                        f"= {rows} x {cols} x {spp} x {bits} bits ({frames} frame(s)) needs {expected}: the header's "
+                        "image size does not match the data (wrong Rows/Columns?)")
 
 
 def _display(ds, raw: np.ndarray, pad: np.ndarray, p: Path) -> np.ndarray:
@@ -369,12 +398,20 @@ def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, tuple[int, int]]:
     w, h = _number_or_none(ds, "Columns"), _number_or_none(ds, "Rows")
     if w is not None and h is not None:
         _check_pixels(p, int(w), int(h), max_pixels())  # from the header, before the pixels are read
-    try:
-        ds = pydicom.dcmread(p, force=True)
-    except Exception as exc:  # pydicom raises many types for broken files
-        raise DataError(f"{p}: cannot read DICOM ({type(exc).__name__}: {exc})") from exc
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            ds = pydicom.dcmread(p, force=True)
+        except Exception as exc:  # pydicom raises many types for broken files
+            raise DataError(f"{p}: cannot read DICOM ({type(exc).__name__}: {exc})") from exc
+    read_problems = [str(w.message) for w in caught]
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        if read_problems:  # pydicom dropped an element it could not finish reading: the file was cut short
+            raise DataError(f"{p}: truncated or damaged file: the pixel data element could not be read to its end "
+                            f"({read_problems[0]})")
         raise DataError(f"{p}: DICOM has no pixel data (expected an image, e.g. a CXR in DX/CR storage)")
+    for msg in read_problems:  # never a bare library warning: name the file
+        warnings.warn(f"{p}: {msg}", DataWarning, stacklevel=2)
     try:
         n_frames = int(_number_attr(ds, "NumberOfFrames") or 1)
     except _Unusable as exc:
@@ -395,6 +432,21 @@ def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, tuple[int, int]]:
         return img, (int(img.shape[1]), int(img.shape[0]))
     if raw.ndim != 2:
         raise DataError(f"{p}: expected a 2-D grayscale image, got pixel array of shape {raw.shape}")
+    if photometric == "PALETTE COLOR":
+        # Stored values are indices into the palette (PS3.3 C.7.6.3.1.2): display what they index.
+        from pydicom.pixels import apply_color_lut
+
+        try:
+            rgb = apply_color_lut(raw, ds).astype(np.float64)
+        except Exception as exc:  # missing or malformed palette descriptors / data
+            raise DataError(f"{p}: PhotometricInterpretation is PALETTE COLOR but its palette cannot be applied "
+                            f"({type(exc).__name__}: {exc})") from exc
+        img = to_uint8(rgb @ np.array([0.299, 0.587, 0.114]))
+        return img, (int(img.shape[1]), int(img.shape[0]))
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise DataError(f"{p}: PhotometricInterpretation {photometric!r} needs 3 samples per pixel but the pixel data "
+                        f"has 1 (SamplesPerPixel {_element_value(ds, 'SamplesPerPixel')}); expected MONOCHROME1/2 for a "
+                        "grayscale radiograph")
 
     pad = _padding_mask(ds, raw, p)
     try:
@@ -415,6 +467,14 @@ def _number_or_none(ds, keyword: str) -> float | None:
         return None
 
 
+def _check_file(p: Path) -> None:
+    """A readable, non-empty file (an empty one is said to be empty, not "not a DICOM/image file")."""
+    if not p.is_file():
+        raise DataError(f"{p}: image file not found")
+    if p.stat().st_size == 0:
+        raise DataError(f"{p}: empty file (0 bytes); expected an image (DICOM, PNG, JPEG, TIFF)")
+
+
 def read_image_size(path: str | os.PathLike) -> tuple[int, int]:
     """Original ``(W, H)`` of an image from its header only (no pixel decoding).
 
@@ -424,8 +484,7 @@ def read_image_size(path: str | os.PathLike) -> tuple[int, int]:
         DataError: missing or unreadable file, or a DICOM without ``Rows``/``Columns``.
     """
     p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: image file not found")
+    _check_file(p)
     if is_dicom(p):
         import pydicom
 
@@ -515,8 +574,7 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, tuple[int, int]]:
             (checked from the header, before decoding); the message names the path and reason.
     """
     p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: image file not found")
+    _check_file(p)
     if is_dicom(p):
         return read_dicom(p)
     return _read_pil(p)
