@@ -281,6 +281,10 @@ def build_items(
 @click.option("--shard", default=None, show_default="0/1, everything", help="Run only shard i of n (i/n, 0-based); merge the shard files with --merge.")
 @click.option("--merge", is_flag=True, help="Merge predictions.shard-*.jsonl in --out into predictions.jsonl and exit.")
 @click.option("--retry-errors", is_flag=True, help="Recompute records that failed in a previous run.")
+@click.option("--overwrite", is_flag=True,
+              help="Recompute stored records whose sample changed since they were written (image file or content, "
+                   "finding, expert boxes, question, answer) or that carry no sample fingerprint; default: refused. "
+                   "With --merge: shard records replace such records.")
 @click.option("--save-token-maps", is_flag=True, help="Also store per-answer-token heatmaps (float16).")
 @click.option("--answer-source", type=click.Choice(["model", "ground-truth"]), default="model", show_default=True,
               help="Without --bench: attribute the model's own greedy answer (generated in this run; the whole "
@@ -300,7 +304,8 @@ def build_items(
 @launcher_options
 @click.pass_context
 def attribute(ctx, bench, dataset, data_root, models, modes, methods, params, refine, medsam, out_dir, limit, seed, shard, merge,
-              retry_errors, save_token_maps, answer_source, relabel_split_model, include_negatives, device, allow_outside_root, no_progress, store_name,
+              retry_errors, overwrite, save_token_maps, answer_source, relabel_split_model, include_negatives, device,
+              allow_outside_root, no_progress, store_name,
               faithfulness, faithfulness_steps, faithfulness_baseline, faithfulness_batch_size, **launch_opts) -> None:
     """Run attribution methods on a benchmark split and store one record per
     (model, dataset, index, mode, method) in OUT/predictions.jsonl (resumable: rerun the same
@@ -321,13 +326,13 @@ def attribute(ctx, bench, dataset, data_root, models, modes, methods, params, re
         _launch_attribute(ctx, launch_opts, bench=bench, dataset=dataset, data_root=data_root, models=models,
                           modes=modes, methods=methods, params=params, refine=refine, medsam=medsam, out=out,
                           limit=limit, include_negatives=include_negatives, device=device, no_progress=no_progress,
-                          allow_outside_root=allow_outside_root, relabel_split_model=relabel_split_model)
+                          allow_outside_root=allow_outside_root, overwrite=overwrite, relabel_split_model=relabel_split_model)
         return
     if merge:
         parts = sorted(out.glob("predictions.shard-*.jsonl"))
         if not parts:
             raise DataError(f"no predictions.shard-*.jsonl files in {out}")
-        n = merge_stores(parts, out / "predictions.jsonl")
+        n = merge_stores(parts, out / "predictions.jsonl", overwrite=overwrite)
         click.echo(f"merged {len(parts)} shard files -> {out / 'predictions.jsonl'} ({n} records)")
         return
     i, n = parse_shard(shard)
@@ -353,7 +358,8 @@ def attribute(ctx, bench, dataset, data_root, models, modes, methods, params, re
     with progress_bars(not no_progress), ResultStore(store_path) as store:
         summary = run_grid(items, {m: getattr(obj, "params", {}) for m, obj in method_objs.items()}, store, load_model=loader,
                            make_method=lambda name, _params: method_objs[name], seed=seed, retry_errors=retry_errors,
-                           save_token_maps=save_token_maps, progress=not no_progress, faithfulness=faith_cfg)
+                           save_token_maps=save_token_maps, progress=not no_progress, faithfulness=faith_cfg,
+                           data_root=data_root, overwrite=overwrite)
     click.echo(f"done: {summary}")
     if summary.errors:
         click.echo(f"{summary.errors} records carry an error (see the 'error' field); rerun with --retry-errors to recompute them")
@@ -361,10 +367,10 @@ def attribute(ctx, bench, dataset, data_root, models, modes, methods, params, re
 
 def _launch_attribute(ctx: click.Context, launch_opts: dict[str, Any], *, bench, dataset, data_root, models, modes, methods,
                       params, refine, medsam, out: Path, limit, include_negatives, device, no_progress,
-                      allow_outside_root: bool = False, relabel_split_model: bool = False) -> None:
+                      allow_outside_root: bool = False, overwrite: bool = False, relabel_split_model: bool = False) -> None:
     """Validate the run, split it into (model, shard) tasks and start them (``--launcher local|slurm``)."""
     from medfocus.commands.launch import argv_from_params, default_shards, run_launch
-    from medfocus.runner.grid import select_items, shard_of
+    from medfocus.runner.grid import check_stored_samples, select_items, shard_of
     from medfocus.runner.launch import Manifest, ShardTask, attribute_store_name, parse_devices
 
     opts = {k: launch_opts[k] for k in LAUNCH_PARAMS}
@@ -393,7 +399,10 @@ def _launch_attribute(ctx: click.Context, launch_opts: dict[str, Any], *, bench,
             tasks.append(ShardTask(shard=i, n=n, model=m, argv=argv, output=name, expected=len(sel) * len(methods)))
     if not tasks:
         raise ConfigError("nothing to run: no samples selected")
-    manifest = Manifest(command="attribute", launcher=opts["launcher"], out=str(out), tasks=tasks)
+    if not overwrite:  # records of changed samples refused before any worker starts (each worker checks its own too)
+        check_stored_samples(items, methods, [out / "predictions.jsonl", *(out / t.output for t in tasks)],
+                             data_root=data_root)
+    manifest = Manifest(command="attribute", launcher=opts["launcher"], out=str(out), tasks=tasks, overwrite=overwrite)
     click.echo(f"{len(items)} samples x {len(methods)} methods in {len(tasks)} tasks ({n} shards"
                f"{' per model' if per_model else ''}) -> {out}")
     run_launch(manifest, opts, device=device, progress=not no_progress)

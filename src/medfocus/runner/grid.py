@@ -36,7 +36,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from medfocus.errors import ConfigError, DataError, MedfocusError
-from medfocus.runner.store import Key, ResultStore, to_jsonable
+from medfocus.runner.store import (FINGERPRINT_FIELD, Key, ResultStore, describe_sample_conflicts, fingerprint_differences,
+                                    sample_fingerprint, to_jsonable)
 from medfocus.types import Sample
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,14 @@ class WorkItem:
     @property
     def is_synthetic(self) -> bool:
         return self.dataset == "synthetic" if self.synthetic is None else bool(self.synthetic)
+
+    def fingerprint(self, root: str | Path | None = None) -> dict[str, Any]:
+        """The item's :func:`~medfocus.runner.store.sample_fingerprint` (image path relative to ``root``
+        when under it; the answer text only when it is fixed before the run)."""
+        s = self.sample
+        return sample_fingerprint(s.image_path, finding=s.attribute, gt_answer=s.answer, gt_boxes=s.boxes,
+                                  question=self.question, answer=self.answer_text, answer_source=self.answer_source,
+                                  root=root)
 
 
 def parse_shard(spec: str | tuple[int, int] | None) -> tuple[int, int]:
@@ -298,6 +307,56 @@ def _default_identity(name: str) -> dict[str, Any]:
         return {"name": name, "source": name, "fingerprint": None}
 
 
+def _fingerprints(items: Sequence[WorkItem], root: str | Path | None, progress: bool) -> dict[tuple, dict[str, Any]]:
+    """``{(model, dataset, index, mode): fingerprint}`` of every item (each film file hashed once)."""
+    it_iter: Iterable[WorkItem] = items
+    if progress:
+        from tqdm.auto import tqdm
+
+        # shown only when hashing takes a while (a large run's films on a slow disk)
+        it_iter = tqdm(items, desc="fingerprint films", unit="sample", delay=2.0, leave=False, dynamic_ncols=True)
+    return {it.key("")[:4]: to_jsonable(it.fingerprint(root)) for it in it_iter}
+
+
+def _changed_samples_error(path: str | Path, conflicts: Mapping[tuple, Sequence[str]]) -> ConfigError:
+    return ConfigError(f"{path} holds results computed on other samples under this run's keys (stored -> now):\n"
+                       + describe_sample_conflicts(conflicts) + "\nThey are not served. Write this run to another "
+                       "--out, or rerun with --overwrite to recompute them on the current samples "
+                       "(`medfocus demo`: --fresh starts over).")
+
+
+def check_stored_samples(items: Sequence[WorkItem], methods: Iterable[str], stores: Iterable[str | Path], *,
+                         data_root: str | Path | None = None) -> None:
+    """Refuse, before anything starts, stored successful records of ``items`` x ``methods`` in the result
+    files ``stores`` (missing ones skipped) that were computed on another sample or carry no fingerprint
+    -- the check :func:`run_grid` makes on its own store, for a launcher about to start shard workers.
+
+    Raises:
+        ConfigError: naming the file, the sample keys and what changed (as :func:`run_grid`).
+    """
+    from medfocus.runner.store import load_results, record_key
+
+    methods = list(methods)
+    fps: dict[tuple, dict[str, Any]] | None = None
+    for path in stores:
+        if not Path(path).is_file():
+            continue
+        recs = {record_key(r): r for r in load_results(path, absolute_paths=False)}
+        if fps is None:
+            fps = _fingerprints(items, data_root, progress=False)
+        conflicts: dict[tuple, list[str]] = {}
+        for it in items:
+            for m in methods:
+                rec = recs.get(it.key(m))
+                if rec is None or rec.get("error"):
+                    continue
+                changed = fingerprint_differences(rec.get(FINGERPRINT_FIELD), fps[it.key("")[:4]])
+                if changed:
+                    conflicts.setdefault((*it.key("")[:4], tuple(changed)), []).append(m)
+        if conflicts:
+            raise _changed_samples_error(path, conflicts)
+
+
 def _method_settings(method: Any, params: Mapping[str, Any]) -> dict[str, Any]:
     get = getattr(method, "settings", None)
     return to_jsonable(get() if callable(get) else dict(params))
@@ -437,6 +496,8 @@ def run_grid(
     release_model: bool = True,
     identify_model: Callable[[str], Mapping[str, Any]] | None = None,
     faithfulness: Any | None = None,
+    data_root: str | Path | None = None,
+    overwrite: bool = False,
 ) -> RunSummary:
     """Run every method on every work item, appending one record per key to ``store``.
 
@@ -464,6 +525,10 @@ def run_grid(
             heatmap; ``None`` (default) skips them. The references are scored once per sample.
         identify_model: ``name -> identity`` of a model's weights without loading it (default
             :func:`medfocus.lvlm.loading.model_identity`).
+        data_root: the dataset root; fingerprints store image paths relative to it (so the same films under
+            a moved root still resume).
+        overwrite: recompute stored records whose sample changed (or that carry no fingerprint) instead of
+            refusing; the new records supersede them.
 
     Settings are part of a result's identity. Every record stores ``settings`` (the method's full
     resolved settings, :meth:`~medfocus.attribution.base.Method.settings`) and ``model_identity``.
@@ -474,6 +539,14 @@ def run_grid(
     is recomputed (a corrected rerun supersedes it). Settings listed in the method's
     ``runtime_settings`` (``batch_size``, ``cache``) do not change results and are not compared.
 
+    The sample is part of a result's identity too: every record stores ``sample_fingerprint``
+    (:meth:`WorkItem.fingerprint`: image path, size and SHA-256 of the file, finding, expert boxes,
+    question, answer text and source). A stored successful record whose fingerprint differs from the
+    current sample's (an index that now names another film, another ``--data-root``, a film overwritten
+    in place, changed boxes) or that has no fingerprint makes the run **refuse** before any model loads
+    (:class:`ConfigError` naming the samples and what changed), unless ``overwrite``, which recomputes
+    them; an *error* record of another sample is recomputed.
+
     Returns:
         a :class:`RunSummary`.
 
@@ -483,7 +556,7 @@ def run_grid(
     ``reference_pool_warning`` and the run one warning (printed above the progress bar, else logged).
 
     Record fields: ``model, dataset, index, mode, method, attribute, question, answer, answer_source,
-    answer_parsed, gt_answer, gt_boxes, image_size, image_path, pred_boxes, unparseable, heatmap_boxes,
+    answer_parsed, gt_answer, gt_boxes, image_size, image_path, sample_fingerprint, pred_boxes, unparseable, heatmap_boxes,
     heatmap_path, has_heatmap, n_forward, n_backward, seconds, wall_seconds, seed, extras, shared_pass, error,
     traceback, settings, model_identity`` (+ ``deletion_auc, insertion_auc, faithfulness`` with ``faithfulness``) plus the
     item's ``extra`` mapping (``unparseable``: the method's box text could not be read, :mod:`medfocus.lvlm.box_text`).
@@ -517,13 +590,20 @@ def run_grid(
     ignore = {m: tuple(getattr(method_objs[m], "runtime_settings", ())) for m in method_params}
     identify = identify_model or _default_identity
     identities = {name: to_jsonable(dict(identify(name))) for name in dict.fromkeys(it.model for it in items)}
-    stale: set[Key] = set()  # error records of other settings: recomputed
+    fingerprints = _fingerprints(items, data_root, progress)
+    stale: set[Key] = set()  # error records of other settings or samples (and, with overwrite, changed samples): recomputed
     conflicts: dict[tuple[str, str, tuple[str, ...]], int] = {}
+    sample_conflicts: dict[tuple, list[str]] = {}
     for it in items:
         for m in method_params:
             rec = store.get(it.key(m))
             if rec is None:
                 continue
+            changed = fingerprint_differences(rec.get(FINGERPRINT_FIELD), fingerprints[it.key("")[:4]])
+            if changed and (overwrite or rec.get("error")):
+                stale.add(it.key(m))
+            elif changed:
+                sample_conflicts.setdefault((*it.key("")[:4], tuple(changed)), []).append(m)
             diffs = settings_differences(rec, settings[m], identities[it.model], ignore[m])
             if not diffs:
                 continue
@@ -537,6 +617,8 @@ def run_grid(
         raise ConfigError(f"{store.path} already holds results computed with other settings:\n" + "\n".join(lines) +
                           "\nA result store keeps one setting per method and model; write this run to a new --out "
                           "(or move the old results away).")
+    if sample_conflicts:
+        raise _changed_samples_error(store.path, sample_conflicts)
 
     def is_done(key: Key) -> bool:
         return key not in stale and store.is_done(key, retry_errors=retry_errors)
@@ -582,6 +664,7 @@ def run_grid(
             "gt_boxes": [list(b) for b in it.sample.boxes],
             "image_size": list(it.sample.image_size),
             "image_path": it.sample.image_path,
+            FINGERPRINT_FIELD: fingerprints[it.key("")[:4]],
             **dict(it.extra),
             "settings": settings[method],
             "model_identity": identities[it.model],
