@@ -233,6 +233,10 @@ def test_merge_refuses_shards_of_another_sample(tmp_path, toy):
     recs = {x["index"]: x for x in load_results(merged)}
     assert recs[1][FINGERPRINT_FIELD]["image_sha256"] == new1 and len(recs) == 2
     assert merge_stores([shard], merged) == 2  # now consistent: merging again is a no-op
+    # an error record of another sample in the merged file is replaced without asking (it holds no result)
+    _strip_fingerprints(merged, error="RuntimeError: old failure")
+    assert merge_stores([shard], merged) == 2
+    assert not any(x["error"] for x in load_results(merged))
 
 
 def test_a_launched_overwrite_run_merges_its_recomputed_shards(tmp_path, toy):

@@ -137,7 +137,7 @@ def status(out_dir: str) -> None:
 @click.option("--overwrite", is_flag=True,
               help="Let shard records replace records of the same key computed on another sample "
                    "(default: refused; a launched run started with --overwrite does this itself).")
-def merge(out_dir: str, overwrite: bool | None) -> None:
+def merge(out_dir: str, overwrite: bool) -> None:
     """Merge the shard outputs of OUT_DIR into its normal outputs (predictions.jsonl, or the bench
     splits and retention table). Safe to rerun; the launchers do it themselves when all shards finish."""
     from medfocus.runner.launch import merge_outputs

@@ -144,11 +144,16 @@ def fingerprint_differences(stored: Mapping[str, Any] | None, now: Mapping[str, 
 def describe_sample_conflicts(conflicts: Mapping[tuple, Sequence[str]], limit: int = 20) -> str:
     """Lines ``"  model 'demo', vindr_cxr #0 direct (gradcam, occlusion): image a -> b; finding: ..."`` of
     ``{(model, dataset, index, mode, differences): [methods]}``, at most ``limit`` (then a count)."""
+    def order(kv: tuple) -> tuple:
+        mo, ds, idx, mode = kv[0][:4]
+        return (str(mo), str(ds), int(idx), str(mode))
+
     lines = [f"  model {mo!r}, {ds} #{idx} {mode} ({', '.join(ms)}): {'; '.join(d)}"
-             for (mo, ds, idx, mode, d), ms in sorted(conflicts.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]), int(kv[0][2]), str(kv[0][3])))]
+             for (mo, ds, idx, mode, d), ms in sorted(conflicts.items(), key=order)]
     if len(lines) > limit:
         lines = lines[:limit] + [f"  ... and {len(lines) - limit} more samples"]
     return "\n".join(lines)
+
 
 def key_slug(key: Key) -> str:
     """A file-name-safe string for a key, e.g. ``demo__synthetic__12__direct__occlusion``."""
@@ -325,7 +330,8 @@ def merge_stores(inputs: Iterable[str | Path], out: str | Path, *, prefer_succes
     Two records of one key computed on different samples (their ``sample_fingerprint`` differs, or one
     of them has none) are never combined silently: the merge raises :class:`ConfigError` naming them,
     before anything is written; with ``overwrite`` the shard record replaces the record in ``out``
-    (a rerun with ``--overwrite`` recomputed it on the current sample).
+    (a rerun with ``--overwrite`` recomputed it on the current sample). An error record in ``out`` of
+    another sample is replaced without asking (it holds no result).
     """
     out = Path(out)
     with ResultStore(out) as store:
@@ -352,7 +358,7 @@ def merge_stores(inputs: Iterable[str | Path], out: str | Path, *, prefer_succes
             existing = store.get(key)
             if existing is not None:
                 diffs = _merge_conflict(existing, chosen[key])
-                if diffs and overwrite:
+                if diffs and (overwrite or existing.get("error")):  # an error record of another sample is no result
                     replace.add(key)
                 elif diffs:
                     conflict(key, diffs)
