@@ -92,3 +92,21 @@ def test_evaluate_shows_the_faithfulness_columns_the_records_carry(tmp_path):
     assert "2 records (0 with errors) + " in res.output and "reference rows" not in res.output
     res = CliRunner().invoke(main, ["evaluate", str(path), "--out", str(tmp_path / "i"), "--n-boot", "50", "--metrics", "iou"])
     assert res.exit_code == 0 and "Del. AUC" not in (tmp_path / "i" / "table.md").read_text()
+
+
+def test_evaluate_refuses_a_coerced_index(tmp_path):
+    """`"index": "0"` (or 1.7, true) would score a record against another record's sample: refused,
+    naming the file, line and field; the same record with an integer index is scored."""
+    preds = _write_predictions(tmp_path / "run")
+    lines = preds.read_text().splitlines()
+    for bad in ('"0"', "1.7", "true"):
+        rec = json.loads(lines[1])
+        lines_bad = [lines[0], json.dumps(rec).replace('"index": 0', f'"index": {bad}'), lines[2]]
+        preds.write_text("\n".join(lines_bad) + "\n")
+        res = CliRunner().invoke(main, ["evaluate", str(preds), "--out", str(tmp_path / "e"), "--n-boot", "10"])
+        assert res.exit_code == 1, res.output
+        assert f"predictions.jsonl line 2: field 'index' must be a non-negative integer, got {json.loads(bad)!r}" in res.output
+        assert "Traceback" not in res.output and not (tmp_path / "e" / "table.md").exists()
+    preds.write_text("\n".join(lines) + "\n")
+    res = CliRunner().invoke(main, ["evaluate", str(preds), "--out", str(tmp_path / "e"), "--n-boot", "10"])
+    assert res.exit_code == 0 and len(pd.read_csv(tmp_path / "e" / "records.csv")) == 3, res.output

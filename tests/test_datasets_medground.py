@@ -172,3 +172,42 @@ def test_attribute_reads_bench_files_with_the_one_reader(tmp_path):
 def test_normalize_yes_no():
     assert [normalize_yes_no(t) for t in ("Yes", "Yes.\n", " no,", "NO", "Yesterday", "Maybe", None, "")] == [
         "Yes", "Yes", "No", "No", None, None, None, None]
+
+
+def test_reader_resolves_dataset_aliases(tmp_path):
+    """Both views give the registry key for an alias; an alias and its key are one sample for the
+    duplicate check; an unregistered name (a dataset built in Python) is kept as written."""
+    p = tmp_path / "b.json"
+    p.write_text(json.dumps([_rec(dataset="vindr-cxr", index=0), _rec(dataset="VinDr-CXR-Attr", index=1)]))
+    assert [r["dataset"] for r in load_record_dicts(p)] == ["vindr_cxr", "vindr_cxr"]
+    assert [r.dataset for r in load_records(p)] == ["vindr_cxr", "vindr_cxr"]
+    p.write_text(json.dumps([_rec(dataset="vindr_cxr", index=0), _rec(dataset="vindr", index=0)]))
+    with pytest.raises(DataError, match=r"b.json record 1: duplicate record .*'vindr_cxr', 0, 'direct'"):
+        load_record_dicts(p)
+    p.write_text(json.dumps([_rec(dataset="vindr_cxr", index=0), _rec(dataset="Toy-World", index=0)]))
+    assert [r["dataset"] for r in load_record_dicts(p)] == ["vindr_cxr", "Toy-World"]
+    assert [r.dataset for r in load_records(p)] == ["vindr_cxr", "Toy-World"]
+
+
+def test_reader_refuses_a_record_that_names_no_mode(tmp_path):
+    """A misspelled prediction field would drop the record from every mode: an error naming the file,
+    record, the fields expected and the likely misspelling (JSON lines: the line)."""
+    typo = {k.replace("prediction_direct", "predicton_direct"): v for k, v in _rec(index=1).items()}
+    p = tmp_path / "b.jsonl"
+    p.write_text(json.dumps(_rec(index=0)) + "\n" + json.dumps(typo) + "\n")
+    with pytest.raises(DataError) as ei:
+        load_record_dicts(p)
+    msg = str(ei.value)
+    assert msg.startswith(f"benchmark file {p} line 2: the record names no mode: expected a 'prediction_<mode>' field")
+    assert "'predicton_direct' -> 'prediction_direct'" in msg and "or a 'mode' field" in msg
+    p.write_text(json.dumps({"model": "m", "dataset": "synthetic", "index": 0, "mode": ""}) + "\n")
+    with pytest.raises(DataError, match=r"line 1: field 'mode' must be a non-empty string"):
+        load_record_dicts(p)
+
+
+def test_explicit_mode_takes_priority():
+    from medfocus.datasets.medground import record_modes
+
+    assert record_modes(_rec()) == ["direct"]
+    assert record_modes(_rec(mode="cot")) == ["cot"]  # prediction_direct present, but the record says cot
+    assert record_modes({"mode": "direct"}) == ["direct"] and record_modes({"dataset": "x", "index": 0}) == []

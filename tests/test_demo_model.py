@@ -386,6 +386,11 @@ def test_presets_resolve_and_are_recognised() -> None:
         assert preset_of(preset_config(name, seed=5, steps=3, num_threads=1)) == name
     assert preset_config("demo") == D.DemoLVLMConfig()  # the shipped recipe is the field defaults
     assert preset_config("demo-16x16").token_grid == 16 and preset_config("demo").token_grid == 8
+    assert preset_config("demo-12x12").token_grid == 12 and preset_config("demo-12x12").canvas == 168
+    from medfocus.training.commands import train_demo as cmd
+
+    choices = next(o for o in cmd.params if o.name == "preset").type.choices
+    assert sorted(choices) == sorted(PRESETS)  # the CLI's written-out list follows the registry
     odd = preset_config("demo")
     odd.lr = 0.5
     assert preset_of(odd) is None

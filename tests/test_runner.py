@@ -230,8 +230,15 @@ def test_items_from_benchmark(tmp_path):
     items = items_from_benchmark(recs, samples, mode="cot", model="demo")
     assert [(it.index, it.answer_text, dict(it.extra)) for it in items] == [
         (2, "The nodule is seen. Yes.", {"editor": "oracle"}), (0, "Yes", {})]
-    with pytest.raises(DataError, match="no matching sample"):
-        items_from_benchmark([{"dataset": "synthetic", "index": 9}], samples, mode="direct")
+    with pytest.raises(DataError, match=r"f.json record 0: index 9 is out of range for dataset 'synthetic', which has 4 "
+                                         r"samples under data root /r \(indices 0..3\)"):
+        items_from_benchmark([{"dataset": "synthetic", "index": 9}], samples, mode="direct", where=["f.json record 0"],
+                             data_root="/r")
+    # an alias names the same sample; relabelling is explicit and says whose answer it is
+    alias = items_from_benchmark([{"model": "other", "dataset": "synth", "index": 1, "prediction_direct": "No"}], samples,
+                                 mode="direct", model="demo", relabel=True)
+    assert [(it.model, it.dataset, it.index, it.answer_text, it.answer_source, it.extra["split_model"]) for it in alias] == [
+        ("demo", "synthetic", 1, "No", "split_other_model", "other")]
 
 
 KILL_SCRIPT = textwrap.dedent(

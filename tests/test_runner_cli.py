@@ -143,3 +143,98 @@ def test_unimportable_command_says_why(monkeypatch):
     monkeypatch.setitem(cli.COMMANDS, "broken", "medfocus.no_such_module:cmd")
     r = CliRunner().invoke(main, ["broken"])
     assert r.exit_code != 0 and "command 'broken' is unavailable" in r.output and "no_such_module" in r.output
+
+
+def _split(tmp_path, name, recs):
+    p = tmp_path / name
+    p.write_text(json.dumps(recs))
+    return p
+
+
+def _rec(i, **kw):
+    return {"model": "demo", "dataset": "synthetic", "index": i, "answer": "Yes", "prediction_direct": "Yes", **kw}
+
+
+def test_split_of_another_model_is_refused_or_relabelled_explicitly(fake_world, tmp_path):
+    """A split built for qwen is not silently explained as demo's answer: an error naming the file, the
+    split's model and --model, before any model loads; --relabel-split-model does it on purpose and every
+    record says whose answer it is."""
+    split = _split(tmp_path, "qwen_split.json", [_rec(i, model="qwen2_5_vl_3b", prediction_direct="No") for i in range(2)])
+    base = ["attribute", "--bench", str(split), "--method", "fake_hot", "--no-progress"]
+    r = CliRunner().invoke(main, [*base, "--model", "demo", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1, r.output
+    assert f"benchmark file {split} was built for model(s) ['qwen2_5_vl_3b'], not for --model demo" in r.output
+    assert "--relabel-split-model" in r.output and "Traceback" not in r.output
+    assert fake_world["loads"] == [] and not (tmp_path / "o" / "predictions.jsonl").exists()
+    r = CliRunner().invoke(main, [*base, "--model", "demo", "--relabel-split-model", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    recs = load_results(tmp_path / "o" / "predictions.jsonl")
+    assert sorted((x["model"], x["index"], x["answer"], x["answer_source"], x["split_model"]) for x in recs) == [
+        ("demo", 0, "No", "split_other_model", "qwen2_5_vl_3b"), ("demo", 1, "No", "split_other_model", "qwen2_5_vl_3b")]
+    # the flag is for one --model, with a split, and never needed for a split of that model
+    r = CliRunner().invoke(main, [*base, "--model", "demo", "--model", "x", "--relabel-split-model", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "one --model" in r.output
+    r = CliRunner().invoke(main, ["attribute", "--dataset", "synthetic", "--model", "demo", "--relabel-split-model",
+                                  "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "applies with --bench" in r.output
+    # two models in one split: each --model gets its own records; a --model none names is an error
+    both = _split(tmp_path, "both.json", [_rec(0), _rec(1, model="qwen2_5_vl_3b")])
+    r = CliRunner().invoke(main, ["attribute", "--bench", str(both), "--method", "fake_hot", "--model", "demo",
+                                  "--out", str(tmp_path / "o2"), "--no-progress"])
+    assert r.exit_code == 0 and "records not run: 1 of other models (--model demo)" in r.output, r.output
+    assert [(x["model"], x["index"], x["answer_source"]) for x in load_results(tmp_path / "o2" / "predictions.jsonl")] == [
+        ("demo", 0, "split")]
+
+
+def test_bench_record_matching_no_mode_is_an_error(fake_world, tmp_path):
+    split = _split(tmp_path, "typo.json", [_rec(0), {k.replace("prediction", "predicton"): v for k, v in _rec(1).items()}])
+    r = CliRunner().invoke(main, ["attribute", "--bench", str(split), "--method", "fake_hot", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1, r.output
+    assert f"benchmark file {split} record 1: the record names no mode" in r.output
+    assert "'prediction_direct'" in r.output and "'predicton_direct' -> 'prediction_direct'" in r.output
+    assert fake_world["loads"] == []
+
+
+def test_explicit_mode_field_wins_and_left_out_records_are_counted(fake_world, tmp_path):
+    """{"mode": "cot", "prediction_direct": ...} is a step-by-step record only; records of modes not asked
+    for are named in a note, not dropped silently."""
+    split = _split(tmp_path, "modes.json", [_rec(0), _rec(1, mode="cot"), _rec(2, mode="cot", prediction_cot="Yes, a rationale")])
+    out = tmp_path / "o"
+    r = CliRunner().invoke(main, ["attribute", "--bench", str(split), "--method", "fake_hot", "--mode", "direct", "--mode", "cot",
+                                  "--out", str(out), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    got = sorted((x["index"], x["mode"], x["answer"], x["answer_source"]) for x in load_results(out / "predictions.jsonl"))
+    assert got == [(0, "direct", "Yes", "split"), (1, "cot", "Yes", "ground_truth"), (2, "cot", "Yes, a rationale", "split")]
+    r = CliRunner().invoke(main, ["attribute", "--bench", str(split), "--method", "fake_hot", "--mode", "direct",
+                                  "--out", str(tmp_path / "o2"), "--no-progress"])
+    assert r.exit_code == 0 and "records not run: 2 of mode(s) ['cot'] only (--mode direct)" in r.output, r.output
+    assert [x["index"] for x in load_results(tmp_path / "o2" / "predictions.jsonl")] == [0]
+
+
+def test_bench_dataset_alias_and_index_out_of_range(fake_world, tmp_path):
+    """A documented alias in a record or --dataset names the registry's dataset; an index past the end
+    names the file, record, index, the dataset's size and the data root."""
+    split = _split(tmp_path, "alias.json", [_rec(0, dataset="synth"), _rec(1, dataset="SYNTHETIC")])
+    out = tmp_path / "o"
+    r = CliRunner().invoke(main, ["attribute", "--bench", str(split), "--dataset", "synth", "--method", "fake_hot",
+                                  "--out", str(out), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert sorted((x["dataset"], x["index"]) for x in load_results(out / "predictions.jsonl")) == [("synthetic", 0), ("synthetic", 1)]
+    split = _split(tmp_path, "far.json", [_rec(0), _rec(8)])
+    r = CliRunner().invoke(main, ["attribute", "--bench", str(split), "--data-root", str(tmp_path), "--method", "fake_hot",
+                                  "--out", str(tmp_path / "o2")])
+    assert r.exit_code == 1, r.output
+    assert (f"benchmark file {split} record 1: index 8 is out of range for dataset 'synthetic', which has 8 samples "
+            f"under data root {tmp_path} (indices 0..7)") in r.output
+    split = _split(tmp_path, "unknown.json", [_rec(0, dataset="mimic")])
+    r = CliRunner().invoke(main, ["attribute", "--bench", str(split), "--method", "fake_hot", "--out", str(tmp_path / "o3")])
+    assert r.exit_code == 1 and f"{split} record 0: field 'dataset': unknown dataset 'mimic'" in r.output, r.output
+    assert fake_world["loads"] == ["demo"]  # only the first, good run loaded a model
+
+
+def test_attribute_help_lists_every_registered_dataset():
+    from medfocus.datasets import DATASET_REGISTRY
+
+    for cmd in (["attribute"], ["bench", "build"]):
+        text = " ".join(CliRunner().invoke(main, [*cmd, "--help"], terminal_width=400).output.split())
+        assert "nih_cxr8" in text and all(name in text for name in DATASET_REGISTRY.names()), cmd

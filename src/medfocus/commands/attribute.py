@@ -11,12 +11,15 @@ from medfocus.attribution.base import BASELINES
 from medfocus.commands.config import config_option
 from medfocus.commands.evaluate import faithfulness_config, faithfulness_options
 from medfocus.commands.launch import LAUNCH_PARAMS, check_launch_options, launcher_options
+from medfocus.datasets import DATASET_REGISTRY
 from medfocus.lvlm.progress import progress_bars
 from medfocus.errors import ConfigError, DataError
 from medfocus.io.paths import allow_outside_root as _allow_outside
 
 #: The registered method names, for the help text (the registry module imports no model code).
 METHOD_NAMES: tuple[str, ...] = (*BASELINES, "medfocus")
+#: The registered dataset names, for the help text (from the registry, so a new dataset is listed).
+DATASET_NAMES: str = ", ".join(DATASET_REGISTRY.names())
 
 EPILOG = """\b
 Examples:
@@ -135,13 +138,29 @@ def build_items(
     modes: Sequence[str],
     include_negatives: bool = False,
     answer_source: str = "model",
+    relabel_split_model: bool = False,
 ) -> list:
     """Work items from benchmark files (filtered splits) or, without them, from a dataset's samples.
 
-    With a split, the answer attributed is the model's own as the split recorded it. Without one,
-    ``answer_source="model"`` (default) generates the model's greedy answer on each film in the run and
-    attributes that; ``"ground_truth"`` attributes the dataset's answer whatever the model says."""
-    from medfocus.datasets.medground import load_record_dicts
+    With a split, the answer attributed is the model's own as the split recorded it: a record is run
+    for the ``--model`` it names (all the models it names without ``--model``), in the modes of
+    :func:`~medfocus.datasets.medground.record_modes` (an explicit ``mode`` field first) that are in
+    ``modes``. A split none of whose records names a given model is an error, not relabelled: its
+    answers are another model's. ``relabel_split_model`` (one model only) attributes such a split's
+    records under that model on purpose; they carry ``answer_source="split_other_model"`` and
+    ``split_model``. Records left out (other datasets than ``dataset``, other modes, other models) are
+    counted in a note per file. Without a split, ``answer_source="model"`` (default) generates the
+    model's greedy answer on each film in the run and attributes that; ``"ground_truth"`` attributes
+    the dataset's answer whatever the model says.
+
+    Raises:
+        ConfigError: an unknown ``dataset`` (or a record's); a split built for other models than ``models`` (naming
+            the file, its models and ``--model``); a ``--model`` no split record names; nothing to run.
+        DataError: an unreadable split, a record naming no mode, or an index out of range (naming the
+            file, record, index, dataset size and data root).
+    """
+    from medfocus.datasets import canonical_name, resolve_data_root
+    from medfocus.datasets.medground import load_record_dicts_located, record_modes
     from medfocus.runner.grid import WorkItem, items_from_benchmark, raw_answers_for_split
 
     items: list = []
@@ -153,34 +172,76 @@ def build_items(
             samples_cache[key] = load_samples(ds, data_root)
         return samples_cache[key]
 
+    if dataset:
+        try:
+            dataset = canonical_name(dataset)
+        except ConfigError as exc:
+            raise ConfigError(f"--dataset: {exc}") from None
     if bench:
+        if relabel_split_model and len(models) != 1:
+            raise ConfigError(f"--relabel-split-model attributes a split under one --model; got {list(models) or 'none'}")
+        root = resolve_data_root(data_root, required=False)
         for path in bench:
-            recs = load_record_dicts(path)
+            located = load_record_dicts_located(path)
             raw = raw_answers_for_split(path)  # the full generated answers, when the split log is there
-            ds_names = sorted({str(r["dataset"]) for r in recs})
-            if dataset and ds_names != [dataset]:
-                recs = [r for r in recs if r["dataset"] == dataset]
-            rec_models = sorted({str(r.get("model")) for r in recs if r.get("model")})
+            left_out: list[str] = []
+            if dataset:
+                other = sorted({r["dataset"] for _, r in located if r["dataset"] != dataset})
+                if other:
+                    n_other = sum(1 for _, r in located if r["dataset"] != dataset)
+                    left_out.append(f"{n_other} of dataset(s) {other} (--dataset {dataset})")
+                located = [(w, r) for w, r in located if r["dataset"] == dataset]
+            for w, r in located:  # the reader resolved every alias; what is left must be loadable
+                if r["dataset"] not in DATASET_REGISTRY:
+                    raise ConfigError(f"{w}: field 'dataset': unknown dataset {r['dataset']!r}; expected one of "
+                                      f"{DATASET_REGISTRY.names()} or an alias of one")
+            rec_models = sorted({str(r["model"]) for _, r in located if r.get("model") is not None})
+            n_unnamed = sum(1 for _, r in located if r.get("model") is None)
+            named = f"model(s) {rec_models}" + (f" and {n_unnamed} record(s) naming no model" if n_unnamed else "") \
+                if rec_models else "no model (its records have no 'model' field)"
+            relabel = False
+            if not models:
+                targets = rec_models
+            elif any(m in rec_models for m in models):
+                targets = [m for m in models if m in rec_models]
+            elif relabel_split_model:
+                if len(rec_models) + (n_unnamed > 0) > 1:
+                    raise ConfigError(f"--relabel-split-model: benchmark file {path} names {named}; relabelling them all "
+                                      f"as {models[0]} would mix several models' answers (split the file per model)")
+                targets, relabel = [models[0]], True
+            else:
+                raise ConfigError(
+                    f"benchmark file {path} was built for {named}, not for --model {', '.join(models)}: its answers are "
+                    f"that model's own, and attributing them under another model would read as that model's answer. "
+                    f"Give --model {rec_models[0] if rec_models else 'NAME'}"
+                    + (", or --relabel-split-model to attribute them under --model on purpose (e.g. the same weights "
+                       "under another name; records then say answer_source 'split_other_model')" if len(models) == 1 else ""))
+            if not relabel:
+                n_other_model = sum(1 for _, r in located if r.get("model") is not None and r["model"] not in targets)
+                if n_other_model:
+                    left_out.append(f"{n_other_model} of other models (--model {', '.join(models)})")
+                if n_unnamed:
+                    left_out.append(f"{n_unnamed} naming no model (a split's answers are its model's own; see "
+                                    "--relabel-split-model)")
+            n_other_mode = sum(1 for _, r in located if not set(record_modes(r)) & set(modes))
+            if n_other_mode:
+                other_modes = sorted({m for _, r in located for m in record_modes(r)} - set(modes))
+                left_out.append(f"{n_other_mode} of mode(s) {other_modes} only (--mode {', '.join(modes)})")
+            if left_out:
+                click.echo(f"note: {path}: records not run: " + "; ".join(left_out), err=True)
             for mode in modes:
-                mode_recs = [r for r in recs if f"prediction_{mode}" in r or r.get("mode") == mode]
-                if not mode_recs:
-                    continue
-                for ds in sorted({str(r["dataset"]) for r in mode_recs}):
-                    ds_recs = [r for r in mode_recs if r["dataset"] == ds]
+                mode_recs = [(w, r) for w, r in located if mode in record_modes(r)]
+                for ds in sorted({r["dataset"] for _, r in mode_recs}):
+                    ds_recs = [(w, r) for w, r in mode_recs if r["dataset"] == ds]
                     samples = samples_for(ds)
-                    if models:
-                        targets = [m for m in models if m in rec_models]
-                        if not targets and len(models) == 1 and len(rec_models) <= 1:
-                            # a split built for one model under another name (e.g. an HF id)
-                            items += items_from_benchmark([{**r, "model": models[0]} for r in ds_recs], samples, mode=mode, model=models[0],
-                                                          extra={"bench_file": str(path)},
-                                                          raw_answers={(models[0], *k[1:]): v for k, v in raw.items()})
-                            continue
-                    else:
-                        targets = rec_models or []
                     for m in targets:
-                        items += items_from_benchmark(ds_recs, samples, mode=mode, model=m, extra={"bench_file": str(path)},
-                                                      raw_answers=raw)
+                        sel = ds_recs if relabel else [(w, r) for w, r in ds_recs if r.get("model") == m]
+                        items += items_from_benchmark([r for _, r in sel], samples, mode=mode, model=m,
+                                                      extra={"bench_file": str(path)}, raw_answers=raw, relabel=relabel,
+                                                      where=[w for w, _ in sel], data_root=str(root) if root else None)
+        missing = [m for m in models if not any(it.model == m for it in items)]
+        if missing and items:
+            raise ConfigError(f"--model {', '.join(missing)}: no record of {list(bench)} in modes {list(modes)} names it")
         if not items:
             raise ConfigError(f"no benchmark records matched models={list(models) or 'any'} modes={list(modes)} in {list(bench)}")
         return items
@@ -201,7 +262,7 @@ def build_items(
 @click.option("--bench", "bench", multiple=True, type=click.Path(dir_okay=False), show_default="none: every positive sample of --dataset",
               help="Benchmark split file(s) (.json/.jsonl) from `medfocus bench build`. Repeatable.")
 @click.option("--dataset", default=None, show_default="the datasets named in --bench; required without --bench",
-              help="Dataset key (imagenome, vindr_cxr, padchest_gr, synthetic).")
+              help=f"Dataset key ({DATASET_NAMES}; aliases such as vindr-cxr accepted). With --bench: run only its records.")
 @click.option("--data-root", default=None, envvar="MEDFOCUS_DATA_ROOT", show_default="$MEDFOCUS_DATA_ROOT", help="Dataset root.")
 @click.option("--model", "models", multiple=True, show_default="the models named in --bench; required without --bench",
               help="LVLM registry name or path. Repeatable.")
@@ -220,10 +281,18 @@ def build_items(
 @click.option("--shard", default=None, show_default="0/1, everything", help="Run only shard i of n (i/n, 0-based); merge the shard files with --merge.")
 @click.option("--merge", is_flag=True, help="Merge predictions.shard-*.jsonl in --out into predictions.jsonl and exit.")
 @click.option("--retry-errors", is_flag=True, help="Recompute records that failed in a previous run.")
+@click.option("--overwrite", is_flag=True,
+              help="Recompute stored records whose sample changed since they were written (image file or content, "
+                   "finding, expert boxes, question, answer) or that carry no sample fingerprint; default: refused. "
+                   "With --merge: shard records replace such records.")
 @click.option("--save-token-maps", is_flag=True, help="Also store per-answer-token heatmaps (float16).")
 @click.option("--answer-source", type=click.Choice(["model", "ground-truth"]), default="model", show_default=True,
               help="Without --bench: attribute the model's own greedy answer (generated in this run; the whole "
                    "rationale in cot mode) or the dataset's ground-truth answer. Records keep both.")
+@click.option("--relabel-split-model", is_flag=True,
+              help="With --bench and one --model: attribute a split built for another model (or naming none) under "
+                   "--model on purpose, e.g. the same weights under another name. Off: such a split is an error. The "
+                   "records say answer_source 'split_other_model' and keep the split's model in 'split_model'.")
 @click.option("--include-negatives", is_flag=True, help="Without --bench: also attribute samples whose answer is No.")
 @click.option("--device", default=None, show_default="cuda if available, else cpu", help="torch device for the models.")
 @click.option("--allow-outside-root", is_flag=True,
@@ -235,7 +304,8 @@ def build_items(
 @launcher_options
 @click.pass_context
 def attribute(ctx, bench, dataset, data_root, models, modes, methods, params, refine, medsam, out_dir, limit, seed, shard, merge,
-              retry_errors, save_token_maps, answer_source, include_negatives, device, allow_outside_root, no_progress, store_name,
+              retry_errors, overwrite, save_token_maps, answer_source, relabel_split_model, include_negatives, device,
+              allow_outside_root, no_progress, store_name,
               faithfulness, faithfulness_steps, faithfulness_baseline, faithfulness_batch_size, **launch_opts) -> None:
     """Run attribution methods on a benchmark split and store one record per
     (model, dataset, index, mode, method) in OUT/predictions.jsonl (resumable: rerun the same
@@ -248,19 +318,21 @@ def attribute(ctx, bench, dataset, data_root, models, modes, methods, params, re
     check_launch_options(launch_opts)
     if bench and answer_source != "model":
         raise ConfigError("--answer-source applies without --bench (a split attributes the answer it recorded)")
+    if relabel_split_model and not bench:
+        raise ConfigError("--relabel-split-model applies with --bench (it relabels a split's recorded answers)")
     if launch_opts["launcher"] != "none":
         if shard or merge:
             raise ConfigError("--shard and --merge are for runs without a launcher (the launcher shards and merges itself)")
         _launch_attribute(ctx, launch_opts, bench=bench, dataset=dataset, data_root=data_root, models=models,
                           modes=modes, methods=methods, params=params, refine=refine, medsam=medsam, out=out,
                           limit=limit, include_negatives=include_negatives, device=device, no_progress=no_progress,
-                          allow_outside_root=allow_outside_root)
+                          allow_outside_root=allow_outside_root, overwrite=overwrite, relabel_split_model=relabel_split_model)
         return
     if merge:
         parts = sorted(out.glob("predictions.shard-*.jsonl"))
         if not parts:
             raise DataError(f"no predictions.shard-*.jsonl files in {out}")
-        n = merge_stores(parts, out / "predictions.jsonl")
+        n = merge_stores(parts, out / "predictions.jsonl", overwrite=overwrite)
         click.echo(f"merged {len(parts)} shard files -> {out / 'predictions.jsonl'} ({n} records)")
         return
     i, n = parse_shard(shard)
@@ -269,7 +341,8 @@ def attribute(ctx, bench, dataset, data_root, models, modes, methods, params, re
     method_objs = build_methods(methods, params, refine, medsam)
     with _allow_outside(allow_outside_root):
         items = build_items(bench=bench, dataset=dataset, data_root=data_root, models=models, modes=modes,
-                            include_negatives=include_negatives, answer_source=answer_source.replace("-", "_"))
+                            include_negatives=include_negatives, answer_source=answer_source.replace("-", "_"),
+                            relabel_split_model=relabel_split_model)
     items = select_items(items, limit=limit, shard=(i, n))
     check_models(sorted({it.model for it in items}))
     if store_name is not None and (Path(store_name).name != store_name or not store_name.endswith(".jsonl")):
@@ -285,7 +358,8 @@ def attribute(ctx, bench, dataset, data_root, models, modes, methods, params, re
     with progress_bars(not no_progress), ResultStore(store_path) as store:
         summary = run_grid(items, {m: getattr(obj, "params", {}) for m, obj in method_objs.items()}, store, load_model=loader,
                            make_method=lambda name, _params: method_objs[name], seed=seed, retry_errors=retry_errors,
-                           save_token_maps=save_token_maps, progress=not no_progress, faithfulness=faith_cfg)
+                           save_token_maps=save_token_maps, progress=not no_progress, faithfulness=faith_cfg,
+                           data_root=data_root, overwrite=overwrite)
     click.echo(f"done: {summary}")
     if summary.errors:
         click.echo(f"{summary.errors} records carry an error (see the 'error' field); rerun with --retry-errors to recompute them")
@@ -293,10 +367,10 @@ def attribute(ctx, bench, dataset, data_root, models, modes, methods, params, re
 
 def _launch_attribute(ctx: click.Context, launch_opts: dict[str, Any], *, bench, dataset, data_root, models, modes, methods,
                       params, refine, medsam, out: Path, limit, include_negatives, device, no_progress,
-                      allow_outside_root: bool = False) -> None:
+                      allow_outside_root: bool = False, overwrite: bool = False, relabel_split_model: bool = False) -> None:
     """Validate the run, split it into (model, shard) tasks and start them (``--launcher local|slurm``)."""
     from medfocus.commands.launch import argv_from_params, default_shards, run_launch
-    from medfocus.runner.grid import select_items, shard_of
+    from medfocus.runner.grid import check_stored_samples, select_items, shard_of
     from medfocus.runner.launch import Manifest, ShardTask, attribute_store_name, parse_devices
 
     opts = {k: launch_opts[k] for k in LAUNCH_PARAMS}
@@ -306,7 +380,8 @@ def _launch_attribute(ctx: click.Context, launch_opts: dict[str, Any], *, bench,
     methods = tuple(build_methods(methods, params, refine, medsam))  # settings validated before anything starts
     with _allow_outside(allow_outside_root):
         items = select_items(build_items(bench=bench, dataset=dataset, data_root=data_root, models=models, modes=modes,
-                                         include_negatives=include_negatives), limit=limit)
+                                         include_negatives=include_negatives, relabel_split_model=relabel_split_model),
+                              limit=limit)
     check_models(sorted({it.model for it in items}))
     run_models = list(dict.fromkeys(it.model for it in items))
     per_model = len(run_models) > 1  # one task per (model, shard): each loads only its model
@@ -324,7 +399,10 @@ def _launch_attribute(ctx: click.Context, launch_opts: dict[str, Any], *, bench,
             tasks.append(ShardTask(shard=i, n=n, model=m, argv=argv, output=name, expected=len(sel) * len(methods)))
     if not tasks:
         raise ConfigError("nothing to run: no samples selected")
-    manifest = Manifest(command="attribute", launcher=opts["launcher"], out=str(out), tasks=tasks)
+    if not overwrite:  # records of changed samples refused before any worker starts (each worker checks its own too)
+        check_stored_samples(items, methods, [out / "predictions.jsonl", *(out / t.output for t in tasks)],
+                             data_root=data_root)
+    manifest = Manifest(command="attribute", launcher=opts["launcher"], out=str(out), tasks=tasks, overwrite=overwrite)
     click.echo(f"{len(items)} samples x {len(methods)} methods in {len(tasks)} tasks ({n} shards"
                f"{' per model' if per_model else ''}) -> {out}")
     run_launch(manifest, opts, device=device, progress=not no_progress)

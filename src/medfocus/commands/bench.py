@@ -8,6 +8,7 @@ import click
 
 from medfocus.commands.config import config_option
 from medfocus.commands.launch import LAUNCH_PARAMS, check_launch_options, launcher_options
+from medfocus.datasets import DATASET_REGISTRY
 from medfocus.lvlm.progress import progress_bars
 from medfocus.errors import ConfigError
 from medfocus.io.paths import allow_outside_root as _allow_outside
@@ -64,7 +65,8 @@ def _load_model(name: str, device: str | None) -> Any:
 @config_option
 @click.option("--model", required=True, help="LVLM registry name (`medfocus models`) or model folder, e.g. demo, qwen2_5_vl_3b.")
 @click.option("--model-name", default=None, show_default="--model, or the folder name when --model is a path", help="Name written in the records.")
-@click.option("--dataset", required=True, help="Dataset key: synthetic, imagenome, vindr_cxr, padchest_gr, nih_cxr8 (no credentials needed).")
+@click.option("--dataset", required=True,
+              help=f"Dataset key: {', '.join(DATASET_REGISTRY.names())} (synthetic and nih_cxr8 need no credentials).")
 @click.option("--data-root", default=None, envvar="MEDFOCUS_DATA_ROOT", show_default="$MEDFOCUS_DATA_ROOT", help="Dataset root.")
 @click.option("--mode", "modes", multiple=True, type=click.Choice(["direct", "cot"]), default=("direct",), show_default=True,
               help="Output mode(s); repeat for both.")

@@ -134,10 +134,13 @@ def status(out_dir: str) -> None:
 
 @click.command(name="merge")
 @click.argument("out_dir", type=click.Path(exists=True, file_okay=False))
-def merge(out_dir: str) -> None:
+@click.option("--overwrite", is_flag=True,
+              help="Let shard records replace records of the same key computed on another sample "
+                   "(default: refused; a launched run started with --overwrite does this itself).")
+def merge(out_dir: str, overwrite: bool) -> None:
     """Merge the shard outputs of OUT_DIR into its normal outputs (predictions.jsonl, or the bench
     splits and retention table). Safe to rerun; the launchers do it themselves when all shards finish."""
     from medfocus.runner.launch import merge_outputs
 
-    for line in merge_outputs(Path(out_dir)):
+    for line in merge_outputs(Path(out_dir), overwrite=overwrite or None):
         click.echo(f"merged: {line}")

@@ -24,6 +24,7 @@ public schema.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -31,8 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from medfocus.datasets import canonical_name
 from medfocus.datasets._common import load_json
-from medfocus.errors import DataError
+from medfocus.errors import ConfigError, DataError
 from medfocus.io.atomic import atomic_write
 from medfocus.io.jsonl import read_jsonl_numbered
 from medfocus.types import Sample
@@ -43,7 +45,11 @@ __all__ = [
     "load_record_dicts",
     "load_records",
     "check_record_key",
+    "check_sample_index",
+    "load_record_dicts_located",
     "prediction_modes",
+    "record_dataset",
+    "record_modes",
     "parse_record",
     "write_records",
     "join_records",
@@ -120,9 +126,23 @@ class BenchRecord:
         return d
 
 
+def check_sample_index(idx: Any, *, where: str = "record") -> int:
+    """``idx`` when it is a non-negative integer (a sample's position in its dataset loader's output).
+
+    No silent coercion: ``1.7`` is not sample 1, ``"3"`` is not sample 3, ``true`` is not sample 1.
+    The one check of a record's ``index`` for benchmark records and result records alike.
+
+    Raises:
+        DataError: naming ``where``, the field and what was expected.
+    """
+    if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0:
+        raise DataError(f"{where}: field 'index' must be a non-negative integer, got {idx!r} ({type(idx).__name__})")
+    return idx
+
+
 def check_record_key(obj: Any, *, where: str = "record") -> None:
     """Check what names a record's sample: an object with ``dataset`` (a non-empty string) and ``index``
-    (a non-negative integer; no silent coercion: ``1.7`` is not sample 1, ``"3"`` is not sample 3).
+    (a non-negative integer, :func:`check_sample_index`).
 
     Raises:
         DataError: naming ``where``, the field and what was expected.
@@ -132,9 +152,7 @@ def check_record_key(obj: Any, *, where: str = "record") -> None:
     for k in ("dataset", "index"):
         if k not in obj:
             raise DataError(f"{where}: missing field {k!r}; a record names its sample by 'dataset' and 'index'")
-    idx = obj["index"]
-    if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0:
-        raise DataError(f"{where}: field 'index' must be a non-negative integer, got {idx!r} ({type(idx).__name__})")
+    check_sample_index(obj["index"], where=where)
     if not isinstance(obj["dataset"], str) or not obj["dataset"]:
         raise DataError(f"{where}: field 'dataset' must be a non-empty string, got {obj['dataset']!r}")
 
@@ -145,12 +163,43 @@ def prediction_modes(obj: Mapping[str, Any]) -> list[str]:
     return [k[len("prediction_"):] for k in obj if k.startswith("prediction_") and not k.startswith(edited)]
 
 
+def record_modes(obj: Mapping[str, Any]) -> list[str]:
+    """The modes a record is run in: its explicit ``mode`` field when it has one (``{"mode": "cot",
+    "prediction_direct": ...}`` is a step-by-step record only), else :func:`prediction_modes`."""
+    mode = obj.get("mode")
+    return [mode] if mode is not None else prediction_modes(obj)
+
+
+def _no_mode_message(obj: Mapping[str, Any], where: str) -> str:
+    """Why a record names no mode, with the closest expected field for a misspelled one."""
+    expected = ["prediction_direct", "prediction_cot", "mode"]
+    hints = [f"{k!r} -> {m[0]!r}" for k in obj if k not in expected and k not in _CORE
+             for m in [difflib.get_close_matches(str(k), expected, n=1, cutoff=0.75)] if m]
+    return (f"{where}: the record names no mode: expected a 'prediction_<mode>' field (e.g. 'prediction_direct', "
+            f"'prediction_cot') or a 'mode' field; its fields are {sorted(map(str, obj))}"
+            + (f" (misspelled? {', '.join(hints)})" if hints else ""))
+
+
+def record_dataset(name: str) -> str:
+    """The registry key of a record's dataset name: an alias such as ``"vindr-cxr"`` or the public
+    benchmark's ``"vindr-cxr-attr"`` resolved by :func:`medfocus.datasets.canonical_name` (the one
+    alias table). A name the registry does not know (samples built in Python, e.g. a test world) is
+    returned as written: it then matches only samples of exactly that dataset name, and
+    ``medfocus attribute`` refuses it because it cannot load such a dataset."""
+    try:
+        return canonical_name(name)
+    except ConfigError:  # not a registered dataset: nothing to resolve
+        return name
+
+
 def parse_record(obj: Mapping[str, Any], *, where: str = "record") -> BenchRecord:
     """Validate one record dict and build a :class:`BenchRecord` (errors name ``where`` and the field).
 
+    ``dataset`` becomes its registry key (:func:`record_dataset`: ``"vindr-cxr"`` -> ``"vindr_cxr"``).
+
     Raises:
-        DataError: the key is invalid (:func:`check_record_key`), a core field is missing, a mode lacks
-            one of its four prediction fields, or an edited-view field has no ``prediction_<mode>``.
+        DataError: the key is invalid (:func:`check_record_key`), a core field is missing, a mode lacks one of its four prediction fields, or an edited-view field has no
+            ``prediction_<mode>``.
     """
     check_record_key(obj, where=where)
     for k in _CORE:
@@ -172,12 +221,13 @@ def parse_record(obj: Mapping[str, Any], *, where: str = "record") -> BenchRecor
     stray = [k for k in extra if k.startswith("prediction_")]
     if stray:
         raise DataError(f"{where}: prediction field(s) {stray} without a matching 'prediction_<mode>' field")
-    return BenchRecord(model=str(obj["model"]), dataset=str(obj["dataset"]), index=index, answer=str(obj["answer"]),
-                       predictions=preds, extra=extra)
+    return BenchRecord(model=str(obj["model"]), dataset=record_dataset(obj["dataset"]), index=index,
+                       answer=str(obj["answer"]), predictions=preds, extra=extra)
 
 
-def _checked_records(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
-    """``[(where, record), ...]`` of a benchmark file, every key checked (:func:`load_record_dicts`)."""
+def load_record_dicts_located(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
+    """``[(where, record), ...]`` of a benchmark file: :func:`load_record_dicts` with each record's
+    location (``"benchmark file F record 3"`` or ``"... line 4"``) for errors about it later."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"benchmark file {p} not found: it does not exist (build one with `medfocus bench build`)")
@@ -190,32 +240,45 @@ def _checked_records(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]
         if not isinstance(data, list):
             raise DataError(f"benchmark file {p}: expected a JSON list of records (objects), got {type(data).__name__}")
         objs = [(f"benchmark file {p} record {i}", o) for i, o in enumerate(data)]
+    for where, obj in objs:  # every key first: a bad index is named before anything else
+        check_record_key(obj, where=where)
+    out: list[tuple[str, dict[str, Any]]] = []
     seen: dict[tuple, str] = {}
     for where, obj in objs:
-        check_record_key(obj, where=where)
-        modes = dict.fromkeys(prediction_modes(obj) + ([str(obj["mode"])] if obj.get("mode") is not None else []))
-        for mode in modes or [None]:
-            k = (str(obj.get("model")), obj["dataset"], obj["index"], mode)
+        obj = {**obj, "dataset": record_dataset(obj["dataset"])}
+        mode = obj.get("mode")
+        if mode is not None and (not isinstance(mode, str) or not mode):
+            raise DataError(f"{where}: field 'mode' must be a non-empty string (e.g. 'direct', 'cot'), got {mode!r}")
+        modes = record_modes(obj)
+        if not modes:  # a record no mode would run: never dropped silently
+            raise DataError(_no_mode_message(obj, where))
+        for m in modes:
+            k = (str(obj.get("model")), obj["dataset"], obj["index"], m)
             if k in seen:
                 raise DataError(f"{where}: duplicate record (model, dataset, index, mode) = {k} (first at {seen[k]})")
             seen[k] = where
-    return objs
+        out.append((where, obj))
+    return out
 
 
 def load_record_dicts(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a benchmark file as dicts, verbatim, each with a checked key.
+    """The records of a benchmark file as dicts, each with a checked key and mode.
 
     Reads a JSON list (the public ``direct.json`` / ``reasoning.json``, a ``medfocus bench build``
     split), ``{"records": [...]}``, or JSON lines (``.jsonl``, read by :mod:`medfocus.io.jsonl`: an
-    interrupted last line is ignored). Every record must name its sample (:func:`check_record_key`);
-    the prediction fields are not required here (:func:`load_records` checks the full schema).
+    interrupted last line is ignored). Every record must name its sample (:func:`check_record_key`;
+    ``dataset`` is returned as its registry key, :func:`record_dataset`, every other field verbatim)
+    and at least one mode (:func:`record_modes`: a ``mode`` field, which takes priority, or a
+    ``prediction_<mode>`` field); the prediction fields themselves are not required here
+    (:func:`load_records` checks the full schema).
 
     Raises:
         DataError: missing file, not UTF-8, not valid JSON, JSON nested too deeply, not a list of
-            objects, an invalid ``dataset`` / ``index`` (naming the file, record and field), or two
-            records for one ``(model, dataset, index, mode)``.
+            objects, an invalid ``dataset`` / ``index`` / ``mode``, a record naming
+            no mode (naming the file, record and the fields expected), or two records for one
+            ``(model, dataset, index, mode)``.
     """
-    return [obj for _, obj in _checked_records(path)]
+    return [obj for _, obj in load_record_dicts_located(path)]
 
 
 def load_records(path: str | os.PathLike) -> list[BenchRecord]:
@@ -228,7 +291,7 @@ def load_records(path: str | os.PathLike) -> list[BenchRecord]:
         DataError: everything :func:`load_record_dicts` raises, and a record that lacks a field of
             the public schema (naming the file, record number or line, and field).
     """
-    return [parse_record(obj, where=where) for where, obj in _checked_records(path)]
+    return [parse_record(obj, where=where) for where, obj in load_record_dicts_located(path)]
 
 
 def write_records(records: Iterable[BenchRecord | Mapping[str, Any]], path: str | os.PathLike) -> Path:

@@ -44,6 +44,7 @@ import numpy as np
 import pandas as pd
 
 from medfocus.datasets._common import check_box, clip_boxes, parse_box_text
+from medfocus.datasets.medground import check_sample_index
 from medfocus.errors import DataError
 from medfocus.evaluation.boxes import heatmap_to_boxes
 from medfocus.evaluation.metrics import auprc, energy_pointing_game, pointing_game, union_box_metrics
@@ -62,19 +63,19 @@ KEY_FIELDS: tuple[str, ...] = ("model", "dataset", "index", "mode", "method")
 
 
 def record_key(record: Mapping[str, Any], *, where: str = "result record") -> Key:
-    """The key of a result record; raises :class:`DataError` naming ``where`` and the missing field."""
-    try:
-        return (
-            str(record["model"]),
-            str(record["dataset"]),
-            int(record["index"]),
-            str(record["mode"]),
-            str(record["method"]),
-        )
-    except KeyError as exc:
-        raise DataError(f"{where} lacks key field {exc.args[0]!r}; expected fields {KEY_FIELDS}") from None
-    except (TypeError, ValueError):
-        raise DataError(f"{where}: field 'index' must be an integer, got {record['index']!r}") from None
+    """The key of a result record.
+
+    ``index`` must be a non-negative integer (:func:`medfocus.datasets.medground.check_sample_index`):
+    ``"0"``, ``1.7`` or ``true`` would silently name another record's sample, so they are refused.
+
+    Raises:
+        DataError: naming ``where`` and the missing or malformed field.
+    """
+    missing = [k for k in KEY_FIELDS if k not in record]
+    if missing:
+        raise DataError(f"{where} lacks key field {missing[0]!r}; expected fields {KEY_FIELDS}")
+    index = check_sample_index(record["index"], where=where)
+    return (str(record["model"]), str(record["dataset"]), index, str(record["mode"]), str(record["method"]))
 
 
 def read_prediction_records(path: str | os.PathLike) -> list[dict[str, Any]]:

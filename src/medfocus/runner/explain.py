@@ -111,6 +111,28 @@ def _stem_of(question: str, mode: str) -> str:
     return q
 
 
+def spec_differences(stored: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """What differs between a stored ``explain.json`` and this run, e.g. ``["methods: ['gradcam'] -> ['rise']",
+    "film 0: image /x/film.jpeg (sha256 ab12.., 5120 bytes) -> /x/film.jpeg (sha256 cd34.., 4960 bytes)"]``.
+
+    Films are compared by their sample fingerprints (:func:`medfocus.runner.store.sample_fingerprint`);
+    an ``explain.json`` written before they were recorded is one difference (its films cannot be verified)."""
+    from medfocus.runner.store import fingerprint_differences
+
+    diffs = [f"{k}: {stored.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}"
+             for k in sorted((set(stored) | set(now)) - {"samples"}) if stored.get(k) != now.get(k)]
+    old_fps, new_fps = stored.get("samples"), now.get("samples") or []
+    if not isinstance(old_fps, list):
+        diffs.append("films: explain.json records no film fingerprints (written before they were recorded): "
+                     "the films behind its maps cannot be verified")
+        return diffs
+    for i, fp in enumerate(new_fps):
+        if i < len(old_fps):
+            # the question, answer and boxes are compared above as settings; here the film files
+            diffs += [f"film {i}: {d}" for d in fingerprint_differences(old_fps[i], fp) if d.startswith("image ")]
+    return diffs
+
+
 def explain(
     images: Sequence[str | Path],
     *,
@@ -208,18 +230,23 @@ def explain(
                               answer=None, boxes=list(boxes), image_size=(w0, h0), meta={"file": p.name}))
         synthetic.append(_is_synthetic_film(p))
 
+    items = [WorkItem(model, DATASET, mode, s, answer=answer, answer_source="given" if answer else "model",
+                      synthetic=syn, extra={"file": s.meta["file"]}) for s, syn in zip(samples, synthetic)]
     out = Path(out)
+    # the films' content is part of the run's identity: a film overwritten at the same path is another run
     spec = {"images": [s.image_path for s in samples], "question": stem, "mode": mode, "answer": answer, "model": model,
-            "methods": methods, "params": params, "boxes": [list(b) for b in boxes], "seed": seed}
+            "methods": methods, "params": params, "boxes": [list(b) for b in boxes], "seed": seed,
+            "samples": [it.fingerprint() for it in items]}
     spec_path = out / "explain.json"
     store_path = out / "predictions.jsonl"
     replace = False
     if spec_path.is_file():
         old = json.loads(spec_path.read_text(encoding="utf-8"))
-        if old != json.loads(json.dumps(spec)):
+        diffs = spec_differences(old, json.loads(json.dumps(spec)))
+        if diffs:
             if not overwrite:
-                raise ConfigError(f"{out} holds an explain run with other settings ({spec_path}); "
-                                  "use another --out or --overwrite")
+                raise ConfigError(f"{out} holds an explain run with other settings or films ({spec_path}; stored -> now):\n"
+                                  + "\n".join(f"  {d}" for d in diffs) + "\nUse another --out, or --overwrite to replace it.")
             replace = True
     elif store_path.exists():
         raise ConfigError(f"{store_path} exists but was not written by `medfocus explain`; use an empty --out folder")
@@ -252,9 +279,6 @@ def explain(
     from medfocus.io.atomic import atomic_write_json
 
     atomic_write_json(spec_path, spec)
-
-    items = [WorkItem(model, DATASET, mode, s, answer=answer, answer_source="given" if answer else "model",
-                      synthetic=syn, extra={"file": s.meta["file"]}) for s, syn in zip(samples, synthetic)]
 
     with ResultStore(store_path) as store:
         summary = run_grid(items, {m: params.get(m, {}) for m in methods}, store, load_model=loader,

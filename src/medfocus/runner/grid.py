@@ -36,7 +36,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from medfocus.errors import ConfigError, DataError, MedfocusError, ModelError
-from medfocus.runner.store import Key, ResultStore, to_jsonable
+from medfocus.runner.store import (FINGERPRINT_FIELD, Key, ResultStore, describe_sample_conflicts, fingerprint_differences,
+                                    sample_fingerprint, to_jsonable)
 from medfocus.types import Sample
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 MAX_INLINE_ARRAY = 256
 
 #: Where an attributed answer comes from (:class:`WorkItem`'s ``answer_source``).
-ANSWER_SOURCES: tuple[str, ...] = ("split", "given", "model", "ground_truth")
+ANSWER_SOURCES: tuple[str, ...] = ("split", "split_other_model", "given", "model", "ground_truth")
 
 #: ``save_token_maps``: a stack of per-token maps with more values than this is stored area-averaged to a
 #: longer side of :data:`LOWRES_TOKEN_SIDE` px as ``token_heatmaps_lowres`` instead of ``token_heatmaps``.
@@ -65,8 +66,9 @@ class WorkItem:
         answer: the answer text to attribute (teacher-forced), normally the model's own prediction on
             the original image as recorded by the causal filter; ``None``: see ``answer_source``.
         answer_source: where ``answer`` comes from, stored in every record: ``"split"`` (the causal filter's
-            record of the model's answer), ``"given"`` (a caller's explicit text), ``"model"`` (``answer`` is
-            ``None`` and :func:`run_grid` generates the model's greedy answer on the image, with the mode's
+            record of the model's answer), ``"split_other_model"`` (a split's recorded answer of another
+            model, attributed under this one on purpose: ``--relabel-split-model``), ``"given"`` (a caller's
+            explicit text), ``"model"`` (``answer`` is ``None`` and :func:`run_grid` generates the model's greedy answer on the image, with the mode's
             token budget, before the methods run) or ``"ground_truth"`` (``sample.answer`` is attributed,
             whatever the model says; an explicit choice). Default: ``"given"`` with an answer, else ``"model"``.
         synthetic: whether the film comes from the synthetic world (``None``: ``dataset == "synthetic"``); a
@@ -90,7 +92,7 @@ class WorkItem:
             raise ConfigError(f"WorkItem.answer_source must be one of {ANSWER_SOURCES}, got {self.answer_source!r}")
         if self.answer_source == "ground_truth" and self.sample.answer is None:
             raise ConfigError(f"sample {self.dataset}#{self.sample.index} has no ground-truth answer to attribute")
-        if self.answer is None and self.answer_source in ("split", "given"):
+        if self.answer is None and self.answer_source in ("split", "split_other_model", "given"):
             raise ConfigError(f"WorkItem with answer_source={self.answer_source!r} needs an answer text")
 
     @property
@@ -114,6 +116,14 @@ class WorkItem:
     @property
     def is_synthetic(self) -> bool:
         return self.dataset == "synthetic" if self.synthetic is None else bool(self.synthetic)
+
+    def fingerprint(self, root: str | Path | None = None) -> dict[str, Any]:
+        """The item's :func:`~medfocus.runner.store.sample_fingerprint` (image path relative to ``root``
+        when under it; the answer text only when it is fixed before the run)."""
+        s = self.sample
+        return sample_fingerprint(s.image_path, finding=s.attribute, gt_answer=s.answer, gt_boxes=s.boxes,
+                                  question=self.question, answer=self.answer_text, answer_source=self.answer_source,
+                                  root=root)
 
 
 def parse_shard(spec: str | tuple[int, int] | None) -> tuple[int, int]:
@@ -180,29 +190,56 @@ def items_from_benchmark(
     model: str | None = None,
     extra: Mapping[str, Any] | None = None,
     raw_answers: Mapping[tuple[str, str, int], str] | None = None,
+    relabel: bool = False,
+    where: Sequence[str] | None = None,
+    data_root: str | None = None,
 ) -> list[WorkItem]:
     """Work items of one benchmark split (records in the MedGround-Bench schema).
 
-    A record names a sample by ``(dataset, index)``. The attributed answer is what the model itself
+    A record names a sample by ``(dataset, index)`` (the dataset name or an alias, resolved by
+    :func:`medfocus.datasets.medground.record_dataset`). The attributed answer is what the model itself
     generated on the original image: its full text from ``raw_answers[(model, dataset, index)]``
     (e.g. :func:`raw_answers_for_split`; for step-by-step mode this is the whole rationale), else the
     record's ``prediction_{mode}`` (the public schema stores the parsed Yes/No there), else the
-    ground-truth answer (``answer_source="ground_truth"``). Records of other models are skipped when ``model`` is given (the record's
-    ``model`` field is used otherwise).
+    ground-truth answer (``answer_source="ground_truth"``). Records of other models are skipped when
+    ``model`` is given (the record's ``model`` field is used otherwise).
+
+    Args:
+        relabel: take every record (of any model) as work of ``model``, an explicit choice
+            (``medfocus attribute --relabel-split-model``): an answer the split recorded is then
+            ``answer_source="split_other_model"`` and each record keeps ``split_model`` (the model the
+            split names, ``None`` when it names none), so it never reads as ``model``'s own answer.
+        where: ``where[i]`` names ``records[i]`` in errors (e.g. ``"benchmark file F record 3"``).
+        data_root: the data root the samples were loaded from, named in errors.
 
     Raises:
-        DataError: a record names a sample that ``samples`` does not contain.
+        DataError: a record names a sample that ``samples`` does not contain (naming the record, its
+            index, the dataset's size and the data root).
+        ConfigError: ``relabel`` without ``model``.
     """
+    from medfocus.datasets.medground import check_sample_index, record_dataset
+
+    if relabel and model is None:
+        raise ConfigError("items_from_benchmark(relabel=True) needs the model the records are relabelled to")
     by_key = {(s.dataset, int(s.index)): s for s in samples}
+    sizes: dict[str, int] = {}
+    for s in samples:
+        sizes[s.dataset] = sizes.get(s.dataset, 0) + 1
     items: list[WorkItem] = []
-    for rec in records:
+    for i, rec in enumerate(records):
         rec_model = str(rec.get("model", model or ""))
-        if model is not None and rec.get("model") not in (None, model):
+        if model is not None and not relabel and rec.get("model") not in (None, model):
             continue
-        key = (str(rec["dataset"]), int(rec["index"]))
+        loc = where[i] if where is not None else f"benchmark record {rec.get('dataset')!r}#{rec.get('index')!r}"
+        key = (record_dataset(str(rec["dataset"])), check_sample_index(rec["index"], where=loc))
         sample = by_key.get(key)
         if sample is None:
-            raise DataError(f"benchmark record {key} has no matching sample in the loaded dataset (wrong --data-root?)")
+            n = sizes.get(key[0], 0)
+            root = f" under data root {data_root}" if data_root else ""
+            raise DataError(f"{loc}: index {key[1]} is out of range for dataset {key[0]!r}, which has {n} samples{root}"
+                            + (f" (indices 0..{n - 1})" if n else "")
+                            + "; the index is the sample's position in the dataset loader's output (wrong --data-root, "
+                              "or a split built on other data?)")
         pred = rec.get(f"prediction_{mode}")
         raw = (raw_answers or {}).get((str(rec.get("model", model)), key[0], key[1]))
         if isinstance(raw, str) and raw.strip():
@@ -212,8 +249,13 @@ def items_from_benchmark(
         ex = dict(extra or {})
         if "editor" in rec:
             ex.setdefault("editor", rec["editor"])
+        source = "split" if answer else "ground_truth"
+        if relabel:
+            ex["split_model"] = rec.get("model")
+            if answer and rec.get("model") != model:
+                source = "split_other_model"
         items.append(WorkItem(model=model or rec_model, dataset=sample.dataset, mode=mode, sample=sample, answer=answer,
-                              answer_source="split" if answer else "ground_truth", extra=ex))
+                              answer_source=source, extra=ex))
     return items
 
 
@@ -263,6 +305,56 @@ def _default_identity(name: str) -> dict[str, Any]:
     except Exception as exc:  # an unresolvable name: identified by the name alone (the load will fail loudly)
         log.debug("no identity for model %s: %s", name, exc)
         return {"name": name, "source": name, "fingerprint": None}
+
+
+def _fingerprints(items: Sequence[WorkItem], root: str | Path | None, progress: bool) -> dict[tuple, dict[str, Any]]:
+    """``{(model, dataset, index, mode): fingerprint}`` of every item (each film file hashed once)."""
+    it_iter: Iterable[WorkItem] = items
+    if progress:
+        from tqdm.auto import tqdm
+
+        # shown only when hashing takes a while (a large run's films on a slow disk)
+        it_iter = tqdm(items, desc="fingerprint films", unit="sample", delay=2.0, leave=False, dynamic_ncols=True)
+    return {it.key("")[:4]: to_jsonable(it.fingerprint(root)) for it in it_iter}
+
+
+def _changed_samples_error(path: str | Path, conflicts: Mapping[tuple, Sequence[str]]) -> ConfigError:
+    return ConfigError(f"{path} holds results computed on other samples under this run's keys (stored -> now):\n"
+                       + describe_sample_conflicts(conflicts) + "\nThey are not served. Write this run to another "
+                       "--out, or rerun with --overwrite to recompute them on the current samples "
+                       "(`medfocus demo`: --fresh starts over).")
+
+
+def check_stored_samples(items: Sequence[WorkItem], methods: Iterable[str], stores: Iterable[str | Path], *,
+                         data_root: str | Path | None = None) -> None:
+    """Refuse, before anything starts, stored successful records of ``items`` x ``methods`` in the result
+    files ``stores`` (missing ones skipped) that were computed on another sample or carry no fingerprint
+    -- the check :func:`run_grid` makes on its own store, for a launcher about to start shard workers.
+
+    Raises:
+        ConfigError: naming the file, the sample keys and what changed (as :func:`run_grid`).
+    """
+    from medfocus.runner.store import load_results, record_key
+
+    methods = list(methods)
+    fps: dict[tuple, dict[str, Any]] | None = None
+    for path in stores:
+        if not Path(path).is_file():
+            continue
+        recs = {record_key(r): r for r in load_results(path, absolute_paths=False)}
+        if fps is None:
+            fps = _fingerprints(items, data_root, progress=False)
+        conflicts: dict[tuple, list[str]] = {}
+        for it in items:
+            for m in methods:
+                rec = recs.get(it.key(m))
+                if rec is None or rec.get("error"):
+                    continue
+                changed = fingerprint_differences(rec.get(FINGERPRINT_FIELD), fps[it.key("")[:4]])
+                if changed:
+                    conflicts.setdefault((*it.key("")[:4], tuple(changed)), []).append(m)
+        if conflicts:
+            raise _changed_samples_error(path, conflicts)
 
 
 def _method_settings(method: Any, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -426,6 +518,8 @@ def run_grid(
     release_model: bool = True,
     identify_model: Callable[[str], Mapping[str, Any]] | None = None,
     faithfulness: Any | None = None,
+    data_root: str | Path | None = None,
+    overwrite: bool = False,
 ) -> RunSummary:
     """Run every method on every work item, appending one record per key to ``store``.
 
@@ -453,6 +547,10 @@ def run_grid(
             heatmap; ``None`` (default) skips them. The references are scored once per sample.
         identify_model: ``name -> identity`` of a model's weights without loading it (default
             :func:`medfocus.lvlm.loading.model_identity`).
+        data_root: the dataset root; fingerprints store image paths relative to it (so the same films under
+            a moved root still resume).
+        overwrite: recompute stored records whose sample changed (or that carry no fingerprint) instead of
+            refusing; the new records supersede them.
 
     Settings are part of a result's identity. Every record stores ``settings`` (the method's full
     resolved settings, :meth:`~medfocus.attribution.base.Method.settings`) and ``model_identity``.
@@ -463,6 +561,14 @@ def run_grid(
     is recomputed (a corrected rerun supersedes it). Settings listed in the method's
     ``runtime_settings`` (``batch_size``, ``cache``) do not change results and are not compared.
 
+    The sample is part of a result's identity too: every record stores ``sample_fingerprint``
+    (:meth:`WorkItem.fingerprint`: image path, size and SHA-256 of the file, finding, expert boxes,
+    question, answer text and source). A stored successful record whose fingerprint differs from the
+    current sample's (an index that now names another film, another ``--data-root``, a film overwritten
+    in place, changed boxes) or that has no fingerprint makes the run **refuse** before any model loads
+    (:class:`ConfigError` naming the samples and what changed), unless ``overwrite``, which recomputes
+    them; an *error* record of another sample is recomputed.
+
     Returns:
         a :class:`RunSummary`.
 
@@ -472,7 +578,7 @@ def run_grid(
     ``reference_pool_warning`` and the run one warning (printed above the progress bar, else logged).
 
     Record fields: ``model, dataset, index, mode, method, attribute, question, answer, answer_source,
-    answer_parsed, gt_answer, gt_boxes, image_size, image_path, pred_boxes, unparseable, heatmap_boxes,
+    answer_parsed, gt_answer, gt_boxes, image_size, image_path, sample_fingerprint, pred_boxes, unparseable, heatmap_boxes,
     heatmap_path, has_heatmap, n_forward, n_backward, seconds, wall_seconds, seed, extras, shared_pass, error,
     traceback, settings, model_identity`` (+ ``deletion_auc, insertion_auc, faithfulness`` with ``faithfulness``) plus the
     item's ``extra`` mapping (``unparseable``: the method's box text could not be read, :mod:`medfocus.lvlm.box_text`).
@@ -506,13 +612,20 @@ def run_grid(
     ignore = {m: tuple(getattr(method_objs[m], "runtime_settings", ())) for m in method_params}
     identify = identify_model or _default_identity
     identities = {name: to_jsonable(dict(identify(name))) for name in dict.fromkeys(it.model for it in items)}
-    stale: set[Key] = set()  # error records of other settings: recomputed
+    fingerprints = _fingerprints(items, data_root, progress)
+    stale: set[Key] = set()  # error records of other settings or samples (and, with overwrite, changed samples): recomputed
     conflicts: dict[tuple[str, str, tuple[str, ...]], int] = {}
+    sample_conflicts: dict[tuple, list[str]] = {}
     for it in items:
         for m in method_params:
             rec = store.get(it.key(m))
             if rec is None:
                 continue
+            changed = fingerprint_differences(rec.get(FINGERPRINT_FIELD), fingerprints[it.key("")[:4]])
+            if changed and (overwrite or rec.get("error")):
+                stale.add(it.key(m))
+            elif changed:
+                sample_conflicts.setdefault((*it.key("")[:4], tuple(changed)), []).append(m)
             diffs = settings_differences(rec, settings[m], identities[it.model], ignore[m])
             if not diffs:
                 continue
@@ -526,6 +639,8 @@ def run_grid(
         raise ConfigError(f"{store.path} already holds results computed with other settings:\n" + "\n".join(lines) +
                           "\nA result store keeps one setting per method and model; write this run to a new --out "
                           "(or move the old results away).")
+    if sample_conflicts:
+        raise _changed_samples_error(store.path, sample_conflicts)
 
     def is_done(key: Key) -> bool:
         return key not in stale and store.is_done(key, retry_errors=retry_errors)
@@ -571,6 +686,7 @@ def run_grid(
             "gt_boxes": [list(b) for b in it.sample.boxes],
             "image_size": list(it.sample.image_size),
             "image_path": it.sample.image_path,
+            FINGERPRINT_FIELD: fingerprints[it.key("")[:4]],
             **dict(it.extra),
             "settings": settings[method],
             "model_identity": identities[it.model],

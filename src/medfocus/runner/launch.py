@@ -108,6 +108,9 @@ class Manifest:
     devices: list[str] = field(default_factory=list)
     job_ids: list[str] = field(default_factory=list)
     merged_into: list[str] = field(default_factory=list)
+    #: the run was started with ``--overwrite``: its shard records replace records of changed samples
+    #: in the merged file (:func:`medfocus.runner.store.merge_stores`).
+    overwrite: bool = False
 
     def save(self) -> Path:
         from medfocus.io.atomic import atomic_write_text
@@ -299,13 +302,15 @@ def _merge_bench(out: Path, shard_dirs: Sequence[Path]) -> list[str]:
     return merge_split_logs(shard_dirs, out)
 
 
-def merge_outputs(out: str | os.PathLike[str]) -> list[str]:
+def merge_outputs(out: str | os.PathLike[str], *, overwrite: bool | None = None) -> list[str]:
     """Combine the shard outputs of a run folder into its normal outputs; returns what was written.
 
     With a launch manifest the tasks' outputs are merged; without one (shards run by hand with
     ``--shard i/n``), every ``predictions*.shard-*.jsonl`` file and every ``shards/*`` bench folder in
     ``out`` is. Merging is idempotent: rerunning it after more shards finished adds their records.
-    Raises :class:`DataError` when there is nothing to merge.
+    Raises :class:`DataError` when there is nothing to merge, :class:`ConfigError` when a shard record
+    and the merged file's record of one key were computed on different samples, unless ``overwrite``
+    (default: the manifest's, i.e. whether the launched run had ``--overwrite``; else ``False``).
     """
     from medfocus.runner.store import merge_stores
 
@@ -323,7 +328,9 @@ def merge_outputs(out: str | os.PathLike[str]) -> list[str]:
         dirs = sorted(p for p in (out / "shards").glob("*") if p.is_dir())
     written: list[str] = []
     if stores:
-        n = merge_stores(stores, out / "predictions.jsonl")
+        if overwrite is None:
+            overwrite = bool(man is not None and man.overwrite)
+        n = merge_stores(stores, out / "predictions.jsonl", overwrite=overwrite)
         written.append(f"{out / 'predictions.jsonl'} ({n} records from {len(stores)} shard files)")
     if dirs:
         written += _merge_bench(out, dirs)

@@ -40,15 +40,18 @@ Examples:
   medfocus train-demo --out runs/demo-model --seed 0 --steps 1400 --threads 1   # the shipped weights' recipe (MODEL_CARD.md)
   medfocus train-demo --out runs/shortcut --preset demo-shortcut --threads 1     # the shipped shortcut twin's recipe
   medfocus train-demo --out runs/demo16 --preset demo-16x16 --threads 2          # candidate at a 16x16 token grid
+  medfocus train-demo --out runs/demo12 --preset demo-12x12 --threads 1          # candidate at a 12x12 token grid
   medfocus demo --model runs/my-demo-model                           # use it in the demo
 """)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
               help="Output folder (required; the shipped lvlm/demo_model, what load_lvlm('demo') loads, is "
                    "regenerated only when named here on purpose).")
-@click.option("--preset", type=click.Choice(["demo", "demo-16x16", "demo-shortcut"]), default="demo", show_default=True,
-              help="Recipe: 'demo' (the shipped demo model's), 'demo-16x16' (a candidate at the paper's 16x16 token grid, "
-                   "cues uninformative) or 'demo-shortcut' (the shipped shortcut twin: every training finding brings its "
-                   "correlated cue); see PRESETS in medfocus.training.demo_lvlm.config.")
+# the names of PRESETS, written out: this module must not import the trainers (torch) to build its help;
+# tests/test_demo_model.py checks that the two lists agree
+@click.option("--preset", type=click.Choice(["demo", "demo-12x12", "demo-16x16", "demo-shortcut"]), default="demo", show_default=True,
+              help="Recipe: 'demo' (the shipped demo model's), 'demo-16x16' / 'demo-12x12' (candidates at finer token "
+                   "grids, cues uninformative) or 'demo-shortcut' (the shipped shortcut twin: every training finding brings "
+                   "its correlated cue); see PRESETS in medfocus.training.demo_lvlm.config.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of data, initialisation and sampling.")
 @click.option("--steps", type=int, default=None, cls=ConfigDefault, config_field="medfocus.training.demo_lvlm:DemoLVLMConfig.steps",
               help="Training steps.")

@@ -147,7 +147,7 @@
     var qa = el("div", "qa");
     function line(k, v) { if (v === null || v === undefined || v === "") return; var p = el("div"); p.appendChild(el("b", null, k + ": ")); p.appendChild(document.createTextNode(String(v))); qa.appendChild(p); }
     line("Question", s.question);
-    var src = { model: "the model's own greedy answer", given: "given by the user", split: "the model's answer recorded by the benchmark split", ground_truth: "the ground truth (not the model's answer)" }[s.answer_source] || s.answer_source;
+    var src = { model: "the model's own greedy answer", given: "given by the user", split: "the model's answer recorded by the benchmark split", split_other_model: "another model's answer recorded by the benchmark split (--relabel-split-model), not this model's own", ground_truth: "the ground truth (not the model's answer)" }[s.answer_source] || s.answer_source;
     line("Answer explained", s.answer);
     line("Answer source", src);
     line("Read as", s.answer_parsed === null ? "neither yes nor no" : s.answer_parsed);
