@@ -318,6 +318,22 @@ def _fingerprints(items: Sequence[WorkItem], root: str | Path | None, progress: 
     return {it.key("")[:4]: to_jsonable(it.fingerprint(root)) for it in it_iter}
 
 
+def _changed_samples(items: Sequence[WorkItem], methods: Iterable[str], get_record: Callable[[Key], Mapping[str, Any] | None],
+                     fingerprints: Mapping[tuple, Mapping[str, Any]]) -> Iterable[tuple[WorkItem, str, Mapping[str, Any], tuple[str, ...]]]:
+    """``(item, method, stored record, differences)`` for every stored record of ``items`` x ``methods`` whose
+    sample fingerprint differs from the item's (or that has none): what a resumed run must not serve."""
+    methods = list(methods)
+    for it in items:
+        now = fingerprints[it.key("")[:4]]
+        for m in methods:
+            rec = get_record(it.key(m))
+            if rec is None:
+                continue
+            changed = fingerprint_differences(rec.get(FINGERPRINT_FIELD), now)
+            if changed:
+                yield it, m, rec, tuple(changed)
+
+
 def _changed_samples_error(path: str | Path, conflicts: Mapping[tuple, Sequence[str]]) -> ConfigError:
     return ConfigError(f"{path} holds results computed on other samples under this run's keys (stored -> now):\n"
                        + describe_sample_conflicts(conflicts) + "\nThey are not served. Write this run to another "
@@ -345,14 +361,9 @@ def check_stored_samples(items: Sequence[WorkItem], methods: Iterable[str], stor
         if fps is None:
             fps = _fingerprints(items, data_root, progress=False)
         conflicts: dict[tuple, list[str]] = {}
-        for it in items:
-            for m in methods:
-                rec = recs.get(it.key(m))
-                if rec is None or rec.get("error"):
-                    continue
-                changed = fingerprint_differences(rec.get(FINGERPRINT_FIELD), fps[it.key("")[:4]])
-                if changed:
-                    conflicts.setdefault((*it.key("")[:4], tuple(changed)), []).append(m)
+        for it, m, rec, changed in _changed_samples(items, methods, recs.get, fps):
+            if not rec.get("error"):  # an error record holds no result: the run recomputes it
+                conflicts.setdefault((*it.key("")[:4], changed), []).append(m)
         if conflicts:
             raise _changed_samples_error(path, conflicts)
 
@@ -616,16 +627,16 @@ def run_grid(
     stale: set[Key] = set()  # error records of other settings or samples (and, with overwrite, changed samples): recomputed
     conflicts: dict[tuple[str, str, tuple[str, ...]], int] = {}
     sample_conflicts: dict[tuple, list[str]] = {}
+    for it, m, rec, changed in _changed_samples(items, method_params, store.get, fingerprints):
+        if overwrite or rec.get("error"):
+            stale.add(it.key(m))
+        else:
+            sample_conflicts.setdefault((*it.key("")[:4], changed), []).append(m)
     for it in items:
         for m in method_params:
             rec = store.get(it.key(m))
             if rec is None:
                 continue
-            changed = fingerprint_differences(rec.get(FINGERPRINT_FIELD), fingerprints[it.key("")[:4]])
-            if changed and (overwrite or rec.get("error")):
-                stale.add(it.key(m))
-            elif changed:
-                sample_conflicts.setdefault((*it.key("")[:4], tuple(changed)), []).append(m)
             diffs = settings_differences(rec, settings[m], identities[it.model], ignore[m])
             if not diffs:
                 continue
