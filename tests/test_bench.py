@@ -26,6 +26,7 @@ import pytest
 from medfocus.bench import apply_filter, build_benchmark, read_log, retention_table, split_paths
 from medfocus.bench.build import make_record
 from medfocus.editing import Editor, get_editor
+from medfocus.io.fingerprint import file_sha256
 from medfocus.lvlm.adapter import LVLMAdapter
 from medfocus.types import SUFFIXES, Sample, question_stem
 
@@ -340,7 +341,9 @@ def test_original_view_generations_are_shared_across_editors(tmp_path):
     gc = GenerationCache(cache, "toy", "toy", "direct")
     assert gc.path == cache / "generations" / "toy" / "toy" / "direct.jsonl" and len(gc) == 6
     q = question_stem("nodule") + SUFFIXES["direct"]
-    assert gc.get(0, q, 16) == "Yes." and gc.get(0, q, 17) is None and gc.get(3, q, 16) == "No."
+    sha = [file_sha256(s.image_path)[1] for s in samples]
+    assert gc.get(0, q, 16, sha[0]) == "Yes." and gc.get(0, q, 17, sha[0]) is None and gc.get(3, q, 16, sha[3]) == "No."
+    assert gc.get(0, q, 16, sha[3]) is None and gc.get(0, q, 16, None) is None  # another film: not served
     # second editor, other out folder, same cache_dir: only the three edited views are generated
     second, recs, ret = _inpaint_split(samples, tmp_path / "inpaint", cache)
     assert second.n_images == 3 * 6
@@ -382,7 +385,7 @@ def test_generation_cache_ignores_a_truncated_last_line(tmp_path):
     # a kill in the middle of writing the entry of sample 5: keep only a prefix of that line
     path.write_text("\n".join(lines[:5]) + "\n" + lines[5][: len(lines[5]) // 2])
     gc = GenerationCache(cache, "toy", "toy", "direct")
-    assert len(gc) == 5 and gc.get(5, question_stem("nodule") + SUFFIXES["direct"], 16) is None
+    assert len(gc) == 5 and gc.get(5, question_stem("nodule") + SUFFIXES["direct"], 16, file_sha256(samples[5].image_path)[1]) is None
     second, recs, ret = _inpaint_split(samples, tmp_path / "b", cache)
     assert second.n_images == 3 * 5 + 4  # sample 5's original is generated again
     _, recs_alone, ret_alone = _inpaint_split(samples, tmp_path / "alone", tmp_path / "cache_alone",

@@ -172,6 +172,16 @@ def test_oracle_uses_exact_counterfactuals(tmp_path):
     assert (ed.edit(img, ~fg, "No nodule", sample=s, kind="background_normal")[~fg] == 77).all()
     with pytest.raises(DataError, match="counterfactuals"):
         ed.edit(img, fg, "No nodule", sample=_sample([box]))
+    # its per-sample inputs (part of the edit-cache key): the renders' sha256, which follow their content
+    import hashlib
+
+    sha = {k: hashlib.sha256((tmp_path / p).read_bytes()).hexdigest() for k, p in paths.items()}
+    assert ed.sample_inputs(s) == {f"counterfactual_{k}": v for k, v in sha.items()}
+    cv2.imwrite(str(tmp_path / paths["foreground"]), np.full((96, 96), 5, np.uint8))
+    changed = ed.sample_inputs(s)
+    assert changed["counterfactual_foreground"] != sha["foreground"]
+    assert changed["counterfactual_background"] == sha["background"]
+    assert ed.sample_inputs(_sample([box])) == {}
 
 
 # ---- cache and registry -------------------------------------------------------------------------
@@ -193,17 +203,43 @@ def test_cache_reuses_edits_and_keys_on_prompt_and_seed(tmp_path):
     s = _sample([(10, 10, 30, 30)])
     cache = EditCache(tmp_path)
     ed = _CountingEditor()
-    a = cache.get_or_edit(ed, img, mask, sample=s, kind="foreground", prompt="No nodule")
-    b = cache.get_or_edit(ed, img, mask, sample=s, kind="foreground", prompt="No nodule")
+    film = "a" * 64
+    a = cache.get_or_edit(ed, img, mask, sample=s, kind="foreground", prompt="No nodule", film_sha256=film)
+    b = cache.get_or_edit(ed, img, mask, sample=s, kind="foreground", prompt="No nodule", film_sha256=film)
     assert ed.calls == 1 and np.array_equal(a, b) and np.array_equal(a[mask], 255 - img[mask])
-    cache.get_or_edit(ed, img, mask, sample=s, kind="foreground", prompt="No abnormality")
-    cache.get_or_edit(_CountingEditor(seed=1), img, mask, sample=s, kind="foreground", prompt="No nodule")
+    cache.get_or_edit(ed, img, mask, sample=s, kind="foreground", prompt="No abnormality", film_sha256=film)
+    cache.get_or_edit(_CountingEditor(seed=1), img, mask, sample=s, kind="foreground", prompt="No nodule", film_sha256=film)
     assert ed.calls == 2
     assert len(list(tmp_path.rglob("*.png"))) == 3
     # a second cache object on the same folder (another model, a rerun) reuses the files
     ed2 = _CountingEditor()
-    EditCache(tmp_path).get_or_edit(ed2, img, mask, sample=s, kind="foreground", prompt="No nodule")
+    EditCache(tmp_path).get_or_edit(ed2, img, mask, sample=s, kind="foreground", prompt="No nodule", film_sha256=film)
     assert ed2.calls == 0
+
+
+def test_cache_keys_on_the_film_mask_and_finding(tmp_path):
+    """The same (dataset, index) with another film, other boxes or another finding is another edit."""
+    img, _ = phantom()
+    mask = boxes_mask([(10, 10, 30, 30)], (96, 96))
+    s = _sample([(10, 10, 30, 30)])
+    cache, ed = EditCache(tmp_path), _CountingEditor()
+
+    def edit(sample=s, m=mask, film="a" * 64):
+        return cache.get_or_edit(ed, img, m, sample=sample, kind="foreground", prompt="No nodule", film_sha256=film)
+
+    edit()
+    assert ed.calls == 1
+    edit(film="b" * 64)  # the film was overwritten / another data root / a shifted index
+    assert ed.calls == 2
+    other = boxes_mask([(40, 40, 60, 60)], (96, 96))
+    out = edit(sample=_sample([(40, 40, 60, 60)]), m=other)
+    assert ed.calls == 3 and np.array_equal(out[other], 255 - img[other])  # the edit of the new box, not the old one
+    edit(sample=_sample([(10, 10, 30, 30)], attribute="mass"))
+    assert ed.calls == 4
+    edit()  # the first entry is still served
+    assert ed.calls == 4
+    with pytest.raises(ConfigError, match="sha256"):
+        edit(film="")
 
 
 def test_registry():

@@ -10,8 +10,9 @@ Output layout under ``out_dir`` (one *split* = one (model, dataset, mode)):
     (original pixels, half-open) and ``image_size``. Loadable by :mod:`medfocus.datasets.medground`.
 ``<model>/<dataset>/<mode>.log.jsonl``
     one line per evaluated sample (kept or not): raw generations, parsed answers, gate outcomes,
-    error. Appended and fsynced sample by sample — this is what makes a killed run resumable: a
-    rerun skips every sample already in the log (a truncated last line is ignored and redone).
+    error, the sample's fingerprint. Appended and fsynced sample by sample — this is what makes a killed
+    run resumable: a rerun skips every sample already in the log whose fingerprint matches (a truncated
+    last line is ignored and redone; see "Samples" below for a changed one).
 ``<model>/<dataset>/<mode>.negatives.json``
     only with ``include_negatives``: the "No" samples, original answer only (edited fields null).
 ``retention.csv`` / ``retention.md``
@@ -20,16 +21,24 @@ Output layout under ``out_dir`` (one *split* = one (model, dataset, mode)):
 
 Generation cache (original view only). ``cache_dir`` (default ``out_dir/edits``) also holds
 ``<cache_dir>/generations/<model>/<dataset>/<mode>.jsonl``: the answer on the *original* image, one
-line per ``(model_name, dataset, index, mode, question, max_new_tokens)``, appended and fsynced like
-the split log (a truncated last line is ignored). The original view does not depend on the editor,
-so building the same split with a second editor (oracle vs inpaint, radedit vs inpaint) under the
+line per ``(model_name, dataset, index, mode, question, max_new_tokens, image_sha256)``, appended and
+fsynced like the split log (a truncated last line is ignored). The original view does not depend on the
+editor, so building the same split with a second editor (oracle vs inpaint, radedit vs inpaint) under the
 same ``cache_dir`` generates only the three edited views per sample. This is sound because
 :meth:`~medfocus.lvlm.adapter.LVLMAdapter.generate` is greedy, hence deterministic for a given
 model, image and question (up to the last-bit numerics of batched GPU kernels, which can already
 differ between two runs with other batch compositions). The key holds the model *name* and its weight
-fingerprint (:func:`medfocus.lvlm.loading.model_identity`), and the image is identified by ``(dataset,
-index)``: changed data under the same name must use a new cache folder -- the same rule as the edit cache. Pass
+fingerprint (:func:`medfocus.lvlm.loading.model_identity`) and the film's SHA-256: an overwritten film,
+a row inserted into the data (indices shift) or another data root under the same ``(dataset, index)``
+misses and is answered again; entries written before the hash was recorded are never served. Pass
 ``cache_generations=False`` for an adapter that samples.
+
+Samples. ``(dataset, index)`` does not identify a sample, so nothing is served by it alone. Every film is
+hashed once per run (:func:`split_fingerprints`, before anything is generated); every log row stores its
+sample's fingerprint (:func:`split_fingerprint`) and a rerun refuses rows of changed samples before any
+generation (:func:`changed_rows`; ``overwrite`` recomputes them); the edit cache
+(:class:`~medfocus.editing.base.EditCache`) is keyed by the film's hash, the edit mask, the finding and
+the editor's per-sample inputs; a film rewritten during the run is an error row, never cached.
 
 Negatives. The paper filters positives only (a "No" sample has no box to edit). With
 ``include_negatives=True`` the "No" samples are answered on the original image and written to the
@@ -51,6 +60,8 @@ from medfocus.bench.filter import GATES, RECORD_FIELDS, VIEWS, FilterResult, Par
 from medfocus.editing.base import EDIT_KINDS, EditCache, Editor, edit_mask, edit_prompt
 from medfocus.errors import ConfigError, DataError
 from medfocus.io.atomic import atomic_write_json, atomic_write_text
+from medfocus.io.fingerprint import (FINGERPRINT_FIELD, describe_sample_conflicts, file_sha256, fingerprint_differences,
+                                     merge_differences, sample_fingerprint)
 from medfocus.io.jsonl import append_jsonl, read_latest, trim_partial_tail
 from medfocus.io.locks import acquire_lock, remove_orphaned_tmp
 from medfocus.io.paths import safe_filename
@@ -86,46 +97,58 @@ class GenerationCache:
     """Answers on the *original* image of one split, shared by every editor (module docstring).
 
     File: ``root/generations/<model slug>/<dataset slug>/<mode>.jsonl``, one JSON line per entry
-    ``{"model", "dataset", "index", "mode", "question", "max_new_tokens", "text"}``; later lines win,
-    an interrupted last line (a kill mid-write) is ignored and cut off before the next append.
-    Keyed by ``(model_name, dataset, index, mode, question, max_new_tokens)`` plus the model's weight
-    ``fingerprint`` (an entry of other weights under the same name is not reused). Sound only because
-    generation is greedy (deterministic).
+    ``{"model", "dataset", "index", "mode", "question", "max_new_tokens", "image_sha256", "text",
+    "model_fingerprint"}``; later lines win, an interrupted last line (a kill mid-write) is ignored and
+    cut off before the next append. Keyed by ``(model_name, dataset, index, mode, question,
+    max_new_tokens, image_sha256)`` plus the model's weight ``fingerprint``: an entry of other weights
+    under the same name, or of another film under the same ``(dataset, index)`` (an overwritten film, a
+    shifted index, another data root), is not reused; entries written before the film's hash was
+    recorded are never served. Sound only because generation is greedy (deterministic).
     """
 
     def __init__(self, root: str | os.PathLike[str], model: str, dataset: str, mode: str, *, fingerprint: str | None = None):
         self.model, self.dataset, self.mode, self.fingerprint = model, dataset, mode, fingerprint
         self.path = Path(root) / "generations" / slug(model) / slug(dataset) / f"{safe_filename(mode)}.jsonl"
-        self._entries: dict[tuple[str, str, int, str, str, int], str] = {}
+        self._entries: dict[tuple[str, str, int, str, str, int, str], str] = {}
         rows = read_latest(self.path, lambda r: (r["model"], r["dataset"], int(r["index"]), r["mode"], r["question"],
-                                                 int(r["max_new_tokens"])))
+                                                 int(r["max_new_tokens"]), r.get("image_sha256")))
         for key, r in rows.items():
-            # Answers of other weights under the same name (a retrained model) are not reused.
-            if isinstance(r.get("text"), str) and r.get("model_fingerprint") == fingerprint:
+            # Answers of other weights under the same name (a retrained model) are not reused, nor
+            # entries that do not say which film they answered (written before the hash was recorded).
+            if isinstance(r.get("text"), str) and r.get("model_fingerprint") == fingerprint and key[-1]:
                 self._entries[key] = r["text"]
 
-    def _key(self, index: int, question: str, max_new_tokens: int) -> tuple[str, str, int, str, str, int]:
-        return (self.model, self.dataset, int(index), self.mode, question, int(max_new_tokens))
+    def _key(self, index: int, question: str, max_new_tokens: int, image_sha256: str) -> tuple[str, str, int, str, str, int, str]:
+        return (self.model, self.dataset, int(index), self.mode, question, int(max_new_tokens), image_sha256)
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, index: int, question: str, max_new_tokens: int) -> str | None:
-        """Cached original-image answer, or None."""
-        return self._entries.get(self._key(index, question, max_new_tokens))
+    def get(self, index: int, question: str, max_new_tokens: int, image_sha256: str | None) -> str | None:
+        """Cached answer on the original film whose file has SHA-256 ``image_sha256``, or None (always
+        None for an unknown hash)."""
+        if not image_sha256:
+            return None
+        return self._entries.get(self._key(index, question, max_new_tokens, image_sha256))
 
-    def put_many(self, entries: Sequence[tuple[int, str, int, str]]) -> None:
-        """Append ``(index, question, max_new_tokens, text)`` entries (one flush + fsync)."""
+    def put_many(self, entries: Sequence[tuple[int, str, int, str, str]]) -> None:
+        """Append ``(index, question, max_new_tokens, image_sha256, text)`` entries (one flush + fsync).
+
+        Raises:
+            ConfigError: an entry without the film's hash (it could be served for another film).
+        """
         if not entries:
             return
+        if any(not e[3] for e in entries):
+            raise ConfigError("GenerationCache.put_many: every entry needs the film's sha256")
         trim_partial_tail(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("ab") as fh:
-            for index, question, mnt, text in entries:
+            for index, question, mnt, sha, text in entries:
                 append_jsonl(fh, {"model": self.model, "dataset": self.dataset, "index": int(index), "mode": self.mode,
-                                  "question": question, "max_new_tokens": int(mnt), "text": text,
+                                  "question": question, "max_new_tokens": int(mnt), "image_sha256": sha, "text": text,
                                   "model_fingerprint": self.fingerprint})
-                self._entries[self._key(index, question, mnt)] = text
+                self._entries[self._key(index, question, mnt, sha)] = text
 
 
 def make_record(row: dict[str, Any]) -> dict[str, Any]:
@@ -153,12 +176,26 @@ def _base_row(sample: Sample, model_name: str, mode: str, editor: Editor | None)
             "boxes": [list(b) for b in sample.boxes], "image_size": list(sample.image_size), "error": None}
 
 
-def _prepare_views(sample: Sample, editor: Editor, cache: EditCache) -> list[np.ndarray]:
+def _load_checked(sample: Sample, fingerprint: dict[str, Any]) -> np.ndarray:
+    """The sample's film, checked to be the file fingerprinted when the run started (a stat when it is
+    unchanged, :func:`~medfocus.io.fingerprint.file_sha256`): an answer or edit is never stored under
+    the hash of a film that was rewritten during the run."""
+    img = _load_image(sample)
+    h = file_sha256(sample.image_path)
+    if h is None or h[1] != fingerprint.get("image_sha256"):
+        now = "missing" if h is None else f"sha256 {h[1][:12]}"
+        raise DataError(f"sample {sample.dataset}#{sample.index}: film {sample.image_path} changed during the run "
+                        f"(sha256 {str(fingerprint.get('image_sha256'))[:12]} when the run started, {now} now); rerun")
+    return img
+
+
+def _prepare_views(sample: Sample, editor: Editor, cache: EditCache, fingerprint: dict[str, Any]) -> list[np.ndarray]:
     """The four images of the filter: original + the three cached edits (the original is always
-    loaded: the edits are made from it)."""
+    loaded: the edits are made from it). ``fingerprint``: the sample's :func:`split_fingerprint` (its
+    film hash and edit inputs key the edit cache)."""
     if not sample.boxes:
         raise DataError(f"sample {sample.dataset}#{sample.index} ({sample.attribute!r}) is positive but has no boxes to edit")
-    img = _load_image(sample)
+    img = _load_checked(sample, fingerprint)
     size = (img.shape[1], img.shape[0])
     if tuple(sample.image_size) != size:
         raise DataError(f"sample {sample.dataset}#{sample.index}: image {sample.image_path} is {size[0]}x{size[1]}, "
@@ -166,8 +203,96 @@ def _prepare_views(sample: Sample, editor: Editor, cache: EditCache) -> list[np.
     views = [img]
     for kind in EDIT_KINDS:
         mask = edit_mask(kind, sample.boxes, size)
-        views.append(cache.get_or_edit(editor, img, mask, sample=sample, kind=kind, prompt=edit_prompt(kind, sample.attribute)))
+        views.append(cache.get_or_edit(editor, img, mask, sample=sample, kind=kind, prompt=edit_prompt(kind, sample.attribute),
+                                       film_sha256=fingerprint["image_sha256"], sample_inputs=fingerprint.get("edit_inputs")))
     return views
+
+
+def split_fingerprint(sample: Sample, mode: str, editor: Editor | None, data_root: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """What identifies a split-log row's sample (stored as its ``sample_fingerprint``).
+
+    :func:`medfocus.io.fingerprint.sample_fingerprint` of the film (path relative to ``data_root`` when
+    under it, size, SHA-256), finding, answer, boxes and the full question of ``mode``; the answers are
+    the model's (``answer_source`` ``"model"``). A positive sample also records ``edit_inputs``, the
+    editor's per-sample inputs (:meth:`~medfocus.editing.base.Editor.sample_inputs`, e.g. the oracle's
+    counterfactual renders). The film hash is cached per process, so a film is read once per run.
+    """
+    fp = sample_fingerprint(sample.image_path, finding=sample.attribute, gt_answer=sample.answer, gt_boxes=sample.boxes,
+                            question=sample.question_for(mode), answer=None, answer_source="model", root=data_root)
+    if sample.answer == "Yes" and editor is not None:
+        fp["edit_inputs"] = dict(editor.sample_inputs(sample))
+    return fp
+
+
+def split_fingerprints(samples: Sequence[Sample], mode: str, editor: Editor | None,
+                       data_root: str | os.PathLike[str] | None = None, *, progress: bool = False) -> dict[int, dict[str, Any]]:
+    """``{index: split_fingerprint}`` of ``samples`` (each film hashed once; a bar when it takes a while)."""
+    it: Any = samples
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(samples, desc="fingerprint films", unit="sample", delay=2.0, leave=False, dynamic_ncols=True)
+    return {int(s.index): split_fingerprint(s, mode, editor, data_root) for s in it}
+
+
+def changed_rows(log_path: str | os.PathLike[str], done: dict[Any, dict[str, Any]], fingerprints: dict[int, dict[str, Any]], *,
+                 model_name: str, dataset: str, mode: str, overwrite: bool = False) -> set[Any]:
+    """The logged rows of a split whose sample changed since they were written.
+
+    Compares each row of ``done`` (:func:`read_log`) of a sample in ``fingerprints`` with the sample's
+    fingerprint now (:func:`split_fingerprint`); rows without a fingerprint (written before they were
+    recorded) count as changed. Rows of samples not in ``fingerprints`` (``--limit``, another shard)
+    are not judged.
+
+    Returns:
+        the keys to recompute: changed error rows (they hold no result), and with ``overwrite`` every
+        changed row.
+    Raises:
+        ConfigError: a successful row of a changed sample and no ``overwrite``; the message names the
+            split log, each index and what changed (stored -> now), and the remedies.
+    """
+    stale: set[Any] = set()
+    conflicts: dict[tuple, list[str]] = {}
+    for idx, now in sorted(fingerprints.items()):
+        key = (model_name, dataset, idx)
+        row = done.get(key)
+        if row is None:
+            continue
+        diffs = fingerprint_differences(row.get(FINGERPRINT_FIELD), now)
+        if not diffs:
+            continue
+        if overwrite or row.get("error"):
+            stale.add(key)
+        else:
+            conflicts[(model_name, dataset, idx, mode, tuple(diffs))] = []
+    if conflicts:
+        raise ConfigError(f"{log_path} holds rows filtered on other samples under this run's keys (stored -> now):\n"
+                          + describe_sample_conflicts(conflicts) + "\nThey are not served. Write this run to another "
+                          "--out, or rerun with --overwrite to recompute them on the current samples.")
+    return stale
+
+
+def check_split_samples(samples: Sequence[Sample], out_dirs: Sequence[str | os.PathLike[str]], *, model_name: str,
+                        modes: Sequence[str], editor: Editor, data_root: str | os.PathLike[str] | None = None) -> None:
+    """Refuse, before any model loads, the split logs under ``out_dirs`` (missing ones skipped) that hold
+    successful rows of changed samples -- the check :func:`build_benchmark` makes on its own split, for
+    ``bench build`` (and its launcher, over the shard folders too) before the model is loaded.
+
+    Raises:
+        ConfigError: as :func:`changed_rows`.
+    """
+    datasets = sorted({s.dataset for s in samples})
+    if len(datasets) != 1:
+        raise ConfigError(f"a benchmark split holds one dataset, got {datasets}")
+    for mode in modes:
+        fps: dict[int, dict[str, Any]] | None = None
+        for out in out_dirs:
+            log = split_paths(out, model_name, datasets[0], mode)["log"]
+            if not log.is_file():
+                continue
+            if fps is None:
+                fps = split_fingerprints(samples, mode, editor, data_root)
+            changed_rows(log, read_log(log), fps, model_name=model_name, dataset=datasets[0], mode=mode)
 
 
 def generation_settings(model_name: str, max_new_tokens: int, parse: ParseFn,
@@ -236,6 +361,8 @@ def build_benchmark(
     progress: bool = True,
     cache_generations: bool = True,
     model_identity: dict[str, Any] | None = None,
+    data_root: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Filter ``samples`` for one model and mode; write the split, its log and the retention table.
 
@@ -260,9 +387,21 @@ def build_benchmark(
             (module docstring; sound for greedy generation only).
         model_identity: the model's identity (default :func:`medfocus.lvlm.loading.model_identity`
             of ``model_name``), logged with every row.
+        data_root: the dataset root; the rows' sample fingerprints store image paths relative to it
+            (so the same films under a moved root resume).
+        overwrite: recompute logged rows whose sample changed (or that carry no fingerprint) instead
+            of refusing them.
 
     Settings: every log row records the generation settings (:func:`generation_settings`); a rerun
     with other settings refuses (:func:`check_split_settings`) as a rerun with another editor does.
+    Samples: every log row records its sample's fingerprint (:func:`split_fingerprint`: film path,
+    size and SHA-256, finding, answer, boxes, question, the editor's per-sample inputs). A rerun whose
+    sample under a logged key changed (a film overwritten in place, a row inserted into the data
+    shifting the indices, another data root) refuses before any generation, naming the log, the
+    indices and what changed (:func:`changed_rows`), unless ``overwrite``, which drops those rows
+    from the log and recomputes them; a changed sample's error row is recomputed without asking. The
+    edit and generation caches are keyed by the film's hash (module docstring), so a changed film is
+    never served an old edit or answer.
     The split is locked for the run (``<split log>.lock``, the same per-output lock as
     ``medfocus attribute``), and temporary files a killed write left in its folder are removed.
     Returns:
@@ -286,17 +425,21 @@ def build_benchmark(
     cache = EditCache(cache_root)
     # Original-view answers shared across editors. Sound because generation is greedy, i.e. a
     # deterministic function of (model, image, question, max_new_tokens); the model is keyed by name and
-    # weight fingerprint, so a retrained model under the same name regenerates.
+    # weight fingerprint, so a retrained model under the same name regenerates, and the image by the
+    # film's SHA-256, so another film under the same (dataset, index) does too.
     gen = generation_settings(model_name, max_new_tokens, parse, model_identity)
     gen_cache = GenerationCache(cache_root, model_name, dataset, mode, fingerprint=gen["model_fingerprint"]) if cache_generations else None
 
     editor.prepare()  # missing weights / reference pool: fail now, not once per sample
+    # Every film hashed once, before anything is generated: the resume check and both caches use it.
+    fingerprints = split_fingerprints(samples, mode, editor, data_root, progress=progress)
     lock = acquire_lock(paths["log"], "benchmark split")
     try:
         return _build_locked(adapter, samples, mode=mode, editor=editor, out_dir=out_dir, model_name=model_name,
                              include_negatives=include_negatives, max_new_tokens=max_new_tokens, batch_size=batch_size,
                              step=step, parse=parse, retry_errors=retry_errors, progress=progress, paths=paths,
-                             cache=cache, gen_cache=gen_cache, dataset=dataset, gen=gen)
+                             cache=cache, gen_cache=gen_cache, dataset=dataset, gen=gen, fingerprints=fingerprints,
+                             overwrite=overwrite)
     finally:
         if lock is not None:
             lock.close()
@@ -305,7 +448,8 @@ def build_benchmark(
 def _build_locked(adapter: LVLMAdapter, samples: Sequence[Sample], *, mode: str, editor: Editor, out_dir: Any, model_name: str,
                   include_negatives: bool, max_new_tokens: int, batch_size: int, step: int, parse: ParseFn,
                   retry_errors: bool, progress: bool, paths: dict[str, Path], cache: EditCache,
-                  gen_cache: "GenerationCache | None", dataset: str, gen: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                  gen_cache: "GenerationCache | None", dataset: str, gen: dict[str, Any], fingerprints: dict[int, dict[str, Any]],
+                  overwrite: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The body of :func:`build_benchmark`, run while the split's lock is held."""
     for name in ("records", "log", "negatives"):
         remove_orphaned_tmp(paths[name].parent, paths[name].name)
@@ -317,6 +461,12 @@ def _build_locked(adapter: LVLMAdapter, samples: Sequence[Sample], *, mode: str,
     if others:
         raise ConfigError(f"{paths['log']} holds samples filtered with editor {others[0]!r}, not {editor.cache_id!r}; "
                           "a split is built with one editor: use another output folder to compare editors")
+    stale = changed_rows(paths["log"], done, fingerprints, model_name=model_name, dataset=dataset, mode=mode,
+                         overwrite=overwrite)
+    if stale:  # rows of other samples leave the log (and so the split's records) before they are recomputed
+        for k in stale:
+            done.pop(k)
+        _drop_log_rows(paths["log"], stale)
     if retry_errors:
         done = {k: r for k, r in done.items() if r.get("error") is None}
     todo = [s for s in samples if (s.answer == "Yes" or include_negatives) and (model_name, dataset, int(s.index)) not in done]
@@ -332,13 +482,15 @@ def _build_locked(adapter: LVLMAdapter, samples: Sequence[Sample], *, mode: str,
             row = _base_row(s, model_name, mode, editor if s.answer == "Yes" else None)
             row["generation"] = gen
             row["kind"] = "positive" if s.answer == "Yes" else "negative"
+            fp = fingerprints[int(s.index)]
+            row[FINGERPRINT_FIELD] = fp
             try:
-                views = _prepare_views(s, editor, cache) if s.answer == "Yes" else [_load_image(s)]
+                views = _prepare_views(s, editor, cache, fp) if s.answer == "Yes" else [_load_checked(s, fp)]
             except Exception as exc:  # noqa: BLE001 - one failing sample must not stop the run
                 row["error"] = f"{type(exc).__name__}: {exc}"
                 views = []
             rows.append(row)
-            hit = gen_cache.get(s.index, row["question"], max_new_tokens) if gen_cache is not None and views else None
+            hit = gen_cache.get(s.index, row["question"], max_new_tokens, fp["image_sha256"]) if gen_cache is not None and views else None
             if hit is not None:
                 cached[len(rows) - 1] = hit
                 views = views[1:]  # views[0] is the original: answered already
@@ -352,7 +504,8 @@ def _build_locked(adapter: LVLMAdapter, samples: Sequence[Sample], *, mode: str,
             if t is not None:
                 per_row.setdefault(o, []).append(t)
         if gen_cache is not None:  # only answers generated now, by a successful generation
-            gen_cache.put_many([(int(chunk[i].index), row["question"], max_new_tokens, per_row[i][0])
+            gen_cache.put_many([(int(chunk[i].index), row["question"], max_new_tokens, row[FINGERPRINT_FIELD]["image_sha256"],
+                                 per_row[i][0])
                                 for i, row in enumerate(rows)
                                 if row["error"] is None and i not in cached and per_row.get(i)])
         for i, row in enumerate(rows):
@@ -365,6 +518,16 @@ def _build_locked(adapter: LVLMAdapter, samples: Sequence[Sample], *, mode: str,
     records, split_rows = write_split(out_dir, model_name, dataset, mode, include_negatives=include_negatives)
     write_retention(out_dir)
     return records, retention_row(split_rows)
+
+
+def _write_log(log_path: Path, rows: dict[Any, dict[str, Any]]) -> None:
+    """Write a split log atomically: one line per ``(model, dataset, index)`` key, in index order."""
+    atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for _, r in sorted(rows.items(), key=lambda kv: kv[0][2])))
+
+
+def _drop_log_rows(log_path: Path, keys: set[Any]) -> None:
+    """Rewrite a split log without the rows of ``keys``."""
+    _write_log(log_path, {k: r for k, r in read_log(log_path).items() if k not in keys})
 
 
 def write_split(out_dir: str | os.PathLike[str], model_name: str, dataset: str, mode: str, *,
@@ -384,7 +547,8 @@ def write_split(out_dir: str | os.PathLike[str], model_name: str, dataset: str, 
     return records, split_rows
 
 
-def merge_split_logs(shard_dirs: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str]) -> list[str]:
+def merge_split_logs(shard_dirs: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str], *,
+                     overwrite: bool = False) -> list[str]:
     """Merge the split logs of bench shard folders (``bench build --shard i/n``) into ``out_dir``.
 
     Every ``<model>/<dataset>/<mode>.log.jsonl`` under a shard folder is combined with the log of the
@@ -392,8 +556,15 @@ def merge_split_logs(shard_dirs: Sequence[str | os.PathLike[str]], out_dir: str 
     one with an error, otherwise the later shard wins), written atomically, then the split's records
     and the retention table are rewritten from it. Idempotent. Returns a line per merged split.
 
+    Rows of one key filtered on different samples (their ``sample_fingerprint`` differs, or one of them
+    has none) are never combined silently: without ``overwrite`` the merge refuses before writing
+    anything, naming them; with ``overwrite`` (a run started with ``--overwrite`` recomputed them) the
+    shard row replaces the row in ``out_dir``. An error row in ``out_dir`` of another sample is replaced
+    without asking (it holds no result).
+
     Raises:
-        ConfigError: two shards filtered the same split with different editors.
+        ConfigError: two shards filtered the same split with different editors, or rows of different
+            samples under one key (see above).
     """
     out = Path(out_dir)
     splits: dict[Path, list[Path]] = {}
@@ -401,24 +572,45 @@ def merge_split_logs(shard_dirs: Sequence[str | os.PathLike[str]], out_dir: str 
         d = Path(d)
         for log in sorted(d.glob("*/*/*.log.jsonl")):
             splits.setdefault(log.relative_to(d), []).append(log)
-    written = []
+    plans = []
     for rel, logs in sorted(splits.items()):
         target = out / rel
         merged = read_log(target)
+        from_shards: dict[Any, dict[str, Any]] = {}
+        conflicts: dict[tuple, list[str]] = {}
+        mode = rel.name[: -len(".log.jsonl")]
         for log in logs:
             for k, row in read_log(log).items():
-                prev = merged.get(k)
+                prev = from_shards.get(k)
+                diffs = _row_sample_differences(prev, row) if prev is not None else []
+                if diffs:
+                    conflicts[(*k, mode, tuple(f"two shard folders disagree: {d}" for d in diffs))] = []
                 if prev is not None and prev.get("error") is None and row.get("error") is not None:
                     continue
+                from_shards[k] = row
+        for k, row in from_shards.items():
+            prev = merged.get(k)
+            diffs = _row_sample_differences(prev, row) if prev is not None else []
+            if prev is None or (diffs and (overwrite or prev.get("error"))):
                 merged[k] = row
+            elif diffs:
+                conflicts[(*k, mode, tuple(diffs))] = []
+            elif not (prev.get("error") is None and row.get("error") is not None):
+                merged[k] = row
+        if conflicts:
+            raise ConfigError(f"merging into {target} would combine rows filtered on different samples under one key "
+                              "(merged -> shard):\n" + describe_sample_conflicts(conflicts) + "\nRerun the merge with "
+                              "--overwrite to let the shard rows replace those in the merged log (when the shards were "
+                              "recomputed on the current data), or merge into another folder.")
         editors = sorted({r["editor"] for r in merged.values() if r.get("editor")})
         if len(editors) > 1:
             raise ConfigError(f"{target}: the shards filtered this split with different editors {editors}")
-        lines = "".join(json.dumps(r) + "\n" for _, r in sorted(merged.items(), key=lambda kv: kv[0][2]))
-        atomic_write_text(target, lines)
+        plans.append((rel, target, logs, merged, mode))
+    written = []
+    for rel, target, logs, merged, mode in plans:  # nothing is written before every split was checked
+        _write_log(target, merged)
         rows = list(merged.values())
         model_name, dataset = rows[0]["model"], rows[0]["dataset"]
-        mode = rel.name[: -len(".log.jsonl")]
         records, _ = write_split(out, model_name, dataset, mode,
                                  include_negatives=any(r.get("kind") == "negative" for r in rows))
         written.append(f"{split_paths(out, model_name, dataset, mode)['records']} ({len(records)} kept of "
@@ -426,6 +618,11 @@ def merge_split_logs(shard_dirs: Sequence[str | os.PathLike[str]], out_dir: str 
     if written:
         write_retention(out)
     return written
+
+
+def _row_sample_differences(kept: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Sample differences between two split-log rows of one key (:func:`~medfocus.io.fingerprint.merge_differences`)."""
+    return merge_differences(kept.get(FINGERPRINT_FIELD), new.get(FINGERPRINT_FIELD), new_name="the shard row")
 
 
 def _generate_isolating_errors(adapter: LVLMAdapter, images: list[np.ndarray], questions: list[str], owners: list[int],

@@ -30,7 +30,9 @@ Examples:
 \b
 Output: <out>/<model>/<dataset>/<mode>.json (MedGround-Bench records of the kept samples),
 <mode>.log.jsonl (every sample: generations, gates; makes reruns resume), retention.csv/.md.
-Edits are cached in <out>/edits (or --cache-dir) and shared by every model.
+Edits are cached in <out>/edits (or --cache-dir) and shared by every model; the caches and the log
+are tied to each film's content: a rerun whose data changed under a logged index (film overwritten,
+row inserted, other --data-root) is refused before the model loads; --overwrite recomputes those rows.
 """
 
 
@@ -85,6 +87,10 @@ def _load_model(name: str, device: str | None) -> Any:
 @click.option("--include-negatives/--no-negatives", default=False, show_default=True,
               help="Also answer the 'No' samples (separate <mode>.negatives.json; off as in the paper).")
 @click.option("--retry-errors", is_flag=True, help="Redo samples that failed in a previous run.")
+@click.option("--overwrite", is_flag=True,
+              help="Recompute logged rows whose sample changed since they were written (film file or content, finding, "
+                   "expert boxes, answer, question, the editor's per-sample inputs) or that carry no sample fingerprint; "
+                   "default: refused before the model loads.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Editor seed (part of the edit-cache key).")
 @click.option("--device", default=None, show_default="cuda if available, else cpu", help="torch device.")
 @click.option("--allow-outside-root", is_flag=True,
@@ -97,7 +103,7 @@ def _load_model(name: str, device: str | None) -> Any:
 @click.pass_context
 def build(ctx: click.Context, model: str, model_name: str | None, dataset: str, data_root: str | None, modes: tuple[str, ...], editor: str | None, out_dir: str,
           cache_dir: str | None, reference_dir: str | None, radedit_dir: str | None, radedit_steps: int, limit: int | None,
-          batch_size: int, max_new_tokens: int | None, include_negatives: bool, retry_errors: bool, seed: int,
+          batch_size: int, max_new_tokens: int | None, include_negatives: bool, retry_errors: bool, overwrite: bool, seed: int,
           device: str | None, allow_outside_root: bool, no_progress: bool, shard: str | None, **launch_opts: Any) -> None:
     """Filter a dataset for one model: keep a positive sample iff the model answers it correctly,
     flips its answer when the finding is edited out of the boxes, and keeps its answer when the
@@ -105,6 +111,7 @@ def build(ctx: click.Context, model: str, model_name: str | None, dataset: str, 
     from pathlib import Path
 
     from medfocus.bench import build_benchmark, write_retention
+    from medfocus.bench.build import check_split_samples
     from medfocus.datasets import canonical_name, load_dataset
 
     if model_name is None:
@@ -127,15 +134,19 @@ def build(ctx: click.Context, model: str, model_name: str | None, dataset: str, 
     ed.prepare()
     if launch_opts["launcher"] != "none":
         _launch_build(ctx, launch_opts, samples=samples, model_name=model_name, modes=modes, out_dir=out_dir,
-                      cache_dir=cache_dir, include_negatives=include_negatives, device=device, progress=not no_progress)
+                      cache_dir=cache_dir, include_negatives=include_negatives, device=device, progress=not no_progress,
+                      editor=ed, data_root=data_root, overwrite=overwrite)
         return
+    if not overwrite and samples:  # logged rows of changed samples: refused before the (large) model loads
+        check_split_samples(samples, [out_dir], model_name=model_name, modes=modes, editor=ed, data_root=data_root)
     with progress_bars(not no_progress):
         adapter = _load_model(model, device)
     for mode in modes:
         records, ret = build_benchmark(adapter, samples, mode=mode, editor=ed, out_dir=out_dir, model_name=model_name,
                                        cache_dir=cache_dir, include_negatives=include_negatives,
                                        max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                       retry_errors=retry_errors, progress=not no_progress)
+                                       retry_errors=retry_errors, progress=not no_progress, data_root=data_root,
+                                       overwrite=overwrite)
         click.echo(f"{model_name} / {ds_name} / {mode}: kept {ret['kept']} of {ret['n']} positives "
                    f"({ret['retention_pct']}%), errors {ret['errors']}")
     click.echo(write_retention(out_dir))
@@ -150,9 +161,12 @@ def _shard_samples(samples: list, model_name: str, spec: str) -> list:
 
 
 def _launch_build(ctx: click.Context, launch_opts: dict[str, Any], *, samples: list, model_name: str, modes: tuple[str, ...],
-                  out_dir: str, cache_dir: str | None, include_negatives: bool, device: str | None, progress: bool) -> None:
+                  out_dir: str, cache_dir: str | None, include_negatives: bool, device: str | None, progress: bool,
+                  editor: Any, data_root: str | None, overwrite: bool) -> None:
     """One ``bench build --shard i/n`` task per shard, each into ``<out>/shards/i-of-n`` with the edit
-    cache shared; merged into ``<out>`` when all finish (``--launcher local|slurm``)."""
+    cache shared; merged into ``<out>`` when all finish (``--launcher local|slurm``). Logged rows of
+    changed samples (in ``<out>`` and the shard folders) are refused before any task starts, unless
+    ``overwrite`` (passed on to the tasks, and the merge lets their rows replace those in ``<out>``)."""
     from pathlib import Path
 
     from medfocus.commands.launch import argv_from_params, default_shards, run_launch
@@ -176,7 +190,12 @@ def _launch_build(ctx: click.Context, launch_opts: dict[str, Any], *, samples: l
         tasks.append(ShardTask(shard=i, n=n, model=model_name, argv=argv, output=rel, expected=len(sel) * len(modes)))
     if not tasks:
         raise ConfigError("nothing to filter: no samples selected")
-    manifest = Manifest(command="bench build", launcher=opts["launcher"], out=str(out), tasks=tasks)
+    if not overwrite:  # rows of changed samples refused before any task starts (each task checks its own too)
+        from medfocus.bench.build import check_split_samples
+
+        check_split_samples(samples, [out, *(out / t.output for t in tasks)], model_name=model_name, modes=modes,
+                            editor=editor, data_root=data_root)
+    manifest = Manifest(command="bench build", launcher=opts["launcher"], out=str(out), tasks=tasks, overwrite=overwrite)
     click.echo(f"{sum(t.expected for t in tasks)} (sample, mode) pairs in {len(tasks)} tasks -> {out}")
     run_launch(manifest, opts, device=device, progress=progress)
 

@@ -135,7 +135,7 @@ def status(out_dir: str) -> None:
 @click.command(name="merge")
 @click.argument("out_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--overwrite", is_flag=True,
-              help="Let shard records replace records of the same key computed on another sample "
+              help="Let shard records (bench split-log rows) replace those of the same key computed on another sample "
                    "(default: refused; a launched run started with --overwrite does this itself).")
 def merge(out_dir: str, overwrite: bool) -> None:
     """Merge the shard outputs of OUT_DIR into its normal outputs (predictions.jsonl, or the bench

@@ -189,6 +189,12 @@ class Editor(ABC):
         h = hashlib.sha1(json.dumps(p, sort_keys=True, default=str).encode()).hexdigest()[:8]
         return f"{self.name}-{h}"
 
+    def sample_inputs(self, sample: Sample) -> dict[str, Any]:
+        """Content of the per-sample files an edit of ``sample`` reads besides the film (e.g. the oracle's
+        counterfactual renders), as ``{name: sha256}``; part of the edit-cache key and of a benchmark
+        split's sample fingerprint, so a changed input is never served an old edit. Default: none."""
+        return {}
+
     def prepare(self) -> None:
         """Load whatever the editor needs now (weights, reference pool) so that a missing file fails
         before a long run starts. Editors load lazily otherwise; the default does nothing."""
@@ -237,23 +243,37 @@ def get_editor(name: str, **kwargs: Any) -> Editor:
 
 
 # ---- on-disk cache ----------------------------------------------------------------------------
-class EditCache:
-    """Edited images on disk, keyed by ``(dataset, index, editor, kind, prompt, seed)``.
+def _mask_digest(mask: np.ndarray) -> str:
+    """Short hash of a boolean mask (its shape and bits): the region an edit may change."""
+    m = np.asarray(mask, dtype=bool)
+    return hashlib.sha1(repr(m.shape).encode() + np.packbits(m).tobytes()).hexdigest()[:16]
 
-    The key does not include the model, so every model filtered with the same editor reuses the same
-    counterfactuals (as the paper does). Files are lossless 8-bit PNGs written atomically
-    (temporary file + rename), so a killed run never leaves a truncated entry.
+
+class EditCache:
+    """Edited images on disk, keyed by what the edit is a function of.
+
+    The key is ``(dataset, index, editor, kind, prompt, seed)`` plus the *content* the edit depends
+    on: the film's SHA-256 (the caller's, hashed once per run: :func:`medfocus.io.fingerprint.file_sha256`),
+    the edit mask (a hash of its bits, i.e. the boxes it was made from), the finding and the editor's
+    per-sample inputs (:meth:`Editor.sample_inputs`, e.g. the oracle's counterfactual renders). So an
+    overwritten film, changed boxes, a row inserted into the annotations (indices shift) or another data
+    root never get an old edit: the key differs and the edit is made again. The key does not include the
+    model, so every model filtered with the same editor reuses the same counterfactuals (as the paper
+    does). Files are lossless 8-bit PNGs written atomically (temporary file + rename), so a killed run
+    never leaves a truncated entry.
 
     Layout: ``root/<editor cache_id>/<dataset>/<index>_<kind>_<hash>.png`` where ``hash`` covers the
-    whole key (prompt and seed included).
+    whole key (prompt, seed and content included).
     """
 
     def __init__(self, root: str | os.PathLike[str]):
         self.root = Path(root)
 
-    def path(self, dataset: str, index: int, editor: str, kind: str, prompt: str, seed: int) -> Path:
-        key = json.dumps([dataset, int(index), editor, kind, prompt, int(seed)])
-        h = hashlib.sha1(key.encode()).hexdigest()[:12]
+    def path(self, dataset: str, index: int, editor: str, kind: str, prompt: str, seed: int,
+             content: dict[str, Any] | None = None) -> Path:
+        """File of one entry; ``content``: what the edit depends on besides the names (see the class)."""
+        key = json.dumps([dataset, int(index), editor, kind, prompt, int(seed), content], sort_keys=True)
+        h = hashlib.sha1(key.encode()).hexdigest()[:16]
         return self.root / safe_filename(editor) / safe_filename(dataset) / f"{int(index)}_{safe_filename(kind)}_{h}.png"
 
     def get(self, *key: Any) -> np.ndarray | None:
@@ -275,9 +295,26 @@ class EditCache:
         return atomic_write_bytes(p, png.tobytes())
 
     def get_or_edit(self, editor: Editor, image: np.ndarray, mask: np.ndarray, *, sample: Sample, kind: str,
-                    prompt: str) -> np.ndarray:
-        """Cached edit of ``sample`` (computes and stores it on a miss)."""
-        key = (sample.dataset, sample.index, editor.cache_id, kind, prompt, editor.seed)
+                    prompt: str, film_sha256: str, sample_inputs: dict[str, Any] | None = None) -> np.ndarray:
+        """Cached edit of ``sample`` (computes and stores it on a miss).
+
+        Args:
+            image, mask, prompt, sample, kind: as :meth:`Editor.edit`.
+            film_sha256: SHA-256 of the film file ``image`` was read from (hashed once per run by the
+                caller, :func:`medfocus.io.fingerprint.file_sha256`), so a changed film misses.
+            sample_inputs: ``editor.sample_inputs(sample)`` when the caller has it already (computed here
+                otherwise).
+        Raises:
+            ConfigError: ``film_sha256`` is empty (the cache cannot tell films apart without it).
+        """
+        if not film_sha256:
+            raise ConfigError("EditCache.get_or_edit needs the film's sha256 (medfocus.io.fingerprint.file_sha256): "
+                              "without it an edit of another film under the same (dataset, index) would be served")
+        if sample_inputs is None:
+            sample_inputs = editor.sample_inputs(sample)
+        content = {"film_sha256": film_sha256, "mask": _mask_digest(mask), "finding": sample.attribute,
+                   "inputs": sample_inputs}
+        key = (sample.dataset, sample.index, editor.cache_id, kind, prompt, editor.seed, content)
         hit = self.get(*key)
         if hit is not None and hit.shape == image.shape:
             return hit

@@ -56,6 +56,20 @@ class OracleEditor(Editor):
     def params(self) -> dict[str, Any]:
         return {}
 
+    def sample_inputs(self, sample: Sample) -> dict[str, Any]:
+        """SHA-256 of each counterfactual render of ``sample`` (``None`` for a missing file, whose edit then
+        fails): the edits are these files, so they are part of the edit-cache key."""
+        from medfocus.io.fingerprint import file_sha256
+
+        cfs = sample.meta.get("counterfactuals")
+        if not isinstance(cfs, dict):
+            return {}
+        out: dict[str, Any] = {}
+        for kind, rel in sorted(cfs.items()):
+            h = file_sha256(resolve_meta_path(str(rel), sample)) if rel else None
+            out[f"counterfactual_{kind}"] = None if h is None else h[1]
+        return out
+
     @staticmethod
     def infer_kind(mask: np.ndarray, prompt: str, sample: Sample) -> str:
         """``background_normal`` for "No abnormality"; ``foreground`` if ``mask`` equals the box union."""

@@ -115,9 +115,9 @@ def spec_differences(stored: Mapping[str, Any], now: Mapping[str, Any]) -> list[
     """What differs between a stored ``explain.json`` and this run, e.g. ``["methods: ['gradcam'] -> ['rise']",
     "film 0: image /x/film.jpeg (sha256 ab12.., 5120 bytes) -> /x/film.jpeg (sha256 cd34.., 4960 bytes)"]``.
 
-    Films are compared by their sample fingerprints (:func:`medfocus.runner.store.sample_fingerprint`);
+    Films are compared by their sample fingerprints (:func:`medfocus.io.fingerprint.sample_fingerprint`);
     an ``explain.json`` written before they were recorded is one difference (its films cannot be verified)."""
-    from medfocus.runner.store import fingerprint_differences
+    from medfocus.io.fingerprint import fingerprint_differences
 
     diffs = [f"{k}: {stored.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}"
              for k in sorted((set(stored) | set(now)) - {"samples"}) if stored.get(k) != now.get(k)]

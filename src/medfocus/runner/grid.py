@@ -36,8 +36,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from medfocus.errors import ConfigError, DataError, MedfocusError, ModelError
-from medfocus.runner.store import (FINGERPRINT_FIELD, Key, ResultStore, describe_sample_conflicts, fingerprint_differences,
-                                    sample_fingerprint, to_jsonable)
+from medfocus.io.fingerprint import FINGERPRINT_FIELD, describe_sample_conflicts, fingerprint_differences, sample_fingerprint
+from medfocus.runner.store import Key, ResultStore, to_jsonable
 from medfocus.types import Sample
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class WorkItem:
         return self.dataset == "synthetic" if self.synthetic is None else bool(self.synthetic)
 
     def fingerprint(self, root: str | Path | None = None) -> dict[str, Any]:
-        """The item's :func:`~medfocus.runner.store.sample_fingerprint` (image path relative to ``root``
+        """The item's :func:`~medfocus.io.fingerprint.sample_fingerprint` (image path relative to ``root``
         when under it; the answer text only when it is fixed before the run)."""
         s = self.sample
         return sample_fingerprint(s.image_path, finding=s.attribute, gt_answer=s.answer, gt_boxes=s.boxes,

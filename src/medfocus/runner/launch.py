@@ -108,8 +108,9 @@ class Manifest:
     devices: list[str] = field(default_factory=list)
     job_ids: list[str] = field(default_factory=list)
     merged_into: list[str] = field(default_factory=list)
-    #: the run was started with ``--overwrite``: its shard records replace records of changed samples
-    #: in the merged file (:func:`medfocus.runner.store.merge_stores`).
+    #: the run was started with ``--overwrite``: its shard records (split-log rows) replace records of
+    #: changed samples in the merged file (:func:`medfocus.runner.store.merge_stores`,
+    #: :func:`medfocus.bench.build.merge_split_logs`).
     overwrite: bool = False
 
     def save(self) -> Path:
@@ -296,10 +297,10 @@ def shard_status(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def _merge_bench(out: Path, shard_dirs: Sequence[Path]) -> list[str]:
+def _merge_bench(out: Path, shard_dirs: Sequence[Path], *, overwrite: bool = False) -> list[str]:
     from medfocus.bench.build import merge_split_logs
 
-    return merge_split_logs(shard_dirs, out)
+    return merge_split_logs(shard_dirs, out, overwrite=overwrite)
 
 
 def merge_outputs(out: str | os.PathLike[str], *, overwrite: bool | None = None) -> list[str]:
@@ -309,7 +310,7 @@ def merge_outputs(out: str | os.PathLike[str], *, overwrite: bool | None = None)
     ``--shard i/n``), every ``predictions*.shard-*.jsonl`` file and every ``shards/*`` bench folder in
     ``out`` is. Merging is idempotent: rerunning it after more shards finished adds their records.
     Raises :class:`DataError` when there is nothing to merge, :class:`ConfigError` when a shard record
-    and the merged file's record of one key were computed on different samples, unless ``overwrite``
+    (or bench split-log row) and the merged file's of one key were computed on different samples, unless ``overwrite``
     (default: the manifest's, i.e. whether the launched run had ``--overwrite``; else ``False``).
     """
     from medfocus.runner.store import merge_stores
@@ -327,13 +328,13 @@ def merge_outputs(out: str | os.PathLike[str], *, overwrite: bool | None = None)
         stores = sorted(out.glob("predictions*.shard-*.jsonl"))
         dirs = sorted(p for p in (out / "shards").glob("*") if p.is_dir())
     written: list[str] = []
+    if overwrite is None:
+        overwrite = bool(man is not None and man.overwrite)
     if stores:
-        if overwrite is None:
-            overwrite = bool(man is not None and man.overwrite)
         n = merge_stores(stores, out / "predictions.jsonl", overwrite=overwrite)
         written.append(f"{out / 'predictions.jsonl'} ({n} records from {len(stores)} shard files)")
     if dirs:
-        written += _merge_bench(out, dirs)
+        written += _merge_bench(out, dirs, overwrite=overwrite)
     if not written:
         raise DataError(f"nothing to merge in {out}: no predictions*.shard-*.jsonl files and no shards/ folders")
     return written

@@ -10,11 +10,12 @@ Heatmaps are stored next to the JSONL file as compressed ``.npz`` files written 
 (temporary file in the same directory, ``fsync``, ``os.replace``); the record that points at a
 heatmap is appended only after the file is in place, so a record never names a missing file.
 
-Every record carries ``sample_fingerprint`` (:func:`sample_fingerprint`): what identifies the sample's
-content (image path relative to the data root, the file's size and SHA-256, finding, expert boxes,
-question, answer text and source). The key alone does not identify a sample (an index shifts when a
-row is added to the data, another ``--data-root`` holds other films, a film is overwritten in place),
-so a resumed run compares the fingerprints (:func:`fingerprint_differences`) before serving a record.
+Every record carries ``sample_fingerprint`` (:func:`~medfocus.io.fingerprint.sample_fingerprint`, re-exported
+here): what identifies the sample's content (image path relative to the data root, the file's size and
+SHA-256, finding, expert boxes, question, answer text and source). The key alone does not identify a
+sample (an index shifts when a row is added to the data, another ``--data-root`` holds other films, a
+film is overwritten in place), so a resumed run compares the fingerprints
+(:func:`~medfocus.io.fingerprint.fingerprint_differences`) before serving a record.
 
 Only one process may append to a store file at a time (an exclusive ``flock`` on ``<file>.lock``);
 shards of a run write separate files and are combined with :func:`merge_stores`.
@@ -22,17 +23,18 @@ shards of a run write separate files and are combined with :func:`merge_stores`.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
 from medfocus.errors import ConfigError, DataError
 from medfocus.evaluation.records import KEY_FIELDS, Key, read_prediction_records, record_key
 from medfocus.io.atomic import atomic_save_npz
+from medfocus.io.fingerprint import (FINGERPRINT_FIELD, describe_sample_conflicts, file_sha256, fingerprint_differences,
+                                     merge_differences, sample_fingerprint)
 from medfocus.io.jsonl import append_jsonl, iter_jsonl, read_jsonl, trim_partial_tail
 from medfocus.io.locks import acquire_lock, remove_orphaned_tmp
 from medfocus.io.paths import safe_filename
@@ -40,119 +42,6 @@ from medfocus.io.paths import safe_filename
 __all__ = ["ResultStore", "load_results", "merge_stores", "record_key", "key_slug", "to_jsonable", "atomic_save_npz",
            "read_jsonl", "iter_jsonl", "KEY_FIELDS", "Key", "FINGERPRINT_FIELD", "sample_fingerprint", "file_sha256",
            "fingerprint_differences", "describe_sample_conflicts"]
-
-#: Record field holding :func:`sample_fingerprint` (also the entries of ``explain.json``'s ``samples``).
-FINGERPRINT_FIELD = "sample_fingerprint"
-
-#: What a record written before fingerprints were recorded says in a refusal.
-NO_FINGERPRINT = ("carries no sample fingerprint (written before fingerprints were recorded): "
-                  "cannot verify that it was computed on this sample")
-
-# sha256 per (path, size, mtime, ctime, inode): a film shared by several models, modes and methods of a
-# run is hashed once; any rewrite of the file changes its ctime and so misses the cache.
-_HASHES: dict[tuple, str] = {}
-
-
-def file_sha256(path: str | os.PathLike[str]) -> tuple[int, str] | None:
-    """``(size in bytes, sha256 hex digest)`` of a file's bytes; ``None`` when it is not a readable file.
-
-    Cached within the process per path, size, modification and change time and inode, so the
-    same film is read once per run however many methods use it."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    if not os.path.isfile(path):
-        return None
-    ck = (os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-    digest = _HASHES.get(ck)
-    if digest is None:
-        try:
-            with open(path, "rb") as fh:
-                digest = hashlib.file_digest(fh, "sha256").hexdigest()
-        except OSError:
-            return None
-        _HASHES[ck] = digest
-    return st.st_size, digest
-
-
-def _display_path(path: str, root: str | os.PathLike[str] | None) -> str:
-    """``path`` relative to ``root`` when it lies under it (so a moved data root keeps its keys), else as given."""
-    if root is not None:
-        try:
-            rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root))
-        except ValueError:  # another drive
-            return str(path)
-        if rel != os.pardir and not rel.startswith(os.pardir + os.sep):
-            return rel
-    return str(path)
-
-
-def sample_fingerprint(image_path: str, *, finding: str | None, gt_answer: str | None, gt_boxes: Sequence[Sequence[float]],
-                       question: str, answer: str | None, answer_source: str | None,
-                       root: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """What identifies the sample behind a result record (stored as its ``sample_fingerprint``).
-
-    Args:
-        image_path: the film's file (its bytes are hashed, :func:`file_sha256`).
-        finding: the finding named in the question. gt_answer: ``"Yes"`` / ``"No"`` / ``None``.
-        gt_boxes: expert boxes ``(x1, y1, x2, y2)``, original pixels.
-        question: the full prompt (stem + mode instruction).
-        answer: the attributed answer text when it is given before the run (a split's record, the
-            caller's text, the ground truth); ``None`` when the model generates it in the run.
-        answer_source: where the answer comes from (``split``, ``given``, ``model``, ``ground_truth``).
-        root: the data root; the image path is stored relative to it when the film lies under it.
-    Returns:
-        ``{"image", "image_bytes", "image_sha256", "finding", "gt_answer", "gt_boxes", "question", "answer",
-        "answer_source"}`` (plain JSON; ``image_bytes``/``image_sha256`` are ``None`` for a missing file,
-        whose read then fails as an error record).
-    """
-    h = file_sha256(image_path)
-    return {
-        "image": _display_path(str(image_path), root),
-        "image_bytes": None if h is None else h[0],
-        "image_sha256": None if h is None else h[1],
-        "finding": finding,
-        "gt_answer": gt_answer,
-        "gt_boxes": [[float(v) for v in b] for b in gt_boxes],
-        "question": question,
-        "answer": answer,
-        "answer_source": answer_source,
-    }
-
-
-def _image_desc(fp: Mapping[str, Any]) -> str:
-    sha = fp.get("image_sha256")
-    return f"{fp.get('image')} (" + (f"sha256 {sha[:12]}, {fp.get('image_bytes')} bytes)" if sha else "missing file)")
-
-
-def fingerprint_differences(stored: Mapping[str, Any] | None, now: Mapping[str, Any]) -> list[str]:
-    """What differs between a stored record's fingerprint and the current sample's, e.g.
-    ``["image n01.jpg (sha256 ab12.., 5120 bytes) -> a00.jpg (sha256 cd34.., 4960 bytes)", "gt_boxes: [...] -> [...]"]``;
-    empty when they match. A missing stored fingerprint (``None``) is one difference, :data:`NO_FINGERPRINT`."""
-    if not isinstance(stored, Mapping):
-        return [NO_FINGERPRINT]
-    diffs = []
-    if any(stored.get(k) != now.get(k) for k in ("image", "image_bytes", "image_sha256")):
-        diffs.append(f"image {_image_desc(stored)} -> {_image_desc(now)}")
-    for k in sorted((set(stored) | set(now)) - {"image", "image_bytes", "image_sha256"}):
-        if stored.get(k) != now.get(k):
-            diffs.append(f"{k}: {stored.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}")
-    return diffs
-
-
-def describe_sample_conflicts(conflicts: Mapping[tuple, Sequence[str]], limit: int = 20) -> str:
-    """Lines ``"  model 'demo', vindr_cxr #0 direct (gradcam, occlusion): image a -> b; finding: ..."`` of
-    ``{(model, dataset, index, mode, differences): [methods]}``, at most ``limit`` (then a count)."""
-    def order(kv: tuple) -> tuple:
-        mo, ds, idx, mode = kv[0][:4]
-        return (str(mo), str(ds), int(idx), str(mode))
-
-    lines = [f"  model {mo!r}, {ds} #{idx} {mode} ({', '.join(ms)}): {'; '.join(d)}"
-             for (mo, ds, idx, mode, d), ms in sorted(conflicts.items(), key=order)]
-    if len(lines) > limit:
-        lines = lines[:limit] + [f"  ... and {len(lines) - limit} more samples"]
-    return "\n".join(lines)
 
 
 def key_slug(key: Key) -> str:
@@ -309,13 +198,8 @@ def load_results(path: str | Path, *, absolute_paths: bool = True) -> list[dict[
 
 
 def _merge_conflict(kept: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """Sample differences between two records of one key (none when neither carries a fingerprint)."""
-    a, b = kept.get(FINGERPRINT_FIELD), new.get(FINGERPRINT_FIELD)
-    if a is None and b is None:
-        return []
-    if b is None:
-        return ["the shard record " + NO_FINGERPRINT]
-    return fingerprint_differences(a, b)
+    """Sample differences between two records of one key (:func:`~medfocus.io.fingerprint.merge_differences`)."""
+    return merge_differences(kept.get(FINGERPRINT_FIELD), new.get(FINGERPRINT_FIELD))
 
 
 def merge_stores(inputs: Iterable[str | Path], out: str | Path, *, prefer_success: bool = True,
