@@ -19,9 +19,11 @@ Each JSONL line is one record:
   {"model", "dataset", "index", "mode", "method", "gt_boxes": [[x1,y1,x2,y2],...],
    "image_size": [W,H], "pred_boxes": [[...]] | "heatmap_path": "rel/or/abs.npy|.npz",
    "unparseable": false, "error": null}
-Relative heatmap paths are relative to the JSONL's folder. Boxes are clipped to image_size;
-inverted or non-finite gt_boxes make the record an error; "unparseable": true (box text the
-model wrote that no rule reads) is counted, not scored.
+Relative heatmap paths are relative to the JSONL's folder. image_size is [W,H] of the original
+image (the frame of gt_boxes): a record with a heatmap and no image_size is an error (the map's own
+shape is not that frame); box-only records without it are scored unclipped, with one warning.
+Boxes are clipped to image_size; inverted or non-finite gt_boxes make the record an error;
+"unparseable": true (box text the model wrote that no rule reads) is counted, not scored.
 
 \b
 Writes into --out: table.md (printed), table.csv (long format with CIs), records.csv (per record),
