@@ -113,9 +113,11 @@ def add_faithfulness(records: Sequence[dict[str, Any]], model: str, cfg: Any, *,
         if heat is None:  # a box-output method's arrays: no map to rank
             continue
         r["heatmap_path"] = str(hp.resolve())
+        from medfocus.io.paths import record_film
+
         try:
-            image, _ = read_image(str(r["image_path"]))
-        except (KeyError, OSError) as exc:
+            image, _ = read_image(record_film(r, where=where))  # the film the map was computed on (DataError if not)
+        except OSError as exc:
             raise DataError(f"{where}: cannot read the record's image ({type(exc).__name__}: {exc})") from exc
         if heat.shape != image.shape:
             raise DataError(f"{where}: heatmap shape {heat.shape} differs from the image's {image.shape}")

@@ -222,7 +222,9 @@ def sample_view(records: Sequence[Mapping[str, Any]], base_dir: str | Path | Non
         raise DataError(f"viewer: sample_view needs the records of one film, got {sorted(cells)}")
     base = Path(base_dir) if base_dir is not None else None
     first = records[0]
-    img, (w0, h0) = read_image(first["image_path"])
+    from medfocus.io.paths import record_film
+
+    img, (w0, h0) = read_image(record_film(first))  # the film the records were computed on, or a DataError
     order = {m: i for i, m in enumerate(method_order or [])}
     recs = sorted(records, key=lambda r: (order.get(r["method"], len(order)), str(r["method"])))
     methods = [_method_view(r, base) for r in recs]

@@ -22,7 +22,6 @@ shards of a run write separate files and are combined with :func:`merge_stores`.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from pathlib import Path
@@ -35,46 +34,16 @@ from medfocus.evaluation.records import KEY_FIELDS, Key, read_prediction_records
 from medfocus.io.atomic import atomic_save_npz
 from medfocus.io.jsonl import append_jsonl, iter_jsonl, read_jsonl, trim_partial_tail
 from medfocus.io.locks import acquire_lock, remove_orphaned_tmp
-from medfocus.io.paths import safe_filename
+from medfocus.io.paths import FINGERPRINT_FIELD, file_sha256, safe_filename
 
 __all__ = ["ResultStore", "load_results", "merge_stores", "record_key", "key_slug", "to_jsonable", "atomic_save_npz",
            "read_jsonl", "iter_jsonl", "KEY_FIELDS", "Key", "FINGERPRINT_FIELD", "sample_fingerprint", "file_sha256",
            "fingerprint_differences", "describe_sample_conflicts"]
 
-#: Record field holding :func:`sample_fingerprint` (also the entries of ``explain.json``'s ``samples``).
-FINGERPRINT_FIELD = "sample_fingerprint"
 
 #: What a record written before fingerprints were recorded says in a refusal.
 NO_FINGERPRINT = ("carries no sample fingerprint (written before fingerprints were recorded): "
                   "cannot verify that it was computed on this sample")
-
-# sha256 per (path, size, mtime, ctime, inode): a film shared by several models, modes and methods of a
-# run is hashed once; any rewrite of the file changes its ctime and so misses the cache.
-_HASHES: dict[tuple, str] = {}
-
-
-def file_sha256(path: str | os.PathLike[str]) -> tuple[int, str] | None:
-    """``(size in bytes, sha256 hex digest)`` of a file's bytes; ``None`` when it is not a readable file.
-
-    Cached within the process per path, size, modification and change time and inode, so the
-    same film is read once per run however many methods use it."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    if not os.path.isfile(path):
-        return None
-    ck = (os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-    digest = _HASHES.get(ck)
-    if digest is None:
-        try:
-            with open(path, "rb") as fh:
-                digest = hashlib.file_digest(fh, "sha256").hexdigest()
-        except OSError:
-            return None
-        _HASHES[ck] = digest
-    return st.st_size, digest
-
 
 def _display_path(path: str, root: str | os.PathLike[str] | None) -> str:
     """``path`` relative to ``root`` when it lies under it (so a moved data root keeps its keys), else as given."""
