@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -126,6 +127,23 @@ def add_faithfulness(records: Sequence[dict[str, Any]], model: str, cfg: Any, *,
     return n, other
 
 
+def _for_file(record: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """``record`` as written to a JSONL in ``folder``: without the reader's ``_`` fields, its ``heatmap_path``
+    relative to ``folder`` (the store's convention), so the run and its evaluation move together instead of
+    naming maps at the old place by absolute path."""
+    out = {k: v for k, v in record.items() if not k.startswith("_")}
+    hp = out.get("heatmap_path")
+    if hp:
+        p = Path(str(hp))
+        if not p.is_absolute():
+            p = Path(str(record.get("_base_dir") or ".")) / p
+        try:
+            out["heatmap_path"] = os.path.relpath(p.resolve(), folder.resolve())
+        except ValueError:  # another drive: only an absolute path can name it
+            out["heatmap_path"] = str(p.resolve())
+    return out
+
+
 @click.command(name="evaluate", epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("predictions", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
@@ -182,7 +200,7 @@ def evaluate(predictions: tuple[Path, ...], out_dir: Path, metrics: str | None, 
         out_dir.mkdir(parents=True, exist_ok=True)
         import json
 
-        lines = [json.dumps(to_jsonable({k: v for k, v in r.items() if not k.startswith("_")})) for r in records]
+        lines = [json.dumps(to_jsonable(_for_file(r, out_dir))) for r in records]
         atomic_write_text(out_dir / "predictions.faithfulness.jsonl", "\n".join(lines) + "\n")
     # the demo's own table goes through the same function (same records, same seed: the same table)
     df, md, shown = evaluate_and_tabulate(records, out_dir, metrics=chosen, baselines=baselines, n_boot=n_boot, seed=seed,
