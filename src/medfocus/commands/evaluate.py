@@ -83,6 +83,7 @@ def add_faithfulness(records: Sequence[dict[str, Any]], model: str, cfg: Any, *,
     from medfocus.evaluation import load_heatmap
     from medfocus.evaluation.faithfulness import record_faithfulness
     from medfocus.io import read_image
+    from medfocus.io.paths import record_film
     from medfocus.lvlm.scoring import score_chat
 
     todo, other = [], 0
@@ -114,8 +115,6 @@ def add_faithfulness(records: Sequence[dict[str, Any]], model: str, cfg: Any, *,
         if heat is None:  # a box-output method's arrays: no map to rank
             continue
         r["heatmap_path"] = str(hp.resolve())
-        from medfocus.io.paths import record_film
-
         try:
             image, _ = read_image(record_film(r, where=where))  # the film the map was computed on (DataError if not)
         except OSError as exc:
