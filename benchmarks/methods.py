@@ -248,7 +248,8 @@ def localisation(adapter, n_per_finding: int) -> tuple[str, list[tuple[str, floa
         for meth in LOC_METHODS:
             hm = get_method(meth).attribute(adapter, case.image, q, "Yes").heatmap
             row = evaluate_record({"model": "demo", "dataset": "synthetic", "index": k, "mode": "direct", "method": meth,
-                                   "gt_boxes": gt, "heatmap": hm})
+                                   "gt_boxes": gt, "heatmap": hm,
+                                   "image_size": [case.image.shape[1], case.image.shape[0]]})  # hm is (H0, W0)
             if row["error"]:
                 raise RuntimeError(f"{meth}: {row['error']}")
             for m in ("iou", "pointing_game"):

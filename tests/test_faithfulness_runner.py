@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -110,6 +111,9 @@ def test_evaluate_recomputes_the_same_numbers_from_stored_heatmaps(run, tmp_path
     assert res.exit_code == 0, res.output
     assert "4 heatmap records scored with toy" in res.output
     again = {(r["index"], r["method"]): r for r in map(json.loads, (out / "predictions.faithfulness.jsonl").read_text().splitlines())}
+    # heatmap paths relative to the file (the store's convention): the run and its evaluation move together
+    with_maps = [a for a in again.values() if a.get("heatmap_path")]
+    assert with_maps and all(not Path(a["heatmap_path"]).is_absolute() and (out / a["heatmap_path"]).is_file() for a in with_maps)
     for r in recs:
         if "deletion_auc" in r:
             # --seed is the bootstrap seed; the tie seed derives from the curve settings' seed (default 0 here)

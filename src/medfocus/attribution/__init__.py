@@ -7,8 +7,9 @@ with shared passes (:mod:`medfocus.attribution.suite`).
 """
 
 from medfocus.attribution._common import PreparedSample, prepare_sample
-from medfocus.attribution.base import BASELINES, Attribution, Method, get_method, list_methods, method_source, register_method
+from medfocus.attribution.base import (BASELINES, Attribution, Method, get_method, list_methods, method_answer_scope, method_source,
+                                      register_method)
 from medfocus.attribution.suite import attribute_many
 
-__all__ = ["Attribution", "BASELINES", "Method", "PreparedSample", "attribute_many", "get_method", "list_methods", "method_source",
-           "prepare_sample", "register_method"]
+__all__ = ["Attribution", "BASELINES", "Method", "PreparedSample", "attribute_many", "get_method", "list_methods", "method_answer_scope",
+           "method_source", "prepare_sample", "register_method"]

@@ -60,6 +60,8 @@ def attention_heads(adapter: Any) -> int | None:
 class _LayersMethod(ForwardMethod):
     """A forward method whose ``layers`` setting names decoder layers of the model."""
 
+    per_token_maps = True  # one relevance row per answer query (:func:`_finish`)
+
     def check_params(self, adapter: Any) -> None:
         """Every index of ``layers`` is a decoder layer of this model."""
         _layer_indices(self.params["layers"], len(adapter.decoder_layers), self.name, "layers", getattr(adapter, "name", None))
@@ -100,6 +102,7 @@ class AttentionHead(ForwardMethod):
     "Answer-only scoring") and only the ``T`` needed rows are kept."""
 
     name = "attention_head"
+    per_token_maps = True
     source = ("raw attention (one layer, heads averaged), rows of the predicting positions; "
               "no known deviation from the paper's code")
     defaults = {"layer": -1, "heads": "mean", "queries": "predicting"}
@@ -234,6 +237,7 @@ class GradWeightedAttention(_LayersMethod):
     log-likelihood (end-of-turn token excluded), read at the predicting positions."""
 
     name = "grad_weighted_attention"
+    per_token_maps = False  # one gradient target, the whole answer (see _from_forward)
     defaults = {"layers": "all", "final_token": True, "queries": "predicting"}
     source = ("Chefer et al. 2021 (generic rule): mean_heads(ReLU(grad) * A), R = prod (I + Abar); "
               "target = answer log-likelihood without end-of-turn")

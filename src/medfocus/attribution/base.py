@@ -263,6 +263,11 @@ class Method:
     frame_extras: ClassVar[dict[str, str]] = {"final_token_heatmap": "map"}
     #: Whether the method explains a given answer (so needs it prepared); the prompting methods only ask.
     needs_answer: ClassVar[bool] = True
+    #: Whether the method makes one map per answer token (``token_heatmaps``: attention rows, perturbation
+    #: scores per token) -- True -- or attributes the whole answer at once (one target, the answer's
+    #: log-likelihood; the prompting methods: no answer target at all) -- False. ``None``: not declared
+    #: (a third-party method). The viewer says so where a method has no per-token strip.
+    per_token_maps: ClassVar[bool | None] = None
 
     def __init__(self, **params: Any) -> None:
         unknown = sorted(set(params) - set(self.defaults))
@@ -559,6 +564,23 @@ def method_source(name: str) -> str:
         return str(getattr(_resolve(name), "source", ""))
     except ConfigError:
         return ""
+
+
+def method_answer_scope(name: str) -> str | None:
+    """What a registered method's map covers: ``"per_token"`` (one map per answer token,
+    :attr:`Method.per_token_maps`), ``"whole_answer"`` (the whole answer at once), ``"no_answer"`` (it does
+    not attribute an answer: :attr:`Method.needs_answer` false, the prompting methods); ``None`` for a
+    method that does not declare it, is not registered, or whose module cannot be imported."""
+    if name not in _REGISTRY:
+        return None
+    try:
+        cls = _resolve(name)
+    except ConfigError:
+        return None
+    if getattr(cls, "needs_answer", True) is False:
+        return "no_answer"
+    v = getattr(cls, "per_token_maps", None)
+    return None if not isinstance(v, bool) else "per_token" if v else "whole_answer"
 
 
 def list_methods() -> dict[str, dict[str, Any]]:

@@ -69,6 +69,7 @@ class GradCAM(ForwardMethod):
     """
 
     name = "gradcam"
+    per_token_maps = False  # one target: the answer's log-likelihood (+ the final token's map)
     defaults = {"layer": "input", "final_token": True}
     source = ("Selvaraju et al. 2017 Grad-CAM over image tokens; deviation: on the LM input embeddings, not the "
               "paper code's last decoder layer (its gradient there is exactly zero)")
@@ -135,6 +136,7 @@ class IntegratedGradients(Method):
     """
 
     name = "integrated_gradients"
+    per_token_maps = False  # one target along the path: the answer's log-likelihood
     source = ("Sundararajan et al. 2017 integrated gradients on the normalised image, black baseline, "
               "midpoint Riemann sum, |IG| summed over channels")
     defaults = {"steps": 24, "baseline": "zero", "batch_size": 8, "final_token": True, "check_completeness": False}

@@ -327,6 +327,7 @@ class AttnLRP(Method):
     """
 
     name = "lrp"
+    per_token_maps = False  # relevance of one target, the answer's log-likelihood (+ the final token's map)
     defaults = {"target": "logprob", "final_token": True}
     spec = {"target": choice(*TARGETS), "final_token": boolean()}
     source = ("AttnLRP (Achtibat et al., ICML 2024), lxt 2.1's rules re-applied per instance (lxt does not run under "

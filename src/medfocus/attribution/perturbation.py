@@ -52,6 +52,7 @@ class Occlusion(PerturbationMethod):
     """
 
     name = "occlusion"
+    per_token_maps = True  # every variant is scored per answer token
     defaults = {"grid": 8, "baseline": "zero", "batch_size": 16}
     source = ("Zeiler & Fergus 2014 occlusion (grid cells over the image content, positive drop of the mean "
               "answer-token probability); masks applied in the preprocessed tensor")
@@ -153,6 +154,7 @@ class RISE(PerturbationMethod):
     """
 
     name = "rise"
+    per_token_maps = True  # every masked variant is scored per answer token
     source = ("Petsiuk et al. 2018 RISE (upsampled random grids with random shift) over the image content; "
               "masks applied in the preprocessed tensor")
     defaults = {"n_masks": 64, "grid": 8, "p_keep": 0.5, "seed": 0, "baseline": "zero", "batch_size": 16}

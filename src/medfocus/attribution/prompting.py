@@ -108,6 +108,7 @@ class Prompting(Method):
     canvas frame the model saw."""
 
     name = "prompting"
+    per_token_maps = False  # asks for boxes: no answer is attributed
     source = ("the paper's box-request prompt; boxes read by the package's box-text parser (regular expressions, "
               "several model dialects; the paper's code used eval)")
     defaults = {"request": BOX_REQUEST, "coords": "auto", "max_new_tokens": 128}
@@ -306,6 +307,7 @@ class PromptingMedSAM(Method):
     """
 
     name = "prompting_medsam"
+    per_token_maps = False  # asks for boxes: no answer is attributed
     source = ("the paper's phrase prompt -> OWL-ViT -> MedSAM; detector='anatomy' is an offline stand-in, "
               "not the paper's detector")
     defaults = {"request": PHRASE_REQUEST, "detector": "owlvit", "medsam": MEDSAM_ID, "score_threshold": 0.0,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -19,9 +20,11 @@ Each JSONL line is one record:
   {"model", "dataset", "index", "mode", "method", "gt_boxes": [[x1,y1,x2,y2],...],
    "image_size": [W,H], "pred_boxes": [[...]] | "heatmap_path": "rel/or/abs.npy|.npz",
    "unparseable": false, "error": null}
-Relative heatmap paths are relative to the JSONL's folder. Boxes are clipped to image_size;
-inverted or non-finite gt_boxes make the record an error; "unparseable": true (box text the
-model wrote that no rule reads) is counted, not scored.
+Relative heatmap paths are relative to the JSONL's folder. image_size is [W,H] of the original
+image (the frame of gt_boxes): a record with a heatmap and no image_size is an error (the map's own
+shape is not that frame); box-only records without it are scored unclipped, with one warning.
+Boxes are clipped to image_size; inverted or non-finite gt_boxes make the record an error;
+"unparseable": true (box text the model wrote that no rule reads) is counted, not scored.
 
 \b
 Writes into --out: table.md (printed), table.csv (long format with CIs), records.csv (per record),
@@ -80,6 +83,7 @@ def add_faithfulness(records: Sequence[dict[str, Any]], model: str, cfg: Any, *,
     from medfocus.evaluation import load_heatmap
     from medfocus.evaluation.faithfulness import record_faithfulness
     from medfocus.io import read_image
+    from medfocus.io.paths import record_film
     from medfocus.lvlm.scoring import score_chat
 
     todo, other = [], 0
@@ -112,14 +116,31 @@ def add_faithfulness(records: Sequence[dict[str, Any]], model: str, cfg: Any, *,
             continue
         r["heatmap_path"] = str(hp.resolve())
         try:
-            image, _ = read_image(str(r["image_path"]))
-        except (KeyError, OSError) as exc:
+            image, _ = read_image(record_film(r, where=where))  # the film the map was computed on (DataError if not)
+        except OSError as exc:
             raise DataError(f"{where}: cannot read the record's image ({type(exc).__name__}: {exc})") from exc
         if heat.shape != image.shape:
             raise DataError(f"{where}: heatmap shape {heat.shape} differs from the image's {image.shape}")
         r.update(record_faithfulness(adapter, image, r, heat, cfg, refs, scorer=score_chat))
         n += 1
     return n, other
+
+
+def _for_file(record: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """``record`` as written to a JSONL in ``folder``: without the reader's ``_`` fields, its ``heatmap_path``
+    relative to ``folder`` (the store's convention), so the run and its evaluation move together instead of
+    naming maps at the old place by absolute path."""
+    out = {k: v for k, v in record.items() if not k.startswith("_")}
+    hp = out.get("heatmap_path")
+    if hp:
+        p = Path(str(hp))
+        if not p.is_absolute():
+            p = Path(str(record.get("_base_dir") or ".")) / p
+        try:
+            out["heatmap_path"] = os.path.relpath(p.resolve(), folder.resolve())
+        except ValueError:  # another drive: only an absolute path can name it
+            out["heatmap_path"] = str(p.resolve())
+    return out
 
 
 @click.command(name="evaluate", epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
@@ -178,7 +199,7 @@ def evaluate(predictions: tuple[Path, ...], out_dir: Path, metrics: str | None, 
         out_dir.mkdir(parents=True, exist_ok=True)
         import json
 
-        lines = [json.dumps(to_jsonable({k: v for k, v in r.items() if not k.startswith("_")})) for r in records]
+        lines = [json.dumps(to_jsonable(_for_file(r, out_dir))) for r in records]
         atomic_write_text(out_dir / "predictions.faithfulness.jsonl", "\n".join(lines) + "\n")
     # the demo's own table goes through the same function (same records, same seed: the same table)
     df, md, shown = evaluate_and_tabulate(records, out_dir, metrics=chosen, baselines=baselines, n_boot=n_boot, seed=seed,

@@ -52,6 +52,9 @@ def explain(images, finding, question, mode, answer, model, methods, params, box
                           seed=seed, device=device, progress=not no_progress, overwrite=overwrite)
     for a in res.answers:
         click.echo(f"{Path(a['image']).name}: answer {a['answer']!r} (read as {a['answer_parsed']}; {a['answer_source']})")
+    if res.served_from is not None:
+        click.echo(f"served from the stored run in {res.out} (methods {', '.join(res.served_from)}; its explain.json "
+                   "is kept, so a rerun with all of them resumes)")
     click.echo(f"done: {res.summary}")
     if res.summary.errors:
         click.echo(f"{res.summary.errors} records carry an error (see the viewer's cost table or the 'error' field)")

@@ -336,6 +336,7 @@ class MedFocusMethod(PerturbationMethod):
     """
 
     name = "medfocus"
+    per_token_maps = True  # the concept variants are scored per answer token (token_deltas)
     source = "the MedFocus paper's concept intervention; deviation: barycentric UOT transfer by default (README 'Transfer')"
     defaults = {"pool": None, "baseline": "zero", "region": "box", "rule": "argmax", "tau": TAU, "refine": "none", "select_grid": SELECT_GRID,
                 "transfer_grid": TRANSFER_GRID, "core": None, "mode": "barycentric", "iterations": DEFAULT_ITERATIONS,

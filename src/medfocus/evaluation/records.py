@@ -4,7 +4,7 @@ Record schema (one JSON object per line)::
 
     {"model", "dataset", "index", "mode", "method",
      "gt_boxes": [[x1, y1, x2, y2], ...],      # original-image pixels, half-open
-     "image_size": [W, H],
+     "image_size": [W, H],                     # of the original image; required with a heatmap
      "pred_boxes": [[...], ...],               # optional when heatmap_path is given
      "heatmap_path": "rel/or/abs.npy|.npz",    # optional; relative to the JSONL's folder
      "unparseable": false,                     # optional; true: box text no rule could read
@@ -15,6 +15,15 @@ Protocol: when ``pred_boxes`` is present it is scored as given (prompting method
 box); otherwise the boxes come from the heatmap through :func:`heatmap_to_boxes`. The heatmap, when
 there is one, also gives the pointing game, energy pointing game and AUPRC (else those are NaN).
 A heatmap whose shape differs from ``image_size`` is resized (bilinear) to ``(H, W)`` first.
+
+Frame: ``image_size`` (``[W, H]`` of the original image, the frame of ``gt_boxes``) is what puts a
+heatmap in the GT frame; a map's own shape (a 16x16 token grid, a 224x224 model canvas) says nothing
+about the original image. So a record with a heatmap and no ``image_size`` is an error row naming the
+record and the field -- never boxes and a pointing game in the map's frame. A box-only record
+(``pred_boxes`` without a heatmap: same frame as ``gt_boxes`` by contract) without ``image_size`` is
+scored as given but cannot be clipped: its row has ``unclipped = True`` and :func:`evaluate_records`
+issues one :class:`~medfocus.errors.DataWarning` counting such records and naming the first.
+
 With ``image_size``, GT and predicted boxes are clipped to the image before scoring (a predicted box
 empty after clipping is dropped; the counts are the row's ``n_gt_clipped`` / ``n_pred_clipped``). GT
 boxes that are inverted (``x2 < x1`` or ``y2 < y1``) or non-finite, or that all lie outside the
@@ -170,8 +179,8 @@ def evaluate_record(
     row: dict[str, Any] = {k: record.get(k) for k in KEY_COLUMNS}
     row["attribute"] = record.get("attribute")  # the finding asked about (per-finding tables)
     row.update({m: math.nan for m in METRIC_COLUMNS})
-    row.update({"n_pred_boxes": 0, "n_gt_clipped": 0, "n_pred_clipped": 0, "unparseable": bool(record.get("unparseable")),
-                "source": None, "error": None})
+    row.update({"n_pred_boxes": 0, "n_gt_clipped": 0, "n_pred_clipped": 0, "unclipped": False,
+                "unparseable": bool(record.get("unparseable")), "source": None, "error": None})
     name = f"record {record.get('model')}/{record.get('dataset')}#{record.get('index')} ({record.get('method')})"
     where = f"{record['_where']}: {name}" if record.get("_where") else name
     if record.get("error"):
@@ -200,7 +209,16 @@ def evaluate_record(
             # A method that outputs boxes may store other arrays only: then there is no heatmap.
             heat = load_heatmap(hp, required=record.get("pred_boxes") is None)
         size = record.get("image_size")
-        if size is not None:
+        if size is None and heat is not None:
+            # The map's shape is its own frame (token grid, model canvas), not the original image's:
+            # scoring it against gt_boxes would give a plausible, wrong IoU and pointing game.
+            raise DataError(f"{where}: field 'image_size' is missing; a record with a heatmap "
+                            f"({heat.shape[0]}x{heat.shape[1]}) needs [W, H] of the original image (the frame of "
+                            "gt_boxes) to map the heatmap onto it")
+        if size is None:
+            # Box-only: same frame as gt_boxes by contract, but nothing to clip to (counted, warned).
+            row["unclipped"] = True
+        else:
             if not isinstance(size, (list, tuple)) or len(size) != 2:
                 raise DataError(f"{where}: field 'image_size' must be [W, H], got {size!r}")
             W, H = int(size[0]), int(size[1])
@@ -243,6 +261,24 @@ def evaluate_record(
     return row
 
 
+def _warn_unclipped(records: list[Mapping[str, Any]], rows: list[dict[str, Any]]) -> None:
+    """One DataWarning for the scored rows of box-only records without ``image_size`` (none: silent)."""
+    hit = [i for i, row in enumerate(rows) if row["unclipped"] and row["error"] is None and row["source"] == "boxes"]
+    if not hit:
+        return
+    import warnings
+
+    from medfocus.errors import DataWarning
+
+    first = records[hit[0]]
+    name = f"{first.get('model')}/{first.get('dataset')}#{first.get('index')} ({first.get('method')})"
+    where = f"{first['_where']}: {name}" if first.get("_where") else name
+    n_scored = sum(1 for row in rows if row["error"] is None and row["source"] == "boxes")
+    warnings.warn(f"{len(hit)} of {n_scored} box-only records have no 'image_size' [W, H]: their gt_boxes and pred_boxes "
+                  f"were scored as given, not clipped to the image (records.csv column 'unclipped'; first: {where})",
+                  DataWarning, stacklevel=3)
+
+
 def evaluate_records(
     records: Iterable[Mapping[str, Any]],
     *,
@@ -265,9 +301,13 @@ def evaluate_records(
     Returns:
         DataFrame with columns ``model, dataset, mode, method, index, attribute, iou, f1, precision, recall,
         pointing_game, energy_pg, auprc, deletion_auc, insertion_auc, n_pred_boxes, n_gt_clipped,
-        n_pred_clipped, unparseable, source, error`` (metrics in [0, 1], NaN when not applicable or on
-        error; ``n_*_clipped``: boxes changed or dropped by clipping to ``image_size``), plus the
-        reference rows of the records' faithfulness fields (``source == "reference"``).
+        n_pred_clipped, unclipped, unparseable, source, error`` (metrics in [0, 1], NaN when not
+        applicable or on error; ``n_*_clipped``: boxes changed or dropped by clipping to ``image_size``;
+        ``unclipped``: a box-only record without ``image_size``, scored as given), plus the reference
+        rows of the records' faithfulness fields (``source == "reference"``).
+
+    Warns:
+        DataWarning: once, when scored box-only records lack ``image_size`` (their count and the first).
     """
     recs = list(records)
     it = recs
@@ -276,8 +316,10 @@ def evaluate_records(
 
         it = tqdm(recs, desc="evaluate", unit="rec")
     rows = [evaluate_record(r, base_dir=base_dir, q=q, min_area=min_area, max_boxes=max_boxes) for r in it]
+    _warn_unclipped(recs, rows)
     from medfocus.evaluation.faithfulness import reference_rows
 
     rows += reference_rows(recs)
-    cols = list(KEY_COLUMNS) + ["attribute"] + list(METRIC_COLUMNS) + ["n_pred_boxes", "n_gt_clipped", "n_pred_clipped", "unparseable", "source", "error"]
+    cols = list(KEY_COLUMNS) + ["attribute"] + list(METRIC_COLUMNS) + ["n_pred_boxes", "n_gt_clipped", "n_pred_clipped", "unclipped",
+                                                                       "unparseable", "source", "error"]
     return pd.DataFrame(rows, columns=cols)

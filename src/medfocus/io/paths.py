@@ -1,5 +1,6 @@
-"""Path safety: the one sanitiser for file names built from record/data fields, and the data-root
-containment check used by the dataset loaders.
+"""Path safety: the one sanitiser for file names built from record/data fields, the data-root
+containment check used by the dataset loaders, and the check that a stored record's film is still the
+one it was computed on (:func:`record_film`).
 
 Every file name the library builds from values it did not choose itself (a record's ``model``,
 ``dataset``, ``mode``, ``method``, ``index``; a finding name from an annotation CSV) goes through
@@ -14,11 +15,13 @@ import contextvars
 import hashlib
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 from medfocus.errors import DataError
+from medfocus.io.fingerprint import FINGERPRINT_FIELD, file_sha256  # re-exported: record_film checks films with them
 
-__all__ = ["safe_filename", "resolve_inside", "allow_outside_root"]
+__all__ = ["safe_filename", "resolve_inside", "allow_outside_root", "file_sha256", "record_film", "FINGERPRINT_FIELD"]
+
 
 _ALLOW_OUTSIDE: contextvars.ContextVar[bool] = contextvars.ContextVar("medfocus_allow_outside_root", default=False)
 
@@ -92,3 +95,47 @@ def resolve_inside(root: str | os.PathLike, relative: str | os.PathLike, *, what
         logging.getLogger(__name__).warning("%s (allowed by --allow-outside-root)", msg)
         return Path(p)
     raise DataError(msg + "; refusing to read it (pass --allow-outside-root to allow such paths)")
+
+
+_MOVED = ("Rerun the same command with the moved --data-root into the same output: the records of the same films "
+          "are served, not recomputed, and get the films' new paths")
+
+
+def record_film(record: Mapping[str, Any], *, where: str | None = None) -> str:
+    """The film a stored result record was computed on: its ``image_path``, checked against the sha256 in
+    its sample fingerprint.
+
+    A record names its film by the absolute path it had when it ran. After the data root moved, that
+    path may be missing -- or hold another film (a dataset re-extracted at the old place), which a viewer
+    would show under the record's maps and boxes. The fingerprint's ``image`` (the path relative to the
+    data root) is named in the error, so the user can tell where the film went. A record without a
+    fingerprint (written before they were recorded) cannot be checked and is used as given.
+
+    Args:
+        record: a result record (``image_path``, optionally ``sample_fingerprint``).
+        where: how errors name the record (default ``model/dataset#index (method)``).
+    Returns:
+        the path to read.
+    Raises:
+        DataError: no ``image_path``; the film is missing; the file there has other bytes than the film
+            the record was computed on.
+    """
+    name = where or f"record {record.get('model')}/{record.get('dataset')}#{record.get('index')} ({record.get('method')})"
+    path = record.get("image_path")
+    if not path:
+        raise DataError(f"{name}: no 'image_path' (the film it was computed on)")
+    path = str(path)
+    fp = record.get(FINGERPRINT_FIELD)
+    sha = fp.get("image_sha256") if isinstance(fp, Mapping) else None
+    if not sha:
+        return path
+    rel = fp.get("image")
+    called = f" (the record calls it {rel!r}, relative to its data root)" if rel and str(rel) != path else ""
+    got = file_sha256(path)
+    if got is None:
+        raise DataError(f"{name}: its film {path} is missing{called}; was the data root moved? {_MOVED}")
+    if got[1] != sha:
+        raise DataError(f"{name}: the file at {path} (sha256 {got[1][:12]}, {got[0]} bytes) is not the film this "
+                        f"record was computed on (sha256 {sha[:12]}, {fp.get('image_bytes')} bytes){called}; a moved or "
+                        f"replaced data root? Refusing to show or score another film under its maps. {_MOVED}")
+    return path

@@ -267,13 +267,17 @@ def compact_retention(df: pd.DataFrame) -> pd.DataFrame:
 
 
 # ---- record helpers --------------------------------------------------------------------------------
-def _read_image(path: str) -> np.ndarray | None:
+def _read_image(record: Mapping[str, Any]) -> np.ndarray | None:
+    """The film of a gallery sample (:func:`medfocus.io.paths.record_film`: the one its records were
+    computed on); ``None`` with a logged warning when it is missing, unreadable or another film."""
     try:
         from medfocus.io import read_image
+        from medfocus.io.paths import record_film
 
-        return read_image(path)[0]
+        return read_image(record_film(record))[0]
     except Exception as exc:  # a missing image only removes a gallery row
-        log.warning("gallery: cannot read %s: %s", path, exc)
+        log.warning("gallery: cannot read the film of %s/%s#%s: %s", record.get("model"), record.get("dataset"),
+                    record.get("index"), exc)
         return None
 
 
@@ -540,7 +544,7 @@ def build_report(
             for k in chosen:
                 recs = {r["method"]: r for r in cells[k]}
                 first = next(iter(recs.values()))
-                img = _read_image(first.get("image_path", ""))
+                img = _read_image(first)
                 if img is None:
                     continue
                 panels = [gallery_panel(recs[me], load_arrays(recs[me], base), iou_of.get((*k[:4], me)))

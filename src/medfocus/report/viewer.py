@@ -149,6 +149,31 @@ def _medfocus_panel(rec: Mapping[str, Any], arrays: Mapping[str, np.ndarray], ex
     return out
 
 
+#: The token strip's text where there are no answer tokens to show and nothing else is known.
+NO_TOKENS = "no answer tokens recorded"
+
+
+def token_note(rec: Mapping[str, Any], has_tokens: bool) -> str | None:
+    """Why the token strip is empty for this record (``None`` when it has answer tokens): a method that
+    attributes the whole answer at once or does not attribute an answer says so (that is not a missing
+    recording); :data:`NO_TOKENS` where tokens are simply not recorded (a failed record, a per-token method
+    whose record lacks them, a method that does not declare what its map covers)."""
+    if has_tokens:
+        return None
+    if rec.get("error"):
+        return f"{NO_TOKENS} (the method failed)"
+    from medfocus.attribution import method_answer_scope
+
+    name = str(rec["method"])
+    scope = method_answer_scope(name)
+    if scope == "whole_answer":
+        return (f"{name} attributes the whole answer at once (one target: the answer's log-likelihood), so it has one map "
+                "for all the answer's tokens and no per-token strip")
+    if scope == "no_answer":
+        return f"{name} asks the model for boxes instead of attributing an answer: no per-token strip"
+    return NO_TOKENS
+
+
 def _method_view(rec: Mapping[str, Any], base: Path | None) -> dict[str, Any]:
     from medfocus.report.records import load_arrays
 
@@ -174,6 +199,7 @@ def _method_view(rec: Mapping[str, Any], base: Path | None) -> dict[str, Any]:
         "heatmap_boxes": _boxes(rec.get("heatmap_boxes")),
         "warning": rec.get("reference_pool_warning"),
         "tokens": display_tokens(tokens) if tokens is not None else None,
+        "token_note": token_note(rec, bool(tokens)),
     }
     if rec["method"] == "medfocus" and not rec.get("error"):
         view["medfocus"] = _medfocus_panel(rec, arrays, ex)
@@ -196,7 +222,9 @@ def sample_view(records: Sequence[Mapping[str, Any]], base_dir: str | Path | Non
         raise DataError(f"viewer: sample_view needs the records of one film, got {sorted(cells)}")
     base = Path(base_dir) if base_dir is not None else None
     first = records[0]
-    img, (w0, h0) = read_image(first["image_path"])
+    from medfocus.io.paths import record_film
+
+    img, (w0, h0) = read_image(record_film(first))  # the film the records were computed on, or a DataError
     order = {m: i for i, m in enumerate(method_order or [])}
     recs = sorted(records, key=lambda r: (order.get(r["method"], len(order)), str(r["method"])))
     methods = [_method_view(r, base) for r in recs]

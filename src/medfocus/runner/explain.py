@@ -8,8 +8,10 @@ selected attribution method on it through the experiment runner, and writes
 * ``OUT/predictions.jsonl`` + ``OUT/predictions_heatmaps/`` -- the normal record schema (dataset
   ``"files"``, index = position of the film in the list, per-token maps stored), and
 * ``OUT/explain.html`` -- the self-contained viewer (:mod:`medfocus.report.viewer`),
-* ``OUT/explain.json`` -- the run's settings (a rerun with the same settings resumes; other settings
-  in the same folder are refused unless ``overwrite``).
+* ``OUT/explain.json`` -- the run's settings (a rerun with the same settings resumes; a rerun asking
+  for a subset of the stored methods, everything else the same, is served from the stored records
+  without the model and leaves ``explain.json`` as it is; other settings in the same folder are
+  refused unless ``overwrite``).
 
 The films have no ground truth: records carry ``gt_answer: null`` and the expert boxes only when given.
 """
@@ -48,6 +50,9 @@ class ExplainResult:
         records: the result records (one per film and method; ``heatmap_path`` absolute).
         answers: per film (in input order), ``{"image", "answer", "answer_parsed", "answer_source"}``.
         summary: the runner's :class:`~medfocus.runner.grid.RunSummary`.
+        warnings: the records' reference-pool warnings, once each.
+        served_from: the stored run's methods (sorted) when this run asked for a subset of them and was
+            served from its records (:func:`stored_subset`); ``None`` otherwise.
     """
 
     out: Path
@@ -56,6 +61,7 @@ class ExplainResult:
     answers: list[dict[str, Any]]
     summary: Any = None
     warnings: list[str] = field(default_factory=list)
+    served_from: list[str] | None = None
 
     def record(self, image: int, method: str) -> dict[str, Any]:
         """The record of film ``image`` (its position in the input) and ``method``; ``KeyError`` when absent."""
@@ -131,6 +137,22 @@ def spec_differences(stored: Mapping[str, Any], now: Mapping[str, Any]) -> list[
             # the question, answer and boxes are compared above as settings; here the film files
             diffs += [f"film {i}: {d}" for d in fingerprint_differences(old_fps[i], fp) if d.startswith("image ")]
     return diffs
+
+
+def stored_subset(stored: Mapping[str, Any], now: Mapping[str, Any]) -> bool:
+    """Whether the run ``now`` asks for a subset of the methods of the ``stored`` explain.json (in any
+    order) with everything else identical: the same films (fingerprints), question, mode, answer, model,
+    seed, boxes, and the same parameters for each method asked for. Such a run is the stored run
+    restricted to those methods, so its records are the stored ones.
+
+    Both specs as JSON values (lists, not tuples)."""
+    methods = now.get("methods")
+    old_methods = stored.get("methods")
+    if not isinstance(methods, list) or not isinstance(old_methods, list) or not set(methods) <= set(old_methods):
+        return False
+    old_params = stored.get("params") if isinstance(stored.get("params"), dict) else {}
+    restricted = dict(stored, methods=list(methods), params={m: p for m, p in old_params.items() if m in methods})
+    return not spec_differences(restricted, now)
 
 
 def explain(
@@ -240,13 +262,24 @@ def explain(
     spec_path = out / "explain.json"
     store_path = out / "predictions.jsonl"
     replace = False
+    served_from: list[str] | None = None
     if spec_path.is_file():
         old = json.loads(spec_path.read_text(encoding="utf-8"))
-        diffs = spec_differences(old, json.loads(json.dumps(spec)))
-        if diffs:
+        now = json.loads(json.dumps(spec))
+        diffs = spec_differences(old, now)
+        if diffs and not overwrite and stored_subset(old, now):
+            # The stored run restricted to these methods: serve its records (resuming any it lacks) and
+            # keep explain.json whole, so a later rerun with all its methods still resumes.
+            served_from = sorted(old["methods"])
+        elif diffs:
             if not overwrite:
+                more = sorted(set(methods) - set(old.get("methods") or []))
+                how = (f"\nThe stored run has methods {sorted(old.get('methods') or [])}: a rerun asking for any of them "
+                       f"with the same settings is served from it; for {more} use another --out, or --overwrite to "
+                       "replace the run (recomputes every method).") if more else \
+                    "\nUse another --out, or --overwrite to replace it."
                 raise ConfigError(f"{out} holds an explain run with other settings or films ({spec_path}; stored -> now):\n"
-                                  + "\n".join(f"  {d}" for d in diffs) + "\nUse another --out, or --overwrite to replace it.")
+                                  + "\n".join(f"  {d}" for d in diffs) + how)
             replace = True
     elif store_path.exists():
         raise ConfigError(f"{store_path} exists but was not written by `medfocus explain`; use an empty --out folder")
@@ -278,13 +311,14 @@ def explain(
     out.mkdir(parents=True, exist_ok=True)
     from medfocus.io.atomic import atomic_write_json
 
-    atomic_write_json(spec_path, spec)
+    if served_from is None:
+        atomic_write_json(spec_path, spec)
 
     with ResultStore(store_path) as store:
         summary = run_grid(items, {m: params.get(m, {}) for m in methods}, store, load_model=loader,
                            make_method=lambda name, _params: method_objs[name], seed=seed, save_token_maps=True,
                            progress=progress)
-    records = [r for r in load_results(store_path) if r["dataset"] == DATASET]
+    records = [r for r in load_results(store_path) if r["dataset"] == DATASET and r["method"] in methods]
     answers = []
     for it in items:
         rs = [r for r in records if int(r["index"]) == it.index]
@@ -300,4 +334,5 @@ def explain(
                         title=title or f"medfocus explain · {attribute} · {model}")
     if summary.errors:
         log.warning("%d of %d records failed (see their 'error' field and the viewer's cost table)", summary.errors, summary.total)
-    return ExplainResult(out=out, html=html, records=records, answers=answers, summary=summary, warnings=warnings)
+    return ExplainResult(out=out, html=html, records=records, answers=answers, summary=summary, warnings=warnings,
+                         served_from=served_from)

@@ -334,6 +334,20 @@ def _changed_samples(items: Sequence[WorkItem], methods: Iterable[str], get_reco
                 yield it, m, rec, tuple(changed)
 
 
+def _update_film_paths(items: Sequence[WorkItem], methods: Iterable[str], store: ResultStore, stale: set[Key]) -> None:
+    """Re-append (same record, new ``image_path``) every stored record that this run serves but whose
+    ``image_path`` is not where its film is now: a moved data root (the same bytes under the same name
+    relative to the root, checked by the fingerprints before this runs). Otherwise the viewer, the report
+    and ``evaluate --faithfulness`` would read the old path: a missing film, or another one put there."""
+    methods = list(methods)
+    for it in items:
+        for m in methods:
+            key = it.key(m)
+            rec = store.get(key)
+            if rec is not None and key not in stale and rec.get("image_path") != it.sample.image_path:
+                store.append({**rec, "image_path": it.sample.image_path})
+
+
 def _changed_samples_error(path: str | Path, conflicts: Mapping[tuple, Sequence[str]]) -> ConfigError:
     return ConfigError(f"{path} holds results computed on other samples under this run's keys (stored -> now):\n"
                        + describe_sample_conflicts(conflicts) + "\nThey are not served. Write this run to another "
@@ -652,6 +666,7 @@ def run_grid(
                           "(or move the old results away).")
     if sample_conflicts:
         raise _changed_samples_error(store.path, sample_conflicts)
+    _update_film_paths(items, method_params, store, stale)
 
     def is_done(key: Key) -> bool:
         return key not in stale and store.is_done(key, retry_errors=retry_errors)

@@ -211,9 +211,10 @@
         sp.addEventListener("click", function () { st.sel = i; st.hover = null; update(); });
         tokSpans.push(sp); tokBox.appendChild(sp);
       });
-    } else {
-      tokBox.appendChild(el("span", "meta", "no answer tokens recorded"));
     }
+    // no method of this film recorded answer tokens: the strip says why, for the method shown (update())
+    var tokNote = (s.tokens && s.tokens.length) ? null : el("span", "meta token-note", "");
+    if (tokNote) tokBox.appendChild(tokNote);
     right.appendChild(el("div", "meta", "Highlighted: the final yes/no token. Methods without per-token maps show their whole-answer map (gradient methods: also the final token's map)."));
 
     var mfBox = el("div", "medfocus"); right.appendChild(mfBox);
@@ -279,6 +280,7 @@
     function update() {
       var m = M(); if (!m) return;
       var t = tok();
+      if (tokNote) tokNote.textContent = m.token_note || "no answer tokens recorded";
       Object.keys(btns).forEach(function (k) { btns[k].classList.toggle("on", k === st.method); });
       allBtn.classList.toggle("on", st.sel === null);
       tokSpans.forEach(function (sp, i) { sp.classList.toggle("sel", i === st.sel); });

@@ -1,0 +1,89 @@
+"""`medfocus explain` rerun on a folder that already holds the run: a subset of its methods (same film,
+same settings) is served from the stored records, without the model and without touching explain.json;
+anything else is refused with a message that says how to get it."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from click.testing import CliRunner
+
+from medfocus.errors import ConfigError
+
+METHODS = ["gradcam", "occlusion"]
+PARAMS = {"occlusion": {"grid": 2}}
+
+
+def _no_model(name):
+    raise AssertionError("a rerun served from the stored records must not load the model")
+
+
+@pytest.fixture(scope="module")
+def stored_run(tmp_path_factory, demo_adapter):
+    from medfocus.datasets.synthetic import generate_case
+    from medfocus.datasets.synthetic.dataset import _write_dicom
+    from medfocus.runner.explain import explain
+
+    root = tmp_path_factory.mktemp("explain_subset")
+    film = root / "film.dcm"
+    _write_dicom(film, generate_case(7, findings=["cardiomegaly"], severity=1.0).image, "explain-test")
+    res = explain([film], out=root / "out", finding="cardiomegaly", methods=METHODS, params=PARAMS,
+                  load_model=lambda name: demo_adapter, progress=False)
+    assert res.summary.done == 2 and res.summary.errors == 0
+    return film, res
+
+
+def _viewer_methods(html_path):
+    text = html_path.read_text()
+    data = re.search(r'<script[^>]*type="application/json"[^>]*>(.*?)</script>', text, re.S).group(1)
+    return [m["name"] for s in json.loads(data)["samples"] for m in s["methods"]]
+
+
+@pytest.mark.parametrize("methods", [["occlusion"], ["gradcam"], ["occlusion", "gradcam"]])
+def test_a_subset_of_the_stored_methods_is_served_from_the_store(stored_run, methods):
+    from medfocus.runner.explain import explain
+
+    film, res = stored_run
+    spec_before = (res.out / "explain.json").read_bytes()
+    store_before = (res.out / "predictions.jsonl").read_bytes()
+    again = explain([film], out=res.out, finding="cardiomegaly", methods=methods,
+                    params={m: p for m, p in PARAMS.items() if m in methods}, load_model=_no_model, progress=False)
+    assert again.summary.done == 0 and again.summary.skipped == len(methods)
+    assert sorted(r["method"] for r in again.records) == sorted(methods)
+    for m in methods:  # the very records (and maps) of the stored run
+        assert again.record(0, m) == res.record(0, m)
+    assert again.served_from == sorted(METHODS)
+    # the folder still holds the whole run: a later full rerun resumes instead of recomputing
+    assert (res.out / "explain.json").read_bytes() == spec_before
+    assert (res.out / "predictions.jsonl").read_bytes() == store_before
+    assert sorted(_viewer_methods(again.html)) == sorted(methods)
+    full = explain([film], out=res.out, finding="cardiomegaly", methods=METHODS, params=PARAMS, load_model=_no_model, progress=False)
+    assert full.summary.skipped == 2 and full.served_from is None and sorted(_viewer_methods(full.html)) == METHODS
+
+
+def test_a_subset_with_other_settings_is_refused_with_the_way_out(stored_run):
+    from medfocus.runner.explain import explain
+
+    film, res = stored_run
+    with pytest.raises(ConfigError) as e:  # the subset's own parameter differs: another run
+        explain([film], out=res.out, finding="cardiomegaly", methods=["occlusion"], params={"occlusion": {"grid": 3}},
+                load_model=_no_model, progress=False)
+    assert "params" in str(e.value) and "--overwrite" in str(e.value)
+    with pytest.raises(ConfigError) as e:  # more methods than stored: refused, naming how to get them
+        explain([film], out=res.out, finding="cardiomegaly", methods=[*METHODS, "rise"], params=PARAMS,
+                load_model=_no_model, progress=False)
+    msg = str(e.value)
+    assert "methods" in msg and "'rise'" in msg and "--overwrite" in msg and "another --out" in msg
+
+
+def test_cli_subset_rerun_says_it_is_served_from_the_stored_run(stored_run):
+    from medfocus.cli import main
+
+    film, res = stored_run
+    out = CliRunner().invoke(main, ["explain", str(film), "--finding", "cardiomegaly", "--method", "occlusion",
+                                    "--param", "occlusion.grid=2", "--out", str(res.out), "--no-progress"])
+    assert out.exit_code == 0, out.output
+    assert "served from the stored run" in out.output and "gradcam, occlusion" in out.output
+    assert "0 computed, 1 already in the store" in out.output
