@@ -264,3 +264,29 @@ def test_cli_refuses_before_the_model_loads_and_overwrite_recomputes(tmp_path, m
     assert res.exit_code == 0, res.output
     assert [r["index"] for r in json.loads((out / "toy_model" / "toy" / "direct.json").read_text())] == [1, 2, 5]
     assert "kept 3 of 7 positives" in res.output
+
+
+def test_reference_pool_rewritten_in_place_refuses_rows_and_misses_edits(tmp_path):
+    """The transplant editor's pool is part of what an edit is made from: rewriting its films in place
+    (same folder, names and settings) refuses the split's rows and the edit cache misses."""
+    from test_editing import _write_pool
+
+    samples = make_toy_world(tmp_path / "data", PLAN)
+    pool = tmp_path / "pool"
+    _write_pool(pool, [1, 2])
+
+    def transplant():
+        return get_editor("transplant", reference_dir=pool, aligner="affine", feather=2)
+
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    _build(samples, out, cache_dir=cache, editor=transplant())
+    n_edits = len(list((cache).rglob("transplant-*/**/*.png")))
+    assert n_edits > 0
+    _write_pool(pool, [7, 8])
+    with pytest.raises(ConfigError, match="edit_inputs"):
+        _build(samples, out, adapter=ToyAdapter(), cache_dir=cache, editor=transplant())
+    recs, ret, _ = _build(samples, out, cache_dir=cache, editor=transplant(), overwrite=True)
+    assert len(list((cache).rglob("transplant-*/**/*.png"))) == 2 * n_edits  # every edit made again
+    fresh = _build(samples, tmp_path / "fresh", cache_dir=tmp_path / "fresh_cache", editor=transplant(),
+                   cache_generations=False)
+    assert (recs, ret) == fresh[:2]

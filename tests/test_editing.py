@@ -267,3 +267,39 @@ def test_transplant_uot_alignment_improves_on_unaligned_and_competes_in_auto():
     auto = TransplantEditor(references=[Reference("r", ref, rl)], aligner="auto", feather=2)
     _check_contract(auto, target, mask)
     assert auto.last_aligner == "affine"  # measured: the lung-field fit aligns this pair better
+
+
+def _write_pool(root, seeds):
+    import cv2
+
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for i, sd in enumerate(seeds):
+        im, _ = phantom(seed=sd)
+        cv2.imwrite(str(root / "images" / f"n{i}.png"), im)
+
+
+def test_transplant_edits_are_keyed_on_the_reference_pools_content(tmp_path):
+    """A pool overwritten in place (same folder, same ids, same settings) is another edit: the cache
+    must not serve the edit made from the old films; an unchanged pool is still a hit."""
+    pool = tmp_path / "pool"
+    _write_pool(pool, [1])
+    target, _ = phantom(seed=5, blob=(40, 40, 5))
+    mask = boxes_mask([(30, 30, 50, 50)], (96, 96))
+    s = _sample([(30, 30, 50, 50)])
+    cache = EditCache(tmp_path / "cache")
+
+    def edit(ed):
+        return cache.get_or_edit(ed, target, mask, sample=s, kind="foreground", prompt="No nodule", film_sha256="a" * 64)
+
+    first = get_editor("transplant", reference_dir=pool, aligner="affine", feather=2)
+    a = edit(first)
+    again = get_editor("transplant", reference_dir=pool, aligner="affine", feather=2)
+    assert np.array_equal(edit(again), a) and again.last_choice is None  # unchanged pool: a cache hit
+    assert again.sample_inputs(s) == first.sample_inputs(s)
+    _write_pool(pool, [7])  # same folder, same file name, other film
+    fresh = get_editor("transplant", reference_dir=pool, aligner="affine", feather=2)
+    assert fresh.cache_id == first.cache_id  # the settings alone cannot tell the pools apart
+    b = edit(fresh)
+    assert fresh.last_choice == "n0"  # made again, not served from the cache
+    uncached = get_editor("transplant", reference_dir=pool, aligner="affine", feather=2).edit(target, mask, "No nodule")
+    assert np.array_equal(b, uncached) and not np.array_equal(a, b)

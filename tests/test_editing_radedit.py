@@ -110,3 +110,70 @@ def test_radedit_inversion_reconstructs_exactly_without_guidance(tiny_radedit_di
     # with guidance the edit region moves away from z0
     out7 = _editor(tiny_radedit_dir, guidance_scale=7.5).edit_latents(canvas, e, ~e, "No nodule")
     assert np.abs(out7["latents"].numpy() - out7["z0"].numpy()).max() > 1e-3
+
+
+def test_radedit_edits_are_keyed_on_the_weights(tiny_radedit_dir, tmp_path):
+    """Retrained weights in the same folder (same settings, same cache_id) are another edit; the same
+    weights are still a cache hit."""
+    import shutil
+
+    import torch
+
+    from medfocus.editing import EditCache
+    from medfocus.types import Sample, question_stem
+
+    root = tmp_path / "w"
+    shutil.copytree(tiny_radedit_dir, root)
+    rng = np.random.default_rng(1)
+    img = rng.integers(40, 200, size=(32, 32)).astype(np.uint8)
+    mask = boxes_mask([(8, 8, 20, 20)], (32, 32))
+    s = Sample("d", 0, str(tmp_path / "x.png"), "nodule", question_stem("nodule"), "Yes", [(8, 8, 20, 20)], (32, 32))
+    cache = EditCache(tmp_path / "cache")
+    calls = []
+
+    def edit(ed):
+        orig = ed._edit
+        ed._edit = lambda *a, **k: calls.append(1) or orig(*a, **k)
+        return cache.get_or_edit(ed, img, mask, sample=s, kind="foreground", prompt="No nodule", film_sha256="a" * 64)
+
+    first = _editor(root)
+    a = edit(first)
+    same = _editor(root)
+    assert same.sample_inputs(s) == first.sample_inputs(s)
+    assert np.array_equal(edit(same), a) and len(calls) == 1
+    unet = diffusers.UNet2DConditionModel.from_pretrained(root / "unet")
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.05)
+    unet.save_pretrained(root / "unet")  # "retrained" in place
+    retrained = _editor(root)
+    assert retrained.cache_id == first.cache_id
+    assert retrained.sample_inputs(s)["weights"]["unet"] != first.sample_inputs(s)["weights"]["unet"]
+    edit(retrained)
+    assert len(calls) == 2
+
+
+def test_radedit_weights_identity_of_hub_snapshots_and_loaded_components(tiny_radedit_dir, tmp_path, monkeypatch):
+    """Hub ids are identified by their cached snapshot's revision (the UNet's in its ``unet/`` subfolder);
+    components passed in are identified by their parameters."""
+    import huggingface_hub.constants as hfc
+
+    from medfocus.editing.radedit import load_radedit_components
+
+    for repo, sub in (("me/radedit", "unet/"), ("me/vae", ""), ("me/te", "")):
+        snap = tmp_path / f"models--{repo.replace('/', '--')}" / "snapshots" / f"rev-{repo[3:]}" / sub
+        snap.mkdir(parents=True)
+        (snap / "config.json").write_text("{}")
+        (tmp_path / f"models--{repo.replace('/', '--')}" / "refs").mkdir()
+        (tmp_path / f"models--{repo.replace('/', '--')}" / "refs" / "main").write_text(f"rev-{repo[3:]}")
+    monkeypatch.setattr(hfc, "HF_HUB_CACHE", str(tmp_path))
+    ed = get_editor("radedit", unet_id="me/radedit", vae_id="me/vae", text_encoder_id="me/te")
+    assert ed.weights_identity() == {"unet": "rev-radedit", "vae": "rev-vae", "text_encoder": "rev-te"}
+    assert get_editor("radedit", unet_id="me/other").weights_identity()["unet"] is None  # not cached
+
+    comps = load_radedit_components(weights_dir=tiny_radedit_dir, device="cpu")
+    a = get_editor("radedit", components=comps).weights_identity()
+    assert a == get_editor("radedit", components=load_radedit_components(weights_dir=tiny_radedit_dir, device="cpu")).weights_identity()
+    next(comps.vae.parameters()).data.add_(1.0)
+    b = get_editor("radedit", components=comps).weights_identity()
+    assert b["vae"] != a["vae"] and b["unet"] == a["unet"] and b["text_encoder"] == a["text_encoder"]

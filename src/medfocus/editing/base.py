@@ -136,7 +136,8 @@ class Editor(ABC):
 
     Subclasses implement :meth:`_edit`; :meth:`edit` validates the inputs and enforces the
     "unchanged outside the mask" contract. ``cache_id`` names the editor *and* every parameter that
-    changes its output, so cached edits of different settings never collide.
+    changes its output, so cached edits of different settings never collide; the content of the files it
+    reads (reference pool, weights, renders) is :meth:`sample_inputs`'s.
 
     Attributes:
         name: registry name.
@@ -190,9 +191,11 @@ class Editor(ABC):
         return f"{self.name}-{h}"
 
     def sample_inputs(self, sample: Sample) -> dict[str, Any]:
-        """Content of the per-sample files an edit of ``sample`` reads besides the film (e.g. the oracle's
-        counterfactual renders), as ``{name: sha256}``; part of the edit-cache key and of a benchmark
-        split's sample fingerprint, so a changed input is never served an old edit. Default: none."""
+        """Content of what an edit of ``sample`` reads besides the film and the settings, as ``{name:
+        fingerprint}``: per-sample files (the oracle's counterfactual renders) and editor-wide ones (the
+        transplant's reference pool, RadEdit's weights). Part of the edit-cache key and of a benchmark
+        split's sample fingerprint, so a changed input is never served an old edit. Must be cheap per
+        call (editor-wide fingerprints are computed once per editor). Default: none."""
         return {}
 
     def prepare(self) -> None:
@@ -255,9 +258,10 @@ class EditCache:
     The key is ``(dataset, index, editor, kind, prompt, seed)`` plus the *content* the edit depends
     on: the film's SHA-256 (the caller's, hashed once per run: :func:`medfocus.io.fingerprint.file_sha256`),
     the edit mask (a hash of its bits, i.e. the boxes it was made from), the finding and the editor's
-    per-sample inputs (:meth:`Editor.sample_inputs`, e.g. the oracle's counterfactual renders). So an
-    overwritten film, changed boxes, a row inserted into the annotations (indices shift) or another data
-    root never get an old edit: the key differs and the edit is made again. The key does not include the
+    inputs besides its settings (:meth:`Editor.sample_inputs`: the oracle's counterfactual renders, the
+    transplant's reference pool, RadEdit's weights). So an overwritten film, changed boxes, a row inserted
+    into the annotations (indices shift), another data root, a rewritten pool or retrained weights never
+    get an old edit: the key differs and the edit is made again. The key does not include the
     model, so every model filtered with the same editor reuses the same counterfactuals (as the paper
     does). Files are lossless 8-bit PNGs written atomically (temporary file + rename), so a killed run
     never leaves a truncated entry.

@@ -235,6 +235,30 @@ class TransplantEditor(Editor):
         self.uot_epsilon, self.uot_lam = float(uot_epsilon), float(uot_lam)
         self.last_choice: str | None = None  # id of the reference used by the latest edit
         self.last_aligner: str | None = None  # "uot" or "affine"
+        self._pool_sha256: str | None = None
+
+    def sample_inputs(self, sample: Sample) -> dict[str, Any]:
+        """``{"reference_pool": SHA-256 of the pool}`` (the same for every sample): every edit reads the
+        whole pool (the best match is chosen per image), so a pool overwritten in place, or another pool
+        under the same settings, must not be served old edits (:class:`~medfocus.editing.base.EditCache`)."""
+        return {"reference_pool": self.pool_sha256()}
+
+    def pool_sha256(self) -> str:
+        """SHA-256 over the references as loaded (id, shape, pixels and lung mask of each, in order),
+        computed once per editor. The loaded arrays are what the edits use, so the digest cannot disagree
+        with them even if a file changes after the pool was read; it also covers ``references=`` pools
+        that have no files. A file rewrite that leaves the decoded pixels unchanged does not change it."""
+        if self._pool_sha256 is None:
+            import hashlib
+
+            h = hashlib.sha256()
+            for r in self.references:
+                img = np.ascontiguousarray(r.image)
+                h.update(f"{r.id}\0{img.dtype.str}\0{img.shape}\0".encode())
+                h.update(img.tobytes())
+                h.update(np.packbits(np.asarray(r.lungs, dtype=bool)).tobytes())
+            self._pool_sha256 = h.hexdigest()
+        return self._pool_sha256
 
     def params(self) -> dict[str, Any]:
         ids = [r.id for r in self.references] if self._refs is not None or self.reference_dir else []
