@@ -66,17 +66,23 @@ def test_heatmap_record_without_image_size_is_an_error_naming_record_and_field(s
     assert "'image_size'" in err and "[W, H]" in err and f"{h}x{w}" in err
 
 
-def test_heatmap_file_record_without_image_size_errors_in_the_cli(tmp_path):
-    (tmp_path / "maps").mkdir()
-    np.save(tmp_path / "maps" / "a.npy", _grid_map())
-    recs = [_rec(heatmap_path="maps/a.npy"), _rec(index=4, heatmap_path="maps/a.npy", image_size=[448, 448])]
+def _evaluate_cli(tmp_path, recs):
+    """Write ``recs`` (their ``_where`` dropped: the reader sets it) as ``predictions.jsonl``, run
+    ``medfocus evaluate`` on it, check it exits 0; returns the CLI result and ``records.csv``."""
     for r in recs:
         r.pop("_where")
     p = tmp_path / "predictions.jsonl"
     p.write_text("".join(json.dumps(r) + "\n" for r in recs))
     res = CliRunner().invoke(main, ["evaluate", str(p), "--out", str(tmp_path / "e"), "--n-boot", "20", "--no-baselines"])
     assert res.exit_code == 0, res.output
-    per = pd.read_csv(tmp_path / "e" / "records.csv")
+    return res, pd.read_csv(tmp_path / "e" / "records.csv")
+
+
+def test_heatmap_file_record_without_image_size_errors_in_the_cli(tmp_path):
+    (tmp_path / "maps").mkdir()
+    np.save(tmp_path / "maps" / "a.npy", _grid_map())
+    res, per = _evaluate_cli(tmp_path, [_rec(heatmap_path="maps/a.npy"),
+                                        _rec(index=4, heatmap_path="maps/a.npy", image_size=[448, 448])])
     bad, good = per[per["index"] == 3].iloc[0], per[per["index"] == 4].iloc[0]
     assert math.isnan(bad.iou) and "'image_size'" in bad.error and "predictions.jsonl line 1" in bad.error
     assert good.iou == pytest.approx(IOU_RESIZED, abs=1e-12) and not isinstance(good.error, str)
@@ -99,17 +105,10 @@ def test_box_only_record_without_image_size_is_scored_unclipped_and_counted():
 
 
 def test_box_only_without_image_size_prints_one_warning_line(tmp_path):
-    recs = [_rec(method="prompting", pred_boxes=[[224, 224, 448, 336]]),
-            _rec(index=4, method="prompting", pred_boxes=[[224, 224, 448, 336]])]
-    for r in recs:
-        r.pop("_where")
-    p = tmp_path / "predictions.jsonl"
-    p.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    res = CliRunner().invoke(main, ["evaluate", str(p), "--out", str(tmp_path / "e"), "--n-boot", "20", "--no-baselines"])
-    assert res.exit_code == 0, res.output
+    res, per = _evaluate_cli(tmp_path, [_rec(method="prompting", pred_boxes=[[224, 224, 448, 336]]),
+                                        _rec(index=4, method="prompting", pred_boxes=[[224, 224, 448, 336]])])
     lines = [ln for ln in res.output.splitlines() if ln.startswith("Warning:")]
     assert len(lines) == 1 and "2 of 2" in lines[0] and "predictions.jsonl line 1" in lines[0]
-    per = pd.read_csv(tmp_path / "e" / "records.csv")
     assert list(per["unclipped"]) == [True, True] and list(per["iou"]) == [0.5, 0.5]
 
 
