@@ -186,12 +186,9 @@ def refiner_name(refiner: MedSAMRefiner | str | Path | None) -> str:
     if name:
         return _with_weights_stamp(name)
     # An unsaved model (e.g. built in a test): its weights are its identity.
-    import hashlib
+    from medfocus.lvlm.loading import module_weights_digest
 
-    h = hashlib.sha1()
-    for t in refiner.model.state_dict().values():
-        h.update(t.detach().float().cpu().numpy().tobytes())
-    return "weights:" + h.hexdigest()[:16]
+    return "weights:" + module_weights_digest(refiner.model)[:16]
 
 
 def _with_weights_stamp(name: str) -> str:

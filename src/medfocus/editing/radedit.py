@@ -147,40 +147,6 @@ def load_radedit_components(*, unet_id: str = UNET_ID, vae_id: str = VAE_ID, tex
     return RadEditComponents(unet, vae, text_encoder, tokenizer, scheduler)
 
 
-def _component_fingerprint(src: str | os.PathLike[str], subfolder: str | None = None) -> str | None:
-    """Fingerprint of one component at ``src`` (``/subfolder``): a local folder or a cached hub snapshot
-    (see :meth:`RadEditEditor.weights_identity`)."""
-    from medfocus.lvlm.loading import model_identity
-
-    local = Path(src).expanduser() / (subfolder or "")
-    if local.is_dir() or subfolder is None:
-        return model_identity(local if local.is_dir() else src)["fingerprint"]
-    try:  # a hub repository whose component lives in a subfolder: the cached snapshot's revision
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(str(src), f"{subfolder}/config.json")
-    except Exception:  # noqa: BLE001 - not a hub id, or no hub client: nothing identifies it
-        return None
-    return Path(cached).parents[1].name if isinstance(cached, str) else None  # snapshots/<rev>/<sub>/config.json
-
-
-def _loaded_fingerprints(c: RadEditComponents) -> dict[str, str | None]:
-    """SHA-1 over the parameters and buffers of each loaded component (no files to hash)."""
-    import hashlib
-
-    import torch
-
-    out: dict[str, str | None] = {}
-    for name in ("unet", "vae", "text_encoder"):
-        h = hashlib.sha1()
-        for key, t in sorted(getattr(c, name).state_dict().items()):
-            flat = t.detach().to("cpu").contiguous().reshape(-1)
-            h.update(f"{key}\0{flat.dtype}\0{tuple(t.shape)}\0".encode())
-            h.update(flat.view(torch.uint8).numpy().tobytes())
-        out[name] = h.hexdigest()
-    return out
-
-
 class RadEditEditor(Editor):
     """The paper's diffusion editor (see module docstring for the algorithm and the keep-mask fix).
 
@@ -245,26 +211,29 @@ class RadEditEditor(Editor):
     def weights_identity(self) -> dict[str, str | None]:
         """Fingerprint of each component's weights, computed once per editor without loading them.
 
-        From files, as :func:`medfocus.lvlm.loading.model_identity` fingerprints LVLM weights: a local
+        From files, by :func:`medfocus.lvlm.loading.weights_fingerprint` (as for LVLM weights): a local
         component folder (``weights_dir/unet`` ...) by a SHA-1 over its ``config.json`` and weight files;
         a hub id by the revision of its cached snapshot (``None`` when not cached: loading fails then).
         ``weights_dir/scheduler/scheduler_config.json`` adds its SHA-256. Components passed in as
         ``components`` have no files: a SHA-1 over their parameters and buffers (names, dtypes, values).
         """
         if self._weights_id is None:
+            from medfocus.lvlm.loading import module_weights_digest, weights_fingerprint
+
+            parts = ("unet", "vae", "text_encoder")
             if self._given:
-                self._weights_id = _loaded_fingerprints(self.components)
+                self._weights_id = {c: module_weights_digest(getattr(self.components, c)) for c in parts}
             elif self.weights_dir is not None:
                 from medfocus.io.fingerprint import file_sha256
 
                 root = Path(self.weights_dir)
-                self._weights_id = {c: _component_fingerprint(root / c) for c in ("unet", "vae", "text_encoder")}
+                self._weights_id = {c: weights_fingerprint(root, c) for c in parts}
                 h = file_sha256(root / "scheduler" / "scheduler_config.json")
                 self._weights_id["scheduler"] = None if h is None else h[1]
             else:
-                self._weights_id = {"unet": _component_fingerprint(self.unet_id, "unet"),
-                                    "vae": _component_fingerprint(self.vae_id),
-                                    "text_encoder": _component_fingerprint(self.text_encoder_id)}
+                self._weights_id = {"unet": weights_fingerprint(self.unet_id, "unet"),
+                                    "vae": weights_fingerprint(self.vae_id),
+                                    "text_encoder": weights_fingerprint(self.text_encoder_id)}
         return self._weights_id
 
     # ---- building blocks --------------------------------------------------------------------------

@@ -187,17 +187,26 @@ def model_identity(name_or_path: str | os.PathLike) -> dict[str, Any]:
     so a rerun against changed weights under the same name is not mistaken for the same work).
 
     Returns:
-        ``{"name", "source", "family", "canvas", "fingerprint"}``. For a local folder the fingerprint is a
-        SHA-1 over ``config.json`` and every weight file: the whole file up to 64 MiB (the demo model),
-        else its size plus its first and last MiB (multi-GB checkpoints; retraining changes both). For a
-        hub id it is the cached snapshot's revision, ``None`` when the snapshot is not cached.
+        ``{"name", "source", "family", "canvas", "fingerprint"}``; ``fingerprint`` is
+        :func:`weights_fingerprint` of the resolved folder or hub id.
+    """
+    name, path, entry = resolve(name_or_path)
+    return {"name": name, "source": path, "family": entry.family if entry else None,
+            "canvas": entry.canvas if entry else None, "fingerprint": weights_fingerprint(path)}
+
+
+def weights_fingerprint(path: str | os.PathLike, subfolder: str | None = None) -> str | None:
+    """Fingerprint of the weights at ``path`` (``/subfolder``: a component of a multi-model repository,
+    e.g. a diffusion pipeline's ``unet``), without loading them.
+
+    For a local folder: a SHA-1 over ``config.json`` and every weight file, the whole file up to 64 MiB
+    (the demo model), else its size plus its first and last MiB (multi-GB checkpoints; retraining changes
+    both). For a hub id: the revision of the cached snapshot holding ``[subfolder/]config.json``; ``None``
+    when it is not cached (or ``path`` is neither), since nothing then identifies the weights.
     """
     import hashlib
 
-    name, path, entry = resolve(name_or_path)
-    out: dict[str, Any] = {"name": name, "source": path, "family": entry.family if entry else None,
-                           "canvas": entry.canvas if entry else None, "fingerprint": None}
-    local = Path(path).expanduser()
+    local = Path(path).expanduser() / (subfolder or "")
     if local.is_dir():
         h = hashlib.sha1()
         files = sorted(f for f in local.iterdir() if f.is_file() and (f.name == "config.json" or f.suffix in WEIGHT_SUFFIXES))
@@ -211,17 +220,30 @@ def model_identity(name_or_path: str | os.PathLike) -> dict[str, Any]:
                     h.update(fh.read(2**20))
                     fh.seek(-(2**20), os.SEEK_END)
                     h.update(fh.read())
-        out["fingerprint"] = h.hexdigest() if files else None
-        return out
+        return h.hexdigest() if files else None
+    config = f"{subfolder}/config.json" if subfolder else "config.json"
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(path, "config.json")
-        if isinstance(cached, str):
-            out["fingerprint"] = Path(cached).parent.name  # snapshots/<revision>/config.json
-    except Exception:  # not a hub id, or no hub client: nothing more to identify it by
-        pass
-    return out
+        cached = try_to_load_from_cache(str(path), config)
+    except Exception:  # noqa: BLE001 - not a hub id, or no hub client: nothing more to identify it by
+        return None
+    # snapshots/<revision>/[subfolder/]config.json
+    return Path(cached).parents[len(Path(config).parts) - 1].name if isinstance(cached, str) else None
+
+
+def module_weights_digest(module: torch.nn.Module) -> str:
+    """SHA-1 (hex) over a loaded module's parameters and buffers -- names, dtypes, shapes and values --
+    for weights that have no files to fingerprint (:func:`weights_fingerprint`), e.g. a model built in
+    memory or handed over already loaded."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for key, t in sorted(module.state_dict().items()):
+        flat = t.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{key}\0{flat.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(flat.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def default_device() -> torch.device:
