@@ -58,6 +58,7 @@ from medfocus.errors import DataError
 from medfocus.evaluation.boxes import heatmap_to_boxes
 from medfocus.evaluation.metrics import auprc, energy_pointing_game, pointing_game, union_box_metrics
 from medfocus.io.jsonl import latest_by_key, read_jsonl_numbered
+from medfocus.io.paths import record_label
 
 __all__ = ["evaluate_records", "evaluate_record", "read_prediction_records", "record_key", "KEY_FIELDS", "load_heatmap", "METRIC_COLUMNS", "KEY_COLUMNS"]
 
@@ -181,8 +182,7 @@ def evaluate_record(
     row.update({m: math.nan for m in METRIC_COLUMNS})
     row.update({"n_pred_boxes": 0, "n_gt_clipped": 0, "n_pred_clipped": 0, "unclipped": False,
                 "unparseable": bool(record.get("unparseable")), "source": None, "error": None})
-    name = f"record {record.get('model')}/{record.get('dataset')}#{record.get('index')} ({record.get('method')})"
-    where = f"{record['_where']}: {name}" if record.get("_where") else name
+    where = _record_where(record)
     if record.get("error"):
         row["error"] = str(record["error"])
         return row
@@ -261,6 +261,12 @@ def evaluate_record(
     return row
 
 
+def _record_where(record: Mapping[str, Any]) -> str:
+    """How messages name a record: its file and line (``_where``, when read from a file) and its key."""
+    name = record_label(record)
+    return f"{record['_where']}: {name}" if record.get("_where") else name
+
+
 def _warn_unclipped(records: list[Mapping[str, Any]], rows: list[dict[str, Any]]) -> None:
     """One DataWarning for the scored rows of box-only records without ``image_size`` (none: silent)."""
     hit = [i for i, row in enumerate(rows) if row["unclipped"] and row["error"] is None and row["source"] == "boxes"]
@@ -270,9 +276,7 @@ def _warn_unclipped(records: list[Mapping[str, Any]], rows: list[dict[str, Any]]
 
     from medfocus.errors import DataWarning
 
-    first = records[hit[0]]
-    name = f"{first.get('model')}/{first.get('dataset')}#{first.get('index')} ({first.get('method')})"
-    where = f"{first['_where']}: {name}" if first.get("_where") else name
+    where = _record_where(records[hit[0]])
     n_scored = sum(1 for row in rows if row["error"] is None and row["source"] == "boxes")
     warnings.warn(f"{len(hit)} of {n_scored} box-only records have no 'image_size' [W, H]: their gt_boxes and pred_boxes "
                   f"were scored as given, not clipped to the image (records.csv column 'unclipped'; first: {where})",

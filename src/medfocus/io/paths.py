@@ -20,7 +20,7 @@ from typing import Any, Iterator, Mapping
 from medfocus.errors import DataError
 from medfocus.io.fingerprint import FINGERPRINT_FIELD, file_sha256  # re-exported: record_film checks films with them
 
-__all__ = ["safe_filename", "resolve_inside", "allow_outside_root", "file_sha256", "record_film", "FINGERPRINT_FIELD"]
+__all__ = ["safe_filename", "resolve_inside", "allow_outside_root", "file_sha256", "record_label", "record_film", "FINGERPRINT_FIELD"]
 
 
 _ALLOW_OUTSIDE: contextvars.ContextVar[bool] = contextvars.ContextVar("medfocus_allow_outside_root", default=False)
@@ -101,6 +101,11 @@ _MOVED = ("Rerun the same command with the moved --data-root into the same outpu
           "are served, not recomputed, and get the films' new paths")
 
 
+def record_label(record: Mapping[str, Any]) -> str:
+    """How messages name a result record: ``record <model>/<dataset>#<index> (<method>)``."""
+    return f"record {record.get('model')}/{record.get('dataset')}#{record.get('index')} ({record.get('method')})"
+
+
 def record_film(record: Mapping[str, Any], *, where: str | None = None) -> str:
     """The film a stored result record was computed on: its ``image_path``, checked against the sha256 in
     its sample fingerprint.
@@ -120,7 +125,7 @@ def record_film(record: Mapping[str, Any], *, where: str | None = None) -> str:
         DataError: no ``image_path``; the film is missing; the file there has other bytes than the film
             the record was computed on.
     """
-    name = where or f"record {record.get('model')}/{record.get('dataset')}#{record.get('index')} ({record.get('method')})"
+    name = where or record_label(record)
     path = record.get("image_path")
     if not path:
         raise DataError(f"{name}: no 'image_path' (the film it was computed on)")
