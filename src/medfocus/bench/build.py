@@ -60,8 +60,8 @@ from medfocus.bench.filter import GATES, RECORD_FIELDS, VIEWS, FilterResult, Par
 from medfocus.editing.base import EDIT_KINDS, EditCache, Editor, edit_mask, edit_prompt
 from medfocus.errors import ConfigError, DataError
 from medfocus.io.atomic import atomic_write_json, atomic_write_text
-from medfocus.io.fingerprint import (FINGERPRINT_FIELD, describe_sample_conflicts, file_sha256, fingerprint_differences,
-                                     merge_differences, sample_fingerprint)
+from medfocus.io.fingerprint import (FINGERPRINT_FIELD, changed_samples_error, describe_sample_conflicts, file_sha256,
+                                     fingerprint_differences, merge_differences, sample_fingerprint)
 from medfocus.io.jsonl import append_jsonl, read_latest, trim_partial_tail
 from medfocus.io.locks import acquire_lock, remove_orphaned_tmp
 from medfocus.io.paths import safe_filename
@@ -266,9 +266,7 @@ def changed_rows(log_path: str | os.PathLike[str], done: dict[Any, dict[str, Any
         else:
             conflicts[(model_name, dataset, idx, mode, tuple(diffs))] = []
     if conflicts:
-        raise ConfigError(f"{log_path} holds rows filtered on other samples under this run's keys (stored -> now):\n"
-                          + describe_sample_conflicts(conflicts) + "\nThey are not served. Write this run to another "
-                          "--out, or rerun with --overwrite to recompute them on the current samples.")
+        raise changed_samples_error(log_path, conflicts, held="rows filtered")
     return stale
 
 

@@ -17,8 +17,10 @@ import os
 import time
 from typing import Any, Mapping, Sequence
 
+from medfocus.errors import ConfigError
+
 __all__ = ["FINGERPRINT_FIELD", "NO_FINGERPRINT", "file_sha256", "sample_fingerprint", "fingerprint_differences",
-           "merge_differences", "describe_sample_conflicts"]
+           "merge_differences", "describe_sample_conflicts", "changed_samples_error"]
 
 #: Record field holding :func:`sample_fingerprint` (also the entries of ``explain.json``'s ``samples``).
 FINGERPRINT_FIELD = "sample_fingerprint"
@@ -154,3 +156,14 @@ def describe_sample_conflicts(conflicts: Mapping[tuple, Sequence[str]], limit: i
     if len(lines) > limit:
         lines = lines[:limit] + [f"  ... and {len(lines) - limit} more samples"]
     return "\n".join(lines)
+
+
+def changed_samples_error(path: str | os.PathLike[str], conflicts: Mapping[tuple, Sequence[str]], *, held: str,
+                          note: str = "") -> ConfigError:
+    """The refusal of a resumed run whose stored entries (``held``, e.g. ``"results computed"``) were made on
+    other samples than its own under the same keys: names the file, each sample and what changed
+    (:func:`describe_sample_conflicts`), and the remedies (another ``--out``, or ``--overwrite``; ``note``
+    adds a command's own)."""
+    return ConfigError(f"{path} holds {held} on other samples under this run's keys (stored -> now):\n"
+                       + describe_sample_conflicts(conflicts) + "\nThey are not served. Write this run to another "
+                       f"--out, or rerun with --overwrite to recompute them on the current samples{note}.")

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from medfocus.errors import ConfigError, DataError, MedfocusError, ModelError
-from medfocus.io.fingerprint import FINGERPRINT_FIELD, describe_sample_conflicts, fingerprint_differences, sample_fingerprint
+from medfocus.io.fingerprint import FINGERPRINT_FIELD, changed_samples_error, fingerprint_differences, sample_fingerprint
 from medfocus.runner.store import Key, ResultStore, to_jsonable
 from medfocus.types import Sample
 
@@ -349,10 +349,7 @@ def _update_film_paths(items: Sequence[WorkItem], methods: Iterable[str], store:
 
 
 def _changed_samples_error(path: str | Path, conflicts: Mapping[tuple, Sequence[str]]) -> ConfigError:
-    return ConfigError(f"{path} holds results computed on other samples under this run's keys (stored -> now):\n"
-                       + describe_sample_conflicts(conflicts) + "\nThey are not served. Write this run to another "
-                       "--out, or rerun with --overwrite to recompute them on the current samples "
-                       "(`medfocus demo`: --fresh starts over).")
+    return changed_samples_error(path, conflicts, held="results computed", note=" (`medfocus demo`: --fresh starts over)")
 
 
 def check_stored_samples(items: Sequence[WorkItem], methods: Iterable[str], stores: Iterable[str | Path], *,
