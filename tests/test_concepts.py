@@ -262,12 +262,27 @@ def test_refined_transfer_uses_the_segmenter_masks_and_keys_the_cache(pool, tmp_
     tr2 = T.transfer_concepts(case.image, pool, refine="medsam", refiner=other, cache=cache)
     assert not tr2.stats.get("cached") and tr2.boxes != tr.boxes
     assert T.transfer_concepts(case.image, pool, refine="medsam", refiner=sam, cache=cache).stats["cached"]
-    # rewritten weights in the same folder get a new name, so the old refined transfer is not reused
+    # the name is the folder's content: touching it is the same refiner ...
     before = refiner_name(str(tmp_path / "a"))
     w = next((tmp_path / "a").glob("*.safetensors"))
-    os.utime(w, ns=(w.stat().st_atime_ns, w.stat().st_mtime_ns + 10**9))
+    st = w.stat()
+    os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert refiner_name(str(tmp_path / "a")) == before == refiner_name(sam)
+    # ... and other weights of the same size with the same modification time (cp -p, rsync -t, an
+    # unpacked archive) are another one, so the old refined transfer is not reused
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 0x01  # the last byte of the last tensor
+    w.write_bytes(bytes(data))
+    os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (w.stat().st_size, w.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
     assert refiner_name(str(tmp_path / "a")) != before
+    assert refiner_name(sam) == refiner_name(str(tmp_path / "a"))  # a loaded refiner: the folder it names
     assert not T.transfer_concepts(case.image, pool, refine="medsam", refiner=sam, cache=cache).stats.get("cached")
+    # the processor's canvas changes the masks too
+    named = refiner_name(str(tmp_path / "a"))
+    proc = tmp_path / "a" / "processor_config.json"
+    proc.write_text(proc.read_text().replace("64", "65"))
+    assert refiner_name(str(tmp_path / "a")) != named
 
 
 def test_medsam_absent_is_skipped_with_notice(pool, tmp_path, caplog):

@@ -177,9 +177,11 @@ def load_medsam(name_or_path: str = MEDSAM_ID, device: str | None = None) -> Med
 
 def refiner_name(refiner: MedSAMRefiner | str | Path | None) -> str:
     """A stable name of the refiner for cache keys: the resolved checkpoint, or the model's
-    ``name_or_path`` for a loaded refiner (a hash of its weights when it has none). A local folder's
-    name carries the size and modification time of its weight files, so retrained weights (e.g. a new
-    demo segmenter) never reuse transfers refined by the old ones."""
+    ``name_or_path`` for a loaded refiner (a hash of its weights when it has none), followed by the
+    fingerprint of its weights (:func:`medfocus.lvlm.loading.weights_fingerprint`: a local folder's
+    config, weight and processor files by content; a hub id's cached snapshot revision), so retrained
+    weights (e.g. a new demo segmenter, even copied with preserved sizes and times) never reuse
+    transfers refined by the old ones."""
     if refiner is None or isinstance(refiner, (str, Path)):
         return _with_weights_stamp(resolve_checkpoint(refiner if refiner is not None else MEDSAM_ID))
     name = str(getattr(getattr(refiner.model, "config", None), "_name_or_path", "") or "")
@@ -191,13 +193,17 @@ def refiner_name(refiner: MedSAMRefiner | str | Path | None) -> str:
     return "weights:" + module_weights_digest(refiner.model)[:16]
 
 
+#: Files besides config and weights that change a refiner's masks: the processor's resize/pad canvas.
+_REFINER_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
 def _with_weights_stamp(name: str) -> str:
-    folder = Path(name)
-    if not folder.is_dir():
-        return name
-    stamp = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir()
-                   if f.suffix in (".safetensors", ".bin"))
-    return f"{name}|{stamp}"
+    """``name|<fingerprint>`` of the weights (:func:`medfocus.lvlm.loading.weights_fingerprint`: a local
+    folder's content, a hub id's cached snapshot revision); ``name`` alone when nothing identifies them."""
+    from medfocus.lvlm.loading import weights_fingerprint
+
+    fp = weights_fingerprint(name, also=_REFINER_FILES)
+    return name if fp is None else f"{name}|{fp}"
 
 
 def refine_concepts(image: np.ndarray, boxes: Mapping[str, Box], refiner: MedSAMRefiner | str | Path | None = None

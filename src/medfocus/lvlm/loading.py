@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -195,21 +195,27 @@ def model_identity(name_or_path: str | os.PathLike) -> dict[str, Any]:
             "canvas": entry.canvas if entry else None, "fingerprint": weights_fingerprint(path)}
 
 
-def weights_fingerprint(path: str | os.PathLike, subfolder: str | None = None) -> str | None:
+def weights_fingerprint(path: str | os.PathLike, subfolder: str | None = None, *, also: Sequence[str] = ()) -> str | None:
     """Fingerprint of the weights at ``path`` (``/subfolder``: a component of a multi-model repository,
     e.g. a diffusion pipeline's ``unet``), without loading them.
 
-    For a local folder: a SHA-1 over ``config.json`` and every weight file, the whole file up to 64 MiB
-    (the demo model), else its size plus its first and last MiB (multi-GB checkpoints; retraining changes
-    both). For a hub id: the revision of the cached snapshot holding ``[subfolder/]config.json``; ``None``
-    when it is not cached (or ``path`` is neither), since nothing then identifies the weights.
+    For a local folder: a SHA-1 over ``config.json``, every weight file and every file matching one of
+    the ``also`` glob patterns (other files that change the model's output, e.g. tokenizer files
+    or a processor config), the whole file up to 64 MiB (the demo model), else its size plus its first
+    and last MiB (multi-GB checkpoints; retraining changes both). Content only: a copy with preserved
+    modification times (``cp -p``, ``rsync -t``, an unpacked archive) of other bytes is another
+    fingerprint, and touching a file is not. With ``also=()`` the value is that of earlier versions
+    (it is stored in result records). For a hub id: the revision of the cached snapshot holding
+    ``[subfolder/]config.json`` (a revision pins every file of the repository, ``also`` included);
+    ``None`` when it is not cached (or ``path`` is neither), since nothing then identifies the weights.
     """
     import hashlib
 
     local = Path(path).expanduser() / (subfolder or "")
     if local.is_dir():
         h = hashlib.sha1()
-        files = sorted(f for f in local.iterdir() if f.is_file() and (f.name == "config.json" or f.suffix in WEIGHT_SUFFIXES))
+        files = sorted(f for f in local.iterdir() if f.is_file() and (
+            f.name == "config.json" or f.suffix in WEIGHT_SUFFIXES or any(f.match(p) for p in also)))
         for f in files:
             size = f.stat().st_size
             h.update(f"{f.name}\0{size}\0".encode())
