@@ -22,7 +22,7 @@ correlation is low (< 0.5); on the hand-built toy model (whose answer reads one 
 constructed weights carry the only signal, so this is where the check is most telling.
 Prompting methods are generation-bound (not pass-bounded) and are not timed here.
 
-A third table (demo model only) gives the localisation (IoU, pointing game, 95% bootstrap CIs) of the
+A third table (demo model only) gives the localisation (IoU, tie-aware pointing game, 95% bootstrap CIs) of the
 relevance / attention methods side by side on positive synthetic films (see :func:`localisation`).
 
 Usage: ``python benchmarks/methods.py [--models qwen_vl,gemma3,llava,demo] [--repeats 3] [--threads 1] [--loc-n 8]``.
@@ -259,7 +259,9 @@ def localisation(adapter, n_per_finding: int) -> tuple[str, list[tuple[str, floa
              f"{n} positive synthetic films ({n_per_finding} per finding x {len(FINDINGS)} findings, `generate_case` seeds from "
              f"{LOC_SEED:,}, disjoint from training, the held-out pool and the tests), direct question, answer \"Yes\" "
              "teacher-forced. IoU: the heatmap's boxes at its 0.9 quantile (`heatmap_to_boxes`, as `medfocus evaluate`) "
-             "against the finding's exact box, x100; PG: pointing game (heatmap maximum inside the box), x100; "
+             "against the finding's exact box, x100; PG: pointing game (heatmap maximum inside the box; "
+             "a maximum shared by several pixels -- a token cell's plateau -- scores the share of them inside the box, the "
+             "expected hit under random tie-breaking), x100; "
              "mean [95% bootstrap CI]. Perturbation methods and IG are not in this table (25-40x the cost per film).", "",
              "| method | IoU | PG | n |", "|---|---:|---:|---:|"]
     means = []

@@ -17,9 +17,10 @@ differ only in the cue pixels. For each model (``demo``, ``demo-shortcut``), dir
    cue-necessary and of cue-independent samples it keeps (Wilson intervals), and its retention of correct
    positives on the cue-free films ("clean samples").
 3. **Does the map point at the cue?** For up to ``--attr-samples`` cue-necessary answers of each model
-   (round-robin over findings) and as many cue-independent ones: per method, the pointing game on the cue's
-   box and on the finding's box (Wilson intervals), and the mean share of the map's mass in each (bootstrap
-   95% intervals). For a cue-necessary answer the right evidence is the cue.
+   (round-robin over findings) and as many cue-independent ones: per method, the tie-aware pointing game on
+   the cue's box and on the finding's box (Wilson intervals when every sample scores 0 or 1, else the mean
+   with a bootstrap interval, see :func:`_hit_share`), and the mean share of the map's mass in each
+   (bootstrap 95% intervals). For a cue-necessary answer the right evidence is the cue.
 """
 
 from __future__ import annotations
@@ -55,6 +56,24 @@ def _mean_ci(values: list[float], n_boot: int = 2000, seed: int = 0) -> str:
     rng = np.random.default_rng(seed)
     means = v[rng.integers(0, v.size, size=(n_boot, v.size))].mean(axis=1)
     return f"{v.mean():.2f} [{np.percentile(means, 2.5):.2f}, {np.percentile(means, 97.5):.2f}]"
+
+
+def _hit_share(hits: list[float]) -> str:
+    """Share of samples whose map points into a box, from per-sample tie-aware pointing-game scores.
+
+    All scores 0 or 1: the samples are Bernoulli trials, so the Wilson interval of the count
+    (:func:`_pct`). Any fractional score (a maximal plateau straddling the box: the expected hit under
+    random tie-breaking) makes the samples bounded values in [0, 1], not trials; a Wilson interval on
+    a rounded count would shift the estimate and assume the wrong variance, so the mean is reported
+    with a percentile-bootstrap 95% interval (2000 resamples, seed 0), marked ``bootstrap``.
+    """
+    from medfocus.evaluation.tables import bootstrap_ci
+
+    v = [float(x) for x in hits]
+    if all(x in (0.0, 1.0) for x in v):
+        return _pct(int(sum(v)), len(v))
+    mean, lo, hi = bootstrap_ci(v, n_boot=2000, seed=0)
+    return f"{100 * mean:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] (mean of {len(v)}, bootstrap)"
 
 
 def attribution_rows(adapter, chosen: list, samples_by_index: dict, methods) -> dict[str, list[dict[str, float]]]:
@@ -143,9 +162,10 @@ def main(argv: list[str] | None = None) -> str:
     ]
     lines += ["", "## 3. Does the map point at the cue?", "",
               f"Up to {a.attr_samples} samples per model and group (round-robin over findings), the map of the model's "
-              "\"Yes\" on the cued film. Pointing game: the map's maximum inside the box (the first maximal pixel in row-major "
-              "order, no tolerance: a blocky map -- occlusion's grid, an 8x8 token grid -- points at a block's corner, so a small "
-              "cue box is hit less often than its mass suggests); mass: share of the map's positive mass inside the box, beside "
+              "\"Yes\" on the cued film. Pointing game: the map's maximum inside the box, no tolerance; a maximum shared by "
+              "several pixels (a plateau: occlusion's grid, an 8x8 token grid) scores the share of those pixels inside the box "
+              "(the expected hit under random tie-breaking). Share of samples with a Wilson interval (k/n) when every sample "
+              "scores 0 or 1, else the mean score with a bootstrap interval; mass: share of the map's positive mass inside the box, beside "
               "the box's share of the image area (mass far above the area share = the map concentrates there). For a "
               "cue-necessary answer the evidence the model used is the cue.", "",
               "| model | group | method | n | points at the cue | points at the finding | mass on the cue | cue area | mass on the finding |",
@@ -157,8 +177,8 @@ def main(argv: list[str] | None = None) -> str:
                 if not n:
                     lines.append(f"| {name} | {group} | {m} | 0 | n/a | n/a | n/a | n/a | n/a |")
                     continue
-                lines.append(f"| {name} | {group} | {m} | {n} | {_pct(int(sum(x['cue_hit'] for x in rows)), n)} | "
-                             f"{_pct(int(sum(x['finding_hit'] for x in rows)), n)} | {_mean_ci([x['cue_energy'] for x in rows])} | "
+                lines.append(f"| {name} | {group} | {m} | {n} | {_hit_share([x['cue_hit'] for x in rows])} | "
+                             f"{_hit_share([x['finding_hit'] for x in rows])} | {_mean_ci([x['cue_energy'] for x in rows])} | "
                              f"{np.mean([x['cue_area'] for x in rows]):.3f} | {_mean_ci([x['finding_energy'] for x in rows])} |")
     md = "\n".join(lines) + "\n"
     a.out.write_text(md, encoding="utf-8")

@@ -91,8 +91,28 @@ def test_union_metrics_match_raster_for_integer_boxes(P, G):
     G=st.lists(box(0, 8, integer=True), min_size=1, max_size=3),
 )
 def test_heatmap_metrics_in_unit_interval(h, G):
-    assert pointing_game(h, G) in (0, 1)
+    assert 0.0 <= pointing_game(h, G) <= 1.0  # fractional when the maximum is tied (tie-aware)
     assert 0.0 <= energy_pointing_game(h, G) <= 1.0
     assert 0.0 <= auprc(h, G) <= 1.0
     for b in heatmap_to_boxes(h, q=0.5, min_area=1):
         assert 0 <= b[0] < b[2] <= 8 and 0 <= b[1] < b[3] <= 8
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    h=st.lists(st.integers(0, 3), min_size=64, max_size=64).map(lambda v: np.array(v, dtype=float).reshape(8, 8)),
+    G=st.lists(box(0, 8), min_size=1, max_size=3),
+    tol=st.sampled_from([0.0, 0.5, 1.0]),
+)
+def test_pointing_game_is_the_expected_hit_under_random_tie_breaking(h, G, tol):
+    """Few distinct values, so the maximum is usually tied: the score must be the mean of the single-maximum
+    scores obtained by letting each tied pixel win the tie in turn."""
+    assume(h.max() > h.min())
+    top = h.max()
+    outcomes = []
+    for r, c in np.argwhere(h == top):
+        broken = h.copy()
+        broken[r, c] = top + 1  # this pixel wins the tie
+        outcomes.append(pointing_game(broken, G, tol))
+    assert set(outcomes) <= {0.0, 1.0}
+    assert pointing_game(h, G, tol) == pytest.approx(float(np.mean(outcomes)))

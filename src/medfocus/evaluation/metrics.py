@@ -4,13 +4,15 @@
   predicted boxes and the GT region ``G`` the union of the GT boxes (overlaps counted once; exact
   areas, float boxes allowed). ``IoU = |P∩G| / |P∪G|``, ``precision = |P∩G| / |P|``,
   ``recall = |P∩G| / |G|``, ``F1 = 2PR / (P + R)``.
-* :func:`pointing_game` — 1 if the heatmap's maximum falls inside ``G``.
+* :func:`pointing_game` — 1 if the heatmap's maximum falls inside ``G``; a maximum shared by several
+  pixels (a plateau) scores the share of them inside ``G`` (expected hit under random tie-breaking).
 * :func:`energy_pointing_game` — share of the positive heat that lies inside ``G``.
 * :func:`auprc` — average precision of the pixel scores against the GT mask.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -62,27 +64,55 @@ def _finite_map(heatmap: np.ndarray) -> np.ndarray:
     return h
 
 
-def pointing_game(heatmap: np.ndarray, gt_boxes: Iterable[Sequence[float]], tolerance: float = 0.0) -> int:
-    """1 if the heatmap's maximum lies in the GT region, else 0.
+def pointing_game(heatmap: np.ndarray, gt_boxes: Iterable[Sequence[float]], tolerance: float = 0.0) -> float:
+    """Pointing game (Zhang et al., "Top-down Neural Attention by Excitation Backprop", ECCV 2016 /
+    IJCV 2018): does the heatmap's maximum lie in the GT region? Tie-aware: the expected hit when
+    ties among maximal pixels are broken uniformly at random.
 
-    The maximum is taken over finite values; with several maximal pixels, the first in row-major
-    order is used. A pixel ``(r, c)`` is "at" ``(c + 0.5, r + 0.5)``; it is a hit when that point is
-    inside a GT box grown by ``tolerance`` pixels on every side. A map without information
-    (empty, all-NaN or constant) scores 0: it points nowhere.
+    A pixel ``(r, c)`` is "at" ``(c + 0.5, r + 0.5)`` (original-image pixels); it hits when that point
+    is inside a GT box ``(x1, y1, x2, y2)`` (half-open) grown by ``tolerance`` pixels on every side.
+    The score is the share of the maximal finite pixels that hit: with a single maximum, 1 or 0 as
+    in the paper; when the maximum is a plateau, the fraction of the plateau inside the GT region.
+    Why: token-level maps (attention, rollout, AttnLRP, box- or region-shaped maps) reach the image
+    by nearest-neighbour upsampling of their grid and a bilinear resize
+    (:meth:`medfocus.io.letterbox.Letterbox.map_to_original`), so their maximum is a whole cell or a
+    whole box of pixels with the very same value. Taking one of them (say the first in row-major
+    order) would score the plateau's corner, not where the plateau is.
+
+    Only exact ties (``== max`` over the finite values) count as maximal: resampling a constant
+    region (nearest copies, bilinear weights that sum to one; float32 PIL resampling as used there,
+    checked by ``tests/test_pointing_game.py``) reproduces its value exactly, so a plateau stays
+    exactly tied, while a tolerance on values would make the score depend on the
+    map's scale.
+
+    Args:
+        heatmap: ``(H, W)`` map in original-image pixels; NaN/inf pixels are ignored.
+        gt_boxes: GT boxes ``(x1, y1, x2, y2)`` in the same frame.
+        tolerance: pixels each box grows by on every side (finite, >= 0).
+
+    Returns:
+        The expected hit in [0, 1]. A map without information (empty, all-NaN or constant over its
+        finite pixels) scores 0: it points nowhere.
+
+    Raises:
+        ValueError: the heatmap is not 2-D, or ``tolerance`` is negative or not finite.
     """
+    tol = float(tolerance)
+    if not math.isfinite(tol) or tol < 0:
+        raise ValueError(f"tolerance must be a finite number of pixels >= 0, got {tolerance!r}")
     h = _finite_map(heatmap)
     finite = np.isfinite(h)
     if h.size == 0 or not finite.any():
-        return 0
-    vals = np.where(finite, h, -np.inf)
-    if float(vals.max()) == float(h[finite].min()):
-        return 0
-    r, c = np.unravel_index(int(np.argmax(vals)), h.shape)
-    px, py = c + 0.5, r + 0.5
+        return 0.0
+    top = float(h[finite].max())
+    if top == float(h[finite].min()):
+        return 0.0
+    rows, cols = np.nonzero(finite & (h == top))
+    px, py = cols + 0.5, rows + 0.5
+    hit = np.zeros(px.shape, dtype=bool)
     for x1, y1, x2, y2 in clean_boxes(gt_boxes):
-        if x1 - tolerance <= px < x2 + tolerance and y1 - tolerance <= py < y2 + tolerance:
-            return 1
-    return 0
+        hit |= (x1 - tol <= px) & (px < x2 + tol) & (y1 - tol <= py) & (py < y2 + tol)
+    return float(hit.mean())
 
 
 def energy_pointing_game(heatmap: np.ndarray, gt_boxes: Iterable[Sequence[float]]) -> float:
@@ -111,13 +141,14 @@ def cue_pointing(heatmap: np.ndarray, cue_box: Sequence[float], finding_boxes: S
         finding_boxes: the finding's boxes, same frame.
 
     Returns:
-        ``{"cue_hit", "finding_hit"}``: the pointing game (Zhang et al. 2018) on the cue box and on the
-        finding boxes (1.0 or 0.0); ``{"cue_energy", "finding_energy"}``: the share of the map's mass
+        ``{"cue_hit", "finding_hit"}``: the tie-aware pointing game (:func:`pointing_game`, Zhang et
+        al. 2018) on the cue box and on the finding boxes, in [0, 1] (fractional when the maximum is a
+        plateau that straddles the box); ``{"cue_energy", "finding_energy"}``: the share of the map's mass
         inside each (energy-based pointing game, Wang et al. 2020, Score-CAM).
     """
     cue = [tuple(float(v) for v in cue_box)]
     fb = [tuple(float(v) for v in b) for b in finding_boxes]
-    return {"cue_hit": float(pointing_game(heatmap, cue)), "finding_hit": float(pointing_game(heatmap, fb)),
+    return {"cue_hit": pointing_game(heatmap, cue), "finding_hit": pointing_game(heatmap, fb),
             "cue_energy": float(energy_pointing_game(heatmap, cue)), "finding_energy": float(energy_pointing_game(heatmap, fb))}
 
 

@@ -13,7 +13,9 @@ Record schema (one JSON object per line)::
 
 Protocol: when ``pred_boxes`` is present it is scored as given (prompting methods, MedFocus' winning
 box); otherwise the boxes come from the heatmap through :func:`heatmap_to_boxes`. The heatmap, when
-there is one, also gives the pointing game, energy pointing game and AUPRC (else those are NaN).
+there is one, also gives the pointing game (tie-aware: a maximal plateau scores the share of it inside
+the GT boxes, see :func:`~medfocus.evaluation.metrics.pointing_game`), energy pointing game and AUPRC
+(else those are NaN).
 A heatmap whose shape differs from ``image_size`` is resized (bilinear) to ``(H, W)`` first.
 
 Frame: ``image_size`` (``[W, H]`` of the original image, the frame of ``gt_boxes``) is what puts a
@@ -252,7 +254,7 @@ def evaluate_record(
                     raise DataError(f"{where}: field {m!r} must be a number in [0, 1], got {v!r}")
                 row[m] = float(v)
         if heat is not None:
-            row["pointing_game"] = float(pointing_game(heat, gt))
+            row["pointing_game"] = pointing_game(heat, gt)
             row["energy_pg"] = energy_pointing_game(heat, gt)
             row["auprc"] = auprc(heat, gt)
     except (DataError, ValueError, TypeError) as exc:
