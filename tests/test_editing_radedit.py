@@ -177,3 +177,57 @@ def test_radedit_weights_identity_of_hub_snapshots_and_loaded_components(tiny_ra
     next(comps.vae.parameters()).data.add_(1.0)
     b = get_editor("radedit", components=comps).weights_identity()
     assert b["vae"] != a["vae"] and b["unet"] == a["unet"] and b["text_encoder"] == a["text_encoder"]
+
+
+def test_radedit_edits_are_keyed_on_the_tokenizer(tiny_radedit_dir, tmp_path):
+    """Another tokenizer changes the text conditioning without touching any weights: the edit cache key
+    changes (a miss), while the unchanged folder keeps its key (a hit)."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from medfocus.editing import EditCache
+    from medfocus.editing.radedit import load_radedit_components
+    from medfocus.types import Sample, question_stem
+
+    root = tmp_path / "w"
+    shutil.copytree(tiny_radedit_dir, root)
+    rng = np.random.default_rng(2)
+    img = rng.integers(40, 200, size=(32, 32)).astype(np.uint8)
+    mask = boxes_mask([(8, 8, 20, 20)], (32, 32))
+    s = Sample("d", 0, str(tmp_path / "x.png"), "nodule", question_stem("nodule"), "Yes", [(8, 8, 20, 20)], (32, 32))
+    cache = EditCache(tmp_path / "cache")
+    calls = []
+
+    def edit(ed):
+        orig = ed._edit
+        ed._edit = lambda *a, **k: calls.append(1) or orig(*a, **k)
+        return cache.get_or_edit(ed, img, mask, sample=s, kind="foreground", prompt="No pleural effusion", film_sha256="b" * 64)
+
+    first = _editor(root)
+    edit(first)
+    assert _editor(root).sample_inputs(s) == first.sample_inputs(s)
+    edit(_editor(root))
+    assert len(calls) == 1  # unchanged folder: a hit
+    given = get_editor("radedit", components=load_radedit_components(weights_dir=root, device="cpu")).weights_identity()
+
+    te = root / "text_encoder"
+    weights_before = {f.name: f.read_bytes() for f in te.iterdir() if f.name in ("config.json", "model.safetensors")}
+    ids = AutoTokenizer.from_pretrained(te)("No pleural effusion")["input_ids"]
+    spec = json.loads((te / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["no"], vocab["[UNK]"] = vocab["[UNK]"], vocab["no"]  # "no" and the unknown piece trade ids
+    (te / "tokenizer.json").write_text(json.dumps(spec))
+    assert AutoTokenizer.from_pretrained(te)("No pleural effusion")["input_ids"] != ids
+    assert {f.name: f.read_bytes() for f in te.iterdir() if f.name in weights_before} == weights_before
+    retok = _editor(root)
+    assert retok.cache_id == first.cache_id
+    a, b = first.sample_inputs(s)["weights"], retok.sample_inputs(s)["weights"]
+    assert b["text_encoder"] != a["text_encoder"] and {k: v for k, v in b.items() if k != "text_encoder"} == {
+        k: v for k, v in a.items() if k != "text_encoder"}
+    edit(retok)
+    assert len(calls) == 2  # a miss: edited again with the new tokenizer
+    # components passed in: their tokenizer is fingerprinted as it would be saved
+    given2 = get_editor("radedit", components=load_radedit_components(weights_dir=root, device="cpu")).weights_identity()
+    assert given2["text_encoder_files"] != given["text_encoder_files"] and given2["text_encoder"] == given["text_encoder"]

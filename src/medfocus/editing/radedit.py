@@ -212,29 +212,49 @@ class RadEditEditor(Editor):
         """Fingerprint of each component's weights, computed once per editor without loading them.
 
         From files, by :func:`medfocus.lvlm.loading.weights_fingerprint` (as for LVLM weights): a local
-        component folder (``weights_dir/unet`` ...) by a SHA-1 over its ``config.json`` and weight files;
-        a hub id by the revision of its cached snapshot (``None`` when not cached: loading fails then).
-        ``weights_dir/scheduler/scheduler_config.json`` adds its SHA-256. Components passed in as
-        ``components`` have no files: a SHA-1 over their parameters and buffers (names, dtypes, values).
+        component folder (``weights_dir/unet`` ...) by a SHA-1 over its ``config.json`` and weight files,
+        the text encoder's also over its tokenizer files (:data:`~medfocus.lvlm.loading.TOKENIZER_FILES`)
+        and code (``*.py``, run with ``trust_remote_code``), which change the text conditioning without
+        touching the weights; a hub id by the revision of its cached snapshot (which pins every file;
+        ``None`` when not cached: loading fails then). ``weights_dir/scheduler/scheduler_config.json``
+        adds its SHA-256. Components passed in as ``components`` have no files: a SHA-1 over their
+        parameters and buffers (names, dtypes, values), plus ``text_encoder_files``: the fingerprint of
+        the text encoder's config and the tokenizer as they would be saved.
         """
         if self._weights_id is None:
-            from medfocus.lvlm.loading import module_weights_digest, weights_fingerprint
+            from medfocus.lvlm.loading import TOKENIZER_FILES, module_weights_digest, weights_fingerprint
 
             parts = ("unet", "vae", "text_encoder")
+            te_files = (*TOKENIZER_FILES, "*.py")
             if self._given:
                 self._weights_id = {c: module_weights_digest(getattr(self.components, c)) for c in parts}
+                self._weights_id["text_encoder_files"] = self._saved_text_encoder_files_fingerprint()
             elif self.weights_dir is not None:
                 from medfocus.io.fingerprint import file_sha256
 
                 root = Path(self.weights_dir)
-                self._weights_id = {c: weights_fingerprint(root, c) for c in parts}
+                self._weights_id = {c: weights_fingerprint(root, c, also=te_files if c == "text_encoder" else ())
+                                    for c in parts}
                 h = file_sha256(root / "scheduler" / "scheduler_config.json")
                 self._weights_id["scheduler"] = None if h is None else h[1]
             else:
                 self._weights_id = {"unet": weights_fingerprint(self.unet_id, "unet"),
                                     "vae": weights_fingerprint(self.vae_id),
-                                    "text_encoder": weights_fingerprint(self.text_encoder_id)}
+                                    "text_encoder": weights_fingerprint(self.text_encoder_id, also=te_files)}
         return self._weights_id
+
+    def _saved_text_encoder_files_fingerprint(self) -> str | None:
+        """:func:`~medfocus.lvlm.loading.weights_fingerprint` of the given text encoder's config and
+        tokenizer, saved to a temporary folder (both are written without the folder they came from)."""
+        import tempfile
+
+        from medfocus.lvlm.loading import TOKENIZER_FILES, weights_fingerprint
+
+        c = self.components
+        with tempfile.TemporaryDirectory(prefix="medfocus-radedit-") as tmp:
+            c.text_encoder.config.save_pretrained(tmp)
+            c.tokenizer.save_pretrained(tmp)
+            return weights_fingerprint(tmp, also=TOKENIZER_FILES)
 
     # ---- building blocks --------------------------------------------------------------------------
     def _encode_text(self, prompts: list[str]) -> Any:

@@ -180,6 +180,10 @@ def check_model(name_or_path: str | os.PathLike) -> str:
 
 
 _FULL_HASH_BYTES = 64 * 2**20
+#: Tokenizer files of a Hugging Face model folder (``also`` of :func:`weights_fingerprint`): they
+#: change the token ids, hence a text encoder's output, without touching its weights.
+TOKENIZER_FILES = ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json", "*.model",
+                   "*.tiktoken")
 
 
 def model_identity(name_or_path: str | os.PathLike) -> dict[str, Any]:
@@ -200,7 +204,7 @@ def weights_fingerprint(path: str | os.PathLike, subfolder: str | None = None, *
     e.g. a diffusion pipeline's ``unet``), without loading them.
 
     For a local folder: a SHA-1 over ``config.json``, every weight file and every file matching one of
-    the ``also`` glob patterns (other files that change the model's output, e.g. tokenizer files
+    the ``also`` glob patterns (other files that change the model's output, e.g. :data:`TOKENIZER_FILES`
     or a processor config), the whole file up to 64 MiB (the demo model), else its size plus its first
     and last MiB (multi-GB checkpoints; retraining changes both). Content only: a copy with preserved
     modification times (``cp -p``, ``rsync -t``, an unpacked archive) of other bytes is another
