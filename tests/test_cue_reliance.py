@@ -23,8 +23,8 @@ def twin_worlds(tmp_path_factory):
     return load_synthetic(root / "cued"), load_synthetic(root / "free")
 
 
-def _cue_mask(s, shape, pad=2):
-    # the cue's anti-aliased edge reaches up to 2 px beyond its recorded box
+def _cue_mask(s, shape, pad=0):
+    # the recorded box holds every pixel the cue changes (anti-aliased edge and detector blur included)
     m = np.zeros(shape, bool)
     for c in s.meta.get("cues", []):
         x1, y1, x2, y2 = (int(round(v)) for v in c["box"])
@@ -107,3 +107,31 @@ def test_cue_pointing_known_boxes():
     hm[60:70, 60:70] = 3.0  # finding: the maximum
     r = cue_pointing(hm, (10, 10, 20, 20), [(60, 60, 70, 70)])
     assert r == {"cue_hit": 0.0, "finding_hit": 1.0, "cue_energy": pytest.approx(0.25), "finding_energy": pytest.approx(0.75)}
+
+
+def test_cue_records_that_predate_whole_cue_boxes_are_refused_or_rewritten(twin_worlds, tmp_path):
+    """A record without ``core_box`` was written when ``box`` was only the stroke's core: scoring against it
+    would be wrong, so it is refused with the fix; the shortcut runner's own folders are written again."""
+    import dataclasses
+    import json
+
+    from medfocus.runner.shortcut import write_cue_twins
+
+    cued, _ = twin_worlds
+    s = next(s for s in cued if correlated_cue_box(s) is not None)
+    old = dataclasses.replace(s, meta={**s.meta, "cues": [{k: v for k, v in c.items() if k != "core_box"} for c in s.meta["cues"]]})
+    with pytest.raises(DataError, match="medfocus synth"):
+        correlated_cue_box(old)
+
+    first, _ = write_cue_twins(tmp_path, 4, seed=5, size=128)
+    boxes = [c["box"] for t in first for c in t.meta.get("cues") or []]
+    assert boxes
+    man = tmp_path / "cued" / "manifest.json"
+    m = json.loads(man.read_text())
+    for im in m["images"]:
+        for c in im["cues"]:
+            del c["core_box"]
+            c["box"] = [0.0, 0.0, 1.0, 1.0]
+    man.write_text(json.dumps(m))
+    again, _ = write_cue_twins(tmp_path, 4, seed=5, size=128)
+    assert [c["box"] for t in again for c in t.meta.get("cues") or []] == boxes

@@ -401,7 +401,7 @@ def test_presets_resolve_and_are_recognised() -> None:
 
 
 def test_cue_aux_target_marks_the_cue_cells() -> None:
-    """The twin's auxiliary labels mark a finding at its shortcut cue's box (known by construction), and
+    """The twin's auxiliary labels mark a finding at its shortcut cue's core box (known by construction), and
     at its own mask on a case without correlated cues."""
     from medfocus.datasets.synthetic import generate_case
     from medfocus.io.letterbox import Letterbox
@@ -412,7 +412,7 @@ def test_cue_aux_target_marks_the_cue_cells() -> None:
     by_cue = D.render_case(case, 224, 28, aux_target="cue").grid_labels[k]
     by_mask = D.render_case(case, 224, 28, aux_target="finding").grid_labels[k]
     lb = Letterbox.fit((256, 256), 224)
-    x1, y1, x2, y2 = lb.forward_box(tuple(cue["box"]))
+    x1, y1, x2, y2 = lb.forward_box(tuple(cue["core_box"]))
     cy, cx = int((y1 + y2) / 2) // 28, int((x1 + x2) / 2) // 28
     assert by_cue[cy, cx] > 0 and by_mask[cy, cx] == 0
     assert (by_cue > 0).sum() <= 4 and not np.array_equal(by_cue > 0, by_mask > 0)

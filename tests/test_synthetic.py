@@ -190,6 +190,58 @@ def test_cues_correlate_and_avoid_findings():
     assert (a.image != b.image).sum() < 0.1 * S * S
 
 
+def _in_boxes(shape, boxes) -> np.ndarray:
+    m = np.zeros(shape, bool)
+    for x1, y1, x2, y2 in boxes:
+        m[int(y1) : int(y2), int(x1) : int(x2)] = True
+    return m
+
+
+@pytest.mark.parametrize("size", [128, 256])
+def test_cue_box_holds_every_pixel_the_cue_changes(size):
+    """A film with its cues differs from the same film rendered without them (cue_rate=0: same anatomy,
+    findings and noise) only inside the recorded cue boxes -- anti-aliased fringe and detector blur
+    included. The stroke's core box (the former record) misses some of those pixels."""
+    from medfocus.datasets.synthetic.phantom import detector_reach
+
+    r = detector_reach(size)
+    assert r == {128: 1, 256: 3}[size]  # the blur's kernel half-width: cvRound(8 sigma + 1) | 1, sigma = 0.6 size / 256
+    types, outside_core = set(), 0
+    for seed in range(40):
+        cued = generate_case(seed, size=size, cue_rate=1.0, cue_base_rate=1.0)
+        free = generate_case(seed, size=size, cue_rate=0.0, cue_base_rate=0.0)
+        assert cued.cues and not free.cues
+        diff = cued.image != free.image
+        assert diff.any()
+        assert not (diff & ~_in_boxes(diff.shape, [q["box"] for q in cued.cues])).any(), seed
+        outside_core += int((diff & ~_in_boxes(diff.shape, [q["core_box"] for q in cued.cues])).sum())
+        for q in cued.cues:
+            types.add(q["type"])
+            x1, y1, x2, y2 = q["box"]
+            c1, d1, c2, d2 = q["core_box"]
+            assert 0 <= x1 <= c1 < c2 <= x2 <= size and 0 <= y1 <= d1 < d2 <= y2 <= size
+            # no wider than the core, its one-pixel anti-aliased fringe and the blur's reach
+            assert x1 >= c1 - r - 1 and y1 >= d1 - r - 1 and x2 <= c2 + r + 1 and y2 <= d2 + r + 1, q
+            for f in cued.findings:  # the whole cue stays clear of every finding box
+                b = f.box
+                assert x2 <= b[0] or b[2] <= x1 or y2 <= b[1] or b[3] <= y1, (seed, q, f.name)
+    assert types == {"marker", "portable", "tube"}
+    assert outside_core > 0  # the old record (the core) did not hold the whole cue
+
+
+def test_cue_placement_is_unchanged():
+    """Placements recorded before ``box`` covered the whole cue (the films' pixels depend on them, and the
+    shipped demo models were trained on those films): earlier cues are avoided by their core boxes."""
+    known = {  # seed -> [(type, core box)] at 256 px, cue_rate=1, cue_base_rate=1
+        65: [("marker", [7, 5, 25, 25]), ("portable", [186, 11, 244, 20]), ("tube", [1, 57, 72, 221])],
+        158: [("portable", [12, 11, 70, 20]), ("marker", [231, 5, 248, 25]), ("tube", [7, 50, 79, 210])],
+        328: [("marker", [231, 5, 248, 25]), ("tube", [183, 44, 253, 214]), ("portable", [186, 237, 244, 246])],
+    }
+    for seed, cues in known.items():
+        c = generate_case(seed, size=256, cue_rate=1.0, cue_base_rate=1.0)
+        assert [(q["type"], q["core_box"]) for q in c.cues] == cues, seed
+
+
 def test_bad_arguments():
     with pytest.raises(ConfigError):
         generate_case(0, findings=["fracture"])

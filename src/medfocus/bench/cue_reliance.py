@@ -62,9 +62,19 @@ class CueOutcome:
 
 def correlated_cue_box(sample: Sample) -> tuple[float, float, float, float] | None:
     """The box of the shortcut cue the synthetic world drew *for the asked finding* (``meta["cues"]``
-    entries whose ``finding`` is ``sample.attribute``), or None when the film has no such cue."""
+    entries whose ``finding`` is ``sample.attribute``; every pixel the cue changes), or None when the film
+    has no such cue.
+
+    Raises:
+        DataError: the record predates boxes that hold the whole cue (no ``core_box``: its ``box`` was the
+            stroke's core, which misses the fringe and blur), so it would score pointing at the cue wrongly.
+    """
     for c in sample.meta.get("cues", []) or []:
         if c.get("finding") == sample.attribute:
+            if "core_box" not in c:
+                raise DataError(f"{sample.image_path}: its cue record was written by an older medfocus whose cue box "
+                                "missed the cue's faint edge; write the dataset again with `medfocus synth` (same "
+                                "seed and settings: the same films, whole-cue boxes)")
             x1, y1, x2, y2 = (float(v) for v in c["box"])
             return (x1, y1, x2, y2)
     return None

@@ -49,15 +49,20 @@ def write_cue_twins(root: str | Path, n: int, seed: int, *, size: int = 256, wor
                     progress: bool = False) -> tuple[list[Sample], list[Sample]]:
     """Write ``n`` synthetic films twice under ``root`` (``cued/``: every finding with its correlated cue;
     ``free/``: no cues) and load both; a folder already written is reused (its manifest is checked by
-    the loader). Returns ``(cued_samples, cue_free_samples)``, matched by film and finding."""
+    the loader), except one whose cue records predate whole-cue boxes (no ``core_box``), which is
+    written again (the same films). Returns ``(cued_samples, cue_free_samples)``, matched by film and finding."""
     from medfocus.datasets.synthetic import load_synthetic, write_dataset
 
     root = Path(root)
+    loaded = []
     for name, rate in (("cued", 1.0), ("free", 0.0)):
-        if not (root / name / "manifest.json").is_file():
+        samples = load_synthetic(root / name) if (root / name / "manifest.json").is_file() else None
+        if samples is None or any("core_box" not in c for s in samples for c in s.meta.get("cues") or []):
             write_dataset(root / name, n, seed=seed, size=size, cue_rate=rate, imagenome=False, workers=workers,
                           progress=progress)
-    return load_synthetic(root / "cued"), load_synthetic(root / "free")
+            samples = load_synthetic(root / name)
+        loaded.append(samples)
+    return loaded[0], loaded[1]
 
 
 def _kept_by_index(adapter: Any, samples: Sequence[Sample], out: Path, model: str, progress: bool) -> dict[int, dict]:

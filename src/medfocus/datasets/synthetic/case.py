@@ -54,7 +54,8 @@ class SyntheticCase:
         image: ``(size, size)`` uint8, MONOCHROME2.
         concept_masks: the 11 :data:`medfocus.types.CONCEPTS` -> ``(size, size)`` bool (radiological left = image right).
         findings: drawn findings (at most one per type).
-        cues: ``[{"type", "box", "text", "finding"}]`` shortcut cues.
+        cues: ``[{"type", "box", "core_box", "text", "finding"}]`` shortcut cues
+            (:mod:`~medfocus.datasets.synthetic.cues`: ``box`` holds every pixel the cue changes).
     """
 
     seed: int
@@ -244,7 +245,7 @@ def generate_case(
     for kind, fname in wanted:
         if kind in seen:
             continue
-        res = draw_cue(kind, geo, rng_c, taken + [tuple(c["box"]) for c in cues])
+        res = draw_cue(kind, geo, rng_c, taken + [tuple(c["core_box"]) for c in cues])
         if res is None:
             continue
         alpha, rec = res

@@ -7,8 +7,16 @@ everything outside the finding's box, removes them):
 * ``portable`` — the text tag "PORTABLE" near a top corner;
 * ``tube`` — a chest tube: a bright line entering through the lateral chest wall and running up to the apex.
 
-Each cue is recorded as ``{"type", "box": [x1, y1, x2, y2] (half-open pixel edges), "text" (marker /
-portable), "finding" (the finding it was correlated with, or None)}``.
+Each cue is recorded as ``{"type", "box", "core_box", "text" (marker / portable), "finding" (the finding it
+was correlated with, or None)}``, boxes as ``[x1, y1, x2, y2]`` half-open pixel edges:
+
+* ``box`` -- every pixel the cue can change: its drawn pixels (opacity > 0, the anti-aliased fringe
+  included) widened by the detector blur's reach (:func:`~medfocus.datasets.synthetic.phantom.detector_reach`,
+  3 px at 256 px), clipped to the image; a film with the cue differs from the same film without it only
+  inside (tested). The ground truth of "does the map point at the cue".
+* ``core_box`` -- the stroke's core (drawn at more than 40/255 of full intensity): what the placement
+  keeps clear of findings and earlier cues (so films are the same as before ``box`` covered the whole
+  cue), and what the shortcut twin's auxiliary loss marks (its training recipe).
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from medfocus.datasets.synthetic.phantom import Geometry, mask_box
+from medfocus.datasets.synthetic.phantom import Geometry, detector_reach, mask_box
 
 CUE_TYPES: tuple[str, ...] = ("marker", "portable", "tube")
 
@@ -41,6 +49,14 @@ def _intersects(box: tuple[float, float, float, float], others: list[tuple[float
     return False
 
 
+def _footprint(canvas: np.ndarray) -> list[float]:
+    """``box`` of a drawn cue (see the module docstring): its nonzero pixels, widened by the detector blur."""
+    S = canvas.shape[0]
+    r = detector_reach(S)
+    x1, y1, x2, y2 = mask_box(canvas > 0)  # type: ignore[misc] - the core is not empty, so neither is this
+    return [max(0.0, x1 - r), max(0.0, y1 - r), min(float(S), x2 + r), min(float(S), y2 + r)]
+
+
 def draw_cue(
     kind: str,
     geo: Geometry,
@@ -48,6 +64,11 @@ def draw_cue(
     avoid: list[tuple[float, float, float, float]],
 ) -> tuple[np.ndarray, dict[str, Any]] | None:
     """Draw one cue as an opacity map ``(S, S)`` float32 in ``[0, 1]`` and its record, avoiding ``avoid`` boxes.
+
+    ``avoid`` holds finding boxes and earlier cues' ``core_box`` es: a placement is refused when its
+    core box comes within ``max(3, S / 64)`` px of one (boxes are whole pixels, so the clearance is at least
+    the blur's reach plus the one-pixel anti-aliased fringe at every size, and the full ``box`` stays clear
+    of every finding box too; tested).
 
     Returns ``None`` when no placement avoids every box.
     """
@@ -72,7 +93,7 @@ def draw_cue(
             box = mask_box(canvas > 40)
             if box is None or _intersects(box, avoid, pad):
                 continue
-            return canvas.astype(np.float32) / 255.0, {"type": kind, "box": list(box), "text": text}
+            return canvas.astype(np.float32) / 255.0, {"type": kind, "box": _footprint(canvas), "core_box": list(box), "text": text}
         return None
     if kind == "tube":
         a = geo.anat
@@ -91,6 +112,7 @@ def draw_cue(
             box = mask_box(canvas > 40)
             if box is None or _intersects(box, avoid, pad):
                 continue
-            return canvas.astype(np.float32) / 255.0 * 0.8, {"type": "tube", "box": list(box), "text": None}
+            return canvas.astype(np.float32) / 255.0 * 0.8, {"type": "tube", "box": _footprint(canvas), "core_box": list(box),
+                                                            "text": None}
         return None
     raise ValueError(f"unknown cue type {kind!r}; expected one of {CUE_TYPES}")

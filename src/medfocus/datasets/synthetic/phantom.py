@@ -33,6 +33,7 @@ Concept masks (the 11 ImaGenome regions, exact, as drawn)
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 
 import cv2
 import numpy as np
@@ -442,6 +443,29 @@ def anatomy_texture(geo: Geometry) -> tuple[np.ndarray, np.ndarray]:
     return D.astype(np.float32), marks
 
 
+def _detector_sigma(size: int) -> float:
+    return 0.6 * size / 256.0
+
+
+def detector_blur(D: np.ndarray, size: int) -> np.ndarray:
+    """The detector's unsharpness on a film of ``size`` px: a Gaussian blur of sigma ``0.6 * size / 256``
+    px (OpenCV picks the kernel's width from sigma) of the 2-D float32 density ``D``, reflected at the edges."""
+    sigma = _detector_sigma(size)
+    return cv2.GaussianBlur(D, (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
+
+
+@lru_cache(maxsize=None)
+def detector_reach(size: int) -> int:
+    """How many pixels :func:`detector_blur` carries a change at one pixel (the half-width of its
+    kernel), measured on an impulse rather than re-deriving OpenCV's kernel-size rule: a structure
+    drawn in the density changes the film up to this far beyond its own pixels (3 px at 256 px)."""
+    n = 2 * (int(np.ceil(6 * _detector_sigma(size))) + 2) + 1  # wider than any kernel OpenCV picks (<= 8 sigma + 1)
+    impulse = np.zeros((n, n), np.float32)
+    impulse[n // 2, n // 2] = 1.0
+    row = detector_blur(impulse, size)[n // 2]
+    return int(np.flatnonzero(row > 0).max() - n // 2)
+
+
 def compose(
     geo: Geometry,
     layers: list[Layer],
@@ -463,8 +487,7 @@ def compose(
             D = D + lay.add
     if cue_alpha is not None:
         D = D + cue_alpha * (1.05 - D)
-    sigma = 0.6 * S / 256.0
-    D = cv2.GaussianBlur(D, (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
+    D = detector_blur(D, S)
     I = a.gain * np.clip(D + 0.05 + a.offset, 0.0, None) ** a.gamma
     nrng = np.random.default_rng([a.noise_seed, 11])
     I = I + 0.012 * nrng.standard_normal((S, S)).astype(np.float32) + 0.008 * value_noise(nrng, S, 30)

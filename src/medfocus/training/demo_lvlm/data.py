@@ -96,8 +96,8 @@ def render_case(case: Any, canvas: int, cell: int = 28, aux_target: str = "findi
     the side of one image token's cell on the canvas (28 px for patch 14 with the 2x2 merge).
 
     ``aux_target`` sets what the grid labels of the auxiliary loss mark for each finding: ``"finding"`` its
-    exact mask; ``"cue"`` the box of the shortcut cue drawn *for* it on a case that has such cues (the
-    shortcut twin's recipe: the vision tower is taught to see the finding at its cue), its mask otherwise."""
+    exact mask; ``"cue"`` the ``core_box`` of the shortcut cue drawn *for* it on a case that has such cues
+    (the shortcut twin's recipe: the vision tower is taught to see the finding at its cue), its mask otherwise."""
     img = np.asarray(case.image)
     can, lb = to_canvas(img, canvas)
     lungs = None
@@ -123,7 +123,8 @@ def render_case(case: Any, canvas: int, cell: int = 28, aux_target: str = "findi
         for c in case.cues:
             if c.get("finding") in names:
                 m = np.zeros(img.shape[:2], np.float32)
-                x1, y1, x2, y2 = (int(round(v)) for v in c["box"])
+                # the stroke's core box: the twin was trained on it (the full "box" is the scoring truth)
+                x1, y1, x2, y2 = (int(round(v)) for v in c["core_box"])
                 m[max(0, y1):y2, max(0, x1):x2] = 1.0
                 cov = lb.apply(m, fill=0.0).reshape(g, cell, g, cell).mean(axis=(1, 3))
                 k = names.index(c["finding"])
