@@ -112,29 +112,37 @@ def test_radedit_inversion_reconstructs_exactly_without_guidance(tiny_radedit_di
     assert np.abs(out7["latents"].numpy() - out7["z0"].numpy()).max() > 1e-3
 
 
-def test_radedit_edits_are_keyed_on_the_weights(tiny_radedit_dir, tmp_path):
-    """Retrained weights in the same folder (same settings, same cache_id) are another edit; the same
-    weights are still a cache hit."""
+def _counted_cached_edits(weights_dir, tmp_path, *, seed: int, prompt: str, film_sha256: str):
+    """A copy of ``weights_dir`` under ``tmp_path/w``, a nodule sample on a random 32x32 film and
+    ``edit(editor)``: a foreground edit through an :class:`EditCache`, each computed (not cached) edit
+    appending to ``calls``. Returns ``(root, sample, edit, calls)``."""
     import shutil
-
-    import torch
 
     from medfocus.editing import EditCache
     from medfocus.types import Sample, question_stem
 
     root = tmp_path / "w"
-    shutil.copytree(tiny_radedit_dir, root)
-    rng = np.random.default_rng(1)
-    img = rng.integers(40, 200, size=(32, 32)).astype(np.uint8)
+    shutil.copytree(weights_dir, root)
+    img = np.random.default_rng(seed).integers(40, 200, size=(32, 32)).astype(np.uint8)
     mask = boxes_mask([(8, 8, 20, 20)], (32, 32))
     s = Sample("d", 0, str(tmp_path / "x.png"), "nodule", question_stem("nodule"), "Yes", [(8, 8, 20, 20)], (32, 32))
     cache = EditCache(tmp_path / "cache")
-    calls = []
+    calls: list[int] = []
 
     def edit(ed):
         orig = ed._edit
         ed._edit = lambda *a, **k: calls.append(1) or orig(*a, **k)
-        return cache.get_or_edit(ed, img, mask, sample=s, kind="foreground", prompt="No nodule", film_sha256="a" * 64)
+        return cache.get_or_edit(ed, img, mask, sample=s, kind="foreground", prompt=prompt, film_sha256=film_sha256)
+
+    return root, s, edit, calls
+
+
+def test_radedit_edits_are_keyed_on_the_weights(tiny_radedit_dir, tmp_path):
+    """Retrained weights in the same folder (same settings, same cache_id) are another edit; the same
+    weights are still a cache hit."""
+    import torch
+
+    root, s, edit, calls = _counted_cached_edits(tiny_radedit_dir, tmp_path, seed=1, prompt="No nodule", film_sha256="a" * 64)
 
     first = _editor(root)
     a = edit(first)
@@ -183,27 +191,13 @@ def test_radedit_edits_are_keyed_on_the_tokenizer(tiny_radedit_dir, tmp_path):
     """Another tokenizer changes the text conditioning without touching any weights: the edit cache key
     changes (a miss), while the unchanged folder keeps its key (a hit)."""
     import json
-    import shutil
 
     from transformers import AutoTokenizer
 
-    from medfocus.editing import EditCache
     from medfocus.editing.radedit import load_radedit_components
-    from medfocus.types import Sample, question_stem
 
-    root = tmp_path / "w"
-    shutil.copytree(tiny_radedit_dir, root)
-    rng = np.random.default_rng(2)
-    img = rng.integers(40, 200, size=(32, 32)).astype(np.uint8)
-    mask = boxes_mask([(8, 8, 20, 20)], (32, 32))
-    s = Sample("d", 0, str(tmp_path / "x.png"), "nodule", question_stem("nodule"), "Yes", [(8, 8, 20, 20)], (32, 32))
-    cache = EditCache(tmp_path / "cache")
-    calls = []
-
-    def edit(ed):
-        orig = ed._edit
-        ed._edit = lambda *a, **k: calls.append(1) or orig(*a, **k)
-        return cache.get_or_edit(ed, img, mask, sample=s, kind="foreground", prompt="No pleural effusion", film_sha256="b" * 64)
+    root, s, edit, calls = _counted_cached_edits(tiny_radedit_dir, tmp_path, seed=2, prompt="No pleural effusion",
+                                                 film_sha256="b" * 64)
 
     first = _editor(root)
     edit(first)
