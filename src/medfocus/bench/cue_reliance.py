@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from medfocus.datasets.synthetic.cues import predates_whole_cue_boxes
 from medfocus.errors import DataError
 from medfocus.types import Sample, build_question
 
@@ -71,7 +72,7 @@ def correlated_cue_box(sample: Sample) -> tuple[float, float, float, float] | No
     """
     for c in sample.meta.get("cues", []) or []:
         if c.get("finding") == sample.attribute:
-            if "core_box" not in c:
+            if predates_whole_cue_boxes(c):
                 raise DataError(f"{sample.image_path}: its cue record was written by an older medfocus whose cue box "
                                 "missed the cue's faint edge; write the dataset again with `medfocus synth` (same "
                                 "seed and settings: the same films, whole-cue boxes)")

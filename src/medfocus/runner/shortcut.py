@@ -52,12 +52,13 @@ def write_cue_twins(root: str | Path, n: int, seed: int, *, size: int = 256, wor
     the loader), except one whose cue records predate whole-cue boxes (no ``core_box``), which is
     written again (the same films). Returns ``(cued_samples, cue_free_samples)``, matched by film and finding."""
     from medfocus.datasets.synthetic import load_synthetic, write_dataset
+    from medfocus.datasets.synthetic.cues import predates_whole_cue_boxes
 
     root = Path(root)
     loaded = []
     for name, rate in (("cued", 1.0), ("free", 0.0)):
         samples = load_synthetic(root / name) if (root / name / "manifest.json").is_file() else None
-        if samples is None or any("core_box" not in c for s in samples for c in s.meta.get("cues") or []):
+        if samples is None or any(predates_whole_cue_boxes(c) for s in samples for c in s.meta.get("cues") or []):
             write_dataset(root / name, n, seed=seed, size=size, cue_rate=rate, imagenome=False, workers=workers,
                           progress=progress)
             samples = load_synthetic(root / name)

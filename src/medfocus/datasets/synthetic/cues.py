@@ -49,12 +49,21 @@ def _intersects(box: tuple[float, float, float, float], others: list[tuple[float
     return False
 
 
-def _footprint(canvas: np.ndarray) -> list[float]:
-    """``box`` of a drawn cue (see the module docstring): its nonzero pixels, widened by the detector blur."""
+def _cue_record(kind: str, canvas: np.ndarray, core: tuple[float, float, float, float], text: str | None) -> dict[str, Any]:
+    """The record of a placed cue (see the module docstring): ``box`` from its nonzero pixels widened by the
+    detector blur and clipped to the image, ``core_box`` the placement's ``core``."""
     S = canvas.shape[0]
     r = detector_reach(S)
     x1, y1, x2, y2 = mask_box(canvas > 0)  # type: ignore[misc] - the core is not empty, so neither is this
-    return [max(0.0, x1 - r), max(0.0, y1 - r), min(float(S), x2 + r), min(float(S), y2 + r)]
+    box = [max(0.0, x1 - r), max(0.0, y1 - r), min(float(S), x2 + r), min(float(S), y2 + r)]
+    return {"type": kind, "box": box, "core_box": list(core), "text": text}
+
+
+def predates_whole_cue_boxes(cue: dict[str, Any]) -> bool:
+    """Whether a cue record was written before ``box`` held the whole cue (no ``core_box``: its ``box`` is
+    the stroke's core, which misses the fringe and the blur). The films are the same; rewriting the
+    dataset with ``medfocus synth`` (same seed and settings) gives whole-cue boxes."""
+    return "core_box" not in cue
 
 
 def draw_cue(
@@ -93,7 +102,7 @@ def draw_cue(
             box = mask_box(canvas > 40)
             if box is None or _intersects(box, avoid, pad):
                 continue
-            return canvas.astype(np.float32) / 255.0, {"type": kind, "box": _footprint(canvas), "core_box": list(box), "text": text}
+            return canvas.astype(np.float32) / 255.0, _cue_record(kind, canvas, box, text)
         return None
     if kind == "tube":
         a = geo.anat
@@ -112,7 +121,6 @@ def draw_cue(
             box = mask_box(canvas > 40)
             if box is None or _intersects(box, avoid, pad):
                 continue
-            return canvas.astype(np.float32) / 255.0 * 0.8, {"type": "tube", "box": _footprint(canvas), "core_box": list(box),
-                                                            "text": None}
+            return canvas.astype(np.float32) / 255.0 * 0.8, _cue_record("tube", canvas, box, None)
         return None
     raise ValueError(f"unknown cue type {kind!r}; expected one of {CUE_TYPES}")
