@@ -89,9 +89,10 @@ class DemoLVLMConfig:
 #:   in stage 2. Not shipped (training-time checks, not published figures): the vision tower is the bottleneck.
 #:   A first run with 3000 vision / 1600 stage-2 steps (one thread, 4753 s) plateaued at 0.87 stage-1 held-out
 #:   presence with pneumothorax at chance, and scored 88.9% direct / 85.4% step-by-step on the card protocol's
-#:   280 held-out questions (the shipped 8x8 model: 91.4% / 90.7%). A second run (5000 cases, 3000 stage-2 steps; about 100 min on one quiet
-#:   thread) reached 0.935 presence after 4500 vision steps, pneumothorax included (its evidence is a 1-2 px
-#:   pleural line among rib edges), and 91.8% / 91.8% on the card protocol; on 1064 questions of ``medfocus
+#:   280 held-out questions (the shipped 8x8 model: 91.4% / 90.7%). A second run (5000 cases, 3000 stage-2
+#:   steps; about 100 min on one quiet thread) reached 0.935 presence after 4500 vision steps, pneumothorax
+#:   included (its evidence is a 1-2 px pleural line among rib edges), and 91.8% / 91.8% on the card
+#:   protocol; on 1064 questions of ``medfocus
 #:   synth`` default data (a diagnostic seed) it answered 90.1% in direct mode, with false "yes" on 14/341
 #:   films carrying another finding and 0/191 normal films: short of the 95% target because it misses 91/532
 #:   positives (17%), at every severity. The stage-1 loss kept falling while held-out presence stalled (5000
