@@ -20,10 +20,15 @@ Each JSONL line is one record:
   {"model", "dataset", "index", "mode", "method", "gt_boxes": [[x1,y1,x2,y2],...],
    "image_size": [W,H], "pred_boxes": [[...]] | "heatmap_path": "rel/or/abs.npy|.npz",
    "unparseable": false, "error": null}
-Relative heatmap paths are relative to the JSONL's folder. image_size is [W,H] of the original
+Relative heatmap paths are relative to the JSONL's folder. A key (model, dataset, index, mode, method)
+counts once: within a file the last record wins; across files an identical copy is counted once (one
+note says how many), different records under one key are an error naming both files. image_size is [W,H] of the original
 image (the frame of gt_boxes): a record with a heatmap and no image_size is an error (the map's own
 shape is not that frame); box-only records without it are scored unclipped, with one warning.
-Boxes are clipped to image_size; inverted or non-finite gt_boxes make the record an error;
+A heatmap must be in image_size's frame or a resampling of it in the same aspect ratio (a transposed
+or square canvas map of a non-square film is an error, never stretched). Boxes are clipped to image_size;
+inverted or non-finite gt_boxes or pred_boxes make the record an error, as do pred_boxes that all lie in
+[0, 1] on a film of >= 32 px (relative coordinates);
 "unparseable": true (box text the model wrote that no rule reads) is counted, not scored.
 
 \b
@@ -169,7 +174,7 @@ def evaluate(predictions: tuple[Path, ...], out_dir: Path, metrics: str | None, 
     F1 of the union of predicted boxes vs the union of expert boxes (plus pointing game, energy
     pointing game and AUPRC when a heatmap is given). Table cells: mean x100 [95% bootstrap CI].
     """
-    from medfocus.evaluation import read_prediction_records
+    from medfocus.evaluation import read_prediction_files
     from medfocus.evaluation.summary import evaluate_and_tabulate
     from medfocus.io.atomic import atomic_write_text
 
@@ -179,7 +184,11 @@ def evaluate(predictions: tuple[Path, ...], out_dir: Path, metrics: str | None, 
         bad = [m for m in chosen if m not in ALL_METRICS]
         if bad or not chosen:
             raise click.BadParameter(f"unknown metric(s) {bad}; choose from {', '.join(ALL_METRICS)}", param_hint="--metrics")
-    records = [r for p in predictions for r in read_prediction_records(p)]
+    # one record per key across the files too: overlapping files (a merged store and its shards, a file
+    # given twice) would otherwise double n and shrink every interval
+    records, dup_note = read_prediction_files(predictions)
+    if dup_note:
+        click.echo(f"note: {dup_note}", err=True)
     if not records:
         raise click.ClickException(f"no records in {', '.join(map(str, predictions))}")
     if faithfulness and not model:

@@ -14,7 +14,7 @@ from medfocus.evaluation.baselines import (
 )
 from medfocus.evaluation.boxes import boxes_to_mask, heatmap_to_boxes, normalize_heatmap, union_area
 from medfocus.evaluation.metrics import auprc, energy_pointing_game, pointing_game, union_box_metrics
-from medfocus.evaluation.records import KEY_FIELDS, evaluate_record, evaluate_records, load_heatmap, read_prediction_records, record_key
+from medfocus.evaluation.records import KEY_FIELDS, evaluate_record, evaluate_records, load_heatmap, read_prediction_files, read_prediction_records, record_key
 from medfocus.evaluation.significance import best_methods, format_proportion, paired_bootstrap_diff, wilson_interval
 from medfocus.evaluation.tables import bootstrap_ci, build_tables, summarize, to_markdown
 
@@ -30,6 +30,7 @@ __all__ = [
     "evaluate_record",
     "evaluate_records",
     "read_prediction_records",
+    "read_prediction_files",
     "record_key",
     "KEY_FIELDS",
     "load_heatmap",

@@ -16,7 +16,10 @@ box); otherwise the boxes come from the heatmap through :func:`heatmap_to_boxes`
 there is one, also gives the pointing game (tie-aware: a maximal plateau scores the share of it inside
 the GT boxes, see :func:`~medfocus.evaluation.metrics.pointing_game`), energy pointing game and AUPRC
 (else those are NaN).
-A heatmap whose shape differs from ``image_size`` is resized (bilinear) to ``(H, W)`` first.
+A heatmap whose shape differs from ``image_size`` is resized (bilinear) to ``(H, W)`` first -- only when it
+can be a resampling of that frame (:func:`map_fits_frame`: the same aspect ratio up to rounding each side to
+whole pixels); a transposed map or a square canvas map of a non-square film is an error row naming the record,
+both shapes and the expected frame, never stretched.
 
 Frame: ``image_size`` (``[W, H]`` of the original image, the frame of ``gt_boxes``) is what puts a
 heatmap in the GT frame; a map's own shape (a 16x16 token grid, a 224x224 model canvas) says nothing
@@ -29,7 +32,9 @@ issues one :class:`~medfocus.errors.DataWarning` counting such records and namin
 With ``image_size``, GT and predicted boxes are clipped to the image before scoring (a predicted box
 empty after clipping is dropped; the counts are the row's ``n_gt_clipped`` / ``n_pred_clipped``). GT
 boxes that are inverted (``x2 < x1`` or ``y2 < y1``) or non-finite, or that all lie outside the
-image, make the row an error naming the record; they are never scored.
+image, make the row an error naming the record; they are never scored. Inverted predicted boxes likewise
+(malformed output, not a miss), and predicted boxes that all lie within the ``[0, 1]`` pixel square of a
+film of at least :data:`RELATIVE_UNIT_MIN_SIDE` px per side (relative coordinates given as pixels).
 A record with an ``error`` (or one that cannot be evaluated: missing heatmap file, malformed boxes)
 yields a row with NaN metrics and the error text; tables exclude it from means and count it.
 A record without GT boxes (a negative sample) has no region to localise: NaN metrics, ``source =
@@ -62,7 +67,8 @@ from medfocus.evaluation.metrics import auprc, energy_pointing_game, pointing_ga
 from medfocus.io.jsonl import latest_by_key, read_jsonl_numbered
 from medfocus.io.paths import record_label
 
-__all__ = ["evaluate_records", "evaluate_record", "read_prediction_records", "record_key", "KEY_FIELDS", "load_heatmap", "METRIC_COLUMNS", "KEY_COLUMNS"]
+__all__ = ["evaluate_records", "evaluate_record", "read_prediction_records", "read_prediction_files", "record_key", "KEY_FIELDS",
+           "load_heatmap", "map_fits_frame", "METRIC_COLUMNS", "KEY_COLUMNS", "RELATIVE_UNIT_MIN_SIDE"]
 
 KEY_COLUMNS = ("model", "dataset", "mode", "method", "index")
 METRIC_COLUMNS = ("iou", "f1", "precision", "recall", "pointing_game", "energy_pg", "auprc", "deletion_auc", "insertion_auc")
@@ -111,6 +117,105 @@ def read_prediction_records(path: str | os.PathLike) -> list[dict[str, Any]]:
         rec.setdefault("_where", f"{p} line {lineno}")
     latest = latest_by_key((rec for _, rec in numbered), lambda rec: record_key(rec, where=str(rec["_where"])))
     return list(latest.values())
+
+
+def _content(record: Mapping[str, Any]) -> str:
+    """A record's content for comparing copies across files: every field but the reader's ``_`` fields, with
+    ``heatmap_path`` resolved (a merged store names the shards' ``.npz`` files by another relative path)."""
+    import json
+
+    out = {k: v for k, v in record.items() if not str(k).startswith("_")}
+    hp = out.get("heatmap_path")
+    if hp:
+        p = Path(str(hp))
+        if not p.is_absolute():
+            p = Path(str(record.get("_base_dir") or ".")) / p
+        out["heatmap_path"] = str(p.resolve())
+    return json.dumps(out, sort_keys=True, default=str)
+
+
+def read_prediction_files(paths: Iterable[str | os.PathLike]) -> tuple[list[dict[str, Any]], str | None]:
+    """The records of several result files, each key (:func:`record_key`) counted once.
+
+    Each file is read by :func:`read_prediction_records` (within a file the last record of a key wins).
+    Across files a key must not be counted twice -- ``evaluate run/predictions.jsonl
+    run/predictions.shard-*.jsonl`` after a merge, or one file given twice, would double ``n`` and shrink
+    every interval. So a record whose key an earlier file already holds is
+
+    * dropped when its content is the same (every field but the reader's, ``heatmap_path`` compared as the
+      file it names): the returned note counts these per pair of files;
+    * an error when its content differs: nothing says which of two results is the one to score (the merge,
+      ``medfocus merge``, decides that per key with its documented rule; pass its output alone).
+
+    Returns:
+        ``(records, note)``: the records in file order (first appearance of each key), and one line
+        counting the collapsed duplicates and naming their files (``None`` when there were none).
+
+    Raises:
+        DataError: what :func:`read_prediction_records` raises, or two files holding different records
+            under one key (naming both files, the number of keys, the first keys and their differing fields).
+    """
+    seen: dict[Key, tuple[dict[str, Any], str]] = {}
+    records: list[dict[str, Any]] = []
+    dups: dict[tuple[str, str], int] = {}
+    conflicts: dict[tuple[str, str], list[tuple[Key, list[str]]]] = {}
+    for path in paths:
+        name = str(path)
+        for rec in read_prediction_records(path):
+            key = record_key(rec)
+            prev = seen.get(key)
+            if prev is None:
+                seen[key] = (rec, name)
+                records.append(rec)
+                continue
+            pair = (prev[1], name)
+            if _content(prev[0]) == _content(rec):
+                dups[pair] = dups.get(pair, 0) + 1
+                continue
+
+            def one(r: Mapping[str, Any], k: str) -> str:
+                return _content({k: r.get(k), "_base_dir": r.get("_base_dir")})
+
+            fields = sorted(k for k in set(prev[0]) | set(rec) if not str(k).startswith("_") and one(prev[0], k) != one(rec, k))
+            conflicts.setdefault(pair, []).append((key, fields))
+    if conflicts:
+        lines = []
+        for (a, b), hits in conflicts.items():
+            shown = "; ".join(f"{m}/{d}#{i} {mo} {me} (differs in {', '.join(f[:4])})" for (m, d, i, mo, me), f in hits[:5])
+            more = f" and {len(hits) - 5} more" if len(hits) > 5 else ""
+            lines.append(f"  {a} and {b}: {len(hits)} key(s) with different records: {shown}{more}")
+        raise DataError("the prediction files hold different records under the same (model, dataset, index, mode, method) "
+                        "key, so it is unclear which to score:\n" + "\n".join(lines) + "\nPass each result once (e.g. only "
+                        "the merged predictions.jsonl, not also its shard files), or merge them first (`medfocus merge`).")
+    note = None
+    if dups:
+        parts = [f"{n} of {b} " + ("(the same file given twice)" if Path(a).resolve() == Path(b).resolve() else f"already in {a}")
+                 for (a, b), n in dups.items()]
+        note = (f"{sum(dups.values())} duplicate record(s) (same key and content in more than one file) counted once: "
+                + "; ".join(parts))
+    return records, note
+
+
+def map_fits_frame(shape: tuple[int, int], W: int, H: int) -> bool:
+    """Whether a ``(h, w)`` map can be the ``W x H`` image resampled at one scale, each side rounded.
+
+    A stored map is in the original frame (``(H, W)``) or a resampling of it that keeps the aspect ratio up
+    to rounding -- the working-resolution cap (:class:`medfocus.io.letterbox.WorkFrame`) scales both sides by
+    one factor ``s`` and rounds each to whole pixels. So the map fits when one ``s`` gives
+    ``|W s - w| < 1`` and ``|H s - h| < 1``. A transposed map, or a square canvas / token-grid map of a
+    non-square film, does not: stretched onto the image it would give a plausible, wrong score.
+    """
+    h, w = int(shape[0]), int(shape[1])
+    lo = max((w - 1) / W, (h - 1) / H)
+    hi = min((w + 1) / W, (h + 1) / H)
+    return lo < hi
+
+
+#: On a film whose shorter side has at least this many pixels, predicted boxes that all lie inside the
+#: [0, 1] pixel square are almost certainly relative (0-1) coordinates, not pixels: a box of at most one
+#: pixel in the image corner is no localisation any method outputs, while a relative box always lies
+#: there. (Smaller films are left alone: on a 2x2 image such a box is a plausible quarter.)
+RELATIVE_UNIT_MIN_SIDE = 32
 
 
 def load_heatmap(path: str | os.PathLike, *, required: bool = True) -> np.ndarray | None:
@@ -233,9 +338,24 @@ def evaluate_record(
             if not gt:
                 raise DataError(f"{where}: every one of the {n_gt} gt_boxes lies outside the {W}x{H} image")
             if heat is not None:
+                if not map_fits_frame(heat.shape, W, H):
+                    raise DataError(
+                        f"{where}: heatmap shape {heat.shape[0]}x{heat.shape[1]} (rows x columns) is not the frame of "
+                        f"image_size [{W}, {H}]: expected {H}x{W}, or a resampling of it in the same aspect ratio (W/H "
+                        f"{W / H:.3f}; this map's {heat.shape[1] / heat.shape[0]:.3f}). A transposed map or a map on the "
+                        "model's canvas / token grid would be stretched into a plausible, wrong score; bring it to the "
+                        "original image first (medfocus.io.letterbox.Letterbox.map_to_original)")
                 heat = _resize_to(heat, W, H)
         if record.get("pred_boxes") is not None:
-            pred = _boxes(record.get("pred_boxes"), where, "pred_boxes")
+            # an inverted predicted box is malformed output, refused like an inverted GT box (clipping would
+            # silently drop it and score the record as a miss)
+            pred = [check_box(b, where=where, field="pred_boxes") for b in _boxes(record.get("pred_boxes"), where, "pred_boxes")]
+            if size is not None and min(W, H) >= RELATIVE_UNIT_MIN_SIDE and pred \
+                    and all(0.0 <= v <= 1.0 for b in pred for v in b) and any(b[2] > b[0] and b[3] > b[1] for b in pred):
+                raise DataError(
+                    f"{where}: every pred_boxes coordinate lies within [0, 1] on a {W}x{H} image: relative (0-1) "
+                    f"coordinates, not pixels? Boxes are (x1, y1, x2, y2) pixel edges of the original image "
+                    f"(multiply relative boxes by [W, H, W, H]); got {[list(b) for b in pred]}")
             if size is not None:
                 pred, c, d = clip_boxes(pred, (W, H))
                 row["n_pred_clipped"] = c + d
