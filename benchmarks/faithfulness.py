@@ -37,7 +37,7 @@ def main() -> None:
 
     import torch
 
-    from medfocus.evaluation.tables import METHOD_ORDER
+    from medfocus.evaluation.tables import METHOD_ORDER, format_ci
     from medfocus.runner.demo import DemoConfig, run_demo
 
     load_before = os.getloadavg()[0]
@@ -58,7 +58,7 @@ def main() -> None:
         r = idx.get((method, metric))
         if r is None or pd.isna(r.mean):
             return "–"
-        return f"{r.mean:.1f} [{r.ci_low:.1f}, {r.ci_high:.1f}]"
+        return format_ci(r.mean, r.ci_low, r.ci_high)
 
     lines = [
         f"# Faithfulness beside plausibility on the demo model ({dt.date.today().isoformat()})",

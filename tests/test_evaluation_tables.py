@@ -97,7 +97,8 @@ def test_bootstrap_ci():
     assert mean == 0.5 and lo < 0.5 < hi
     # Normal approximation: half-width ~ 1.96 * 0.5 / sqrt(100) = 0.098.
     assert 0.07 < hi - mean < 0.13 and 0.07 < mean - lo < 0.13
-    assert bootstrap_ci([0.3]) == (0.3, 0.3, 0.3)
+    one = bootstrap_ci([0.3])  # one value: no interval (never a zero-width one)
+    assert one[0] == 0.3 and math.isnan(one[1]) and math.isnan(one[2])
     assert all(math.isnan(v) for v in bootstrap_ci([]))
     assert bootstrap_ci([1, 2, 3], seed=5) == bootstrap_ci([1, 2, 3], seed=5)
     assert bootstrap_ci([0.2, 0.2, 0.2]) == pytest.approx((0.2, 0.2, 0.2))

@@ -171,9 +171,10 @@ def compare_to_baselines(metrics: pd.DataFrame, metric_names: Sequence[str] = ("
         one row per (model, mode, dataset, metric, method): ``baseline`` (the best trivial baseline by
         mean), ``method_mean``, ``baseline_mean``, ``difference``, ``ci_low``, ``ci_high`` (x100),
         ``n_pairs`` and ``beats`` (True when the whole interval is above 0, False when it is below or
-        straddles 0, None without pairs).
+        straddles 0, None -- "n/a" -- with fewer than :data:`~medfocus.evaluation.significance.MIN_PAIRS`
+        pairs or no bootstrap resamples: no interval that could decide; the difference is still given).
     """
-    from medfocus.evaluation.significance import paired_bootstrap_diff, successful_rows
+    from medfocus.evaluation.significance import MIN_PAIRS, paired_bootstrap_diff, successful_rows
     from medfocus.evaluation.tables import hash_key
 
     cols = ["model", "mode", "dataset", "metric", "method", "baseline", "method_mean", "baseline_mean", "difference",
@@ -204,13 +205,16 @@ def compare_to_baselines(metrics: pd.DataFrame, metric_names: Sequence[str] = ("
                     s = int(np.random.SeedSequence((seed, hash_key((*cell, meth)), j)).generate_state(1)[0])
                     diff, lo, hi = paired_bootstrap_diff(vals.loc[common].to_numpy(), per[best].loc[common].to_numpy(),
                                                          n_boot=n_boot, alpha=alpha, seed=s)
-                    row.update(difference=100 * diff, ci_low=100 * lo, ci_high=100 * hi, beats=bool(lo > 0))
+                    decided = len(common) >= MIN_PAIRS and math.isfinite(lo)
+                    row.update(difference=100 * diff, ci_low=100 * lo, ci_high=100 * hi, beats=bool(lo > 0) if decided else None)
                 rows.append(row)
     return pd.DataFrame(rows, columns=cols)
 
 
 def baselines_markdown(comparison: pd.DataFrame, decimals: int = 1) -> str:
     """Markdown table of :func:`compare_to_baselines` (one block per model / mode / dataset)."""
+    from medfocus.evaluation.tables import format_ci
+
     if comparison is None or comparison.empty:
         return "_no method could be compared with the trivial baselines_\n"
     lines = []
@@ -220,11 +224,15 @@ def baselines_markdown(comparison: pd.DataFrame, decimals: int = 1) -> str:
         lines.append("| method | mean | difference [95% CI] | n pairs | beats it |")
         lines.append("|---|---|---|---|---|")
         for _, r in g.iterrows():
-            diff = ("n/a" if not math.isfinite(r["difference"]) else
-                    f"{r['difference']:+.{decimals}f} [{r['ci_low']:+.{decimals}f}, {r['ci_high']:+.{decimals}f}]")
+            diff = format_ci(r["difference"], r["ci_low"], r["ci_high"], decimals, signed=True).replace("–", "n/a")
             verdict = "n/a" if r["beats"] is None else ("yes" if r["beats"] else "no")
             lines.append(f"| {r['method']} | {r['method_mean']:.{decimals}f} | {diff} | {r['n_pairs']} | {verdict} |")
         lines.append("")
+    if comparison["beats"].isna().any():
+        from medfocus.evaluation.significance import MIN_PAIRS
+
+        lines.append(f"beats it n/a: fewer than {MIN_PAIRS} paired samples or no bootstrap interval (--n-boot 0), "
+                     "too little to call a difference real.\n")
     return "\n".join(lines) + "\n"
 
 

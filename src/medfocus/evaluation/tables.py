@@ -19,7 +19,7 @@ import pandas as pd
 
 from medfocus.io.atomic import atomic_write_text
 
-__all__ = ["bootstrap_ci", "summarize", "build_tables", "table_metrics", "LOCALISATION_METRICS", "METHOD_ORDER", "DATASET_ORDER",
+__all__ = ["bootstrap_ci", "format_ci", "ci_text", "NO_CI", "summarize", "build_tables", "table_metrics", "LOCALISATION_METRICS", "METHOD_ORDER", "DATASET_ORDER",
            "METRIC_LABELS"]
 
 #: Row order (the paper's method families, then MedFocus); unknown methods follow alphabetically.
@@ -65,7 +65,9 @@ GROUP_KEYS = ["model", "mode", "method", "dataset"]
 def bootstrap_ci(values: Sequence[float], n_boot: int = 1000, ci: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
     """``(mean, low, high)`` of the mean with a percentile-bootstrap CI (NaNs dropped).
 
-    One value gives ``(v, v, v)``; none gives NaNs. Deterministic for a given ``seed``.
+    No interval is computed from one value or with ``n_boot <= 0``: ``(v, nan, nan)`` -- a zero-width
+    ``[v, v]`` would read like a measured, perfectly certain mean (:func:`format_ci` prints "no CI").
+    No value gives NaNs. Deterministic for a given ``seed``.
     """
     v = np.asarray(values, dtype=np.float64)
     v = v[np.isfinite(v)]
@@ -73,7 +75,7 @@ def bootstrap_ci(values: Sequence[float], n_boot: int = 1000, ci: float = 0.95, 
         return (math.nan, math.nan, math.nan)
     mean = float(v.mean())
     if v.size == 1 or n_boot <= 0:
-        return (mean, mean, mean)
+        return (mean, math.nan, math.nan)
     rng = np.random.default_rng(seed)
     # Chunked so memory stays ~O(n) x 100 regardless of n_boot.
     means = np.empty(n_boot, dtype=np.float64)
@@ -141,10 +143,30 @@ def hash_key(key: tuple) -> int:
     return zlib.crc32("\x1f".join(str(k) for k in key).encode("utf-8"))
 
 
-def _fmt(mean: float, lo: float, hi: float, decimals: int = 1) -> str:
-    if not math.isfinite(mean):
+#: What a cell says instead of an interval that was not computed (one sample, or ``--n-boot 0``).
+NO_CI = "no CI"
+
+
+def ci_text(lo: float, hi: float, decimals: int = 1, *, signed: bool = False) -> str:
+    """``"[lo, hi]"``, or :data:`NO_CI` when the interval was not computed (non-finite bounds: one sample or
+    no bootstrap resamples). The one format of an interval in Markdown, HTML and benchmark tables."""
+    if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+        return NO_CI
+    f = f"+.{decimals}f" if signed else f".{decimals}f"
+    return f"[{lo:{f}}, {hi:{f}}]"
+
+
+def format_ci(mean: float, lo: float, hi: float, decimals: int = 1, *, signed: bool = False) -> str:
+    """``"mean [lo, hi]"``; ``"mean (no CI)"`` when no interval was computed (:func:`ci_text`); ``"–"``
+    when there is no mean."""
+    if not math.isfinite(float(mean)):
         return "–"
-    return f"{mean:.{decimals}f} [{lo:.{decimals}f}, {hi:.{decimals}f}]"
+    f = f"+.{decimals}f" if signed else f".{decimals}f"
+    ci = ci_text(lo, hi, decimals, signed=signed)
+    return f"{mean:{f}} " + (f"({ci})" if ci == NO_CI else ci)
+
+
+_fmt = format_ci
 
 
 def to_markdown(summary: pd.DataFrame, metrics: Sequence[str] = ("iou", "f1", "precision", "recall"), decimals: int = 1) -> str:
@@ -203,6 +225,11 @@ def to_markdown(summary: pd.DataFrame, metrics: Sequence[str] = ("iou", "f1", "p
         "\n\nCells: mean x100 over samples [95% bootstrap CI]; IoU/F1/precision/recall of the union of "
         "predicted boxes vs the union of expert boxes."
     )
+    finite = summary["mean"].map(lambda v: math.isfinite(float(v)))
+    no_ci = finite & ~(summary["ci_low"].map(lambda v: math.isfinite(float(v))))
+    if bool(no_ci.any()):
+        note += (f" \"{NO_CI}\": no interval was computed (a single sample, or --n-boot 0); the mean alone is no "
+                 "evidence of precision.")
     if {"deletion_auc", "insertion_auc"} & set(summary["metric"]) & set(metrics):
         note += (" Del./Ins. AUC: area under the deletion / insertion curve of the mean answer-token probability "
                  "(x100; RISE's protocol on image-token cells, medfocus.evaluation.faithfulness); the reference rows "

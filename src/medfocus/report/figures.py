@@ -132,7 +132,8 @@ def make_metric_bars(summary: pd.DataFrame, *, metric: str = "iou", mode: str | 
     width = 0.8 / max(1, len(groups))
     cmap = plt.get_cmap("tab10")
     failed = _failed_rows(df)
-    finite_hi = pd.to_numeric(df.loc[~failed, "ci_high"], errors="coerce")
+    # a cell without an interval (one sample) still has its mean: the axis must hold it
+    finite_hi = pd.to_numeric(df.loc[~failed, "ci_high"], errors="coerce").fillna(pd.to_numeric(df.loc[~failed, "mean"], errors="coerce"))
     top = max(5.0, float(finite_hi.max()) * 1.1 if finite_hi.notna().any() else 100.0)
     for gi, (model, ds) in enumerate(groups):
         sel = (df["model"] == model) & (df["dataset"] == ds)

@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from medfocus.evaluation.tables import ci_text
 from medfocus.io.atomic import atomic_write_bytes, atomic_write_text
 from medfocus.io.paths import safe_filename
 from medfocus.report import figures
@@ -91,7 +92,7 @@ def results_table_data(summary: pd.DataFrame, *, model: str, mode: str, method_o
     """The cells of :func:`results_table` as plain data (``None`` when ``model``/``mode`` have no rows).
 
     A cell is ``None`` (no result), ``{"failed": True}`` (every record of the method failed) or
-    ``{"mean", "lo", "hi", "bold"}``; ``bold`` is set only for the method ``best`` names for that
+    ``{"mean", "ci", "bold"}`` (``ci``: ``"[lo, hi]"`` or "no CI", :func:`medfocus.evaluation.tables.ci_text`); ``bold`` is set only for the method ``best`` names for that
     ``(dataset, metric)``. Each row also carries the method's "source / deviation" line
     (:func:`medfocus.attribution.method_source`)."""
     df = summary[(summary["model"] == model) & (summary["mode"] == mode)]
@@ -117,7 +118,7 @@ def results_table_data(summary: pd.DataFrame, *, model: str, mode: str, method_o
                     continue
                 n = r.n
                 bold = best.get((ds, m)) == me
-                cells.append({"failed": False, "mean": f"{r.mean:.1f}", "lo": f"{r.ci_low:.1f}", "hi": f"{r.ci_high:.1f}", "bold": bold})
+                cells.append({"failed": False, "mean": f"{r.mean:.1f}", "ci": ci_text(r.ci_low, r.ci_high), "bold": bold})
             errs = max((int(getattr(idx[(ds, me, m)], "n_error", 0)) for m in METRICS if (ds, me, m) in idx), default=0)
             groups.append({"cells": cells, "n": n if n is not None else 0, "errors": errs})
         rows.append({"method": str(me), "source": source_of(str(me)), "groups": groups})
@@ -142,9 +143,12 @@ def results_table(summary: pd.DataFrame, *, model: str, mode: str, method_order:
     return "" if data is None else _macro("results_table", data)
 
 
-def significant_best(metrics: pd.DataFrame | None, *, n_boot: int = 1000, seed: int = 0) -> dict[tuple[str, str], dict[tuple[str, str], str]]:
+def significant_best(metrics: pd.DataFrame | None, *, n_boot: int = 1000, seed: int = 0,
+                     withheld: list[str] | None = None) -> dict[tuple[str, str], dict[tuple[str, str], str]]:
     """``{(model, mode): {(dataset, metric): method}}`` of the methods that are significantly better
-    than every other method in their column (:func:`medfocus.evaluation.best_methods`, paired bootstrap)."""
+    than every other method in their column (:func:`medfocus.evaluation.best_methods`, paired bootstrap).
+    ``withheld``, when given, receives one ``"model / mode / dataset / metric: reason"`` per column where no
+    test could be made (too few paired samples, :data:`~medfocus.evaluation.significance.MIN_PAIRS`)."""
     from medfocus.evaluation import best_methods
 
     out: dict[tuple[str, str], dict[tuple[str, str], str]] = {}
@@ -153,6 +157,8 @@ def significant_best(metrics: pd.DataFrame | None, *, n_boot: int = 1000, seed: 
     for r in best_methods(metrics, METRICS, n_boot=n_boot, seed=seed).itertuples(index=False):
         if r.significant:
             out.setdefault((str(r.model), str(r.mode)), {})[(str(r.dataset), str(r.metric))] = str(r.best)
+        elif r.withheld and withheld is not None:
+            withheld.append(f"{r.model} / {r.mode} / {r.dataset} / {METRIC_LABELS.get(str(r.metric), r.metric)}: {r.withheld}")
     return out
 
 
@@ -205,7 +211,7 @@ def faithfulness_table_data(summary: pd.DataFrame, *, model: str, mode: str, met
                 if m != "iou":
                     ns.append(int(r.n))
                 bold = best[(ds, m)] is not None and me not in refs and abs(r.mean - best[(ds, m)]) < 1e-9
-                cells.append({"mean": f"{r.mean:.1f}", "lo": f"{r.ci_low:.1f}", "hi": f"{r.ci_high:.1f}", "bold": bold, "failed": False})
+                cells.append({"mean": f"{r.mean:.1f}", "ci": ci_text(r.ci_low, r.ci_high), "bold": bold, "failed": False})
             groups.append({"cells": cells, "n": max(ns) if ns else 0, "errors": 0})
         rows.append({"method": str(me), "source": source_of(str(me)), "groups": groups})
     return {"datasets": [str(d) for d in datasets], "metric_labels": [FAITH_LABELS[m] for m in FAITH_METRICS], "rows": rows}
@@ -467,10 +473,17 @@ def build_report(
     ctx["info"] = list(info.items())
 
     # ---- results tables
-    from medfocus.evaluation.significance import TEST_DESCRIPTION
+    from medfocus.evaluation.significance import MIN_PAIRS, TEST_DESCRIPTION
 
-    best = significant_best(metrics, seed=seed)
-    ctx["best_note"] = TEST_DESCRIPTION.format(n_boot=1000, level=95).capitalize()
+    withheld: list[str] = []
+    best = significant_best(metrics, seed=seed, withheld=withheld)
+    ctx["best_note"] = TEST_DESCRIPTION.format(n_boot=1000, level=95, min_pairs=MIN_PAIRS).capitalize()
+    # columns where no method could be called best for lack of pairs: said, not left to read as "no winner"
+    ctx["best_withheld"] = (f"Bold withheld in {len(withheld)} column(s) with fewer than {MIN_PAIRS} paired samples "
+                            f"(too few for the interval to mean anything): " + "; ".join(withheld[:6])
+                            + (f"; and {len(withheld) - 6} more" if len(withheld) > 6 else "")) if withheld else None
+    ctx["no_ci_note"] = bool(len(summary) and (np.isfinite(pd.to_numeric(summary["mean"], errors="coerce"))
+                                               & ~np.isfinite(pd.to_numeric(summary["ci_low"], errors="coerce"))).any())
     ctx["results"] = []
     for mode in modes:
         tables = []
@@ -490,8 +503,8 @@ def build_report(
 
         comp = compare_to_baselines(metrics, ["iou"], seed=seed)
         if len(comp):
-            comp = comp.assign(interval=[f"[{lo:+.1f}, {hi:+.1f}]" if np.isfinite(lo) else "–"
-                                         for lo, hi in zip(comp["ci_low"], comp["ci_high"])],
+            comp = comp.assign(interval=[ci_text(lo, hi, signed=True) if np.isfinite(d) else "–"
+                                         for d, lo, hi in zip(comp["difference"], comp["ci_low"], comp["ci_high"])],
                                verdict=["n/a" if b is None else ("beats it" if b else "does not beat it") for b in comp["beats"]])
             comp = comp[["model", "mode", "dataset", "method", "method_mean", "baseline", "baseline_mean", "difference",
                          "interval", "n_pairs", "verdict"]].rename(columns={
