@@ -128,8 +128,10 @@ def make_run(tmp_path: Path, n: int = 3) -> tuple[list[dict], pd.DataFrame]:
 
 def test_build_report_self_contained(tmp_path):
     preds, metrics = make_run(tmp_path)
-    retention = [{"model": "demo", "dataset": "synthetic", "mode": "direct", "editor": "oracle", "n": 10, "kept": 7},
-                 {"model": "demo", "dataset": "synthetic", "mode": "cot", "editor": "inpaint", "n": 10, "kept": 4}]
+    retention = [{"model": "demo", "dataset": "synthetic", "mode": "direct", "editor": "oracle", "n": 10, "errors": 0,
+                  "failed_correct": 2, "failed_flip": 1, "failed_background": 0, "kept": 7, "retention_pct": 70.0},
+                 {"model": "demo", "dataset": "synthetic", "mode": "cot", "editor": "inpaint", "n": 10, "errors": 1,
+                  "failed_correct": 2, "failed_flip": 3, "failed_background": 0, "kept": 4, "retention_pct": 40.0}]
     out = build_report(preds, tmp_path / "elsewhere" / "report.html", metrics=metrics, retention=retention,
                        run_info={"Elapsed": "1.0 s"}, figures_dir=tmp_path / "figs")
     html = out.read_text()

@@ -18,17 +18,10 @@ Examples:
 
 
 def read_table(path: str | Path):
-    """A retention table from ``.csv`` or ``.json`` (list of rows)."""
-    import pandas as pd
+    """A checked retention table from ``.csv``, ``.json`` or ``.jsonl`` (:func:`medfocus.report.retention.read_retention`)."""
+    from medfocus.report.retention import read_retention
 
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"retention table {path} does not exist")
-    if path.suffix == ".csv":
-        return pd.read_csv(path)
-    if path.suffix in (".json", ".jsonl"):
-        return pd.read_json(path, lines=path.suffix == ".jsonl")
-    raise DataError(f"retention table {path}: expected .csv, .json or .jsonl")
+    return read_retention(path)
 
 
 @click.command(name="report", epilog=EPILOG)
@@ -36,7 +29,9 @@ def read_table(path: str | Path):
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--predictions", default=None, type=click.Path(dir_okay=False), show_default="RUN_DIR/predictions.jsonl", help="Result file.")
 @click.option("--retention", default=None, type=click.Path(dir_okay=False), show_default="RUN_DIR/retention.csv if present",
-              help="Retention table (.csv/.json).")
+              help="Retention table (.csv/.json) of `medfocus bench build`: checked (required columns, counts, "
+                   "retention_pct = kept/n) and refused when it is not one; rows of models/datasets not in the run are "
+                   "left out with a note.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), show_default="RUN_DIR/report.html", help="HTML file to write.")
 @click.option("--title", default="medfocus report", show_default=True, help="Report title.")
 @click.option("--gallery", default=1, show_default=True, type=click.IntRange(0),
@@ -56,6 +51,14 @@ def report(run_dir, predictions, retention, out, title, gallery, save_figures, f
     preds = load_results(Path(predictions) if predictions else run / "predictions.jsonl")
     ret_path = Path(retention) if retention else (run / "retention.csv")
     ret = read_table(ret_path) if (retention or ret_path.exists()) else None
+    if ret is not None:
+        from medfocus.report.retention import rows_of_run
+
+        # the same check build_report makes, here to say it on the terminal too
+        _, note = rows_of_run(ret, [(r["model"], r["dataset"]) for r in preds], source=str(ret_path))
+        if note:
+            click.echo(f"note: {note}", err=True)
     path = build_report(preds, Path(out) if out else run / "report.html", retention=ret, title=title, gallery=gallery,
-                        figures_dir=run / "figures" if save_figures else None, fig_format=fig_format, dpi=dpi)
+                        figures_dir=run / "figures" if save_figures else None, fig_format=fig_format, dpi=dpi,
+                        retention_source=str(ret_path))
     click.echo(f"report: {path.resolve()}")

@@ -368,6 +368,7 @@ def build_report(
     fig_format: str = "png",
     dpi: int = figures.DPI,
     baselines: bool = True,
+    retention_source: str = "retention table",
 ) -> Path:
     """Write the self-contained HTML report.
 
@@ -377,7 +378,10 @@ def build_report(
         metrics: per-record metrics (``evaluate_records`` output); computed from ``predictions`` when ``None``.
         summary: the summary table (:func:`summarize` of ``metrics`` when ``None``), columns
             ``model, mode, method, dataset, metric, mean, ci_low, ci_high, n, n_error``.
-        retention: the causal filter's retention table (rows of dicts or a DataFrame), any columns.
+        retention: the causal filter's retention table (rows of dicts or a DataFrame, as ``bench build``
+            writes it), checked by :func:`medfocus.report.retention.check_retention`; rows of models /
+            datasets without records here are left out with a note (:func:`~medfocus.report.retention.rows_of_run`).
+        retention_source: how errors and the note name the retention table (its file).
         run_info: extra ``key: value`` lines for the overview (e.g. elapsed time, seeds, editors).
         base_dir: directory relative heatmap paths are relative to (default: ``out``'s directory).
         gallery: samples in the gallery per finding, for each mode that has results (the gallery is
@@ -397,6 +401,7 @@ def build_report(
         the path written.
     Raises:
         ConfigError: unknown ``fig_format`` or a ``dpi`` outside 30..1200.
+        DataError: a retention table that is not one, contradicts itself or holds no row of the run.
     """
     from medfocus.errors import ConfigError
 
@@ -408,6 +413,12 @@ def build_report(
     out.parent.mkdir(parents=True, exist_ok=True)
     base = Path(base_dir) if base_dir is not None else out.parent
     preds = [dict(r) for r in predictions]
+    ret_rows, ret_note = None, None
+    if retention is not None:  # checked before any scoring or plotting
+        from medfocus.report.retention import check_retention, rows_of_run
+
+        ret_rows, ret_note = rows_of_run(check_retention(retention, source=retention_source),
+                                         [(r["model"], r["dataset"]) for r in preds], source=retention_source)
     from medfocus.evaluation import evaluate_records
     from medfocus.evaluation.baselines import is_baseline, trivial_baseline_records
 
@@ -478,6 +489,7 @@ def build_report(
     withheld: list[str] = []
     best = significant_best(metrics, seed=seed, withheld=withheld)
     ctx["best_note"] = TEST_DESCRIPTION.format(n_boot=1000, level=95, min_pairs=MIN_PAIRS).capitalize()
+    ctx["min_pairs"] = MIN_PAIRS
     # columns where no method could be called best for lack of pairs: said, not left to read as "no winner"
     ctx["best_withheld"] = (f"Bold withheld in {len(withheld)} column(s) with fewer than {MIN_PAIRS} paired samples "
                             f"(too few for the interval to mean anything): " + "; ".join(withheld[:6])
@@ -520,10 +532,8 @@ def build_report(
             ctx["by_finding"] = frame_table_data(wide)
 
     # ---- retention
-    ctx["retention"] = None
-    if retention is not None and len(retention) > 0:
-        rdf = compact_retention(retention if isinstance(retention, pd.DataFrame) else pd.DataFrame(list(retention)))
-        ctx["retention"] = frame_table_data(rdf, float_fmt="{:.3g}")
+    ctx["retention"] = frame_table_data(compact_retention(ret_rows), float_fmt="{:.3g}") if ret_rows is not None else None
+    ctx["retention_note"] = ret_note
 
     # ---- plots
     ctx["plots"] = None
