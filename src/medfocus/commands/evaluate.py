@@ -30,6 +30,8 @@ or square canvas map of a non-square film is an error, never stretched). Boxes a
 inverted or non-finite gt_boxes or pred_boxes make the record an error, as do pred_boxes that all lie in
 [0, 1] on a film of >= 32 px (relative coordinates);
 "unparseable": true (box text the model wrote that no rule reads) is counted, not scored.
+Records whose answer_parsed is not their gt_answer (an unfiltered run attributes the model's own,
+possibly wrong, answer) are scored and counted in the table note; --correct-only leaves them out.
 
 \b
 Writes into --out: table.md (printed), table.csv (long format with CIs), records.csv (per record),
@@ -161,12 +163,16 @@ def _for_file(record: dict[str, Any], folder: Path) -> dict[str, Any]:
 @click.option("--baselines/--no-baselines", default=True, show_default=True,
               help="Add the trivial-baseline rows (centred Gaussian, image-blind finding prior, uniform random) and "
                    "compare every method with the best of them.")
+@click.option("--correct-only", is_flag=True,
+              help="Score only records whose attributed answer is the ground truth (answer_parsed == gt_answer). "
+                   "Without it, attributions of wrong answers (e.g. a \"No\" on a film with the finding) are scored "
+                   "against the expert boxes too; the table says how many.")
 @faithfulness_options(default=False)
 @click.option("--model", default=None, show_default="none; required with --faithfulness",
               help="With --faithfulness: the LVLM (registry name or folder) whose records are re-scored.")
 def evaluate(predictions: tuple[Path, ...], out_dir: Path, metrics: str | None, n_boot: int, seed: int, q: float, min_area: int,
-             max_boxes: int, baselines: bool, faithfulness: bool, faithfulness_steps: int, faithfulness_baseline: str,
-             faithfulness_batch_size: int, model: str | None) -> None:
+             max_boxes: int, baselines: bool, correct_only: bool, faithfulness: bool, faithfulness_steps: int,
+             faithfulness_baseline: str, faithfulness_batch_size: int, model: str | None) -> None:
     """Score predicted boxes / heatmaps against expert boxes; write CSV/Markdown tables.
 
     Boxes from heatmaps: min-max normalise, threshold at the q-quantile of the positive values,
@@ -191,6 +197,15 @@ def evaluate(predictions: tuple[Path, ...], out_dir: Path, metrics: str | None, 
         click.echo(f"note: {dup_note}", err=True)
     if not records:
         raise click.ClickException(f"no records in {', '.join(map(str, predictions))}")
+    if correct_only:
+        from medfocus.evaluation.records import correct_only as keep_correct
+
+        n_all = len(records)
+        records, n_left = keep_correct(records)  # DataError (-> one CLI error line) when correctness is unknown
+        click.echo(f"--correct-only: {n_left} of {n_all} records left out (answer not the ground truth, or unreadable)",
+                   err=True)
+        if not records:
+            raise click.ClickException(f"--correct-only: no record of {', '.join(map(str, predictions))} has a correct answer")
     if faithfulness and not model:
         raise click.BadParameter("--faithfulness needs --model NAME (the LVLM whose heatmaps are re-scored)", param_hint="--model")
     if model and not faithfulness:

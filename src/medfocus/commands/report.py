@@ -33,6 +33,9 @@ def read_table(path: str | Path):
                    "retention_pct = kept/n) and refused when it is not one; rows of models/datasets not in the run are "
                    "left out with a note.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), show_default="RUN_DIR/report.html", help="HTML file to write.")
+@click.option("--correct-only", is_flag=True,
+              help="Report only records whose attributed answer is the ground truth (answer_parsed == gt_answer), as "
+                   "`evaluate --correct-only`; without it the report says how many scored records have a wrong answer.")
 @click.option("--title", default="medfocus report", show_default=True, help="Report title.")
 @click.option("--gallery", default=1, show_default=True, type=click.IntRange(0),
               help="Gallery samples per finding and mode (the gallery is stratified by finding).")
@@ -41,7 +44,7 @@ def read_table(path: str | Path):
               help="Format of the saved figures: svg and pdf are vector (heatmaps embedded at --dpi).")
 @click.option("--dpi", default=150, show_default=True, type=click.IntRange(30, 1200),
               help="Resolution of raster figures and of the heatmaps inside vector ones (the HTML embeds PNGs at this dpi).")
-def report(run_dir, predictions, retention, out, title, gallery, save_figures, fig_format, dpi) -> None:
+def report(run_dir, predictions, retention, out, correct_only, title, gallery, save_figures, fig_format, dpi) -> None:
     """Write one self-contained HTML file (images embedded) with the results tables, retention table,
     plots, sample gallery and MedFocus concept/token views of RUN_DIR."""
     from medfocus.report import build_report
@@ -49,6 +52,15 @@ def report(run_dir, predictions, retention, out, title, gallery, save_figures, f
 
     run = Path(run_dir)
     preds = load_results(Path(predictions) if predictions else run / "predictions.jsonl")
+    run_info = {}
+    if correct_only:
+        from medfocus.evaluation.records import correct_only as keep_correct
+
+        n_all = len(preds)
+        preds, n_left = keep_correct(preds)  # DataError (one CLI error line) when correctness is unknown
+        run_info["Correct answers only"] = (f"--correct-only: {n_left} of {n_all} records left out (answer not the "
+                                            "ground truth, or unreadable)")
+        click.echo(f"--correct-only: {n_left} of {n_all} records left out", err=True)
     ret_path = Path(retention) if retention else (run / "retention.csv")
     ret = read_table(ret_path) if (retention or ret_path.exists()) else None
     if ret is not None:
@@ -59,6 +71,6 @@ def report(run_dir, predictions, retention, out, title, gallery, save_figures, f
         if note:
             click.echo(f"note: {note}", err=True)
     path = build_report(preds, Path(out) if out else run / "report.html", retention=ret, title=title, gallery=gallery,
-                        figures_dir=run / "figures" if save_figures else None, fig_format=fig_format, dpi=dpi,
+                        figures_dir=run / "figures" if save_figures else None, fig_format=fig_format, dpi=dpi, run_info=run_info,
                         retention_source=str(ret_path))
     click.echo(f"report: {path.resolve()}")

@@ -41,6 +41,10 @@ A record without GT boxes (a negative sample) has no region to localise: NaN met
 "no_gt"``, no error; tables leave it out. A record with ``"unparseable": true`` (the model's box text
 could not be read, :mod:`medfocus.lvlm.box_text`) is not scored as an empty prediction: NaN metrics,
 ``source = "unparseable"``; tables leave it out of the means and count it (``n_unparseable``).
+A record whose attributed answer is wrong (``answer_parsed`` != ``gt_answer``: an unfiltered run attributes
+the model's own answer, e.g. a "No" on a film with the finding) is scored like any other against the expert
+boxes; its row has ``answer_correct = False`` and tables count it (``n_wrong_answer``);
+:func:`correct_only` keeps only correct answers (``evaluate --correct-only``).
 
 Faithfulness: ``deletion_auc`` / ``insertion_auc`` are not computed here (they need the model; see
 :mod:`medfocus.evaluation.faithfulness`): a record that carries them (runner ``--faithfulness``, or
@@ -67,7 +71,7 @@ from medfocus.evaluation.metrics import auprc, energy_pointing_game, pointing_ga
 from medfocus.io.jsonl import latest_by_key, read_jsonl_numbered
 from medfocus.io.paths import record_label
 
-__all__ = ["evaluate_records", "evaluate_record", "read_prediction_records", "read_prediction_files", "record_key", "KEY_FIELDS",
+__all__ = ["evaluate_records", "evaluate_record", "answer_correct", "correct_only", "read_prediction_records", "read_prediction_files", "record_key", "KEY_FIELDS",
            "load_heatmap", "map_fits_frame", "METRIC_COLUMNS", "KEY_COLUMNS", "RELATIVE_UNIT_MIN_SIDE"]
 
 KEY_COLUMNS = ("model", "dataset", "mode", "method", "index")
@@ -288,7 +292,8 @@ def evaluate_record(
     row["attribute"] = record.get("attribute")  # the finding asked about (per-finding tables)
     row.update({m: math.nan for m in METRIC_COLUMNS})
     row.update({"n_pred_boxes": 0, "n_gt_clipped": 0, "n_pred_clipped": 0, "unclipped": False,
-                "unparseable": bool(record.get("unparseable")), "source": None, "error": None})
+                "unparseable": bool(record.get("unparseable")), "answer_correct": answer_correct(record), "source": None,
+                "error": None})
     where = _record_where(record)
     if record.get("error"):
         row["error"] = str(record["error"])
@@ -383,6 +388,40 @@ def evaluate_record(
     return row
 
 
+def answer_correct(record: Mapping[str, Any]) -> bool | None:
+    """Whether the attributed answer states the ground truth: ``answer_parsed`` (the runner's yes/no reading
+    of the answer it attributed) equals ``gt_answer`` (case-insensitive). An unreadable answer
+    (``answer_parsed`` null) with a known ``gt_answer`` is not correct. ``None`` -- unknown -- when the record
+    carries no ``answer_parsed`` field or no ``gt_answer`` (hand-made records).
+
+    An unfiltered ``attribute`` run attributes the model's own answer, right or wrong: a wrong "No" is
+    still scored against the expert boxes of the finding, so tables count such rows (``n_wrong_answer``)
+    and ``evaluate --correct-only`` / ``report --correct-only`` score only correct answers.
+    """
+    if "answer_parsed" not in record or record.get("gt_answer") is None:
+        return None
+    parsed = record.get("answer_parsed")
+    return parsed is not None and str(parsed).strip().lower() == str(record["gt_answer"]).strip().lower()
+
+
+def correct_only(records: Iterable[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], int]:
+    """The records whose answer states the ground truth (:func:`answer_correct`) and how many were left out.
+
+    Raises:
+        DataError: a record whose correctness is unknown (no ``answer_parsed`` or ``gt_answer``): counted,
+            the first named -- "correct only" cannot be decided for it, and dropping it silently would
+            change the table as much as scoring it.
+    """
+    recs = list(records)
+    unknown = [r for r in recs if answer_correct(r) is None]
+    if unknown:
+        raise DataError(f"--correct-only: {len(unknown)} of {len(recs)} records carry no 'answer_parsed' and 'gt_answer' "
+                        f"(first: {_record_where(unknown[0])}), so whether their answer is correct is unknown; "
+                        "score them without --correct-only")
+    kept = [r for r in recs if answer_correct(r)]
+    return kept, len(recs) - len(kept)
+
+
 def _record_where(record: Mapping[str, Any]) -> str:
     """How messages name a record: its file and line (``_where``, when read from a file) and its key."""
     name = record_label(record)
@@ -427,9 +466,10 @@ def evaluate_records(
     Returns:
         DataFrame with columns ``model, dataset, mode, method, index, attribute, iou, f1, precision, recall,
         pointing_game, energy_pg, auprc, deletion_auc, insertion_auc, n_pred_boxes, n_gt_clipped,
-        n_pred_clipped, unclipped, unparseable, source, error`` (metrics in [0, 1], NaN when not
+        n_pred_clipped, unclipped, unparseable, answer_correct, source, error`` (metrics in [0, 1], NaN when not
         applicable or on error; ``n_*_clipped``: boxes changed or dropped by clipping to ``image_size``;
-        ``unclipped``: a box-only record without ``image_size``, scored as given), plus the reference
+        ``unclipped``: a box-only record without ``image_size``, scored as given; ``answer_correct``:
+        :func:`answer_correct`, True / False / None), plus the reference
         rows of the records' faithfulness fields (``source == "reference"``).
 
     Warns:
@@ -447,5 +487,5 @@ def evaluate_records(
 
     rows += reference_rows(recs)
     cols = list(KEY_COLUMNS) + ["attribute"] + list(METRIC_COLUMNS) + ["n_pred_boxes", "n_gt_clipped", "n_pred_clipped", "unclipped",
-                                                                       "unparseable", "source", "error"]
+                                                                       "unparseable", "answer_correct", "source", "error"]
     return pd.DataFrame(rows, columns=cols)

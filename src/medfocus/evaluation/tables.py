@@ -104,9 +104,11 @@ def summarize(
 ) -> pd.DataFrame:
     """Long table: one row per (model, mode, method, dataset, metric) with ``mean, ci_low, ci_high``
     (all x100), ``n`` (records evaluated), ``n_error`` and ``n_unparseable`` (records whose box text
-    could not be read; left out of the means like errors). Metrics absent from ``df`` or all-NaN for a
+    could not be read; left out of the means like errors), ``n_wrong_answer`` (of the ``n`` scored records,
+    those whose attributed answer is wrong: ``answer_correct`` False; they are in the mean) and
+    ``n_answer_unknown`` (of the ``n``, those without ``answer_parsed`` / ``gt_answer``). Metrics absent from ``df`` or all-NaN for a
     group (e.g. pointing game for a box-only method) are left out of that group."""
-    cols = GROUP_KEYS + ["metric", "mean", "ci_low", "ci_high", "n", "n_error", "n_unparseable"]
+    cols = GROUP_KEYS + ["metric", "mean", "ci_low", "ci_high", "n", "n_error", "n_unparseable", "n_wrong_answer", "n_answer_unknown"]
     if df.empty:
         return pd.DataFrame(columns=cols)
     d = df.copy()
@@ -116,6 +118,11 @@ def summarize(
         d[k] = d[k].fillna("").astype(str)
     has_err = d["error"].notna() & (d["error"].astype(str) != "") if "error" in d.columns else pd.Series(False, index=d.index)
     unparseable = d["unparseable"].fillna(False).astype(bool) if "unparseable" in d.columns else pd.Series(False, index=d.index)
+    # scored rows whose attributed answer is wrong (answer_correct is False; None = unknown is not counted)
+    known = d["answer_correct"].map(lambda v: isinstance(v, (bool, np.bool_))) if "answer_correct" in d.columns \
+        else pd.Series(False, index=d.index)
+    wrong = known & d["answer_correct"].map(lambda v: not bool(v) if isinstance(v, (bool, np.bool_)) else False) \
+        if "answer_correct" in d.columns else pd.Series(False, index=d.index)
     rows = []
     for key, g in d.groupby(GROUP_KEYS, sort=True):
         err = has_err.loc[g.index]
@@ -125,6 +132,8 @@ def summarize(
             if m not in g.columns:
                 continue
             vals = pd.to_numeric(ok[m], errors="coerce").to_numpy(dtype=np.float64)
+            n_wrong = int((np.isfinite(vals) & wrong.loc[ok.index].to_numpy()).sum())
+            n_unknown = int((np.isfinite(vals) & ~known.loc[ok.index].to_numpy()).sum())
             vals = vals[np.isfinite(vals)]
             if vals.size == 0 and len(ok):
                 continue
@@ -132,7 +141,8 @@ def summarize(
             cell_seed = (seed, hash_key(key), j)
             mean, lo, hi = bootstrap_ci(vals, n_boot=n_boot, ci=ci, seed=int(np.random.SeedSequence(cell_seed).generate_state(1)[0]))
             rows.append(dict(zip(GROUP_KEYS, key), metric=m, mean=100 * mean, ci_low=100 * lo, ci_high=100 * hi, n=int(vals.size),
-                             n_error=int(err.sum()), n_unparseable=n_unp))
+                             n_error=int(err.sum()), n_unparseable=n_unp, n_wrong_answer=n_wrong,
+                             n_answer_unknown=n_unknown))
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -196,10 +206,13 @@ def to_markdown(summary: pd.DataFrame, metrics: Sequence[str] = ("iou", "f1", "p
                 header.append(f"{label}{f' (n={n})' if n is not None else ''} {METRIC_LABELS.get(m, m)}")
         any_err = bool((sm["n_error"] > 0).any())
         any_unp = "n_unparseable" in sm.columns and bool((sm["n_unparseable"] > 0).any())
+        any_wrong = "n_wrong_answer" in sm.columns and bool((sm["n_wrong_answer"] > 0).any())
         if any_err:
             header.append("errors")
         if any_unp:
             header.append("unparseable")
+        if any_wrong:
+            header.append("wrong answers (scored)")
         lines = [f"### {model} — {mode}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for meth in methods:
             cells = [meth]
@@ -216,7 +229,7 @@ def to_markdown(summary: pd.DataFrame, metrics: Sequence[str] = ("iou", "f1", "p
                     if n_by_ds[ds] is None and int(r.n):
                         cell += f" (n={int(r.n)})"
                     cells.append(cell)
-            for flag, col in ((any_err, "n_error"), (any_unp, "n_unparseable")):
+            for flag, col in ((any_err, "n_error"), (any_unp, "n_unparseable"), (any_wrong, "n_wrong_answer")):
                 if flag:
                     cells.append(str(int(sm[(sm["method"] == meth)].groupby("dataset")[col].max().sum())))
             lines.append("| " + " | ".join(cells) + " |")
@@ -225,6 +238,7 @@ def to_markdown(summary: pd.DataFrame, metrics: Sequence[str] = ("iou", "f1", "p
         "\n\nCells: mean x100 over samples [95% bootstrap CI]; IoU/F1/precision/recall of the union of "
         "predicted boxes vs the union of expert boxes."
     )
+    note += wrong_answer_note(summary)
     finite = summary["mean"].map(lambda v: math.isfinite(float(v)))
     no_ci = finite & ~(summary["ci_low"].map(lambda v: math.isfinite(float(v))))
     if bool(no_ci.any()):
@@ -235,6 +249,30 @@ def to_markdown(summary: pd.DataFrame, metrics: Sequence[str] = ("iou", "f1", "p
                  "(x100; RISE's protocol on image-token cells, medfocus.evaluation.faithfulness); the reference rows "
                  "rank cells randomly / by the expert boxes.")
     return "\n\n".join(parts) + note + "\n"
+
+
+def wrong_answer_note(summary: pd.DataFrame, *, flag: str = "evaluate --correct-only") -> str:
+    """One sentence: how many of the scored records (methods' rows, first metric of each cell) attribute a wrong
+    answer and are in the means; ``""`` when the summary has no ``n_wrong_answer``. ``flag``: the option that
+    leaves them out."""
+    if summary.empty or "n_wrong_answer" not in summary.columns:
+        return ""
+    first = summary.drop_duplicates(GROUP_KEYS)  # one metric per cell: records, not record x metric
+    # the methods' rows only: the trivial baselines (baseline_*) and faithfulness references answer nothing
+    first = first[~first["method"].astype(str).map(lambda m: m.startswith(("baseline_", "reference")))]
+    n, wrong = int(first["n"].sum()), int(first["n_wrong_answer"].sum())
+    unknown = int(first["n_answer_unknown"].sum()) if "n_answer_unknown" in first.columns else 0
+    if n == 0:
+        return ""
+    if unknown == n:
+        return (f" Wrong answers: unknown for all {n} scored records (they carry no answer_parsed / gt_answer), so "
+                "attributions of wrong answers may be among them.")
+    text = (f" Wrong answers: {wrong} of the {n} scored records attribute an answer that is not the ground truth "
+            f"(the model's own answer, e.g. \"No\" on a film with the finding); they are scored against the expert "
+            f"boxes and are in the means ({flag} leaves them out).")
+    if unknown:
+        text += f" {unknown} scored records carry no answer_parsed / gt_answer: correctness unknown."
+    return text
 
 
 def build_tables(

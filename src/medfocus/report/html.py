@@ -272,6 +272,27 @@ def compact_retention(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def _wrong_answer_info(metrics: pd.DataFrame | None) -> dict[str, str]:
+    """The overview line counting the scored records that attribute a wrong answer (``answer_correct`` of
+    :func:`medfocus.evaluation.evaluate_records`); empty when ``metrics`` has no such column."""
+    from medfocus.evaluation.significance import successful_rows
+
+    if metrics is None or "answer_correct" not in metrics.columns or metrics.empty:
+        return {}
+    m = successful_rows(metrics)
+    m = m[~m["method"].astype(str).str.startswith(("baseline_", "reference"))]
+    m = m[np.isfinite(pd.to_numeric(m["iou"], errors="coerce"))] if "iou" in m.columns else m
+    known = m["answer_correct"].map(lambda v: isinstance(v, (bool, np.bool_)))
+    wrong = int((known & m["answer_correct"].map(lambda v: v is False or v is np.False_)).sum())
+    if len(m) == 0:
+        return {}
+    text = (f"{wrong} of {len(m)} scored records attribute an answer that is not the ground truth; they are scored "
+            "against the expert boxes and are in the tables (medfocus report --correct-only leaves them out)")
+    if int((~known).sum()):
+        text += f"; {int((~known).sum())} carry no answer_parsed / gt_answer (correctness unknown)"
+    return {"Wrong answers scored": text}
+
+
 # ---- record helpers --------------------------------------------------------------------------------
 def _read_image(record: Mapping[str, Any]) -> np.ndarray | None:
     """The film of a gallery sample (:func:`medfocus.io.paths.record_film`: the one its records were
@@ -478,6 +499,7 @@ def build_report(
         "Modes": ", ".join(MODE_LABELS.get(m, m) for m in modes),
         "Methods": f"{len(methods)}: " + ", ".join(map(str, methods)),
         "Records": f"{len(preds)} ({n_samples} model/sample/mode cells; {n_err} failed)",
+        **_wrong_answer_info(metrics),
         **{str(k): str(v) for k, v in (run_info or {}).items()},
         "Generated": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
