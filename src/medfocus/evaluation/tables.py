@@ -176,8 +176,6 @@ def format_ci(mean: float, lo: float, hi: float, decimals: int = 1, *, signed: b
     return f"{mean:{f}} " + (f"({ci})" if ci == NO_CI else ci)
 
 
-_fmt = format_ci
-
 
 def to_markdown(summary: pd.DataFrame, metrics: Sequence[str] = ("iou", "f1", "precision", "recall"), decimals: int = 1) -> str:
     """Markdown: one table per (model, mode); rows = methods; columns = dataset x metric groups.
@@ -225,7 +223,7 @@ def to_markdown(summary: pd.DataFrame, metrics: Sequence[str] = ("iou", "f1", "p
                         continue
                     n_err = max(n_err, int(r.n_error))
                     # Every record failed: say so, a dash would read like "not run" and a 0 like a score.
-                    cell = "failed" if int(r.n) == 0 and int(r.n_error) > 0 else _fmt(r.mean, r.ci_low, r.ci_high, decimals)
+                    cell = "failed" if int(r.n) == 0 and int(r.n_error) > 0 else format_ci(r.mean, r.ci_low, r.ci_high, decimals)
                     if n_by_ds[ds] is None and int(r.n):
                         cell += f" (n={int(r.n)})"
                     cells.append(cell)
