@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -37,18 +36,13 @@ from PIL import Image
 from medfocus.concepts import uot
 from medfocus.errors import DataError
 from medfocus.io.atomic import atomic_directory
+from medfocus.io.env import cache_root
 from medfocus.types import Box, CONCEPTS, concept_slug
 
 log = logging.getLogger(__name__)
 
 SELECT_GRID = 14
 TRANSFER_GRID = 56
-
-
-def cache_root() -> Path:
-    """``$MEDFOCUS_CACHE`` or ``~/.cache/medfocus`` (created on demand by users)."""
-    env = os.environ.get("MEDFOCUS_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "medfocus"
 
 
 @dataclass

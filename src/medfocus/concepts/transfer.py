@@ -51,9 +51,10 @@ from typing import Any
 import numpy as np
 
 from medfocus.concepts import uot
-from medfocus.concepts.reference import SELECT_GRID, TRANSFER_GRID, ReferencePool, cache_root
+from medfocus.concepts.reference import SELECT_GRID, TRANSFER_GRID, ReferencePool
 from medfocus.errors import ConfigError, DataError
 from medfocus.io.atomic import atomic_save_npz
+from medfocus.io.env import cache_root
 from medfocus.types import Box, CONCEPTS
 
 log = logging.getLogger(__name__)

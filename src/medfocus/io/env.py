@@ -1,8 +1,17 @@
-"""Integer settings read from the environment (the pixel limit, the working-resolution cap)."""
+"""Settings read from the environment: the pixel limit, the working-resolution cap (integers) and the
+cache directory (:func:`cache_root`)."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    """``$MEDFOCUS_CACHE`` or ``~/.cache/medfocus``: the one home of medfocus' caches (reference pools,
+    concept transfers, the file-digest memo); created on demand by its users."""
+    env = os.environ.get("MEDFOCUS_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "medfocus"
 
 
 def env_pixels(name: str, default: int | None, error: type[Exception], off: str) -> int | None:

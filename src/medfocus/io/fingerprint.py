@@ -7,17 +7,26 @@ SHA-256, finding, expert boxes, question, answer); :func:`fingerprint_difference
 between a stored fingerprint and the current sample. One home for the result store of
 ``medfocus attribute`` (:mod:`medfocus.runner.store`), ``medfocus explain`` and the benchmark builder's
 split logs, edit cache and generation cache (:mod:`medfocus.bench.build`). :func:`file_sha256` hashes
-each film once per process (cached by path, size, modification/change time and inode).
+each file once per process (memoized by path, size, modification/change time, inode and device), and
+once per change across processes for multi-GB model weights (``persist=True``: a JSON memo in the cache
+directory).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
+import stat
 import time
+import warnings
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from medfocus.errors import ConfigError
+from medfocus.errors import ConfigError, DataWarning
+from medfocus.io.atomic import atomic_write_json
+from medfocus.io.env import cache_root
 
 __all__ = ["FINGERPRINT_FIELD", "NO_FINGERPRINT", "IDENTITY_FIELDS", "file_sha256", "sample_fingerprint", "sample_identity",
            "fingerprint_differences", "merge_differences", "describe_sample_conflicts", "changed_samples_error"]
@@ -35,38 +44,157 @@ NO_FINGERPRINT = ("carries no sample fingerprint (written before fingerprints we
 #: at a record's ``(dataset, index)`` is the one the split's answers were given to.
 IDENTITY_FIELDS = ("image", "image_bytes", "image_sha256", "finding", "gt_answer", "gt_boxes", "question")
 
-# sha256 per (path, size, mtime, ctime, inode): a film shared by several models, modes and methods of a
-# run is hashed once; any rewrite of the file changes its ctime and so misses the cache. File times
-# tick coarsely (a kernel jiffy), so a rewrite right after hashing could keep the same times: a file
-# changed less than _SETTLE_NS before it was hashed is not cached (hashed again on the next call),
-# the "racily clean" rule of git's index.
-_HASHES: dict[tuple, str] = {}
+# sha256 per (resolved path, size, mtime, ctime, inode, device): a film shared by several models, modes
+# and methods of a run is hashed once; any rewrite of the file changes its ctime (which, unlike mtime,
+# no `touch`, `cp -p` or `rsync -t` can set back) and so misses the memo. File times tick coarsely (a
+# kernel jiffy), so a rewrite right after hashing could keep the same times: a file changed less than
+# _SETTLE_NS before it was hashed is not memoized (hashed again on the next call), the "racily clean"
+# rule of git's index; nor is one whose times changed while it was read.
+_HASHES: dict[tuple[str, int, int, int, int, int], str] = {}
 _SETTLE_NS = 2_000_000_000
+#: A file at least this large shows a progress bar while it is hashed (a multi-GB checkpoint takes
+#: about as long as reading it from disk once).
+PROGRESS_BYTES = 256 * 2**20
+_CHUNK = 2**20
+#: The persistent memo of :func:`file_sha256` (``persist=True``), in :func:`~medfocus.io.env.cache_root`.
+MEMO_NAME = "file_sha256.json"
+_MEMO_FORMAT = "medfocus file sha256 memo"
+_MEMO_VERSION = 1
+_STAT_FIELDS = ("size", "mtime_ns", "ctime_ns", "ino", "dev")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
-def file_sha256(path: str | os.PathLike[str]) -> tuple[int, str] | None:
-    """``(size in bytes, sha256 hex digest)`` of a file's bytes; ``None`` when it is not a readable file.
+def _stat_key(path: str | os.PathLike[str]) -> tuple[str, int, int, int, int, int] | None:
+    """``(resolved path, size, mtime_ns, ctime_ns, inode, device)`` of a regular file, ``None`` for anything
+    else; raises ``OSError`` when it cannot be stat-ed."""
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
 
-    Cached within the process per path, size, modification and change time and inode, so the
-    same film is read once per run however many methods use it (a file written in the last two
-    seconds is hashed on every call: its times may not change on a rewrite within the same tick)."""
+
+def _read_sha256(path: str | os.PathLike[str], size: int) -> str:
+    """SHA-256 hex digest of the file's bytes, streamed in 1 MiB chunks (a multi-GB checkpoint is never
+    held in memory), with a tqdm bar on stderr for a file of :data:`PROGRESS_BYTES` or more."""
+    h = hashlib.sha256()
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    bar = None
+    if size >= PROGRESS_BYTES:
+        from tqdm import tqdm
+
+        bar = tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
+                   desc=f"hashing {os.path.basename(path)} (once per file change)")
     try:
-        st = os.stat(path)
+        with open(path, "rb", buffering=0) as fh:
+            while n := fh.readinto(buf):
+                h.update(view[:n])
+                if bar is not None:
+                    bar.update(n)
+    finally:
+        if bar is not None:
+            bar.close()
+    return h.hexdigest()
+
+
+def _memo_problem(doc: Any) -> str | None:
+    """What makes ``doc`` something other than a memo this version wrote; ``None`` when it is one."""
+    if not isinstance(doc, dict) or doc.get("format") != _MEMO_FORMAT or doc.get("version") != _MEMO_VERSION:
+        return f"not a version-{_MEMO_VERSION} {_MEMO_FORMAT!r}"
+    files = doc.get("files")
+    if not isinstance(files, dict):
+        return "'files' is not a mapping"
+    for name, e in files.items():
+        if not (isinstance(e, dict) and set(e) == {*_STAT_FIELDS, "sha256"}
+                and all(type(e[k]) is int for k in _STAT_FIELDS)
+                and isinstance(e["sha256"], str) and _SHA256_HEX.fullmatch(e["sha256"])):
+            return f"entry {name!r} is not {{{', '.join(_STAT_FIELDS)}: int, sha256: 64 hex digits}}"
+    return None
+
+
+def _read_memo(path: Path, *, warn: bool) -> dict[str, dict[str, Any]]:
+    """The persistent memo's entries (resolved path -> stat fields and ``sha256``): ``{}`` when there is
+    none yet, and ``{}`` with a :class:`~medfocus.errors.DataWarning` naming the file and its defect when
+    it cannot be read or is not a memo this version wrote (never trusted in part: it is rebuilt)."""
+    problem = None
+    try:
+        doc = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        problem = f"unreadable: {exc}"
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        problem = f"not JSON: {exc}"
+    else:
+        problem = _memo_problem(doc)
+    if problem is None:
+        return doc["files"]
+    if warn:
+        warnings.warn(f"{path}: file-digest memo ignored ({problem}); the files are hashed again and the memo "
+                      "rewritten", DataWarning, stacklevel=4)
+    return {}
+
+
+def _memo_lookup(key: tuple[str, int, int, int, int, int]) -> str | None:
+    """The persisted digest of the file ``key`` describes, when its entry has exactly these stat fields."""
+    e = _read_memo(cache_root() / MEMO_NAME, warn=True).get(key[0])
+    return e["sha256"] if e is not None and tuple(e[k] for k in _STAT_FIELDS) == key[1:] else None
+
+
+def _memo_store(key: tuple[str, int, int, int, int, int], digest: str) -> None:
+    """Persist ``digest`` under ``key`` (one entry per path; entries of files that no longer exist are
+    dropped), written atomically. Concurrent writers may drop each other's new entry: that costs a
+    re-hash, never a wrong digest. A memo that cannot be written is a warning, not an error."""
+    path = cache_root() / MEMO_NAME
+    files = {p: e for p, e in _read_memo(path, warn=False).items() if p != key[0] and os.path.exists(p)}
+    files[key[0]] = {**dict(zip(_STAT_FIELDS, key[1:])), "sha256": digest}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {"format": _MEMO_FORMAT, "version": _MEMO_VERSION, "files": files})
+    except OSError as exc:
+        warnings.warn(f"{path}: cannot write the file-digest memo ({exc}); large files are hashed again "
+                      "in the next process", DataWarning, stacklevel=3)
+
+
+def file_sha256(path: str | os.PathLike[str], *, persist: bool = False) -> tuple[int, str] | None:
+    """``(size in bytes, sha256 hex digest)`` of a file's bytes -- all of them, streamed in chunks;
+    ``None`` when it is not a readable regular file.
+
+    Memoized within the process per resolved path, size, modification and change time, inode and
+    device, so the same film is read once per run however many methods use it. With ``persist`` the
+    digest is also kept in ``<cache_root()>/file_sha256.json`` (:func:`~medfocus.io.env.cache_root`:
+    ``$MEDFOCUS_CACHE`` or ``~/.cache/medfocus``) for later processes: multi-GB checkpoints are read
+    once per change, not once per run. The change time (ctime) is what makes this sound: every write
+    and every ``utime`` sets it to the current time, and nothing short of changing the system clock
+    sets it back, so a same-size rewrite with its modification time restored (``cp -p``, ``rsync -t``,
+    an unpacked archive, ``os.utime``) misses the memo. A file changed within two seconds of the call,
+    or while it was read, is not memoized (file times tick coarsely: a rewrite within the same tick
+    could keep them). The memo is JSON, written atomically; one that cannot be read or is not one this
+    version wrote is ignored with a :class:`~medfocus.errors.DataWarning` and rewritten.
+    """
+    now = time.time_ns()
+    try:
+        key = _stat_key(path)
     except OSError:
         return None
-    if not os.path.isfile(path):
+    if key is None:
         return None
-    ck = (os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-    digest = _HASHES.get(ck)
+    digest = _HASHES.get(key)
+    if digest is None and persist:
+        digest = _memo_lookup(key)
+        if digest is not None:
+            _HASHES[key] = digest
     if digest is None:
         try:
-            with open(path, "rb") as fh:
-                digest = hashlib.file_digest(fh, "sha256").hexdigest()
+            digest = _read_sha256(path, key[1])
+            after = _stat_key(path)
         except OSError:
             return None
-        if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > _SETTLE_NS:
-            _HASHES[ck] = digest
-    return st.st_size, digest
+        if after == key and now - max(key[2], key[3]) > _SETTLE_NS:
+            _HASHES[key] = digest
+            if persist:
+                _memo_store(key, digest)
+    return key[1], digest
 
 
 def _display_path(path: str, root: str | os.PathLike[str] | None) -> str:

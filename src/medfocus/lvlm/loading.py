@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from medfocus.errors import ConfigError, ModelError
+from medfocus.io.fingerprint import file_sha256
 from medfocus.lvlm.adapter import LVLMAdapter
 from medfocus.lvlm.registry import MODEL_TYPE_TO_FAMILY, SHIPPED_DEMOS, ModelEntry, get_entry, list_models
 
@@ -205,13 +206,29 @@ def weights_fingerprint(path: str | os.PathLike, subfolder: str | None = None, *
 
     For a local folder: a SHA-1 over ``config.json``, every weight file and every file matching one of
     the ``also`` glob patterns (other files that change the model's output, e.g. :data:`TOKENIZER_FILES`
-    or a processor config), the whole file up to 64 MiB (the demo model), else its size plus its first
-    and last MiB (multi-GB checkpoints; retraining changes both). Content only: a copy with preserved
-    modification times (``cp -p``, ``rsync -t``, an unpacked archive) of other bytes is another
-    fingerprint, and touching a file is not. With ``also=()`` the value is that of earlier versions
+    or a processor config) -- each file's name, size and *whole* content: a file up to 64 MiB (the
+    demo models) by its bytes, a larger one by the SHA-256 of all its bytes
+    (:func:`medfocus.io.fingerprint.file_sha256`, streamed in chunks, with a progress bar from 256 MiB).
+    Every byte counts: a fine-tune that keeps the file sizes (a LoRA merged into middle layers, one
+    tensor edited) is another fingerprint, and so is a copy with preserved modification times
+    (``cp -p``, ``rsync -t``, an unpacked archive) of other bytes; touching a file is not. (Before,
+    a file over 64 MiB counted by its size and first and last MiB only, so records and caches of such
+    weights carry another fingerprint now: a rerun into their ``--out`` is refused as other weights.)
+
+    Cost: a large file is read once per change, at about the disk's read speed (minutes for a
+    15-25 GB checkpoint on a slow disk); its digest is then memoized per process and in
+    ``<cache>/file_sha256.json`` (``$MEDFOCUS_CACHE`` or ``~/.cache/medfocus``), keyed on the resolved
+    path, size, modification and change time, inode and device. The change time (ctime) is set by
+    every write and cannot be set back by ``touch``/``cp -p``/``rsync -t``, so other bytes with a
+    restored size and modification time miss the memo and are hashed again.
+
+    With ``also=()`` the value is that of earlier versions for folders whose files are all up to 64 MiB
     (it is stored in result records). For a hub id: the revision of the cached snapshot holding
     ``[subfolder/]config.json`` (a revision pins every file of the repository, ``also`` included);
     ``None`` when it is not cached (or ``path`` is neither), since nothing then identifies the weights.
+
+    Raises:
+        ModelError: a file of the folder cannot be read (naming it).
     """
     import hashlib
 
@@ -221,15 +238,18 @@ def weights_fingerprint(path: str | os.PathLike, subfolder: str | None = None, *
         files = sorted(f for f in local.iterdir() if f.is_file() and (
             f.name == "config.json" or f.suffix in WEIGHT_SUFFIXES or any(f.match(p) for p in also)))
         for f in files:
-            size = f.stat().st_size
-            h.update(f"{f.name}\0{size}\0".encode())
-            with f.open("rb") as fh:
-                if size <= _FULL_HASH_BYTES:
-                    h.update(fh.read())
-                else:
-                    h.update(fh.read(2**20))
-                    fh.seek(-(2**20), os.SEEK_END)
-                    h.update(fh.read())
+            try:
+                if f.stat().st_size <= _FULL_HASH_BYTES:
+                    data = f.read_bytes()
+                    h.update(f"{f.name}\0{len(data)}\0".encode())
+                    h.update(data)
+                    continue
+                got = file_sha256(f, persist=True)
+            except OSError as exc:
+                raise ModelError(f"cannot fingerprint the weights in {local}: {f.name}: {exc}") from exc
+            if got is None:
+                raise ModelError(f"cannot fingerprint the weights in {local}: {f.name} is not a readable file")
+            h.update(f"{f.name}\0{got[0]}\0sha256:{got[1]}".encode())
         return h.hexdigest() if files else None
     config = f"{subfolder}/config.json" if subfolder else "config.json"
     try:
