@@ -214,9 +214,9 @@ def _check_films(csv: Path, images: Path, groups: list) -> None:
         raise missing_images_error(
             csv, missing, len(films), images, layout=LAYOUT,
             note="The loader has no option to skip missing films (sample indices number the whole list, so a "
-                        "subset run would give other samples the same indices): extract every images_*.tar.gz "
-                        "archive, or, to run on the films present, point annotations= (Python) or a data root of its "
-                        "own at a box list holding only their rows (its sample indices then number that subset).")
+                 "subset run would give other samples the same indices): extract every images_*.tar.gz archive, "
+                 "or, to run on the films present, point annotations= (Python) or a data root of its own at a box "
+                 "list holding only their rows (its sample indices then number that subset).")
 
 
 def _film_scales(groups: list, sizes: SizeCache, rescale: bool) -> dict[Path, float]:
