@@ -108,6 +108,10 @@ def test_report_withholds_bold_on_few_pairs_and_says_so(tmp_path):
     html = out.read_text()
     assert "<b>100.0</b>" not in html  # today: gradcam bold on 3 pairs
     assert "Bold withheld in" in html and "fewer than 10 paired samples (3)" in html
+    # 12 pairs, gradcam exact on every one: bold, no withheld note
+    html = build_report(_records(12), tmp_path / "twelve.html", gallery=0, viewers=False, baselines=False).read_text()
+    # IoU, F1, recall; not precision: occlusion's boxes lie inside the expert box, precision 100 too (a tie)
+    assert html.count("<b>100.0</b>") == 3 and "Bold withheld in" not in html
     out = build_report(_records(1), tmp_path / "one.html", gallery=0, viewers=False, baselines=False)
     html = out.read_text()
     assert '<span class="ci">no CI</span>' in html and "[100.0, 100.0]" not in html
