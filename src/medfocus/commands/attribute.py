@@ -187,6 +187,12 @@ def build_items(
             left_out: list[str] = []
             if dataset:
                 other = sorted({r["dataset"] for _, r in located if r["dataset"] != dataset})
+                if located and not any(r["dataset"] == dataset for _, r in located):
+                    # say what is true before the model checks below see an empty file
+                    held = {d: sum(1 for _, r in located if r["dataset"] == d) for d in other}
+                    raise ConfigError(f"no record of --dataset {dataset} in benchmark file {path}: it holds "
+                                      + ", ".join(f"{n} record(s) of {d}" for d, n in held.items())
+                                      + " (give the --dataset its records are of, or another --bench file)")
                 if other:
                     n_other = sum(1 for _, r in located if r["dataset"] != dataset)
                     left_out.append(f"{n_other} of dataset(s) {other} (--dataset {dataset})")
