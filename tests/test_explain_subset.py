@@ -87,3 +87,45 @@ def test_cli_subset_rerun_says_it_is_served_from_the_stored_run(stored_run):
     assert out.exit_code == 0, out.output
     assert "served from the stored run" in out.output and "gradcam, occlusion" in out.output
     assert "0 computed, 1 already in the store" in out.output
+
+
+def test_a_result_neutral_setting_is_no_difference_and_a_subset_is_not_listed(stored_run):
+    """batch_size cannot change results (Method.runtime_settings, which attribute's check skips too): a rerun
+    that only adds it -- on a subset of the stored methods or on all of them -- is served from the store
+    without the model; an explicit default is no difference either. A refused subset names only what else
+    differs, never the (allowed) subset of methods."""
+    from medfocus.runner.explain import explain
+
+    film, res = stored_run
+    sub = explain([film], out=res.out, finding="cardiomegaly", methods=["occlusion"],
+                  params={"occlusion": {"grid": 2, "batch_size": 3}}, load_model=_no_model, progress=False)
+    assert sub.summary.done == 0 and sub.summary.skipped == 1 and sub.served_from == sorted(METHODS)
+    assert sub.record(0, "occlusion") == res.record(0, "occlusion")
+    full = explain([film], out=res.out, finding="cardiomegaly", methods=METHODS,
+                   params={"occlusion": {"grid": 2, "batch_size": 5, "baseline": "zero"}, "gradcam": {"layer": "input"}},
+                   load_model=_no_model, progress=False)
+    assert full.summary.done == 0 and full.summary.skipped == 2
+    with pytest.raises(ConfigError) as e:
+        explain([film], out=res.out, finding="cardiomegaly", methods=["occlusion"], params={"occlusion": {"grid": 3}},
+                load_model=_no_model, progress=False)
+    msg = str(e.value)
+    assert "params: {'occlusion': {'grid': 2}} -> {'occlusion': {'grid': 3}}" in msg, msg
+    assert "methods:" not in msg
+
+
+def test_a_parameter_given_twice_with_two_values_is_an_error(stored_run):
+    from medfocus.cli import main
+    from medfocus.commands.attribute import parse_params
+
+    assert parse_params(["rise.grid=4", "rise.grid=4", "rise.n_masks=8"]) == {"rise": {"grid": 4, "n_masks": 8}}
+    with pytest.raises(ConfigError) as e:
+        parse_params(["gradcam.layer=middle", "rise.grid=4", "gradcam.layer=input"])
+    assert str(e.value) == ("--param gradcam.layer is given twice with different values: 'gradcam.layer=middle' and "
+                            "'gradcam.layer=input'; give it once")
+    with pytest.raises(ConfigError):  # 4 (an integer) and 4.0 are not silently the same value
+        parse_params(["rise.grid=4", "rise.grid=4.0"])
+    film, res = stored_run
+    out = CliRunner().invoke(main, ["explain", str(film), "--finding", "cardiomegaly", "--method", "occlusion",
+                                    "--param", "occlusion.grid=2", "--param", "occlusion.grid=3", "--out",
+                                    str(res.out), "--no-progress"])
+    assert out.exit_code != 0 and "given twice with different values" in out.output and "Traceback" not in out.output

@@ -566,6 +566,19 @@ def method_source(name: str) -> str:
         return ""
 
 
+def method_runtime_settings(name: str) -> frozenset[str]:
+    """The settings of a registered method that cannot change its results (:attr:`Method.runtime_settings`:
+    speed, memory, where a cache lives), the one list every rerun check skips (``attribute``'s record check
+    in :func:`medfocus.runner.grid.run_grid`, ``explain``'s ``explain.json`` check); empty for a method that
+    is not registered or whose module cannot be imported (then every setting counts)."""
+    if name not in _REGISTRY:
+        return frozenset()
+    try:
+        return frozenset(getattr(_resolve(name), "runtime_settings", ()))
+    except ConfigError:
+        return frozenset()
+
+
 def method_answer_scope(name: str) -> str | None:
     """What a registered method's map covers: ``"per_token"`` (one map per answer token,
     :attr:`Method.per_token_maps`), ``"whole_answer"`` (the whole answer at once), ``"no_answer"`` (it does

@@ -47,16 +47,28 @@ Examples:
 
 
 def parse_params(specs: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """``["rise.n_masks=128", "occlusion.grid=16"]`` -> ``{"rise": {"n_masks": 128}, ...}`` (values parsed as YAML scalars)."""
+    """``["rise.n_masks=128", "occlusion.grid=16"]`` -> ``{"rise": {"n_masks": 128}, ...}`` (values parsed as YAML scalars).
+
+    Raises:
+        ConfigError: a spec not of the form ``METHOD.NAME=VALUE``; one ``METHOD.NAME`` given twice with
+            different values (ambiguous: neither is silently taken; the same value twice is accepted).
+    """
     import yaml
 
     out: dict[str, dict[str, Any]] = {}
+    given: dict[tuple[str, str], str] = {}
     for spec in specs:
         left, eq, value = spec.partition("=")
         method, dot, key = left.partition(".")
         if not eq or not dot or not method or not key:
             raise ConfigError(f"--param {spec!r}: expected METHOD.NAME=VALUE, e.g. rise.n_masks=128")
-        out.setdefault(method.strip(), {})[key.strip()] = yaml.safe_load(value)
+        method, key, parsed = method.strip(), key.strip(), yaml.safe_load(value)
+        cur = out.setdefault(method, {})
+        if key in cur and (type(cur[key]) is not type(parsed) or cur[key] != parsed):
+            raise ConfigError(f"--param {method}.{key} is given twice with different values: {given[method, key]!r} "
+                              f"and {spec!r}; give it once")
+        cur[key] = parsed
+        given[method, key] = spec
     return out
 
 

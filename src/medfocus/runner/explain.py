@@ -117,14 +117,51 @@ def _stem_of(question: str, mode: str) -> str:
     return q
 
 
+def result_params(params: Any) -> Any:
+    """The ``{method: {name: value}}`` overrides of an explain spec that can change results: without each
+    method's result-neutral settings (:func:`~medfocus.attribution.base.method_runtime_settings`, the list
+    ``attribute``'s rerun check skips too, e.g. ``batch_size``) and without values equal to the method's
+    default (``grid=8`` given is the run without it); methods left with nothing are dropped. Anything but a
+    mapping of mappings is returned unchanged (a malformed stored spec then differs)."""
+    from medfocus.attribution.base import list_methods, method_runtime_settings
+
+    if not isinstance(params, Mapping) or not all(isinstance(p, Mapping) for p in params.values()):
+        return params
+    registry = list_methods()
+    out: dict[str, dict[str, Any]] = {}
+    for m, p in params.items():
+        neutral, defaults = method_runtime_settings(m), registry.get(m, {})
+        kept = {k: v for k, v in p.items() if k not in neutral and not (k in defaults and _json_equal(v, defaults[k]))}
+        if kept:
+            out[m] = kept
+    return out
+
+
+def _json_equal(value: Any, default: Any) -> bool:
+    try:
+        return json.loads(json.dumps(default)) == value
+    except (TypeError, ValueError):  # a default that is no JSON value (a tensor): never equal to a given one
+        return False
+
+
+def restrict_to_methods(stored: Mapping[str, Any], methods: Sequence[str]) -> dict[str, Any]:
+    """The stored explain spec as if only ``methods`` had been run: its ``methods`` and ``params`` cut to them."""
+    old_params = stored.get("params") if isinstance(stored.get("params"), dict) else {}
+    return dict(stored, methods=list(methods), params={m: p for m, p in old_params.items() if m in methods})
+
+
 def spec_differences(stored: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
     """What differs between a stored ``explain.json`` and this run, e.g. ``["methods: ['gradcam'] -> ['rise']",
     "film 0: image /x/film.jpeg (sha256 ab12.., 5120 bytes) -> /x/film.jpeg (sha256 cd34.., 4960 bytes)"]``.
 
-    Films are compared by their sample fingerprints (:func:`medfocus.io.fingerprint.sample_fingerprint`);
-    an ``explain.json`` written before they were recorded is one difference (its films cannot be verified)."""
+    Parameters are compared as :func:`result_params` (a setting that cannot change results, or a default
+    given explicitly, is no difference). Films are compared by their sample fingerprints
+    (:func:`medfocus.io.fingerprint.sample_fingerprint`); an ``explain.json`` written before they were
+    recorded is one difference (its films cannot be verified)."""
     from medfocus.io.fingerprint import fingerprint_differences
 
+    stored = dict(stored, params=result_params(stored.get("params") or {}))
+    now = dict(now, params=result_params(now.get("params") or {}))
     diffs = [f"{k}: {stored.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}"
              for k in sorted((set(stored) | set(now)) - {"samples"}) if stored.get(k) != now.get(k)]
     old_fps, new_fps = stored.get("samples"), now.get("samples") or []
@@ -150,9 +187,7 @@ def stored_subset(stored: Mapping[str, Any], now: Mapping[str, Any]) -> bool:
     old_methods = stored.get("methods")
     if not isinstance(methods, list) or not isinstance(old_methods, list) or not set(methods) <= set(old_methods):
         return False
-    old_params = stored.get("params") if isinstance(stored.get("params"), dict) else {}
-    restricted = dict(stored, methods=list(methods), params={m: p for m, p in old_params.items() if m in methods})
-    return not spec_differences(restricted, now)
+    return not spec_differences(restrict_to_methods(stored, methods), now)
 
 
 def explain(
@@ -273,6 +308,9 @@ def explain(
             served_from = sorted(old["methods"])
         elif diffs:
             if not overwrite:
+                if set(methods) <= set(old.get("methods") or []):
+                    # a subset of the stored methods is allowed: name only what else differs
+                    diffs = spec_differences(restrict_to_methods(old, methods), now)
                 more = sorted(set(methods) - set(old.get("methods") or []))
                 how = (f"\nThe stored run has methods {sorted(old.get('methods') or [])}: a rerun asking for any of them "
                        f"with the same settings is served from it; for {more} use another --out, or --overwrite to "
