@@ -129,3 +129,40 @@ def test_a_parameter_given_twice_with_two_values_is_an_error(stored_run):
                                     "--param", "occlusion.grid=2", "--param", "occlusion.grid=3", "--out",
                                     str(res.out), "--no-progress"])
     assert out.exit_code != 0 and "given twice with different values" in out.output and "Traceback" not in out.output
+
+
+def test_film_labels_are_the_shortest_distinguishing_path_suffix():
+    from medfocus.runner.explain import film_labels
+
+    assert film_labels(["/x/a/f.png", "/y/a/f.png", "/z/f.png", "/x/b/g.png"]) == ["x/a/f.png", "y/a/f.png", "z/f.png", "g.png"]
+    assert film_labels(["/x/f.png", "/x/f.png"]) == ["f.png #0", "f.png #1"]  # the same file twice: its position
+
+
+def test_cli_labels_films_of_one_name_apart_and_overwrite_recomputes(tmp_path, demo_adapter, monkeypatch):
+    """Two films called film.dcm in one run are told apart in the CLI lines and the viewer; --overwrite with
+    unchanged settings recomputes every film and method (what 'replace it' promises), it does not serve the store."""
+    import medfocus.lvlm as lvlm
+    from medfocus.cli import main
+    from medfocus.datasets.synthetic import generate_case
+    from medfocus.datasets.synthetic.dataset import _write_dicom
+
+    films = [tmp_path / d / "film.dcm" for d in ("a", "b")]
+    for seed, f in zip((7, 8), films):
+        f.parent.mkdir()
+        _write_dicom(f, generate_case(seed, findings=["cardiomegaly"], severity=1.0).image, "explain-test")
+    loads = []
+    monkeypatch.setattr(lvlm, "load_lvlm", lambda name, device=None, **kw: loads.append(name) or demo_adapter)
+    out = tmp_path / "out"
+    argv = ["explain", *map(str, films), "--finding", "cardiomegaly", "--method", "occlusion", "--param", "occlusion.grid=2",
+            "--out", str(out), "--no-progress"]
+    r = CliRunner().invoke(main, argv)
+    assert r.exit_code == 0, r.output
+    lines = [ln.split(": answer")[0] for ln in r.output.splitlines() if ": answer " in ln]
+    assert lines == ["a/film.dcm", "b/film.dcm"], r.output
+    data = re.search(r'<script[^>]*type="application/json"[^>]*>(.*?)</script>', (out / "explain.html").read_text(), re.S).group(1)
+    assert [s["label"] for s in json.loads(data)["samples"]] == ["a/film.dcm", "b/film.dcm"]
+    r = CliRunner().invoke(main, argv)  # a plain rerun resumes
+    assert r.exit_code == 0 and "0 computed, 2 already in the store" in r.output, r.output
+    r = CliRunner().invoke(main, [*argv, "--overwrite"])
+    assert r.exit_code == 0 and "2 computed, 0 already in the store" in r.output, r.output
+    assert loads == ["demo", "demo"]

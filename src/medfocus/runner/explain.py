@@ -11,7 +11,7 @@ selected attribution method on it through the experiment runner, and writes
 * ``OUT/explain.json`` -- the run's settings (a rerun with the same settings resumes; a rerun asking
   for a subset of the stored methods, everything else the same, is served from the stored records
   without the model and leaves ``explain.json`` as it is; other settings in the same folder are
-  refused unless ``overwrite``).
+  refused unless ``overwrite``, which replaces the stored run and recomputes everything).
 
 The films have no ground truth: records carry ``gt_answer: null`` and the expert boxes only when given.
 """
@@ -48,7 +48,8 @@ class ExplainResult:
         out: the output folder.
         html: the viewer, ``out/explain.html``.
         records: the result records (one per film and method; ``heatmap_path`` absolute).
-        answers: per film (in input order), ``{"image", "answer", "answer_parsed", "answer_source"}``.
+        answers: per film (in input order), ``{"image", "label", "answer", "answer_parsed", "answer_source"}``
+            (``label``: :func:`film_labels`, the name the viewer shows).
         summary: the runner's :class:`~medfocus.runner.grid.RunSummary`.
         warnings: the records' reference-pool warnings, once each.
         served_from: the stored run's methods (sorted) when this run asked for a subset of them and was
@@ -77,6 +78,22 @@ class ExplainResult:
             return None
         with np.load(r["heatmap_path"]) as z:
             return z["heatmap"] if "heatmap" in z.files else None
+
+
+def film_labels(paths: Sequence[str | Path]) -> list[str]:
+    """One label per film for the CLI lines and the viewer: the file name, or, where several films share it,
+    the shortest path suffix that tells them apart (``a/film.png``, ``b/film.png``); the same file given
+    twice gets its position on the command line (``film.png #0``, ``film.png #2``)."""
+    parts = [Path(p).parts for p in paths]
+    depth = [1] * len(parts)
+    while True:
+        labels = [Path(*pp[-d:]).as_posix() for pp, d in zip(parts, depth)]
+        clash = [i for i, lab in enumerate(labels) if labels.count(lab) > 1 and depth[i] < len(parts[i])]
+        if not clash:
+            break
+        for i in clash:
+            depth[i] += 1
+    return [f"{Path(p).name} #{i}" if labels.count(lab) > 1 else lab for i, (p, lab) in enumerate(zip(paths, labels))]
 
 
 def parse_box(spec: str) -> Box:
@@ -223,7 +240,8 @@ def explain(
         params: ``{method: {name: value}}`` overrides of the methods' defaults.
         boxes: expert boxes ``(x1, y1, x2, y2)`` in original pixels (one film only).
         seed: run seed. device: torch device. progress: tqdm bars.
-        overwrite: replace a previous explain run with other settings in ``out``.
+        overwrite: replace the explain run stored in ``out``, whatever its settings: every film and method is
+            recomputed (also with the same settings; without it, those are resumed or served from the store).
         load_model: ``name -> adapter`` (default :func:`medfocus.lvlm.load_lvlm` on ``device``).
         title: the viewer's title.
     Returns:
@@ -302,23 +320,25 @@ def explain(
         old = json.loads(spec_path.read_text(encoding="utf-8"))
         now = json.loads(json.dumps(spec))
         diffs = spec_differences(old, now)
-        if diffs and not overwrite and stored_subset(old, now):
+        if overwrite:
+            # --overwrite replaces what the folder holds, whatever it is: every film and method is
+            # recomputed (same settings included), never served from the store
+            replace = True
+        elif diffs and stored_subset(old, now):
             # The stored run restricted to these methods: serve its records (resuming any it lacks) and
             # keep explain.json whole, so a later rerun with all its methods still resumes.
             served_from = sorted(old["methods"])
         elif diffs:
-            if not overwrite:
-                if set(methods) <= set(old.get("methods") or []):
-                    # a subset of the stored methods is allowed: name only what else differs
-                    diffs = spec_differences(restrict_to_methods(old, methods), now)
-                more = sorted(set(methods) - set(old.get("methods") or []))
-                how = (f"\nThe stored run has methods {sorted(old.get('methods') or [])}: a rerun asking for any of them "
-                       f"with the same settings is served from it; for {more} use another --out, or --overwrite to "
-                       "replace the run (recomputes every method).") if more else \
-                    "\nUse another --out, or --overwrite to replace it."
-                raise ConfigError(f"{out} holds an explain run with other settings or films ({spec_path}; stored -> now):\n"
-                                  + "\n".join(f"  {d}" for d in diffs) + how)
-            replace = True
+            if set(methods) <= set(old.get("methods") or []):
+                # a subset of the stored methods is allowed: name only what else differs
+                diffs = spec_differences(restrict_to_methods(old, methods), now)
+            more = sorted(set(methods) - set(old.get("methods") or []))
+            how = (f"\nThe stored run has methods {sorted(old.get('methods') or [])}: a rerun asking for any of them "
+                   f"with the same settings is served from it; for {more} use another --out, or --overwrite to "
+                   "replace the run (recomputes every method).") if more else \
+                "\nUse another --out, or --overwrite to replace it (recomputes every film and method)."
+            raise ConfigError(f"{out} holds an explain run with other settings or films ({spec_path}; stored -> now):\n"
+                              + "\n".join(f"  {d}" for d in diffs) + how)
     elif store_path.exists():
         raise ConfigError(f"{store_path} exists but was not written by `medfocus explain`; use an empty --out folder")
 
@@ -357,10 +377,11 @@ def explain(
                            make_method=lambda name, _params: method_objs[name], seed=seed, save_token_maps=True,
                            progress=progress)
     records = [r for r in load_results(store_path) if r["dataset"] == DATASET and r["method"] in methods]
+    labels = film_labels([it.sample.image_path for it in items])  # two films named film.png are told apart
     answers = []
-    for it in items:
+    for it, label in zip(items, labels):
         rs = [r for r in records if int(r["index"]) == it.index]
-        answers.append({"image": it.sample.image_path, "answer": rs[0].get("answer") if rs else None,
+        answers.append({"image": it.sample.image_path, "label": label, "answer": rs[0].get("answer") if rs else None,
                         "answer_parsed": rs[0].get("answer_parsed") if rs else None, "answer_source": it.answer_source})
     warnings = sorted({r["reference_pool_warning"] for r in records if r.get("reference_pool_warning")})
     notes = []
@@ -369,6 +390,7 @@ def explain(
     from medfocus.attribution.base import BASELINES
 
     html = build_viewer(records, out / "explain.html", base_dir=out, notes=notes, method_order=[*BASELINES, "medfocus"],
+                        labels={(model, DATASET, it.index, mode): label for it, label in zip(items, labels)},
                         title=title or f"medfocus explain · {attribute} · {model}")
     if summary.errors:
         log.warning("%d of %d records failed (see their 'error' field and the viewer's cost table)", summary.errors, summary.total)
