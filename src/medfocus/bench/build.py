@@ -7,7 +7,8 @@ Output layout under ``out_dir`` (one *split* = one (model, dataset, mode)):
     ``index``, ``answer``, ``prediction_{mode}``, ``prediction_edited_{mode}``,
     ``prediction_edited_kept_{mode}``, ``prediction_edited_kept_normal_{mode}``) plus our fields
     ``mode``, ``editor``, ``attribute``, ``question`` (full, with the mode suffix), ``boxes``
-    (original pixels, half-open) and ``image_size``. Loadable by :mod:`medfocus.datasets.medground`.
+    (original pixels, half-open), ``image_size`` and ``sample_fingerprint`` (the identity of the sample the
+    answers were given to, :func:`make_record`). Loadable by :mod:`medfocus.datasets.medground`.
 ``<model>/<dataset>/<mode>.log.jsonl``
     one line per evaluated sample (kept or not): raw generations, parsed answers, gate outcomes,
     error, the sample's fingerprint. Appended and fsynced sample by sample — this is what makes a killed
@@ -38,7 +39,11 @@ hashed once per run (:func:`split_fingerprints`, before anything is generated); 
 sample's fingerprint (:func:`split_fingerprint`) and a rerun refuses rows of changed samples before any
 generation (:func:`changed_rows`; ``overwrite`` recomputes them); the edit cache
 (:class:`~medfocus.editing.base.EditCache`) is keyed by the film's hash, the edit mask, the finding and
-the editor's per-sample inputs; a film rewritten during the run is an error row, never cached.
+the editor's per-sample inputs; a film rewritten during the run is an error row, never cached. The
+records file is rewritten from the whole log, so the log's rows outside a ``--limit`` / ``--shard``
+selection are judged against the whole dataset as loaded too (:func:`outside_fingerprints`), and a row no
+loaded sample can judge is left out of the records (:func:`write_split`); each record keeps its sample's
+identity, which ``medfocus attribute --bench`` checks against the sample it finds at ``(dataset, index)``.
 
 Negatives. The paper filters positives only (a "No" sample has no box to edit). With
 ``include_negatives=True`` the "No" samples are answered on the original image and written to the
@@ -51,17 +56,18 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from pathlib import Path
-from typing import Any, Sequence, TYPE_CHECKING
+from typing import Any, Collection, Iterable, Sequence, TYPE_CHECKING
 
 import numpy as np
 
 from medfocus.bench.filter import GATES, RECORD_FIELDS, VIEWS, FilterResult, ParseFn, apply_filter
 from medfocus.editing.base import EDIT_KINDS, EditCache, Editor, edit_mask, edit_prompt
-from medfocus.errors import ConfigError, DataError
+from medfocus.errors import ConfigError, DataError, DataWarning
 from medfocus.io.atomic import atomic_write_json, atomic_write_text
 from medfocus.io.fingerprint import (FINGERPRINT_FIELD, changed_samples_error, describe_sample_conflicts, file_sha256,
-                                     fingerprint_differences, merge_differences, sample_fingerprint)
+                                     fingerprint_differences, merge_differences, sample_fingerprint, sample_identity)
 from medfocus.io.jsonl import append_jsonl, read_latest, trim_partial_tail
 from medfocus.io.locks import acquire_lock, remove_orphaned_tmp
 from medfocus.io.paths import safe_filename
@@ -152,13 +158,23 @@ class GenerationCache:
 
 
 def make_record(row: dict[str, Any]) -> dict[str, Any]:
-    """MedGround-Bench record (+ our extra fields) from a log row."""
+    """MedGround-Bench record (+ our extra fields) from a log row.
+
+    The record keeps the identity of the sample its answers were given to, ``sample_fingerprint``
+    (:func:`~medfocus.io.fingerprint.sample_identity` of the row's fingerprint: the film's path relative to
+    the data root, its size and SHA-256, finding, ground-truth answer, boxes, question), which
+    ``medfocus attribute --bench`` compares with the sample now at ``(dataset, index)``
+    (:func:`medfocus.runner.grid.check_split_items`). A row written before fingerprints were recorded gives
+    a record without it."""
     mode = row["mode"]
     rec: dict[str, Any] = {"model": row["model"], "dataset": row["dataset"], "index": row["index"], "answer": row["answer"]}
     for view, field in RECORD_FIELDS.items():
         rec[field.format(mode=mode)] = row["parsed"].get(view) if row.get("parsed") else None
     for k in ("mode", "editor", "attribute", "question", "boxes", "image_size"):
         rec[k] = row.get(k)
+    identity = sample_identity(row.get(FINGERPRINT_FIELD))
+    if identity is not None:
+        rec[FINGERPRINT_FIELD] = identity
     return rec
 
 
@@ -236,17 +252,21 @@ def split_fingerprints(samples: Sequence[Sample], mode: str, editor: Editor | No
 
 
 def changed_rows(log_path: str | os.PathLike[str], done: dict[Any, dict[str, Any]], fingerprints: dict[int, dict[str, Any]], *,
-                 model_name: str, dataset: str, mode: str, overwrite: bool = False) -> set[Any]:
+                 model_name: str, dataset: str, mode: str, overwrite: bool = False,
+                 selected: Collection[int] | None = None) -> set[Any]:
     """The logged rows of a split whose sample changed since they were written.
 
     Compares each row of ``done`` (:func:`read_log`) of a sample in ``fingerprints`` with the sample's
     fingerprint now (:func:`split_fingerprint`); rows without a fingerprint (written before they were
-    recorded) count as changed. Rows of samples not in ``fingerprints`` (``--limit``, another shard)
-    are not judged.
+    recorded) count as changed. Rows of samples not in ``fingerprints`` are not judged (see
+    :func:`outside_fingerprints` for the rows outside a ``--limit`` / ``--shard`` selection, and
+    :func:`write_split`, which leaves unjudged rows out of the records). ``selected``: the indices this run
+    recomputes (default: all of ``fingerprints``); the refusal says that ``overwrite`` drops the changed rows
+    of the others from the split instead.
 
     Returns:
-        the keys to recompute: changed error rows (they hold no result), and with ``overwrite`` every
-        changed row.
+        the keys to recompute or drop: changed error rows (they hold no result), and with ``overwrite``
+        every changed row.
     Raises:
         ConfigError: a successful row of a changed sample and no ``overwrite``; the message names the
             split log, each index and what changed (stored -> now), and the remedies.
@@ -266,15 +286,34 @@ def changed_rows(log_path: str | os.PathLike[str], done: dict[Any, dict[str, Any
         else:
             conflicts[(model_name, dataset, idx, mode, tuple(diffs))] = []
     if conflicts:
-        raise changed_samples_error(log_path, conflicts, held="rows filtered")
+        outside = sorted(k[2] for k in conflicts if selected is not None and k[2] not in selected)
+        note = (f"; rows of indices outside this run's selection (--limit, --shard: {outside}) are dropped from the "
+                "split by --overwrite, and filtered again by a run that selects them") if outside else ""
+        raise changed_samples_error(log_path, conflicts, held="rows filtered", note=note)
     return stale
 
 
+def outside_fingerprints(dataset_samples: Iterable[Sample] | None, logged: Iterable[Any], selected: Collection[int], *,
+                         dataset: str, mode: str, editor: Editor | None,
+                         data_root: str | os.PathLike[str] | None = None) -> dict[int, dict[str, Any]]:
+    """``{index: split_fingerprint}`` of the samples of ``dataset_samples`` (the whole dataset as loaded now)
+    that have a row in the split log (``logged``: its keys ``(model, dataset, index)``) but lie outside this
+    run's selection ``selected`` (``--limit``, ``--shard``). Those rows are written into the split's records
+    too (:func:`write_split`), so they are judged against the current data like the selection's
+    (:func:`changed_rows`); only their films are hashed, once each. Empty without ``dataset_samples``."""
+    have = {int(k[2]) for k in logged} - set(selected)
+    rest = [s for s in dataset_samples or () if s.dataset == dataset and int(s.index) in have]
+    return split_fingerprints(rest, mode, editor, data_root)
+
+
 def check_split_samples(samples: Sequence[Sample], out_dirs: Sequence[str | os.PathLike[str]], *, model_name: str,
-                        modes: Sequence[str], editor: Editor, data_root: str | os.PathLike[str] | None = None) -> None:
+                        modes: Sequence[str], editor: Editor, data_root: str | os.PathLike[str] | None = None,
+                        dataset_samples: Sequence[Sample] | None = None) -> None:
     """Refuse, before any model loads, the split logs under ``out_dirs`` (missing ones skipped) that hold
     successful rows of changed samples -- the check :func:`build_benchmark` makes on its own split, for
-    ``bench build`` (and its launcher, over the shard folders too) before the model is loaded.
+    ``bench build`` (and its launcher, over the shard folders too) before the model is loaded. Rows outside
+    the selection ``samples`` are judged against ``dataset_samples`` (the whole dataset as loaded now) as
+    :func:`build_benchmark` judges them.
 
     Raises:
         ConfigError: as :func:`changed_rows`.
@@ -290,7 +329,10 @@ def check_split_samples(samples: Sequence[Sample], out_dirs: Sequence[str | os.P
                 continue
             if fps is None:
                 fps = split_fingerprints(samples, mode, editor, data_root)
-            changed_rows(log, read_log(log), fps, model_name=model_name, dataset=datasets[0], mode=mode)
+            done = read_log(log)
+            judged = {**outside_fingerprints(dataset_samples, done, fps, dataset=datasets[0], mode=mode, editor=editor,
+                                             data_root=data_root), **fps}
+            changed_rows(log, done, judged, model_name=model_name, dataset=datasets[0], mode=mode, selected=fps)
 
 
 def generation_settings(model_name: str, max_new_tokens: int, parse: ParseFn,
@@ -361,6 +403,7 @@ def build_benchmark(
     model_identity: dict[str, Any] | None = None,
     data_root: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
+    dataset_samples: Sequence[Sample] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Filter ``samples`` for one model and mode; write the split, its log and the retention table.
 
@@ -388,7 +431,10 @@ def build_benchmark(
         data_root: the dataset root; the rows' sample fingerprints store image paths relative to it
             (so the same films under a moved root resume).
         overwrite: recompute logged rows whose sample changed (or that carry no fingerprint) instead
-            of refusing them.
+            of refusing them (such rows outside ``samples`` are dropped from the split, with a warning).
+        dataset_samples: the whole dataset as loaded now, when ``samples`` is a selection of it
+            (``--limit``, ``--shard``; default ``samples``): the log's rows of samples outside the
+            selection are judged against it too (see "Samples" below).
 
     Settings: every log row records the generation settings (:func:`generation_settings`); a rerun
     with other settings refuses (:func:`check_split_settings`) as a rerun with another editor does.
@@ -400,6 +446,13 @@ def build_benchmark(
     from the log and recomputes them; a changed sample's error row is recomputed without asking. The
     edit and generation caches are keyed by the film's hash (module docstring), so a changed film is
     never served an old edit or answer.
+    The records file is rewritten from the whole log, so a row of a sample outside ``samples`` (an earlier
+    run's ``--limit 4`` under this run's ``--limit 2``) is judged as well, against ``dataset_samples``
+    (only those films are hashed): a changed one is refused like a selected one (``overwrite`` drops it
+    from the log; a run that selects it filters it again). A row no loaded sample can judge (its index is
+    past the end of ``dataset_samples``, or ``dataset_samples`` was not given) stays in the log but is left
+    out of the records, with a :class:`~medfocus.errors.DataWarning` naming it (:func:`write_split`).
+    Every record carries its sample's identity (:func:`make_record`).
     The split is locked for the run (``<split log>.lock``, the same per-output lock as
     ``medfocus attribute``), and temporary files a killed write left in its folder are removed.
     Returns:
@@ -437,7 +490,7 @@ def build_benchmark(
                              include_negatives=include_negatives, max_new_tokens=max_new_tokens, batch_size=batch_size,
                              step=step, parse=parse, retry_errors=retry_errors, progress=progress, paths=paths,
                              cache=cache, gen_cache=gen_cache, dataset=dataset, gen=gen, fingerprints=fingerprints,
-                             overwrite=overwrite)
+                             overwrite=overwrite, dataset_samples=dataset_samples, data_root=data_root)
     finally:
         if lock is not None:
             lock.close()
@@ -447,7 +500,8 @@ def _build_locked(adapter: LVLMAdapter, samples: Sequence[Sample], *, mode: str,
                   include_negatives: bool, max_new_tokens: int, batch_size: int, step: int, parse: ParseFn,
                   retry_errors: bool, progress: bool, paths: dict[str, Path], cache: EditCache,
                   gen_cache: "GenerationCache | None", dataset: str, gen: dict[str, Any], fingerprints: dict[int, dict[str, Any]],
-                  overwrite: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                  overwrite: bool, dataset_samples: Sequence[Sample] | None,
+                  data_root: str | os.PathLike[str] | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The body of :func:`build_benchmark`, run while the split's lock is held."""
     for name in ("records", "log", "negatives"):
         remove_orphaned_tmp(paths[name].parent, paths[name].name)
@@ -459,12 +513,20 @@ def _build_locked(adapter: LVLMAdapter, samples: Sequence[Sample], *, mode: str,
     if others:
         raise ConfigError(f"{paths['log']} holds samples filtered with editor {others[0]!r}, not {editor.cache_id!r}; "
                           "a split is built with one editor: use another output folder to compare editors")
-    stale = changed_rows(paths["log"], done, fingerprints, model_name=model_name, dataset=dataset, mode=mode,
-                         overwrite=overwrite)
+    # rows outside the selection go into the records too: judged against the data loaded now as well
+    judged = {**outside_fingerprints(dataset_samples, done, fingerprints, dataset=dataset, mode=mode, editor=editor,
+                                     data_root=data_root), **fingerprints}
+    stale = changed_rows(paths["log"], done, judged, model_name=model_name, dataset=dataset, mode=mode,
+                         overwrite=overwrite, selected=fingerprints)
     if stale:  # rows of other samples leave the log (and so the split's records) before they are recomputed
         for k in stale:
             done.pop(k)
         _drop_log_rows(paths["log"], stale)
+        dropped = sorted(k[2] for k in stale if k[2] not in fingerprints)
+        if dropped:
+            warnings.warn(f"{paths['log']}: the rows of indices {dropped} were filtered on samples that changed since "
+                          "and lie outside this run's selection (--limit, --shard): dropped from the split, not "
+                          "recomputed; a run that selects them filters them again", DataWarning, stacklevel=3)
     if retry_errors:
         done = {k: r for k, r in done.items() if r.get("error") is None}
     todo = [s for s in samples if (s.answer == "Yes" or include_negatives) and (model_name, dataset, int(s.index)) not in done]
@@ -513,7 +575,8 @@ def _build_locked(adapter: LVLMAdapter, samples: Sequence[Sample], *, mode: str,
         bar.update(len(chunk))
     bar.close()
 
-    records, split_rows = write_split(out_dir, model_name, dataset, mode, include_negatives=include_negatives)
+    records, split_rows = write_split(out_dir, model_name, dataset, mode, include_negatives=include_negatives,
+                                      judged=judged)
     write_retention(out_dir)
     return records, retention_row(split_rows)
 
@@ -529,18 +592,39 @@ def _drop_log_rows(log_path: Path, keys: set[Any]) -> None:
 
 
 def write_split(out_dir: str | os.PathLike[str], model_name: str, dataset: str, mode: str, *,
-                include_negatives: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+                include_negatives: bool = False,
+                judged: Collection[int] | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(Re)write a split's records (and negatives) from its log; returns ``(records, log rows)``.
 
-    The log is the source of truth: the records are the kept positives in index order."""
+    The log is the source of truth: the records are the kept positives in index order, each carrying its
+    sample's identity (:func:`make_record`).
+
+    Args:
+        judged: the indices whose rows were judged against the current data by the caller
+            (:func:`changed_rows`: :func:`build_benchmark` judges its selection and every logged sample of
+            the dataset loaded now). A row of any other index cannot be vouched for: it stays in the log but
+            is left out of the records (and negatives), with a :class:`~medfocus.errors.DataWarning` naming
+            the log and the indices. ``None`` (the merge of shard logs, :func:`merge_split_logs`, which has no
+            data to judge against): every row is written, as judged by the shard run that wrote it; records
+            still carry their sample's identity, which ``attribute --bench`` checks.
+    """
     paths = split_paths(out_dir, model_name, dataset, mode)
     all_rows = read_log(paths["log"])
     split_rows = sorted((r for r in all_rows.values() if r.get("model") == model_name and r.get("dataset") == dataset),
                         key=lambda r: r["index"])
-    records = [make_record(r) for r in split_rows if r.get("kind", "positive") == "positive" and r.get("kept")]
+    written = split_rows
+    if judged is not None:
+        unjudged = sorted(int(r["index"]) for r in split_rows if int(r["index"]) not in judged)
+        if unjudged:
+            warnings.warn(f"{paths['log']}: the rows of indices {unjudged} name samples that are not in the data loaded "
+                          "now (past the end of the dataset, or outside the samples given), so they could not be "
+                          f"checked against their films: left out of {paths['records']} (kept in the log). Rebuild "
+                          "with the data they were filtered on to write them back.", DataWarning, stacklevel=3)
+            written = [r for r in split_rows if int(r["index"]) in judged]
+    records = [make_record(r) for r in written if r.get("kind", "positive") == "positive" and r.get("kept")]
     atomic_write_json(paths["records"], records)
     if include_negatives:
-        neg = [make_record(r) for r in split_rows if r.get("kind") == "negative" and r.get("error") is None]
+        neg = [make_record(r) for r in written if r.get("kind") == "negative" and r.get("error") is None]
         atomic_write_json(paths["negatives"], neg)
     return records, split_rows
 

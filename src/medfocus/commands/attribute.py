@@ -328,7 +328,7 @@ def attribute(ctx, bench, dataset, data_root, models, modes, methods, params, re
     """Run attribution methods on a benchmark split and store one record per
     (model, dataset, index, mode, method) in OUT/predictions.jsonl (resumable: rerun the same
     command after an interruption)."""
-    from medfocus.runner.grid import parse_shard, run_grid, select_items
+    from medfocus.runner.grid import check_split_items, parse_shard, run_grid, select_items
     from medfocus.runner.store import ResultStore, merge_stores
 
     out = Path(out_dir)
@@ -363,6 +363,9 @@ def attribute(ctx, bench, dataset, data_root, models, modes, methods, params, re
                             relabel_split_model=relabel_split_model)
     items = select_items(items, limit=limit, shard=(i, n))
     check_models(sorted({it.model for it in items}))
+    # a split's records name the samples their answers were given to: checked before any model loads
+    # (the films hashed here are not read again by the run)
+    check_split_items(items, data_root=data_root)
     if store_name is not None and (Path(store_name).name != store_name or not store_name.endswith(".jsonl")):
         raise ConfigError(f"--store-name {store_name!r}: expected a plain file name ending in .jsonl")
     store_path = out / (store_name or ("predictions.jsonl" if n == 1 else f"predictions.shard-{i}-of-{n}.jsonl"))
@@ -388,7 +391,7 @@ def _launch_attribute(ctx: click.Context, launch_opts: dict[str, Any], *, bench,
                       allow_outside_root: bool = False, overwrite: bool = False, relabel_split_model: bool = False) -> None:
     """Validate the run, split it into (model, shard) tasks and start them (``--launcher local|slurm``)."""
     from medfocus.commands.launch import argv_from_params, default_shards, run_launch
-    from medfocus.runner.grid import check_stored_samples, select_items, shard_of
+    from medfocus.runner.grid import check_split_items, check_stored_samples, select_items, shard_of
     from medfocus.runner.launch import Manifest, ShardTask, attribute_store_name, parse_devices
 
     opts = {k: launch_opts[k] for k in LAUNCH_PARAMS}
@@ -401,6 +404,7 @@ def _launch_attribute(ctx: click.Context, launch_opts: dict[str, Any], *, bench,
                                          include_negatives=include_negatives, relabel_split_model=relabel_split_model),
                               limit=limit)
     check_models(sorted({it.model for it in items}))
+    check_split_items(items, data_root=data_root)  # a split built on other samples: refused before any task starts
     run_models = list(dict.fromkeys(it.model for it in items))
     per_model = len(run_models) > 1  # one task per (model, shard): each loads only its model
     base = ["attribute"] + argv_from_params(ctx.command, ctx.params,

@@ -123,6 +123,7 @@ def build(ctx: click.Context, model: str, model_name: str | None, dataset: str, 
     # cheap checks first: data, then editor weights, then the (large) model
     with _allow_outside(allow_outside_root):
         samples = load_dataset(dataset, data_root)
+    whole = samples  # the log's rows outside --limit / --shard are judged against the whole dataset too
     if limit is not None:
         samples = samples[:limit]
     ds_name = samples[0].dataset if samples else canonical_name(dataset)
@@ -135,10 +136,11 @@ def build(ctx: click.Context, model: str, model_name: str | None, dataset: str, 
     if launch_opts["launcher"] != "none":
         _launch_build(ctx, launch_opts, samples=samples, model_name=model_name, modes=modes, out_dir=out_dir,
                       cache_dir=cache_dir, include_negatives=include_negatives, device=device, progress=not no_progress,
-                      editor=ed, data_root=data_root, overwrite=overwrite)
+                      editor=ed, data_root=data_root, overwrite=overwrite, dataset_samples=whole)
         return
     if not overwrite and samples:  # logged rows of changed samples: refused before the (large) model loads
-        check_split_samples(samples, [out_dir], model_name=model_name, modes=modes, editor=ed, data_root=data_root)
+        check_split_samples(samples, [out_dir], model_name=model_name, modes=modes, editor=ed, data_root=data_root,
+                            dataset_samples=whole)
     with progress_bars(not no_progress):
         adapter = _load_model(model, device)
     for mode in modes:
@@ -146,7 +148,7 @@ def build(ctx: click.Context, model: str, model_name: str | None, dataset: str, 
                                        cache_dir=cache_dir, include_negatives=include_negatives,
                                        max_new_tokens=max_new_tokens, batch_size=batch_size,
                                        retry_errors=retry_errors, progress=not no_progress, data_root=data_root,
-                                       overwrite=overwrite)
+                                       overwrite=overwrite, dataset_samples=whole)
         click.echo(f"{model_name} / {ds_name} / {mode}: kept {ret['kept']} of {ret['n']} positives "
                    f"({ret['retention_pct']}%), errors {ret['errors']}")
     click.echo(write_retention(out_dir))
@@ -162,11 +164,12 @@ def _shard_samples(samples: list, model_name: str, spec: str) -> list:
 
 def _launch_build(ctx: click.Context, launch_opts: dict[str, Any], *, samples: list, model_name: str, modes: tuple[str, ...],
                   out_dir: str, cache_dir: str | None, include_negatives: bool, device: str | None, progress: bool,
-                  editor: Any, data_root: str | None, overwrite: bool) -> None:
+                  editor: Any, data_root: str | None, overwrite: bool, dataset_samples: list) -> None:
     """One ``bench build --shard i/n`` task per shard, each into ``<out>/shards/i-of-n`` with the edit
     cache shared; merged into ``<out>`` when all finish (``--launcher local|slurm``). Logged rows of
     changed samples (in ``<out>`` and the shard folders) are refused before any task starts, unless
-    ``overwrite`` (passed on to the tasks, and the merge lets their rows replace those in ``<out>``)."""
+    ``overwrite`` (passed on to the tasks, and the merge lets their rows replace those in ``<out>``); rows
+    outside the selection are judged against ``dataset_samples`` (the whole dataset as loaded)."""
     from pathlib import Path
 
     from medfocus.commands.launch import argv_from_params, default_shards, run_launch
@@ -194,7 +197,7 @@ def _launch_build(ctx: click.Context, launch_opts: dict[str, Any], *, samples: l
         from medfocus.bench.build import check_split_samples
 
         check_split_samples(samples, [out, *(out / t.output for t in tasks)], model_name=model_name, modes=modes,
-                            editor=editor, data_root=data_root)
+                            editor=editor, data_root=data_root, dataset_samples=dataset_samples)
     manifest = Manifest(command="bench build", launcher=opts["launcher"], out=str(out), tasks=tasks, overwrite=overwrite)
     click.echo(f"{sum(t.expected for t in tasks)} (sample, mode) pairs in {len(tasks)} tasks -> {out}")
     run_launch(manifest, opts, device=device, progress=progress)

@@ -28,8 +28,8 @@ from medfocus.errors import ConfigError, DataWarning
 from medfocus.io.atomic import atomic_write_json
 from medfocus.io.env import cache_root
 
-__all__ = ["FINGERPRINT_FIELD", "NO_FINGERPRINT", "file_sha256", "sample_fingerprint", "fingerprint_differences",
-           "merge_differences", "describe_sample_conflicts", "changed_samples_error"]
+__all__ = ["FINGERPRINT_FIELD", "NO_FINGERPRINT", "IDENTITY_FIELDS", "file_sha256", "sample_fingerprint", "sample_identity",
+           "fingerprint_differences", "merge_differences", "describe_sample_conflicts", "changed_samples_error"]
 
 #: Record field holding :func:`sample_fingerprint` (also the entries of ``explain.json``'s ``samples``).
 FINGERPRINT_FIELD = "sample_fingerprint"
@@ -37,6 +37,12 @@ FINGERPRINT_FIELD = "sample_fingerprint"
 #: What a record written before fingerprints were recorded says in a refusal.
 NO_FINGERPRINT = ("carries no sample fingerprint (written before fingerprints were recorded): "
                   "cannot verify that it was computed on this sample")
+
+#: The fields of a :func:`sample_fingerprint` that identify the sample itself, whatever was attributed on it:
+#: the film (its path for messages; its size and SHA-256 for the comparison) and the annotations. A benchmark
+#: split's records carry them (:func:`sample_identity`), so ``attribute --bench`` can check that the film now
+#: at a record's ``(dataset, index)`` is the one the split's answers were given to.
+IDENTITY_FIELDS = ("image", "image_bytes", "image_sha256", "finding", "gt_answer", "gt_boxes", "question")
 
 # sha256 per (resolved path, size, mtime, ctime, inode, device): a film shared by several models, modes
 # and methods of a run is hashed once; any rewrite of the file changes its ctime (which, unlike mtime,
@@ -236,21 +242,40 @@ def sample_fingerprint(image_path: str, *, finding: str | None, gt_answer: str |
     }
 
 
+def sample_identity(fingerprint: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The :data:`IDENTITY_FIELDS` of a :func:`sample_fingerprint` (``None`` for ``None``): what a benchmark
+    split's record stores about its sample (``bench build``'s ``make_record``), without what the split's
+    generation and editing depended on (answer source, editor inputs)."""
+    if not isinstance(fingerprint, Mapping):
+        return None
+    return {k: fingerprint.get(k) for k in IDENTITY_FIELDS}
+
+
 def _image_desc(fp: Mapping[str, Any]) -> str:
     sha = fp.get("image_sha256")
     return f"{fp.get('image')} (" + (f"sha256 {sha[:12]}, {fp.get('image_bytes')} bytes)" if sha else "missing file)")
 
 
-def fingerprint_differences(stored: Mapping[str, Any] | None, now: Mapping[str, Any]) -> list[str]:
+def fingerprint_differences(stored: Mapping[str, Any] | None, now: Mapping[str, Any], *,
+                            fields: Sequence[str] | None = None) -> list[str]:
     """What differs between a stored record's fingerprint and the current sample's, e.g.
     ``["image n01.jpg (sha256 ab12.., 5120 bytes) -> a00.jpg (sha256 cd34.., 4960 bytes)", "gt_boxes: [...] -> [...]"]``;
-    empty when they match. A missing stored fingerprint (``None``) is one difference, :data:`NO_FINGERPRINT`."""
+    empty when they match. A missing stored fingerprint (``None``) is one difference, :data:`NO_FINGERPRINT`.
+
+    ``fields``: compare only these (default: every field either side has). Without ``"image"`` among them
+    the film is judged by its content alone (``image_bytes``/``image_sha256``: the same bytes under another
+    path or data root are the same film), and a changed film reads
+    ``"image_sha256: n01.jpg (sha256 ab12.., 5120 bytes) -> n01.jpg (sha256 cd34.., 4960 bytes)"``."""
     if not isinstance(stored, Mapping):
         return [NO_FINGERPRINT]
+    film = ("image", "image_bytes", "image_sha256")
+    keys = set(stored) | set(now) if fields is None else set(fields)
     diffs = []
-    if any(stored.get(k) != now.get(k) for k in ("image", "image_bytes", "image_sha256")):
-        diffs.append(f"image {_image_desc(stored)} -> {_image_desc(now)}")
-    for k in sorted((set(stored) | set(now)) - {"image", "image_bytes", "image_sha256"}):
+    changed = [k for k in film if k in keys and stored.get(k) != now.get(k)]
+    if changed:
+        label = "image " if "image" in keys else ("image_sha256: " if "image_sha256" in changed else "image_bytes: ")
+        diffs.append(f"{label}{_image_desc(stored)} -> {_image_desc(now)}")
+    for k in sorted(keys - set(film)):
         if stored.get(k) != now.get(k):
             diffs.append(f"{k}: {stored.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}")
     return diffs

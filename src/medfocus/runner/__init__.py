@@ -4,6 +4,7 @@ result store, sharding, and the end-to-end demo pipeline."""
 from medfocus.runner.grid import (
     RunSummary,
     WorkItem,
+    check_split_items,
     item_seed,
     items_from_benchmark,
     parse_shard,
@@ -19,6 +20,7 @@ __all__ = [
     "RunSummary",
     "WorkItem",
     "atomic_save_npz",
+    "check_split_items",
     "item_seed",
     "items_from_benchmark",
     "load_results",

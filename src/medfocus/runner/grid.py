@@ -36,7 +36,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from medfocus.errors import ConfigError, DataError, MedfocusError, ModelError
-from medfocus.io.fingerprint import FINGERPRINT_FIELD, changed_samples_error, fingerprint_differences, sample_fingerprint
+from medfocus.io.fingerprint import (FINGERPRINT_FIELD, IDENTITY_FIELDS, changed_samples_error, describe_sample_conflicts,
+                                     fingerprint_differences, sample_fingerprint)
 from medfocus.runner.store import Key, ResultStore, to_jsonable
 from medfocus.types import Sample
 
@@ -74,6 +75,10 @@ class WorkItem:
         synthetic: whether the film comes from the synthetic world (``None``: ``dataset == "synthetic"``); a
             method using the default synthetic reference pool on a non-synthetic film gets a warning.
         extra: copied verbatim into every result record (e.g. the benchmark split's editor).
+        split_sample: for an item of a benchmark split (:func:`items_from_benchmark`), what its record says
+            about the sample its answer was given to: ``{"where": "benchmark file F record 3", "stored":
+            {field: value}}`` (fields of :data:`~medfocus.io.fingerprint.IDENTITY_FIELDS`), checked against the
+            sample loaded now by :func:`check_split_items`; ``None`` otherwise.
     """
 
     model: str
@@ -84,6 +89,7 @@ class WorkItem:
     answer_source: str | None = None
     synthetic: bool | None = None
     extra: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    split_sample: Mapping[str, Any] | None = field(default=None, hash=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.answer_source is None:  # default: the given text, else the model's own answer
@@ -212,9 +218,15 @@ def items_from_benchmark(
         where: ``where[i]`` names ``records[i]`` in errors (e.g. ``"benchmark file F record 3"``).
         data_root: the data root the samples were loaded from, named in errors.
 
+    ``(dataset, index)`` does not identify a sample (an overwritten film, a row inserted into the
+    annotations, another ``--data-root``), so every item keeps what its record says about the sample its
+    answer was given to (:attr:`WorkItem.split_sample`, :func:`split_record_identity`), and
+    :func:`check_split_items` (the ``attribute`` command before any model loads; :func:`run_grid`) refuses
+    items whose sample is not that one.
+
     Raises:
         DataError: a record names a sample that ``samples`` does not contain (naming the record, its
-            index, the dataset's size and the data root).
+            index, the dataset's size and the data root), or holds a malformed ``sample_fingerprint``.
         ConfigError: ``relabel`` without ``model``.
     """
     from medfocus.datasets.medground import check_sample_index, record_dataset
@@ -254,9 +266,98 @@ def items_from_benchmark(
             ex["split_model"] = rec.get("model")
             if answer and rec.get("model") != model:
                 source = "split_other_model"
+        stored = split_record_identity(rec, where=loc)
         items.append(WorkItem(model=model or rec_model, dataset=sample.dataset, mode=mode, sample=sample, answer=answer,
-                              answer_source=source, extra=ex))
+                              answer_source=source, extra=ex,
+                              split_sample={"where": loc, "stored": stored} if stored else None))
     return items
+
+
+def _as_boxes(value: Any) -> Any:
+    """A record's ``boxes`` as the fingerprint stores them (lists of floats); a malformed value as it is
+    (it then differs from the sample's boxes and is reported, never coerced)."""
+    try:
+        return [[float(v) for v in b] for b in value]
+    except (TypeError, ValueError):
+        return value
+
+
+def split_record_identity(record: Mapping[str, Any], *, where: str = "benchmark record") -> dict[str, Any]:
+    """What a benchmark record says about the sample its answers were given to, as fingerprint fields
+    (:data:`~medfocus.io.fingerprint.IDENTITY_FIELDS`).
+
+    A record written by ``bench build`` carries ``sample_fingerprint`` (the film's path, size and SHA-256,
+    finding, ground-truth answer, boxes, question: :func:`medfocus.bench.build.make_record`): those fields.
+    A record without it (the public MedGround-Bench schema: ``answer`` only; a split written before
+    records carried it) gives what it does hold: ``answer`` as ``gt_answer`` (read by
+    :func:`~medfocus.datasets.medground.normalize_yes_no`, as :func:`~medfocus.datasets.medground.join_records`
+    does), ``attribute`` as ``finding``, ``question``, ``boxes`` as ``gt_boxes``; empty when it holds none.
+
+    Raises:
+        DataError: ``sample_fingerprint`` is present but not an object (naming ``where``).
+    """
+    from medfocus.datasets.medground import normalize_yes_no
+
+    fp = record.get(FINGERPRINT_FIELD)
+    if fp is not None:
+        if not isinstance(fp, Mapping):
+            raise DataError(f"{where}: field {FINGERPRINT_FIELD!r} must be an object with {list(IDENTITY_FIELDS)}, "
+                            f"got {type(fp).__name__}")
+        return {k: fp[k] for k in IDENTITY_FIELDS if k in fp}
+    out: dict[str, Any] = {}
+    if record.get("answer") is not None:
+        out["gt_answer"] = normalize_yes_no(record["answer"]) or record["answer"]
+    if record.get("attribute") is not None:
+        out["finding"] = record["attribute"]
+    if record.get("question") is not None:
+        out["question"] = record["question"]
+    if record.get("boxes") is not None:
+        out["gt_boxes"] = _as_boxes(record["boxes"])
+    return out
+
+
+def check_split_items(items: Sequence[WorkItem], *, data_root: str | Path | None = None,
+                      fingerprints: Mapping[tuple, Mapping[str, Any]] | None = None) -> None:
+    """Refuse items of a benchmark split whose record was built on another sample than the one now at its
+    ``(dataset, index)``: the split's answer is the model's answer to the film the split was built on, and
+    attributing it on another film would credit the model with an answer it never gave to that film.
+
+    Compares each item's :attr:`WorkItem.split_sample` (the fields its record holds) with the item's
+    current :meth:`WorkItem.fingerprint`, field by field (the film by size and SHA-256, wherever it lies:
+    the same bytes under a moved data root are the same film;
+    :func:`~medfocus.io.fingerprint.fingerprint_differences`). Items without ``split_sample`` pass.
+    ``fingerprints``: the items' fingerprints when already computed (:func:`run_grid`); otherwise each
+    film is hashed here (once per process: :func:`~medfocus.io.fingerprint.file_sha256` caches it, so the
+    run that follows does not read it again).
+
+    Raises:
+        DataError: naming the split file(s), every such record (model, dataset, index, mode, where) and what
+            changed (stored -> now), and the remedies (rebuild the split with ``medfocus bench build``, or
+            point ``--data-root`` at the data it was built on).
+    """
+    checked = [it for it in items if it.split_sample]
+    if not checked:
+        return
+    fps = fingerprints if fingerprints is not None else _fingerprints(checked, data_root, progress=False)
+    conflicts: dict[tuple, list[str]] = {}
+    for it in checked:
+        stored = it.split_sample["stored"]
+        diffs = fingerprint_differences(stored, fps[it.key("")[:4]], fields=[k for k in stored if k != "image"])
+        if diffs:
+            conflicts.setdefault((*it.key("")[:4], tuple(diffs)), []).append(str(it.split_sample["where"]))
+    if not conflicts:
+        return
+    files = sorted({str(it.extra["bench_file"]) for it in checked if it.extra.get("bench_file")})
+    root = f" under data root {data_root}" if data_root else ""
+    n = sum(len(v) for v in conflicts.values())
+    which = f"{n} benchmark records" if n > 1 else "a benchmark record"
+    raise DataError(f"{which}{' of ' + ', '.join(files) if files else ''} {'were' if n > 1 else 'was'} built on "
+                    f"{'other samples than the ones' if n > 1 else 'another sample than the one'} now at "
+                    f"{'their' if n > 1 else 'its'} (dataset, index){root} "
+                    "(stored in the record -> now):\n" + describe_sample_conflicts(conflicts) +
+                    "\nA split's answers are the model's answers to the films it was built on; nothing was attributed. "
+                    "Rebuild the split on this data with `medfocus bench build`, or point --data-root at the data "
+                    "it was built on.")
 
 
 def raw_answers_for_split(records_path: str | Path) -> dict[tuple[str, str, int], str]:
@@ -635,6 +736,7 @@ def run_grid(
     identify = identify_model or _default_identity
     identities = {name: to_jsonable(dict(identify(name))) for name in dict.fromkeys(it.model for it in items)}
     fingerprints = _fingerprints(items, data_root, progress)
+    check_split_items(items, data_root=data_root, fingerprints=fingerprints)  # before any model loads
     stale: set[Key] = set()  # error records of other settings or samples (and, with overwrite, changed samples): recomputed
     conflicts: dict[tuple[str, str, tuple[str, ...]], int] = {}
     sample_conflicts: dict[tuple, list[str]] = {}
