@@ -155,8 +155,13 @@ def test_cli_labels_films_of_one_name_apart_and_overwrite_recomputes(tmp_path, d
     out = tmp_path / "out"
     argv = ["explain", *map(str, films), "--finding", "cardiomegaly", "--method", "occlusion", "--param", "occlusion.grid=2",
             "--out", str(out), "--no-progress"]
+    # 256x256 films on the demo's 224x224 canvas: 224 content pixels a side, so grid 225 leaves empty cells
+    r = CliRunner().invoke(main, [*argv[:-4], "occlusion.grid=225", *argv[-3:]])
+    assert r.exit_code == 1 and "forward passes per film: occlusion 50,626 (1 + 225x225 grid cells)" in r.output, r.output
+    assert "covers 224x224 canvas pixels, so grid can be at most 224 there" in r.output and not out.exists()
     r = CliRunner().invoke(main, argv)
     assert r.exit_code == 0, r.output
+    assert "forward passes per film: occlusion 5 (1 + 2x2 grid cells)" in r.output
     lines = [ln.split(": answer")[0] for ln in r.output.splitlines() if ": answer " in ln]
     assert lines == ["a/film.dcm", "b/film.dcm"], r.output
     data = re.search(r'<script[^>]*type="application/json"[^>]*>(.*?)</script>', (out / "explain.html").read_text(), re.S).group(1)
@@ -165,4 +170,4 @@ def test_cli_labels_films_of_one_name_apart_and_overwrite_recomputes(tmp_path, d
     assert r.exit_code == 0 and "0 computed, 2 already in the store" in r.output, r.output
     r = CliRunner().invoke(main, [*argv, "--overwrite"])
     assert r.exit_code == 0 and "2 computed, 0 already in the store" in r.output, r.output
-    assert loads == ["demo", "demo"]
+    assert loads == ["demo", "demo", "demo"]

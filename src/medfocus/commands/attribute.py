@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import click
 
-from medfocus.attribution.base import BASELINES
+from medfocus.attribution.base import BASELINES, forward_pass_note
 from medfocus.commands.config import config_option
 from medfocus.commands.evaluate import faithfulness_config, faithfulness_options
 from medfocus.commands.launch import LAUNCH_PARAMS, check_launch_options, launcher_options
@@ -376,6 +376,9 @@ def attribute(ctx, bench, dataset, data_root, models, modes, methods, params, re
         return load_lvlm(name, device=device)
 
     click.echo(f"{len(items)} samples x {len(method_objs)} methods -> {store_path}")
+    cost = forward_pass_note(method_objs)
+    if cost is not None:  # before any model loads: a costly setting shows before the wait
+        click.echo(cost)
     with progress_bars(not no_progress), ResultStore(store_path) as store:
         summary = run_grid(items, {m: getattr(obj, "params", {}) for m, obj in method_objs.items()}, store, load_model=loader,
                            make_method=lambda name, _params: method_objs[name], seed=seed, retry_errors=retry_errors,

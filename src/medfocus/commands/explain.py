@@ -49,7 +49,7 @@ def explain(images, finding, question, mode, answer, model, methods, params, box
     with progress_bars(not no_progress):
         res = run_explain(list(images), out=out_dir, finding=finding, question=question, mode=mode, answer=answer, model=model,
                           methods=list(methods) or None, params=parse_params(params), boxes=[parse_box(b) for b in boxes],
-                          seed=seed, device=device, progress=not no_progress, overwrite=overwrite)
+                          seed=seed, device=device, progress=not no_progress, overwrite=overwrite, notify=click.echo)
     for a in res.answers:
         click.echo(f"{a['label']}: answer {a['answer']!r} (read as {a['answer_parsed']}; {a['answer_source']})")
     if res.served_from is not None:

@@ -225,6 +225,7 @@ def explain(
     overwrite: bool = False,
     load_model: Callable[[str], Any] | None = None,
     title: str | None = None,
+    notify: Callable[[str], None] | None = None,
 ) -> ExplainResult:
     """Explain the model's answer about each film with every selected attribution method.
 
@@ -244,6 +245,8 @@ def explain(
             recomputed (also with the same settings; without it, those are resumed or served from the store).
         load_model: ``name -> adapter`` (default :func:`medfocus.lvlm.load_lvlm` on ``device``).
         title: the viewer's title.
+        notify: called with lines for the user before the model loads (the perturbation methods' forward
+            passes per film, :func:`~medfocus.attribution.base.forward_pass_note`); the CLI prints them.
     Returns:
         :class:`ExplainResult`.
     Raises:
@@ -251,9 +254,11 @@ def explain(
             parameter, boxes with several films or outside the film, ``out`` holding another run).
         DataError: a film is missing or unreadable (checked before the model is loaded).
         ModelError: the model cannot be loaded (checked without the network first, :func:`check_model`).
-        ConfigError: also a layer / head index the loaded model does not have (before any film runs).
+        ConfigError: also a layer / head index the loaded model does not have, or a perturbation grid finer
+            than a film's content on its canvas (before any film runs).
     """
     from medfocus.attribution import get_method, list_methods
+    from medfocus.attribution.base import forward_pass_note
     from medfocus.io import read_image
     from medfocus.report.viewer import build_viewer
     from medfocus.runner.grid import WorkItem, load_checked, run_grid
@@ -343,6 +348,9 @@ def explain(
         raise ConfigError(f"{store_path} exists but was not written by `medfocus explain`; use an empty --out folder")
 
     method_objs = {m: get_method(m, **params.get(m, {})) for m in methods}  # each setting's type and range
+    cost = forward_pass_note(method_objs, unit="film")
+    if cost is not None and served_from is None and notify is not None:
+        notify(cost)  # before the model loads: a costly setting shows before the wait
     loader = load_model
     if loader is None:
         def loader(name: str) -> Any:
@@ -359,7 +367,7 @@ def explain(
             from medfocus.lvlm.loading import check_model
 
             check_model(model)  # a name, folder or hub id that cannot be loaded without the network: one error now
-        adapter = load_checked(loader, model, method_objs.values())
+        adapter = load_checked(loader, model, method_objs.values(), films={s.image_path: s.image_size for s in samples})
         loader = lambda _name: adapter  # noqa: E731
 
     if replace:

@@ -584,9 +584,12 @@ def _seed_everything(s: int) -> None:
         pass
 
 
-def load_checked(load_model: Callable[[str], Any], name: str, methods: Iterable[Any]) -> Any:
+def load_checked(load_model: Callable[[str], Any], name: str, methods: Iterable[Any],
+                 films: Mapping[str, tuple[int, int]] | None = None) -> Any:
     """Load model ``name`` with ``load_model`` and check the methods' model-dependent settings against it
-    (:meth:`~medfocus.attribution.base.Method.check_params`: layer / head indices), before any sample runs.
+    (:meth:`~medfocus.attribution.base.Method.check_params`: layer / head indices) and against the ``films``
+    to attribute (``{image path: (width, height)}``, :meth:`~medfocus.attribution.base.Method.check_images`:
+    a perturbation grid finer than a film's content on the canvas), before any sample runs.
     The one place ``attribute``, ``explain`` and the demo do this.
 
     Raises:
@@ -603,6 +606,9 @@ def load_checked(load_model: Callable[[str], Any], name: str, methods: Iterable[
         check = getattr(m, "check_params", None)  # third-party method objects may not have the hook
         if check is not None:
             check(adapter)
+        check_films = getattr(m, "check_images", None)
+        if check_films is not None and films:
+            check_films(adapter, films)
     return adapter
 
 
@@ -835,7 +841,8 @@ def run_grid(
                 bar.set_description(f"load {model_name}")
             # A model that cannot be loaded fails the run (non-zero exit), it is not a failing sample: no
             # error records, which a rerun without --retry-errors would serve as "already in the store".
-            adapter = load_checked(load_model, model_name, method_objs.values())
+            adapter = load_checked(load_model, model_name, method_objs.values(),
+                                   films={it.sample.image_path: tuple(it.sample.image_size) for it in group})
             for it in group:
                 pending = [m for m in method_params if not is_done(it.key(m))]
                 if not pending:
