@@ -159,6 +159,7 @@ def test_cli_labels_films_of_one_name_apart_and_overwrite_recomputes(tmp_path, d
     r = CliRunner().invoke(main, [*argv[:-4], "occlusion.grid=225", *argv[-3:]])
     assert r.exit_code == 1 and "forward passes per film: occlusion 50,626 (1 + 225x225 grid cells)" in r.output, r.output
     assert "covers 224x224 canvas pixels, so grid can be at most 224 there" in r.output and not out.exists()
+    assert loads == []  # refused before the model loads: the demo's canvas is known from its medfocus.json
     r = CliRunner().invoke(main, argv)
     assert r.exit_code == 0, r.output
     assert "forward passes per film: occlusion 5 (1 + 2x2 grid cells)" in r.output
@@ -170,4 +171,12 @@ def test_cli_labels_films_of_one_name_apart_and_overwrite_recomputes(tmp_path, d
     assert r.exit_code == 0 and "0 computed, 2 already in the store" in r.output, r.output
     r = CliRunner().invoke(main, [*argv, "--overwrite"])
     assert r.exit_code == 0 and "2 computed, 0 already in the store" in r.output, r.output
-    assert loads == ["demo", "demo", "demo"]
+    assert loads == ["demo", "demo"]
+
+
+def test_canvas_known_before_loading_only_where_load_lvlm_fixes_it():
+    from medfocus.lvlm.loading import known_canvas
+
+    assert known_canvas("demo") == (224, 224)  # its medfocus.json
+    assert known_canvas("qwen2_5_vl_7b") == (448, 448)  # the registry entry
+    assert known_canvas("gemma3_4b") is None and known_canvas("llava1_5_7b") is None  # from the processor, at load

@@ -360,3 +360,12 @@ def test_grid_limit_is_the_content_side_on_the_canvas():
             m.attribute(toy, wide, "Is there a nodule?", "Yes")
     assert Occlusion(grid=8).attribute(toy, wide, "Is there a nodule?", "Yes").n_forward == 65
     assert (Occlusion(grid=8).forward_passes(), RISE(n_masks=100).forward_passes()) == ((65, "1 + 8x8 grid cells"), (100, "n_masks"))
+
+
+def test_a_grid_finer_than_the_content_is_refused_before_loading_where_the_canvas_is_known(world):
+    """The demo's canvas (224, from its medfocus.json) is known without loading it: 32x32 films fill 224x224
+    canvas pixels, so grid 225 is refused before any model loads; 224 passes that check."""
+    res, out = _run(world, "--model", "demo", "--method", "occlusion", "--param", "occlusion.grid=225")
+    assert res.exit_code == 1, res.output
+    assert "model 'demo''s 224x224 canvas" in res.output and "so grid can be at most 224 there" in res.output
+    assert world["loads"] == [] and _records(out) == []

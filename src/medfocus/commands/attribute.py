@@ -134,6 +134,17 @@ def check_models(names: Sequence[str]) -> None:
         check_model(name)
 
 
+def check_films(items: Sequence[Any], method_objs: dict[str, Any]) -> None:
+    """The settings that depend on the films and the model's canvas (a perturbation grid finer than a film's
+    content), per model, before it loads where its canvas is known then (:func:`medfocus.runner.grid.
+    check_films_before_load`; otherwise right after the load); raises :class:`ConfigError` naming the limit."""
+    from medfocus.runner.grid import check_films_before_load
+
+    for model in dict.fromkeys(it.model for it in items):
+        check_films_before_load(model, method_objs.values(),
+                                {it.sample.image_path: tuple(it.sample.image_size) for it in items if it.model == model})
+
+
 def load_samples(dataset: str, data_root: str | None) -> list:
     """Samples of a dataset through the dataset registry (``medfocus.datasets.load_dataset``)."""
     from medfocus.datasets import load_dataset
@@ -363,6 +374,7 @@ def attribute(ctx, bench, dataset, data_root, models, modes, methods, params, re
                             relabel_split_model=relabel_split_model)
     items = select_items(items, limit=limit, shard=(i, n))
     check_models(sorted({it.model for it in items}))
+    check_films(items, method_objs)
     # a split's records name the samples their answers were given to: checked before any model loads
     # (the films hashed here are not read again by the run)
     check_split_items(items, data_root=data_root)
@@ -401,12 +413,14 @@ def _launch_attribute(ctx: click.Context, launch_opts: dict[str, Any], *, bench,
     devices = parse_devices(opts["devices"]) if opts["launcher"] == "local" else []
     n = default_shards(opts["launcher"], opts["shards"], devices)
     # the same checks as a single-process run, before anything starts
-    methods = tuple(build_methods(methods, params, refine, medsam))  # settings validated before anything starts
+    method_objs = build_methods(methods, params, refine, medsam)  # settings validated before anything starts
+    methods = tuple(method_objs)
     with _allow_outside(allow_outside_root):
         items = select_items(build_items(bench=bench, dataset=dataset, data_root=data_root, models=models, modes=modes,
                                          include_negatives=include_negatives, relabel_split_model=relabel_split_model),
                               limit=limit)
     check_models(sorted({it.model for it in items}))
+    check_films(items, method_objs)
     check_split_items(items, data_root=data_root)  # a split built on other samples: refused before any task starts
     run_models = list(dict.fromkeys(it.model for it in items))
     per_model = len(run_models) > 1  # one task per (model, shard): each loads only its model

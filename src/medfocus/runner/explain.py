@@ -261,7 +261,7 @@ def explain(
     from medfocus.attribution.base import forward_pass_note
     from medfocus.io import read_image
     from medfocus.report.viewer import build_viewer
-    from medfocus.runner.grid import WorkItem, load_checked, run_grid
+    from medfocus.runner.grid import WorkItem, check_films_before_load, load_checked, run_grid
     from medfocus.runner.store import ResultStore, load_results
 
     # ---- validate everything before the model loads
@@ -359,6 +359,7 @@ def explain(
             return load_lvlm(name, device=device)
 
     fresh = replace or not spec_path.is_file()
+    films = {s.image_path: s.image_size for s in samples}
     if fresh:
         # A new run: the model, then the settings that depend on it (layer / head indices), before --out is
         # touched, so a model that cannot be loaded or an index it does not have leaves no explain.json
@@ -367,7 +368,8 @@ def explain(
             from medfocus.lvlm.loading import check_model
 
             check_model(model)  # a name, folder or hub id that cannot be loaded without the network: one error now
-        adapter = load_checked(loader, model, method_objs.values(), films={s.image_path: s.image_size for s in samples})
+            check_films_before_load(model, method_objs.values(), films)  # where the canvas is known unloaded
+        adapter = load_checked(loader, model, method_objs.values(), films=films)
         loader = lambda _name: adapter  # noqa: E731
 
     if replace:

@@ -612,6 +612,29 @@ def load_checked(load_model: Callable[[str], Any], name: str, methods: Iterable[
     return adapter
 
 
+def check_films_before_load(name: str, methods: Iterable[Any], films: Mapping[str, tuple[int, int]]) -> None:
+    """The film-dependent settings (:meth:`~medfocus.attribution.base.Method.check_images`: a perturbation
+    grid finer than a film's content on the canvas) checked *before* model ``name`` loads, where its canvas is
+    known without loading (:func:`medfocus.lvlm.loading.known_canvas`); otherwise :func:`load_checked` checks
+    them right after the load.
+
+    Raises:
+        ConfigError: as :meth:`~medfocus.attribution.base.Method.check_images`.
+    """
+    from types import SimpleNamespace
+
+    from medfocus.lvlm.loading import known_canvas
+
+    canvas = known_canvas(name) if films else None
+    if canvas is None:
+        return
+    model = SimpleNamespace(name=name, canvas_size=canvas)  # all check_images reads of an adapter
+    for m in methods:
+        check = getattr(m, "check_images", None)
+        if check is not None:
+            check(model, films)
+
+
 @dataclass
 class RunSummary:
     """What :func:`run_grid` did."""
