@@ -71,12 +71,15 @@ class Attribution:
 class Counter:
     """Pass counter handed to a method's ``_attribute`` (see the module docstring's convention); it also
     carries the :class:`~medfocus.attribution._common.PreparedSample` the method may reuse (``None``:
-    the method prepares its own inputs)."""
+    the method prepares its own inputs) and the film's :class:`~medfocus.io.reader.FilmOrientation`
+    (``None``: the display convention ``L\\F``), which names the patient's sides for the methods that name
+    anatomy (MedFocus, the anatomy detector of ``prompting_medsam``)."""
 
-    def __init__(self, prepared: Any = None) -> None:
+    def __init__(self, prepared: Any = None, orientation: Any = None) -> None:
         self.n_forward = 0
         self.n_backward = 0
         self.prepared = prepared
+        self.orientation = orientation
 
 
 # ---- settings validation -------------------------------------------------------------------------
@@ -353,7 +356,8 @@ class Method:
     #: sample's prepared inputs).
     shared_pass: ClassVar[str | None] = None
 
-    def attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, *, prepared: Any = None) -> Attribution:
+    def attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, *, prepared: Any = None,
+                  orientation: Any = None) -> Attribution:
         """Attribute ``answer`` to the pixels of ``image``.
 
         Args:
@@ -364,6 +368,9 @@ class Method:
             prepared: a :class:`~medfocus.attribution._common.PreparedSample` of exactly these inputs
                 (:func:`~medfocus.attribution._common.prepare_sample`), shared by the methods of a sample;
                 ``None`` prepares here.
+            orientation: the film's :class:`~medfocus.io.reader.FilmOrientation`
+                (:func:`~medfocus.io.reader.read_orientation`; ``None``: the display convention ``L\\F``). Pixels,
+                maps and boxes stay in the stored frame; it only names the patient's left/right (concepts).
         Returns:
             :class:`Attribution` with maps in original-image pixels and pass counters. Above the
             working-resolution cap the method runs in the image's work frame (module docstring).
@@ -380,11 +387,11 @@ class Method:
         frame = WorkFrame.of((img.shape[1], img.shape[0]))
         t0 = time.perf_counter()
         if frame.identity:
-            counter = Counter(prepared)
+            counter = Counter(prepared, orientation)
             res = self._attribute(adapter, img, question, answer, counter)
         else:
             work = self._prepared_for(adapter, img, question, answer, prepared).in_work_frame(frame)
-            counter = Counter(work)
+            counter = Counter(work, orientation)
             res = self.to_original_frame(self._attribute(adapter, work.image, question, answer, counter), frame, work.chat.geometry)
         res.seconds = time.perf_counter() - t0
         res.n_forward = counter.n_forward

@@ -38,6 +38,7 @@ import numpy as np
 from medfocus.errors import ConfigError, DataError, MedfocusError, ModelError
 from medfocus.io.fingerprint import (FINGERPRINT_FIELD, IDENTITY_FIELDS, changed_samples_error, describe_sample_conflicts,
                                      fingerprint_differences, sample_fingerprint)
+from medfocus.io.letterbox import check_film_content
 from medfocus.runner.store import Key, ResultStore, to_jsonable
 from medfocus.types import Sample
 
@@ -384,6 +385,23 @@ def _read_image(path: str) -> np.ndarray:
 
     img, _ = read_image(path)
     return img
+
+
+def _model_canvas(adapter: Any) -> tuple[Any, Any]:
+    """``(canvas_size, token_grid)`` of an :class:`~medfocus.lvlm.adapter.LVLMAdapter`; ``(None, None)`` for a
+    stand-in that declares no canvas (then :func:`~medfocus.io.letterbox.check_film_content` checks only
+    for a constant film)."""
+    if getattr(adapter, "canvas_size", None) is None or not callable(getattr(adapter, "token_grid", None)):
+        return None, None
+    return adapter.canvas_size, adapter.token_grid()
+
+
+def _film_orientation(path: str) -> Any:
+    """The film's :class:`~medfocus.io.reader.FilmOrientation` (DICOM ``PatientOrientation``; the display
+    convention for other formats, whose files are not opened again)."""
+    from medfocus.io.reader import CONVENTIONAL_ORIENTATION, is_dicom, read_orientation
+
+    return read_orientation(path) if is_dicom(path) else CONVENTIONAL_ORIENTATION
 
 
 def _default_loader(name: str) -> Any:
@@ -872,12 +890,19 @@ def run_grid(
                     continue
                 image = None
                 img_err = None
+                orientation = None
                 try:
                     image = read_image(it.sample.image_path)
                     if image.ndim != 2:
                         raise DataError(f"{it.sample.image_path}: expected a 2-D grayscale image, got shape {image.shape}")
+                    orientation = _film_orientation(it.sample.image_path)
                 except Exception as exc:
                     img_err = f"image read failed: {type(exc).__name__}: {exc}"
+                if img_err is None:  # a film the model cannot see is refused before the model runs on it
+                    try:
+                        check_film_content(image, it.sample.image_path, *_model_canvas(adapter))
+                    except DataError as exc:
+                        img_err = f"film refused: {exc}"
                 if img_err is None and it.answer_text is None:  # the model's own answer, generated once per item
                     try:
                         if bar is not None:
@@ -898,7 +923,7 @@ def run_grid(
                 # One prepared sample and shared passes for all the item's methods; the global RNGs are
                 # re-seeded per key before each piece of a method's own work, as when methods ran one by one.
                 text = answers[it.key("")[:4]]["text"] if it.answer_text is None else it.answer_text
-                results = attribute_many(adapter, image, it.question, text, objs, errors="return",
+                results = attribute_many(adapter, image, it.question, text, objs, errors="return", orientation=orientation,
                                          before_method=lambda m: _seed_everything(seeds[m])) if objs else {}
                 for m, res in results.items():
                     key = it.key(m)
