@@ -352,6 +352,15 @@ def test_grid_limit_is_the_content_side_on_the_canvas():
     assert "the film /d/wide.png (64x16 px) covers 32x8 canvas pixels, so grid can be at most 8 there" in msg
     assert "2 of 3 films are below grid=9" in msg
     Occlusion(grid=8).check_images(toy, films)
+    # a strip under one image token is refused per film by check_film_content, not by the grid check
+    check_grid_fits("occlusion", 8, toy, {"/d/strip.png": (7744, 10)})
+    # before loading only the canvas is known: the largest content any film can have
+    from types import SimpleNamespace
+
+    unloaded = SimpleNamespace(name="m", canvas_size=(32, 32))
+    check_grid_fits("occlusion", 32, unloaded, films)
+    with pytest.raises(ConfigError, match=r"a film's content covers at most 32x32 canvas pixels, so grid can be at most 32"):
+        check_grid_fits("occlusion", 33, unloaded, films)
     with pytest.raises(ConfigError, match="at most 8"):
         RISE(grid=9).check_images(toy, films)
     wide = np.full((16, 64), 90, np.uint8)
@@ -363,9 +372,10 @@ def test_grid_limit_is_the_content_side_on_the_canvas():
 
 
 def test_a_grid_finer_than_the_content_is_refused_before_loading_where_the_canvas_is_known(world):
-    """The demo's canvas (224, from its medfocus.json) is known without loading it: 32x32 films fill 224x224
-    canvas pixels, so grid 225 is refused before any model loads; 224 passes that check."""
+    """The demo's canvas (224, from its medfocus.json) is known without loading it: no film's content exceeds
+    224 canvas pixels a side, so grid 225 is refused before any model loads."""
     res, out = _run(world, "--model", "demo", "--method", "occlusion", "--param", "occlusion.grid=225")
     assert res.exit_code == 1, res.output
-    assert "model 'demo''s 224x224 canvas" in res.output and "so grid can be at most 224 there" in res.output
+    assert ("parameter 'grid' = 225 is finer than the image content can be on model 'demo''s 224x224 canvas"
+            in res.output) and "so grid can be at most 224 (less for films of another aspect ratio)" in res.output
     assert world["loads"] == [] and _records(out) == []

@@ -40,20 +40,27 @@ def _cell_edges(n: int, grid: int) -> np.ndarray:
 
 
 def check_grid_fits(method: str, grid: int, adapter: Any, films: Mapping[str, tuple[int, int]]) -> None:
-    """Refuse a ``grid x grid`` partition finer than any film's content on the model's canvas.
+    """Refuse a ``grid x grid`` partition finer than a film's content on the model's canvas.
 
     The masks are applied per canvas pixel (:meth:`~medfocus.lvlm.adapter.LVLMAdapter.masked_pixel_values`),
     over the letterboxed content only (``Letterbox.fit(film size, canvas)``: ``new_w x new_h`` pixels), so a
     cell needs at least one canvas pixel: with ``grid`` above the content's shorter side some cells are
     empty (an occlusion variant identical to the original image, a zero row of the map; RISE cells below
     one pixel). A cell smaller than one image token is still a distinct input (other pixels of the token's
-    patch change) and is allowed. An adapter without ``canvas_size`` is not checked here.
+    patch change) and is allowed.
+
+    With a loaded adapter (``token_grid()`` available) every film is checked, except films whose content is
+    under one image token, which the runner refuses per film
+    (:func:`~medfocus.io.letterbox.check_film_content`). With a stand-in that has only ``canvas_size`` (the
+    check before loading, :func:`medfocus.runner.grid.check_films_before_load`) ``grid`` is checked against
+    the canvas, the largest content any film can have. An adapter without ``canvas_size`` is not checked.
 
     Args:
-        method: the method's name (for the message). grid: cells per side.
+        method: the method's name (for the message). grid: cells per side. adapter: the model (its
+            ``canvas_size``, ``name`` and, when loaded, ``token_grid()``).
         films: ``{image path: (width, height)}`` in original pixels.
     Raises:
-        ConfigError: naming the method, ``grid``, the limit, the model's canvas and the film(s) below it.
+        ConfigError: naming the method, ``grid``, the limit, the model's canvas and the film that sets it.
     """
     from medfocus.io.letterbox import Letterbox
 
@@ -61,22 +68,35 @@ def check_grid_fits(method: str, grid: int, adapter: Any, films: Mapping[str, tu
     if canvas is None or not films:
         return
     W, H = int(canvas[0]), int(canvas[1])
-    sides = {}
+    model = getattr(adapter, "name", None)
+    where = f"{f'model {model!r}' if model else 'the model'}'s {W}x{H} canvas"
+    why = "(a cell needs at least one canvas pixel; a finer grid leaves empty cells, variants identical to the original)"
+    token_grid = getattr(adapter, "token_grid", None)
+    if not callable(token_grid):
+        if grid > min(W, H):
+            raise ConfigError(f"method {method!r}: parameter 'grid' = {grid} is finer than the image content can be on "
+                              f"{where}: a film's content covers at most {W}x{H} canvas pixels, so grid can be at most "
+                              f"{min(W, H)} (less for films of another aspect ratio) {why}. Give --param "
+                              f"{method}.grid={min(W, H)} or less.")
+        return
+    gh, gw = (int(v) for v in token_grid())
+    bad = {}
     for path, (w0, h0) in films.items():
-        geo = Letterbox.fit((int(w0), int(h0)), (W, H))
-        sides[path] = (int(w0), int(h0), geo.new_w, geo.new_h)
-    bad = {p: v for p, v in sides.items() if grid > min(v[2], v[3])}
+        w0, h0 = int(w0), int(h0)
+        scale = min(W / w0, H / h0)
+        if w0 * scale < W / gw or h0 * scale < H / gh:
+            continue  # under one image token: refused per film by check_film_content, not a grid matter
+        geo = Letterbox.fit((w0, h0), (W, H))
+        if grid > min(geo.new_w, geo.new_h):
+            bad[path] = (w0, h0, geo.new_w, geo.new_h)
     if not bad:
         return
     limit = min(min(v[2], v[3]) for v in bad.values())
     worst = next(p for p, v in bad.items() if min(v[2], v[3]) == limit)
     w0, h0, nw, nh = bad[worst]
-    model = getattr(adapter, "name", None)
     raise ConfigError(
-        f"method {method!r}: parameter 'grid' = {grid} is finer than the image content on "
-        f"{f'model {model!r}' if model else 'the model'}'s {W}x{H} canvas: the film {worst} ({w0}x{h0} px) "
-        f"covers {nw}x{nh} canvas pixels, so grid can be at most {limit} there (a cell needs at least one "
-        f"canvas pixel; a finer grid leaves empty cells, variants identical to the original)"
+        f"method {method!r}: parameter 'grid' = {grid} is finer than the image content on {where}: the film "
+        f"{worst} ({w0}x{h0} px) covers {nw}x{nh} canvas pixels, so grid can be at most {limit} there {why}"
         + (f"; {len(bad)} of {len(films)} films are below grid={grid}" if len(bad) > 1 else "")
         + f". Give --param {method}.grid={limit} or less.")
 
