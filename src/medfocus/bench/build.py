@@ -813,8 +813,16 @@ def retention_markdown(df: "Any") -> str:
 
 
 def write_retention(out_dir: str | os.PathLike[str]) -> str:
-    """Write ``retention.csv`` and ``retention.md`` under ``out_dir``; return the Markdown."""
+    """Write ``retention.csv`` and ``retention.md`` under ``out_dir``; return the Markdown.
+
+    Raises:
+        DataError: ``out_dir`` holds no split log with a row (``<model>/<dataset>/<mode>.log.jsonl``): an
+            empty table would read as a measured retention; nothing is written.
+    """
     df = retention_table(out_dir)
+    if df.empty:
+        raise DataError(f"{out_dir}: no bench logs here (<model>/<dataset>/<mode>.log.jsonl with at least one row), so "
+                        "there is no retention to compute; nothing written. Give the --out folder of `medfocus bench build`.")
     md = retention_markdown(df)
     atomic_write_text(Path(out_dir) / "retention.csv", df.to_csv(index=False))
     atomic_write_text(Path(out_dir) / "retention.md", md)

@@ -911,8 +911,8 @@ def run_grid(
                     except Exception as exc:
                         img_err = f"answer generation failed: {type(exc).__name__}: {exc}"
                 if img_err is not None:
-                    for m in pending:
-                        write_error(it, m, img_err, None, 0.0)
+                    for m in pending:  # a refused film is said once on the console (its records all carry it)
+                        write_error(it, m, img_err, None, 0.0, announce=img_err.startswith("film refused") and m == pending[0])
                         if bar is not None:
                             bar.update(1)
                     continue
