@@ -233,3 +233,26 @@ def test_token_grid_from_the_config_matches_the_processed_inputs(tiny_adapters, 
     grid = a.prepare(np.zeros((ch, cw), np.uint8), "Is there evidence of nodule in the image?").grid_hw
     assert a.token_grid() == tuple(grid)
     assert LVLMAdapter.token_grid(a) == tuple(grid)  # the generic default (one processor call) agrees
+
+
+def test_benchmark_build_refuses_films_the_model_cannot_see(tmp_path):
+    """The causal filter runs the same check before generating: a model whose 64 x 64 canvas has 64 x 64 tokens
+    cannot see 48 x 48 films without upsampling every pixel over several tokens -> an error row per sample, no
+    answer generated."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_bench import PLAN, ToyAdapter, make_toy_world
+
+    from medfocus.bench import build_benchmark, read_log, split_paths
+    from medfocus.editing import get_editor
+
+    samples = make_toy_world(tmp_path / "data", PLAN[:2])
+    adapter = ToyAdapter()
+    adapter.canvas_size, adapter.token_grid = (64, 64), lambda: (64, 64)
+    _, ret = build_benchmark(adapter, samples, mode="direct", editor=get_editor("oracle"), out_dir=tmp_path / "out",
+                             model_name="toy", progress=False)
+    assert ret["errors"] == 2 and adapter.n_images == 0
+    row = read_log(split_paths(tmp_path / "out", "toy", "toy", "direct")["log"])[("toy", "toy", 0)]
+    assert "0.png: film is 48 x 48 px, fewer pixels than the 64 x 64 image tokens" in row["error"]
