@@ -174,6 +174,27 @@ def test_viewer_markers_follow_the_film(rg1, tmp_path):
     assert view["markers"] == ["L", "R"] and "mirrored" in view["orientation"]
 
 
+def test_gallery_markers_follow_the_film(rg1, tmp_path):
+    import matplotlib.pyplot as plt
+
+    from medfocus.report import figures
+    from medfocus.report.html import _film_markers
+
+    flipped = _with_orientation(rg1, tmp_path / "rg1_RF.dcm", ["R", "F"], mirror=True)
+    assert _film_markers({"image_path": str(rg1)}) == ("R", "L")
+    assert _film_markers({"image_path": str(flipped)}) == ("L", "R")
+    img = np.zeros((40, 60), np.uint8)
+    for markers in (("R", "L"), ("L", "R")):
+        fig = figures.make_sample_gallery_row(img, [], [{"method": "gradcam", "heatmap": None, "pred_boxes": []}], markers=markers)
+        try:
+            for ax in fig.axes[:2]:  # the film and the method panel: image-left letter first
+                left = [t.get_text() for t in ax.texts if t.get_position()[0] < 0.5]
+                right = [t.get_text() for t in ax.texts if t.get_position()[0] > 0.5]
+                assert (left, right) == ([markers[0]], [markers[1]])
+        finally:
+            plt.close(fig)
+
+
 # ---- films the model cannot see -------------------------------------------------------------------------------
 CANVAS, GRID = (224, 224), (8, 8)  # the demo model: 224-px canvas, 28-px token cells
 
