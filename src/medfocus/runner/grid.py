@@ -38,7 +38,7 @@ import numpy as np
 from medfocus.errors import ConfigError, DataError, MedfocusError, ModelError
 from medfocus.io.fingerprint import (FINGERPRINT_FIELD, IDENTITY_FIELDS, changed_samples_error, describe_sample_conflicts,
                                      fingerprint_differences, sample_fingerprint)
-from medfocus.io.letterbox import check_film_content
+from medfocus.io.letterbox import check_film_content, model_canvas
 from medfocus.runner.store import Key, ResultStore, to_jsonable
 from medfocus.types import Sample
 
@@ -385,15 +385,6 @@ def _read_image(path: str) -> np.ndarray:
 
     img, _ = read_image(path)
     return img
-
-
-def _model_canvas(adapter: Any) -> tuple[Any, Any]:
-    """``(canvas_size, token_grid)`` of an :class:`~medfocus.lvlm.adapter.LVLMAdapter`; ``(None, None)`` for a
-    stand-in that declares no canvas (then :func:`~medfocus.io.letterbox.check_film_content` checks only
-    for a constant film)."""
-    if getattr(adapter, "canvas_size", None) is None or not callable(getattr(adapter, "token_grid", None)):
-        return None, None
-    return adapter.canvas_size, adapter.token_grid()
 
 
 def _film_orientation(path: str) -> Any:
@@ -900,7 +891,7 @@ def run_grid(
                     img_err = f"image read failed: {type(exc).__name__}: {exc}"
                 if img_err is None:  # a film the model cannot see is refused before the model runs on it
                     try:
-                        check_film_content(image, it.sample.image_path, *_model_canvas(adapter))
+                        check_film_content(image, it.sample.image_path, *model_canvas(adapter))
                     except DataError as exc:
                         img_err = f"film refused: {exc}"
                 if img_err is None and it.answer_text is None:  # the model's own answer, generated once per item
