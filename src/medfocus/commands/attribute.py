@@ -313,6 +313,7 @@ def build_items(
 @click.option("--overwrite", is_flag=True,
               help="Recompute stored records whose sample changed since they were written (image file or content, "
                    "finding, expert boxes, question, answer) or that carry no sample fingerprint; default: refused. "
+                   "Records of unchanged samples are kept (unlike `explain --overwrite`, which recomputes its whole run). "
                    "With --merge: shard records replace such records.")
 @click.option("--save-token-maps", is_flag=True, help="Also store per-answer-token heatmaps (float16).")
 @click.option("--answer-source", type=click.Choice(["model", "ground-truth"]), default="model", show_default=True,
@@ -444,4 +445,7 @@ def _launch_attribute(ctx: click.Context, launch_opts: dict[str, Any], *, bench,
     manifest = Manifest(command="attribute", launcher=opts["launcher"], out=str(out), tasks=tasks, overwrite=overwrite)
     click.echo(f"{len(items)} samples x {len(methods)} methods in {len(tasks)} tasks ({n} shards"
                f"{' per model' if per_model else ''}) -> {out}")
+    cost = forward_pass_note(method_objs)
+    if cost is not None:  # before any task starts
+        click.echo(cost)
     run_launch(manifest, opts, device=device, progress=not no_progress)
