@@ -45,6 +45,19 @@ def test_bench_build_both_modes_writes_splits_and_retention(tmp_path, toy_datase
     assert res3.exit_code == 0 and "| toy_model | toy | cot | oracle | 6 | 0 | 1 | 0 | 2 | 3 | 50.0 |" in res3.output
 
 
+def test_bench_retention_on_a_folder_without_logs_is_an_error_and_writes_nothing(tmp_path):
+    """Was: an empty table, exit 0, and retention.csv / retention.md written into the folder."""
+    folder = tmp_path / "odd"
+    (folder / "m" / "d").mkdir(parents=True)
+    (folder / "m" / "d" / "direct.log.jsonl").write_text("")  # a log without rows is no retention either
+    (folder / "notes.txt").write_text("not a bench folder")
+    res = CliRunner().invoke(main, ["bench", "retention", str(folder)])
+    assert res.exit_code != 0
+    assert f"{folder}: no bench logs here (<model>/<dataset>/<mode>.log.jsonl with at least one row)" in res.output, res.output
+    assert "Traceback" not in res.output
+    assert sorted(p.name for p in folder.iterdir()) == ["m", "notes.txt"]
+
+
 def test_bench_real_dataset_without_data_is_a_clear_error(tmp_path):
     res = CliRunner().invoke(main, ["bench", "build", "--model", "qwen2_5_vl_3b", "--dataset", "vindr_cxr", "--data-root",
                                     str(tmp_path), "--mode", "direct", "--editor", "radedit", "--out", str(tmp_path / "o")])

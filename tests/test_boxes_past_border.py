@@ -73,15 +73,25 @@ def _padchest(root):
     return lambda: load_padchest_gr(root)
 
 
+# BOX_TABLE's cases on NIH's 1024x1024 films (the loader refuses films of another size)
+NIH_BOX_TABLE = [
+    ((-40, 500, 300, 1060), (0, 500, 300, 1024)),
+    ((100, 100, 200, 200), (100, 100, 200, 200)),
+    ((1014, 1014, 1034, 1034), (1014, 1014, 1024, 1024)),
+    ((1024, 0, 1224, 50), None),
+    ((-30, -30, -1, 20), None),
+]
+
+
 def _nih(root):
     base = root / "nih-chestxray8"
     base.mkdir(parents=True)
     lines = ["Image Index,Finding Label,Bbox [x,y,w,h],,,"]
     # one box per (image, finding) as in the release: five images of one finding + one inside box
     (base / "images").mkdir()
-    for k, (b, _) in enumerate(BOX_TABLE):
+    for k, (b, _) in enumerate(NIH_BOX_TABLE):
         lines.append(f"img{k}.png,Mass,{b[0]},{b[1]},{b[2] - b[0]},{b[3] - b[1]}")
-        Image.fromarray(np.zeros((H, W), np.uint8)).save(base / "images" / f"img{k}.png")
+        Image.fromarray(np.zeros((1024, 1024), np.uint8)).save(base / "images" / f"img{k}.png", compress_level=1)
     lines.append("img0.png,Nodule,10,10,10,10")
     (base / "BBox_List_2017.csv").write_text("\n".join(lines) + "\n")
     return lambda: load_nih_cxr8(root)
@@ -104,7 +114,7 @@ def test_loader_clips_drops_and_counts(tmp_path, name, build):
 def test_nih_loader_clips_drops_and_counts(tmp_path):
     # NIH has one box per (image, finding): a sample whose only box lies outside its image is an error.
     load = _nih(tmp_path)
-    with pytest.raises(DataError, match=r"line\(s\) \[5\]: every box of img3.png / Mass lies outside the 1000x800 image"):
+    with pytest.raises(DataError, match=r"line\(s\) \[5\]: every box of img3.png / Mass lies outside the 1024x1024 image"):
         load()
     csv_path = tmp_path / "nih-chestxray8" / "BBox_List_2017.csv"
     lines = csv_path.read_text().splitlines()
@@ -112,8 +122,9 @@ def test_nih_loader_clips_drops_and_counts(tmp_path):
     with pytest.warns(DataWarning, match=r"nih_cxr8: 2 of 4 expert boxes clipped to the image border, 0 dropped"):
         samples = load()
     got = {s.meta["image_index"] + "/" + s.meta["finding_label"]: s.boxes for s in samples}
-    assert got == {"img0.png/Mass": [WANT_BOXES[0]], "img1.png/Mass": [WANT_BOXES[1]],
-                   "img2.png/Mass": [WANT_BOXES[2]], "img0.png/Nodule": [(10.0, 10.0, 20.0, 20.0)]}
+    want = [tuple(float(v) for v in b) for _, b in NIH_BOX_TABLE[:3]]
+    assert got == {"img0.png/Mass": [want[0]], "img1.png/Mass": [want[1]],
+                   "img2.png/Mass": [want[2]], "img0.png/Nodule": [(10.0, 10.0, 20.0, 20.0)]}
 
 
 def test_sample_with_every_box_outside_is_an_error_naming_it(tmp_path):

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 
 import numpy as np
 
@@ -71,12 +71,15 @@ class Attribution:
 class Counter:
     """Pass counter handed to a method's ``_attribute`` (see the module docstring's convention); it also
     carries the :class:`~medfocus.attribution._common.PreparedSample` the method may reuse (``None``:
-    the method prepares its own inputs)."""
+    the method prepares its own inputs) and the film's :class:`~medfocus.io.reader.FilmOrientation`
+    (``None``: the display convention ``L\\F``), which names the patient's sides for the methods that name
+    anatomy (MedFocus, the anatomy detector of ``prompting_medsam``)."""
 
-    def __init__(self, prepared: Any = None) -> None:
+    def __init__(self, prepared: Any = None, orientation: Any = None) -> None:
         self.n_forward = 0
         self.n_backward = 0
         self.prepared = prepared
+        self.orientation = orientation
 
 
 # ---- settings validation -------------------------------------------------------------------------
@@ -299,6 +302,22 @@ class Method:
             ConfigError: naming the method, the setting, the value and the valid range for this model.
         """
 
+    def check_images(self, adapter: Any, films: Mapping[str, tuple[int, int]]) -> None:
+        """Check the settings that depend on the model *and* the films to be attributed (a perturbation grid
+        finer than a film's content on the model's canvas), once the model is loaded and before any sample
+        runs: :func:`medfocus.runner.grid.load_checked` calls it with ``films`` = ``{image path: (width,
+        height)}`` in original pixels. Default: nothing depends on the films.
+
+        Raises:
+            ConfigError: naming the method, the setting, the value, the limit and the film(s) that set it.
+        """
+
+    def forward_passes(self) -> tuple[int, str] | None:
+        """``(n, how)``: the forward passes one sample costs and how that follows from the settings
+        (``(65, "1 + 8x8 grid cells")``), for methods whose cost the settings fix and a user chooses (the
+        perturbation methods); ``None`` otherwise. Printed before a run so a costly setting shows up front."""
+        return None
+
     def settings(self) -> dict[str, Any]:
         """The full resolved settings (defaults + overrides) as JSON-friendly values; what a result
         record stores so that a rerun with different settings is never mistaken for the same work."""
@@ -337,7 +356,8 @@ class Method:
     #: sample's prepared inputs).
     shared_pass: ClassVar[str | None] = None
 
-    def attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, *, prepared: Any = None) -> Attribution:
+    def attribute(self, adapter: Any, image: np.ndarray, question: str, answer: str, *, prepared: Any = None,
+                  orientation: Any = None) -> Attribution:
         """Attribute ``answer`` to the pixels of ``image``.
 
         Args:
@@ -348,6 +368,9 @@ class Method:
             prepared: a :class:`~medfocus.attribution._common.PreparedSample` of exactly these inputs
                 (:func:`~medfocus.attribution._common.prepare_sample`), shared by the methods of a sample;
                 ``None`` prepares here.
+            orientation: the film's :class:`~medfocus.io.reader.FilmOrientation`
+                (:func:`~medfocus.io.reader.read_orientation`; ``None``: the display convention ``L\\F``). Pixels,
+                maps and boxes stay in the stored frame; it only names the patient's left/right (concepts).
         Returns:
             :class:`Attribution` with maps in original-image pixels and pass counters. Above the
             working-resolution cap the method runs in the image's work frame (module docstring).
@@ -364,11 +387,11 @@ class Method:
         frame = WorkFrame.of((img.shape[1], img.shape[0]))
         t0 = time.perf_counter()
         if frame.identity:
-            counter = Counter(prepared)
+            counter = Counter(prepared, orientation)
             res = self._attribute(adapter, img, question, answer, counter)
         else:
             work = self._prepared_for(adapter, img, question, answer, prepared).in_work_frame(frame)
-            counter = Counter(work)
+            counter = Counter(work, orientation)
             res = self.to_original_frame(self._attribute(adapter, work.image, question, answer, counter), frame, work.chat.geometry)
         res.seconds = time.perf_counter() - t0
         res.n_forward = counter.n_forward
@@ -564,6 +587,32 @@ def method_source(name: str) -> str:
         return str(getattr(_resolve(name), "source", ""))
     except ConfigError:
         return ""
+
+
+def forward_pass_note(methods: Mapping[str, Any], unit: str = "sample") -> str | None:
+    """One line naming the per-``unit`` forward passes of the selected methods that declare them
+    (:meth:`Method.forward_passes`), e.g. ``"forward passes per sample: occlusion 65 (1 + 8x8 grid cells),
+    rise 64 (n_masks)"``; ``None`` when none does."""
+    parts = []
+    for name, m in methods.items():
+        get = getattr(m, "forward_passes", None)
+        cost = get() if callable(get) else None
+        if cost is not None:
+            parts.append(f"{name} {cost[0]:,} ({cost[1]})")
+    return f"forward passes per {unit}: " + ", ".join(parts) if parts else None
+
+
+def method_runtime_settings(name: str) -> frozenset[str]:
+    """The settings of a registered method that cannot change its results (:attr:`Method.runtime_settings`:
+    speed, memory, where a cache lives), the one list every rerun check skips (``attribute``'s record check
+    in :func:`medfocus.runner.grid.run_grid`, ``explain``'s ``explain.json`` check); empty for a method that
+    is not registered or whose module cannot be imported (then every setting counts)."""
+    if name not in _REGISTRY:
+        return frozenset()
+    try:
+        return frozenset(getattr(_resolve(name), "runtime_settings", ()))
+    except ConfigError:
+        return frozenset()
 
 
 def method_answer_scope(name: str) -> str | None:

@@ -349,7 +349,7 @@ class PromptingMedSAM(Method):
         if not phrases:
             return Attribution(heatmap=np.zeros((H, W), np.float32), boxes=[], extras=extras)
         if anatomy:
-            found = det.detect(image, phrases)
+            found = det.detect(image, phrases, counter.orientation)
             boxes, scores = list(found.boxes), [1.0] * len(found.boxes)
             extras.update({"detected_phrases": found.box_phrases, "detected_concepts": found.box_concepts,
                            "groundings": found.groundings, "unmatched_phrases": found.unmatched,

@@ -67,7 +67,8 @@ def _group_forward(adapter: Any, members: list[tuple[str, Any, ForwardNeeds]]) -
 
 def attribute_many(adapter: Any, image: np.ndarray, question: str, answer: str,
                    methods: Mapping[str, Any] | Sequence[Any], *, prepared: PreparedSample | None = None,
-                   errors: str = "raise", before_method: Callable[[str], None] | None = None) -> dict[str, Any]:
+                   errors: str = "raise", before_method: Callable[[str], None] | None = None,
+                   orientation: Any = None) -> dict[str, Any]:
     """Run ``methods`` on one ``(image, question, answer)``, sharing the sample's preparation and passes.
 
     Args:
@@ -83,6 +84,8 @@ def attribute_many(adapter: Any, image: np.ndarray, question: str, answer: str,
             exception; a failure of a shared pass is the entry of every method reading it).
         before_method: called with a method's name before each piece of that method's own work (e.g. to
             re-seed the global RNGs per method, as the runner does).
+        orientation: the film's :class:`~medfocus.io.reader.FilmOrientation` (``None``: the display convention
+            ``L\\F``), handed to every :class:`~medfocus.attribution.base.Method` (it names the patient's sides).
     Returns:
         ``{name: Attribution}`` in the order of ``methods`` (or exceptions, with ``errors="return"``).
     Raises:
@@ -138,7 +141,7 @@ def attribute_many(adapter: Any, image: np.ndarray, question: str, answer: str,
     work = prepared.in_work_frame(frame) if prepared is not None else None
     wimg = work.image if work is not None else img
     chat = work.chat if work is not None else None
-    counters = {n: Counter(work) for n, _ in shared}
+    counters = {n: Counter(work, orientation) for n, _ in shared}
     notes: dict[str, dict[str, Any]] = {}
 
     # ---- forward methods: one merged pass per compatible group --------------------------------------
@@ -234,7 +237,8 @@ def attribute_many(adapter: Any, image: np.ndarray, question: str, answer: str,
         mark(n)
         t0 = time.perf_counter()
         try:
-            res = m.attribute(adapter, img, question, answer, prepared=prepared) if _accepts_prepared(m) else m.attribute(adapter, img, question, answer)
+            res = (m.attribute(adapter, img, question, answer, prepared=prepared, orientation=orientation) if _accepts_prepared(m)
+                   else m.attribute(adapter, img, question, answer))
         except Exception as exc:
             fail(n, exc)
             continue

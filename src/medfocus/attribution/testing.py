@@ -228,6 +228,10 @@ class ToyAdapter(LVLMAdapter):
         self.scripted_generation: list[str] | None = None  # test double for prompting tests
 
     # ---- inputs --------------------------------------------------------------------------
+    def token_grid(self) -> tuple[int, int]:
+        """The fixed ``GRID x GRID`` token grid."""
+        return GRID, GRID
+
     def prepare(self, image: np.ndarray, question: str, answer: str | None = None, *, include_eot: bool = False) -> ChatInputs:
         img = np.asarray(image)
         geo = Letterbox.fit((img.shape[1], img.shape[0]), CANVAS)

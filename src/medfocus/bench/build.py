@@ -69,6 +69,7 @@ from medfocus.io.atomic import atomic_write_json, atomic_write_text
 from medfocus.io.fingerprint import (FINGERPRINT_FIELD, changed_samples_error, describe_sample_conflicts, file_sha256,
                                      fingerprint_differences, merge_differences, sample_fingerprint, sample_identity)
 from medfocus.io.jsonl import append_jsonl, read_latest, trim_partial_tail
+from medfocus.io.letterbox import check_film_content, model_canvas
 from medfocus.io.locks import acquire_lock, remove_orphaned_tmp
 from medfocus.io.paths import safe_filename
 from medfocus.types import Sample
@@ -533,6 +534,7 @@ def _build_locked(adapter: LVLMAdapter, samples: Sequence[Sample], *, mode: str,
 
     from tqdm.auto import tqdm
 
+    canvas = model_canvas(adapter)
     bar = tqdm(total=len(todo), desc=f"bench {slug(model_name)}/{dataset}/{mode}", unit="sample", disable=not progress)
     for start in range(0, len(todo), step):
         chunk = todo[start:start + step]
@@ -546,6 +548,7 @@ def _build_locked(adapter: LVLMAdapter, samples: Sequence[Sample], *, mode: str,
             row[FINGERPRINT_FIELD] = fp
             try:
                 views = _prepare_views(s, editor, cache, fp) if s.answer == "Yes" else [_load_checked(s, fp)]
+                check_film_content(views[0], s.image_path, *canvas)  # a film the model cannot see: an error row
             except Exception as exc:  # noqa: BLE001 - one failing sample must not stop the run
                 row["error"] = f"{type(exc).__name__}: {exc}"
                 views = []
@@ -813,8 +816,16 @@ def retention_markdown(df: "Any") -> str:
 
 
 def write_retention(out_dir: str | os.PathLike[str]) -> str:
-    """Write ``retention.csv`` and ``retention.md`` under ``out_dir``; return the Markdown."""
+    """Write ``retention.csv`` and ``retention.md`` under ``out_dir``; return the Markdown.
+
+    Raises:
+        DataError: ``out_dir`` holds no split log with a row (``<model>/<dataset>/<mode>.log.jsonl``): an
+            empty table would read as a measured retention; nothing is written.
+    """
     df = retention_table(out_dir)
+    if df.empty:
+        raise DataError(f"{out_dir}: no bench logs here (<model>/<dataset>/<mode>.log.jsonl with at least one row), so "
+                        "there is no retention to compute; nothing written. Give the --out folder of `medfocus bench build`.")
     md = retention_markdown(df)
     atomic_write_text(Path(out_dir) / "retention.csv", df.to_csv(index=False))
     atomic_write_text(Path(out_dir) / "retention.md", md)

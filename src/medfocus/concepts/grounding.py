@@ -25,7 +25,8 @@ or to ``None`` when it names none of them. Rules, in this order:
 3. the *side* of a two-sided structure (lung, clavicle, hilar structures, costophrenic angle):
    ``left``/``lt`` and ``right``/``rt`` are radiological sides, i.e. the patient's, as in the
    concept names (the patient's left appears on the image's right); the explicit image-frame
-   forms ``"left of the image"`` / ``"image left"`` are flipped to the patient's side. Exactly one
+   forms ``"left of the image"`` / ``"image left"`` are turned into the patient's side (flipped for a film in
+   the standard display, kept for a film stored mirrored: ``mirrored=True``). Exactly one
    side named and no ``bilateral``/``both``/``bibasilar`` -> that side's concept; otherwise
    (both sides, a bilateral word, a plural such as ``"lungs"``, or no side at all) -> the
    bilateral union (``"lungs"``, ``"clavicles"``, ``"hilar structures"``,
@@ -83,9 +84,10 @@ def normalise_phrase(phrase: str) -> str:
     return " ".join(re.sub(r"[^0-9a-z]+", " ", str(phrase).lower()).split())
 
 
-def ground_phrase(phrase: str) -> str | None:
+def ground_phrase(phrase: str, mirrored: bool = False) -> str | None:
     """The concept (:data:`~medfocus.types.CONCEPTS`) or bilateral union (:data:`~medfocus.types.BILATERAL`)
-    a phrase names, or ``None`` (rules in the module docstring).
+    a phrase names, or ``None`` (rules in the module docstring). ``mirrored``: the film is stored mirrored
+    (DICOM ``PatientOrientation`` row direction ``R``), so an image side is the patient's same side.
 
     >>> ground_phrase("blunted left costophrenic angle"), ground_phrase("both lung bases"), ground_phrase("rib")
     ('left costophrenic angle', 'lungs', None)
@@ -97,11 +99,13 @@ def ground_phrase(phrase: str) -> str | None:
     if structure not in _SIDED:
         return structure
     left_c, right_c, union = _SIDED[structure]
-    # "left of the image" names the image frame: the patient's right (and vice versa).
+    # "left of the image" names the image frame: the patient's right on a film in the standard display
+    # (and vice versa); the patient's left on a film stored mirrored.
     img_side = _IMAGE_SIDE_RE.search(text)
     if img_side:
         side = img_side.group(1) or img_side.group(2)
-        text = _IMAGE_SIDE_RE.sub(" ", text) + (" right" if side == "left" else " left")
+        patient = side if mirrored else ("right" if side == "left" else "left")
+        text = _IMAGE_SIDE_RE.sub(" ", text) + " " + patient
     left, right = bool(_LEFT_RE.search(text)), bool(_RIGHT_RE.search(text))
     if structure == "lung" and not (left or right) and re.search(r"\blingula", text):
         left = True  # the lingula is part of the left lung only
@@ -164,20 +168,27 @@ class AnatomyDetector:
         self.cache = TransferCache() if cache is True else (TransferCache(cache) if cache else None)
         self.transfer_kw = dict(transfer_kw)
 
-    def transfer(self, image: np.ndarray) -> Any:
-        """The :class:`~medfocus.concepts.transfer.ConceptTransfer` of ``image`` (no refinement; cached)."""
+    def transfer(self, image: np.ndarray, orientation: Any = None) -> Any:
+        """The :class:`~medfocus.concepts.transfer.ConceptTransfer` of ``image`` (no refinement; cached), sides
+        named for the film's ``orientation`` (``None``: the convention ``L\\F``)."""
         from medfocus.concepts.transfer import transfer_concepts
 
-        return transfer_concepts(image, self.pool, refine="none", cache=self.cache, **self.transfer_kw)
+        return transfer_concepts(image, self.pool, refine="none", cache=self.cache, orientation=orientation, **self.transfer_kw)
 
-    def detect(self, image: np.ndarray, phrases: list[str]) -> AnatomyDetections:
+    def detect(self, image: np.ndarray, phrases: list[str], orientation: Any = None) -> AnatomyDetections:
         """Ground ``phrases`` and locate their concepts on ``image`` (``(H0, W0)`` grayscale).
+
+        ``orientation``: the film's :class:`~medfocus.io.reader.FilmOrientation` (``None``: the display
+        convention ``L\\F``); "left lung" is the patient's left lung whichever side of the image it lies on.
 
         Returns:
             :class:`AnatomyDetections`; boxes in original-image pixels. The concept transfer runs only
             when at least one phrase is grounded.
+        Raises:
+            DataError: an ``orientation`` whose rows do not run left/right, when a phrase is grounded.
         """
-        groundings = {p: ground_phrase(p) for p in phrases}
+        mirrored = bool(orientation is not None and orientation.mirrored)
+        groundings = {p: ground_phrase(p, mirrored) for p in phrases}
         unmatched = [p for p, g in groundings.items() if g is None]
         concepts: list[str] = []
         origin: list[str] = []
@@ -188,7 +199,7 @@ class AnatomyDetector:
                     origin.append(p)
         if not concepts:
             return AnatomyDetections([], [], [], groundings, unmatched)
-        tr = self.transfer(image)
+        tr = self.transfer(image, orientation)
         boxes = [tuple(float(v) for v in tr.boxes[c]) for c in concepts]
         return AnatomyDetections(boxes, concepts, origin, groundings, unmatched, tr.reference_id,  # type: ignore[arg-type]
                                  {"cached": bool(tr.stats.get("cached", False))})

@@ -63,6 +63,8 @@ class MedFocusResult:
         soft_masks: concept -> ``(H0, W0)`` float32 soft mask.
         heatmap: ``(H0, W0)`` float32 delta-weighted soft masks (max 1; zeros when all deltas are 0).
         reference_id: reference image used for the transfer.
+        sides: how the left/right concepts were named (the film's orientation, :meth:`ConceptTransfer.with_sides
+            <medfocus.concepts.transfer.ConceptTransfer.with_sides>`).
         refine: box refinement actually applied (``"none"`` or ``"medsam"``).
         tau: fallback threshold used.
         region: what each variant hid (``"box"`` or ``"mask"``).
@@ -89,6 +91,7 @@ class MedFocusResult:
     reference_id: str
     tau: float
     refine: str = "none"
+    sides: str = ""
     region: str = "box"
     rule: str = "argmax"
     nested_checks: list[dict[str, Any]] = field(default_factory=list)
@@ -129,7 +132,7 @@ class MedFocusResult:
             "token_deltas": np.stack([self.token_deltas[n] for n in self.deltas]).astype(np.float32),
             "variant_names": list(self.deltas), "answer_tokens": list(self.answer_tokens), "answer": self.answer,
             "concept_boxes": {c: list(b) for c, b in self.concept_boxes.items()},
-            "reference_id": self.reference_id, "refine": self.refine, "region": self.region, "rule": self.rule, "nested_checks": list(self.nested_checks), "seconds_detail": dict(self.seconds), "passes": dict(self.passes),
+            "reference_id": self.reference_id, "sides": self.sides, "refine": self.refine, "region": self.region, "rule": self.rule, "nested_checks": list(self.nested_checks), "seconds_detail": dict(self.seconds), "passes": dict(self.passes),
             "final_token_index": fti,
             # (11, H, W) uint8 on the image the method ran on (the work frame above the working-resolution cap):
             # where each concept's soft mask is >= 0.5 (what region="mask" hides), for display.
@@ -204,11 +207,14 @@ class MedFocus:
             self.cache = None
         self.batch_size, self.max_new_tokens = int(batch_size), int(max_new_tokens)
 
-    def transfer(self, image: np.ndarray) -> ConceptTransfer:
-        """Concept boxes and soft masks for ``image`` (cached per image)."""
-        return transfer_concepts(image, self.pool, refine=self.refine, refiner=self.refiner, cache=self.cache, **self.transfer_kw)
+    def transfer(self, image: np.ndarray, orientation: Any = None) -> ConceptTransfer:
+        """Concept boxes and soft masks for ``image`` (cached per image), left/right named for the film's
+        ``orientation`` (:class:`~medfocus.io.reader.FilmOrientation`; ``None``: the convention ``L\\F``)."""
+        return transfer_concepts(image, self.pool, refine=self.refine, refiner=self.refiner, cache=self.cache,
+                                 orientation=orientation, **self.transfer_kw)
 
-    def attribute(self, image: np.ndarray, question: str, answer: str | None = None, *, chat: Any = None) -> MedFocusResult:
+    def attribute(self, image: np.ndarray, question: str, answer: str | None = None, *, chat: Any = None,
+                  orientation: Any = None) -> MedFocusResult:
         """Attribute ``answer`` (or the model's own answer when ``None``) to a concept.
 
         Args:
@@ -217,15 +223,22 @@ class MedFocus:
             answer: the answer to explain (teacher-forced).
             chat: ``adapter.prepare(image, question, answer)`` when the caller has it already (a sample
                 prepared once for every method); ``None`` prepares here.
+            orientation: the film's :class:`~medfocus.io.reader.FilmOrientation`
+                (:func:`~medfocus.io.reader.read_orientation`; ``None``: the display convention ``L\\F``): on a
+                film stored mirrored the left/right concepts are named from it (:mod:`medfocus.concepts.transfer`).
+        Raises:
+            DataError: an ``orientation`` whose rows do not run left/right (sides cannot be named).
         """
-        pl = self.plan(image, question, answer, chat=chat)
+        pl = self.plan(image, question, answer, chat=chat, orientation=orientation)
         t0 = time.perf_counter()
         logp = score_chat(self.adapter, pl.chat, pl.rows, batch_size=self.batch_size).float().cpu().numpy()
         return self.finish(pl, logp, score_seconds=time.perf_counter() - t0)
 
-    def plan(self, image: np.ndarray, question: str, answer: str | None = None, *, chat: Any = None) -> "MedFocusPlan":
+    def plan(self, image: np.ndarray, question: str, answer: str | None = None, *, chat: Any = None,
+             orientation: Any = None) -> "MedFocusPlan":
         """Everything before the intervention rows are scored: the answer (generated when ``None``), the
-        concept transfer, the prepared chat and the ``(16, *layout)`` rows (original + 15 variants)."""
+        concept transfer (sides named for ``orientation``, see :meth:`attribute`), the prepared chat and the
+        ``(16, *layout)`` rows (original + 15 variants)."""
         img = np.asarray(image)
         if img.ndim != 2:
             raise ConfigError(f"MedFocus needs a 2-D (H, W) grayscale image, got shape {img.shape}")
@@ -237,7 +250,7 @@ class MedFocus:
         if not answer or not str(answer).strip():
             raise ConfigError(f"MedFocus: empty answer to explain for question {question!r}")
         t1 = time.perf_counter()
-        tr = self.transfer(img)
+        tr = self.transfer(img, orientation)
         t2 = time.perf_counter()
         if chat is None:
             chat = self.adapter.prepare(img, question, answer)
@@ -274,7 +287,7 @@ class MedFocus:
             token_deltas={n: iv.token_deltas[i].astype(np.float32) for i, n in enumerate(iv.names)},
             answer_tokens=list(chat.answer_tokens), logp_original=iv.logp_original.astype(np.float32),
             concept_boxes=dict(tr.boxes), soft_masks=dict(tr.soft_masks), heatmap=np.zeros((H0, W0), np.float32),
-            reference_id=tr.reference_id, tau=self.tau, refine=tr.refine, region=self.region, rule=self.rule,
+            reference_id=tr.reference_id, tau=self.tau, refine=tr.refine, sides=tr.sides, region=self.region, rule=self.rule,
             nested_checks=[asdict(c) for c in checks], transfer_stats=dict(tr.stats),
         )
         hm = np.zeros((H0, W0), np.float32)
@@ -381,7 +394,7 @@ class MedFocusMethod(PerturbationMethod):
         from medfocus.attribution.passes import ScorePlan
 
         mf = self._medfocus(adapter)
-        pl = mf.plan(image, chat.question, chat.answer, chat=chat)
+        pl = mf.plan(image, chat.question, chat.answer, chat=chat, orientation=counter.orientation)
         n_rows = int(pl.rows.shape[0])
         counter.n_forward += n_rows
 

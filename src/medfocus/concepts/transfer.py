@@ -36,6 +36,15 @@ Steps for a target image (all geometry on the letterboxed ``224 x 224`` canvas, 
 
 Transfers depend only on the image, the pool and these settings (not on the model or the
 question), so :class:`TransferCache` stores them per image on disk.
+
+Patient sides. The references are films in the standard frontal display (the patient's left on the
+image's right, DICOM ``PatientOrientation`` ``L\\F``), and the transfer is purely geometric on the stored
+pixels: a reference's "left lung" lands on the target's *image right*. On a target stored mirrored
+(``PatientOrientation`` row direction ``R``) that is the patient's right lung, so
+:func:`transfer_concepts` given the film's :class:`~medfocus.io.reader.FilmOrientation` swaps the names
+of the four left/right pairs (:meth:`ConceptTransfer.with_sides`); boxes and masks stay where they are, in
+the stored pixel frame. A film whose rows do not run left/right (a lateral view, a film rotated by 90
+degrees) is refused: its sides cannot be named. Without an orientation the convention ``L\\F`` is assumed.
 """
 
 from __future__ import annotations
@@ -59,7 +68,23 @@ from medfocus.types import Box, CONCEPTS
 
 log = logging.getLogger(__name__)
 
+#: Each two-sided concept -> its other side (``"left lung"`` <-> ``"right lung"``).
+SIDE_SWAP: dict[str, str] = {c: ("right " + c[5:] if c.startswith("left ") else "left " + c[6:])
+                             for c in CONCEPTS if c.startswith(("left ", "right "))}
+
 CORE = 0.75
+
+
+
+def check_sides(orientation: Any) -> None:
+    """Raise :class:`DataError` (naming the file and the header value) when a film's
+    :class:`~medfocus.io.reader.FilmOrientation` has rows that do not run toward the patient's left or right."""
+    if orientation.sides_known:
+        return
+    where = f"{orientation.path}: " if orientation.path else ""
+    raise DataError(f"{where}PatientOrientation = {orientation.value!r}: the image rows do not run toward the patient's "
+                    "left or right (a lateral view, or a film rotated by 90 degrees), so MedFocus' left/right concepts "
+                    "cannot be named on it; use a frontal film (PatientOrientation L\\F or R\\F)")
 
 
 @dataclass
@@ -75,6 +100,8 @@ class ConceptTransfer:
         refine: ``"none"`` or ``"medsam"`` (what was actually applied).
         image_size: ``(W0, H0)``.
         stats: timings (s) and solver iterations.
+        sides: how the left/right names were given (:meth:`FilmOrientation.describe
+            <medfocus.io.reader.FilmOrientation.describe>`; ``""`` for a transfer not yet named, as cached).
     """
 
     boxes: dict[str, Box]
@@ -85,6 +112,30 @@ class ConceptTransfer:
     refine: str
     image_size: tuple[int, int]
     stats: dict[str, Any] = field(default_factory=dict)
+    sides: str = ""
+
+    def with_sides(self, orientation: Any = None) -> "ConceptTransfer":
+        """This transfer with its left/right concepts named for a film of ``orientation`` (a
+        :class:`~medfocus.io.reader.FilmOrientation`; ``None``: the convention ``L\\F``): on a mirrored film
+        (row direction ``R``) every ``left ...`` concept takes the box, soft mask and grid mass of its
+        ``right ...`` counterpart and vice versa (module docstring). Returns a new object.
+
+        Raises:
+            DataError: the film's rows do not run left/right (sides cannot be named), naming the file and value.
+        """
+        from dataclasses import replace
+
+        from medfocus.io.reader import CONVENTIONAL_ORIENTATION
+
+        o = CONVENTIONAL_ORIENTATION if orientation is None else orientation
+        check_sides(o)
+        if not o.mirrored:
+            return replace(self, sides=o.describe())
+        name = {c: SIDE_SWAP.get(c, c) for c in CONCEPTS}
+        order = [CONCEPTS.index(name[c]) for c in CONCEPTS]
+        return replace(self, boxes={c: self.boxes[name[c]] for c in CONCEPTS},
+                       soft_masks={c: self.soft_masks[name[c]] for c in CONCEPTS},
+                       grid_masses=np.asarray(self.grid_masses)[order], sides=o.describe())
 
     # ---- persistence (one .npz per image) -------------------------------------------------------
     def save(self, path: str | Path) -> None:
@@ -286,7 +337,7 @@ def transfer_concepts(image: np.ndarray, pool: ReferencePool, *, select_grid: in
                       transfer_grid: int = TRANSFER_GRID, core: float | None = None, mode: str = "barycentric",
                       iterations: int = DEFAULT_ITERATIONS, refine: str = "none",
                       refiner: Any = None, cache: TransferCache | None = None, epsilon: float = uot.EPSILON,
-                      lam: float = uot.LAMBDA, device: str | None = None) -> ConceptTransfer:
+                      lam: float = uot.LAMBDA, device: str | None = None, orientation: Any = None) -> ConceptTransfer:
     """Locate the 11 concepts on ``image`` (steps 1-6 of the module docstring).
 
     Args:
@@ -299,11 +350,17 @@ def transfer_concepts(image: np.ndarray, pool: ReferencePool, *, select_grid: in
             :class:`~medfocus.concepts.refine.MedSAMRefiner`, default: loaded from the hub cache)
             refines the boxes; when the weights are absent the step is skipped with a logged notice.
         cache: a :class:`TransferCache` (``None``: no caching).
+        orientation: the film's :class:`~medfocus.io.reader.FilmOrientation` (``None``: the convention ``L\\F``);
+            names the left/right concepts (:meth:`ConceptTransfer.with_sides`; the cache holds the unnamed transfer).
     Returns:
-        :class:`ConceptTransfer`.
+        :class:`ConceptTransfer`, boxes and masks in the stored pixel frame of ``image``.
+    Raises:
+        DataError: an ``orientation`` whose rows do not run left/right (checked before any work).
     """
     if refine not in ("none", "medsam"):
         raise ConfigError(f"refine must be 'none' or 'medsam', got {refine!r}")
+    if orientation is not None:
+        check_sides(orientation)
     img = np.asarray(image)
     if img.ndim != 2:
         raise ConfigError(f"concept transfer needs a 2-D grayscale image, got shape {img.shape}")
@@ -322,7 +379,7 @@ def transfer_concepts(image: np.ndarray, pool: ReferencePool, *, select_grid: in
         key = cache.key(img, pool.fingerprint, settings)
         hit = cache.get(key)
         if hit is not None:
-            return hit
+            return hit.with_sides(orientation)
     uot_kw = {"epsilon": epsilon, "lam": lam, "device": device}
     t0 = time.perf_counter()
     with uot.cpu_single_thread(device or "cpu"):  # device=None: per-image problems are small -> CPU (uot.auto_device)
@@ -346,4 +403,4 @@ def transfer_concepts(image: np.ndarray, pool: ReferencePool, *, select_grid: in
                          applied, (int(img.shape[1]), int(img.shape[0])), stats)
     if cache is not None and key is not None and applied == refine:  # a skipped refinement is not cached
         cache.put(key, tr)
-    return tr
+    return tr.with_sides(orientation)

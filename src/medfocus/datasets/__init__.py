@@ -134,10 +134,16 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, **kwargs: Any
 
     Returns:
         The samples, ``samples[i].index == i`` (stable, benchmark-compatible order).
+
+    Raises:
+        DataError: the loader's errors, and a dataset without any sample (a run on it would report
+            "0 samples" as if it were a result).
     """
     loader = get_loader(name)
     resolved = resolve_data_root(root)
     samples = loader(resolved, **kwargs)
+    if not samples:  # the loaders say why where they can (VinDr, NIH); this is the backstop for every loader
+        raise DataError(f"dataset {name!r} under data root {resolved}: the loader found no samples")
     for i, s in enumerate(samples):
         if s.index != i:
             raise DataError(f"dataset {name!r}: loader returned sample #{i} with index {s.index}; indices must be 0..n-1 in order")

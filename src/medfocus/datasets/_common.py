@@ -7,7 +7,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from medfocus.errors import DataError
 
@@ -128,6 +128,29 @@ class SizeCache:
         return self._cache[path]
 
 
+def some(items: Sequence[Any], k: int = 5) -> str:
+    """The first ``k`` items joined by ``", "``, with ``" ... and N more"`` when there are more (error messages)."""
+    head = ", ".join(str(v) for v in items[:k])
+    return head + (f" ... and {len(items) - k} more" if len(items) > k else "")
+
+
+def missing_images_error(source: Path, missing: Sequence[str], n_films: int, folder: Path, *, layout: str,
+                         note: str) -> DataError:
+    """One :class:`DataError` for every film of an annotation file that is not on disk.
+
+    Args:
+        source: the annotation file; missing: one description per missing film (name and CSV lines), in
+            file order; n_films: how many distinct films the file names; folder: where they were looked for;
+            layout: the expected layout; note: how files are looked for and how (or whether) a run on the
+            films present is possible.
+    """
+    if len(missing) == n_films:
+        head = f"{source}: none of its {n_films} film(s) was found in {folder} (no film found)"
+    else:
+        head = f"{source}: {len(missing)} of its {n_films} films are missing in {folder}"
+    return DataError(f"{head}: {some(missing)}.\n{note}\nexpected layout:\n{layout}")
+
+
 def first_existing(candidates: Iterable[Path]) -> Path | None:
     for c in candidates:
         if c.is_file():
@@ -184,34 +207,53 @@ class BoxClipLog:
     ``boxes_dropped`` (this sample), ``dataset_boxes_clipped``, ``dataset_boxes_dropped`` (the load).
     """
 
-    def __init__(self, dataset: str) -> None:
+    def __init__(self, dataset: str, *, frame_note: str = "") -> None:
+        """``frame_note``: why a film given a ``frame_doubt`` in :meth:`clip` may not be in the boxes' pixel
+        frame (e.g. VinDr's boxes are in the original DICOM's pixels, and a PNG copy may be resized)."""
         self.dataset = dataset
+        self.frame_note = frame_note
         self.n_boxes = self.n_clipped = self.n_dropped = 0
+        self.frame_doubts: list[str] = []
 
     def clip(self, boxes: list[tuple[float, float, float, float]], size: tuple[int, int] | None, *, where: str,
-             what: str) -> tuple[list[tuple[float, float, float, float]], dict[str, int]]:
+             what: str, frame_doubt: str | None = None) -> tuple[list[tuple[float, float, float, float]], dict[str, int]]:
         """Clipped boxes and this sample's counts; ``size=None`` (image not read) leaves boxes as they are.
 
         Args:
             where: the file and rows the boxes come from; what: the sample (image / finding).
+            frame_doubt: the film, when its frame is in doubt (e.g. ``".../p01.png (256x256, not a DICOM)"``);
+                when a box reaches past it, it is named with the ``frame_note`` in the error, and listed in one
+                extra :class:`~medfocus.errors.DataWarning` by :meth:`finish` instead of only counted as clipped.
 
         Raises:
-            DataError: every box of the sample lies outside the image (naming ``where``, ``what``, the size).
+            DataError: every box of the sample lies outside the image (naming ``where``, ``what``, the size and
+                ``frame_doubt``).
         """
         self.n_boxes += len(boxes)
         if size is None:
             return list(boxes), {"boxes_clipped": 0, "boxes_dropped": 0}
         kept, c, d = clip_boxes(boxes, size)
         if boxes and not kept:
-            raise DataError(f"{where}: every box of {what} lies outside the {size[0]}x{size[1]} image: {list(boxes)}")
+            raise DataError(f"{where}: every box of {what} lies outside the {size[0]}x{size[1]} image: {list(boxes)}"
+                            + (f"; {frame_doubt}: {self.frame_note}" if frame_doubt else ""))
+        if frame_doubt and (c or d) and frame_doubt not in self.frame_doubts:
+            self.frame_doubts.append(frame_doubt)
         self.n_clipped += c
         self.n_dropped += d
         return kept, {"boxes_clipped": c, "boxes_dropped": d}
 
     def finish(self, samples: list) -> list:
-        """Add the dataset totals to each sample's ``meta["provenance"]``, warn once, return ``samples``."""
+        """Add the dataset totals to each sample's ``meta["provenance"]``, warn once (and once more naming
+        the films whose frame is in doubt), return ``samples``."""
         for s in samples:
             prov = s.meta.setdefault("provenance", {"boxes_clipped": 0, "boxes_dropped": 0})
             prov.update(dataset_boxes_clipped=self.n_clipped, dataset_boxes_dropped=self.n_dropped)
+        if self.frame_doubts:
+            import warnings
+
+            from medfocus.errors import DataWarning
+
+            warnings.warn(f"{self.dataset}: expert boxes reach past {len(self.frame_doubts)} film(s) whose pixel frame "
+                          f"is in doubt: {some(self.frame_doubts)}. {self.frame_note}", DataWarning, stacklevel=3)
         warn_clipped(self.dataset, self.n_clipped, self.n_dropped, self.n_boxes)
         return samples

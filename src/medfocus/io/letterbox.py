@@ -121,6 +121,63 @@ class Letterbox:
         return self.apply(np.asarray(heatmap, dtype=np.float32), fill=0.0)
 
 
+def check_film_content(image: np.ndarray, where: str, canvas_size: tuple[int, int] | None,
+                       token_grid: tuple[int, int] | None) -> None:
+    """Refuse a film the model cannot see, warn about one without content -- before the model runs.
+
+    The model sees the film letterboxed onto its ``canvas_size = (canvas_w, canvas_h)`` canvas, cut into a
+    ``token_grid = (gh, gw)`` grid of image tokens (one token cell = ``canvas_w / gw x canvas_h / gh`` px).
+    ``None`` for either (a stand-in model that declares no canvas) checks only for a constant film.
+
+    Raises:
+        DataError: naming ``where`` (the file) and the film's size, when its content on the canvas is smaller
+            than one token cell in width or height (e.g. a 7744 x 10 strip: 0.3 canvas px high, under one token
+            row), or when the film has fewer pixels than the tokens its content spans in a direction (e.g. a
+            1 x 1 px film upsampled over 8 x 8 tokens: every token sees the same interpolated pixel).
+    Warns:
+        DataWarning: naming ``where``, when every pixel has the same value (an all-black film): the answer
+            and every attribution map on it say nothing about anatomy.
+    """
+    import warnings
+
+    from medfocus.errors import DataError, DataWarning
+
+    img = np.asarray(image)
+    H, W = int(img.shape[0]), int(img.shape[1])
+    size = f"{where}: film is {W} x {H} px"
+    if img.size and img.min() == img.max():
+        warnings.warn(f"{size} and every pixel has the value {img.flat[0]}: it holds no image, so the model's answer "
+                      "and every attribution map on it say nothing about anatomy", DataWarning, stacklevel=2)
+    if canvas_size is None or token_grid is None:
+        return
+    ow, oh = int(canvas_size[0]), int(canvas_size[1])
+    gh, gw = int(token_grid[0]), int(token_grid[1])
+    cell_w, cell_h = ow / gw, oh / gh
+    scale = min(ow / W, oh / H)
+    cw, ch = W * scale, H * scale  # exact content extent on the canvas (before rounding to pixels)
+    for name, content, cell in (("width", cw, cell_w), ("height", ch, cell_h)):
+        if content < cell:
+            raise DataError(f"{size}; letterboxed onto the model's {ow} x {oh} canvas its content is {cw:.1f} x {ch:.1f} "
+                            f"px, its {name} less than one image token ({cell_w:g} x {cell_h:g} px): the model cannot see "
+                            "the film, so no answer or map on it would mean anything")
+    tok_w, tok_h = cw / cell_w, ch / cell_h
+    if W < tok_w or H < tok_h:
+        raise DataError(f"{size}, fewer pixels than the {tok_w:.0f} x {tok_h:.0f} image tokens its content spans on the "
+                        f"model's {ow} x {oh} canvas: every token would see interpolated copies of a few pixels, so no "
+                        "answer or map on it would mean anything")
+
+
+def model_canvas(adapter: object) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+    """``(canvas_size, token_grid)`` of an :class:`~medfocus.lvlm.adapter.LVLMAdapter` for
+    :func:`check_film_content`; ``(None, None)`` for a stand-in that declares no canvas (then only a constant
+    film is caught)."""
+    canvas = getattr(adapter, "canvas_size", None)
+    grid = getattr(adapter, "token_grid", None)
+    if canvas is None or not callable(grid):
+        return None, None
+    return canvas, grid()
+
+
 def _resize(img: np.ndarray, w: int, h: int) -> np.ndarray:
     """Bilinear (area-aware for downsampling) resize keeping dtype; works for 2-D and 3-D arrays."""
     if img.shape[1] == w and img.shape[0] == h:

@@ -40,6 +40,26 @@ comes from the header (DICOM ``Rows``/``Columns``, PIL's lazy header), so a deco
 20000 x 20000 file never allocates gigabytes.
 PNG/TIFF/JPEG: 8-bit images are returned as they are (colour ones converted to luminance); 16-bit,
 32-bit integer and float images are min-max normalised to 0..255 (a constant image becomes all 0).
+
+Frames and patient sides. Pixels are always returned **in the stored frame** (never flipped or rotated):
+every box of the project (dataset ground truth, predictions) is ``(x1, y1, x2, y2)`` in that frame.
+Which patient side lies on which image side is a separate piece of metadata, :class:`FilmOrientation`,
+read from the header by :func:`read_orientation` (as :func:`read_image_size` reads the size):
+
+* DICOM: ``PatientOrientation`` (0020,0020), PS3.3 C.7.6.1.1.1 -- two values, the patient direction of
+  the image rows (increasing column index, toward the image's right) and of the columns (increasing row
+  index, downward); the first letter of each value is its principal direction. The standard frontal
+  display is ``L\\F`` (the patient's left on the image's right, feet down). A film stored mirrored
+  (``R\\F``) keeps its pixels; its R/L markers and MedFocus' left/right concepts are named from the
+  header (:mod:`medfocus.concepts.transfer`). :func:`read_dicom` warns (:class:`~medfocus.errors.DataWarning`
+  naming the file and the value) when the header value is malformed, when the rows do not run
+  left/right (a lateral view or a film rotated by 90 degrees: sides cannot be named) and when the
+  columns run toward the head (an upside-down film).
+* PNG/TIFF/JPEG, and a DICOM without the tag: no orientation is recorded; the standard display
+  convention (``L\\F``) is assumed. A JPEG/PNG/TIFF whose EXIF ``Orientation`` tag is not 1 is read in
+  its stored frame, which is *not* the frame image viewers show, with a DataWarning naming the file and
+  the tag (:func:`read_image`): EXIF rotation is not applied because dataset boxes are defined on the
+  stored pixel array (and :func:`read_image_size` reports the stored size).
 """
 
 from __future__ import annotations
@@ -47,6 +67,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +75,8 @@ from PIL import Image, UnidentifiedImageError
 
 from medfocus.errors import DataError, DataWarning
 
-__all__ = ["read_image", "read_image_size", "read_dicom", "is_dicom", "to_uint8", "max_pixels", "DEFAULT_MAX_PIXELS"]
+__all__ = ["read_image", "read_image_size", "read_dicom", "is_dicom", "to_uint8", "max_pixels", "DEFAULT_MAX_PIXELS",
+           "FilmOrientation", "read_orientation", "CONVENTIONAL_ORIENTATION"]
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
 
@@ -371,6 +393,121 @@ def _display(ds, raw: np.ndarray, pad: np.ndarray, p: Path) -> np.ndarray:
     return to_uint8(x, valid=valid)
 
 
+_OPPOSITE = {"L": "R", "R": "L", "A": "P", "P": "A", "H": "F", "F": "H"}
+
+
+@dataclass(frozen=True)
+class FilmOrientation:
+    """Patient directions of a film's two image axes (DICOM ``PatientOrientation``, PS3.3 C.7.6.1.1.1).
+
+    Attributes:
+        row: principal patient direction of increasing column index (toward the image's right): one of
+            ``"L", "R", "A", "P", "H", "F"``.
+        column: principal patient direction of increasing row index (downward), same letters.
+        from_header: ``True`` when read from the file's ``PatientOrientation``; ``False`` for the assumed
+            display convention (PNG/JPEG/TIFF, or a DICOM without the tag).
+        value: the header value as written (``"L\\F"``), ``""`` when none.
+        path: the file it was read from (for messages), ``""`` when none.
+    """
+
+    row: str
+    column: str
+    from_header: bool = False
+    value: str = ""
+    path: str = ""
+
+    @property
+    def mirrored(self) -> bool:
+        """The rows run toward the patient's right: the patient's right is on the image's right."""
+        return self.row == "R"
+
+    @property
+    def sides_known(self) -> bool:
+        """The rows run left/right, so the patient's left and right are the image's two sides."""
+        return self.row in ("L", "R")
+
+    @property
+    def upside_down(self) -> bool:
+        """The columns run toward the head (the top of the image is the patient's feet side)."""
+        return self.column == "H"
+
+    @property
+    def markers(self) -> tuple[str, str]:
+        """``(image-left, image-right)`` direction letters to draw on the film's sides (``("R", "L")`` for
+        the standard ``L\\F`` display)."""
+        return _OPPOSITE[self.row], self.row
+
+    def describe(self) -> str:
+        """One line for records and messages, e.g. ``"PatientOrientation R\\F (mirrored: ...)"``."""
+        if not self.from_header:
+            return "no PatientOrientation: display convention L\\F assumed (patient's left on the image's right)"
+        what = ("patient's left on the image's right" if self.row == "L" else
+                "mirrored: patient's right on the image's right" if self.row == "R" else
+                "rows do not run left/right: patient sides cannot be named")
+        return f"PatientOrientation {self.value} ({what}{'; upside down' if self.upside_down else ''})"
+
+
+#: What a film without orientation metadata is taken to be: the standard frontal display ``L\\F``.
+CONVENTIONAL_ORIENTATION = FilmOrientation("L", "F")
+
+
+def _parse_orientation(ds, p: Path) -> tuple[FilmOrientation, str | None]:
+    """``(orientation, problem)`` from a dataset's ``PatientOrientation``; ``problem`` is a message for a
+    value that cannot be used (the convention is then assumed) or an orientation that needs a warning."""
+    if "PatientOrientation" not in ds:
+        return CONVENTIONAL_ORIENTATION, None
+    raw = _element_value(ds, "PatientOrientation")
+    if isinstance(raw, (bytes, bytearray)):
+        raw = bytes(raw).decode("ascii", errors="replace")
+    if raw is None or raw == "" or (not isinstance(raw, str) and hasattr(raw, "__len__") and len(raw) == 0):
+        return CONVENTIONAL_ORIENTATION, None  # type 2C: present but empty is "not known"
+    parts = raw.split("\\") if isinstance(raw, str) else [str(v) for v in raw]
+    parts = [str(v).strip().upper() for v in parts]
+    value = "\\".join(parts)
+    ok = len(parts) == 2 and all(v and set(v) <= set(_OPPOSITE) for v in parts)
+    if not ok:
+        return CONVENTIONAL_ORIENTATION, (f"{p}: PatientOrientation = {value!r} is not two patient directions "
+                                          "(letters A/P/R/L/H/F, e.g. L\\F); the display convention L\\F is assumed "
+                                          "(patient's left on the image's right)")
+    o = FilmOrientation(parts[0][0], parts[1][0], True, value, str(p))
+    if o.row in ("H", "F") and o.column in ("H", "F") or o.row in ("L", "R") and o.column in ("L", "R") \
+            or o.row in ("A", "P") and o.column in ("A", "P"):
+        return CONVENTIONAL_ORIENTATION, (f"{p}: PatientOrientation = {value!r} names the same axis twice; the display "
+                                          "convention L\\F is assumed (patient's left on the image's right)")
+    problems = []
+    if not o.sides_known:
+        problems.append("its image rows do not run left/right (a lateral view, or a film rotated by 90 degrees): "
+                        "R/L markers and MedFocus' left/right concepts cannot be placed on it")
+    if o.upside_down:
+        problems.append("its image columns run toward the head: the film is stored upside down; it is read as "
+                        "stored (pixels and boxes in the stored frame) and anatomy transferred from upright "
+                        "references is unreliable on it")
+    return o, (f"{p}: PatientOrientation = {value!r}: " + "; ".join(problems)) if problems else None
+
+
+def read_orientation(path: str | os.PathLike) -> FilmOrientation:
+    """The patient directions of a film's image axes, from its header only (no pixel decoding).
+
+    DICOM: ``PatientOrientation`` (see the module docstring); other formats and a DICOM without (or with an
+    unusable) value: :data:`CONVENTIONAL_ORIENTATION` (``L\\F``, ``from_header=False``). Warnings about the
+    value are issued by :func:`read_image`, which every film passes through first; this function is silent.
+
+    Raises:
+        DataError: missing or unreadable file.
+    """
+    p = Path(path)
+    _check_file(p)
+    if not is_dicom(p):
+        return CONVENTIONAL_ORIENTATION
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(p, force=True, stop_before_pixels=True, specific_tags=["PatientOrientation"])
+    except Exception as exc:  # pydicom raises many types for broken files
+        raise DataError(f"{p}: cannot read DICOM header ({type(exc).__name__}: {exc})") from exc
+    return _parse_orientation(ds, p)[0]
+
+
 def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, tuple[int, int]]:
     """Read a single-frame grayscale DICOM: padding, modality LUT, VOI and MONOCHROME1 inversion.
 
@@ -412,6 +549,9 @@ def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, tuple[int, int]]:
         raise DataError(f"{p}: DICOM has no pixel data (expected an image, e.g. a CXR in DX/CR storage)")
     for msg in read_problems:  # never a bare library warning: name the file
         warnings.warn(f"{p}: {msg}", DataWarning, stacklevel=2)
+    orientation_problem = _parse_orientation(ds, p)[1]
+    if orientation_problem:
+        warnings.warn(orientation_problem, DataWarning, stacklevel=3)
     try:
         n_frames = int(_number_attr(ds, "NumberOfFrames") or 1)
     except _Unusable as exc:
@@ -524,6 +664,29 @@ class _pil_limit:
         Image.MAX_IMAGE_PIXELS = self.saved
 
 
+#: EXIF Orientation (tag 0x0112) values -> what a viewer does to the stored pixels to display them.
+_EXIF_ORIENTATION = {2: "mirrors it left-right", 3: "rotates it by 180 degrees", 4: "mirrors it top-bottom",
+                     5: "transposes it (mirror + rotation by 90 degrees)", 6: "rotates it by 90 degrees clockwise",
+                     7: "transverses it (mirror + rotation by 270 degrees)", 8: "rotates it by 90 degrees counter-clockwise"}
+
+
+def _warn_exif_orientation(im: Image.Image, p: Path) -> None:
+    """DataWarning for an EXIF Orientation other than 1: the film is read in its stored frame (module docstring)."""
+    try:
+        value = im.getexif().get(0x0112)
+    except Exception:  # a damaged EXIF block: nothing a viewer would apply either
+        return
+    if value in (None, 1, 0):
+        return
+    what = _EXIF_ORIENTATION.get(int(value) if isinstance(value, int) else -1, "applies an unknown transform")
+    w, h = im.size
+    warnings.warn(f"{p}: EXIF Orientation = {value}: image viewers show this film transformed (the viewer {what}), "
+                  f"but medfocus reads pixels and boxes in the stored frame ({w} x {h} px, rows top to bottom as "
+                  "stored); boxes drawn on the displayed image are in another frame, and R/L markers assume the "
+                  "stored frame is the standard display. Re-save the file without the tag (e.g. PIL "
+                  "ImageOps.exif_transpose) if its boxes were drawn as displayed.", DataWarning, stacklevel=4)
+
+
 def _read_pil(p: Path) -> tuple[np.ndarray, tuple[int, int]]:
     limit = max_pixels()
     try:
@@ -532,6 +695,7 @@ def _read_pil(p: Path) -> tuple[np.ndarray, tuple[int, int]]:
             n_frames = int(getattr(im, "n_frames", 1) or 1)
             if n_frames > 1:
                 raise DataError(f"{p}: multi-frame image ({n_frames} frames); expected a single radiograph")
+            _warn_exif_orientation(im, p)
             im.load()
             mode = im.mode
             if mode in ("L",):

@@ -206,3 +206,13 @@ class LVLMAdapter(ABC):
     def canvas_to_original(self, canvas_map: np.ndarray | torch.Tensor, chat: ChatInputs) -> np.ndarray:
         """``(canvas_h, canvas_w)`` map -> ``(H0, W0)`` float32 map in original-image pixels."""
         return self.grid_to_original(canvas_map, chat)
+
+    def token_grid(self) -> tuple[int, int]:
+        """``(gh, gw)``: the image-token grid of the canvas (fixed for an adapter: its canvas is fixed). Read
+        once from :meth:`prepare` on a blank canvas-sized image (a processor call, no model pass) and memoised."""
+        grid = getattr(self, "_token_grid_memo", None)
+        if grid is None:
+            cw, ch = self.canvas_size
+            grid = tuple(int(v) for v in self.prepare(np.zeros((ch, cw), np.uint8), "image").grid_hw)
+            self._token_grid_memo = grid
+        return grid  # type: ignore[return-value]

@@ -106,9 +106,11 @@ def _draw_boxes(ax: Any, boxes: Sequence[Sequence[float]] | None, color: str, lw
         ax.add_patch(r)
 
 
-def _side_markers(ax: Any, width: int, fontsize: float = 9) -> None:
-    """Radiological convention: the patient's right (R) on the image's left, left (L) on its right."""
-    for x, label, ha in ((0.03, "R", "left"), (0.97, "L", "right")):
+def _side_markers(ax: Any, markers: Sequence[str], fontsize: float = 9) -> None:
+    """``markers = (image-left, image-right)`` patient-direction letters drawn on the film's top corners: the
+    film's orientation (:attr:`medfocus.io.reader.FilmOrientation.markers`; ``("R", "L")`` in the standard
+    display, the patient's right on the image's left)."""
+    for x, label, ha in ((0.03, markers[0], "left"), (0.97, markers[1], "right")):
         ax.text(x, 0.97, label, transform=ax.transAxes, ha=ha, va="top", fontsize=fontsize, fontweight="bold", **_ON_FILM)
 
 
@@ -250,8 +252,11 @@ def make_sample_gallery_row(
     title: str = "",
     max_cols: int = 5,
     panel_inches: float = 2.3,
+    markers: Sequence[str] = ("R", "L"),
 ) -> Any:
-    """Figure of :func:`sample_gallery_row` (open).
+    """Figure of :func:`sample_gallery_row` (open). ``markers``: ``(image-left, image-right)`` side letters,
+    the film's :attr:`FilmOrientation.markers <medfocus.io.reader.FilmOrientation.markers>` (default: the
+    standard display, the patient's right on the image's left).
 
     Five 2.3-inch panels per row by default: shown at the report's 1300-px width, 9-pt titles render at
     about 13 px (seven panels per row would shrink them to about 9 px)."""
@@ -270,7 +275,7 @@ def make_sample_gallery_row(
     ax0 = axes[0, 0]
     ax0.imshow(image, cmap="gray", vmin=0, vmax=255)
     _draw_boxes(ax0, gt_boxes, GT_COLOR, lw=1.8)
-    _side_markers(ax0, W)
+    _side_markers(ax0, markers)
     ax0.set_title("X-ray + expert boxes", fontsize=9)
     mappable = None
     for k, p in enumerate(panels, start=1):
@@ -292,7 +297,7 @@ def make_sample_gallery_row(
         else:
             _draw_boxes(ax, p.get("pred_boxes"), PRED_COLOR, lw=1.5, ls="--")
         _draw_boxes(ax, gt_boxes, GT_COLOR, lw=1.8)  # last: expert boxes stay on top of heatmap and predictions
-        _side_markers(ax, W, fontsize=8)
+        _side_markers(ax, markers, fontsize=8)
         ax.set_title(panel_label(p), fontsize=9)
     if title:
         fig.suptitle(wrap(title, int(fig_w * 13)), fontsize=10)
@@ -314,6 +319,7 @@ def sample_gallery_row(
     max_cols: int = 5,
     fmt: str = "png",
     dpi: int = DPI,
+    markers: Sequence[str] = ("R", "L"),
 ) -> bytes:
     """One sample: the X-ray with its expert boxes and R/L side markers, then one panel per method, with
     a colour bar for the heatmaps.
@@ -329,8 +335,9 @@ def sample_gallery_row(
         title: wrapped at word boundaries (never cut).
         max_cols: panels per row (the figure wraps).
         fmt, dpi: output format and resolution (:func:`render`).
+        markers: ``(image-left, image-right)`` side letters (the film's orientation; default the standard display).
     """
-    return render(make_sample_gallery_row(image, gt_boxes, panels, title=title, max_cols=max_cols), fmt, dpi)
+    return render(make_sample_gallery_row(image, gt_boxes, panels, title=title, max_cols=max_cols, markers=markers), fmt, dpi)
 
 
 @_literal_text

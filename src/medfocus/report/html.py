@@ -281,6 +281,15 @@ def _read_image(record: Mapping[str, Any]) -> np.ndarray | None:
         return None
 
 
+def _film_markers(record: Mapping[str, Any]) -> tuple[str, str]:
+    """``(image-left, image-right)`` side letters of a gallery sample's film, from its orientation
+    (:func:`medfocus.io.reader.read_orientation`: DICOM ``PatientOrientation``, else the display convention)."""
+    from medfocus.io import read_orientation
+    from medfocus.io.paths import record_film
+
+    return read_orientation(record_film(record)).markers
+
+
 def gallery_strata(cells: Mapping[tuple, Sequence[Mapping[str, Any]]], mode: str, *, per_finding: int) -> list[tuple[str, list[tuple]]]:
     """The gallery's samples of one mode, stratified by finding: ``[(finding, [cell key, ...]), ...]``,
     findings in alphabetical order, up to ``per_finding`` samples each — those with the most successful
@@ -552,7 +561,7 @@ def build_report(
                 # The page shows the whole caption (wrapped by the browser); the figure's own title is wrapped
                 # and, for a long rationale, shortened at a word boundary with an ellipsis.
                 t = f"{k[0]} · {k[1]} #{k[2]} · {first.get('attribute')} · answer: {first.get('answer')}"
-                fig = figures.make_sample_gallery_row(img, first.get("gt_boxes") or [], panels,
+                fig = figures.make_sample_gallery_row(img, first.get("gt_boxes") or [], panels, markers=_film_markers(first),
                                                       title=textwrap.shorten(t, width=400, placeholder=" …"))
                 png = keep(fig, "gallery", mode, k[1], k[2], k[0])
                 item = {"caption": t, "fig": _fig(png, t), "viewer": None, "viewer_error": None}

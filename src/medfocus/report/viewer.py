@@ -213,7 +213,7 @@ def sample_view(records: Sequence[Mapping[str, Any]], base_dir: str | Path | Non
     Raises:
         DataError: the records belong to different cells, or the film cannot be read.
     """
-    from medfocus.io import read_image
+    from medfocus.io import read_image, read_orientation
 
     if not records:
         raise DataError("viewer: no records for this film")
@@ -224,7 +224,9 @@ def sample_view(records: Sequence[Mapping[str, Any]], base_dir: str | Path | Non
     first = records[0]
     from medfocus.io.paths import record_film
 
-    img, (w0, h0) = read_image(record_film(first))  # the film the records were computed on, or a DataError
+    film = record_film(first)
+    img, (w0, h0) = read_image(film)  # the film the records were computed on, or a DataError
+    orientation = read_orientation(film)
     order = {m: i for i, m in enumerate(method_order or [])}
     recs = sorted(records, key=lambda r: (order.get(r["method"], len(order)), str(r["method"])))
     methods = [_method_view(r, base) for r in recs]
@@ -240,6 +242,8 @@ def sample_view(records: Sequence[Mapping[str, Any]], base_dir: str | Path | Non
         "answer_parsed": first.get("answer_parsed"), "gt_answer": first.get("gt_answer"),
         "image_size": [int(w0), int(h0)], "gt_boxes": _boxes(first.get("gt_boxes")),
         "film": _film(img), "tokens": tokens, "final_token_index": fti,
+        # R/L markers from the film's orientation (DICOM PatientOrientation; else the display convention)
+        "markers": list(orientation.markers), "orientation": orientation.describe(),
         "warnings": warnings, "methods": methods,
     }
 

@@ -38,6 +38,7 @@ import numpy as np
 from medfocus.errors import ConfigError, DataError, MedfocusError, ModelError
 from medfocus.io.fingerprint import (FINGERPRINT_FIELD, IDENTITY_FIELDS, changed_samples_error, describe_sample_conflicts,
                                      fingerprint_differences, sample_fingerprint)
+from medfocus.io.letterbox import check_film_content, model_canvas
 from medfocus.runner.store import Key, ResultStore, to_jsonable
 from medfocus.types import Sample
 
@@ -388,6 +389,14 @@ def _read_image(path: str) -> np.ndarray:
     return img
 
 
+def _film_orientation(path: str) -> Any:
+    """The film's :class:`~medfocus.io.reader.FilmOrientation` (DICOM ``PatientOrientation``; the display
+    convention for other formats, whose files are not opened again)."""
+    from medfocus.io.reader import CONVENTIONAL_ORIENTATION, is_dicom, read_orientation
+
+    return read_orientation(path) if is_dicom(path) else CONVENTIONAL_ORIENTATION
+
+
 def _default_loader(name: str) -> Any:
     from medfocus.lvlm import load_lvlm
 
@@ -586,9 +595,12 @@ def _seed_everything(s: int) -> None:
         pass
 
 
-def load_checked(load_model: Callable[[str], Any], name: str, methods: Iterable[Any]) -> Any:
+def load_checked(load_model: Callable[[str], Any], name: str, methods: Iterable[Any],
+                 films: Mapping[str, tuple[int, int]] | None = None) -> Any:
     """Load model ``name`` with ``load_model`` and check the methods' model-dependent settings against it
-    (:meth:`~medfocus.attribution.base.Method.check_params`: layer / head indices), before any sample runs.
+    (:meth:`~medfocus.attribution.base.Method.check_params`: layer / head indices) and against the ``films``
+    to attribute (``{image path: (width, height)}``, :meth:`~medfocus.attribution.base.Method.check_images`:
+    a perturbation grid finer than a film's content on the canvas), before any sample runs.
     The one place ``attribute``, ``explain`` and the demo do this.
 
     Raises:
@@ -605,7 +617,33 @@ def load_checked(load_model: Callable[[str], Any], name: str, methods: Iterable[
         check = getattr(m, "check_params", None)  # third-party method objects may not have the hook
         if check is not None:
             check(adapter)
+        check_films = getattr(m, "check_images", None)
+        if check_films is not None and films:
+            check_films(adapter, films)
     return adapter
+
+
+def check_films_before_load(name: str, methods: Iterable[Any], films: Mapping[str, tuple[int, int]]) -> None:
+    """The film-dependent settings (:meth:`~medfocus.attribution.base.Method.check_images`: a perturbation
+    grid finer than a film's content on the canvas) checked *before* model ``name`` loads, where its canvas is
+    known without loading (:func:`medfocus.lvlm.loading.known_canvas`); otherwise :func:`load_checked` checks
+    them right after the load.
+
+    Raises:
+        ConfigError: as :meth:`~medfocus.attribution.base.Method.check_images`.
+    """
+    from types import SimpleNamespace
+
+    from medfocus.lvlm.loading import known_canvas
+
+    canvas = known_canvas(name) if films else None
+    if canvas is None:
+        return
+    model = SimpleNamespace(name=name, canvas_size=canvas)  # all check_images reads of an adapter
+    for m in methods:
+        check = getattr(m, "check_images", None)
+        if check is not None:
+            check(model, films)
 
 
 @dataclass
@@ -837,19 +875,27 @@ def run_grid(
                 bar.set_description(f"load {model_name}")
             # A model that cannot be loaded fails the run (non-zero exit), it is not a failing sample: no
             # error records, which a rerun without --retry-errors would serve as "already in the store".
-            adapter = load_checked(load_model, model_name, method_objs.values())
+            adapter = load_checked(load_model, model_name, method_objs.values(),
+                                   films={it.sample.image_path: tuple(it.sample.image_size) for it in group})
             for it in group:
                 pending = [m for m in method_params if not is_done(it.key(m))]
                 if not pending:
                     continue
                 image = None
                 img_err = None
+                orientation = None
                 try:
                     image = read_image(it.sample.image_path)
                     if image.ndim != 2:
                         raise DataError(f"{it.sample.image_path}: expected a 2-D grayscale image, got shape {image.shape}")
+                    orientation = _film_orientation(it.sample.image_path)
                 except Exception as exc:
                     img_err = f"image read failed: {type(exc).__name__}: {exc}"
+                if img_err is None:  # a film the model cannot see is refused before the model runs on it
+                    try:
+                        check_film_content(image, it.sample.image_path, *model_canvas(adapter))
+                    except DataError as exc:
+                        img_err = f"film refused: {exc}"
                 if img_err is None and it.answer_text is None:  # the model's own answer, generated once per item
                     try:
                         if bar is not None:
@@ -858,8 +904,8 @@ def run_grid(
                     except Exception as exc:
                         img_err = f"answer generation failed: {type(exc).__name__}: {exc}"
                 if img_err is not None:
-                    for m in pending:
-                        write_error(it, m, img_err, None, 0.0)
+                    for m in pending:  # a refused film is said once on the console (its records all carry it)
+                        write_error(it, m, img_err, None, 0.0, announce=img_err.startswith("film refused") and m == pending[0])
                         if bar is not None:
                             bar.update(1)
                     continue
@@ -870,7 +916,7 @@ def run_grid(
                 # One prepared sample and shared passes for all the item's methods; the global RNGs are
                 # re-seeded per key before each piece of a method's own work, as when methods ran one by one.
                 text = answers[it.key("")[:4]]["text"] if it.answer_text is None else it.answer_text
-                results = attribute_many(adapter, image, it.question, text, objs, errors="return",
+                results = attribute_many(adapter, image, it.question, text, objs, errors="return", orientation=orientation,
                                          before_method=lambda m: _seed_everything(seeds[m])) if objs else {}
                 for m, res in results.items():
                     key = it.key(m)

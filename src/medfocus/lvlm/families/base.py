@@ -60,6 +60,11 @@ class HFAdapter(LVLMAdapter):
     def _grid_hw(self, inputs: dict[str, torch.Tensor]) -> tuple[int, int]:
         raise NotImplementedError
 
+    def token_grid(self) -> tuple[int, int]:
+        """``(gh, gw)`` of the fixed canvas, from the model's configuration (no processor call); families
+        whose grid is read from the processed inputs override it."""
+        return self._grid_hw({})
+
     def _messages(self, question: str, answer: str | None) -> list[dict[str, Any]]:
         msgs: list[dict[str, Any]] = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         if answer is not None:

@@ -109,6 +109,12 @@ class QwenVLAdapter(HFAdapter):
         gh, gw = self._patch_grid(inputs)
         return gh // self.merge, gw // self.merge
 
+    def token_grid(self) -> tuple[int, int]:
+        """``(gh, gw)`` of the canvas: one token per ``merge x merge`` patches of ``patch`` px (the canvas is a
+        multiple of ``patch * merge``, checked at construction)."""
+        f = self.patch * self.merge
+        return self.canvas_size[1] // f, self.canvas_size[0] // f
+
     def pixel_values_to_images(self, pixel_values: torch.Tensor, chat: ChatInputs) -> torch.Tensor:
         return unpatchify(pixel_values, self._patch_grid(chat), self.patch, self.merge, self.temporal)
 

@@ -102,8 +102,8 @@
     if (opt.showGT) drawBoxes(ctx, s.gt_boxes, sx, sy, "#00e676", [], lw);
     if (opt.markers) {
       ctx.save(); ctx.fillStyle = "#ffffff"; ctx.font = "bold " + Math.round(W / 28) + "px sans-serif";
-      ctx.textBaseline = "top"; ctx.fillText("R", W * 0.02, H * 0.02);
-      ctx.textAlign = "right"; ctx.fillText("L", W * 0.98, H * 0.02); ctx.restore();
+      ctx.textBaseline = "top"; ctx.fillText(s.markers[0], W * 0.02, H * 0.02);  // from the film's orientation
+      ctx.textAlign = "right"; ctx.fillText(s.markers[1], W * 0.98, H * 0.02); ctx.restore();
     }
     if (m.error && opt.label) {
       ctx.save(); ctx.fillStyle = "rgba(183,28,28,0.8)"; ctx.fillRect(0, H / 2 - 14, W, 28);
@@ -190,7 +190,7 @@
     if (s.gt_boxes.length) legend("#00e676", false, "expert box");
     legend("#ff1744", true, "predicted box");
     legend("#00e5ff", true, "MedFocus concept (box + mask)");
-    leg.appendChild(el("span", "meta", "R / L: the patient's right / left (radiological view)"));
+    leg.appendChild(el("span", "meta", "R / L: the patient's right / left; " + s.orientation));
     left.appendChild(leg);
 
     // tokens
