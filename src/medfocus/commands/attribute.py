@@ -289,7 +289,9 @@ def build_items(
 @click.command(name="attribute", epilog=EPILOG)
 @config_option
 @click.option("--bench", "bench", multiple=True, type=click.Path(dir_okay=False), show_default="none: every positive sample of --dataset",
-              help="Benchmark split file(s) (.json/.jsonl) from `medfocus bench build`. Repeatable.")
+              help="Benchmark split file(s) (.json/.jsonl) from `medfocus bench build`, or public MedGround-Bench "
+                   "records. Repeatable. A record whose sample is not the one now at its (dataset, index) (film "
+                   "content, finding, answer, boxes, question) is refused before any model loads.")
 @click.option("--dataset", default=None, show_default="the datasets named in --bench; required without --bench",
               help=f"Dataset key ({DATASET_NAMES}; aliases such as vindr-cxr accepted). With --bench: run only its records.")
 @click.option("--data-root", default=None, envvar="MEDFOCUS_DATA_ROOT", show_default="$MEDFOCUS_DATA_ROOT", help="Dataset root.")

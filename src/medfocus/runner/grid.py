@@ -341,18 +341,20 @@ def check_split_items(items: Sequence[WorkItem], *, data_root: str | Path | None
         return
     fps = fingerprints if fingerprints is not None else _fingerprints(checked, data_root, progress=False)
     conflicts: dict[tuple, list[str]] = {}
+    files: set[str] = set()  # the split files of the refused records
     for it in checked:
         stored = it.split_sample["stored"]
         diffs = fingerprint_differences(stored, fps[it.key("")[:4]], fields=[k for k in stored if k != "image"])
         if diffs:
             conflicts.setdefault((*it.key("")[:4], tuple(diffs)), []).append(str(it.split_sample["where"]))
+            if it.extra.get("bench_file"):
+                files.add(str(it.extra["bench_file"]))
     if not conflicts:
         return
-    files = sorted({str(it.extra["bench_file"]) for it in checked if it.extra.get("bench_file")})
     root = f" under data root {data_root}" if data_root else ""
     n = sum(len(v) for v in conflicts.values())
     which = f"{n} benchmark records" if n > 1 else "a benchmark record"
-    raise DataError(f"{which}{' of ' + ', '.join(files) if files else ''} {'were' if n > 1 else 'was'} built on "
+    raise DataError(f"{which}{' of ' + ', '.join(sorted(files)) if files else ''} {'were' if n > 1 else 'was'} built on "
                     f"{'other samples than the ones' if n > 1 else 'another sample than the one'} now at "
                     f"{'their' if n > 1 else 'its'} (dataset, index){root} "
                     "(stored in the record -> now):\n" + describe_sample_conflicts(conflicts) +
