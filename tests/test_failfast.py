@@ -317,3 +317,65 @@ def test_load_lvlm_refuses_an_uncached_hub_id_without_the_network(monkeypatch, t
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     with pytest.raises(ModelError, match=r"'someone/not-cached' \(someone/not-cached\) is not available locally"):
         load_lvlm("someone/not-cached")
+
+
+@pytest.mark.parametrize("param, passes", [("occlusion.grid=33", "occlusion 1,090 (1 + 33x33 grid cells)"),
+                                           ("rise.grid=33", "rise 64 (n_masks)")])
+def test_a_grid_finer_than_the_films_content_fails_after_load_with_the_cost_shown(toy_world, param, passes):
+    """The toy canvas is 32x32 and the films 32x32 px: a 33-cell grid would leave empty cells (identical
+    variants), so it is refused right after the one load, naming the limit 32, before any record; the
+    forward passes per sample are printed before the model loads."""
+    method = param.split(".")[0]
+    res, out = _run(toy_world, "--model", "demo", "--method", method, "--param", param)
+    assert res.exit_code == 1, res.output
+    assert f"forward passes per sample: {passes}" in res.output
+    assert (f"method '{method}': parameter 'grid' = 33 is finer than the image content on model 'toy''s 32x32 canvas"
+            in res.output) and "covers 32x32 canvas pixels, so grid can be at most 32 there" in res.output, res.output
+    assert f"Give --param {method}.grid=32 or less." in res.output and "Traceback" not in res.output
+    assert toy_world["loads"] == ["demo"] and _records(out) == []
+
+
+def test_grid_limit_is_the_content_side_on_the_canvas():
+    """Known answers on the toy's 32x32 canvas: a 64x16 film letterboxes to 32x8 content pixels, so grid 8
+    is the finest; the smallest limit among the films is named, and a direct call refuses the same grid."""
+    import numpy as np
+
+    from medfocus.attribution.perturbation import RISE, Occlusion, check_grid_fits
+    from medfocus.attribution.testing import ToyAdapter
+
+    toy = ToyAdapter()
+    films = {"/d/square.png": (100, 100), "/d/wide.png": (64, 16), "/d/tall.png": (10, 40)}  # content 32x32, 32x8, 8x32
+    check_grid_fits("occlusion", 8, toy, films)
+    with pytest.raises(ConfigError) as e:
+        check_grid_fits("occlusion", 9, toy, films)
+    msg = str(e.value)
+    assert "the film /d/wide.png (64x16 px) covers 32x8 canvas pixels, so grid can be at most 8 there" in msg
+    assert "2 of 3 films are below grid=9" in msg
+    Occlusion(grid=8).check_images(toy, films)
+    # a strip under one image token is refused per film by check_film_content, not by the grid check
+    check_grid_fits("occlusion", 8, toy, {"/d/strip.png": (7744, 10)})
+    # before loading only the canvas is known: the largest content any film can have
+    from types import SimpleNamespace
+
+    unloaded = SimpleNamespace(name="m", canvas_size=(32, 32))
+    check_grid_fits("occlusion", 32, unloaded, films)
+    with pytest.raises(ConfigError, match=r"a film's content covers at most 32x32 canvas pixels, so grid can be at most 32"):
+        check_grid_fits("occlusion", 33, unloaded, films)
+    with pytest.raises(ConfigError, match="at most 8"):
+        RISE(grid=9).check_images(toy, films)
+    wide = np.full((16, 64), 90, np.uint8)
+    for m in (Occlusion(grid=9), RISE(grid=9, n_masks=2)):
+        with pytest.raises(ConfigError, match=r"\(32x8 canvas pixels\): at most 8"):
+            m.attribute(toy, wide, "Is there a nodule?", "Yes")
+    assert Occlusion(grid=8).attribute(toy, wide, "Is there a nodule?", "Yes").n_forward == 65
+    assert (Occlusion(grid=8).forward_passes(), RISE(n_masks=100).forward_passes()) == ((65, "1 + 8x8 grid cells"), (100, "n_masks"))
+
+
+def test_a_grid_finer_than_the_content_is_refused_before_loading_where_the_canvas_is_known(world):
+    """The demo's canvas (224, from its medfocus.json) is known without loading it: no film's content exceeds
+    224 canvas pixels a side, so grid 225 is refused before any model loads."""
+    res, out = _run(world, "--model", "demo", "--method", "occlusion", "--param", "occlusion.grid=225")
+    assert res.exit_code == 1, res.output
+    assert ("parameter 'grid' = 225 is finer than the image content can be on model 'demo''s 224x224 canvas"
+            in res.output) and "so grid can be at most 224 (less for films of another aspect ratio)" in res.output
+    assert world["loads"] == [] and _records(out) == []

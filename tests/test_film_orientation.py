@@ -174,6 +174,27 @@ def test_viewer_markers_follow_the_film(rg1, tmp_path):
     assert view["markers"] == ["L", "R"] and "mirrored" in view["orientation"]
 
 
+def test_gallery_markers_follow_the_film(rg1, tmp_path):
+    import matplotlib.pyplot as plt
+
+    from medfocus.report import figures
+    from medfocus.report.html import _film_markers
+
+    flipped = _with_orientation(rg1, tmp_path / "rg1_RF.dcm", ["R", "F"], mirror=True)
+    assert _film_markers({"image_path": str(rg1)}) == ("R", "L")
+    assert _film_markers({"image_path": str(flipped)}) == ("L", "R")
+    img = np.zeros((40, 60), np.uint8)
+    for markers in (("R", "L"), ("L", "R")):
+        fig = figures.make_sample_gallery_row(img, [], [{"method": "gradcam", "heatmap": None, "pred_boxes": []}], markers=markers)
+        try:
+            for ax in fig.axes[:2]:  # the film and the method panel: image-left letter first
+                left = [t.get_text() for t in ax.texts if t.get_position()[0] < 0.5]
+                right = [t.get_text() for t in ax.texts if t.get_position()[0] > 0.5]
+                assert (left, right) == ([markers[0]], [markers[1]])
+        finally:
+            plt.close(fig)
+
+
 # ---- films the model cannot see -------------------------------------------------------------------------------
 CANVAS, GRID = (224, 224), (8, 8)  # the demo model: 224-px canvas, 28-px token cells
 
@@ -233,3 +254,26 @@ def test_token_grid_from_the_config_matches_the_processed_inputs(tiny_adapters, 
     grid = a.prepare(np.zeros((ch, cw), np.uint8), "Is there evidence of nodule in the image?").grid_hw
     assert a.token_grid() == tuple(grid)
     assert LVLMAdapter.token_grid(a) == tuple(grid)  # the generic default (one processor call) agrees
+
+
+def test_benchmark_build_refuses_films_the_model_cannot_see(tmp_path):
+    """The causal filter runs the same check before generating: a model whose 64 x 64 canvas has 64 x 64 tokens
+    cannot see 48 x 48 films without upsampling every pixel over several tokens -> an error row per sample, no
+    answer generated."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_bench import PLAN, ToyAdapter, make_toy_world
+
+    from medfocus.bench import build_benchmark, read_log, split_paths
+    from medfocus.editing import get_editor
+
+    samples = make_toy_world(tmp_path / "data", PLAN[:2])
+    adapter = ToyAdapter()
+    adapter.canvas_size, adapter.token_grid = (64, 64), lambda: (64, 64)
+    _, ret = build_benchmark(adapter, samples, mode="direct", editor=get_editor("oracle"), out_dir=tmp_path / "out",
+                             model_name="toy", progress=False)
+    assert ret["errors"] == 2 and adapter.n_images == 0
+    row = read_log(split_paths(tmp_path / "out", "toy", "toy", "direct")["log"])[("toy", "toy", 0)]
+    assert "0.png: film is 48 x 48 px, fewer pixels than the 64 x 64 image tokens" in row["error"]

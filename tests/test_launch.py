@@ -99,6 +99,7 @@ def test_local_launcher_two_cpu_workers_reproduces_single_process(world, tmp_pat
     out = tmp_path / "launched"
     res = _invoke(_attribute_args(world, out) + ["--launcher", "local", "--devices", "cpu,cpu", "--shards", "2"])
     assert res.exit_code == 0, res.output
+    assert "forward passes per sample: occlusion 5 (1 + 2x2 grid cells)" in res.output  # the cost, before any task
     man = json.loads((out / "launch" / "manifest.json").read_text())
     assert man["launcher"] == "local" and man["devices"] == ["cpu", "cpu"]
     assert len(man["tasks"]) == 2, "both shards must hold samples for this test to mean anything"

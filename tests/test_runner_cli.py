@@ -186,6 +186,21 @@ def test_split_of_another_model_is_refused_or_relabelled_explicitly(fake_world, 
         ("demo", 0, "split")]
 
 
+def test_bench_file_without_records_of_dataset_says_so(fake_world, tmp_path):
+    """--dataset X with a split whose records are all of other datasets: the error says that (with the
+    datasets it holds and their counts), not that the split names no model; nothing loads."""
+    split = _split(tmp_path, "pad.json", [_rec(0, dataset="padchest_gr"), _rec(1, dataset="padchest_gr"),
+                                          _rec(2, dataset="synthetic")])
+    for extra in (["--model", "demo"], []):
+        r = CliRunner().invoke(main, ["attribute", "--bench", str(split), "--dataset", "vindr_cxr", *extra,
+                                      "--method", "fake_hot", "--out", str(tmp_path / "o")])
+        assert r.exit_code == 1, r.output
+        assert (f"no record of --dataset vindr_cxr in benchmark file {split}: it holds 2 record(s) of padchest_gr, "
+                "1 record(s) of synthetic") in r.output
+        assert "no model" not in r.output and "Traceback" not in r.output
+    assert fake_world["loads"] == [] and not (tmp_path / "o" / "predictions.jsonl").exists()
+
+
 def test_bench_record_matching_no_mode_is_an_error(fake_world, tmp_path):
     split = _split(tmp_path, "typo.json", [_rec(0), {k.replace("prediction", "predicton"): v for k, v in _rec(1).items()}])
     r = CliRunner().invoke(main, ["attribute", "--bench", str(split), "--method", "fake_hot", "--out", str(tmp_path / "o")])

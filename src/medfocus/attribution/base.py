@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 
 import numpy as np
 
@@ -302,6 +302,22 @@ class Method:
             ConfigError: naming the method, the setting, the value and the valid range for this model.
         """
 
+    def check_images(self, adapter: Any, films: Mapping[str, tuple[int, int]]) -> None:
+        """Check the settings that depend on the model *and* the films to be attributed (a perturbation grid
+        finer than a film's content on the model's canvas), once the model is loaded and before any sample
+        runs: :func:`medfocus.runner.grid.load_checked` calls it with ``films`` = ``{image path: (width,
+        height)}`` in original pixels. Default: nothing depends on the films.
+
+        Raises:
+            ConfigError: naming the method, the setting, the value, the limit and the film(s) that set it.
+        """
+
+    def forward_passes(self) -> tuple[int, str] | None:
+        """``(n, how)``: the forward passes one sample costs and how that follows from the settings
+        (``(65, "1 + 8x8 grid cells")``), for methods whose cost the settings fix and a user chooses (the
+        perturbation methods); ``None`` otherwise. Printed before a run so a costly setting shows up front."""
+        return None
+
     def settings(self) -> dict[str, Any]:
         """The full resolved settings (defaults + overrides) as JSON-friendly values; what a result
         record stores so that a rerun with different settings is never mistaken for the same work."""
@@ -571,6 +587,32 @@ def method_source(name: str) -> str:
         return str(getattr(_resolve(name), "source", ""))
     except ConfigError:
         return ""
+
+
+def forward_pass_note(methods: Mapping[str, Any], unit: str = "sample") -> str | None:
+    """One line naming the per-``unit`` forward passes of the selected methods that declare them
+    (:meth:`Method.forward_passes`), e.g. ``"forward passes per sample: occlusion 65 (1 + 8x8 grid cells),
+    rise 64 (n_masks)"``; ``None`` when none does."""
+    parts = []
+    for name, m in methods.items():
+        get = getattr(m, "forward_passes", None)
+        cost = get() if callable(get) else None
+        if cost is not None:
+            parts.append(f"{name} {cost[0]:,} ({cost[1]})")
+    return f"forward passes per {unit}: " + ", ".join(parts) if parts else None
+
+
+def method_runtime_settings(name: str) -> frozenset[str]:
+    """The settings of a registered method that cannot change its results (:attr:`Method.runtime_settings`:
+    speed, memory, where a cache lives), the one list every rerun check skips (``attribute``'s record check
+    in :func:`medfocus.runner.grid.run_grid`, ``explain``'s ``explain.json`` check); empty for a method that
+    is not registered or whose module cannot be imported (then every setting counts)."""
+    if name not in _REGISTRY:
+        return frozenset()
+    try:
+        return frozenset(getattr(_resolve(name), "runtime_settings", ()))
+    except ConfigError:
+        return frozenset()
 
 
 def method_answer_scope(name: str) -> str | None:

@@ -11,7 +11,7 @@ padding is excluded), so all cells cover real pixels whatever the aspect ratio.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import torch
@@ -34,8 +34,71 @@ def _content_box(chat: ChatInputs) -> tuple[int, int, int, int]:
 
 
 def _cell_edges(n: int, grid: int) -> np.ndarray:
-    """``grid + 1`` integer edges splitting ``n`` pixels into ``grid`` near-equal cells."""
+    """``grid + 1`` integer edges splitting ``n`` pixels into ``grid`` near-equal cells (all non-empty
+    exactly when ``grid <= n``: the edges are then at least one pixel apart)."""
     return np.round(np.linspace(0, n, grid + 1)).astype(int)
+
+
+def check_grid_fits(method: str, grid: int, adapter: Any, films: Mapping[str, tuple[int, int]]) -> None:
+    """Refuse a ``grid x grid`` partition finer than a film's content on the model's canvas.
+
+    The masks are applied per canvas pixel (:meth:`~medfocus.lvlm.adapter.LVLMAdapter.masked_pixel_values`),
+    over the letterboxed content only (``Letterbox.fit(film size, canvas)``: ``new_w x new_h`` pixels), so a
+    cell needs at least one canvas pixel: with ``grid`` above the content's shorter side some cells are
+    empty (an occlusion variant identical to the original image, a zero row of the map; RISE cells below
+    one pixel). A cell smaller than one image token is still a distinct input (other pixels of the token's
+    patch change) and is allowed.
+
+    With a loaded adapter (``token_grid()`` available) every film is checked, except films whose content is
+    under one image token, which the runner refuses per film
+    (:func:`~medfocus.io.letterbox.check_film_content`). With a stand-in that has only ``canvas_size`` (the
+    check before loading, :func:`medfocus.runner.grid.check_films_before_load`) ``grid`` is checked against
+    the canvas, the largest content any film can have. An adapter without ``canvas_size`` is not checked.
+
+    Args:
+        method: the method's name (for the message). grid: cells per side. adapter: the model (its
+            ``canvas_size``, ``name`` and, when loaded, ``token_grid()``).
+        films: ``{image path: (width, height)}`` in original pixels.
+    Raises:
+        ConfigError: naming the method, ``grid``, the limit, the model's canvas and the film that sets it.
+    """
+    from medfocus.io.letterbox import Letterbox
+
+    canvas = getattr(adapter, "canvas_size", None)
+    if canvas is None or not films:
+        return
+    W, H = int(canvas[0]), int(canvas[1])
+    model = getattr(adapter, "name", None)
+    where = f"{f'model {model!r}' if model else 'the model'}'s {W}x{H} canvas"
+    why = "(a cell needs at least one canvas pixel; a finer grid leaves empty cells, variants identical to the original)"
+    token_grid = getattr(adapter, "token_grid", None)
+    if not callable(token_grid):
+        if grid > min(W, H):
+            raise ConfigError(f"method {method!r}: parameter 'grid' = {grid} is finer than the image content can be on "
+                              f"{where}: a film's content covers at most {W}x{H} canvas pixels, so grid can be at most "
+                              f"{min(W, H)} (less for films of another aspect ratio) {why}. Give --param "
+                              f"{method}.grid={min(W, H)} or less.")
+        return
+    gh, gw = (int(v) for v in token_grid())
+    bad = {}
+    for path, (w0, h0) in films.items():
+        w0, h0 = int(w0), int(h0)
+        scale = min(W / w0, H / h0)
+        if w0 * scale < W / gw or h0 * scale < H / gh:
+            continue  # under one image token: refused per film by check_film_content, not a grid matter
+        geo = Letterbox.fit((w0, h0), (W, H))
+        if grid > min(geo.new_w, geo.new_h):
+            bad[path] = (w0, h0, geo.new_w, geo.new_h)
+    if not bad:
+        return
+    limit = min(min(v[2], v[3]) for v in bad.values())
+    worst = next(p for p, v in bad.items() if min(v[2], v[3]) == limit)
+    w0, h0, nw, nh = bad[worst]
+    raise ConfigError(
+        f"method {method!r}: parameter 'grid' = {grid} is finer than the image content on {where}: the film "
+        f"{worst} ({w0}x{h0} px) covers {nw}x{nh} canvas pixels, so grid can be at most {limit} there {why}"
+        + (f"; {len(bad)} of {len(films)} films are below grid={grid}" if len(bad) > 1 else "")
+        + f". Give --param {method}.grid={limit} or less.")
 
 
 class Occlusion(PerturbationMethod):
@@ -58,12 +121,24 @@ class Occlusion(PerturbationMethod):
               "answer-token probability); masks applied in the preprocessed tensor")
     spec = {"grid": integer(1), "baseline": choice("zero", "mean"), "batch_size": integer(1)}
 
+    def check_images(self, adapter: Any, films: Mapping[str, tuple[int, int]]) -> None:
+        """``grid`` is at most every film's content side on the canvas (:func:`check_grid_fits`)."""
+        check_grid_fits(self.name, int(self.params["grid"]), adapter, films)
+
+    def forward_passes(self) -> tuple[int, str]:
+        """``1 + grid**2``: the original and one variant per cell."""
+        g = int(self.params["grid"])
+        return 1 + g * g, f"1 + {g}x{g} grid cells"
+
     def _score_plan(self, adapter: Any, image: np.ndarray, chat: Any, counter: Counter) -> ScorePlan:
         grid, bs = int(self.params["grid"]), int(self.params["batch_size"])
         if grid < 1:
             raise ConfigError(f"occlusion: grid must be >= 1, got {grid}")
         W, H = adapter.canvas_size
         py, px, nh, nw = _content_box(chat)
+        if grid > min(nh, nw):  # the runner refuses this before any sample (check_images); direct calls here
+            raise ConfigError(f"occlusion: grid={grid} is finer than this film's content on the canvas ({nw}x{nh} "
+                              f"canvas pixels): at most {min(nh, nw)}, else cells are empty")
         # cell id of every canvas pixel (-1 = letterbox padding), so masks and maps are single gathers
         rows = np.full(H, -1)
         cols = np.full(W, -1)
@@ -161,12 +236,24 @@ class RISE(PerturbationMethod):
     spec = {"n_masks": integer(1), "grid": integer(1), "p_keep": number(0, 1, lo_open=True, hi_open=True),
             "seed": integer(0), "baseline": choice("zero", "mean"), "batch_size": integer(1)}
 
+    def check_images(self, adapter: Any, films: Mapping[str, tuple[int, int]]) -> None:
+        """``grid`` is at most every film's content side on the canvas (:func:`check_grid_fits`): a mask
+        cell is ``ceil(side / grid)`` pixels, so a finer grid has cells below one pixel."""
+        check_grid_fits(self.name, int(self.params["grid"]), adapter, films)
+
+    def forward_passes(self) -> tuple[int, str]:
+        """``n_masks``: one variant per mask."""
+        return int(self.params["n_masks"]), "n_masks"
+
     def _score_plan(self, adapter: Any, image: np.ndarray, chat: Any, counter: Counter) -> ScorePlan:
         n, grid, pk = int(self.params["n_masks"]), int(self.params["grid"]), float(self.params["p_keep"])
         if n < 1 or grid < 1 or not 0 < pk < 1:
             raise ConfigError(f"rise: need n_masks >= 1, grid >= 1, 0 < p_keep < 1; got {n}, {grid}, {pk}")
         W, H = adapter.canvas_size
         py, px, nh, nw = _content_box(chat)
+        if grid > min(nh, nw):  # the runner refuses this before any sample (check_images); direct calls here
+            raise ConfigError(f"rise: grid={grid} is finer than this film's content on the canvas ({nw}x{nh} "
+                              f"canvas pixels): at most {min(nh, nw)}, else cells are below one pixel")
         masks = RiseMasks(n, grid, pk, (nh, nw), int(self.params["seed"]))
         # keep the rendered masks for the saliency sum when they are small (< 64 MB), else re-render them
         cache_ok = n * nh * nw * 4 < 64 * 2**20

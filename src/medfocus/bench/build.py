@@ -69,6 +69,7 @@ from medfocus.io.atomic import atomic_write_json, atomic_write_text
 from medfocus.io.fingerprint import (FINGERPRINT_FIELD, changed_samples_error, describe_sample_conflicts, file_sha256,
                                      fingerprint_differences, merge_differences, sample_fingerprint, sample_identity)
 from medfocus.io.jsonl import append_jsonl, read_latest, trim_partial_tail
+from medfocus.io.letterbox import check_film_content, model_canvas
 from medfocus.io.locks import acquire_lock, remove_orphaned_tmp
 from medfocus.io.paths import safe_filename
 from medfocus.types import Sample
@@ -533,6 +534,7 @@ def _build_locked(adapter: LVLMAdapter, samples: Sequence[Sample], *, mode: str,
 
     from tqdm.auto import tqdm
 
+    canvas = model_canvas(adapter)
     bar = tqdm(total=len(todo), desc=f"bench {slug(model_name)}/{dataset}/{mode}", unit="sample", disable=not progress)
     for start in range(0, len(todo), step):
         chunk = todo[start:start + step]
@@ -546,6 +548,7 @@ def _build_locked(adapter: LVLMAdapter, samples: Sequence[Sample], *, mode: str,
             row[FINGERPRINT_FIELD] = fp
             try:
                 views = _prepare_views(s, editor, cache, fp) if s.answer == "Yes" else [_load_checked(s, fp)]
+                check_film_content(views[0], s.image_path, *canvas)  # a film the model cannot see: an error row
             except Exception as exc:  # noqa: BLE001 - one failing sample must not stop the run
                 row["error"] = f"{type(exc).__name__}: {exc}"
                 views = []

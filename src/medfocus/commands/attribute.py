@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import click
 
-from medfocus.attribution.base import BASELINES
+from medfocus.attribution.base import BASELINES, forward_pass_note
 from medfocus.commands.config import config_option
 from medfocus.commands.evaluate import faithfulness_config, faithfulness_options
 from medfocus.commands.launch import LAUNCH_PARAMS, check_launch_options, launcher_options
@@ -47,16 +47,28 @@ Examples:
 
 
 def parse_params(specs: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """``["rise.n_masks=128", "occlusion.grid=16"]`` -> ``{"rise": {"n_masks": 128}, ...}`` (values parsed as YAML scalars)."""
+    """``["rise.n_masks=128", "occlusion.grid=16"]`` -> ``{"rise": {"n_masks": 128}, ...}`` (values parsed as YAML scalars).
+
+    Raises:
+        ConfigError: a spec not of the form ``METHOD.NAME=VALUE``; one ``METHOD.NAME`` given twice with
+            different values (ambiguous: neither is silently taken; the same value twice is accepted).
+    """
     import yaml
 
     out: dict[str, dict[str, Any]] = {}
+    given: dict[tuple[str, str], str] = {}
     for spec in specs:
         left, eq, value = spec.partition("=")
         method, dot, key = left.partition(".")
         if not eq or not dot or not method or not key:
             raise ConfigError(f"--param {spec!r}: expected METHOD.NAME=VALUE, e.g. rise.n_masks=128")
-        out.setdefault(method.strip(), {})[key.strip()] = yaml.safe_load(value)
+        method, key, parsed = method.strip(), key.strip(), yaml.safe_load(value)
+        cur = out.setdefault(method, {})
+        if key in cur and (type(cur[key]) is not type(parsed) or cur[key] != parsed):
+            raise ConfigError(f"--param {method}.{key} is given twice with different values: {given[method, key]!r} "
+                              f"and {spec!r}; give it once")
+        cur[key] = parsed
+        given[method, key] = spec
     return out
 
 
@@ -120,6 +132,17 @@ def check_models(names: Sequence[str]) -> None:
 
     for name in names:
         check_model(name)
+
+
+def check_films(items: Sequence[Any], method_objs: dict[str, Any]) -> None:
+    """The settings that depend on the films and the model's canvas (a perturbation grid finer than a film's
+    content), per model, before it loads where its canvas is known then (:func:`medfocus.runner.grid.
+    check_films_before_load`; otherwise right after the load); raises :class:`ConfigError` naming the limit."""
+    from medfocus.runner.grid import check_films_before_load
+
+    for model in dict.fromkeys(it.model for it in items):
+        check_films_before_load(model, method_objs.values(),
+                                {it.sample.image_path: tuple(it.sample.image_size) for it in items if it.model == model})
 
 
 def load_samples(dataset: str, data_root: str | None) -> list:
@@ -187,6 +210,12 @@ def build_items(
             left_out: list[str] = []
             if dataset:
                 other = sorted({r["dataset"] for _, r in located if r["dataset"] != dataset})
+                if located and not any(r["dataset"] == dataset for _, r in located):
+                    # say what is true before the model checks below see an empty file
+                    held = {d: sum(1 for _, r in located if r["dataset"] == d) for d in other}
+                    raise ConfigError(f"no record of --dataset {dataset} in benchmark file {path}: it holds "
+                                      + ", ".join(f"{n} record(s) of {d}" for d, n in held.items())
+                                      + " (give the --dataset its records are of, or another --bench file)")
                 if other:
                     n_other = sum(1 for _, r in located if r["dataset"] != dataset)
                     left_out.append(f"{n_other} of dataset(s) {other} (--dataset {dataset})")
@@ -260,7 +289,9 @@ def build_items(
 @click.command(name="attribute", epilog=EPILOG)
 @config_option
 @click.option("--bench", "bench", multiple=True, type=click.Path(dir_okay=False), show_default="none: every positive sample of --dataset",
-              help="Benchmark split file(s) (.json/.jsonl) from `medfocus bench build`. Repeatable.")
+              help="Benchmark split file(s) (.json/.jsonl) from `medfocus bench build`, or public MedGround-Bench "
+                   "records. Repeatable. A record whose sample is not the one now at its (dataset, index) (film "
+                   "content, finding, answer, boxes, question) is refused before any model loads.")
 @click.option("--dataset", default=None, show_default="the datasets named in --bench; required without --bench",
               help=f"Dataset key ({DATASET_NAMES}; aliases such as vindr-cxr accepted). With --bench: run only its records.")
 @click.option("--data-root", default=None, envvar="MEDFOCUS_DATA_ROOT", show_default="$MEDFOCUS_DATA_ROOT", help="Dataset root.")
@@ -284,6 +315,7 @@ def build_items(
 @click.option("--overwrite", is_flag=True,
               help="Recompute stored records whose sample changed since they were written (image file or content, "
                    "finding, expert boxes, question, answer) or that carry no sample fingerprint; default: refused. "
+                   "Records of unchanged samples are kept (unlike `explain --overwrite`, which recomputes its whole run). "
                    "With --merge: shard records replace such records.")
 @click.option("--save-token-maps", is_flag=True, help="Also store per-answer-token heatmaps (float16).")
 @click.option("--answer-source", type=click.Choice(["model", "ground-truth"]), default="model", show_default=True,
@@ -345,6 +377,7 @@ def attribute(ctx, bench, dataset, data_root, models, modes, methods, params, re
                             relabel_split_model=relabel_split_model)
     items = select_items(items, limit=limit, shard=(i, n))
     check_models(sorted({it.model for it in items}))
+    check_films(items, method_objs)
     # a split's records name the samples their answers were given to: checked before any model loads
     # (the films hashed here are not read again by the run)
     check_split_items(items, data_root=data_root)
@@ -358,6 +391,9 @@ def attribute(ctx, bench, dataset, data_root, models, modes, methods, params, re
         return load_lvlm(name, device=device)
 
     click.echo(f"{len(items)} samples x {len(method_objs)} methods -> {store_path}")
+    cost = forward_pass_note(method_objs)
+    if cost is not None:  # before any model loads: a costly setting shows before the wait
+        click.echo(cost)
     with progress_bars(not no_progress), ResultStore(store_path) as store:
         summary = run_grid(items, {m: getattr(obj, "params", {}) for m, obj in method_objs.items()}, store, load_model=loader,
                            make_method=lambda name, _params: method_objs[name], seed=seed, retry_errors=retry_errors,
@@ -380,12 +416,14 @@ def _launch_attribute(ctx: click.Context, launch_opts: dict[str, Any], *, bench,
     devices = parse_devices(opts["devices"]) if opts["launcher"] == "local" else []
     n = default_shards(opts["launcher"], opts["shards"], devices)
     # the same checks as a single-process run, before anything starts
-    methods = tuple(build_methods(methods, params, refine, medsam))  # settings validated before anything starts
+    method_objs = build_methods(methods, params, refine, medsam)  # settings validated before anything starts
+    methods = tuple(method_objs)
     with _allow_outside(allow_outside_root):
         items = select_items(build_items(bench=bench, dataset=dataset, data_root=data_root, models=models, modes=modes,
                                          include_negatives=include_negatives, relabel_split_model=relabel_split_model),
                               limit=limit)
     check_models(sorted({it.model for it in items}))
+    check_films(items, method_objs)
     check_split_items(items, data_root=data_root)  # a split built on other samples: refused before any task starts
     run_models = list(dict.fromkeys(it.model for it in items))
     per_model = len(run_models) > 1  # one task per (model, shard): each loads only its model
@@ -409,4 +447,7 @@ def _launch_attribute(ctx: click.Context, launch_opts: dict[str, Any], *, bench,
     manifest = Manifest(command="attribute", launcher=opts["launcher"], out=str(out), tasks=tasks, overwrite=overwrite)
     click.echo(f"{len(items)} samples x {len(methods)} methods in {len(tasks)} tasks ({n} shards"
                f"{' per model' if per_model else ''}) -> {out}")
+    cost = forward_pass_note(method_objs)
+    if cost is not None:  # before any task starts
+        click.echo(cost)
     run_launch(manifest, opts, device=device, progress=not no_progress)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 
@@ -34,7 +32,9 @@ Examples:
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder (records, heatmaps, explain.html).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Run seed.")
 @click.option("--device", default=None, show_default="cuda if available, else cpu", help="torch device.")
-@click.option("--overwrite", is_flag=True, help="Replace a previous explain run with other settings in --out.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the explain run stored in --out, whatever its settings: every film and method is recomputed "
+                   "(default: the same settings resume, a subset of its methods is served from it, other settings are refused).")
 @click.option("--no-progress", is_flag=True, help="Disable progress bars (also the weight-loading bar).")
 def explain(images, finding, question, mode, answer, model, methods, params, boxes, out_dir, seed, device, overwrite,
             no_progress) -> None:
@@ -49,9 +49,9 @@ def explain(images, finding, question, mode, answer, model, methods, params, box
     with progress_bars(not no_progress):
         res = run_explain(list(images), out=out_dir, finding=finding, question=question, mode=mode, answer=answer, model=model,
                           methods=list(methods) or None, params=parse_params(params), boxes=[parse_box(b) for b in boxes],
-                          seed=seed, device=device, progress=not no_progress, overwrite=overwrite)
+                          seed=seed, device=device, progress=not no_progress, overwrite=overwrite, notify=click.echo)
     for a in res.answers:
-        click.echo(f"{Path(a['image']).name}: answer {a['answer']!r} (read as {a['answer_parsed']}; {a['answer_source']})")
+        click.echo(f"{a['label']}: answer {a['answer']!r} (read as {a['answer_parsed']}; {a['answer_source']})")
     if res.served_from is not None:
         click.echo(f"served from the stored run in {res.out} (methods {', '.join(res.served_from)}; its explain.json "
                    "is kept, so a rerun with all of them resumes)")

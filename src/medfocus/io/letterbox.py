@@ -167,6 +167,17 @@ def check_film_content(image: np.ndarray, where: str, canvas_size: tuple[int, in
                         "answer or map on it would mean anything")
 
 
+def model_canvas(adapter: object) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+    """``(canvas_size, token_grid)`` of an :class:`~medfocus.lvlm.adapter.LVLMAdapter` for
+    :func:`check_film_content`; ``(None, None)`` for a stand-in that declares no canvas (then only a constant
+    film is caught)."""
+    canvas = getattr(adapter, "canvas_size", None)
+    grid = getattr(adapter, "token_grid", None)
+    if canvas is None or not callable(grid):
+        return None, None
+    return canvas, grid()
+
+
 def _resize(img: np.ndarray, w: int, h: int) -> np.ndarray:
     """Bilinear (area-aware for downsampling) resize keeping dtype; works for 2-D and 3-D arrays."""
     if img.shape[1] == w and img.shape[0] == h:

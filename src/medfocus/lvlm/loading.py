@@ -136,6 +136,29 @@ def _hints(path: str) -> dict[str, Any]:
     return {}
 
 
+def _configured_canvas(entry: ModelEntry | None, hints: dict[str, Any]) -> Any:
+    """The canvas a registry entry or a folder's ``medfocus.json`` sets (``None``: the family's default)."""
+    return (entry.canvas if entry else None) or hints.get("canvas")
+
+
+def known_canvas(name_or_path: str | os.PathLike) -> tuple[int, int] | None:
+    """``(canvas_w, canvas_h)`` that :func:`load_lvlm` (without its ``canvas`` argument) gives this model, when
+    it is known without loading anything: a ``qwen_vl`` model named so by its registry entry or its folder's
+    ``medfocus.json`` (canvas: the entry's, the folder's, or the family default). ``None`` otherwise (Gemma 3
+    and LLaVA take theirs from the processor; a family read from ``config.json`` is known only when loading),
+    so a check that needs the canvas waits for the load.
+
+    Raises:
+        ModelError: the folder's ``medfocus.json`` is not valid JSON.
+    """
+    name, path, entry = resolve(name_or_path)
+    hints = _hints(path) if Path(path).is_dir() else {}
+    if ((entry.family if entry and entry.family else None) or hints.get("family")) != "qwen_vl":
+        return None
+    c = _configured_canvas(entry, hints) or QWEN_DEFAULT_CANVAS
+    return (int(c), int(c)) if isinstance(c, int) else (int(c[0]), int(c[1]))
+
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
@@ -356,7 +379,7 @@ def load_lvlm(name_or_path: str | os.PathLike, device: str | torch.device | None
     model.eval()
 
     if canvas is None:
-        canvas = (entry.canvas if entry else None) or hints.get("canvas")
+        canvas = _configured_canvas(entry, hints)
     if family == "qwen_vl":
         from medfocus.lvlm.families.qwen_vl import QwenVLAdapter
 

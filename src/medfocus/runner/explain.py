@@ -11,7 +11,7 @@ selected attribution method on it through the experiment runner, and writes
 * ``OUT/explain.json`` -- the run's settings (a rerun with the same settings resumes; a rerun asking
   for a subset of the stored methods, everything else the same, is served from the stored records
   without the model and leaves ``explain.json`` as it is; other settings in the same folder are
-  refused unless ``overwrite``).
+  refused unless ``overwrite``, which replaces the stored run and recomputes everything).
 
 The films have no ground truth: records carry ``gt_answer: null`` and the expert boxes only when given.
 """
@@ -48,7 +48,8 @@ class ExplainResult:
         out: the output folder.
         html: the viewer, ``out/explain.html``.
         records: the result records (one per film and method; ``heatmap_path`` absolute).
-        answers: per film (in input order), ``{"image", "answer", "answer_parsed", "answer_source"}``.
+        answers: per film (in input order), ``{"image", "label", "answer", "answer_parsed", "answer_source"}``
+            (``label``: :func:`film_labels`, the name the viewer shows).
         summary: the runner's :class:`~medfocus.runner.grid.RunSummary`.
         warnings: the records' reference-pool warnings, once each.
         served_from: the stored run's methods (sorted) when this run asked for a subset of them and was
@@ -77,6 +78,22 @@ class ExplainResult:
             return None
         with np.load(r["heatmap_path"]) as z:
             return z["heatmap"] if "heatmap" in z.files else None
+
+
+def film_labels(paths: Sequence[str | Path]) -> list[str]:
+    """One label per film for the CLI lines and the viewer: the file name, or, where several films share it,
+    the shortest path suffix that tells them apart (``a/film.png``, ``b/film.png``); the same file given
+    twice gets its position on the command line (``film.png #0``, ``film.png #2``)."""
+    parts = [Path(p).parts for p in paths]
+    depth = [1] * len(parts)
+    while True:
+        labels = [Path(*pp[-d:]).as_posix() for pp, d in zip(parts, depth)]
+        clash = [i for i, lab in enumerate(labels) if labels.count(lab) > 1 and depth[i] < len(parts[i])]
+        if not clash:
+            break
+        for i in clash:
+            depth[i] += 1
+    return [f"{Path(p).name} #{i}" if labels.count(lab) > 1 else lab for i, (p, lab) in enumerate(zip(paths, labels))]
 
 
 def parse_box(spec: str) -> Box:
@@ -117,14 +134,51 @@ def _stem_of(question: str, mode: str) -> str:
     return q
 
 
+def result_params(params: Any) -> Any:
+    """The ``{method: {name: value}}`` overrides of an explain spec that can change results: without each
+    method's result-neutral settings (:func:`~medfocus.attribution.base.method_runtime_settings`, the list
+    ``attribute``'s rerun check skips too, e.g. ``batch_size``) and without values equal to the method's
+    default (``grid=8`` given is the run without it); methods left with nothing are dropped. Anything but a
+    mapping of mappings is returned unchanged (a malformed stored spec then differs)."""
+    from medfocus.attribution.base import list_methods, method_runtime_settings
+
+    if not isinstance(params, Mapping) or not all(isinstance(p, Mapping) for p in params.values()):
+        return params
+    registry = list_methods()
+    out: dict[str, dict[str, Any]] = {}
+    for m, p in params.items():
+        neutral, defaults = method_runtime_settings(m), registry.get(m, {})
+        kept = {k: v for k, v in p.items() if k not in neutral and not (k in defaults and _json_equal(v, defaults[k]))}
+        if kept:
+            out[m] = kept
+    return out
+
+
+def _json_equal(value: Any, default: Any) -> bool:
+    try:
+        return json.loads(json.dumps(default)) == value
+    except (TypeError, ValueError):  # a default that is no JSON value (a tensor): never equal to a given one
+        return False
+
+
+def restrict_to_methods(stored: Mapping[str, Any], methods: Sequence[str]) -> dict[str, Any]:
+    """The stored explain spec as if only ``methods`` had been run: its ``methods`` and ``params`` cut to them."""
+    old_params = stored.get("params") if isinstance(stored.get("params"), dict) else {}
+    return dict(stored, methods=list(methods), params={m: p for m, p in old_params.items() if m in methods})
+
+
 def spec_differences(stored: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
     """What differs between a stored ``explain.json`` and this run, e.g. ``["methods: ['gradcam'] -> ['rise']",
     "film 0: image /x/film.jpeg (sha256 ab12.., 5120 bytes) -> /x/film.jpeg (sha256 cd34.., 4960 bytes)"]``.
 
-    Films are compared by their sample fingerprints (:func:`medfocus.io.fingerprint.sample_fingerprint`);
-    an ``explain.json`` written before they were recorded is one difference (its films cannot be verified)."""
+    Parameters are compared as :func:`result_params` (a setting that cannot change results, or a default
+    given explicitly, is no difference). Films are compared by their sample fingerprints
+    (:func:`medfocus.io.fingerprint.sample_fingerprint`); an ``explain.json`` written before they were
+    recorded is one difference (its films cannot be verified)."""
     from medfocus.io.fingerprint import fingerprint_differences
 
+    stored = dict(stored, params=result_params(stored.get("params") or {}))
+    now = dict(now, params=result_params(now.get("params") or {}))
     diffs = [f"{k}: {stored.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}"
              for k in sorted((set(stored) | set(now)) - {"samples"}) if stored.get(k) != now.get(k)]
     old_fps, new_fps = stored.get("samples"), now.get("samples") or []
@@ -150,9 +204,7 @@ def stored_subset(stored: Mapping[str, Any], now: Mapping[str, Any]) -> bool:
     old_methods = stored.get("methods")
     if not isinstance(methods, list) or not isinstance(old_methods, list) or not set(methods) <= set(old_methods):
         return False
-    old_params = stored.get("params") if isinstance(stored.get("params"), dict) else {}
-    restricted = dict(stored, methods=list(methods), params={m: p for m, p in old_params.items() if m in methods})
-    return not spec_differences(restricted, now)
+    return not spec_differences(restrict_to_methods(stored, methods), now)
 
 
 def explain(
@@ -173,6 +225,7 @@ def explain(
     overwrite: bool = False,
     load_model: Callable[[str], Any] | None = None,
     title: str | None = None,
+    notify: Callable[[str], None] | None = None,
 ) -> ExplainResult:
     """Explain the model's answer about each film with every selected attribution method.
 
@@ -188,9 +241,12 @@ def explain(
         params: ``{method: {name: value}}`` overrides of the methods' defaults.
         boxes: expert boxes ``(x1, y1, x2, y2)`` in original pixels (one film only).
         seed: run seed. device: torch device. progress: tqdm bars.
-        overwrite: replace a previous explain run with other settings in ``out``.
+        overwrite: replace the explain run stored in ``out``, whatever its settings: every film and method is
+            recomputed (also with the same settings; without it, those are resumed or served from the store).
         load_model: ``name -> adapter`` (default :func:`medfocus.lvlm.load_lvlm` on ``device``).
         title: the viewer's title.
+        notify: called with lines for the user before the model loads (the perturbation methods' forward
+            passes per film, :func:`~medfocus.attribution.base.forward_pass_note`); the CLI prints them.
     Returns:
         :class:`ExplainResult`.
     Raises:
@@ -198,12 +254,14 @@ def explain(
             parameter, boxes with several films or outside the film, ``out`` holding another run).
         DataError: a film is missing or unreadable (checked before the model is loaded).
         ModelError: the model cannot be loaded (checked without the network first, :func:`check_model`).
-        ConfigError: also a layer / head index the loaded model does not have (before any film runs).
+        ConfigError: also a layer / head index the loaded model does not have, or a perturbation grid finer
+            than a film's content on its canvas (before any film runs).
     """
     from medfocus.attribution import get_method, list_methods
+    from medfocus.attribution.base import forward_pass_note
     from medfocus.io import read_image
     from medfocus.report.viewer import build_viewer
-    from medfocus.runner.grid import WorkItem, load_checked, run_grid
+    from medfocus.runner.grid import WorkItem, check_films_before_load, load_checked, run_grid
     from medfocus.runner.store import ResultStore, load_results
 
     # ---- validate everything before the model loads
@@ -267,24 +325,32 @@ def explain(
         old = json.loads(spec_path.read_text(encoding="utf-8"))
         now = json.loads(json.dumps(spec))
         diffs = spec_differences(old, now)
-        if diffs and not overwrite and stored_subset(old, now):
+        if overwrite:
+            # --overwrite replaces what the folder holds, whatever it is: every film and method is
+            # recomputed (same settings included), never served from the store
+            replace = True
+        elif diffs and stored_subset(old, now):
             # The stored run restricted to these methods: serve its records (resuming any it lacks) and
             # keep explain.json whole, so a later rerun with all its methods still resumes.
             served_from = sorted(old["methods"])
         elif diffs:
-            if not overwrite:
-                more = sorted(set(methods) - set(old.get("methods") or []))
-                how = (f"\nThe stored run has methods {sorted(old.get('methods') or [])}: a rerun asking for any of them "
-                       f"with the same settings is served from it; for {more} use another --out, or --overwrite to "
-                       "replace the run (recomputes every method).") if more else \
-                    "\nUse another --out, or --overwrite to replace it."
-                raise ConfigError(f"{out} holds an explain run with other settings or films ({spec_path}; stored -> now):\n"
-                                  + "\n".join(f"  {d}" for d in diffs) + how)
-            replace = True
+            if set(methods) <= set(old.get("methods") or []):
+                # a subset of the stored methods is allowed: name only what else differs
+                diffs = spec_differences(restrict_to_methods(old, methods), now)
+            more = sorted(set(methods) - set(old.get("methods") or []))
+            how = (f"\nThe stored run has methods {sorted(old.get('methods') or [])}: a rerun asking for any of them "
+                   f"with the same settings is served from it; for {more} use another --out, or --overwrite to "
+                   "replace the run (recomputes every method).") if more else \
+                "\nUse another --out, or --overwrite to replace it (recomputes every film and method)."
+            raise ConfigError(f"{out} holds an explain run with other settings or films ({spec_path}; stored -> now):\n"
+                              + "\n".join(f"  {d}" for d in diffs) + how)
     elif store_path.exists():
         raise ConfigError(f"{store_path} exists but was not written by `medfocus explain`; use an empty --out folder")
 
     method_objs = {m: get_method(m, **params.get(m, {})) for m in methods}  # each setting's type and range
+    cost = forward_pass_note(method_objs, unit="film")
+    if cost is not None and served_from is None and notify is not None:
+        notify(cost)  # before the model loads: a costly setting shows before the wait
     loader = load_model
     if loader is None:
         def loader(name: str) -> Any:
@@ -293,6 +359,7 @@ def explain(
             return load_lvlm(name, device=device)
 
     fresh = replace or not spec_path.is_file()
+    films = {s.image_path: s.image_size for s in samples}
     if fresh:
         # A new run: the model, then the settings that depend on it (layer / head indices), before --out is
         # touched, so a model that cannot be loaded or an index it does not have leaves no explain.json
@@ -301,7 +368,8 @@ def explain(
             from medfocus.lvlm.loading import check_model
 
             check_model(model)  # a name, folder or hub id that cannot be loaded without the network: one error now
-        adapter = load_checked(loader, model, method_objs.values())
+            check_films_before_load(model, method_objs.values(), films)  # where the canvas is known unloaded
+        adapter = load_checked(loader, model, method_objs.values(), films=films)
         loader = lambda _name: adapter  # noqa: E731
 
     if replace:
@@ -319,10 +387,11 @@ def explain(
                            make_method=lambda name, _params: method_objs[name], seed=seed, save_token_maps=True,
                            progress=progress)
     records = [r for r in load_results(store_path) if r["dataset"] == DATASET and r["method"] in methods]
+    labels = film_labels([it.sample.image_path for it in items])  # two films named film.png are told apart
     answers = []
-    for it in items:
+    for it, label in zip(items, labels):
         rs = [r for r in records if int(r["index"]) == it.index]
-        answers.append({"image": it.sample.image_path, "answer": rs[0].get("answer") if rs else None,
+        answers.append({"image": it.sample.image_path, "label": label, "answer": rs[0].get("answer") if rs else None,
                         "answer_parsed": rs[0].get("answer_parsed") if rs else None, "answer_source": it.answer_source})
     warnings = sorted({r["reference_pool_warning"] for r in records if r.get("reference_pool_warning")})
     notes = []
@@ -331,6 +400,7 @@ def explain(
     from medfocus.attribution.base import BASELINES
 
     html = build_viewer(records, out / "explain.html", base_dir=out, notes=notes, method_order=[*BASELINES, "medfocus"],
+                        labels={(model, DATASET, it.index, mode): label for it, label in zip(items, labels)},
                         title=title or f"medfocus explain · {attribute} · {model}")
     if summary.errors:
         log.warning("%d of %d records failed (see their 'error' field and the viewer's cost table)", summary.errors, summary.total)

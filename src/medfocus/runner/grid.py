@@ -38,7 +38,7 @@ import numpy as np
 from medfocus.errors import ConfigError, DataError, MedfocusError, ModelError
 from medfocus.io.fingerprint import (FINGERPRINT_FIELD, IDENTITY_FIELDS, changed_samples_error, describe_sample_conflicts,
                                      fingerprint_differences, sample_fingerprint)
-from medfocus.io.letterbox import check_film_content
+from medfocus.io.letterbox import check_film_content, model_canvas
 from medfocus.runner.store import Key, ResultStore, to_jsonable
 from medfocus.types import Sample
 
@@ -341,18 +341,20 @@ def check_split_items(items: Sequence[WorkItem], *, data_root: str | Path | None
         return
     fps = fingerprints if fingerprints is not None else _fingerprints(checked, data_root, progress=False)
     conflicts: dict[tuple, list[str]] = {}
+    files: set[str] = set()  # the split files of the refused records
     for it in checked:
         stored = it.split_sample["stored"]
         diffs = fingerprint_differences(stored, fps[it.key("")[:4]], fields=[k for k in stored if k != "image"])
         if diffs:
             conflicts.setdefault((*it.key("")[:4], tuple(diffs)), []).append(str(it.split_sample["where"]))
+            if it.extra.get("bench_file"):
+                files.add(str(it.extra["bench_file"]))
     if not conflicts:
         return
-    files = sorted({str(it.extra["bench_file"]) for it in checked if it.extra.get("bench_file")})
     root = f" under data root {data_root}" if data_root else ""
     n = sum(len(v) for v in conflicts.values())
     which = f"{n} benchmark records" if n > 1 else "a benchmark record"
-    raise DataError(f"{which}{' of ' + ', '.join(files) if files else ''} {'were' if n > 1 else 'was'} built on "
+    raise DataError(f"{which}{' of ' + ', '.join(sorted(files)) if files else ''} {'were' if n > 1 else 'was'} built on "
                     f"{'other samples than the ones' if n > 1 else 'another sample than the one'} now at "
                     f"{'their' if n > 1 else 'its'} (dataset, index){root} "
                     "(stored in the record -> now):\n" + describe_sample_conflicts(conflicts) +
@@ -385,15 +387,6 @@ def _read_image(path: str) -> np.ndarray:
 
     img, _ = read_image(path)
     return img
-
-
-def _model_canvas(adapter: Any) -> tuple[Any, Any]:
-    """``(canvas_size, token_grid)`` of an :class:`~medfocus.lvlm.adapter.LVLMAdapter`; ``(None, None)`` for a
-    stand-in that declares no canvas (then :func:`~medfocus.io.letterbox.check_film_content` checks only
-    for a constant film)."""
-    if getattr(adapter, "canvas_size", None) is None or not callable(getattr(adapter, "token_grid", None)):
-        return None, None
-    return adapter.canvas_size, adapter.token_grid()
 
 
 def _film_orientation(path: str) -> Any:
@@ -602,9 +595,12 @@ def _seed_everything(s: int) -> None:
         pass
 
 
-def load_checked(load_model: Callable[[str], Any], name: str, methods: Iterable[Any]) -> Any:
+def load_checked(load_model: Callable[[str], Any], name: str, methods: Iterable[Any],
+                 films: Mapping[str, tuple[int, int]] | None = None) -> Any:
     """Load model ``name`` with ``load_model`` and check the methods' model-dependent settings against it
-    (:meth:`~medfocus.attribution.base.Method.check_params`: layer / head indices), before any sample runs.
+    (:meth:`~medfocus.attribution.base.Method.check_params`: layer / head indices) and against the ``films``
+    to attribute (``{image path: (width, height)}``, :meth:`~medfocus.attribution.base.Method.check_images`:
+    a perturbation grid finer than a film's content on the canvas), before any sample runs.
     The one place ``attribute``, ``explain`` and the demo do this.
 
     Raises:
@@ -621,7 +617,33 @@ def load_checked(load_model: Callable[[str], Any], name: str, methods: Iterable[
         check = getattr(m, "check_params", None)  # third-party method objects may not have the hook
         if check is not None:
             check(adapter)
+        check_films = getattr(m, "check_images", None)
+        if check_films is not None and films:
+            check_films(adapter, films)
     return adapter
+
+
+def check_films_before_load(name: str, methods: Iterable[Any], films: Mapping[str, tuple[int, int]]) -> None:
+    """The film-dependent settings (:meth:`~medfocus.attribution.base.Method.check_images`: a perturbation
+    grid finer than a film's content on the canvas) checked *before* model ``name`` loads, where its canvas is
+    known without loading (:func:`medfocus.lvlm.loading.known_canvas`); otherwise :func:`load_checked` checks
+    them right after the load.
+
+    Raises:
+        ConfigError: as :meth:`~medfocus.attribution.base.Method.check_images`.
+    """
+    from types import SimpleNamespace
+
+    from medfocus.lvlm.loading import known_canvas
+
+    canvas = known_canvas(name) if films else None
+    if canvas is None:
+        return
+    model = SimpleNamespace(name=name, canvas_size=canvas)  # all check_images reads of an adapter
+    for m in methods:
+        check = getattr(m, "check_images", None)
+        if check is not None:
+            check(model, films)
 
 
 @dataclass
@@ -853,7 +875,8 @@ def run_grid(
                 bar.set_description(f"load {model_name}")
             # A model that cannot be loaded fails the run (non-zero exit), it is not a failing sample: no
             # error records, which a rerun without --retry-errors would serve as "already in the store".
-            adapter = load_checked(load_model, model_name, method_objs.values())
+            adapter = load_checked(load_model, model_name, method_objs.values(),
+                                   films={it.sample.image_path: tuple(it.sample.image_size) for it in group})
             for it in group:
                 pending = [m for m in method_params if not is_done(it.key(m))]
                 if not pending:
@@ -870,7 +893,7 @@ def run_grid(
                     img_err = f"image read failed: {type(exc).__name__}: {exc}"
                 if img_err is None:  # a film the model cannot see is refused before the model runs on it
                     try:
-                        check_film_content(image, it.sample.image_path, *_model_canvas(adapter))
+                        check_film_content(image, it.sample.image_path, *model_canvas(adapter))
                     except DataError as exc:
                         img_err = f"film refused: {exc}"
                 if img_err is None and it.answer_text is None:  # the model's own answer, generated once per item
