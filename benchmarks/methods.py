@@ -236,7 +236,7 @@ def localisation(adapter, n_per_finding: int) -> tuple[str, list[tuple[str, floa
 
     from medfocus.datasets.synthetic import FINDINGS, generate_case
     from medfocus.evaluation.records import evaluate_record
-    from medfocus.evaluation.tables import bootstrap_ci
+    from medfocus.evaluation.tables import bootstrap_ci, format_ci
     from medfocus.types import build_question, question_stem
 
     vals: dict[str, dict[str, list[float]]] = {m: {"iou": [], "pointing_game": []} for m in LOC_METHODS}
@@ -269,7 +269,7 @@ def localisation(adapter, n_per_finding: int) -> tuple[str, list[tuple[str, floa
         cells = []
         for m in ("iou", "pointing_game"):
             mean, lo, hi = bootstrap_ci(vals[meth][m], n_boot=2000, seed=0)
-            cells.append(f"{100 * mean:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]")
+            cells.append(format_ci(100 * mean, 100 * lo, 100 * hi))  # "no CI" for a single film, never [m, m]
             if m == "iou":
                 means.append((meth, mean))
         lines.append(f"| {meth} | " + " | ".join(cells) + f" | {len(vals[meth]['iou'])} |")

@@ -53,6 +53,8 @@ def _mean_ci(values: list[float], n_boot: int = 2000, seed: int = 0) -> str:
     v = np.asarray(values, dtype=float)
     if v.size == 0:
         return "n/a"
+    if v.size == 1:  # one value: no interval (never a zero-width [v, v])
+        return f"{v.mean():.2f} (no CI)"
     rng = np.random.default_rng(seed)
     means = v[rng.integers(0, v.size, size=(n_boot, v.size))].mean(axis=1)
     return f"{v.mean():.2f} [{np.percentile(means, 2.5):.2f}, {np.percentile(means, 97.5):.2f}]"
@@ -67,13 +69,14 @@ def _hit_share(hits: list[float]) -> str:
     a rounded count would shift the estimate and assume the wrong variance, so the mean is reported
     with a percentile-bootstrap 95% interval (2000 resamples, seed 0), marked ``bootstrap``.
     """
-    from medfocus.evaluation.tables import bootstrap_ci
+    from medfocus.evaluation.tables import bootstrap_ci, format_ci
 
     v = [float(x) for x in hits]
     if all(x in (0.0, 1.0) for x in v):
         return _pct(int(sum(v)), len(v))
     mean, lo, hi = bootstrap_ci(v, n_boot=2000, seed=0)
-    return f"{100 * mean:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] (mean of {len(v)}, bootstrap)"
+    cell = format_ci(100 * mean, 100 * lo, 100 * hi)  # "no CI" for a single sample, never [m, m]
+    return cell.replace(" ", "% ", 1) + f" (mean of {len(v)}, bootstrap)"
 
 
 def attribution_rows(adapter, chosen: list, samples_by_index: dict, methods) -> dict[str, list[dict[str, float]]]:
