@@ -112,3 +112,43 @@ def test_editor_problems_are_clear_errors_before_the_model_loads(tmp_path, toy_d
                                     "--editor", editor, "--out", str(tmp_path / "o")])
     assert res.exit_code != 0 and message in res.output and "Traceback" not in res.output
     assert loaded == []
+
+
+@pytest.mark.parametrize("option,value", [("--limit", "-3"), ("--limit", "0"), ("--batch-size", "0"), ("--batch-size", "-1"),
+                                          ("--max-new-tokens", "0"), ("--max-new-tokens", "-5")])
+def test_numbers_below_one_are_refused_before_anything_loads(tmp_path, toy_dataset, monkeypatch, option, value):
+    # --limit -3 used to keep all but the last 3 samples, --max-new-tokens 0 ran with 16 tokens and
+    # --batch-size 0 failed every sample with exit status 0
+    loaded = []
+    monkeypatch.setattr(bench_cmd, "_load_model", lambda name, device: loaded.append(name) or ToyAdapter())
+    res = CliRunner().invoke(main, ["bench", "build", "--model", "m", "--dataset", "toy", "--data-root", str(toy_dataset),
+                                    "--editor", "oracle", "--out", str(tmp_path / "o"), "--no-progress", option, value])
+    assert res.exit_code == 2, res.output
+    assert option in res.output and value in res.output and "x>=1" in res.output and "Traceback" not in res.output
+    assert loaded == [] and not (tmp_path / "o").exists()
+
+
+def test_a_config_file_number_below_one_is_refused_too(tmp_path, toy_dataset, monkeypatch):
+    loaded = []
+    monkeypatch.setattr(bench_cmd, "_load_model", lambda name, device: loaded.append(name) or ToyAdapter())
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("max-new-tokens: 0\n")
+    res = CliRunner().invoke(main, ["bench", "build", "--config", str(cfg), "--model", "m", "--dataset", "toy", "--data-root",
+                                    str(toy_dataset), "--editor", "oracle", "--out", str(tmp_path / "o"), "--no-progress"])
+    assert res.exit_code == 2 and "--max-new-tokens" in res.output and "x>=1" in res.output, res.output
+    assert loaded == []
+
+
+@pytest.mark.parametrize("kw", [dict(max_new_tokens=0), dict(batch_size=0), dict(samples_per_step=0), dict(max_new_tokens=-1)])
+def test_build_benchmark_refuses_budgets_below_one(tmp_path, kw):
+    # the library must not read 0 as "not given" (it used to run max_new_tokens=0 with the mode's 16)
+    from medfocus.bench import build_benchmark
+    from medfocus.editing import get_editor
+    from medfocus.errors import ConfigError
+
+    samples = make_toy_world(tmp_path / "data", PLAN, n_neg=2)
+    name = next(iter(kw))
+    with pytest.raises(ConfigError, match=f"{name} must be an integer >= 1, got {kw[name]}"):
+        build_benchmark(ToyAdapter(), samples, mode="direct", editor=get_editor("oracle"), out_dir=tmp_path / "o",
+                        model_name="toy", progress=False, **kw)
+    assert not (tmp_path / "o").exists()

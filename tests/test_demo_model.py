@@ -433,3 +433,50 @@ def test_shipped_shortcut_twin_is_small_documented_and_reproducible_by_its_prese
     card = (DEMO_SHORTCUT_DIR / "MODEL_CARD.md").read_text()
     for needle in ("shortcut twin", "benchmarks/shortcut.md", "--preset demo-shortcut", "Cue reliance", "cue's box"):
         assert needle in card, needle
+
+
+# ---- train-demo refuses bad numbers before any work ------------------------------------------------
+@pytest.mark.parametrize("option,value,expected", [("--steps", "0", "x>=1"), ("--steps", "-1", "x>=1"), ("--cases", "0", "x>=1"),
+                                                   ("--cases", "-5", "x>=1"), ("--eval-every", "-1", "x>=0"),
+                                                   ("--checkpoint-every", "-5", "x>=0"), ("--seed", "-1", "x>=0"),
+                                                   ("--threads", "0", "x>=1"), ("--threads", "-2", "x>=1")])
+def test_train_demo_cli_refuses_out_of_range_numbers(tmp_path, monkeypatch, option, value, expected) -> None:
+    from click.testing import CliRunner
+
+    import medfocus.training.demo_lvlm as pkg
+    from medfocus.cli import main
+
+    calls = []
+    monkeypatch.setattr(pkg, "train_demo", lambda *a, **k: calls.append(a) or {})
+    res = CliRunner().invoke(main, ["train-demo", "--out", str(tmp_path / "td"), "--no-eval", option, value])
+    assert res.exit_code == 2, res.output
+    assert option in res.output and value in res.output and expected in res.output and "Traceback" not in res.output
+    assert calls == [] and not (tmp_path / "td").exists()
+
+
+@pytest.mark.parametrize("field,value,message", [("num_threads", 0, "num_threads: expected an integer >= 1, got 0"),
+                                                 ("steps", -1, "steps: expected an integer >= 1, got -1"),
+                                                 ("seed", -1, "seed: expected an integer >= 0, got -1"),
+                                                 ("n_train_cases", 2.5, "n_train_cases: expected an integer >= 1, got 2.5"),
+                                                 ("eval_every", True, "eval_every: expected an integer >= 0, got True"),
+                                                 ("lr", 0.0, r"lr: expected a number > 0, got 0.0"),
+                                                 ("cue_subset", 1.5, r"cue_subset: expected a number in \[0, 1\], got 1.5"),
+                                                 ("train_severity", (0.9, 0.1), "train_severity: expected a pair"),
+                                                 ("canvas", 200, "canvas: expected a multiple of 14 x spatial_merge_size = 28"),
+                                                 ("task_weights", {"direct": -1.0}, "task_weights: expected non-negative"),
+                                                 ("aux_target", "mask", "aux_target: expected 'finding' or 'cue'")])
+def test_train_demo_validates_the_config_before_any_work(tmp_path, monkeypatch, field, value, message) -> None:
+    # a config from a preset, JSON or the API is checked in train_demo itself (--threads 0 used to end in
+    # torch's bare "set_num_threads expects a positive integer" after nothing else was checked)
+    import medfocus.training.demo_lvlm.train as T
+    from medfocus.errors import ConfigError
+
+    work = []
+    monkeypatch.setattr(T, "build_tokenizer", lambda *a, **k: work.append("tokenizer"))
+    monkeypatch.setattr(T.torch, "set_num_threads", lambda n: work.append("threads"))
+    cfg = D.DemoLVLMConfig()
+    assert cfg.validate() is cfg  # the defaults (the shipped recipe) pass
+    setattr(cfg, field, value)
+    with pytest.raises(ConfigError, match=f"DemoLVLMConfig.{message}"):
+        T.train_demo(tmp_path / "td", cfg, log=lambda s: None)
+    assert work == [] and not (tmp_path / "td").exists()

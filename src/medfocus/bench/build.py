@@ -419,9 +419,9 @@ def build_benchmark(
         cache_dir: edit cache (default ``out_dir/edits``); shared by every model using the editor.
             Also holds the original-view generation cache (``cache_dir/generations``), shared by
             every editor: pass the same ``cache_dir`` when building a split with several editors.
-        max_new_tokens: generation budget (default 16 direct, 256 cot).
-        batch_size: images per ``adapter.generate`` batch.
-        samples_per_step: samples generated together (4 images each; default ``max(1, batch_size // 4)``);
+        max_new_tokens: generation budget, >= 1 (None: 16 direct, 256 cot).
+        batch_size: images per ``adapter.generate`` batch, >= 1.
+        samples_per_step: samples generated together, >= 1 (4 images each; default ``max(1, batch_size // 4)``);
             the log is written after each step.
         parse: answer parser (default :func:`medfocus.lvlm.answers.parse_yes_no`).
         retry_errors: redo samples whose logged row has an error (default: keep them as errors).
@@ -470,8 +470,12 @@ def build_benchmark(
     dataset = datasets[0]
     if parse is None:
         from medfocus.lvlm.answers import parse_yes_no as parse
-    max_new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[mode]
-    step = samples_per_step or max(1, batch_size // len(VIEWS))
+    # None means "the mode's default"; 0 or less is an error, never swapped for the default
+    for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size), ("samples_per_step", samples_per_step)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+    max_new_tokens = DEFAULT_MAX_NEW_TOKENS[mode] if max_new_tokens is None else max_new_tokens
+    step = max(1, batch_size // len(VIEWS)) if samples_per_step is None else samples_per_step
     paths = split_paths(out_dir, model_name, dataset, mode)
     cache_root = Path(cache_dir) if cache_dir is not None else Path(out_dir) / "edits"
     cache = EditCache(cache_root)

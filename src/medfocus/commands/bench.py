@@ -81,9 +81,10 @@ def _load_model(name: str, device: str | None) -> Any:
 @click.option("--radedit-dir", default=None, type=click.Path(file_okay=False), show_default="the Hugging Face cache",
               help="Local RadEdit weights (unet/, vae/, text_encoder/).")
 @click.option("--radedit-steps", default=200, show_default=True, type=int, help="RadEdit DDIM steps (paper: 200).")
-@click.option("--limit", type=int, default=None, show_default="all samples", help="Only the first N samples of the dataset.")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Images per generate() batch.")
-@click.option("--max-new-tokens", type=int, default=None, show_default="16 direct, 256 cot", help="Generation budget.")
+# ranges checked by click while parsing (flags and --config alike), so a bad value is refused before anything loads
+@click.option("--limit", type=click.IntRange(min=1), default=None, show_default="all samples", help="Only the first N samples of the dataset.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Images per generate() batch.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, show_default="16 direct, 256 cot", help="Generation budget.")
 @click.option("--include-negatives/--no-negatives", default=False, show_default=True,
               help="Also answer the 'No' samples (separate <mode>.negatives.json; off as in the paper).")
 @click.option("--retry-errors", is_flag=True, help="Redo samples that failed in a previous run.")

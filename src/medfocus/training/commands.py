@@ -52,14 +52,15 @@ Examples:
               help="Recipe: 'demo' (the shipped demo model's), 'demo-16x16' / 'demo-12x12' (candidates at finer token "
                    "grids, cues uninformative) or 'demo-shortcut' (the shipped shortcut twin: every training finding brings "
                    "its correlated cue); see PRESETS in medfocus.training.demo_lvlm.config.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of data, initialisation and sampling.")
-@click.option("--steps", type=int, default=None, cls=ConfigDefault, config_field="medfocus.training.demo_lvlm:DemoLVLMConfig.steps",
+# ranges checked while parsing, before any work; DemoLVLMConfig.validate checks the whole config
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of data, initialisation and sampling.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, cls=ConfigDefault, config_field="medfocus.training.demo_lvlm:DemoLVLMConfig.steps",
               help="Training steps.")
-@click.option("--cases", "n_cases", type=int, default=None, cls=ConfigDefault, config_field="medfocus.training.demo_lvlm:DemoLVLMConfig.n_train_cases",
+@click.option("--cases", "n_cases", type=click.IntRange(min=1), default=None, cls=ConfigDefault, config_field="medfocus.training.demo_lvlm:DemoLVLMConfig.n_train_cases",
               help="Synthetic training cases.")
-@click.option("--threads", type=int, default=2, show_default=True, help="torch CPU threads.")
-@click.option("--eval-every", type=int, default=0, show_default=True, help="Quick held-out check every N steps (0: off).")
-@click.option("--checkpoint-every", type=int, default=100, show_default=True,
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="torch CPU threads.")
+@click.option("--eval-every", type=click.IntRange(min=0), default=0, show_default=True, help="Quick held-out check every N steps (0: off).")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=100, show_default=True,
               help="Save a checkpoint under --out every N steps; rerunning the same command resumes from it (0: off).")
 @click.option("--no-eval", is_flag=True, help="Skip the held-out evaluation (the card then has no accuracy table).")
 def train_demo(out_dir: str, preset: str, seed: int, steps: int | None, n_cases: int | None, threads: int, eval_every: int,
@@ -73,6 +74,7 @@ def train_demo(out_dir: str, preset: str, seed: int, steps: int | None, n_cases:
         cfg.steps = steps
     if n_cases is not None:
         cfg.n_train_cases = n_cases
+    cfg.validate()  # the preset with these overrides, before any work (train_demo checks again)
     metrics = _train(out_dir, cfg, log=lambda s: click.echo(s, err=True), evaluate=not no_eval)
     if "heldout" in metrics:
         click.echo(f"held-out accuracy: {metrics['heldout']['overall']}")

@@ -62,6 +62,52 @@ class DemoLVLMConfig:
     checkpoint_every: int = 0  # save a resumable checkpoint every N steps (0: off)
 
 
+    def validate(self) -> "DemoLVLMConfig":
+        """Check every numeric field's type and range before any work (a config from the CLI, a preset
+        with overrides or a JSON file alike); returns ``self``.
+
+        Raises:
+            ConfigError: naming the first bad field, its value and the expected range.
+        """
+        from medfocus.errors import ConfigError
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # v == v: not NaN
+
+        # (field, lowest allowed value, highest or None, integer?)
+        ranges = [("seed", 0, None, True), ("canvas", 1, None, True), ("spatial_merge_size", 1, None, True),
+                  ("image_size", 1, None, True), ("n_train_cases", 1, None, True), ("n_eval_per_cell", 1, None, True),
+                  ("vision_steps", 0, None, True), ("vision_batch", 1, None, True), ("steps", 1, None, True),
+                  ("images_per_step", 1, None, True), ("questions_per_image", 1, None, True), ("warmup", 0, None, True),
+                  ("tokenizer_vocab", 1, None, True), ("num_threads", 1, None, True), ("eval_every", 0, None, True),
+                  ("checkpoint_every", 0, None, True),
+                  ("lr", 0, None, False), ("weight_decay", 0, None, False), ("cue_subset", 0, 1, False),
+                  ("cue_base_rate", 0, 1, False), ("co_occurrence", 0, 1, False), ("aux_weight", 0, None, False),
+                  ("aux_pos_weight", 0, None, False), ("stage2_vision_lr_scale", 0, None, False)]
+        for name, lo, hi, integer in ranges:
+            v = getattr(self, name)
+            ok = (is_int(v) if integer else is_num(v)) and v >= lo and (hi is None or v <= hi)
+            if not ok or (name in ("lr", "aux_pos_weight") and v == 0):
+                want = ("an integer" if integer else "a number") + (f" in [{lo}, {hi}]" if hi is not None else
+                                                                     f" > {lo}" if name in ("lr", "aux_pos_weight") else f" >= {lo}")
+                raise ConfigError(f"DemoLVLMConfig.{name}: expected {want}, got {v!r}")
+        for name in ("faint_severity", "train_severity"):
+            v = getattr(self, name)
+            if not (isinstance(v, (tuple, list)) and len(v) == 2 and all(is_num(x) for x in v) and 0 <= v[0] <= v[1] <= 1):
+                raise ConfigError(f"DemoLVLMConfig.{name}: expected a pair (low, high) with 0 <= low <= high <= 1, got {v!r}")
+        if self.canvas % self.token_cell:
+            raise ConfigError(f"DemoLVLMConfig.canvas: expected a multiple of 14 x spatial_merge_size = {self.token_cell} "
+                              f"(whole image tokens), got {self.canvas}")
+        w = self.task_weights
+        if not (isinstance(w, dict) and w and all(is_num(x) and x >= 0 for x in w.values()) and sum(w.values()) > 0):
+            raise ConfigError(f"DemoLVLMConfig.task_weights: expected non-negative numbers with a positive sum, got {w!r}")
+        if self.aux_target not in ("finding", "cue"):
+            raise ConfigError(f"DemoLVLMConfig.aux_target: expected 'finding' or 'cue', got {self.aux_target!r}")
+        return self
+
     @property
     def token_cell(self) -> int:
         """Side of one image token's cell on the canvas, in canvas pixels (patch 14 x merge)."""

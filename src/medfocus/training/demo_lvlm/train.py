@@ -250,8 +250,11 @@ def train_demo(out_dir: str | Path, cfg: DemoLVLMConfig | None = None, *, log: C
     a temporary name and swapped in (:func:`medfocus.io.atomic.atomic_directory`), so a killed run
     never leaves a half-written model behind (and the swap removes the checkpoint). Returns the metrics
     recorded in the card.
+
+    Raises:
+        ConfigError: a field of ``cfg`` out of range (:meth:`DemoLVLMConfig.validate`), before any work.
     """
-    cfg = cfg or DemoLVLMConfig()
+    cfg = (cfg or DemoLVLMConfig()).validate()  # every field checked before any work
     torch.set_num_threads(cfg.num_threads)
     out = Path(out_dir)
     t_start = time.time()
