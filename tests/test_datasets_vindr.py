@@ -28,13 +28,20 @@ PHYSIONET_ROWS = [
 ]
 
 
-def _write_physionet(root: Path, rows=PHYSIONET_ROWS, header=("image_id", "rad_ID", "class_name", "x_min", "y_min", "x_max", "y_max")):
+def _write_annotations(root: Path, header, rows) -> Path:
+    """``<root>/vindr-cxr/1.0.0/annotations/annotations_test.csv`` with ``header`` and ``rows``; returns the
+    layout's base folder."""
     base = root / "vindr-cxr" / "1.0.0"
     (base / "annotations").mkdir(parents=True)
     with open(base / "annotations" / "annotations_test.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(header)
         w.writerows(rows)
+    return base
+
+
+def _write_physionet(root: Path, rows=PHYSIONET_ROWS, header=("image_id", "rad_ID", "class_name", "x_min", "y_min", "x_max", "y_max")):
+    base = _write_annotations(root, header, rows)
     sizes = {"aaa": (64, 48), "bbb": (40, 70), "ccc": (16, 16)}
     for image_id, (W, H) in sizes.items():
         arr = (np.arange(W * H).reshape(H, W) % 4096).astype(np.uint16)
@@ -150,12 +157,7 @@ def _vindr_png_root(root: Path, rows, films: dict[str, tuple[int, int]]) -> Path
     """PhysioNet layout with 8-bit PNG films of the given (W, H) instead of DICOMs."""
     from PIL import Image
 
-    base = root / "vindr-cxr" / "1.0.0"
-    (base / "annotations").mkdir(parents=True)
-    with open(base / "annotations" / "annotations_test.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(HEADER)
-        w.writerows(rows)
+    base = _write_annotations(root, HEADER, rows)
     (base / "test").mkdir()
     for image_id, (W, H) in films.items():
         Image.fromarray(np.zeros((H, W), np.uint8)).save(base / "test" / f"{image_id}.png")
