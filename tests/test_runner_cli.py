@@ -86,7 +86,9 @@ def test_attribute_config_shards_merge_and_report(fake_world, tmp_path):
     rr = runner.invoke(main, ["report", str(out), "--title", "fake run"])
     assert rr.exit_code == 0, rr.output
     html = (out / "report.html").read_text()
-    assert "fake run" in html and "fake_hot" in html and "<b>100.0</b>" in html
+    assert "fake run" in html and "fake_hot" in html and "100.0" in html
+    # 7 paired samples (sample 3 failed for fake_boom) are below MIN_PAIRS: no method is bolded, and the report says why
+    assert "<b>100.0</b>" not in html and "Bold withheld" in html and "fewer than 10 paired samples (7)" in html
 
 
 def test_attribute_errors_are_clear(fake_world, tmp_path):
