@@ -62,7 +62,7 @@ def check_grid_fits(method: str, grid: int, adapter: Any, films: Mapping[str, tu
     Raises:
         ConfigError: naming the method, ``grid``, the limit, the model's canvas and the film that sets it.
     """
-    from medfocus.io.letterbox import Letterbox
+    from medfocus.io.letterbox import Letterbox, content_below_one_token
 
     canvas = getattr(adapter, "canvas_size", None)
     if canvas is None or not films:
@@ -83,8 +83,7 @@ def check_grid_fits(method: str, grid: int, adapter: Any, films: Mapping[str, tu
     bad = {}
     for path, (w0, h0) in films.items():
         w0, h0 = int(w0), int(h0)
-        scale = min(W / w0, H / h0)
-        if w0 * scale < W / gw or h0 * scale < H / gh:
+        if content_below_one_token((w0, h0), (W, H), (gh, gw)):
             continue  # under one image token: refused per film by check_film_content, not a grid matter
         geo = Letterbox.fit((w0, h0), (W, H))
         if grid > min(geo.new_w, geo.new_h):
@@ -99,6 +98,14 @@ def check_grid_fits(method: str, grid: int, adapter: Any, films: Mapping[str, tu
         f"{worst} ({w0}x{h0} px) covers {nw}x{nh} canvas pixels, so grid can be at most {limit} there {why}"
         + (f"; {len(bad)} of {len(films)} films are below grid={grid}" if len(bad) > 1 else "")
         + f". Give --param {method}.grid={limit} or less.")
+
+
+def _check_grid_on_content(method: str, grid: int, nw: int, nh: int, why: str) -> None:
+    """A method called directly (not through the runner, which refuses this before any sample with
+    :func:`check_grid_fits`): ``grid`` may not exceed this film's ``nw x nh`` content on the canvas."""
+    if grid > min(nh, nw):
+        raise ConfigError(f"{method}: grid={grid} is finer than this film's content on the canvas ({nw}x{nh} "
+                          f"canvas pixels): at most {min(nh, nw)}, {why}")
 
 
 class Occlusion(PerturbationMethod):
@@ -136,9 +143,7 @@ class Occlusion(PerturbationMethod):
             raise ConfigError(f"occlusion: grid must be >= 1, got {grid}")
         W, H = adapter.canvas_size
         py, px, nh, nw = _content_box(chat)
-        if grid > min(nh, nw):  # the runner refuses this before any sample (check_images); direct calls here
-            raise ConfigError(f"occlusion: grid={grid} is finer than this film's content on the canvas ({nw}x{nh} "
-                              f"canvas pixels): at most {min(nh, nw)}, else cells are empty")
+        _check_grid_on_content("occlusion", grid, nw, nh, "else cells are empty")
         # cell id of every canvas pixel (-1 = letterbox padding), so masks and maps are single gathers
         rows = np.full(H, -1)
         cols = np.full(W, -1)
@@ -251,9 +256,7 @@ class RISE(PerturbationMethod):
             raise ConfigError(f"rise: need n_masks >= 1, grid >= 1, 0 < p_keep < 1; got {n}, {grid}, {pk}")
         W, H = adapter.canvas_size
         py, px, nh, nw = _content_box(chat)
-        if grid > min(nh, nw):  # the runner refuses this before any sample (check_images); direct calls here
-            raise ConfigError(f"rise: grid={grid} is finer than this film's content on the canvas ({nw}x{nh} "
-                              f"canvas pixels): at most {min(nh, nw)}, else cells are below one pixel")
+        _check_grid_on_content("rise", grid, nw, nh, "else cells are below one pixel")
         masks = RiseMasks(n, grid, pk, (nh, nw), int(self.params["seed"]))
         # keep the rendered masks for the saliency sum when they are small (< 64 MB), else re-render them
         cache_ok = n * nh * nw * 4 < 64 * 2**20

@@ -121,6 +121,24 @@ class Letterbox:
         return self.apply(np.asarray(heatmap, dtype=np.float32), fill=0.0)
 
 
+def content_extent(film_size: tuple[int, int], canvas_size: tuple[int, int]) -> tuple[float, float]:
+    """Exact ``(width, height)`` in canvas pixels (before rounding) of a ``film_size = (W, H)`` film
+    letterboxed onto a ``canvas_size = (canvas_w, canvas_h)`` canvas (the scale :meth:`Letterbox.fit` uses)."""
+    W, H = int(film_size[0]), int(film_size[1])
+    scale = min(canvas_size[0] / W, canvas_size[1] / H)
+    return W * scale, H * scale
+
+
+def content_below_one_token(film_size: tuple[int, int], canvas_size: tuple[int, int],
+                            token_grid: tuple[int, int]) -> list[str]:
+    """Which of ``"width"`` / ``"height"`` of a film's letterboxed content (:func:`content_extent`) is less
+    than one image token cell (``canvas / token_grid``, ``token_grid = (gh, gw)``): a film the model cannot
+    see in that direction (:func:`check_film_content` refuses it). Empty when it covers at least one token."""
+    cw, ch = content_extent(film_size, canvas_size)
+    cell_w, cell_h = canvas_size[0] / token_grid[1], canvas_size[1] / token_grid[0]
+    return [name for name, content, cell in (("width", cw, cell_w), ("height", ch, cell_h)) if content < cell]
+
+
 def check_film_content(image: np.ndarray, where: str, canvas_size: tuple[int, int] | None,
                        token_grid: tuple[int, int] | None) -> None:
     """Refuse a film the model cannot see, warn about one without content -- before the model runs.
@@ -153,13 +171,12 @@ def check_film_content(image: np.ndarray, where: str, canvas_size: tuple[int, in
     ow, oh = int(canvas_size[0]), int(canvas_size[1])
     gh, gw = int(token_grid[0]), int(token_grid[1])
     cell_w, cell_h = ow / gw, oh / gh
-    scale = min(ow / W, oh / H)
-    cw, ch = W * scale, H * scale  # exact content extent on the canvas (before rounding to pixels)
-    for name, content, cell in (("width", cw, cell_w), ("height", ch, cell_h)):
-        if content < cell:
-            raise DataError(f"{size}; letterboxed onto the model's {ow} x {oh} canvas its content is {cw:.1f} x {ch:.1f} "
-                            f"px, its {name} less than one image token ({cell_w:g} x {cell_h:g} px): the model cannot see "
-                            "the film, so no answer or map on it would mean anything")
+    cw, ch = content_extent((W, H), (ow, oh))
+    below = content_below_one_token((W, H), (ow, oh), (gh, gw))
+    if below:
+        raise DataError(f"{size}; letterboxed onto the model's {ow} x {oh} canvas its content is {cw:.1f} x {ch:.1f} "
+                        f"px, its {below[0]} less than one image token ({cell_w:g} x {cell_h:g} px): the model cannot see "
+                        "the film, so no answer or map on it would mean anything")
     tok_w, tok_h = cw / cell_w, ch / cell_h
     if W < tok_w or H < tok_h:
         raise DataError(f"{size}, fewer pixels than the {tok_w:.0f} x {tok_h:.0f} image tokens its content spans on the "
