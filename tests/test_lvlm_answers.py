@@ -220,3 +220,52 @@ def test_every_stored_prediction_of_the_public_benchmark(shared_data):
     assert len(texts) >= 8
     for t in texts:
         assert parse_yes_no(t) == t.strip().rstrip(".").capitalize(), repr(t)
+
+
+# A broken generation that merely contains an answer word is no answer (recorded as unparsed, None).
+# The first is the demo model's background-view output from a `bench build --editor inpaint` cot log.
+GARBLED = [
+    "ThereThereThereThereThereThereThere is blunted with no[]",
+    "There is blunted with no[]",
+    "The left costophrenic angle is blunted with no.",
+    "The lungs show no.",
+    "the the the the the heart is no",
+    "opacity opacity opacity opacity in the left lung, no",
+    "lunglunglunglung no.",
+]
+# Well-formed outputs whose answer word stands on its own, or that a loop follows a clear answer in:
+# they still parse.
+STILL_PARSED = [
+    ("I think yes.", "Yes"),
+    ("I would say no.", "No"),
+    ("It is a yes.", "Yes"),
+    ("Clearly no.", "No"),
+    ("The costophrenic angle is blunted.\nno", "No"),
+    ("Looking at the base, with a meniscus: yes.", "Yes"),
+    ("Yes. The the the the the", "Yes"),
+    ("ThereThereThereThere is blunting. Therefore, yes.", "Yes"),
+    ("heart heart heart heart\nAnswer: no", "No"),
+    ("ThereThereThereThere is fluid.\nYes.", "Yes"),
+]
+
+
+@pytest.mark.parametrize("text", GARBLED)
+def test_a_garbled_generation_is_unparsed_not_an_answer(text):
+    assert parse_yes_no(text) is None
+
+
+@pytest.mark.parametrize("text,expected", STILL_PARSED)
+def test_clear_answers_still_parse(text, expected):
+    assert parse_yes_no(text) == expected
+
+
+def test_the_filter_counts_a_garbled_background_answer_as_unparseable():
+    """The report's sample: a correct "Yes" that flips to "No" when the finding is edited out, and a garbled
+    background view. It fails the background gate because the answer is unreadable, not as a real "No"."""
+    from medfocus.bench.filter import apply_filter
+
+    parsed = {"original": parse_yes_no("Yes"), "foreground": parse_yes_no("No"),
+              "background": parse_yes_no(GARBLED[0]), "background_normal": parse_yes_no("Yes")}
+    res = apply_filter("Yes", parsed)
+    assert parsed["background"] is None
+    assert (res.kept, res.failed_gate, res.unparseable) == (False, "background", True)

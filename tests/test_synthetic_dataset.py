@@ -151,3 +151,92 @@ def test_dataset_written_to_a_relative_folder_loads_with_absolute_paths(tmp_path
         assert Path(path).is_absolute() and Path(path).is_file(), kind
     edited = get_editor("oracle").edit(img, np.ones_like(img, dtype=bool), f"No {s.attribute}", sample=s, kind="foreground")
     assert np.array_equal(edited, np.asarray(Image.open(s.meta["counterfactuals"]["foreground"])))
+
+
+# ---- new-user report 3, items 11-13: empty datasets, reruns into a used folder, cues that find no spot ----
+_FAST = ["--size", "64", "--no-counterfactuals", "--no-imagenome-jpeg"]
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_synth_refuses_settings_whose_films_show_no_finding(tmp_path):
+    """--n 1 --seed 0 draws one normal film: no finding, so no positive and no negative. Refused (exit 1),
+    naming --n, with nothing written; --seed 1 draws a film with three findings: three positives, and a
+    warning that they have no balanced negative."""
+    from medfocus.cli import main
+
+    out = tmp_path / "d7"
+    r = CliRunner().invoke(main, ["synth", "--out", str(out), "--n", "1", "--seed", "0"] + _FAST)
+    assert r.exit_code == 1, r.output
+    assert "--n 1" in r.output and "0 samples" in r.output and "raise --n" in r.output
+    assert not out.exists() and not list(tmp_path.iterdir())  # no temporary folder left either
+    r = CliRunner().invoke(main, ["synth", "--out", str(out), "--n", "1", "--seed", "1"] + _FAST)
+    assert r.exit_code == 0, r.output
+    assert "3 samples (3 positive, 0 negative)" in r.stdout
+    assert "3 positives have no balanced negative" in r.stderr
+    assert [s.answer for s in load_synthetic(out)] == ["Yes"] * 3
+
+
+def test_synth_rerun_is_refused_and_overwrite_replaces_the_whole_folder(tmp_path):
+    from medfocus.cli import main
+
+    out, fresh = tmp_path / "d1", tmp_path / "fresh"
+    r = CliRunner().invoke(main, ["synth", "--out", str(out), "--n", "3", "--preview", str(out / "p.png")] + _FAST)
+    assert r.exit_code == 0, r.output
+    first = _files(out)
+    assert "p.png" in first and len([f for f in first if f.startswith("images/")]) == 3
+    second = ["--n", "2", "--seed", "1", "--size", "96", "--no-counterfactuals", "--no-imagenome-jpeg"]
+    r = CliRunner().invoke(main, ["synth", "--out", str(out)] + second)
+    assert r.exit_code == 1, r.output
+    assert f"--out {out} is not empty" in r.output and "--overwrite" in r.output
+    assert _files(out) == first  # untouched
+    r = CliRunner().invoke(main, ["synth", "--out", str(out), "--overwrite"] + second)
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["synth", "--out", str(fresh)] + second)
+    assert r.exit_code == 0, r.output
+    # exactly the files a write into a new folder gives: no 64-px film, mask or contact sheet of the first run
+    assert _files(out) == _files(fresh)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d1", "fresh"]  # no temporary or old folder left
+
+
+def test_synth_overwrite_refuses_a_folder_it_did_not_write(tmp_path):
+    from medfocus.cli import main
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    r = CliRunner().invoke(main, ["synth", "--out", str(out), "--n", "2", "--seed", "1", "--overwrite"] + _FAST)
+    assert r.exit_code == 1, r.output
+    assert "--overwrite replaces only a folder written by `medfocus synth`" in r.output and "notes.txt" in r.output
+    assert _files(out) == {"notes.txt": b"keep me"}
+
+
+def test_synth_counts_records_and_warns_about_cues_that_could_not_be_placed(tmp_path):
+    """The report's run: at 64 px with --cue-rate 1 film 0918e2... (pleural effusion + pneumothorax, both mapped
+    to the tube cue) gets no tube. Every finding's cue that is missing from its film is listed in the film's
+    cues_dropped, the manifest's totals agree, and synth warns with the count."""
+    import warnings
+
+    from medfocus.cli import main
+    from medfocus.datasets.synthetic import DEFAULT_CUE_MAP
+
+    out = tmp_path / "d8"
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        r = CliRunner().invoke(main, ["synth", "--out", str(out), "--n", "6", "--cue-rate", "1", "--cue-base-rate", "1"] + _FAST)
+    assert r.exit_code == 0, r.output
+    man = json.loads((out / "manifest.json").read_text())
+    missing = []  # (film, finding) whose correlated cue type the film does not carry: --cue-rate 1 asked for all
+    for im in man["images"]:
+        have = {c["type"] for c in im["cues"]}
+        missing += [(im["image_id"], f["name"]) for f in im["findings"] if DEFAULT_CUE_MAP[f["name"]] not in have]
+    dropped = [(im["image_id"], c["finding"]) for im in man["images"] for c in im["cues_dropped"] if c["finding"]]
+    assert sorted(dropped) == sorted(missing)
+    assert {f for i, f in dropped if i.startswith("0918e2")} == {"pleural effusion", "pneumothorax"}
+    place = man["cue_placement"]
+    assert place["correlated_dropped"] == len(missing) == 3
+    assert place["correlated_placed"] + place["uncorrelated_placed"] == sum(len(im["cues"]) for im in man["images"])
+    assert place["uncorrelated_dropped"] == sum(c["finding"] is None for im in man["images"] for c in im["cues_dropped"])
+    assert f"Warning: {out / 'manifest.json'}: 3 drawn shortcut cues could not be placed" in r.stderr

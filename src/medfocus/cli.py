@@ -40,7 +40,7 @@ _HELP = {
     "report": "Write the self-contained HTML report of a run.",
     "explain": "Explain the model's answer on your own films (DICOM/PNG/JPEG/TIFF): all methods + interactive viewer.",
     "demo": "Run the whole pipeline on the embedded synthetic world with the shipped demo model.",
-    "status": "Per-shard progress and errors of a run started with --launcher local|slurm.",
+    "status": "Per-shard progress and errors of a sharded run (--launcher local|slurm, or shards run by hand).",
     "merge": "Merge the shard outputs of a run folder (attribute or bench build) into its normal outputs.",
 }
 

@@ -361,11 +361,16 @@ def attribute(ctx, bench, dataset, data_root, models, modes, methods, params, re
                           allow_outside_root=allow_outside_root, overwrite=overwrite, relabel_split_model=relabel_split_model)
         return
     if merge:
+        from medfocus.runner.launch import check_one_sharding
+
         parts = sorted(out.glob("predictions.shard-*.jsonl"))
         if not parts:
             raise DataError(f"no predictions.shard-*.jsonl files in {out}")
+        notes = check_one_sharding(parts, out)  # shards of two shardings are refused before anything is written
         n = merge_stores(parts, out / "predictions.jsonl", overwrite=overwrite)
         click.echo(f"merged {len(parts)} shard files -> {out / 'predictions.jsonl'} ({n} records)")
+        for note in notes:
+            click.echo(f"Note: {note}")
         return
     i, n = parse_shard(shard)
     # Fail fast: every setting is validated before any data or model is loaded (method names and

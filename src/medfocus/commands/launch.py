@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import click
 
-from medfocus.errors import ConfigError
+from medfocus.errors import ConfigError, DataError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -117,18 +117,32 @@ def check_launch_options(opts: dict[str, Any]) -> None:
 @click.command(name="status")
 @click.argument("out_dir", type=click.Path(exists=True, file_okay=False))
 def status(out_dir: str) -> None:
-    """Per-shard progress and errors of a run started with --launcher local|slurm."""
-    from medfocus.runner.launch import shard_status
+    """Per-shard progress and errors of a run started with --launcher local|slurm, or of shards run by
+    hand with --shard i/n (records and errors per shard file; the expected counts are then unknown)."""
+    from medfocus.runner.launch import check_one_sharding, manual_shard_outputs, shard_status
 
     rows = shard_status(out_dir)
     width = max(len(r["output"]) for r in rows) if rows else 6
     click.echo(f"{'shard':>7}  {'model':<20} {'output':<{width}}  {'done':>11}  errors")
     for r in rows:
+        expected = "?" if r["expected"] is None else r["expected"]
         click.echo(f"{r['shard']:>7}  {str(r['model'])[:20]:<20} {r['output']:<{width}}  "
-                   f"{r['done']:>5}/{r['expected']:<5}  {r['errors']}")
+                   f"{r['done']:>5}/{expected:<5}  {r['errors']}")
     done = sum(r["done"] for r in rows)
+    errors = sum(r["errors"] for r in rows)
+    if any(r["expected"] is None for r in rows):  # shards run by hand: no manifest says what each will hold
+        click.echo(f"total {done} records, {errors} errors in {len(rows)} shard outputs run by hand (no launch manifest, "
+                   "so the expected counts are unknown)")
+        out = Path(out_dir)
+        for group in manual_shard_outputs(out):
+            try:
+                for note in check_one_sharding(group, out):
+                    click.echo(f"Note: {note}")
+            except DataError as exc:  # mixed shardings: status shows them, merge refuses them
+                click.echo(f"Warning: {exc}")
+        return
     expected = sum(r["expected"] for r in rows)
-    click.echo(f"total {done}/{expected} records, {sum(r['errors'] for r in rows)} errors; "
+    click.echo(f"total {done}/{expected} records, {errors} errors; "
                f"{sum(r['done'] >= r['expected'] for r in rows)}/{len(rows)} shards complete")
 
 
@@ -142,5 +156,8 @@ def merge(out_dir: str, overwrite: bool) -> None:
     splits and retention table). Safe to rerun; the launchers do it themselves when all shards finish."""
     from medfocus.runner.launch import merge_outputs
 
-    for line in merge_outputs(Path(out_dir), overwrite=overwrite or None):
+    notes: list[str] = []
+    for line in merge_outputs(Path(out_dir), overwrite=overwrite or None, notes=notes):
         click.echo(f"merged: {line}")
+    for note in notes:
+        click.echo(f"Note: {note}")

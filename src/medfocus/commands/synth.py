@@ -32,18 +32,25 @@ negatives, exact masks, oracle counterfactuals, cues), as `--dataset vindr_cxr`
 @click.option("--no-counterfactuals", is_flag=True, help="Skip rendering the oracle counterfactual PNGs.")
 @click.option("--no-imagenome-jpeg", is_flag=True, help="Skip the JPEG copies read by the ImaGenome loader.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1), help="Rendering processes.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the dataset already in --out (written by synth) as a whole, once the new one is complete "
+                   "(default: a non-empty --out is refused, so no film of an earlier run stays mixed in).")
 @click.option("--preview", type=click.Path(dir_okay=False, path_type=Path), default=None, show_default="no contact sheet",
               help="Also write a contact sheet (PNG) of the first 16 films with their boxes.")
 def synth(out_dir: Path, n: int, seed: int, size: int, cue_rate: float, cue_base_rate: float,
-          no_counterfactuals: bool, no_imagenome_jpeg: bool, workers: int, preview: Path | None) -> None:
+          no_counterfactuals: bool, no_imagenome_jpeg: bool, workers: int, overwrite: bool, preview: Path | None) -> None:
     """Write a synthetic chest X-ray dataset (VinDr-CXR layout) with exact ground truth."""
     from medfocus.datasets.synthetic.dataset import case_seed, load_synthetic, write_dataset
 
     path = write_dataset(out_dir, n, seed=seed, size=size, cue_rate=cue_rate, cue_base_rate=cue_base_rate,
-                         counterfactuals=not no_counterfactuals, imagenome=not no_imagenome_jpeg, workers=workers)
+                         counterfactuals=not no_counterfactuals, imagenome=not no_imagenome_jpeg, workers=workers,
+                         overwrite=overwrite)
     samples = load_synthetic(out_dir)
     pos = sum(s.answer == "Yes" for s in samples)
     click.echo(f"wrote {n} films, {len(samples)} samples ({pos} positive, {len(samples) - pos} negative) -> {path}")
+    if len(samples) - pos < pos:  # negatives come from films without the finding: too few films to balance
+        click.echo(f"Warning: {pos - (len(samples) - pos)} positives have no balanced negative (too few films without "
+                   "their finding); raise --n for a balanced yes/no set", err=True)
     if preview is not None:
         from medfocus.datasets.synthetic.case import generate_case
         from medfocus.datasets.synthetic.preview import contact_sheet

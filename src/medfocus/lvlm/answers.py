@@ -22,12 +22,20 @@ Rules, in order (the first that decides wins):
    incidental "so ... no <noun>");
 4. the first word is yes/no ("Yes, ..." / "No." / "**No**" / "No focal opacity ...");
 5. the last sentence is just yes/no;
-6. answer words anywhere: if only one of yes/no occurs it decides; both -> ``None``;
+6. answer words that stand on their own: if only one of yes/no occurs it decides; both -> ``None``.
+   An answer word stands on its own where it starts a clause (after the start of the text, a line
+   end or punctuation: "Based on the image, no, ...") or follows a hedge ("probably yes", "I think
+   no"); after any other word it is a sentence cut short ("... is blunted with no"), not an answer;
 7. no answer word: phrases of uncertainty ("cannot determine", "not sure", "I don't know") are
    removed, then clear negative phrasing ("no <finding>", "does not", "absent", "negative for",
    "without evidence", "not seen"...) -> "No", clear positive phrasing outside those negative spans
    ("there is evidence", "is present", "positive for", "consistent with" not preceded by "not"...)
    -> "Yes"; both or neither -> ``None``.
+
+A **degenerate** generation -- one word repeated four or more times in a row, glued or spaced
+("ThereThereThereThere is blunted with no[]", the loop a greedy decoder falls into) -- is read only
+by rules 1-5: a clear marker, leading or closing answer still decides, but no answer is guessed from
+the words of a broken text (rules 6 and 7), so it is ``None`` (unparsed) rather than a real "No".
 """
 
 from __future__ import annotations
@@ -51,6 +59,13 @@ _FOLLOW = {n: re.compile(r"^(?P<fill>(?:[^\w\n]*\w+){0,%d}?)[^\w\n]*\b(?P<word>y
 _NEGATION = re.compile(r"\b(?:not|cannot|can't|never|n't|isn't|wasn't|unlikely|if)\b|n't\b")
 _ANSWER_WORD = re.compile(r"\b(yes|no)\b(?=[^\S\n]*(?:$|\n|[^\w\s]))")
 _FIRST = re.compile(r"^[^\w]*(yes|no)\b")
+#: Words after which a lone answer word is still an answer (rule 6): hedges, "I think / I'd say", "a yes".
+_HEDGE = ("probably", "likely", "possibly", "maybe", "perhaps", "definitely", "certainly", "clearly", "surely",
+          "think", "say", "believe", "guess", "a")
+#: What may stand right before a lone answer word (rule 6): start, line end, punctuation or a hedge.
+_STANDALONE = re.compile(r"(?:^|\n|[^\w\s][^\S\n]*|\b(?:%s)[^\S\n]+)$" % "|".join(_HEDGE))
+#: One word (two letters or more) four or more times in a row, glued or spaced: a decoding loop.
+_DEGENERATE = re.compile(r"([a-z]{2,})(?:[^\S\n]*\1){3,}")
 
 _UNSURE = re.compile(
     r"\b(?:i\s+)?(?:do not|don't|cannot|can't|am not able to|unable to|not possible to|impossible to|"
@@ -114,7 +129,9 @@ def parse_yes_no(text: str | None) -> str | None:
     sentences = [s.strip(" .!,;:") for s in re.split(r"[.!?\n]+", t) if s.strip(" .!,;:")]
     if sentences and sentences[-1] in ("yes", "no"):
         return sentences[-1].capitalize()
-    words = {m.group(1) for m in _ANSWER_WORD.finditer(t)}
+    if _DEGENERATE.search(t):  # a broken generation: no answer guessed from its words (module docstring)
+        return None
+    words = {m.group(1) for m in _ANSWER_WORD.finditer(t) if _STANDALONE.search(t[:m.start()])}
     if len(words) == 1:
         return words.pop().capitalize()
     if len(words) == 2:

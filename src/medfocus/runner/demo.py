@@ -255,7 +255,8 @@ def _write_data(cfg: DemoConfig, data_dir: Path, ref_dir: Path, log: Callable[[s
     wrote = False
     if not (stamp.exists() and json.loads(stamp.read_text()) == params):
         wrote = True
-        kw: dict[str, Any] = {"size": cfg.size, "workers": workers, "progress": progress}
+        # overwrite: a dataset of other demo settings is replaced as a whole (no film of it stays behind)
+        kw: dict[str, Any] = {"size": cfg.size, "workers": workers, "progress": progress, "overwrite": True}
         if cfg.cue_rate is not None:
             kw["cue_rate"] = cfg.cue_rate
         log(f"[data] writing {cfg.n_samples} synthetic cases to {data_dir}")

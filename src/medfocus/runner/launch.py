@@ -148,6 +148,59 @@ def bench_shard_dir(shard: int, n: int) -> str:
     return f"shards/{shard}-of-{n}"
 
 
+#: ``predictions[.<model>].shard-<i>-of-<n>.jsonl`` (:func:`attribute_store_name`) and ``<i>-of-<n>``
+#: (:func:`bench_shard_dir`): the shard spec is in the name.
+_SHARD_NAME = re.compile(r"^(?:predictions(?:\.(?P<model>.+))?\.shard-)?(?P<i>\d+)-of-(?P<n>\d+)(?:\.jsonl)?$")
+
+
+def shard_spec(path: str | os.PathLike[str]) -> tuple[str | None, int, int] | None:
+    """``(model tag or None, i, n)`` of an attribute shard store or a bench shard folder, from its name;
+    ``None`` for a name that is not a shard's."""
+    m = _SHARD_NAME.match(Path(path).name)
+    if m is None or (Path(path).suffix == ".jsonl") != Path(path).name.startswith("predictions"):
+        return None
+    return m.group("model"), int(m.group("i")), int(m.group("n"))
+
+
+def check_one_sharding(paths: Sequence[Path], out: Path) -> list[str]:
+    """Refuse shard outputs of different shardings (``--shard i/2`` files next to ``--shard i/3`` ones);
+    return a note per incomplete sharding (which shards are missing) -- a partial merge is allowed and
+    later merges add the rest, but it is not the whole run.
+
+    Raises:
+        DataError: more than one shard count ``n`` among ``paths``, naming each file and its spec. The
+            shards of two shardings split the samples differently, so together they are neither run.
+    """
+    found = [(p, *spec) for p in paths if (spec := shard_spec(p)) is not None]
+    by_n: dict[int, list[tuple[Path, str | None, int, int]]] = {}
+    for entry in found:
+        by_n.setdefault(entry[3], []).append(entry)
+    if len(by_n) > 1:
+        listing = "; ".join(f"{n}-way: " + ", ".join(f"{p.relative_to(out)} ({i}/{n}" + (f", model {m}" if m else "") + ")"
+                                                     for p, m, i, _ in sorted(group)) for n, group in sorted(by_n.items()))
+        raise DataError(f"{out} holds the shard outputs of {len(by_n)} different shardings ({listing}); their shards split "
+                        "the samples differently, so together they are neither run: move away (or delete) the files of "
+                        "the sharding you do not want, then merge again")
+    notes = []
+    for n, group in by_n.items():
+        for model in sorted({m for _, m, _, _ in group}, key=str):
+            have = {i for _, m, i, _ in group if m == model}
+            missing = [i for i in range(n) if i not in have]
+            if missing:
+                notes.append(f"{len(have)} of {n} shards" + (f" of model {model}" if model else "")
+                             + f" present (missing {', '.join(f'{i}/{n}' for i in missing)}): the merged output is not "
+                             "the whole run yet; merging again after the missing shards ran adds their records")
+    return notes
+
+
+def manual_shard_outputs(out: Path) -> tuple[list[Path], list[Path]]:
+    """The shard outputs of a folder without a launch manifest (shards run by hand with ``--shard i/n``):
+    ``(attribute shard stores, bench shard folders)``."""
+    stores = sorted(out.glob("predictions*.shard-*.jsonl"))
+    dirs = sorted(p for p in (out / "shards").glob("*") if p.is_dir())
+    return stores, dirs
+
+
 # ---------------------------------------------------------------------------------------------------
 # devices and executor parameters
 
@@ -286,14 +339,37 @@ def _count_done(path: Path) -> tuple[int, int]:
 
 
 def shard_status(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Per-task progress of a launched run: ``shard``, ``model``, ``output``, ``done``,
-    ``expected``, ``errors`` (read from the outputs, so it is right even after the parent exited)."""
-    man = Manifest.load(out)
+    """Per-task progress of a run: ``shard``, ``model``, ``output``, ``done``, ``expected``, ``errors`` (read
+    from the outputs, so it is right even after the parent exited).
+
+    A launched run's tasks come from its manifest. Shards run by hand (no manifest) are the shard files
+    and folders found in ``out`` (:func:`manual_shard_outputs`), with ``expected`` ``None``: how many
+    records a hand-run shard will write is known only to the command that ran it.
+
+    Raises:
+        DataError: no launch manifest and no shard output in ``out``.
+    """
+    out = Path(out)
+    try:
+        man: Manifest | None = Manifest.load(out)
+    except DataError:
+        man = None
+    if man is None:
+        stores, dirs = manual_shard_outputs(out)
+        found = [(p, shard_spec(p)) for p in stores + dirs]
+        if not found:
+            raise DataError(f"{out} has no launch manifest ({LAUNCH_DIR}/{MANIFEST_NAME}: not started with --launcher "
+                            "local|slurm) and no shard outputs (predictions*.shard-*.jsonl files or shards/ folders) "
+                            "of shards run by hand")
+        tasks = [(spec[1] if spec else "?", spec[2] if spec else "?", spec[0] if spec else None, p, None)
+                 for p, spec in found]
+    else:
+        tasks = [(t.shard, t.n, t.model, out / t.output, t.expected) for t in man.tasks]
     rows = []
-    for t in man.tasks:
-        done, errors = _count_done(Path(out) / t.output)
-        rows.append({"shard": f"{t.shard}/{t.n}", "model": t.model or "*", "output": t.output, "done": done,
-                     "expected": t.expected, "errors": errors})
+    for i, n, model, path, expected in tasks:
+        done, errors = _count_done(path)
+        rows.append({"shard": f"{i}/{n}", "model": model or "*", "output": str(path.relative_to(out)), "done": done,
+                     "expected": expected, "errors": errors})
     return rows
 
 
@@ -303,15 +379,18 @@ def _merge_bench(out: Path, shard_dirs: Sequence[Path], *, overwrite: bool = Fal
     return merge_split_logs(shard_dirs, out, overwrite=overwrite)
 
 
-def merge_outputs(out: str | os.PathLike[str], *, overwrite: bool | None = None) -> list[str]:
+def merge_outputs(out: str | os.PathLike[str], *, overwrite: bool | None = None,
+                  notes: list[str] | None = None) -> list[str]:
     """Combine the shard outputs of a run folder into its normal outputs; returns what was written.
 
     With a launch manifest the tasks' outputs are merged; without one (shards run by hand with
     ``--shard i/n``), every ``predictions*.shard-*.jsonl`` file and every ``shards/*`` bench folder in
     ``out`` is. Merging is idempotent: rerunning it after more shards finished adds their records.
-    Raises :class:`DataError` when there is nothing to merge, :class:`ConfigError` when a shard record
+    Raises :class:`DataError` when there is nothing to merge or the outputs come from different
+    shardings (:func:`check_one_sharding`), :class:`ConfigError` when a shard record
     (or bench split-log row) and the merged file's of one key were computed on different samples, unless ``overwrite``
     (default: the manifest's, i.e. whether the launched run had ``--overwrite``; else ``False``).
+    ``notes`` (when given) receives a line per incomplete sharding (the shards still missing).
     """
     from medfocus.runner.store import merge_stores
 
@@ -325,8 +404,14 @@ def merge_outputs(out: str | os.PathLike[str], *, overwrite: bool | None = None)
         stores = [p for p in outputs if p.suffix == ".jsonl" and p.exists()]
         dirs = [p for p in outputs if p.is_dir()]
     else:
-        stores = sorted(out.glob("predictions*.shard-*.jsonl"))
-        dirs = sorted(p for p in (out / "shards").glob("*") if p.is_dir())
+        stores, dirs = manual_shard_outputs(out)
+    if man is not None:  # a launched run: one sharding; its tasks say which outputs are still to come
+        pending = [f"{t.output} (shard {t.shard}/{t.n})" for t in man.tasks if not (out / t.output).exists()]
+        found = [f"{len(pending)} of {len(man.tasks)} launched tasks have no output yet: {', '.join(pending)}"] if pending else []
+    else:  # shards run by hand: refused when mixed, checked before anything is written
+        found = check_one_sharding(stores, out) + check_one_sharding(dirs, out)
+    if notes is not None:
+        notes += found
     written: list[str] = []
     if overwrite is None:
         overwrite = bool(man is not None and man.overwrite)

@@ -60,7 +60,7 @@ def write_cue_twins(root: str | Path, n: int, seed: int, *, size: int = 256, wor
         samples = load_synthetic(root / name) if (root / name / "manifest.json").is_file() else None
         if samples is None or any(predates_whole_cue_boxes(c) for s in samples for c in s.meta.get("cues") or []):
             write_dataset(root / name, n, seed=seed, size=size, cue_rate=rate, imagenome=False, workers=workers,
-                          progress=progress)
+                          progress=progress, overwrite=True)
             samples = load_synthetic(root / name)
         loaded.append(samples)
     return loaded[0], loaded[1]

@@ -56,6 +56,10 @@ class SyntheticCase:
         findings: drawn findings (at most one per type).
         cues: ``[{"type", "box", "core_box", "text", "finding"}]`` shortcut cues
             (:mod:`~medfocus.datasets.synthetic.cues`: ``box`` holds every pixel the cue changes).
+        cues_dropped: ``[{"type", "finding"}]`` cues that were drawn (``cue_rate`` / ``cue_base_rate``)
+            but could not be placed clear of the findings and earlier cues, so the film has no cue of
+            that type (``finding`` None: the uncorrelated cue). A finding whose cue type another
+            finding's cue already placed shares that cue and is not listed.
     """
 
     seed: int
@@ -68,6 +72,7 @@ class SyntheticCase:
     _layers: dict[str, Layer] = field(default_factory=dict, repr=False)
     _cue_alpha: np.ndarray | None = field(default=None, repr=False)
     _heart_wh: tuple[float, float] | None = field(default=None, repr=False)
+    cues_dropped: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def finding_names(self) -> list[str]:
@@ -253,6 +258,9 @@ def generate_case(
         cues.append(rec)
         seen.add(kind)
         cue_alpha = alpha if cue_alpha is None else np.maximum(cue_alpha, alpha)
+    # A cue that found no clear spot is recorded, not silently missing: the achieved cue rate can
+    # fall below the requested one (small films, several findings), and the manifest says by how much.
+    dropped = [{"type": kind, "finding": fname} for kind, fname in wanted if kind not in seen]
 
     image = compose(geo, list(layers.values()), cue_alpha)
     return SyntheticCase(
@@ -266,4 +274,5 @@ def generate_case(
         _layers=layers,
         _cue_alpha=cue_alpha,
         _heart_wh=heart_wh,
+        cues_dropped=dropped,
     )

@@ -22,7 +22,14 @@ Layout written by :func:`write_dataset` under ``out_dir``::
     masks/<image_id>/<concept_slug>.png                 the 11 exact concept masks (uint8 0/255)
     masks/<image_id>/finding_<finding_slug>.png         exact finding masks
     counterfactuals/<image_id>/<finding_slug>_<kind>.png  kind in foreground/background/background_normal
-    manifest.json                                       everything above + cues + the sample list
+    manifest.json                                       everything above + cues + the sample list; per film
+                                                        ``cues_dropped`` (drawn cues that found no clear spot)
+                                                        and their totals in ``cue_placement``
+
+The folder holds one dataset and nothing else: :func:`write_dataset` refuses a non-empty folder unless
+``overwrite`` (then only a folder it wrote before, with its manifest), builds the new dataset under a
+temporary name next to it and swaps it in only when complete (:func:`medfocus.io.atomic.atomic_directory`),
+so no film of an earlier run stays behind and a failed run leaves the old folder as it was.
 
 Boxes are half-open pixel edges (a finding over columns 3..5 has x_min = 3, x_max = 6). VinDr has one
 joint "Nodule/Mass" class, so a film with both a nodule and a mass gives one VinDr sample with two boxes
@@ -41,6 +48,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -50,8 +58,8 @@ import numpy as np
 from medfocus.datasets.synthetic import GENERATOR_VERSION
 from medfocus.datasets.synthetic.case import generate_case
 from medfocus.datasets.synthetic.findings import FINDINGS, VINDR_CLASS
-from medfocus.errors import DataError
-from medfocus.io.atomic import atomic_write_text
+from medfocus.errors import DataError, DataWarning
+from medfocus.io.atomic import atomic_directory, atomic_write_text
 from medfocus.io.paths import resolve_inside
 from medfocus.types import CONCEPTS, Sample, concept_slug, question_stem
 
@@ -166,6 +174,7 @@ def _render_one(args: tuple[str, int, int, int, float, float, bool, bool]) -> di
         "size": [size, size],
         "findings": finds,
         "cues": [{**c, "box": [float(v) for v in c["box"]]} for c in case.cues],
+        "cues_dropped": list(case.cues_dropped),
         "concept_masks": cmasks,
         "regions": regions,
     }
@@ -254,6 +263,41 @@ def _write_tables(out: Path, images: list[dict[str, Any]]) -> None:
         ig / "gold_dataset" / "gold_object_attribute_with_coordinates.txt", sep="\t", index=False)
 
 
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an output folder that holds anything but (with ``overwrite``) an earlier synthetic dataset."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DataError(f"--out {out} exists and is not a folder")
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+    if not overwrite:
+        raise DataError(f"--out {out} is not empty ({len(entries)} entries: {shown}); a synthetic dataset gets a folder "
+                        "of its own, so files of an earlier run never mix with the new films: choose a new --out, or "
+                        "pass --overwrite to replace the folder (the old one is removed once the new one is complete)")
+    try:
+        fmt = json.loads((out / MANIFEST).read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        fmt = None
+    if fmt != "medfocus-synthetic":
+        raise DataError(f"--overwrite replaces only a folder written by `medfocus synth` (with its {MANIFEST}); "
+                        f"--out {out} holds other files ({shown}): remove them yourself or choose a new --out")
+
+
+def cue_placement(images: list[dict[str, Any]]) -> dict[str, int]:
+    """Totals of the drawn cues over a manifest's ``images``: ``correlated_placed`` / ``correlated_dropped``
+    (a finding's own cue; one placed cue may serve two findings mapped to its type) and
+    ``uncorrelated_placed`` / ``uncorrelated_dropped`` (``cue_base_rate``)."""
+    placed = [c for im in images for c in im["cues"]]
+    dropped = [c for im in images for c in im.get("cues_dropped") or []]
+    return {"correlated_placed": sum(c.get("finding") is not None for c in placed),
+            "correlated_dropped": sum(c.get("finding") is not None for c in dropped),
+            "uncorrelated_placed": sum(c.get("finding") is None for c in placed),
+            "uncorrelated_dropped": sum(c.get("finding") is None for c in dropped)}
+
+
 def write_dataset(
     out_dir: str | os.PathLike,
     n: int,
@@ -266,11 +310,13 @@ def write_dataset(
     imagenome: bool = True,
     workers: int = 1,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Generate ``n`` films and write them in the VinDr-CXR layout with a manifest (see module docstring).
 
     Args:
-        out_dir: output folder (created).
+        out_dir: output folder: absent or empty, or (``overwrite``) a folder this function wrote before,
+            which is replaced as a whole once the new dataset is complete.
         n: number of films (a film may carry several findings; normals ~30 %).
         seed: master seed; film ``i`` uses :func:`case_seed` ``(seed, i)`` so the output is identical for
             any ``workers``.
@@ -281,25 +327,54 @@ def write_dataset(
             always written).
         workers: processes used to render.
         progress: show a tqdm bar.
+        overwrite: replace an existing dataset folder (see ``out_dir``).
 
     Returns:
         Path of ``manifest.json``.
+
+    Raises:
+        DataError: ``n < 1``; ``out_dir`` not empty (without ``overwrite``) or, with it, not a folder
+            this function wrote; films that show no finding at all (the dataset would hold no sample:
+            nothing is written).
+
+    Warns:
+        DataWarning: drawn cues that could not be placed (counted in the manifest's ``cue_placement``).
     """
     if n < 1:
         raise DataError(f"write_dataset: n must be >= 1, got {n}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    jobs = [(str(out), int(seed), i, int(size), float(cue_rate), float(cue_base_rate), bool(counterfactuals), bool(imagenome))
-            for i in range(n)]
+    _check_out_dir(out, overwrite)
     from tqdm.auto import tqdm
 
-    if workers > 1:
-        with ProcessPoolExecutor(max_workers=workers) as ex:
-            images = list(tqdm(ex.map(_render_one, jobs, chunksize=8), total=n, disable=not progress, desc="synth"))
-    else:
-        images = [_render_one(j) for j in tqdm(jobs, disable=not progress, desc="synth")]
-    _write_tables(out, images)
-    samples = _samples_from_images(images, seed)
+    with atomic_directory(out) as tmp:
+        jobs = [(str(tmp), int(seed), i, int(size), float(cue_rate), float(cue_base_rate), bool(counterfactuals),
+                 bool(imagenome)) for i in range(n)]
+        if workers > 1:
+            with ProcessPoolExecutor(max_workers=workers) as ex:
+                images = list(tqdm(ex.map(_render_one, jobs, chunksize=8), total=n, disable=not progress, desc="synth"))
+        else:
+            images = [_render_one(j) for j in tqdm(jobs, disable=not progress, desc="synth")]
+        samples = _samples_from_images(images, seed)
+        if not samples:  # every sample is a finding's positive or its negative: no finding, no sample
+            raise DataError(f"--n {n} (--seed {seed}): none of the {n} films shows a finding, so the dataset would hold "
+                            "0 samples (each sample is a finding's positive or one of its balanced negatives); about "
+                            f"30 % of films are normal: raise --n or change --seed (nothing was written to {out})")
+        _write_tables(tmp, images)
+        _write_manifest(tmp, images, samples, seed=seed, n=n, size=size, cue_rate=cue_rate, cue_base_rate=cue_base_rate)
+    placement = cue_placement(images)
+    lost = placement["correlated_dropped"] + placement["uncorrelated_dropped"]
+    if lost:
+        placed = placement["correlated_placed"] + placement["uncorrelated_placed"]
+        warnings.warn(f"{out / MANIFEST}: {lost} drawn shortcut cues could not be placed clear of the findings and were "
+                      f"left out ({placement['correlated_dropped']} correlated with a finding, "
+                      f"{placement['uncorrelated_dropped']} uncorrelated; {placed} placed), so the films carry fewer "
+                      "cues than --cue-rate / --cue-base-rate ask; each film's 'cues_dropped' and the totals in 'cue_placement' record them",
+                      DataWarning, stacklevel=2)
+    return out / MANIFEST
+
+
+def _write_manifest(out: Path, images: list[dict[str, Any]], samples: list[dict[str, Any]], *, seed: int, n: int,
+                    size: int, cue_rate: float, cue_base_rate: float) -> None:
     manifest = {
         "format": "medfocus-synthetic",
         "version": 1,
@@ -309,6 +384,7 @@ def write_dataset(
         "size": int(size),
         "cue_rate": float(cue_rate),
         "cue_base_rate": float(cue_base_rate),
+        "cue_placement": cue_placement(images),
         "findings": list(FINDINGS),
         "concepts": list(CONCEPTS),
         "vindr_annotations": str(VINDR_DIR / "annotations" / f"annotations_{SPLIT}.csv"),
@@ -316,9 +392,7 @@ def write_dataset(
         "images": images,
         "samples": samples,
     }
-    path = out / MANIFEST
-    atomic_write_text(path, json.dumps(manifest, indent=1))  # a manifest on disk is always complete
-    return path
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))  # a manifest on disk is always complete
 
 
 def _abs(root: Path, p: Any) -> Any:
