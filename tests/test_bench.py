@@ -317,7 +317,7 @@ def test_a_split_is_built_with_one_editor(tmp_path):
     samples = make_toy_world(tmp_path / "data", PLAN)
     build_benchmark(ToyAdapter(), samples, mode="direct", editor=get_editor("oracle"), out_dir=tmp_path / "out",
                     model_name="toy", progress=False)
-    with pytest.raises(ConfigError, match="another output folder"):
+    with pytest.raises(ConfigError, match=r"other settings: editor: 'oracle' \(stored\) -> 'inpaint-[0-9a-f]+' \(now\)"):
         build_benchmark(ToyAdapter(), samples, mode="direct", editor=get_editor("inpaint"), out_dir=tmp_path / "out",
                         model_name="toy", progress=False)
 

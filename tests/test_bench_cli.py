@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 
@@ -203,3 +204,34 @@ def test_retention_md_and_console_show_the_negatives(tmp_path, monkeypatch):
                                     "--editor", "oracle", "--out", str(out), "--no-progress"])
     assert res.exit_code == 0, res.output
     assert "| other | toy | direct | oracle | 6 | 0 | 1 | 0 | 2 | 3 | 50.0 | 0/0/0 | - |" in res.output
+
+
+def test_another_editor_or_budget_on_an_existing_split_is_refused_as_such_before_the_model_loads(tmp_path, toy_dataset,
+                                                                                                  monkeypatch):
+    """Was: another --editor on an existing --out was refused as 'rows filtered on other samples' (the oracle's
+    per-sample inputs), advising --overwrite, which then failed only after the model had loaded. Now the
+    refusal names the setting (stored -> now), gives no --overwrite advice, and comes before the model loads,
+    with or without --overwrite; so does another --max-new-tokens."""
+    loaded = []
+    monkeypatch.setattr(bench_cmd, "_load_model", lambda name, device: loaded.append(name) or ToyAdapter())
+    out = tmp_path / "out"
+    base = ["bench", "build", "--model", "toy_model", "--dataset", "toy", "--data-root", str(toy_dataset), "--out", str(out),
+            "--no-progress"]
+    assert CliRunner().invoke(main, [*base, "--editor", "oracle"]).exit_code == 0 and loaded == ["toy_model"]
+    log = out / "toy_model" / "toy" / "direct.log.jsonl"
+    before = log.read_text()
+    for extra in ([], ["--overwrite"]):
+        loaded.clear()
+        res = CliRunner().invoke(main, [*base, "--editor", "inpaint", *extra])
+        assert res.exit_code == 1, res.output
+        assert re.search(rf"{re.escape(str(log))} holds samples filtered with other settings: editor: 'oracle' \(stored\) "
+                         r"-> 'inpaint-[0-9a-f]{8}' \(now\)\. A split is built with one editor", res.output), res.output
+        assert "overwrite" not in res.output and "other samples" not in res.output
+        assert loaded == [] and log.read_text() == before
+    res = CliRunner().invoke(main, [*base, "--editor", "oracle", "--max-new-tokens", "32"])
+    assert res.exit_code == 1 and "max_new_tokens: 16 (stored) -> 32 (now)" in res.output, res.output
+    assert loaded == [] and log.read_text() == before
+    # the same settings resume (nothing regenerated: a model failing on any call is not called)
+    monkeypatch.setattr(bench_cmd, "_load_model", lambda name, device: loaded.append(name) or ToyAdapter(fail_on_call=1))
+    res = CliRunner().invoke(main, [*base, "--editor", "oracle"])
+    assert res.exit_code == 0 and loaded == ["toy_model"], res.output

@@ -309,31 +309,63 @@ def outside_fingerprints(dataset_samples: Iterable[Sample] | None, logged: Itera
 
 def check_split_samples(samples: Sequence[Sample], out_dirs: Sequence[str | os.PathLike[str]], *, model_name: str,
                         modes: Sequence[str], editor: Editor, data_root: str | os.PathLike[str] | None = None,
-                        dataset_samples: Sequence[Sample] | None = None) -> None:
-    """Refuse, before any model loads, the split logs under ``out_dirs`` (missing ones skipped) that hold
-    successful rows of changed samples -- the check :func:`build_benchmark` makes on its own split, for
-    ``bench build`` (and its launcher, over the shard folders too) before the model is loaded. Rows outside
-    the selection ``samples`` are judged against ``dataset_samples`` (the whole dataset as loaded now) as
-    :func:`build_benchmark` judges them.
+                        dataset_samples: Sequence[Sample] | None = None, max_new_tokens: int | None = None,
+                        parse: ParseFn | None = None, model_identity: dict[str, Any] | None = None,
+                        overwrite: bool = False) -> None:
+    """Refuse, before any model loads, what :func:`build_benchmark` would refuse on the split logs under
+    ``out_dirs`` (missing ones skipped), in its order -- for ``bench build`` (and its launcher, over the
+    shard folders too): another editor (:func:`check_split_editor`), other generation settings
+    (:func:`check_split_settings`, with this run's ``max_new_tokens`` / ``parse`` / ``model_identity`` as
+    :func:`build_benchmark` takes them), then, unless ``overwrite``, successful rows of changed samples
+    (:func:`changed_rows`; rows outside the selection ``samples`` are judged against ``dataset_samples``, the
+    whole dataset as loaded now). The editor and settings come first: a changed editor also changes every
+    sample's per-editor inputs, and must be named as what it is, not as changed samples that
+    ``--overwrite`` would recompute.
 
     Raises:
-        ConfigError: as :func:`changed_rows`.
+        ConfigError: as :func:`check_split_editor`, :func:`check_split_settings` and :func:`changed_rows`.
     """
     datasets = sorted({s.dataset for s in samples})
     if len(datasets) != 1:
         raise ConfigError(f"a benchmark split holds one dataset, got {datasets}")
+    if parse is None:
+        from medfocus.lvlm.answers import parse_yes_no as parse
     for mode in modes:
         fps: dict[int, dict[str, Any]] | None = None
+        gen: dict[str, Any] | None = None
         for out in out_dirs:
             log = split_paths(out, model_name, datasets[0], mode)["log"]
             if not log.is_file():
                 continue
+            done = read_log(log)
+            check_split_editor(log, done, editor)
+            if gen is None:
+                budget = DEFAULT_MAX_NEW_TOKENS[mode] if max_new_tokens is None else max_new_tokens
+                gen = generation_settings(model_name, budget, parse, model_identity)
+            for k in check_split_settings(log, done, gen):  # error rows of other settings: recomputed, not judged
+                done.pop(k)
+            if overwrite:
+                continue
             if fps is None:
                 fps = split_fingerprints(samples, mode, editor, data_root)
-            done = read_log(log)
             judged = {**outside_fingerprints(dataset_samples, done, fps, dataset=datasets[0], mode=mode, editor=editor,
                                              data_root=data_root), **fps}
             changed_rows(log, done, judged, model_name=model_name, dataset=datasets[0], mode=mode, selected=fps)
+
+
+def check_split_editor(log_path: str | os.PathLike[str], done: dict[Any, dict[str, Any]], editor: Editor) -> None:
+    """Refuse a split log whose rows were filtered with another editor (or other editor settings, which are
+    part of :attr:`~medfocus.editing.base.Editor.cache_id`): a split is built with one editor.
+
+    Raises:
+        ConfigError: naming the log, the editor stored and the editor now (``--overwrite`` does not apply:
+            the samples did not change, the setting did).
+    """
+    others = sorted({r["editor"] for r in done.values() if r.get("editor") and r["editor"] != editor.cache_id})
+    if others:
+        raise ConfigError(f"{log_path} holds samples filtered with other settings: editor: {', '.join(map(repr, others))} "
+                          f"(stored) -> {editor.cache_id!r} (now). A split is built with one editor: use another --out "
+                          "for this editor (the edit cache can be shared with --cache-dir) to compare editors.")
 
 
 def generation_settings(model_name: str, max_new_tokens: int, parse: ParseFn,
@@ -512,12 +544,9 @@ def _build_locked(adapter: LVLMAdapter, samples: Sequence[Sample], *, mode: str,
         remove_orphaned_tmp(paths[name].parent, paths[name].name)
     trim_partial_tail(paths["log"])
     done = read_log(paths["log"])
+    check_split_editor(paths["log"], done, editor)  # first, as check_split_samples does before the model loads
     for k in check_split_settings(paths["log"], done, gen):
         done.pop(k)
-    others = sorted({r["editor"] for r in done.values() if r.get("editor") and r["editor"] != editor.cache_id})
-    if others:
-        raise ConfigError(f"{paths['log']} holds samples filtered with editor {others[0]!r}, not {editor.cache_id!r}; "
-                          "a split is built with one editor: use another output folder to compare editors")
     # rows outside the selection go into the records too: judged against the data loaded now as well
     judged = {**outside_fingerprints(dataset_samples, done, fingerprints, dataset=dataset, mode=mode, editor=editor,
                                      data_root=data_root), **fingerprints}

@@ -10,7 +10,7 @@ from medfocus.commands.config import config_option
 from medfocus.commands.launch import LAUNCH_PARAMS, check_launch_options, launcher_options
 from medfocus.datasets import DATASET_REGISTRY
 from medfocus.lvlm.progress import progress_bars
-from medfocus.errors import ConfigError
+from medfocus.errors import ConfigError, DataError
 from medfocus.io.paths import allow_outside_root as _allow_outside
 
 EPILOG = """\b
@@ -33,6 +33,8 @@ Output: <out>/<model>/<dataset>/<mode>.json (MedGround-Bench records of the kept
 Edits are cached in <out>/edits (or --cache-dir) and shared by every model; the caches and the log
 are tied to each film's content: a rerun whose data changed under a logged index (film overwritten,
 row inserted, other --data-root) is refused before the model loads; --overwrite recomputes those rows.
+A rerun with another --editor or --max-new-tokens (or other weights) is refused before the model loads
+too, naming the setting: use another --out.
 """
 
 
@@ -61,6 +63,18 @@ def _load_model(name: str, device: str | None) -> Any:
 
     check_model(name)
     return load_lvlm(name, device=device)
+
+
+def _model_identity(model: str) -> dict[str, Any] | None:
+    """The identity (source, weight fingerprint) of ``--model`` as given -- a registry name or a folder -- that
+    every split log row records (:func:`medfocus.lvlm.loading.model_identity`), computed without loading it;
+    ``None`` when it cannot be resolved (a test's substitute model), and the records' name identifies it."""
+    from medfocus.lvlm.loading import model_identity
+
+    try:
+        return model_identity(model)
+    except Exception:  # noqa: BLE001 - an unresolvable name is reported by check_model when the model loads
+        return None
 
 
 @bench.command(name="build", epilog=EPILOG)
@@ -134,14 +148,19 @@ def build(ctx: click.Context, model: str, model_name: str | None, dataset: str, 
     ed = _make_editor(editor_name, seed=seed, reference_dir=reference_dir, radedit_dir=radedit_dir,
                       radedit_steps=radedit_steps, device=device)
     ed.prepare()
+    if not samples:
+        raise DataError(f"no samples to filter: {dataset} at {data_root} gives none" + (f" in shard {shard}" if shard else ""))
+    identity = _model_identity(model)
     if launch_opts["launcher"] != "none":
         _launch_build(ctx, launch_opts, samples=samples, model_name=model_name, modes=modes, out_dir=out_dir,
                       cache_dir=cache_dir, include_negatives=include_negatives, device=device, progress=not no_progress,
-                      editor=ed, data_root=data_root, overwrite=overwrite, dataset_samples=whole)
+                      editor=ed, data_root=data_root, overwrite=overwrite, dataset_samples=whole,
+                      max_new_tokens=max_new_tokens, model_identity=identity)
         return
-    if not overwrite and samples:  # logged rows of changed samples: refused before the (large) model loads
-        check_split_samples(samples, [out_dir], model_name=model_name, modes=modes, editor=ed, data_root=data_root,
-                            dataset_samples=whole)
+    # what build_benchmark would refuse on an existing split (another editor, other generation settings,
+    # logged rows of changed samples unless --overwrite): refused now, before the (large) model loads
+    check_split_samples(samples, [out_dir], model_name=model_name, modes=modes, editor=ed, data_root=data_root,
+                        dataset_samples=whole, max_new_tokens=max_new_tokens, model_identity=identity, overwrite=overwrite)
     with progress_bars(not no_progress):
         adapter = _load_model(model, device)
     for mode in modes:
@@ -149,7 +168,7 @@ def build(ctx: click.Context, model: str, model_name: str | None, dataset: str, 
                                        cache_dir=cache_dir, include_negatives=include_negatives,
                                        max_new_tokens=max_new_tokens, batch_size=batch_size,
                                        retry_errors=retry_errors, progress=not no_progress, data_root=data_root,
-                                       overwrite=overwrite, dataset_samples=whole)
+                                       overwrite=overwrite, dataset_samples=whole, model_identity=identity)
         click.echo(f"{model_name} / {ds_name} / {mode}: kept {ret['kept']} of {ret['n']} positives "
                    f"({ret['retention_pct']}%), errors {ret['errors']}")
     click.echo(write_retention(out_dir))
@@ -165,7 +184,8 @@ def _shard_samples(samples: list, model_name: str, spec: str) -> list:
 
 def _launch_build(ctx: click.Context, launch_opts: dict[str, Any], *, samples: list, model_name: str, modes: tuple[str, ...],
                   out_dir: str, cache_dir: str | None, include_negatives: bool, device: str | None, progress: bool,
-                  editor: Any, data_root: str | None, overwrite: bool, dataset_samples: list) -> None:
+                  editor: Any, data_root: str | None, overwrite: bool, dataset_samples: list,
+                  max_new_tokens: int | None, model_identity: dict[str, Any] | None) -> None:
     """One ``bench build --shard i/n`` task per shard, each into ``<out>/shards/i-of-n`` with the edit
     cache shared; merged into ``<out>`` when all finish (``--launcher local|slurm``). Logged rows of
     changed samples (in ``<out>`` and the shard folders) are refused before any task starts, unless
@@ -194,11 +214,12 @@ def _launch_build(ctx: click.Context, launch_opts: dict[str, Any], *, samples: l
         tasks.append(ShardTask(shard=i, n=n, model=model_name, argv=argv, output=rel, expected=len(sel) * len(modes)))
     if not tasks:
         raise ConfigError("nothing to filter: no samples selected")
-    if not overwrite:  # rows of changed samples refused before any task starts (each task checks its own too)
-        from medfocus.bench.build import check_split_samples
+    # another editor, other settings, rows of changed samples: refused before any task starts (each task checks its own too)
+    from medfocus.bench.build import check_split_samples
 
-        check_split_samples(samples, [out, *(out / t.output for t in tasks)], model_name=model_name, modes=modes,
-                            editor=editor, data_root=data_root, dataset_samples=dataset_samples)
+    check_split_samples(samples, [out, *(out / t.output for t in tasks)], model_name=model_name, modes=modes,
+                        editor=editor, data_root=data_root, dataset_samples=dataset_samples,
+                        max_new_tokens=max_new_tokens, model_identity=model_identity, overwrite=overwrite)
     manifest = Manifest(command="bench build", launcher=opts["launcher"], out=str(out), tasks=tasks, overwrite=overwrite)
     click.echo(f"{sum(t.expected for t in tasks)} (sample, mode) pairs in {len(tasks)} tasks -> {out}")
     run_launch(manifest, opts, device=device, progress=progress)
