@@ -65,16 +65,16 @@ def _load_model(name: str, device: str | None) -> Any:
     return load_lvlm(name, device=device)
 
 
-def _model_identity(model: str) -> dict[str, Any] | None:
+def _model_identity(model: str) -> dict[str, Any]:
     """The identity (source, weight fingerprint) of ``--model`` as given -- a registry name or a folder -- that
-    every split log row records (:func:`medfocus.lvlm.loading.model_identity`), computed without loading it;
-    ``None`` when it cannot be resolved (a test's substitute model), and the records' name identifies it."""
+    every split log row records (:func:`medfocus.lvlm.loading.model_identity`), computed without loading it.
+
+    Raises:
+        ModelError: a weight file cannot be read; ConfigError: the user model registry cannot be used.
+    """
     from medfocus.lvlm.loading import model_identity
 
-    try:
-        return model_identity(model)
-    except Exception:  # noqa: BLE001 - an unresolvable name is reported by check_model when the model loads
-        return None
+    return model_identity(model)
 
 
 @bench.command(name="build", epilog=EPILOG)
@@ -185,7 +185,7 @@ def _shard_samples(samples: list, model_name: str, spec: str) -> list:
 def _launch_build(ctx: click.Context, launch_opts: dict[str, Any], *, samples: list, model_name: str, modes: tuple[str, ...],
                   out_dir: str, cache_dir: str | None, include_negatives: bool, device: str | None, progress: bool,
                   editor: Any, data_root: str | None, overwrite: bool, dataset_samples: list,
-                  max_new_tokens: int | None, model_identity: dict[str, Any] | None) -> None:
+                  max_new_tokens: int | None, model_identity: dict[str, Any]) -> None:
     """One ``bench build --shard i/n`` task per shard, each into ``<out>/shards/i-of-n`` with the edit
     cache shared; merged into ``<out>`` when all finish (``--launcher local|slurm``). Logged rows of
     changed samples (in ``<out>`` and the shard folders) are refused before any task starts, unless
