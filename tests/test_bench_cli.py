@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 from click.testing import CliRunner
 
@@ -152,3 +154,52 @@ def test_build_benchmark_refuses_budgets_below_one(tmp_path, kw):
         build_benchmark(ToyAdapter(), samples, mode="direct", editor=get_editor("oracle"), out_dir=tmp_path / "o",
                         model_name="toy", progress=False, **kw)
     assert not (tmp_path / "o").exists()
+
+
+class _NegativesAdapter(ToyAdapter):
+    """The toy model, but on the "No" films: a wrong "Yes" on film 6, a failing generation on film 7 (the
+    other negatives are answered "No" from their pixels, as ToyAdapter does)."""
+
+    def generate(self, images, questions, *, max_new_tokens=64, batch_size=8):
+        from test_bench import _base
+
+        def is_film(img, i):
+            a = np.asarray(img)
+            return a.shape[:2] == (48, 48) and np.array_equal(a if a.ndim == 2 else a[..., 0], _base(i))
+
+        if any(is_film(img, 7) for img in images):
+            raise ValueError("out of memory on film 7")
+        out = super().generate(images, questions, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        return ["Yes." if is_film(img, 6) else t for img, t in zip(images, out)]
+
+
+def test_retention_md_and_console_show_the_negatives(tmp_path, monkeypatch):
+    """Was: retention.csv had negatives / negatives_correct, but retention.md and the console table had no
+    negatives column. Three "No" films: one answered "Yes" (wrong), one failing, one answered "No"."""
+    import medfocus.datasets as ds
+
+    root = tmp_path / "data"
+    make_toy_world(root, PLAN, n_neg=3)
+    monkeypatch.setitem(ds.DATASET_REGISTRY, "toy", lambda r, **kw: make_toy_world(r, PLAN, n_neg=3))
+    monkeypatch.setattr(bench_cmd, "_load_model", lambda name, device: _NegativesAdapter())
+    out = tmp_path / "out"
+    args = ["bench", "build", "--model", "toy_model", "--dataset", "toy", "--data-root", str(root), "--editor", "oracle",
+            "--out", str(out), "--no-progress", "--batch-size", "1"]
+    res = CliRunner().invoke(main, [*args, "--include-negatives"])
+    assert res.exit_code == 0, res.output
+    log = [json.loads(ln) for ln in (out / "toy_model" / "toy" / "direct.log.jsonl").read_text().splitlines()]
+    neg = {r["index"]: r for r in log if r["kind"] == "negative"}
+    assert neg[6]["correct"] is False and neg[7]["error"] and neg[8]["correct"] is True  # the known answers
+    header = "| model | dataset | mode | editor | n | errors | ✗ correct | ✗ flip | ✗ background | kept | retention % | " \
+             "unparseable (correct/flip/bg) | negatives (correct/n) |"
+    row = "| toy_model | toy | direct | oracle | 6 | 0 | 1 | 0 | 2 | 3 | 50.0 | 0/0/0 | 1/2 (+1 error) |"
+    md = (out / "retention.md").read_text()
+    assert header in md and row in md, md
+    assert header in res.output and row in res.output  # the console prints the same table
+    csv = (out / "retention.csv").read_text().splitlines()
+    assert csv[0].endswith("negatives,negatives_correct,negatives_errors") and csv[1].endswith(",2,1,1"), csv
+    # a split built without --include-negatives answered none: '-' (not 0/0)
+    res = CliRunner().invoke(main, ["bench", "build", "--model", "other", "--dataset", "toy", "--data-root", str(root),
+                                    "--editor", "oracle", "--out", str(out), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "| other | toy | direct | oracle | 6 | 0 | 1 | 0 | 2 | 3 | 50.0 | 0/0/0 | - |" in res.output

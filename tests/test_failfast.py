@@ -147,8 +147,10 @@ def test_user_registry(world, monkeypatch, tmp_path):
     monkeypatch.setenv("MEDFOCUS_MODELS", str(tmp_path / "missing.yaml"))
     with pytest.raises(ConfigError, match="missing.yaml does not exist"):
         check_model("mine")
+    with pytest.raises(ConfigError, match="missing.yaml does not exist"):
+        check_model("demo")  # a built-in name too: the user named a registry, running without it is wrong
     res = CliRunner().invoke(main, ["models"])
-    assert res.exit_code == 0 and "missing.yaml does not exist" in res.output and "demo" in res.output
+    assert res.exit_code == 1 and "missing.yaml does not exist" in res.output
 
 
 def _demo_dir() -> str:

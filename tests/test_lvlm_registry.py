@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +26,9 @@ PAPER = {
 
 @pytest.fixture(autouse=True)
 def _no_user_registry(monkeypatch, tmp_path):
-    monkeypatch.setenv("MEDFOCUS_MODELS", str(tmp_path / "none.yaml"))
+    empty = tmp_path / "none.yaml"  # an existing, empty registry: no user entries (a missing one is an error)
+    empty.write_text("")
+    monkeypatch.setenv("MEDFOCUS_MODELS", str(empty))
 
 
 def test_builtin_entries_exact_ids():
@@ -148,3 +151,98 @@ def test_hub_layout_qwen_folder_loads_without_torchvision(tiny_model_dirs, tmp_p
     ca, cb = a.prepare(img, "Is there evidence of nodule in the image?", "Yes"), b.prepare(img, "Is there evidence of nodule in the image?", "Yes")
     assert torch.equal(ca.inputs["input_ids"], cb.inputs["input_ids"]) and torch.equal(ca.inputs["pixel_values"], cb.inputs["pixel_values"])
     assert torch.equal(score_chat(a, ca), score_chat(b, cb))
+
+
+def test_unknown_entry_field_is_refused_naming_file_entry_field_and_allowed(tmp_path, monkeypatch):
+    """A misspelled field (``canvs``) would leave the canvas at its default without a word: it is an error
+    naming the file, the entry, the field, the close match and the allowed fields; `models` exits 1."""
+    from medfocus.cli import main
+    from medfocus.lvlm.loading import check_model
+
+    y = tmp_path / "typo.yaml"
+    y.write_text(f"models:\n  x:\n    hf_id: {tmp_path}\n    canvs: 448\n")
+    with pytest.raises(ConfigError) as ei:
+        load_user_entries(y)
+    msg = str(ei.value)
+    for w in (str(y), "entry 'x'", "unknown field 'canvs'", "did you mean 'canvas'?",
+              "allowed fields: hf_id, family, canvas, description, gated"):
+        assert w in msg, (w, msg)
+    y.write_text("models:\n  x:\n    hf_id: a/b\n    zzz: 1\n")
+    with pytest.raises(ConfigError, match=r"unknown field 'zzz'; allowed fields: hf_id, family, canvas, description, gated$"):
+        load_user_entries(y)
+    monkeypatch.setenv("MEDFOCUS_MODELS", str(y))
+    with pytest.raises(ConfigError, match="unknown field 'zzz'"):
+        check_model("x")
+    res = CliRunner().invoke(main, ["models"])
+    assert res.exit_code == 1 and "unknown field 'zzz'" in res.output and str(y) in res.output
+    assert "gemma3_4b" in res.output  # the built-ins are still listed
+
+
+def test_missing_registry_file_is_an_error_everywhere(tmp_path, monkeypatch):
+    """A $MEDFOCUS_MODELS naming a missing file is an error (not a warning and a run on the built-ins): model
+    look-ups raise, `models` and `models --check` exit 1 naming the file. Unset, the default path may be absent."""
+    from medfocus.cli import main
+
+    missing = tmp_path / "missing.yaml"
+    monkeypatch.setenv("MEDFOCUS_MODELS", str(missing))
+    for call in (list_models, lambda: get_entry("demo")):
+        with pytest.raises(ConfigError) as ei:
+            call()
+        assert f"model registry {missing} does not exist (set by $MEDFOCUS_MODELS)" in str(ei.value)
+    for args in (["models"], ["models", "--check"]):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 1 and f"{missing} does not exist" in res.output, (args, res.output)
+    monkeypatch.delenv("MEDFOCUS_MODELS")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    res = CliRunner().invoke(main, ["models"])
+    assert res.exit_code == 0 and "demo" in res.output
+    assert f"{tmp_path / 'home' / '.config' / 'medfocus' / 'models.yaml'} (no such file: built-in models only)" in res.output
+
+
+def test_models_check_exit_status_and_folder_reasons(tmp_path, monkeypatch):
+    """`models --check` says what a local folder lacks, and exits 1 when one of the user's own entries cannot
+    load; built-in hub models that are not downloaded are listed but do not fail it."""
+    import huggingface_hub.constants as hfc
+
+    from medfocus.cli import main
+
+    monkeypatch.setattr(hfc, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    res = CliRunner().invoke(main, ["models", "--check"])
+    demo_ok = (Path(get_entry("demo").hf_id) / "config.json").is_file() and (
+        Path(get_entry("demo-shortcut").hf_id) / "config.json").is_file()
+    assert [ln for ln in res.output.splitlines() if ln.startswith("gemma3_4b ")][0].endswith("not available locally")
+    if demo_ok:
+        assert res.exit_code == 0, res.output
+    (tmp_path / "notmodel").mkdir()
+    y = tmp_path / "m.yaml"
+    y.write_text(f"models:\n  nm:\n    hf_id: {tmp_path / 'notmodel'}\n  gone:\n    hf_id: {tmp_path / 'gone'}\n")
+    monkeypatch.setenv("MEDFOCUS_MODELS", str(y))
+    res = CliRunner().invoke(main, ["models", "--check"])
+    lines = {ln.split()[0]: ln for ln in res.output.splitlines() if ln and not ln.startswith(" ")}
+    assert lines["nm"].endswith("folder has no config.json (not a transformers model folder)")
+    assert lines["gone"].endswith("folder does not exist")
+    assert res.exit_code == 1
+    assert "2 of your own model entries cannot be loaded locally: nm (folder has no config.json" in res.output
+    assert CliRunner().invoke(main, ["models"]).exit_code == 0  # without --check nothing is checked
+
+
+def test_demo_overridden_by_a_user_entry_names_the_entry_not_train_demo(tmp_path, monkeypatch):
+    """A registry entry reusing the name `demo` for a folder that is not a model: the error names the file, the
+    entry and what the folder lacks; it does not advise training the demo into the user's folder."""
+    from medfocus.lvlm.loading import check_model
+
+    (tmp_path / "notmodel").mkdir()
+    y = tmp_path / "override.yaml"
+    y.write_text(f"models:\n  demo:\n    hf_id: {tmp_path / 'notmodel'}\n    family: qwen_vl\n")
+    monkeypatch.setenv("MEDFOCUS_MODELS", str(y))
+    for call in (check_model, lambda n: load_lvlm(n, device="cpu")):
+        with pytest.raises(ModelError) as ei:
+            call("demo")
+        msg = str(ei.value)
+        assert msg == (f"model 'demo' (entry 'demo' of the user model registry {y}): folder {tmp_path / 'notmodel'} "
+                       f"has no config.json (not a transformers model folder)"), msg
+    y.write_text(f"models:\n  demo:\n    hf_id: {tmp_path / 'nothere'}\n")
+    with pytest.raises(ModelError) as ei:
+        check_model("demo")
+    assert f"(entry 'demo' of the user model registry {y}): hf_id {tmp_path / 'nothere'} is not an existing folder" in str(ei.value)
+    assert "train-demo" not in str(ei.value)

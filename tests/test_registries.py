@@ -61,6 +61,7 @@ def _five():
 
 @pytest.mark.parametrize("i", range(5))
 def test_every_registry_refuses_a_duplicate_and_lists_a_dict(i, monkeypatch, tmp_path):
+    (tmp_path / "none.yaml").write_text("")  # an empty user registry (a missing one is an error)
     monkeypatch.setenv("MEDFOCUS_MODELS", str(tmp_path / "none.yaml"))
     register, list_fn, existing, target = _five()[i]
     listed = list_fn()

@@ -763,7 +763,7 @@ def _fill_outcome(row: dict[str, Any], texts: list[str], parse: ParseFn) -> None
 # ---- retention --------------------------------------------------------------------------------
 RETENTION_COLUMNS = ["model", "dataset", "mode", "editor", "n", "errors", "failed_correct", "failed_flip",
                      "failed_background", "kept", "retention_pct", "unparseable_correct", "unparseable_flip",
-                     "unparseable_background", "negatives", "negatives_correct"]
+                     "unparseable_background", "negatives", "negatives_correct", "negatives_errors"]
 
 
 def retention_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -771,10 +771,13 @@ def retention_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
     ``n`` counts positives; ``errors + failed_correct + failed_flip + failed_background + kept == n``
     (each sample is charged to the first gate it fails); ``unparseable_<gate>`` counts the failures of
-    that gate caused by an unreadable answer (already included in ``failed_<gate>``).
+    that gate caused by an unreadable answer (already included in ``failed_<gate>``). ``negatives``: the
+    "No" samples answered without error (``--include-negatives``), ``negatives_correct`` those answered
+    "No", ``negatives_errors`` those whose generation failed (not in ``negatives``).
     """
     pos = [r for r in rows if r.get("kind", "positive") == "positive"]
-    neg = [r for r in rows if r.get("kind") == "negative" and r.get("error") is None]
+    neg_all = [r for r in rows if r.get("kind") == "negative"]
+    neg = [r for r in neg_all if r.get("error") is None]
     first = rows[0] if rows else {}
     out: dict[str, Any] = {"model": first.get("model"), "dataset": first.get("dataset"), "mode": first.get("mode"),
                            "editor": next((r.get("editor") for r in pos if r.get("editor")), None), "n": len(pos)}
@@ -788,6 +791,7 @@ def retention_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         out[f"unparseable_{g}"] = sum(1 for r in ok if r.get("failed_gate") == g and r.get("unparseable"))
     out["negatives"] = len(neg)
     out["negatives_correct"] = sum(1 for r in neg if r.get("correct"))
+    out["negatives_errors"] = len(neg_all) - len(neg)
     return out
 
 
@@ -806,17 +810,28 @@ def retention_table(out_dir: str | os.PathLike[str]) -> "Any":
 
 
 def retention_markdown(df: "Any") -> str:
-    """Markdown table of a retention DataFrame."""
+    """Markdown table of a retention DataFrame (:func:`retention_table`): what ``retention.md`` holds and
+    ``bench build`` / ``bench retention`` print. The last column is the "No" samples
+    (``--include-negatives``): ``correct/n`` answered "No" of those answered, ``(+k errors)`` when some
+    failed, ``-`` when the split answered none."""
     cols = ["model", "dataset", "mode", "editor", "n", "errors", "failed_correct", "failed_flip", "failed_background",
-            "kept", "retention_pct", "unparseable_correct", "unparseable_flip", "unparseable_background"]
+            "kept", "retention_pct"]
     head = ["model", "dataset", "mode", "editor", "n", "errors", "✗ correct", "✗ flip", "✗ background", "kept",
-            "retention %", "unparseable (correct/flip/bg)"]
+            "retention %", "unparseable (correct/flip/bg)", "negatives (correct/n)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in df.iterrows():
-        vals = [str(r[c]) for c in cols[:11]]
+        vals = [str(r[c]) for c in cols]
         vals.append(f"{r['unparseable_correct']}/{r['unparseable_flip']}/{r['unparseable_background']}")
+        vals.append(_negatives_cell(int(r["negatives_correct"]), int(r["negatives"]), int(r.get("negatives_errors", 0))))
         lines.append("| " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _negatives_cell(correct: int, n: int, errors: int) -> str:
+    """``correct/n`` of a split's "No" samples, ``(+k errors)`` for failed ones, ``-`` when none was run."""
+    if n == 0 and errors == 0:
+        return "-"
+    return f"{correct}/{n}" + (f" (+{errors} error{'s' if errors != 1 else ''})" if errors else "")
 
 
 def write_retention(out_dir: str | os.PathLike[str]) -> str:

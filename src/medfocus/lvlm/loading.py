@@ -19,7 +19,8 @@ import torch
 from medfocus.errors import ConfigError, ModelError
 from medfocus.io.fingerprint import file_sha256
 from medfocus.lvlm.adapter import LVLMAdapter
-from medfocus.lvlm.registry import MODEL_TYPE_TO_FAMILY, SHIPPED_DEMOS, ModelEntry, get_entry, list_models
+from medfocus.lvlm.registry import (MODEL_TYPE_TO_FAMILY, SHIPPED_DEMOS, ModelEntry, get_entry, is_shipped_demo, list_models,
+                                    registry_origin)
 
 QWEN_DEFAULT_CANVAS = 448
 
@@ -88,14 +89,25 @@ def _folder_problem(folder: Path) -> str | None:
     return None
 
 
-def available_locally(path: str) -> bool:
-    """Whether a model source (folder or hub id) can be loaded without the network: a local folder with a
-    config and its weights, or a complete snapshot in the Hugging Face cache (what ``medfocus models --check``
-    reports)."""
+def local_availability(path: str) -> str | None:
+    """Why a model source (folder or hub id) cannot be loaded without the network, in a few words (what
+    ``medfocus models --check`` prints), or ``None`` when it can: a local folder with a config and its
+    weights, or a complete snapshot in the Hugging Face cache. The reasons: ``folder ... has no config.json
+    (not a transformers model folder)`` (or what else the folder lacks), ``folder ... does not exist`` (a
+    source written as a path), ``not available locally`` (a hub id with no complete cached snapshot)."""
     local = Path(path).expanduser()
     if local.is_dir():
-        return _folder_problem(local) is None
-    return cached_snapshot(path) is not None
+        problem = _folder_problem(local)
+        return f"folder {problem}" if problem else None
+    if _looks_like_path(path):
+        return "folder does not exist"
+    return None if cached_snapshot(path) is not None else "not available locally"
+
+
+def available_locally(path: str) -> bool:
+    """Whether a model source (folder or hub id) can be loaded without the network (:func:`local_availability`
+    is ``None``)."""
+    return local_availability(path) is None
 
 
 def not_available_locally(name: str, hf_id: str) -> str:
@@ -115,6 +127,30 @@ def _no_shipped_weights(name: str, path: str) -> str:
     """The error text for a shipped demo model whose folder has no weights (a source checkout without them)."""
     return (f"the {name} model has no weights at {path} yet; build them with "
             f"`medfocus train-demo --preset {SHIPPED_DEMOS[name]} --out {path}`")
+
+
+def _looks_like_path(path: str) -> bool:
+    """A model source written as a filesystem path (``/x``, ``./x``, ``~/x``), never a hub id."""
+    return path.startswith((".", "/", "~"))
+
+
+def _local_problem(name: str, path: str, entry: ModelEntry | None) -> str | None:
+    """Why a model source that is (or is declared as) a local folder cannot be loaded, or ``None`` when it
+    is not one or is complete. A shipped demo without weights gets the ``train-demo`` advice; a folder
+    that a user or runtime registry entry names (including one that reuses ``demo``) is named with that
+    entry, so the message points at the file to fix, not at training a model into the user's folder."""
+    local = Path(path).expanduser()
+    if is_shipped_demo(entry) and not (local / "config.json").is_file():
+        return _no_shipped_weights(entry.name, path)
+    origin = registry_origin(entry.name) if entry is not None else None
+    who = f"model {name!r} ({origin})" if origin else f"model {name!r}"
+    if local.is_dir():
+        problem = _folder_problem(local)
+        return f"{who}: folder {local} {problem}" if problem else None
+    if origin and _looks_like_path(path):
+        return (f"{who}: hf_id {path} is not an existing folder (a local model folder must exist; "
+                f"a Hugging Face id has the form 'owner/name')")
+    return None
 
 
 def resolve(name_or_path: str | os.PathLike) -> tuple[str, str, ModelEntry | None]:
@@ -175,8 +211,8 @@ def check_model(name_or_path: str | os.PathLike) -> str:
         the resolved source (folder or hub id).
     Raises:
         ModelError: naming the model and what is missing (and how to provide it).
-        ConfigError: the user registry file (``$MEDFOCUS_MODELS``) is missing or invalid and the name is
-            not a built-in model.
+        ConfigError: ``$MEDFOCUS_MODELS`` names a file that does not exist; or the user registry file is
+            invalid and the name is not a built-in model.
     """
     from medfocus.lvlm.registry import registry_problem
 
@@ -185,19 +221,15 @@ def check_model(name_or_path: str | os.PathLike) -> str:
         problem = registry_problem()
         if problem:
             raise ConfigError(f"model {name!r} is not a built-in model, and the user model registry cannot be used: {problem}")
+    problem = _local_problem(name, path, entry)
+    if problem:
+        raise ModelError(problem)
     local = Path(path).expanduser()
     if local.is_dir():
-        if entry is not None and entry.name in SHIPPED_DEMOS and not (local / "config.json").is_file():
-            raise ModelError(_no_shipped_weights(entry.name, path))
-        problem = _folder_problem(local)
-        if problem:
-            raise ModelError(f"model {name!r}: folder {local} {problem}")
         return str(local)
-    if entry is None and ("/" not in path or path.startswith((".", "/", "~"))):
+    if entry is None and ("/" not in path or _looks_like_path(path)):
         raise ModelError(f"unknown model {name!r}: not a registry name ({', '.join(sorted(list_models()))}), "
                          f"not an existing folder, and not an HF id of the form 'owner/name'")
-    if entry is not None and entry.name in SHIPPED_DEMOS:
-        raise ModelError(_no_shipped_weights(entry.name, path))
     if not downloads_allowed() and cached_snapshot(path) is None:
         raise ModelError(not_available_locally(name, path))
     return path
@@ -331,8 +363,9 @@ def load_lvlm(name_or_path: str | os.PathLike, device: str | torch.device | None
     if entry is None and not is_local and ("/" not in path or path.startswith((".", "/", "~"))):
         raise ModelError(f"unknown model {name!r}: not a registry name ({', '.join(sorted(list_models()))}), "
                          f"not an existing folder, and not an HF id of the form 'owner/name'")
-    if entry is not None and entry.name in SHIPPED_DEMOS and not (Path(path) / "config.json").is_file():
-        raise ModelError(_no_shipped_weights(entry.name, path))
+    problem = _local_problem(name, path, entry)
+    if problem:
+        raise ModelError(problem)
     # A hub id is read from the local cache only, unless downloads are explicitly allowed (HF_HUB_OFFLINE=0):
     # without a local copy that is one clear error now, not transformers' network retries.
     local_only = not downloads_allowed()

@@ -14,6 +14,7 @@ form::
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +51,8 @@ class ModelEntry:
             (Qwen: 448; Gemma 3 / LLaVA: the vision tower's ``image_size``).
         description: one line for ``medfocus models``.
         gated: the hub repo needs an accepted licence (login) before download.
-        extra: free-form options kept verbatim.
+        extra: free-form options kept verbatim (entries made in Python; a YAML entry takes only the
+            fields above, and an unknown one is an error).
     """
 
     name: str
@@ -101,8 +103,10 @@ def load_user_entries(path: str | Path) -> dict[str, ModelEntry]:
 
     Raises:
         ConfigError: the file is missing or unreadable, is not a mapping, or an entry has a missing
-            ``hf_id`` or a field of the wrong type (``canvas: abc``, ``canvas: 2.5``, ``gated: "no"``);
-            the message names the file, the entry, the field and the expected type. No value is coerced.
+            ``hf_id``, a field of the wrong type (``canvas: abc``, ``canvas: 2.5``, ``gated: "no"``) or a
+            field that is not one of :data:`_ENTRY_FIELDS` (``canvs: 448`` would otherwise leave the canvas
+            at its default without a word); the message names the file, the entry, the field and the
+            expected type or the allowed fields. No value is coerced.
     """
     import yaml
 
@@ -124,6 +128,13 @@ def load_user_entries(path: str | Path) -> dict[str, ModelEntry]:
             raise ConfigError(f"model registry {p}: entry name {name!r} must be a non-empty string")
         if not isinstance(spec, dict):
             raise ConfigError(f"model registry {p}: entry {name!r} must be a mapping with at least 'hf_id', got {type(spec).__name__}")
+        unknown = [k for k in spec if k not in _ENTRY_FIELDS]
+        if unknown:
+            k = unknown[0]
+            close = difflib.get_close_matches(str(k), list(_ENTRY_FIELDS), n=1, cutoff=0.6)
+            raise ConfigError(f"model registry {p}: entry {name!r}: unknown field {k!r}"
+                              + (f" (did you mean {close[0]!r}?)" if close else "")
+                              + f"; allowed fields: {', '.join(_ENTRY_FIELDS)}")
         for field_name, (expected, typ) in _ENTRY_FIELDS.items():
             if field_name not in spec or (spec[field_name] is None and field_name != "hf_id"):
                 continue
@@ -139,22 +150,55 @@ def load_user_entries(path: str | Path) -> dict[str, ModelEntry]:
                 raise ConfigError(f"model registry {p}: entry {name!r}, field {field_name!r}: expected {expected}, got {v!r} ({type(v).__name__})")
         if "hf_id" not in spec:
             raise ConfigError(f"model registry {p}: entry {name!r} needs 'hf_id' (a local folder or HF id)")
-        known = set(_ENTRY_FIELDS)
         out[name] = ModelEntry(name, spec["hf_id"], spec.get("family") or "", spec.get("canvas"),
-                               spec.get("description") or "", bool(spec.get("gated") or False),
-                               {k: v for k, v in spec.items() if k not in known})
+                               spec.get("description") or "", bool(spec.get("gated") or False))
     return out
 
 
 def registry_problem() -> str | None:
-    """Why the user registry cannot be used (``$MEDFOCUS_MODELS`` names a missing file, or the file is
-    invalid), or ``None`` when it is fine or simply absent (the default path need not exist)."""
+    """Why the user registry file cannot be used (it is invalid: unreadable YAML, a wrong type, an unknown
+    field), or ``None`` when it is fine or simply absent (the default path need not exist).
+
+    Raises:
+        ConfigError: ``$MEDFOCUS_MODELS`` names a file that does not exist (see :func:`list_models`).
+    """
     return _read_user()[1]
+
+
+def registry_origin(name: str) -> str | None:
+    """Where the entry ``name`` that :func:`get_entry` returns was defined, for messages about it:
+    ``"entry 'x' of the user model registry <file>"``, ``"entry 'x' registered at runtime"``, or ``None``
+    for a built-in entry (and for an unknown name).
+
+    Raises:
+        ConfigError: as :func:`list_models`.
+    """
+    if name in _USER:
+        return f"entry {name!r} registered at runtime (medfocus.lvlm.register)"
+    if name in _read_user()[0]:
+        return f"entry {name!r} of the user model registry {user_registry_path()}"
+    return None
+
+
+def is_shipped_demo(entry: ModelEntry | None) -> bool:
+    """Whether ``entry`` is one of the shipped demo models as built in (its package folder), not a user or
+    runtime entry that reuses the name for another folder (whose advice is not "train the demo there")."""
+    return entry is not None and entry.name in SHIPPED_DEMOS and _BUILTIN[entry.name].hf_id == entry.hf_id
+
+
+#: Problems already logged by :func:`list_models` (it runs for every model lookup: one warning per problem).
+_WARNED: set[str] = set()
 
 
 def _read_user() -> tuple[dict[str, ModelEntry], str | None]:
     p = user_registry_path()
-    if not os.environ.get("MEDFOCUS_MODELS") and not p.is_file():
+    explicit = bool(os.environ.get("MEDFOCUS_MODELS"))
+    if not p.is_file():
+        if explicit:
+            # The user named a file: running on without its entries would silently measure other models
+            # (a built-in 'demo' instead of an override), so this is an error, not a warning.
+            raise ConfigError(f"model registry {p} does not exist (set by $MEDFOCUS_MODELS); "
+                              f"create it, fix the path, or unset $MEDFOCUS_MODELS")
         return {}, None
     try:
         return load_user_entries(p), None
@@ -173,17 +217,23 @@ def register(entry: ModelEntry, *, overwrite: bool = False) -> None:
     _USER.register(entry.name, entry, overwrite=True)
 
 
-def list_models() -> dict[str, ModelEntry]:
+def list_models(*, warn: bool = True) -> dict[str, ModelEntry]:
     """All entries: built-ins, then the user YAML file (which may override), then runtime ones.
 
-    A broken or missing user registry file does not take the built-in models down: its entries are
-    left out with a warning, and :func:`registry_problem` (checked by ``medfocus attribute`` and
-    :func:`medfocus.lvlm.loading.check_model` whenever a non-built-in name is asked for) says why."""
+    A broken user registry file does not take the built-in models down: its entries are left out with a
+    warning (once per process), and :func:`registry_problem` (checked by
+    :func:`medfocus.lvlm.loading.check_model` whenever a non-built-in name is asked for, and by
+    ``medfocus models``) says why. ``warn=False``: no warning (the caller reports the problem itself).
+
+    Raises:
+        ConfigError: ``$MEDFOCUS_MODELS`` is set to a path that does not exist.
+    """
     out = dict(_BUILTIN)
     user, problem = _read_user()
-    if problem:
+    if warn and problem and problem not in _WARNED:
         import logging
 
+        _WARNED.add(problem)
         logging.getLogger(__name__).warning("ignoring the user model registry: %s", problem)
     out.update(user)
     out.update(_USER)
