@@ -255,3 +255,99 @@ def test_attribute_help_lists_every_registered_dataset():
     for cmd in (["attribute"], ["bench", "build"]):
         text = " ".join(CliRunner().invoke(main, [*cmd, "--help"], terminal_width=400).output.split())
         assert "nih_cxr8" in text and all(name in text for name in DATASET_REGISTRY.names()), cmd
+
+
+# ---- exit status: a run in which every record failed exits 3; one with any result exits 0 ---------------------
+class _AlwaysFails:
+    def __init__(self, **params):
+        self.params = params
+
+    def attribute(self, adapter, image, question, answer):
+        raise RuntimeError(f"out of memory on a {image.shape[0]}x{image.shape[1]} film")
+
+
+def _register(monkeypatch, name, cls):
+    import medfocus.attribution.base as abase
+
+    monkeypatch.setitem(abase._REGISTRY, name, f"{__name__}:_placeholder")
+    resolve = abase._resolve
+    monkeypatch.setattr(abase, "_resolve", lambda n: cls if n == name else resolve(n))
+
+
+def test_attribute_run_where_every_record_failed_exits_3_naming_the_errors_file(fake_world, tmp_path, monkeypatch):
+    _register(monkeypatch, "fake_always", _AlwaysFails)
+    out = tmp_path / "allfail"
+    args = ["attribute", "--bench", str(fake_world["bench"]), "--dataset", "synthetic", "--method", "fake_always",
+            "--out", str(out), "--no-progress"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 3, r.output
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("Error:")]
+    assert len(err) == 1, r.stderr
+    assert "all 8 records of this run failed" in err[0] and str(out / "predictions.jsonl") in err[0]
+    assert "first: RuntimeError: out of memory on a 32x32 film" in err[0] and "--retry-errors" in err[0]
+    recs = load_results(out / "predictions.jsonl")
+    assert len(recs) == 8 and all(x["error"] for x in recs)  # every failure is recorded
+    # a rerun serves the stored errors: still nothing holds a result
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 3 and "8 already in the store" in r.output, r.output
+
+
+def test_attribute_run_with_one_failing_sample_records_it_continues_and_exits_0(fake_world, tmp_path):
+    out = tmp_path / "onefail"
+    r = CliRunner().invoke(main, ["attribute", "--bench", str(fake_world["bench"]), "--dataset", "synthetic",
+                                  "--method", "fake_boom", "--out", str(out), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "1 records carry an error" in r.output and "Error:" not in r.output
+    recs = {x["index"]: x for x in load_results(out / "predictions.jsonl")}
+    assert sorted(recs) == list(range(8))  # the samples after the failing one ran too
+    assert [i for i, x in recs.items() if x["error"]] == [3]
+    assert "synthetic failure on sample 3" in recs[3]["error"]
+
+
+def test_explain_run_where_every_method_failed_exits_3(tmp_path, demo_adapter, monkeypatch):
+    import medfocus.lvlm
+    from medfocus.io.writers import write_png
+
+    import test_runner_fakes as fk
+
+    _register(monkeypatch, "fake_always", _AlwaysFails)
+    _register(monkeypatch, "fake_random", fk.RandomMethod)
+    monkeypatch.setattr(medfocus.lvlm, "load_lvlm", lambda name, **kw: demo_adapter)
+    rng = __import__("numpy").random.default_rng(0)
+    film = write_png(tmp_path / "film.png", rng.integers(40, 220, (256, 256)).astype("uint8"))
+    base = ["explain", str(film), "--finding", "nodule", "--answer", "Yes", "--no-progress"]
+    r = CliRunner().invoke(main, base + ["--method", "fake_always", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 3, r.output
+    assert "all 1 records of this run failed" in r.stderr and str(tmp_path / "x" / "predictions.jsonl") in r.stderr
+    assert "--overwrite" in r.stderr and (tmp_path / "x" / "explain.html").is_file()  # the viewer shows the failure
+    # one method fails, the other gives a map: the failure is recorded, the run exits 0
+    r = CliRunner().invoke(main, base + ["--method", "fake_always", "--method", "fake_random", "--out", str(tmp_path / "y")])
+    assert r.exit_code == 0, r.output
+    recs = {x["method"]: x for x in load_results(tmp_path / "y" / "predictions.jsonl")}
+    assert recs["fake_always"]["error"] and not recs["fake_random"]["error"]
+    assert "1 records carry an error" in r.output
+
+
+def test_launched_attribute_whose_tasks_all_failed_exits_3(fake_world, tmp_path, monkeypatch):
+    """The launcher itself is tested in test_launch.py; here the workers are stood in for by writing each task's
+    store with error records, and the real status read of the tasks' outputs decides the exit status."""
+    import medfocus.commands.launch as launch_cmd
+
+    def fake_launch(manifest, opts, *, device, progress, errors_only):
+        Path(manifest.out).mkdir(parents=True, exist_ok=True)
+        for t in manifest.tasks:
+            recs = [{"model": "demo", "dataset": "synthetic", "index": 100 * t.shard + k, "mode": "direct",
+                     "method": "fake_hot", "error": None if (k == 0 and not errors_only) else "RuntimeError: worker"}
+                    for k in range(2)]
+            (Path(manifest.out) / t.output).write_text("".join(json.dumps(r) + "\n" for r in recs))
+        manifest.save()
+
+    base = ["attribute", "--bench", str(fake_world["bench"]), "--dataset", "synthetic", "--method", "fake_hot",
+            "--launcher", "local", "--devices", "cpu,cpu", "--no-progress"]
+    for errors_only, status in ((True, 3), (False, 0)):
+        monkeypatch.setattr(launch_cmd, "run_launch", lambda m, o, **kw: fake_launch(m, o, errors_only=errors_only, **kw))
+        out = tmp_path / f"launched_{errors_only}"
+        r = CliRunner().invoke(main, base + ["--out", str(out)])
+        assert r.exit_code == status, r.output
+        assert ("all 4 records of this run failed" in r.output) == errors_only
+        assert ("first: RuntimeError: worker" in r.output) == errors_only

@@ -67,3 +67,13 @@ def test_status_of_a_folder_without_manifest_or_shards_is_one_error(tmp_path):
     r = _run("status", str(tmp_path))
     assert r.exit_code == 1
     assert "no launch manifest" in r.output and "no shard outputs" in r.output and "Traceback" not in r.output
+
+
+def test_a_damaged_launch_manifest_is_named_not_taken_for_hand_run_shards(tmp_path):
+    _store(tmp_path / "predictions.shard-0-of-1.jsonl", [0])
+    (tmp_path / "launch").mkdir()
+    (tmp_path / "launch" / "manifest.json").write_text("{not json")
+    for args in (["status", str(tmp_path)], ["merge", str(tmp_path)]):
+        r = _run(*args)
+        assert r.exit_code == 1 and "not a medfocus launch manifest" in r.output, r.output
+    assert not (tmp_path / "predictions.jsonl").exists()

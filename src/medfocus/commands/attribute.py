@@ -145,6 +145,26 @@ def check_films(items: Sequence[Any], method_objs: dict[str, Any]) -> None:
                                 {it.sample.image_path: tuple(it.sample.image_size) for it in items if it.model == model})
 
 
+def exit_if_nothing_succeeded(n_records: int, n_failed: int, store_path: Path, rerun: str,
+                              error_keys: Sequence[Any] = (), read_from: Sequence[Path] | None = None) -> None:
+    """End the command with exit status :data:`~medfocus.runner.grid.EXIT_ALL_FAILED` (3) and one line on
+    stderr naming the file that holds the errors (``store_path``) when all ``n_records`` records of the run
+    failed (``n_failed == n_records > 0``); otherwise do nothing (a run with any result exits 0, its failures
+    recorded). The line quotes the first error (of ``error_keys`` when given; read from ``read_from``,
+    default ``store_path``) and how to rerun."""
+    from medfocus.runner.grid import EXIT_ALL_FAILED
+    from medfocus.runner.store import load_results, record_key
+
+    if n_records == 0 or n_failed < n_records:
+        return
+    keys = set(error_keys)
+    first = next((r["error"] for p in (read_from or [store_path]) if p.is_file() for r in load_results(p)
+                  if r.get("error") and (not keys or record_key(r) in keys)), None)
+    click.echo(f"Error: all {n_records} records of this run failed, none holds a result (errors in {store_path}, "
+               f"field 'error'; first: {first}); fix the cause, then {rerun}", err=True)
+    click.get_current_context().exit(EXIT_ALL_FAILED)
+
+
 def load_samples(dataset: str, data_root: str | None) -> list:
     """Samples of a dataset through the dataset registry (``medfocus.datasets.load_dataset``)."""
     from medfocus.datasets import load_dataset
@@ -341,7 +361,8 @@ def attribute(ctx, bench, dataset, data_root, models, modes, methods, params, re
               faithfulness, faithfulness_steps, faithfulness_baseline, faithfulness_batch_size, **launch_opts) -> None:
     """Run attribution methods on a benchmark split and store one record per
     (model, dataset, index, mode, method) in OUT/predictions.jsonl (resumable: rerun the same
-    command after an interruption)."""
+    command after an interruption). A failing sample is recorded with its error and the run goes on;
+    exit status 3 when every record of the run failed."""
     from medfocus.runner.grid import check_split_items, parse_shard, run_grid, select_items
     from medfocus.runner.store import ResultStore, merge_stores
 
@@ -407,6 +428,8 @@ def attribute(ctx, bench, dataset, data_root, models, modes, methods, params, re
     click.echo(f"done: {summary}")
     if summary.errors:
         click.echo(f"{summary.errors} records carry an error (see the 'error' field); rerun with --retry-errors to recompute them")
+    exit_if_nothing_succeeded(summary.total, summary.total - summary.succeeded, store_path,
+                              "rerun the same command with --retry-errors", summary.error_keys)
 
 
 def _launch_attribute(ctx: click.Context, launch_opts: dict[str, Any], *, bench, dataset, data_root, models, modes, methods,
@@ -456,3 +479,9 @@ def _launch_attribute(ctx: click.Context, launch_opts: dict[str, Any], *, bench,
     if cost is not None:  # before any task starts
         click.echo(cost)
     run_launch(manifest, opts, device=device, progress=not no_progress)
+    if not opts["no_wait"]:  # the tasks' own outputs (the merged file may hold other runs' records too)
+        from medfocus.runner.launch import shard_status
+
+        rows = shard_status(out)
+        exit_if_nothing_succeeded(sum(r["done"] for r in rows), sum(r["errors"] for r in rows), out / "predictions.jsonl",
+                                  "rerun the same command with --retry-errors", read_from=[out / t.output for t in tasks])

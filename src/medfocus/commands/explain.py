@@ -40,8 +40,8 @@ def explain(images, finding, question, mode, answer, model, methods, params, box
             no_progress) -> None:
     """Explain the model's answer about each IMAGE (DICOM, PNG, JPEG, TIFF) with every attribution
     method and write OUT/explain.html, a self-contained interactive viewer (no network needed), plus
-    the records (OUT/predictions.jsonl) in the normal schema."""
-    from medfocus.commands.attribute import parse_params
+    the records (OUT/predictions.jsonl) in the normal schema. Exit status 3 when every record failed."""
+    from medfocus.commands.attribute import exit_if_nothing_succeeded, parse_params
     from medfocus.lvlm.progress import progress_bars
     from medfocus.runner.explain import explain as run_explain, parse_box
 
@@ -59,3 +59,6 @@ def explain(images, finding, question, mode, answer, model, methods, params, box
     if res.summary.errors:
         click.echo(f"{res.summary.errors} records carry an error (see the viewer's cost table or the 'error' field)")
     click.echo(f"viewer: {res.html.resolve()}")
+    exit_if_nothing_succeeded(res.summary.total, res.summary.total - res.summary.succeeded, res.out / "predictions.jsonl",
+                              "rerun with --overwrite (a rerun with the same settings serves the stored errors)",
+                              res.summary.error_keys)

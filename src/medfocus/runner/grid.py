@@ -646,6 +646,11 @@ def check_films_before_load(name: str, methods: Iterable[Any], films: Mapping[st
             check(model, films)
 
 
+#: Exit status of ``medfocus attribute`` / ``explain`` when no record of the run holds a result
+#: (:attr:`RunSummary.all_failed`); 1 is a refused run, 2 a usage error.
+EXIT_ALL_FAILED = 3
+
+
 @dataclass
 class RunSummary:
     """What :func:`run_grid` did."""
@@ -656,6 +661,14 @@ class RunSummary:
     errors: int = 0
     seconds: float = 0.0
     error_keys: list[Key] = field(default_factory=list)
+    #: requested keys whose record in the store holds a result (no error) when the run ends, served or computed
+    succeeded: int = 0
+
+    @property
+    def all_failed(self) -> bool:
+        """Nothing of the run holds a result: keys were requested and every one's record carries an error
+        (computed now or served from the store). The CLI exits with :data:`EXIT_ALL_FAILED` then."""
+        return self.total > 0 and self.succeeded == 0
 
     def __str__(self) -> str:
         return (
@@ -1015,4 +1028,6 @@ def run_grid(
         if bar is not None:
             bar.close()
     summary.seconds = time.perf_counter() - t_start
+    summary.succeeded = sum(1 for it in items for m in method_params
+                            if (rec := store.get(it.key(m))) is not None and not rec.get("error"))
     return summary

@@ -350,10 +350,8 @@ def shard_status(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
         DataError: no launch manifest and no shard output in ``out``.
     """
     out = Path(out)
-    try:
-        man: Manifest | None = Manifest.load(out)
-    except DataError:
-        man = None
+    # a damaged manifest is an error (Manifest.load names it); only an absent one means shards run by hand
+    man = Manifest.load(out) if (out / LAUNCH_DIR / MANIFEST_NAME).exists() else None
     if man is None:
         stores, dirs = manual_shard_outputs(out)
         found = [(p, shard_spec(p)) for p in stores + dirs]
@@ -395,20 +393,17 @@ def merge_outputs(out: str | os.PathLike[str], *, overwrite: bool | None = None,
     from medfocus.runner.store import merge_stores
 
     out = Path(out)
-    try:
-        man: Manifest | None = Manifest.load(out)
-    except DataError:
-        man = None
+    man = Manifest.load(out) if (out / LAUNCH_DIR / MANIFEST_NAME).exists() else None  # a damaged one is named
     if man is not None:
         outputs = [out / t.output for t in man.tasks]
         stores = [p for p in outputs if p.suffix == ".jsonl" and p.exists()]
         dirs = [p for p in outputs if p.is_dir()]
-    else:
-        stores, dirs = manual_shard_outputs(out)
-    if man is not None:  # a launched run: one sharding; its tasks say which outputs are still to come
+        # a launched run is one sharding; its tasks say which outputs are still to come
         pending = [f"{t.output} (shard {t.shard}/{t.n})" for t in man.tasks if not (out / t.output).exists()]
         found = [f"{len(pending)} of {len(man.tasks)} launched tasks have no output yet: {', '.join(pending)}"] if pending else []
-    else:  # shards run by hand: refused when mixed, checked before anything is written
+    else:
+        stores, dirs = manual_shard_outputs(out)
+        # shards run by hand: refused when mixed, checked before anything is written
         found = check_one_sharding(stores, out) + check_one_sharding(dirs, out)
     if notes is not None:
         notes += found
