@@ -235,3 +235,19 @@ def test_another_editor_or_budget_on_an_existing_split_is_refused_as_such_before
     monkeypatch.setattr(bench_cmd, "_load_model", lambda name, device: loaded.append(name) or ToyAdapter(fail_on_call=1))
     res = CliRunner().invoke(main, [*base, "--editor", "oracle"])
     assert res.exit_code == 0 and loaded == ["toy_model"], res.output
+
+
+def test_transplant_pool_of_abnormal_films_is_refused_before_the_model_loads(tmp_path, toy_dataset, monkeypatch):
+    """Was: `--editor transplant --reference-dir` took a `medfocus synth` dataset (films with findings) as the
+    pool of normal films, exit 0. Now: exit 1 before the model loads, naming the folder and what a pool is."""
+    from medfocus.datasets import synthetic
+
+    data = tmp_path / "d1"
+    synthetic.write_dataset(data, n=4, seed=0, size=64, progress=False)
+    loaded = []
+    monkeypatch.setattr(bench_cmd, "_load_model", lambda name, device: loaded.append(name) or ToyAdapter())
+    res = CliRunner().invoke(main, ["bench", "build", "--model", "m", "--dataset", "toy", "--data-root", str(toy_dataset),
+                                    "--editor", "transplant", "--reference-dir", str(data), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 1 and loaded == [] and not (tmp_path / "o").exists(), res.output
+    assert f"reference pool {data} refused: it holds a dataset manifest" in res.output
+    assert "normal films (no findings) recorded as such in reference.json" in res.output

@@ -138,6 +138,7 @@ def test_transplant_reads_reference_pool_dir(tmp_path):
         left[:, 48:] = False
         cv2.imwrite(str(tmp_path / "masks" / f"n{i}" / "left_lung.png"), left.astype(np.uint8) * 255)
         cv2.imwrite(str(tmp_path / "masks" / f"n{i}" / "right_lung.png"), (lu & ~left).astype(np.uint8) * 255)
+    (tmp_path / "reference.json").write_text('{"ids": ["n0", "n1"]}')
     ed = get_editor("transplant", reference_dir=tmp_path)
     assert [r.id for r in ed.references] == ["n0", "n1"]
     assert np.array_equal(ed.references[0].lungs, phantom(seed=0)[1])
@@ -269,13 +270,17 @@ def test_transplant_uot_alignment_improves_on_unaligned_and_competes_in_auto():
     assert auto.last_aligner == "affine"  # measured: the lung-field fit aligns this pair better
 
 
-def _write_pool(root, seeds):
+def _write_pool(root, seeds, record=True):
+    """Phantom normals n0, n1, ... in ``root/images``, recorded as normal in ``reference.json`` (unless not ``record``)."""
     import cv2
+    import json
 
     (root / "images").mkdir(parents=True, exist_ok=True)
     for i, sd in enumerate(seeds):
         im, _ = phantom(seed=sd)
         cv2.imwrite(str(root / "images" / f"n{i}.png"), im)
+    if record:
+        (root / "reference.json").write_text(json.dumps({"ids": [f"n{i}" for i in range(len(seeds))]}))
 
 
 def test_transplant_edits_are_keyed_on_the_reference_pools_content(tmp_path):
@@ -303,3 +308,47 @@ def test_transplant_edits_are_keyed_on_the_reference_pools_content(tmp_path):
     assert fresh.last_choice == "n0"  # made again, not served from the cache
     uncached = get_editor("transplant", reference_dir=pool, aligner="affine", feather=2).edit(target, mask, "No nodule")
     assert np.array_equal(b, uncached) and not np.array_equal(a, b)
+
+
+def test_transplant_pool_must_be_recorded_as_normal(tmp_path):
+    """Was: any folder with images/ was taken as the pool of normal films, a `medfocus synth` dataset (films
+    with findings, stale films of other sizes) included. A pool is now films recorded as normal in
+    reference.json; anything else is refused naming the folder and what is expected."""
+    import json
+
+    from medfocus.concepts.reference import Reference, write_pool
+    from medfocus.datasets import synthetic
+    from medfocus.editing.transplant import load_reference_pool
+
+    data = tmp_path / "dataset"
+    synthetic.write_dataset(data, n=4, seed=0, size=64, progress=False)
+    with pytest.raises(DataError) as ei:
+        get_editor("transplant", reference_dir=data).prepare()
+    msg = str(ei.value)
+    for w in (f"reference pool {data} refused", f"dataset manifest ({data / 'manifest.json'})", "carry findings",
+              "reference.json", "medfocus synth-reference"):
+        assert w in msg, (w, msg)
+    pool = tmp_path / "pool"
+    _write_pool(pool, [1, 2], record=False)  # films without a record: not known to be normal
+    with pytest.raises(DataError, match=rf"reference pool {pool} refused: it has no reference.json recording its films as normal"):
+        load_reference_pool(pool)
+    (pool / "reference.json").write_text(json.dumps({"ids": ["n0"]}))  # n1 is not recorded
+    with pytest.raises(DataError, match=r"1 film\(s\) in .*images are not recorded as normal in .*reference.json \(e.g. \['n1'\]\)"):
+        load_reference_pool(pool)
+    (pool / "reference.json").write_text(json.dumps({"ids": ["n0", "n1", "n9"]}))
+    with pytest.raises(DataError, match=r"lists 1 film\(s\) with no image .* \(e.g. \['n9'\]\)"):
+        load_reference_pool(pool)
+    (pool / "reference.json").write_text("{not json")
+    with pytest.raises(DataError, match="reference.json: not readable JSON"):
+        load_reference_pool(pool)
+    (pool / "reference.json").write_text(json.dumps({"ids": "n0"}))
+    with pytest.raises(DataError, match=r"expected an object with \"ids\": a non-empty list of image stems, got str"):
+        load_reference_pool(pool)
+    (pool / "reference.json").write_text(json.dumps({"ids": ["n0", "n1"]}))
+    assert [r.id for r in load_reference_pool(pool)] == ["n0", "n1"]
+    # what the pool writers write is accepted: synth-reference's and MedFocus' write_pool
+    ref = synthetic.write_reference_pool(tmp_path / "synthref", n=2, seed=0, size=64)
+    assert [r.id for r in load_reference_pool(ref)] == ["ref0000", "ref0001"]
+    case = synthetic.generate_case(3, size=64, findings=[])
+    write_pool([Reference("a", case.image, case.concept_masks)], tmp_path / "mf")
+    assert [r.id for r in load_reference_pool(tmp_path / "mf")] == ["a"]

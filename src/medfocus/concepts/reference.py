@@ -35,7 +35,7 @@ from PIL import Image
 
 from medfocus.concepts import uot
 from medfocus.errors import DataError
-from medfocus.io.atomic import atomic_directory
+from medfocus.io.atomic import atomic_directory, atomic_write_text
 from medfocus.io.env import cache_root
 from medfocus.types import Box, CONCEPTS, concept_slug
 
@@ -186,15 +186,22 @@ class ReferencePool:
 
 
 def write_pool(references: Iterable[Reference], root: str | Path) -> Path:
-    """Write references in the directory format (masks as uint8 0/255 PNGs)."""
+    """Write references in the directory format (masks as uint8 0/255 PNGs), and ``reference.json``
+    (``{"ids": [...]}``), which records the films as normal: what the transplant editor requires of a
+    ``--reference-dir`` (:func:`medfocus.editing.transplant.pool_normal_ids`)."""
+    import json
+
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
+    ids = []
     for r in references:
         Image.fromarray(np.asarray(r.image, np.uint8)).save(root / "images" / f"{r.id}.png")
         md = root / "masks" / r.id
         md.mkdir(parents=True, exist_ok=True)
         for c in CONCEPTS:
             Image.fromarray((np.asarray(r.masks[c], bool) * 255).astype(np.uint8)).save(md / f"{concept_slug(c)}.png")
+        ids.append(str(r.id))
+    atomic_write_text(root / "reference.json", json.dumps({"ids": ids, "concepts": list(CONCEPTS)}, indent=1))
     return root
 
 
