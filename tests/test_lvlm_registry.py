@@ -173,6 +173,13 @@ def test_unknown_entry_field_is_refused_naming_file_entry_field_and_allowed(tmp_
     monkeypatch.setenv("MEDFOCUS_MODELS", str(y))
     with pytest.raises(ConfigError, match="unknown field 'zzz'"):
         check_model("x")
+    y.write_text("models:\n  x: {hf_id: a/b\n")  # broken YAML: one line naming the file, and `models` exits 1
+    with pytest.raises(ConfigError) as ei:
+        load_user_entries(y)
+    assert "\n" not in str(ei.value) and str(y) in str(ei.value) and "cannot read YAML" in str(ei.value)
+    res = CliRunner().invoke(main, ["models", "--check"])
+    assert res.exit_code == 1 and f"user entries ignored: model registry {y}: cannot read YAML" in res.output
+    y.write_text("models:\n  x:\n    hf_id: a/b\n    zzz: 1\n")
     res = CliRunner().invoke(main, ["models"])
     assert res.exit_code == 1 and "unknown field 'zzz'" in res.output and str(y) in res.output
     assert "gemma3_4b" in res.output  # the built-ins are still listed

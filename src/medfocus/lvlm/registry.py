@@ -117,7 +117,8 @@ def load_user_entries(path: str | Path) -> dict[str, ModelEntry]:
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"model registry {p}: cannot read YAML ({exc})") from None
+        # one line: YAML's multi-line messages would leave "found unexpected end of stream" without the file name
+        raise ConfigError(f"model registry {p}: cannot read YAML ({' '.join(str(exc).split())})") from None
     models = data.get("models", data) if isinstance(data, dict) else None
     if not isinstance(models, dict):
         raise ConfigError(f"model registry {p}: expected a mapping 'models: {{name: {{hf_id: ..., family: ...}}}}', "
