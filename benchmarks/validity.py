@@ -132,14 +132,14 @@ def accuracy_on_synth(adapter, samples: list, modes=("direct", "cot")) -> tuple[
     return lines, answers
 
 
-def card_protocol(adapter, per_cell: int) -> list[str]:
-    """The model card's protocol on fresh seeds: accuracy (clean pool) and cue reliance (cued vs clean)."""
+def card_protocol(adapter, per_cell: int, folder: Path) -> list[str]:
+    """The model card's protocol on fresh seeds: accuracy (clean pool) and cue reliance (cued vs clean);
+    the pools are rendered as the training recipe in ``folder``'s ``medfocus.json`` says."""
     import json
 
-    from medfocus.lvlm.registry import DEMO_DIR
     from medfocus.training import demo_lvlm as D
 
-    cfg = D.config_from_dict(json.loads((DEMO_DIR / "medfocus.json").read_text())["demo"]["config"])
+    cfg = D.config_from_dict(json.loads((folder / "medfocus.json").read_text())["demo"]["config"])
     gen = D.adapter_generate_fn(adapter)
     clean = D.build_eval_pool(cfg, n_per_cell=per_cell, progress=True, seed_offset=CLEAN_OFFSET)
     cued = D.build_eval_pool(cfg, n_per_cell=per_cell, progress=True, cued=True, seed_offset=CUED_OFFSET)
@@ -163,7 +163,7 @@ def card_protocol(adapter, per_cell: int) -> list[str]:
     return lines
 
 
-def sanity_and_baselines(adapter, samples: list, answers: dict, n_films: int) -> list[str]:
+def sanity_and_baselines(adapter, samples: list, answers: dict, n_films: int, model: str = "demo") -> list[str]:
     """Per-film weight-randomisation check of :data:`SANITY_METHODS` and the trivial-baseline comparison."""
     import torch
     from PIL import Image
@@ -182,7 +182,7 @@ def sanity_and_baselines(adapter, samples: list, answers: dict, n_films: int) ->
     # films: positives answered "Yes" in direct mode, round-robin over findings (lowest index first)
     yes = [i for i, s in enumerate(samples) if s.answer == "Yes" and answers["direct"][i] == "Yes"]
     chosen = round_robin(yes, lambda i: samples[i].attribute, n_films)
-    rnd = load_lvlm("demo", device="cpu")
+    rnd = load_lvlm(model, device="cpu")
     with torch.no_grad():
         randomize_weights(rnd.model, seed=RANDOM_WEIGHTS_SEED)
     rho: dict[str, list[float]] = {m: [] for m in SANITY_METHODS}
@@ -232,29 +232,41 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--sanity-films", type=int, default=14, help="films of the sanity check (>= 10)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--model", default="demo",
+                    help="the demo model to measure: 'demo' (the shipped one, whose figures the README quotes) or a "
+                         "train-demo --out folder (a candidate, before it is shipped)")
+    ap.add_argument("--no-sanity", action="store_true",
+                    help="skip section 3 (sanity check and trivial baselines): accuracy and cue reliance only")
     a = ap.parse_args(argv)
     if a.films < 1 or a.cue_per_cell < 1 or a.sanity_films < 10:
         ap.error("--films and --cue-per-cell must be >= 1 and --sanity-films >= 10")
     import torch
 
     from medfocus.lvlm.loading import load_lvlm
+    from medfocus.lvlm.registry import DEMO_DIR
 
+    folder = DEMO_DIR if a.model == "demo" else Path(a.model)
+    if not (folder / "medfocus.json").is_file():
+        ap.error(f"--model {a.model}: not a train-demo folder (no medfocus.json)")
     torch.set_num_threads(a.threads)
     t_start = time.time()
     load0 = os.getloadavg()
-    adapter = load_lvlm("demo", device="cpu")
+    adapter = load_lvlm(a.model, device="cpu")
     with tempfile.TemporaryDirectory() as tmp:
         samples = synth_samples(Path(tmp) / "synth", a.films)
         acc_lines, answers = accuracy_on_synth(adapter, samples)
-        card_lines = card_protocol(adapter, a.cue_per_cell)
-        sanity_lines = sanity_and_baselines(adapter, samples, answers, a.sanity_films)
+        card_lines = card_protocol(adapter, a.cue_per_cell, folder)
+        sanity_lines = (["Skipped (`--no-sanity`)."] if a.no_sanity else
+                        sanity_and_baselines(adapter, samples, answers, a.sanity_films, a.model))
     load1 = os.getloadavg()
     minutes = (time.time() - t_start) / 60
     md = "\n".join([
         "# Validity of the demo model on fresh seeds",
         "",
+        *([] if a.model == "demo" else [f"**Model measured: `{a.model}`** (a candidate, not the shipped `demo`).", ""]),
         f"Written by `benchmarks/validity.py --films {a.films} --cue-per-cell {a.cue_per_cell} --sanity-films "
-        f"{a.sanity_films} --threads {a.threads}` in {minutes:.1f} min on {platform.machine()}, {os.cpu_count()} CPUs; "
+        f"{a.sanity_films} --threads {a.threads}" + ("" if a.model == "demo" else f" --model {a.model}")
+        + (" --no-sanity" if a.no_sanity else "") + f"` in {minutes:.1f} min on {platform.machine()}, {os.cpu_count()} CPUs; "
         f"1-minute load average {load0[0]:.1f} at the start and {load1[0]:.1f} at the end (the machine was shared). "
         "Every interval is 95%: Wilson for proportions, bootstrap for medians and paired differences.",
         "",

@@ -464,7 +464,13 @@ def test_train_demo_cli_refuses_out_of_range_numbers(tmp_path, monkeypatch, opti
                                                  ("train_severity", (0.9, 0.1), "train_severity: expected a pair"),
                                                  ("canvas", 200, "canvas: expected a multiple of 14 x spatial_merge_size = 28"),
                                                  ("task_weights", {"direct": -1.0}, "task_weights: expected non-negative"),
-                                                 ("aux_target", "mask", "aux_target: expected 'finding' or 'cue'")])
+                                                 ("aux_target", "mask", "aux_target: expected 'finding' or 'cue'"),
+                                                 ("focus_steps", -1, "focus_steps: expected an integer >= 0, got -1"),
+                                                 ("focus_lr", 0.0, r"focus_lr: expected a number > 0, got 0.0"),
+                                                 ("hard_negative_share", 1.5, r"hard_negative_share: expected a number in \[0, 1\]"),
+                                                 ("hard_negative_pairs", [["nodule", "nodule"]], "hard_negative_pairs: expected a list of pairs"),
+                                                 ("hard_negative_pairs", [["nodule", "tumour"]], "hard_negative_pairs: expected a list of pairs"),
+                                                 ("hard_negative_pairs", [["nodule"]], "hard_negative_pairs: expected a list of pairs")])
 def test_train_demo_validates_the_config_before_any_work(tmp_path, monkeypatch, field, value, message) -> None:
     # a config from a preset, JSON or the API is checked in train_demo itself (--threads 0 used to end in
     # torch's bare "set_num_threads expects a positive integer" after nothing else was checked)
@@ -480,3 +486,123 @@ def test_train_demo_validates_the_config_before_any_work(tmp_path, monkeypatch, 
     with pytest.raises(ConfigError, match=f"DemoLVLMConfig.{message}"):
         T.train_demo(tmp_path / "td", cfg, log=lambda s: None)
     assert work == [] and not (tmp_path / "td").exists()
+
+
+def test_hard_negative_questions_ask_the_absent_look_alike(micro) -> None:
+    import dataclasses
+    import random
+
+    cfg0 = micro[0]
+    nodule_only = D.make_case(11, ["nodule"], cued=False, cfg=cfg0)
+    heart_only = D.make_case(12, ["cardiomegaly"], cued=False, cfg=cfg0)
+    assert set(nodule_only.views) == {"nodule"} and set(heart_only.views) == {"cardiomegaly"}
+    partners = D.hard_negative_partners([["nodule", "mass"], ["atelectasis", "consolidation"]])
+    assert partners == {"atelectasis": ("consolidation",), "consolidation": ("atelectasis",), "mass": ("nodule",), "nodule": ("mass",)}
+
+    def asked(cfg, case, partners, seed=0):
+        return D.train._sample_items(random.Random(seed), [0] * 200, [case], FINDINGS, cfg, partners)
+
+    always = dataclasses.replace(cfg0, hard_negative_share=1.0, questions_per_image=1)
+    items = asked(always, nodule_only, partners)
+    no_qs = [q for _, q, a in items if "nodule" not in q]  # every question not about the nodule is a "no"
+    assert len(no_qs) > 60 and all("mass" in q for q in no_qs)
+    never = dataclasses.replace(always, hard_negative_share=0.0)
+    others = {f for f in FINDINGS if any(f in q for _, q, _ in asked(never, nodule_only, partners))}
+    assert others == set(FINDINGS)  # share 0: "no" questions about every absent finding
+    # half the share: about half the "no" questions ask about the mass (binomial, n > 60: loose bounds)
+    half = [q for _, q, a in asked(dataclasses.replace(always, hard_negative_share=0.5), nodule_only, partners) if "nodule" not in q]
+    assert 0.45 < np.mean(["mass" in q for q in half]) < 0.8
+    # stage 2 (no partners) and images without a paired finding draw exactly as before
+    assert asked(cfg0, nodule_only, None) == asked(cfg0, nodule_only, {})
+    assert asked(always, heart_only, partners) == asked(always, heart_only, None)
+
+
+def _stage3_cfg(micro, **kw):
+    import dataclasses
+
+    return dataclasses.replace(micro[0], focus_steps=2, focus_lr=1e-3, hard_negative_pairs=[["nodule", "mass"]], **kw)
+
+
+def test_stage3_from_a_stage2_folder_equals_one_uninterrupted_run(micro, tmp_path) -> None:
+    import dataclasses
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from medfocus.errors import ConfigError
+
+    cfg = _stage3_cfg(micro)
+    quiet = dict(log=lambda s: None, progress=False, evaluate=False)
+    D.train_demo(tmp_path / "whole", cfg, **quiet)
+    D.train_demo(tmp_path / "stage2", dataclasses.replace(cfg, focus_steps=0), **quiet)
+    D.train_demo(tmp_path / "stage3", cfg, init_from=tmp_path / "stage2", **quiet)
+    whole, two, three = (load_file(tmp_path / d / "model.safetensors") for d in ("whole", "stage2", "stage3"))
+    assert whole.keys() == three.keys() and all(torch.equal(whole[k], three[k]) for k in whole)
+    assert any(not torch.equal(two[k], three[k]) for k in two)  # stage 3 did train
+    meta = json.loads((tmp_path / "stage3" / "medfocus.json").read_text())["demo"]
+    import hashlib
+
+    sha = hashlib.sha256((tmp_path / "stage2" / "model.safetensors").read_bytes()).hexdigest()
+    assert meta["init_from"] == {"folder": str((tmp_path / "stage2").resolve()), "sha256": sha}
+    card = (tmp_path / "stage3" / "MODEL_CARD.md").read_text()
+    assert "Stage 3, hard-negative focus: 2 more steps" in card and "nodule / mass" in card and sha in card
+    assert "final stage-3 loss" in card and "Stage 3" not in (tmp_path / "stage2" / "MODEL_CARD.md").read_text()
+    # refusals, each before any work, naming the folder and what was expected
+    with pytest.raises(ConfigError, match="already a stage-3 result"):
+        D.train_demo(tmp_path / "x", cfg, init_from=tmp_path / "whole", **quiet)
+    with pytest.raises(ConfigError, match=r"another recipe \(seed: 0 there, 1 here\)"):
+        D.train_demo(tmp_path / "x", dataclasses.replace(cfg, seed=1), init_from=tmp_path / "stage2", **quiet)
+    with pytest.raises(ConfigError, match="focus_steps is 0"):
+        D.train_demo(tmp_path / "x", dataclasses.replace(cfg, focus_steps=0), init_from=tmp_path / "stage2", **quiet)
+    with pytest.raises(ConfigError, match="is the --init-from folder"):
+        D.train_demo(tmp_path / "stage2", cfg, init_from=tmp_path / "stage2", **quiet)
+    (tmp_path / "films").mkdir()
+    with pytest.raises(ConfigError, match="not a train-demo output folder"):
+        D.train_demo(tmp_path / "x", cfg, init_from=tmp_path / "films", **quiet)
+    assert not Path(tmp_path / "x").exists()
+
+
+def test_killed_stage3_resumes_to_the_same_result(micro, tmp_path, monkeypatch) -> None:
+    import medfocus.training.demo_lvlm.train as T
+
+    cfg = _stage3_cfg(micro, checkpoint_every=1)
+    cfg.focus_steps = 3
+    tok = micro[1]
+    pool = D.build_train_pool(cfg, progress=False)
+    enc = D.Encoder(tok, cfg.token_grid ** 2)
+    ref = D.focus_loop(D.build_model(cfg, tok), enc, pool, cfg, log=lambda s: None)
+    real, calls = T.sequence_loss, []
+
+    def dies_at_third(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    ck = D.checkpoint_path(tmp_path, stage=3)
+    monkeypatch.setattr(T, "sequence_loss", dies_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        D.focus_loop(D.build_model(cfg, tok), enc, pool, cfg, log=lambda s: None, checkpoint=ck)
+    monkeypatch.setattr(T, "sequence_loss", real)
+    logs: list[str] = []
+    resumed = D.focus_loop(D.build_model(cfg, tok), enc, pool, cfg, log=logs.append, checkpoint=ck)
+    assert any("resumed" in s and "step 2" in s for s in logs) and resumed == ref
+    assert ck != D.checkpoint_path(tmp_path) and torch.load(ck, weights_only=True)["stage"] == 3
+
+
+def test_train_demo_cli_passes_stage3_options(tmp_path, monkeypatch) -> None:
+    from click.testing import CliRunner
+
+    import medfocus.training.demo_lvlm as pkg
+    from medfocus.cli import main
+
+    calls = []
+    monkeypatch.setattr(pkg, "train_demo", lambda out, cfg, **k: calls.append((cfg, k)) or {})
+    (tmp_path / "s2").mkdir()
+    res = CliRunner().invoke(main, ["train-demo", "--out", str(tmp_path / "td"), "--no-eval", "--preset", "demo-12x12",
+                                    "--focus-steps", "7", "--init-from", str(tmp_path / "s2")])
+    assert res.exit_code == 0, res.output
+    (cfg, kw), = calls
+    assert cfg.focus_steps == 7 and cfg.canvas == 168 and kw["init_from"] == str(tmp_path / "s2")
+    res = CliRunner().invoke(main, ["train-demo", "--out", str(tmp_path / "td"), "--init-from", str(tmp_path / "nowhere")])
+    assert res.exit_code == 2 and "does not exist" in res.output and len(calls) == 1

@@ -63,8 +63,13 @@ Examples:
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=100, show_default=True,
               help="Save a checkpoint under --out every N steps; rerunning the same command resumes from it (0: off).")
 @click.option("--no-eval", is_flag=True, help="Skip the held-out evaluation (the card then has no accuracy table).")
+@click.option("--focus-steps", type=click.IntRange(min=0), default=None,
+              help="Stage-3 (hard-negative focus) steps; default: the preset's (0: no stage 3).")
+@click.option("--init-from", "init_from", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Load stages 1-2 from this finished train-demo folder of the same recipe and train stage 3 only "
+                   "(the same weights as one uninterrupted run).")
 def train_demo(out_dir: str, preset: str, seed: int, steps: int | None, n_cases: int | None, threads: int, eval_every: int,
-               checkpoint_every: int, no_eval: bool) -> None:
+               checkpoint_every: int, no_eval: bool, focus_steps: int | None, init_from: str | None) -> None:
     """Train the demo CXR-VQA LVLM (Qwen2.5-VL architecture) on the synthetic world and write its folder + model card."""
     from medfocus.training.demo_lvlm import train_demo as _train
     from medfocus.training.demo_lvlm.config import preset_config
@@ -74,8 +79,10 @@ def train_demo(out_dir: str, preset: str, seed: int, steps: int | None, n_cases:
         cfg.steps = steps
     if n_cases is not None:
         cfg.n_train_cases = n_cases
+    if focus_steps is not None:
+        cfg.focus_steps = focus_steps
     cfg.validate()  # the preset with these overrides, before any work (train_demo checks again)
-    metrics = _train(out_dir, cfg, log=lambda s: click.echo(s, err=True), evaluate=not no_eval)
+    metrics = _train(out_dir, cfg, log=lambda s: click.echo(s, err=True), evaluate=not no_eval, init_from=init_from)
     if "heldout" in metrics:
         click.echo(f"held-out accuracy: {metrics['heldout']['overall']}")
 

@@ -34,7 +34,10 @@ model card), not assumed.
 
 Training has two stages: (1) the vision tower alone with a training-only auxiliary head that predicts,
 from the image-token embeddings, which findings cover each token cell and which the image has; (2) the
-whole model on the four tasks (plus the auxiliary loss). The head is discarded.
+whole model on the four tasks (plus the auxiliary loss). The head is discarded. An optional stage 3
+("hard-negative focus", ``focus_steps`` > 0) fine-tunes the whole model on the tasks with "no" questions that
+favour the absent look-alike of a present finding (nodule on a film with a mass, say); it can start from a
+finished two-stage folder of the same recipe (``train-demo --init-from``).
 
 Efficiency: each training image is encoded by the vision tower once per step and its token embeddings
 are reused by several question/answer sequences (``mm_encoder_outputs``); the LM head is applied to the
@@ -43,7 +46,7 @@ answer positions only. A run is checkpointed under its ``--out`` folder (loaded 
 """
 
 from medfocus.training.demo_lvlm.card import model_card
-from medfocus.training.demo_lvlm.config import DemoLVLMConfig, config_from_dict
+from medfocus.training.demo_lvlm.config import STAGE3_FIELDS, DemoLVLMConfig, config_from_dict
 from medfocus.training.demo_lvlm.data import (
     CUE_DESCRIPTION,
     DemoCase,
@@ -80,11 +83,14 @@ from medfocus.training.demo_lvlm.tasks import (
 from medfocus.training.demo_lvlm.train import (
     aux_loss,
     checkpoint_path,
+    focus_loop,
+    hard_negative_partners,
     load_checkpoint,
     presence_accuracy,
     pretrain_vision,
     save_from_checkpoint,
     sequence_loss,
+    stage2_weights,
     train_demo,
     train_loop,
 )
@@ -96,6 +102,7 @@ __all__ = [
     "Encoder",
     "FindingView",
     "GenerateFn",
+    "STAGE3_FIELDS",
     "TASKS",
     "adapter_generate_fn",
     "aux_loss",
@@ -115,7 +122,9 @@ __all__ = [
     "evaluate_evidence",
     "evaluate_folder",
     "evaluate_generation",
+    "focus_loop",
     "folder_size",
+    "hard_negative_partners",
     "hf_generate_fn",
     "load_checkpoint",
     "make_case",
@@ -129,6 +138,7 @@ __all__ = [
     "save_folder",
     "save_from_checkpoint",
     "sequence_loss",
+    "stage2_weights",
     "target_text",
     "task_question",
     "to_canvas",

@@ -151,9 +151,20 @@ def model_card(cfg: DemoLVLMConfig, metrics: dict[str, Any], out: Path, validity
         *(["- Why the auxiliary stage: trained from scratch on answers alone, the model spent hundreds of steps answering from "
            "the text prior (held-out accuracy exactly 50%) and learned the small findings only one at a time."]
           if cfg.aux_weight else []),
+        *([f"- Stage 3, hard-negative focus: {cfg.focus_steps} more steps of the four tasks (no auxiliary loss) with a fresh "
+           f"AdamW (lr {cfg.focus_lr}, warm-up, cosine decay to 5%); on an image carrying one finding of a look-alike pair "
+           f"({', '.join(' / '.join(p) for p in cfg.hard_negative_pairs) or 'none'}), a \"no\" question asks about the absent "
+           f"partner with probability {cfg.hard_negative_share} -- the false \"yes\" the two-stage models make."]
+          if cfg.focus_steps else []),
+        *([f"- Stages 1-2 were not rerun: they were loaded from `{metrics['init_from']['folder']}` (a finished two-stage run "
+           f"of this recipe; its model.safetensors sha256 `{metrics['init_from']['sha256']}`), which gives the same weights as "
+           "one uninterrupted run; the timings below are stage 3's."] if metrics.get("init_from") else []),
         f"- Measured on {cfg.num_threads} CPU thread(s) of a 2-core machine shared with other jobs: data {metrics.get('data_seconds')} s, "
-        f"training {metrics.get('train_seconds')} s (both stages); final stage-2 loss {metrics.get('final_loss', float('nan')):.4f}"
-        + (f"; **stopped early at stage-2 step {metrics['stopped_at']}** of {cfg.steps}." if metrics.get("stopped_at") else "."),
+        f"training {metrics.get('train_seconds')} s"
+        + ("" if metrics.get("init_from") else " (all stages)")
+        + "".join(f"; final stage-{n} loss {metrics[k]:.4f}" for n, k in ((2, "final_loss"), (3, "final_focus_loss")) if k in metrics)
+        + (f"; **stopped early at stage-{metrics.get('stopped_stage', 2)} step {metrics['stopped_at']}** of "
+           f"{cfg.focus_steps if metrics.get('stopped_stage') == 3 else cfg.steps}." if metrics.get("stopped_at") else "."),
         "",
     ]
     if "heldout" in metrics:

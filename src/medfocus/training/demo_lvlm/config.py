@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["PRESETS", "RUN_FIELDS", "DemoLVLMConfig", "config_from_dict", "preset_config", "preset_of"]
+__all__ = ["PRESETS", "RUN_FIELDS", "STAGE3_FIELDS", "DemoLVLMConfig", "config_from_dict", "preset_config", "preset_of"]
 
 
 @dataclass
@@ -57,6 +57,15 @@ class DemoLVLMConfig:
     # learning-rate factor of the vision tower (and merger) in stage 2: below 1, the LM learns to read the
     # features stage 1 taught instead of the answer loss reshaping them (1: everything at the same rate)
     stage2_vision_lr_scale: float = 1.0
+    # stage 3, "hard-negative focus" (0 steps: off): after stage 2, focus_steps more steps on the four tasks with a
+    # fresh AdamW at focus_lr (warm-up, cosine decay to 5%; no auxiliary loss), where a "no" question on an image
+    # that carries one finding of a look-alike pair asks about the absent partner with probability
+    # hard_negative_share -- the false "yes" the stage-2 models make is nodule <-> mass on a film carrying the
+    # other (random "no" questions rarely ask exactly that)
+    focus_steps: int = 0
+    focus_lr: float = 5e-4
+    hard_negative_pairs: list[list[str]] = field(default_factory=list)  # e.g. [["nodule", "mass"]]; symmetric
+    hard_negative_share: float = 0.5
     num_threads: int = 2
     eval_every: int = 0  # quick teacher-forced held-out check every N steps (0: off)
     checkpoint_every: int = 0  # save a resumable checkpoint every N steps (0: off)
@@ -83,16 +92,17 @@ class DemoLVLMConfig:
                   ("vision_steps", 0, None, True), ("vision_batch", 1, None, True), ("steps", 1, None, True),
                   ("images_per_step", 1, None, True), ("questions_per_image", 1, None, True), ("warmup", 0, None, True),
                   ("tokenizer_vocab", 1, None, True), ("num_threads", 1, None, True), ("eval_every", 0, None, True),
-                  ("checkpoint_every", 0, None, True),
+                  ("checkpoint_every", 0, None, True), ("focus_steps", 0, None, True),
                   ("lr", 0, None, False), ("weight_decay", 0, None, False), ("cue_subset", 0, 1, False),
                   ("cue_base_rate", 0, 1, False), ("co_occurrence", 0, 1, False), ("aux_weight", 0, None, False),
-                  ("aux_pos_weight", 0, None, False), ("stage2_vision_lr_scale", 0, None, False)]
+                  ("aux_pos_weight", 0, None, False), ("stage2_vision_lr_scale", 0, None, False),
+                  ("focus_lr", 0, None, False), ("hard_negative_share", 0, 1, False)]
         for name, lo, hi, integer in ranges:
             v = getattr(self, name)
             ok = (is_int(v) if integer else is_num(v)) and v >= lo and (hi is None or v <= hi)
-            if not ok or (name in ("lr", "aux_pos_weight") and v == 0):
+            if not ok or (name in ("lr", "aux_pos_weight", "focus_lr") and v == 0):
                 want = ("an integer" if integer else "a number") + (f" in [{lo}, {hi}]" if hi is not None else
-                                                                     f" > {lo}" if name in ("lr", "aux_pos_weight") else f" >= {lo}")
+                                                                     f" > {lo}" if name in ("lr", "aux_pos_weight", "focus_lr") else f" >= {lo}")
                 raise ConfigError(f"DemoLVLMConfig.{name}: expected {want}, got {v!r}")
         for name in ("faint_severity", "train_severity"):
             v = getattr(self, name)
@@ -106,6 +116,13 @@ class DemoLVLMConfig:
             raise ConfigError(f"DemoLVLMConfig.task_weights: expected non-negative numbers with a positive sum, got {w!r}")
         if self.aux_target not in ("finding", "cue"):
             raise ConfigError(f"DemoLVLMConfig.aux_target: expected 'finding' or 'cue', got {self.aux_target!r}")
+        from medfocus.datasets.synthetic import FINDINGS
+
+        pairs = self.hard_negative_pairs
+        if not (isinstance(pairs, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 and p[0] != p[1]
+                                                         and all(f in FINDINGS for f in p) for p in pairs)):
+            raise ConfigError(f"DemoLVLMConfig.hard_negative_pairs: expected a list of pairs of two different findings "
+                              f"from {list(FINDINGS)}, got {pairs!r}")
         return self
 
     @property
@@ -171,6 +188,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                                    fullatt_block_indexes=[0, 1, 2, 3])),
     "demo-shortcut": dict(cue_subset=0.9, train_severity=(0.6, 1.0), aux_target="cue", vision_steps=600, steps=1000),
 }
+
+#: Stage 3's fields (a stage-3 run may start from the folder of a stage-2 run whose recipe equals its own but for these).
+STAGE3_FIELDS = frozenset({"focus_steps", "focus_lr", "hard_negative_pairs", "hard_negative_share"})
 
 #: Fields that change how a run goes, not which recipe it is (ignored when a config is matched to a preset).
 RUN_FIELDS = frozenset({"seed", "steps", "n_train_cases", "num_threads", "eval_every", "checkpoint_every", "n_eval_per_cell"})

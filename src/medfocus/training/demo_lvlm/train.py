@@ -139,9 +139,13 @@ def presence_accuracy(model, head: torch.nn.Module, cases: Sequence[DemoCase], a
 
 
 def _sample_items(rng: random.Random, case_ids: Sequence[int], pool: Sequence[DemoCase], findings: Sequence[str],
-                  cfg: DemoLVLMConfig) -> list[tuple[int, str, str]]:
+                  cfg: DemoLVLMConfig, partners: dict[str, tuple[str, ...]] | None = None) -> list[tuple[int, str, str]]:
     """``(slot, question, answer)`` for the step's images: each image gets ``questions_per_image``
-    questions; each question's answer is Yes or No with probability 1/2 (when the image allows it)."""
+    questions; each question's answer is Yes or No with probability 1/2 (when the image allows it).
+
+    With ``partners`` (stage 3, :func:`hard_negative_partners`), a "no" question on an image carrying a finding
+    whose look-alike is absent asks about that look-alike with probability ``cfg.hard_negative_share``. The
+    extra random draw is made only then, so without ``partners`` the draws are exactly stage 2's."""
     tasks = list(cfg.task_weights)
     weights = [cfg.task_weights[t] for t in tasks]
     items = []
@@ -149,19 +153,84 @@ def _sample_items(rng: random.Random, case_ids: Sequence[int], pool: Sequence[De
         c = pool[ci]
         present = [f for f in findings if f in c.views]
         absent = [f for f in findings if f not in c.views]
+        hard = sorted({p for g in present for p in partners.get(g, ()) if p in absent}) if partners else []
         for _ in range(cfg.questions_per_image):
             want_yes = rng.random() < 0.5
-            f = rng.choice(present) if (want_yes and present) or not absent else rng.choice(absent)
+            asks_absent = not ((want_yes and present) or not absent)
+            f = rng.choice(absent) if asks_absent else rng.choice(present)
+            if asks_absent and hard and rng.random() < cfg.hard_negative_share:
+                f = rng.choice(hard)
             task = rng.choices(tasks, weights)[0]
             items.append((slot, task_question(f, task), target_text(f, task, c.views.get(f, []))))
     return items
 
 
+def hard_negative_partners(pairs: Sequence[Sequence[str]]) -> dict[str, tuple[str, ...]]:
+    """``{finding: its look-alikes}`` from symmetric ``pairs`` (``DemoLVLMConfig.hard_negative_pairs``), sorted."""
+    out: dict[str, set[str]] = {}
+    for a, b in pairs:
+        out.setdefault(a, set()).add(b)
+        out.setdefault(b, set()).add(a)
+    return {f: tuple(sorted(v)) for f, v in sorted(out.items())}
+
+
+def _cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay from ``peak`` to 5% of it at ``total``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
 def _lr_at(step: int, cfg: DemoLVLMConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+    return _cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup)
+
+
+def _param_groups(model, cfg: DemoLVLMConfig, head: torch.nn.Module | None) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices but embeddings; the vision tower at ``stage2_vision_lr_scale``
+    (``lr_scale``) when that is not 1 (one group per decay class otherwise, as the shipped recipes were
+    trained); the auxiliary ``head`` undecayed."""
+    named = list(model.named_parameters())
+    split = cfg.stage2_vision_lr_scale != 1.0
+    groups = []
+    for scale, part in ([(1.0, named)] if not split else
+                        [(1.0, [(n, p) for n, p in named if ".visual." not in f".{n}"]),
+                         (cfg.stage2_vision_lr_scale, [(n, p) for n, p in named if ".visual." in f".{n}"])]):
+        decay = [p for n, p in part if p.dim() >= 2 and "embed" not in n]
+        no_decay = [p for n, p in part if not (p.dim() >= 2 and "embed" not in n)]
+        groups += [{"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": scale},
+                   {"params": no_decay, "weight_decay": 0.0, "lr_scale": scale}]
+    if head is not None:
+        groups.append({"params": list(head.parameters()), "weight_decay": 0.0, "lr_scale": 1.0})
+    return groups
+
+
+def _resume(ck: Path | None, cfg: DemoLVLMConfig, model, head, opt, rng: random.Random,
+            log: Callable[[str], None], stage: int = 2) -> tuple[list[float], int]:
+    """Load the stage-``stage`` checkpoint ``ck`` of this very config into the live objects; ``(losses, next
+    step)``, or ``([], 0)`` when there is none or it is of another config or stage (then it is overwritten)."""
+    if ck is None or not ck.is_file():
+        return [], 0
+    state = load_checkpoint(ck)
+    if state["config"] != asdict(cfg) or int(state.get("stage", 2)) != stage:
+        log(f"checkpoint {ck} is of another configuration: starting afresh (it will be overwritten)")
+        return [], 0
+    model.load_state_dict(state["model"])
+    if head is not None:
+        head.load_state_dict(state["head"])
+    opt.load_state_dict(state["opt"])
+    rng.setstate(state["rng"])
+    torch.set_rng_state(state["torch_rng"])
+    log(f"resumed from {ck} at step {int(state['step'])}")
+    return list(state["losses"]), int(state["step"])
+
+
+def _save_checkpoint(ck: Path, cfg: DemoLVLMConfig, model, head, opt, rng: random.Random, losses: list[float],
+                     step: int, stage: int) -> None:
+    with atomic_write(ck, "wb") as fh:
+        torch.save({"config": asdict(cfg), "model": model.state_dict(), "head": head.state_dict() if head is not None else None,
+                    "opt": opt.state_dict(), "rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
+                    "losses": losses, "step": step, "stage": stage}, fh)
 
 
 def train_loop(model, enc: Encoder, pool: Sequence[DemoCase], cfg: DemoLVLMConfig, *, log: Callable[[str], None] = print,
@@ -180,36 +249,10 @@ def train_loop(model, enc: Encoder, pool: Sequence[DemoCase], cfg: DemoLVLMConfi
     canvases = torch.from_numpy(np.stack([c.canvas for c in pool]))
     labels = torch.from_numpy(np.stack([c.grid_labels for c in pool])) if cfg.aux_weight else None
     head = torch.nn.Linear(model.config.text_config.hidden_size, 2 * len(findings)) if cfg.aux_weight else None
-    named = list(model.named_parameters())
-    split = cfg.stage2_vision_lr_scale != 1.0  # (one group per decay class otherwise, as the shipped recipes were trained)
-    groups = []
-    for scale, part in ([(1.0, named)] if not split else
-                        [(1.0, [(n, p) for n, p in named if ".visual." not in f".{n}"]),
-                         (cfg.stage2_vision_lr_scale, [(n, p) for n, p in named if ".visual." in f".{n}"])]):
-        decay = [p for n, p in part if p.dim() >= 2 and "embed" not in n]
-        no_decay = [p for n, p in part if not (p.dim() >= 2 and "embed" not in n)]
-        groups += [{"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": scale},
-                   {"params": no_decay, "weight_decay": 0.0, "lr_scale": scale}]
-    if head is not None:
-        groups.append({"params": list(head.parameters()), "weight_decay": 0.0, "lr_scale": 1.0})
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(_param_groups(model, cfg, head), lr=cfg.lr, betas=(0.9, 0.98))
     model.train()
-    losses: list[float] = []
-    start = 0
     ck = Path(checkpoint) if checkpoint is not None else None
-    if ck is not None and ck.is_file():
-        state = load_checkpoint(ck)
-        if state["config"] != asdict(cfg):
-            log(f"checkpoint {ck} is of another configuration: starting afresh (it will be overwritten)")
-        else:
-            model.load_state_dict(state["model"])
-            if head is not None:
-                head.load_state_dict(state["head"])
-            opt.load_state_dict(state["opt"])
-            rng.setstate(state["rng"])
-            torch.set_rng_state(state["torch_rng"])
-            losses, start = list(state["losses"]), int(state["step"])
-            log(f"resumed from {ck} at step {start}")
+    losses, start = _resume(ck, cfg, model, head, opt, rng, log, stage=2)
     if start == 0 and cfg.vision_steps and head is not None:
         pretrain_vision(model, head, canvases, labels, cfg, rng, log, vision_eval_fn)
     t0 = time.time()
@@ -228,11 +271,11 @@ def train_loop(model, enc: Encoder, pool: Sequence[DemoCase], cfg: DemoLVLMConfi
         if (step + 1) % 25 == 0 or step == 0:
             recent = np.mean(losses[-25:])
             log(f"step {step + 1}/{cfg.steps} loss {recent:.4f} lr {_lr_at(step, cfg):.2e} {time.time() - t0:.0f}s")
-        if ck is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            with atomic_write(ck, "wb") as fh:
-                torch.save({"config": asdict(cfg), "model": model.state_dict(), "head": head.state_dict() if head is not None else None,
-                            "opt": opt.state_dict(), "rng": rng.getstate(),
-                            "torch_rng": torch.get_rng_state(), "losses": losses, "step": step + 1}, fh)
+        # the last step too when stage 3 follows: a run killed in stage 3 then resumes there, not in stage 2
+        last = step + 1 == cfg.steps
+        if ck is not None and cfg.checkpoint_every and (((step + 1) % cfg.checkpoint_every == 0 and not last)
+                                                        or (last and cfg.focus_steps)):
+            _save_checkpoint(ck, cfg, model, head, opt, rng, losses, step + 1, stage=2)
         if eval_fn is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             model.eval()
             eval_fn(step + 1)
@@ -241,8 +284,100 @@ def train_loop(model, enc: Encoder, pool: Sequence[DemoCase], cfg: DemoLVLMConfi
     return losses
 
 
+def focus_loop(model, enc: Encoder, pool: Sequence[DemoCase], cfg: DemoLVLMConfig, *, log: Callable[[str], None] = print,
+               checkpoint: str | Path | None = None) -> list[float]:
+    """Stage 3, "hard-negative focus": ``cfg.focus_steps`` steps on the four tasks (no auxiliary loss) with a
+    fresh AdamW at ``cfg.focus_lr`` (warm-up over ``min(cfg.warmup, focus_steps // 10)`` steps, cosine decay to 5%), the vision tower at
+    ``stage2_vision_lr_scale``; "no" questions favour the absent look-alike of a present finding
+    (:func:`_sample_items` with :func:`hard_negative_partners`). Its random streams are seeded afresh
+    (``seed + 3``, ``seed + 4``), so the stage gives the same weights whether it follows stage 2 in one run or
+    starts from that run's saved folder (:func:`stage2_weights`). Checkpointed and resumed like
+    :func:`train_loop` (at ``checkpoint``, stage 3). Returns the per-step losses."""
+    findings = _findings()
+    grid = cfg.canvas // 14
+    rng = random.Random(cfg.seed + 3)
+    torch.manual_seed(cfg.seed + 4)
+    partners = hard_negative_partners(cfg.hard_negative_pairs)
+    canvases = torch.from_numpy(np.stack([c.canvas for c in pool]))
+    opt = torch.optim.AdamW(_param_groups(model, cfg, None), lr=cfg.focus_lr, betas=(0.9, 0.98))
+    model.train()
+    ck = Path(checkpoint) if checkpoint is not None else None
+    losses, start = _resume(ck, cfg, model, None, opt, rng, log, stage=3)
+    warmup = min(cfg.warmup, cfg.focus_steps // 10)
+    t0 = time.time()
+    for step in range(start, cfg.focus_steps):
+        lr = _cosine_lr(step, cfg.focus_steps, cfg.focus_lr, warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+        ids = rng.sample(range(len(pool)), cfg.images_per_step)
+        items = _sample_items(rng, ids, pool, findings, cfg, partners)
+        loss = sequence_loss(model, enc, canvases[ids], items, grid)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+        if (step + 1) % 25 == 0 or step == 0:
+            log(f"focus step {step + 1}/{cfg.focus_steps} loss {np.mean(losses[-25:]):.4f} lr {lr:.2e} {time.time() - t0:.0f}s")
+        if ck is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.focus_steps:
+            _save_checkpoint(ck, cfg, model, None, opt, rng, losses, step + 1, stage=3)
+    model.eval()
+    return losses
+
+
+#: Fields that may differ between a stage-3 run and the stage-2 folder it starts from (how a run goes, not its recipe).
+_RUN_ONLY = frozenset({"num_threads", "eval_every", "checkpoint_every", "n_eval_per_cell"})
+
+
+def stage2_weights(folder: str | Path, cfg: DemoLVLMConfig) -> tuple[dict[str, torch.Tensor], str]:
+    """The weights of a finished two-stage ``train-demo`` folder, to run stage 3 of ``cfg`` from (``train-demo
+    --init-from``), and the sha256 of its ``model.safetensors`` (recorded in the new card).
+
+    The folder's recipe (its ``medfocus.json``) must equal ``cfg`` in every field but
+    :data:`~medfocus.training.demo_lvlm.config.STAGE3_FIELDS` and the run-only ones (threads, checks,
+    checkpoints), so the result is what one uninterrupted run of ``cfg`` gives.
+
+    Raises:
+        ConfigError: ``folder`` is not a ``train-demo`` folder, is itself a stage-3 (or partial) result, or
+            was trained with another recipe (the differing fields are named).
+    """
+    import hashlib
+    import json
+
+    from medfocus.errors import ConfigError
+    from medfocus.training.demo_lvlm.config import STAGE3_FIELDS
+
+    src = Path(folder)
+    meta = src / "medfocus.json"
+    weights = src / "model.safetensors"
+    try:
+        demo = json.loads(meta.read_text())["demo"]
+        theirs = config_from_dict(demo["config"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"--init-from {src}: not a train-demo output folder (cannot read the recipe in {meta}: "
+                          f"{type(exc).__name__}: {exc}); expected the --out folder of a finished train-demo run") from None
+    if not weights.is_file():
+        raise ConfigError(f"--init-from {src}: no model.safetensors (expected the --out folder of a finished train-demo run)")
+    if theirs.focus_steps or demo.get("init_from") or demo.get("stopped_at"):
+        raise ConfigError(f"--init-from {src}: that folder is " + ("already a stage-3 result" if theirs.focus_steps or demo.get("init_from")
+                          else f"a partial run (stopped at step {demo.get('stopped_at')})")
+                          + "; expected the folder of a finished two-stage run (focus_steps 0)")
+    skip = STAGE3_FIELDS | _RUN_ONLY
+    mine, other = asdict(cfg), asdict(theirs)
+    diff = sorted(k for k in mine if k not in skip and json.loads(json.dumps(mine[k])) != json.loads(json.dumps(other[k])))
+    if diff:
+        raise ConfigError(f"--init-from {src}: trained with another recipe ({', '.join(f'{k}: {other[k]!r} there, {mine[k]!r} here' for k in diff)}); "
+                          "stage 3 must start from the stage-2 result of the same recipe")
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    # through from_pretrained: the saved key names are the checkpoint format's, not necessarily the module's
+    state = Qwen2_5_VLForConditionalGeneration.from_pretrained(src).state_dict()
+    return state, digest
+
+
 def train_demo(out_dir: str | Path, cfg: DemoLVLMConfig | None = None, *, log: Callable[[str], None] = print,
-                progress: bool = True, evaluate: bool = True) -> dict[str, Any]:
+                progress: bool = True, evaluate: bool = True, init_from: str | Path | None = None) -> dict[str, Any]:
     """Train the demo model and write its folder (+ ``MODEL_CARD.md``) to ``out_dir``.
 
     There is no default folder: the shipped ``lvlm/demo_model`` is regenerated only when named on purpose.
@@ -251,16 +386,35 @@ def train_demo(out_dir: str | Path, cfg: DemoLVLMConfig | None = None, *, log: C
     never leaves a half-written model behind (and the swap removes the checkpoint). Returns the metrics
     recorded in the card.
 
+    With ``init_from`` (the folder of a finished two-stage run of the same recipe, :func:`stage2_weights`),
+    stages 1-2 are loaded from there and only stage 3 (``cfg.focus_steps`` > 0) is trained: the same weights
+    as one uninterrupted run of ``cfg``; the card records that folder and its weights' sha256.
+
     Raises:
-        ConfigError: a field of ``cfg`` out of range (:meth:`DemoLVLMConfig.validate`), before any work.
+        ConfigError: a field of ``cfg`` out of range (:meth:`DemoLVLMConfig.validate`), or an ``init_from``
+            that cannot be used (no stage 3 to run, ``out_dir`` itself, or see :func:`stage2_weights`),
+            before any work.
     """
+    from medfocus.errors import ConfigError
+
     cfg = (cfg or DemoLVLMConfig()).validate()  # every field checked before any work
+    init = None
+    if init_from is not None:
+        if not cfg.focus_steps:
+            raise ConfigError(f"--init-from {init_from}: starting from a stage-2 folder trains stage 3 alone, "
+                              "but focus_steps is 0 (give --focus-steps N or a preset with a stage 3)")
+        if Path(init_from).resolve() == Path(out_dir).resolve():
+            raise ConfigError(f"--out {out_dir} is the --init-from folder: give another --out (the stage-2 folder is kept)")
+        init = stage2_weights(init_from, cfg)
     torch.set_num_threads(cfg.num_threads)
     out = Path(out_dir)
     t_start = time.time()
     findings = _findings()
     tok = build_tokenizer(findings, cfg.canvas, cfg.tokenizer_vocab)
     model = build_model(cfg, tok)
+    if init is not None:
+        model.load_state_dict(init[0])
+        log(f"stages 1-2 loaded from {init_from} (model.safetensors sha256 {init[1][:12]}...)")
     enc = Encoder(tok, cfg.token_grid ** 2)
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, vocab {len(tok)}")
     t0 = time.time()
@@ -283,12 +437,21 @@ def train_demo(out_dir: str | Path, cfg: DemoLVLMConfig | None = None, *, log: C
 
     t0 = time.time()
     ck = checkpoint_path(out)
-    losses = train_loop(model, enc, pool, cfg, log=log, eval_fn=quick_eval, checkpoint=ck if cfg.checkpoint_every else None,
-                        vision_eval_fn=vision_eval if cfg.eval_every else None)
+    losses = [] if init is not None else train_loop(
+        model, enc, pool, cfg, log=log, eval_fn=quick_eval, checkpoint=ck if cfg.checkpoint_every else None,
+        vision_eval_fn=vision_eval if cfg.eval_every else None)
+    focus = focus_loop(model, enc, pool, cfg, log=log, checkpoint=checkpoint_path(out, stage=3) if cfg.checkpoint_every else None) \
+        if cfg.focus_steps else []
     t_train = time.time() - t0
     del pool
-    extra = {"train_seconds": round(t_train, 1), "data_seconds": round(t_data, 1), "final_loss": float(np.mean(losses[-25:])),
-             "n_parameters": int(sum(p.numel() for p in model.parameters()))}
+    extra: dict[str, Any] = {"train_seconds": round(t_train, 1), "data_seconds": round(t_data, 1),
+                             "n_parameters": int(sum(p.numel() for p in model.parameters()))}
+    if losses:
+        extra["final_loss"] = float(np.mean(losses[-25:]))
+    if focus:
+        extra["final_focus_loss"] = float(np.mean(focus[-25:]))
+    if init is not None:
+        extra["init_from"] = {"folder": str(Path(init_from).resolve()), "sha256": init[1]}
     with atomic_directory(out) as tmp:  # replaces out, checkpoint included
         save_folder(model, tok, cfg, tmp, extra)
         (tmp / "MODEL_CARD.md").write_text(model_card(cfg, {**extra, "vocab": len(tok)}, out))
@@ -317,8 +480,9 @@ def save_from_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, log: Ca
     model.load_state_dict(state["model"])
     model.eval()
     out = Path(out_dir)
-    extra = {"final_loss": float(np.mean(state["losses"][-25:])), "n_parameters": int(sum(p.numel() for p in model.parameters())),
-             "stopped_at": int(state["step"])}
+    stage = int(state.get("stage", 2))
+    extra = {("final_focus_loss" if stage == 3 else "final_loss"): float(np.mean(state["losses"][-25:])),
+             "n_parameters": int(sum(p.numel() for p in model.parameters())), "stopped_at": int(state["step"]), "stopped_stage": stage}
     with atomic_directory(out) as tmp:
         save_folder(model, tok, cfg, tmp, extra)
         (tmp / "MODEL_CARD.md").write_text(model_card(cfg, {**extra, "vocab": len(tok)}, out))
@@ -330,12 +494,12 @@ def save_from_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, log: Ca
 CHECKPOINT_KEYS = frozenset({"config", "model", "head", "opt", "rng", "torch_rng", "losses", "step"})
 
 
-def checkpoint_path(out_dir: str | Path) -> Path:
+def checkpoint_path(out_dir: str | Path, stage: int = 2) -> Path:
     """Where ``train_demo`` keeps the resumable checkpoint of a run writing ``out_dir``: inside that folder
-    (``<out>/.checkpoint/train_state.pt``), which the user chose and owns, never a predictable path in
-    the shared temp folder that another local user could plant a file at. Publishing the trained folder
-    replaces ``out_dir`` whole, so the checkpoint disappears with the run that needed it."""
-    return Path(out_dir) / ".checkpoint" / "train_state.pt"
+    (``<out>/.checkpoint/train_state.pt``; stage 3's: ``focus_state.pt``), which the user chose and owns, never
+    a predictable path in the shared temp folder that another local user could plant a file at. Publishing
+    the trained folder replaces ``out_dir`` whole, so the checkpoint disappears with the run that needed it."""
+    return Path(out_dir) / ".checkpoint" / ("focus_state.pt" if stage == 3 else "train_state.pt")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
