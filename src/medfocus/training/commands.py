@@ -54,10 +54,9 @@ Examples:
                    "its correlated cue); see PRESETS in medfocus.training.demo_lvlm.config.")
 # ranges checked while parsing, before any work; DemoLVLMConfig.validate checks the whole config
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of data, initialisation and sampling.")
-@click.option("--steps", type=click.IntRange(min=1), default=None, cls=ConfigDefault, config_field="medfocus.training.demo_lvlm:DemoLVLMConfig.steps",
-              help="Training steps.")
-@click.option("--cases", "n_cases", type=click.IntRange(min=1), default=None, cls=ConfigDefault, config_field="medfocus.training.demo_lvlm:DemoLVLMConfig.n_train_cases",
-              help="Synthetic training cases.")
+# --steps / --cases: the preset's values unless given (the recipes differ: 1400 / 3000 for demo, 2000 / 20000 for demo-12x12)
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Stage-2 training steps  [default: the preset's]")
+@click.option("--cases", "n_cases", type=click.IntRange(min=1), default=None, help="Synthetic training cases  [default: the preset's]")
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="torch CPU threads.")
 @click.option("--eval-every", type=click.IntRange(min=0), default=0, show_default=True, help="Quick held-out check every N steps (0: off).")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=100, show_default=True,

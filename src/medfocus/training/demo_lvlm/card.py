@@ -188,9 +188,15 @@ def model_card(cfg: DemoLVLMConfig, metrics: dict[str, Any], out: Path, validity
             parts.append(f"| {k} | {r['n_pos']} | {r['yes']} | {r['flip_on_background_edit']} | {100 * r['flip_rate']:.1f}% |")
         rel = metrics["cue_reliance"]
         if "cued" in rel and "clean" in rel:
-            verdict = ("relies on the cue for part of its answers" if rel["cued"]["flip_rate"] > 2 * rel["clean"]["flip_rate"] + 0.05
+            relies = rel["cued"]["flip_rate"] > 2 * rel["clean"]["flip_rate"] + 0.05
+            # a recipe whose cues carry no information (cue_subset 0) is meant not to rely on them; one with a cue
+            # subset is meant to, so the same measurement reads as a goal met or missed
+            goal = (" (as its recipe intends: its cues carry no information)" if cfg.cue_subset == 0 and not relies else
+                    " (against its recipe's intent: its cues carry no information)" if cfg.cue_subset == 0 else
+                    "" if relies else " (the shortcut goal of the training recipe is not met by these weights)")
+            verdict = ("relies on the cue for part of its answers" if relies
                        else "does **not** measurably rely on the cues: its Yes on cued faint positives survives their removal "
-                            "about as often as on clean positives (the shortcut goal of the training recipe is not met by these weights)")
+                            "about as often as on clean positives") + goal
             parts += ["", f"Reading (training-time check): this model {verdict}."]
         ev = metrics.get("evidence") or {}
         if ev:
