@@ -130,3 +130,6 @@ def test_train_demo_sam_command(tmp_path):
     assert MedSAMRefiner.from_pretrained(str(out), device="cpu").model.config.vision_config.hidden_size == 96
     r = CliRunner().invoke(main, ["train-demo-sam", "--out", str(out), "--steps", "0"])
     assert r.exit_code != 0 and "--steps" in r.output
+    # --threads 0 is refused while parsing (it used to reach torch.set_num_threads' bare error)
+    r = CliRunner().invoke(main, ["train-demo-sam", "--out", str(tmp_path / "sam0"), "--threads", "0"])
+    assert r.exit_code == 2 and "--threads" in r.output and "x>=1" in r.output and not (tmp_path / "sam0").exists()

@@ -102,7 +102,7 @@ Examples:
               help="Synthetic training films.")
 @click.option("--val-films", "n_val", type=int, default=None, cls=ConfigDefault, config_field="medfocus.training.demo_segmenter:DemoSamConfig.n_val",
               help="Held-out films of the model card.")
-@click.option("--threads", type=int, default=2, show_default=True, help="torch CPU threads.")
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="torch CPU threads.")
 @click.option("--no-progress", is_flag=True, help="Disable progress bars (also the weight-loading bar).")
 def train_demo_sam(out_dir: str, seed: int, steps: int | None, n_train: int | None, n_val: int | None,
                    threads: int, no_progress: bool) -> None:
