@@ -196,7 +196,7 @@ def sanity_and_baselines(adapter, samples: list, answers: dict, n_films: int, mo
             hr = np.asarray(get_method(meth).attribute(rnd, img, q, "Yes").heatmap, dtype=np.float32)
             a, b = _cells(hm).ravel(), _cells(hr).ravel()
             rho[meth].append(float(spearmanr(a, b).statistic) if a.std() > 0 and b.std() > 0 else float("nan"))
-            records.append({"model": "demo", "dataset": "synthetic", "mode": "direct", "method": meth, "index": int(s.index),
+            records.append({"model": model, "dataset": "synthetic", "mode": "direct", "method": meth, "index": int(s.index),
                             "attribute": s.attribute, "gt_boxes": [list(map(float, bx)) for bx in s.boxes],
                             "image_size": list(s.image_size), "heatmap": hm, "error": None})
     lines = [f"{len(chosen)} films (positives the model answers \"Yes\" in direct mode, round-robin over findings); "
