@@ -66,6 +66,7 @@ Examples:
 @click.option("--focus-steps", type=click.IntRange(min=0), default=None,
               help="Stage-3 (hard-negative focus) steps; default: the preset's (0: no stage 3).")
 @click.option("--init-from", "init_from", type=click.Path(exists=True, file_okay=False), default=None,
+              show_default="none: every stage is trained",
               help="Load stages 1-2 from this finished train-demo folder of the same recipe and train stage 3 only "
                    "(the same weights as one uninterrupted run).")
 def train_demo(out_dir: str, preset: str, seed: int, steps: int | None, n_cases: int | None, threads: int, eval_every: int,

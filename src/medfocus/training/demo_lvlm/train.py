@@ -287,8 +287,8 @@ def train_loop(model, enc: Encoder, pool: Sequence[DemoCase], cfg: DemoLVLMConfi
 def focus_loop(model, enc: Encoder, pool: Sequence[DemoCase], cfg: DemoLVLMConfig, *, log: Callable[[str], None] = print,
                checkpoint: str | Path | None = None) -> list[float]:
     """Stage 3, "hard-negative focus": ``cfg.focus_steps`` steps on the four tasks (no auxiliary loss) with a
-    fresh AdamW at ``cfg.focus_lr`` (warm-up over ``min(cfg.warmup, focus_steps // 10)`` steps, cosine decay to 5%), the vision tower at
-    ``stage2_vision_lr_scale``; "no" questions favour the absent look-alike of a present finding
+    fresh AdamW at ``cfg.focus_lr`` (warm-up over ``min(cfg.warmup, focus_steps // 10)`` steps, cosine decay
+    to 5%), the vision tower at ``stage2_vision_lr_scale``; "no" questions favour the absent look-alike of a present finding
     (:func:`_sample_items` with :func:`hard_negative_partners`). Its random streams are seeded afresh
     (``seed + 3``, ``seed + 4``), so the stage gives the same weights whether it follows stage 2 in one run or
     starts from that run's saved folder (:func:`stage2_weights`). Checkpointed and resumed like
