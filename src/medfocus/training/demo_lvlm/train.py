@@ -205,6 +205,15 @@ def _param_groups(model, cfg: DemoLVLMConfig, head: torch.nn.Module | None) -> l
     return groups
 
 
+def _optimizer_step(model, opt: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+    """One update of stages 2 and 3: backward, gradient norm clipped to 1 over the whole model, step; the loss."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return float(loss.detach())
+
+
 def _resume(ck: Path | None, cfg: DemoLVLMConfig, model, head, opt, rng: random.Random,
             log: Callable[[str], None], stage: int = 2) -> tuple[list[float], int]:
     """Load the stage-``stage`` checkpoint ``ck`` of this very config into the live objects; ``(losses, next
@@ -262,12 +271,7 @@ def train_loop(model, enc: Encoder, pool: Sequence[DemoCase], cfg: DemoLVLMConfi
         ids = rng.sample(range(len(pool)), cfg.images_per_step)
         items = _sample_items(rng, ids, pool, findings, cfg)
         aux = (head, labels[ids], cfg.aux_weight, cfg.aux_pos_weight) if head is not None else None
-        loss = sequence_loss(model, enc, canvases[ids], items, grid, aux)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(_optimizer_step(model, opt, sequence_loss(model, enc, canvases[ids], items, grid, aux)))
         if (step + 1) % 25 == 0 or step == 0:
             recent = np.mean(losses[-25:])
             log(f"step {step + 1}/{cfg.steps} loss {recent:.4f} lr {_lr_at(step, cfg):.2e} {time.time() - t0:.0f}s")
@@ -311,12 +315,7 @@ def focus_loop(model, enc: Encoder, pool: Sequence[DemoCase], cfg: DemoLVLMConfi
             g["lr"] = lr * g.get("lr_scale", 1.0)
         ids = rng.sample(range(len(pool)), cfg.images_per_step)
         items = _sample_items(rng, ids, pool, findings, cfg, partners)
-        loss = sequence_loss(model, enc, canvases[ids], items, grid)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(_optimizer_step(model, opt, sequence_loss(model, enc, canvases[ids], items, grid)))
         if (step + 1) % 25 == 0 or step == 0:
             log(f"focus step {step + 1}/{cfg.focus_steps} loss {np.mean(losses[-25:]):.4f} lr {lr:.2e} {time.time() - t0:.0f}s")
         if ck is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.focus_steps:
