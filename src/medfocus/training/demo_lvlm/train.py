@@ -16,7 +16,7 @@ import torch
 
 from medfocus.io.atomic import atomic_directory, atomic_write
 from medfocus.training.demo_lvlm.card import model_card
-from medfocus.training.demo_lvlm.config import DemoLVLMConfig, config_from_dict
+from medfocus.training.demo_lvlm.config import RUN_FIELDS, DemoLVLMConfig, config_from_dict
 from medfocus.training.demo_lvlm.data import DemoCase, _findings, build_eval_pool, build_train_pool, canvases_to_pixel_values
 from medfocus.training.demo_lvlm.evaluate import direct_margin, evaluate_and_write_card
 from medfocus.training.demo_lvlm.model import Encoder, build_model, build_tokenizer, folder_size, save_folder
@@ -324,8 +324,9 @@ def focus_loop(model, enc: Encoder, pool: Sequence[DemoCase], cfg: DemoLVLMConfi
     return losses
 
 
-#: Fields that may differ between a stage-3 run and the stage-2 folder it starts from (how a run goes, not its recipe).
-_RUN_ONLY = frozenset({"num_threads", "eval_every", "checkpoint_every", "n_eval_per_cell"})
+#: Fields that may differ between a stage-3 run and the stage-2 folder it starts from: the run fields but the
+#: ones that decide the stage-2 weights (seed, steps, training cases).
+_RUN_ONLY = RUN_FIELDS - {"seed", "steps", "n_train_cases"}
 
 
 def stage2_weights(folder: str | Path, cfg: DemoLVLMConfig) -> tuple[dict[str, torch.Tensor], str]:
@@ -340,10 +341,10 @@ def stage2_weights(folder: str | Path, cfg: DemoLVLMConfig) -> tuple[dict[str, t
         ConfigError: ``folder`` is not a ``train-demo`` folder, is itself a stage-3 (or partial) result, or
             was trained with another recipe (the differing fields are named).
     """
-    import hashlib
     import json
 
     from medfocus.errors import ConfigError
+    from medfocus.io.fingerprint import file_sha256
     from medfocus.training.demo_lvlm.config import STAGE3_FIELDS
 
     src = Path(folder)
@@ -369,7 +370,7 @@ def stage2_weights(folder: str | Path, cfg: DemoLVLMConfig) -> tuple[dict[str, t
                           "stage 3 must start from the stage-2 result of the same recipe")
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    digest = file_sha256(weights)[1]  # a regular file (checked above): streamed, never None here
     # through from_pretrained: the saved key names are the checkpoint format's, not necessarily the module's
     state = Qwen2_5_VLForConditionalGeneration.from_pretrained(src).state_dict()
     return state, digest
