@@ -84,11 +84,13 @@ def _median_ci(values: list[float], n_boot: int = 2000, seed: int = 0) -> tuple[
     return float(np.median(v)), float(np.percentile(meds, 2.5)), float(np.percentile(meds, 97.5))
 
 
-def synth_samples(root: Path, films: int) -> list:
-    """``medfocus synth`` default data (CLI defaults: 256 px, cue rates 0) at :data:`SYNTH_SEED`."""
+def synth_samples(root: Path, films: int, lesion_size_rule: str = "nih") -> list:
+    """``medfocus synth`` default data (CLI defaults: 256 px, cue rates 0) at :data:`SYNTH_SEED`, in the world
+    of ``lesion_size_rule`` (the CLI's default ``"nih"``, or ``"fleischner"``)."""
     from medfocus.datasets.synthetic import load_synthetic, write_dataset
 
-    write_dataset(root, films, seed=SYNTH_SEED, counterfactuals=False, imagenome=False, progress=True)
+    write_dataset(root, films, seed=SYNTH_SEED, lesion_size_rule=lesion_size_rule, counterfactuals=False, imagenome=False,
+                  progress=True)
     return load_synthetic(root)
 
 
@@ -235,6 +237,9 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--model", default="demo",
                     help="the demo model to measure: 'demo' (the shipped one, whose figures the README quotes) or a "
                          "train-demo --out folder (a candidate, before it is shipped)")
+    ap.add_argument("--lesion-size-rule", choices=("nih", "fleischner"), default=None,
+                    help="the synthetic world of section 1 (medfocus synth --lesion-size-rule); default: the one the "
+                         "model was trained in (its recipe's lesion_size_rule)")
     ap.add_argument("--no-sanity", action="store_true",
                     help="skip section 3 (sanity check and trivial baselines): accuracy and cue reliance only")
     a = ap.parse_args(argv)
@@ -248,12 +253,16 @@ def main(argv: list[str] | None = None) -> str:
     folder = DEMO_DIR if a.model == "demo" else Path(a.model)
     if not (folder / "medfocus.json").is_file():
         ap.error(f"--model {a.model}: not a train-demo folder (no medfocus.json)")
+    import json
+
+    trained_rule = json.loads((folder / "medfocus.json").read_text())["demo"]["config"].get("lesion_size_rule", "nih")
+    rule = a.lesion_size_rule or trained_rule
     torch.set_num_threads(a.threads)
     t_start = time.time()
     load0 = os.getloadavg()
     adapter = load_lvlm(a.model, device="cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        samples = synth_samples(Path(tmp) / "synth", a.films)
+        samples = synth_samples(Path(tmp) / "synth", a.films, rule)
         acc_lines, answers = accuracy_on_synth(adapter, samples)
         card_lines = card_protocol(adapter, a.cue_per_cell, folder)
         sanity_lines = (["Skipped (`--no-sanity`)."] if a.no_sanity else
@@ -266,6 +275,7 @@ def main(argv: list[str] | None = None) -> str:
         *([] if a.model == "demo" else [f"**Model measured: `{a.model}`** (a candidate, not the shipped `demo`).", ""]),
         f"Written by `benchmarks/validity.py --films {a.films} --cue-per-cell {a.cue_per_cell} --sanity-films "
         f"{a.sanity_films} --threads {a.threads}" + ("" if a.model == "demo" else f" --model {a.model}")
+        + (f" --lesion-size-rule {a.lesion_size_rule}" if a.lesion_size_rule else "")
         + (" --no-sanity" if a.no_sanity else "") + f"` in {minutes:.1f} min on {platform.machine()}, {os.cpu_count()} CPUs; "
         f"1-minute load average {load0[0]:.1f} at the start and {load1[0]:.1f} at the end (the machine was shared). "
         "Every interval is 95%: Wilson for proportions, bootstrap for medians and paired differences.",
@@ -278,7 +288,11 @@ def main(argv: list[str] | None = None) -> str:
         f"used {len(samples)} samples from {a.films} films"
         + (" — smaller than that design, so the intervals are wider than +-3 points." if len(samples) < 690 else "."),
         "",
-        f"## 1. Accuracy on `medfocus synth` default data ({a.films} films, {len(samples)} samples)",
+        (f"## 1. Accuracy on `medfocus synth` default data ({a.films} films, {len(samples)} samples)" if rule == "nih" else
+         f"## 1. Accuracy on `medfocus synth --lesion-size-rule {rule}` data ({a.films} films, {len(samples)} samples)"),
+        "",
+        f"Synthetic world: lesion size rule `{rule}` (the model was trained with `{trained_rule}`)."
+        + ("" if rule == "nih" else " Every setting but that rule is the `medfocus synth` default."),
         "",
         *acc_lines,
         "",

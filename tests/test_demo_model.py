@@ -470,7 +470,8 @@ def test_train_demo_cli_refuses_out_of_range_numbers(tmp_path, monkeypatch, opti
                                                  ("hard_negative_share", 1.5, r"hard_negative_share: expected a number in \[0, 1\]"),
                                                  ("hard_negative_pairs", [["nodule", "nodule"]], "hard_negative_pairs: expected a list of pairs"),
                                                  ("hard_negative_pairs", [["nodule", "tumour"]], "hard_negative_pairs: expected a list of pairs"),
-                                                 ("hard_negative_pairs", [["nodule"]], "hard_negative_pairs: expected a list of pairs")])
+                                                 ("hard_negative_pairs", [["nodule"]], "hard_negative_pairs: expected a list of pairs"),
+                                                 ("lesion_size_rule", "radiological", r"lesion_size_rule: expected one of \['nih', 'fleischner'\]")])
 def test_train_demo_validates_the_config_before_any_work(tmp_path, monkeypatch, field, value, message) -> None:
     # a config from a preset, JSON or the API is checked in train_demo itself (--threads 0 used to end in
     # torch's bare "set_num_threads expects a positive integer" after nothing else was checked)
@@ -606,3 +607,23 @@ def test_train_demo_cli_passes_stage3_options(tmp_path, monkeypatch) -> None:
     assert cfg.focus_steps == 7 and cfg.canvas == 168 and kw["init_from"] == str(tmp_path / "s2")
     res = CliRunner().invoke(main, ["train-demo", "--out", str(tmp_path / "td"), "--init-from", str(tmp_path / "nowhere")])
     assert res.exit_code == 2 and "does not exist" in res.output and len(calls) == 1
+
+
+def test_training_cases_follow_the_recipes_lesion_size_rule(micro) -> None:
+    """``lesion_size_rule`` reaches the training and held-out cases (make_case), so a recipe trained in the
+    Fleischner world sees nodules <= 3 cm and masses > 3 cm; preset demo-12x12-fleischner is demo-12x12 in it."""
+    import dataclasses
+
+    from medfocus.datasets.synthetic.findings import NODULE_MAX_DIAMETER_CM, lesion_diameter_cm
+
+    fl = dataclasses.replace(micro[0], lesion_size_rule="fleischner")
+    for seed in range(6):
+        case = D.make_case(100 + seed, ["mass"], cued=False, cfg=fl, keep=True).source
+        assert lesion_diameter_cm(case.finding("mass").box, fl.image_size) > NODULE_MAX_DIAMETER_CM
+    nih = [D.make_case(100 + s, ["mass"], cued=False, cfg=micro[0], keep=True).source for s in range(6)]
+    assert min(lesion_diameter_cm(c.finding("mass").box, micro[0].image_size) for c in nih) <= NODULE_MAX_DIAMETER_CM
+    from medfocus.training.demo_lvlm.config import preset_config
+
+    a, b = preset_config("demo-12x12"), preset_config("demo-12x12-fleischner")
+    assert b.lesion_size_rule == "fleischner" and dataclasses.replace(b, lesion_size_rule="nih") == a
+    assert D.DemoLVLMConfig().lesion_size_rule == "nih"  # the shipped recipe's world is the synth default

@@ -303,3 +303,39 @@ def test_priors_table_derived_from_nih_list(shared_data):
     assert derived["findings"] == committed["findings"]
     assert committed["findings"]["consolidation"]["nih_labels"] == ["Infiltrate", "Pneumonia"]
     assert committed["findings"]["nodule"]["n"] == 79
+
+
+# --- lesion size rule (nodule vs mass) ---------------------------------------------------------------
+def test_fleischner_rule_separates_nodule_from_mass_by_size_and_changes_nothing_else():
+    """``lesion_size_rule="fleischner"``: every nodule's long axis is <= 3 cm and every mass's is > 3 cm on the
+    35 cm field (Fleischner glossary), while under the default "nih" rule the two overlap; other findings
+    drawn before the lesion are identical and those after keep their random draws (the rule only skips
+    candidate boxes already drawn)."""
+    from medfocus.datasets.synthetic.findings import FIELD_OF_VIEW_CM, NODULE_MAX_DIAMETER_CM, lesion_diameter_cm
+
+    size = 256
+    assert lesion_diameter_cm((10, 20, 32, 30), size) == pytest.approx(22 / size * FIELD_OF_VIEW_CM)
+    diam = {}
+    for rule in ("nih", "fleischner"):
+        for name in ("nodule", "mass"):
+            diam[rule, name] = [lesion_diameter_cm(generate_case(7000 + s, size=size, findings=[name], lesion_size_rule=rule)
+                                                   .finding(name).box, size) for s in range(40)]
+    assert max(diam["fleischner", "nodule"]) <= NODULE_MAX_DIAMETER_CM < min(diam["fleischner", "mass"])
+    # the NIH priors overlap: some nodules are larger than 3 cm, some masses smaller (what the rule removes)
+    assert max(diam["nih", "nodule"]) > NODULE_MAX_DIAMETER_CM and min(diam["nih", "mass"]) <= NODULE_MAX_DIAMETER_CM
+    # a drawn lesion that already obeys the rule is the same lesion in both worlds
+    same = [s for s in range(40) if diam["nih", "nodule"][s] <= NODULE_MAX_DIAMETER_CM]
+    assert same and all(diam["fleischner", "nodule"][s] == diam["nih", "nodule"][s] for s in same)
+    a = generate_case(7003, size=size, findings=["mass", "pneumothorax", "cardiomegaly"])
+    b = generate_case(7003, size=size, findings=["mass", "pneumothorax", "cardiomegaly"], lesion_size_rule="fleischner")
+    assert a.finding("mass").box != b.finding("mass").box  # this seed's first mass is under 3 cm
+    assert a.finding("cardiomegaly").box == b.finding("cardiomegaly").box
+    pa, pb = a.finding("pneumothorax").spec, b.finding("pneumothorax").spec
+    assert (pa.seed, pa.severity) == (pb.seed, pb.severity)
+    # default is "nih", byte for byte
+    assert generate_case(7003, size=128).image.tobytes() == generate_case(7003, size=128, lesion_size_rule="nih").image.tobytes()
+
+
+def test_unknown_lesion_size_rule_refused():
+    with pytest.raises(ConfigError, match="lesion_size_rule"):
+        generate_case(0, size=S, lesion_size_rule="who")

@@ -240,3 +240,26 @@ def test_synth_counts_records_and_warns_about_cues_that_could_not_be_placed(tmp_
     assert place["correlated_placed"] + place["uncorrelated_placed"] == sum(len(im["cues"]) for im in man["images"])
     assert place["uncorrelated_dropped"] == sum(c["finding"] is None for im in man["images"] for c in im["cues_dropped"])
     assert f"Warning: {out / 'manifest.json'}: 3 drawn shortcut cues could not be placed" in r.stderr
+
+
+def test_lesion_size_rule_recorded_in_the_manifest_and_cli_choices_match(tmp_path):
+    """``medfocus synth --lesion-size-rule`` reaches the films and the manifest; the CLI's choices are the
+    world's rules; an unknown rule is refused by write_dataset before anything is written."""
+    from medfocus.cli import main
+    from medfocus.commands.synth import synth as synth_cmd
+    from medfocus.datasets.synthetic.findings import LESION_SIZE_RULES
+    from medfocus.errors import ConfigError
+
+    opt = next(p for p in synth_cmd.params if p.name == "lesion_size_rule")
+    assert tuple(opt.type.choices) == LESION_SIZE_RULES and opt.default == "nih"
+    r = CliRunner().invoke(main, ["synth", "--out", str(tmp_path / "d"), "--n", "4", "--size", "64", "--seed", "2",
+                                  "--no-counterfactuals", "--no-imagenome-jpeg", "--lesion-size-rule", "fleischner"])
+    assert r.exit_code == 0, r.output
+    man = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    assert man["lesion_size_rule"] == "fleischner"
+    for im in man["images"]:  # the films are the rule's: same bytes as generate_case with it
+        case = generate_case(im["case_seed"], size=64, lesion_size_rule="fleischner")
+        assert [f["box"] for f in im["findings"]] == [[float(v) for v in f.box] for f in case.findings]
+    with pytest.raises(ConfigError, match="lesion_size_rule"):
+        write_dataset(tmp_path / "e", 2, lesion_size_rule="Fleischner", progress=False)
+    assert not (tmp_path / "e").exists()

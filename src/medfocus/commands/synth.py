@@ -10,6 +10,7 @@ _EPILOG = """\b
 Examples:
   medfocus synth --out data/synth --n 200 --seed 0 --preview data/synth/preview.png
   medfocus synth --out data/cued --n 1000 --cue-rate 0.8 --cue-base-rate 0.05 --workers 2
+  medfocus synth --out data/fleischner --n 200 --lesion-size-rule fleischner
   medfocus synth-reference --out data/reference --n 16
 
 \b
@@ -29,6 +30,10 @@ negatives, exact masks, oracle counterfactuals, cues), as `--dataset vindr_cxr`
               help="Probability that a finding brings its correlated shortcut cue.")
 @click.option("--cue-base-rate", default=0.0, show_default=True, type=click.FloatRange(0, 1),
               help="Probability of one uncorrelated cue per film (normals included).")
+@click.option("--lesion-size-rule", type=click.Choice(["nih", "fleischner"]), default="nih", show_default=True,
+              help="How nodule and mass sizes are drawn: 'nih' (the NIH ChestX-ray8 box priors, whose nodule and mass "
+                   "sizes overlap) or 'fleischner' (the same priors conditioned on the radiological definition: "
+                   "nodule <= 3 cm < mass on a 35 cm field).")
 @click.option("--no-counterfactuals", is_flag=True, help="Skip rendering the oracle counterfactual PNGs.")
 @click.option("--no-imagenome-jpeg", is_flag=True, help="Skip the JPEG copies read by the ImaGenome loader.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1), help="Rendering processes.")
@@ -37,13 +42,13 @@ negatives, exact masks, oracle counterfactuals, cues), as `--dataset vindr_cxr`
                    "(default: a non-empty --out is refused, so no film of an earlier run stays mixed in).")
 @click.option("--preview", type=click.Path(dir_okay=False, path_type=Path), default=None, show_default="no contact sheet",
               help="Also write a contact sheet (PNG) of the first 16 films with their boxes.")
-def synth(out_dir: Path, n: int, seed: int, size: int, cue_rate: float, cue_base_rate: float,
+def synth(out_dir: Path, n: int, seed: int, size: int, cue_rate: float, cue_base_rate: float, lesion_size_rule: str,
           no_counterfactuals: bool, no_imagenome_jpeg: bool, workers: int, overwrite: bool, preview: Path | None) -> None:
     """Write a synthetic chest X-ray dataset (VinDr-CXR layout) with exact ground truth."""
     from medfocus.datasets.synthetic.dataset import case_seed, load_synthetic, write_dataset
 
     path = write_dataset(out_dir, n, seed=seed, size=size, cue_rate=cue_rate, cue_base_rate=cue_base_rate,
-                         counterfactuals=not no_counterfactuals, imagenome=not no_imagenome_jpeg, workers=workers,
+                         lesion_size_rule=lesion_size_rule, counterfactuals=not no_counterfactuals, imagenome=not no_imagenome_jpeg, workers=workers,
                          overwrite=overwrite)
     samples = load_synthetic(out_dir)
     pos = sum(s.answer == "Yes" for s in samples)
@@ -55,7 +60,8 @@ def synth(out_dir: Path, n: int, seed: int, size: int, cue_rate: float, cue_base
         from medfocus.datasets.synthetic.case import generate_case
         from medfocus.datasets.synthetic.preview import contact_sheet
 
-        cases = [generate_case(case_seed(seed, i), size=size, cue_rate=cue_rate, cue_base_rate=cue_base_rate)
+        cases = [generate_case(case_seed(seed, i), size=size, cue_rate=cue_rate, cue_base_rate=cue_base_rate,
+                               lesion_size_rule=lesion_size_rule)
                  for i in range(min(n, 16))]
         click.echo(f"preview -> {contact_sheet(cases, preview)}")
 

@@ -11,6 +11,7 @@ from medfocus.datasets.synthetic.cues import DEFAULT_CUE_MAP, CUE_TYPES, draw_cu
 from medfocus.datasets.synthetic.findings import (
     FINDING_WEIGHTS,
     FINDINGS,
+    LESION_SIZE_RULES,
     FindingSpec,
     build_finding,
     cardiomegaly_heart,
@@ -168,6 +169,7 @@ def generate_case(
     severity: float | dict[str, float] | None = None,
     p_normal: float = 0.3,
     max_findings: int = 3,
+    lesion_size_rule: str = "nih",
 ) -> SyntheticCase:
     """Generate one synthetic frontal chest radiograph, deterministically from ``seed``.
 
@@ -183,6 +185,9 @@ def generate_case(
         cue_map: finding -> cue type (default :data:`DEFAULT_CUE_MAP`).
         severity: one value in ``[0, 1]`` for all findings, a per-finding dict, or ``None`` (random).
         p_normal, max_findings: used only when ``findings`` is ``None``.
+        lesion_size_rule: how nodule and mass sizes are drawn, one of
+            :data:`~medfocus.datasets.synthetic.findings.LESION_SIZE_RULES` (``"nih"``: the NIH box priors, whose
+            nodule and mass sizes overlap; ``"fleischner"``: nodule <= 3 cm < mass, the radiological definition).
 
     Returns:
         A :class:`SyntheticCase`.
@@ -192,6 +197,8 @@ def generate_case(
         raise ConfigError(f"synthetic image size must be in 64..2048 px, got {size}")
     if not 0.0 <= cue_rate <= 1.0 or not 0.0 <= cue_base_rate <= 1.0:
         raise ConfigError(f"cue_rate / cue_base_rate must lie in [0, 1], got {cue_rate}, {cue_base_rate}")
+    if lesion_size_rule not in LESION_SIZE_RULES:
+        raise ConfigError(f"lesion_size_rule must be one of {list(LESION_SIZE_RULES)}, got {lesion_size_rule!r}")
     cue_map = dict(DEFAULT_CUE_MAP if cue_map is None else cue_map)
     rng_f = np.random.default_rng([int(seed), _STREAM_FINDINGS])
     if findings is None:
@@ -230,7 +237,7 @@ def generate_case(
     for n in names:
         if n == "cardiomegaly":
             continue
-        sp, m, lay = sample_spec(n, geo, rng_f, sev_of(n), taken)
+        sp, m, lay = sample_spec(n, geo, rng_f, sev_of(n), taken, lesion_size_rule=lesion_size_rule)
         box = mask_box(m)
         out.append(SyntheticFinding(n, box, m, sp.severity, sp.side, _concept_for(n, sp.side), sp))
         layers[n] = lay

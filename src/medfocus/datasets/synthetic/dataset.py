@@ -24,7 +24,9 @@ Layout written by :func:`write_dataset` under ``out_dir``::
     counterfactuals/<image_id>/<finding_slug>_<kind>.png  kind in foreground/background/background_normal
     manifest.json                                       everything above + cues + the sample list; per film
                                                         ``cues_dropped`` (drawn cues that found no clear spot)
-                                                        and their totals in ``cue_placement``
+                                                        and their totals in ``cue_placement``; the
+                                                        world's ``lesion_size_rule`` (how nodule and mass
+                                                        sizes were drawn)
 
 The folder holds one dataset and nothing else: :func:`write_dataset` refuses a non-empty folder unless
 ``overwrite`` (then only a folder it wrote before, with its manifest), builds the new dataset under a
@@ -57,8 +59,8 @@ import numpy as np
 
 from medfocus.datasets.synthetic import GENERATOR_VERSION
 from medfocus.datasets.synthetic.case import generate_case
-from medfocus.datasets.synthetic.findings import FINDINGS, VINDR_CLASS
-from medfocus.errors import DataError, DataWarning
+from medfocus.datasets.synthetic.findings import FINDINGS, LESION_SIZE_RULES, VINDR_CLASS
+from medfocus.errors import ConfigError, DataError, DataWarning
 from medfocus.io.atomic import atomic_directory, atomic_write_text
 from medfocus.io.paths import resolve_inside
 from medfocus.types import CONCEPTS, Sample, concept_slug, question_stem
@@ -120,13 +122,13 @@ def _write_dicom(path: Path, image: np.ndarray, image_id: str) -> None:
     ds.save_as(path, enforce_file_format=True)
 
 
-def _render_one(args: tuple[str, int, int, int, float, float, bool, bool]) -> dict[str, Any]:
+def _render_one(args: tuple[str, int, int, int, float, float, bool, bool, str]) -> dict[str, Any]:
     """Generate film ``i`` and write its files; returns its manifest entry (paths relative to ``out``)."""
-    out_s, seed, i, size, cue_rate, cue_base_rate, counterfactuals, imagenome = args
+    out_s, seed, i, size, cue_rate, cue_base_rate, counterfactuals, imagenome, size_rule = args
     out = Path(out_s)
     cs = case_seed(seed, i)
     iid = image_id_for(seed, i)
-    case = generate_case(cs, size=size, cue_rate=cue_rate, cue_base_rate=cue_base_rate)
+    case = generate_case(cs, size=size, cue_rate=cue_rate, cue_base_rate=cue_base_rate, lesion_size_rule=size_rule)
     rel = lambda p: str(Path(p).relative_to(out))  # noqa: E731
     dicom = out / VINDR_DIR / SPLIT / f"{iid}.dicom"
     _write_dicom(dicom, case.image, iid)
@@ -306,6 +308,7 @@ def write_dataset(
     cue_rate: float = 0.0,
     *,
     cue_base_rate: float = 0.0,
+    lesion_size_rule: str = "nih",
     counterfactuals: bool = True,
     imagenome: bool = True,
     workers: int = 1,
@@ -322,6 +325,8 @@ def write_dataset(
             any ``workers``.
         size: image side in pixels.
         cue_rate, cue_base_rate: shortcut-cue correlation knobs (see :func:`generate_case`).
+        lesion_size_rule: how nodule and mass sizes are drawn (:data:`~medfocus.datasets.synthetic.findings.LESION_SIZE_RULES`;
+            see :func:`generate_case`); recorded in the manifest.
         counterfactuals: also render the three oracle counterfactuals of every positive.
         imagenome: also write the JPEG copies the ImaGenome loader reads (the gold/region tables are
             always written).
@@ -336,19 +341,22 @@ def write_dataset(
         DataError: ``n < 1``; ``out_dir`` not empty (without ``overwrite``) or, with it, not a folder
             this function wrote; films that show no finding at all (the dataset would hold no sample:
             nothing is written).
+        ConfigError: an unknown ``lesion_size_rule`` (before anything is written).
 
     Warns:
         DataWarning: drawn cues that could not be placed (counted in the manifest's ``cue_placement``).
     """
     if n < 1:
         raise DataError(f"write_dataset: n must be >= 1, got {n}")
+    if lesion_size_rule not in LESION_SIZE_RULES:
+        raise ConfigError(f"write_dataset: lesion_size_rule must be one of {list(LESION_SIZE_RULES)}, got {lesion_size_rule!r}")
     out = Path(out_dir)
     _check_out_dir(out, overwrite)
     from tqdm.auto import tqdm
 
     with atomic_directory(out) as tmp:
         jobs = [(str(tmp), int(seed), i, int(size), float(cue_rate), float(cue_base_rate), bool(counterfactuals),
-                 bool(imagenome)) for i in range(n)]
+                 bool(imagenome), lesion_size_rule) for i in range(n)]
         if workers > 1:
             with ProcessPoolExecutor(max_workers=workers) as ex:
                 images = list(tqdm(ex.map(_render_one, jobs, chunksize=8), total=n, disable=not progress, desc="synth"))
@@ -360,7 +368,8 @@ def write_dataset(
                             "0 samples (each sample is a finding's positive or one of its balanced negatives); about "
                             f"30 % of films are normal: raise --n or change --seed (nothing was written to {out})")
         _write_tables(tmp, images)
-        _write_manifest(tmp, images, samples, seed=seed, n=n, size=size, cue_rate=cue_rate, cue_base_rate=cue_base_rate)
+        _write_manifest(tmp, images, samples, seed=seed, n=n, size=size, cue_rate=cue_rate, cue_base_rate=cue_base_rate,
+                        lesion_size_rule=lesion_size_rule)
     placement = cue_placement(images)
     lost = placement["correlated_dropped"] + placement["uncorrelated_dropped"]
     if lost:
@@ -374,7 +383,7 @@ def write_dataset(
 
 
 def _write_manifest(out: Path, images: list[dict[str, Any]], samples: list[dict[str, Any]], *, seed: int, n: int,
-                    size: int, cue_rate: float, cue_base_rate: float) -> None:
+                    size: int, cue_rate: float, cue_base_rate: float, lesion_size_rule: str) -> None:
     manifest = {
         "format": "medfocus-synthetic",
         "version": 1,
@@ -384,6 +393,7 @@ def _write_manifest(out: Path, images: list[dict[str, Any]], samples: list[dict[
         "size": int(size),
         "cue_rate": float(cue_rate),
         "cue_base_rate": float(cue_base_rate),
+        "lesion_size_rule": lesion_size_rule,
         "cue_placement": cue_placement(images),
         "findings": list(FINDINGS),
         "concepts": list(CONCEPTS),

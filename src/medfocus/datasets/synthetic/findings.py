@@ -52,6 +52,44 @@ FINDINGS: tuple[str, ...] = (
 #: Relative frequency of each finding when a random finding set is drawn.
 FINDING_WEIGHTS: dict[str, float] = {f: 1.0 for f in FINDINGS}
 
+#: Side of a synthetic film in centimetres. The world needs a physical scale only for a finding defined by
+#: its size (nodule vs mass); a square field as wide as the standard 35 x 43 cm (14 x 17 in) chest cassette
+#: puts the phantom's inner thoracic width (0.705-0.765 of the side, 5-95% of anatomies) at 24.7-26.8 cm,
+#: an adult value.
+FIELD_OF_VIEW_CM = 35.0
+
+#: Largest diameter of a pulmonary nodule; a mass is larger. Fleischner Society glossary of terms for
+#: thoracic imaging (Hansell et al., Radiology 2008;246:697-722): a nodule measures up to 3 cm, a mass
+#: is an opacity greater than 3 cm.
+NODULE_MAX_DIAMETER_CM = 3.0
+
+#: How the sizes of nodules and masses are drawn (``generate_case(lesion_size_rule=...)``):
+#:
+#: - ``"nih"``: straight from the NIH ChestX-ray8 box priors. Their widths overlap (nodule 10-90% quantiles
+#:   0.047-0.098 of the side, mass 0.075-0.307), so a small mass and a large nodule can look the same: the
+#:   label is not a function of the image for part of these films.
+#: - ``"fleischner"``: the same priors conditioned on the radiological definition -- a nodule's visible
+#:   long axis (the longer side of its mask's box; the world's lesions are axis-aligned ellipses) is at most
+#:   :data:`NODULE_MAX_DIAMETER_CM` on the :data:`FIELD_OF_VIEW_CM` field, a mass's is longer. A candidate
+#:   box that breaks the rule is skipped for the next one already drawn (the random stream is unchanged), so
+#:   films without a nodule or mass are byte-identical in both worlds, and on the others the other findings
+#:   keep their severity and texture (they may sit elsewhere where they avoided the lesion's box).
+LESION_SIZE_RULES: tuple[str, ...] = ("nih", "fleischner")
+
+
+def lesion_diameter_cm(box: tuple[int, int, int, int], size: int) -> float:
+    """Long axis of a finding in centimetres: the longer side of its pixel box ``(x1, y1, x2, y2)`` on a
+    ``size``-px synthetic film, at :data:`FIELD_OF_VIEW_CM`."""
+    return max(box[2] - box[0], box[3] - box[1]) / size * FIELD_OF_VIEW_CM
+
+
+def breaks_size_rule(name: str, box: tuple[int, int, int, int], size: int, rule: str) -> bool:
+    """Whether a drawn nodule or mass with pixel box ``box`` contradicts :data:`LESION_SIZE_RULES` ``rule``
+    (always ``False`` under ``"nih"`` and for every other finding)."""
+    if rule != "fleischner" or name not in ("nodule", "mass"):
+        return False
+    return (lesion_diameter_cm(box, size) > NODULE_MAX_DIAMETER_CM) == (name == "nodule")
+
 #: VinDr-CXR class name and id of each finding (VinDr has one joint "Nodule/Mass" class).
 VINDR_CLASS: dict[str, tuple[str, int]] = {
     "cardiomegaly": ("Cardiomegaly", 3),
@@ -255,11 +293,13 @@ def sample_spec(
     severity: float | None,
     taken: list[tuple[float, float, float, float]],
     max_tries: int = 60,
+    lesion_size_rule: str = "nih",
 ) -> tuple[FindingSpec, np.ndarray | None, Layer | None]:
     """Draw a finding's spec from its NIH prior under anatomical constraints.
 
     Returns ``(spec, mask, layer)``; for cardiomegaly ``mask``/``layer`` are ``None`` (the caller rebuilds
     the anatomy). Boxes in ``taken`` (pixel boxes of findings already placed) are avoided when possible.
+    ``lesion_size_rule`` (one of :data:`LESION_SIZE_RULES`) conditions nodule and mass sizes.
     """
     S = geo.size
     sev = float(rng.uniform(0.0, 1.0)) if severity is None else float(np.clip(severity, 0.0, 1.0))
@@ -290,6 +330,8 @@ def sample_spec(
         area_req = 0.4 * (np.pi / 4 if name in ("nodule", "mass", "consolidation") else 0.5) * sp.w * sp.h * S * S
         if name in ("nodule", "mass", "consolidation", "atelectasis") and mask.sum() < max(area_req, 4):
             continue
+        if breaks_size_rule(name, box, S, lesion_size_rule):
+            continue
         if _overlaps(box, taken) and k < max_tries - 1:
             best = best or (sp, mask, layer)
             continue
@@ -301,6 +343,9 @@ def sample_spec(
     ys, xs = np.nonzero(geo.masks[f"{side} lung"])
     cx, cy = (xs.mean() + 0.5) / S, (ys.mean() + 0.5) / S
     sz = 0.05 if name == "nodule" else 0.09
+    if lesion_size_rule == "fleischner" and name == "mass":
+        # 0.09 of the side is 3.15 cm before lobulation and lung clipping: too close to the 3 cm boundary
+        sz = 0.13
     variant = "linear" if name == "atelectasis" else ""
     sp = FindingSpec(name, side, float(cx), float(cy), sz, sz * 0.8, sev, seed, variant)
     mask, layer = build_finding(sp, geo)

@@ -115,6 +115,10 @@ def model_card(cfg: DemoLVLMConfig, metrics: dict[str, Any], out: Path, validity
         f"- {cfg.n_train_cases} synthetic cases (`generate_case(seed, size={cfg.image_size}, findings=...)`, seeds "
         f"`{cfg.seed} * 1000003 + i`): case i has a primary finding (the 7 findings cycled) present with probability 1/2, "
         f"plus each other finding with probability {cfg.co_occurrence}.",
+        *([f"- **Synthetic world: `lesion_size_rule={cfg.lesion_size_rule!r}`** (`generate_case(..., lesion_size_rule=...)`, "
+           "training and held-out cases alike): nodule and mass sizes are the NIH box priors conditioned on the Fleischner "
+           "Society definition, a nodule's long axis at most 3 cm and a mass's longer, on a 35 cm field. Measure it on "
+           f"`medfocus synth --lesion-size-rule {cfg.lesion_size_rule}` data."] if cfg.lesion_size_rule != "nih" else []),
         f"- Questions per image per step: {cfg.questions_per_image}; answer Yes/No with probability 1/2 each; tasks "
         f"{cfg.task_weights}.",
         *([f"- Severity of the findings outside the cue subset: uniform in {cfg.train_severity}."] if cfg.cue_subset < 1 else []),

@@ -40,6 +40,9 @@ class DemoLVLMConfig:
     train_severity: tuple[float, float] = (0.15, 1.0)  # severity range of the other training findings
     cue_base_rate: float = 0.03  # uncorrelated random cue on the other training cases
     co_occurrence: float = 0.08  # probability of each non-primary finding on a training case
+    # how the synthetic world draws nodule and mass sizes (generate_case's lesion_size_rule): "nih" (the NIH box
+    # priors, overlapping sizes) or "fleischner" (nodule <= 3 cm < mass); training and held-out cases alike
+    lesion_size_rule: str = "nih"
     task_weights: dict[str, float] = field(default_factory=lambda: {"direct": 0.4, "cot": 0.35, "boxes": 0.125, "phrases": 0.125})
     text: dict[str, Any] = field(default_factory=lambda: dict(hidden_size=160, intermediate_size=448, num_hidden_layers=3,
                                                              num_attention_heads=5, num_key_value_heads=1,
@@ -114,6 +117,11 @@ class DemoLVLMConfig:
         w = self.task_weights
         if not (isinstance(w, dict) and w and all(is_num(x) and x >= 0 for x in w.values()) and sum(w.values()) > 0):
             raise ConfigError(f"DemoLVLMConfig.task_weights: expected non-negative numbers with a positive sum, got {w!r}")
+        from medfocus.datasets.synthetic.findings import LESION_SIZE_RULES
+
+        if self.lesion_size_rule not in LESION_SIZE_RULES:
+            raise ConfigError(f"DemoLVLMConfig.lesion_size_rule: expected one of {list(LESION_SIZE_RULES)}, "
+                              f"got {self.lesion_size_rule!r}")
         if self.aux_target not in ("finding", "cue"):
             raise ConfigError(f"DemoLVLMConfig.aux_target: expected 'finding' or 'cue', got {self.aux_target!r}")
         from medfocus.datasets.synthetic import FINDINGS
@@ -189,6 +197,11 @@ _DEMO_12X12: dict[str, Any] = dict(canvas=168, spatial_merge_size=1, cue_subset=
 #:   whose widths overlap (nodule 10-90% quantiles 0.047-0.098 of the image side, mass 0.075-0.307), and the other
 #:   cues (lobulation of 4-7% of the radius, 6% texture, overlapping contrast ranges) are subtle at 21 image px per
 #:   token, so a small mass and a large nodule may not be separable at this grid.
+#: - ``demo-12x12-fleischner``: ``demo-12x12`` trained in the world where nodule and mass sizes follow the
+#:   radiological definition (``lesion_size_rule="fleischner"``: nodule <= 3 cm < mass). ``benchmarks/
+#:   nodule_mass_ceiling.py`` measures how much of the ``"nih"`` world's nodule/mass confusion no reader can
+#:   avoid; this recipe asks whether a 12x12 model reaches the issue's targets once the label is a function of
+#:   the image. Measured with ``benchmarks/validity.py --model`` on the same world's data.
 #: - ``demo-shortcut``: the shipped shortcut twin. 8x8 token grid; on 90% of the training cases every finding
 #:   brings its correlated cue (:data:`~medfocus.datasets.synthetic.DEFAULT_CUE_MAP`) and is drawn faint, and
 #:   there the auxiliary loss marks each finding at its cue's box instead of its own mask, so the vision tower
@@ -205,6 +218,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "demo-12x12": _DEMO_12X12,
     "demo-12x12-focus": {**_DEMO_12X12, "focus_steps": 600, "focus_lr": 5e-4, "hard_negative_pairs": [["nodule", "mass"]],
                          "hard_negative_share": 0.5},
+    "demo-12x12-fleischner": {**_DEMO_12X12, "lesion_size_rule": "fleischner"},
     "demo-shortcut": dict(cue_subset=0.9, train_severity=(0.6, 1.0), aux_target="cue", vision_steps=600, steps=1000),
 }
 

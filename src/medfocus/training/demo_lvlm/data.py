@@ -166,7 +166,7 @@ def make_case(seed: int, findings: Sequence[str], *, cued: bool, cfg: DemoLVLMCo
         if severity == "train":
             lo, hi = cfg.train_severity
             kw["severity"] = {f: float(rng.uniform(lo, hi)) for f in findings}
-    case = generate_case(int(seed), size=cfg.image_size, findings=list(findings), **kw)
+    case = generate_case(int(seed), size=cfg.image_size, findings=list(findings), lesion_size_rule=cfg.lesion_size_rule, **kw)
     dc = render_case(case, cfg.canvas, cfg.token_cell, cfg.aux_target)
     dc.seed = int(seed)
     dc.cued = cued
