@@ -69,6 +69,32 @@ def test_pool_load_errors(tmp_path):
         ReferencePool.load(tmp_path)
 
 
+def test_pool_load_refuses_films_not_recorded_as_normal(tmp_path):
+    """MedFocus' pool (``medfocus.pool=DIR``) holds normal films only, as the transplant editor's does: a
+    ``medfocus synth`` dataset folder has images/ + masks/<id>/<concept>.png too, but its films carry
+    findings; a folder without reference.json, or with a film the record does not list, is refused."""
+    from PIL import Image
+
+    from medfocus.datasets.synthetic import write_dataset
+
+    data = tmp_path / "dataset"
+    write_dataset(data, 3, seed=1, size=64, counterfactuals=False, imagenome=False, progress=False)
+    assert (data / "images").is_dir() and any((data / "masks").iterdir())
+    with pytest.raises(DataError, match="dataset manifest.*not a pool of normal X-rays"):
+        ReferencePool.load(data)
+    pool = tmp_path / "pool"
+    case = synthetic.generate_case(1, size=64, findings=[])
+    write_pool([Reference("a", case.image, case.concept_masks)], pool)
+    (pool / "reference.json").unlink()
+    with pytest.raises(DataError, match="no reference.json recording its films as normal"):
+        ReferencePool.load(pool)
+    write_pool([Reference("a", case.image, case.concept_masks)], pool)
+    sick = synthetic.generate_case(2, size=64, findings=["mass"])
+    Image.fromarray(sick.image).save(pool / "images" / "b.png")
+    with pytest.raises(DataError, match=r"1 film\(s\) in .* are not recorded as normal"):
+        ReferencePool.load(pool)
+
+
 def test_build_pool_from_regions_fills_boxes_and_skips_incomplete(tmp_path):
     img = np.full((40, 50), 120, np.uint8)
     boxes = {c: (i, i, i + 10, i + 5) for i, c in enumerate(CONCEPTS)}

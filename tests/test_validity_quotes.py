@@ -1,5 +1,6 @@
 """Every validity number the README and the model cards publish is quoted from its benchmark file: the demo
-model's from benchmarks/validity.md, the shortcut twin's from benchmarks/shortcut.md.
+model's from benchmarks/validity.md, the shortcut twin's from benchmarks/shortcut.md (and the
+candidates' and the nodule/mass ceiling from their own benchmark files).
 
 The quoted passages sit between the markers of :data:`medfocus.training.demo_lvlm.card.VALIDITY_BEGIN` / ``VALIDITY_END``
 (``SHORTCUT_BEGIN`` / ``SHORTCUT_END``); each decimal number, percentage-with-interval and ``k/n`` count in them
@@ -39,8 +40,10 @@ def _blocks(text: str, begin: str = VALIDITY_BEGIN, end: str = VALIDITY_END) -> 
       for c in ("demo12x12", "demo12x12_focus", "demo12x12_focus_lr1e-3")),
     (ROOT / "README.md", ROOT / "benchmarks" / "validity_demo12x12.md", "<!-- validity: quoted from benchmarks/validity_demo12x12.md -->",
      VALIDITY_END),
+    (ROOT / "README.md", ROOT / "benchmarks" / "nodule_mass_ceiling.md",
+     "<!-- validity: quoted from benchmarks/nodule_mass_ceiling.md -->", VALIDITY_END),
 ], ids=["README-validity", "MODEL_CARD-demo", "README-shortcut", "MODEL_CARD-demo-shortcut", "candidates-demo12x12",
-        "candidates-demo12x12-focus", "candidates-demo12x12-focus-lr1e-3", "README-demo12x12"])
+        "candidates-demo12x12-focus", "candidates-demo12x12-focus-lr1e-3", "README-demo12x12", "README-nodule-mass-ceiling"])
 def test_validity_numbers_are_quoted_from_the_benchmark(doc: Path, source_md: Path, begin: str, end: str):
     if not source_md.is_file():
         pytest.skip(f"benchmarks/{source_md.name} is not in this checkout (run benchmarks/{source_md.stem}.py)")

@@ -25,10 +25,11 @@ debiased as an unbalanced Sinkhorn divergence (see :meth:`ReferencePool.selectio
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -126,14 +127,19 @@ class ReferencePool:
         """Read ``root/images/<id>.png`` + ``root/masks/<id>/<slug>.png`` (see module docstring).
 
         Raises:
-            DataError: missing directory, unreadable image, missing concept mask, size mismatch.
+            DataError: missing directory, unreadable image, missing concept mask, size mismatch; films not
+                recorded as normal in ``reference.json`` (:func:`pool_normal_ids`: e.g. a ``medfocus synth``
+                dataset folder, whose ``images/`` + ``masks/`` look like a pool but whose films carry findings).
         """
         root = Path(root)
         img_dir = root / "images"
         if not img_dir.is_dir():
             raise DataError(f"reference pool {root}: no images/ directory (expected images/<id>.png + masks/<id>/<concept>.png)")
+        files = sorted(img_dir.glob("*.png"))
+        if files:
+            pool_normal_ids(root, files)
         refs = []
-        for p in sorted(img_dir.glob("*.png")):
+        for p in files:
             image = _read_gray(p)
             masks = {}
             for c in CONCEPTS:
@@ -185,11 +191,55 @@ class ReferencePool:
         return self.references[int(np.argmin(costs))], costs
 
 
+#: The file of a reference pool that records its films as normal (``{"ids": [<image stems>], ...}``).
+POOL_RECORD = "reference.json"
+_HOW_TO_POOL = (f"a pool is a folder of normal films (no findings) recorded as such in {POOL_RECORD} "
+                "(an object with \"ids\": the stems of the files in images/); write one with `medfocus synth-reference "
+                f"--out DIR` (synthetic world), or put real normal films in DIR/images/ and list their stems in DIR/{POOL_RECORD}")
+
+
+def pool_normal_ids(ref_dir: str | Path, files: Sequence[Path]) -> list[str]:
+    """The ids of ``files`` (``images/`` of the pool ``ref_dir``) after checking that the pool's record
+    (:data:`POOL_RECORD`) declares exactly these films normal.
+
+    Raises:
+        DataError: naming the folder and what is expected: no record (and, when the folder holds a
+            ``medfocus synth`` manifest, that it is a dataset whose films carry findings), an unreadable or
+            malformed record, films in ``images/`` the record does not list (stale or abnormal films), or
+            listed ids without a film.
+    """
+    ref_dir = Path(ref_dir)
+    rec = ref_dir / POOL_RECORD
+    if not rec.is_file():
+        what = (f"it holds a dataset manifest ({ref_dir / 'manifest.json'}): a dataset's films carry findings, "
+                "so they are not a pool of normal X-rays" if (ref_dir / "manifest.json").is_file()
+                else f"it has no {POOL_RECORD} recording its films as normal")
+        raise DataError(f"reference pool {ref_dir} refused: {what}; {_HOW_TO_POOL}")
+    try:
+        data = json.loads(rec.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"reference pool record {rec}: not readable JSON ({exc}); {_HOW_TO_POOL}") from None
+    ids = data.get("ids") if isinstance(data, dict) else None
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) and i for i in ids):
+        raise DataError(f"reference pool record {rec}: expected an object with \"ids\": a non-empty list of image stems, "
+                        f"got {type(ids if isinstance(data, dict) else data).__name__}; {_HOW_TO_POOL}")
+    stems = [f.stem for f in files]
+    unlisted = sorted(set(stems) - set(ids))
+    if unlisted:
+        raise DataError(f"reference pool {ref_dir} refused: {len(unlisted)} film(s) in {ref_dir / 'images'} are not recorded "
+                        f"as normal in {rec} (e.g. {unlisted[:5]}): a pool holds normal films only; remove them or, "
+                        "if they are normal, add their stems to \"ids\"")
+    missing = sorted(set(ids) - set(stems))
+    if missing:
+        raise DataError(f"reference pool {ref_dir}: {rec} lists {len(missing)} film(s) with no image in "
+                        f"{ref_dir / 'images'} (e.g. {missing[:5]})")
+    return stems
+
+
 def write_pool(references: Iterable[Reference], root: str | Path) -> Path:
     """Write references in the directory format (masks as uint8 0/255 PNGs), and ``reference.json``
     (``{"ids": [...]}``), which records the films as normal: what the transplant editor requires of a
-    ``--reference-dir`` (:func:`medfocus.editing.transplant.pool_normal_ids`)."""
-    import json
+    ``--reference-dir`` and :meth:`ReferencePool.load` require (:func:`pool_normal_ids`)."""
 
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
@@ -201,7 +251,7 @@ def write_pool(references: Iterable[Reference], root: str | Path) -> Path:
         for c in CONCEPTS:
             Image.fromarray((np.asarray(r.masks[c], bool) * 255).astype(np.uint8)).save(md / f"{concept_slug(c)}.png")
         ids.append(str(r.id))
-    atomic_write_text(root / "reference.json", json.dumps({"ids": ids, "concepts": list(CONCEPTS)}, indent=1))
+    atomic_write_text(root / POOL_RECORD, json.dumps({"ids": ids, "concepts": list(CONCEPTS)}, indent=1))
     return root
 
 

@@ -179,53 +179,6 @@ def uot_warps(references: Sequence[np.ndarray], image: np.ndarray, *, grid: int 
     return out
 
 
-#: The file of a reference pool that records its films as normal (``{"ids": [<image stems>], ...}``).
-POOL_RECORD = "reference.json"
-_HOW_TO_POOL = (f"a pool is a folder of normal films (no findings) recorded as such in {POOL_RECORD} "
-                "(an object with \"ids\": the stems of the files in images/); write one with `medfocus synth-reference "
-                f"--out DIR` (synthetic world), or put real normal films in DIR/images/ and list their stems in DIR/{POOL_RECORD}")
-
-
-def pool_normal_ids(ref_dir: str | Path, files: Sequence[Path]) -> list[str]:
-    """The ids of ``files`` (``images/`` of the pool ``ref_dir``) after checking that the pool's record
-    (:data:`POOL_RECORD`) declares exactly these films normal.
-
-    Raises:
-        DataError: naming the folder and what is expected: no record (and, when the folder holds a
-            ``medfocus synth`` manifest, that it is a dataset whose films carry findings), an unreadable or
-            malformed record, films in ``images/`` the record does not list (stale or abnormal films), or
-            listed ids without a film.
-    """
-    import json
-
-    ref_dir = Path(ref_dir)
-    rec = ref_dir / POOL_RECORD
-    if not rec.is_file():
-        what = (f"it holds a dataset manifest ({ref_dir / 'manifest.json'}): a dataset's films carry findings, "
-                "so they are not a pool of normal X-rays" if (ref_dir / "manifest.json").is_file()
-                else f"it has no {POOL_RECORD} recording its films as normal")
-        raise DataError(f"reference pool {ref_dir} refused: {what}; {_HOW_TO_POOL}")
-    try:
-        data = json.loads(rec.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise DataError(f"reference pool record {rec}: not readable JSON ({exc}); {_HOW_TO_POOL}") from None
-    ids = data.get("ids") if isinstance(data, dict) else None
-    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) and i for i in ids):
-        raise DataError(f"reference pool record {rec}: expected an object with \"ids\": a non-empty list of image stems, "
-                        f"got {type(ids if isinstance(data, dict) else data).__name__}; {_HOW_TO_POOL}")
-    stems = [f.stem for f in files]
-    unlisted = sorted(set(stems) - set(ids))
-    if unlisted:
-        raise DataError(f"reference pool {ref_dir} refused: {len(unlisted)} film(s) in {ref_dir / 'images'} are not recorded "
-                        f"as normal in {rec} (e.g. {unlisted[:5]}): a pool holds normal films only; remove them or, "
-                        "if they are normal, add their stems to \"ids\"")
-    missing = sorted(set(ids) - set(stems))
-    if missing:
-        raise DataError(f"reference pool {ref_dir}: {rec} lists {len(missing)} film(s) with no image in "
-                        f"{ref_dir / 'images'} (e.g. {missing[:5]})")
-    return stems
-
-
 def load_reference_pool(ref_dir: str | Path) -> list[Reference]:
     """Read a reference pool directory (see module docstring).
 
@@ -233,6 +186,7 @@ def load_reference_pool(ref_dir: str | Path) -> list[Reference]:
         DataError: no ``images/`` folder or no image in it; the films are not recorded as normal
             (:func:`pool_normal_ids`); a mask whose shape differs from its film's.
     """
+    from medfocus.concepts.reference import _HOW_TO_POOL, pool_normal_ids  # the pool format's home; imports torch, so only here
     from medfocus.io import read_image
 
     ref_dir = Path(ref_dir)
