@@ -184,7 +184,7 @@ def load_reference_pool(ref_dir: str | Path) -> list[Reference]:
 
     Raises:
         DataError: no ``images/`` folder or no image in it; the films are not recorded as normal
-            (:func:`pool_normal_ids`); a mask whose shape differs from its film's.
+            (:func:`medfocus.concepts.reference.pool_normal_ids`); a mask whose shape differs from its film's.
     """
     from medfocus.concepts.reference import _HOW_TO_POOL, pool_normal_ids  # the pool format's home; imports torch, so only here
     from medfocus.io import read_image

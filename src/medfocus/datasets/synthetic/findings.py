@@ -90,6 +90,7 @@ def breaks_size_rule(name: str, box: tuple[int, int, int, int], size: int, rule:
         return False
     return (lesion_diameter_cm(box, size) > NODULE_MAX_DIAMETER_CM) == (name == "nodule")
 
+
 #: VinDr-CXR class name and id of each finding (VinDr has one joint "Nodule/Mass" class).
 VINDR_CLASS: dict[str, tuple[str, int]] = {
     "cardiomegaly": ("Cardiomegaly", 3),
