@@ -627,3 +627,34 @@ def test_training_cases_follow_the_recipes_lesion_size_rule(micro) -> None:
     a, b = preset_config("demo-12x12"), preset_config("demo-12x12-fleischner")
     assert b.lesion_size_rule == "fleischner" and dataclasses.replace(b, lesion_size_rule="nih") == a
     assert D.DemoLVLMConfig().lesion_size_rule == "nih"  # the shipped recipe's world is the synth default
+
+
+def test_train_demo_killed_in_stage3_resumes_to_the_same_weights(micro, tmp_path, monkeypatch) -> None:
+    """End to end through train_demo: a run killed during stage 3 and rerun unchanged resumes stage 2 at its
+    final checkpoint and stage 3 at its own, and ends with the weights of one uninterrupted run."""
+    from safetensors.torch import load_file
+
+    import medfocus.training.demo_lvlm.train as T
+
+    cfg = _stage3_cfg(micro, checkpoint_every=1)
+    quiet = dict(progress=False, evaluate=False)
+    D.train_demo(tmp_path / "whole", cfg, log=lambda s: None, **quiet)
+    out = tmp_path / "killed"
+    stage3_ck = D.checkpoint_path(out, stage=3)
+    real = T.sequence_loss
+
+    def dies_after_a_stage3_checkpoint(*a, **k):
+        if stage3_ck.is_file():  # stage 3 has saved step 1: die in step 2
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(T, "sequence_loss", dies_after_a_stage3_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        D.train_demo(out, cfg, log=lambda s: None, **quiet)
+    assert D.checkpoint_path(out).is_file() and not (out / "model.safetensors").exists()
+    monkeypatch.setattr(T, "sequence_loss", real)
+    logs: list[str] = []
+    D.train_demo(out, cfg, log=logs.append, **quiet)
+    assert sum("resumed" in s for s in logs) == 2, logs  # stage 2 at its end, stage 3 at step 1
+    whole, resumed = load_file(tmp_path / "whole" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
