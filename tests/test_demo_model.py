@@ -627,6 +627,12 @@ def test_training_cases_follow_the_recipes_lesion_size_rule(micro) -> None:
     a, b = preset_config("demo-12x12"), preset_config("demo-12x12-fleischner")
     assert b.lesion_size_rule == "fleischner" and dataclasses.replace(b, lesion_size_rule="nih") == a
     assert D.DemoLVLMConfig().lesion_size_rule == "nih"  # the shipped recipe's world is the synth default
+    # presets share dicts and lists; a config made from one must not change the preset when edited
+    c = preset_config("demo-12x12-fleischner-focus")
+    c.vision["depth"] = 1
+    c.hard_negative_pairs.append(["atelectasis", "consolidation"])
+    assert preset_config("demo-12x12-focus").vision["depth"] == 4
+    assert preset_config("demo-12x12-fleischner-focus").hard_negative_pairs == [["nodule", "mass"]]
 
 
 def test_train_demo_killed_in_stage3_resumes_to_the_same_weights(micro, tmp_path, monkeypatch) -> None:

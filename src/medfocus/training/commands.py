@@ -50,9 +50,9 @@ Examples:
                    "regenerated only when named here on purpose).")
 # the names of PRESETS, written out: this module must not import the trainers (torch) to build its help;
 # tests/test_demo_model.py checks that the two lists agree
-@click.option("--preset", type=click.Choice(["demo", "demo-12x12", "demo-12x12-fleischner", "demo-12x12-focus", "demo-16x16", "demo-shortcut"]), default="demo", show_default=True,
+@click.option("--preset", type=click.Choice(["demo", "demo-12x12", "demo-12x12-fleischner", "demo-12x12-fleischner-focus", "demo-12x12-focus", "demo-16x16", "demo-shortcut"]), default="demo", show_default=True,
               help="Recipe: 'demo' (the shipped demo model's), 'demo-16x16' / 'demo-12x12' (candidates at finer token "
-                   "grids, cues uninformative; 'demo-12x12-focus': the latter with a hard-negative stage 3; 'demo-12x12-fleischner': it in the world where nodule <= 3 cm < mass) or 'demo-shortcut' (the shipped shortcut twin: every training finding brings "
+                   "grids, cues uninformative; 'demo-12x12-focus': the latter with a hard-negative stage 3; 'demo-12x12-fleischner' (-focus): it in the world where nodule <= 3 cm < mass) or 'demo-shortcut' (the shipped shortcut twin: every training finding brings "
                    "its correlated cue); see PRESETS in medfocus.training.demo_lvlm.config.")
 # ranges checked while parsing, before any work; DemoLVLMConfig.validate checks the whole config
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of data, initialisation and sampling.")

@@ -151,6 +151,10 @@ _DEMO_12X12: dict[str, Any] = dict(canvas=168, spatial_merge_size=1, cue_subset=
                                    fullatt_block_indexes=[0, 1, 2, 3]))
 
 
+# the hard-negative stage 3 of the *-focus presets
+_FOCUS: dict[str, Any] = dict(focus_steps=600, focus_lr=5e-4, hard_negative_pairs=[["nodule", "mass"]], hard_negative_share=0.5)
+
+
 #: The recipes (``train-demo --preset NAME``; every other field keeps its :class:`DemoLVLMConfig` default).
 #:
 #: - ``demo``: the shipped demo model's recipe (the field defaults: 8x8 token grid, a 20% cue subset).
@@ -202,6 +206,9 @@ _DEMO_12X12: dict[str, Any] = dict(canvas=168, spatial_merge_size=1, cue_subset=
 #:   nodule_mass_ceiling.py`` measures how much of the ``"nih"`` world's nodule/mass confusion no reader can
 #:   avoid; this recipe asks whether a 12x12 model reaches the issue's targets once the label is a function of
 #:   the image. Measured with ``benchmarks/validity.py --model`` on the same world's data.
+#: - ``demo-12x12-fleischner-focus``: that recipe plus ``demo-12x12-focus``'s stage 3 (in this world a nodule and
+#:   a mass differ in what the image shows, so hard negatives between them are learnable); ``--init-from`` a
+#:   finished ``demo-12x12-fleischner`` folder trains only stage 3.
 #: - ``demo-shortcut``: the shipped shortcut twin. 8x8 token grid; on 90% of the training cases every finding
 #:   brings its correlated cue (:data:`~medfocus.datasets.synthetic.DEFAULT_CUE_MAP`) and is drawn faint, and
 #:   there the auxiliary loss marks each finding at its cue's box instead of its own mask, so the vision tower
@@ -216,9 +223,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "demo": {},
     "demo-16x16": dict(spatial_merge_size=1, cue_subset=0.0, cue_base_rate=0.15, co_occurrence=0.15, train_severity=(0.0, 1.0)),
     "demo-12x12": _DEMO_12X12,
-    "demo-12x12-focus": {**_DEMO_12X12, "focus_steps": 600, "focus_lr": 5e-4, "hard_negative_pairs": [["nodule", "mass"]],
-                         "hard_negative_share": 0.5},
+    "demo-12x12-focus": {**_DEMO_12X12, **_FOCUS},
     "demo-12x12-fleischner": {**_DEMO_12X12, "lesion_size_rule": "fleischner"},
+    "demo-12x12-fleischner-focus": {**_DEMO_12X12, "lesion_size_rule": "fleischner", **_FOCUS},
     "demo-shortcut": dict(cue_subset=0.9, train_severity=(0.6, 1.0), aux_target="cue", vision_steps=600, steps=1000),
 }
 
@@ -239,7 +246,10 @@ def preset_config(name: str, **overrides: Any) -> DemoLVLMConfig:
 
     if name not in PRESETS:
         raise ConfigError(f"unknown train-demo preset {name!r}; expected one of {sorted(PRESETS)}")
-    kw = {**PRESETS[name], **overrides}
+    import copy
+
+    # a copy: presets share dicts and lists (the 12x12 vision tower, the focus pairs), and a config is mutable
+    kw = copy.deepcopy({**PRESETS[name], **overrides})
     bad = sorted(set(kw) - set(DemoLVLMConfig.__dataclass_fields__))
     if bad:
         raise ConfigError(f"unknown DemoLVLMConfig field(s) {bad}")
