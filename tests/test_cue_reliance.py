@@ -135,3 +135,31 @@ def test_cue_records_that_predate_whole_cue_boxes_are_refused_or_rewritten(twin_
     man.write_text(json.dumps(m))
     again, _ = write_cue_twins(tmp_path, 4, seed=5, size=128)
     assert [c["box"] for t in again for c in t.meta.get("cues") or []] == boxes
+
+
+def test_cue_twins_are_rewritten_when_their_settings_change(tmp_path):
+    """The shortcut step's films are reused only when their manifest records the requested settings: a rerun
+    with another film count, seed or lesion size rule measures new films, never the old ones (it used to reuse
+    any folder with a manifest, so `medfocus demo --shortcut-films 20` after a default run measured 48 films)."""
+    import json
+
+    from medfocus.datasets.synthetic.dataset import written_settings
+    from medfocus.runner.shortcut import write_cue_twins
+
+    cued, free = write_cue_twins(tmp_path, 4, seed=5, size=64)
+    stamp = (tmp_path / "cued" / "manifest.json").stat().st_mtime_ns
+    assert written_settings(tmp_path / "cued")["lesion_size_rule"] == "nih"
+    again, _ = write_cue_twins(tmp_path, 4, seed=5, size=64)  # same settings: reused as written
+    assert (tmp_path / "cued" / "manifest.json").stat().st_mtime_ns == stamp and len(again) == len(cued)
+    fewer, fewer_free = write_cue_twins(tmp_path, 2, seed=5, size=64)
+    assert {s.meta["image_id"] for s in fewer} < {s.meta["image_id"] for s in cued}
+    assert written_settings(tmp_path / "free")["n"] == 2 and len(fewer_free) == len(fewer)
+    write_cue_twins(tmp_path, 2, seed=5, size=64, lesion_size_rule="fleischner")
+    assert {written_settings(tmp_path / d)["lesion_size_rule"] for d in ("cued", "free")} == {"fleischner"}
+    # a manifest written before the rule existed holds the nih world
+    man = tmp_path / "cued" / "manifest.json"
+    m = json.loads(man.read_text())
+    del m["lesion_size_rule"]
+    man.write_text(json.dumps(m))
+    assert written_settings(tmp_path / "cued")["lesion_size_rule"] == "nih"
+    assert written_settings(tmp_path / "absent") is None

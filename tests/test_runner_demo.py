@@ -268,3 +268,29 @@ def test_demo_checks_the_model_and_its_indices_before_the_filter(tiny_qwen, tmp_
     with pytest.raises(ModelError, match="not available locally"):
         run_demo(tmp_path / "d2", cfg, progress=False, log=lambda m: None)
     assert not (tmp_path / "d2" / "data").exists()
+
+
+def test_demo_data_follows_the_lesion_size_rule_and_a_changed_rule_rewrites_it(monkeypatch, tmp_path):
+    """`medfocus demo --lesion-size-rule` reaches the demo's config; its data stamp records the resolved
+    rule, so a rerun in another world writes new films instead of reusing the old ones."""
+    from click.testing import CliRunner
+
+    import medfocus.runner.demo as rd
+    from medfocus.cli import main
+    from medfocus.datasets.synthetic.dataset import written_settings
+
+    seen = {}
+    monkeypatch.setattr(rd, "run_demo", lambda out, cfg, progress=True: seen.update(rule=cfg.lesion_size_rule) or
+                        {"n_records": 1, "n_errors": 0, "table": "", "report": str(out / "report.html")})
+    assert CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "d")]).exit_code == 0 and seen["rule"] is None
+    assert CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "d"), "--lesion-size-rule", "fleischner"]).exit_code == 0
+    assert seen["rule"] == "fleischner"
+
+    data, ref = tmp_path / "data", tmp_path / "ref"
+    cfg = rd.DemoConfig(n_samples=6, n_reference=1, size=64)
+    _, wrote = rd._write_data(cfg, data, ref, lambda s: None, workers=1, progress=False)
+    assert wrote and written_settings(data)["lesion_size_rule"] == "nih"
+    assert rd._write_data(cfg, data, ref, lambda s: None, workers=1, progress=False)[1] is False  # same settings: reused
+    cfg.lesion_size_rule = "fleischner"
+    _, wrote = rd._write_data(cfg, data, ref, lambda s: None, workers=1, progress=False)
+    assert wrote and written_settings(data)["lesion_size_rule"] == "fleischner"

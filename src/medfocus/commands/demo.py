@@ -46,12 +46,15 @@ Examples:
 @click.option("--shortcut-films", type=click.IntRange(0), default=_DEFAULTS.shortcut_films, show_default=True,
               help="Films (each rendered with and without its cues) on which the model is compared with its shortcut twin "
                    "demo-shortcut: cue reliance and the causal filter's effect, written to shortcut.md (0: skip).")
+@click.option("--lesion-size-rule", type=click.Choice(["nih", "fleischner"]), default=None, show_default="medfocus synth's",
+              help="How the synthetic world draws nodule and mass sizes (medfocus synth --lesion-size-rule), for the data "
+                   "and the shortcut step's films: a model trained in the fleischner world is measured on its films.")
 @click.option("--fresh", is_flag=True, help="Delete the output folder first (otherwise a rerun resumes).")
 @click.option("--threads", type=click.IntRange(1), default=None, show_default="the cores this process may run on",
               help="torch / OpenCV intra-op threads.")
 @click.option("--no-progress", is_flag=True, help="Disable the progress line (also the weight-loading bar).")
-def demo(out_dir, n_samples, per_mode, n_reference, seed, modes, editors, methods, model, params, shortcut_films, fresh,
-         threads, no_progress) -> None:
+def demo(out_dir, n_samples, per_mode, n_reference, seed, modes, editors, methods, model, params, shortcut_films,
+         lesion_size_rule, fresh, threads, no_progress) -> None:
     """Generate the synthetic benchmark, load the shipped demo LVLM, build the causally filtered
     benchmark (oracle and inpaint editors) in direct and step-by-step mode, run every attribution
     method, evaluate, and write report.html, table.md, table.csv, retention.md and shortcut.md (the model
@@ -67,7 +70,7 @@ def demo(out_dir, n_samples, per_mode, n_reference, seed, modes, editors, method
     if fresh and out.exists():
         shutil.rmtree(out)
     cfg = DemoConfig(seed=seed, model=model, n_samples=n_samples, per_mode=per_mode, n_reference=n_reference, threads=threads,
-                     shortcut_films=shortcut_films)
+                     shortcut_films=shortcut_films, lesion_size_rule=lesion_size_rule)
     if modes:
         cfg.modes = tuple(modes)
     if editors:

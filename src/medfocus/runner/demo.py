@@ -92,6 +92,10 @@ class DemoConfig:
     model: str = "demo"
     cue_rate: float | None = None
     """shortcut-cue rate of the synthetic data (None = the writer's default)."""
+    lesion_size_rule: str | None = None
+    """how the synthetic world draws nodule and mass sizes, for the data and the shortcut step's films
+    (``medfocus synth --lesion-size-rule``; None = the writer's default): a model trained in the
+    ``fleischner`` world is measured on that world's films."""
     max_new_tokens: int | None = None
     """generation budget of the causal filter (None = the bench defaults per mode)."""
     faithfulness_per_mode: int = 8
@@ -251,12 +255,16 @@ def _write_data(cfg: DemoConfig, data_dir: Path, ref_dir: Path, log: Callable[[s
     from medfocus.datasets.synthetic import load_synthetic, write_dataset, write_reference_pool
 
     stamp = data_dir / ".demo_params.json"
-    params = {"n": cfg.n_samples, "seed": cfg.seed, "size": cfg.size, "cue_rate": cfg.cue_rate}
+    from medfocus.datasets.synthetic.findings import DEFAULT_LESION_SIZE_RULE
+
+    rule = cfg.lesion_size_rule or DEFAULT_LESION_SIZE_RULE  # resolved: a changed default must not match an old stamp
+    params = {"n": cfg.n_samples, "seed": cfg.seed, "size": cfg.size, "cue_rate": cfg.cue_rate, "lesion_size_rule": rule}
     wrote = False
     if not (stamp.exists() and json.loads(stamp.read_text()) == params):
         wrote = True
         # overwrite: a dataset of other demo settings is replaced as a whole (no film of it stays behind)
-        kw: dict[str, Any] = {"size": cfg.size, "workers": workers, "progress": progress, "overwrite": True}
+        kw: dict[str, Any] = {"size": cfg.size, "workers": workers, "progress": progress, "overwrite": True,
+                              "lesion_size_rule": rule}
         if cfg.cue_rate is not None:
             kw["cue_rate"] = cfg.cue_rate
         log(f"[data] writing {cfg.n_samples} synthetic cases to {data_dir}")
@@ -315,7 +323,7 @@ def _shortcut_step(out: Path, cfg: DemoConfig, adapter: Any, log: Callable[[str]
 
     root = out / "shortcut"
     cued, free = write_cue_twins(root / "data", cfg.shortcut_films, cfg.seed + 2, size=cfg.size,
-                                 workers=min(2, available_cores()))
+                                 lesion_size_rule=cfg.lesion_size_rule, workers=min(2, available_cores()))
     with progress_bars(not progress):  # the demo's one overall line: no loading bar of the twin's own
         twin = load_lvlm(cfg.shortcut_model)
     results = [measure_shortcut(adapter, cfg.model, cued, free, root / "bench" / "model"),
@@ -523,12 +531,14 @@ def _run_demo(out: Path, cfg: DemoConfig, threads: int, overall: _Overall, log: 
     step("evaluate", t0, len(items) * (len(methods) + 3))
 
     # 6. report
+    from medfocus.datasets.synthetic.findings import DEFAULT_LESION_SIZE_RULE
     from medfocus.report import build_report
 
     t0 = time.perf_counter()
     elapsed_before_report = time.perf_counter() - t_all
     run_info = {
-        "Pipeline": f"synthetic world ({cfg.n_samples} cases, seed {cfg.seed}) -> causal filter "
+        "Pipeline": f"synthetic world ({cfg.n_samples} cases, seed {cfg.seed}, lesion size rule "
+                    f"{cfg.lesion_size_rule or DEFAULT_LESION_SIZE_RULE}) -> causal filter "
                     f"({' + '.join(cfg.editors)} editors) -> attribution on the {cfg.attribute_editor}-filtered split "
                     f"(<= {cfg.per_mode} samples per mode)",
         "Attributed samples": ", ".join(f"{mode}: {sum(1 for it in items if it.mode == mode)} of "

@@ -45,22 +45,28 @@ class ShortcutResult:
         return sum(o.cue_necessary for o in yes), len(yes)
 
 
-def write_cue_twins(root: str | Path, n: int, seed: int, *, size: int = 256, workers: int = 1,
-                    progress: bool = False) -> tuple[list[Sample], list[Sample]]:
+def write_cue_twins(root: str | Path, n: int, seed: int, *, size: int = 256, lesion_size_rule: str | None = None,
+                    workers: int = 1, progress: bool = False) -> tuple[list[Sample], list[Sample]]:
     """Write ``n`` synthetic films twice under ``root`` (``cued/``: every finding with its correlated cue;
-    ``free/``: no cues) and load both; a folder already written is reused (its manifest is checked by
-    the loader), except one whose cue records predate whole-cue boxes (no ``core_box``), which is
-    written again (the same films). Returns ``(cued_samples, cue_free_samples)``, matched by film and finding."""
+    ``free/``: no cues) and load both. A folder already written is reused only when its manifest records
+    these settings (``n``, ``seed``, ``size``, the cue rate and ``lesion_size_rule``; ``None``: the writer's
+    default) and its cue records have whole-cue boxes (``core_box``); otherwise it is written again, so a
+    rerun with other settings never measures the old films. Returns ``(cued_samples, cue_free_samples)``,
+    matched by film and finding."""
     from medfocus.datasets.synthetic import load_synthetic, write_dataset
     from medfocus.datasets.synthetic.cues import predates_whole_cue_boxes
+    from medfocus.datasets.synthetic.dataset import written_settings
+    from medfocus.datasets.synthetic.findings import DEFAULT_LESION_SIZE_RULE
 
     root = Path(root)
+    rule = lesion_size_rule or DEFAULT_LESION_SIZE_RULE
     loaded = []
     for name, rate in (("cued", 1.0), ("free", 0.0)):
-        samples = load_synthetic(root / name) if (root / name / "manifest.json").is_file() else None
+        want = {"n": n, "seed": seed, "size": size, "cue_rate": rate, "cue_base_rate": 0.0, "lesion_size_rule": rule}
+        samples = load_synthetic(root / name) if written_settings(root / name) == want else None
         if samples is None or any(predates_whole_cue_boxes(c) for s in samples for c in s.meta.get("cues") or []):
-            write_dataset(root / name, n, seed=seed, size=size, cue_rate=rate, imagenome=False, workers=workers,
-                          progress=progress, overwrite=True)
+            write_dataset(root / name, n, seed=seed, size=size, cue_rate=rate, lesion_size_rule=rule, imagenome=False,
+                          workers=workers, progress=progress, overwrite=True)
             samples = load_synthetic(root / name)
         loaded.append(samples)
     return loaded[0], loaded[1]

@@ -9,6 +9,7 @@ import numpy as np
 
 from medfocus.datasets.synthetic.cues import DEFAULT_CUE_MAP, CUE_TYPES, draw_cue
 from medfocus.datasets.synthetic.findings import (
+    DEFAULT_LESION_SIZE_RULE,
     FINDING_WEIGHTS,
     FINDINGS,
     LESION_SIZE_RULES,
@@ -169,7 +170,7 @@ def generate_case(
     severity: float | dict[str, float] | None = None,
     p_normal: float = 0.3,
     max_findings: int = 3,
-    lesion_size_rule: str = "nih",
+    lesion_size_rule: str = DEFAULT_LESION_SIZE_RULE,
 ) -> SyntheticCase:
     """Generate one synthetic frontal chest radiograph, deterministically from ``seed``.
 

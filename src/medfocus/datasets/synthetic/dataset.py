@@ -59,7 +59,7 @@ import numpy as np
 
 from medfocus.datasets.synthetic import GENERATOR_VERSION
 from medfocus.datasets.synthetic.case import generate_case
-from medfocus.datasets.synthetic.findings import FINDINGS, LESION_SIZE_RULES, VINDR_CLASS
+from medfocus.datasets.synthetic.findings import DEFAULT_LESION_SIZE_RULE, FINDINGS, LESION_SIZE_RULES, VINDR_CLASS
 from medfocus.errors import ConfigError, DataError, DataWarning
 from medfocus.io.atomic import atomic_directory, atomic_write_text
 from medfocus.io.paths import resolve_inside
@@ -308,7 +308,7 @@ def write_dataset(
     cue_rate: float = 0.0,
     *,
     cue_base_rate: float = 0.0,
-    lesion_size_rule: str = "nih",
+    lesion_size_rule: str = DEFAULT_LESION_SIZE_RULE,
     counterfactuals: bool = True,
     imagenome: bool = True,
     workers: int = 1,
@@ -411,6 +411,22 @@ def _abs(root: Path, p: Any) -> Any:
     if isinstance(p, dict):
         return {k: _abs(root, v) for k, v in p.items()}
     return p
+
+
+def written_settings(root: str | os.PathLike) -> dict[str, Any] | None:
+    """The :func:`write_dataset` arguments a dataset folder was written with (``n``, ``seed``, ``size``,
+    ``cue_rate``, ``cue_base_rate``, ``lesion_size_rule``), from its manifest; ``None`` when the folder holds
+    no readable synthetic manifest. A manifest older than the lesion size rule was written under ``"nih"``,
+    the only rule then. For callers that reuse a folder only when it holds what they would write."""
+    mpath = Path(root) / MANIFEST
+    try:
+        man = json.loads(mpath.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(man, dict) or man.get("format") != "medfocus-synthetic":
+        return None
+    return {"n": man.get("n"), "seed": man.get("seed"), "size": man.get("size"), "cue_rate": man.get("cue_rate"),
+            "cue_base_rate": man.get("cue_base_rate"), "lesion_size_rule": man.get("lesion_size_rule", "nih")}
 
 
 def load_synthetic(root: str | os.PathLike, **_: Any) -> list[Sample]:

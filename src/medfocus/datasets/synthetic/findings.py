@@ -76,6 +76,9 @@ NODULE_MAX_DIAMETER_CM = 3.0
 #:   keep their severity and texture (they may sit elsewhere where they avoided the lesion's box).
 LESION_SIZE_RULES: tuple[str, ...] = ("nih", "fleischner")
 
+#: The rule ``generate_case``, ``write_dataset`` and ``medfocus synth`` use unless told otherwise.
+DEFAULT_LESION_SIZE_RULE = "nih"
+
 
 def lesion_diameter_cm(box: tuple[int, int, int, int], size: int) -> float:
     """Long axis of a finding in centimetres: the longer side of its pixel box ``(x1, y1, x2, y2)`` on a
@@ -294,7 +297,7 @@ def sample_spec(
     severity: float | None,
     taken: list[tuple[float, float, float, float]],
     max_tries: int = 60,
-    lesion_size_rule: str = "nih",
+    lesion_size_rule: str = DEFAULT_LESION_SIZE_RULE,
 ) -> tuple[FindingSpec, np.ndarray | None, Layer | None]:
     """Draw a finding's spec from its NIH prior under anatomical constraints.
 
