@@ -41,7 +41,8 @@ class DemoLVLMConfig:
     cue_base_rate: float = 0.03  # uncorrelated random cue on the other training cases
     co_occurrence: float = 0.08  # probability of each non-primary finding on a training case
     # how the synthetic world draws nodule and mass sizes (generate_case's lesion_size_rule): "nih" (the NIH box
-    # priors, overlapping sizes) or "fleischner" (nodule <= 3 cm < mass); training and held-out cases alike
+    # priors, overlapping sizes) or "fleischner" (nodule <= 3 cm < mass); training and held-out cases alike. Written
+    # out, not DEFAULT_LESION_SIZE_RULE: a recipe must not change when the world's default does
     lesion_size_rule: str = "nih"
     task_weights: dict[str, float] = field(default_factory=lambda: {"direct": 0.4, "cot": 0.35, "boxes": 0.125, "phrases": 0.125})
     text: dict[str, Any] = field(default_factory=lambda: dict(hidden_size=160, intermediate_size=448, num_hidden_layers=3,
