@@ -247,11 +247,14 @@ def test_lesion_size_rule_recorded_in_the_manifest_and_cli_choices_match(tmp_pat
     world's rules; an unknown rule is refused by write_dataset before anything is written."""
     from medfocus.cli import main
     from medfocus.commands.synth import synth as synth_cmd
-    from medfocus.datasets.synthetic.findings import LESION_SIZE_RULES
+    from medfocus.commands.demo import demo as demo_cmd
+    from medfocus.datasets.synthetic.findings import DEFAULT_LESION_SIZE_RULE, LESION_SIZE_RULES
     from medfocus.errors import ConfigError
 
+    # written out in the CLI (its help must not import the world); kept equal to the world's own names here
     opt = next(p for p in synth_cmd.params if p.name == "lesion_size_rule")
-    assert tuple(opt.type.choices) == LESION_SIZE_RULES and opt.default == "nih"
+    assert tuple(opt.type.choices) == LESION_SIZE_RULES and opt.default == DEFAULT_LESION_SIZE_RULE
+    assert tuple(next(p for p in demo_cmd.params if p.name == "lesion_size_rule").type.choices) == LESION_SIZE_RULES
     r = CliRunner().invoke(main, ["synth", "--out", str(tmp_path / "d"), "--n", "4", "--size", "64", "--seed", "2",
                                   "--no-counterfactuals", "--no-imagenome-jpeg", "--lesion-size-rule", "fleischner"])
     assert r.exit_code == 0, r.output
