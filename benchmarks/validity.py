@@ -84,13 +84,13 @@ def _median_ci(values: list[float], n_boot: int = 2000, seed: int = 0) -> tuple[
     return float(np.median(v)), float(np.percentile(meds, 2.5)), float(np.percentile(meds, 97.5))
 
 
-def synth_samples(root: Path, films: int, lesion_size_rule: str = "nih") -> list:
+def synth_samples(root: Path, films: int, lesion_size_rule: str | None = None) -> list:
     """``medfocus synth`` default data (CLI defaults: 256 px, cue rates 0) at :data:`SYNTH_SEED`, in the world
-    of ``lesion_size_rule`` (the CLI's default ``"nih"``, or ``"fleischner"``)."""
+    of ``lesion_size_rule`` (None: the CLI's default)."""
     from medfocus.datasets.synthetic import load_synthetic, write_dataset
 
-    write_dataset(root, films, seed=SYNTH_SEED, lesion_size_rule=lesion_size_rule, counterfactuals=False, imagenome=False,
-                  progress=True)
+    kw = {} if lesion_size_rule is None else {"lesion_size_rule": lesion_size_rule}
+    write_dataset(root, films, seed=SYNTH_SEED, counterfactuals=False, imagenome=False, progress=True, **kw)
     return load_synthetic(root)
 
 
@@ -237,7 +237,9 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--model", default="demo",
                     help="the demo model to measure: 'demo' (the shipped one, whose figures the README quotes) or a "
                          "train-demo --out folder (a candidate, before it is shipped)")
-    ap.add_argument("--lesion-size-rule", choices=("nih", "fleischner"), default=None,
+    from medfocus.datasets.synthetic.findings import DEFAULT_LESION_SIZE_RULE, LESION_SIZE_RULES
+
+    ap.add_argument("--lesion-size-rule", choices=LESION_SIZE_RULES, default=None,
                     help="the synthetic world of section 1 (medfocus synth --lesion-size-rule); default: the one the "
                          "model was trained in (its recipe's lesion_size_rule)")
     ap.add_argument("--no-sanity", action="store_true",
@@ -288,11 +290,12 @@ def main(argv: list[str] | None = None) -> str:
         f"used {len(samples)} samples from {a.films} films"
         + (" — smaller than that design, so the intervals are wider than +-3 points." if len(samples) < 690 else "."),
         "",
-        (f"## 1. Accuracy on `medfocus synth` default data ({a.films} films, {len(samples)} samples)" if rule == "nih" else
+        (f"## 1. Accuracy on `medfocus synth` default data ({a.films} films, {len(samples)} samples)"
+         if rule == DEFAULT_LESION_SIZE_RULE else
          f"## 1. Accuracy on `medfocus synth --lesion-size-rule {rule}` data ({a.films} films, {len(samples)} samples)"),
         "",
         f"Synthetic world: lesion size rule `{rule}` (the model was trained with `{trained_rule}`)."
-        + ("" if rule == "nih" else " Every setting but that rule is the `medfocus synth` default."),
+        + ("" if rule == DEFAULT_LESION_SIZE_RULE else " Every setting but that rule is the `medfocus synth` default."),
         "",
         *acc_lines,
         "",
