@@ -8,25 +8,31 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from medfocus.training import demo_lvlm as D
 from medfocus.training.demo_lvlm.config import preset_config, preset_of
 
-CAND = Path(__file__).resolve().parents[1] / "candidates" / "demo-12x12"
+ROOT = Path(__file__).resolve().parents[1] / "candidates"
+CAND = ROOT / "demo-12x12"
+#: candidate folder -> the preset its README says made it
+CANDIDATES = {"demo-12x12": "demo-12x12", "demo-12x12-fleischner": "demo-12x12-fleischner"}
 
 
-def test_candidate_is_the_demo_12x12_recipe_small_and_documented() -> None:
-    meta = json.loads((CAND / "medfocus.json").read_text())
+@pytest.mark.parametrize("folder,preset", CANDIDATES.items())
+def test_candidate_is_its_recipe_small_and_documented(folder: str, preset: str) -> None:
+    meta = json.loads((ROOT / folder / "medfocus.json").read_text())
     cfg = D.config_from_dict(meta["demo"]["config"])
-    assert preset_of(cfg) == "demo-12x12" and cfg.token_grid == 12 and cfg.focus_steps == 0
-    assert D.folder_size(CAND) < 8e6  # what the README says it costs the repository (6.5 MB of weights)
-    assert "--preset demo-12x12 --threads 2" in (CAND.parent / "README.md").read_text()
+    assert preset_of(cfg) == preset and cfg.token_grid == 12 and cfg.focus_steps == 0
+    assert D.folder_size(ROOT / folder) < 8e6  # what the README says it costs the repository (6.5 MB of weights)
+    assert f"--out candidates/{folder} --preset {preset} --threads 2" in (ROOT / "README.md").read_text()
 
 
-def test_candidate_loads_at_a_12x12_grid_and_answers() -> None:
+@pytest.mark.parametrize("folder", CANDIDATES)
+def test_candidate_loads_at_a_12x12_grid_and_answers(folder: str) -> None:
     from medfocus.lvlm.loading import load_lvlm
 
-    adapter = load_lvlm(str(CAND), device="cpu")
+    adapter = load_lvlm(str(ROOT / folder), device="cpu")
     img = np.zeros((200, 180), np.uint8)
     chat = adapter.prepare(img, D.task_question("nodule", "direct"))
     assert adapter._grid_hw(chat.inputs) == (12, 12)
