@@ -85,15 +85,24 @@ def training_lesions(n: int, rule: str) -> tuple[np.ndarray, np.ndarray]:
     return np.array(X), np.array(y, float)
 
 
-def knn_p_nodule(X_train: np.ndarray, y_train: np.ndarray, X: np.ndarray, k: int) -> np.ndarray:
-    """P(nodule) of each row of ``X`` ``(m, 6)``: share of nodules among its ``k`` nearest training lesions
-    (Euclidean on features standardised by the training set); the training set is balanced, as the
-    synthetic world's finding weights are."""
+def _sq_distances(X_train: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """``(m, n)`` squared Euclidean distances from the rows of ``X`` ``(m, d)`` to those of ``X_train`` ``(n, d)``,
+    on features standardised by the training set."""
     mu, sd = X_train.mean(0), X_train.std(0) + 1e-12
     A, B = (X_train - mu) / sd, (X - mu) / sd
-    d = ((B[:, None, :] - A[None, :, :]) ** 2).sum(-1)
-    nn = np.argsort(d, axis=1)[:, :k]
-    return y_train[nn].mean(1)
+    return ((B[:, None, :] - A[None, :, :]) ** 2).sum(-1)
+
+
+def _nodule_share(d: np.ndarray, y_train: np.ndarray, k: int) -> np.ndarray:
+    """Share of nodules among the ``k`` nearest training lesions of each row of distances ``d`` ``(m, n)``."""
+    return y_train[np.argsort(d, axis=1)[:, :k]].mean(1)
+
+
+def knn_p_nodule(X_train: np.ndarray, y_train: np.ndarray, X: np.ndarray, k: int) -> np.ndarray:
+    """P(nodule) of each row of ``X`` ``(m, d)``: share of nodules among its ``k`` nearest training lesions
+    (Euclidean on features standardised by the training set); the training set is balanced, as the
+    synthetic world's finding weights are."""
+    return _nodule_share(_sq_distances(X_train, X), y_train, k)
 
 
 def observer_answers(samples: list, rule: str, X_train: np.ndarray, y_train: np.ndarray, k: int,
@@ -102,34 +111,28 @@ def observer_answers(samples: list, rule: str, X_train: np.ndarray, y_train: np.
     sample correctly (see the module docstring)."""
     from medfocus.datasets.synthetic import generate_case
 
-    cases: dict[int, object] = {}
+    named_on: dict[int, set[str]] = {}  # per film, what the observer names its lesions (a film has several questions)
     correct = []
     for s in samples:
         if s.attribute not in LESIONS:
             correct.append(True)
             continue
         seed = int(s.meta["case_seed"])
-        if seed not in cases:
-            cases[seed] = generate_case(seed, size=256, lesion_size_rule=rule)
-        case = cases[seed]
-        present = [n for n in case.finding_names if n in LESIONS]
-        if not present:  # no lesion at all: "no" is certain
-            correct.append(s.answer == "No")
-            continue
-        p = knn_p_nodule(X_train, y_train, np.array([lesion_features(case, n)[list(cols)] for n in present]), k)
-        named = {"nodule" if q >= 0.5 else "mass" for q in p}
-        correct.append((s.attribute in named) == (s.answer == "Yes"))
+        if seed not in named_on:
+            case = generate_case(seed, size=256, lesion_size_rule=rule)
+            present = [n for n in case.finding_names if n in LESIONS]
+            p = (knn_p_nodule(X_train, y_train, np.array([lesion_features(case, n)[list(cols)] for n in present]), k)
+                 if present else [])
+            named_on[seed] = {"nodule" if q >= 0.5 else "mass" for q in p}  # empty: no lesion, "no" is certain
+        correct.append((s.attribute in named_on[seed]) == (s.answer == "Yes"))
     return correct
 
 
 def held_out_pair_accuracy(X: np.ndarray, y: np.ndarray, k: int) -> float:
     """Leave-one-out balanced accuracy of the kNN rule on its own training lesions ``X`` ``(n, d)``."""
-    mu, sd = X.mean(0), X.std(0) + 1e-12
-    A = (X - mu) / sd
-    d = ((A[:, None, :] - A[None, :, :]) ** 2).sum(-1)
+    d = _sq_distances(X, X)
     np.fill_diagonal(d, np.inf)
-    p = y[np.argsort(d, axis=1)[:, :k]].mean(1)
-    pred = p >= 0.5
+    pred = _nodule_share(d, y, k) >= 0.5
     return float(np.mean([(pred[y == 1]).mean(), (~pred[y == 0]).mean()]))
 
 

@@ -134,14 +134,11 @@ def accuracy_on_synth(adapter, samples: list, modes=("direct", "cot")) -> tuple[
     return lines, answers
 
 
-def card_protocol(adapter, per_cell: int, folder: Path) -> list[str]:
+def card_protocol(adapter, per_cell: int, cfg) -> list[str]:
     """The model card's protocol on fresh seeds: accuracy (clean pool) and cue reliance (cued vs clean);
-    the pools are rendered as the training recipe in ``folder``'s ``medfocus.json`` says."""
-    import json
-
+    the pools are rendered as the model's training recipe ``cfg`` (a ``DemoLVLMConfig``) says."""
     from medfocus.training import demo_lvlm as D
 
-    cfg = D.config_from_dict(json.loads((folder / "medfocus.json").read_text())["demo"]["config"])
     gen = D.adapter_generate_fn(adapter)
     clean = D.build_eval_pool(cfg, n_per_cell=per_cell, progress=True, seed_offset=CLEAN_OFFSET)
     cued = D.build_eval_pool(cfg, n_per_cell=per_cell, progress=True, cued=True, seed_offset=CUED_OFFSET)
@@ -257,7 +254,10 @@ def main(argv: list[str] | None = None) -> str:
         ap.error(f"--model {a.model}: not a train-demo folder (no medfocus.json)")
     import json
 
-    trained_rule = json.loads((folder / "medfocus.json").read_text())["demo"]["config"].get("lesion_size_rule", "nih")
+    from medfocus.training.demo_lvlm import config_from_dict
+
+    recipe = config_from_dict(json.loads((folder / "medfocus.json").read_text())["demo"]["config"])
+    trained_rule = recipe.lesion_size_rule  # a recipe from before the rule has the field's default, "nih"
     rule = a.lesion_size_rule or trained_rule
     torch.set_num_threads(a.threads)
     t_start = time.time()
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         samples = synth_samples(Path(tmp) / "synth", a.films, rule)
         acc_lines, answers = accuracy_on_synth(adapter, samples)
-        card_lines = card_protocol(adapter, a.cue_per_cell, folder)
+        card_lines = card_protocol(adapter, a.cue_per_cell, recipe)
         sanity_lines = (["Skipped (`--no-sanity`)."] if a.no_sanity else
                         sanity_and_baselines(adapter, samples, answers, a.sanity_films, a.model))
     load1 = os.getloadavg()

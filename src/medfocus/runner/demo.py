@@ -253,10 +253,9 @@ def _log_default(msg: str) -> None:
 def _write_data(cfg: DemoConfig, data_dir: Path, ref_dir: Path, log: Callable[[str], None], *, workers: int = 2,
                 progress: bool = True) -> tuple[list, bool]:
     from medfocus.datasets.synthetic import load_synthetic, write_dataset, write_reference_pool
-
-    stamp = data_dir / ".demo_params.json"
     from medfocus.datasets.synthetic.findings import DEFAULT_LESION_SIZE_RULE
 
+    stamp = data_dir / ".demo_params.json"
     rule = cfg.lesion_size_rule or DEFAULT_LESION_SIZE_RULE  # resolved: a changed default must not match an old stamp
     params = {"n": cfg.n_samples, "seed": cfg.seed, "size": cfg.size, "cue_rate": cfg.cue_rate, "lesion_size_rule": rule}
     wrote = False
