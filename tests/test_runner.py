@@ -114,6 +114,21 @@ def _grid(tmp_path, n=6, models=("m1",), modes=("direct",)):
     return samples, boxes, items
 
 
+def test_run_grid_refuses_a_film_whose_size_differs_from_its_record(tmp_path):
+    """A film replaced by one of another size after the dataset was loaded: its expert boxes are in the
+    recorded frame, so the sample is an error record naming both sizes (never scored), the others run."""
+    samples, boxes, items = _grid(tmp_path, n=3)
+    np.save(samples[1].image_path, np.full((32, 40), 10, np.uint8))  # W 40 x H 32, recorded 32 x 32
+    with ResultStore(tmp_path / "out" / "r.jsonl") as st:
+        summ = run_grid(items, ["hot"], st, load_model=lambda n: FakeAdapter(n), make_method=make_factory(boxes),
+                        read_image=read_npy, heatmap_to_boxes=simple_boxes, progress=False)
+    assert summ.errors == 1
+    by = {r["index"]: r for r in load_results(tmp_path / "out" / "r.jsonl")}
+    assert by[0]["error"] is None and by[2]["error"] is None
+    assert "the film is 40x32 (WxH)" in by[1]["error"] and "records image_size [32, 32]" in by[1]["error"]
+    assert by[1]["heatmap_path"] is None
+
+
 def test_run_grid_records_errors_and_loads_once(tmp_path):
     samples, boxes, items = _grid(tmp_path, n=6, models=("m1", "m2"))
     loads, builds = [], []
@@ -134,6 +149,8 @@ def test_run_grid_records_errors_and_loads_once(tmp_path):
             run_grid(items, ["hot", "boom", "nope"], st, load_model=loader, make_method=factory,
                      read_image=read_npy, heatmap_to_boxes=simple_boxes, progress=False)
         assert loads == [] and len(st) == 0
+    # refused before any record: no empty results file is left to read as "a run with no records"
+    assert not (tmp_path / "out" / "r.jsonl").exists()
     builds.clear()
     with ResultStore(tmp_path / "out" / "r.jsonl") as st:
         summ = run_grid(items, ["hot", "boom"], st, load_model=loader, make_method=factory,

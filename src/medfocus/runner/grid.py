@@ -901,6 +901,13 @@ def run_grid(
                     image = read_image(it.sample.image_path)
                     if image.ndim != 2:
                         raise DataError(f"{it.sample.image_path}: expected a 2-D grayscale image, got shape {image.shape}")
+                    W, H = it.sample.image_size
+                    if image.shape != (H, W):
+                        # the expert boxes and every saved map are in the recorded frame: a film of another
+                        # size would be scored against boxes drawn for a different image
+                        raise DataError(f"{it.sample.image_path}: the film is {image.shape[1]}x{image.shape[0]} (WxH) but "
+                                        f"dataset {it.dataset!r} sample #{it.index} records image_size [{W}, {H}], the frame "
+                                        "of its expert boxes; reload the dataset from the films")
                     orientation = _film_orientation(it.sample.image_path)
                 except Exception as exc:
                     img_err = f"image read failed: {type(exc).__name__}: {exc}"

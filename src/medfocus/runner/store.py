@@ -98,7 +98,10 @@ class ResultStore:
         self._records: dict[Key, dict[str, Any]] = {}
         for rec in read_jsonl(self.path)[0]:
             self._records[record_key(rec)] = rec  # later lines supersede earlier ones (retries)
-        self._fh = open(self.path, "ab")
+        # opened at the first append: a run refused after the store is opened (a settings conflict, nothing
+        # to compute) must not leave an empty results file behind that reads as "a run with no records"
+        self._fh = None
+        self._closed = False
 
     # ---- locking ------------------------------------------------------------------------------
     def _acquire_lock(self) -> None:
@@ -134,8 +137,10 @@ class ResultStore:
     # ---- writing ------------------------------------------------------------------------------
     def append(self, record: dict[str, Any]) -> None:
         """Append one record durably (write + flush + fsync) and index it."""
-        if self._fh is None:
+        if self._closed:
             raise ConfigError(f"result store {self.path} is closed")
+        if self._fh is None:
+            self._fh = open(self.path, "ab")
         rec = to_jsonable(record)
         key = record_key(rec)
         append_jsonl(self._fh, rec, separators=(",", ":"), allow_nan=False)
@@ -156,6 +161,7 @@ class ResultStore:
         return p if p.is_absolute() else self.path.parent / p
 
     def close(self) -> None:
+        self._closed = True
         if self._fh is not None:
             self._fh.close()
             self._fh = None
