@@ -116,7 +116,9 @@ def main() -> None:
               "debiased by the reference->reference plan at the same cost scale (entropic barycentres are pulled towards "
               "the inside of the support, most near its border), then splats the mask there; further passes re-solve from "
               "the moved reference cells and explain the remaining displacement.", ""]
-    Path(args.out).write_text("\n".join(lines))
+    from medfocus.io.atomic import atomic_write_text  # a killed run never leaves a cut file
+
+    atomic_write_text(Path(args.out), "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -86,7 +86,9 @@ def main() -> None:
     t_big_cpu, _ = best(lambda: uot.uot_grid(AA, BB, device="cpu"), n=1)
     log(f"1024 problems at 14x14 in one call: cuda {1e3 * t_big:.1f} ms, cpu {1e3 * t_big_cpu:.0f} ms")
     if args.out:
-        Path(args.out).write_text("\n".join(lines) + "\n")
+        from medfocus.io.atomic import atomic_write_text  # a killed run never leaves a cut file
+
+        atomic_write_text(Path(args.out), "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

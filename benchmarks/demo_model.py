@@ -80,7 +80,9 @@ def main(threads: int = 2, repeats: int = 3) -> str:
         "",
     ]
     md = "\n".join(lines)
-    (HERE / "demo_model.md").write_text(md)
+    from medfocus.io.atomic import atomic_write_text  # a killed run never leaves a cut file
+
+    atomic_write_text(HERE / "demo_model.md", md)
     print(md)
     return md
 

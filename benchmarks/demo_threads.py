@@ -56,7 +56,9 @@ def main() -> None:
              "(32 greedy answers + one RISE + one occlusion map on the demo model, after loading).", "",
              "| torch threads | OMP_WAIT_POLICY | wall s | CPU s | 1-min load |", "|---:|---|---:|---:|---:|"]
     lines += [f"| {t} | {w} | {wall:.1f} | {cpu:.1f} | {load:.1f} |" for t, w, wall, cpu, load in rows]
-    (HERE / "demo_threads.md").write_text("\n".join(lines) + "\n")
+    from medfocus.io.atomic import atomic_write_text  # a killed run never leaves a cut file
+
+    atomic_write_text(HERE / "demo_threads.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -82,7 +82,9 @@ def main(argv: list[str]) -> int:
     ]
     text = "\n".join(lines)
     print(text)
-    (HERE / "demo_time.md").write_text(text)
+    from medfocus.io.atomic import atomic_write_text  # a killed run never leaves a cut file
+
+    atomic_write_text(HERE / "demo_time.md", text)
     return 0 if wall < TARGET_S else 1
 
 

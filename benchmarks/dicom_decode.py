@@ -102,7 +102,9 @@ def main() -> None:
     for uid, plugs in cover.items():
         lines.append(f"| {uid} ({UID(uid).name}) | {', '.join(plugs) or '**none**'} |")
     out = Path(__file__).with_name(args.out)
-    out.write_text("\n".join(lines) + "\n")
+    from medfocus.io.atomic import atomic_write_text  # a killed run never leaves a cut file
+
+    atomic_write_text(out, "\n".join(lines) + "\n")
     print(f"wrote {out}")
 
 

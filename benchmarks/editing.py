@@ -83,7 +83,9 @@ def main() -> None:
           f"{args.size} px), foreground + background edit each; one process, 1 torch thread; "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs.\n\n" + head + body)
     print(md)
-    (Path(__file__).with_name("editing.md")).write_text(md)
+    from medfocus.io.atomic import atomic_write_text  # a killed run never leaves a cut file
+
+    atomic_write_text(Path(__file__).with_name("editing.md"), md)
 
 
 if __name__ == "__main__":

@@ -85,7 +85,9 @@ def main() -> None:
         n = idx[(m, "deletion_auc")].n
         lines.append(f"| {m} | {n} | {cell(m, 'iou')} | {cell(m, 'deletion_auc')} | {cell(m, 'insertion_auc')} |")
     lines += ["", "The reference rows rank the cells in a seeded random order / by their overlap with the expert boxes.", ""]
-    Path(args.md).write_text("\n".join(lines), encoding="utf-8")
+    from medfocus.io.atomic import atomic_write_text  # a killed run never leaves a cut file
+
+    atomic_write_text(Path(args.md), "\n".join(lines), encoding="utf-8")
     print("\n".join(lines))
 
 

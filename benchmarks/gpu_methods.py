@@ -116,7 +116,9 @@ def main() -> None:
         mean = lambda i: float(np.nanmean([x[i] for x in r]))  # noqa: E731
         lines.append(f"| {m} | {mean(3):.3f} | {mean(4):.3f} | {mean(5):.3f} | {mean(6):.3f} | {mean(7):.3f} |")
     lines += ["", "Errors: " + ("none" if not errors else ""), *[f"- {e}" for e in errors]]
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    from medfocus.io.atomic import atomic_write_text  # a killed run never leaves a cut file
+
+    atomic_write_text(Path(args.out), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

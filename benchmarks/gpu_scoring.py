@@ -296,7 +296,9 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
     md = to_markdown(rows, card, dtype, args.reps, args.tiny, checks)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(md)
+    from medfocus.io.atomic import atomic_write_text  # a killed run never leaves a cut file
+
+    atomic_write_text(Path(args.out), md)
     print(md)
     return 0
 

@@ -147,7 +147,9 @@ def main() -> None:
                 cells.append("-")
         lines.append(f"| {' | '.join(setting)} | " + " | ".join(cells) + " |")
     lines += ["", f"Wall time {secs / 60:.1f} min on {torch.get_num_threads()} CPU thread(s) (all settings)."]
-    out.write_text("\n".join(lines) + "\n")
+    from medfocus.io.atomic import atomic_write_text  # a killed run never leaves a cut file
+
+    atomic_write_text(out, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

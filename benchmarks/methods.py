@@ -293,7 +293,9 @@ def main() -> None:
         md += sanity_table(sanity(adapters, img))
     md += (f"\nMachine load (1-min load average on {os.cpu_count()} cores) at the start: {load:.1f}, at the end: "
            f"{os.getloadavg()[0]:.1f}; CPU-time ratios are robust to it, wall-clock times are not.\n")
-    a.out.write_text(md)
+    from medfocus.io.atomic import atomic_write_text  # a killed run never leaves a cut file
+
+    atomic_write_text(a.out, md)
     print(f"wrote {a.out}")
 
 

@@ -57,7 +57,9 @@ def main() -> None:
             "Paired differences drawn from a standard normal (no real difference), seed `default_rng(0)`; each row: "
             "the share of trials whose 95% percentile-bootstrap interval of the mean difference lies above 0 "
             "(nominally 2.5%), with its Wilson 95% interval (k/n).\n\n")
-    args.out.write_text(head + "\n".join(rows) + "\n", encoding="utf-8")
+    from medfocus.io.atomic import atomic_write_text  # a killed run never leaves a cut file
+
+    atomic_write_text(args.out, head + "\n".join(rows) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")
 
 

@@ -84,7 +84,9 @@ def main(argv=None) -> int:
     for r in rows:
         lines.append(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {r[5]:.1f} | {r[6]:.2f} | {r[7]:.1f} | {r[8]:.1e} |")
     md = "\n".join(lines) + "\n"
-    Path(args.out).write_text(md)
+    from medfocus.io.atomic import atomic_write_text  # a killed run never leaves a cut file
+
+    atomic_write_text(Path(args.out), md)
     print(md)
     return 0
 

@@ -184,7 +184,9 @@ def main(argv: list[str] | None = None) -> str:
                              f"{_hit_share([x['finding_hit'] for x in rows])} | {_mean_ci([x['cue_energy'] for x in rows])} | "
                              f"{np.mean([x['cue_area'] for x in rows]):.3f} | {_mean_ci([x['finding_energy'] for x in rows])} |")
     md = "\n".join(lines) + "\n"
-    a.out.write_text(md, encoding="utf-8")
+    from medfocus.io.atomic import atomic_write_text  # a killed run never leaves a cut file
+
+    atomic_write_text(a.out, md, encoding="utf-8")
     print(md)
     return md
 

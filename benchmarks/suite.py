@@ -282,7 +282,9 @@ def main() -> None:
         if mname == "demo" and a.cot:
             results.append(bench_sample(mname, adapter, image, Q_COT, COT_ANSWER, params, a.repeats))
     md = render(results, a.repeats, a.threads, load0, os.getloadavg(), time.perf_counter() - t_start, " ".join(sys.argv[1:]))
-    a.out.write_text(md)
+    from medfocus.io.atomic import atomic_write_text  # a killed run never leaves a cut file
+
+    atomic_write_text(a.out, md)
     print(f"wrote {a.out}", file=sys.stderr)
 
 

@@ -85,7 +85,9 @@ def main() -> None:
     lines += ["", "Target: 1,000 films at 256 px in under 60 s on 2 cores (row 2)."]
     text = "\n".join(lines) + "\n"
     print(text)
-    (Path(__file__).with_name("synth_speed.md")).write_text(text)
+    from medfocus.io.atomic import atomic_write_text  # a killed run never leaves a cut file
+
+    atomic_write_text(Path(__file__).with_name("synth_speed.md"), text)
 
 
 if __name__ == "__main__":

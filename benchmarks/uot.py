@@ -149,7 +149,9 @@ def main() -> None:
               "The grid solver factorises each log-sum-exp over the 56 x 56 grid into two small batched matrix products "
               "(the squared-distance cost is separable), so one iteration costs O(h w (h + w)) instead of O((h w)^2); "
               "it never forms the 3136 x 3136 plan (the dense plan above is built only to compare).", ""]
-    Path(args.out).write_text("\n".join(lines))
+    from medfocus.io.atomic import atomic_write_text  # a killed run never leaves a cut file
+
+    atomic_write_text(Path(args.out), "\n".join(lines))
     print("\n".join(lines))
 
 

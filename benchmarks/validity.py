@@ -308,7 +308,9 @@ def main(argv: list[str] | None = None) -> str:
         *sanity_lines,
         "",
     ])
-    a.out.write_text(md, encoding="utf-8")
+    from medfocus.io.atomic import atomic_write_text  # a killed run never leaves a cut file
+
+    atomic_write_text(a.out, md, encoding="utf-8")
     print(md)
     return md
 

@@ -110,3 +110,19 @@ def test_evaluate_refuses_a_coerced_index(tmp_path):
     preds.write_text("\n".join(lines) + "\n")
     res = CliRunner().invoke(main, ["evaluate", str(preds), "--out", str(tmp_path / "e"), "--n-boot", "10"])
     assert res.exit_code == 0 and len(pd.read_csv(tmp_path / "e" / "records.csv")) == 3, res.output
+
+
+def test_evaluate_says_why_records_without_expert_boxes_are_not_scored(tmp_path):
+    """`explain` without --box writes records with no gt_boxes: evaluate says they are not scored and why."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    recs = [{"model": "demo", "dataset": "files", "index": i, "mode": "direct", "method": "prompting", "gt_boxes": [],
+             "image_size": [32, 32], "pred_boxes": [[4, 4, 8, 12]], "error": None} for i in range(3)]
+    (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    res = CliRunner().invoke(main, ["evaluate", str(folder / "predictions.jsonl"), "--out", str(tmp_path / "e")])
+    assert res.exit_code == 0, res.output
+    assert "3 of these records have no expert boxes" in res.output and "without --box" in res.output
+    assert "nothing was scored" in res.output
+    # a run with scored records says how many were left out, not "nothing was scored"
+    res = CliRunner().invoke(main, ["evaluate", str(_write_predictions(tmp_path / "run2")), "--out", str(tmp_path / "e2")])
+    assert res.exit_code == 0 and "no expert boxes" not in res.output

@@ -277,3 +277,83 @@ def test_benchmark_build_refuses_films_the_model_cannot_see(tmp_path):
     assert ret["errors"] == 2 and adapter.n_images == 0
     row = read_log(split_paths(tmp_path / "out", "toy", "toy", "direct")["log"])[("toy", "toy", 0)]
     assert "0.png: film is 48 x 48 px, fewer pixels than the 64 x 64 image tokens" in row["error"]
+
+
+def test_film_warnings_are_kept_in_the_records_and_shown_by_the_viewer(tmp_path):
+    """An all-black film warns once on the console and its records keep the warning (``film_warnings``),
+    which the viewer shows on the film's section; a normal film's records carry none."""
+    from medfocus.attribution.testing import ToyAdapter
+    from medfocus.report.viewer import sample_view
+    from medfocus.runner.grid import WorkItem, run_grid
+    from medfocus.runner.store import ResultStore, load_results
+    from medfocus.types import Sample
+
+    adapter = ToyAdapter()
+    films = {"black": np.zeros((64, 64), np.uint8), "film": np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)}
+    items = []
+    for i, (name, arr) in enumerate(films.items()):
+        Image.fromarray(arr).save(tmp_path / f"{name}.png")
+        s = Sample("synthetic", i, str(tmp_path / f"{name}.png"), "cardiomegaly", "Is there evidence of cardiomegaly in the image?",
+                   "Yes", [(8.0, 8.0, 40.0, 40.0)], (64, 64))
+        items.append(WorkItem("toy", "synthetic", "direct", s, answer_source="ground_truth"))
+    with ResultStore(tmp_path / "pred.jsonl") as st, pytest.warns(DataWarning) as caught:
+        run_grid(items, {"occlusion": {"grid": 4}, "gradcam": {}}, st, load_model=lambda _n: adapter, progress=False,
+                 release_model=False)
+    msgs = [str(w.message) for w in caught if "black.png" in str(w.message)]
+    assert msgs and all("every pixel has the value 0" in m for m in msgs)
+    recs = load_results(tmp_path / "pred.jsonl")
+    by = {(r["index"], r["method"]): r for r in recs}
+    for m in ("occlusion", "gradcam"):
+        (w,) = by[(0, m)]["film_warnings"]
+        assert "black.png: film is 64 x 64 px and every pixel has the value 0" in w
+        assert by[(1, m)]["film_warnings"] == []
+    view = sample_view([r for r in recs if r["index"] == 0], tmp_path)
+    assert any("every pixel has the value 0" in w for w in view["warnings"])
+    assert not any("value 0" in w for w in sample_view([r for r in recs if r["index"] == 1], tmp_path)["warnings"])
+
+
+def test_the_cli_shows_each_data_warning_once_per_command():
+    """A film read by several steps warns in each; the console gets the message once."""
+    import warnings as _w
+
+    import click
+    from click.testing import CliRunner
+
+    from medfocus.cli import LazyGroup
+
+    grp = LazyGroup(name="m")
+
+    @grp.command("warn")
+    def warn_cmd() -> None:
+        for _ in range(3):
+            with _w.catch_warnings():
+                _w.simplefilter("always", DataWarning)
+                _w.warn("/x/exif6.jpeg: EXIF Orientation = 6", DataWarning, stacklevel=1)
+        _w.warn("/x/other.png: another", DataWarning, stacklevel=1)
+        click.echo("done")
+
+    grp.list_commands = lambda ctx: ["warn"]
+    grp.get_command = lambda ctx, name: warn_cmd if name == "warn" else None
+    res = CliRunner().invoke(grp, ["warn"])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("Warning: /x/exif6.jpeg: EXIF Orientation = 6") == 1
+    assert res.output.count("Warning: /x/other.png: another") == 1
+
+
+def test_an_interrupted_command_says_what_is_kept_and_exits_130():
+    """Ctrl-C is not click's bare "Aborted!" with status 1 (which the README reserves for a refused run)."""
+    from click.testing import CliRunner
+
+    from medfocus.cli import INTERRUPTED, LazyGroup
+
+    grp = LazyGroup(name="m")
+
+    @grp.command("work")
+    def work() -> None:
+        raise KeyboardInterrupt
+
+    grp.get_command = lambda ctx, name: work if name == "work" else None
+    res = CliRunner().invoke(grp, ["work"])
+    assert res.exit_code == INTERRUPTED == 130
+    assert "Interrupted: every result written before the interrupt is kept; rerun the same command" in res.output
+    assert "Aborted!" not in res.output

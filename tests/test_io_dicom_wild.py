@@ -36,6 +36,33 @@ def _read_quiet(path):
         return read_image(path)
 
 
+def _read_not_chest(path, what: str):
+    """``read_image`` whose only DataWarning says the header names no chest radiograph (``what``)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = read_image(path)
+    msgs = [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
+    assert len(msgs) == 1 and msgs[0].startswith(f"{path}: {what}, not a chest radiograph"), msgs
+    return out
+
+
+def test_a_header_that_names_no_chest_radiograph_warns(films, tmp_path):
+    """The nuclear-medicine whole-body scan warns naming its Modality and body part; the real CR chest film
+    and a DX without BodyPartExamined (anonymised exports drop it) read quietly; 'Thorax' is the chest."""
+    _read_not_chest(films / "JPEG-LL.dcm", "Modality NM, BodyPartExamined 'WHOLE BODY'")
+    _read_quiet(films / "RG1_UNCR.dcm")
+    arr = np.random.default_rng(0).integers(0, 4096, (64, 48)).astype(np.uint16)
+    _read_quiet(write_dicom(tmp_path / "dx.dcm", arr))
+
+    def with_part(part):
+        def edit(ds):
+            ds.BodyPartExamined = part
+        return edit
+
+    _read_quiet(_variant(films, tmp_path, "thorax.dcm", with_part("Thorax")))
+    _read_not_chest(_variant(films, tmp_path, "knee.dcm", with_part("KNEE")), "BodyPartExamined 'KNEE'")
+
+
 @pytest.fixture(scope="module")
 def films(shared_data):
     d = shared_data / "real_cxr" / "dicom"
@@ -266,7 +293,7 @@ def test_jpeg_lossless_sv1_decodes_to_the_reference_pixels(films):
     arr = ds.pixel_array
     assert arr.shape == (1024, 256) and arr.dtype == np.int16
     assert hashlib.sha256(np.ascontiguousarray(arr, dtype="<i2").tobytes()).hexdigest() == JPEG_LL_SHA256
-    img, size = _read_quiet(films / "JPEG-LL.dcm")
+    img, size = _read_not_chest(films / "JPEG-LL.dcm", "Modality NM, BodyPartExamined 'WHOLE BODY'")
     assert size == (256, 1024)
     np.testing.assert_array_equal(img, to_uint8(arr))  # no window, no rescale: min-max
 
@@ -275,9 +302,9 @@ JPEG_LL_SHA256 = "a6e9d32143339d3f5748b5520aa4e6c6ffb3550b6f71fdf17bdb2ebb44bc26
 
 
 def test_lut_films_read(films):
-    img, size = _read_quiet(films / "mlut_18.dcm")
+    img, size = _read_not_chest(films / "mlut_18.dcm", "Modality OT")
     assert size == (512, 512) and img.min() == 0 and img.max() == 255
-    img, size = _read_quiet(films / "vlut_04.dcm")
+    img, size = _read_not_chest(films / "vlut_04.dcm", "Modality OT")
     assert size == (512, 512) and img.min() == 0 and img.max() == 255
 
 

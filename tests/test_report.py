@@ -59,6 +59,21 @@ def test_summarize_and_table():
     assert results_table(s, model="demo", mode="cot") == ""
 
 
+def test_an_undefined_trivial_baseline_is_not_called_failed():
+    """The finding prior of a finding with no other sample has no value (evaluate: "undefined"); the report
+    says "undefined" for it, and "failed" only for a method whose records failed."""
+    rows = [dict(model="demo", dataset="synthetic", index=i, mode="direct", method=m, iou=np.nan, f1=np.nan,
+                 precision=np.nan, recall=np.nan, error="no other sample of finding 'mass' in synthetic to build a prior from"
+                 if m == "baseline_finding_prior" else "boom") for i in range(2) for m in ("baseline_finding_prior", "rise")]
+    html = results_table(summarize(pd.DataFrame(rows), n_boot=50), model="demo", mode="direct")
+    body = [r for r in html.split("<tr") if "<td" in r]
+    (prior,) = [r for r in body if "baseline_finding_prior" in r]
+    (rise,) = [r for r in body if "baseline_finding_prior" not in r]
+    assert "baseline_finding_prior" in prior and prior.count(">undefined<") == 4 and "2 undefined" in prior
+    assert "failed" not in prior
+    assert "rise" in rise and rise.count(">failed<") == 4 and "2 failed" in rise and "undefined" not in rise
+
+
 def test_figures_are_pngs():
     s = summarize(_metrics_frame(), n_boot=100)
     img = (np.arange(64 * 64).reshape(64, 64) % 256).astype(np.uint8)

@@ -45,6 +45,10 @@ _HELP = {
 }
 
 
+#: Exit status of a command stopped by Ctrl-C / SIGINT (the shell convention 128 + 2).
+INTERRUPTED = 130
+
+
 class LazyGroup(click.Group):
     """A click group whose commands are imported only when invoked (or asked for help)."""
 
@@ -74,12 +78,16 @@ class LazyGroup(click.Group):
         from medfocus.errors import DataWarning
 
         default_show = warnings.showwarning
+        shown: set[str] = set()
 
         def show(message, category, filename, lineno, file=None, line=None):
             # A data warning is a message to the user about their file (it names it), not a report
-            # about our source: one "Warning:" line on stderr, without Python's file:line and code line.
+            # about our source: one "Warning:" line on stderr, without Python's file:line and code line,
+            # once per command (a film is read by several steps, each of which may warn about it).
             if isinstance(category, type) and issubclass(category, DataWarning):
-                click.echo(f"Warning: {message}", err=True)
+                if str(message) not in shown:
+                    shown.add(str(message))
+                    click.echo(f"Warning: {message}", err=True)
             else:
                 default_show(message, category, filename, lineno, file, line)
 
@@ -88,6 +96,12 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except MedfocusError as exc:
             raise click.ClickException(str(exc)) from exc
+        except KeyboardInterrupt:
+            # not click's bare "Aborted!" with status 1 (a refused run, nothing computed): say what is kept
+            click.echo("\nInterrupted: every result written before the interrupt is kept; rerun the same command to "
+                       "resume where it stopped (attribute, explain, bench build, demo and train-demo resume; "
+                       "synth writes its folder at the end and starts over).", err=True)
+            ctx.exit(INTERRUPTED)
         finally:
             warnings.showwarning = default_show
 

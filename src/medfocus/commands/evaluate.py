@@ -257,6 +257,12 @@ def evaluate(predictions: tuple[Path, ...], out_dir: Path, metrics: str | None, 
                + (f" + {int(is_base.sum())} trivial-baseline rows ({n_base_err} undefined: a finding with no other sample "
                   "has no prior)" if baselines else "")
                + f" -> {out_dir / 'table.md'}, {out_dir / 'table.csv'}, {out_dir / 'records.csv'}", err=True)
+    # records left out of the tables for want of a region to find: said, with the reason, not only in records.csv
+    n_no_gt = int(((df["source"] == "no_gt") & is_rec).sum())
+    if n_no_gt:
+        click.echo(f"{n_no_gt} of these records have no expert boxes (gt_boxes empty: a negative sample, or `medfocus "
+                   "explain` without --box) and are not scored: localisation needs the region the answer is about"
+                   + ("; nothing was scored" if n_no_gt + n_err == int(is_rec.sum()) else ""), err=True)
     if n_err:
         first = df[df["error"].notna() & is_rec].iloc[0]
         click.echo(f"first error: {first['model']}/{first['dataset']}#{first['index']} {first['method']}: {first['error']}", err=True)

@@ -51,7 +51,10 @@ def explain(images, finding, question, mode, answer, model, methods, params, box
                           methods=list(methods) or None, params=parse_params(params), boxes=[parse_box(b) for b in boxes],
                           seed=seed, device=device, progress=not no_progress, overwrite=overwrite, notify=click.echo)
     for a in res.answers:
-        click.echo(f"{a['label']}: answer {a['answer']!r} (read as {a['answer_parsed']}; {a['answer_source']})")
+        if a["answer"] is None:  # refused or failed before the model answered: its records carry the error
+            click.echo(f"{a['label']}: no answer (the film's records carry the error)")
+        else:
+            click.echo(f"{a['label']}: answer {a['answer']!r} (read as {a['answer_parsed']}; {a['answer_source']})")
     if res.served_from is not None:
         click.echo(f"served from the stored run in {res.out} (methods {', '.join(res.served_from)}; its explain.json "
                    "is kept, so a rerun with all of them resumes)")

@@ -12,8 +12,10 @@ select the nearest normal reference by unbalanced OT, transfer its 11 concept ma
 concept (and the 4 bilateral unions) in the model input, score all variants in one teacher-forced
 pass, and rank concepts by the log-probability the answer loses. The spatial heatmap is
 ``sum_c delta_c * soft_mask_c`` over the 15 variants (a union's soft mask is the max of its two
-sides), normalised to max 1 -- so MedFocus is evaluated with the same heatmap metrics as the
-baselines; its boxes are those of the winning concept (the full image on fallback).
+sides), in nats of answer log-probability (not normalised: a map whose largest value is 5e-6 nats says
+that nothing mattered, and a viewer's colour bar shows that; the heatmap metrics -- quantile boxes,
+pointing game, deletion order -- do not depend on the scale, so MedFocus is evaluated with the same
+metrics as the baselines); its boxes are those of the winning concept (the full image on fallback).
 
 It is also the 11th method of the attribution registry, ``get_method("medfocus")``
 (:class:`MedFocusMethod`).
@@ -61,7 +63,7 @@ class MedFocusResult:
         logp_original: ``(T,)`` answer-token log-probs on the original image.
         concept_boxes: concept -> box (original pixels), the 11 concepts.
         soft_masks: concept -> ``(H0, W0)`` float32 soft mask.
-        heatmap: ``(H0, W0)`` float32 delta-weighted soft masks (max 1; zeros when all deltas are 0).
+        heatmap: ``(H0, W0)`` float32 delta-weighted soft masks, in nats (not normalised; zeros when no delta is positive).
         reference_id: reference image used for the transfer.
         sides: how the left/right concepts were named (the film's orientation, :meth:`ConceptTransfer.with_sides
             <medfocus.concepts.transfer.ConceptTransfer.with_sides>`).
@@ -294,7 +296,7 @@ class MedFocus:
         for n, d in res.deltas.items():
             if d > 0:
                 hm += np.float32(d) * res.variant_soft_mask(n)
-        res.heatmap = hm / hm.max() if hm.max() > 0 else hm
+        res.heatmap = hm  # nats, like the per-token maps: never stretched to look like a finding when nothing mattered
         t2 = time.perf_counter()
         sec = pl.seconds
         intervention = sec["rows"] + score_seconds + (t1 - t0)
@@ -302,6 +304,10 @@ class MedFocus:
                        "total": sec["generate"] + sec["transfer"] + intervention + (t2 - t1)}
         res.passes = {"generate": pl.n_generate, "forward": iv.n_forward + n_nested}
         return res
+
+
+#: What MedFocus' spatial heatmap holds (a result record's ``settings["heatmap_units"]``).
+HEATMAP_UNITS = "nats: sum over concepts of max(delta, 0) x soft mask"
 
 
 @dataclass
@@ -374,6 +380,8 @@ class MedFocusMethod(PerturbationMethod):
         ``pool`` names (a changed pool under the same path is a different setting)."""
         out = super().settings()
         out["pool_fingerprint"] = _pool_for(str(self.params["pool"]) if self.params.get("pool") else None).fingerprint
+        # recorded so that a store written when the map was normalised to max 1 is not served as this map
+        out["heatmap_units"] = HEATMAP_UNITS
         return out
 
     @property

@@ -69,6 +69,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -508,6 +509,27 @@ def read_orientation(path: str | os.PathLike) -> FilmOrientation:
     return _parse_orientation(ds, p)[0]
 
 
+#: DICOM Modality codes of projection radiographs (PS3.3 C.7.3.1.1.1): computed radiography, digital
+#: radiography, radiographic imaging (conventional film/screen).
+RADIOGRAPH_MODALITIES = ("CR", "DX", "RG")
+#: BodyPartExamined values (PS3.16 CID 4031, and the free text sites write) that name the chest.
+_CHEST_PARTS = ("CHEST", "THORAX", "LUNG")
+
+
+def not_a_chest_radiograph(ds: Any) -> str | None:
+    """What in a DICOM header says the film is not a chest radiograph (``"Modality NM, BodyPartExamined
+    'WHOLE BODY'"``), or ``None``. Only a value that is present counts: anonymised exports often drop both
+    attributes, and their absence says nothing."""
+    problems = []
+    modality = str(_element_value(ds, "Modality") or "").strip().upper()
+    if modality and modality not in RADIOGRAPH_MODALITIES:
+        problems.append(f"Modality {modality}")
+    part = str(_element_value(ds, "BodyPartExamined") or "").strip()
+    if part and not any(k in part.upper() for k in _CHEST_PARTS):
+        problems.append(f"BodyPartExamined {part!r}")
+    return ", ".join(problems) or None
+
+
 def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, tuple[int, int]]:
     """Read a single-frame grayscale DICOM: padding, modality LUT, VOI and MONOCHROME1 inversion.
 
@@ -521,7 +543,8 @@ def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, tuple[int, int]]:
 
     Warns:
         DataWarning: a numeric display attribute is unusable and the documented fallback was used
-            (see the module docstring).
+            (see the module docstring); the header says the film is not a chest radiograph
+            (:func:`not_a_chest_radiograph`: another Modality or body part).
     """
     import pydicom
 
@@ -552,6 +575,11 @@ def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, tuple[int, int]]:
     orientation_problem = _parse_orientation(ds, p)[1]
     if orientation_problem:
         warnings.warn(orientation_problem, DataWarning, stacklevel=3)
+    not_chest = not_a_chest_radiograph(ds)
+    if not_chest:
+        warnings.warn(f"{p}: {not_chest}, not a chest radiograph (expected Modality {'/'.join(RADIOGRAPH_MODALITIES)} and "
+                      f"BodyPartExamined CHEST): a chest-film model's answer and every attribution map on it say nothing "
+                      "about a chest X-ray", DataWarning, stacklevel=2)
     try:
         n_frames = int(_number_attr(ds, "NumberOfFrames") or 1)
     except _Unusable as exc:

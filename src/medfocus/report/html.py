@@ -91,7 +91,8 @@ def results_table_data(summary: pd.DataFrame, *, model: str, mode: str, method_o
                        best: Mapping[tuple[str, str], str] | None = None) -> dict[str, Any] | None:
     """The cells of :func:`results_table` as plain data (``None`` when ``model``/``mode`` have no rows).
 
-    A cell is ``None`` (no result), ``{"failed": True}`` (every record of the method failed) or
+    A cell is ``None`` (no result), ``{"failed": True, "undefined": bool}`` (every record of the method
+    failed; ``undefined`` for a trivial baseline, whose error rows are samples it is not defined for) or
     ``{"mean", "ci", "bold"}`` (``ci``: ``"[lo, hi]"`` or "no CI", :func:`medfocus.evaluation.tables.ci_text`); ``bold`` is set only for the method ``best`` names for that
     ``(dataset, metric)``. Each row also carries the method's "source / deviation" line
     (:func:`medfocus.attribution.method_source`)."""
@@ -103,15 +104,20 @@ def results_table_data(summary: pd.DataFrame, *, model: str, mode: str, method_o
     methods = [m for m in methods if m in set(df["method"])]
     idx = {(r.dataset, r.method, r.metric): r for r in df.itertuples(index=False)}
     best = dict(best or {})
+    from medfocus.evaluation.baselines import is_baseline
+
     rows = []
     for me in methods:
         groups = []
+        # a trivial baseline's error rows are samples it is not defined for (the finding prior of a finding
+        # with no other sample), not failures: said as evaluate says it
+        undefined = is_baseline(str(me))
         for ds in datasets:
             n, cells = None, []
             for m in METRICS:
                 r = idx.get((ds, me, m))
                 if r is not None and int(r.n) == 0 and int(getattr(r, "n_error", 0)) > 0:
-                    cells.append({"failed": True})  # every record failed: not a score of 0, not "no result"
+                    cells.append({"failed": True, "undefined": undefined})  # not a score of 0, not "no result"
                     continue
                 if r is None or not np.isfinite(r.mean):
                     cells.append(None)
@@ -120,7 +126,7 @@ def results_table_data(summary: pd.DataFrame, *, model: str, mode: str, method_o
                 bold = best.get((ds, m)) == me
                 cells.append({"failed": False, "mean": f"{r.mean:.1f}", "ci": ci_text(r.ci_low, r.ci_high), "bold": bold})
             errs = max((int(getattr(idx[(ds, me, m)], "n_error", 0)) for m in METRICS if (ds, me, m) in idx), default=0)
-            groups.append({"cells": cells, "n": n if n is not None else 0, "errors": errs})
+            groups.append({"cells": cells, "n": n if n is not None else 0, "errors": errs, "undefined": undefined})
         rows.append({"method": str(me), "source": source_of(str(me)), "groups": groups})
     return {"datasets": [str(d) for d in datasets], "metric_labels": [METRIC_LABELS[m] for m in METRICS], "rows": rows}
 
@@ -212,7 +218,7 @@ def faithfulness_table_data(summary: pd.DataFrame, *, model: str, mode: str, met
                     ns.append(int(r.n))
                 bold = best[(ds, m)] is not None and me not in refs and abs(r.mean - best[(ds, m)]) < 1e-9
                 cells.append({"mean": f"{r.mean:.1f}", "ci": ci_text(r.ci_low, r.ci_high), "bold": bold, "failed": False})
-            groups.append({"cells": cells, "n": max(ns) if ns else 0, "errors": 0})
+            groups.append({"cells": cells, "n": max(ns) if ns else 0, "errors": 0, "undefined": False})
         rows.append({"method": str(me), "source": source_of(str(me)), "groups": groups})
     return {"datasets": [str(d) for d in datasets], "metric_labels": [FAITH_LABELS[m] for m in FAITH_METRICS], "rows": rows}
 

@@ -115,6 +115,12 @@ def _extras(rec: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> dict[st
     return ex
 
 
+def _map_units(rec: Mapping[str, Any]) -> str | None:
+    """The unit of a record's maps (``settings["heatmap_units"]`` up to its first colon), or ``None``."""
+    units = (rec.get("settings") or {}).get("heatmap_units")
+    return str(units).split(":", 1)[0].strip() or None if units else None
+
+
 def _medfocus_panel(rec: Mapping[str, Any], arrays: Mapping[str, np.ndarray], ex: Mapping[str, Any]) -> dict[str, Any] | None:
     from medfocus.report.records import medfocus_view
 
@@ -198,6 +204,8 @@ def _method_view(rec: Mapping[str, Any], base: Path | None) -> dict[str, Any]:
         "pred_boxes": _boxes(rec.get("pred_boxes")),
         "heatmap_boxes": _boxes(rec.get("heatmap_boxes")),
         "warning": rec.get("reference_pool_warning"),
+        # the map's unit where the method records one (MedFocus: nats), shown beside the colour bar's real range
+        "map_units": _map_units(rec),
         "tokens": display_tokens(tokens) if tokens is not None else None,
         "token_note": token_note(rec, bool(tokens)),
     }
@@ -232,7 +240,9 @@ def sample_view(records: Sequence[Mapping[str, Any]], base_dir: str | Path | Non
     methods = [_method_view(r, base) for r in recs]
     tokens = next((m["tokens"] for m in methods if m["tokens"]), None)
     fti = next((m["final_token_index"] for m in methods if m["tokens"] and m["final_token_index"] is not None), None)
-    warnings = sorted({m["warning"] for m in methods if m["warning"]})
+    # the film's own warnings (all-black, EXIF rotation, DICOM fallbacks; recorded by the run) and the methods'
+    warnings = list(dict.fromkeys(w for r in records for w in (r.get("film_warnings") or []))) \
+        + sorted({m["warning"] for m in methods if m["warning"]})
     return {
         "label": label or Path(str(first["image_path"])).name,
         "model": first["model"], "dataset": first["dataset"], "index": int(first["index"]), "mode": first["mode"],

@@ -389,6 +389,46 @@ def _read_image(path: str) -> np.ndarray:
     return img
 
 
+def _read_film(it: WorkItem, read_image: Callable[[str], np.ndarray], adapter: Any
+               ) -> tuple[np.ndarray | None, Any, str | None, list[str]]:
+    """Read and check one item's film: ``(image, orientation, error, warnings)``.
+
+    ``error`` (a record's ``error`` text) when the film cannot be read, is not 2-D, differs in size from the
+    ``image_size`` its dataset records (the frame of its expert boxes), or holds nothing the model can see
+    (:func:`~medfocus.io.letterbox.check_film_content`). ``warnings``: the :class:`~medfocus.errors.DataWarning`
+    messages reading and checking it raised (an all-black film, an EXIF rotation, a DICOM fallback), each once;
+    they are shown as usual and also returned, so that the records keep them."""
+    import warnings
+
+    from medfocus.errors import DataWarning
+
+    image, orientation, err = None, None, None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DataWarning)  # also when an earlier read already showed it
+        try:
+            image = read_image(it.sample.image_path)
+            if image.ndim != 2:
+                raise DataError(f"{it.sample.image_path}: expected a 2-D grayscale image, got shape {image.shape}")
+            W, H = it.sample.image_size
+            if image.shape != (H, W):
+                # the expert boxes and every saved map are in the recorded frame: a film of another
+                # size would be scored against boxes drawn for a different image
+                raise DataError(f"{it.sample.image_path}: the film is {image.shape[1]}x{image.shape[0]} (WxH) but "
+                                f"dataset {it.dataset!r} sample #{it.index} records image_size [{W}, {H}], the frame "
+                                "of its expert boxes; reload the dataset from the films")
+            orientation = _film_orientation(it.sample.image_path)
+        except Exception as exc:
+            err = f"image read failed: {type(exc).__name__}: {exc}"
+        if err is None:  # a film the model cannot see is refused before the model runs on it
+            try:
+                check_film_content(image, it.sample.image_path, *model_canvas(adapter))
+            except DataError as exc:
+                err = f"film refused: {exc}"
+    for w in caught:  # shown as they would have been (the CLI shows each message once per command)
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return image, orientation, err, list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, DataWarning)))
+
+
 def _film_orientation(path: str) -> Any:
     """The film's :class:`~medfocus.io.reader.FilmOrientation` (DICOM ``PatientOrientation``; the display
     convention for other formats, whose files are not opened again)."""
@@ -845,6 +885,7 @@ def run_grid(
         groups.setdefault(it.model, []).append(it)
 
     answers: dict[tuple, dict[str, Any]] = {}  # generated answers, per item key (without the method)
+    film_warnings: dict[tuple, list[str]] = {}  # what reading and checking each film warned about
     warned_pool: set[str] = set()
 
     def record_base(it: WorkItem, method: str) -> dict[str, Any]:
@@ -865,6 +906,8 @@ def run_grid(
             "image_size": list(it.sample.image_size),
             "image_path": it.sample.image_path,
             FINGERPRINT_FIELD: fingerprints[it.key("")[:4]],
+            # kept with the results (the viewer shows them), not only printed once on a console nobody kept
+            "film_warnings": film_warnings.get(it.key("")[:4], []),
             **dict(it.extra),
             "settings": settings[method],
             "model_identity": identities[it.model],
@@ -894,28 +937,7 @@ def run_grid(
                 pending = [m for m in method_params if not is_done(it.key(m))]
                 if not pending:
                     continue
-                image = None
-                img_err = None
-                orientation = None
-                try:
-                    image = read_image(it.sample.image_path)
-                    if image.ndim != 2:
-                        raise DataError(f"{it.sample.image_path}: expected a 2-D grayscale image, got shape {image.shape}")
-                    W, H = it.sample.image_size
-                    if image.shape != (H, W):
-                        # the expert boxes and every saved map are in the recorded frame: a film of another
-                        # size would be scored against boxes drawn for a different image
-                        raise DataError(f"{it.sample.image_path}: the film is {image.shape[1]}x{image.shape[0]} (WxH) but "
-                                        f"dataset {it.dataset!r} sample #{it.index} records image_size [{W}, {H}], the frame "
-                                        "of its expert boxes; reload the dataset from the films")
-                    orientation = _film_orientation(it.sample.image_path)
-                except Exception as exc:
-                    img_err = f"image read failed: {type(exc).__name__}: {exc}"
-                if img_err is None:  # a film the model cannot see is refused before the model runs on it
-                    try:
-                        check_film_content(image, it.sample.image_path, *model_canvas(adapter))
-                    except DataError as exc:
-                        img_err = f"film refused: {exc}"
+                image, orientation, img_err, film_warnings[it.key("")[:4]] = _read_film(it, read_image, adapter)
                 if img_err is None and it.answer_text is None:  # the model's own answer, generated once per item
                     try:
                         if bar is not None:
@@ -958,7 +980,8 @@ def run_grid(
                             rec["reference_pool_warning"] = SYNTHETIC_POOL_WARNING
                             if not warned_pool:  # once per run; every affected record carries the field
                                 warned_pool.add(m)
-                                msg = f"{m} on {it.dataset} films: {SYNTHETIC_POOL_WARNING}"
+                                msg = (f"{m} on films that are not from the synthetic world (dataset {it.dataset!r}, first "
+                                       f"{Path(it.sample.image_path).name}): {SYNTHETIC_POOL_WARNING}")
                                 if bar is not None:
                                     bar.write(f"[warning] {msg}")
                                 else:

@@ -113,7 +113,7 @@
     canvas.setAttribute("data-state", m.name + "|" + (t === null || t === undefined ? "all" : t) + "|" + pick.kind);
     return pick;
   }
-  function colourBar(container, map) {
+  function colourBar(container, map, units) {
     while (container.firstChild) container.removeChild(container.firstChild);
     if (!map) { container.appendChild(el("span", "meta", "no map")); return; }
     var c = document.createElement("canvas"); c.width = 256; c.height = 1;
@@ -123,6 +123,7 @@
     container.appendChild(el("span", null, fmt(map.lo)));
     container.appendChild(c);
     container.appendChild(el("span", null, fmt(map.hi)));
+    if (units) container.appendChild(el("span", "meta", units));
     if (map.hi <= map.lo) container.appendChild(el("span", "meta", "(constant map)"));
     if (map.nonfinite) container.appendChild(el("span", "meta", "(" + map.nonfinite + " non-finite pixels shown as the minimum)"));
   }
@@ -289,7 +290,7 @@
       var pick = render(main, s, m, t, { opacity: st.opacity, showPred: st.showPred, showGT: st.showGT, concept: m.medfocus ? concept : null, markers: true, label: true });
       cap.textContent = m.name + " · " + pick.kind + (m.error ? " · failed: " + m.error : "") +
         (m.medfocus ? " · winner: " + (m.medfocus.fallback ? "whole image (fallback)" : m.medfocus.winner) : "");
-      colourBar(cbar, pick.map);
+      colourBar(cbar, pick.map, m.map_units);
       medfocusPanel(m, t);
       cells.forEach(function (c) {
         var p = render(c.canvas, s, c.m, t, { w: 220, opacity: st.opacity, showPred: st.showPred, showGT: st.showGT, concept: null, markers: false, label: true });
