@@ -294,3 +294,17 @@ def test_demo_data_follows_the_lesion_size_rule_and_a_changed_rule_rewrites_it(m
     cfg.lesion_size_rule = "fleischner"
     _, wrote = rd._write_data(cfg, data, ref, lambda s: None, workers=1, progress=False)
     assert wrote and written_settings(data)["lesion_size_rule"] == "fleischner"
+
+
+def test_a_demo_folder_with_results_of_other_settings_names_fresh(tmp_path):
+    """The store's refusal (results computed with other method settings, e.g. by an older medfocus) gets the
+    demo's own way out; other errors pass unchanged."""
+    from medfocus.errors import ConfigError
+    from medfocus.runner.demo import _fresh_hint
+
+    with pytest.raises(ConfigError, match=r"(?s)already holds results computed with other settings.*medfocus demo --fresh"):
+        with _fresh_hint(tmp_path):
+            raise ConfigError(f"{tmp_path}/predictions.jsonl already holds results computed with other settings:\n  x")
+    with pytest.raises(ConfigError, match=r"^boom$"):
+        with _fresh_hint(tmp_path):
+            raise ConfigError("boom")

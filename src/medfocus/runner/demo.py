@@ -42,6 +42,8 @@ never replaces the real step times with near-zero ones (:func:`merge_timings`).
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import time
@@ -491,7 +493,7 @@ def _run_demo(out: Path, cfg: DemoConfig, threads: int, overall: _Overall, log: 
             f"concept boxes), a stand-in for the paper's OWL-ViT; boxes refined by {pm_segmenter}")
     faith_items = diverse_subset(items, cfg.faithfulness_per_mode) if cfg.faithfulness_per_mode > 0 else []
     skipped = 0
-    with ResultStore(out / "predictions.jsonl") as store:
+    with ResultStore(out / "predictions.jsonl") as store, _fresh_hint(out):
         # one grid call per mode so the overall progress line moves during the longest step
         for mode in cfg.modes:
             mode_items = [it for it in items if it.mode == mode]
@@ -589,3 +591,18 @@ def _run_demo(out: Path, cfg: DemoConfig, threads: int, overall: _Overall, log: 
                "n_errors": result["n_errors"], "config": result["config"]}
     atomic_write_text(tpath, json.dumps(payload, indent=1))
     return result
+
+
+@contextlib.contextmanager
+def _fresh_hint(out: Path):
+    """A demo folder whose stored results were computed with other method settings (an older medfocus, another
+    demo model) is refused by the store, as every run is; the demo's own way out is ``--fresh``: say so."""
+    from medfocus.errors import ConfigError
+
+    try:
+        yield
+    except ConfigError as exc:
+        if "already holds results computed with other settings" not in str(exc):
+            raise
+        raise ConfigError(f"{exc}\nFor the demo: rerun with `medfocus demo --fresh` (or another --out) to recompute "
+                          f"{out} with the current settings.") from exc
