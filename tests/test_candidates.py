@@ -16,7 +16,8 @@ from medfocus.training.demo_lvlm.config import preset_config, preset_of
 ROOT = Path(__file__).resolve().parents[1] / "candidates"
 CAND = ROOT / "demo-12x12"
 #: candidate folder -> the preset its README says made it
-CANDIDATES = {"demo-12x12": "demo-12x12", "demo-12x12-fleischner": "demo-12x12-fleischner"}
+CANDIDATES = {"demo-12x12": "demo-12x12", "demo-12x12-fleischner": "demo-12x12-fleischner",
+              "demo-12x12-fleischner-long": "demo-12x12-fleischner-long"}
 
 
 @pytest.mark.parametrize("folder,preset", CANDIDATES.items())

@@ -42,6 +42,7 @@ Examples:
   medfocus train-demo --out runs/demo16 --preset demo-16x16 --threads 2          # candidate at a 16x16 token grid
   medfocus train-demo --out runs/demo12 --preset demo-12x12 --threads 1          # candidate at a 12x12 token grid
   medfocus train-demo --out runs/demo12r --preset demo-12x12-fleischner          # the same in the Fleischner-size world
+  medfocus train-demo --out runs/demo12l --preset demo-12x12-fleischner-long     # longer stage 1, more crowded films
   medfocus train-demo --out runs/demo12f --preset demo-12x12-focus --init-from candidates/demo-12x12   # its stage 3 only
   medfocus demo --model runs/my-demo-model                           # use it in the demo
 """)
@@ -50,7 +51,7 @@ Examples:
                    "regenerated only when named here on purpose).")
 # the names of PRESETS, written out: this module must not import the trainers (torch) to build its help;
 # tests/test_demo_model.py checks that the two lists agree
-@click.option("--preset", type=click.Choice(["demo", "demo-12x12", "demo-12x12-fleischner", "demo-12x12-fleischner-focus", "demo-12x12-focus", "demo-16x16", "demo-shortcut"]), default="demo", show_default=True,
+@click.option("--preset", type=click.Choice(["demo", "demo-12x12", "demo-12x12-fleischner", "demo-12x12-fleischner-focus", "demo-12x12-fleischner-long", "demo-12x12-focus", "demo-16x16", "demo-shortcut"]), default="demo", show_default=True,
               help="Recipe: 'demo' (the shipped demo model's), 'demo-16x16' / 'demo-12x12' (candidates at finer token "
                    "grids, cues uninformative; 'demo-12x12-focus': the latter with a hard-negative stage 3; 'demo-12x12-fleischner' (-focus): it in the world where nodule <= 3 cm < mass) or 'demo-shortcut' (the shipped shortcut twin: every training finding brings "
                    "its correlated cue); see PRESETS in medfocus.training.demo_lvlm.config.")
