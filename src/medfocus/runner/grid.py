@@ -424,8 +424,11 @@ def _read_film(it: WorkItem, read_image: Callable[[str], np.ndarray], adapter: A
                 check_film_content(image, it.sample.image_path, *model_canvas(adapter))
             except DataError as exc:
                 err = f"film refused: {exc}"
-    for w in caught:  # shown as they would have been (the CLI shows each message once per command)
-        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    for w in caught:  # re-issued under the caller's filters (the CLI shows each message once per command)
+        try:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        except Warning as exc:  # a filter that makes warnings errors: the film's error, as when it was raised inside
+            err = err or f"image read failed: {type(exc).__name__}: {exc}"
     return image, orientation, err, list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, DataWarning)))
 
 
