@@ -524,8 +524,9 @@ def _run_demo(out: Path, cfg: DemoConfig, threads: int, overall: _Overall, log: 
 
     t0 = time.perf_counter()
     item_keys = {(it.model, it.dataset, it.index, it.mode) for it in items}
-    preds = [r for r in load_results(out / "predictions.jsonl")
-             if (r["model"], r["dataset"], int(r["index"]), r["mode"]) in item_keys and r["method"] in methods]
+    # the store's file exists once a record was written (none when the filter kept no sample)
+    stored = load_results(out / "predictions.jsonl") if (out / "predictions.jsonl").exists() else []
+    preds = [r for r in stored if (r["model"], r["dataset"], int(r["index"]), r["mode"]) in item_keys and r["method"] in methods]
     # the path of `medfocus evaluate` (same table for the same records): the trivial baselines are rows of
     # every localisation table, the Del./Ins. AUC columns appear when the records carry faithfulness curves
     metrics, table_md, _ = evaluate_and_tabulate(preds, out, seed=cfg.seed)
