@@ -55,6 +55,9 @@ def test_changed_parameter_refuses_naming_it(tmp_path, toy):
         _run(items, store, toy, {"occlusion": {"grid": 4}})
     msg = str(ei.value)
     assert "method 'occlusion' (2 records): grid: 2 (stored) -> 4 (now)" in msg and "new --out" in msg
+    from medfocus.runner.grid import StoredSettingsError
+
+    assert isinstance(ei.value, StoredSettingsError)  # the type the demo turns into its --fresh advice
     after = {r["index"]: np.load(r["heatmap_path"])["heatmap"] for r in load_results(store)}
     assert all(np.array_equal(before[i], after[i]) for i in before)  # nothing was overwritten
     # other weights under the same model name

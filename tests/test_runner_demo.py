@@ -301,10 +301,11 @@ def test_a_demo_folder_with_results_of_other_settings_names_fresh(tmp_path):
     demo's own way out; other errors pass unchanged."""
     from medfocus.errors import ConfigError
     from medfocus.runner.demo import _fresh_hint
+    from medfocus.runner.grid import StoredSettingsError
 
     with pytest.raises(ConfigError, match=r"(?s)already holds results computed with other settings.*medfocus demo --fresh"):
         with _fresh_hint(tmp_path):
-            raise ConfigError(f"{tmp_path}/predictions.jsonl already holds results computed with other settings:\n  x")
+            raise StoredSettingsError(f"{tmp_path}/predictions.jsonl already holds results computed with other settings:\n  x")
     with pytest.raises(ConfigError, match=r"^boom$"):
         with _fresh_hint(tmp_path):
             raise ConfigError("boom")

@@ -598,12 +598,10 @@ def _run_demo(out: Path, cfg: DemoConfig, threads: int, overall: _Overall, log: 
 def _fresh_hint(out: Path):
     """A demo folder whose stored results were computed with other method settings (an older medfocus, another
     demo model) is refused by the store, as every run is; the demo's own way out is ``--fresh``: say so."""
-    from medfocus.errors import ConfigError
+    from medfocus.runner.grid import StoredSettingsError
 
     try:
         yield
-    except ConfigError as exc:
-        if "already holds results computed with other settings" not in str(exc):
-            raise
+    except StoredSettingsError as exc:
         raise ConfigError(f"{exc}\nFor the demo: rerun with `medfocus demo --fresh` (or another --out) to recompute "
                           f"{out} with the current settings.") from exc

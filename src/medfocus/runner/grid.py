@@ -389,6 +389,12 @@ def _read_image(path: str) -> np.ndarray:
     return img
 
 
+class StoredSettingsError(ConfigError):
+    """A result store holds results of the same keys computed with other method settings or another model
+    (:func:`run_grid` refuses to serve or mix them); callers with their own way out (``medfocus demo --fresh``)
+    catch this type."""
+
+
 def _read_film(it: WorkItem, read_image: Callable[[str], np.ndarray], adapter: Any
                ) -> tuple[np.ndarray | None, Any, str | None, list[str]]:
     """Read and check one item's film: ``(image, orientation, error, warnings)``.
@@ -856,7 +862,7 @@ def run_grid(
     if conflicts:
         lines = [f"  model {mo!r}, method {m!r} ({n} record{'s' if n > 1 else ''}): {'; '.join(d)}"
                  for (mo, m, d), n in sorted(conflicts.items())]
-        raise ConfigError(f"{store.path} already holds results computed with other settings:\n" + "\n".join(lines) +
+        raise StoredSettingsError(f"{store.path} already holds results computed with other settings:\n" + "\n".join(lines) +
                           "\nA result store keeps one setting per method and model; write this run to a new --out "
                           "(or move the old results away).")
     if sample_conflicts:
