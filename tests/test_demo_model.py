@@ -471,6 +471,9 @@ def test_train_demo_cli_refuses_out_of_range_numbers(tmp_path, monkeypatch, opti
                                                  ("hard_negative_pairs", [["nodule", "nodule"]], "hard_negative_pairs: expected a list of pairs"),
                                                  ("hard_negative_pairs", [["nodule", "tumour"]], "hard_negative_pairs: expected a list of pairs"),
                                                  ("hard_negative_pairs", [["nodule"]], "hard_negative_pairs: expected a list of pairs"),
+                                                 ("focus_share", -0.1, r"focus_share: expected a number in \[0, 1\]"),
+                                                 ("focus_findings", ["nodule", "nodule"], "focus_findings: expected a list of distinct"),
+                                                 ("focus_findings", ["tumour"], "focus_findings: expected a list of distinct"),
                                                  ("lesion_size_rule", "radiological", r"lesion_size_rule: expected one of \['nih', 'fleischner'\]")])
 def test_train_demo_validates_the_config_before_any_work(tmp_path, monkeypatch, field, value, message) -> None:
     # a config from a preset, JSON or the API is checked in train_demo itself (--threads 0 used to end in
@@ -516,6 +519,58 @@ def test_hard_negative_questions_ask_the_absent_look_alike(micro) -> None:
     # stage 2 (no partners) and images without a paired finding draw exactly as before
     assert asked(cfg0, nodule_only, None) == asked(cfg0, nodule_only, {})
     assert asked(always, heart_only, partners) == asked(always, heart_only, None)
+
+
+def test_positive_focus_draws_focus_images_and_asks_about_their_finding(micro, tmp_path) -> None:
+    import dataclasses
+    import random
+
+    import medfocus.training.demo_lvlm.train as T
+
+    cfg0 = micro[0]
+    both = D.make_case(13, ["nodule", "cardiomegaly"], cued=False, cfg=cfg0)
+    heart = D.make_case(14, ["cardiomegaly"], cued=False, cfg=cfg0)
+    assert set(both.views) == {"nodule", "cardiomegaly"}
+    cfg = dataclasses.replace(cfg0, focus_findings=["nodule", "mass"], questions_per_image=1)
+    from medfocus.training.demo_lvlm.tasks import question_stem
+
+    def asked_present(items):  # the present findings the questions ask about
+        return {f for _, q, _ in items for f in ("nodule", "cardiomegaly") if question_stem(f) in q}
+
+    # on focus slots every "yes" question is about the nodule; without focus, about either finding
+    focused = T._sample_items(random.Random(0), [0] * 300, [both], FINDINGS, cfg, None, focus_slots=300)
+    plain = T._sample_items(random.Random(0), [0] * 300, [both], FINDINGS, cfg, None)
+    assert asked_present(focused) == {"nodule"} and asked_present(plain) == {"nodule", "cardiomegaly"}
+    assert sum(question_stem("nodule") in q for _, q, _ in focused) > 120  # about half the questions are "yes"
+    # the same draws as stage 2 when the focus findings are absent from the image or focus_slots is 0
+    assert T._sample_items(random.Random(0), [0] * 50, [heart], FINDINGS, cfg, None, focus_slots=50) == \
+        T._sample_items(random.Random(0), [0] * 50, [heart], FINDINGS, cfg, None)
+    assert plain == T._sample_items(random.Random(0), [0] * 300, [both], FINDINGS, dataclasses.replace(cfg, focus_findings=[]), None)
+
+    # focus_loop: focus_share of each step's images carry a focus finding, no image twice in a step
+    seen: list[list[int]] = []
+    real = T._sample_items
+
+    def spy(rng, ids, pool, findings, c, partners=None, focus_slots=0):
+        seen.append((list(ids), focus_slots))
+        return real(rng, ids, pool, findings, c, partners, focus_slots)
+
+    pool = [heart] * 30 + [both] * 3
+    st = dataclasses.replace(cfg0, focus_steps=3, focus_findings=["nodule"], focus_share=0.5, images_per_step=4)
+    import unittest.mock as um
+    with um.patch.object(T, "_sample_items", spy):
+        D.focus_loop(D.build_model(st, micro[1]), D.Encoder(micro[1], st.token_grid ** 2), pool, st, log=lambda s: None)
+    assert len(seen) == 3
+    for ids, k in seen:
+        assert k == 2 and len(ids) == 4 and len(set(ids)) == 4 and all(i >= 30 for i in ids[:2])
+    from medfocus.errors import ConfigError
+
+    card = D.model_card(st, {"vocab": len(micro[1])}, tmp_path)
+    assert "Positive focus: 0.5 of each step's images carry one of nodule" in card
+    assert "Positive focus" not in D.model_card(dataclasses.replace(st, focus_findings=[]), {"vocab": len(micro[1])}, tmp_path)
+    with pytest.raises(ConfigError, match="no training case carries any of \\['mass'\\]"):
+        D.focus_loop(D.build_model(st, micro[1]), D.Encoder(micro[1], st.token_grid ** 2), [heart] * 5,
+                     dataclasses.replace(st, focus_findings=["mass"]), log=lambda s: None)
 
 
 def _stage3_cfg(micro, **kw):

@@ -158,7 +158,9 @@ def model_card(cfg: DemoLVLMConfig, metrics: dict[str, Any], out: Path, validity
         *([f"- Stage 3, hard-negative focus: {cfg.focus_steps} more steps of the four tasks (no auxiliary loss) with a fresh "
            f"AdamW (lr {cfg.focus_lr}, warm-up, cosine decay to 5%); on an image carrying one finding of a look-alike pair "
            f"({', '.join(' / '.join(p) for p in cfg.hard_negative_pairs) or 'none'}), a \"no\" question asks about the absent "
-           f"partner with probability {cfg.hard_negative_share} -- the false \"yes\" the two-stage models make."]
+           f"partner with probability {cfg.hard_negative_share} -- the false \"yes\" the two-stage models make."
+           + (f" Positive focus: {cfg.focus_share:g} of each step's images carry one of {', '.join(cfg.focus_findings)}, and "
+              "their \"yes\" questions ask about it -- the findings the two-stage model misses most." if cfg.focus_findings else "")]
           if cfg.focus_steps else []),
         *([f"- Stages 1-2 were not rerun: they were loaded from `{metrics['init_from']['folder']}` (a finished two-stage run "
            f"of this recipe; its model.safetensors sha256 `{metrics['init_from']['sha256']}`), which gives the same weights as "

@@ -70,6 +70,12 @@ class DemoLVLMConfig:
     focus_lr: float = 5e-4
     hard_negative_pairs: list[list[str]] = field(default_factory=list)  # e.g. [["nodule", "mass"]]; symmetric
     hard_negative_share: float = 0.5
+    # stage 3's positive focus (empty: off): focus_share of each step's images are drawn among the training cases
+    # that carry one of focus_findings, and on those images a "yes" question asks about such a finding -- the
+    # errors left after stage 2 in the fleischner world are mostly *missed* nodules and masses on films that
+    # carry other findings too, which a uniform draw of images and questions asks about rarely
+    focus_findings: list[str] = field(default_factory=list)
+    focus_share: float = 0.5
     num_threads: int = 2
     eval_every: int = 0  # quick teacher-forced held-out check every N steps (0: off)
     checkpoint_every: int = 0  # save a resumable checkpoint every N steps (0: off)
@@ -100,7 +106,7 @@ class DemoLVLMConfig:
                   ("lr", 0, None, False), ("weight_decay", 0, None, False), ("cue_subset", 0, 1, False),
                   ("cue_base_rate", 0, 1, False), ("co_occurrence", 0, 1, False), ("aux_weight", 0, None, False),
                   ("aux_pos_weight", 0, None, False), ("stage2_vision_lr_scale", 0, None, False),
-                  ("focus_lr", 0, None, False), ("hard_negative_share", 0, 1, False)]
+                  ("focus_lr", 0, None, False), ("hard_negative_share", 0, 1, False), ("focus_share", 0, 1, False)]
         for name, lo, hi, integer in ranges:
             v = getattr(self, name)
             ok = (is_int(v) if integer else is_num(v)) and v >= lo and (hi is None or v <= hi)
@@ -132,6 +138,10 @@ class DemoLVLMConfig:
                                                          and all(f in FINDINGS for f in p) for p in pairs)):
             raise ConfigError(f"DemoLVLMConfig.hard_negative_pairs: expected a list of pairs of two different findings "
                               f"from {list(FINDINGS)}, got {pairs!r}")
+        ff = self.focus_findings
+        if not (isinstance(ff, (list, tuple)) and all(isinstance(f, str) and f in FINDINGS for f in ff) and len(set(ff)) == len(ff)):
+            raise ConfigError(f"DemoLVLMConfig.focus_findings: expected a list of distinct findings from {list(FINDINGS)}, "
+                              f"got {ff!r}")
         return self
 
     @property
@@ -244,7 +254,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 #: Stage 3's fields (a stage-3 run may start from the folder of a stage-2 run whose recipe equals its own but for these).
-STAGE3_FIELDS = frozenset({"focus_steps", "focus_lr", "hard_negative_pairs", "hard_negative_share"})
+STAGE3_FIELDS = frozenset({"focus_steps", "focus_lr", "hard_negative_pairs", "hard_negative_share", "focus_findings", "focus_share"})
 
 #: Fields that change how a run goes, not which recipe it is (ignored when a config is matched to a preset).
 RUN_FIELDS = frozenset({"seed", "steps", "n_train_cases", "num_threads", "eval_every", "checkpoint_every", "n_eval_per_cell"})

@@ -139,19 +139,24 @@ def presence_accuracy(model, head: torch.nn.Module, cases: Sequence[DemoCase], a
 
 
 def _sample_items(rng: random.Random, case_ids: Sequence[int], pool: Sequence[DemoCase], findings: Sequence[str],
-                  cfg: DemoLVLMConfig, partners: dict[str, tuple[str, ...]] | None = None) -> list[tuple[int, str, str]]:
+                  cfg: DemoLVLMConfig, partners: dict[str, tuple[str, ...]] | None = None,
+                  focus_slots: int = 0) -> list[tuple[int, str, str]]:
     """``(slot, question, answer)`` for the step's images: each image gets ``questions_per_image``
     questions; each question's answer is Yes or No with probability 1/2 (when the image allows it).
 
     With ``partners`` (stage 3, :func:`hard_negative_partners`), a "no" question on an image carrying a finding
     whose look-alike is absent asks about that look-alike with probability ``cfg.hard_negative_share``. The
-    extra random draw is made only then, so without ``partners`` the draws are exactly stage 2's."""
+    extra random draw is made only then, so without ``partners`` the draws are exactly stage 2's. On the first
+    ``focus_slots`` images (stage 3's positive focus, drawn to carry one of ``cfg.focus_findings``), a "yes"
+    question asks about one of those findings."""
     tasks = list(cfg.task_weights)
     weights = [cfg.task_weights[t] for t in tasks]
     items = []
     for slot, ci in enumerate(case_ids):
         c = pool[ci]
         present = [f for f in findings if f in c.views]
+        if slot < focus_slots:
+            present = [f for f in present if f in cfg.focus_findings] or present
         absent = [f for f in findings if f not in c.views]
         hard = sorted({p for g in present for p in partners.get(g, ()) if p in absent}) if partners else []
         for _ in range(cfg.questions_per_image):
@@ -292,11 +297,17 @@ def focus_loop(model, enc: Encoder, pool: Sequence[DemoCase], cfg: DemoLVLMConfi
                checkpoint: str | Path | None = None) -> list[float]:
     """Stage 3, "hard-negative focus": ``cfg.focus_steps`` steps on the four tasks (no auxiliary loss) with a
     fresh AdamW at ``cfg.focus_lr`` (warm-up over ``min(cfg.warmup, focus_steps // 10)`` steps, cosine decay
-    to 5%), the vision tower at ``stage2_vision_lr_scale``; "no" questions favour the absent look-alike of a present finding
-    (:func:`_sample_items` with :func:`hard_negative_partners`). Its random streams are seeded afresh
-    (``seed + 3``, ``seed + 4``), so the stage gives the same weights whether it follows stage 2 in one run or
-    starts from that run's saved folder (:func:`stage2_weights`). Checkpointed and resumed like
-    :func:`train_loop` (at ``checkpoint``, stage 3). Returns the per-step losses."""
+    to 5%), the vision tower at ``stage2_vision_lr_scale``; "no" questions favour the absent look-alike of a
+    present finding (:func:`_sample_items` with :func:`hard_negative_partners`), and with ``cfg.focus_findings``
+    a share ``cfg.focus_share`` of each step's images carries one of them and is asked about it when the answer
+    is "yes". Its random streams are seeded afresh (``seed + 3``, ``seed + 4``), so the stage gives the same
+    weights whether it follows stage 2 in one run or starts from that run's saved folder
+    (:func:`stage2_weights`). Checkpointed and resumed like :func:`train_loop` (at ``checkpoint``, stage 3).
+    Returns the per-step losses.
+
+    Raises:
+        ConfigError: ``cfg.focus_findings`` names findings no training case carries.
+    """
     findings = _findings()
     grid = cfg.canvas // 14
     rng = random.Random(cfg.seed + 3)
@@ -308,13 +319,21 @@ def focus_loop(model, enc: Encoder, pool: Sequence[DemoCase], cfg: DemoLVLMConfi
     ck = Path(checkpoint) if checkpoint is not None else None
     losses, start = _resume(ck, cfg, model, None, opt, rng, log, stage=3)
     warmup = min(cfg.warmup, cfg.focus_steps // 10)
+    focus_ids = [i for i, c in enumerate(pool) if any(f in c.views for f in cfg.focus_findings)]
+    if cfg.focus_findings and not focus_ids:
+        from medfocus.errors import ConfigError
+        raise ConfigError(f"DemoLVLMConfig.focus_findings: no training case carries any of {cfg.focus_findings}")
+    n_focus = min(round(cfg.focus_share * cfg.images_per_step), len(focus_ids)) if focus_ids else 0
     t0 = time.time()
     for step in range(start, cfg.focus_steps):
         lr = _cosine_lr(step, cfg.focus_steps, cfg.focus_lr, warmup)
         for g in opt.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
         ids = rng.sample(range(len(pool)), cfg.images_per_step)
-        items = _sample_items(rng, ids, pool, findings, cfg, partners)
+        if n_focus:  # focus images first (their slots get the focus questions), the rest uniform without repeats
+            chosen = rng.sample(focus_ids, n_focus)
+            ids = chosen + [i for i in ids if i not in set(chosen)][:cfg.images_per_step - n_focus]
+        items = _sample_items(rng, ids, pool, findings, cfg, partners, focus_slots=n_focus)
         losses.append(_optimizer_step(model, opt, sequence_loss(model, enc, canvases[ids], items, grid)))
         if (step + 1) % 25 == 0 or step == 0:
             log(f"focus step {step + 1}/{cfg.focus_steps} loss {np.mean(losses[-25:]):.4f} lr {lr:.2e} {time.time() - t0:.0f}s")
