@@ -296,6 +296,43 @@ def test_killed_run_resumes_to_the_same_result(micro, tmp_path) -> None:
     assert resumed == ref
 
 
+def test_run_killed_in_stage1_resumes_there_to_the_same_weights(micro, tmp_path) -> None:
+    """Stage 1 (the vision tower alone) is most of a 12x12 recipe's time: a kill there loses at most
+    checkpoint_every steps, and the resumed run ends with the weights of one uninterrupted run."""
+    import dataclasses
+
+    from medfocus.errors import ModelError
+
+    cfg0, tok, _, _, _ = micro
+    cfg = dataclasses.replace(cfg0, vision_steps=5, steps=2, checkpoint_every=2, eval_every=3)
+    pool = D.build_train_pool(cfg, progress=False)
+    enc = D.Encoder(tok, cfg.token_grid ** 2)
+    ref_model = D.build_model(cfg, tok)
+    ref = D.train_loop(ref_model, enc, pool, cfg, log=lambda s: None)
+
+    class Killed(Exception):
+        pass
+
+    def kill(step: int, head) -> None:
+        raise Killed(step)
+
+    ck = tmp_path / "ck.pt"
+    with pytest.raises(Killed):  # killed at vision step 3, after the stage-1 save at step 2
+        D.train_loop(D.build_model(cfg, tok), enc, pool, cfg, log=lambda s: None, checkpoint=ck, vision_eval_fn=kill)
+    assert torch.load(ck, weights_only=True)["stage"] == 1
+    with pytest.raises(ModelError, match="saved in stage 1 .*step 2 of 5.*rerun the same train-demo command"):
+        D.save_from_checkpoint(ck, tmp_path / "saved", log=lambda s: None, evaluate=False)
+    assert not (tmp_path / "saved").exists()
+    logs: list[str] = []
+    model = D.build_model(cfg, tok)
+    resumed = D.train_loop(model, enc, pool, cfg, log=logs.append, checkpoint=ck)
+    assert any("resumed" in s and "step 2" in s for s in logs)
+    assert not any("another configuration" in s for s in logs)  # stage 2 found stage 1's file: not a stale one
+    assert resumed == ref
+    a, b = ref_model.state_dict(), model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_checkpoint_lives_under_the_chosen_out_folder(tmp_path) -> None:
     import tempfile
     from pathlib import Path
