@@ -75,8 +75,8 @@ def _hit_share(hits: list[float]) -> str:
     if all(x in (0.0, 1.0) for x in v):
         return _pct(int(sum(v)), len(v))
     mean, lo, hi = bootstrap_ci(v, n_boot=2000, seed=0)
-    cell = format_ci(100 * mean, 100 * lo, 100 * hi)  # "no CI" for a single sample, never [m, m]
-    return cell.replace(" ", "% ", 1) + f" (mean of {len(v)}, bootstrap)"
+    cell = format_ci(100 * mean, 100 * lo, 100 * hi)  # "no CI" below 10 samples (too narrow there), never [m, m]
+    return cell.replace(" ", "% ", 1) + f" (mean of {len(v)}" + (", bootstrap)" if "[" in cell else ")")
 
 
 def attribution_rows(adapter, chosen: list, samples_by_index: dict, methods) -> dict[str, list[dict[str, float]]]:

@@ -91,7 +91,8 @@ def test_tables_gain_faithfulness_columns_and_reference_rows(run, tmp_path):
     assert "Del. AUC" in md and "reference: random map" in md
     row = next(line for line in md.splitlines() if line.startswith("| occlusion"))
     mean_del = 100 * np.mean([r["deletion_auc"] for r in recs if r["method"] == "occlusion"])
-    assert f"{mean_del:.1f} [" in row
+    n_occ = sum(r["method"] == "occlusion" for r in recs)
+    assert f"{mean_del:.1f} " + ("[" if n_occ >= 10 else "(no CI)") in row  # an interval from 10 samples on
 
 
 def test_evaluate_recomputes_the_same_numbers_from_stored_heatmaps(run, tmp_path, monkeypatch):

@@ -150,7 +150,9 @@ def test_shortcut_benchmark_reports_fractional_hits_as_a_bootstrap_mean():
     assert hit_share([1.0, 0.0, 1.0, 1.0]).endswith("(3/4)")
     assert hit_share([1.0, 0.0, 1.0, 1.0]).startswith("75.0% [")
     # any fractional score: the mean (not a rounded count) with a bootstrap interval
-    s = hit_share([0.5, 0.25, 1.0, 0.0])
-    assert s.startswith("43.8% [") and s.endswith("(mean of 4, bootstrap)")
+    s = hit_share([0.5, 0.25, 1.0, 0.0] * 3)
+    assert s.startswith("43.8% [") and s.endswith("(mean of 12, bootstrap)")
     lo, hi = (float(v) for v in s.split("[")[1].split("]")[0].split(","))
     assert 0.0 <= lo <= 43.75 <= hi <= 100.0
+    # below 10 samples the percentile interval is far too narrow: the mean alone
+    assert hit_share([0.5, 0.25, 1.0, 0.0]) == "43.8% (no CI) (mean of 4)"

@@ -73,10 +73,11 @@ def successful_rows(metrics: pd.DataFrame) -> pd.DataFrame:
 
 
 def paired_bootstrap_diff(a: Sequence[float], b: Sequence[float], *, n_boot: int = 1000, alpha: float = 0.05,
-                          seed: int = 0) -> tuple[float, float, float]:
+                          seed: int = 0, min_n: int = MIN_PAIRS) -> tuple[float, float, float]:
     """``(mean difference, low, high)`` of ``mean(a - b)`` for paired values, with the two-sided
     ``1 - alpha`` percentile-bootstrap interval (pairs resampled together). Deterministic for a seed.
-    One pair or ``n_boot <= 0``: no interval, ``(mean, nan, nan)`` (never a zero-width one).
+    Fewer than ``min_n`` pairs (:data:`MIN_PAIRS`: below it the interval is far too narrow) or
+    ``n_boot <= 0``: no interval, ``(mean, nan, nan)`` (never a zero-width or misleadingly narrow one).
 
     Raises:
         ValueError: ``a`` and ``b`` differ in length, or are empty.
@@ -85,7 +86,7 @@ def paired_bootstrap_diff(a: Sequence[float], b: Sequence[float], *, n_boot: int
     if np.asarray(a).shape != np.asarray(b).shape or d.size == 0:
         raise ValueError(f"paired values must be non-empty and of equal length, got {np.asarray(a).shape} and {np.asarray(b).shape}")
     mean = float(d.mean())
-    if d.size == 1 or n_boot <= 0:
+    if d.size < max(2, min_n) or n_boot <= 0:
         return mean, math.nan, math.nan
     rng = np.random.default_rng(seed)
     means = d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(axis=1)
@@ -148,7 +149,7 @@ def best_methods(metrics: pd.DataFrame, metric_names: Sequence[str] = ("iou", "f
                     else:
                         seed_k = int(np.random.SeedSequence((seed, hash_key((*key, m, best, other)))).generate_state(1)[0])
                         stats = paired_bootstrap_diff(pair[best].to_numpy(), pair[other].to_numpy(), n_boot=n_boot,
-                                                      alpha=alpha, seed=seed_k)
+                                                      alpha=alpha, seed=seed_k, min_n=min_pairs)
                         significant = significant and stats[1] > 0
                     if stats[1] < worst_lo or row["runner_up"] is None:
                         worst_lo = stats[1]

@@ -62,19 +62,25 @@ DATASET_LABELS = {"imagenome": "ImaGenome", "vindr_cxr": "VinDr-CXR", "padchest_
 GROUP_KEYS = ["model", "mode", "method", "dataset"]
 
 
-def bootstrap_ci(values: Sequence[float], n_boot: int = 1000, ci: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+def bootstrap_ci(values: Sequence[float], n_boot: int = 1000, ci: float = 0.95, seed: int = 0, *,
+                 min_n: int | None = None) -> tuple[float, float, float]:
     """``(mean, low, high)`` of the mean with a percentile-bootstrap CI (NaNs dropped).
 
-    No interval is computed from one value or with ``n_boot <= 0``: ``(v, nan, nan)`` -- a zero-width
-    ``[v, v]`` would read like a measured, perfectly certain mean (:func:`format_ci` prints "no CI").
-    No value gives NaNs. Deterministic for a given ``seed``.
+    No interval is computed from fewer than ``min_n`` values (default
+    :data:`~medfocus.evaluation.significance.MIN_PAIRS`, 10) or with ``n_boot <= 0``: ``(mean, nan, nan)``
+    (:func:`format_ci` prints "no CI"). Below 10 values the percentile interval is far too narrow (its
+    nominal 95% covers the true mean much less often: on 2 values it is about the range of the two;
+    ``benchmarks/min_pairs.py``), and a zero-width ``[v, v]`` from one value would read like a perfectly
+    certain mean. No value gives NaNs. Deterministic for a given ``seed``.
     """
+    from medfocus.evaluation.significance import MIN_PAIRS
+
     v = np.asarray(values, dtype=np.float64)
     v = v[np.isfinite(v)]
     if v.size == 0:
         return (math.nan, math.nan, math.nan)
     mean = float(v.mean())
-    if v.size == 1 or n_boot <= 0:
+    if v.size < max(2, MIN_PAIRS if min_n is None else min_n) or n_boot <= 0:
         return (mean, math.nan, math.nan)
     rng = np.random.default_rng(seed)
     # Chunked so memory stays ~O(n) x 100 regardless of n_boot.
@@ -240,7 +246,8 @@ def to_markdown(summary: pd.DataFrame, metrics: Sequence[str] = ("iou", "f1", "p
     finite = summary["mean"].map(lambda v: math.isfinite(float(v)))
     no_ci = finite & ~(summary["ci_low"].map(lambda v: math.isfinite(float(v))))
     if bool(no_ci.any()):
-        note += (f" \"{NO_CI}\": no interval was computed (a single sample, or --n-boot 0); the mean alone is no "
+        note += (f" \"{NO_CI}\": no interval was computed (fewer than 10 samples, where a bootstrap interval is far "
+                 "too narrow, or --n-boot 0); the mean alone is no "
                  "evidence of precision.")
     if {"deletion_auc", "insertion_auc"} & set(summary["metric"]) & set(metrics):
         note += (" Del./Ins. AUC: area under the deletion / insertion curve of the mean answer-token probability "
