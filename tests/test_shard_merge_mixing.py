@@ -48,8 +48,22 @@ def test_two_shardings_in_one_folder_are_refused_by_both_merges_and_shown_by_sta
     (sh / "predictions.shard-0-of-3.jsonl").unlink()
     r = _run("attribute", "--out", str(sh), "--merge")
     assert r.exit_code == 0, r.output
-    assert "merged 2 shard files" in r.output and "(4 records)" in r.output and "Note:" not in r.output
+    assert f"merged: {sh / 'predictions.jsonl'} (4 records from 2 shard files)" in r.output and "Note:" not in r.output
     assert [x["index"] for x in load_results(sh / "predictions.jsonl")] == [0, 1, 2, 3]
+
+
+def test_merging_shards_without_records_says_nothing_was_written(tmp_path):
+    """Shards that attributed nothing (every one empty) create no merged file: the merge says so instead of
+    naming a predictions.jsonl with 0 records that does not exist."""
+    out = tmp_path / "empty"
+    _store(out / "predictions.shard-0-of-2.jsonl", [])
+    _store(out / "predictions.shard-1-of-2.jsonl", [])
+    r = _run("attribute", "--out", str(out), "--merge")
+    assert r.exit_code == 0, r.output
+    assert f"the 2 shard files hold no record: nothing written ({out / 'predictions.jsonl'} not created)" in r.output
+    r = _run("merge", str(out))
+    assert r.exit_code == 0 and "nothing written" in r.output and "(0 records" not in r.output, r.output
+    assert not (out / "predictions.jsonl").exists()
 
 
 def test_an_incomplete_sharding_merges_with_a_note_naming_the_missing_shards(tmp_path):

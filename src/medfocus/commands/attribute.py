@@ -364,7 +364,7 @@ def attribute(ctx, bench, dataset, data_root, models, modes, methods, params, re
     command after an interruption). A failing sample is recorded with its error and the run goes on;
     exit status 3 when every record of the run failed."""
     from medfocus.runner.grid import check_split_items, parse_shard, run_grid, select_items
-    from medfocus.runner.store import ResultStore, merge_stores
+    from medfocus.runner.store import ResultStore, describe_merge, merge_stores
 
     out = Path(out_dir)
     faith_cfg = faithfulness_config(faithfulness, faithfulness_steps, faithfulness_baseline, faithfulness_batch_size)
@@ -389,7 +389,7 @@ def attribute(ctx, bench, dataset, data_root, models, modes, methods, params, re
             raise DataError(f"no predictions.shard-*.jsonl files in {out}")
         notes = check_one_sharding(parts, out)  # shards of two shardings are refused before anything is written
         n = merge_stores(parts, out / "predictions.jsonl", overwrite=overwrite)
-        click.echo(f"merged {len(parts)} shard files -> {out / 'predictions.jsonl'} ({n} records)")
+        click.echo(f"merged: {describe_merge(out / 'predictions.jsonl', n, len(parts))}")
         for note in notes:
             click.echo(f"Note: {note}")
         return

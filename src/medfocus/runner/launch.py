@@ -390,7 +390,7 @@ def merge_outputs(out: str | os.PathLike[str], *, overwrite: bool | None = None,
     (default: the manifest's, i.e. whether the launched run had ``--overwrite``; else ``False``).
     ``notes`` (when given) receives a line per incomplete sharding (the shards still missing).
     """
-    from medfocus.runner.store import merge_stores
+    from medfocus.runner.store import describe_merge, merge_stores
 
     out = Path(out)
     man = Manifest.load(out) if (out / LAUNCH_DIR / MANIFEST_NAME).exists() else None  # a damaged one is named
@@ -412,7 +412,7 @@ def merge_outputs(out: str | os.PathLike[str], *, overwrite: bool | None = None,
         overwrite = bool(man is not None and man.overwrite)
     if stores:
         n = merge_stores(stores, out / "predictions.jsonl", overwrite=overwrite)
-        written.append(f"{out / 'predictions.jsonl'} ({n} records from {len(stores)} shard files)")
+        written.append(describe_merge(out / "predictions.jsonl", n, len(stores)))
     if dirs:
         written += _merge_bench(out, dirs, overwrite=overwrite)
     if not written:

@@ -208,6 +208,16 @@ def _merge_conflict(kept: Mapping[str, Any], new: Mapping[str, Any]) -> list[str
     return merge_differences(kept.get(FINGERPRINT_FIELD), new.get(FINGERPRINT_FIELD))
 
 
+def describe_merge(out: str | Path, n_records: int, n_inputs: int) -> str:
+    """The one line a merge prints: the merged file and its record count, or -- when the shard files held no
+    record, so that no file was created (the store writes its file at the first record) -- that nothing was
+    written, instead of naming a file that does not exist."""
+    out = Path(out)
+    if n_records == 0 and not out.exists():
+        return f"the {n_inputs} shard files hold no record: nothing written ({out} not created)"
+    return f"{out} ({n_records} records from {n_inputs} shard files)"
+
+
 def merge_stores(inputs: Iterable[str | Path], out: str | Path, *, prefer_success: bool = True,
                  overwrite: bool = False) -> int:
     """Merge shard result files into one store; returns the number of records in ``out``.
