@@ -63,7 +63,25 @@ def test_baseline_comparison_on_few_pairs_is_not_decided():
     assert r["n_pairs"] == 3 and r["beats"] is None and r["difference"] == pytest.approx(39.0)
     md = baselines_markdown(comp)
     # no interval either: on 3 pairs the percentile interval is far too narrow to print as a 95% one
-    assert "| gradcam | 60.0 | +39.0 (no CI) |" in md and "| 3 | n/a |" in md and "fewer than 10 paired samples" in md
+    assert "| gradcam | 60.0 | 21.0 | +39.0 (no CI) |" in md and "| 3 | n/a |" in md and "fewer than 10 paired samples" in md
+
+
+def test_a_row_of_the_baseline_comparison_adds_up_when_the_baseline_lacks_a_sample():
+    """The finding prior is undefined for a finding with one sample: the paired difference is over the other
+    samples, and so are the row's two means (a mean over all of the method's samples beside it did not add up:
+    18.4 - 5.0 printed as +7.7)."""
+    rows = []
+    for i in range(12):
+        rows.append(dict(model="m", dataset="d", mode="direct", method="gradcam", index=i, error=None, iou=0.2 + 0.02 * i))
+        rows.append(dict(model="m", dataset="d", mode="direct", method="baseline_finding_prior", index=i,
+                         error="no other sample" if i == 11 else None, iou=None if i == 11 else 0.1))
+    comp = compare_to_baselines(pd.DataFrame(rows), ["iou"], n_boot=200)
+    r = comp.iloc[0]
+    assert r["n_pairs"] == 11 and r["method_mean"] == pytest.approx(100 * np.mean([0.2 + 0.02 * i for i in range(11)]))
+    assert r["method_mean"] - r["baseline_mean"] == pytest.approx(r["difference"])
+    assert r["baseline_overall_mean"] == pytest.approx(10.0)
+    md = baselines_markdown(comp)
+    assert "| gradcam | 30.0 | 10.0 | +20.0 [" in md and "the means of a row are over its n pairs" in md
 
 
 def test_one_value_or_no_resamples_gives_no_interval():
@@ -122,6 +140,7 @@ def test_evaluate_n_boot_0_prints_no_ci_in_markdown_and_leaves_the_csv_bounds_em
     assert g["mean"] == 100.0 and math.isnan(g["ci_low"]) and math.isnan(g["ci_high"])
     bmd = (tmp_path / "e" / "baselines.md").read_text()
     assert "(no CI)" in bmd and "| yes |" not in bmd and "| no |" not in bmd
+    assert "— IoU per finding (mean x100, n)" in (tmp_path / "e" / "by_finding.md").read_text()  # names its metric
 
 
 def test_report_withholds_bold_on_few_pairs_and_says_so(tmp_path):

@@ -247,7 +247,7 @@ def evaluate(predictions: tuple[Path, ...], out_dir: Path, metrics: str | None, 
         atomic_write_text(out_dir / "baselines.md", bmd)
         ft = finding_table(df, chosen[0])
         atomic_write_text(out_dir / "by_finding.csv", ft.to_csv(index=False))
-        atomic_write_text(out_dir / "by_finding.md", finding_markdown(ft))
+        atomic_write_text(out_dir / "by_finding.md", finding_markdown(ft, metric=chosen[0]))
         click.echo(bmd)
     is_rec = ~is_base & ~is_ref
     n_err = int((df["error"].notna() & is_rec).sum())

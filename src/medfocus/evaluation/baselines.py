@@ -169,8 +169,11 @@ def compare_to_baselines(metrics: pd.DataFrame, metric_names: Sequence[str] = ("
         n_boot, alpha, seed: paired bootstrap settings.
     Returns:
         one row per (model, mode, dataset, metric, method): ``baseline`` (the best trivial baseline by
-        mean), ``method_mean``, ``baseline_mean``, ``difference``, ``ci_low``, ``ci_high`` (x100),
-        ``n_pairs`` and ``beats`` (True when the whole interval is above 0, False when it is below or
+        mean over all its samples, ``baseline_overall_mean``), ``method_mean`` and ``baseline_mean`` over the
+        ``n_pairs`` samples both scored -- the samples of ``difference`` (= ``method_mean - baseline_mean``),
+        ``ci_low``, ``ci_high`` (all x100; a method's mean over *all* its samples is in the results table, and
+        differs when the baseline lacks some of them, e.g. the finding prior of a finding with one sample) --
+        and ``beats`` (True when the whole interval is above 0, False when it is below or
         straddles 0, None -- "n/a" -- with fewer than :data:`~medfocus.evaluation.significance.MIN_PAIRS`
         pairs or no bootstrap resamples: no interval that could decide; the difference is still given).
     """
@@ -178,7 +181,7 @@ def compare_to_baselines(metrics: pd.DataFrame, metric_names: Sequence[str] = ("
     from medfocus.evaluation.tables import hash_key
 
     cols = ["model", "mode", "dataset", "metric", "method", "baseline", "method_mean", "baseline_mean", "difference",
-            "ci_low", "ci_high", "n_pairs", "beats"]
+            "ci_low", "ci_high", "n_pairs", "beats", "baseline_overall_mean"]
     if metrics is None or metrics.empty:
         return pd.DataFrame(columns=cols)
     d = successful_rows(metrics)
@@ -196,9 +199,12 @@ def compare_to_baselines(metrics: pd.DataFrame, metric_names: Sequence[str] = ("
                 if is_baseline(meth) or vals.empty:
                     continue
                 common = vals.index.intersection(per[best].index)
+                # both means over the pairs, so that the three numbers of a row agree (a mean over all of the
+                # method's samples beside a paired difference does not)
                 row = dict(zip(["model", "mode", "dataset"], cell), metric=m, method=meth, baseline=best,
-                           method_mean=100 * float(vals.mean()), baseline_mean=100 * base_means[best],
-                           n_pairs=int(len(common)))
+                           method_mean=100 * float(vals.loc[common].mean()) if len(common) else math.nan,
+                           baseline_mean=100 * float(per[best].loc[common].mean()) if len(common) else math.nan,
+                           baseline_overall_mean=100 * base_means[best], n_pairs=int(len(common)))
                 if len(common) == 0:
                     row.update(difference=math.nan, ci_low=math.nan, ci_high=math.nan, beats=None)
                 else:
@@ -220,13 +226,15 @@ def baselines_markdown(comparison: pd.DataFrame, decimals: int = 1) -> str:
     lines = []
     for (model, mode, ds, metric), g in comparison.groupby(["model", "mode", "dataset", "metric"], sort=True):
         lines.append(f"**{model} / {mode} / {ds}** — {metric} vs the best trivial baseline "
-                     f"(`{g['baseline'].iloc[0]}`, {g['baseline_mean'].iloc[0]:.{decimals}f})\n")
-        lines.append("| method | mean | difference [95% CI] | n pairs | beats it |")
-        lines.append("|---|---|---|---|---|")
+                     f"(`{g['baseline'].iloc[0]}`, {g['baseline_overall_mean'].iloc[0]:.{decimals}f} over all its samples); "
+                     "the means of a row are over its n pairs (the samples both scored)\n")
+        lines.append("| method | mean | baseline | difference [95% CI] | n pairs | beats it |")
+        lines.append("|---|---|---|---|---|---|")
         for _, r in g.iterrows():
             diff = format_ci(r["difference"], r["ci_low"], r["ci_high"], decimals, signed=True).replace("–", "n/a")
             verdict = "n/a" if r["beats"] is None else ("yes" if r["beats"] else "no")
-            lines.append(f"| {r['method']} | {r['method_mean']:.{decimals}f} | {diff} | {r['n_pairs']} | {verdict} |")
+            mean, base = (f"{v:.{decimals}f}" if math.isfinite(v) else "–" for v in (r["method_mean"], r["baseline_mean"]))
+            lines.append(f"| {r['method']} | {mean} | {base} | {diff} | {r['n_pairs']} | {verdict} |")
         lines.append("")
     if comparison["beats"].isna().any():
         from medfocus.evaluation.significance import MIN_PAIRS
@@ -255,14 +263,17 @@ def finding_table(metrics: pd.DataFrame, metric: str = "iou") -> pd.DataFrame:
     return g.rename(columns={"count": "n"})[cols]
 
 
-def finding_markdown(table: pd.DataFrame, decimals: int = 1) -> str:
-    """Methods as rows, findings as columns (mean x100 and n), one block per model / mode / dataset."""
+def finding_markdown(table: pd.DataFrame, decimals: int = 1, metric: str = "iou") -> str:
+    """Methods as rows, findings as columns (mean x100 and n), one block per model / mode / dataset; ``metric``
+    (the one :func:`finding_table` was computed on) is named in each block's heading."""
+    from medfocus.evaluation.tables import METRIC_LABELS
+
     if table is None or table.empty:
         return "_no per-finding results_\n"
     lines = []
     for (model, mode, ds), g in table.groupby(["model", "mode", "dataset"], sort=True):
         findings = sorted(g["attribute"].unique())
-        lines.append(f"**{model} / {mode} / {ds}** — per finding (mean x100, n)\n")
+        lines.append(f"**{model} / {mode} / {ds}** — {METRIC_LABELS.get(metric, metric)} per finding (mean x100, n)\n")
         lines.append("| method | " + " | ".join(findings) + " |")
         lines.append("|---|" + "---|" * len(findings))
         for meth, gm in g.groupby("method", sort=True):

@@ -557,7 +557,7 @@ def build_report(
                                verdict=["n/a" if b is None else ("beats it" if b else "does not beat it") for b in comp["beats"]])
             comp = comp[["model", "mode", "dataset", "method", "method_mean", "baseline", "baseline_mean", "difference",
                          "interval", "n_pairs", "verdict"]].rename(columns={
-                "method_mean": "IoU", "baseline": "best trivial baseline", "baseline_mean": "its IoU",
+                "method_mean": "IoU (n pairs)", "baseline": "best trivial baseline", "baseline_mean": "its IoU (n pairs)",
                 "difference": "difference", "interval": "95% CI", "n_pairs": "n pairs", "verdict": "verdict"})
             ctx["baselines"] = frame_table_data(comp)
         ft = finding_table(metrics, "iou")
