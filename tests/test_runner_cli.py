@@ -71,7 +71,7 @@ def test_attribute_config_shards_merge_and_report(fake_world, tmp_path):
     n0, n1 = (len(load_results(p)) for p in parts)
     assert n0 + n1 == 16 and n0 > 0 and n1 > 0
     rm = runner.invoke(main, ["attribute", "--out", str(out), "--merge"])
-    assert rm.exit_code == 0 and "(16 records)" in rm.output, rm.output
+    assert rm.exit_code == 0 and "(16 records from 2 shard files)" in rm.output, rm.output
     recs = load_results(out / "predictions.jsonl")
     assert len(recs) == 16 and sum(1 for r in recs if r["error"]) == 1  # BoomMethod fails on sample 3
     hot = [r for r in recs if r["method"] == "fake_hot"]
@@ -89,6 +89,33 @@ def test_attribute_config_shards_merge_and_report(fake_world, tmp_path):
     assert "fake run" in html and "fake_hot" in html and "100.0" in html
     # 7 paired samples (sample 3 failed for fake_boom) are below MIN_PAIRS: no method is bolded, and the report says why
     assert "<b>100.0</b>" not in html and "Bold withheld" in html and "fewer than 10 paired samples (7)" in html
+
+
+def test_a_shard_without_samples_writes_its_empty_file_so_the_run_is_complete(fake_world, tmp_path):
+    """A shard that holds no sample used to print '0 samples x 1 methods -> FILE' and write nothing, so merge
+    and status called the finished run incomplete; a run with no sample at all says that nothing is written."""
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps(json.loads(fake_world["bench"].read_text())[:1]))
+    out = tmp_path / "sh"
+    runner = CliRunner()
+    outs = [runner.invoke(main, ["attribute", "--bench", str(one), "--method", "fake_hot", "--out", str(out),
+                                 "--shard", f"{i}/2", "--no-progress"]) for i in (0, 1)]
+    assert all(r.exit_code == 0 for r in outs), [r.output for r in outs]
+    empty = [i for i, r in enumerate(outs) if "holds no sample" in r.output]
+    assert len(empty) == 1 and f"shard {empty[0]}/2 holds no sample" in outs[empty[0]].output
+    assert (out / f"predictions.shard-{empty[0]}-of-2.jsonl").read_text() == ""
+    for args in (["attribute", "--out", str(out), "--merge"], ["merge", str(out)]):
+        r = runner.invoke(main, args)
+        assert r.exit_code == 0 and "(1 records from 2 shard files)" in r.output and "missing" not in r.output, r.output
+    r = runner.invoke(main, ["attribute", "--bench", str(one), "--method", "fake_hot", "--out", str(tmp_path / "z"),
+                             "--limit", "0"])
+    assert r.exit_code == 2 and "--limit" in r.output  # refused while parsing, like bench build's
+    empty_split = tmp_path / "none.json"
+    empty_split.write_text("[]")
+    r = runner.invoke(main, ["attribute", "--bench", str(empty_split), "--dataset", "synthetic", "--method", "fake_hot",
+                             "--out", str(tmp_path / "n")])
+    assert r.exit_code == 1 and "no benchmark records matched" in r.output, r.output  # an empty split is refused
+    assert not (tmp_path / "n" / "predictions.jsonl").exists()
 
 
 def test_attribute_errors_are_clear(fake_world, tmp_path):

@@ -327,7 +327,7 @@ def build_items(
 @click.option("--medsam", default=None, show_default="flaviagiammarino/medsam-vit-base with --refine medsam",
               help="Box-prompted segmenter for medfocus and prompting_medsam: a hub id, a local folder, or 'demo' (the demo segmenter, synthetic world only).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder (predictions.jsonl + heatmaps).")
-@click.option("--limit", type=int, default=None, show_default="no limit", help="At most this many samples per (model, dataset, mode).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, show_default="no limit", help="At most this many samples per (model, dataset, mode).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Run seed (per-sample seeds derive from it).")
 @click.option("--shard", default=None, show_default="0/1, everything", help="Run only shard i of n (i/n, 0-based); merge the shard files with --merge.")
 @click.option("--merge", is_flag=True, help="Merge predictions.shard-*.jsonl in --out into predictions.jsonl and exit.")
@@ -410,6 +410,18 @@ def attribute(ctx, bench, dataset, data_root, models, modes, methods, params, re
     if store_name is not None and (Path(store_name).name != store_name or not store_name.endswith(".jsonl")):
         raise ConfigError(f"--store-name {store_name!r}: expected a plain file name ending in .jsonl")
     store_path = out / (store_name or ("predictions.jsonl" if n == 1 else f"predictions.shard-{i}-of-{n}.jsonl"))
+
+    if not items:
+        if n > 1:  # a shard that holds no sample is complete: its (empty) file tells merge and status so
+            from medfocus.io.atomic import atomic_write_text
+
+            if not store_path.exists():
+                out.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(store_path, "")
+            click.echo(f"shard {i}/{n} holds no sample: {store_path} is empty (this shard is complete)")
+        else:
+            click.echo(f"no sample to attribute: nothing written ({store_path} not created)")
+        return
 
     def loader(name: str):
         from medfocus.lvlm import load_lvlm
