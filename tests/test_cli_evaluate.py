@@ -127,3 +127,20 @@ def test_evaluate_says_why_records_without_expert_boxes_are_not_scored(tmp_path)
     # a run with scored records says how many were left out, not "nothing was scored"
     res = CliRunner().invoke(main, ["evaluate", str(_write_predictions(tmp_path / "run2")), "--out", str(tmp_path / "e2")])
     assert res.exit_code == 0 and "no expert boxes" not in res.output
+
+
+def test_evaluate_on_a_benchmark_split_says_it_is_the_wrong_kind_of_file(tmp_path):
+    """A split (a JSON list, pretty-printed or on one line) sits beside the prediction files: evaluate names
+    what it is and what was expected, instead of 'line 1: not a valid JSON record' (which reads as corrupt data)."""
+    rows = [{"model": "demo", "dataset": "synthetic", "index": i, "answer": "Yes"} for i in range(3)]
+    for name, text in (("pretty.json", json.dumps(rows, indent=2)), ("flat.json", json.dumps(rows) + "\n")):
+        (tmp_path / name).write_text(text)
+        res = CliRunner().invoke(main, ["evaluate", str(tmp_path / name), "--out", str(tmp_path / "e")])
+        assert res.exit_code == 1, res.output
+        assert f"{tmp_path / name} is one JSON document (a list of 3 items), not JSON lines" in res.output
+        assert "expected prediction records" in res.output and "medfocus bench build" in res.output
+        assert "Traceback" not in res.output
+    # a damaged JSON-lines file keeps its line-numbered message
+    (tmp_path / "bad.jsonl").write_text(json.dumps(rows[0]) + "\n{oops\n")
+    res = CliRunner().invoke(main, ["evaluate", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "e2")])
+    assert res.exit_code == 1 and "bad.jsonl line 2: not a valid JSON record" in res.output, res.output

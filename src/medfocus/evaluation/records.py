@@ -115,7 +115,14 @@ def read_prediction_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"prediction file {p} not found")
-    numbered, _ = read_jsonl_numbered(p)
+    try:
+        numbered, _ = read_jsonl_numbered(p)
+    except DataError as exc:
+        if "is one JSON document" not in str(exc):
+            raise
+        # the file beside the results most often mistaken for them: a benchmark split
+        raise DataError(f"{exc}: expected prediction records (the predictions.jsonl that `medfocus attribute` writes, "
+                        "one record per line); a JSON list is what `medfocus bench build` writes as a split") from None
     for lineno, rec in numbered:
         rec.setdefault("_base_dir", str(p.parent))
         rec.setdefault("_where", f"{p} line {lineno}")

@@ -71,13 +71,31 @@ def read_jsonl_numbered(path: str | os.PathLike[str]) -> tuple[list[tuple[int, d
         try:
             rec = json.loads(text)
         except ValueError as exc:
+            whole = _one_json_document(data) if not out else None
+            if whole is not None:  # valid JSON, the wrong layout: say so instead of pointing at "corrupt" data
+                raise DataError(f"{p} is one JSON document ({whole}), not JSON lines (one JSON object per line)") from None
             raise DataError(f"{p} line {lineno}: not a valid JSON record ({exc})") from None
         except RecursionError:
             raise DataError(f"{p} line {lineno}: JSON nested too deeply to be a record") from None
         if not isinstance(rec, dict):
+            whole = _one_json_document(data) if not out else None
+            if whole is not None and data.strip().count(b"\n") == 0:  # a one-line list: the same wrong layout
+                raise DataError(f"{p} is one JSON document ({whole}), not JSON lines (one JSON object per line)")
             raise DataError(f"{p} line {lineno}: expected a JSON object, got {type(rec).__name__}")
         out.append((lineno, rec))
     return out, pos
+
+
+def _one_json_document(data: bytes) -> str | None:
+    """What ``data`` is when the whole of it parses as one JSON document spread over lines (a list or an
+    object: a benchmark split, a config), e.g. ``"a list of 12 items"``; ``None`` when it does not parse."""
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return None
+    if isinstance(doc, list):
+        return f"a list of {len(doc)} items"
+    return f"a JSON {type(doc).__name__}" if not isinstance(doc, dict) else f"an object with keys {sorted(doc)[:5]}"
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], int]:
