@@ -122,3 +122,26 @@ def test_read_retention_of_the_bench_table_round_trips(tmp_path):
     assert df.iloc[0]["kept"] == 5 and df.iloc[0]["retention_pct"] == 50.0
     kept, note = rows_of_run(df, [])  # a run without records keeps every row
     assert len(kept) == 1 and note is None
+
+
+def test_retention_beside_records_of_unfiltered_samples_says_they_are_not_filtered(tmp_path):
+    """Records attributed on every sample (no --bench: the model's own answers) next to a retention table read
+    as if the filter had chosen their samples; the overview says where the answers come from and the retention
+    section says whom it does not describe."""
+    run = _run(tmp_path)
+    recs = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    recs[0]["answer_source"], recs[1]["answer_source"] = "split", "model"
+    (run / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    ret = tmp_path / "ret.csv"
+    pd.DataFrame([_row()]).to_csv(ret, index=False)
+    res = _report(run, "--retention", str(ret))
+    assert res.exit_code == 0, res.output
+    html = (run / "report.html").read_text()
+    assert "1 from the model&#39;s own answer on unfiltered samples; 1 from a causally filtered split" in html
+    assert "1 of 2 records were not attributed on a causally filtered split" in html
+    # every record from the split: no such note
+    recs[1]["answer_source"] = "split"
+    (run / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert _report(run, "--retention", str(ret)).exit_code == 0
+    html = (run / "report.html").read_text()
+    assert "2 from a causally filtered split" in html and "were not attributed on a causally filtered split" not in html

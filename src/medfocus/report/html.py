@@ -508,12 +508,26 @@ def build_report(
     ctx: dict[str, Any] = {"title": str(title), "css": CSS, "no_records": not preds}
 
     # ---- overview
+    # what the attributed answers are: only "split" records passed the causal filter, so a retention table
+    # beside records of unfiltered samples must not read as describing them
+    src_labels = {"split": "a causally filtered split", "split_other_model": "another model's split (--relabel-split-model)",
+                  "given": "a given answer", "model": "the model's own answer on unfiltered samples",
+                  "ground_truth": "the ground-truth answer"}
+    sources: dict[str, int] = {}
+    for r in preds:
+        sources[str(r.get("answer_source") or "not recorded")] = sources.get(str(r.get("answer_source") or "not recorded"), 0) + 1
+    unfiltered = sum(n for s, n in sources.items() if s != "split")
+    if ret_rows is not None and unfiltered:
+        ret_note = ((ret_note + " ") if ret_note else "") + (
+            f"{unfiltered} of {len(preds)} records were not attributed on a causally filtered split (see 'Answers "
+            "attributed' above): this table describes the filter's run, not their samples.")
     info = {
         "Models": ", ".join(map(str, models)),
         "Datasets": ", ".join(map(str, datasets)),
         "Modes": ", ".join(MODE_LABELS.get(m, m) for m in modes),
         "Methods": f"{len(methods)}: " + ", ".join(map(str, methods)),
         "Records": f"{len(preds)} ({n_samples} model/sample/mode cells; {n_err} failed)",
+        "Answers attributed": "; ".join(f"{n} from {src_labels.get(s, s)}" for s, n in sorted(sources.items())) or "–",
         **_wrong_answer_info(metrics),
         **{str(k): str(v) for k, v in (run_info or {}).items()},
         "Generated": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
