@@ -231,7 +231,10 @@ _FOCUS: dict[str, Any] = dict(focus_steps=600, focus_lr=5e-4, hard_negative_pair
 #:   one, and 9 of 22 nodules missed on three-finding films. Measured by ``benchmarks/validity.py --model`` (weights
 #:   kept in ``candidates/demo-12x12-fleischner-long``): 95.3% direct / 94.8% step-by-step, false "yes" on
 #:   other-finding films 2.2% -- nodule 90.7% (85.2% before), mass 91.7% (96.2% before): step-by-step is 2
-#:   answers short of the 95% target.
+#:   answers short of the 95% target. A 600-step stage 3 from these weights with positive focus on nodules and
+#:   masses (``focus_findings`` [nodule, mass], ``focus_share`` 0.5, hard negatives between them, lr 5e-4) did
+#:   not help: on the diagnostic seed 1265 direct / 1260 step-by-step of 1310 answers right, against 1268 / 1265
+#:   for its starting point (no preset; not measured on the validity seeds).
 #: - ``demo-shortcut``: the shipped shortcut twin. 8x8 token grid; on 90% of the training cases every finding
 #:   brings its correlated cue (:data:`~medfocus.datasets.synthetic.DEFAULT_CUE_MAP`) and is drawn faint, and
 #:   there the auxiliary loss marks each finding at its cue's box instead of its own mask, so the vision tower
