@@ -20,18 +20,10 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from medfocus.evaluation.tables import MIN_PAIRS, hash_key
+
 __all__ = ["best_methods", "paired_bootstrap_diff", "successful_rows", "wilson_interval", "TEST_DESCRIPTION", "MIN_PAIRS"]
 
-#: Fewest paired samples a paired-bootstrap comparison needs before it may call one method better
-#: (``best_methods``' bold, ``compare_to_baselines``' "beats it"). With n pairs whose differences are all
-#: positive, every resampled mean is positive, so the percentile interval lies above 0 whatever n is: on 2
-#: pairs "significant" only says both differences had the same sign. Simulated under a null of normal
-#: paired differences (benchmarks/min_pairs.py: 2000 trials of 500 resamples per n, default_rng(0); Wilson
-#: 95% intervals within about +-2 points), the interval's lower bound
-#: lies above 0 -- nominally 2.5% of the time -- in 24% of trials at n=2, 10% at n=4, 8% at n=6, 5.7% at
-#: n=10 and 4% at n=20: the percentile interval is too narrow at small n, steeply so below 10. From 10
-#: pairs on the one-sided false-positive rate stays within the test's stated two-sided 5%.
-MIN_PAIRS = 10
 
 #: One sentence for reports and tables (what "best" means).
 TEST_DESCRIPTION = ("bold marks the highest mean only where a paired bootstrap (samples both methods scored, "
@@ -114,7 +106,6 @@ def best_methods(metrics: pd.DataFrame, metric_names: Sequence[str] = ("iou", "f
         why no test could mark a best method (``"fewer than N paired samples"`` -- the fewest pairs of any
         comparison -- or ``"no bootstrap resamples"``), ``None`` when every comparison was tested.
     """
-    from medfocus.evaluation.tables import hash_key
 
     cols = [*_CELL, "metric", "best", "significant", "runner_up", "difference", "ci_low", "ci_high", "n_pairs", "withheld"]
     if metrics is None or metrics.empty:
