@@ -57,7 +57,7 @@ def test_evaluate_command_errors(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("[1, 2]\n")
     res = CliRunner().invoke(main, ["evaluate", str(bad), "--out", str(tmp_path / "e")])
-    assert res.exit_code != 0 and "bad.jsonl line 1" in res.output
+    assert res.exit_code != 0 and "bad.jsonl is one JSON document (a list of 2 items)" in res.output
     res = CliRunner().invoke(main, ["evaluate", "--help"])
     assert res.exit_code == 0 and "heatmap_path" in res.output
 
