@@ -512,10 +512,10 @@ def build_report(
     # beside records of unfiltered samples must not read as describing them
     src_labels = {"split": "a causally filtered split", "split_other_model": "another model's split (--relabel-split-model)",
                   "given": "a given answer", "model": "the model's own answer on unfiltered samples",
-                  "ground_truth": "the ground-truth answer"}
-    sources: dict[str, int] = {}
-    for r in preds:
-        sources[str(r.get("answer_source") or "not recorded")] = sources.get(str(r.get("answer_source") or "not recorded"), 0) + 1
+                  "ground_truth": "the ground-truth answer", "": "records that do not say (written before answer_source)"}
+    from collections import Counter
+
+    sources = Counter(str(r.get("answer_source") or "") for r in preds)
     unfiltered = sum(n for s, n in sources.items() if s != "split")
     if ret_rows is not None and unfiltered:
         ret_note = ((ret_note + " ") if ret_note else "") + (
