@@ -68,7 +68,7 @@ from medfocus.datasets.medground import check_sample_index
 from medfocus.errors import DataError
 from medfocus.evaluation.boxes import heatmap_to_boxes
 from medfocus.evaluation.metrics import auprc, energy_pointing_game, pointing_game, union_box_metrics
-from medfocus.io.jsonl import latest_by_key, read_jsonl_numbered
+from medfocus.io.jsonl import NotJSONLinesError, latest_by_key, read_jsonl_numbered
 from medfocus.io.paths import record_label
 
 __all__ = ["evaluate_records", "evaluate_record", "answer_correct", "correct_only", "read_prediction_records", "read_prediction_files", "record_key", "KEY_FIELDS",
@@ -117,9 +117,7 @@ def read_prediction_records(path: str | os.PathLike) -> list[dict[str, Any]]:
         raise DataError(f"prediction file {p} not found")
     try:
         numbered, _ = read_jsonl_numbered(p)
-    except DataError as exc:
-        if "is one JSON document" not in str(exc):
-            raise
+    except NotJSONLinesError as exc:
         # the file beside the results most often mistaken for them: a benchmark split
         raise DataError(f"{exc}: expected prediction records (the predictions.jsonl that `medfocus attribute` writes, "
                         "one record per line); a JSON list is what `medfocus bench build` writes as a split") from None

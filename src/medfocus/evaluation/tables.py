@@ -76,7 +76,7 @@ MIN_PAIRS = 10
 
 
 def bootstrap_ci(values: Sequence[float], n_boot: int = 1000, ci: float = 0.95, seed: int = 0, *,
-                 min_n: int | None = None) -> tuple[float, float, float]:
+                 min_n: int = MIN_PAIRS) -> tuple[float, float, float]:
     """``(mean, low, high)`` of the mean with a percentile-bootstrap CI (NaNs dropped).
 
     No interval is computed from fewer than ``min_n`` values (default
@@ -91,7 +91,7 @@ def bootstrap_ci(values: Sequence[float], n_boot: int = 1000, ci: float = 0.95, 
     if v.size == 0:
         return (math.nan, math.nan, math.nan)
     mean = float(v.mean())
-    if v.size < max(2, MIN_PAIRS if min_n is None else min_n) or n_boot <= 0:
+    if v.size < max(2, min_n) or n_boot <= 0:
         return (mean, math.nan, math.nan)
     rng = np.random.default_rng(seed)
     # Chunked so memory stays ~O(n) x 100 regardless of n_boot.

@@ -25,6 +25,7 @@ from typing import IO, Any, Callable, Hashable, Iterable, Iterator, TypeVar
 from medfocus.errors import DataError
 
 __all__ = [
+    "NotJSONLinesError",
     "read_jsonl",
     "read_jsonl_numbered",
     "iter_jsonl",
@@ -35,6 +36,12 @@ __all__ = [
 ]
 
 K = TypeVar("K", bound=Hashable)
+
+
+class NotJSONLinesError(DataError):
+    """The file is one JSON document (a list or an object over one or more lines), not JSON lines: valid JSON in
+    the wrong layout (a benchmark split where prediction records are expected, say), not a damaged file.
+    Callers that know which file is usually mistaken for theirs catch this type to say so."""
 
 
 def read_jsonl_numbered(path: str | os.PathLike[str]) -> tuple[list[tuple[int, dict[str, Any]]], int]:
@@ -71,31 +78,30 @@ def read_jsonl_numbered(path: str | os.PathLike[str]) -> tuple[list[tuple[int, d
         try:
             rec = json.loads(text)
         except ValueError as exc:
-            whole = _one_json_document(data) if not out else None
-            if whole is not None:  # valid JSON, the wrong layout: say so instead of pointing at "corrupt" data
-                raise DataError(f"{p} is one JSON document ({whole}), not JSON lines (one JSON object per line)") from None
+            _refuse_one_document(p, data, out)
             raise DataError(f"{p} line {lineno}: not a valid JSON record ({exc})") from None
         except RecursionError:
             raise DataError(f"{p} line {lineno}: JSON nested too deeply to be a record") from None
         if not isinstance(rec, dict):
-            whole = _one_json_document(data) if not out else None
-            if whole is not None and data.strip().count(b"\n") == 0:  # a one-line list: the same wrong layout
-                raise DataError(f"{p} is one JSON document ({whole}), not JSON lines (one JSON object per line)")
+            _refuse_one_document(p, data, out)
             raise DataError(f"{p} line {lineno}: expected a JSON object, got {type(rec).__name__}")
         out.append((lineno, rec))
     return out, pos
 
 
-def _one_json_document(data: bytes) -> str | None:
-    """What ``data`` is when the whole of it parses as one JSON document spread over lines (a list or an
-    object: a benchmark split, a config), e.g. ``"a list of 12 items"``; ``None`` when it does not parse."""
+def _refuse_one_document(p: Path, data: bytes, read_so_far: list) -> None:
+    """Raise :class:`NotJSONLinesError` when the first record fails and the whole of ``data`` parses as one JSON
+    document (a list or an object, e.g. a benchmark split): valid JSON in the wrong layout, said as such instead
+    of pointing at "corrupt" data. Returns when that is not the case (the caller's line error follows)."""
+    if read_so_far:
+        return
     try:
         doc = json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError):
-        return None
-    if isinstance(doc, list):
-        return f"a list of {len(doc)} items"
-    return f"a JSON {type(doc).__name__}" if not isinstance(doc, dict) else f"an object with keys {sorted(doc)[:5]}"
+        return
+    what = (f"a list of {len(doc)} items" if isinstance(doc, list) else
+            f"an object with keys {sorted(doc)[:5]}" if isinstance(doc, dict) else f"a JSON {type(doc).__name__}")
+    raise NotJSONLinesError(f"{p} is one JSON document ({what}), not JSON lines (one JSON object per line)") from None
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], int]:

@@ -43,7 +43,6 @@ never replaces the real step times with near-zero ones (:func:`merge_timings`).
 from __future__ import annotations
 
 import contextlib
-
 import json
 import os
 import time

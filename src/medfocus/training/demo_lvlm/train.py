@@ -341,7 +341,8 @@ def focus_loop(model, enc: Encoder, pool: Sequence[DemoCase], cfg: DemoLVLMConfi
         ids = rng.sample(range(len(pool)), cfg.images_per_step)
         if n_focus:  # focus images first (their slots get the focus questions), the rest uniform without repeats
             chosen = rng.sample(focus_ids, n_focus)
-            ids = chosen + [i for i in ids if i not in set(chosen)][:cfg.images_per_step - n_focus]
+            taken = set(chosen)
+            ids = chosen + [i for i in ids if i not in taken][:cfg.images_per_step - n_focus]
         items = _sample_items(rng, ids, pool, findings, cfg, partners, focus_slots=n_focus)
         losses.append(_optimizer_step(model, opt, sequence_loss(model, enc, canvases[ids], items, grid)))
         if (step + 1) % 25 == 0 or step == 0:
