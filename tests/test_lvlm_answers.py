@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from medfocus.lvlm.answers import parse_yes_no
+from medfocus.lvlm.answers import answer_span, parse_yes_no
 
 CASES = [
     # direct mode
@@ -269,3 +269,60 @@ def test_the_filter_counts_a_garbled_background_answer_as_unparseable():
     res = apply_filter("Yes", parsed)
     assert parsed["background"] is None
     assert (res.kept, res.failed_gate, res.unparseable) == (False, "background", True)
+
+
+SPAN_CASES = [
+    # (text, the deciding word's span in text)
+    ("Yes", (0, 3)),
+    ("**No**.", (2, 4)),
+    # explicit marker: not the last yes/no word of the text
+    ("Final answer: yes. No other finding is seen.", (14, 17)),
+    ("The answer is \\boxed{Yes}. No effusion.", (21, 24)),
+    # a conclusion after a leading word
+    ("No. The angle is blunted, so yes.", (29, 32)),
+    # only the text after </think> is read
+    ("<think>yes</think> Final answer: no", (33, 35)),
+    # a lone word after a clause break (rule 6), and the last sentence (rule 5)
+    ("Based on the image, no, the angle is sharp.", (20, 22)),
+    ("The cardiac silhouette is enlarged.\nYes", (36, 39)),
+    # a character that lower() lengthens before the word keeps the offsets in the original text
+    ("\u0130\u0130 Answer: YES", (11, 14)),
+]
+
+
+@pytest.mark.parametrize("text,span", SPAN_CASES)
+def test_answer_span_points_at_the_deciding_word_of_the_original_text(text, span):
+    assert answer_span(text) == span
+    assert text[span[0]:span[1]].lower() == parse_yes_no(text).lower()
+
+
+@pytest.mark.parametrize("text", ["There is no evidence of effusion.", "The effusion is present.", "", "Effusion: yes. Pneumothorax: no.", None])
+def test_no_span_where_no_single_word_decided(text):
+    """Rule 7 (phrasing), unparsed and ambiguous texts have no deciding word."""
+    assert answer_span(text) is None
+
+
+@pytest.mark.parametrize("text,expected", CASES + WILD_CASES)
+def test_every_span_spells_the_parsed_answer(text, expected):
+    span = answer_span(text)
+    if span is not None:
+        assert text[span[0]:span[1]].lower() == expected.lower()
+
+
+def test_the_attributed_final_token_is_the_parsed_answers_word():
+    """final_token_index (the token every method's final-token map scores) follows the parser: a
+    step-by-step answer that names another yes/no word after its conclusion keeps the conclusion."""
+    from types import SimpleNamespace
+
+    from medfocus.attribution._common import final_token_index
+
+    def index(tokens):
+        return final_token_index(SimpleNamespace(answer_tokens=tokens, n_answer_tokens=len(tokens)))
+
+    assert index(["Final", " answer", ":", " yes", ".", " No", " other", " finding", "."]) == 3
+    # byte-level BPE spelling: "\u0120" a space, "\u010a" a line end (the last-sentence rule needs it)
+    assert index(["\u0120The", "\u0120angle", "\u0120is", "\u0120blunted", ".", "\u010a", "Yes", "\u0120"]) == 6
+    assert index(["Y", "es"]) == 0
+    # answered from phrasing: the last yes/no word; none at all: the last token
+    assert index(["There", " is", " no", " effusion", " seen", "."]) == 2
+    assert index(["Normal", " study", "."]) == 2

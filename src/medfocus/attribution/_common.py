@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from medfocus.errors import ConfigError
+from medfocus.lvlm.answers import answer_span
 
 if TYPE_CHECKING:  # annotations only: the adapter interface lives in the LVLM layer
     from medfocus.lvlm.adapter import ChatInputs, LVLMAdapter
@@ -105,16 +106,26 @@ def prepare_answer(adapter: Any, image: np.ndarray, question: str, answer: str, 
 
 
 def final_token_index(chat: Any) -> int:
-    """Index (0..T-1) of the final yes/no of the scored answer: the token where the *last* word "yes" or
-    "no" (any case) starts -- a word may span several tokens ("Y" + "es"), and its first token carries
-    the decision. The last token when no such word exists. In a step-by-step answer this is the
-    conclusion, attributed separately from the rationale."""
-    toks = [t.replace("\u0120", " ").replace("\u2581", " ") for t in chat.answer_tokens]
+    """Index (0..T-1) of the answer's deciding yes/no token: where the word that
+    :func:`~medfocus.lvlm.answers.parse_yes_no` reads as the answer starts (its span from
+    :func:`~medfocus.lvlm.answers.answer_span`) -- a word may span several tokens ("Y" + "es"), and its first
+    token carries the decision. In a step-by-step answer this is the conclusion, attributed separately
+    from the rationale; it is not always the last yes/no word ("Final answer: yes. No other finding").
+    When no single word decided (an answer read from phrasing, or none), the last word "yes" or "no";
+    the last token when there is no such word."""
+    # byte-level BPE spells a space and a line end as one character each ("\u0120", "\u010a"),
+    # SentencePiece a space ("\u2581"): the joined text keeps the parser's sentence and line rules
+    toks = [t.replace("\u0120", " ").replace("\u2581", " ").replace("\u010a", "\n") for t in chat.answer_tokens]
     starts = np.cumsum([0] + [len(t) for t in toks])
-    matches = list(_YES_NO_WORD.finditer("".join(toks)))
-    if not matches:
-        return chat.n_answer_tokens - 1
-    c = matches[-1].start()
+    text = "".join(toks)
+    span = answer_span(text)
+    if span is not None:
+        c = span[0]
+    else:
+        matches = list(_YES_NO_WORD.finditer(text))
+        if not matches:
+            return chat.n_answer_tokens - 1
+        c = matches[-1].start()
     return int(np.searchsorted(starts, c, side="right") - 1)
 
 

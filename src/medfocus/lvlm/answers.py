@@ -41,6 +41,7 @@ the words of a broken text (rules 6 and 7), so it is ``None`` (unparsed) rather 
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 _TAG = re.compile(r"<\s*/?\s*[a-z_]+\s*>")
 _MD = re.compile(r"[*_`#>$\"\u201c\u201d]+")
@@ -84,25 +85,62 @@ _POS = re.compile(
 )
 
 
-def _normalise(text: str) -> str:
-    t = _BOXED.sub(lambda m: " " + (m.group(1) or m.group(2) or "") + " ", text)
-    t = t.replace("\u2019", "'").lower()
-    if "</think>" in t and t.split("</think>")[-1].strip():
-        t = t.split("</think>")[-1]
-    t = re.sub(r"<\s*answer\s*>", " answer: ", t)
-    t = _TAG.sub(" ", t)
-    t = _MD.sub(" ", t)
-    t = _BOTH.sub(" ", t)
-    return _NL.sub("\n", _WS.sub(" ", t)).strip()
+def _sub(pattern: re.Pattern, s: str, idx: list[int], repl: Callable[[re.Match], tuple[str, list[int]]]) -> tuple[str, list[int]]:
+    """``pattern.sub`` that carries, for every character, its index in the original text.
+
+    ``repl(match) -> (text, indices)``; inserted characters carry -1. The parse rules read the normalised
+    text, and :func:`answer_span` must point back into the text the model wrote."""
+    out, oidx, last = [], [], 0
+    for m in pattern.finditer(s):
+        out.append(s[last:m.start()])
+        oidx.extend(idx[last:m.start()])
+        r, ri = repl(m)
+        out.append(r)
+        oidx.extend(ri)
+        last = m.end()
+    out.append(s[last:])
+    oidx.extend(idx[last:])
+    return "".join(out), oidx
 
 
-def _after_marker(t: str, marker: re.Pattern, n_fill: int) -> str | None:
-    """The answer word of the *last* marker that is followed by one (see module docstring)."""
+def _blank(text: str) -> Callable[[re.Match], tuple[str, list[int]]]:
+    return lambda m: (text, [-1] * len(text))
+
+
+def _normalise_tracked(text: str) -> tuple[str, list[int]]:
+    """The module docstring's normalisation, with each character's index in ``text`` (-1: inserted)."""
+    def unbox(m: re.Match) -> tuple[str, list[int]]:
+        g = 1 if m.group(1) is not None else 2
+        inner = m.group(g) or ""
+        return " " + inner + " ", [-1] + idx[m.start(g):m.start(g) + len(inner)] + [-1]
+
+    idx = list(range(len(text)))
+    t, idx = _sub(_BOXED, text, idx, unbox)
+    # per character, because lower() may lengthen one ("\u0130" -> "i" + a combining dot)
+    low = [(c.lower() if c != "\u2019" else "'", i) for c, i in zip(t, idx)]
+    t, idx = "".join(c for c, _ in low), [i for c, i in low for _ in c]
+    k = t.rfind("</think>")
+    if k >= 0 and t[k + len("</think>"):].strip():
+        t, idx = t[k + len("</think>"):], idx[k + len("</think>"):]
+    t, idx = _sub(re.compile(r"<\s*answer\s*>"), t, idx, _blank(" answer: "))
+    for pattern in (_TAG, _MD, _BOTH):
+        t, idx = _sub(pattern, t, idx, _blank(" "))
+    # whitespace runs collapse onto their first character's index
+    t, idx = _sub(_WS, t, idx, lambda m: (" ", [idx[m.start()]]))
+    t, idx = _sub(_NL, t, idx, lambda m: ("\n", [idx[m.start()]]))
+    a = len(t) - len(t.lstrip())
+    b = len(t.rstrip())
+    return t[a:b], idx[a:b]
+
+
+def _after_marker(t: str, marker: re.Pattern, n_fill: int) -> tuple[str, int] | None:
+    """The answer word of the *last* marker that is followed by one, and where it starts in ``t`` (see
+    module docstring)."""
     found = None
     for m in marker.finditer(t):
         f = _FOLLOW[n_fill].match(t[m.end():])
         if f and not _NEGATION.search(f.group("fill")):
-            found = f.group("word")
+            found = (f.group("word"), m.end() + f.start("word"))
     return found
 
 
@@ -115,32 +153,60 @@ def parse_yes_no(text: str | None) -> str | None:
     Returns:
         ``"Yes"`` / ``"No"`` / ``None`` following the rules in the module docstring.
     """
+    return _decide(text)[0]
+
+
+def answer_span(text: str | None) -> tuple[int, int] | None:
+    """Where in ``text`` the word that decided :func:`parse_yes_no` stands.
+
+    Args:
+        text: the generated text, as for :func:`parse_yes_no`.
+    Returns:
+        ``(start, end)``, a half-open character span of ``text`` holding "yes" or "no" (any case), for
+        rules 2-6 of the module docstring; ``None`` when no single word decided (rule 7's phrasing, an
+        unparsed or ambiguous text). Attribution uses it to find the answer's deciding token, which in a
+        step-by-step output is not always its last yes/no word ("Final answer: yes. No other finding").
+    """
+    return _decide(text)[1]
+
+
+def _decide(text: str | None) -> tuple[str | None, tuple[int, int] | None]:
+    """``(answer, span of the deciding word in text)``: the rules of the module docstring."""
     if text is None:
-        return None
-    t = _normalise(str(text))
+        return None, None
+    t, idx = _normalise_tracked(str(text))
+
+    def found(word: str, pos: int) -> tuple[str, tuple[int, int] | None]:
+        first, last = idx[pos], idx[pos + len(word) - 1]
+        # a word stitched from inserted characters has no place in the original text
+        return word.capitalize(), ((first, last + 1) if first >= 0 and last >= first else None)
+
     if not t.strip(" .!?,;:"):
-        return None
-    word = _after_marker(t, _EXPLICIT, 5) or _after_marker(t, _CONCLUDE, 3)
-    if word:
-        return word.capitalize()
+        return None, None
+    hit = _after_marker(t, _EXPLICIT, 5) or _after_marker(t, _CONCLUDE, 3)
+    if hit:
+        return found(*hit)
     first = _FIRST.match(t)
     if first:
-        return first.group(1).capitalize()
-    sentences = [s.strip(" .!,;:") for s in re.split(r"[.!?\n]+", t) if s.strip(" .!,;:")]
-    if sentences and sentences[-1] in ("yes", "no"):
-        return sentences[-1].capitalize()
+        return found(first.group(1), first.start(1))
+    parts = [m for m in re.finditer(r"[^.!?\n]+", t) if m.group().strip(" .!,;:")]
+    if parts and parts[-1].group().strip(" .!,;:") in ("yes", "no"):
+        last = parts[-1]
+        word = last.group().strip(" .!,;:")
+        return found(word, last.start() + last.group().index(word))
     if _DEGENERATE.search(t):  # a broken generation: no answer guessed from its words (module docstring)
-        return None
-    words = {m.group(1) for m in _ANSWER_WORD.finditer(t) if _STANDALONE.search(t[:m.start()])}
+        return None, None
+    lone = [m for m in _ANSWER_WORD.finditer(t) if _STANDALONE.search(t[:m.start()])]
+    words = {m.group(1) for m in lone}
     if len(words) == 1:
-        return words.pop().capitalize()
+        return found(lone[-1].group(1), lone[-1].start(1))
     if len(words) == 2:
-        return None
+        return None, None
     t = _UNSURE.sub(" ", t)
     # Positive phrasing inside a negated span ("no effusion is present") is not positive.
     neg, pos = bool(_NEG.search(t)), bool(_POS.search(_NEG.sub(" not", t)))
     if neg and not pos:
-        return "No"
+        return "No", None
     if pos and not neg:
-        return "Yes"
-    return None
+        return "Yes", None
+    return None, None
