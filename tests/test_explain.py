@@ -207,6 +207,10 @@ def test_viewer_in_chromium(synthetic_run, browser):
     _, tok_url, tok_state = _canvas(browser, "canvas.main-canvas")
     t = word.get_attribute("data-t")
     assert tok_state == f"medfocus|{t}|token {t}" and tok_url != whole
+    # captions name the token as a reader does: 1-based position, count and its text (not a 0-based index)
+    name = f"token {int(t) + 1}/{len(tokens)} \u201c{word.text.strip()}\u201d"
+    assert name in browser.find_element(By.CSS_SELECTOR, ".film .caption").text
+    assert browser.find_element(By.CSS_SELECTOR, ".medfocus h3").text == f"MedFocus: drop for {name} (nats)"
     assert browser.find_element(By.CSS_SELECTOR, ".medfocus table.bars").text != bars_whole
     final[0].click()
     _, fin_url, fin_state = _canvas(browser, "canvas.main-canvas")

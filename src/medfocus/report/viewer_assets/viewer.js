@@ -60,12 +60,18 @@
     return c;
   }
   // ---- which map a method shows for a token ----------------------------------------------------------
+  // A token as a reader names it: 1-based position, count and its text ("token 12/40 “effusion”").
+  function tokenName(s, t) {
+    var w = s.tokens && s.tokens[t] !== undefined && s.tokens[t] !== null ? String(s.tokens[t]).trim() : "";
+    return "token " + (t + 1) + (s.tokens ? "/" + s.tokens.length : "") + (w ? " \u201c" + w + "\u201d" : "");
+  }
+  // kind: a stable state key (data-state); label: what the captions show
   function pickMap(s, m, t) {
-    if (m.error) return { map: null, kind: "failed" };
-    if (t === null || t === undefined) return { map: m.map, kind: "whole answer" };
-    if (m.token_maps && m.token_maps[t]) return { map: m.token_maps[t], kind: "token " + t };
-    if (m.final_map && t === s.final_token_index) return { map: m.final_map, kind: "final token" };
-    return { map: m.map, kind: "whole answer (no per-token map)" };
+    if (m.error) return { map: null, kind: "failed", label: "failed" };
+    if (t === null || t === undefined) return { map: m.map, kind: "whole answer", label: "whole answer" };
+    if (m.token_maps && m.token_maps[t]) return { map: m.token_maps[t], kind: "token " + t, label: tokenName(s, t) };
+    if (m.final_map && t === s.final_token_index) return { map: m.final_map, kind: "final token", label: "final " + tokenName(s, t) };
+    return { map: m.map, kind: "whole answer (no per-token map)", label: "whole answer (no per-token map for " + tokenName(s, t) + ")" };
   }
   function drawBoxes(ctx, boxes, sx, sy, color, dash, width) {
     ctx.save(); ctx.strokeStyle = color; ctx.lineWidth = width; ctx.setLineDash(dash);
@@ -206,7 +212,7 @@
       s.tokens.forEach(function (t, i) {
         var sp = el("span", "token" + (i === s.final_token_index ? " final" : ""), t);
         sp.setAttribute("data-t", String(i));
-        sp.title = "token " + i + (i === s.final_token_index ? " (final yes/no token)" : "");
+        sp.title = tokenName(s, i) + (i === s.final_token_index ? " (final yes/no token)" : "");
         sp.addEventListener("mouseenter", function () { st.hover = i; update(); });
         sp.addEventListener("mouseleave", function () { st.hover = null; update(); });
         sp.addEventListener("click", function () { st.sel = i; st.hover = null; update(); });
@@ -249,7 +255,7 @@
       while (mfBox.firstChild) mfBox.removeChild(mfBox.firstChild);
       var mf = m && m.medfocus;
       if (!mf) return;
-      mfBox.appendChild(el("h3", null, t === null ? "MedFocus: drop in log-probability when each concept is hidden (nats)" : "MedFocus: drop for token " + t + " (nats)"));
+      mfBox.appendChild(el("h3", null, t === null ? "MedFocus: drop in log-probability when each concept is hidden (nats)" : "MedFocus: drop for " + tokenName(s, t) + " (nats)"));
       var win = el("div", "caption");
       win.appendChild(el("b", null, "Winner: " + (mf.fallback ? "whole image (fallback fired)" : mf.winner)));
       var maxd = Math.max.apply(null, mf.deltas.concat([0]));
@@ -288,14 +294,14 @@
       var concept = st.concept;
       if (m.medfocus && concept === null && !m.medfocus.fallback) concept = m.medfocus.winner;
       var pick = render(main, s, m, t, { opacity: st.opacity, showPred: st.showPred, showGT: st.showGT, concept: m.medfocus ? concept : null, markers: true, label: true });
-      cap.textContent = m.name + " · " + pick.kind + (m.error ? " · failed: " + m.error : "") +
+      cap.textContent = m.name + " · " + pick.label + (m.error ? " · failed: " + m.error : "") +
         (m.medfocus ? " · winner: " + (m.medfocus.fallback ? "whole image (fallback)" : m.medfocus.winner) : "");
       colourBar(cbar, pick.map, m.map_units);
       medfocusPanel(m, t);
       cells.forEach(function (c) {
         var p = render(c.canvas, s, c.m, t, { w: 220, opacity: st.opacity, showPred: st.showPred, showGT: st.showGT, concept: null, markers: false, label: true });
         c.div.classList.toggle("on", c.m.name === st.method);
-        c.sub.textContent = c.m.error ? "failed" : p.kind + " · " + fmt(c.m.seconds, 2) + " s";
+        c.sub.textContent = c.m.error ? "failed" : p.label + " · " + fmt(c.m.seconds, 2) + " s";
       });
     }
     update();
