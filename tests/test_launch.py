@@ -265,6 +265,12 @@ def test_manual_shards_merge_and_status_without_a_launch(world, tmp_path):
     st = CliRunner().invoke(main, ["status", str(out)])
     # hand-run shards: each file with its records, expected counts unknown, the 2-way sharding complete
     assert st.exit_code == 0 and "2 shard outputs run by hand" in st.output and "Note:" not in st.output, st.output
+    # the model of a hand-run shard comes from its records (its file name carries none)
+    from medfocus.runner.launch import shard_status
+
+    rows = shard_status(out)
+    models = {json.loads(line)["model"] for line in (out / "predictions.jsonl").read_text().splitlines() if line.strip()}
+    assert len(rows) == 2 and all(r["model"] == ", ".join(sorted(models)) for r in rows) and "*" not in models
     empty = tmp_path / "empty"
     empty.mkdir()
     res = CliRunner().invoke(main, ["merge", str(empty)])
@@ -291,3 +297,16 @@ def test_argv_from_params_round_trips_every_option_kind():
     assert argv == ["--name", "a b", "--n", "3", "--tag", "x", "--tag", "y", "--flag", "--no-neg"]
     assert cmd.make_context("cmd", argv).params == {**ctx.params, "launcher": "none"}
 
+
+
+def test_status_names_the_models_of_a_bench_shard_run_by_hand(tmp_path):
+    """A bench shard folder's model is read from its split logs' rows (the folder name carries none)."""
+    from medfocus.runner.launch import shard_status
+
+    log = tmp_path / "shards" / "0-of-2" / "demo" / "synthetic" / "direct.log.jsonl"
+    log.parent.mkdir(parents=True)
+    log.write_text("".join(json.dumps({"model": "demo", "dataset": "synthetic", "index": i, "error": None}) + "\n" for i in range(3)))
+    (tmp_path / "shards" / "1-of-2").mkdir()
+    rows = {r["shard"]: r for r in shard_status(tmp_path)}
+    assert (rows["0/2"]["model"], rows["0/2"]["done"]) == ("demo", 3)
+    assert (rows["1/2"]["model"], rows["1/2"]["done"]) == ("*", 0)  # nothing written yet: model unknown

@@ -324,8 +324,9 @@ def with_device(argv: Sequence[str], device: str | None) -> list[str]:
 # progress, status and merge
 
 
-def _count_done(path: Path) -> tuple[int, int]:
-    """(records, records with an error) of a store file or a bench shard folder (last per key)."""
+def _count_done(path: Path) -> tuple[int, int, list[str]]:
+    """(records, records with an error, the models they are of) of a store file or a bench shard folder
+    (last record per key)."""
     from medfocus.bench.build import read_log
     from medfocus.runner.store import read_jsonl, record_key
 
@@ -335,7 +336,7 @@ def _count_done(path: Path) -> tuple[int, int]:
         rows = list({record_key(r): r for r in read_jsonl(path)[0]}.values())  # last record per key
     else:
         rows = []
-    return len(rows), sum(1 for r in rows if r.get("error"))
+    return len(rows), sum(1 for r in rows if r.get("error")), sorted({str(r["model"]) for r in rows if r.get("model")})
 
 
 def shard_status(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -365,8 +366,10 @@ def shard_status(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
         tasks = [(t.shard, t.n, t.model, out / t.output, t.expected) for t in man.tasks]
     rows = []
     for i, n, model, path, expected in tasks:
-        done, errors = _count_done(path)
-        rows.append({"shard": f"{i}/{n}", "model": model or "*", "output": str(path.relative_to(out)), "done": done,
+        done, errors, models = _count_done(path)
+        # a task without a model tag (hand-run shards, a launch over every model) shows the models of
+        # its records; "*" only while it has none
+        rows.append({"shard": f"{i}/{n}", "model": model or ", ".join(models) or "*", "output": str(path.relative_to(out)), "done": done,
                      "expected": expected, "errors": errors})
     return rows
 
