@@ -149,3 +149,87 @@ def test_rerun_on_a_moved_data_root_updates_the_stored_film_paths(tmp_path):
     build_viewer([after[0]], tmp_path / "v.html")  # reads the film where it is now
     n_lines = len(store_path.read_text().splitlines())
     assert run(tmp_path / "new").skipped == 2 and len(store_path.read_text().splitlines()) == n_lines  # no rewrite when current
+
+
+# ---- --data-root: read the films of stored records from the root's new place --------------------------
+
+@pytest.fixture()
+def relocated(tmp_path):
+    """A record computed on ``old/train/a.png``; the whole root then moved to ``new/`` (nothing left at the
+    old place)."""
+    import shutil
+
+    film = _png(tmp_path / "old" / "train" / "a.png", 200)
+    rec = _record(tmp_path / "old", film)
+    shutil.move(tmp_path / "old", tmp_path / "new")
+    return rec, tmp_path / "new"
+
+
+def test_record_film_under_a_moved_data_root_is_found_and_checked(relocated):
+    from medfocus.io.paths import films_under, record_film
+
+    rec, new = relocated
+    assert record_film(rec, data_root=new) == str(new / "train" / "a.png")
+    with films_under(new):
+        assert record_film(rec) == str(new / "train" / "a.png")
+    with pytest.raises(DataError, match="missing"):
+        record_film(rec)  # outside the block: the stored path, which is gone
+    # another film at the new place is refused like one at the old place
+    _png(new / "train" / "a.png", 60)
+    with pytest.raises(DataError, match="not the film"):
+        record_film(rec, data_root=new)
+
+
+def test_a_moved_data_root_never_falls_back_to_the_stored_path(relocated, tmp_path):
+    from medfocus.io.paths import record_film
+
+    rec, new = relocated
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with pytest.raises(DataError) as e:
+        record_film(rec, data_root=elsewhere)
+    assert "'train/a.png' is not under the data root" in str(e.value) and "demo/vindr_cxr#3" in str(e.value)
+    # a record written before fingerprints has no path relative to its root: refused, not read at image_path
+    old = dict(rec)
+    del old["sample_fingerprint"]
+    with pytest.raises(DataError, match="before sample fingerprints"):
+        record_film(old, data_root=new)
+    # a film that lay outside its run's data root has no place under the new one
+    outside = {**rec, "sample_fingerprint": {**rec["sample_fingerprint"], "image": "/somewhere/else/a.png"}}
+    with pytest.raises(DataError, match="outside the data root"):
+        record_film(outside, data_root=new)
+    # a crafted relative path cannot leave the given root
+    hostile = {**rec, "sample_fingerprint": {**rec["sample_fingerprint"], "image": "../../etc/passwd"}}
+    with pytest.raises(DataError, match="outside"):
+        record_film(hostile, data_root=new)
+
+
+def test_report_reads_the_gallery_films_from_a_moved_data_root(relocated, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from medfocus.cli import main
+
+    rec, new = relocated
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "predictions.jsonl").write_text(json.dumps(rec) + "\n")
+    res = CliRunner().invoke(main, ["report", str(run), "--title", "moved"])
+    assert res.exit_code == 0, res.output
+    assert not list((run / "viewers").glob("*.html"))  # the film is gone from its stored path: no viewer
+    res = CliRunner().invoke(main, ["report", str(run), "--title", "moved", "--data-root", str(new)])
+    assert res.exit_code == 0, res.output
+    (viewer,) = list((run / "viewers").glob("*.html"))
+    assert str(new / "train" / "a.png") in viewer.read_text()  # the film read, at its new place
+    assert f"--data-root {new}" in (run / "report.html").read_text()
+
+
+def test_evaluate_data_root_only_with_faithfulness(tmp_path):
+    from click.testing import CliRunner
+
+    from medfocus.cli import main
+
+    (tmp_path / "p.jsonl").write_text("")
+    res = CliRunner().invoke(main, ["evaluate", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "e"), "--data-root", str(tmp_path)])
+    assert res.exit_code != 0 and "--data-root is only used with --faithfulness" in res.output

@@ -65,6 +65,17 @@ def faithfulness_options(*, default: bool) -> Callable[[Any], Any]:
     return deco
 
 
+def moved_data_root_option(f: Any) -> Any:
+    """``--data-root``: where the records' films are now, for commands that read them back from stored records
+    (``report``, ``evaluate --faithfulness``; :func:`medfocus.io.paths.films_under`)."""
+    return click.option(
+        "--data-root", "data_root", default=None, type=click.Path(exists=True, file_okay=False),
+        show_default="the films' paths stored in the records",
+        help="The data root the records' films are under now, when it moved since the run (another machine, a "
+             "remounted disk): each film is read at DATA_ROOT/<its path relative to the run's data root> and checked "
+             "against the hash stored in its record.")(f)
+
+
 def faithfulness_config(enabled: bool, steps: int, baseline: str, batch_size: int) -> Any:
     """A :class:`~medfocus.evaluation.faithfulness.FaithfulnessConfig` when ``enabled``, else ``None``."""
     if not enabled:
@@ -170,9 +181,10 @@ def _for_file(record: dict[str, Any], folder: Path) -> dict[str, Any]:
 @faithfulness_options(default=False)
 @click.option("--model", default=None, show_default="none; required with --faithfulness",
               help="With --faithfulness: the LVLM (registry name or folder) whose records are re-scored.")
+@moved_data_root_option
 def evaluate(predictions: tuple[Path, ...], out_dir: Path, metrics: str | None, n_boot: int, seed: int, q: float, min_area: int,
              max_boxes: int, baselines: bool, correct_only: bool, faithfulness: bool, faithfulness_steps: int,
-             faithfulness_baseline: str, faithfulness_batch_size: int, model: str | None) -> None:
+             faithfulness_baseline: str, faithfulness_batch_size: int, model: str | None, data_root: str | None) -> None:
     """Score predicted boxes / heatmaps against expert boxes; write CSV/Markdown tables.
 
     Boxes from heatmaps: min-max normalise, threshold at the q-quantile of the positive values,
@@ -190,6 +202,13 @@ def evaluate(predictions: tuple[Path, ...], out_dir: Path, metrics: str | None, 
         bad = [m for m in chosen if m not in ALL_METRICS]
         if bad or not chosen:
             raise click.BadParameter(f"unknown metric(s) {bad}; choose from {', '.join(ALL_METRICS)}", param_hint="--metrics")
+    # settings first: no file is read for a run that cannot start
+    if faithfulness and not model:
+        raise click.BadParameter("--faithfulness needs --model NAME (the LVLM whose heatmaps are re-scored)", param_hint="--model")
+    if model and not faithfulness:
+        raise click.BadParameter("--model is only used with --faithfulness", param_hint="--model")
+    if data_root and not faithfulness:
+        raise click.BadParameter("--data-root is only used with --faithfulness (scoring reads no film)", param_hint="--data-root")
     # one record per key across the files too: overlapping files (a merged store and its shards, a file
     # given twice) would otherwise double n and shrink every interval
     records, dup_note = read_prediction_files(predictions)
@@ -206,16 +225,15 @@ def evaluate(predictions: tuple[Path, ...], out_dir: Path, metrics: str | None, 
                    err=True)
         if not records:
             raise click.ClickException(f"--correct-only: no record of {', '.join(map(str, predictions))} has a correct answer")
-    if faithfulness and not model:
-        raise click.BadParameter("--faithfulness needs --model NAME (the LVLM whose heatmaps are re-scored)", param_hint="--model")
-    if model and not faithfulness:
-        raise click.BadParameter("--model is only used with --faithfulness", param_hint="--model")
     if faithfulness:
         from medfocus.runner.store import to_jsonable
 
         # a MedfocusError here becomes a CLI error in the one place that converts them (cli.py)
         cfg = faithfulness_config(True, faithfulness_steps, faithfulness_baseline, faithfulness_batch_size)
-        n_done, n_other = add_faithfulness(records, str(model), cfg)
+        from medfocus.io.paths import films_under
+
+        with films_under(data_root):
+            n_done, n_other = add_faithfulness(records, str(model), cfg)
         click.echo(f"faithfulness: {n_done} heatmap records scored with {model}"
                    + (f" ({n_other} records of other models left out)" if n_other else ""), err=True)
         if chosen is not None and "deletion_auc" not in chosen:

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from medfocus.commands.config import config_option
+from medfocus.commands.evaluate import moved_data_root_option
 from medfocus.errors import DataError
 
 EPILOG = """\b
@@ -14,6 +15,7 @@ Examples:
   medfocus report runs/attr                       # -> runs/attr/report.html
   medfocus report runs/attr --retention runs/bench/retention.csv --title "VinDr-CXR, Qwen2.5-VL-7B"
   medfocus report runs/attr --save-figures --format pdf --dpi 300   # + runs/attr/figures/*.pdf for a paper
+  medfocus report runs/attr --data-root /mnt/vindr   # the films moved since the run (checked by their hashes)
 """
 
 
@@ -44,7 +46,8 @@ def read_table(path: str | Path):
               help="Format of the saved figures: svg and pdf are vector (heatmaps embedded at --dpi).")
 @click.option("--dpi", default=150, show_default=True, type=click.IntRange(30, 1200),
               help="Resolution of raster figures and of the heatmaps inside vector ones (the HTML embeds PNGs at this dpi).")
-def report(run_dir, predictions, retention, out, correct_only, title, gallery, save_figures, fig_format, dpi) -> None:
+@moved_data_root_option
+def report(run_dir, predictions, retention, out, correct_only, title, gallery, save_figures, fig_format, dpi, data_root) -> None:
     """Write one self-contained HTML file (images embedded) with the results tables, retention table,
     plots, sample gallery and MedFocus concept/token views of RUN_DIR."""
     from medfocus.report import build_report
@@ -70,7 +73,12 @@ def report(run_dir, predictions, retention, out, correct_only, title, gallery, s
         _, note = rows_of_run(ret, [(r["model"], r["dataset"]) for r in preds], source=str(ret_path))
         if note:
             click.echo(f"note: {note}", err=True)
-    path = build_report(preds, Path(out) if out else run / "report.html", retention=ret, title=title, gallery=gallery,
-                        figures_dir=run / "figures" if save_figures else None, fig_format=fig_format, dpi=dpi, run_info=run_info,
-                        retention_source=str(ret_path))
+    from medfocus.io.paths import films_under
+
+    if data_root:
+        run_info["Films read from"] = f"--data-root {data_root} (each film checked against the hash in its record)"
+    with films_under(data_root):  # the gallery and its viewers read the films back
+        path = build_report(preds, Path(out) if out else run / "report.html", retention=ret, title=title, gallery=gallery,
+                            figures_dir=run / "figures" if save_figures else None, fig_format=fig_format, dpi=dpi,
+                            run_info=run_info, retention_source=str(ret_path))
     click.echo(f"report: {path.resolve()}")

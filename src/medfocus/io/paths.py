@@ -20,7 +20,8 @@ from typing import Any, Iterator, Mapping
 from medfocus.errors import DataError
 from medfocus.io.fingerprint import FINGERPRINT_FIELD, file_sha256  # re-exported: record_film checks films with them
 
-__all__ = ["safe_filename", "resolve_inside", "allow_outside_root", "file_sha256", "record_label", "record_film", "FINGERPRINT_FIELD"]
+__all__ = ["safe_filename", "resolve_inside", "allow_outside_root", "file_sha256", "record_label", "record_film", "films_under",
+           "FINGERPRINT_FIELD"]
 
 
 _ALLOW_OUTSIDE: contextvars.ContextVar[bool] = contextvars.ContextVar("medfocus_allow_outside_root", default=False)
@@ -98,7 +99,20 @@ def resolve_inside(root: str | os.PathLike, relative: str | os.PathLike, *, what
 
 
 _MOVED = ("Rerun the same command with the moved --data-root into the same output: the records of the same films "
-          "are served, not recomputed, and get the films' new paths")
+          "are served, not recomputed, and get the films' new paths; `medfocus report` and `medfocus evaluate` "
+          "read them from a moved root with --data-root NEW_ROOT")
+_FILM_ROOT: contextvars.ContextVar[str | None] = contextvars.ContextVar("medfocus_film_root", default=None)
+
+
+@contextlib.contextmanager
+def films_under(data_root: str | os.PathLike[str] | None) -> Iterator[None]:
+    """Within this block, :func:`record_film` reads every record's film from ``data_root`` (the data root
+    moved since the records were written: another machine, a remounted disk). ``None`` changes nothing."""
+    token = _FILM_ROOT.set(None if data_root is None else os.fspath(data_root))
+    try:
+        yield
+    finally:
+        _FILM_ROOT.reset(token)
 
 
 def record_label(record: Mapping[str, Any]) -> str:
@@ -106,7 +120,8 @@ def record_label(record: Mapping[str, Any]) -> str:
     return f"record {record.get('model')}/{record.get('dataset')}#{record.get('index')} ({record.get('method')})"
 
 
-def record_film(record: Mapping[str, Any], *, where: str | None = None) -> str:
+def record_film(record: Mapping[str, Any], *, where: str | None = None,
+                data_root: str | os.PathLike[str] | None = None) -> str:
     """The film a stored result record was computed on: its ``image_path``, checked against the sha256 in
     its sample fingerprint.
 
@@ -119,25 +134,43 @@ def record_film(record: Mapping[str, Any], *, where: str | None = None) -> str:
     Args:
         record: a result record (``image_path``, optionally ``sample_fingerprint``).
         where: how errors name the record (default ``model/dataset#index (method)``).
+        data_root: the data root's new place (default: the one set by :func:`films_under`, else none):
+            the film is read at ``data_root / <fingerprint image>`` instead of ``image_path``, still
+            checked by its sha256.
     Returns:
         the path to read.
     Raises:
         DataError: no ``image_path``; the film is missing; the file there has other bytes than the film
-            the record was computed on.
+            the record was computed on; with ``data_root``, a record whose fingerprint holds no film path
+            relative to its data root (written before fingerprints, or a film that lay outside the root),
+            or whose relative path leaves ``data_root``.
     """
     name = where or record_label(record)
+    root = os.fspath(data_root) if data_root is not None else _FILM_ROOT.get()
     path = record.get("image_path")
     if not path:
         raise DataError(f"{name}: no 'image_path' (the film it was computed on)")
     path = str(path)
     fp = record.get(FINGERPRINT_FIELD)
     sha = fp.get("image_sha256") if isinstance(fp, Mapping) else None
+    rel = fp.get("image") if isinstance(fp, Mapping) else None
+    if root is not None:
+        # never a silent fall back to the old path: the user said the films are elsewhere now
+        if not sha or not rel:
+            raise DataError(f"{name}: its film cannot be looked up under the data root {root}: the record stores no "
+                            "film path relative to its data root and no film hash (it was written before sample "
+                            f"fingerprints); run without --data-root to read {path}")
+        if os.path.isabs(str(rel)):
+            raise DataError(f"{name}: its film {rel} lay outside the data root the record was computed with, so it has "
+                            f"no place under the data root {root}")
+        path = str(resolve_inside(root, str(rel), what=f"{name}'s film {str(rel)!r}", allow_outside=False))
     if not sha:
         return path
-    rel = fp.get("image")
     called = f" (the record calls it {rel!r}, relative to its data root)" if rel and str(rel) != path else ""
     got = file_sha256(path)
     if got is None:
+        if root is not None:
+            raise DataError(f"{name}: its film {rel!r} is not under the data root {root} (looked for {path})")
         raise DataError(f"{name}: its film {path} is missing{called}; was the data root moved? {_MOVED}")
     if got[1] != sha:
         raise DataError(f"{name}: the file at {path} (sha256 {got[1][:12]}, {got[0]} bytes) is not the film this "

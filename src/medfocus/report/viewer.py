@@ -246,7 +246,7 @@ def sample_view(records: Sequence[Mapping[str, Any]], base_dir: str | Path | Non
     return {
         "label": label or Path(str(first["image_path"])).name,
         "model": first["model"], "dataset": first["dataset"], "index": int(first["index"]), "mode": first["mode"],
-        "image_path": str(first["image_path"]),
+        "image_path": str(film),  # the file read: under --data-root, the film's new place
         "finding": first.get("attribute"), "question": first.get("question"),
         "answer": first.get("answer"), "answer_source": first.get("answer_source"),
         "answer_parsed": first.get("answer_parsed"), "gt_answer": first.get("gt_answer"),
