@@ -151,7 +151,27 @@ def test_resized_film_is_refused_naming_file_size_and_the_original_frame(tmp_pat
     assert "boxes are in the pixels of the 1024x1024 original films, but 2 of 2 films are not 1024x1024" in msg
     assert f"{base / 'images' / '00000000_000.png'} is 256x256" in msg
     assert f"{base / 'images' / '00000002_000.png'} is 256x256" in msg
-    assert "rescale_boxes=True" in msg and "command line has no such option" in msg
+    assert "rescale_boxes=True" in msg and "--rescale-boxes on the command line" in msg
+
+
+def test_the_command_line_opts_in_with_rescale_boxes(tmp_path):
+    """attribute and bench build take --rescale-boxes to the NIH loader; it is refused for other datasets."""
+    from click.testing import CliRunner
+
+    from medfocus.cli import main
+    from medfocus.commands.attribute import build_items
+
+    _nih_root(tmp_path, (256, 256))
+    with pytest.raises(DataError, match="--rescale-boxes"):
+        build_items(bench=(), dataset="nih_cxr8", data_root=str(tmp_path), models=["demo"], modes=["direct"])
+    with pytest.warns(UserWarning, match="rescaled"):
+        items = build_items(bench=(), dataset="nih_cxr8", data_root=str(tmp_path), models=["demo"], modes=["direct"],
+                            rescale_boxes=True)
+    assert sorted(tuple(it.sample.boxes) for it in items) == [((25.0, 37.5, 75.0, 75.0),), ((30.0, 35.0, 100.0, 75.0),)]
+    for cmd in (["attribute", "--dataset", "synthetic", "--model", "demo", "--out", str(tmp_path / "o")],
+                ["bench", "build", "--dataset", "synthetic", "--model", "demo", "--out", str(tmp_path / "b")]):
+        res = CliRunner().invoke(main, [*cmd, "--data-root", str(tmp_path), "--rescale-boxes"])
+        assert res.exit_code != 0 and "--rescale-boxes applies to nih_cxr8 films only" in res.output, res.output
 
 
 def test_rescale_boxes_opt_in_scales_to_the_film(tmp_path):

@@ -9,6 +9,7 @@ import click
 
 from medfocus.attribution.base import BASELINES, forward_pass_note
 from medfocus.commands.config import config_option
+from medfocus.commands.dataset_options import check_rescale_boxes, loader_options, rescale_boxes_option
 from medfocus.commands.evaluate import faithfulness_config, faithfulness_options
 from medfocus.commands.launch import LAUNCH_PARAMS, check_launch_options, launcher_options
 from medfocus.datasets import DATASET_REGISTRY
@@ -165,11 +166,11 @@ def exit_if_nothing_succeeded(n_records: int, n_failed: int, store_path: Path, r
     click.get_current_context().exit(EXIT_ALL_FAILED)
 
 
-def load_samples(dataset: str, data_root: str | None) -> list:
+def load_samples(dataset: str, data_root: str | None, rescale_boxes: bool = False) -> list:
     """Samples of a dataset through the dataset registry (``medfocus.datasets.load_dataset``)."""
     from medfocus.datasets import load_dataset
 
-    return load_dataset(dataset, data_root)
+    return load_dataset(dataset, data_root, **loader_options(dataset, rescale_boxes))
 
 
 def build_items(
@@ -182,6 +183,7 @@ def build_items(
     include_negatives: bool = False,
     answer_source: str = "model",
     relabel_split_model: bool = False,
+    rescale_boxes: bool = False,
 ) -> list:
     """Work items from benchmark files (filtered splits) or, without them, from a dataset's samples.
 
@@ -194,11 +196,13 @@ def build_items(
     ``split_model``. Records left out (other datasets than ``dataset``, other modes, other models) are
     counted in a note per file. Without a split, ``answer_source="model"`` (default) generates the
     model's greedy answer on each film in the run and attributes that; ``"ground_truth"`` attributes
-    the dataset's answer whatever the model says.
+    the dataset's answer whatever the model says. ``rescale_boxes``: NIH ChestX-ray8 films are square
+    resized copies, their boxes scaled to them (:func:`loader_options`).
 
     Raises:
         ConfigError: an unknown ``dataset`` (or a record's); a split built for other models than ``models`` (naming
-            the file, its models and ``--model``); a ``--model`` no split record names; nothing to run.
+            the file, its models and ``--model``); a ``--model`` no split record names; nothing to run;
+            ``rescale_boxes`` in a run without NIH ChestX-ray8 samples.
         DataError: an unreadable split, a record naming no mode, or an index out of range (naming the
             file, record, index, dataset size and data root).
     """
@@ -212,7 +216,7 @@ def build_items(
     def samples_for(ds: str) -> list:
         key = (ds, data_root)
         if key not in samples_cache:
-            samples_cache[key] = load_samples(ds, data_root)
+            samples_cache[key] = load_samples(ds, data_root, rescale_boxes)
         return samples_cache[key]
 
     if dataset:
@@ -293,9 +297,11 @@ def build_items(
             raise ConfigError(f"--model {', '.join(missing)}: no record of {list(bench)} in modes {list(modes)} names it")
         if not items:
             raise ConfigError(f"no benchmark records matched models={list(models) or 'any'} modes={list(modes)} in {list(bench)}")
+        check_rescale_boxes(rescale_boxes, [it.dataset for it in items])
         return items
     if not dataset:
         raise ConfigError("give --bench FILE (a filtered split) or --dataset NAME (all samples of a dataset)")
+    check_rescale_boxes(rescale_boxes, [dataset])
     if not models:
         raise ConfigError("--model is required without --bench")
     samples = samples_for(dataset)
@@ -315,6 +321,7 @@ def build_items(
 @click.option("--dataset", default=None, show_default="the datasets named in --bench; required without --bench",
               help=f"Dataset key ({DATASET_NAMES}; aliases such as vindr-cxr accepted). With --bench: run only its records.")
 @click.option("--data-root", default=None, envvar="MEDFOCUS_DATA_ROOT", show_default="$MEDFOCUS_DATA_ROOT", help="Dataset root.")
+@rescale_boxes_option
 @click.option("--model", "models", multiple=True, show_default="the models named in --bench; required without --bench",
               help="LVLM registry name or path. Repeatable.")
 @click.option("--mode", "modes", multiple=True, type=click.Choice(["direct", "cot"]), default=("direct",), show_default=True, help="Output mode(s). Repeatable.")
@@ -355,7 +362,7 @@ def build_items(
 @faithfulness_options(default=False)
 @launcher_options
 @click.pass_context
-def attribute(ctx, bench, dataset, data_root, models, modes, methods, params, refine, medsam, out_dir, limit, seed, shard, merge,
+def attribute(ctx, bench, dataset, data_root, rescale_boxes, models, modes, methods, params, refine, medsam, out_dir, limit, seed, shard, merge,
               retry_errors, overwrite, save_token_maps, answer_source, relabel_split_model, include_negatives, device,
               allow_outside_root, no_progress, store_name,
               faithfulness, faithfulness_steps, faithfulness_baseline, faithfulness_batch_size, **launch_opts) -> None:
@@ -376,7 +383,7 @@ def attribute(ctx, bench, dataset, data_root, models, modes, methods, params, re
     if launch_opts["launcher"] != "none":
         if shard or merge:
             raise ConfigError("--shard and --merge are for runs without a launcher (the launcher shards and merges itself)")
-        _launch_attribute(ctx, launch_opts, bench=bench, dataset=dataset, data_root=data_root, models=models,
+        _launch_attribute(ctx, launch_opts, bench=bench, dataset=dataset, data_root=data_root, rescale_boxes=rescale_boxes, models=models,
                           modes=modes, methods=methods, params=params, refine=refine, medsam=medsam, out=out,
                           limit=limit, include_negatives=include_negatives, device=device, no_progress=no_progress,
                           allow_outside_root=allow_outside_root, overwrite=overwrite, relabel_split_model=relabel_split_model)
@@ -400,7 +407,7 @@ def attribute(ctx, bench, dataset, data_root, models, modes, methods, params, re
     with _allow_outside(allow_outside_root):
         items = build_items(bench=bench, dataset=dataset, data_root=data_root, models=models, modes=modes,
                             include_negatives=include_negatives, answer_source=answer_source.replace("-", "_"),
-                            relabel_split_model=relabel_split_model)
+                            relabel_split_model=relabel_split_model, rescale_boxes=rescale_boxes)
     items = select_items(items, limit=limit, shard=(i, n))
     check_models(sorted({it.model for it in items}))
     check_films(items, method_objs)
@@ -445,6 +452,7 @@ def attribute(ctx, bench, dataset, data_root, models, modes, methods, params, re
 
 
 def _launch_attribute(ctx: click.Context, launch_opts: dict[str, Any], *, bench, dataset, data_root, models, modes, methods,
+                      rescale_boxes: bool = False,
                       params, refine, medsam, out: Path, limit, include_negatives, device, no_progress,
                       allow_outside_root: bool = False, overwrite: bool = False, relabel_split_model: bool = False) -> None:
     """Validate the run, split it into (model, shard) tasks and start them (``--launcher local|slurm``)."""
@@ -460,7 +468,8 @@ def _launch_attribute(ctx: click.Context, launch_opts: dict[str, Any], *, bench,
     methods = tuple(method_objs)
     with _allow_outside(allow_outside_root):
         items = select_items(build_items(bench=bench, dataset=dataset, data_root=data_root, models=models, modes=modes,
-                                         include_negatives=include_negatives, relabel_split_model=relabel_split_model),
+                                         include_negatives=include_negatives, relabel_split_model=relabel_split_model,
+                                         rescale_boxes=rescale_boxes),
                               limit=limit)
     check_models(sorted({it.model for it in items}))
     check_films(items, method_objs)

@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from medfocus.commands.config import config_option
+from medfocus.commands.dataset_options import check_rescale_boxes, loader_options, rescale_boxes_option
 from medfocus.commands.launch import LAUNCH_PARAMS, check_launch_options, launcher_options
 from medfocus.datasets import DATASET_REGISTRY
 from medfocus.lvlm.progress import progress_bars
@@ -84,6 +85,7 @@ def _model_identity(model: str) -> dict[str, Any]:
 @click.option("--dataset", required=True,
               help=f"Dataset key: {', '.join(DATASET_REGISTRY.names())} (synthetic and nih_cxr8 need no credentials).")
 @click.option("--data-root", default=None, envvar="MEDFOCUS_DATA_ROOT", show_default="$MEDFOCUS_DATA_ROOT", help="Dataset root.")
+@rescale_boxes_option
 @click.option("--mode", "modes", multiple=True, type=click.Choice(["direct", "cot"]), default=("direct",), show_default=True,
               help="Output mode(s); repeat for both.")
 @click.option("--editor", default=None, show_default="oracle on the synthetic world, else radedit as in the paper",
@@ -116,7 +118,7 @@ def _model_identity(model: str) -> dict[str, Any]:
                    "them with `medfocus merge` (the launchers do both).")
 @launcher_options
 @click.pass_context
-def build(ctx: click.Context, model: str, model_name: str | None, dataset: str, data_root: str | None, modes: tuple[str, ...], editor: str | None, out_dir: str,
+def build(ctx: click.Context, model: str, model_name: str | None, dataset: str, data_root: str | None, rescale_boxes: bool, modes: tuple[str, ...], editor: str | None, out_dir: str,
           cache_dir: str | None, reference_dir: str | None, radedit_dir: str | None, radedit_steps: int, limit: int | None,
           batch_size: int, max_new_tokens: int | None, include_negatives: bool, retry_errors: bool, overwrite: bool, seed: int,
           device: str | None, allow_outside_root: bool, no_progress: bool, shard: str | None, **launch_opts: Any) -> None:
@@ -136,8 +138,9 @@ def build(ctx: click.Context, model: str, model_name: str | None, dataset: str, 
     if launch_opts["launcher"] != "none" and shard:
         raise ConfigError("--shard is for runs without a launcher (the launcher shards and merges itself)")
     # cheap checks first: data, then editor weights, then the (large) model
+    check_rescale_boxes(rescale_boxes, [dataset])
     with _allow_outside(allow_outside_root):
-        samples = load_dataset(dataset, data_root)
+        samples = load_dataset(dataset, data_root, **loader_options(dataset, rescale_boxes))
     whole = samples  # the log's rows outside --limit / --shard are judged against the whole dataset too
     if limit is not None:
         samples = samples[:limit]

@@ -248,6 +248,7 @@ def _film_scales(groups: list, sizes: SizeCache, rescale: bool) -> dict[Path, fl
            "boxes on it" if rescale else
            "a resized copy (such as the 256x256 / 512x512 downloads) would put every box in the wrong frame. Use "
            "the original 1024x1024 PNGs, or, for a square resized copy, load_dataset('nih_cxr8', root, "
-           "rescale_boxes=True) in Python scales the boxes to the film (the command line has no such option)")
+           "rescale_boxes=True) in Python or --rescale-boxes on the command line (attribute, bench build) scales the "
+           "boxes to the film")
     raise DataError(f"NIH ChestX-ray8 boxes are in the pixels of the {ORIGINAL_SIZE}x{ORIGINAL_SIZE} original films, "
                     f"but {len(bad)} of {len(out)} films are not {ORIGINAL_SIZE}x{ORIGINAL_SIZE}: {some(bad)}; {why}.")
