@@ -234,7 +234,12 @@ _FOCUS: dict[str, Any] = dict(focus_steps=600, focus_lr=5e-4, hard_negative_pair
 #:   answers short of the 95% target. A 600-step stage 3 from these weights with positive focus on nodules and
 #:   masses (``focus_findings`` [nodule, mass], ``focus_share`` 0.5, hard negatives between them, lr 5e-4) did
 #:   not help: on the diagnostic seed 1265 direct / 1260 step-by-step of 1310 answers right, against 1268 / 1265
-#:   for its starting point (no preset; not measured on the validity seeds).
+#:   for its starting point (no preset; not measured on the validity seeds). Training stage 1 longer still
+#:   (15000 steps, the same data, seed and run up to step 12000; auxiliary loss 0.13-0.15 over the last 3000
+#:   steps, a plateau) did not help either: 1264 direct / 1268 step-by-step on the diagnostic seed (no preset;
+#:   not measured on the validity seeds; weights not kept). The two runs' stage-2 weights share 28 of their
+#:   ~44 wrong answers per mode there, mostly type confusions of the same lesion (a consolidation or nodule
+#:   answered as a mass, the mass question then wrong too) and thin atelectasis bands missed.
 #: - ``demo-shortcut``: the shipped shortcut twin. 8x8 token grid; on 90% of the training cases every finding
 #:   brings its correlated cue (:data:`~medfocus.datasets.synthetic.DEFAULT_CUE_MAP`) and is drawn faint, and
 #:   there the auxiliary loss marks each finding at its cue's box instead of its own mask, so the vision tower
