@@ -34,7 +34,7 @@ def world(tmp_path, monkeypatch):
         png = Path(s.image_path).with_suffix(".png")
         Image.fromarray(np.load(s.image_path)).save(png)
         s.image_path = str(png)
-    monkeypatch.setattr(attr_cmd, "load_samples", lambda ds, root: samples)
+    monkeypatch.setattr(attr_cmd, "load_samples", lambda ds, root, rescale_boxes=False: samples)
     loads: list[str] = []
     monkeypatch.setattr(loading, "load_lvlm", lambda name, device=None, **kw: loads.append(name) or fakes.FakeAdapter(name))
     monkeypatch.delenv("MEDFOCUS_MODELS", raising=False)

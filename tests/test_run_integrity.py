@@ -117,7 +117,7 @@ def test_cli_rerun_with_other_param_exits_nonzero(tmp_path, monkeypatch, toy):
     from medfocus.cli import main
 
     items = _items(tmp_path)
-    monkeypatch.setattr(attr_cmd, "load_samples", lambda ds, root: [it.sample for it in items])
+    monkeypatch.setattr(attr_cmd, "load_samples", lambda ds, root, rescale_boxes=False: [it.sample for it in items])
     monkeypatch.setattr(loading, "load_lvlm", lambda name, device=None, **kw: toy)
     monkeypatch.setattr(attr_cmd, "check_models", lambda names: None)
     base = ["attribute", "--dataset", "synthetic", "--model", "demo", "--method", "occlusion", "--out", str(tmp_path / "o"),

@@ -45,7 +45,7 @@ def fake_world(tmp_path, monkeypatch):
     monkeypatch.setitem(abase._REGISTRY, "fake_hot", f"{__name__}:_placeholder")
     real_resolve = abase._resolve
     monkeypatch.setattr(abase, "_resolve", lambda name: {"fake_hot": Hot, "fake_boom": Boom}.get(name) or real_resolve(name))
-    monkeypatch.setattr(attr_cmd, "load_samples", lambda ds, root: samples if ds == "synthetic" else [])
+    monkeypatch.setattr(attr_cmd, "load_samples", lambda ds, root, rescale_boxes=False: samples if ds == "synthetic" else [])
     loads = []
     monkeypatch.setattr(loading, "load_lvlm", lambda name, device=None, **kw: loads.append(name) or fakes.FakeAdapter(name))
     bench = tmp_path / "bench.json"

@@ -86,7 +86,7 @@ def test_cli_flag_allows_with_warning(tmp_path, secret, monkeypatch):
 
     seen = []
 
-    def load_samples(ds, root):
+    def load_samples(ds, root, rescale_boxes=False):
         try:
             seen.append(resolve_inside(tmp_path / "root", "../outside/secret.png"))
         except DataError as exc:
