@@ -309,4 +309,4 @@ def test_status_names_the_models_of_a_bench_shard_run_by_hand(tmp_path):
     (tmp_path / "shards" / "1-of-2").mkdir()
     rows = {r["shard"]: r for r in shard_status(tmp_path)}
     assert (rows["0/2"]["model"], rows["0/2"]["done"]) == ("demo", 3)
-    assert (rows["1/2"]["model"], rows["1/2"]["done"]) == ("*", 0)  # nothing written yet: model unknown
+    assert (rows["1/2"]["model"], rows["1/2"]["done"]) == ("(no records yet)", 0)  # nothing written yet: model unknown

@@ -194,10 +194,15 @@ def test_a_moved_data_root_never_falls_back_to_the_stored_path(relocated, tmp_pa
     del old["sample_fingerprint"]
     with pytest.raises(DataError, match="before sample fingerprints"):
         record_film(old, data_root=new)
-    # a film that lay outside its run's data root has no place under the new one
-    outside = {**rec, "sample_fingerprint": {**rec["sample_fingerprint"], "image": "/somewhere/else/a.png"}}
-    with pytest.raises(DataError, match="outside the data root"):
+    # a film given by its own path (an explain film: no data root) has no place under any root, and its
+    # missing-film message does not send the user to --data-root
+    outside = {**rec, "image_path": "/somewhere/else/a.png",
+               "sample_fingerprint": {**rec["sample_fingerprint"], "image": "/somewhere/else/a.png"}}
+    with pytest.raises(DataError, match="given by its own path, not found under a data root"):
         record_film(outside, data_root=new)
+    with pytest.raises(DataError) as e:
+        record_film(outside)
+    assert "given by its own path" in str(e.value) and "--data-root" not in str(e.value)
     # a crafted relative path cannot leave the given root
     hostile = {**rec, "sample_fingerprint": {**rec["sample_fingerprint"], "image": "../../etc/passwd"}}
     with pytest.raises(DataError, match="outside"):
@@ -218,6 +223,8 @@ def test_report_reads_the_gallery_films_from_a_moved_data_root(relocated, tmp_pa
     res = CliRunner().invoke(main, ["report", str(run), "--title", "moved"])
     assert res.exit_code == 0, res.output
     assert not list((run / "viewers").glob("*.html"))  # the film is gone from its stored path: no viewer
+    page = (run / "report.html").read_text()  # and the page says why its gallery is empty
+    assert "1 gallery sample(s) left out: their film could not be read" in page and "is missing" in page
     res = CliRunner().invoke(main, ["report", str(run), "--title", "moved", "--data-root", str(new)])
     assert res.exit_code == 0, res.output
     (viewer,) = list((run / "viewers").glob("*.html"))

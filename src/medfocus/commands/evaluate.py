@@ -65,15 +65,16 @@ def faithfulness_options(*, default: bool) -> Callable[[Any], Any]:
     return deco
 
 
-def moved_data_root_option(f: Any) -> Any:
+def moved_data_root_option(needs: str = "") -> Callable[[Any], Any]:
     """``--data-root``: where the records' films are now, for commands that read them back from stored records
-    (``report``, ``evaluate --faithfulness``; :func:`medfocus.io.paths.films_under`)."""
+    (``report``, ``evaluate --faithfulness``; :func:`medfocus.io.paths.films_under`). ``needs``: the option it
+    only works with, said in the help."""
     return click.option(
         "--data-root", "data_root", default=None, type=click.Path(exists=True, file_okay=False),
         show_default="the films' paths stored in the records",
-        help="The data root the records' films are under now, when it moved since the run (another machine, a "
-             "remounted disk): each film is read at DATA_ROOT/<its path relative to the run's data root> and checked "
-             "against the hash stored in its record.")(f)
+        help=(f"With {needs}: the" if needs else "The") + " data root the records' films are under now, when it moved "
+             "since the run (another machine, a remounted disk): each film is read at DATA_ROOT/<its path relative to "
+             "the run's data root> and checked against the hash stored in its record.")
 
 
 def faithfulness_config(enabled: bool, steps: int, baseline: str, batch_size: int) -> Any:
@@ -181,7 +182,7 @@ def _for_file(record: dict[str, Any], folder: Path) -> dict[str, Any]:
 @faithfulness_options(default=False)
 @click.option("--model", default=None, show_default="none; required with --faithfulness",
               help="With --faithfulness: the LVLM (registry name or folder) whose records are re-scored.")
-@moved_data_root_option
+@moved_data_root_option(needs="--faithfulness")
 def evaluate(predictions: tuple[Path, ...], out_dir: Path, metrics: str | None, n_boot: int, seed: int, q: float, min_area: int,
              max_boxes: int, baselines: bool, correct_only: bool, faithfulness: bool, faithfulness_steps: int,
              faithfulness_baseline: str, faithfulness_batch_size: int, model: str | None, data_root: str | None) -> None:

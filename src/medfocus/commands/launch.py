@@ -131,7 +131,8 @@ def status(out_dir: str) -> None:
     done = sum(r["done"] for r in rows)
     errors = sum(r["errors"] for r in rows)
     if any(r["expected"] is None for r in rows):  # shards run by hand: no manifest says what each will hold
-        click.echo(f"total {done} records, {errors} errors in {len(rows)} shard outputs run by hand (no launch manifest, "
+        outputs = f"{len(rows)} shard output" + ("" if len(rows) == 1 else "s")
+        click.echo(f"total {done} records, {errors} errors in {outputs} run by hand (no launch manifest, "
                    "so the expected counts are unknown)")
         out = Path(out_dir)
         for group in manual_shard_outputs(out):

@@ -46,7 +46,7 @@ def read_table(path: str | Path):
               help="Format of the saved figures: svg and pdf are vector (heatmaps embedded at --dpi).")
 @click.option("--dpi", default=150, show_default=True, type=click.IntRange(30, 1200),
               help="Resolution of raster figures and of the heatmaps inside vector ones (the HTML embeds PNGs at this dpi).")
-@moved_data_root_option
+@moved_data_root_option()
 def report(run_dir, predictions, retention, out, correct_only, title, gallery, save_figures, fig_format, dpi, data_root) -> None:
     """Write one self-contained HTML file (images embedded) with the results tables, retention table,
     plots, sample gallery and MedFocus concept/token views of RUN_DIR."""

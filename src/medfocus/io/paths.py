@@ -98,9 +98,11 @@ def resolve_inside(root: str | os.PathLike, relative: str | os.PathLike, *, what
     raise DataError(msg + "; refusing to read it (pass --allow-outside-root to allow such paths)")
 
 
-_MOVED = ("Rerun the same command with the moved --data-root into the same output: the records of the same films "
-          "are served, not recomputed, and get the films' new paths; `medfocus report` and `medfocus evaluate` "
-          "read them from a moved root with --data-root NEW_ROOT")
+_MOVED = ("If the data root moved: `medfocus report` and `medfocus evaluate --faithfulness` read the films at the new "
+          "place with --data-root NEW_ROOT; `medfocus attribute` rerun with the moved --data-root into the same output "
+          "serves its records (not recomputed) with the films' new paths")
+#: for a film that was given by its own path (``medfocus explain``), not found under a data root
+_GIVEN = "it was given by its own path, not found under a data root (e.g. a `medfocus explain` film), so only that path can hold it"
 _FILM_ROOT: contextvars.ContextVar[str | None] = contextvars.ContextVar("medfocus_film_root", default=None)
 
 
@@ -161,16 +163,20 @@ def record_film(record: Mapping[str, Any], *, where: str | None = None,
                             "film path relative to its data root and no film hash (it was written before sample "
                             f"fingerprints); run without --data-root to read {path}")
         if os.path.isabs(str(rel)):
-            raise DataError(f"{name}: its film {rel} lay outside the data root the record was computed with, so it has "
-                            f"no place under the data root {root}")
+            raise DataError(f"{name}: its film {rel} has no place under the data root {root}: {_GIVEN}; put the film "
+                            "back there")
         path = str(resolve_inside(root, str(rel), what=f"{name}'s film {str(rel)!r}", allow_outside=False))
     if not sha:
         return path
-    called = f" (the record calls it {rel!r}, relative to its data root)" if rel and str(rel) != path else ""
+    called = (f" (the record calls it {rel!r}, relative to its data root)"
+              if rel and str(rel) != path and not os.path.isabs(str(rel)) else "")
     got = file_sha256(path)
     if got is None:
         if root is not None:
             raise DataError(f"{name}: its film {rel!r} is not under the data root {root} (looked for {path})")
+        if rel and os.path.isabs(str(rel)):
+            raise DataError(f"{name}: its film {path} is missing; {_GIVEN}: put it back there, or rerun on the film "
+                            "where it is now")
         raise DataError(f"{name}: its film {path} is missing{called}; was the data root moved? {_MOVED}")
     if got[1] != sha:
         raise DataError(f"{name}: the file at {path} (sha256 {got[1][:12]}, {got[0]} bytes) is not the film this "

@@ -300,17 +300,20 @@ def _wrong_answer_info(metrics: pd.DataFrame | None) -> dict[str, str]:
 
 
 # ---- record helpers --------------------------------------------------------------------------------
-def _read_image(record: Mapping[str, Any]) -> np.ndarray | None:
+def _read_image(record: Mapping[str, Any], missing: list[str] | None = None) -> np.ndarray | None:
     """The film of a gallery sample (:func:`medfocus.io.paths.record_film`: the one its records were
-    computed on); ``None`` with a logged warning when it is missing, unreadable or another film."""
+    computed on); ``None`` with a logged warning when it is missing, unreadable or another film, the reason
+    then also appended to ``missing`` (the report lists them under its gallery)."""
     try:
         from medfocus.io import read_image
         from medfocus.io.paths import record_film
 
         return read_image(record_film(record))[0]
-    except Exception as exc:  # a missing image only removes a gallery row
+    except Exception as exc:  # a missing image only removes a gallery row (and says why on the page)
         log.warning("gallery: cannot read the film of %s/%s#%s: %s", record.get("model"), record.get("dataset"),
                     record.get("index"), exc)
+        if missing is not None:
+            missing.append(str(exc))
         return None
 
 
@@ -611,6 +614,7 @@ def build_report(
         cells.setdefault((r["model"], r["dataset"], int(r["index"]), r["mode"]), []).append(r)
     ctx["gallery_per_finding"] = int(gallery)
     ctx["gallery"] = []
+    ctx["gallery_missing"] = missing = []
     for mode in modes:
         strata = []
         for finding, chosen in gallery_strata(cells, mode, per_finding=gallery):
@@ -618,7 +622,7 @@ def build_report(
             for k in chosen:
                 recs = {r["method"]: r for r in cells[k]}
                 first = next(iter(recs.values()))
-                img = _read_image(first)
+                img = _read_image(first, missing)
                 if img is None:
                     continue
                 panels = [gallery_panel(recs[me], load_arrays(recs[me], base), iou_of.get((*k[:4], me)))

@@ -339,6 +339,10 @@ def _count_done(path: Path) -> tuple[int, int, list[str]]:
     return len(rows), sum(1 for r in rows if r.get("error")), sorted({str(r["model"]) for r in rows if r.get("model")})
 
 
+#: ``shard_status``'s model of a task whose name carries none and that has written no record yet.
+NO_RECORDS_YET = "(no records yet)"
+
+
 def shard_status(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Per-task progress of a run: ``shard``, ``model``, ``output``, ``done``, ``expected``, ``errors`` (read
     from the outputs, so it is right even after the parent exited).
@@ -368,8 +372,8 @@ def shard_status(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
     for i, n, model, path, expected in tasks:
         done, errors, models = _count_done(path)
         # a task without a model tag (hand-run shards, a launch over every model) shows the models of
-        # its records; "*" only while it has none
-        rows.append({"shard": f"{i}/{n}", "model": model or ", ".join(models) or "*", "output": str(path.relative_to(out)), "done": done,
+        # its records, and says so while it has none
+        rows.append({"shard": f"{i}/{n}", "model": model or ", ".join(models) or NO_RECORDS_YET, "output": str(path.relative_to(out)), "done": done,
                      "expected": expected, "errors": errors})
     return rows
 
