@@ -94,8 +94,12 @@ def test_faithfulness_refuses_another_film(moved):
     hp = film.parent / "h.npy"
     np.save(hp, np.ones((40, 50), np.float32))
     rec.update(method="rise", pred_boxes=None, heatmap_path=str(hp))
+
+    def no_load(name):
+        raise AssertionError("the films are checked before the model loads")
+
     with pytest.raises(DataError, match="not the film"):
-        add_faithfulness([rec], "demo", cfg=None, load_model=lambda name: object(), progress=False)
+        add_faithfulness([rec], "demo", cfg=None, load_model=no_load, progress=False)
 
 
 # ---- a rerun on the moved data root serves the stored records with the film's new path ---------------

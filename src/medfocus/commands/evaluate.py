@@ -115,6 +115,11 @@ def add_faithfulness(records: Sequence[dict[str, Any]], model: str, cfg: Any, *,
         todo.append(r)
     if not todo:
         return 0, other
+    def where_of(r: dict[str, Any]) -> str:
+        return str(r.get("_where") or f"{r.get('model')}/{r.get('dataset')}#{r.get('index')} {r.get('method')}")
+
+    for r in todo:  # every film checked before the model loads (a moved root fails in seconds, not after the load)
+        record_film(r, where=where_of(r))
     if load_model is None:
         from medfocus.lvlm import load_lvlm as load_model
     adapter = load_model(model)
@@ -126,7 +131,7 @@ def add_faithfulness(records: Sequence[dict[str, Any]], model: str, cfg: Any, *,
         it = tqdm(todo, desc="faithfulness", unit="rec")
     n = 0
     for r in it:
-        where = str(r.get("_where") or f"{r.get('model')}/{r.get('dataset')}#{r.get('index')} {r.get('method')}")
+        where = where_of(r)
         hp = Path(str(r["heatmap_path"]))
         if not hp.is_absolute() and r.get("_base_dir"):
             hp = Path(r["_base_dir"]) / hp
