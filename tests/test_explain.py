@@ -215,6 +215,7 @@ def test_viewer_in_chromium(synthetic_run, browser):
     final[0].click()
     _, fin_url, fin_state = _canvas(browser, "canvas.main-canvas")
     assert fin_state.startswith("medfocus|") and fin_url not in (whole, tok_url)
+    assert "· final token " in browser.find_element(By.CSS_SELECTOR, ".film .caption").text
     # switch methods: occlusion has per-token maps, gradcam shows its final-token map for the final token
     browser.find_element(By.CSS_SELECTOR, '.method-btn[data-method="occlusion"]').click()
     _, occ_url, occ_state = _canvas(browser, "canvas.main-canvas")

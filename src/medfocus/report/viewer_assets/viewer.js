@@ -69,7 +69,7 @@
   function pickMap(s, m, t) {
     if (m.error) return { map: null, kind: "failed", label: "failed" };
     if (t === null || t === undefined) return { map: m.map, kind: "whole answer", label: "whole answer" };
-    if (m.token_maps && m.token_maps[t]) return { map: m.token_maps[t], kind: "token " + t, label: tokenName(s, t) };
+    if (m.token_maps && m.token_maps[t]) return { map: m.token_maps[t], kind: "token " + t, label: (t === s.final_token_index ? "final " : "") + tokenName(s, t) };
     if (m.final_map && t === s.final_token_index) return { map: m.final_map, kind: "final token", label: "final " + tokenName(s, t) };
     return { map: m.map, kind: "whole answer (no per-token map)", label: "whole answer (no per-token map for " + tokenName(s, t) + ")" };
   }
