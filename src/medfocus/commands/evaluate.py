@@ -115,6 +115,7 @@ def add_faithfulness(records: Sequence[dict[str, Any]], model: str, cfg: Any, *,
         todo.append(r)
     if not todo:
         return 0, other
+
     def where_of(r: dict[str, Any]) -> str:
         return str(r.get("_where") or f"{r.get('model')}/{r.get('dataset')}#{r.get('index')} {r.get('method')}")
 
