@@ -7,7 +7,7 @@ Boxes are ``(x1, y1, x2, y2)`` pixel *edges*, half-open: a component covering co
 from __future__ import annotations
 
 from dataclasses import dataclass, field, asdict
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 Box = tuple[float, float, float, float]
 """``(x1, y1, x2, y2)`` half-open pixel edges."""
@@ -144,6 +144,13 @@ BILATERAL: dict[str, tuple[str, str]] = {
     "hilar structures": ("left hilar structures", "right hilar structures"),
     "costophrenic angles": ("left costophrenic angle", "right costophrenic angle"),
 }
+
+
+def token_texts(tokens: Sequence[str]) -> list[str]:
+    """Tokenizer pieces as text: byte-level BPE's ``\u0120`` / ``\u010a`` (a space / a line end) and
+    SentencePiece's ``\u2581`` (a space) become the characters they stand for, one for one, so positions in the
+    joined pieces are positions in the decoded answer (what the answer parser reads)."""
+    return [str(t).replace("\u0120", " ").replace("\u010a", "\n").replace("\u2581", " ") for t in tokens]
 
 
 def concept_slug(concept: str) -> str:

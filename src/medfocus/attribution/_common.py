@@ -12,6 +12,7 @@ import torch
 
 from medfocus.errors import ConfigError
 from medfocus.lvlm.answers import answer_span
+from medfocus.types import token_texts
 
 if TYPE_CHECKING:  # annotations only: the adapter interface lives in the LVLM layer
     from medfocus.lvlm.adapter import ChatInputs, LVLMAdapter
@@ -113,9 +114,8 @@ def final_token_index(chat: Any) -> int:
     from the rationale; it is not always the last yes/no word ("Final answer: yes. No other finding").
     When no single word decided (an answer read from phrasing, or none), the last word "yes" or "no";
     the last token when there is no such word."""
-    # byte-level BPE spells a space and a line end as one character each ("\u0120", "\u010a"),
-    # SentencePiece a space ("\u2581"): the joined text keeps the parser's sentence and line rules
-    toks = [t.replace("\u0120", " ").replace("\u2581", " ").replace("\u010a", "\n") for t in chat.answer_tokens]
+    # the pieces as text (a line end stays one): the joined text keeps the parser's sentence and line rules
+    toks = token_texts(chat.answer_tokens)
     starts = np.cumsum([0] + [len(t) for t in toks])
     text = "".join(toks)
     span = answer_span(text)

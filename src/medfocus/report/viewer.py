@@ -33,6 +33,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from medfocus.errors import DataError
+from medfocus.types import token_texts
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +95,6 @@ def _film(img: np.ndarray) -> dict[str, Any]:
     w, h = _size_for(w0, h0, FILM_SIDE)
     small = np.clip(np.rint(_resize(img.astype(np.float32), w, h)), 0, 255)
     return {"w": w, "h": h, "data": _b64(small)}
-
-
-def display_tokens(tokens: Sequence[str]) -> list[str]:
-    """Tokenizer pieces as text: byte-level BPE's ``Ġ``/``Ċ`` and SentencePiece's ``▁`` become spaces/newlines."""
-    return [str(t).replace("\u0120", " ").replace("\u010a", "\n").replace("\u2581", " ") for t in tokens]
 
 
 def _boxes(v: Any) -> list[list[float]]:
@@ -206,7 +202,7 @@ def _method_view(rec: Mapping[str, Any], base: Path | None) -> dict[str, Any]:
         "warning": rec.get("reference_pool_warning"),
         # the map's unit where the method records one (MedFocus: nats), shown beside the colour bar's real range
         "map_units": _map_units(rec),
-        "tokens": display_tokens(tokens) if tokens is not None else None,
+        "tokens": token_texts(tokens) if tokens is not None else None,
         "token_note": token_note(rec, bool(tokens)),
     }
     if rec["method"] == "medfocus" and not rec.get("error"):
