@@ -119,20 +119,23 @@ def add_faithfulness(records: Sequence[dict[str, Any]], model: str, cfg: Any, *,
     def where_of(r: dict[str, Any]) -> str:
         return str(r.get("_where") or f"{r.get('model')}/{r.get('dataset')}#{r.get('index')} {r.get('method')}")
 
-    for r in todo:  # every film checked before the model loads (a moved root fails in seconds, not after the load)
-        record_film(r, where=where_of(r))
+    # every film found and checked to be the one its record was computed on before the model loads (a moved
+    # root fails in seconds, not after the load): (record, how errors name it, its film)
+    checked = []
+    for r in todo:
+        where = where_of(r)
+        checked.append((r, where, record_film(r, where=where)))
     if load_model is None:
         from medfocus.lvlm import load_lvlm as load_model
     adapter = load_model(model)
     refs: dict[tuple, dict[str, Any]] = {}
-    it: Any = todo
+    it: Any = checked
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(todo, desc="faithfulness", unit="rec")
+        it = tqdm(checked, desc="faithfulness", unit="rec")
     n = 0
-    for r in it:
-        where = where_of(r)
+    for r, where, film in it:
         hp = Path(str(r["heatmap_path"]))
         if not hp.is_absolute() and r.get("_base_dir"):
             hp = Path(r["_base_dir"]) / hp
@@ -141,7 +144,7 @@ def add_faithfulness(records: Sequence[dict[str, Any]], model: str, cfg: Any, *,
             continue
         r["heatmap_path"] = str(hp.resolve())
         try:
-            image, _ = read_image(record_film(r, where=where))  # the film the map was computed on (DataError if not)
+            image, _ = read_image(film)  # the film the map was computed on (checked above)
         except OSError as exc:
             raise DataError(f"{where}: cannot read the record's image ({type(exc).__name__}: {exc})") from exc
         if heat.shape != image.shape:
