@@ -205,6 +205,38 @@ def test_qwen_patch_space_masking_equals_the_generic_path(tiny_adapters):
         a.masked_pixel_values(c, soft, "blur")
 
 
+def test_qwen_cpu_patch_embedding_is_the_conv3d_as_a_matmul(tiny_adapters):
+    """The CPU fast path of the patch embedding computes what the checkpoint's Conv3d computes: the same
+    values and pixel gradients, and the same answer scores through the whole model."""
+    import types
+
+    from medfocus.lvlm.families.qwen_vl import use_linear_patch_embed
+
+    a = tiny_adapters["qwen_vl"]
+    pe = a.model.model.visual.patch_embed
+    assert a.linear_patch_embed and isinstance(pe.forward, types.MethodType) and "forward" in vars(pe)
+    c = a.prepare(_img(seed=3), Q, "Yes")
+    pv = c.inputs["pixel_values"].clone().requires_grad_(True)
+    fast = pe(pv)
+    conv = type(pe).forward(pe, pv)  # the class's Conv3d forward
+    assert fast.shape == conv.shape and torch.allclose(fast, conv, atol=1e-5)
+    g_fast, g_conv = (torch.autograd.grad(y.square().sum(), pv)[0] for y in (fast, conv))
+    assert torch.allclose(g_fast, g_conv, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        lp_fast = score_chat(a, c, c.inputs["pixel_values"][None])
+        del pe.forward  # back to the Conv3d for the reference score
+        try:
+            lp_conv = score_chat(a, c, c.inputs["pixel_values"][None])
+        finally:
+            assert use_linear_patch_embed(pe)
+    assert torch.allclose(lp_fast, lp_conv, atol=1e-5)
+    # not switched: a convolution with a bias or a stride other than its kernel, or one owned by an accelerate hook
+    assert not use_linear_patch_embed(types.SimpleNamespace(proj=torch.nn.Conv3d(3, 4, (2, 14, 14), stride=(2, 14, 14))))
+    assert not use_linear_patch_embed(types.SimpleNamespace(proj=torch.nn.Conv3d(3, 4, (2, 14, 14), stride=1, bias=False)))
+    hooked = types.SimpleNamespace(proj=torch.nn.Conv3d(3, 4, (2, 14, 14), stride=(2, 14, 14), bias=False), _hf_hook=object())
+    assert not use_linear_patch_embed(hooked)
+
+
 @pytest.mark.parametrize("fam", FAMS)
 def test_gradients_reach_pixels_and_image_features(tiny_adapters, fam):
     a = tiny_adapters[fam]

@@ -84,6 +84,37 @@ def unpatchify(pixel_values: torch.Tensor, grid_hw: tuple[int, int], patch: int 
     return out[0] if single else out
 
 
+def _linear_patch_embed_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """``Qwen2_5_VisionPatchEmbed.forward`` as one matmul: ``(N, C*T*p*p)`` patch rows -> ``(N, D)``.
+
+    The patch embedding is a ``Conv3d`` whose kernel equals its stride and the whole ``(C, T, p, p)`` input
+    of each row, i.e. exactly ``rows @ W.view(D, -1).T`` (a row's values are in the kernel's ``(C, T, p, p)``
+    order, module docstring); only the summation order differs (float rounding, ~1e-6)."""
+    w = self.proj.weight
+    return torch.nn.functional.linear(hidden_states.reshape(-1, w[0].numel()).to(w.dtype), w.reshape(w.shape[0], -1))
+
+
+def use_linear_patch_embed(patch_embed: torch.nn.Module) -> bool:
+    """Run a Qwen2.5-VL patch embedding on the CPU as the equivalent matmul (:func:`_linear_patch_embed_forward`);
+    returns whether it was switched.
+
+    Why: PyTorch's CPU ``Conv3d`` has no fast path for a kernel that covers its whole input: on the demo
+    model's patch rows it is several times slower than the same product as a matmul, and it was the largest
+    cost of a perturbation batch after the decoder's linear layers (a profile of the demo's attribute step). Switched only for a bias-free ``Conv3d`` with
+    kernel == stride on the CPU, without an accelerate dispatch hook (whose wrapper owns ``forward`` on
+    multi-device loads); GPU convolutions are left as the checkpoint's authors ran them. Weights and
+    ``state_dict`` are unchanged (the same ``proj`` parameter is read), and module hooks still fire.
+    """
+    import types
+
+    proj = getattr(patch_embed, "proj", None)
+    if (not isinstance(proj, torch.nn.Conv3d) or proj.bias is not None or tuple(proj.kernel_size) != tuple(proj.stride)
+            or proj.weight.device.type != "cpu" or hasattr(patch_embed, "_hf_hook")):
+        return False
+    patch_embed.forward = types.MethodType(_linear_patch_embed_forward, patch_embed)
+    return True
+
+
 class QwenVLAdapter(HFAdapter):
     """Adapter for ``Qwen2_5_VLForConditionalGeneration`` (also Qwen2-VL checkpoints of the same layout)."""
 
@@ -99,6 +130,7 @@ class QwenVLAdapter(HFAdapter):
         if canvas_size[0] % f or canvas_size[1] % f:
             raise ValueError(f"Qwen2.5-VL canvas must be a multiple of {f} pixels, got {canvas_size}")
         super().__init__(model, processor, name, canvas_size)
+        self.linear_patch_embed = use_linear_patch_embed(model.model.visual.patch_embed)
 
     def _patch_grid(self, chat_or_inputs: ChatInputs | dict[str, torch.Tensor]) -> tuple[int, int]:
         inputs = chat_or_inputs.inputs if isinstance(chat_or_inputs, ChatInputs) else chat_or_inputs
