@@ -361,3 +361,16 @@ def test_explain_checks_the_model_and_its_indices_before_writing_anything(tmp_pa
     with pytest.raises(ModelError, match="'someone/not-cached'.*not available locally"):
         explain([film], out=tmp_path / "o2", finding="nodule", model="someone/not-cached", methods=["occlusion"], progress=False)
     assert not (tmp_path / "o2").exists()
+
+
+def test_viewer_heatmap_colours_are_the_reports_colour_map():
+    """A heatmap looks the same in the viewer and in the report: one colour map (figures.HEAT_CMAP)."""
+    import matplotlib
+
+    from medfocus.report.figures import HEAT_CMAP
+    from medfocus.report.viewer import _lut
+
+    lut = np.asarray(_lut(), np.uint8).reshape(256, 3)
+    ends = np.rint(matplotlib.colormaps[HEAT_CMAP]([0.0, 1.0])[:, :3] * 255).astype(np.uint8)
+    assert np.array_equal(lut[[0, 255]], ends)
+    assert lut[0].astype(int).sum() < 30 and lut[255].astype(int).sum() > 600  # dark -> bright (jet started blue, (0, 0, 128))

@@ -254,10 +254,14 @@ def sample_view(records: Sequence[Mapping[str, Any]], base_dir: str | Path | Non
     }
 
 
-def _lut(name: str = "jet") -> list[int]:
+def _lut(name: str | None = None) -> list[int]:
+    """The viewer's heatmap colours: 256 RGB triples, flat, of ``name`` (default: the report's
+    :data:`~medfocus.report.figures.HEAT_CMAP`, so a map looks the same in both)."""
     import matplotlib
 
-    rgb = matplotlib.colormaps[name](np.linspace(0.0, 1.0, 256))[:, :3]
+    from medfocus.report.figures import HEAT_CMAP
+
+    rgb = matplotlib.colormaps[name or HEAT_CMAP](np.linspace(0.0, 1.0, 256))[:, :3]
     return [int(v) for v in np.rint(rgb * 255).astype(np.uint8).ravel()]
 
 
