@@ -491,6 +491,21 @@ def test_train_demo_cli_refuses_out_of_range_numbers(tmp_path, monkeypatch, opti
     assert calls == [] and not (tmp_path / "td").exists()
 
 
+def test_train_demo_cli_passes_the_pool_cache_folder(tmp_path, monkeypatch) -> None:
+    from click.testing import CliRunner
+
+    import medfocus.training.demo_lvlm as pkg
+    from medfocus.cli import main
+
+    calls = []
+    monkeypatch.setattr(pkg, "train_demo", lambda *a, **k: calls.append(k) or {})
+    res = CliRunner().invoke(main, ["train-demo", "--out", str(tmp_path / "td"), "--no-eval", "--pool-cache", str(tmp_path / "pools")])
+    assert res.exit_code == 0, res.output
+    assert [k["pool_cache"] for k in calls] == [str(tmp_path / "pools")]
+    res = CliRunner().invoke(main, ["train-demo", "--out", str(tmp_path / "td"), "--no-eval"])
+    assert res.exit_code == 0 and calls[-1]["pool_cache"] is None
+
+
 @pytest.mark.parametrize("field,value,message", [("num_threads", 0, "num_threads: expected an integer >= 1, got 0"),
                                                  ("steps", -1, "steps: expected an integer >= 1, got -1"),
                                                  ("seed", -1, "seed: expected an integer >= 0, got -1"),
@@ -627,8 +642,12 @@ def test_stage3_from_a_stage2_folder_equals_one_uninterrupted_run(micro, tmp_pat
     cfg = _stage3_cfg(micro)
     quiet = dict(log=lambda s: None, progress=False, evaluate=False)
     D.train_demo(tmp_path / "whole", cfg, **quiet)
-    D.train_demo(tmp_path / "stage2", dataclasses.replace(cfg, focus_steps=0), **quiet)
-    D.train_demo(tmp_path / "stage3", cfg, init_from=tmp_path / "stage2", **quiet)
+    # stages 2 and 3 through a pool cache: stage 3 reads the cases stage 2 rendered (the same weights as without it)
+    D.train_demo(tmp_path / "stage2", dataclasses.replace(cfg, focus_steps=0), pool_cache=tmp_path / "pools", **quiet)
+    logs: list[str] = []
+    D.train_demo(tmp_path / "stage3", cfg, init_from=tmp_path / "stage2", pool_cache=tmp_path / "pools",
+                 **{**quiet, "log": logs.append})
+    assert any(m.startswith("training pool loaded from") for m in logs)
     whole, two, three = (load_file(tmp_path / d / "model.safetensors") for d in ("whole", "stage2", "stage3"))
     assert whole.keys() == three.keys() and all(torch.equal(whole[k], three[k]) for k in whole)
     assert any(not torch.equal(two[k], three[k]) for k in two)  # stage 3 did train

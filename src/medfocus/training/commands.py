@@ -44,6 +44,7 @@ Examples:
   medfocus train-demo --out runs/demo12r --preset demo-12x12-fleischner          # the same in the Fleischner-size world
   medfocus train-demo --out runs/demo12l --preset demo-12x12-fleischner-long     # longer stage 1, more crowded films
   medfocus train-demo --out runs/demo12f --preset demo-12x12-focus --init-from candidates/demo-12x12   # its stage 3 only
+  medfocus train-demo --out runs/a --preset demo-12x12 --pool-cache runs/pools  # keep the rendered cases for later runs
   medfocus demo --model runs/my-demo-model                           # use it in the demo
 """)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
@@ -71,8 +72,12 @@ Examples:
               show_default="none: every stage is trained",
               help="Load stages 1-2 from this finished train-demo folder of the same recipe and train stage 3 only "
                    "(the same weights as one uninterrupted run).")
+@click.option("--pool-cache", "pool_cache", type=click.Path(file_okay=False), default=None, show_default="none: rendered each run",
+              help="Keep the rendered training cases in this folder and reuse them when a later run (a resumed one, an "
+                   "--init-from stage 3, another recipe) draws the same cases from the same code.")
 def train_demo(out_dir: str, preset: str, seed: int, steps: int | None, n_cases: int | None, threads: int, eval_every: int,
-               checkpoint_every: int, no_eval: bool, focus_steps: int | None, init_from: str | None) -> None:
+               checkpoint_every: int, no_eval: bool, focus_steps: int | None, init_from: str | None,
+               pool_cache: str | None) -> None:
     """Train the demo CXR-VQA LVLM (Qwen2.5-VL architecture) on the synthetic world and write its folder + model card."""
     from medfocus.training.demo_lvlm import train_demo as _train
     from medfocus.training.demo_lvlm.config import preset_config
@@ -85,7 +90,8 @@ def train_demo(out_dir: str, preset: str, seed: int, steps: int | None, n_cases:
     if focus_steps is not None:
         cfg.focus_steps = focus_steps
     cfg.validate()  # the preset with these overrides, before any work (train_demo checks again)
-    metrics = _train(out_dir, cfg, log=lambda s: click.echo(s, err=True), evaluate=not no_eval, init_from=init_from)
+    metrics = _train(out_dir, cfg, log=lambda s: click.echo(s, err=True), evaluate=not no_eval, init_from=init_from,
+                     pool_cache=pool_cache)
     if "heldout" in metrics:
         click.echo(f"held-out accuracy: {metrics['heldout']['overall']}")
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -185,8 +186,106 @@ def _case_plan(rng: random.Random, findings: Sequence[str], i: int, co_occurrenc
     return present
 
 
-def build_train_pool(cfg: DemoLVLMConfig, progress: bool = True) -> list[DemoCase]:
-    """The training cases (seeds ``cfg.seed * 1_000_003 + i``; disjoint from :func:`build_eval_pool`)."""
+#: The :class:`DemoLVLMConfig` fields that decide the training pool (what :func:`build_train_pool` and
+#: :func:`make_case` read); every other field is in :data:`NON_POOL_FIELDS` (a test checks that the two sets
+#: cover the dataclass, so a new field must be classified before a cached pool could be served for it).
+POOL_FIELDS = frozenset({"seed", "n_train_cases", "co_occurrence", "cue_subset", "faint_severity", "train_severity",
+                         "cue_base_rate", "image_size", "lesion_size_rule", "canvas", "spatial_merge_size", "aux_target"})
+NON_POOL_FIELDS = frozenset({"n_eval_per_cell", "vision_steps", "vision_batch", "steps", "images_per_step",
+                             "questions_per_image", "lr", "warmup", "weight_decay", "task_weights", "text", "vision",
+                             "tokenizer_vocab", "aux_weight", "aux_pos_weight", "stage2_vision_lr_scale", "focus_steps",
+                             "focus_lr", "hard_negative_pairs", "hard_negative_share", "focus_findings", "focus_share",
+                             "num_threads", "eval_every", "checkpoint_every"})
+
+
+def pool_key(cfg: DemoLVLMConfig) -> str:
+    """sha256 (hex) naming the training pool of ``cfg``: its :data:`POOL_FIELDS`, the medfocus version, the
+    versions of the libraries that render films (numpy, scipy, OpenCV) and the source of the code that draws
+    and renders them (``datasets/synthetic``, this module, the templates' module, the letterbox). Any change
+    to those gives another key, so a cached pool is never served for different data."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+    from importlib import metadata
+    from pathlib import Path
+
+    import medfocus
+
+    h = hashlib.sha256()
+    fields = {k: v for k, v in asdict(cfg).items() if k in POOL_FIELDS}
+    versions = {"medfocus": medfocus.__version__}
+    for dist in ("numpy", "scipy", "opencv-python-headless", "opencv-python"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    h.update(json.dumps({"fields": fields, "versions": versions}, sort_keys=True).encode())
+    root = Path(medfocus.__file__).parent
+    sources = sorted((root / "datasets" / "synthetic").glob("*.py")) + [
+        Path(__file__), root / "training" / "demo_lvlm" / "tasks.py", root / "io" / "letterbox.py"]
+    for src in sources:
+        h.update(src.name.encode() + b"\0" + src.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _pool_to_arrays(pool: Sequence[DemoCase], key: str) -> dict[str, np.ndarray]:
+    import json
+
+    meta = [{"views": {k: [[v.name, list(v.box), v.side, v.zone, v.concept] for v in vs] for k, vs in c.views.items()},
+             "severity": c.severity} for c in pool]
+    return {"key": np.array(key), "seed": np.array([c.seed for c in pool], np.int64),
+            "cued": np.array([c.cued for c in pool], bool), "canvas": np.stack([c.canvas for c in pool]),
+            "grid_labels": np.stack([c.grid_labels for c in pool]), "meta": np.array(json.dumps(meta))}
+
+
+def _pool_from_arrays(z: Any, key: str, n: int) -> list[DemoCase]:
+    import json
+
+    if str(z["key"]) != key:
+        raise ValueError("its key is not this configuration's")
+    meta = json.loads(str(z["meta"]))
+    seed, cued, canvas, labels = z["seed"], z["cued"], z["canvas"], z["grid_labels"]
+    if not (len(meta) == len(seed) == len(cued) == canvas.shape[0] == labels.shape[0] == n):
+        raise ValueError(f"it holds {canvas.shape[0]} cases, expected {n}")
+    return [DemoCase(seed=int(seed[i]), canvas=canvas[i], cued=bool(cued[i]), severity={k: float(v) for k, v in m["severity"].items()},
+                     views={k: [FindingView(v[0], tuple(int(b) for b in v[1]), v[2], v[3], v[4]) for v in vs] for k, vs in m["views"].items()},
+                     grid_labels=labels[i])
+            for i, m in enumerate(meta)]
+
+
+def build_train_pool(cfg: DemoLVLMConfig, progress: bool = True, *, cache_dir: str | Path | None = None,
+                     log: Callable[[str], None] | None = None) -> list[DemoCase]:
+    """The training cases (seeds ``cfg.seed * 1_000_003 + i``; disjoint from :func:`build_eval_pool`).
+
+    With ``cache_dir``, the rendered pool is kept there as ``train-pool-<key>.npz`` (:func:`pool_key`; written
+    atomically, read with ``allow_pickle=False``) and a later run whose pool fields, library versions and
+    rendering code are the same loads it instead of rendering the cases again (20000 cases take 15-40 min
+    on 2 cores; a resumed run or a stage-3 ``--init-from`` run needs the same pool). A cache file that cannot
+    be read as such a pool is reported through ``log`` and replaced.
+    """
+    if cache_dir is None:
+        return _render_train_pool(cfg, progress)
+    key = pool_key(cfg)
+    path = Path(cache_dir) / f"train-pool-{key[:24]}.npz"
+    say = log or (lambda _msg: None)
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                pool = _pool_from_arrays(z, key, cfg.n_train_cases)
+            say(f"training pool loaded from {path} ({len(pool)} cases)")
+            return pool
+        except Exception as exc:  # corrupt, truncated, foreign or another key: render afresh and replace it
+            say(f"training pool cache {path} not used ({type(exc).__name__}: {exc}); rendering the cases again")
+    pool = _render_train_pool(cfg, progress)
+    from medfocus.io.atomic import atomic_save_npz
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save_npz(path, **_pool_to_arrays(pool, key))
+    say(f"training pool cached at {path}")
+    return pool
+
+
+def _render_train_pool(cfg: DemoLVLMConfig, progress: bool) -> list[DemoCase]:
     from tqdm import tqdm
 
     findings = _findings()

@@ -406,7 +406,8 @@ def stage2_weights(folder: str | Path, cfg: DemoLVLMConfig) -> tuple[dict[str, t
 
 
 def train_demo(out_dir: str | Path, cfg: DemoLVLMConfig | None = None, *, log: Callable[[str], None] = print,
-                progress: bool = True, evaluate: bool = True, init_from: str | Path | None = None) -> dict[str, Any]:
+                progress: bool = True, evaluate: bool = True, init_from: str | Path | None = None,
+                pool_cache: str | Path | None = None) -> dict[str, Any]:
     """Train the demo model and write its folder (+ ``MODEL_CARD.md``) to ``out_dir``.
 
     There is no default folder: the shipped ``lvlm/demo_model`` is regenerated only when named on purpose.
@@ -418,6 +419,10 @@ def train_demo(out_dir: str | Path, cfg: DemoLVLMConfig | None = None, *, log: C
     With ``init_from`` (the folder of a finished two-stage run of the same recipe, :func:`stage2_weights`),
     stages 1-2 are loaded from there and only stage 3 (``cfg.focus_steps`` > 0) is trained: the same weights
     as one uninterrupted run of ``cfg``; the card records that folder and its weights' sha256.
+
+    With ``pool_cache`` (a folder), the rendered training cases are kept there and reused by later runs with
+    the same data (:func:`~medfocus.training.demo_lvlm.data.build_train_pool`): a resumed run, a stage-3
+    ``init_from`` run or another recipe on the same pool skips rendering them again.
 
     Raises:
         ConfigError: a field of ``cfg`` out of range (:meth:`DemoLVLMConfig.validate`), or an ``init_from``
@@ -447,7 +452,7 @@ def train_demo(out_dir: str | Path, cfg: DemoLVLMConfig | None = None, *, log: C
     enc = Encoder(tok, cfg.token_grid ** 2)
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, vocab {len(tok)}")
     t0 = time.time()
-    pool = build_train_pool(cfg, progress=progress)
+    pool = build_train_pool(cfg, progress=progress, cache_dir=pool_cache, log=log)
     t_data = time.time() - t0
     log(f"{len(pool)} training cases in {t_data:.0f}s ({sum(c.cued for c in pool)} on the cue subset)")
     quick = build_eval_pool(cfg, n_per_cell=12, progress=False, seed_offset=900_000) if cfg.eval_every else []
