@@ -259,8 +259,8 @@ def build_train_pool(cfg: DemoLVLMConfig, progress: bool = True, *, cache_dir: s
 
     With ``cache_dir``, the rendered pool is kept there as ``train-pool-<key>.npz`` (:func:`pool_key`; written
     atomically, read with ``allow_pickle=False``) and a later run whose pool fields, library versions and
-    rendering code are the same loads it instead of rendering the cases again (20000 cases take 15-40 min
-    on 2 cores; a resumed run or a stage-3 ``--init-from`` run needs the same pool). A cache file that cannot
+    rendering code are the same loads it instead of rendering the cases again (a resumed run or a stage-3
+    ``--init-from`` run needs the same pool; rendering is a large share of a CPU run). A cache file that cannot
     be read as such a pool is reported through ``log`` and replaced.
     """
     if cache_dir is None:
