@@ -50,6 +50,11 @@ def build_model(cfg: DemoLVLMConfig, tok):
     model.generation_config.eos_token_id = [mcfg.text_config.eos_token_id]
     model.generation_config.pad_token_id = mcfg.text_config.pad_token_id
     model.generation_config.do_sample = False
+    # the CPU patch embedding as the equivalent matmul (same parameters; several times faster than Conv3d
+    # forward and backward there, a large share of a stage-1 step at the 16x16 grid)
+    from medfocus.lvlm.families.qwen_vl import use_linear_patch_embed
+
+    use_linear_patch_embed(model.model.visual.patch_embed)
     return model
 
 
