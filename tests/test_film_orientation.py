@@ -124,9 +124,11 @@ def _tight(mask) -> tuple[int, int, int, int]:
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
-def test_mirrored_film_names_the_patients_lungs(tmp_path):
-    """A synthetic film stored mirrored: with its orientation, "left lung" is the patient's left lung (exact
-    masks known), on the image's left; boxes stay in the stored frame. Without it, the other lung."""
+def test_mirrored_film_locates_the_patients_structures(tmp_path):
+    """A synthetic film stored mirrored: with its orientation, every concept (exact masks known) is found where
+    the patient's structure is on the stored film -- "left lung" on the image's left and the cardiac silhouette,
+    which lies to the patient's left, mirrored with it -- exactly the mirror of the unmirrored film's transfer.
+    Without the orientation (the L\\F convention), the lungs are named the other way round."""
     synthetic = pytest.importorskip("medfocus.datasets.synthetic")
     from medfocus.concepts import transfer as T
     from medfocus.concepts.reference import default_pool
@@ -137,16 +139,23 @@ def test_mirrored_film_names_the_patients_lungs(tmp_path):
     masks = {c: m[:, ::-1] for c, m in case.concept_masks.items()}  # the patient's structures, stored mirrored
     W = img.shape[1]
     mirrored = FilmOrientation("R", "F", True, "R\\F", "m.dcm")
-    tr = T.transfer_concepts(img, pool, orientation=mirrored, cache=T.TransferCache(tmp_path / "tc"))
-    plain = T.transfer_concepts(img, pool, cache=T.TransferCache(tmp_path / "tc"))  # served from the same cache entry
-    for side in ("left", "right"):
-        c = f"{side} lung"
+    cache = T.TransferCache(tmp_path / "tc")
+    upright = T.transfer_concepts(case.image, pool, cache=cache)
+    tr = T.transfer_concepts(img, pool, orientation=mirrored, cache=cache)  # served from the upright film's entry
+    assert tr.stats.get("cached") is not False
+    plain = T.transfer_concepts(img, pool, cache=None)  # the stored pixels taken as L\\F
+    for c in ("left lung", "right lung", "cardiac silhouette"):
         assert _box_iou(tr.boxes[c], _tight(masks[c])) >= 0.5, (c, tr.boxes[c], _tight(masks[c]))
-        assert _box_iou(plain.boxes[c], _tight(masks[c])) < 0.2  # the convention names the other lung here
+    for side in ("left", "right"):
+        assert _box_iou(plain.boxes[f"{side} lung"], _tight(masks[f"{side} lung"])) < 0.2
     assert (tr.boxes["left lung"][0] + tr.boxes["left lung"][2]) / 2 < W / 2  # patient's left on the image's left
-    assert tr.boxes["left lung"] == plain.boxes["right lung"] and tr.boxes["cardiac silhouette"] == plain.boxes["cardiac silhouette"]
-    np.testing.assert_array_equal(tr.soft_masks["left clavicle"], plain.soft_masks["right clavicle"])
-    assert "mirrored" in tr.sides and "convention" in plain.sides
+    heart = _tight(masks["cardiac silhouette"])
+    assert (heart[0] + heart[2]) / 2 < W / 2 and (tr.boxes["cardiac silhouette"][0] + tr.boxes["cardiac silhouette"][2]) / 2 < W / 2
+    for c, b in upright.boxes.items():  # exactly the upright transfer, mirrored
+        assert tuple(tr.boxes[c]) == (W - b[2], b[1], W - b[0], b[3]), c
+        np.testing.assert_array_equal(tr.soft_masks[c], upright.soft_masks[c][:, ::-1])
+    np.testing.assert_array_equal(tr.grid_masses, upright.grid_masses[..., ::-1])
+    assert "mirrored" in tr.sides and "convention" in plain.sides and "convention" in upright.sides
     with pytest.raises(DataError, match=r"lat\.dcm: PatientOrientation = 'A\\\\F'.*cannot be named"):
         T.transfer_concepts(img, pool, orientation=FilmOrientation("A", "F", True, "A\\F", "lat.dcm"), cache=None)
 

@@ -65,8 +65,8 @@ class MedFocusResult:
         soft_masks: concept -> ``(H0, W0)`` float32 soft mask.
         heatmap: ``(H0, W0)`` float32 delta-weighted soft masks, in nats (not normalised; zeros when no delta is positive).
         reference_id: reference image used for the transfer.
-        sides: how the left/right concepts were named (the film's orientation, :meth:`ConceptTransfer.with_sides
-            <medfocus.concepts.transfer.ConceptTransfer.with_sides>`).
+        sides: the film orientation the concepts were located for (a mirrored film is transferred in the
+            standard display, :mod:`medfocus.concepts.transfer`, "Patient sides").
         refine: box refinement actually applied (``"none"`` or ``"medsam"``).
         tau: fallback threshold used.
         region: what each variant hid (``"box"`` or ``"mask"``).
@@ -227,7 +227,8 @@ class MedFocus:
                 prepared once for every method); ``None`` prepares here.
             orientation: the film's :class:`~medfocus.io.reader.FilmOrientation`
                 (:func:`~medfocus.io.reader.read_orientation`; ``None``: the display convention ``L\\F``): on a
-                film stored mirrored the left/right concepts are named from it (:mod:`medfocus.concepts.transfer`).
+                film stored mirrored the concepts are located in the standard display and mirrored back
+                (:mod:`medfocus.concepts.transfer`, "Patient sides").
         Raises:
             DataError: an ``orientation`` whose rows do not run left/right (sides cannot be named).
         """

@@ -38,13 +38,15 @@ Transfers depend only on the image, the pool and these settings (not on the mode
 question), so :class:`TransferCache` stores them per image on disk.
 
 Patient sides. The references are films in the standard frontal display (the patient's left on the
-image's right, DICOM ``PatientOrientation`` ``L\\F``), and the transfer is purely geometric on the stored
-pixels: a reference's "left lung" lands on the target's *image right*. On a target stored mirrored
-(``PatientOrientation`` row direction ``R``) that is the patient's right lung, so
-:func:`transfer_concepts` given the film's :class:`~medfocus.io.reader.FilmOrientation` swaps the names
-of the four left/right pairs (:meth:`ConceptTransfer.with_sides`); boxes and masks stay where they are, in
-the stored pixel frame. A film whose rows do not run left/right (a lateral view, a film rotated by 90
-degrees) is refused: its sides cannot be named. Without an orientation the convention ``L\\F`` is assumed.
+image's right, DICOM ``PatientOrientation`` ``L\\F``). A target stored mirrored (row direction ``R``, given
+by its :class:`~medfocus.io.reader.FilmOrientation`) is transferred in that display too: its pixels are
+mirrored left-right first, steps 1-5 run on them, and the boxes, soft masks and grid masses are mirrored
+back into the stored pixel frame. So every concept, one-sided ones such as the cardiac silhouette
+included, lands where the patient's structure is on the stored film, and "left lung" is the patient's
+left lung. (Renaming the left/right concepts of a transfer made on the stored pixels would not do: the
+transport follows the reference's layout as much as the film's content, so it would put the heart and
+mediastinum on the wrong side.) A film whose rows do not run left/right (a lateral view, a film rotated by
+90 degrees) is refused: its sides cannot be named. Without an orientation the convention ``L\\F`` is assumed.
 """
 
 from __future__ import annotations
@@ -68,9 +70,6 @@ from medfocus.types import Box, CONCEPTS
 
 log = logging.getLogger(__name__)
 
-#: Each two-sided concept -> its other side (``"left lung"`` <-> ``"right lung"``).
-SIDE_SWAP: dict[str, str] = {c: ("right " + c[5:] if c.startswith("left ") else "left " + c[6:])
-                             for c in CONCEPTS if c.startswith(("left ", "right "))}
 
 CORE = 0.75
 
@@ -100,8 +99,8 @@ class ConceptTransfer:
         refine: ``"none"`` or ``"medsam"`` (what was actually applied).
         image_size: ``(W0, H0)``.
         stats: timings (s) and solver iterations.
-        sides: how the left/right names were given (:meth:`FilmOrientation.describe
-            <medfocus.io.reader.FilmOrientation.describe>`; ``""`` for a transfer not yet named, as cached).
+        sides: the film orientation the transfer was made for (:meth:`FilmOrientation.describe
+            <medfocus.io.reader.FilmOrientation.describe>`; ``""`` as cached, in the standard display).
     """
 
     boxes: dict[str, Box]
@@ -114,28 +113,17 @@ class ConceptTransfer:
     stats: dict[str, Any] = field(default_factory=dict)
     sides: str = ""
 
-    def with_sides(self, orientation: Any = None) -> "ConceptTransfer":
-        """This transfer with its left/right concepts named for a film of ``orientation`` (a
-        :class:`~medfocus.io.reader.FilmOrientation`; ``None``: the convention ``L\\F``): on a mirrored film
-        (row direction ``R``) every ``left ...`` concept takes the box, soft mask and grid mass of its
-        ``right ...`` counterpart and vice versa (module docstring). Returns a new object.
-
-        Raises:
-            DataError: the film's rows do not run left/right (sides cannot be named), naming the file and value.
-        """
+    def mirrored(self) -> "ConceptTransfer":
+        """This transfer mirrored left-right in its image (``W0 = image_size[0]``): box ``(x1, y1, x2, y2)`` ->
+        ``(W0 - x2, y1, W0 - x1, y2)`` (half-open edges, exact), soft masks and grid masses flipped along x
+        (the grid is the letterboxed canvas's, whose side pads differ by at most one canvas pixel). Concept
+        names are unchanged. Returns a new object."""
         from dataclasses import replace
 
-        from medfocus.io.reader import CONVENTIONAL_ORIENTATION
-
-        o = CONVENTIONAL_ORIENTATION if orientation is None else orientation
-        check_sides(o)
-        if not o.mirrored:
-            return replace(self, sides=o.describe())
-        name = {c: SIDE_SWAP.get(c, c) for c in CONCEPTS}
-        order = [CONCEPTS.index(name[c]) for c in CONCEPTS]
-        return replace(self, boxes={c: self.boxes[name[c]] for c in CONCEPTS},
-                       soft_masks={c: self.soft_masks[name[c]] for c in CONCEPTS},
-                       grid_masses=np.asarray(self.grid_masses)[order], sides=o.describe())
+        W = self.image_size[0]
+        return replace(self, boxes={c: (W - b[2], b[1], W - b[0], b[3]) for c, b in self.boxes.items()},
+                       soft_masks={c: np.ascontiguousarray(np.asarray(m)[:, ::-1]) for c, m in self.soft_masks.items()},
+                       grid_masses=np.ascontiguousarray(np.asarray(self.grid_masses)[..., ::-1]))
 
     # ---- persistence (one .npz per image) -------------------------------------------------------
     def save(self, path: str | Path) -> None:
@@ -350,8 +338,9 @@ def transfer_concepts(image: np.ndarray, pool: ReferencePool, *, select_grid: in
             :class:`~medfocus.concepts.refine.MedSAMRefiner`, default: loaded from the hub cache)
             refines the boxes; when the weights are absent the step is skipped with a logged notice.
         cache: a :class:`TransferCache` (``None``: no caching).
-        orientation: the film's :class:`~medfocus.io.reader.FilmOrientation` (``None``: the convention ``L\\F``);
-            names the left/right concepts (:meth:`ConceptTransfer.with_sides`; the cache holds the unnamed transfer).
+        orientation: the film's :class:`~medfocus.io.reader.FilmOrientation` (``None``: the convention ``L\\F``):
+            a film stored mirrored is transferred in the standard display and the result mirrored back (module
+            docstring, "Patient sides"); the cache holds transfers in the standard display.
     Returns:
         :class:`ConceptTransfer`, boxes and masks in the stored pixel frame of ``image``.
     Raises:
@@ -359,8 +348,10 @@ def transfer_concepts(image: np.ndarray, pool: ReferencePool, *, select_grid: in
     """
     if refine not in ("none", "medsam"):
         raise ConfigError(f"refine must be 'none' or 'medsam', got {refine!r}")
-    if orientation is not None:
-        check_sides(orientation)
+    from medfocus.io.reader import CONVENTIONAL_ORIENTATION
+
+    film = CONVENTIONAL_ORIENTATION if orientation is None else orientation
+    check_sides(film)
     img = np.asarray(image)
     if img.ndim != 2:
         raise ConfigError(f"concept transfer needs a 2-D grayscale image, got shape {img.shape}")
@@ -368,6 +359,13 @@ def transfer_concepts(image: np.ndarray, pool: ReferencePool, *, select_grid: in
         from medfocus.io.reader import to_uint8
 
         img = to_uint8(img)
+    if film.mirrored:  # into the references' display (module docstring, "Patient sides"); mirrored back below
+        img = np.ascontiguousarray(img[:, ::-1])
+
+    def in_film_frame(tr: ConceptTransfer) -> ConceptTransfer:
+        from dataclasses import replace
+
+        return replace(tr.mirrored() if film.mirrored else tr, sides=film.describe())
     settings = {"select_grid": select_grid, "transfer_grid": transfer_grid, "core": core, "mode": mode, "iterations": int(iterations), "refine": refine,
                 "epsilon": epsilon, "lam": lam, "v": 3}  # v3: soft masks cached as float32
     if refine == "medsam":  # a different segmenter must not reuse another one's refined transfer
@@ -379,7 +377,7 @@ def transfer_concepts(image: np.ndarray, pool: ReferencePool, *, select_grid: in
         key = cache.key(img, pool.fingerprint, settings)
         hit = cache.get(key)
         if hit is not None:
-            return hit.with_sides(orientation)
+            return in_film_frame(hit)
     uot_kw = {"epsilon": epsilon, "lam": lam, "device": device}
     t0 = time.perf_counter()
     with uot.cpu_single_thread(device or "cpu"):  # device=None: per-image problems are small -> CPU (uot.auto_device)
@@ -403,4 +401,4 @@ def transfer_concepts(image: np.ndarray, pool: ReferencePool, *, select_grid: in
                          applied, (int(img.shape[1]), int(img.shape[0])), stats)
     if cache is not None and key is not None and applied == refine:  # a skipped refinement is not cached
         cache.put(key, tr)
-    return tr.with_sides(orientation)
+    return in_film_frame(tr)
