@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from medfocus.cli import main
 from medfocus.errors import DataError
-from medfocus.evaluation import evaluate_record, read_prediction_files
+from medfocus.evaluation import evaluate_record, evaluate_records, read_prediction_files
 from medfocus.evaluation.records import map_fits_frame
 from medfocus.io.letterbox import Letterbox, WorkFrame
 
@@ -123,6 +123,28 @@ def test_exact_and_downsampled_maps_are_scored():
     row = evaluate_record(_rec(heatmap=half))
     assert _ok(row), row["error"]
     assert row["iou"] == pytest.approx(1.0, abs=0.02) and row["pointing_game"] == 1.0
+
+
+def test_coarse_map_of_a_nearly_square_film_is_scored_with_one_warning_naming_it():
+    """An 8x8 or 16x16 map of a 1841x1955 film is a legitimate rounding of its frame and of a square one alike:
+    scored, but said (once, counted); a map in the film's own frame or of a square film is not warned about."""
+    import warnings
+
+    from medfocus.errors import DataWarning
+
+    size = [1841, 1955]
+    recs = [_rec(index=i, image_size=size, gt_boxes=[[100, 100, 900, 900]], heatmap=np.random.default_rng(i).random((g, g)),
+                 _where=f"p.jsonl line {i + 1}") for i, g in enumerate((8, 16))]
+    recs.append(_rec(index=2, image_size=size, gt_boxes=[[100, 100, 900, 900]], heatmap=np.ones((1955, 1841), np.float32)))
+    recs.append(_rec(index=3, image_size=[448, 448], gt_boxes=[[10, 10, 90, 90]], heatmap=np.ones((16, 16), np.float32)))
+    with pytest.warns(DataWarning, match=r"^2 heatmaps were resized onto non-square films .*first: p\.jsonl line 1: .*image_size \[1841, 1955\]"):
+        df = evaluate_records(recs)
+    assert df["error"].isna().all() and list(df.columns) == list(evaluate_records(recs[2:]).columns)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        evaluate_records(recs[2:])  # nothing ambiguous: silent
+    row = evaluate_record(_rec(heatmap=np.ones((16, 16), np.float32)))  # the 968x592 film: refused, as before
+    assert row["error"] is not None and "is not the frame of image_size [968, 592]" in row["error"]
 
 
 @pytest.mark.parametrize("which", ["transposed", "canvas"])

@@ -198,3 +198,44 @@ def test_report_shows_baseline_rows_comparison_and_per_finding(tmp_path):
     assert "n/a: fewer than 10 paired samples" in html
     plain = build_report(preds, tmp_path / "p.html", baselines=False).read_text()
     assert "baseline_random" not in plain and "Against trivial baselines" not in plain
+
+
+def test_baselines_on_non_square_films_are_image_relative_and_the_summary_names_each_reason(tmp_path):
+    """On non-square films the image-relative baselines (prior, random grid) span the whole film and are
+    scored; a stored map of another aspect ratio is still refused; the closing line counts each reason."""
+    from medfocus.cli import main
+    from medfocus.evaluation.records import evaluate_record
+
+    W, H = 300, 200  # landscape, like the paediatric films
+    films = [_sample(i, "nodule", [[0, 0, W // 2, H]], size=(W, H)) for i in range(3)]  # the left half, every film
+    films.append(_sample(3, "mass", [[10, 10, 60, 60]], size=(W, H)))  # the only mass: no prior
+    lines = []
+    for s in films:
+        h = np.zeros((H, W), np.float32)
+        x1, y1, x2, y2 = s["gt_boxes"][0]
+        h[y1:y2, x1:x2] = 1
+        np.save(tmp_path / f"h{s['index']}.npy", h)
+        lines.append({"model": "m", "dataset": "synthetic", "mode": "direct", "method": "oracle", "index": s["index"],
+                      "attribute": s["attribute"], "gt_boxes": s["gt_boxes"], "image_size": [W, H],
+                      "heatmap_path": f"h{s['index']}.npy", "error": None})
+    base = trivial_baseline_records(lines)
+    rows = {(r["method"], r["index"]): evaluate_record(r) for r in base}
+    for (method, index), row in rows.items():
+        if (method, index) == ("baseline_finding_prior", 3):
+            assert row["error"].startswith("no other sample of finding 'mass'")
+        else:
+            assert row["error"] is None, (method, index, row["error"])
+    # the prior of a nodule film is the other films' left half: stretched onto the 300x200 film, the GT box up to
+    # the bilinear edge of the 64-cell grid (stretched wrongly, e.g. as a square canvas, it would not be)
+    assert rows[("baseline_finding_prior", 0)]["iou"] > 0.95
+    # the same 64x64 grid stored as a method's map of this film: another aspect ratio, refused
+    prior = next(r["heatmap"] for r in base if r["method"] == "baseline_finding_prior" and r["index"] == 0)
+    stored = evaluate_record({**lines[0], "method": "mine", "heatmap_path": None, "heatmap": prior})
+    assert stored["error"] is not None and "is not the frame of image_size [300, 200]" in stored["error"]
+    pred = tmp_path / "p.jsonl"
+    pred.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    res = CliRunner().invoke(main, ["evaluate", str(pred), "--out", str(tmp_path / "e"), "--n-boot", "200"])
+    assert res.exit_code == 0, res.output
+    assert "12 trivial-baseline rows (1 undefined: 1 with no other sample of the finding to build a prior from)" in res.output
+    recs = pd.read_csv(tmp_path / "e" / "baseline_records.csv")
+    assert int(recs["error"].notna().sum()) == 1

@@ -279,11 +279,15 @@ def evaluate(predictions: tuple[Path, ...], out_dir: Path, metrics: str | None, 
         click.echo(bmd)
     is_rec = ~is_base & ~is_ref
     n_err = int((df["error"].notna() & is_rec).sum())
-    n_base_err = int((df["error"].notna() & is_base).sum())
+    base_err = df["error"].where(is_base).dropna().astype(str)
+    n_no_prior = int(base_err.str.startswith("no other sample").sum())
+    why = [f"{n_no_prior} with no other sample of the finding to build a prior from"] if n_no_prior else []
+    if len(base_err) > n_no_prior:  # any other reason is named by its rows, never folded into the prior's
+        why.append(f"{len(base_err) - n_no_prior} other errors, see the error column of baseline_records.csv")
     click.echo(f"{int(is_rec.sum())} records ({n_err} with errors)"
                + (f" + {int(is_ref.sum())} faithfulness reference rows (random / expert-box map per sample)" if is_ref.any() else "")
-               + (f" + {int(is_base.sum())} trivial-baseline rows ({n_base_err} undefined: a finding with no other sample "
-                  "has no prior)" if baselines else "")
+               + (f" + {int(is_base.sum())} trivial-baseline rows ({len(base_err)} undefined"
+                  + (": " + "; ".join(why) if why else "") + ")" if baselines else "")
                + f" -> {out_dir / 'table.md'}, {out_dir / 'table.csv'}, {out_dir / 'records.csv'}", err=True)
     # records left out of the tables for want of a region to find: said, with the reason, not only in records.csv
     n_no_gt = int(((df["source"] == "no_gt") & is_rec).sum())

@@ -18,6 +18,10 @@ the same quantile, pointing game, energy pointing game, AUPRC):
     independent uniform random values on a 16x16 grid (the paper models' image-token grid), seeded per
     sample (``seed`` and the sample key), then resized like any map.
 
+The prior and the random grid are image-relative (their grid spans the whole film): their records say so
+(``heatmap_frame`` :data:`~medfocus.evaluation.records.IMAGE_RELATIVE`) and are stretched onto films of any
+aspect ratio, where a stored map of another aspect ratio is refused.
+
 Samples are the distinct ``(model, dataset, mode, index)`` of the evaluated records that have expert
 boxes; baselines are computed once per sample whatever the number of methods.
 
@@ -35,6 +39,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+
+from medfocus.evaluation.records import IMAGE_RELATIVE
 
 __all__ = ["TRIVIAL_BASELINES", "PRIOR_GRID", "centre_gaussian_map", "random_map", "finding_prior_maps",
            "trivial_baseline_records", "compare_to_baselines", "is_baseline"]
@@ -153,9 +159,9 @@ def trivial_baseline_records(records: Iterable[Mapping[str, Any]], *, seed: int 
             out.append({**base, "method": "baseline_finding_prior",
                         "error": f"no other sample of finding {s.get('attribute')!r} in {key[1]} to build a prior from"})
         else:
-            out.append({**base, "method": "baseline_finding_prior", "heatmap": prior})
+            out.append({**base, "method": "baseline_finding_prior", "heatmap": prior, "heatmap_frame": IMAGE_RELATIVE})
         rseed = zlib.crc32(f"{seed}|{key[1]}|{key[3]}".encode())  # one random map per film, any model/mode
-        out.append({**base, "method": "baseline_random", "heatmap": random_map(rseed)})
+        out.append({**base, "method": "baseline_random", "heatmap": random_map(rseed), "heatmap_frame": IMAGE_RELATIVE})
     return out
 
 

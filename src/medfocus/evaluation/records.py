@@ -72,7 +72,7 @@ from medfocus.io.jsonl import NotJSONLinesError, latest_by_key, read_jsonl_numbe
 from medfocus.io.paths import record_label
 
 __all__ = ["evaluate_records", "evaluate_record", "answer_correct", "correct_only", "read_prediction_records", "read_prediction_files", "record_key", "KEY_FIELDS",
-           "load_heatmap", "map_fits_frame", "METRIC_COLUMNS", "KEY_COLUMNS", "RELATIVE_UNIT_MIN_SIDE"]
+           "load_heatmap", "map_fits_frame", "IMAGE_RELATIVE", "METRIC_COLUMNS", "KEY_COLUMNS", "RELATIVE_UNIT_MIN_SIDE"]
 
 KEY_COLUMNS = ("model", "dataset", "mode", "method", "index")
 METRIC_COLUMNS = ("iou", "f1", "precision", "recall", "pointing_game", "energy_pg", "auprc", "deletion_auc", "insertion_auc")
@@ -220,6 +220,12 @@ def map_fits_frame(shape: tuple[int, int], W: int, H: int) -> bool:
     return lo < hi
 
 
+#: ``heatmap_frame`` of an in-memory map defined on the image-relative unit square (the trivial baselines'
+#: finding prior and random grid): resized onto the image whatever its aspect ratio, since stretching *is*
+#: its definition. Honoured only for an in-memory ``heatmap`` (a stored map is always checked by :func:`map_fits_frame`).
+IMAGE_RELATIVE = "image-relative"
+
+
 #: On a film whose shorter side has at least this many pixels, predicted boxes that all lie inside the
 #: [0, 1] pixel square are almost certainly relative (0-1) coordinates, not pixels: a box of at most one
 #: pixel in the image corner is no localisation any method outputs, while a relative box always lies
@@ -348,7 +354,14 @@ def evaluate_record(
             if not gt:
                 raise DataError(f"{where}: every one of the {n_gt} gt_boxes lies outside the {W}x{H} image")
             if heat is not None:
-                if not map_fits_frame(heat.shape, W, H):
+                # an in-memory trivial-baseline map (evaluation.baselines) is defined on the image-relative unit
+                # square: any grid of it spans the whole image, whatever the film's aspect ratio
+                relative = record.get("heatmap") is not None and record.get("heatmap_frame") == IMAGE_RELATIVE
+                if not relative and heat.shape != (H, W) and W != H and map_fits_frame(heat.shape, max(W, H), max(W, H)):
+                    # coarse enough that rounding admits both this film's aspect and a square: a token-grid or
+                    # canvas map of a letterboxed film would look the same (evaluate_records warns, counted)
+                    row["_frame_ambiguous"] = True
+                if not relative and not map_fits_frame(heat.shape, W, H):
                     raise DataError(
                         f"{where}: heatmap shape {heat.shape[0]}x{heat.shape[1]} (rows x columns) is not the frame of "
                         f"image_size [{W}, {H}]: expected {H}x{W}, or a resampling of it in the same aspect ratio (W/H "
@@ -449,6 +462,25 @@ def _warn_unclipped(records: list[Mapping[str, Any]], rows: list[dict[str, Any]]
                   DataWarning, stacklevel=3)
 
 
+def _warn_ambiguous_frames(records: list[Mapping[str, Any]], rows: list[dict[str, Any]]) -> None:
+    """One DataWarning for scored maps whose shape cannot tell this film's frame from a square one (none: silent)."""
+    hit = [i for i, row in enumerate(rows) if row.get("_frame_ambiguous") and row["error"] is None]
+    if not hit:
+        return
+    import warnings
+
+    from medfocus.errors import DataWarning
+
+    first, row = records[hit[0]], rows[hit[0]]
+    size = first.get("image_size")
+    warnings.warn(f"{len(hit)} heatmaps were resized onto non-square films although their shape is also that of a "
+                  f"square map (first: {_record_where(first)}, image_size {list(size) if size else size}): at that "
+                  "resolution rounding cannot tell the film's aspect ratio from a square, so a token-grid or canvas map "
+                  "of a letterboxed film would be stretched the same way -- store maps in the original frame "
+                  "(medfocus.io.letterbox.Letterbox.map_to_original) to be sure they are scored where they point",
+                  DataWarning, stacklevel=3)
+
+
 def evaluate_records(
     records: Iterable[Mapping[str, Any]],
     *,
@@ -478,7 +510,9 @@ def evaluate_records(
         rows of the records' faithfulness fields (``source == "reference"``).
 
     Warns:
-        DataWarning: once, when scored box-only records lack ``image_size`` (their count and the first).
+        DataWarning: once, when scored box-only records lack ``image_size`` (their count and the first); once,
+            when maps were resized onto non-square films although their shape also fits a square frame (a
+            coarse map: 8x8 or 16x16 on a nearly square film), counting them and naming the first.
     """
     recs = list(records)
     it = recs
@@ -488,6 +522,7 @@ def evaluate_records(
         it = tqdm(recs, desc="evaluate", unit="rec")
     rows = [evaluate_record(r, base_dir=base_dir, q=q, min_area=min_area, max_boxes=max_boxes) for r in it]
     _warn_unclipped(recs, rows)
+    _warn_ambiguous_frames(recs, rows)
     from medfocus.evaluation.faithfulness import reference_rows
 
     rows += reference_rows(recs)
