@@ -45,6 +45,9 @@ def test_explain_validates_before_loading_the_model(tmp_path):
         explain([film, film], finding="nodule", boxes=[(1, 1, 5, 5)], **kw)
     with pytest.raises(ConfigError, match=r"0 <= x1 < x2 <= 50"):
         explain([film], finding="nodule", boxes=[(10, 10, 60, 20)], **kw)
+    # fractions given as pixels: on a film of >= 32 px per side, refused with the pixel box they probably mean
+    with pytest.raises(ConfigError, match=r"--box 0,0,0\.5,0\.5: every value is within \[0, 1\].*50x40 px film f\.png.*0,0,25,20"):
+        explain([film], finding="nodule", boxes=[(0, 0, 0.5, 0.5)], **kw)
     assert parse_box(" 1, 2.5,3,4") == (1.0, 2.5, 3.0, 4.0)
     for bad in ("1,2,3", "a,b,c,d", "1,2,3,nan"):
         with pytest.raises(ConfigError, match="four numbers"):

@@ -129,7 +129,7 @@ def test_run_grid_refuses_a_film_whose_size_differs_from_its_record(tmp_path):
     assert by[1]["heatmap_path"] is None
 
 
-def test_run_grid_records_errors_and_loads_once(tmp_path):
+def test_run_grid_records_errors_and_loads_once(tmp_path, caplog):
     samples, boxes, items = _grid(tmp_path, n=6, models=("m1", "m2"))
     loads, builds = [], []
 
@@ -152,9 +152,12 @@ def test_run_grid_records_errors_and_loads_once(tmp_path):
     # refused before any record: no empty results file is left to read as "a run with no records"
     assert not (tmp_path / "out" / "r.jsonl").exists()
     builds.clear()
-    with ResultStore(tmp_path / "out" / "r.jsonl") as st:
+    with ResultStore(tmp_path / "out" / "r.jsonl") as st, caplog.at_level("WARNING", logger="medfocus.runner.grid"):
         summ = run_grid(items, ["hot", "boom"], st, load_model=loader, make_method=factory,
                         read_image=read_npy, heatmap_to_boxes=simple_boxes, progress=False)
+    # each failure said with its key and the film, so the file can be found
+    said = [r.getMessage() for r in caplog.records if "synthetic failure" in r.getMessage()]
+    assert len(said) == 2 and all(f"3, 'direct', 'boom') ({samples[3].image_path})" in m for m in said)
     assert loads == ["m1", "m2"] and sorted(builds) == ["boom", "hot"]
     assert summ.total == 2 * 6 * 2 and summ.done == 2 * (6 + 5)
     assert summ.errors == 2 * 1  # boom on sample 3

@@ -292,7 +292,8 @@ def explain(
         bad = sorted(set(p) - set(registry[m])) if registry[m] else []
         if bad:
             raise ConfigError(f"method {m!r}: unknown parameter(s) {bad}; accepted: {sorted(registry[m])}")
-    paths = [Path(p) for p in images]
+    # absolute from the start: the film is read again later by that name, and a warning about it is said once
+    paths = [Path(p).resolve() for p in images]
     boxes = [tuple(float(v) for v in b) for b in boxes]
     if boxes and len(paths) != 1:
         raise ConfigError("--box applies to a single film; give one image with expert boxes")
@@ -300,12 +301,21 @@ def explain(
     synthetic: list[bool] = []
     attribute = str(finding).strip() if finding is not None else str(question).strip()
     stem = question_stem(attribute) if finding is not None else _stem_of(str(question), mode)
+    from medfocus.evaluation.records import RELATIVE_UNIT_MIN_SIDE
+
     for i, p in enumerate(paths):
         img, (w0, h0) = read_image(p)  # DataError naming the file when missing/unreadable
         for b in boxes:
             if not (0 <= b[0] < b[2] <= w0 and 0 <= b[1] < b[3] <= h0):
                 raise ConfigError(f"--box {','.join(f'{v:g}' for v in b)}: must satisfy 0 <= x1 < x2 <= {w0} and "
                                   f"0 <= y1 < y2 <= {h0} (the film {p.name} is {w0}x{h0} px)")
+        if boxes and min(w0, h0) >= RELATIVE_UNIT_MIN_SIDE and all(v <= 1.0 for b in boxes for v in b):
+            # the rule evaluate applies to predicted boxes: on a real film, a box inside the one-pixel corner
+            # is relative (0-1) coordinates given as pixels, never an expert's region
+            raise ConfigError(f"--box {' '.join(','.join(f'{v:g}' for v in b) for b in boxes)}: every value is within "
+                              f"[0, 1], which on the {w0}x{h0} px film {p.name} is its one-pixel corner; give pixel edges "
+                              f"(e.g. {','.join(f'{v * d:g}' for v, d in zip(boxes[0], (w0, h0, w0, h0)))} if these "
+                              "are fractions of the width and height)")
         samples.append(Sample(dataset=DATASET, index=i, image_path=str(p.resolve()), attribute=attribute, question=stem,
                               answer=None, boxes=list(boxes), image_size=(w0, h0), meta={"file": p.name}))
         synthetic.append(_is_synthetic_film(p))

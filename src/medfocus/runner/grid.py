@@ -923,11 +923,11 @@ def run_grid(
         }
 
     def write_error(it: WorkItem, method: str, err: str, tb: str | None, wall: float, announce: bool = False) -> None:
-        if announce:
+        if announce:  # the film named too: a key's index says nothing to someone looking for the file
             if bar is not None:
-                bar.write(f"[error] {it.key(method)}: {err}")
+                bar.write(f"[error] {it.key(method)} ({it.sample.image_path}): {err}")
             else:
-                log.warning("error on %s: %s", it.key(method), err)
+                log.warning("error on %s (%s): %s", it.key(method), it.sample.image_path, err)
         rec = record_base(it, method)
         rec.update(pred_boxes=None, heatmap_path=None, extras={}, error=err, traceback=tb, wall_seconds=wall)
         store.append(rec)
