@@ -471,7 +471,7 @@ def _warn_ambiguous_frames(records: list[Mapping[str, Any]], rows: list[dict[str
 
     from medfocus.errors import DataWarning
 
-    first, row = records[hit[0]], rows[hit[0]]
+    first = records[hit[0]]
     size = first.get("image_size")
     warnings.warn(f"{len(hit)} heatmaps were resized onto non-square films although their shape is also that of a "
                   f"square map (first: {_record_where(first)}, image_size {list(size) if size else size}): at that "

@@ -100,10 +100,12 @@ def use_linear_patch_embed(patch_embed: torch.nn.Module) -> bool:
 
     Why: PyTorch's CPU ``Conv3d`` has no fast path for a kernel that covers its whole input: on the demo
     model's patch rows it is several times slower than the same product as a matmul, and it was the largest
-    cost of a perturbation batch after the decoder's linear layers (a profile of the demo's attribute step). Switched only for a bias-free ``Conv3d`` with
-    kernel == stride on the CPU, without an accelerate dispatch hook (whose wrapper owns ``forward`` on
-    multi-device loads); GPU convolutions are left as the checkpoint's authors ran them. Weights and
-    ``state_dict`` are unchanged (the same ``proj`` parameter is read), and module hooks still fire.
+    cost of a perturbation batch after the decoder's linear layers (a profile of the demo's attribute step).
+
+    Switched only for a bias-free ``Conv3d`` with kernel == stride on the CPU, without an accelerate dispatch
+    hook (whose wrapper owns ``forward`` on multi-device loads); GPU convolutions are left as the checkpoint's
+    authors ran them. Weights and ``state_dict`` are unchanged (the same ``proj`` parameter is read), and
+    module hooks still fire.
     """
     import types
 
