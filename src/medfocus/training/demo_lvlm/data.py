@@ -201,13 +201,13 @@ NON_POOL_FIELDS = frozenset({"n_eval_per_cell", "vision_steps", "vision_batch", 
 def pool_key(cfg: DemoLVLMConfig) -> str:
     """sha256 (hex) naming the training pool of ``cfg``: its :data:`POOL_FIELDS`, the medfocus version, the
     versions of the libraries that render films (numpy, scipy, OpenCV) and the source of the code that draws
-    and renders them (``datasets/synthetic``, this module, the templates' module, the letterbox). Any change
+    and renders them (``datasets/synthetic`` with its prior table, this module, the templates' module, the
+    letterbox, ``types``). Any change
     to those gives another key, so a cached pool is never served for different data."""
     import hashlib
     import json
     from dataclasses import asdict
     from importlib import metadata
-    from pathlib import Path
 
     import medfocus
 
@@ -221,8 +221,11 @@ def pool_key(cfg: DemoLVLMConfig) -> str:
             pass
     h.update(json.dumps({"fields": fields, "versions": versions}, sort_keys=True).encode())
     root = Path(medfocus.__file__).parent
-    sources = sorted((root / "datasets" / "synthetic").glob("*.py")) + [
-        Path(__file__), root / "training" / "demo_lvlm" / "tasks.py", root / "io" / "letterbox.py"]
+    # every file the synthetic world reads (its modules and the NIH box-prior table), the name constants
+    # (finding and concept order index the grid labels) and the rendering here
+    synthetic = root / "datasets" / "synthetic"
+    sources = sorted([*synthetic.glob("*.py"), *synthetic.glob("*.json")]) + [
+        Path(__file__), root / "training" / "demo_lvlm" / "tasks.py", root / "io" / "letterbox.py", root / "types.py"]
     for src in sources:
         h.update(src.name.encode() + b"\0" + src.read_bytes() + b"\0")
     return h.hexdigest()
