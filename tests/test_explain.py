@@ -377,3 +377,30 @@ def test_viewer_heatmap_colours_are_the_reports_colour_map():
     ends = np.rint(matplotlib.colormaps[HEAT_CMAP]([0.0, 1.0])[:, :3] * 255).astype(np.uint8)
     assert np.array_equal(lut[[0, 255]], ends)
     assert lut[0].astype(int).sum() < 30 and lut[255].astype(int).sum() > 600  # dark -> bright (jet started blue, (0, 0, 128))
+
+
+def test_explain_threads_option_sets_torch_threads_for_the_run_only(tmp_path, monkeypatch):
+    import torch
+    from click.testing import CliRunner
+
+    import medfocus.runner.explain as rx
+    from medfocus.cli import main
+
+    seen = []
+
+    def fake(*a, **k):
+        seen.append(torch.get_num_threads())
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(rx, "explain", fake)
+    film = tmp_path / "f.png"
+    film.write_bytes(b"")
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    r = CliRunner().invoke(main, ["explain", str(film), "--finding", "x", "--out", str(tmp_path / "o"), "--threads", str(want)])
+    assert r.exit_code == 1 and "stop here" in r.output and "Traceback" not in r.output
+    assert seen == [want] and torch.get_num_threads() == before  # given back, also when the run fails
+    r = CliRunner().invoke(main, ["explain", str(film), "--finding", "x", "--out", str(tmp_path / "o")])
+    assert seen[-1] == before  # no --threads: torch's own setting
+    r = CliRunner().invoke(main, ["explain", str(film), "--finding", "x", "--out", str(tmp_path / "o"), "--threads", "0"])
+    assert r.exit_code == 2 and "--threads" in r.output and len(seen) == 2

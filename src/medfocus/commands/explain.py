@@ -15,6 +15,8 @@ Examples:
   medfocus explain film.png --question "Is the heart enlarged?" --box 700,900,1500,1500 --out runs/heart
   # explain a given answer instead of the model's own
   medfocus explain film.dcm --finding effusion --answer "No" --out runs/no
+  # on a shared machine: at most 2 CPU threads
+  medfocus explain film.dcm --finding cardiomegaly --threads 2 --out /tmp/x
 """
 
 
@@ -35,18 +37,21 @@ Examples:
 @click.option("--overwrite", is_flag=True,
               help="Replace the explain run stored in --out, whatever its settings: every film and method is recomputed "
                    "(default: the same settings resume, a subset of its methods is served from it, other settings are refused).")
+@click.option("--threads", type=click.IntRange(1), default=None, show_default="torch's default",
+              help="torch / OpenCV intra-op threads (e.g. the cores you may use on a shared machine).")
 @click.option("--no-progress", is_flag=True, help="Disable progress bars (also the weight-loading bar).")
 def explain(images, finding, question, mode, answer, model, methods, params, boxes, out_dir, seed, device, overwrite,
-            no_progress) -> None:
+            threads, no_progress) -> None:
     """Explain the model's answer about each IMAGE (DICOM, PNG, JPEG, TIFF) with every attribution
     method and write OUT/explain.html, a self-contained interactive viewer (no network needed), plus
     the records (OUT/predictions.jsonl) in the normal schema. Exit status 3 when every record failed."""
     from medfocus.commands.attribute import exit_if_nothing_succeeded, parse_params
     from medfocus.lvlm.progress import progress_bars
     from medfocus.runner.explain import explain as run_explain, parse_box
+    from medfocus.runner.threads import intra_op_threads
 
     # a MedfocusError becomes a click error in one place (cli.LazyGroup.invoke)
-    with progress_bars(not no_progress):
+    with progress_bars(not no_progress), intra_op_threads(threads):
         res = run_explain(list(images), out=out_dir, finding=finding, question=question, mode=mode, answer=answer, model=model,
                           methods=list(methods) or None, params=parse_params(params), boxes=[parse_box(b) for b in boxes],
                           seed=seed, device=device, progress=not no_progress, overwrite=overwrite, notify=click.echo)

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,6 +51,7 @@ from typing import Any, Callable, Sequence, TYPE_CHECKING
 
 from medfocus.errors import ConfigError, DataError
 from medfocus.io.atomic import atomic_write_text
+from medfocus.runner.threads import available_cores, configure_threads, restore_threads  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:  # annotations only: the adapter interface lives in the LVLM layer
     from medfocus.lvlm.adapter import LVLMAdapter
@@ -116,50 +116,6 @@ class DemoConfig:
 #: ETA is right when the steps keep their relative speed (it scales with the machine's actual speed).
 STEP_COST: dict[str, float] = {"data": 0.045, "model": 2.3, "bench": 0.045, "shortcut": 0.39, "attribute": 0.14, "evaluate": 0.004,
                                "report": 3.5}
-
-
-def available_cores() -> int:
-    """Cores this process may run on (``os.sched_getaffinity``; ``os.cpu_count()`` where unsupported), >= 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
-
-
-def configure_threads(threads: int | None = None) -> tuple[int, dict[str, int]]:
-    """Set torch's and OpenCV's intra-op threads to ``threads`` (None: :func:`available_cores`).
-
-    Returns ``(threads set, previous settings)``; pass the latter to :func:`restore_threads`.
-
-    Raises:
-        ConfigError: ``threads`` < 1.
-    """
-    import torch
-
-    n = available_cores() if threads is None else int(threads)
-    if n < 1:
-        raise ConfigError(f"DemoConfig.threads must be >= 1 (or None for the available cores), got {threads!r}")
-    previous = {"torch": torch.get_num_threads()}
-    torch.set_num_threads(n)
-    try:
-        import cv2
-
-        previous["cv2"] = cv2.getNumThreads()
-        cv2.setNumThreads(n)
-    except ImportError:  # OpenCV is only needed by the inpaint editor
-        pass
-    return n, previous
-
-
-def restore_threads(previous: dict[str, int]) -> None:
-    """Undo :func:`configure_threads`."""
-    import torch
-
-    torch.set_num_threads(previous["torch"])
-    if "cv2" in previous:
-        import cv2
-
-        cv2.setNumThreads(previous["cv2"])
 
 
 def merge_timings(previous: dict[str, Any] | None, current: dict[str, float], did_work: dict[str, bool]) -> dict[str, Any]:
@@ -365,7 +321,7 @@ def run_demo(
     cfg = cfg or DemoConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    threads, previous_threads = configure_threads(cfg.threads)
+    threads, previous_threads = configure_threads(cfg.threads, "DemoConfig.threads")
     overall = _Overall(progress)
     try:
         return _run_demo(out, cfg, threads, overall, log, adapter)
