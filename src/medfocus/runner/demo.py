@@ -51,7 +51,7 @@ from typing import Any, Callable, Sequence, TYPE_CHECKING
 
 from medfocus.errors import ConfigError, DataError
 from medfocus.io.atomic import atomic_write_text
-from medfocus.runner.threads import available_cores, configure_threads, restore_threads  # noqa: F401 (re-exported)
+from medfocus.runner.threads import available_cores, configure_threads, restore_threads
 
 if TYPE_CHECKING:  # annotations only: the adapter interface lives in the LVLM layer
     from medfocus.lvlm.adapter import LVLMAdapter
