@@ -251,3 +251,23 @@ def test_transplant_pool_of_abnormal_films_is_refused_before_the_model_loads(tmp
     assert res.exit_code == 1 and loaded == [] and not (tmp_path / "o").exists(), res.output
     assert f"reference pool {data} refused: it holds a dataset manifest" in res.output
     assert "normal films (no findings) recorded as such in reference.json" in res.output
+
+
+def test_threads_option_sets_torch_threads_for_the_filter_only(tmp_path, toy_dataset, monkeypatch):
+    import torch
+
+    import medfocus.bench as bench_pkg
+
+    monkeypatch.setattr(bench_cmd, "_load_model", lambda name, device: ToyAdapter())
+    seen = []
+    real = bench_pkg.build_benchmark
+    monkeypatch.setattr(bench_pkg, "build_benchmark", lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    args = ["bench", "build", "--model", "m", "--dataset", "toy", "--data-root", str(toy_dataset), "--editor", "oracle",
+            "--out", str(tmp_path / "o"), "--no-progress", "--threads", str(want)]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert seen == [want] and torch.get_num_threads() == before  # set for the run, given back after
+    res = CliRunner().invoke(main, args[:-1] + ["0"])
+    assert res.exit_code == 2 and "--threads" in res.output and "x>=1" in res.output

@@ -381,3 +381,31 @@ def test_a_grid_finer_than_the_content_is_refused_before_loading_where_the_canva
     assert ("parameter 'grid' = 225 is finer than the image content can be on model 'demo''s 224x224 canvas"
             in res.output) and "so grid can be at most 224 (less for films of another aspect ratio)" in res.output
     assert world["loads"] == [] and _records(out) == []
+
+
+def test_attribute_threads_option_sets_torch_threads_for_the_run_and_reaches_launched_workers(world, monkeypatch):
+    import torch
+
+    import medfocus.runner.grid as grid
+    from medfocus.commands.attribute import attribute
+    from medfocus.commands.launch import argv_from_params
+
+    seen = []
+
+    def fake_run_grid(*a, **k):
+        seen.append(torch.get_num_threads())
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(grid, "run_grid", fake_run_grid)
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    res, _ = _run(world, "--model", "demo", "--method", "occlusion", "--threads", str(want))
+    assert res.exit_code == 1 and "stop here" in res.output and "Traceback" not in res.output
+    assert seen == [want] and torch.get_num_threads() == before  # set for the run, given back also when it fails
+    res, _ = _run(world, "--model", "demo", "--method", "occlusion")
+    assert seen[-1] == before  # no --threads: torch's own setting
+    res, _ = _run(world, "--model", "demo", "--method", "occlusion", "--threads", "0")
+    assert res.exit_code == 2 and "--threads" in res.output and len(seen) == 2
+    # a launched worker runs the command rebuilt from the parsed options: it gets the same --threads
+    argv = argv_from_params(attribute, {"threads": 3, "models": ("demo",), "no_progress": True})
+    assert argv[argv.index("--threads") + 1] == "3"

@@ -11,7 +11,7 @@ from medfocus.attribution.base import BASELINES, forward_pass_note
 from medfocus.commands.config import config_option
 from medfocus.commands.dataset_options import check_rescale_boxes, loader_options, rescale_boxes_option
 from medfocus.commands.evaluate import faithfulness_config, faithfulness_options
-from medfocus.commands.launch import LAUNCH_PARAMS, check_launch_options, launcher_options
+from medfocus.commands.launch import LAUNCH_PARAMS, check_launch_options, launcher_options, threads_option
 from medfocus.datasets import DATASET_REGISTRY
 from medfocus.lvlm.progress import progress_bars
 from medfocus.errors import ConfigError, DataError
@@ -356,6 +356,7 @@ def build_items(
 @click.option("--device", default=None, show_default="cuda if available, else cpu", help="torch device for the models.")
 @click.option("--allow-outside-root", is_flag=True,
               help="Read image paths from the data files even when they lead outside the data root (warns); refused by default.")
+@threads_option
 @click.option("--no-progress", is_flag=True, help="Disable progress bars (also the weight-loading bar).")
 @click.option("--store-name", default=None, hidden=True,
               help="File name of the result store in --out (set by the launchers for per-model shards).")
@@ -364,7 +365,7 @@ def build_items(
 @click.pass_context
 def attribute(ctx, bench, dataset, data_root, rescale_boxes, models, modes, methods, params, refine, medsam, out_dir, limit, seed, shard, merge,
               retry_errors, overwrite, save_token_maps, answer_source, relabel_split_model, include_negatives, device,
-              allow_outside_root, no_progress, store_name,
+              allow_outside_root, threads, no_progress, store_name,
               faithfulness, faithfulness_steps, faithfulness_baseline, faithfulness_batch_size, **launch_opts) -> None:
     """Run attribution methods on a benchmark split and store one record per
     (model, dataset, index, mode, method) in OUT/predictions.jsonl (resumable: rerun the same
@@ -372,6 +373,7 @@ def attribute(ctx, bench, dataset, data_root, rescale_boxes, models, modes, meth
     exit status 3 when every record of the run failed."""
     from medfocus.runner.grid import check_split_items, parse_shard, run_grid, select_items
     from medfocus.runner.store import ResultStore, describe_merge, merge_stores
+    from medfocus.runner.threads import intra_op_threads
 
     out = Path(out_dir)
     faith_cfg = faithfulness_config(faithfulness, faithfulness_steps, faithfulness_baseline, faithfulness_batch_size)
@@ -439,7 +441,7 @@ def attribute(ctx, bench, dataset, data_root, rescale_boxes, models, modes, meth
     cost = forward_pass_note(method_objs)
     if cost is not None:  # before any model loads: a costly setting shows before the wait
         click.echo(cost)
-    with progress_bars(not no_progress), ResultStore(store_path) as store:
+    with progress_bars(not no_progress), intra_op_threads(threads), ResultStore(store_path) as store:
         summary = run_grid(items, {m: getattr(obj, "params", {}) for m, obj in method_objs.items()}, store, load_model=loader,
                            make_method=lambda name, _params: method_objs[name], seed=seed, retry_errors=retry_errors,
                            save_token_maps=save_token_maps, progress=not no_progress, faithfulness=faith_cfg,

@@ -8,7 +8,7 @@ import click
 
 from medfocus.commands.config import config_option
 from medfocus.commands.dataset_options import check_rescale_boxes, loader_options, rescale_boxes_option
-from medfocus.commands.launch import LAUNCH_PARAMS, check_launch_options, launcher_options
+from medfocus.commands.launch import LAUNCH_PARAMS, check_launch_options, launcher_options, threads_option
 from medfocus.datasets import DATASET_REGISTRY
 from medfocus.lvlm.progress import progress_bars
 from medfocus.errors import ConfigError, DataError
@@ -112,6 +112,7 @@ def _model_identity(model: str) -> dict[str, Any]:
 @click.option("--device", default=None, show_default="cuda if available, else cpu", help="torch device.")
 @click.option("--allow-outside-root", is_flag=True,
               help="Read image paths from the data files even when they lead outside the data root (warns); refused by default.")
+@threads_option
 @click.option("--no-progress", is_flag=True, help="Disable progress bars (also the weight-loading bar).")
 @click.option("--shard", default=None, show_default="all samples",
               help="Filter only shard i of n (i/n, 0-based) of the samples; give each shard its own --out and combine "
@@ -121,7 +122,8 @@ def _model_identity(model: str) -> dict[str, Any]:
 def build(ctx: click.Context, model: str, model_name: str | None, dataset: str, data_root: str | None, rescale_boxes: bool, modes: tuple[str, ...], editor: str | None, out_dir: str,
           cache_dir: str | None, reference_dir: str | None, radedit_dir: str | None, radedit_steps: int, limit: int | None,
           batch_size: int, max_new_tokens: int | None, include_negatives: bool, retry_errors: bool, overwrite: bool, seed: int,
-          device: str | None, allow_outside_root: bool, no_progress: bool, shard: str | None, **launch_opts: Any) -> None:
+          device: str | None, allow_outside_root: bool, threads: int | None, no_progress: bool, shard: str | None,
+          **launch_opts: Any) -> None:
     """Filter a dataset for one model: keep a positive sample iff the model answers it correctly,
     flips its answer when the finding is edited out of the boxes, and keeps its answer when the
     background is edited ("No {finding}" and "No abnormality")."""
@@ -129,6 +131,7 @@ def build(ctx: click.Context, model: str, model_name: str | None, dataset: str, 
 
     from medfocus.bench import build_benchmark, write_retention
     from medfocus.bench.build import check_split_samples
+    from medfocus.runner.threads import intra_op_threads
     from medfocus.datasets import canonical_name, load_dataset
 
     if model_name is None:
@@ -166,14 +169,15 @@ def build(ctx: click.Context, model: str, model_name: str | None, dataset: str, 
                         dataset_samples=whole, max_new_tokens=max_new_tokens, model_identity=identity, overwrite=overwrite)
     with progress_bars(not no_progress):
         adapter = _load_model(model, device)
-    for mode in modes:
-        records, ret = build_benchmark(adapter, samples, mode=mode, editor=ed, out_dir=out_dir, model_name=model_name,
-                                       cache_dir=cache_dir, include_negatives=include_negatives,
-                                       max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                       retry_errors=retry_errors, progress=not no_progress, data_root=data_root,
-                                       overwrite=overwrite, dataset_samples=whole, model_identity=identity)
-        click.echo(f"{model_name} / {ds_name} / {mode}: kept {ret['kept']} of {ret['n']} positives "
-                   f"({ret['retention_pct']}%), errors {ret['errors']}")
+    with intra_op_threads(threads):
+        for mode in modes:
+            records, ret = build_benchmark(adapter, samples, mode=mode, editor=ed, out_dir=out_dir, model_name=model_name,
+                                           cache_dir=cache_dir, include_negatives=include_negatives,
+                                           max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                           retry_errors=retry_errors, progress=not no_progress, data_root=data_root,
+                                           overwrite=overwrite, dataset_samples=whole, model_identity=identity)
+            click.echo(f"{model_name} / {ds_name} / {mode}: kept {ret['kept']} of {ret['n']} positives "
+                       f"({ret['retention_pct']}%), errors {ret['errors']}")
     click.echo(write_retention(out_dir))
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from medfocus.commands.launch import threads_option
+
 
 EPILOG = """\b
 Examples:
@@ -37,8 +39,7 @@ Examples:
 @click.option("--overwrite", is_flag=True,
               help="Replace the explain run stored in --out, whatever its settings: every film and method is recomputed "
                    "(default: the same settings resume, a subset of its methods is served from it, other settings are refused).")
-@click.option("--threads", type=click.IntRange(1), default=None, show_default="torch's default",
-              help="torch / OpenCV intra-op threads (e.g. the cores you may use on a shared machine).")
+@threads_option
 @click.option("--no-progress", is_flag=True, help="Disable progress bars (also the weight-loading bar).")
 def explain(images, finding, question, mode, answer, model, methods, params, boxes, out_dir, seed, device, overwrite,
             threads, no_progress) -> None:

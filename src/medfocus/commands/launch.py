@@ -49,6 +49,15 @@ def launcher_options(f: F) -> F:
     return f
 
 
+def threads_option(f: F) -> F:
+    """Decorator adding ``--threads`` (torch / OpenCV intra-op threads of this process; with a launcher, of each
+    worker, since the workers get the option back from :func:`argv_from_params`). Apply it with
+    :func:`medfocus.runner.threads.intra_op_threads` around the work."""
+    return click.option("--threads", type=click.IntRange(1), default=None, show_default="torch's default",
+                        help="torch / OpenCV intra-op threads (e.g. the cores you may use on a shared machine; "
+                             "with --launcher local: per worker).")(f)
+
+
 def argv_from_params(command: click.Command, params: dict[str, Any], drop: Sequence[str] = ()) -> list[str]:
     """Rebuild a command line for ``command`` from its parsed ``params`` (options only).
 
