@@ -172,6 +172,19 @@ def test_explain_a_given_answer(synthetic_run, demo_adapter, tmp_path):
     assert r["answer"] == "No" and r["answer_source"] == "given" and r["answer_parsed"] == "No" and r["error"] is None
 
 
+def test_a_film_given_twice_is_explained_once_with_a_note(synthetic_run, demo_adapter, tmp_path, monkeypatch):
+    from medfocus.runner.explain import explain
+
+    film = case_path(synthetic_run[0])
+    monkeypatch.chdir(Path(film).parent)  # the same film by its absolute and its relative name
+    lines: list[str] = []
+    res = explain([film, Path(film).name], out=tmp_path / "o", finding="cardiomegaly", answer="No", methods=["occlusion"],
+                  params={"occlusion": {"grid": 2}}, load_model=lambda name: demo_adapter, progress=False,
+                  notify=lines.append)
+    assert len(res.records) == 1 and len(res.answers) == 1 and res.records[0]["error"] is None
+    assert any("given more than once, explained once" in ln and film in ln for ln in lines)
+
+
 def case_path(res) -> str:
     return res.records[0]["image_path"]
 

@@ -245,8 +245,9 @@ def explain(
             recomputed (also with the same settings; without it, those are resumed or served from the store).
         load_model: ``name -> adapter`` (default :func:`medfocus.lvlm.load_lvlm` on ``device``).
         title: the viewer's title.
-        notify: called with lines for the user before the model loads (the perturbation methods' forward
-            passes per film, :func:`~medfocus.attribution.base.forward_pass_note`); the CLI prints them.
+        notify: called with lines for the user before the model loads (a film given more than once, explained
+            once; the perturbation methods' forward passes per film,
+            :func:`~medfocus.attribution.base.forward_pass_note`); the CLI prints them.
     Returns:
         :class:`ExplainResult`.
     Raises:
@@ -294,6 +295,11 @@ def explain(
             raise ConfigError(f"method {m!r}: unknown parameter(s) {bad}; accepted: {sorted(registry[m])}")
     # absolute from the start: the film is read again later by that name, and a warning about it is said once
     paths = [Path(p).resolve() for p in images]
+    repeated = sorted({str(p) for p in paths if paths.count(p) > 1})
+    if repeated:  # one film, one set of records: a repeat would only spend the time twice
+        paths = list(dict.fromkeys(paths))
+        if notify is not None:
+            notify(f"note: film(s) given more than once, explained once: {', '.join(repeated)}")
     boxes = [tuple(float(v) for v in b) for b in boxes]
     if boxes and len(paths) != 1:
         raise ConfigError("--box applies to a single film; give one image with expert boxes")
