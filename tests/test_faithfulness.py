@@ -157,3 +157,34 @@ def test_mean_curves_and_reference_rows_count_each_sample_once():
     assert mc["reference: random map"]["deletion"] == pytest.approx([1.0, 0.4]) and mc["reference: random map"]["n"] == 2
     rows = reference_rows(recs + [dict(recs[0], error="boom", index=5)])
     assert [(r["index"], r["method"]) for r in rows] == [(0, "reference: random map"), (1, "reference: random map")]
+
+
+def test_the_curve_ends_are_scored_once_per_sample_and_equal_a_fresh_computation(toy):
+    from medfocus.evaluation.faithfulness import record_faithfulness
+
+    img = toy_image(TARGET, size=64, seed=4)
+    maps = _maps()
+    cfg = FaithfulnessConfig(steps=8, baseline="zero", seed=5)
+    rec = {"model": "toy", "dataset": "toy", "index": 0, "mode": "direct", "question": Q, "answer": "Yes",
+           "gt_boxes": [list(cell_box(TARGET, 64))]}
+    scored: list[int] = []
+
+    def counting(adapter, chat, pv, batch_size=16):
+        scored.append(int(pv.shape[0]))
+        return score_chat(adapter, chat, pv, batch_size=batch_size)
+
+    shared: dict = {}
+    first = record_faithfulness(toy, img, rec, maps["graded"], cfg, shared, scorer=counting)
+    n_first, scored[:] = sum(scored), []
+    second = record_faithfulness(toy, img, rec, maps["inverted"], cfg, shared, scorer=counting)
+    # the first map pays the references and both ends; the second only its own 2 (steps - 1) variants
+    assert n_first == 3 * 2 * (8 - 1) + 2 and sum(scored) == 2 * (8 - 1)
+    alone = record_faithfulness(toy, img, rec, maps["inverted"], cfg, {}, scorer=score_chat)
+    for k in ("deletion", "insertion"):
+        assert np.allclose(second["faithfulness"][k], alone["faithfulness"][k], atol=1e-6)
+    assert second["deletion_auc"] == pytest.approx(alone["deletion_auc"], abs=1e-6)
+    assert second["faithfulness"]["deletion"][0] == first["faithfulness"]["deletion"][0]
+    # another answer of the same sample is another score: its ends are not reused
+    scored[:] = []
+    record_faithfulness(toy, img, {**rec, "answer": "No"}, maps["graded"], cfg, shared, scorer=counting)
+    assert sum(scored) == 2 * (8 - 1) + 2

@@ -128,7 +128,7 @@ def add_faithfulness(records: Sequence[dict[str, Any]], model: str, cfg: Any, *,
     if load_model is None:
         from medfocus.lvlm import load_lvlm as load_model
     adapter = load_model(model)
-    refs: dict[tuple, dict[str, Any]] = {}
+    refs: dict[tuple, Any] = {}  # reference curves and curve ends, once per sample
     it: Any = checked
     if progress:
         from tqdm.auto import tqdm

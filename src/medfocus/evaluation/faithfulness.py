@@ -309,8 +309,8 @@ def score_keep_masks(adapter: Any, chat: Any, keep_cells: np.ndarray, cells: np.
 
 def faithfulness_curves(adapter: Any, image: np.ndarray, question: str, answer: str, maps: Mapping[str, np.ndarray | None], *,
                         boxes: Sequence[Sequence[float]] | None = None, config: FaithfulnessConfig | None = None,
-                        scorer: Callable[..., Any] | None = None, references: bool = True
-                        ) -> tuple[dict[str, Curves], dict[str, str]]:
+                        scorer: Callable[..., Any] | None = None, references: bool = True,
+                        endpoints: tuple[float, float] | None = None) -> tuple[dict[str, Curves], dict[str, str]]:
     """Deletion/insertion curves of several maps of one ``(image, question, answer)`` (module docstring).
 
     Args:
@@ -322,6 +322,9 @@ def faithfulness_curves(adapter: Any, image: np.ndarray, question: str, answer: 
         config: protocol settings (default :class:`FaithfulnessConfig`).
         scorer: ``score_chat``-compatible scorer (:func:`medfocus.lvlm.scoring.score_chat`; required).
         references: also score the reference maps (off when the caller already has them).
+        endpoints: ``(original, all removed)`` scores of this ``(image, question, answer)`` under ``config``,
+            when the caller has them from another map of the sample (the curves' shared endpoints,
+            ``deletion[0]`` and ``deletion[-1]``): not scored again.
 
     Returns:
         ``(curves, errors)``: ``curves[name]`` for every rankable map plus ``"random"`` (and
@@ -339,7 +342,11 @@ def faithfulness_curves(adapter: Any, image: np.ndarray, question: str, answer: 
     gh, gw = chat.grid_hw
     cells = cell_index(chat.geometry, adapter.canvas_size, (gh, gw))
     plan = plan_curves(maps, chat.geometry, cells, gh * gw, cfg, boxes, references=references)
-    scores = score_keep_masks(adapter, chat, plan.keep, cells, cfg, scorer)
+    if endpoints is None:
+        scores = score_keep_masks(adapter, chat, plan.keep, cells, cfg, scorer)
+    else:  # plan.keep[0] / [1] are the original and the all-removed variant (plan_curves)
+        scores = np.concatenate([np.asarray(endpoints, dtype=np.float64),
+                                 score_keep_masks(adapter, chat, plan.keep[2:], cells, cfg, scorer)])
     return finish_curves(plan, scores), plan.errors
 
 
@@ -358,7 +365,7 @@ def _nan_to_none(v: float) -> float | None:
 
 
 def record_faithfulness(adapter: Any, image: np.ndarray, record: Mapping[str, Any], heatmap: np.ndarray, config: FaithfulnessConfig,
-                        references: dict[tuple, dict[str, Any]] | None = None, *, scorer: Callable[..., Any] | None = None
+                        references: dict[tuple, Any] | None = None, *, scorer: Callable[..., Any] | None = None
                         ) -> dict[str, Any]:
     """The faithfulness fields of one prediction record (what the runner and ``medfocus evaluate
     --faithfulness`` add): ``deletion_auc``, ``insertion_auc`` and ``faithfulness`` (the curves, the
@@ -368,8 +375,9 @@ def record_faithfulness(adapter: Any, image: np.ndarray, record: Mapping[str, An
     Args:
         record: needs ``model, dataset, index, mode, question, answer`` and ``gt_boxes``.
         heatmap: the record's ``(H0, W0)`` map.
-        references: a cache ``{sample key: reference curves}`` shared by the records of one run, so
-            the references are scored once per sample, not once per method.
+        references: a cache shared by the records of one run (``{sample key: reference curves}``, and the
+            curves' shared endpoints), so the references and the original / all-removed scores are
+            computed once per sample, not once per method.
         scorer: the answer-only scorer (:func:`medfocus.lvlm.scoring.score_chat`).
 
     A failure of the curves themselves (a map that cannot be ranked) is returned in
@@ -379,8 +387,14 @@ def record_faithfulness(adapter: Any, image: np.ndarray, record: Mapping[str, An
     cfg = FaithfulnessConfig(**{**config.to_dict(), "seed": sample_seed(config.seed, key)})
     cache = references if references is not None else {}
     need_refs = key not in cache
+    # the original and all-removed scores are every map's curve ends: scored once per sample (and answer)
+    ends_key = (*key, "endpoints", str(record["question"]), str(record["answer"]))
     curves, errors = faithfulness_curves(adapter, image, str(record["question"]), str(record["answer"]), {"map": heatmap},
-                                         boxes=record.get("gt_boxes") or None, config=cfg, scorer=scorer, references=need_refs)
+                                         boxes=record.get("gt_boxes") or None, config=cfg, scorer=scorer, references=need_refs,
+                                         endpoints=cache.get(ends_key))
+    if curves and ends_key not in cache:
+        any_curve = next(iter(curves.values()))
+        cache[ends_key] = (float(any_curve.deletion[0]), float(any_curve.deletion[-1]))
     if need_refs:
         cache[key] = {name: curves[name].to_dict() for name in REFERENCES if name in curves}
     out: dict[str, Any] = {"settings": cfg.to_dict(), **cache[key], "error": errors.get("map")}

@@ -883,7 +883,7 @@ def run_grid(
 
         bar = tqdm(total=summary.total, initial=summary.skipped, desc="attribute", unit="run", dynamic_ncols=True)
 
-    faith_refs: dict[tuple, dict[str, Any]] = {}  # reference curves, once per sample
+    faith_refs: dict[tuple, Any] = {}  # reference curves and curve ends, once per sample
 
     def get_method_obj(name: str) -> Any:
         return method_objs[name]
