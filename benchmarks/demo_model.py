@@ -76,7 +76,8 @@ def main(threads: int = 2, repeats: int = 3) -> str:
         lines.append(f"| greedy generation, {mode}, batch 16 | {1000 * s:.0f} ms / answer | - |")
     lines += [
         f"| training (recorded by `train-demo`, {m['config']['num_threads']} threads) | data {m.get('data_seconds')} s + "
-        f"stage 1 {m['config'].get('vision_steps', 0)} + stage 2 {m['config']['steps']} steps {m.get('train_seconds')} s | <= 30 min |",
+        f"stage 1 {m['config'].get('vision_steps', 0)} + stage 2 {m['config']['steps']} steps {m.get('train_seconds')} s"
+        + (" (the last process of a resumed run only; see the model card)" if m.get("train_seconds_partial") else "") + " | <= 30 min |",
         "",
     ]
     md = "\n".join(lines)
