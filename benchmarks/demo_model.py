@@ -80,7 +80,8 @@ def main(threads: int = 2, repeats: int = 3) -> str:
         f"| training (recorded by `train-demo`, {m['config']['num_threads']} threads) | data {m.get('data_seconds')} s + "
         f"stage 1 {m['config'].get('vision_steps', 0)} + stage 2 {m['config']['steps']} steps"
         + (f" + stage 3 {m['config']['focus_steps']}" if m['config'].get('focus_steps') else "")
-        + f" {m.get('train_seconds')} s | - |",
+        + f" {m.get('train_seconds')} s"
+        + (" (the last process of a resumed run only; see the model card)" if m.get("train_seconds_partial") else "") + " | - |",
         "",
     ]
     md = "\n".join(lines)

@@ -780,3 +780,46 @@ def test_train_demo_killed_in_stage3_resumes_to_the_same_weights(micro, tmp_path
     assert sum("resumed" in s for s in logs) == 2, logs  # stage 2 at its end, stage 3 at step 1
     whole, resumed = load_file(tmp_path / "whole" / "model.safetensors"), load_file(out / "model.safetensors")
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_a_resumed_run_counts_the_training_time_of_every_process(micro, tmp_path) -> None:
+    """The card's training time is the whole run's: each checkpoint records the seconds spent up to it and a
+    resumed run continues from that count; a checkpoint that recorded none makes the time partial, said so."""
+    import dataclasses
+
+    cfg0, tok, _, _, _ = micro
+    cfg = dataclasses.replace(cfg0, steps=4, checkpoint_every=2, eval_every=3)
+    pool = D.build_train_pool(cfg, progress=False)
+    enc = D.Encoder(tok, (cfg.canvas // 28) ** 2)
+
+    class Killed(Exception):
+        pass
+
+    def kill(step: int) -> None:
+        raise Killed(step)
+
+    ck = tmp_path / "ck.pt"
+    with pytest.raises(Killed):
+        D.train_loop(D.build_model(cfg, tok), enc, pool, cfg, log=lambda s: None, eval_fn=kill, checkpoint=ck,
+                     clock=D.TrainClock())
+    state = torch.load(ck, weights_only=True)
+    assert state["step"] == 2 and state["seconds"] > 0
+    # pretend the first process ran for an hour: the resumed run's total starts from the checkpoint's count
+    state["seconds"] = 3600.0
+    torch.save(state, ck)
+    clock = D.TrainClock()
+    D.train_loop(D.build_model(cfg, tok), enc, pool, cfg, log=lambda s: None, checkpoint=ck, clock=clock)
+    assert 3600.0 < clock.total() < 3600.0 + 600 and not clock.partial
+    # a checkpoint from before the count existed: this process's time only, flagged partial, and the card says so
+    del state["seconds"]
+    torch.save(state, ck)
+    clock = D.TrainClock()
+    D.train_loop(D.build_model(cfg, tok), enc, pool, cfg, log=lambda s: None, checkpoint=ck, clock=clock)
+    assert clock.partial and clock.total() < 600
+    from medfocus.training.demo_lvlm.card import model_card
+
+    card = model_card(cfg, {"train_seconds": 12.0, "train_seconds_partial": True, "data_seconds": 1.0, "vocab": len(tok)},
+                      tmp_path / "m")
+    assert "training 12.0 s (the last process only" in card
+    card = model_card(cfg, {"train_seconds": 12.0, "data_seconds": 1.0, "vocab": len(tok)}, tmp_path / "m")
+    assert "training 12.0 s (all stages, over every process of a resumed run)" in card

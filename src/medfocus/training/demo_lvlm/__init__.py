@@ -83,6 +83,7 @@ from medfocus.training.demo_lvlm.tasks import (
     task_question,
 )
 from medfocus.training.demo_lvlm.train import (
+    TrainClock,
     aux_loss,
     checkpoint_path,
     focus_loop,
@@ -106,6 +107,7 @@ __all__ = [
     "GenerateFn",
     "STAGE3_FIELDS",
     "TASKS",
+    "TrainClock",
     "adapter_generate_fn",
     "aux_loss",
     "boxes_answer",

@@ -167,7 +167,9 @@ def model_card(cfg: DemoLVLMConfig, metrics: dict[str, Any], out: Path, validity
            "one uninterrupted run; the timings below are stage 3's."] if metrics.get("init_from") else []),
         f"- Measured on {cfg.num_threads} CPU thread(s) of a 2-core machine shared with other jobs: data {metrics.get('data_seconds')} s, "
         f"training {metrics.get('train_seconds')} s"
-        + ("" if metrics.get("init_from") else " (all stages)")
+        + (" (the last process only: the run resumed from a checkpoint that did not record the time spent before it, "
+           "so the whole run took longer)" if metrics.get("train_seconds_partial")
+           else "" if metrics.get("init_from") else " (all stages, over every process of a resumed run)")
         + "".join(f"; final stage-{n} loss {metrics[k]:.4f}" for n, k in ((2, "final_loss"), (3, "final_focus_loss")) if k in metrics)
         + (f"; **stopped early at stage-{metrics.get('stopped_stage', 2)} step {metrics['stopped_at']}** of "
            f"{cfg.focus_steps if metrics.get('stopped_stage') == 3 else cfg.steps}." if metrics.get("stopped_at") else "."),

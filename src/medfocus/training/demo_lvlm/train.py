@@ -22,6 +22,29 @@ from medfocus.training.demo_lvlm.evaluate import direct_margin, evaluate_and_wri
 from medfocus.training.demo_lvlm.model import Encoder, build_model, build_tokenizer, folder_size, save_folder
 from medfocus.training.demo_lvlm.tasks import target_text, task_question
 
+class TrainClock:
+    """Training seconds of a run across the processes that resumed it: each checkpoint records the seconds spent
+    up to it, and a resumed stage continues from that count, so the model card's training time is the whole run's,
+    not the last process's. ``partial`` is set when a resumed checkpoint recorded no time (written before the
+    checkpoints carried it): :meth:`total` then counts this process only."""
+
+    def __init__(self) -> None:
+        self._start = time.time()
+        self._before = 0.0
+        self.partial = False
+
+    def resumed(self, seconds: float | None) -> None:
+        """A stage resumed from a checkpoint that recorded ``seconds`` (None: not recorded)."""
+        self._start = time.time()
+        if seconds is None:
+            self._before, self.partial = 0.0, True
+        else:
+            self._before = float(seconds)
+
+    def total(self) -> float:
+        return self._before + (time.time() - self._start)
+
+
 def sequence_loss(model, enc: Encoder, canvases: torch.Tensor, items: Sequence[tuple[int, str, str]], grid: int,
                   aux: tuple[torch.nn.Module, torch.Tensor, float] | None = None) -> torch.Tensor:
     """Mean answer-token cross-entropy for ``items = [(image_index, question, answer), ...]``.
@@ -83,7 +106,7 @@ def aux_loss(head: torch.nn.Module, emb: torch.Tensor, labels: torch.Tensor, pos
 def pretrain_vision(model, head: torch.nn.Module, canvases: torch.Tensor, labels: torch.Tensor, cfg: DemoLVLMConfig,
                     rng: random.Random, log: Callable[[str], None] = print,
                     eval_fn: Callable[[int, torch.nn.Module], None] | None = None,
-                    checkpoint: str | Path | None = None) -> list[float]:
+                    checkpoint: str | Path | None = None, clock: TrainClock | None = None) -> list[float]:
     """Stage 1: the vision tower (with the merger) and the auxiliary head alone, ``cfg.vision_steps`` steps of
     ``cfg.vision_batch`` images (no text: cheap, so many more images per second than stage 2).
 
@@ -95,7 +118,7 @@ def pretrain_vision(model, head: torch.nn.Module, canvases: torch.Tensor, labels
     params = list(model.model.visual.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
     ck = Path(checkpoint) if checkpoint is not None else None
-    losses, start = _resume(ck, cfg, model, head, opt, rng, log, stage=1)
+    losses, start = _resume(ck, cfg, model, head, opt, rng, log, stage=1, clock=clock)
     t0 = time.time()
     for step in range(start, cfg.vision_steps):
         for g in opt.param_groups:
@@ -115,7 +138,7 @@ def pretrain_vision(model, head: torch.nn.Module, canvases: torch.Tensor, labels
             eval_fn(step + 1, head)
             model.train()
         if ck is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.vision_steps:
-            _save_checkpoint(ck, cfg, model, head, opt, rng, losses, step + 1, stage=1)
+            _save_checkpoint(ck, cfg, model, head, opt, rng, losses, step + 1, stage=1, clock=clock)
     return losses
 
 
@@ -226,10 +249,11 @@ def _optimizer_step(model, opt: torch.optim.Optimizer, loss: torch.Tensor) -> fl
 
 
 def _resume(ck: Path | None, cfg: DemoLVLMConfig, model, head, opt, rng: random.Random,
-            log: Callable[[str], None], stage: int = 2) -> tuple[list[float], int]:
+            log: Callable[[str], None], stage: int = 2, clock: TrainClock | None = None) -> tuple[list[float], int]:
     """Load the stage-``stage`` checkpoint ``ck`` of this very config into the live objects; ``(losses, next
     step)``, or ``([], 0)`` when there is none or it is of another config or stage (then it is overwritten;
-    stages 1 and 2 share the file, so stage 2 finds stage 1's there until its own first save)."""
+    stages 1 and 2 share the file, so stage 2 finds stage 1's there until its own first save). ``clock``
+    continues from the training seconds the checkpoint recorded."""
     if ck is None or not ck.is_file():
         return [], 0
     state = load_checkpoint(ck)
@@ -244,26 +268,32 @@ def _resume(ck: Path | None, cfg: DemoLVLMConfig, model, head, opt, rng: random.
     opt.load_state_dict(state["opt"])
     rng.setstate(state["rng"])
     torch.set_rng_state(state["torch_rng"])
+    if clock is not None:
+        clock.resumed(state.get("seconds"))
     log(f"resumed from {ck} at step {int(state['step'])}")
     return list(state["losses"]), int(state["step"])
 
 
 def _save_checkpoint(ck: Path, cfg: DemoLVLMConfig, model, head, opt, rng: random.Random, losses: list[float],
-                     step: int, stage: int) -> None:
+                     step: int, stage: int, clock: TrainClock | None = None) -> None:
+    # "seconds": the run's training time so far (None when not known: no clock, or a resumed checkpoint without it)
+    seconds = clock.total() if clock is not None and not clock.partial else None
     with atomic_write(ck, "wb") as fh:
         torch.save({"config": asdict(cfg), "model": model.state_dict(), "head": head.state_dict() if head is not None else None,
                     "opt": opt.state_dict(), "rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
-                    "losses": losses, "step": step, "stage": stage}, fh)
+                    "losses": losses, "step": step, "stage": stage, "seconds": seconds}, fh)
 
 
 def train_loop(model, enc: Encoder, pool: Sequence[DemoCase], cfg: DemoLVLMConfig, *, log: Callable[[str], None] = print,
                eval_fn: Callable[[int], None] | None = None, checkpoint: str | Path | None = None,
-               vision_eval_fn: Callable[[int, torch.nn.Module], None] | None = None) -> list[float]:
+               vision_eval_fn: Callable[[int, torch.nn.Module], None] | None = None,
+               clock: TrainClock | None = None) -> list[float]:
     """AdamW + linear warm-up + cosine decay over ``cfg.steps`` steps; returns the per-step losses.
 
     With ``checkpoint`` and ``cfg.checkpoint_every``, the model, optimiser and sampler states are saved
     there atomically every ``checkpoint_every`` steps, and a run restarted with the same config resumes
-    from it (same batches, same result as an uninterrupted run).
+    from it (same batches, same result as an uninterrupted run); ``clock`` (:class:`TrainClock`) then
+    counts the training seconds of the earlier processes too.
     """
     findings = _findings()
     grid = cfg.canvas // 14
@@ -275,9 +305,9 @@ def train_loop(model, enc: Encoder, pool: Sequence[DemoCase], cfg: DemoLVLMConfi
     opt = torch.optim.AdamW(_param_groups(model, cfg, head), lr=cfg.lr, betas=(0.9, 0.98))
     model.train()
     ck = Path(checkpoint) if checkpoint is not None else None
-    losses, start = _resume(ck, cfg, model, head, opt, rng, log, stage=2)
+    losses, start = _resume(ck, cfg, model, head, opt, rng, log, stage=2, clock=clock)
     if start == 0 and cfg.vision_steps and head is not None:
-        pretrain_vision(model, head, canvases, labels, cfg, rng, log, vision_eval_fn, checkpoint=ck)
+        pretrain_vision(model, head, canvases, labels, cfg, rng, log, vision_eval_fn, checkpoint=ck, clock=clock)
     t0 = time.time()
     for step in range(start, cfg.steps):
         for g in opt.param_groups:
@@ -293,7 +323,7 @@ def train_loop(model, enc: Encoder, pool: Sequence[DemoCase], cfg: DemoLVLMConfi
         last = step + 1 == cfg.steps
         if ck is not None and cfg.checkpoint_every and (((step + 1) % cfg.checkpoint_every == 0 and not last)
                                                         or (last and cfg.focus_steps)):
-            _save_checkpoint(ck, cfg, model, head, opt, rng, losses, step + 1, stage=2)
+            _save_checkpoint(ck, cfg, model, head, opt, rng, losses, step + 1, stage=2, clock=clock)
         if eval_fn is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             model.eval()
             eval_fn(step + 1)
@@ -303,7 +333,7 @@ def train_loop(model, enc: Encoder, pool: Sequence[DemoCase], cfg: DemoLVLMConfi
 
 
 def focus_loop(model, enc: Encoder, pool: Sequence[DemoCase], cfg: DemoLVLMConfig, *, log: Callable[[str], None] = print,
-               checkpoint: str | Path | None = None) -> list[float]:
+               checkpoint: str | Path | None = None, clock: TrainClock | None = None) -> list[float]:
     """Stage 3, "hard-negative focus": ``cfg.focus_steps`` steps on the four tasks (no auxiliary loss) with a
     fresh AdamW at ``cfg.focus_lr`` (warm-up over ``min(cfg.warmup, focus_steps // 10)`` steps, cosine decay
     to 5%), the vision tower at ``stage2_vision_lr_scale``; "no" questions favour the absent look-alike of a
@@ -326,7 +356,7 @@ def focus_loop(model, enc: Encoder, pool: Sequence[DemoCase], cfg: DemoLVLMConfi
     opt = torch.optim.AdamW(_param_groups(model, cfg, None), lr=cfg.focus_lr, betas=(0.9, 0.98))
     model.train()
     ck = Path(checkpoint) if checkpoint is not None else None
-    losses, start = _resume(ck, cfg, model, None, opt, rng, log, stage=3)
+    losses, start = _resume(ck, cfg, model, None, opt, rng, log, stage=3, clock=clock)
     warmup = min(cfg.warmup, cfg.focus_steps // 10)
     focus_ids = [i for i, c in enumerate(pool) if any(f in c.views for f in cfg.focus_findings)]
     if cfg.focus_findings and not focus_ids:
@@ -348,7 +378,7 @@ def focus_loop(model, enc: Encoder, pool: Sequence[DemoCase], cfg: DemoLVLMConfi
         if (step + 1) % 25 == 0 or step == 0:
             log(f"focus step {step + 1}/{cfg.focus_steps} loss {np.mean(losses[-25:]):.4f} lr {lr:.2e} {time.time() - t0:.0f}s")
         if ck is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.focus_steps:
-            _save_checkpoint(ck, cfg, model, None, opt, rng, losses, step + 1, stage=3)
+            _save_checkpoint(ck, cfg, model, None, opt, rng, losses, step + 1, stage=3, clock=clock)
     model.eval()
     return losses
 
@@ -470,17 +500,19 @@ def train_demo(out_dir: str | Path, cfg: DemoLVLMConfig | None = None, *, log: C
         log(f"  [eval step {step}] direct teacher-forced held-out accuracy {ok.mean():.3f} on {len(quick)} "
             f"(margin mean {m.mean():+.2f} sd {m.std():.2f}): {per}")
 
-    t0 = time.time()
+    clock = TrainClock()
     ck = checkpoint_path(out)
     losses = [] if init is not None else train_loop(
         model, enc, pool, cfg, log=log, eval_fn=quick_eval, checkpoint=ck if cfg.checkpoint_every else None,
-        vision_eval_fn=vision_eval if cfg.eval_every else None)
-    focus = focus_loop(model, enc, pool, cfg, log=log, checkpoint=checkpoint_path(out, stage=3) if cfg.checkpoint_every else None) \
-        if cfg.focus_steps else []
-    t_train = time.time() - t0
+        vision_eval_fn=vision_eval if cfg.eval_every else None, clock=clock)
+    focus = focus_loop(model, enc, pool, cfg, log=log, checkpoint=checkpoint_path(out, stage=3) if cfg.checkpoint_every else None,
+                       clock=clock) if cfg.focus_steps else []
+    t_train = clock.total()
     del pool
     extra: dict[str, Any] = {"train_seconds": round(t_train, 1), "data_seconds": round(t_data, 1),
                              "n_parameters": int(sum(p.numel() for p in model.parameters()))}
+    if clock.partial:  # resumed from a checkpoint that did not record the time before it
+        extra["train_seconds_partial"] = True
     if losses:
         extra["final_loss"] = float(np.mean(losses[-25:]))
     if focus:
@@ -526,6 +558,8 @@ def save_from_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, log: Ca
     stage = int(state.get("stage", 2))
     extra = {("final_focus_loss" if stage == 3 else "final_loss"): float(np.mean(state["losses"][-25:])),
              "n_parameters": int(sum(p.numel() for p in model.parameters())), "stopped_at": int(state["step"]), "stopped_stage": stage}
+    if state.get("seconds") is not None:  # the training time up to the checkpoint, when it recorded it
+        extra["train_seconds"] = round(float(state["seconds"]), 1)
     with atomic_directory(out) as tmp:
         save_folder(model, tok, cfg, tmp, extra)
         (tmp / "MODEL_CARD.md").write_text(model_card(cfg, {**extra, "vocab": len(tok)}, out))
