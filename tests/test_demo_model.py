@@ -192,7 +192,7 @@ def test_shipped_folder_is_small_and_documented() -> None:
     for needle in ("## Data", "Seed", "steps", "Training-time held-out check", "benchmarks/validity.md", "medfocus train-demo", "Cue reliance"):
         assert needle in card
     hints = json.loads((DEMO_DIR / "medfocus.json").read_text())
-    assert hints["family"] == "qwen_vl" and hints["canvas"] == 168
+    assert hints["family"] == "qwen_vl" and hints["canvas"] == 224
 
 
 @pytest.fixture(scope="module")
@@ -423,7 +423,7 @@ def test_presets_resolve_and_are_recognised() -> None:
         assert preset_of(preset_config(name, seed=5, steps=3, num_threads=1)) == name
     assert preset_config("demo-8x8") == D.DemoLVLMConfig()  # the first demo's recipe is the field defaults
     assert preset_config("demo-16x16").token_grid == 16 and preset_config("demo-8x8").token_grid == 8
-    assert preset_config("demo").token_grid == 12 and preset_config("demo").canvas == 168  # the shipped recipe
+    assert preset_config("demo").token_grid == 16 and preset_config("demo").canvas == 224  # the shipped recipe (the paper's grid)
     assert preset_config("demo-12x12").token_grid == 12 and preset_config("demo-12x12").canvas == 168
     from medfocus.training.commands import train_demo as cmd
 

@@ -155,10 +155,10 @@ def test_cli_labels_films_of_one_name_apart_and_overwrite_recomputes(tmp_path, d
     out = tmp_path / "out"
     argv = ["explain", *map(str, films), "--finding", "cardiomegaly", "--method", "occlusion", "--param", "occlusion.grid=2",
             "--out", str(out), "--no-progress"]
-    # the demo's canvas is 168x168: no film has more than 168 content pixels a side, so grid 169 leaves empty cells
-    r = CliRunner().invoke(main, [*argv[:-4], "occlusion.grid=169", *argv[-3:]])
-    assert r.exit_code == 1 and "forward passes per film: occlusion 28,562 (1 + 169x169 grid cells)" in r.output, r.output
-    assert "so grid can be at most 168 (less for films of another aspect ratio)" in r.output and not out.exists()
+    # the demo's canvas is 224x224: no film has more than 224 content pixels a side, so grid 225 leaves empty cells
+    r = CliRunner().invoke(main, [*argv[:-4], "occlusion.grid=225", *argv[-3:]])
+    assert r.exit_code == 1 and "forward passes per film: occlusion 50,626 (1 + 225x225 grid cells)" in r.output, r.output
+    assert "so grid can be at most 224 (less for films of another aspect ratio)" in r.output and not out.exists()
     assert loads == []  # refused before the model loads: the demo's canvas is known from its medfocus.json
     r = CliRunner().invoke(main, argv)
     assert r.exit_code == 0, r.output
@@ -177,6 +177,6 @@ def test_cli_labels_films_of_one_name_apart_and_overwrite_recomputes(tmp_path, d
 def test_canvas_known_before_loading_only_where_load_lvlm_fixes_it():
     from medfocus.lvlm.loading import known_canvas
 
-    assert known_canvas("demo") == (168, 168)  # its medfocus.json
+    assert known_canvas("demo") == (224, 224)  # its medfocus.json
     assert known_canvas("qwen2_5_vl_7b") == (448, 448)  # the registry entry
     assert known_canvas("gemma3_4b") is None and known_canvas("llava1_5_7b") is None  # from the processor, at load

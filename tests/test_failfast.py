@@ -374,12 +374,12 @@ def test_grid_limit_is_the_content_side_on_the_canvas():
 
 
 def test_a_grid_finer_than_the_content_is_refused_before_loading_where_the_canvas_is_known(world):
-    """The demo's canvas (168, from its medfocus.json) is known without loading it: no film's content exceeds
-    168 canvas pixels a side, so grid 169 is refused before any model loads."""
-    res, out = _run(world, "--model", "demo", "--method", "occlusion", "--param", "occlusion.grid=169")
+    """The demo's canvas (224, from its medfocus.json) is known without loading it: no film's content exceeds
+    224 canvas pixels a side, so grid 225 is refused before any model loads."""
+    res, out = _run(world, "--model", "demo", "--method", "occlusion", "--param", "occlusion.grid=225")
     assert res.exit_code == 1, res.output
-    assert ("parameter 'grid' = 169 is finer than the image content can be on model 'demo''s 168x168 canvas"
-            in res.output) and "so grid can be at most 168 (less for films of another aspect ratio)" in res.output
+    assert ("parameter 'grid' = 225 is finer than the image content can be on model 'demo''s 224x224 canvas"
+            in res.output) and "so grid can be at most 224 (less for films of another aspect ratio)" in res.output
     assert world["loads"] == [] and _records(out) == []
 
 

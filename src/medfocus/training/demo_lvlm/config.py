@@ -261,7 +261,7 @@ _FOCUS: dict[str, Any] = dict(focus_steps=600, focus_lr=5e-4, hard_negative_pair
 #:   said "yes" to almost no clean positive; with 30% clean cases at the usual severities it read most findings
 #:   itself, and the cue decided only about a quarter of its cued "yes" answers.
 PRESETS: dict[str, dict[str, Any]] = {
-    "demo": {**_DEMO_12X12, "lesion_size_rule": "fleischner", "vision_steps": 15000, "co_occurrence": 0.2},
+    "demo": {**_DEMO_12X12, "canvas": 224, "lesion_size_rule": "fleischner", "vision_steps": 12000, "co_occurrence": 0.2},
     "demo-8x8": {},
     "demo-16x16": dict(spatial_merge_size=1, cue_subset=0.0, cue_base_rate=0.15, co_occurrence=0.15, train_severity=(0.0, 1.0)),
     "demo-12x12": _DEMO_12X12,
