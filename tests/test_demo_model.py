@@ -660,6 +660,9 @@ def test_stage3_from_a_stage2_folder_equals_one_uninterrupted_run(micro, tmp_pat
     card = (tmp_path / "stage3" / "MODEL_CARD.md").read_text()
     assert "Stage 3, hard-negative focus: 2 more steps" in card and "nodule / mass" in card and sha in card
     assert "final stage-3 loss" in card and "Stage 3" not in (tmp_path / "stage2" / "MODEL_CARD.md").read_text()
+    # the card says when the data time is a cache load, not the rendering (stage 2 rendered and cached the cases)
+    assert meta["data_from_pool_cache"] is True and "loaded from the `--pool-cache` file" in card
+    assert "data_from_pool_cache" not in json.loads((tmp_path / "stage2" / "medfocus.json").read_text())["demo"]
     # refusals, each before any work, naming the folder and what was expected
     with pytest.raises(ConfigError, match="already a stage-3 result"):
         D.train_demo(tmp_path / "x", cfg, init_from=tmp_path / "whole", **quiet)

@@ -165,7 +165,9 @@ def model_card(cfg: DemoLVLMConfig, metrics: dict[str, Any], out: Path, validity
         *([f"- Stages 1-2 were not rerun: they were loaded from `{metrics['init_from']['folder']}` (a finished two-stage run "
            f"of this recipe; its model.safetensors sha256 `{metrics['init_from']['sha256']}`), which gives the same weights as "
            "one uninterrupted run; the timings below are stage 3's."] if metrics.get("init_from") else []),
-        f"- Measured on {cfg.num_threads} CPU thread(s) of a 2-core machine shared with other jobs: data {metrics.get('data_seconds')} s, "
+        f"- Measured on {cfg.num_threads} CPU thread(s) of a 2-core machine shared with other jobs: data {metrics.get('data_seconds')} s"
+        + (" (the training cases loaded from the `--pool-cache` file, not rendered in this run)"
+           if metrics.get("data_from_pool_cache") else "") + ", "
         f"training {metrics.get('train_seconds')} s"
         + (" (the last process only: the run resumed from a checkpoint that did not record the time spent before it, "
            "so the whole run took longer)" if metrics.get("train_seconds_partial")

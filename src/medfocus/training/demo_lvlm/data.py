@@ -256,6 +256,11 @@ def _pool_from_arrays(z: Any, key: str, n: int) -> list[DemoCase]:
             for i, m in enumerate(meta)]
 
 
+def pool_cache_file(cfg: DemoLVLMConfig, cache_dir: str | Path) -> Path:
+    """The file of ``cfg``'s training pool in ``cache_dir`` (``train-pool-<key>.npz``, :func:`pool_key`)."""
+    return Path(cache_dir) / f"train-pool-{pool_key(cfg)[:24]}.npz"
+
+
 def build_train_pool(cfg: DemoLVLMConfig, progress: bool = True, *, cache_dir: str | Path | None = None,
                      log: Callable[[str], None] | None = None) -> list[DemoCase]:
     """The training cases (seeds ``cfg.seed * 1_000_003 + i``; disjoint from :func:`build_eval_pool`).
@@ -269,7 +274,7 @@ def build_train_pool(cfg: DemoLVLMConfig, progress: bool = True, *, cache_dir: s
     if cache_dir is None:
         return _render_train_pool(cfg, progress)
     key = pool_key(cfg)
-    path = Path(cache_dir) / f"train-pool-{key[:24]}.npz"
+    path = pool_cache_file(cfg, cache_dir)
     say = log or (lambda _msg: None)
     if path.is_file():
         try:

@@ -17,7 +17,8 @@ import torch
 from medfocus.io.atomic import atomic_directory, atomic_write
 from medfocus.training.demo_lvlm.card import model_card
 from medfocus.training.demo_lvlm.config import RUN_FIELDS, DemoLVLMConfig, config_from_dict, preset_config
-from medfocus.training.demo_lvlm.data import DemoCase, _findings, build_eval_pool, build_train_pool, canvases_to_pixel_values
+from medfocus.training.demo_lvlm.data import (DemoCase, _findings, build_eval_pool, build_train_pool, canvases_to_pixel_values,
+                                              pool_cache_file)
 from medfocus.training.demo_lvlm.evaluate import direct_margin, evaluate_and_write_card
 from medfocus.training.demo_lvlm.model import Encoder, build_model, build_tokenizer, folder_size, save_folder
 from medfocus.training.demo_lvlm.tasks import target_text, task_question
@@ -483,8 +484,12 @@ def train_demo(out_dir: str | Path, cfg: DemoLVLMConfig | None = None, *, log: C
     enc = Encoder(tok, cfg.token_grid ** 2)
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, vocab {len(tok)}")
     t0 = time.time()
+    cache_file = pool_cache_file(cfg, pool_cache) if pool_cache is not None else None
+    cached_stamp = cache_file.stat().st_mtime_ns if cache_file is not None and cache_file.is_file() else None
     pool = build_train_pool(cfg, progress=progress, cache_dir=pool_cache, log=log)
     t_data = time.time() - t0
+    # loaded, not rendered: the cache file was there and was not replaced (an unreadable one is rendered again)
+    from_cache = cached_stamp is not None and cache_file.stat().st_mtime_ns == cached_stamp
     log(f"{len(pool)} training cases in {t_data:.0f}s ({sum(c.cued for c in pool)} on the cue subset)")
     quick = build_eval_pool(cfg, n_per_cell=12, progress=False, seed_offset=900_000) if cfg.eval_every else []
 
@@ -511,6 +516,8 @@ def train_demo(out_dir: str | Path, cfg: DemoLVLMConfig | None = None, *, log: C
     del pool
     extra: dict[str, Any] = {"train_seconds": round(t_train, 1), "data_seconds": round(t_data, 1),
                              "n_parameters": int(sum(p.numel() for p in model.parameters()))}
+    if from_cache:  # data_seconds is then the loading time; rendering the cases is not in this run
+        extra["data_from_pool_cache"] = True
     if clock.partial:  # resumed from a checkpoint that did not record the time before it
         extra["train_seconds_partial"] = True
     if losses:
