@@ -1,5 +1,5 @@
 """Speed/size targets of the shipped demo model: offline load < 5 s, folder <= 20 MB. Training time is reported,
-not targeted: the 12x12 recipe's vision tower needs hours of CPU (the first 8x8 demo trained in under 30 min),
+not targeted: the 16x16 recipe's vision tower needs hours of CPU (the first 8x8 demo trained in under 30 min),
 and its stage 1 is checkpointed so that a killed run resumes.
 
 Prints a table and writes ``benchmarks/demo_model.md``. Run: ``.venv/bin/python benchmarks/demo_model.py``.

@@ -14,7 +14,7 @@ class DemoLVLMConfig:
 
     The field defaults are the first demo recipe (canvas 224 px -> 16x16 patches of 14 px -> 8x8 = 64
     image tokens after the 2x2 merge; preset ``demo-8x8``, the shortcut twin's base); the shipped models are
-    trained from :data:`PRESETS` (``demo``: a 12x12 token grid). Fields added later default to that first
+    trained from :data:`PRESETS` (``demo``: a 16x16 token grid). Fields added later default to that first
     recipe's behaviour, so a ``medfocus.json`` written before they existed reads back unchanged.
     """
 
@@ -168,14 +168,14 @@ _FOCUS: dict[str, Any] = dict(focus_steps=600, focus_lr=5e-4, hard_negative_pair
 
 #: The recipes (``train-demo --preset NAME``; every other field keeps its :class:`DemoLVLMConfig` default).
 #:
-#: - ``demo``: the shipped demo model's recipe: ``demo-12x12-fleischner-long`` with 15000 vision-tower steps
-#:   (12x12 token grid on a 168-px canvas, cues uninformative, 20000 training cases in the ``fleischner`` world,
-#:   the ``medfocus synth`` default since this model shipped; about 2.5 h on 2 CPU threads, stage 1 checkpointed).
-#:   Chosen because the ``-long`` run's stage-1 auxiliary loss was still falling at 12000 steps (0.1595 at 11000,
-#:   0.1434 at 12000) while its step-by-step accuracy was 2 answers short of the 95% target; a stage 3 with
-#:   positive focus on nodules and masses (``focus_findings``) made that candidate worse on a diagnostic seed
-#:   (1265 -> 1260 of 1310 step-by-step answers). Measured in ``benchmarks/validity.md``; the candidates'
-#:   measurements stay in ``candidates/README.md``.
+#: - ``demo``: the shipped demo model's recipe: ``demo-12x12-fleischner-long`` on the 224-px canvas, i.e. the
+#:   paper's 16x16 token grid (14 canvas px per token, no spatial merge; cues uninformative, 20000 training cases
+#:   in the ``fleischner`` world, the ``medfocus synth`` default since this model shipped; about 3.6 h on 2 CPU
+#:   threads, every stage checkpointed). Chosen because the 12x12 candidates' remaining errors were shared between
+#:   runs (type confusions of one lesion, missed atelectasis bands 1-3 canvas px wide), i.e. a resolution limit:
+#:   neither 15000 vision-tower steps nor a stage 3 focused on nodules and masses helped at 12x12 (1268 / 1265 and
+#:   1265 -> 1260 of 1310 answers on a diagnostic seed), while this recipe answered 1279 / 1276 there. Measured in
+#:   ``benchmarks/validity.md``; the candidates' measurements stay in ``candidates/README.md``.
 #: - ``demo-8x8``: the first demo model's recipe (the field defaults: 8x8 token grid, a 20% cue subset, the
 #:   ``nih`` world), shipped until 2026-12; measured by ``benchmarks/validity.py`` on ``medfocus synth`` data of its
 #:   world: 80.3% direct / 79.9% step-by-step, false "yes" on 21.0% / 18.3% of the films carrying another finding.
