@@ -74,9 +74,9 @@ class DemoConfig:
     """Sizes of the demo. Defaults are chosen so the whole run stays under 10 minutes on 2 CPU cores
     (measured by ``benchmarks/demo_time.py``)."""
 
-    n_samples: int = 96
+    n_samples: int = 64
     """synthetic cases written (positives + balanced negatives per the synthetic writer)."""
-    per_mode: int = 24
+    per_mode: int = 12
     """at most this many filtered samples attributed per mode."""
     n_reference: int = 8
     """normal reference phantoms for MedFocus."""
@@ -99,13 +99,13 @@ class DemoConfig:
     ``fleischner`` world is measured on that world's films."""
     max_new_tokens: int | None = None
     """generation budget of the causal filter (None = the bench defaults per mode)."""
-    faithfulness_per_mode: int = 8
+    faithfulness_per_mode: int = 4
     """attributed samples per mode (the first of the diverse subset) that also get deletion/insertion
     curves for every heatmap (0 = none); sized so the demo stays under its time target
     (``benchmarks/demo_time.md``)."""
-    faithfulness_steps: int = 16
+    faithfulness_steps: int = 8
     """steps of the deletion/insertion curves."""
-    shortcut_films: int = 48
+    shortcut_films: int = 24
     """films of the shortcut step (each rendered with and without its cues; 0 = skip the step)."""
     shortcut_model: str = "demo-shortcut"
     """the model compared with ``model`` in the shortcut step (the shipped shortcut twin)."""
