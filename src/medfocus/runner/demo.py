@@ -71,8 +71,9 @@ DEMO_MEDFOCUS: dict[str, Any] = {"refine": "medsam", "medsam": DEMO_SEGMENTER, "
 
 @dataclass
 class DemoConfig:
-    """Sizes of the demo. Defaults are chosen so the whole run stays under 10 minutes on 2 CPU cores
-    (measured by ``benchmarks/demo_time.py``)."""
+    """Sizes of the demo. Defaults are chosen so the whole run stays within 5 minutes on a quiet 2-core machine
+    (measured by ``benchmarks/demo_time.py``: 271 s; the first defaults, 96 films and 24 samples per mode with
+    curves for 8 of 16 steps, took 529 s there with the 16x16 demo model)."""
 
     n_samples: int = 64
     """synthetic cases written (positives + balanced negatives per the synthetic writer)."""
@@ -111,11 +112,12 @@ class DemoConfig:
     """the model compared with ``model`` in the shortcut step (the shipped shortcut twin)."""
 
 
-#: Measured seconds per work unit of each step on a quiet 2-core machine (``benchmarks/demo_time.md``:
-#: 96 films, 2 editors x 2 modes, 48 shortcut films, 48 samples x 12 methods): the overall progress bar's weights, so its
-#: ETA is right when the steps keep their relative speed (it scales with the machine's actual speed).
-STEP_COST: dict[str, float] = {"data": 0.045, "model": 2.3, "bench": 0.045, "shortcut": 0.39, "attribute": 0.14, "evaluate": 0.004,
-                               "report": 3.5}
+#: Measured seconds per work unit of each step on a quiet 2-core machine (``benchmarks/demo_time.md``: 64 + 8 films,
+#: 2 editors x 2 modes x 65 positives, 24 shortcut films, 24 samples x 14 methods, the 16x16 demo model): the overall
+#: progress bar's weights, so its ETA is right when the steps keep their relative speed (it scales with the machine's
+#: actual speed).
+STEP_COST: dict[str, float] = {"data": 0.136, "model": 3.2, "bench": 0.157, "shortcut": 0.80, "attribute": 0.44, "evaluate": 0.010,
+                               "report": 38.0}
 
 
 def merge_timings(previous: dict[str, Any] | None, current: dict[str, float], did_work: dict[str, bool]) -> dict[str, Any]:
