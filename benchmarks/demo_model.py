@@ -77,7 +77,8 @@ def main(threads: int = 2, repeats: int = 3) -> str:
     for mode, s in rows:
         lines.append(f"| greedy generation, {mode}, batch 16 | {1000 * s:.0f} ms / answer | - |")
     lines += [
-        f"| training (recorded by `train-demo`, {m['config']['num_threads']} threads) | data {m.get('data_seconds')} s + "
+        f"| training (recorded by `train-demo`, {m['config']['num_threads']} threads) | data {m.get('data_seconds')} s"
+        + (" (loaded from the pool cache)" if m.get("data_from_pool_cache") else "") + " + "
         f"stage 1 {m['config'].get('vision_steps', 0)} + stage 2 {m['config']['steps']} steps"
         + (f" + stage 3 {m['config']['focus_steps']}" if m['config'].get('focus_steps') else "")
         + f" {m.get('train_seconds')} s"
