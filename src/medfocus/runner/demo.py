@@ -64,8 +64,10 @@ DEMO_PROMPTING_DETECTOR = "anatomy"
 #: (``concepts/synthetic_sam``, trained by :mod:`medfocus.training.demo_segmenter`), standing in for MedSAM whose weights cannot be fetched here.
 DEMO_SEGMENTER = "demo"
 
-#: MedFocus settings of the demo: refined concept masks hidden as masks, nested rule (the setting that
-#: names the finding's own concept most often, ``benchmarks/medfocus_concepts.md``).
+#: MedFocus settings of the demo: refined concept masks hidden as masks, nested rule: the setting that separates
+#: the heart from the lungs and mediastinum (the cardiac silhouette on every cardiomegaly film of
+#: ``benchmarks/medfocus_concepts.md``); on the 16x16 demo the transferred boxes name the right concept more often
+#: over all findings (pneumothorax lies outside every concept mask), as the README's "Which concept?" says.
 DEMO_MEDFOCUS: dict[str, Any] = {"refine": "medsam", "medsam": DEMO_SEGMENTER, "region": "mask", "rule": "nested"}
 
 
