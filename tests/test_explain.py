@@ -41,8 +41,9 @@ def test_explain_validates_before_loading_the_model(tmp_path):
         explain([film], finding="nodule", methods=["occlusion"], params={"rise": {"n_masks": 8}}, **kw)
     with pytest.raises(ConfigError, match="unknown parameter"):
         explain([film], finding="nodule", methods=["rise"], params={"rise": {"n_mask": 8}}, **kw)
+    other = write_png(tmp_path / "g.png", np.full((40, 50), 80, np.uint8))
     with pytest.raises(ConfigError, match="single film"):
-        explain([film, film], finding="nodule", boxes=[(1, 1, 5, 5)], **kw)
+        explain([film, other], finding="nodule", boxes=[(1, 1, 5, 5)], **kw)
     with pytest.raises(ConfigError, match=r"0 <= x1 < x2 <= 50"):
         explain([film], finding="nodule", boxes=[(10, 10, 60, 20)], **kw)
     # fractions given as pixels: on a film of >= 32 px per side, refused with the pixel box they probably mean
