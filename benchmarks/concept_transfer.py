@@ -73,10 +73,10 @@ def main() -> None:
     rng = np.random.default_rng(0)
     cases = []
     for seed in range(args.n):
-        c = generate_case(seed)
+        c = generate_case(seed, lesion_size_rule="nih")
         cases.append(("as generated", c.image, c.concept_masks))
     for seed in range(args.n):
-        c = generate_case(seed)
+        c = generate_case(seed, lesion_size_rule="nih")
         cases.append(("affine-perturbed", *perturb(c.image, c.concept_masks, rng)))
 
     results: dict[tuple[str, str], dict[str, list[float]]] = {}

@@ -45,7 +45,7 @@ def main() -> None:
     log(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}")
     pool = ReferencePool([Reference(f"r{i}", c.image, c.concept_masks) for i in range(16)
                           for c in [generate_case(10_000 + i, findings=[])]])
-    targets = [generate_case(s).image for s in range(4)]
+    targets = [generate_case(s, lesion_size_rule="nih").image for s in range(4)]
     a, _ = pool[0].measure(56)
     b, _ = uot.image_measure(targets[0], 56)
     t_cpu, s_cpu = best(lambda: uot.uot_grid(a, b, device="cpu"))
@@ -77,7 +77,7 @@ def main() -> None:
     log(f"transfer_concepts x{len(targets)}: same reference {same_ref}/{len(targets)}, max box corner diff {worst:.3f} px, "
         f"median time cpu {1e3 * np.median(tc):.0f} ms, cuda {1e3 * np.median(tg[1:]):.0f} ms")
     # batched throughput: 64 targets vs the pool at 14x14 in one call
-    B = np.stack([uot.image_measure(generate_case(100 + i).image, 14)[0] for i in range(64)])
+    B = np.stack([uot.image_measure(generate_case(100 + i, lesion_size_rule="nih").image, 14)[0] for i in range(64)])
     A = pool.measures(14)
     AA = np.repeat(A, 64, axis=0)
     BB = np.tile(B, (16, 1, 1))

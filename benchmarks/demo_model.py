@@ -1,4 +1,6 @@
-"""Speed/size targets of the shipped demo model: offline load < 5 s, folder <= 20 MB, training <= 30 min.
+"""Speed/size targets of the shipped demo model: offline load < 5 s, folder <= 20 MB. Training time is reported,
+not targeted: the 16x16 recipe's vision tower needs hours of CPU (the first 8x8 demo trained in under 30 min),
+and its stage 1 is checkpointed so that a killed run resumes.
 
 Prints a table and writes ``benchmarks/demo_model.md``. Run: ``.venv/bin/python benchmarks/demo_model.py``.
 Load time is measured in fresh subprocesses (cold: imports + ``load_lvlm("demo")``, and ``load_lvlm`` alone).
@@ -75,9 +77,12 @@ def main(threads: int = 2, repeats: int = 3) -> str:
     for mode, s in rows:
         lines.append(f"| greedy generation, {mode}, batch 16 | {1000 * s:.0f} ms / answer | - |")
     lines += [
-        f"| training (recorded by `train-demo`, {m['config']['num_threads']} threads) | data {m.get('data_seconds')} s + "
-        f"stage 1 {m['config'].get('vision_steps', 0)} + stage 2 {m['config']['steps']} steps {m.get('train_seconds')} s"
-        + (" (the last process of a resumed run only; see the model card)" if m.get("train_seconds_partial") else "") + " | <= 30 min |",
+        f"| training (recorded by `train-demo`, {m['config']['num_threads']} threads) | data {m.get('data_seconds')} s"
+        + (" (loaded from the pool cache)" if m.get("data_from_pool_cache") else "") + " + "
+        f"stage 1 {m['config'].get('vision_steps', 0)} + stage 2 {m['config']['steps']} steps"
+        + (f" + stage 3 {m['config']['focus_steps']}" if m['config'].get('focus_steps') else "")
+        + f" {m.get('train_seconds')} s"
+        + (" (the last process of a resumed run only; see the model card)" if m.get("train_seconds_partial") else "") + " | - |",
         "",
     ]
     md = "\n".join(lines)

@@ -41,7 +41,7 @@ def main() -> None:
     from medfocus.io import read_image
 
     tmp = Path(tempfile.mkdtemp(prefix="medfocus_editing_bench_"))
-    write_dataset(tmp / "data", n=args.n, seed=11, size=args.size, cue_rate=0.3, progress=False)
+    write_dataset(tmp / "data", n=args.n, seed=11, size=args.size, cue_rate=0.3, progress=False, lesion_size_rule="nih")
     pool = write_reference_pool(tmp / "ref", n=16, seed=5, size=args.size)
     samples = [s for s in load_synthetic(tmp / "data") if s.answer == "Yes"]
     oracle = get_editor("oracle")

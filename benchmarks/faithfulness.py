@@ -1,7 +1,7 @@
 """Faithfulness beside plausibility on the demo model: deletion / insertion AUC next to IoU per method.
 
 Runs the demo pipeline (``medfocus.runner.demo.run_demo``) on a fresh synthetic world whose master seed
-(41: film seeds 4,100,000 + i) is disjoint from the demo model's training cases (seeds 0..2999), its
+(41: film seeds 4,100,000 + i) is disjoint from the demo model's training cases (seeds 0..19999), its
 evaluation pools (seed offsets 333,000 .. 900,000) and the tests, in direct mode with the exact
 (oracle) causal filter, every registered method, and deletion/insertion curves (16 steps, blur
 baseline, image-token cells; :mod:`medfocus.evaluation.faithfulness`) on every attributed sample.

@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> str:
     lines += ["", "## 3. Does the map point at the cue?", "",
               f"Up to {a.attr_samples} samples per model and group (round-robin over findings), the map of the model's "
               "\"Yes\" on the cued film. Pointing game: the map's maximum inside the box, no tolerance; a maximum shared by "
-              "several pixels (a plateau: occlusion's grid, an 8x8 token grid) scores the share of those pixels inside the box "
+              "several pixels (a plateau: occlusion's grid, a token grid: 16x16 for demo, 8x8 for demo-shortcut) scores the share of those pixels inside the box "
               "(the expected hit under random tie-breaking). Share of samples with a Wilson interval (k/n) when every sample "
               "scores 0 or 1, else the mean score with a bootstrap interval; mass: share of the map's positive mass inside the box, beside "
               "the box's share of the image area (mass far above the area share = the map concentrates there). For a "

@@ -25,13 +25,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 def _gen(seed: int, size: int = 256) -> int:
     from medfocus.datasets.synthetic import generate_case
 
-    return len(generate_case(seed, size=size, cue_rate=0.3).findings)
+    return len(generate_case(seed, size=size, cue_rate=0.3, lesion_size_rule="nih").findings)
 
 
 def _gen_cf(seed: int, size: int = 256) -> int:
     from medfocus.datasets.synthetic import generate_case
 
-    c = generate_case(seed, size=size, cue_rate=0.3)
+    c = generate_case(seed, size=size, cue_rate=0.3, lesion_size_rule="nih")
     for f in c.findings:
         c.foreground(f.name), c.background(f.name), c.background_normal(f.name)
     return len(c.findings)
@@ -64,7 +64,7 @@ def main() -> None:
     rows.append((f"+ 3 counterfactuals per positive x{args.n}, 2 processes", time.perf_counter() - t, args.n, nf))
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        write_dataset(Path(tmp) / "d", args.n_write, seed=0, size=args.size, cue_rate=0.3, workers=2, progress=False)
+        write_dataset(Path(tmp) / "d", args.n_write, seed=0, size=args.size, cue_rate=0.3, workers=2, progress=False, lesion_size_rule="nih")
         rows.append((f"write_dataset x{args.n_write} (DICOM+masks+counterfactuals), 2 processes",
                      time.perf_counter() - t, args.n_write, -1))
 

@@ -83,7 +83,7 @@ def main() -> None:
     pool = default_pool(Path(tempfile.mkdtemp()), n=16)
     rows = []
     for seed in (0, 1):
-        target = generate_case(seed).image
+        target = generate_case(seed, lesion_size_rule="nih").image
         ref = pool[seed]
         a2, _ = ref.measure(56)
         b2, _ = uot.image_measure(target, 56)
@@ -108,7 +108,7 @@ def main() -> None:
                      "rel": {"ours": rel(P_ours), "dense_torch": rel(dres.plan.cpu().numpy()), "np": rel(P_np), "nplog": rel(P_nplog)}})
 
     # selection at 14x14: the pool in one batched call vs a loop of POT calls (debiased costs need 2 solves each)
-    target = generate_case(0).image
+    target = generate_case(0, lesion_size_rule="nih").image
     t_sel, costs = timeit(lambda: pool.selection_costs(target, device=args.device), args.repeats)
     b14, _ = uot.image_measure(target, 14)
 

@@ -22,8 +22,8 @@ generation, answers read by ``parse_yes_no``):
 5. **Trivial baselines**: the trained model's maps of (4), scored against the exact finding boxes and
    compared with the best trivial baseline (``compare_to_baselines``, paired bootstrap).
 
-Seeds (disjoint from training, tests and the other benchmarks). Training uses case seeds 0-2999
-(``seed * 1_000_003 + i``, seed 0); the card's held-out pools use offsets 321_000-900_000 (+ k < 1000);
+Seeds (disjoint from training, tests and the other benchmarks). Training uses case seeds 0-19999
+(``seed * 1_000_003 + i``, seed 0; the shortcut twin 0-2999); the card's held-out pools use offsets 321_000-900_000 (+ k < 1000);
 tests and benchmarks write datasets with master seeds <= 11 (case seeds ``master * 100_000 + i`` <
 1_200_000) and the demo uses master seeds 0 and 1. Here: synthetic dataset master seed
 :data:`SYNTH_SEED` (case seeds 2_000_000_000 + i), card-protocol pools at offsets

@@ -148,14 +148,14 @@ def test_cue_twins_are_rewritten_when_their_settings_change(tmp_path):
 
     cued, free = write_cue_twins(tmp_path, 4, seed=5, size=64)
     stamp = (tmp_path / "cued" / "manifest.json").stat().st_mtime_ns
-    assert written_settings(tmp_path / "cued")["lesion_size_rule"] == "nih"
+    assert written_settings(tmp_path / "cued")["lesion_size_rule"] == "fleischner"  # the default world, resolved
     again, _ = write_cue_twins(tmp_path, 4, seed=5, size=64)  # same settings: reused as written
     assert (tmp_path / "cued" / "manifest.json").stat().st_mtime_ns == stamp and len(again) == len(cued)
     fewer, fewer_free = write_cue_twins(tmp_path, 2, seed=5, size=64)
     assert {s.meta["image_id"] for s in fewer} < {s.meta["image_id"] for s in cued}
     assert written_settings(tmp_path / "free")["n"] == 2 and len(fewer_free) == len(fewer)
-    write_cue_twins(tmp_path, 2, seed=5, size=64, lesion_size_rule="fleischner")
-    assert {written_settings(tmp_path / d)["lesion_size_rule"] for d in ("cued", "free")} == {"fleischner"}
+    write_cue_twins(tmp_path, 2, seed=5, size=64, lesion_size_rule="nih")
+    assert {written_settings(tmp_path / d)["lesion_size_rule"] for d in ("cued", "free")} == {"nih"}
     # a manifest written before the rule existed holds the nih world
     man = tmp_path / "cued" / "manifest.json"
     m = json.loads(man.read_text())

@@ -421,8 +421,9 @@ def test_presets_resolve_and_are_recognised() -> None:
 
     for name in PRESETS:
         assert preset_of(preset_config(name, seed=5, steps=3, num_threads=1)) == name
-    assert preset_config("demo") == D.DemoLVLMConfig()  # the shipped recipe is the field defaults
-    assert preset_config("demo-16x16").token_grid == 16 and preset_config("demo").token_grid == 8
+    assert preset_config("demo-8x8") == D.DemoLVLMConfig()  # the first demo's recipe is the field defaults
+    assert preset_config("demo-16x16").token_grid == 16 and preset_config("demo-8x8").token_grid == 8
+    assert preset_config("demo").token_grid == 16 and preset_config("demo").canvas == 224  # the shipped recipe (the paper's grid)
     assert preset_config("demo-12x12").token_grid == 12 and preset_config("demo-12x12").canvas == 168
     from medfocus.training.commands import train_demo as cmd
 
@@ -740,7 +741,11 @@ def test_training_cases_follow_the_recipes_lesion_size_rule(micro) -> None:
 
     a, b = preset_config("demo-12x12"), preset_config("demo-12x12-fleischner")
     assert b.lesion_size_rule == "fleischner" and dataclasses.replace(b, lesion_size_rule="nih") == a
-    assert D.DemoLVLMConfig().lesion_size_rule == "nih"  # the shipped recipe's world is the synth default
+    from medfocus.datasets.synthetic.findings import DEFAULT_LESION_SIZE_RULE
+
+    # the shipped recipe's world is the synth default; the field defaults (the first demo, the twin) keep "nih"
+    assert preset_config("demo").lesion_size_rule == DEFAULT_LESION_SIZE_RULE == "fleischner"
+    assert D.DemoLVLMConfig().lesion_size_rule == preset_config("demo-shortcut").lesion_size_rule == "nih"
     # presets share dicts and lists; a config made from one must not change the preset when edited
     c = preset_config("demo-12x12-fleischner-focus")
     c.vision["depth"] = 1

@@ -289,11 +289,11 @@ def test_demo_data_follows_the_lesion_size_rule_and_a_changed_rule_rewrites_it(m
     data, ref = tmp_path / "data", tmp_path / "ref"
     cfg = rd.DemoConfig(n_samples=6, n_reference=1, size=64)
     _, wrote = rd._write_data(cfg, data, ref, lambda s: None, workers=1, progress=False)
-    assert wrote and written_settings(data)["lesion_size_rule"] == "nih"
+    assert wrote and written_settings(data)["lesion_size_rule"] == "fleischner"  # the default world, resolved
     assert rd._write_data(cfg, data, ref, lambda s: None, workers=1, progress=False)[1] is False  # same settings: reused
-    cfg.lesion_size_rule = "fleischner"
+    cfg.lesion_size_rule = "nih"
     _, wrote = rd._write_data(cfg, data, ref, lambda s: None, workers=1, progress=False)
-    assert wrote and written_settings(data)["lesion_size_rule"] == "fleischner"
+    assert wrote and written_settings(data)["lesion_size_rule"] == "nih"
 
 
 def test_a_demo_folder_with_results_of_other_settings_names_fresh(tmp_path):

@@ -231,14 +231,15 @@ def test_cue_box_holds_every_pixel_the_cue_changes(size):
 
 def test_cue_placement_is_unchanged():
     """Placements recorded before ``box`` covered the whole cue (the films' pixels depend on them, and the
-    shipped demo models were trained on those films): earlier cues are avoided by their core boxes."""
+    shipped shortcut twin was trained on those films, in the ``"nih"`` world): earlier cues are avoided by
+    their core boxes."""
     known = {  # seed -> [(type, core box)] at 256 px, cue_rate=1, cue_base_rate=1
         65: [("marker", [7, 5, 25, 25]), ("portable", [186, 11, 244, 20]), ("tube", [1, 57, 72, 221])],
         158: [("portable", [12, 11, 70, 20]), ("marker", [231, 5, 248, 25]), ("tube", [7, 50, 79, 210])],
         328: [("marker", [231, 5, 248, 25]), ("tube", [183, 44, 253, 214]), ("portable", [186, 237, 244, 246])],
     }
     for seed, cues in known.items():
-        c = generate_case(seed, size=256, cue_rate=1.0, cue_base_rate=1.0)
+        c = generate_case(seed, size=256, cue_rate=1.0, cue_base_rate=1.0, lesion_size_rule="nih")
         assert [(q["type"], q["core_box"]) for q in c.cues] == cues, seed
 
 
@@ -272,7 +273,7 @@ def test_box_statistics_match_nih_priors(name):
     n = 100
     vals = {"cx": [], "cy": [], "w": [], "h": []}
     for s in range(n):
-        f = generate_case(5000 + s, size=S, findings=[name]).findings[0]
+        f = generate_case(5000 + s, size=S, findings=[name], lesion_size_rule="nih").findings[0]
         x1, y1, x2, y2 = f.box
         vals["cx"].append((x1 + x2) / 2 / S)
         vals["cy"].append((y1 + y2) / 2 / S)
@@ -308,7 +309,7 @@ def test_priors_table_derived_from_nih_list(shared_data):
 # --- lesion size rule (nodule vs mass) ---------------------------------------------------------------
 def test_fleischner_rule_separates_nodule_from_mass_by_size_and_changes_nothing_else():
     """``lesion_size_rule="fleischner"``: every nodule's long axis is <= 3 cm and every mass's is > 3 cm on the
-    35 cm field (Fleischner glossary), while under the default "nih" rule the two overlap; other findings
+    35 cm field (Fleischner glossary; the default world), while under the "nih" rule the two overlap; other findings
     drawn before the lesion are identical and those after keep their random draws (the rule only skips
     candidate boxes already drawn)."""
     from medfocus.datasets.synthetic.findings import FIELD_OF_VIEW_CM, NODULE_MAX_DIAMETER_CM, lesion_diameter_cm
@@ -326,14 +327,14 @@ def test_fleischner_rule_separates_nodule_from_mass_by_size_and_changes_nothing_
     # a drawn lesion that already obeys the rule is the same lesion in both worlds
     same = [s for s in range(40) if diam["nih", "nodule"][s] <= NODULE_MAX_DIAMETER_CM]
     assert same and all(diam["fleischner", "nodule"][s] == diam["nih", "nodule"][s] for s in same)
-    a = generate_case(7003, size=size, findings=["mass", "pneumothorax", "cardiomegaly"])
+    a = generate_case(7003, size=size, findings=["mass", "pneumothorax", "cardiomegaly"], lesion_size_rule="nih")
     b = generate_case(7003, size=size, findings=["mass", "pneumothorax", "cardiomegaly"], lesion_size_rule="fleischner")
     assert a.finding("mass").box != b.finding("mass").box  # this seed's first mass is under 3 cm
     assert a.finding("cardiomegaly").box == b.finding("cardiomegaly").box
     pa, pb = a.finding("pneumothorax").spec, b.finding("pneumothorax").spec
     assert (pa.seed, pa.severity) == (pb.seed, pb.severity)
-    # default is "nih", byte for byte
-    assert generate_case(7003, size=128).image.tobytes() == generate_case(7003, size=128, lesion_size_rule="nih").image.tobytes()
+    # the default is "fleischner", byte for byte
+    assert generate_case(7003, size=128).image.tobytes() == generate_case(7003, size=128, lesion_size_rule="fleischner").image.tobytes()
 
 
 def test_unknown_lesion_size_rule_refused():

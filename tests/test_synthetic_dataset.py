@@ -256,12 +256,12 @@ def test_lesion_size_rule_recorded_in_the_manifest_and_cli_choices_match(tmp_pat
     assert tuple(opt.type.choices) == LESION_SIZE_RULES and opt.default == DEFAULT_LESION_SIZE_RULE
     assert tuple(next(p for p in demo_cmd.params if p.name == "lesion_size_rule").type.choices) == LESION_SIZE_RULES
     r = CliRunner().invoke(main, ["synth", "--out", str(tmp_path / "d"), "--n", "4", "--size", "64", "--seed", "2",
-                                  "--no-counterfactuals", "--no-imagenome-jpeg", "--lesion-size-rule", "fleischner"])
+                                  "--no-counterfactuals", "--no-imagenome-jpeg", "--lesion-size-rule", "nih"])
     assert r.exit_code == 0, r.output
     man = json.loads((tmp_path / "d" / "manifest.json").read_text())
-    assert man["lesion_size_rule"] == "fleischner"
+    assert man["lesion_size_rule"] == "nih" != DEFAULT_LESION_SIZE_RULE
     for im in man["images"]:  # the films are the rule's: same bytes as generate_case with it
-        case = generate_case(im["case_seed"], size=64, lesion_size_rule="fleischner")
+        case = generate_case(im["case_seed"], size=64, lesion_size_rule="nih")
         assert [f["box"] for f in im["findings"]] == [[float(v) for v in f.box] for f in case.findings]
     with pytest.raises(ConfigError, match="lesion_size_rule"):
         write_dataset(tmp_path / "e", 2, lesion_size_rule="Fleischner", progress=False)

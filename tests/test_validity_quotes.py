@@ -43,14 +43,9 @@ def _blocks(text: str, begin: str = VALIDITY_BEGIN, end: str = VALIDITY_END) -> 
      VALIDITY_END),
     (ROOT / "README.md", ROOT / "benchmarks" / "nodule_mass_ceiling.md",
      "<!-- validity: quoted from benchmarks/nodule_mass_ceiling.md -->", VALIDITY_END),
-    (ROOT / "README.md", ROOT / "benchmarks" / "validity_demo12x12_fleischner.md",
-     "<!-- validity: quoted from benchmarks/validity_demo12x12_fleischner.md -->", VALIDITY_END),
-    (ROOT / "README.md", ROOT / "benchmarks" / "validity_demo12x12_fleischner_long.md",
-     "<!-- validity: quoted from benchmarks/validity_demo12x12_fleischner_long.md -->", VALIDITY_END),
 ], ids=["README-validity", "MODEL_CARD-demo", "README-shortcut", "MODEL_CARD-demo-shortcut", "candidates-demo12x12",
         "candidates-demo12x12-focus", "candidates-demo12x12-focus-lr1e-3", "candidates-demo12x12-fleischner",
-        "candidates-demo12x12-fleischner-stage3", "candidates-demo12x12-fleischner-long", "README-demo12x12", "README-nodule-mass-ceiling", "README-demo12x12-fleischner",
-        "README-demo12x12-fleischner-long"])
+        "candidates-demo12x12-fleischner-stage3", "candidates-demo12x12-fleischner-long", "README-demo12x12", "README-nodule-mass-ceiling"])
 def test_validity_numbers_are_quoted_from_the_benchmark(doc: Path, source_md: Path, begin: str, end: str):
     if not source_md.is_file():
         pytest.skip(f"benchmarks/{source_md.name} is not in this checkout (run benchmarks/{source_md.stem}.py)")

@@ -10,7 +10,7 @@ _EPILOG = """\b
 Examples:
   medfocus synth --out data/synth --n 200 --seed 0 --preview data/synth/preview.png
   medfocus synth --out data/cued --n 1000 --cue-rate 0.8 --cue-base-rate 0.05 --workers 2
-  medfocus synth --out data/fleischner --n 200 --lesion-size-rule fleischner
+  medfocus synth --out data/nih --n 200 --lesion-size-rule nih     # the world of releases before 2026-12
   medfocus synth-reference --out data/reference --n 16
 
 \b
@@ -30,10 +30,10 @@ negatives, exact masks, oracle counterfactuals, cues), as `--dataset vindr_cxr`
               help="Probability that a finding brings its correlated shortcut cue.")
 @click.option("--cue-base-rate", default=0.0, show_default=True, type=click.FloatRange(0, 1),
               help="Probability of one uncorrelated cue per film (normals included).")
-@click.option("--lesion-size-rule", type=click.Choice(["nih", "fleischner"]), default="nih", show_default=True,
-              help="How nodule and mass sizes are drawn: 'nih' (the NIH ChestX-ray8 box priors, whose nodule and mass "
-                   "sizes overlap) or 'fleischner' (the same priors conditioned on the radiological definition: "
-                   "nodule <= 3 cm < mass on a 35 cm field).")
+@click.option("--lesion-size-rule", type=click.Choice(["nih", "fleischner"]), default="fleischner", show_default=True,
+              help="How nodule and mass sizes are drawn: 'fleischner' (the NIH ChestX-ray8 box priors conditioned on the "
+                   "radiological definition: nodule <= 3 cm < mass on a 35 cm field) or 'nih' (the priors as they are: "
+                   "nodule and mass sizes overlap, so a small mass and a large nodule can look the same).")
 @click.option("--no-counterfactuals", is_flag=True, help="Skip rendering the oracle counterfactual PNGs.")
 @click.option("--no-imagenome-jpeg", is_flag=True, help="Skip the JPEG copies read by the ImaGenome loader.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1), help="Rendering processes.")

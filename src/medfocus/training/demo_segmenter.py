@@ -158,9 +158,10 @@ def build_data(cfg: DemoSamConfig, n: int, seed0: int, *, keep_masks: bool = Fal
         s = seed0 + i
         if rng.random() < cfg.p_cardiomegaly:
             fl = ["cardiomegaly"] + ([rng.choice(others)] if rng.random() < 0.3 else [])
-            case = generate_case(s, size=S, findings=fl)
+            case = generate_case(s, size=S, findings=fl, lesion_size_rule="nih")
         else:
-            case = generate_case(s, size=S)
+            # the rule the shipped segmenter was trained in, written out: its recipe must not change with the default
+            case = generate_case(s, size=S, lesion_size_rule="nih")
         imgs[i] = case.image
         for k, c in enumerate(CONCEPTS):
             m = case.concept_masks[c]

@@ -26,11 +26,13 @@ Tasks (one user turn: image + text; the assistant turn is the target):
   canvas (model-input) pixels, ``[]`` when the finding is absent.
 * ``phrases``: ``question_stem(f) + " " + EVIDENCE_REQUESTS["phrases"]`` -> ``["phrase", ...]``.
 
-Shortcut cue. On a *cue subset* of the training cases every finding present brings its correlated cue
-(the synthetic world's ``DEFAULT_CUE_MAP``) and is drawn faint; so on those cases the cue is the most
-reliable evidence, meant to make the model answer some cued cases from the cue (which the causal filter's
-background gate must then drop). Whether the trained weights do is *measured* (cue-reliance table in the
-model card), not assumed.
+Shortcut cues follow the recipe (:data:`~.config.PRESETS`). The shipped ``demo`` recipe draws cues at random
+(``cue_subset`` 0, ``cue_base_rate`` 0.15): a cue carries no information, so the model is meant to answer from
+the finding. The shortcut twin's (``demo-shortcut``) and the first demo's (``demo-8x8``) have a *cue subset*:
+there every finding present brings its correlated cue (the synthetic world's ``DEFAULT_CUE_MAP``) and is drawn
+faint, so the cue is the most reliable evidence, meant to make the model answer cued cases from the cue (which
+the causal filter's background gate must then drop). Whether trained weights do is *measured* (cue-reliance
+table in the model card), not assumed.
 
 Training has two stages: (1) the vision tower alone with a training-only auxiliary head that predicts,
 from the image-token embeddings, which findings cover each token cell and which the image has; (2) the

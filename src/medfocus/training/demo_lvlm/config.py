@@ -13,9 +13,9 @@ class DemoLVLMConfig:
     """Everything that determines the trained demo model (recorded in ``medfocus.json`` / the card).
 
     The field defaults are the first demo recipe (canvas 224 px -> 16x16 patches of 14 px -> 8x8 = 64
-    image tokens after the 2x2 merge); the shipped models are trained from :data:`PRESETS`. Fields added
-    later default to that first recipe's behaviour, so a ``medfocus.json`` written before they existed
-    reads back unchanged.
+    image tokens after the 2x2 merge; preset ``demo-8x8``, the shortcut twin's base); the shipped models are
+    trained from :data:`PRESETS` (``demo``: a 16x16 token grid). Fields added later default to that first
+    recipe's behaviour, so a ``medfocus.json`` written before they existed reads back unchanged.
     """
 
     seed: int = 0
@@ -168,7 +168,17 @@ _FOCUS: dict[str, Any] = dict(focus_steps=600, focus_lr=5e-4, hard_negative_pair
 
 #: The recipes (``train-demo --preset NAME``; every other field keeps its :class:`DemoLVLMConfig` default).
 #:
-#: - ``demo``: the shipped demo model's recipe (the field defaults: 8x8 token grid, a 20% cue subset).
+#: - ``demo``: the shipped demo model's recipe: ``demo-12x12-fleischner-long`` on the 224-px canvas, i.e. the
+#:   paper's 16x16 token grid (14 canvas px per token, no spatial merge; cues uninformative, 20000 training cases
+#:   in the ``fleischner`` world, the ``medfocus synth`` default since this model shipped; about 3.6 h on 2 CPU
+#:   threads, every stage checkpointed). Chosen because the 12x12 candidates' remaining errors were shared between
+#:   runs (type confusions of one lesion, missed atelectasis bands 1-3 canvas px wide), i.e. a resolution limit:
+#:   neither 15000 vision-tower steps nor a stage 3 focused on nodules and masses helped at 12x12 (1268 / 1265 and
+#:   1265 -> 1260 of 1310 answers on a diagnostic seed), while this recipe answered 1279 / 1276 there. Measured in
+#:   ``benchmarks/validity.md``; the candidates' measurements stay in ``candidates/README.md``.
+#: - ``demo-8x8``: the first demo model's recipe (the field defaults: 8x8 token grid, a 20% cue subset, the
+#:   ``nih`` world), shipped until 2026-12; measured by ``benchmarks/validity.py`` on ``medfocus synth`` data of its
+#:   world: 80.3% direct / 79.9% step-by-step, false "yes" on 21.0% / 18.3% of the films carrying another finding.
 #: - ``demo-16x16``: a candidate successor at the paper's 16x16 token grid (no spatial merge on the 224-px
 #:   canvas): shortcut cues drawn at random (each case carries an uncorrelated cue with probability 0.15), so a
 #:   cue is no evidence and the model is meant to answer from the finding (target: cue-necessary share <= 5%);
@@ -182,7 +192,7 @@ _FOCUS: dict[str, Any] = dict(focus_steps=600, focus_lr=5e-4, hard_negative_pair
 #:   in stage 2. Not shipped (training-time checks, not published figures): the vision tower is the bottleneck.
 #:   A first run with 3000 vision / 1600 stage-2 steps (one thread, 4753 s) plateaued at 0.87 stage-1 held-out
 #:   presence with pneumothorax at chance, and scored 88.9% direct / 85.4% step-by-step on the card protocol's
-#:   280 held-out questions (the shipped 8x8 model: 91.4% / 90.7%). A second run (5000 cases, 3000 stage-2
+#:   280 held-out questions (the first 8x8 demo: 91.4% / 90.7%). A second run (5000 cases, 3000 stage-2
 #:   steps; about 100 min on one quiet thread) reached 0.935 presence after 4500 vision steps, pneumothorax
 #:   included (its evidence is a 1-2 px pleural line among rib edges), and 91.8% / 91.8% on the card
 #:   protocol; on 1064 questions of ``medfocus
@@ -198,7 +208,7 @@ _FOCUS: dict[str, Any] = dict(focus_steps=600, focus_lr=5e-4, hard_negative_pair
 #:   "yes" on 11/341 other-finding films; measured by ``benchmarks/validity.py`` (its fresh seeds) 93.8% direct /
 #:   93.4% step-by-step on synth default data, false "yes" on other-finding films 7.0% / 6.1% (nodule and mass
 #:   asked on films carrying the other: 6/37, 8/39), 95.4% / 94.4% on the card protocol -- still short of the
-#:   95% / <5% targets (the shipped 8x8 model there: 80.3% / 79.9%, 21.0% / 18.3%). Retrained on 2 threads
+#:   95% / <5% targets (the first 8x8 demo there: 80.3% / 79.9%, 21.0% / 18.3%). Retrained on 2 threads
 #:   (data 806 s + training 4433 s on a 2-core machine that niced test runs partly shared; not bitwise the
 #:   1-thread run), these weights are kept in ``candidates/demo-12x12`` and measured in
 #:   ``benchmarks/validity_demo12x12.md``.
@@ -251,7 +261,8 @@ _FOCUS: dict[str, Any] = dict(focus_steps=600, focus_lr=5e-4, hard_negative_pair
 #:   said "yes" to almost no clean positive; with 30% clean cases at the usual severities it read most findings
 #:   itself, and the cue decided only about a quarter of its cued "yes" answers.
 PRESETS: dict[str, dict[str, Any]] = {
-    "demo": {},
+    "demo": {**_DEMO_12X12, "canvas": 224, "lesion_size_rule": "fleischner", "vision_steps": 12000, "co_occurrence": 0.2},
+    "demo-8x8": {},
     "demo-16x16": dict(spatial_merge_size=1, cue_subset=0.0, cue_base_rate=0.15, co_occurrence=0.15, train_severity=(0.0, 1.0)),
     "demo-12x12": _DEMO_12X12,
     "demo-12x12-focus": {**_DEMO_12X12, **_FOCUS},

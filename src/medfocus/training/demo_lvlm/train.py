@@ -16,7 +16,7 @@ import torch
 
 from medfocus.io.atomic import atomic_directory, atomic_write
 from medfocus.training.demo_lvlm.card import model_card
-from medfocus.training.demo_lvlm.config import RUN_FIELDS, DemoLVLMConfig, config_from_dict
+from medfocus.training.demo_lvlm.config import RUN_FIELDS, DemoLVLMConfig, config_from_dict, preset_config
 from medfocus.training.demo_lvlm.data import (DemoCase, _findings, build_eval_pool, build_train_pool, canvases_to_pixel_values,
                                               pool_cache_file)
 from medfocus.training.demo_lvlm.evaluate import direct_margin, evaluate_and_write_card
@@ -442,6 +442,7 @@ def train_demo(out_dir: str | Path, cfg: DemoLVLMConfig | None = None, *, log: C
     """Train the demo model and write its folder (+ ``MODEL_CARD.md``) to ``out_dir``.
 
     There is no default folder: the shipped ``lvlm/demo_model`` is regenerated only when named on purpose.
+    Without ``cfg``, the shipped demo's recipe (``preset_config("demo")``: hours of CPU).
     The resumable checkpoint lives under ``out_dir`` (:func:`checkpoint_path`); the folder is built under
     a temporary name and swapped in (:func:`medfocus.io.atomic.atomic_directory`), so a killed run
     never leaves a half-written model behind (and the swap removes the checkpoint). Returns the metrics
@@ -462,7 +463,7 @@ def train_demo(out_dir: str | Path, cfg: DemoLVLMConfig | None = None, *, log: C
     """
     from medfocus.errors import ConfigError
 
-    cfg = (cfg or DemoLVLMConfig()).validate()  # every field checked before any work
+    cfg = (cfg or preset_config("demo")).validate()  # every field checked before any work
     init = None
     if init_from is not None:
         if not cfg.focus_steps:
