@@ -23,6 +23,7 @@ from medfocus.training.demo_lvlm.evaluate import direct_margin, evaluate_and_wri
 from medfocus.training.demo_lvlm.model import Encoder, build_model, build_tokenizer, folder_size, save_folder
 from medfocus.training.demo_lvlm.tasks import target_text, task_question
 
+
 class TrainClock:
     """Training seconds of a run across the processes that resumed it: each checkpoint records the seconds spent
     up to it, and a resumed stage continues from that count, so the model card's training time is the whole run's,
@@ -43,6 +44,7 @@ class TrainClock:
             self._before = float(seconds)
 
     def total(self) -> float:
+        """Training seconds so far, the earlier processes' included (this process's only when ``partial``)."""
         return self._before + (time.time() - self._start)
 
 
