@@ -309,3 +309,10 @@ def test_a_demo_folder_with_results_of_other_settings_names_fresh(tmp_path):
     with pytest.raises(ConfigError, match=r"^boom$"):
         with _fresh_hint(tmp_path):
             raise ConfigError("boom")
+    # the causal filter's split of another demo model (an update that ships new weights) gets the same way out
+    from medfocus.bench.build import check_split_settings
+
+    done = {("demo", "synthetic", 0): {"generation": {"model_fingerprint": "old", "max_new_tokens": 16}}}
+    with pytest.raises(ConfigError, match=r"(?s)other generation settings.*model_fingerprint: 'old'.*medfocus demo --fresh"):
+        with _fresh_hint(tmp_path):
+            check_split_settings(tmp_path / "direct.log.jsonl", done, {"model_fingerprint": "new", "max_new_tokens": 16})

@@ -94,6 +94,12 @@ def split_paths(out_dir: str | os.PathLike[str], model: str, dataset: str, mode:
     return {"records": d / f"{m}.json", "log": d / f"{m}.log.jsonl", "negatives": d / f"{m}.negatives.json"}
 
 
+class SplitSettingsError(ConfigError):
+    """A split's logged rows were generated with other settings (another model's weights, another generation
+    budget, ...): a split holds one setting (:func:`check_split_settings`). Its own type, so a caller that owns
+    the output folder (``medfocus demo``) can name its way out."""
+
+
 def read_log(path: str | os.PathLike[str]) -> dict[tuple[str, str, int], dict[str, Any]]:
     """Rows of a split log by ``(model, dataset, index)``; later rows win; an interrupted last line
     (a kill mid-append) is ignored (:mod:`medfocus.io.jsonl`)."""
@@ -392,7 +398,7 @@ def check_split_settings(log_path: Path, done: dict[Any, dict[str, Any]], settin
         the keys of *error* rows logged with other settings (to recompute: a corrected rerun is not
         shadowed by the failed one).
     Raises:
-        ConfigError: successful rows were generated with other settings (or before settings were
+        SplitSettingsError: successful rows were generated with other settings (or before settings were
             logged); the message names each differing setting. A split holds one setting.
     """
     stale, diffs = set(), {}
@@ -411,7 +417,7 @@ def check_split_settings(log_path: Path, done: dict[Any, dict[str, Any]], settin
         diffs[d] = diffs.get(d, 0) + 1
     if diffs:
         lines = [f"  {n} sample{'s' if n > 1 else ''}: {'; '.join(d)}" for d, n in diffs.items()]
-        raise ConfigError(f"{log_path} holds samples filtered with other generation settings:\n" + "\n".join(lines) +
+        raise SplitSettingsError(f"{log_path} holds samples filtered with other generation settings:\n" + "\n".join(lines) +
                           "\nA split is built with one setting: use another --out for the new settings.")
     return stale
 

@@ -409,9 +409,10 @@ def _run_demo(out: Path, cfg: DemoConfig, threads: int, overall: _Overall, log: 
         editor = get_editor(editor_name)
         for mode in cfg.modes:
             log(f"[bench] {cfg.model} / {mode} / editor={editor_name}: {len(positives)} positive samples")
-            records, _ = build_benchmark(adapter, samples, mode=mode, editor=editor, out_dir=out / "bench" / editor_name,
-                                         model_name=cfg.model, cache_dir=out / "bench" / "edits", progress=False,
-                                         max_new_tokens=cfg.max_new_tokens)
+            with _fresh_hint(out):  # splits of another demo model (an update that ships new weights)
+                records, _ = build_benchmark(adapter, samples, mode=mode, editor=editor, out_dir=out / "bench" / editor_name,
+                                             model_name=cfg.model, cache_dir=out / "bench" / "edits", progress=False,
+                                             max_new_tokens=cfg.max_new_tokens)
             splits[(editor_name, mode)] = records
             overall.done("bench", len(positives))
     retention = pd.concat([retention_table(out / "bench" / e) for e in cfg.editors], ignore_index=True)
@@ -555,12 +556,14 @@ def _run_demo(out: Path, cfg: DemoConfig, threads: int, overall: _Overall, log: 
 
 @contextlib.contextmanager
 def _fresh_hint(out: Path):
-    """A demo folder whose stored results were computed with other method settings (an older medfocus, another
-    demo model) is refused by the store, as every run is; the demo's own way out is ``--fresh``: say so."""
+    """A demo folder whose stored results were computed with other settings (an older medfocus, another demo model)
+    is refused by the store and by the causal filter's split checks, as every run is; the demo's own way out is
+    ``--fresh``: say so."""
+    from medfocus.bench.build import SplitSettingsError
     from medfocus.runner.grid import StoredSettingsError
 
     try:
         yield
-    except StoredSettingsError as exc:
+    except (StoredSettingsError, SplitSettingsError) as exc:
         raise ConfigError(f"{exc}\nFor the demo: rerun with `medfocus demo --fresh` (or another --out) to recompute "
                           f"{out} with the current settings.") from exc
