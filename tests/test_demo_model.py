@@ -271,6 +271,20 @@ def test_direct_margin_matches_the_model_forward(micro) -> None:
     assert cases[0].grid_labels.shape == (7, 2, 2) and cases[0].grid_labels[2].max() > 0 and cases[1].grid_labels.max() == 0
 
 
+def _killed_at_the_first_check(cfg, tok, enc, pool, ck, **kw):
+    """Run stage 2 with a checkpoint at ``ck`` and kill it at its first held-out check (``eval_every``); ``ck``."""
+
+    class Killed(Exception):
+        pass
+
+    def kill(step: int) -> None:
+        raise Killed(step)
+
+    with pytest.raises(Killed):
+        D.train_loop(D.build_model(cfg, tok), enc, pool, cfg, log=lambda s: None, eval_fn=kill, checkpoint=ck, **kw)
+    return ck
+
+
 def test_killed_run_resumes_to_the_same_result(micro, tmp_path) -> None:
     import dataclasses
 
@@ -279,16 +293,7 @@ def test_killed_run_resumes_to_the_same_result(micro, tmp_path) -> None:
     pool = D.build_train_pool(cfg, progress=False)
     enc = D.Encoder(tok, (cfg.canvas // 28) ** 2)
     ref = D.train_loop(D.build_model(cfg, tok), enc, pool, cfg, log=lambda s: None)
-
-    class Killed(Exception):
-        pass
-
-    def kill(step: int) -> None:
-        raise Killed(step)
-
-    ck = tmp_path / "ck.pt"
-    with pytest.raises(Killed):
-        D.train_loop(D.build_model(cfg, tok), enc, pool, cfg, log=lambda s: None, eval_fn=kill, checkpoint=ck)
+    ck = _killed_at_the_first_check(cfg, tok, enc, pool, tmp_path / "ck.pt")
     assert ck.is_file()
     logs: list[str] = []
     resumed = D.train_loop(D.build_model(cfg, tok), enc, pool, cfg, log=logs.append, checkpoint=ck)
@@ -794,17 +799,7 @@ def test_a_resumed_run_counts_the_training_time_of_every_process(micro, tmp_path
     cfg = dataclasses.replace(cfg0, steps=4, checkpoint_every=2, eval_every=3)
     pool = D.build_train_pool(cfg, progress=False)
     enc = D.Encoder(tok, (cfg.canvas // 28) ** 2)
-
-    class Killed(Exception):
-        pass
-
-    def kill(step: int) -> None:
-        raise Killed(step)
-
-    ck = tmp_path / "ck.pt"
-    with pytest.raises(Killed):
-        D.train_loop(D.build_model(cfg, tok), enc, pool, cfg, log=lambda s: None, eval_fn=kill, checkpoint=ck,
-                     clock=D.TrainClock())
+    ck = _killed_at_the_first_check(cfg, tok, enc, pool, tmp_path / "ck.pt", clock=D.TrainClock())
     state = torch.load(ck, weights_only=True)
     assert state["step"] == 2 and state["seconds"] > 0
     # pretend the first process ran for an hour: the resumed run's total starts from the checkpoint's count
