@@ -256,9 +256,10 @@ def _pool_from_arrays(z: Any, key: str, n: int) -> list[DemoCase]:
             for i, m in enumerate(meta)]
 
 
-def pool_cache_file(cfg: DemoLVLMConfig, cache_dir: str | Path) -> Path:
-    """The file of ``cfg``'s training pool in ``cache_dir`` (``train-pool-<key>.npz``, :func:`pool_key`)."""
-    return Path(cache_dir) / f"train-pool-{pool_key(cfg)[:24]}.npz"
+def pool_cache_file(cfg: DemoLVLMConfig, cache_dir: str | Path, key: str | None = None) -> Path:
+    """The file of ``cfg``'s training pool in ``cache_dir`` (``train-pool-<key>.npz``; ``key``: :func:`pool_key`
+    of ``cfg``, computed when not given)."""
+    return Path(cache_dir) / f"train-pool-{(key or pool_key(cfg))[:24]}.npz"
 
 
 def build_train_pool(cfg: DemoLVLMConfig, progress: bool = True, *, cache_dir: str | Path | None = None,
@@ -274,7 +275,7 @@ def build_train_pool(cfg: DemoLVLMConfig, progress: bool = True, *, cache_dir: s
     if cache_dir is None:
         return _render_train_pool(cfg, progress)
     key = pool_key(cfg)
-    path = pool_cache_file(cfg, cache_dir)
+    path = pool_cache_file(cfg, cache_dir, key)
     say = log or (lambda _msg: None)
     if path.is_file():
         try:
